@@ -1,0 +1,1 @@
+"""config_params: schema, parsing, validation and canonical formatting."""

@@ -1,0 +1,1 @@
+"""Dataset scanning, validation, buckets, captions and batches."""

@@ -1,0 +1,1 @@
+"""LoRA networks over kohya's target modules, and kohya-format saving."""

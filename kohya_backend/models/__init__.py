@@ -1,0 +1,1 @@
+"""Single-file checkpoint loading, family detection, tokenizers and hashing."""

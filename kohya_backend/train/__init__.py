@@ -1,0 +1,1 @@
+"""The training loop and its parts: noise, optimizers, events, state."""

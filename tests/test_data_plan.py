@@ -1,0 +1,100 @@
+"""The training plan: hand-checked steps per epoch, epochs, totals, buckets, reg balancing and rendering."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kohya_backend.assets.dataset import write_demo_dataset
+from kohya_backend.data.plan import TrainingPlan, plan_training
+from kohya_backend.data.scan import DatasetScan, scan_dataset
+from kohya_backend.errors import ConfigError
+
+
+def _plan(scan: DatasetScan, **overrides: Any) -> TrainingPlan:
+    settings: dict[str, Any] = {
+        "resolution": (512, 512), "enable_bucket": True, "min_bucket_reso": 256, "max_bucket_reso": 1024,
+        "bucket_reso_steps": 64, "bucket_no_upscale": False, "train_batch_size": 2,
+        "gradient_accumulation_steps": 1, "max_train_steps": 1600, "max_train_epochs": None,
+    }  # fmt: skip
+    settings.update(overrides)
+    return plan_training(scan, **settings)
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> DatasetScan:
+    """8 images x 10 repeats."""
+    return scan_dataset(write_demo_dataset(tmp_path / "train", count=8, size=(16, 16)), ".txt")
+
+
+def test_eight_images_ten_repeats_batch_two(demo: DatasetScan) -> None:
+    plan = _plan(demo)
+    assert (plan.num_train_images, plan.batches_per_epoch, plan.steps_per_epoch) == (80, 40, 40)
+    assert (plan.epochs, plan.total_steps) == (40, 1600)  # max_train_steps wins without max_train_epochs
+    assert plan.buckets == {"512x512": 80}
+    assert plan.folders == [
+        {"name": "10_demo", "path": str(demo.subsets[0].path), "images": 8, "repeats": 10,
+         "class_token": "demo", "is_reg": False, "uncaptioned": 0},
+    ]  # fmt: skip
+
+
+def test_epochs_and_accumulation(demo: DatasetScan) -> None:
+    plan = _plan(demo, max_train_epochs=10)
+    assert (plan.epochs, plan.total_steps) == (10, 400)
+    plan = _plan(demo, gradient_accumulation_steps=3, max_train_steps=100)
+    assert plan.steps_per_epoch == 14  # ceil(40 / 3)
+    assert plan.epochs == 8  # ceil(100 / 14)
+    assert _plan(demo, train_batch_size=3).steps_per_epoch == 27  # ceil(80 / 3)
+
+
+def test_buckets_count_per_bucket_batches(tmp_path: Path) -> None:
+    write_demo_dataset(tmp_path, folder="3_square", count=3, size=(16, 16))
+    write_demo_dataset(tmp_path, folder="3_tall", count=2, size=(16, 24))
+    plan = _plan(scan_dataset(tmp_path, ".txt"))
+    # 512x512: 9 items -> 5 batches; 384x640: 6 items -> 3 batches (batches never mix buckets)
+    assert plan.buckets == {"384x640": 6, "512x512": 9}
+    assert plan.steps_per_epoch == 8
+    without = _plan(scan_dataset(tmp_path, ".txt"), enable_bucket=False, bucket_no_upscale=True)
+    assert without.buckets == {"512x512": 15} and without.steps_per_epoch == 8
+    assert any("bucket_no_upscale has no effect" in w for w in without.warnings)
+
+
+def test_reg_images_double_the_epoch_and_surplus_is_warned(tmp_path: Path) -> None:
+    write_demo_dataset(tmp_path / "train", count=8, size=(16, 16))
+    write_demo_dataset(tmp_path / "reg", folder="1_person", count=4, size=(16, 16))
+    plan = _plan(scan_dataset(tmp_path / "train", ".txt", reg_data_dir=tmp_path / "reg"))
+    assert (plan.num_train_images, plan.num_reg_images, plan.steps_per_epoch) == (80, 4, 80)
+    assert plan.buckets == {"512x512": 160}
+    write_demo_dataset(tmp_path / "small", folder="1_me", count=2, size=(16, 16))
+    plan = _plan(scan_dataset(tmp_path / "small", ".txt", reg_data_dir=tmp_path / "reg"), train_batch_size=1)
+    assert plan.steps_per_epoch == 4
+    assert any("2 regularisation image(s) are not used" in w for w in plan.warnings)
+
+
+def test_dict_is_json_ready_and_render_reads_well(demo: DatasetScan) -> None:
+    plan = _plan(demo, max_train_epochs=2)
+    data = json.loads(json.dumps(plan.to_dict()))
+    assert data["steps_per_epoch"] == 40 and data["total_steps"] == 80 and data["buckets"] == {"512x512": 80}
+    text = plan.render()
+    assert "10_demo: 8 image(s) x 10 repeats" in text
+    assert "40 steps per epoch" in text and "Epochs: 2, total steps: 80" in text and "512x512: 80" in text
+
+
+def test_scan_warnings_are_carried_into_the_plan(tmp_path: Path) -> None:
+    write_demo_dataset(tmp_path, count=2, size=(16, 16))
+    (tmp_path / "10_demo" / "000.txt").unlink()
+    plan = _plan(scan_dataset(tmp_path, ".txt"))
+    assert plan.folders[0]["uncaptioned"] == 1 and "1 without caption" in plan.render()
+    assert any("no caption file" in w for w in plan.warnings)
+
+
+def test_impossible_counts_are_config_errors(demo: DatasetScan) -> None:
+    with pytest.raises(ConfigError) as caught:
+        _plan(demo, train_batch_size=0, gradient_accumulation_steps=0, max_train_steps=0)
+    keys = {issue.key for issue in caught.value.issues}
+    assert keys == {"train_batch_size", "gradient_accumulation_steps", "max_train_steps"}
+    with pytest.raises(ConfigError, match="max_train_epochs"):
+        _plan(demo, max_train_epochs=0)

@@ -1,0 +1,641 @@
+"""Check config_params against the schema for one FM type: types, ranges, allowed values and the cross-field rules
+kohya enforces (or that save a user a failed run), then fill defaults.
+
+Every problem is collected before one ConfigError is raised; warnings come back on the TrainConfig.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kohya_backend.config.parse import ParsedConfig, ValueProblem, coerce_value, parse_config, shown
+from kohya_backend.config.schema import (
+    ALIASES,
+    GUI_KEY_HINTS,
+    SCHEMA,
+    UNSUPPORTED,
+    UNSUPPORTED_DEFAULTS,
+    KeySpec,
+    check_fm_type,
+    defaults_for,
+    toml_value,
+)
+from kohya_backend.errors import ConfigError, ConfigIssue
+
+# network_args that kohya's networks.lora reads but this trainer does not implement.
+_KOHYA_LORA_ARGS = frozenset(
+    [
+        "rank_dropout",
+        "module_dropout",
+        "down_lr_weight",
+        "mid_lr_weight",
+        "up_lr_weight",
+        "block_lr_zero_threshold",
+        "block_dims",
+        "block_alphas",
+        "conv_block_dims",
+        "conv_block_alphas",
+        "loraplus_lr_ratio",
+        "loraplus_unet_lr_ratio",
+        "loraplus_text_encoder_lr_ratio",
+        "exclude_patterns",
+        "include_patterns",
+        "train_blocks",
+        "algo",
+        "preset",
+    ]
+)
+# The network_args this trainer implements, checked like schema keys.
+_NETWORK_ARG_SPECS = {
+    "conv_dim": KeySpec(
+        "conv_dim", "int", None, "network", "LoCon rank of 3x3 convolutions", minimum=1, maximum=1024
+    ),
+    "conv_alpha": KeySpec("conv_alpha", "float", None, "network", "LoCon alpha", minimum=0.0),
+}
+_REQUIRED_PATHS = ("pretrained_model_name_or_path", "train_data_dir", "output_dir")
+_WINDOWS_RESERVED = frozenset(
+    ["con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))]
+)
+_BAD_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
+
+
+def _kv_dict(items: list[str]) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in items)
+
+
+def _literal_kwargs(items: list[str]) -> dict[str, Any]:
+    return {key: ast.literal_eval(value) for key, value in _kv_dict(items).items()}
+
+
+@dataclass
+class TrainConfig:
+    """A validated config: every schema key present with its normalised value, plus the warnings found."""
+
+    fm_type: str
+    values: dict[str, Any]
+    warnings: list[ConfigIssue] = field(default_factory=list, compare=False)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.values:
+            raise KeyError(f"{key!r} is not a config_params key")
+        return self.values[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of a key, or `default` when it is not a schema key."""
+        return self.values.get(key, default)
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        """Training resolution as (width, height)."""
+        w, h = self.values["resolution"]
+        return int(w), int(h)
+
+    @property
+    def unet_lr(self) -> float:
+        """The U-Net learning rate in effect (unet_lr, else learning_rate)."""
+        value = self.values["unet_lr"]
+        return float(self.values["learning_rate"] if value is None else value)
+
+    @property
+    def text_encoder_lr(self) -> float:
+        """The text encoder learning rate in effect (text_encoder_lr, else learning_rate)."""
+        value = self.values["text_encoder_lr"]
+        return float(self.values["learning_rate"] if value is None else value)
+
+    @property
+    def network_args(self) -> dict[str, str]:
+        """network_args as {key: value string}."""
+        return _kv_dict(self.values["network_args"])
+
+    @property
+    def optimizer_args(self) -> dict[str, str]:
+        """optimizer_args as {key: value string}."""
+        return _kv_dict(self.values["optimizer_args"])
+
+    @property
+    def lr_scheduler_args(self) -> dict[str, str]:
+        """lr_scheduler_args as {key: value string}."""
+        return _kv_dict(self.values["lr_scheduler_args"])
+
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        """optimizer_args with values read as Python literals, as kohya passes them to the optimizer."""
+        return _literal_kwargs(self.values["optimizer_args"])
+
+    def lr_scheduler_kwargs(self) -> dict[str, Any]:
+        """lr_scheduler_args with values read as Python literals."""
+        return _literal_kwargs(self.values["lr_scheduler_args"])
+
+    def lr_warmup_steps_for(self, total_steps: int) -> int:
+        """Warmup steps for a run of total_steps (a value below 1 is a fraction of the run, as in kohya)."""
+        value = self.values["lr_warmup_steps"]
+        if isinstance(value, float):
+            return int(value * total_steps)
+        return int(value)
+
+    def total_steps_for(self, steps_per_epoch: int) -> int:
+        """Optimizer steps of the whole run: max_train_epochs x steps per epoch if set, else max_train_steps."""
+        epochs = self.values["max_train_epochs"]
+        return int(epochs) * max(1, steps_per_epoch) if epochs else int(self.values["max_train_steps"])
+
+    def epochs_for(self, steps_per_epoch: int) -> int:
+        """Number of epochs the run spans (the last one may be partial), as kohya counts them."""
+        return math.ceil(self.total_steps_for(steps_per_epoch) / max(1, steps_per_epoch))
+
+    def save_every_n_epochs_for(self, num_epochs: int) -> int | None:
+        """Epoch interval for intermediate saves: save_n_epoch_ratio wins over save_every_n_epochs, as in kohya."""
+        ratio = self.values["save_n_epoch_ratio"]
+        if ratio:
+            return max(1, num_epochs // int(ratio))
+        value = self.values["save_every_n_epochs"]
+        return int(value) if value else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for JSON (resolution as kohya's "w,h"); validate_config accepts it back unchanged."""
+        return {k: toml_value(SCHEMA[k], v) if v is not None else None for k, v in self.values.items()}
+
+
+def detect_cuda() -> bool:
+    """Whether torch sees a CUDA device; torch is imported only here, and a missing torch means no CUDA."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+class _Checker:
+    """Collects the issues of one validation run and knows where each key was written."""
+
+    def __init__(self, parsed: ParsedConfig, fm_type: str) -> None:
+        self.fm_type = fm_type
+        self.positions = dict(parsed.positions)
+        self.values: dict[str, Any] = defaults_for(fm_type)
+        self.given: set[str] = set()
+        self.bad: set[str] = set()
+        self.errors: list[ConfigIssue] = []
+        self.warnings: list[ConfigIssue] = []
+
+    def issue(self, key: str | None, message: str, hint: str | None = None, *, warning: bool = False) -> None:
+        line, column = self.positions.get(key, (None, None)) if key else (None, None)
+        found = ConfigIssue(message, key=key, line=line, column=column, hint=hint)
+        if warning:
+            found.severity = "warning"
+            self.warnings.append(found)
+        else:
+            self.errors.append(found)
+
+    def ok(self, *keys: str) -> bool:
+        """True when none of these keys failed its own check (so a rule over them is worth running)."""
+        return not self.bad.intersection(keys)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+
+def _is_inert(key: str, value: Any) -> bool:
+    if value is None or value is False or value in ("", 0, [], {}):
+        return True
+    return key in UNSUPPORTED_DEFAULTS and value == UNSUPPORTED_DEFAULTS[key]
+
+
+def _unknown_key(c: _Checker, key: str) -> None:
+    lowered = key.lower()
+    if lowered in GUI_KEY_HINTS:
+        hint = f"kohya_ss's GUI writes {key} but sd-scripts does not read it: {GUI_KEY_HINTS[lowered]}"
+    elif lowered in SCHEMA or lowered in UNSUPPORTED:
+        hint = f"did you mean {lowered}? keys are lowercase"
+    else:
+        close = difflib.get_close_matches(lowered, list(SCHEMA), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "see the config reference for the supported keys"
+    c.issue(key, f"unknown key {key!r}", hint)
+
+
+def _read_keys(c: _Checker, raw: Mapping[str, Any]) -> None:
+    """Sort the given keys into schema values, aliases, unsupported and unknown keys."""
+    values = dict(raw)
+    for old, new in ALIASES.items():
+        if old not in values:
+            continue
+        if new in values:
+            c.issue(old, f"both {old} and {new} are set", f"{old} is the old name of {new}: keep only {new}")
+            values.pop(old)
+            continue
+        values[new] = values.pop(old)
+        if old in c.positions:
+            c.positions[new] = c.positions[old]
+        c.issue(new, f"{old} is read as {new}", f"the formatted config writes {new}", warning=True)
+    for key, value in values.items():
+        if key in SCHEMA:
+            c.given.add(key)
+            try:
+                result = coerce_value(SCHEMA[key], value)
+            except ValueProblem as exc:
+                c.bad.add(key)
+                c.issue(key, exc.message, exc.hint)
+                continue
+            if result is not None:
+                c.values[key] = result
+        elif key in UNSUPPORTED:
+            message = f"kohya accepts {key} but this trainer does not implement it"
+            if _is_inert(key, value):
+                c.issue(
+                    key,
+                    f"{message}; {shown(value)} is kohya's default, so it changes nothing",
+                    "remove it",
+                    warning=True,
+                )
+            else:
+                c.issue(key, f"{message}: {UNSUPPORTED[key]}")
+        else:
+            _unknown_key(c, key)
+
+
+def _rule_model(c: _Checker) -> None:
+    if c["v2"]:
+        c.issue(
+            "v2",
+            "v2 = true selects Stable Diffusion 2.x, which this trainer does not train",
+            "set v2 = false and pick FM type sd_1_5 or sd_xl with a matching checkpoint",
+        )
+    if c["v_parameterization"]:
+        c.issue(
+            "v_parameterization",
+            "v_parameterization trains v-prediction; SD 1.5 and SDXL base models predict noise",
+            "keep it only for a v-prediction checkpoint",
+            warning=True,
+        )
+    if c.fm_type == "sd_xl" and c["clip_skip"] is not None:
+        c.issue(
+            "clip_skip",
+            "clip_skip is ignored on SDXL, as in kohya (SDXL always uses the penultimate layer)",
+            "remove it",
+            warning=True,
+        )
+    if c.fm_type == "sd_xl" and c["mixed_precision"] == "fp16" and not c["no_half_vae"]:
+        c.issue(
+            "no_half_vae",
+            "SDXL's VAE overflows in fp16 and gives NaN latents or black samples",
+            "set no_half_vae = true",
+            warning=True,
+        )
+
+
+def _rule_precision(c: _Checker, cuda_available: bool | None) -> None:
+    if c["mixed_precision"] != "fp16" or not c.ok("mixed_precision"):
+        return
+    if cuda_available is None:
+        cuda_available = detect_cuda()
+    if not cuda_available:
+        c.issue(
+            "mixed_precision",
+            'mixed_precision = "fp16" needs a CUDA GPU, and none is available here',
+            'use mixed_precision = "bf16" or "no"',
+        )
+
+
+def _rule_network(c: _Checker) -> None:
+    unet_only, te_only = c["network_train_unet_only"], c["network_train_text_encoder_only"]
+    if unet_only and te_only:
+        c.issue(
+            "network_train_text_encoder_only",
+            "network_train_unet_only and network_train_text_encoder_only are both set: nothing would train",
+            "keep at most one of them",
+        )
+    elif c.ok("unet_lr", "text_encoder_lr", "learning_rate"):
+        unet_lr = c["learning_rate"] if c["unet_lr"] is None else c["unet_lr"]
+        te_lr = c["learning_rate"] if c["text_encoder_lr"] is None else c["text_encoder_lr"]
+        if (unet_lr == 0 or te_only) and (te_lr == 0 or unet_only):
+            c.issue(
+                "unet_lr",
+                "every trained part has a learning rate of 0: nothing would train",
+                "give unet_lr or text_encoder_lr a positive value",
+            )
+    if c.ok("network_args"):
+        _rule_network_args(c)
+
+
+def _rule_network_args(c: _Checker) -> None:
+    args = _kv_dict(c["network_args"])
+    for name, value in args.items():
+        if name in _NETWORK_ARG_SPECS:
+            spec = _NETWORK_ARG_SPECS[name]
+            try:
+                coerce_value(spec, value)
+            except ValueProblem as exc:
+                c.issue("network_args", f"{name}: {exc.message}", exc.hint)
+        elif name in _KOHYA_LORA_ARGS:
+            c.issue(
+                "network_args",
+                f"kohya's networks.lora accepts {name} but this trainer does not implement it",
+                "remove it; only conv_dim and conv_alpha are supported",
+            )
+        else:
+            c.issue(
+                "network_args",
+                f"unknown network_args key {name!r}",
+                "only conv_dim=N and conv_alpha=A are supported, for LoCon",
+            )
+    if "conv_alpha" in args and "conv_dim" not in args:
+        c.issue(
+            "network_args",
+            "conv_alpha has no effect without conv_dim",
+            "add conv_dim=N or remove conv_alpha",
+            warning=True,
+        )
+
+
+def _rule_literal_args(c: _Checker) -> None:
+    for key in ("optimizer_args", "lr_scheduler_args"):
+        if not c.ok(key):
+            continue
+        for name, value in _kv_dict(c[key]).items():
+            try:
+                ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                c.issue(
+                    key,
+                    f"{name}={value}: the value is not a Python literal, which kohya requires",
+                    f"quote text as {name}='{value}'; numbers, True/False and tuples such as (0.9,0.999) need no quotes",
+                )
+
+
+def _rule_caching(c: _Checker) -> None:
+    for disk, memory in (
+        ("cache_latents_to_disk", "cache_latents"),
+        ("cache_text_encoder_outputs_to_disk", "cache_text_encoder_outputs"),
+    ):
+        if c[disk] and not c[memory]:
+            c.values[memory] = True
+            c.issue(disk, f"{disk} turns on {memory}", f"set {memory} = true as well", warning=True)
+    if c["cache_latents"] and c["random_crop"]:
+        c.issue(
+            "random_crop",
+            "random_crop cannot be used with cached latents (each crop needs a new encoding)",
+            "set random_crop = false or cache_latents = false",
+        )
+    if not c["cache_text_encoder_outputs"]:
+        return
+    if not c["network_train_unet_only"]:
+        c.issue(
+            "cache_text_encoder_outputs",
+            "cache_text_encoder_outputs needs network_train_unet_only (a trained text encoder changes them)",
+            "set network_train_unet_only = true, or cache_text_encoder_outputs = false",
+        )
+    changing = [
+        k
+        for k in (
+            "shuffle_caption",
+            "caption_dropout_rate",
+            "caption_tag_dropout_rate",
+            "caption_dropout_every_n_epochs",
+        )
+        if c[k]
+    ]
+    if changing:
+        c.issue(
+            "cache_text_encoder_outputs",
+            f"cached text encoder outputs cannot follow captions that change each epoch ({', '.join(changing)})",
+            "turn those off, or set cache_text_encoder_outputs = false",
+        )
+
+
+def _rule_buckets(c: _Checker) -> None:
+    if not c.ok("bucket_reso_steps", "min_bucket_reso", "max_bucket_reso"):
+        return
+    step, low, high = c["bucket_reso_steps"], c["min_bucket_reso"], c["max_bucket_reso"]
+    unit = 32 if c.fm_type == "sd_xl" else 64
+    if step % unit:
+        c.issue(
+            "bucket_reso_steps",
+            f"bucket_reso_steps = {step} is not a multiple of {unit} ({c.fm_type})",
+            f"use {unit * max(1, round(step / unit))}",
+        )
+        return
+    for key, value in (("min_bucket_reso", low), ("max_bucket_reso", high)):
+        if value % step:
+            c.issue(
+                key,
+                f"{key} = {value} is not a multiple of bucket_reso_steps ({step})",
+                f"use {max(step, round(value / step) * step)}",
+            )
+    if low > high:
+        c.issue(
+            "min_bucket_reso", f"min_bucket_reso ({low}) is larger than max_bucket_reso ({high})", "swap them"
+        )
+    elif c["enable_bucket"] and c.ok("resolution"):
+        w, h = c["resolution"]
+        if not (low <= w <= high and low <= h <= high):
+            c.issue(
+                "resolution",
+                f"resolution {w}x{h} is outside the bucket range {low}..{high}",
+                "raise max_bucket_reso / lower min_bucket_reso, or change resolution",
+            )
+
+
+def _rule_schedule(c: _Checker) -> None:
+    scheduler = c["lr_scheduler"]
+    if scheduler == "adafactor" and c["optimizer_type"] != "Adafactor" and c.ok("optimizer_type"):
+        c.issue(
+            "lr_scheduler",
+            'the adafactor scheduler works only with optimizer_type = "Adafactor"',
+            "pick another lr_scheduler or the Adafactor optimizer",
+        )
+    if scheduler in ("constant", "adafactor") and c["lr_warmup_steps"]:
+        c.issue(
+            "lr_warmup_steps",
+            f"the {scheduler} scheduler has no warmup, so lr_warmup_steps is ignored",
+            'use lr_scheduler = "constant_with_warmup", or set lr_warmup_steps = 0',
+            warning=True,
+        )
+    low, high = c["min_timestep"], c["max_timestep"]
+    if low is not None and high is not None and low >= high:
+        c.issue(
+            "min_timestep", f"min_timestep ({low}) must be smaller than max_timestep ({high})", "swap them"
+        )
+    if c["max_train_epochs"] and "max_train_steps" in c.given:
+        c.issue(
+            "max_train_steps",
+            "max_train_epochs is set, so max_train_steps is ignored (as in kohya)",
+            "remove one of them",
+            warning=True,
+        )
+    if c["persistent_data_loader_workers"] and c["max_data_loader_n_workers"] == 0:
+        c.issue(
+            "persistent_data_loader_workers",
+            "persistent workers need max_data_loader_n_workers > 0",
+            "set max_data_loader_n_workers to 1 or more, or persistent_data_loader_workers = false",
+        )
+
+
+def _rule_saving(c: _Checker) -> None:
+    if c["save_last_n_epochs"] and not (c["save_every_n_epochs"] or c["save_n_epoch_ratio"]):
+        c.issue(
+            "save_last_n_epochs",
+            "save_last_n_epochs needs save_every_n_epochs (or save_n_epoch_ratio)",
+            "set save_every_n_epochs = 1, or remove save_last_n_epochs",
+        )
+    if c["save_n_epoch_ratio"] and c["save_every_n_epochs"]:
+        c.issue(
+            "save_every_n_epochs",
+            "save_n_epoch_ratio overrides save_every_n_epochs (as in kohya)",
+            "remove one of them",
+            warning=True,
+        )
+    name = c["output_name"]
+    if name is not None and c.ok("output_name"):
+        problem = _file_name_problem(name)
+        if problem:
+            c.issue(
+                "output_name",
+                f"output_name {name!r} {problem}",
+                "use letters, digits, spaces, '-', '_' or '.', e.g. my_lora",
+            )
+    ext = c["caption_extension"]
+    if c.ok("caption_extension") and (not ext.startswith(".") or len(ext) < 2 or _BAD_NAME_CHARS.search(ext)):
+        c.issue(
+            "caption_extension",
+            f"caption_extension {ext!r} must be a file extension starting with '.'",
+            'e.g. caption_extension = ".txt"',
+        )
+
+
+def _file_name_problem(name: str) -> str | None:
+    if not name.strip():
+        return "is empty"
+    if _BAD_NAME_CHARS.search(name):
+        return "contains a path separator or a character not allowed in file names"
+    if name != name.strip() or name.endswith("."):
+        return "starts or ends with a space, or ends with '.'"
+    if name in (".", "..") or name.split(".")[0].lower() in _WINDOWS_RESERVED:
+        return "is a reserved name"
+    if name.lower().endswith((".safetensors", ".ckpt", ".pt")):
+        return "includes the file extension (it is added when saving)"
+    if len(name) > 150:
+        return "is longer than 150 characters"
+    return None
+
+
+def _rule_sampling(c: _Checker) -> None:
+    every = c["sample_every_n_epochs"] or c["sample_every_n_steps"]
+    if every and not c["sample_prompts"]:
+        c.issue(
+            "sample_every_n_epochs" if c["sample_every_n_epochs"] else "sample_every_n_steps",
+            "sampling is scheduled but sample_prompts is not set, so no samples are made",
+            "set sample_prompts to a prompt file",
+            warning=True,
+        )
+    if c["sample_prompts"] and not every:
+        c.issue(
+            "sample_prompts",
+            "sample_prompts is set but no samples are scheduled",
+            "set sample_every_n_epochs or sample_every_n_steps",
+            warning=True,
+        )
+    if (
+        c["sample_prompts"]
+        and c["sample_sampler"] in ("lms", "k_lms")
+        and importlib.util.find_spec("scipy") is None
+    ):
+        c.issue(
+            "sample_sampler",
+            f"the {c['sample_sampler']} sampler needs scipy, which is not installed",
+            'pick another sampler, e.g. "euler_a" or "ddim"',
+        )
+
+
+def _rule_compat(c: _Checker) -> None:
+    for key in ("xformers", "sdpa", "mem_eff_attn"):
+        if c[key]:
+            c.issue(
+                key,
+                f"{key} is accepted, but this trainer always uses PyTorch scaled-dot-product attention",
+                "remove it",
+                warning=True,
+            )
+    for key in ("lowram", "highvram"):
+        if c[key]:
+            c.issue(
+                key,
+                f"{key} has no effect here: this trainer manages memory itself",
+                "remove it",
+                warning=True,
+            )
+
+
+def _rule_paths(c: _Checker, require_paths: bool, check_paths_exist: bool) -> None:
+    if require_paths:
+        for key in _REQUIRED_PATHS:
+            if c[key] is None and c.ok(key):
+                c.issue(key, f"{key} is missing", f'set {key} = "..."')
+    if not check_paths_exist:
+        return
+    kinds = {
+        "pretrained_model_name_or_path": "any",
+        "train_data_dir": "dir",
+        "reg_data_dir": "dir",
+        "network_weights": "file",
+        "sample_prompts": "file",
+        "resume": "dir",
+    }
+    for key, kind in kinds.items():
+        value = c[key]
+        if value is None or not c.ok(key):
+            continue
+        path = Path(value)
+        if not path.exists():
+            c.issue(
+                key, f"{value} does not exist", "check the path (relative paths start at the working folder)"
+            )
+        elif kind == "dir" and not path.is_dir():
+            c.issue(key, f"{value} is not a folder", f"{key} must name a folder")
+        elif kind == "file" and not path.is_file():
+            c.issue(key, f"{value} is not a file", f"{key} must name a file")
+    for key in ("output_dir", "logging_dir", "tokenizer_cache_dir"):
+        value = c[key]
+        if value is not None and c.ok(key) and Path(value).exists() and not Path(value).is_dir():
+            c.issue(key, f"{value} exists and is not a folder", f"{key} must name a folder")
+
+
+def _line_order(issue: ConfigIssue) -> tuple[int, int, int]:
+    return (issue.line is None, issue.line or 0, issue.column or 0)
+
+
+def validate_config(
+    source: str | Mapping[str, Any] | ParsedConfig,
+    fm_type: str,
+    *,
+    cuda_available: bool | None = None,
+    require_paths: bool = True,
+    check_paths_exist: bool = True,
+) -> TrainConfig:
+    """Validate config_params for an FM type and fill defaults; raises one ConfigError listing every problem.
+
+    require_paths: the base model, train_data_dir and output_dir must be set. cuda_available None detects it
+    (importing torch) only when fp16 is asked for.
+    """
+    check_fm_type(fm_type)
+    parsed = source if isinstance(source, ParsedConfig) else parse_config(source)
+    c = _Checker(parsed, fm_type)
+    _read_keys(c, parsed.values)
+    _rule_model(c)
+    _rule_precision(c, cuda_available)
+    _rule_network(c)
+    _rule_literal_args(c)
+    _rule_caching(c)
+    _rule_buckets(c)
+    _rule_schedule(c)
+    _rule_saving(c)
+    _rule_sampling(c)
+    _rule_compat(c)
+    _rule_paths(c, require_paths, check_paths_exist)
+    if c.errors:
+        raise ConfigError(sorted(c.errors, key=_line_order))
+    return TrainConfig(fm_type=fm_type, values=c.values, warnings=sorted(c.warnings, key=_line_order))

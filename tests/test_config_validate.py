@@ -1,0 +1,485 @@
+"""Validation of config_params: each cross-field rule both ways, unknown/unsupported keys, positions, paths,
+coercion of JSON input, and the TrainConfig helpers the trainer uses."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kohya_backend.config.parse import ParsedConfig, parse_config
+from kohya_backend.config.schema import NETWORK_ARGS
+from kohya_backend.config.validate import TrainConfig, validate_config
+from kohya_backend.errors import ConfigError, ConfigIssue
+
+
+def check(source: str | dict[str, Any] | ParsedConfig, fm_type: str = "sd_1_5", **kwargs: Any) -> TrainConfig:
+    kwargs.setdefault("require_paths", False)
+    kwargs.setdefault("check_paths_exist", False)
+    kwargs.setdefault("cuda_available", True)
+    return validate_config(source, fm_type, **kwargs)
+
+
+def errors(source: str | dict[str, Any], fm_type: str = "sd_1_5", **kwargs: Any) -> list[ConfigIssue]:
+    """The issues of an invalid config (the test fails if the config is valid)."""
+    with pytest.raises(ConfigError) as info:
+        check(source, fm_type, **kwargs)
+    assert all(i.severity == "error" for i in info.value.issues)
+    return info.value.issues
+
+
+def error_keys(source: str | dict[str, Any], fm_type: str = "sd_1_5", **kwargs: Any) -> list[str | None]:
+    return [i.key for i in errors(source, fm_type, **kwargs)]
+
+
+def warning_keys(config: TrainConfig) -> list[str | None]:
+    assert all(w.severity == "warning" for w in config.warnings)
+    return [w.key for w in config.warnings]
+
+
+# --- cross-field rules, each both ways ---------------------------------------------------------------------
+
+
+def test_cache_text_encoder_outputs_needs_unet_only() -> None:
+    [issue] = errors({"cache_text_encoder_outputs": True})
+    assert issue.key == "cache_text_encoder_outputs" and "network_train_unet_only" in issue.message
+    assert check({"cache_text_encoder_outputs": True, "network_train_unet_only": True})[
+        "cache_text_encoder_outputs"
+    ]
+
+
+def test_cache_text_encoder_outputs_refuses_changing_captions() -> None:
+    base = {"cache_text_encoder_outputs": True, "network_train_unet_only": True}
+    [issue] = errors({**base, "shuffle_caption": True, "caption_dropout_rate": 0.1})
+    assert "shuffle_caption" in issue.message and "caption_dropout_rate" in issue.message
+    assert check({**base, "shuffle_caption": False, "caption_dropout_rate": 0})
+
+
+def test_disk_caches_turn_on_their_memory_cache() -> None:
+    config = check(
+        {
+            "cache_latents_to_disk": True,
+            "cache_text_encoder_outputs_to_disk": True,
+            "network_train_unet_only": True,
+        }
+    )
+    assert config["cache_latents"] and config["cache_text_encoder_outputs"]
+    assert warning_keys(config) == ["cache_latents_to_disk", "cache_text_encoder_outputs_to_disk"]
+    assert error_keys({"cache_text_encoder_outputs_to_disk": True}) == ["cache_text_encoder_outputs"]
+
+
+def test_random_crop_cannot_use_cached_latents() -> None:
+    assert error_keys({"random_crop": True, "cache_latents": True}) == ["random_crop"]
+    assert check({"random_crop": True})["random_crop"]
+
+
+def test_fp16_without_cuda_suggests_bf16_or_no() -> None:
+    [issue] = errors('mixed_precision = "fp16"\n', cuda_available=False)
+    assert issue.key == "mixed_precision" and (issue.line, issue.column) == (1, 1)
+    assert "bf16" in (issue.hint or "") and '"no"' in (issue.hint or "")
+    assert check({"mixed_precision": "fp16"}, cuda_available=True)["mixed_precision"] == "fp16"
+    assert check({"mixed_precision": "bf16"}, cuda_available=False)["mixed_precision"] == "bf16"
+
+
+def test_cuda_is_detected_when_not_given() -> None:
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        assert check({"mixed_precision": "fp16"}, cuda_available=None)["mixed_precision"] == "fp16"
+    else:
+        assert error_keys({"mixed_precision": "fp16"}, cuda_available=None) == ["mixed_precision"]
+
+
+@pytest.mark.parametrize(
+    ("fm_type", "step", "ok"),
+    [
+        ("sd_1_5", 64, True),
+        ("sd_1_5", 128, True),
+        ("sd_1_5", 32, False),
+        ("sd_xl", 32, True),
+        ("sd_xl", 48, False),
+    ],
+)
+def test_bucket_reso_steps_multiple_per_fm_type(fm_type: str, step: int, ok: bool) -> None:
+    config = {"bucket_reso_steps": step}
+    if ok:
+        assert check(config, fm_type)["bucket_reso_steps"] == step
+    else:
+        [issue] = errors(config, fm_type)
+        assert issue.key == "bucket_reso_steps" and str(32 if fm_type == "sd_xl" else 64) in issue.message
+
+
+def test_bucket_bounds_are_multiples_of_the_step() -> None:
+    issues = errors({"min_bucket_reso": 250, "max_bucket_reso": 1000})
+    assert [i.key for i in issues] == ["min_bucket_reso", "max_bucket_reso"]
+    assert issues[0].hint == "use 256" and issues[1].hint == "use 1024"
+    assert check({"min_bucket_reso": 320, "max_bucket_reso": 960})["max_bucket_reso"] == 960
+    assert error_keys({"min_bucket_reso": 1024, "max_bucket_reso": 512}) == ["min_bucket_reso"]
+
+
+def test_resolution_within_bucket_bounds_only_when_bucketing() -> None:
+    config = {"resolution": "1024,512", "max_bucket_reso": 768}
+    assert error_keys({**config, "enable_bucket": True}) == ["resolution"]
+    assert check({**config, "enable_bucket": False}).resolution == (1024, 512)
+
+
+def test_unet_only_and_text_encoder_only_together_is_an_error() -> None:
+    both = {"network_train_unet_only": True, "network_train_text_encoder_only": True}
+    assert error_keys(both) == ["network_train_text_encoder_only"]
+    assert check({"network_train_unet_only": True})
+    assert check({"network_train_text_encoder_only": True})
+
+
+def test_nothing_to_train_is_an_error() -> None:
+    assert error_keys({"unet_lr": 0, "text_encoder_lr": 0}) == ["unet_lr"]
+    assert error_keys({"network_train_unet_only": True, "unet_lr": 0}) == ["unet_lr"]
+    assert check({"network_train_unet_only": True, "text_encoder_lr": 0}).text_encoder_lr == 0.0
+
+
+def test_save_last_n_epochs_needs_an_epoch_interval() -> None:
+    assert error_keys({"save_last_n_epochs": 3}) == ["save_last_n_epochs"]
+    assert check({"save_last_n_epochs": 3, "save_every_n_epochs": 1})["save_last_n_epochs"] == 3
+    assert check({"save_last_n_epochs": 3, "save_n_epoch_ratio": 2})["save_last_n_epochs"] == 3
+
+
+def test_max_token_length_is_75_150_or_225() -> None:
+    assert error_keys({"max_token_length": 100}) == ["max_token_length"]
+    assert check({"max_token_length": "225"})["max_token_length"] == 225
+    assert check({})["max_token_length"] == 75
+
+
+def test_adafactor_scheduler_only_with_adafactor() -> None:
+    [issue] = errors({"lr_scheduler": "adafactor", "optimizer_type": "AdamW"})
+    assert issue.key == "lr_scheduler" and "Adafactor" in issue.message
+    assert (
+        check({"lr_scheduler": "adafactor", "optimizer_type": "adafactor"})["optimizer_type"] == "Adafactor"
+    )
+
+
+def test_network_module_must_be_networks_lora() -> None:
+    [issue] = errors({"network_module": "lycoris.kohya"})
+    assert issue.message.startswith("kohya accepts network_module")
+    assert check({"network_module": "networks.lora"})["network_module"] == "networks.lora"
+
+
+def test_network_args_only_conv_dim_and_conv_alpha() -> None:
+    config = check({"network_args": ["conv_dim=8", "conv_alpha=4"]})
+    assert config.network_args == {"conv_dim": "8", "conv_alpha": "4"}
+    assert check({"network_args": [f"{name}=4" for name in NETWORK_ARGS]}).warnings == []
+    issues = errors({"network_args": ["rank_dropout=0.1", "foo=1", "conv_dim=x"]})
+    assert [i.key for i in issues] == ["network_args"] * 3
+    messages = " | ".join(i.message for i in issues)
+    assert "accepts rank_dropout but this trainer does not implement it" in messages
+    assert "unknown network_args key 'foo'" in messages and "conv_dim" in messages
+    alone = check({"network_args": ["conv_alpha=1"]})
+    assert warning_keys(alone) == ["network_args"]
+
+
+def test_save_model_as_safetensors_only() -> None:
+    [issue] = errors({"save_model_as": "ckpt"})
+    assert "kohya accepts" in issue.message and issue.hint == "choose one of safetensors"
+    assert check({"save_model_as": "SafeTensors"})["save_model_as"] == "safetensors"
+
+
+def test_v2_is_sd2_and_not_trained() -> None:
+    [issue] = errors({"v2": True}, "sd_xl")
+    assert issue.key == "v2" and "2.x" in issue.message
+    assert check({"v2": False})["v2"] is False
+
+
+@pytest.mark.parametrize("name", ["a/b", "a\\b", "..", "con", "x.safetensors", " padded", "x:y", "dot.", ""])
+def test_output_name_must_be_a_safe_file_name(name: str) -> None:
+    if name == "":
+        assert check({"output_name": name})["output_name"] is None
+        return
+    assert error_keys({"output_name": name}) == ["output_name"]
+
+
+@pytest.mark.parametrize("name", ["my_lora", "my lora-v1.2", "角色_v2", "con_test"])
+def test_output_name_accepts_ordinary_names(name: str) -> None:
+    assert check({"output_name": name})["output_name"] == name
+
+
+def test_caption_extension_must_start_with_a_dot() -> None:
+    assert error_keys({"caption_extension": "txt"}) == ["caption_extension"]
+    assert check({"caption_extension": ".txt"})["caption_extension"] == ".txt"
+
+
+def test_timesteps_and_data_loader_workers() -> None:
+    assert error_keys({"min_timestep": 500, "max_timestep": 500}) == ["min_timestep"]
+    assert check({"min_timestep": 100, "max_timestep": 900})["max_timestep"] == 900
+    assert error_keys({"persistent_data_loader_workers": True, "max_data_loader_n_workers": 0}) == [
+        "persistent_data_loader_workers"
+    ]
+    assert check({"persistent_data_loader_workers": True, "max_data_loader_n_workers": 2})
+
+
+def test_optimizer_and_scheduler_args_must_be_python_literals() -> None:
+    [issue] = errors({"optimizer_args": ["d_coef=abc"]})
+    assert issue.key == "optimizer_args" and "d_coef='abc'" in (issue.hint or "")
+    config = check(
+        {
+            "optimizer_args": ["weight_decay=0.01", "betas=(0.9,0.99)", "decouple=True"],
+            "lr_scheduler_args": "T_max=100",
+        }
+    )
+    assert config.optimizer_args == {"weight_decay": "0.01", "betas": "(0.9,0.99)", "decouple": "True"}
+    assert config.optimizer_kwargs() == {"weight_decay": 0.01, "betas": (0.9, 0.99), "decouple": True}
+    assert config.lr_scheduler_args == {"T_max": "100"} and config.lr_scheduler_kwargs() == {"T_max": 100}
+
+
+def test_lms_sampler_needs_scipy_when_sampling() -> None:
+    config = {"sample_prompts": "prompts.txt", "sample_every_n_epochs": 1, "sample_sampler": "k_lms"}
+    if importlib.util.find_spec("scipy") is None:
+        assert error_keys(config) == ["sample_sampler"]
+    else:
+        assert check(config)["sample_sampler"] == "k_lms"
+    assert check({"sample_sampler": "k_lms"})["sample_sampler"] == "k_lms"
+
+
+# --- warnings --------------------------------------------------------------------------------------------------
+
+
+def test_attention_and_memory_switches_are_warnings() -> None:
+    config = check({"xformers": True, "sdpa": True, "mem_eff_attn": True, "lowram": True, "highvram": False})
+    assert warning_keys(config) == ["xformers", "sdpa", "mem_eff_attn", "lowram"]
+    assert check({"xformers": False}).warnings == []
+
+
+def test_clip_skip_is_ignored_on_sdxl_with_a_warning() -> None:
+    assert warning_keys(check({"clip_skip": 2}, "sd_xl")) == ["clip_skip"]
+    assert check({"clip_skip": 2}, "sd_1_5").warnings == []
+
+
+def test_sdxl_fp16_without_no_half_vae_warns() -> None:
+    assert warning_keys(check({"mixed_precision": "fp16", "no_half_vae": False}, "sd_xl")) == ["no_half_vae"]
+    assert check({"mixed_precision": "fp16"}, "sd_xl").warnings == []
+
+
+def test_other_warnings() -> None:
+    assert warning_keys(check({"v_parameterization": True})) == ["v_parameterization"]
+    assert warning_keys(check({"lr_warmup_steps": 10})) == ["lr_warmup_steps"]
+    assert check({"lr_warmup_steps": 10, "lr_scheduler": "constant_with_warmup"}).warnings == []
+    assert warning_keys(check({"sample_every_n_epochs": 1})) == ["sample_every_n_epochs"]
+    assert warning_keys(check({"sample_prompts": "p.txt"})) == ["sample_prompts"]
+    assert warning_keys(check({"max_train_epochs": 4, "max_train_steps": 100})) == ["max_train_steps"]
+    assert warning_keys(check({"save_n_epoch_ratio": 4, "save_every_n_epochs": 1})) == ["save_every_n_epochs"]
+
+
+# --- unknown, unsupported and renamed keys ------------------------------------------------------------------
+
+
+def test_unknown_key_suggests_the_nearest_known_key() -> None:
+    issues = errors('learnig_rate = 1e-4\nNetwork_Dim = 8\nepoch = 3\nLoRA_type = "Standard"\nzzz = 1\n')
+    assert [(i.key, i.line) for i in issues] == [
+        ("learnig_rate", 1),
+        ("Network_Dim", 2),
+        ("epoch", 3),
+        ("LoRA_type", 4),
+        ("zzz", 5),
+    ]
+    hints = [i.hint or "" for i in issues]
+    assert hints[0] == "did you mean learning_rate?"
+    assert "network_dim" in hints[1]
+    assert "max_train_epochs" in hints[2] and "kohya_ss's GUI" in hints[2]
+    assert "networks.lora" in hints[3]
+    assert "config reference" in hints[4]
+
+
+def test_unsupported_key_says_kohya_accepts_it() -> None:
+    [issue] = errors({"full_bf16": True})
+    assert issue.message.startswith("kohya accepts full_bf16 but this trainer does not implement it:")
+    assert "remove it" in issue.message and "bf16" in issue.message
+    [issue] = errors({"dataset_config": "datasets.toml"})
+    assert "train_data_dir" in issue.message
+
+
+def test_unsupported_key_at_kohyas_default_is_only_a_warning() -> None:
+    config = check({"color_aug": False, "huber_c": 0.1, "loss_type": "l2", "fp8_base": False, "vae": ""})
+    assert warning_keys(config) == ["color_aug", "huber_c", "loss_type", "fp8_base", "vae"]
+    assert all("changes nothing" in w.message for w in config.warnings)
+    assert error_keys({"loss_type": "huber"}) == ["loss_type"]
+
+
+@pytest.mark.parametrize("optimizer", ["Lion8bit", "DAdaptAdam", "PagedAdamW8bit", "AdamWScheduleFree"])
+def test_kohya_optimizers_not_implemented_here(optimizer: str) -> None:
+    [issue] = errors({"optimizer_type": optimizer})
+    assert "kohya accepts" in issue.message and "AdamW8bit" in (issue.hint or "")
+
+
+def test_aliases_are_read_under_their_new_name() -> None:
+    config = check('lr_restart_cycles = 3\ncaption_extention = ".txt"\n')
+    assert config["lr_scheduler_num_cycles"] == 3 and config["caption_extension"] == ".txt"
+    assert [(w.key, w.line) for w in config.warnings] == [
+        ("lr_scheduler_num_cycles", 1),
+        ("caption_extension", 2),
+    ]
+    assert error_keys({"lr_restart_cycles": 3, "lr_scheduler_num_cycles": 2}) == ["lr_restart_cycles"]
+
+
+# --- collecting issues, positions ---------------------------------------------------------------------------
+
+
+def test_all_issues_are_collected_in_line_order() -> None:
+    text = 'seed = 1\nnetwork_dim = "abc"\nv2 = true\n\nmixed_precision = "fp32"\nfull_fp16 = true\n'
+    issues = errors(text)
+    assert [(i.key, i.line, i.column) for i in issues] == [
+        ("network_dim", 2, 1),
+        ("v2", 3, 1),
+        ("mixed_precision", 5, 1),
+        ("full_fp16", 6, 1),
+    ]
+    assert issues[2].hint == "choose one of no, fp16, bf16"
+
+
+def test_key_positions_inside_sections_and_json() -> None:
+    [issue] = errors("[model]\nv2 = false\n\n[training]\n  network_dim = 0\n")
+    assert (issue.key, issue.line, issue.column) == ("network_dim", 5, 3)
+    [issue] = errors('{\n  "seed": 1,\n  "network_dim": "x"\n}')
+    assert (issue.key, issue.line, issue.column) == ("network_dim", 3, 3)
+
+
+def test_json_with_string_numbers_as_kohya_guis_write_them() -> None:
+    source = json.dumps(
+        {
+            "learning_rate": "1e-4",
+            "network_dim": "32",
+            "network_alpha": "16",
+            "clip_skip": "2",
+            "resolution": "512,768",
+            "lr_warmup_steps": "0.1",
+            "max_train_epochs": "",
+            "save_every_n_epochs": "1",
+            "cache_latents": "true",
+            "optimizer_args": "weight_decay=0.01",
+            "lr_scheduler_args": "",
+            "seed": "1234",
+        },
+        indent=2,
+    )
+    config = check(source)
+    assert config["learning_rate"] == 1e-4 and config["network_dim"] == 32 and config["network_alpha"] == 16.0
+    assert config["clip_skip"] == 2 and config.resolution == (512, 768) and config["lr_warmup_steps"] == 0.1
+    assert config["max_train_epochs"] is None and config["save_every_n_epochs"] == 1
+    assert config["cache_latents"] is True and config.optimizer_args == {"weight_decay": "0.01"}
+    assert config["seed"] == 1234 and config["lr_scheduler_args"] == []
+
+
+def test_sectioned_aws_style_config_validates_for_both_fm_types(tmp_path: Path) -> None:
+    (tmp_path / "data" / "20_cat").mkdir(parents=True)
+    (tmp_path / "base.safetensors").write_bytes(b"x")
+    text = (
+        "[model]\nv2 = false\nv_parameterization = false\n"
+        f'pretrained_model_name_or_path = "{(tmp_path / "base.safetensors").as_posix()}"\n'
+        f'[dataset]\ntrain_data_dir = "{(tmp_path / "data").as_posix()}"\nreg_data_dir = ""\n'
+        "prior_loss_weight = 1\ncache_latents = true\nshuffle_caption = true\nenable_bucket = true\n"
+        '[additional_network]\nnetwork_dim = 32\nnetwork_alpha = 16\nnetwork_module = "networks.lora"\n'
+        "network_args = []\n"
+        '[optimizer]\nunet_lr = 1e-4\ntext_encoder_lr = 1e-5\noptimizer_type = "AdamW8bit"\n'
+        'lr_scheduler = "cosine_with_restarts"\nlr_warmup_steps = 0\nlr_restart_cycles = 1\n'
+        '[training]\nresolution = "512,512"\nmax_train_epochs = 10\nnoise_offset = 0.0\nxformers = true\n'
+        'lowram = false\nclip_skip = 2\nmixed_precision = "fp16"\nsave_precision = "fp16"\n'
+        '[saving]\noutput_name = "aws_lora"\nsave_every_n_epochs = 1\nsave_n_epoch_ratio = 0\n'
+        'save_last_n_epochs = 499\nsave_model_as = "safetensors"\n'
+        f'output_dir = "{(tmp_path / "out").as_posix()}"\nlogging_dir = "./logs"\nlog_prefix = "aws_lora"\n'
+        '[others]\nmin_bucket_reso = 256\nmax_bucket_reso = 1024\ncaption_extension = ".txt"\n'
+        "max_token_length = 225\nseed = 1337\n"
+    )
+    sd15 = validate_config(text, "sd_1_5", cuda_available=True)
+    assert warning_keys(sd15) == ["lr_scheduler_num_cycles", "xformers"]
+    assert (
+        sd15["reg_data_dir"] is None and sd15["noise_offset"] is None and sd15["save_n_epoch_ratio"] is None
+    )
+    assert sd15["prior_loss_weight"] == 1.0 and sd15["network_alpha"] == 16.0
+    sdxl = validate_config(text, "sd_xl", cuda_available=True)
+    assert warning_keys(sdxl) == ["lr_scheduler_num_cycles", "xformers", "clip_skip"]
+    assert sdxl.resolution == (512, 512) and sdxl["no_half_vae"] is True
+
+
+# --- paths ------------------------------------------------------------------------------------------------------
+
+
+def test_required_paths() -> None:
+    issues = errors({}, require_paths=True)
+    assert sorted(str(i.key) for i in issues) == [
+        "output_dir",
+        "pretrained_model_name_or_path",
+        "train_data_dir",
+    ]
+    assert check({}, require_paths=False)
+
+
+def test_paths_must_exist_with_the_right_kind(tmp_path: Path) -> None:
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(b"x")
+    data = tmp_path / "data"
+    data.mkdir()
+    good = {
+        "pretrained_model_name_or_path": str(model),
+        "train_data_dir": str(data),
+        "output_dir": str(tmp_path / "o"),
+    }
+    assert check(good, require_paths=True, check_paths_exist=True)["train_data_dir"] == str(data)
+    bad = {
+        **good,
+        "pretrained_model_name_or_path": str(tmp_path / "missing.safetensors"),
+        "train_data_dir": str(model),
+        "network_weights": str(data),
+        "output_dir": str(model),
+    }
+    issues = errors(bad, require_paths=True, check_paths_exist=True)
+    assert [(i.key, i.message.split(" ", 1)[1]) for i in issues] == [
+        ("pretrained_model_name_or_path", "does not exist"),
+        ("train_data_dir", "is not a folder"),
+        ("network_weights", "is not a file"),
+        ("output_dir", "exists and is not a folder"),
+    ]
+    assert check(bad, check_paths_exist=False)
+
+
+# --- TrainConfig ------------------------------------------------------------------------------------------------
+
+
+def test_train_config_helpers() -> None:
+    config = check(
+        {
+            "learning_rate": 1e-3,
+            "unet_lr": 2e-4,
+            "resolution": "640,512",
+            "lr_warmup_steps": 0.1,
+            "lr_scheduler": "cosine",
+            "max_train_epochs": 5,
+            "save_n_epoch_ratio": 2,
+        }
+    )
+    assert config.resolution == (640, 512)
+    assert config.unet_lr == 2e-4 and config.text_encoder_lr == 1e-3
+    assert config.lr_warmup_steps_for(250) == 25
+    assert config.total_steps_for(30) == 150 and config.epochs_for(30) == 5
+    assert config.save_every_n_epochs_for(5) == 2
+    assert config["seed"] is None and config.get("nope", 3) == 3
+    with pytest.raises(KeyError):
+        config["nope"]
+    plain = check(
+        {"lr_warmup_steps": 7, "lr_scheduler": "linear", "save_every_n_epochs": 3, "max_train_steps": 90}
+    )
+    assert (
+        plain.lr_warmup_steps_for(1000) == 7 and plain.total_steps_for(30) == 90 and plain.epochs_for(40) == 3
+    )
+    assert plain.save_every_n_epochs_for(10) == 3 and check({}).save_every_n_epochs_for(10) is None
+
+
+def test_to_dict_and_parsed_config_round_trip() -> None:
+    config = check({"resolution": "768,512", "network_args": ["conv_dim=4"], "seed": 3}, "sd_xl")
+    plain = config.to_dict()
+    assert plain["resolution"] == "768,512" and plain["seed"] == 3
+    json.dumps(plain)
+    assert check(plain, "sd_xl") == config
+    assert check(dict(config.values), "sd_xl") == config
+    assert check(parse_config("seed = 3\n"))["seed"] == 3
+
+
+def test_unknown_fm_type() -> None:
+    assert error_keys({}, "sd_3") == ["fm_type"]

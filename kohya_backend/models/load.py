@@ -1,0 +1,124 @@
+"""Lean loading of a single-file SD 1.5 / SDXL checkpoint into diffusers and transformers modules.
+
+The family is checked before anything is built. Modules are created on the meta device (no weight init, no
+memory), then receive the checkpoint's tensors with `load_state_dict(assign=True, strict=True)`, cast to the
+requested dtype on the way in: the only copy made is that cast (none when the dtype already matches).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from torch import Tensor, nn
+
+from kohya_backend.errors import ModelError
+from kohya_backend.models.arch import (
+    ARCHITECTURE_METADATA_KEY,
+    Architecture,
+    architecture_for,
+    architecture_from_json,
+)
+from kohya_backend.models.checkpoint import SAFETENSORS_SUFFIXES, read_checkpoint, read_metadata
+from kohya_backend.models.detect import check_family, check_family_of_keys
+from kohya_backend.models.ldm_keys import ldm_to_diffusers_state_dicts
+from kohya_backend.models.tokenizers import load_tokenizers
+
+
+@dataclass
+class LoadedModel:
+    """A loaded checkpoint: frozen modules in eval mode (UNet, VAE, text encoders), tokenizers and provenance."""
+
+    family: str
+    arch: Architecture
+    unet: nn.Module
+    vae: nn.Module
+    text_encoders: list[nn.Module]
+    tokenizers: list[Any]
+    path: Path
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def checkpoint_architecture(
+    path: Path, family: str, metadata: Mapping[str, str] | None = None
+) -> Architecture:
+    """The architecture of a checkpoint: the JSON our generator stores in its metadata, else the full-size one."""
+    meta = read_metadata(path) if metadata is None else metadata
+    text = meta.get(ARCHITECTURE_METADATA_KEY)
+    if text is None:
+        return architecture_for(family, "full")
+    try:
+        arch = architecture_from_json(text)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ModelError(
+            f"checkpoint {path} has an unreadable {ARCHITECTURE_METADATA_KEY} metadata entry: {exc}",
+            hint="regenerate the file, or remove that metadata entry to load it as a full-size model",
+        ) from exc
+    if arch.family != family:
+        raise ModelError(
+            f"checkpoint {path} declares a {arch.family} architecture but its keys are those of {family}",
+            hint="regenerate the file; its metadata does not match its weights",
+        )
+    return arch
+
+
+def _materialise(
+    module: nn.Module, state: dict[str, Tensor], *, dtype: torch.dtype, device: str, what: str, path: Path
+) -> nn.Module:
+    """Load `state` into a meta-built `module` in place (cast per tensor, no second copy), freeze it."""
+    for key in list(state):
+        tensor = state[key]
+        state[key] = (
+            tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device)
+        )
+    try:
+        module.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise ModelError(f"the {what} weights of {path} do not fit the architecture: {exc}") from exc
+    state.clear()
+    module.to(device)  # buffers created outside the meta context (e.g. CLIP's position_ids)
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def load_checkpoint(
+    path: Path,
+    fm_type: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    vae_dtype: torch.dtype | None = None,
+    device: str = "cpu",
+    tokenizer_dir: Path | None = None,
+) -> LoadedModel:
+    """Load a single-file checkpoint of FM type `fm_type` ("sd_1_5"/"sd_xl") with its offline tokenizers.
+
+    Raises FamilyMismatchError / ModelError (wrong or unsupported family, unreadable file, missing or unexpected
+    keys) and TokenizerUnavailableError. The UNet and text encoders are cast to `dtype`, the VAE to `vae_dtype`
+    (default `dtype`). The returned modules are frozen (requires_grad False) and in eval mode.
+    """
+    path = Path(path)
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        family = check_family(path, fm_type)  # header only: nothing is read for the wrong family
+        ldm_sd, metadata = read_checkpoint(path)  # memory-mapped
+    else:
+        ldm_sd, metadata = read_checkpoint(path)  # a pickle is read once, then checked
+        family = check_family_of_keys(ldm_sd, path.name, fm_type)
+    arch = checkpoint_architecture(path, family, metadata)
+    vocab_limit = min(int(te["vocab_size"]) for te in arch.text_encoders)
+    tokenizers = load_tokenizers(family, tokenizer_dir=tokenizer_dir, vocab_size_limit=vocab_limit)
+
+    unet_sd, vae_sd, te_sds = ldm_to_diffusers_state_dicts(arch, ldm_sd, source=f"checkpoint {path}")
+    del ldm_sd
+    with init_empty_weights(include_buffers=False):
+        unet = arch.build_unet()
+        vae = arch.build_vae()
+        text_encoders = arch.build_text_encoders()
+    _materialise(unet, unet_sd, dtype=dtype, device=device, what="UNet", path=path)
+    _materialise(vae, vae_sd, dtype=vae_dtype or dtype, device=device, what="VAE", path=path)
+    for index, (te, te_sd) in enumerate(zip(text_encoders, te_sds)):
+        _materialise(te, te_sd, dtype=dtype, device=device, what=f"text encoder {index + 1}", path=path)
+    return LoadedModel(family, arch, unet, vae, text_encoders, tokenizers, path, metadata)

@@ -32,8 +32,6 @@ from diffusers import (
     KDPM2DiscreteScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
 )
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -258,6 +256,9 @@ def make_sample_scheduler(sampler: str, prediction_type: str = "epsilon") -> Any
 def _build_pipeline(
     family: str, unet: Any, vae: Any, text_encoders: list, tokenizers: list, scheduler: Any
 ) -> Any:
+    # Pipelines pull in image processors and quantisation backends: import them only when sampling.
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
     if family == SD15 and len(text_encoders) == 1 and len(tokenizers) == 1:
         return StableDiffusionPipeline(
             vae=vae,

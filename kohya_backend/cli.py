@@ -1,0 +1,267 @@
+"""`python -m kohya_backend ...`: check configs, train, and run the bundled demo.
+
+Heavy libraries (torch, diffusers) are imported inside the commands that need them, so `config format` and
+`--help` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from kohya_backend.errors import ConfigError, DatasetError, TrainManagementError
+
+
+def _read_source(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise TrainManagementError(f"cannot read config file {path}: {exc.strerror}") from exc
+
+
+def format_with_plan(
+    source: str | dict[str, Any], fm_type: str, *, require_paths: bool = True
+) -> dict[str, Any]:
+    """Format config_params and, when its dataset can be scanned, add the training plan (CLI and API share this)."""
+    from kohya_backend.config.format import format_config
+    from kohya_backend.data.scan import scan_dataset
+
+    result = format_config(source, fm_type, require_paths=require_paths)
+    out: dict[str, Any] = {
+        "toml": result.toml,
+        "warnings": [w.to_dict() for w in result.warnings],
+        "plan": None,
+        "dataset_error": None,
+    }
+    values = result.config.values
+    if values.get("train_data_dir"):
+        from kohya_backend.train.plan import plan_for
+
+        try:
+            reg = values.get("reg_data_dir")
+            scan = scan_dataset(
+                Path(values["train_data_dir"]),
+                values["caption_extension"],
+                reg_data_dir=Path(reg) if reg else None,
+            )
+            out["plan"] = plan_for(result.config, scan).to_dict()
+            out["plan_text"] = plan_for(result.config, scan).render()
+        except DatasetError as exc:
+            out["dataset_error"] = {"message": str(exc), "files": [str(f) for f in exc.files]}
+    return out
+
+
+def _cmd_config_format(args: argparse.Namespace) -> int:
+    source = _read_source(args.file)
+    try:
+        out = format_with_plan(source, args.fm_type, require_paths=not args.no_paths)
+    except ConfigError as exc:
+        if args.json:
+            print(json.dumps({"ok": False, "issues": [i.to_dict() for i in exc.issues]}, indent=2))
+        else:
+            print(str(exc), file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"ok": out["dataset_error"] is None, **out}, indent=2))
+        return 0 if out["dataset_error"] is None else 2
+    print(out["toml"], end="")
+    for warning in out["warnings"]:
+        print(f"warning: {warning['key'] or ''} {warning['message']}", file=sys.stderr)
+    if out.get("plan_text"):
+        print("\n# plan\n" + "\n".join(f"# {line}" for line in out["plan_text"].splitlines()))
+    if out["dataset_error"]:
+        print(f"dataset: {out['dataset_error']['message']}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_config_template(args: argparse.Namespace) -> int:
+    from kohya_backend.config.schema import template_toml
+
+    print(template_toml(args.fm_type), end="")
+    return 0
+
+
+def _cmd_config_reference(args: argparse.Namespace) -> int:
+    from kohya_backend.config.format import reference_markdown
+
+    print(reference_markdown(), end="")
+    return 0
+
+
+def _install_stop_handler() -> threading.Event:
+    """SIGTERM/SIGINT ask the loop to stop at the next step (saving state when save_state is on)."""
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: object) -> None:
+        if stop.is_set():  # a second signal: stop now
+            raise KeyboardInterrupt
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def _write_result(job_dir: Path, result: dict[str, Any]) -> None:
+    """DIR/result.json, written atomically, tells the job runner how the trainer ended."""
+    tmp = job_dir / "result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    tmp.replace(job_dir / "result.json")
+
+
+def run_training(
+    config_source: str,
+    fm_type: str | None,
+    *,
+    events_path: Path | None,
+    job_dir: Path | None = None,
+    resume: bool = False,
+) -> int:
+    """Validate, then train; prints progress and returns a process exit code (0 done, 2 user error, 3 stopped).
+
+    With `job_dir`, outputs go to DIR/output, events to DIR/events.jsonl and the outcome to DIR/result.json.
+    """
+    from kohya_backend.config.parse import parse_config
+    from kohya_backend.config.validate import validate_config
+    from kohya_backend.models.checkpoint import read_keys
+    from kohya_backend.models.detect import detect_family
+    from kohya_backend.train.events import EventLog
+    from kohya_backend.train.loop import train
+
+    events = EventLog(events_path, console=sys.stderr)
+    outcome: dict[str, Any] = {"status": "failed", "output": None, "step": 0, "epoch": 0, "error": None}
+    try:
+        parsed = parse_config(config_source)
+        if job_dir is not None:
+            parsed.values["output_dir"] = str(job_dir / "output")
+            if resume:
+                from kohya_backend.train.state import latest_state
+
+                name = parsed.values.get("output_name") or "last"
+                state = latest_state(job_dir / "output" / f"{name}-state")
+                if state is None:
+                    events.emit(
+                        "warning", message="no saved state to resume from: training starts from step 0"
+                    )
+                else:
+                    parsed.values["resume"] = str(state)
+        if fm_type is None:
+            fm_type = _detect_fm_type(
+                parsed.values.get("pretrained_model_name_or_path"), read_keys, detect_family
+            )
+        config = validate_config(parsed, fm_type)
+        for warning in config.warnings:
+            events.emit("warning", message=warning.render())
+        result = train(config, events=events, stop=_install_stop_handler())
+    except TrainManagementError as exc:
+        events.emit("error", message=exc.message, hint=exc.hint)
+        outcome["error"] = {"message": str(exc), "hint": exc.hint}
+        if job_dir is not None:
+            _write_result(job_dir, outcome)
+        raise
+    outcome.update(
+        status="stopped" if result.stopped else "completed",
+        output=str(result.output) if result.output else None,
+        step=result.step,
+        epoch=result.epoch,
+    )
+    if job_dir is not None:
+        _write_result(job_dir, outcome)
+    if result.stopped:
+        print(f"stopped at step {result.step}", file=sys.stderr)
+        return 3
+    print(f"LoRA written: {result.output}")
+    return 0
+
+
+def _detect_fm_type(model: object, read_keys: Any, detect_family: Any) -> str:
+    if not model:
+        raise TrainManagementError("pretrained_model_name_or_path is missing", hint="set it in the config")
+    family = str(detect_family(read_keys(Path(str(model)))))
+    if family not in ("sd_1_5", "sd_xl"):
+        raise TrainManagementError(
+            f"{model} is a {family} checkpoint; this trainer trains sd_1_5 and sd_xl models"
+        )
+    return family
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    if args.job:
+        job_dir = Path(args.job).resolve()
+        source = _read_source(str(job_dir / "config.toml"))
+        return run_training(
+            source, args.fm_type, events_path=job_dir / "events.jsonl", job_dir=job_dir, resume=args.resume
+        )
+    if not args.config:
+        raise TrainManagementError("train needs --config FILE (or --job DIR)")
+    source = _read_source(args.config)
+    events = Path(args.events) if args.events else None
+    return run_training(source, args.fm_type, events_path=events)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from kohya_backend.assets.demo import prepare_demo
+
+    home = Path(args.home).resolve()
+    config_path = prepare_demo(home, fm_type=args.fm_type, steps=args.steps)
+    print(f"demo model, dataset and config under {home}")
+    events = home / "demo-events.jsonl"
+    return run_training(config_path.read_text(encoding="utf-8"), args.fm_type, events_path=events)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `python -m kohya_backend`."""
+    parser = argparse.ArgumentParser(prog="python -m kohya_backend", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    cfg = sub.add_parser("config", help="check, format and document config_params").add_subparsers(
+        dest="config_command", required=True
+    )
+    fmt = cfg.add_parser(
+        "format", help="validate a config (TOML or JSON) and print the canonical TOML and plan"
+    )
+    fmt.add_argument("file", help="config file, or - for standard input")
+    fmt.add_argument("--fm-type", choices=["sd_1_5", "sd_xl"], required=True)
+    fmt.add_argument("--json", action="store_true", help="machine-readable output")
+    fmt.add_argument("--no-paths", action="store_true", help="do not require model/dataset/output paths")
+    fmt.set_defaults(func=_cmd_config_format)
+    tpl = cfg.add_parser("template", help="print the starting config for an FM type")
+    tpl.add_argument("--fm-type", choices=["sd_1_5", "sd_xl"], required=True)
+    tpl.set_defaults(func=_cmd_config_template)
+    ref = cfg.add_parser("reference", help="print the config reference (Markdown)")
+    ref.set_defaults(func=_cmd_config_reference)
+
+    tr = sub.add_parser("train", help="train a LoRA from a kohya-style config")
+    tr.add_argument("--config", help="config file (TOML or JSON), or - for standard input")
+    tr.add_argument(
+        "--job", help="a job folder (config.toml inside; outputs, events and result.json written there)"
+    )
+    tr.add_argument("--resume", action="store_true", help="with --job: continue from the newest saved state")
+    tr.add_argument("--fm-type", choices=["sd_1_5", "sd_xl"], help="default: detected from the checkpoint")
+    tr.add_argument("--events", help="also write progress events (JSON lines) to this file")
+    tr.set_defaults(func=_cmd_train)
+
+    demo = sub.add_parser("demo", help="generate a tiny model and dataset and train on them end to end")
+    demo.add_argument("--home", default="demo_home", help="folder for the demo's model, dataset and output")
+    demo.add_argument("--fm-type", choices=["sd_1_5", "sd_xl"], default="sd_1_5")
+    demo.add_argument("--steps", type=int, default=40)
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: returns the exit code (2 for errors a user can fix, with the reason on stderr)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except TrainManagementError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,624 @@
+"""The training loop, readable top to bottom: prepare -> (schedule -> forward -> loss -> backward -> step ->
+save/sample/stop checks) per batch -> final save.
+
+Work that does not change between steps (latents, frozen text conditioning, tokenisation) is done once before the
+loop; the loop polls `stop` so a cancel can save state and leave cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from kohya_backend.config.format import to_canonical_toml
+from kohya_backend.config.validate import TrainConfig
+from kohya_backend.data.batches import TrainItem, build_items, epoch_batches
+from kohya_backend.data.buckets import BucketAssigner
+from kohya_backend.data.captions import build_caption
+from kohya_backend.data.plan import TrainingPlan
+from kohya_backend.data.scan import DatasetScan, scan_dataset
+from kohya_backend.errors import TrainingError
+from kohya_backend.lora.metadata import training_metadata
+from kohya_backend.lora.network import LoRANetwork
+from kohya_backend.lora.save import load_lora, save_lora
+from kohya_backend.models.hashing import legacy_hash_file, sha256_file
+from kohya_backend.models.load import LoadedModel, load_checkpoint
+from kohya_backend.train.events import EventLog
+from kohya_backend.train.families import Conditioning, ModelFamily, get_family, sdxl_time_ids
+from kohya_backend.train.inputs import LatentCache, TextCache, encode_latents, prepare_image
+from kohya_backend.train.noise import (
+    diffusion_loss,
+    make_noise_scheduler,
+    sample_noise,
+    sample_timesteps,
+    training_target,
+)
+from kohya_backend.train.optim import create_lr_scheduler, create_optimizer, current_lrs
+from kohya_backend.train.plan import plan_for
+from kohya_backend.train.sample import generate_samples, parse_sample_prompts
+from kohya_backend.train.state import PROGRESS_FILE, latest_state, load_training_state, save_training_state
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run produced."""
+
+    output: Path | None
+    step: int
+    epoch: int
+    saved: list[Path] = field(default_factory=list)
+    last_loss: float | None = None
+    stopped: bool = False
+    losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _Batch:
+    latents: torch.Tensor
+    captions: list[str]
+    time_ids: torch.Tensor | None
+    weights: torch.Tensor
+
+
+def auto_vae_batch_size(resolution: tuple[int, int]) -> int:
+    """Latent-caching batch when vae_batch_size is unset: 4 images at 512x512, scaled by area, within 1..8."""
+    w, h = resolution
+    return max(1, min(8, (4 * 512 * 512) // (w * h)))
+
+
+class Trainer:
+    """One training run of a validated config; `run()` does everything and returns what it saved."""
+
+    def __init__(self, config: TrainConfig, *, events: EventLog, stop: threading.Event | None = None) -> None:
+        self.config = config
+        self.cfg = config.values
+        self.events = events
+        self.stop = stop or threading.Event()
+        self.family: ModelFamily = get_family(config.fm_type)
+        seed = self.cfg.get("seed")
+        self.seed = int(seed) if seed is not None else random.SystemRandom().randrange(2**31)
+        self.output_dir = Path(self.cfg["output_dir"])
+        self.output_name = str(self.cfg.get("output_name") or "last")
+        self.state_dir = self.output_dir / f"{self.output_name}-state"
+        self.prediction_type = "v_prediction" if self.cfg.get("v_parameterization") else "epsilon"
+        self.session_id = uuid.uuid4().hex
+        self.started_at = time.time()
+        self.step = 0
+        self.epoch = 0
+        self.batches_done = 0
+        self.saved: list[Path] = []
+        self.losses: list[float] = []
+
+    # ----------------------------------------------------------------------------------------------- prepare
+    def _prepare_data(self) -> None:
+        cfg = self.cfg
+        reg = cfg.get("reg_data_dir")
+        self.scan: DatasetScan = scan_dataset(
+            Path(cfg["train_data_dir"]), cfg["caption_extension"], reg_data_dir=Path(reg) if reg else None
+        )
+        for warning in self.scan.warnings:
+            self.events.emit("warning", message=warning)
+        self.assigner = BucketAssigner(
+            self.config.resolution,
+            enable_bucket=bool(cfg["enable_bucket"]),
+            min_size=int(cfg["min_bucket_reso"]),
+            max_size=int(cfg["max_bucket_reso"]),
+            reso_steps=int(cfg["bucket_reso_steps"]),
+            no_upscale=bool(cfg["bucket_no_upscale"]),
+        )
+        self.items: list[TrainItem] = build_items(self.scan, self.assigner)
+        self.plan: TrainingPlan = plan_for(self.config, self.scan)
+        self.events.total_steps = self.plan.total_steps
+        self.events.emit("plan", **self.plan.to_dict())
+
+    def _prepare_model(self, accelerator: Accelerator) -> None:
+        cfg = self.cfg
+        weight_dtype = DTYPES[cfg["mixed_precision"]] if accelerator.device.type == "cuda" else torch.float32
+        vae_dtype = torch.float32 if cfg.get("no_half_vae") or weight_dtype == torch.float32 else weight_dtype
+        self.weight_dtype = weight_dtype
+        self.events.emit("log", message=f"loading {cfg['pretrained_model_name_or_path']}")
+        tok_dir = cfg.get("tokenizer_cache_dir")
+        self.model: LoadedModel = load_checkpoint(
+            Path(cfg["pretrained_model_name_or_path"]),
+            self.config.fm_type,
+            dtype=weight_dtype,
+            vae_dtype=vae_dtype,
+            device=str(accelerator.device),
+            tokenizer_dir=Path(tok_dir) if tok_dir else None,
+        )
+        m = self.model
+        for module in [m.unet, m.vae, *m.text_encoders]:
+            module.requires_grad_(False)
+            module.eval()
+        args = self.config.network_args
+        self.train_unet = not cfg.get("network_train_text_encoder_only")
+        self.train_te = not cfg.get("network_train_unet_only") and float(self.config.text_encoder_lr or 0) > 0
+        self.network = LoRANetwork(
+            family=self.config.fm_type,
+            unet=m.unet,
+            text_encoders=m.text_encoders,
+            network_dim=int(cfg["network_dim"]),
+            network_alpha=float(cfg["network_alpha"]),
+            conv_dim=int(args["conv_dim"]) if "conv_dim" in args else None,
+            conv_alpha=float(args["conv_alpha"]) if "conv_alpha" in args else None,
+            dropout=cfg.get("network_dropout"),
+            train_unet=self.train_unet,
+            train_text_encoder=self.train_te,
+            unet_layers_per_block=int(m.arch.unet.get("layers_per_block", 2)),
+        )
+        self.network.apply_to()
+        if cfg.get("network_weights"):
+            sd, _ = load_lora(Path(cfg["network_weights"]))
+            self.network.load_kohya_state_dict(sd)
+        self.network.to(accelerator.device)
+        if cfg.get("gradient_checkpointing"):
+            unet: Any = m.unet
+            unet.enable_gradient_checkpointing()
+            unet.train()  # diffusers only checkpoints in train mode; SD UNets have no dropout
+            if self.train_te:
+                for te in m.text_encoders:
+                    te_any: Any = te
+                    te_any.gradient_checkpointing_enable()
+                    te_any.train()
+
+    def _prepare_caches(self, accelerator: Accelerator) -> None:
+        cfg = self.cfg
+        m = self.model
+        self.latent_cache: LatentCache | None = None
+        if cfg.get("cache_latents"):
+            fingerprint = f"{Path(cfg['pretrained_model_name_or_path']).resolve()}|{m.vae.dtype}"
+            self.latent_cache = LatentCache(
+                to_disk=bool(cfg.get("cache_latents_to_disk")), model_fingerprint=fingerprint
+            )
+            flips = (False, True) if cfg.get("flip_aug") else (False,)
+            gen = torch.Generator().manual_seed(self.seed)
+            self.events.emit("caching", what="latents", done=0, total=len(self.items))
+            self.latent_cache.fill(
+                self.items,
+                m.vae,
+                scale=m.arch.latent_scale,
+                flips=flips,
+                batch_size=int(cfg.get("vae_batch_size") or auto_vae_batch_size(self.config.resolution)),
+                generator=gen,
+                progress=lambda d, t: self.events.emit("caching", what="latents", done=d, total=t),
+            )
+            if not self._sampling_enabled():
+                m.vae.to("meta")  # nothing needs the VAE any more: give its memory back
+        self.text_cache: TextCache | None = None if self.train_te else TextCache()
+        if self.text_cache is not None and cfg.get("cache_text_encoder_outputs"):
+            captions = sorted({self._caption_for(it, epoch=1, rng=random.Random(0)) for it in self.items})
+            for start in range(0, len(captions), 16):
+                self._conditioning(captions[start : start + 16], accelerator)
+            self.events.emit("caching", what="text", done=len(captions), total=len(captions))
+            if not self._sampling_enabled():
+                for te in m.text_encoders:
+                    te.to("meta")
+
+    def _prepare_optimizer(self, accelerator: Accelerator) -> None:
+        cfg = self.cfg
+        groups = self.network.param_groups(
+            unet_lr=float(self.config.unet_lr or 0), text_encoder_lr=float(self.config.text_encoder_lr or 0)
+        )
+        self.optimizer = create_optimizer(
+            cfg["optimizer_type"],
+            groups,
+            lr=float(cfg["learning_rate"]),
+            optimizer_args=self.config.optimizer_args,
+        )
+        total = self.plan.total_steps
+        self.lr_scheduler = create_lr_scheduler(
+            cfg["lr_scheduler"],
+            self.optimizer,
+            warmup_steps=self.config.lr_warmup_steps_for(total),
+            total_steps=total,
+            num_cycles=int(cfg.get("lr_scheduler_num_cycles") or 1),
+            power=float(cfg.get("lr_scheduler_power") or 1.0),
+        )
+        scheduler: Any = make_noise_scheduler(self.prediction_type)
+        self.noise_scheduler = scheduler
+        scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(accelerator.device)
+
+    def _resume_path(self) -> Path | None:
+        """The state folder `resume` names (a state-* folder, or a folder of them: the newest), or None."""
+        resume = self.cfg.get("resume")
+        if not resume:
+            return None
+        path = Path(resume)
+        if path.is_dir() and not (path / PROGRESS_FILE).exists():
+            found = latest_state(path)
+            if found is None:
+                raise TrainingError(
+                    f"no saved state found in {path}", hint="point `resume` at a state-* folder"
+                )
+            path = found
+        if not (path / PROGRESS_FILE).exists():
+            raise TrainingError(
+                f"{path} is not a saved training state", hint="point `resume` at a state-* folder"
+            )
+        return path
+
+    def _resume_seed(self) -> None:
+        """Before anything random happens, take the seed of the run being resumed (it may have been drawn)."""
+        path = self._resume_path()
+        if path is not None:
+            extra = json.loads((path / PROGRESS_FILE).read_text(encoding="utf-8")).get("extra") or {}
+            self.seed = int(extra.get("seed", self.seed))
+
+    def _maybe_resume(self) -> None:
+        path = self._resume_path()
+        if path is None:
+            return
+        progress = load_training_state(
+            path, network=self.network, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler
+        )
+        self.step, self.epoch, self.batches_done = (
+            progress.step,
+            progress.epoch,
+            progress.batches_done_in_epoch,
+        )
+        self.events.emit("log", message=f"resumed from {path} at step {self.step}, epoch {self.epoch}")
+
+    # ----------------------------------------------------------------------------------------------- inputs
+    def _sampling_enabled(self) -> bool:
+        return bool(self.cfg.get("sample_prompts")) and bool(
+            self.cfg.get("sample_every_n_epochs") or self.cfg.get("sample_every_n_steps")
+        )
+
+    def _caption_for(self, item: TrainItem, *, epoch: int, rng: random.Random) -> str:
+        cfg = self.cfg
+        subset = self.scan.subsets[item.subset_index]
+        return build_caption(
+            item.image.caption,
+            subset.class_token,
+            epoch=epoch,
+            rng=rng,
+            shuffle=bool(cfg.get("shuffle_caption")),
+            keep_tokens=int(cfg.get("keep_tokens") or 0),
+            keep_tokens_separator=str(cfg.get("keep_tokens_separator") or ""),
+            dropout_rate=float(cfg.get("caption_dropout_rate") or 0),
+            dropout_every_n_epochs=int(cfg.get("caption_dropout_every_n_epochs") or 0),
+            tag_dropout_rate=float(cfg.get("caption_tag_dropout_rate") or 0),
+            prefix=str(cfg.get("caption_prefix") or ""),
+            suffix=str(cfg.get("caption_suffix") or ""),
+        )
+
+    def _conditioning(self, captions: list[str], accelerator: Accelerator) -> Conditioning:
+        m = self.model
+        max_len = int(self.cfg.get("max_token_length") or 75)
+        clip_skip = int(self.cfg.get("clip_skip") or 1)
+        if self.text_cache is None:
+            ids = self.family.token_ids(m.tokenizers, captions, max_len)
+            return self.family.encode(m.text_encoders, ids, clip_skip)
+        missing = self.text_cache.lookup(captions)
+        if missing:
+            ids = self.family.token_ids(m.tokenizers, missing, max_len)
+            with torch.no_grad(), accelerator.autocast():
+                self.text_cache.add(missing, self.family.encode(m.text_encoders, ids, clip_skip))
+        return self.text_cache.batch(captions).to(accelerator.device)
+
+    def _make_batch(self, batch: list[TrainItem], rng: random.Random, step_gen: torch.Generator) -> _Batch:
+        cfg = self.cfg
+        flip_aug = bool(cfg.get("flip_aug"))
+        flips = [flip_aug and rng.random() < 0.5 for _ in batch]
+        captions = [self._caption_for(it, epoch=self.epoch, rng=rng) for it in batch]
+        geos = []
+        if self.latent_cache is not None:
+            pairs = [self.latent_cache.get(it, f) for it, f in zip(batch, flips)]
+            latents = torch.stack([p[0] for p in pairs])
+            geos = [p[1] for p in pairs]
+        else:
+            random_crop = bool(cfg.get("random_crop"))
+            prepared = [
+                prepare_image(it, flip=f, random_crop=random_crop, rng=rng) for it, f in zip(batch, flips)
+            ]
+            with torch.no_grad():
+                latents = encode_latents(
+                    self.model.vae,
+                    torch.stack([p.pixels for p in prepared]),
+                    scale=self.model.arch.latent_scale,
+                    generator=step_gen,
+                )
+            geos = prepared
+        time_ids = None
+        if self.config.fm_type == "sd_xl":
+            time_ids = sdxl_time_ids(
+                [g.original_size for g in geos], [g.crop for g in geos], [g.target_size for g in geos]
+            )
+        prior_cfg = cfg.get("prior_loss_weight")
+        prior = 1.0 if prior_cfg is None else float(prior_cfg)
+        weights = torch.tensor([prior if it.is_reg else 1.0 for it in batch])
+        return _Batch(latents, captions, time_ids, weights)
+
+    # ----------------------------------------------------------------------------------------------- step
+    def _train_step(self, batch: _Batch, accelerator: Accelerator, step_gen: torch.Generator) -> float:
+        cfg = self.cfg
+        device = accelerator.device
+        latents = batch.latents.to(device, torch.float32)
+        noise = sample_noise(latents.cpu(), generator=step_gen, noise_offset=cfg.get("noise_offset")).to(
+            device
+        )
+        timesteps = sample_timesteps(
+            latents.shape[0],
+            generator=step_gen,
+            device="cpu",
+            min_timestep=int(cfg.get("min_timestep") or 0),
+            max_timestep=int(cfg.get("max_timestep") or 1000),
+        ).to(device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        with accelerator.autocast():
+            cond = self._conditioning(batch.captions, accelerator)
+            kwargs = self.family.unet_kwargs(
+                cond.to(device, self.weight_dtype) if cond.pooled is not None else cond,
+                batch.time_ids.to(device, self.weight_dtype) if batch.time_ids is not None else None,
+            )
+            pred = self.model.unet(
+                noisy.to(self.weight_dtype),
+                timesteps,
+                encoder_hidden_states=cond.hidden.to(self.weight_dtype),
+                **kwargs,
+            ).sample
+        target = training_target(self.noise_scheduler, latents, noise, timesteps, self.prediction_type)
+        loss = diffusion_loss(
+            pred.float(),
+            target.float(),
+            timesteps=timesteps,
+            scheduler=self.noise_scheduler,
+            min_snr_gamma=cfg.get("min_snr_gamma"),
+            prediction_type=self.prediction_type,
+            sample_weights=batch.weights.to(device),
+        )
+        value = float(loss.detach())  # syncs with the GPU once per step: needed for the NaN check and events
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"loss became {value} at step {self.step + 1}",
+                hint="lower the learning rate; with mixed_precision fp16 try bf16, and keep no_half_vae on SDXL",
+            )
+        accelerator.backward(loss / self.grad_accum)
+        return value
+
+    def _optimizer_step(self, accelerator: Accelerator) -> None:
+        max_norm = self.cfg.get("max_grad_norm")
+        if max_norm:
+            accelerator.clip_grad_norm_(self.network.parameters(), float(max_norm))
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # ----------------------------------------------------------------------------------------------- saving
+    def _metadata(self, *, final: bool) -> dict[str, str]:
+        base = Path(self.cfg["pretrained_model_name_or_path"])
+        if not hasattr(self, "_base_hashes"):
+            self._base_hashes = (sha256_file(base), legacy_hash_file(base))
+        return training_metadata(
+            config=self.cfg,
+            family=self.config.fm_type,
+            session_id=self.session_id,
+            started_at=self.started_at,
+            finished_at=time.time() if final else None,
+            steps=self.step,
+            epoch=self.epoch,
+            num_train_images=self.plan.num_train_images,
+            num_reg_images=self.plan.num_reg_images,
+            num_batches_per_epoch=self.plan.batches_per_epoch,
+            num_epochs=self.plan.epochs,
+            tag_frequency=self.scan.tag_frequency(),
+            dataset_dirs=self.scan.dataset_dirs_info(),
+            bucket_info={"buckets": self.plan.buckets},
+            base_model_path=base,
+            base_model_sha256=self._base_hashes[0],
+            base_model_legacy_hash=self._base_hashes[1],
+            resolution=self.config.resolution,
+            output_name=self.output_name,
+            prediction_type=self.prediction_type,
+        )
+
+    def _save_lora(self, name: str, *, final: bool) -> Path:
+        path = self.output_dir / f"{name}.safetensors"
+        try:
+            save_lora(
+                path,
+                self.network.kohya_state_dict(),
+                self._metadata(final=final),
+                save_precision=str(self.cfg.get("save_precision") or "float"),
+            )
+        except OSError as exc:
+            raise TrainingError(
+                f"could not write {path}: {exc.strerror or exc}",
+                hint="free disk space or choose another output_dir; nothing partial was left behind",
+            ) from exc
+        self.saved.append(path)
+        self.events.emit("saved", path=str(path), step=self.step, epoch=self.epoch, final=final)
+        return path
+
+    def _rotate_epoch_files(self) -> None:
+        keep = self.cfg.get("save_last_n_epochs")
+        every = self.config.save_every_n_epochs_for(self.plan.epochs)
+        if not keep or not every:
+            return
+        old_epoch = self.epoch - int(keep) * int(every)
+        if old_epoch > 0:
+            old = self.output_dir / f"{self.output_name}-{old_epoch:06d}.safetensors"
+            if old.exists():
+                old.unlink()
+                self.events.emit("log", message=f"removed {old.name} (save_last_n_epochs={keep})")
+
+    def _save_state(self) -> None:
+        path = save_training_state(
+            self.state_dir,
+            step=self.step,
+            epoch=self.epoch,
+            batches_done_in_epoch=self.batches_done,
+            network=self.network,
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+            config_toml=to_canonical_toml(self.config),
+            extra={"seed": self.seed},
+            keep_last=2,
+        )
+        self.events.emit("state_saved", path=str(path), step=self.step, epoch=self.epoch)
+
+    def _sample(self, accelerator: Accelerator) -> None:
+        raw = str(self.cfg["sample_prompts"])
+        text = Path(raw).read_text(encoding="utf-8") if Path(raw).is_file() else raw
+        w, h = self.config.resolution
+        prompts = parse_sample_prompts(text, default_size=(w, h))
+        m = self.model
+        paths = generate_samples(
+            family=self.config.fm_type,
+            unet=m.unet,
+            vae=m.vae,
+            text_encoders=m.text_encoders,
+            tokenizers=m.tokenizers,
+            prompts=prompts,
+            sampler=str(self.cfg.get("sample_sampler") or "ddim"),
+            out_dir=self.output_dir / "sample",
+            step=self.step,
+            epoch=self.epoch,
+            device=accelerator.device,
+            dtype=self.weight_dtype,
+            prediction_type=self.prediction_type,
+            file_prefix=self.output_name,
+            clip_skip=int(self.cfg.get("clip_skip") or 1) if self.config.fm_type == "sd_1_5" else None,
+            network=self.network,
+        )
+        for p in paths:
+            self.events.emit("sample", path=str(p), step=self.step, epoch=self.epoch)
+
+    # ----------------------------------------------------------------------------------------------- loop
+    def run(self) -> TrainResult:
+        """Prepare everything, train to the planned step count (or a stop request), save, return the result."""
+        cfg = self.cfg
+        self.grad_accum = int(cfg.get("gradient_accumulation_steps") or 1)
+        cpu_only = not torch.cuda.is_available()
+        mp = cfg["mixed_precision"] if not (cpu_only and cfg["mixed_precision"] == "fp16") else "no"
+        accelerator = Accelerator(mixed_precision=mp, cpu=cpu_only)
+        self._resume_seed()
+        random.seed(self.seed)
+        torch.manual_seed(self.seed)
+        self.events.emit(
+            "start",
+            fm_type=self.config.fm_type,
+            output_dir=str(self.output_dir),
+            device=str(accelerator.device),
+        )
+        self._prepare_data()
+        self._prepare_model(accelerator)
+        self._prepare_caches(accelerator)
+        self._prepare_optimizer(accelerator)
+        self._maybe_resume()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        total = self.plan.total_steps
+        self.network.train()
+        while self.step < total and not self.stop.is_set():
+            if self.batches_done == 0:
+                self.epoch += 1
+            self._run_epoch(accelerator, total)
+            if self.stop.is_set():
+                break
+            self._end_of_epoch(accelerator)
+        return self._finish()
+
+    def _run_epoch(self, accelerator: Accelerator, total: int) -> None:
+        batches = epoch_batches(
+            self.items,
+            self.scan,
+            batch_size=int(self.cfg["train_batch_size"]),
+            epoch=self.epoch,
+            seed=self.seed,
+        )
+        last = len(batches) - 1
+        for index in range(self.batches_done, len(batches)):
+            rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
+            step_gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 10_007 + index)
+            loss = self._train_step(self._make_batch(batches[index], rng, step_gen), accelerator, step_gen)
+            self.batches_done = index + 1
+            if self.batches_done % self.grad_accum and index != last:
+                continue
+            self._optimizer_step(accelerator)
+            self.step += 1
+            self.losses.append(loss)
+            self.events.step(
+                step=self.step,
+                epoch=self.epoch,
+                loss=loss,
+                lrs=current_lrs(self.optimizer, self.lr_scheduler),
+            )
+            self._step_checks(accelerator)
+            if self.step >= total or self.stop.is_set():
+                break
+        else:
+            self.batches_done = 0  # the epoch ran to its end
+
+    def _step_checks(self, accelerator: Accelerator) -> None:
+        every = self.cfg.get("save_every_n_steps")
+        if every and self.step % int(every) == 0 and self.step < self.plan.total_steps:
+            self._save_lora(f"{self.output_name}-step{self.step:08d}", final=False)
+            if self.cfg.get("save_state"):
+                self._save_state()
+        every = self.cfg.get("sample_every_n_steps")
+        if every and self._sampling_enabled() and self.step % int(every) == 0:
+            self._sample(accelerator)
+
+    def _end_of_epoch(self, accelerator: Accelerator) -> None:
+        self.events.emit("epoch", epoch=self.epoch, step=self.step, avg_loss=self._avg_loss())
+        done = self.step >= self.plan.total_steps
+        every = self.config.save_every_n_epochs_for(self.plan.epochs)
+        if every and self.epoch % int(every) == 0 and not done:
+            self._save_lora(f"{self.output_name}-{self.epoch:06d}", final=False)
+            self._rotate_epoch_files()
+            if self.cfg.get("save_state"):
+                self._save_state()
+        every = self.cfg.get("sample_every_n_epochs")
+        if every and self._sampling_enabled() and self.epoch % int(every) == 0:
+            self._sample(accelerator)
+
+    def _avg_loss(self) -> float | None:
+        return sum(self.losses[-50:]) / len(self.losses[-50:]) if self.losses else None
+
+    def _finish(self) -> TrainResult:
+        stopped = self.stop.is_set() and self.step < self.plan.total_steps
+        output = None
+        if stopped:
+            if self.cfg.get("save_state"):
+                self._save_state()
+            self.events.emit("stopped", step=self.step, epoch=self.epoch)
+        else:
+            output = self._save_lora(self.output_name, final=True)
+            if self.cfg.get("save_state") or self.cfg.get("save_state_on_train_end"):
+                self._save_state()
+            self.events.emit("done", step=self.step, epoch=self.epoch, output=str(output))
+        self.network.remove()
+        return TrainResult(
+            output,
+            self.step,
+            self.epoch,
+            list(self.saved),
+            self.losses[-1] if self.losses else None,
+            stopped,
+            list(self.losses),
+        )
+
+
+def train(config: TrainConfig, *, events: EventLog, stop: threading.Event | None = None) -> TrainResult:
+    """Train a LoRA as `config` says; errors a user can act on are TrainManagementError subclasses."""
+    try:
+        return Trainer(config, events=events, stop=stop).run()
+    except torch.OutOfMemoryError as exc:
+        raise TrainingError(
+            "out of memory while training",
+            hint="turn on gradient_checkpointing and cache_latents, lower train_batch_size or resolution, "
+            "or use mixed_precision bf16/fp16 on a GPU",
+        ) from exc

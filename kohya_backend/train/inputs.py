@@ -105,7 +105,9 @@ class LatentCache:
                             vae, torch.stack([p.pixels for p in prepared]), scale=scale, generator=generator
                         )
                     for it, p, lat in zip(chunk, prepared, latents):
-                        self._latents[(it.image.path, it.bucket, flip)] = lat.cpu()
+                        self._latents[(it.image.path, it.bucket, flip)] = (
+                            lat.cpu().clone()
+                        )  # own storage, not a batch view
                         self._geometry[(it.image.path, it.bucket)] = PreparedImage(
                             torch.empty(0), p.original_size, p.crop, p.target_size
                         )
@@ -120,7 +122,9 @@ class LatentCache:
         path = self._disk_path(item)
         path.parent.mkdir(exist_ok=True)
         geo = self._geometry[(item.image.path, item.bucket)]
-        tensors = {f"flip{int(f)}": self._latents[(item.image.path, item.bucket, f)] for f in flips}
+        tensors = {
+            f"flip{int(f)}": self._latents[(item.image.path, item.bucket, f)].contiguous() for f in flips
+        }
         tensors["geometry"] = torch.tensor([*geo.original_size, *geo.crop, *geo.target_size])
         tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp))

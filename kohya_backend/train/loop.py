@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 from kohya_backend.config.format import to_canonical_toml
 from kohya_backend.config.validate import TrainConfig
@@ -422,7 +423,7 @@ class Trainer:
             base_model_legacy_hash=self._base_hashes[1],
             resolution=self.config.resolution,
             output_name=self.output_name,
-            prediction_type=self.prediction_type,
+            prediction_type="v" if self.prediction_type == "v_prediction" else "epsilon",
         )
 
     def _save_lora(self, name: str, *, final: bool) -> Path:
@@ -504,6 +505,9 @@ class Trainer:
         self.grad_accum = int(cfg.get("gradient_accumulation_steps") or 1)
         cpu_only = not torch.cuda.is_available()
         mp = cfg["mixed_precision"] if not (cpu_only and cfg["mixed_precision"] == "fp16") else "no"
+        # accelerate keeps process-wide state; a run owns it, so clear what an earlier in-process run (a test, the
+        # demo) set before asking for this run's precision.
+        AcceleratorState._reset_state(reset_partial_state=True)
         accelerator = Accelerator(mixed_precision=mp, cpu=cpu_only)
         self._resume_seed()
         random.seed(self.seed)

@@ -1,0 +1,297 @@
+"""End-to-end training on tiny generated models: it learns, it saves what it trained, it resumes exactly, and
+every training option of the issue runs through the real loop."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from kohya_backend.assets.checkpoints import write_checkpoint
+from kohya_backend.assets.dataset import write_demo_dataset
+from kohya_backend.assets.tokenizer import write_tiny_tokenizer
+from kohya_backend.config.validate import validate_config
+from kohya_backend.data.images import load_image
+from kohya_backend.errors import TrainingError
+from kohya_backend.lora.network import LoRANetwork
+from kohya_backend.lora.save import load_lora
+from kohya_backend.models.load import load_checkpoint
+from kohya_backend.train.events import EventLog, read_events
+from kohya_backend.train.families import get_family
+from kohya_backend.train.inputs import encode_latents
+from kohya_backend.train.loop import Trainer, train
+from kohya_backend.train.noise import make_noise_scheduler
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("assets")
+    out = {"tokenizer": write_tiny_tokenizer(root / "tokenizer") and root / "tokenizer"}
+    for fm in ("sd_1_5", "sd_xl"):
+        out[fm] = write_checkpoint(root / f"{fm}.safetensors", fm, size="tiny", seed=0)
+    out["data"] = write_demo_dataset(root / "data", count=6, size=(64, 64))
+    return out
+
+
+def make_config(assets: dict[str, Path], out: Path, fm: str = "sd_1_5", **overrides: object):
+    values: dict[str, object] = {
+        "pretrained_model_name_or_path": str(assets[fm]),
+        "tokenizer_cache_dir": str(assets["tokenizer"]),
+        "train_data_dir": str(assets["data"]),
+        "output_dir": str(out),
+        "output_name": "t",
+        "caption_extension": ".txt",
+        "resolution": "64,64",
+        "train_batch_size": 2,
+        "max_train_steps": 6,
+        "network_dim": 4,
+        "network_alpha": 4,
+        "optimizer_type": "AdamW",
+        "learning_rate": 1e-3,
+        "unet_lr": 1e-3,
+        "text_encoder_lr": 1e-4,
+        "lr_scheduler": "constant",
+        "mixed_precision": "no",
+        "save_precision": "float",
+        "seed": 7,
+    }
+    values.update(overrides)
+    return validate_config(values, fm)
+
+
+def run(config, events: Path | None = None, stop: threading.Event | None = None):
+    trainer = Trainer(config, events=EventLog(events, console=None), stop=stop)
+    return trainer, trainer.run()
+
+
+def eval_loss(fm: str, assets: dict[str, Path], lora: Path | None) -> float:
+    """Mean loss over the dataset with fixed noise and timesteps, with or without a trained LoRA applied."""
+    model = load_checkpoint(assets[fm], fm, tokenizer_dir=assets["tokenizer"])
+    if lora is not None:
+        sd, _ = load_lora(lora)
+        net = LoRANetwork(
+            family=fm, unet=model.unet, text_encoders=model.text_encoders, network_dim=4, network_alpha=4
+        )
+        net.load_kohya_state_dict(sd)
+        net.apply_to()
+    images = sorted((assets["data"] / "10_demo").glob("*.png"))
+    captions = [p.with_suffix(".txt").read_text().strip() for p in images]
+    pixels = torch.stack(
+        [
+            torch.from_numpy(np.asarray(load_image(p), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+            for p in images
+        ]
+    )
+    gen = torch.Generator().manual_seed(0)
+    scheduler = make_noise_scheduler()
+    family = get_family(fm)
+    losses = []
+    with torch.no_grad():
+        latents = encode_latents(model.vae, pixels, scale=model.arch.latent_scale, generator=gen)
+        cond = family.encode(model.text_encoders, family.token_ids(model.tokenizers, captions, 75), 1)
+        time_ids = torch.tensor([[64, 64, 0, 0, 64, 64]] * len(images), dtype=torch.float32)
+        for _ in range(4):
+            noise = torch.randn(latents.shape, generator=gen)
+            t = torch.randint(0, 1000, (len(images),), generator=gen)
+            pred = model.unet(
+                scheduler.add_noise(latents, noise, t),
+                t,
+                encoder_hidden_states=cond.hidden,
+                **family.unet_kwargs(cond, time_ids if fm == "sd_xl" else None),
+            ).sample
+            losses.append(torch.nn.functional.mse_loss(pred, noise).item())
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("fm", ["sd_1_5", "sd_xl"])
+def test_training_lowers_the_loss_and_saves_what_it_trained(assets, tmp_path, fm):
+    config = make_config(
+        assets, tmp_path, fm, max_train_steps=60, unet_lr=3e-3, text_encoder_lr=3e-4, cache_latents=True
+    )
+    trainer, result = run(config, tmp_path / "events.jsonl")
+    assert result.output == tmp_path / "t.safetensors" and result.step == 60
+    before, after = eval_loss(fm, assets, None), eval_loss(fm, assets, result.output)
+    assert after < before * 0.97, (before, after)
+    # reloading the file reproduces the trained weights exactly (save_precision float)
+    saved, meta = load_lora(result.output)
+    trained = trainer.network.kohya_state_dict()
+    assert saved.keys() == trained.keys()
+    for key, value in trained.items():
+        torch.testing.assert_close(saved[key], value.cpu().float(), rtol=0, atol=0)
+    assert meta["ss_base_model_version"] == ("sdxl_base_v1-0" if fm == "sd_xl" else "sd_v1")
+    assert meta["ss_steps"] == "60" and meta["ss_output_name"] == "t"
+    kinds = [e["kind"] for e in read_events(tmp_path / "events.jsonl")]
+    assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("step") == 60 and "saved" in kinds
+
+
+def test_trained_lora_loads_in_diffusers_and_changes_the_output(assets, tmp_path):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from peft.tuners.lora import LoraLayer
+
+    config = make_config(assets, tmp_path, max_train_steps=8, unet_lr=1e-2, text_encoder_lr=1e-3)
+    trainer, result = run(config)
+    model = load_checkpoint(assets["sd_1_5"], "sd_1_5", tokenizer_dir=assets["tokenizer"])
+    pipe = StableDiffusionPipeline(
+        vae=model.vae,
+        text_encoder=model.text_encoders[0],
+        tokenizer=model.tokenizers[0],
+        unet=model.unet,
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+    def image() -> torch.Tensor:
+        out = pipe(
+            "demo, red circle",
+            num_inference_steps=2,
+            height=64,
+            width=64,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(0),
+        )
+        return out.images
+
+    base = image()
+    pipe.load_lora_weights(str(result.output))
+    adapted = sum(isinstance(m, LoraLayer) for m in pipe.unet.modules())
+    adapted_te = sum(isinstance(m, LoraLayer) for m in pipe.text_encoder.modules())
+    assert adapted == len(trainer.network.unet_loras) and adapted_te == len(
+        trainer.network.text_encoder_loras
+    )
+    with safe_open(str(result.output), "pt") as f:
+        assert len(list(f.keys())) == 3 * (adapted + adapted_te)  # every down/up/alpha triple was consumed
+    assert not torch.allclose(base, image())
+
+
+def test_resume_continues_exactly(assets, tmp_path):
+    common = dict(
+        max_train_steps=10,
+        save_every_n_steps=4,
+        save_state=True,
+        cache_latents=True,
+        flip_aug=True,
+        shuffle_caption=True,
+        network_dropout=0.1,
+    )
+    _, full = run(make_config(assets, tmp_path / "a", **common))
+    stop = threading.Event()
+    events = tmp_path / "b.jsonl"
+    log = EventLog(events, console=None)
+    log.subscribe(lambda e: stop.set() if e.get("kind") == "state_saved" else None)
+    stopped = Trainer(make_config(assets, tmp_path / "b", **common), events=log, stop=stop).run()
+    assert stopped.stopped and stopped.output is None and stopped.step == 4
+    state_dir = tmp_path / "b" / "t-state"
+    resumed_cfg = make_config(assets, tmp_path / "b", resume=str(state_dir), **common)
+    _, resumed = run(resumed_cfg)
+    assert resumed.step == full.step == 10
+    assert resumed.losses == full.losses[4:]  # same subsequent losses, bit for bit
+    a, _ = load_lora(full.output)
+    b, _ = load_lora(resumed.output)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_same_seed_same_run(assets, tmp_path):
+    _, one = run(make_config(assets, tmp_path / "1", max_train_steps=4))
+    _, two = run(make_config(assets, tmp_path / "2", max_train_steps=4))
+    assert one.losses == two.losses
+
+
+OPTIONS = {
+    "v_pred_min_snr_offset": dict(v_parameterization=True, min_snr_gamma=5, noise_offset=0.05),
+    "clip_skip_long_tokens": dict(clip_skip=2, max_token_length=225, shuffle_caption=True, keep_tokens=1),
+    "grad_accum_clip": dict(gradient_accumulation_steps=2, max_grad_norm=0.5, train_batch_size=1),
+    "unet_only_cached_te": dict(
+        network_train_unet_only=True, cache_text_encoder_outputs=True, cache_latents=True
+    ),
+    "te_only": dict(network_train_text_encoder_only=True),
+    "disk_latents_flip_ckpt": dict(
+        cache_latents=True, cache_latents_to_disk=True, flip_aug=True, gradient_checkpointing=True
+    ),
+    "locon_lion_cosine": dict(
+        network_args=["conv_dim=4", "conv_alpha=2"],
+        optimizer_type="Lion",
+        learning_rate=1e-4,
+        lr_scheduler="cosine_with_restarts",
+        lr_warmup_steps=2,
+        lr_scheduler_num_cycles=2,
+    ),
+    "prodigy": dict(optimizer_type="Prodigy", learning_rate=1.0, unet_lr=1.0, text_encoder_lr=1.0),
+    "adafactor": dict(
+        optimizer_type="Adafactor",
+        lr_scheduler="adafactor",
+        optimizer_args=["relative_step=True", "scale_parameter=True", "warmup_init=True"],
+    ),
+    "sgd_polynomial_buckets": dict(
+        optimizer_type="SGDNesterov",
+        lr_scheduler="polynomial",
+        enable_bucket=True,
+        min_bucket_reso=64,
+        max_bucket_reso=128,
+        bucket_reso_steps=64,
+    ),
+    "adamw8bit_bf16": dict(optimizer_type="AdamW8bit", mixed_precision="bf16"),
+    "epochs_samples": dict(
+        max_train_epochs=2,
+        train_batch_size=6,
+        save_every_n_epochs=1,
+        save_last_n_epochs=1,
+        sample_every_n_epochs=1,
+        sample_prompts="demo, red circle --w 64 --h 64 --s 2 --d 1",
+        sample_sampler="euler_a",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_training_options_run(assets, tmp_path, name):
+    fm = "sd_xl" if name in ("grad_accum_clip", "unet_only_cached_te") else "sd_1_5"
+    options = dict(OPTIONS[name])
+    if "sample_prompts" in options:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text(str(options["sample_prompts"]) + "\n")
+        options["sample_prompts"] = str(prompts)
+    config = make_config(assets, tmp_path, fm, max_train_steps=4, **options)
+    _, result = run(config, tmp_path / "ev.jsonl")
+    assert result.output is not None and result.output.exists()
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    events = read_events(tmp_path / "ev.jsonl")
+    if name == "epochs_samples":
+        assert result.epoch == 2
+        samples = [e for e in events if e["kind"] == "sample"]
+        assert len(samples) == 2 and all(Path(e["path"]).exists() for e in samples)
+        # save_last_n_epochs=1 keeps only the newest intermediate file (epoch 1 is replaced by the final one)
+        assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [
+            "t-000001.safetensors",
+            "t.safetensors",
+        ]
+    if name == "disk_latents_flip_ckpt":
+        assert list((assets["data"] / "10_demo" / ".latent_cache").glob("*.safetensors"))
+    if name == "te_only":
+        saved, _ = load_lora(result.output)
+        assert saved and all(k.startswith("lora_te") for k in saved)
+    if name == "unet_only_cached_te":
+        saved, _ = load_lora(result.output)
+        assert saved and all(k.startswith("lora_unet") for k in saved)
+
+
+def test_nan_loss_stops_with_an_actionable_error(assets, tmp_path):
+    config = make_config(
+        assets,
+        tmp_path,
+        learning_rate=1e30,
+        unet_lr=1e30,
+        text_encoder_lr=1e30,
+        optimizer_type="SGDNesterov",
+        max_train_steps=6,
+    )
+    with pytest.raises(TrainingError, match="loss became") as info:
+        train(config, events=EventLog(None, console=None))
+    assert "learning rate" in (info.value.hint or "")
+    assert not (tmp_path / "t.safetensors").exists()

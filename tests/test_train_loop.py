@@ -110,12 +110,12 @@ def eval_loss(fm: str, assets: dict[str, Path], lora: Path | None) -> float:
 @pytest.mark.parametrize("fm", ["sd_1_5", "sd_xl"])
 def test_training_lowers_the_loss_and_saves_what_it_trained(assets, tmp_path, fm):
     config = make_config(
-        assets, tmp_path, fm, max_train_steps=60, unet_lr=3e-3, text_encoder_lr=3e-4, cache_latents=True
+        assets, tmp_path, fm, max_train_steps=60, unet_lr=1e-2, text_encoder_lr=1e-3, cache_latents=True
     )
     trainer, result = run(config, tmp_path / "events.jsonl")
     assert result.output == tmp_path / "t.safetensors" and result.step == 60
     before, after = eval_loss(fm, assets, None), eval_loss(fm, assets, result.output)
-    assert after < before * 0.97, (before, after)
+    assert after < before * 0.95, (before, after)
     # reloading the file reproduces the trained weights exactly (save_precision float)
     saved, meta = load_lora(result.output)
     trained = trainer.network.kohya_state_dict()

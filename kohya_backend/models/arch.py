@@ -135,7 +135,7 @@ def _sd15_unet(channels: list[int], layers: int, ctx: int, heads: int, groups: i
 
 
 def sd15_architecture(size: str = "full") -> Architecture:
-    """SD 1.5: "full" (the real model), "mid" (UNet 128/256/512, 1 layer per block, full CLIP-L) or "tiny"."""
+    """SD 1.5: "full" (the real model), "mid" (UNet 128/256/512, 1 layer per block, full CLIP-L and VAE) or "tiny"."""
     clip_l = _clip_config(hidden=768, layers=12, heads=12, intermediate=3072)
     if size == "full":
         unet = _sd15_unet([320, 640, 1280, 1280], layers=2, ctx=768, heads=8)
@@ -143,11 +143,11 @@ def sd15_architecture(size: str = "full") -> Architecture:
         tes: tuple[dict[str, Any], ...] = (clip_l,)
     elif size == "mid":
         unet = _sd15_unet([128, 256, 512], layers=1, ctx=768, heads=8)
-        vae = _vae_config([32, 64], 512, _SD_LATENT_SCALE)
+        vae = _vae_config([128, 256, 512, 512], 512, _SD_LATENT_SCALE)
         tes = (clip_l,)
     elif size == "tiny":
         unet = _sd15_unet([32, 64], layers=1, ctx=32, heads=2)
-        vae = _vae_config([32, 64], 64, _SD_LATENT_SCALE)
+        vae = _vae_config([32, 32, 32, 32], 64, _SD_LATENT_SCALE)
         tes = (_clip_config(hidden=32, layers=3, heads=4, intermediate=64, vocab=1000),)
     else:
         raise ValueError(f"unknown SD 1.5 architecture size {size!r}: use 'full', 'mid' or 'tiny'")
@@ -193,7 +193,7 @@ def sdxl_architecture(size: str = "full") -> Architecture:
         )
     elif size == "tiny":
         unet = _sdxl_unet([32, 64], [1, 2], [2, 4], ctx=32 + 64, time_dim=8, pooled_dim=64)
-        vae = _vae_config([32, 64], 64, _SDXL_LATENT_SCALE)
+        vae = _vae_config([32, 32, 32, 32], 64, _SDXL_LATENT_SCALE)
         tes = (
             _clip_config(hidden=32, layers=3, heads=4, intermediate=64, vocab=1000),
             _clip_config(

@@ -603,7 +603,8 @@ class Trainer:
             output = self._save_lora(self.output_name, final=True)
             if self.cfg.get("save_state") or self.cfg.get("save_state_on_train_end"):
                 self._save_state()
-            self.events.emit("done", step=self.step, epoch=self.epoch, output=str(output))
+            peak = torch.cuda.max_memory_allocated() / 1024**3 if torch.cuda.is_available() else None
+            self.events.emit("done", step=self.step, epoch=self.epoch, output=str(output), peak_cuda_gb=peak)
         self.network.remove()
         return TrainResult(
             output,

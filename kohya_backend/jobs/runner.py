@@ -1,0 +1,325 @@
+"""Runners start, watch and stop the trainer process of a job; the local one runs it as a child process.
+
+Every runner speaks the same small interface (`Runner`), so the scheduler does not care whether a job trains
+here, on a remote worker or (later) on SageMaker. Files in the job folder are the contract with the trainer:
+`config.toml` in; `events.jsonl`, `result.json`, `train.log` and `output/` out; `run.json` records which
+process works on the job so that a restarted host can find it again without ever signalling a recycled pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import psutil
+
+import kohya_backend
+from kohya_backend.errors import TrainManagementError
+from kohya_backend.jobs.store import Job
+
+EVENTS_NAME = "events.jsonl"
+RESULT_NAME = "result.json"
+LOG_NAME = "train.log"
+RUN_NAME = "run.json"
+FM_TYPES = ("sd_1_5", "sd_xl")
+# psutil derives create_time from boot time + start ticks (1/100 s); two readings of one process agree far
+# more closely than this, while a recycled pid would have to start within it to pass for the original.
+_CREATE_TIME_TOLERANCE_S = 0.5
+_OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+@dataclass(frozen=True)
+class RunHandle:
+    """One trainer process: its pid and process group, identified by its start time (so a reused pid never matches)."""
+
+    job_id: str
+    runner: str
+    pid: int
+    pgid: int
+    create_time: float
+    device: str | None = None
+
+    @property
+    def key(self) -> tuple[int, float]:
+        """The identity of the process: pid plus the time it started."""
+        return (self.pid, self.create_time)
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """What a poll found: `exit_code` is None while alive, and also when the process was not our child."""
+
+    alive: bool
+    exit_code: int | None = None
+
+
+class Runner(Protocol):
+    """Starts, polls, cancels and re-attaches to a job's trainer; the scheduler knows runners only by this."""
+
+    name: str
+
+    def start(self, job: Job, *, resume: bool, device: str | None = None) -> RunHandle:
+        """Launch the trainer for `job` (continuing from its saved state when `resume`)."""
+        ...
+
+    def poll(self, handle: RunHandle) -> RunStatus:
+        """Whether the trainer still runs and, once it ended, its exit code when known."""
+        ...
+
+    def cancel(self, handle: RunHandle, *, grace_s: float) -> None:
+        """Ask the trainer to stop (it saves state first); force it after `grace_s` seconds. Returns at once."""
+        ...
+
+    def attach(self, job: Job) -> RunHandle | None:
+        """Find the job's trainer again after a restart of this host process, or None when it is gone."""
+        ...
+
+
+def trainer_command(python: Sequence[str], job: Job, *, resume: bool) -> list[str]:
+    """The command line that trains `job`: always kohya_backend's `train --job DIR`."""
+    if job.fm_type not in FM_TYPES:
+        raise TrainManagementError(
+            f"job {job.id} has FM type {job.fm_type!r}, which the trainer does not train",
+            f"submit it again with one of: {', '.join(FM_TYPES)}",
+        )
+    folder = str(job.folder.resolve())  # absolute, so attach() recognises it whatever the host's cwd
+    command = [*python, "-m", "kohya_backend", "train", "--job", folder, "--fm-type", job.fm_type]
+    return [*command, "--resume"] if resume else command
+
+
+def trainer_env(device: str | None, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The trainer's environment: offline hub, unbuffered output, kohya_backend importable, one device visible."""
+    env = dict(os.environ if base is None else base)
+    env.update(_OFFLINE_ENV)
+    env["PYTHONUNBUFFERED"] = "1"
+    package_root = str(Path(kohya_backend.__file__).resolve().parent.parent)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != package_root]
+    env["PYTHONPATH"] = os.pathsep.join([package_root, *paths])
+    if device is not None:
+        env["CUDA_VISIBLE_DEVICES"] = _visible_devices(device)
+    return env
+
+
+def _visible_devices(device: str) -> str:
+    if device == "cpu":
+        return ""
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or not index.isdigit():
+        raise TrainManagementError(
+            f"unknown device {device!r}", "use 'cpu' or 'cuda:N' with N the GPU's index, e.g. 'cuda:0'"
+        )
+    return index
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from `path`, or None when the file is missing, unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _process(handle: RunHandle) -> psutil.Process | None:
+    """The live (or zombie) process of `handle`, or None when that very process no longer exists."""
+    try:
+        proc = psutil.Process(handle.pid)
+        if abs(proc.create_time() - handle.create_time) > _CREATE_TIME_TOLERANCE_S:
+            return None  # the pid was reused by another process
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+    return proc
+
+
+def _is_zombie(proc: psutil.Process) -> bool:
+    try:
+        return bool(proc.status() == psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return True
+
+
+class LocalRunner:
+    """Runs each job's trainer as a child process in its own process group on this machine (POSIX).
+
+    `python` is the interpreter (plus any leading arguments) that runs `-m kohya_backend train`; the default is
+    this process's interpreter. It is only a prefix: the command always runs kohya_backend's trainer.
+    """
+
+    name = "local"
+
+    def __init__(self, python: Sequence[str] | None = None) -> None:
+        if os.name != "posix":
+            raise TrainManagementError(
+                "the local runner needs a POSIX system (Linux or macOS) to run and stop trainer processes",
+                "train on a remote worker from this machine, or run Train Management on Linux",
+            )
+        self.python: tuple[str, ...] = tuple(python) if python else (sys.executable,)
+        self._children: dict[tuple[int, float], subprocess.Popen[bytes]] = {}
+        self._exit_codes: dict[tuple[int, float], int] = {}
+        self._lock = threading.Lock()
+
+    def start(self, job: Job, *, resume: bool, device: str | None = None) -> RunHandle:
+        """Launch `python -m kohya_backend train --job DIR` detached in a new session, output to DIR/train.log."""
+        folder = job.folder
+        command = trainer_command(self.python, job, resume=resume)
+        env = trainer_env(device)
+        # A previous run's outcome must not be read as this one's.
+        (folder / RESULT_NAME).unlink(missing_ok=True)
+        with open(folder / LOG_NAME, "ab") as log:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            log.write(f"=== {stamp} start{' (resume)' if resume else ''}: {' '.join(command)}\n".encode())
+            log.flush()
+            try:
+                popen = subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=folder,
+                    env=env,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except OSError as exc:
+                raise TrainManagementError(
+                    f"could not start the trainer for job {job.id} with {self.python[0]}: {exc.strerror or exc}",
+                    "check that the Python interpreter configured for training exists and is executable",
+                ) from exc
+        try:
+            handle = self._record(popen, job, command, resume=resume, device=device)
+        except BaseException:
+            # Untracked, it would train on unseen: a failed start leaves no trainer behind.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait()
+            raise
+        with self._lock:
+            self._children[handle.key] = popen
+        return handle
+
+    def _record(
+        self,
+        popen: subprocess.Popen[bytes],
+        job: Job,
+        command: list[str],
+        *,
+        resume: bool,
+        device: str | None,
+    ) -> RunHandle:
+        """Identify the new trainer and write DIR/run.json, which attach() reads after a restart."""
+        # An exited but unreaped child still answers, so this cannot miss even a trainer that died at once.
+        create_time = psutil.Process(popen.pid).create_time()
+        handle = RunHandle(job.id, self.name, popen.pid, popen.pid, create_time, device)
+        info = {
+            "runner": self.name,
+            "pid": handle.pid,
+            "pgid": handle.pgid,
+            "create_time": create_time,
+            "device": device,
+            "resume": resume,
+            "started_at": time.time(),
+            "command": command,
+        }
+        _write_json_atomic(job.folder / RUN_NAME, info)
+        return handle
+
+    def poll(self, handle: RunHandle) -> RunStatus:
+        """Alive or not; the exit code (negative: killed by that signal) when the trainer was our child."""
+        with self._lock:
+            if handle.key in self._exit_codes:
+                return RunStatus(False, self._exit_codes[handle.key])
+            popen = self._children.get(handle.key)
+        if popen is not None:
+            code = popen.poll()
+            if code is None:
+                return RunStatus(True, None)
+            with self._lock:  # reaped: keep only the exit code
+                self._exit_codes[handle.key] = code
+                self._children.pop(handle.key, None)
+            return RunStatus(False, code)
+        proc = _process(handle)
+        if proc is None:
+            return RunStatus(False, None)
+        try:
+            pid, status = os.waitpid(handle.pid, os.WNOHANG)
+        except ChildProcessError:
+            # Not our child (we were restarted): its exit code goes to its new parent, result.json tells the rest.
+            return RunStatus(not _is_zombie(proc), None)
+        if pid == 0:
+            return RunStatus(True, None)
+        code = os.waitstatus_to_exitcode(status)
+        with self._lock:
+            self._exit_codes[handle.key] = code
+        return RunStatus(False, code)
+
+    def cancel(self, handle: RunHandle, *, grace_s: float) -> None:
+        """SIGTERM the trainer's process group now, SIGKILL it after `grace_s` s if that same process still runs."""
+        if self._signal(handle, signal.SIGTERM):
+            timer = threading.Timer(max(0.0, grace_s), self._escalate, args=(handle,))
+            timer.daemon = True
+            timer.start()
+
+    def _escalate(self, handle: RunHandle) -> None:
+        if self.poll(handle).alive:
+            self._signal(handle, signal.SIGKILL)
+
+    def _signal(self, handle: RunHandle, signum: signal.Signals) -> bool:
+        """Signal the group only while its leader is verifiably the trainer we started (never a recycled pid)."""
+        with self._lock:
+            if handle.key in self._exit_codes:
+                return False
+            popen = self._children.get(handle.key)
+        if popen is not None and popen.returncode is not None:
+            return False
+        if popen is None and _process(handle) is None:
+            return False
+        try:
+            os.killpg(handle.pgid, signum)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def attach(self, job: Job) -> RunHandle | None:
+        """The job's trainer if the process recorded in DIR/run.json still exists and is that very trainer."""
+        info = read_json(job.folder / RUN_NAME)
+        if info is None or info.get("runner") != self.name:
+            return None
+        try:
+            pid, pgid, create_time = int(info["pid"]), int(info["pgid"]), float(info["create_time"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        device = info.get("device") if isinstance(info.get("device"), str) else None
+        handle = RunHandle(job.id, self.name, pid, pgid, create_time, device)
+        proc = _process(handle)
+        if proc is None:
+            return None
+        if not _is_zombie(proc) and not _runs_job(proc, job):
+            return None  # a zombie has no command line left; its start time matched, which is enough
+        return handle
+
+
+def _runs_job(proc: psutil.Process, job: Job) -> bool:
+    try:
+        cmdline = proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    return "kohya_backend" in cmdline and "--job" in cmdline and str(job.folder.resolve()) in cmdline

@@ -1,0 +1,783 @@
+"""The scheduler: one background thread that starts queued jobs, follows their trainers and settles their state.
+
+It claims queued jobs in submission order (FIFO) as long as a device has a free slot, starts each through its
+runner, ingests the trainer's events into the job's progress, and reconciles the job's status from the real
+process (alive? exit code? result.json?), so no job stays "training" after its trainer died. On start it
+re-attaches to trainers that outlived a restart of the host process and marks vanished ones interrupted.
+Every status change goes through JobStore.transition.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import tomlkit
+from tomlkit.exceptions import ParseError
+
+from kohya_backend.errors import ConfigError, ConfigIssue, TrainManagementError
+from kohya_backend.jobs.delivery import deliver, final_lora
+from kohya_backend.jobs.runner import (
+    EVENTS_NAME,
+    FM_TYPES,
+    LOG_NAME,
+    RESULT_NAME,
+    RUN_NAME,
+    RunHandle,
+    Runner,
+    RunStatus,
+    read_json,
+)
+from kohya_backend.jobs.states import InvalidTransition, JobStatus
+from kohya_backend.jobs.store import Job, JobNotFound, JobStore
+
+log = logging.getLogger(__name__)
+
+MAX_READ_BYTES = 8 << 20
+LOG_TAIL_LINES = 20
+_LOG_TAIL_BYTES = 16 << 10
+MAX_WARNINGS = 20
+# Mirrors kohya_backend/train/state.py: complete states are folders `state-NNNNNNNN` in <output_name>-state/.
+_STATE_DIR = re.compile(r"^state-\d{8,}$")
+
+
+def _parse_line(raw: bytes) -> dict[str, Any]:
+    text = raw.decode("utf-8", errors="replace").strip()
+    try:
+        event = json.loads(text)
+    except ValueError:
+        event = None
+    return event if isinstance(event, dict) else {"kind": "unreadable", "text": text[:200]}
+
+
+def _skip_lines(path: Path, lines: int) -> int:
+    """The byte position just after the first `lines` complete lines of `path` (or of all it has)."""
+    position = 0
+    if lines <= 0:
+        return 0
+    with open(path, "rb") as handle:
+        while lines > 0:
+            block = handle.read(1 << 20)
+            if not block:
+                break
+            start = 0
+            while lines > 0:
+                newline = block.find(b"\n", start)
+                if newline < 0:
+                    break
+                lines -= 1
+                start = newline + 1
+            position += start if lines == 0 else len(block)
+    return position
+
+
+class EventTail:
+    """Reads each job's events.jsonl from where it stopped last time (byte positions kept in memory).
+
+    The store keeps the count of ingested lines, so after a restart the first read skips that many lines
+    once; a half-written last line stays for the next read.
+    """
+
+    def __init__(self) -> None:
+        self._positions: dict[str, tuple[int, int]] = {}
+
+    def read(self, job_id: str, path: Path, lines_done: int) -> tuple[list[dict[str, Any]], int]:
+        """New complete events after line `lines_done`, and the line count to record once they are applied."""
+        try:
+            cached = self._positions.get(job_id)
+            start = cached[1] if cached and cached[0] == lines_done else _skip_lines(path, lines_done)
+            with open(path, "rb") as handle:
+                handle.seek(start)
+                data = handle.read(MAX_READ_BYTES)
+        except FileNotFoundError:
+            return [], lines_done
+        end = data.rfind(b"\n")
+        if end < 0:
+            return [], lines_done
+        events = [_parse_line(raw) for raw in data[:end].split(b"\n")]
+        done = lines_done + len(events)
+        self._positions[job_id] = (done, start + end + 1)
+        return events, done
+
+    def forget(self, job_id: str) -> None:
+        """Drop the cached position of a job that no longer runs."""
+        self._positions.pop(job_id, None)
+
+
+@dataclass
+class EventSummary:
+    """What a batch of events means for a job: progress to merge, outputs to record, state changes seen."""
+
+    progress: dict[str, Any] = field(default_factory=dict)
+    outputs: list[str] = field(default_factory=list)
+    stepped: bool = False
+    final_saved: bool = False
+
+
+def _step_progress(event: dict[str, Any]) -> dict[str, Any]:
+    lrs = event.get("lrs")
+    lr = lrs[0] if isinstance(lrs, list) and lrs else event.get("lr")
+    out: dict[str, Any] = {
+        "step": event.get("step"),
+        "epoch": event.get("epoch"),
+        "loss": event.get("loss"),
+        "avg_loss": event.get("avg_loss"),
+        "lr": lr,
+        "it_per_s": event.get("it_per_s", event.get("it_s")),
+        "eta_s": event.get("eta_s"),
+        "phase": "training",
+    }
+    if isinstance(lrs, list):
+        out["lrs"] = lrs
+    for key in ("total_steps", "total_epochs"):
+        if event.get(key):
+            out[key] = event[key]
+    return out
+
+
+_PLAN_KEYS = (
+    "total_steps",
+    "steps_per_epoch",
+    "epochs",
+    "batches_per_epoch",
+    "num_train_images",
+    "batch_size",
+)
+
+
+def summarize(events: list[dict[str, Any]], warnings: list[str]) -> EventSummary:
+    """Fold trainer events (oldest first) into progress fields; `warnings` are the job's earlier ones."""
+    summary = EventSummary()
+    progress = summary.progress
+    warnings = list(warnings)
+    for event in events:
+        kind = event.get("kind")
+        if kind == "step":
+            progress.update(_step_progress(event))
+            summary.stepped = True
+        elif kind == "plan":
+            progress.update({k: event[k] for k in _PLAN_KEYS if k in event})
+            if "epochs" in event:
+                progress["total_epochs"] = event["epochs"]
+        elif kind == "start":
+            progress.update(phase="loading", device=event.get("device"))
+        elif kind == "caching":
+            progress.update(phase="caching", caching={k: event.get(k) for k in ("what", "done", "total")})
+        elif kind == "epoch":
+            progress["epoch"] = event.get("epoch")
+        elif kind == "saved" and isinstance(event.get("path"), str):
+            summary.outputs.append(event["path"])
+            progress["last_saved"] = event["path"]
+            if event.get("final"):
+                progress["phase"] = "saving"
+                summary.final_saved = True
+        elif kind == "sample" and isinstance(event.get("path"), str):
+            summary.outputs.append(event["path"])
+            progress["last_sample"] = event["path"]
+        elif kind == "state_saved":
+            progress["state"] = event.get("path")
+        elif kind == "warning":
+            warnings = [*warnings, str(event.get("message"))][-MAX_WARNINGS:]
+            progress["warnings"] = warnings
+        elif kind == "error":
+            progress["error"] = {"message": event.get("message"), "hint": event.get("hint")}
+        elif kind in ("stopped", "done"):
+            progress["phase"] = kind
+            progress.update({k: event[k] for k in ("step", "epoch", "output") if k in event})
+    return summary
+
+
+def log_tail(folder: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last `lines` non-empty lines of the job's train.log ('' when there is none)."""
+    try:
+        with open(folder / LOG_NAME, "rb") as handle:
+            handle.seek(0, 2)
+            size = handle.tell()
+            handle.seek(max(0, size - _LOG_TAIL_BYTES))
+            data = handle.read()
+    except OSError:
+        return ""
+    text = data.decode("utf-8", errors="replace").replace("\r", "\n")
+    kept = [line.rstrip() for line in text.split("\n") if line.strip()]
+    return "\n".join(kept[-lines:])
+
+
+def has_saved_state(folder: Path) -> bool:
+    """True when the job's output folder holds a complete saved training state to resume from."""
+    output = folder / "output"
+    if not output.is_dir():
+        return False
+    return any(_STATE_DIR.match(p.name) and p.is_dir() for p in output.glob("*-state/state-*"))
+
+
+# -- outcomes -----------------------------------------------------------------------------------------------
+
+EXIT_COMPLETED = 0
+EXIT_USER_ERROR = 2
+EXIT_STOPPED = 3
+_RESULT_STATUSES = ("completed", "stopped", "failed")
+
+
+def outcome_of(exit_code: int | None, result: dict[str, Any] | None) -> str:
+    """How a trainer ended: completed, stopped, failed (user-fixable) or crashed, from its exit code and result."""
+    status = result.get("status") if result else None
+    if exit_code is None:  # not our child: result.json is all we have
+        return status if status in _RESULT_STATUSES else "crashed"
+    if exit_code == EXIT_COMPLETED:
+        return "completed" if status == "completed" else "crashed"
+    if exit_code == EXIT_STOPPED:
+        return "stopped"
+    if exit_code == EXIT_USER_ERROR:
+        return "failed"
+    return "crashed"
+
+
+def describe_exit(exit_code: int | None) -> str:
+    """'was killed by SIGKILL', 'exited with code 1', ... for a reason text."""
+    if exit_code is None:
+        return "ended (its exit code is unknown: it outlived a restart of Train Management)"
+    if exit_code < 0:
+        try:
+            name = signal.Signals(-exit_code).name
+        except ValueError:
+            name = f"signal {-exit_code}"
+        return f"was killed by {name} (exit code {exit_code})"
+    return f"exited with code {exit_code}"
+
+
+def _error_text(result: dict[str, Any] | None, progress: dict[str, Any]) -> str | None:
+    error = (result or {}).get("error") or progress.get("error")
+    if not isinstance(error, dict) or not error.get("message"):
+        return None
+    message, hint = str(error["message"]), error.get("hint")
+    return f"{message}\n  hint: {hint}" if hint and str(hint) not in message else message
+
+
+def _with_tail(text: str, folder: Path) -> str:
+    tail = log_tail(folder)
+    return f"{text}. Last lines of {LOG_NAME}:\n{tail}" if tail else f"{text} ({LOG_NAME} is empty)"
+
+
+# -- submission checks --------------------------------------------------------------------------------------
+
+_BAD_NAME = re.compile(r'[\x00-\x1f/\\:*?"<>|]')
+MAX_NAME_LENGTH = 150
+
+
+def check_output_name(name: str) -> str:
+    """Return `name` if it can be a LoRA file name in the Lora folder, else raise ConfigError saying why."""
+    problem = None
+    if not isinstance(name, str) or not name.strip():
+        problem = "is empty"
+    elif _BAD_NAME.search(name):
+        problem = 'contains a path separator or a character file names cannot hold (/ \\ : * ? " < > |)'
+    elif name.startswith(".") or name != name.strip() or name.endswith("."):
+        problem = "starts with a dot, or starts or ends with a space or a dot"
+    elif len(name) > MAX_NAME_LENGTH:
+        problem = f"is longer than {MAX_NAME_LENGTH} characters"
+    if problem:
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    f"{name!r} {problem}", key="output_name", hint="use letters, digits, '-', '_' or '.'"
+                )
+            ]
+        )
+    return name
+
+
+def config_with_output_name(config_toml: str, output_name: str) -> str:
+    """The job's config with `output_name` set (added when missing); a different output_name is an error."""
+    try:
+        doc = tomlkit.parse(config_toml)
+    except ParseError as exc:
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    f"not valid TOML: {exc}", line=exc.line, column=exc.col, hint="press Format config Params"
+                )
+            ]
+        ) from exc
+    current = doc.get("output_name")
+    if current is None:
+        doc["output_name"] = output_name
+        return tomlkit.dumps(doc)
+    if str(current) != output_name:
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    f"is {str(current)!r} in config_params but the job's output name is {output_name!r}",
+                    key="output_name",
+                    hint="use the same name in both, or leave output_name out of config_params",
+                )
+            ]
+        )
+    return config_toml
+
+
+def default_devices() -> dict[str, int]:
+    """One slot per visible CUDA GPU ('cuda:0', ...), or one 'cpu' slot when there is none."""
+    try:
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # no torch, or a broken CUDA setup: train on the CPU
+        count = 0
+    return {f"cuda:{i}": 1 for i in range(count)} or {"cpu": 1}
+
+
+# -- the scheduler ------------------------------------------------------------------------------------------
+
+HEARTBEAT_S = 5.0
+LOCK_NAME = "scheduler.lock"
+DEFAULT_CANCEL_GRACE_S = 60.0
+_RUNNING = frozenset({JobStatus.PREPARING, JobStatus.TRAINING, JobStatus.SAVING})
+_PAGE = 1000
+
+
+class SchedulerBusy(TrainManagementError):
+    """Another live scheduler already runs the jobs of this store (home directory)."""
+
+
+@dataclass
+class _Run:
+    """A trainer this scheduler follows."""
+
+    handle: RunHandle
+    runner: Runner
+    device: str
+    signalled: bool = False
+    last_heartbeat: float = field(default_factory=time.monotonic)
+
+
+class Scheduler:
+    """Starts queued jobs on free devices, follows their trainers, settles their state, delivers their LoRAs.
+
+    `runners` are keyed by name; a job's `instance_type` names its runner. `devices` maps a device ('cpu',
+    'cuda:0', ...) to how many jobs may train on it at once (default: 1 per GPU, or 1 on the CPU); a job may
+    pin one with params["device"]. Finished LoRAs go to `lora_dir` (None: they stay in the job folder), then
+    `on_delivered(job, paths)` runs (e.g. to refresh the WebUI's Lora list).
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        runners: Iterable[Runner],
+        *,
+        lora_dir: Path | None = None,
+        devices: Mapping[str, int] | None = None,
+        poll_interval_s: float = 1.0,
+        cancel_grace_s: float = DEFAULT_CANCEL_GRACE_S,
+        keep_epochs: bool = False,
+        on_delivered: Callable[[Job, list[Path]], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.runners: dict[str, Runner] = {r.name: r for r in runners}
+        self.devices = dict(devices) if devices is not None else default_devices()
+        bad = {d: n for d, n in self.devices.items() if not isinstance(n, int) or n < 1}
+        if not self.runners or not self.devices or bad:
+            raise TrainManagementError(
+                f"a scheduler needs at least one runner and devices with at least 1 slot each, got "
+                f"runners {sorted(self.runners)} and devices {self.devices}",
+                "pass runners=[LocalRunner()] and devices like {'cuda:0': 1} or {'cpu': 1}",
+            )
+        self.lora_dir = lora_dir
+        self.poll_interval_s = poll_interval_s
+        self.cancel_grace_s = cancel_grace_s
+        self.keep_epochs = keep_epochs
+        self.on_delivered = on_delivered
+        self._runs: dict[str, _Run] = {}
+        self._tail = EventTail()
+        self._recovered = False
+        self._tick_lock = threading.Lock()
+        self._submit_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._home_lock: IO[str] | None = None
+
+    # -- commands (any thread) ------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        *,
+        fm_type: str,
+        model: str,
+        dataset: str,
+        instance_type: str,
+        output_name: str,
+        config_toml: str,
+        params: dict[str, Any] | None = None,
+    ) -> Job:
+        """Queue a new job; refuses an output name another job already uses, an unknown runner or device."""
+        params = dict(params or {})
+        if fm_type not in FM_TYPES:
+            raise TrainManagementError(f"unknown FM type {fm_type!r}", f"use one of: {', '.join(FM_TYPES)}")
+        if instance_type not in self.runners:
+            raise TrainManagementError(
+                f"instance type {instance_type!r} is not available here",
+                f"choose one of: {', '.join(sorted(self.runners))}",
+            )
+        device = params.get("device")
+        if device is not None and device not in self.devices:
+            raise TrainManagementError(
+                f"device {device!r} is not available here",
+                f"choose one of: {', '.join(sorted(self.devices))}",
+            )
+        config_toml = config_with_output_name(config_toml, check_output_name(output_name))
+        with self._submit_lock:
+            if self.store.output_name_taken(output_name):
+                raise TrainManagementError(
+                    f"output name {output_name!r} is already used by another job",
+                    "choose another output_name (each job writes its own LoRA file), or delete the old job",
+                )
+            job = self.store.create(
+                fm_type=fm_type,
+                model=model,
+                dataset=dataset,
+                instance_type=instance_type,
+                output_name=output_name,
+                config_toml=config_toml,
+                params=params,
+            )
+        self._wake.set()
+        return job
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a job: a queued one at once; a running one goes to 'cancelling' and its trainer is stopped."""
+        for _ in range(5):
+            job = self.store.get(job_id)
+            try:
+                if job.status is JobStatus.QUEUED:
+                    return self.store.transition(
+                        job_id, JobStatus.CANCELLED, "cancelled before it started", expect={JobStatus.QUEUED}
+                    )
+                if job.status is JobStatus.CANCELLING:
+                    return job
+                if job.status in _RUNNING:
+                    job = self.store.transition(
+                        job_id,
+                        JobStatus.CANCELLING,
+                        "cancel requested: stopping the trainer",
+                        expect=_RUNNING,
+                    )
+                    self._wake.set()
+                    return job
+            except InvalidTransition:
+                continue  # the scheduler moved the job meanwhile: look again
+            break
+        # completed / failed / cancelled / interrupted: the state machine says why not.
+        return self.store.transition(job_id, JobStatus.CANCELLED, "cancel requested")
+
+    def resume(self, job_id: str) -> Job:
+        """Queue an interrupted, failed or cancelled job again; its trainer continues from the newest saved state."""
+        job = self.store.transition(
+            job_id, JobStatus.QUEUED, "resume requested", expect=JobStatus.resumable()
+        )
+        self.store.update_progress(
+            job_id, {"resume": True, "error": None, "phase": "queued"}, heartbeat=False
+        )
+        self._wake.set()
+        return self.store.get(job.id)
+
+    # -- the thread -----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run tick() every poll interval in a background thread (re-attaching to running trainers first)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._loop, name="train-management-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the thread; trainers keep running, and the next scheduler on this store re-attaches to them."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+        with self._tick_lock:
+            self._release_home()
+
+    def _loop(self) -> None:
+        warned = False
+        while not self._stopping.is_set():
+            try:
+                self.tick()
+            except SchedulerBusy as exc:  # another host schedules this home; take over when it goes
+                if not warned:
+                    log.warning("%s", exc)
+                    warned = True
+            except Exception:  # the thread must outlive any one bad tick; the next one tries again
+                log.exception("scheduler tick failed")
+            self._wake.wait(self.poll_interval_s)
+            self._wake.clear()
+
+    def _lock_home(self) -> None:
+        """Hold home/scheduler.lock: one scheduler per store; the kernel frees it when its process dies."""
+        if self._home_lock is not None or os.name != "posix":
+            return
+        import fcntl
+
+        handle = open(self.store.home / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115 (held until stop)
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            handle.close()
+            raise SchedulerBusy(
+                f"another scheduler (process {owner}) already runs the jobs in {self.store.home}",
+                "stop the other Train Management (WebUI or standalone app) using this home, or give this one "
+                "its own home directory",
+            ) from None
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._home_lock = handle
+
+    def _release_home(self) -> None:
+        if self._home_lock is not None:
+            self._home_lock.close()  # closing the file releases the flock
+            self._home_lock = None
+
+    def running(self) -> dict[str, RunHandle]:
+        """The trainers this scheduler follows now, by job id."""
+        return {job_id: run.handle for job_id, run in list(self._runs.items())}
+
+    def tick(self) -> None:
+        """One round: recover once, follow every trainer (events, cancel, exit), then start queued jobs."""
+        with self._tick_lock:
+            self._lock_home()
+            if not self._recovered:
+                self.recover()
+            for job_id in list(self._runs):
+                try:
+                    self._watch(job_id)
+                except JobNotFound:
+                    self._runs.pop(job_id, None)  # deleted behind our back; nothing left to settle
+            self._start_queued()
+
+    # -- recovery -------------------------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Re-attach to trainers of active jobs that outlived a restart; settle the ones that vanished."""
+        self._lock_home()
+        self._recovered = True
+        for job in self._active_jobs():
+            if job.id in self._runs:
+                continue
+            runner = self.runners.get(job.instance_type)
+            handle = runner.attach(job) if runner is not None else None
+            if runner is None or handle is None:
+                self._settle_vanished(job)
+                continue
+            device = handle.device or job.params.get("device") or next(iter(self.devices))
+            self._runs[job.id] = _Run(handle, runner, device)
+            log.info("job %s: re-attached to its trainer (pid %s)", job.id, handle.pid)
+
+    def _active_jobs(self) -> list[Job]:
+        jobs: list[Job] = []
+        while True:
+            page, total = self.store.list(
+                status=JobStatus.active(), offset=len(jobs), limit=_PAGE, newest_first=False
+            )
+            jobs.extend(page)
+            if not page or len(jobs) >= total:
+                return jobs
+
+    def _settle_vanished(self, job: Job) -> None:
+        if job.pid is None or job.instance_type not in self.runners:
+            why = (
+                f"no runner {job.instance_type!r} is configured here"
+                if job.instance_type not in self.runners
+                else "Train Management stopped before the trainer started"
+            )
+            target = JobStatus.CANCELLED if job.status is JobStatus.CANCELLING else JobStatus.INTERRUPTED
+            self._move(job, target, f"{why}; resume the job to start it again")
+            return
+        self._settle(self._ingest(job.id), RunStatus(False, None), vanished=True)
+
+    # -- following trainers ---------------------------------------------------------------------------------
+
+    def _watch(self, job_id: str) -> None:
+        run = self._runs[job_id]
+        job = self._ingest(job_id)
+        if job.status is JobStatus.CANCELLING and not run.signalled:
+            run.runner.cancel(run.handle, grace_s=self.cancel_grace_s)
+            run.signalled = True
+        status = run.runner.poll(run.handle)
+        if status.alive:
+            if time.monotonic() - run.last_heartbeat >= HEARTBEAT_S:
+                self.store.update_progress(job_id, {}, heartbeat=True)
+                run.last_heartbeat = time.monotonic()
+            return
+        job = self._ingest(job_id)  # whatever it wrote between the first read and its exit
+        del self._runs[job_id]
+        self._tail.forget(job_id)
+        self._settle(job, status, vanished=False)
+
+    def _ingest(self, job_id: str) -> Job:
+        """Apply the trainer's new events to the job (progress, outputs, preparing->training->saving)."""
+        job = self.store.get(job_id)
+        events, done = self._tail.read(job_id, job.folder / EVENTS_NAME, self.store.event_offset(job_id))
+        if not events:
+            return job
+        summary = summarize(events, list(job.progress.get("warnings") or []))
+        for path in summary.outputs:
+            self.store.add_output(job_id, path)
+        if summary.stepped or summary.final_saved:
+            job = self._advance(job, JobStatus.TRAINING, "training: first step done")
+        if summary.final_saved:
+            job = self._advance(job, JobStatus.SAVING, "saving: the final LoRA is written")
+        self.store.update_progress(job_id, summary.progress, heartbeat=True)
+        self.store.record_event_offset(job_id, done)
+        if job_id in self._runs:
+            self._runs[job_id].last_heartbeat = time.monotonic()
+        return self.store.get(job_id)
+
+    def _advance(self, job: Job, target: JobStatus, reason: str) -> Job:
+        """Walk preparing -> training -> saving up to `target`; other states (e.g. cancelling) stay."""
+        path = [JobStatus.PREPARING, JobStatus.TRAINING, JobStatus.SAVING]
+        if job.status not in path or path.index(job.status) >= path.index(target):
+            return job
+        for step in path[path.index(job.status) + 1 : path.index(target) + 1]:
+            try:
+                job = self.store.transition(job.id, step, reason, expect={path[path.index(step) - 1]})
+            except InvalidTransition:
+                return self.store.get(job.id)  # a cancel arrived first
+        return job
+
+    def _move(self, job: Job, target: JobStatus, reason: str) -> Job:
+        try:
+            return self.store.transition(job.id, target, reason)
+        except InvalidTransition as exc:
+            log.warning("job %s: %s", job.id, exc)
+            return self.store.get(job.id)
+
+    # -- settling a finished trainer ------------------------------------------------------------------------
+
+    def _settle(self, job: Job, status: RunStatus, *, vanished: bool) -> None:
+        result = read_json(job.folder / RESULT_NAME)
+        outcome = outcome_of(status.exit_code, result)
+        cancelling = job.status is JobStatus.CANCELLING
+        step = (result or {}).get("step") or job.progress.get("step") or 0
+        if outcome == "completed":
+            self._complete(job)
+        elif outcome == "stopped":
+            resumable = has_saved_state(job.folder)
+            after = "its state is saved, so resume continues from it" if resumable else "resume starts over"
+            if cancelling:
+                self._move(job, JobStatus.CANCELLED, f"cancelled at step {step}; {after}")
+            else:
+                self._move(job, JobStatus.INTERRUPTED, f"the trainer was stopped at step {step}; {after}")
+        elif outcome == "failed":
+            text = _error_text(result, job.progress) or _with_tail(
+                f"the trainer {describe_exit(status.exit_code)}", job.folder
+            )
+            self._move(job, JobStatus.FAILED, text)
+        elif cancelling:
+            self._move(job, JobStatus.CANCELLED, f"cancelled: the trainer {describe_exit(status.exit_code)}")
+        else:
+            self._settle_crash(job, status, step, vanished=vanished)
+
+    def _settle_crash(self, job: Job, status: RunStatus, step: int, *, vanished: bool) -> None:
+        resumable = has_saved_state(job.folder)
+        if vanished:
+            what = "the trainer vanished while Train Management was not running"
+        else:
+            what = f"the trainer {describe_exit(status.exit_code)} at step {step}"
+        if resumable or vanished:
+            after = "resume continues from the saved state" if resumable else "resume starts over"
+            self._move(job, JobStatus.INTERRUPTED, _with_tail(f"{what}; {after}", job.folder))
+        else:
+            self._move(job, JobStatus.FAILED, _with_tail(f"{what}; no state was saved", job.folder))
+
+    def _complete(self, job: Job) -> None:
+        job = self._advance(job, JobStatus.SAVING, "saving: the trainer finished")
+        try:
+            final = final_lora(job)
+            paths = (
+                deliver(job, self.lora_dir, keep_epochs=self.keep_epochs) if self.lora_dir is not None else []
+            )
+        except TrainManagementError as exc:
+            self._move(job, JobStatus.FAILED, str(exc))
+            return
+        for path in [final, *paths]:
+            self.store.add_output(job.id, str(path))
+        where = paths[0] if paths else final
+        self.store.update_progress(job.id, {"phase": "completed", "delivered": str(where)}, heartbeat=True)
+        job = self._move(job, JobStatus.COMPLETED, f"LoRA written to {where}")
+        if self.on_delivered is not None and job.status is JobStatus.COMPLETED:
+            try:
+                self.on_delivered(job, paths)
+            except Exception:  # a refresh hook must never undo a finished job
+                log.exception("on_delivered hook failed for job %s", job.id)
+
+    # -- starting queued jobs -------------------------------------------------------------------------------
+
+    def _free_slots(self) -> dict[str, int]:
+        used: dict[str, int] = {}
+        for run in self._runs.values():
+            used[run.device] = used.get(run.device, 0) + 1
+        return {d: n - used.get(d, 0) for d, n in self.devices.items()}
+
+    def _start_queued(self) -> None:
+        free = self._free_slots()
+        if not any(n > 0 for n in free.values()):
+            return
+        queued, _total = self.store.list(status=[JobStatus.QUEUED], limit=_PAGE, newest_first=False)
+        for job in queued:
+            if not any(n > 0 for n in free.values()):
+                return
+            device = self._device_for(job, free)
+            if device is not None and self._launch(job, device):
+                free[device] -= 1
+
+    def _device_for(self, job: Job, free: dict[str, int]) -> str | None:
+        pinned = job.params.get("device")
+        if pinned is not None:
+            return pinned if free.get(pinned, 0) > 0 else None
+        return max(free, key=lambda d: free[d]) if max(free.values()) > 0 else None
+
+    def _launch(self, job: Job, device: str) -> bool:
+        runner = self.runners.get(job.instance_type)
+        if runner is None or job.params.get("device", device) not in self.devices:
+            problem = (
+                f"instance type {job.instance_type!r} is not available here"
+                if runner is None
+                else f"device {job.params.get('device')!r} is not available here"
+            )
+            self._move(job, JobStatus.FAILED, f"{problem}; submit the job again with one that is")
+            return False
+        try:
+            job = self.store.transition(
+                job.id, JobStatus.PREPARING, f"starting the trainer on {device}", expect={JobStatus.QUEUED}
+            )
+        except InvalidTransition:
+            return False  # cancelled meanwhile
+        resume = bool(job.progress.get("resume")) or (job.folder / RUN_NAME).exists()
+        try:
+            handle = runner.start(job, resume=resume, device=device)
+        except Exception as exc:  # whatever went wrong, the job must not stay 'preparing' without a process
+            text = (
+                str(exc) if isinstance(exc, TrainManagementError) else f"could not start the trainer: {exc!r}"
+            )
+            self._move(job, JobStatus.FAILED, text)
+            if not isinstance(exc, (TrainManagementError, OSError)):
+                raise
+            return False
+        self.store.set_process(job.id, handle.pid, handle.pgid)
+        self.store.update_progress(job.id, {"phase": "starting", "device": device}, heartbeat=True)
+        self._runs[job.id] = _Run(handle, runner, device)
+        return True

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Creates or updates .venv with everything the project needs; idempotent (skips when the requirements are unchanged).
+# Usage: bash tools/setup.sh [dev]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+want=${1:-run}
+reqs=(requirements.txt requirements-vocab.txt)
+[[ $want == dev ]] && reqs+=(requirements-dev.txt)
+stamp=".venv/.setup-$want"
+sum=$(cat "${reqs[@]}" tools/setup.sh | sha256sum | cut -c1-16)
+if [[ -f $stamp && $(cat "$stamp") == "$sum" ]]; then
+  exit 0
+fi
+if [[ ! -x .venv/bin/python ]]; then
+  "$PY" -m venv .venv
+fi
+pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
+# torch first and pinned: an unpinned or newer torch would pull gigabytes of CUDA wheels.
+"${pip[@]}" "torch==2.13.0"
+if [[ $want == dev ]]; then
+  "${pip[@]}" -r requirements-dev.txt
+else
+  "${pip[@]}" -r requirements.txt
+fi
+# open-clip-torch only for CLIP's BPE vocabulary file; --no-deps keeps torchvision out.
+"${pip[@]}" --no-deps -r requirements-vocab.txt
+echo "$sum" > "$stamp"

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Sets up the dev environment, then runs lint (ruff), type checks (mypy) and the test suite (pytest).
+# Extra arguments go to pytest, e.g. `bash tools/test.sh -m "not slow"`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/setup.sh dev
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+echo "== ruff"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+echo "== mypy"
+.venv/bin/mypy kohya_backend
+echo "== pytest"
+.venv/bin/python -m pytest "$@"

@@ -226,16 +226,33 @@ class LoRAModule(nn.Module):
 
     def lora_delta(self, x: Tensor) -> Tensor:
         """The LoRA branch alone: up(dropout(down(x))) * multiplier * alpha / dim, in the LoRA's dtype."""
-        lx = self.lora_down(x.to(self.lora_down.weight.dtype))
+        x = x.to(self.lora_down.weight.dtype)
+        lx = _pointwise(x, self.lora_down.weight) if _is_pointwise(self.lora_down) else self.lora_down(x)
         if self.dropout and self.training:
             # sd-scripts drops out the rank-r activations (after lora_down), not the layer input
             lx = torch.nn.functional.dropout(lx, p=self.dropout)
-        return self.lora_up(lx) * (self.multiplier * self.scale)
+        up = _pointwise(lx, self.lora_up.weight) if _is_pointwise(self.lora_up) else self.lora_up(lx)
+        return up * (self.multiplier * self.scale)
 
     def forward(self, x: Tensor) -> Tensor:
         """Original output plus the scaled LoRA update (only meaningful while applied)."""
         out = (self._org_forward or self.org_module.forward)(x)
         return out + self.lora_delta(x).to(out.dtype)
+
+
+def _is_pointwise(module: nn.Module) -> bool:
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.kernel_size == (1, 1)
+        and module.stride == (1, 1)
+        and module.padding == (0, 0)
+        and module.groups == 1
+    )
+
+
+def _pointwise(x: Tensor, weight: Tensor) -> Tensor:
+    """A bias-free 1x1 convolution as a matmul over channels: rank-r 1x1 convs take PyTorch's slow CPU conv path."""
+    return torch.nn.functional.linear(x.movedim(1, -1), weight.flatten(1)).movedim(-1, 1)
 
 
 class LoRANetwork(nn.Module):

@@ -46,6 +46,7 @@ from kohya_backend.train.noise import (
 )
 from kohya_backend.train.optim import create_lr_scheduler, create_optimizer, current_lrs
 from kohya_backend.train.plan import plan_for
+from kohya_backend.train.runtime import tune_allocator
 from kohya_backend.train.sample import generate_samples, parse_sample_prompts
 from kohya_backend.train.state import PROGRESS_FILE, latest_state, load_training_state, save_training_state
 
@@ -502,6 +503,7 @@ class Trainer:
     def run(self) -> TrainResult:
         """Prepare everything, train to the planned step count (or a stop request), save, return the result."""
         cfg = self.cfg
+        tune_allocator()
         self.grad_accum = int(cfg.get("gradient_accumulation_steps") or 1)
         cpu_only = not torch.cuda.is_available()
         mp = cfg["mixed_precision"] if not (cpu_only and cfg["mixed_precision"] == "fp16") else "no"

@@ -12,6 +12,7 @@ Reference for setting full on the 2-core CPU machine class, kohya sd-scripts at 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -97,7 +98,7 @@ def measure(config: Path, events: Path) -> dict[str, float | None]:
     steps = [e["t"] for e in evs if e["kind"] == "step"]
     caching = [e["t"] for e in evs if e["kind"] == "caching" and e.get("what") == "latents"]
     done = next((e for e in evs if e["kind"] == "done"), {})
-    intervals = [b - a for a, b in zip(steps, steps[1:])]
+    intervals = [b - a for a, b in itertools.pairwise(steps)]
     return {
         "s_per_step": round(sum(intervals[1:]) / len(intervals[1:]), 3) if len(intervals) > 1 else None,
         "s_to_first_step": round(steps[0] - start, 2) if steps else None,
@@ -110,9 +111,13 @@ def measure(config: Path, events: Path) -> dict[str, float | None]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="mid")
-    parser.add_argument("--cache", default=str(ROOT / "bench" / ".cache"), help="where models and data are kept")
+    parser.add_argument(
+        "--cache", default=str(ROOT / "bench" / ".cache"), help="where models and data are kept"
+    )
     args = parser.parse_args()
     cache = Path(args.cache)
     config = prepare(args.setting, cache)
@@ -128,7 +133,9 @@ def main() -> int:
     if ref and result["device"] == "cpu":
         result["kohya_reference_cpu"] = ref
         result["ratio_to_kohya"] = {
-            k: round(float(result[k]) / v, 2) for k, v in ref.items() if isinstance(result.get(k), (int, float))
+            k: round(float(result[k]) / v, 2)
+            for k, v in ref.items()
+            if isinstance(result.get(k), (int, float))
         }
     print(json.dumps(result, indent=2))
     return 0

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from kohya_backend.errors import ConfigError, DatasetError, TrainManagementError
+from kohya_backend.errors import ConfigError, TrainManagementError
 
 
 def _read_source(path: str) -> str:
@@ -26,40 +26,10 @@ def _read_source(path: str) -> str:
         raise TrainManagementError(f"cannot read config file {path}: {exc.strerror}") from exc
 
 
-def format_with_plan(
-    source: str | dict[str, Any], fm_type: str, *, require_paths: bool = True
-) -> dict[str, Any]:
-    """Format config_params and, when its dataset can be scanned, add the training plan (CLI and API share this)."""
-    from kohya_backend.config.format import format_config
-    from kohya_backend.data.scan import scan_dataset
-
-    result = format_config(source, fm_type, require_paths=require_paths)
-    out: dict[str, Any] = {
-        "toml": result.toml,
-        "warnings": [w.to_dict() for w in result.warnings],
-        "plan": None,
-        "dataset_error": None,
-    }
-    values = result.config.values
-    if values.get("train_data_dir"):
-        from kohya_backend.train.plan import plan_for
-
-        try:
-            reg = values.get("reg_data_dir")
-            scan = scan_dataset(
-                Path(values["train_data_dir"]),
-                values["caption_extension"],
-                reg_data_dir=Path(reg) if reg else None,
-            )
-            out["plan"] = plan_for(result.config, scan).to_dict()
-            out["plan_text"] = plan_for(result.config, scan).render()
-        except DatasetError as exc:
-            out["dataset_error"] = {"message": str(exc), "files": [str(f) for f in exc.files]}
-    return out
-
-
 def _cmd_config_format(args: argparse.Namespace) -> int:
     source = _read_source(args.file)
+    from kohya_backend.train.plan import format_with_plan
+
     try:
         out = format_with_plan(source, args.fm_type, require_paths=not args.no_paths)
     except ConfigError as exc:
@@ -217,6 +187,145 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_training(config_path.read_text(encoding="utf-8"), args.fm_type, events_path=events)
 
 
+DEFAULT_HOME = "train_management_home"
+
+
+def _jobs_service(args: argparse.Namespace) -> Any:
+    from kohya_backend.service.app import build_service
+
+    return build_service(Path(args.home), poll_interval_s=0.5, restrict_paths=False)
+
+
+def _print_job_line(job: dict[str, Any]) -> None:
+    progress = job.get("progress") or {}
+    step = f"{progress.get('step') or 0}/{progress.get('total_steps') or '?'}"
+    print(
+        f"{job['id']}  {job['status']:<11} {step:>9}  {job['output_name']}  ({job['model']}, {job['dataset']})"
+    )
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from kohya_backend.service.app import serve
+
+    serve(Path(args.home), host=args.host, port=args.port, token=args.token)
+    return 0
+
+
+def _cmd_jobs_submit(args: argparse.Namespace) -> int:
+    from kohya_backend.service.training import Submission
+
+    service = _jobs_service(args)
+    source = _read_source(args.config) if args.config else ""
+    job = service.submit(
+        Submission(model=args.model, dataset=args.dataset, fm_type=args.fm_type, config_params=source)
+    )
+    print(job.id)
+    print(f"queued; `jobs run --home {args.home}` (or a running `serve`) trains it", file=sys.stderr)
+    return 0
+
+
+def _cmd_jobs_list(args: argparse.Namespace) -> int:
+    page = _jobs_service(args).list(status=args.status, limit=args.limit)
+    if args.json:
+        print(json.dumps(page, indent=2))
+        return 0
+    for job in page["jobs"]:
+        _print_job_line(job)
+    print(f"{page['total']} job(s)", file=sys.stderr)
+    return 0
+
+
+def _cmd_jobs_show(args: argparse.Namespace) -> int:
+    print(json.dumps(_jobs_service(args).show(args.id), indent=2))
+    return 0
+
+
+def _cmd_jobs_logs(args: argparse.Namespace) -> int:
+    import time
+
+    service = _jobs_service(args)
+    path = service.log_path(args.id)
+    position = 0
+    while True:
+        settled = service.is_settled(args.id)
+        if path.exists():
+            with open(path, "rb") as handle:
+                handle.seek(position)
+                chunk = handle.read()
+            position += len(chunk)
+            sys.stdout.write(chunk.decode("utf-8", errors="replace"))
+            sys.stdout.flush()
+        if not args.follow or settled:
+            return 0
+        time.sleep(0.5)
+
+
+def _cmd_jobs_action(args: argparse.Namespace) -> int:
+    service = _jobs_service(args)
+    if args.jobs_command == "delete":
+        service.delete(args.id)
+        print(f"deleted {args.id}")
+        return 0
+    job = service.cancel(args.id) if args.jobs_command == "cancel" else service.resume(args.id)
+    _print_job_line(job)
+    return 0
+
+
+def _cmd_jobs_run(args: argparse.Namespace) -> int:
+    """Run the scheduler in the foreground until no job is queued or running."""
+    import time
+
+    from kohya_backend.jobs.states import JobStatus
+
+    service = _jobs_service(args)
+    scheduler, store = service.scheduler, service.store
+    busy = [JobStatus.QUEUED, *JobStatus.active()]
+    seen: dict[str, str] = {}
+    try:
+        while True:
+            scheduler.tick()
+            jobs, _ = store.list(limit=1000)
+            for job in jobs:
+                if (job.id in seen or job.status in busy) and seen.get(job.id) != job.status.value:
+                    print(f"{job.id}  {job.status.value}: {job.reason}", flush=True)
+                    seen[job.id] = job.status.value
+            if store.list(status=busy, limit=1)[1] == 0:
+                return 0
+            time.sleep(scheduler.poll_interval_s)
+    finally:
+        scheduler.stop()
+
+
+def _add_jobs_parser(sub: Any) -> None:
+    jobs = sub.add_parser("jobs", help="submit and manage training jobs in a home folder").add_subparsers(
+        dest="jobs_command", required=True
+    )
+
+    def command(name: str, help_text: str, func: Any) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = jobs.add_parser(name, help=help_text)
+        parser.add_argument("--home", default=DEFAULT_HOME, help="the Train Management home folder")
+        parser.set_defaults(func=func)
+        return parser
+
+    submit = command("submit", "validate and queue a job", _cmd_jobs_submit)
+    submit.add_argument("--model", required=True, help="checkpoint name under HOME/models")
+    submit.add_argument("--dataset", required=True, help="dataset folder name under HOME/datasets")
+    submit.add_argument("--fm-type", choices=["sd_1_5", "sd_xl"], required=True)
+    submit.add_argument("--config", help="config_params file (TOML or JSON), or - for standard input")
+    listing = command("list", "list jobs, newest first", _cmd_jobs_list)
+    listing.add_argument("--status", action="append", help="only jobs in this state (repeatable)")
+    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    command("show", "print a job in full (JSON)", _cmd_jobs_show).add_argument("id")
+    logs = command("logs", "print a job's train.log", _cmd_jobs_logs)
+    logs.add_argument("id")
+    logs.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+    for name, text in (("cancel", "cancel a job"), ("resume", "queue a stopped job again"),
+                       ("delete", "delete a finished job and its folder")):  # fmt: skip
+        command(name, text, _cmd_jobs_action).add_argument("id")
+    command("run", "train queued jobs in the foreground until none is left", _cmd_jobs_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `python -m kohya_backend`."""
     parser = argparse.ArgumentParser(prog="python -m kohya_backend", description=__doc__)
@@ -254,6 +363,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--fm-type", choices=["sd_1_5", "sd_xl"], default="sd_1_5")
     demo.add_argument("--steps", type=int, default=40)
     demo.set_defaults(func=_cmd_demo)
+
+    srv = sub.add_parser("serve", help="run the REST API and the scheduler that trains its jobs")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=7861)
+    srv.add_argument("--home", default=DEFAULT_HOME, help="the Train Management home folder")
+    srv.add_argument(
+        "--token", help="require 'Authorization: Bearer TOKEN' (default: $TRAIN_MANAGEMENT_TOKEN)"
+    )
+    srv.set_defaults(func=_cmd_serve)
+    _add_jobs_parser(sub)
     return parser
 
 

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from kohya_backend.config.parse import ParsedConfig
 from kohya_backend.config.validate import TrainConfig
 from kohya_backend.data.plan import TrainingPlan, plan_training
 from kohya_backend.data.scan import DatasetScan
+from kohya_backend.errors import DatasetError
 
 
 def plan_for(config: TrainConfig, scan: DatasetScan) -> TrainingPlan:
@@ -24,3 +30,33 @@ def plan_for(config: TrainConfig, scan: DatasetScan) -> TrainingPlan:
         max_train_steps=int(cfg["max_train_steps"]),
         max_train_epochs=int(epochs) if epochs else None,
     )
+
+
+def format_with_plan(
+    source: str | Mapping[str, Any] | ParsedConfig, fm_type: str, *, require_paths: bool = True
+) -> dict[str, Any]:
+    """Format config_params and, when its dataset can be scanned, add the training plan (CLI and API share this)."""
+    from kohya_backend.config.format import format_config
+    from kohya_backend.data.scan import scan_dataset
+
+    result = format_config(source, fm_type, require_paths=require_paths)
+    out: dict[str, Any] = {
+        "toml": result.toml,
+        "warnings": [w.to_dict() for w in result.warnings],
+        "plan": None,
+        "dataset_error": None,
+    }
+    values = result.config.values
+    if values.get("train_data_dir"):
+        try:
+            reg = values.get("reg_data_dir")
+            scan = scan_dataset(
+                Path(values["train_data_dir"]),
+                values["caption_extension"],
+                reg_data_dir=Path(reg) if reg else None,
+            )
+            out["plan"] = plan_for(result.config, scan).to_dict()
+            out["plan_text"] = plan_for(result.config, scan).render()
+        except DatasetError as exc:
+            out["dataset_error"] = {"message": str(exc), "files": [str(f) for f in exc.files]}
+    return out

@@ -1,0 +1,287 @@
+"""The REST API (prefix /train-management/v1): an APIRouter factory plus its request models.
+
+Works on pydantic 1 and 2: the request models use plain fields only, and responses are built as dicts. Every
+handler is a plain `def` (FastAPI runs it in a thread pool), so nothing blocks the event loop; submitting only
+queues the job, the scheduler thread trains it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
+from fastapi.responses import PlainTextResponse, StreamingResponse
+from pydantic import BaseModel
+
+from kohya_backend.errors import ConfigError, DatasetError, TrainManagementError
+from kohya_backend.jobs.states import InvalidTransition
+from kohya_backend.jobs.store import InvalidJobId, JobActive, JobNotFound
+from kohya_backend.service.home import NotInHome
+from kohya_backend.service.training import OutputNameTaken, Submission, TrainingService
+
+API_PREFIX = "/train-management/v1"
+API_VERSION = "1.0"
+MAX_WAIT_S = 60.0
+_POLL_S = 0.25
+_STATUS_QUERY = Query(None, description="only jobs in these states (repeat, or comma-separated)")
+
+
+class FormatRequest(BaseModel):
+    """Body of POST /config/format."""
+
+    config_params: str | dict[str, Any]
+    fm_type: str
+
+
+class TrainingParams(BaseModel):
+    """Where and what to train, as in the original AWS solution."""
+
+    training_instance_type: str = "local"
+    model: str
+    dataset: str
+    fm_type: str
+
+
+class TrainingRequest(BaseModel):
+    """Body of POST /trainings: training_params plus config_params (TOML text or a JSON object)."""
+
+    training_params: TrainingParams
+    config_params: str | dict[str, Any] = ""
+
+
+def _status_of(exc: TrainManagementError) -> int:
+    if isinstance(exc, InvalidJobId):
+        return 400
+    if isinstance(exc, (JobNotFound, NotInHome)):
+        return 404
+    if isinstance(exc, (OutputNameTaken, JobActive, InvalidTransition)):
+        return 409
+    return 400
+
+
+def error_body(exc: TrainManagementError) -> dict[str, Any]:
+    """The JSON `detail` of an error response: message, hint, and the issues or files when there are any."""
+    body: dict[str, Any] = {"error": type(exc).__name__, "message": exc.message, "hint": exc.hint}
+    if isinstance(exc, ConfigError):
+        body["issues"] = [i.to_dict() for i in exc.issues]
+    if isinstance(exc, DatasetError):
+        body["files"] = [str(f) for f in exc.files]
+    return body
+
+
+@contextmanager
+def _http_errors() -> Iterator[None]:
+    """Turn the project's typed errors into HTTP errors (400 bad input, 404 unknown, 409 conflicting state)."""
+    try:
+        yield
+    except TrainManagementError as exc:
+        raise HTTPException(status_code=_status_of(exc), detail=error_body(exc)) from exc
+
+
+def _auth_dependency(token: str | None) -> Any:
+    expected = token.encode("utf-8") if token else None
+
+    def check(authorization: str | None = Header(None)) -> None:
+        if expected is None:
+            return
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("utf-8"), expected):
+            raise HTTPException(
+                status_code=401,
+                detail={"error": "Unauthorized", "message": "a valid bearer token is required",
+                        "hint": "send the header 'Authorization: Bearer <token>'"},
+                headers={"WWW-Authenticate": "Bearer"},
+            )  # fmt: skip
+
+    return check
+
+
+def _instance_types(service: TrainingService) -> list[dict[str, Any]]:
+    devices = service.scheduler.devices
+    label = "this machine (CPU)"
+    if any(d.startswith("cuda") for d in devices):
+        import torch
+
+        names = sorted({torch.cuda.get_device_name(int(d.split(":")[1])) for d in devices if ":" in d})
+        label = f"this machine ({', '.join(names)})"
+    return [
+        {"name": name, "label": label if name == "local" else name, "devices": sorted(devices)}
+        for name in sorted(service.scheduler.runners)
+    ]
+
+
+def _tail_lines(path: Path, lines: int) -> str:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return ""
+    text = data.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+    kept = text.splitlines()
+    return "\n".join(kept[-lines:]) + ("\n" if kept else "")
+
+
+def _follow_log(service: TrainingService, job_id: str, max_s: float) -> Iterator[bytes]:
+    """The log from the start, then new bytes as they come, until the job settles (or `max_s` passes)."""
+    path = service.log_path(job_id)
+    position = 0
+    deadline = time.monotonic() + max_s
+    while True:
+        settled = service.is_settled(job_id)
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(position)
+                chunk = handle.read()
+        except FileNotFoundError:
+            chunk = b""
+        if chunk:
+            position += len(chunk)
+            yield chunk
+        if settled or time.monotonic() > deadline:
+            return
+        time.sleep(_POLL_S)
+
+
+def _wait_events(service: TrainingService, job_id: str, after: int, wait_s: float) -> list[dict[str, Any]]:
+    from kohya_backend.train.events import read_events
+
+    path = service.events_path(job_id)
+    deadline = time.monotonic() + wait_s
+    while True:
+        settled = service.is_settled(job_id)
+        events = read_events(path, after_line=after)
+        if events or settled or time.monotonic() >= deadline:
+            return events
+        time.sleep(_POLL_S)
+
+
+def _sse(service: TrainingService, job_id: str, after: int, max_s: float) -> Iterator[str]:
+    """Server-sent events: one `id:`/`data:` record per trainer event, until the job settles."""
+    deadline = time.monotonic() + max_s
+    while time.monotonic() < deadline:
+        events = _wait_events(service, job_id, after, min(5.0, max(0.0, deadline - time.monotonic())))
+        for event in events:
+            after += 1
+            yield f"id: {after}\ndata: {json.dumps(event)}\n\n"
+        if not events:
+            yield ": keep-alive\n\n"
+        if service.is_settled(job_id) and not events:
+            status = service.store.get(job_id).status.value
+            yield f"event: end\ndata: {json.dumps({'status': status, 'next': after})}\n\n"
+            return
+
+
+def create_router(service: TrainingService, *, token: str | None = None) -> APIRouter:
+    """The Train Management API; with `token`, every route but /version needs `Authorization: Bearer <token>`."""
+    router = APIRouter(prefix=API_PREFIX)
+    guarded = [Depends(_auth_dependency(token))]
+
+    @router.get("/version")
+    def version() -> dict[str, Any]:
+        from kohya_backend import __version__
+
+        return {"api": API_VERSION, "kohya_backend": __version__}
+
+    @router.get("/instance-types", dependencies=guarded)
+    def instance_types() -> dict[str, Any]:
+        return {"instance_types": _instance_types(service)}
+
+    @router.get("/models", dependencies=guarded)
+    def models() -> dict[str, Any]:
+        with _http_errors():
+            return {"root": str(service.home.models), "models": service.home.list_models()}
+
+    @router.get("/datasets", dependencies=guarded)
+    def datasets(caption_extension: str = ".txt") -> dict[str, Any]:
+        with _http_errors():
+            return {
+                "root": str(service.home.datasets),
+                "datasets": service.home.list_datasets(caption_extension),
+            }
+
+    @router.post("/config/format", dependencies=guarded)
+    def format_config(body: FormatRequest) -> dict[str, Any]:
+        from kohya_backend.config.parse import parse_config
+        from kohya_backend.train.plan import format_with_plan
+
+        with _http_errors():
+            parsed = parse_config(body.config_params)
+            if service.restrict_paths:
+                service.confine_paths(parsed.values, parsed.positions, rewrite_all=True)
+            return format_with_plan(parsed, body.fm_type, require_paths=False)
+
+    @router.post("/trainings", status_code=201, dependencies=guarded)
+    def create_training(body: TrainingRequest) -> dict[str, Any]:
+        params = body.training_params
+        with _http_errors():
+            job = service.submit(
+                Submission(
+                    model=params.model,
+                    dataset=params.dataset,
+                    fm_type=params.fm_type,
+                    config_params=body.config_params,
+                    instance_type=params.training_instance_type,
+                )
+            )
+            return {"job": service.show(job.id)}
+
+    @router.get("/trainings", dependencies=guarded)
+    def list_trainings(
+        status: list[str] | None = _STATUS_QUERY,
+        offset: int = 0,
+        limit: int = 50,
+    ) -> dict[str, Any]:
+        wanted = [s for item in status or [] for s in item.split(",") if s]
+        with _http_errors():
+            return service.list(status=wanted or None, offset=offset, limit=limit)
+
+    @router.get("/trainings/{job_id}", dependencies=guarded)
+    def show_training(job_id: str) -> dict[str, Any]:
+        with _http_errors():
+            return {"job": service.show(job_id)}
+
+    @router.post("/trainings/{job_id}/cancel", dependencies=guarded)
+    def cancel_training(job_id: str) -> dict[str, Any]:
+        with _http_errors():
+            return {"job": service.cancel(job_id)}
+
+    @router.post("/trainings/{job_id}/resume", dependencies=guarded)
+    def resume_training(job_id: str) -> dict[str, Any]:
+        with _http_errors():
+            return {"job": service.resume(job_id)}
+
+    @router.delete("/trainings/{job_id}", status_code=204, dependencies=guarded)
+    def delete_training(job_id: str) -> Response:
+        with _http_errors():
+            service.delete(job_id)
+        return Response(status_code=204)
+
+    @router.get("/trainings/{job_id}/logs", dependencies=guarded)
+    def training_logs(job_id: str, tail: int = 200, follow: bool = False) -> Response:
+        with _http_errors():
+            if tail < 1:
+                raise TrainManagementError(f"tail={tail} is not a line count", "use tail >= 1")
+            if follow:
+                service.log_path(job_id)  # 400/404 before the stream starts
+                return StreamingResponse(_follow_log(service, job_id, 3600.0), media_type="text/plain")
+            return PlainTextResponse(_tail_lines(service.log_path(job_id), tail))
+
+    @router.get("/trainings/{job_id}/events", dependencies=guarded)
+    def training_events(request: Request, job_id: str, after: int = 0, timeout: float = 20.0) -> Any:
+        with _http_errors():
+            if after < 0:
+                raise TrainManagementError(f"after={after} is negative", "use the `next` of the last answer")
+            service.events_path(job_id)
+            wait_s = min(max(timeout, 0.0), MAX_WAIT_S)
+            if "text/event-stream" in request.headers.get("accept", ""):
+                return StreamingResponse(_sse(service, job_id, after, 3600.0), media_type="text/event-stream")
+            events = _wait_events(service, job_id, after, wait_s)
+            status = service.store.get(job_id).status.value
+            return {"events": events, "next": after + len(events), "status": status}
+
+    return router

@@ -1,0 +1,76 @@
+"""The standalone API app: FastAPI with the Train Management router, and `serve` (scheduler thread + uvicorn)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from kohya_backend.errors import TrainManagementError
+from kohya_backend.jobs.runner import LocalRunner
+from kohya_backend.jobs.scheduler import Scheduler
+from kohya_backend.jobs.store import JobStore
+from kohya_backend.service.api import API_PREFIX, create_router
+from kohya_backend.service.home import Home
+from kohya_backend.service.training import TrainingService
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7861
+TOKEN_ENV = "TRAIN_MANAGEMENT_TOKEN"
+
+
+def build_service(
+    home_dir: Path, *, lora_dir: Path | None = None, poll_interval_s: float = 1.0, restrict_paths: bool = True
+) -> TrainingService:
+    """A home folder, its job store and a scheduler with the local runner, wrapped in a TrainingService."""
+    home = Home(home_dir, lora_dir=lora_dir)
+    scheduler = Scheduler(
+        JobStore(home.root), [LocalRunner()], lora_dir=home.lora, poll_interval_s=poll_interval_s
+    )
+    return TrainingService(home, scheduler, restrict_paths=restrict_paths)
+
+
+def create_app(service: TrainingService, *, token: str | None = None) -> FastAPI:
+    """The standalone FastAPI app serving the API (OpenAPI at /docs); it does not start the scheduler."""
+    app = FastAPI(
+        title="Train Management",
+        description="Train kohya-compatible LoRAs for SD 1.5 and SDXL",
+        openapi_url=f"{API_PREFIX}/openapi.json",
+        docs_url=f"{API_PREFIX}/docs",
+        redoc_url=None,
+    )
+    app.include_router(create_router(service, token=token))
+    return app
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(
+    home_dir: Path, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None
+) -> None:
+    """Start the scheduler thread and serve the API until interrupted; an open API stays on loopback only."""
+    import uvicorn
+
+    token = token or os.environ.get(TOKEN_ENV) or None
+    if token is None and not _is_loopback(host):
+        raise TrainManagementError(
+            f"refusing to serve on {host} without a token: anyone on the network could train and delete jobs",
+            f"pass --token (or set {TOKEN_ENV}), or serve on 127.0.0.1",
+        )
+    service = build_service(home_dir)
+    app = create_app(service, token=token)
+    service.scheduler.start()
+    print(f"Train Management API on http://{host}:{port}{API_PREFIX} (home {service.home.root})", flush=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info")
+    finally:
+        service.scheduler.stop()

@@ -1,0 +1,187 @@
+"""The extension's home folder: where models, datasets, LoRAs, the job database and job folders live.
+
+Every path that reaches the service from outside (a model or dataset name, a path inside config_params) is resolved
+here, and refused when it leaves the roots the extension manages: `..`, an absolute path elsewhere, or a symlink
+that points out.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kohya_backend.errors import DatasetError, TrainManagementError
+from kohya_backend.jobs.store import DB_NAME, JOBS_DIR
+
+MODELS_DIR = "models"
+DATASETS_DIR = "datasets"
+LORA_DIR = "lora"
+MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+DEFAULT_CAPTION_EXTENSION = ".txt"
+
+
+class PathOutsideHome(TrainManagementError):
+    """A path given by a client leaves the folders the extension manages."""
+
+
+class NotInHome(TrainManagementError):
+    """A model or dataset name that does not exist under its root; the message lists what does."""
+
+
+@dataclass(frozen=True)
+class _Cached:
+    stamp: tuple[float, int]
+    entry: dict[str, Any]
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+    except ValueError:
+        return False
+    return True
+
+
+class Home:
+    """The home folder layout (models/, datasets/, lora/, jobs/, jobs.sqlite3) and safe path resolution in it.
+
+    `lora_dir` overrides where finished LoRAs go (the WebUI passes its Lora folder); it counts as a root.
+    """
+
+    def __init__(self, root: Path, *, lora_dir: Path | None = None) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.models = self.root / MODELS_DIR
+        self.datasets = self.root / DATASETS_DIR
+        self.lora = Path(lora_dir).expanduser().resolve() if lora_dir is not None else self.root / LORA_DIR
+        self.jobs = self.root / JOBS_DIR
+        self.db_path = self.root / DB_NAME
+        for folder in (self.root, self.models, self.datasets, self.lora, self.jobs):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise TrainManagementError(
+                    f"cannot create the folder {folder}: {exc.strerror}",
+                    "choose a home directory you can write to (--home DIR)",
+                ) from exc
+        self._cache: dict[Path, _Cached] = {}
+        self._cache_lock = threading.Lock()
+
+    def roots(self) -> dict[str, Path]:
+        """The managed roots by name; client paths must stay inside one of these."""
+        return {"models": self.models, "datasets": self.datasets, "lora": self.lora, "jobs": self.jobs}
+
+    def resolve(self, value: str, roots: list[Path], *, what: str) -> Path:
+        """Resolve a client path (relative to the first root, or absolute) and refuse it if it leaves `roots`.
+
+        Symlinks are followed before the check, so a link inside a root that points elsewhere is refused.
+        """
+        text = str(value)
+        if not text.strip() or "\x00" in text:
+            raise PathOutsideHome(
+                f"{what} {text!r} is not a usable path", "give a name inside the home folders"
+            )
+        path = Path(text).expanduser()
+        if ".." in path.parts:
+            raise PathOutsideHome(
+                f"{what} {text!r} contains '..'", f"name it relative to {roots[0]} without '..'"
+            )
+        candidate = path if path.is_absolute() else roots[0] / path
+        resolved = Path(os.path.realpath(candidate))
+        real_roots = [Path(os.path.realpath(r)) for r in roots]
+        if not any(_inside(resolved, r) for r in real_roots):
+            names = ", ".join(str(r) for r in roots)
+            raise PathOutsideHome(
+                f"{what} {text!r} resolves to {resolved}, outside the folders Train Management manages ({names})",
+                "put the file inside the home folder and name it relative to it (symlinks pointing out are refused)",
+            )
+        return resolved
+
+    def model_path(self, name: str) -> Path:
+        """The checkpoint file `name` under models/; NotInHome (listing the models) when there is none."""
+        path = self.resolve(name, [self.models], what="model")
+        if not path.is_file():
+            known = [m["name"] for m in self._model_files()]
+            raise NotInHome(
+                f"model {name!r} does not exist in {self.models}",
+                f"choose one of: {', '.join(known) or '(none: copy a checkpoint into that folder)'}",
+            )
+        return path
+
+    def dataset_path(self, name: str) -> Path:
+        """The dataset folder `name` under datasets/; NotInHome (listing the datasets) when there is none."""
+        path = self.resolve(name, [self.datasets], what="dataset")
+        if not path.is_dir():
+            known = [d.name for d in self._dataset_dirs()]
+            raise NotInHome(
+                f"dataset {name!r} does not exist in {self.datasets}",
+                f"choose one of: {', '.join(known) or '(none: copy a dataset folder there)'}",
+            )
+        return path
+
+    def _model_files(self) -> list[dict[str, Any]]:
+        found = []
+        for path in sorted(self.models.rglob("*")):
+            if path.suffix.lower() in MODEL_SUFFIXES and path.is_file():
+                found.append({"name": path.relative_to(self.models).as_posix(), "path": path})
+        return found
+
+    def _dataset_dirs(self) -> list[Path]:
+        return sorted(p for p in self.datasets.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def list_models(self) -> list[dict[str, Any]]:
+        """Checkpoints under models/ with their size and detected family, or the reason it cannot be read."""
+        return [self._cached(m["path"], self._describe_model) for m in self._model_files()]
+
+    def _describe_model(self, path: Path) -> dict[str, Any]:
+        from kohya_backend.models.checkpoint import read_keys
+        from kohya_backend.models.detect import detect_family
+
+        entry: dict[str, Any] = {
+            "name": path.relative_to(self.models).as_posix(),
+            "size": path.stat().st_size,
+            "family": None,
+            "error": None,
+        }
+        try:
+            entry["family"] = detect_family(read_keys(path))
+        except TrainManagementError as exc:
+            entry["error"] = str(exc)
+        return entry
+
+    def _cached(self, path: Path, build: Any) -> dict[str, Any]:
+        """Memoise per path on (mtime, size): listing stays cheap when many clients poll it."""
+        stat = path.stat()
+        stamp = (stat.st_mtime, stat.st_size)
+        with self._cache_lock:
+            hit = self._cache.get(path)
+        if hit is not None and hit.stamp == stamp:
+            return dict(hit.entry)
+        entry = build(path)
+        with self._cache_lock:
+            self._cache[path] = _Cached(stamp, entry)
+        return dict(entry)
+
+    def list_datasets(self, caption_extension: str = DEFAULT_CAPTION_EXTENSION) -> list[dict[str, Any]]:
+        """Dataset folders under datasets/ with a scan summary (subsets, images, repeats) or the scan error."""
+        from kohya_backend.data.scan import scan_dataset
+
+        out = []
+        for folder in self._dataset_dirs():
+            entry: dict[str, Any] = {"name": folder.name, "summary": None, "error": None}
+            try:
+                scan = scan_dataset(folder, caption_extension, verify_images=False)
+                entry["summary"] = {
+                    "images": scan.num_images,
+                    "train_items": scan.num_train_items,
+                    "subsets": scan.dataset_dirs_info(),
+                    "warnings": scan.warnings,
+                }
+            except DatasetError as exc:
+                entry["error"] = {"message": str(exc), "files": [str(f) for f in exc.files]}
+            except TrainManagementError as exc:
+                entry["error"] = {"message": str(exc), "files": []}
+            out.append(entry)
+        return out

@@ -1,0 +1,230 @@
+"""What the REST API, the `jobs` CLI and the UI do with training jobs, in one place (STYLE.md item 14).
+
+Submissions name a model and a dataset under the home folder; the service resolves them, checks that every path in
+config_params stays inside the home's roots, sets the paths it owns, validates the config for the FM type, checks
+the checkpoint's family, scans the dataset for the plan, and queues the job through Scheduler.submit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kohya_backend.config.parse import parse_config
+from kohya_backend.config.schema import SCHEMA
+from kohya_backend.errors import ConfigError, ConfigIssue, TrainManagementError
+from kohya_backend.jobs.runner import EVENTS_NAME, LOG_NAME
+from kohya_backend.jobs.scheduler import Scheduler
+from kohya_backend.jobs.states import JobStatus
+from kohya_backend.jobs.store import Job, JobStore
+from kohya_backend.service.home import Home, PathOutsideHome
+
+# Keys the server fills in from training_params (a client value must still stay inside the roots).
+_SERVER_PATHS = ("pretrained_model_name_or_path", "train_data_dir", "output_dir")
+
+
+class OutputNameTaken(TrainManagementError):
+    """Another job already writes a LoRA with this output_name."""
+
+
+@dataclass
+class Submission:
+    """A training request in the original AWS solution's shape, already split into its fields."""
+
+    model: str
+    dataset: str
+    fm_type: str
+    config_params: str | Mapping[str, Any]
+    instance_type: str = "local"
+
+
+def job_summary(job: Job) -> dict[str, Any]:
+    """The fields of a job that lists show (JSON-ready)."""
+    return {
+        "id": job.id,
+        "status": job.status.value,
+        "reason": job.reason,
+        "created_at": job.created_at,
+        "updated_at": job.updated_at,
+        "fm_type": job.fm_type,
+        "model": job.model,
+        "dataset": job.dataset,
+        "instance_type": job.instance_type,
+        "output_name": job.output_name,
+        "progress": job.progress,
+        "outputs": job.outputs,
+    }
+
+
+def _config_issue(key: str, exc: TrainManagementError, positions: dict[str, tuple[int, int]]) -> ConfigIssue:
+    line, column = positions.get(key, (None, None))
+    return ConfigIssue(exc.message, key=key, line=line, column=column, hint=exc.hint)
+
+
+class TrainingService:
+    """Submits, lists, inspects, cancels, resumes and deletes jobs of one home folder.
+
+    `restrict_paths` False (the local CLI, run by the machine's owner) lets config_params name any path, as kohya's
+    tools do; model and dataset are still names under the home folder.
+    """
+
+    def __init__(self, home: Home, scheduler: Scheduler, *, restrict_paths: bool = True) -> None:
+        self.home = home
+        self.scheduler = scheduler
+        self.store: JobStore = scheduler.store
+        self.restrict_paths = restrict_paths
+
+    def _key_roots(self, key: str) -> list[Path]:
+        home = self.home
+        if key in ("pretrained_model_name_or_path", "tokenizer_cache_dir"):
+            return [home.models]
+        if key in ("train_data_dir", "reg_data_dir"):
+            return [home.datasets]
+        if key == "network_weights":
+            return [home.lora, home.models]
+        return [home.jobs, home.lora, home.models, home.datasets]
+
+    def confine_paths(
+        self, values: dict[str, Any], positions: dict[str, tuple[int, int]], *, rewrite_all: bool = False
+    ) -> None:
+        """Resolve every path-valued key inside the home's roots (in place); raise PathOutsideHome listing refusals.
+
+        Keys the server sets itself keep their value unless `rewrite_all` (used by config format).
+        """
+        issues = []
+        for key, spec in SCHEMA.items():
+            value = values.get(key)
+            if spec.kind != "path" or value is None or value == "":
+                continue
+            try:
+                resolved = self.home.resolve(str(value), self._key_roots(key), what=key)
+            except PathOutsideHome as exc:
+                issues.append(_config_issue(key, exc, positions))
+                continue
+            if rewrite_all or key not in _SERVER_PATHS:
+                values[key] = resolved.as_posix()
+        if issues:
+            raise PathOutsideHome(
+                "config_params names paths outside the home folder:\n"
+                + "\n".join(f"  - {i.render()}" for i in issues),
+                "use names inside the home's models/, datasets/ and lora/ folders",
+            )
+
+    def prepare(self, sub: Submission) -> tuple[str, str, dict[str, Any]]:
+        """Validate a submission: (canonical config TOML, output name, job params incl. the plan). Raises on errors."""
+        from kohya_backend.models.detect import check_family
+        from kohya_backend.train.plan import format_with_plan
+
+        model = self.home.model_path(sub.model)
+        dataset = self.home.dataset_path(sub.dataset)
+        parsed = parse_config(sub.config_params if sub.config_params != "" else {})
+        if self.restrict_paths:
+            self.confine_paths(parsed.values, parsed.positions)
+        parsed.values["pretrained_model_name_or_path"] = model.as_posix()
+        parsed.values["train_data_dir"] = dataset.as_posix()
+        parsed.values["output_dir"] = self.home.lora.as_posix()
+        output_name = parsed.values.get("output_name") or f"{dataset.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        parsed.values["output_name"] = output_name
+        check_family(model, sub.fm_type)
+        formatted = format_with_plan(parsed, sub.fm_type)
+        if formatted["dataset_error"]:
+            from kohya_backend.errors import DatasetError
+
+            error = formatted["dataset_error"]
+            raise DatasetError(error["message"], files=error["files"])
+        params = {"plan": formatted["plan"], "warnings": formatted["warnings"]}
+        return formatted["toml"], str(output_name), params
+
+    def submit(self, sub: Submission) -> Job:
+        """Validate and queue a job; OutputNameTaken when another job uses its output_name."""
+        config_toml, output_name, params = self.prepare(sub)
+        if self.store.output_name_taken(output_name):
+            raise self._name_taken(output_name)
+        try:
+            return self.scheduler.submit(
+                fm_type=sub.fm_type,
+                model=sub.model,
+                dataset=sub.dataset,
+                instance_type=sub.instance_type,
+                output_name=output_name,
+                config_toml=config_toml,
+                params=params,
+            )
+        except ConfigError:
+            raise
+        except TrainManagementError:
+            if self.store.output_name_taken(output_name):  # another submit won the race
+                raise self._name_taken(output_name) from None
+            raise
+
+    @staticmethod
+    def _name_taken(name: str) -> OutputNameTaken:
+        return OutputNameTaken(
+            f"output name {name!r} is already used by another job",
+            "choose another output_name in config_params, or delete the old job",
+        )
+
+    def list(self, *, status: list[str] | None = None, offset: int = 0, limit: int = 50) -> dict[str, Any]:
+        """A page of jobs, newest first, optionally only those in the given states."""
+        wanted = None
+        if status:
+            try:
+                wanted = [JobStatus(s) for s in status]
+            except ValueError:
+                raise TrainManagementError(
+                    f"unknown status in {status}", f"use any of: {', '.join(s.value for s in JobStatus)}"
+                ) from None
+        jobs, total = self.store.list(status=wanted, offset=offset, limit=limit)
+        return {"jobs": [job_summary(j) for j in jobs], "total": total, "offset": offset, "limit": limit}
+
+    def show(self, job_id: str) -> dict[str, Any]:
+        """One job in full: summary, plan, config, transitions and the tail of its log."""
+        from kohya_backend.jobs.scheduler import log_tail
+
+        job = self.store.get(job_id)
+        out = job_summary(job)
+        out.update(
+            plan=job.params.get("plan"),
+            warnings=job.params.get("warnings") or [],
+            config_toml=job.config_toml,
+            folder=str(job.folder),
+            log_tail=log_tail(job.folder),
+            transitions=[
+                {
+                    "from": t.from_status.value if t.from_status else None,
+                    "to": t.to_status.value,
+                    "at": t.at,
+                    "reason": t.reason,
+                }
+                for t in self.store.transitions(job_id)
+            ],
+        )
+        return out
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """Cancel a job (queued: at once; running: its trainer is stopped)."""
+        return job_summary(self.scheduler.cancel(job_id))
+
+    def resume(self, job_id: str) -> dict[str, Any]:
+        """Queue an interrupted, failed or cancelled job again."""
+        return job_summary(self.scheduler.resume(job_id))
+
+    def delete(self, job_id: str) -> None:
+        """Delete a finished or interrupted job and its folder (delivered LoRAs stay)."""
+        self.store.delete(job_id)
+
+    def log_path(self, job_id: str) -> Path:
+        """The job's train.log (it may not exist yet)."""
+        return self.store.get(job_id).folder / LOG_NAME
+
+    def events_path(self, job_id: str) -> Path:
+        """The job's events.jsonl (it may not exist yet)."""
+        return self.store.get(job_id).folder / EVENTS_NAME
+
+    def is_settled(self, job_id: str) -> bool:
+        """True when no trainer works on the job and none will start by itself."""
+        status = self.store.get(job_id).status
+        return status.is_terminal or status is JobStatus.INTERRUPTED

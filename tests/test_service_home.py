@@ -1,0 +1,86 @@
+"""Home folder layout and the path resolution that keeps client paths inside its roots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kohya_backend.service.home import Home, NotInHome, PathOutsideHome
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Home:
+    return Home(tmp_path / "home")
+
+
+def test_layout_is_created(home: Home) -> None:
+    for folder in (home.models, home.datasets, home.lora, home.jobs):
+        assert folder.is_dir() and folder.parent == home.root
+    assert home.db_path == home.root / "jobs.sqlite3"
+
+
+def test_lora_dir_override(tmp_path: Path) -> None:
+    home = Home(tmp_path / "h", lora_dir=tmp_path / "webui" / "Lora")
+    assert home.lora == (tmp_path / "webui" / "Lora").resolve() and home.lora.is_dir()
+    assert home.roots()["lora"] == home.lora
+
+
+def test_names_resolve_inside_their_root(home: Home) -> None:
+    (home.models / "sub").mkdir()
+    (home.models / "sub" / "m.safetensors").write_bytes(b"x")
+    assert home.model_path("sub/m.safetensors") == (home.models / "sub" / "m.safetensors").resolve()
+    absolute = str(home.models / "sub" / "m.safetensors")
+    assert home.model_path(absolute) == Path(absolute).resolve()
+    (home.datasets / "cats").mkdir()
+    assert home.dataset_path("cats") == (home.datasets / "cats").resolve()
+
+
+@pytest.mark.parametrize("name", ["../jobs.sqlite3", "sub/../../x", "/etc/passwd", "", "a\x00b"])
+def test_escapes_are_refused(home: Home, name: str) -> None:
+    with pytest.raises(PathOutsideHome):
+        home.resolve(name, [home.models], what="model")
+
+
+def test_symlink_out_is_refused_but_inside_is_fine(home: Home, tmp_path: Path) -> None:
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(b"x")
+    (home.models / "out.safetensors").symlink_to(outside)
+    with pytest.raises(PathOutsideHome, match="outside"):
+        home.model_path("out.safetensors")
+    (home.models / "real.safetensors").write_bytes(b"x")
+    (home.models / "alias.safetensors").symlink_to(home.models / "real.safetensors")
+    assert home.model_path("alias.safetensors").name == "real.safetensors"
+
+
+def test_other_root_is_outside(home: Home) -> None:
+    (home.datasets / "cats").mkdir()
+    with pytest.raises(PathOutsideHome):
+        home.resolve(str(home.datasets / "cats"), [home.models], what="model")
+    assert home.resolve(str(home.datasets / "cats"), [home.models, home.datasets], what="x").name == "cats"
+
+
+def test_unknown_names_list_what_exists(home: Home) -> None:
+    (home.models / "a.safetensors").write_bytes(b"x")
+    (home.datasets / "dogs").mkdir()
+    with pytest.raises(NotInHome) as model_error:
+        home.model_path("b.safetensors")
+    assert "a.safetensors" in str(model_error.value)
+    with pytest.raises(NotInHome) as dataset_error:
+        home.dataset_path("cats")
+    assert "dogs" in str(dataset_error.value)
+    with pytest.raises(NotInHome):
+        home.model_path("dogs")
+
+
+def test_listings_report_errors_per_entry(home: Home) -> None:
+    (home.models / "bad.ckpt").write_bytes(b"nope")
+    (home.models / "notes.txt").write_text("ignored")
+    models = home.list_models()
+    assert [m["name"] for m in models] == ["bad.ckpt"]
+    assert models[0]["family"] is None and models[0]["error"]
+    (home.datasets / "empty").mkdir()
+    (home.datasets / ".hidden").mkdir()
+    datasets = home.list_datasets()
+    assert [d["name"] for d in datasets] == ["empty"]
+    assert datasets[0]["summary"] is None and datasets[0]["error"]["message"]

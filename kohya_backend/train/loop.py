@@ -46,7 +46,7 @@ from kohya_backend.train.noise import (
 )
 from kohya_backend.train.optim import create_lr_scheduler, create_optimizer, current_lrs
 from kohya_backend.train.plan import plan_for
-from kohya_backend.train.runtime import tune_allocator
+from kohya_backend.train.runtime import release_pages, tune_allocator
 from kohya_backend.train.sample import generate_samples, parse_sample_prompts
 from kohya_backend.train.state import PROGRESS_FILE, latest_state, load_training_state, save_training_state
 
@@ -198,7 +198,8 @@ class Trainer:
                 progress=lambda d, t: self.events.emit("caching", what="latents", done=d, total=t),
             )
             if not self._sampling_enabled():
-                m.vae.to("meta")  # nothing needs the VAE any more: give its memory back
+                release_pages(m.vae)  # nothing needs the VAE any more: give its memory back
+                m.vae.to("meta")
         self.text_cache: TextCache | None = None if self.train_te else TextCache()
         if self.text_cache is not None and cfg.get("cache_text_encoder_outputs"):
             captions = sorted({self._caption_for(it, epoch=1, rng=random.Random(0)) for it in self.items})

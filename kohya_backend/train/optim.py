@@ -13,20 +13,13 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
+from kohya_backend.config.schema import LR_SCHEDULERS, OPTIMIZERS
 from kohya_backend.errors import ConfigError, ConfigIssue, OptimizerUnavailableError, TrainingError
 
 logger = logging.getLogger(__name__)
 
-OPTIMIZER_NAMES: tuple[str, ...] = ("AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor", "SGDNesterov")
-LR_SCHEDULER_NAMES: tuple[str, ...] = (
-    "constant",
-    "constant_with_warmup",
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-    "adafactor",
-)
+OPTIMIZER_NAMES: tuple[str, ...] = OPTIMIZERS  # one list, kept by the config schema
+LR_SCHEDULER_NAMES: tuple[str, ...] = LR_SCHEDULERS
 _LITERAL_WORDS = {"true": True, "false": False, "none": None, "null": None}
 _ADAFACTOR_INITIAL_LR = "kohya_initial_lr"
 

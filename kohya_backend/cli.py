@@ -101,8 +101,6 @@ def run_training(
     """
     from kohya_backend.config.parse import parse_config
     from kohya_backend.config.validate import validate_config
-    from kohya_backend.models.checkpoint import read_keys
-    from kohya_backend.models.detect import detect_family
     from kohya_backend.train.events import EventLog
     from kohya_backend.train.loop import train
 
@@ -124,9 +122,7 @@ def run_training(
                 else:
                     parsed.values["resume"] = str(state)
         if fm_type is None:
-            fm_type = _detect_fm_type(
-                parsed.values.get("pretrained_model_name_or_path"), read_keys, detect_family
-            )
+            fm_type = _detect_fm_type(parsed.values.get("pretrained_model_name_or_path"))
         config = validate_config(parsed, fm_type)
         for warning in config.warnings:
             events.emit("warning", message=warning.render())
@@ -152,7 +148,11 @@ def run_training(
     return 0
 
 
-def _detect_fm_type(model: object, read_keys: Any, detect_family: Any) -> str:
+def _detect_fm_type(model: object) -> str:
+    """The FM type of a checkpoint, from its keys alone (for `train` without --fm-type)."""
+    from kohya_backend.models.checkpoint import read_keys
+    from kohya_backend.models.detect import detect_family
+
     if not model:
         raise TrainManagementError("pretrained_model_name_or_path is missing", hint="set it in the config")
     family = str(detect_family(read_keys(Path(str(model)))))

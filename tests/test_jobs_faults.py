@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import tomlkit
+from jobs_support import config_without_name, statuses
 
 import kohya_backend
 from kohya_backend.assets.demo import prepare_demo
@@ -33,14 +34,6 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> str:
     return prepare_demo(tmp_path_factory.mktemp("demo"), fm_type="sd_1_5", steps=6).read_text(
         encoding="utf-8"
     )
-
-
-def _config(base: str, **changes: object) -> str:
-    doc = tomlkit.parse(base)
-    del doc["output_name"]
-    for key, value in changes.items():
-        doc[key] = value
-    return tomlkit.dumps(doc)
 
 
 def _scheduler(home: Path, **kwargs: object) -> Scheduler:
@@ -72,10 +65,6 @@ def _until(sched: Scheduler, done: Callable[[], bool], *, timeout: float = 90) -
     return time.monotonic() - start
 
 
-def _statuses(store: JobStore, job_id: str) -> list[JobStatus]:
-    return [t.to_status for t in store.transitions(job_id)]
-
-
 def _step_events(job: Job) -> list[dict]:
     lines = (job.folder / "events.jsonl").read_text(encoding="utf-8").splitlines()
     return [e for e in map(json.loads, lines) if e["kind"] == "step"]
@@ -83,7 +72,7 @@ def _step_events(job: Job) -> list[dict]:
 
 def test_kill_9_mid_run_fails_within_seconds_with_the_log_tail(tmp_path: Path, demo: str) -> None:
     sched = _scheduler(tmp_path / "home")
-    job = _submit(sched, "killed", _config(demo, max_train_steps=500))
+    job = _submit(sched, "killed", config_without_name(demo, max_train_steps=500))
     _until(sched, lambda: sched.store.get(job.id).status is S.TRAINING)
     job = sched.store.get(job.id)
     assert job.pgid is not None
@@ -102,7 +91,7 @@ def test_kill_9_mid_run_fails_within_seconds_with_the_log_tail(tmp_path: Path, d
 def test_kill_9_after_a_saved_state_is_interrupted_and_resume_finishes(tmp_path: Path, demo: str) -> None:
     lora_dir = tmp_path / "Lora"
     sched = _scheduler(tmp_path / "home", lora_dir=lora_dir)
-    config = _config(demo, max_train_steps=12, save_state=True, save_every_n_steps=2)
+    config = config_without_name(demo, max_train_steps=12, save_state=True, save_every_n_steps=2)
     job = _submit(sched, "resumed", config)
     _until(sched, lambda: bool(sched.store.get(job.id).progress.get("state")))
     os.killpg(sched.store.get(job.id).pgid or 0, signal.SIGKILL)
@@ -125,7 +114,7 @@ def test_kill_9_after_a_saved_state_is_interrupted_and_resume_finishes(tmp_path:
     assert 2 < steps[resumed_from] <= killed_at + 1 and steps[-1] == 12
     assert steps[resumed_from:] == list(range(steps[resumed_from], 13))
     assert (lora_dir / "resumed.safetensors").is_file()
-    assert _statuses(sched.store, job.id) == [
+    assert statuses(sched.store, job.id) == [
         S.QUEUED, S.PREPARING, S.TRAINING, S.INTERRUPTED, S.QUEUED, S.PREPARING, S.TRAINING, S.SAVING, S.COMPLETED,
     ]  # fmt: skip
 
@@ -149,7 +138,7 @@ os._exit(0)  # the WebUI dies here: no cleanup, the trainer is left running
 def test_restarted_host_reattaches_to_the_running_trainer(tmp_path: Path, demo: str) -> None:
     home = tmp_path / "home"
     store = JobStore(home)
-    job = _submit(_scheduler(home), "survivor", _config(demo, max_train_steps=14))
+    job = _submit(_scheduler(home), "survivor", config_without_name(demo, max_train_steps=14))
     env = {**os.environ, "PYTHONPATH": str(Path(kohya_backend.__file__).resolve().parent.parent)}
     subprocess.run([sys.executable, "-c", _HOST, str(home), job.id], env=env, check=True, timeout=150)
     job = store.get(job.id)
@@ -164,7 +153,7 @@ def test_restarted_host_reattaches_to_the_running_trainer(tmp_path: Path, demo: 
     _until(sched, lambda: store.get(job.id).status.is_terminal)
     job = store.get(job.id)
     assert job.status is S.COMPLETED, job.reason
-    assert _statuses(store, job.id) == [S.QUEUED, S.PREPARING, S.TRAINING, S.SAVING, S.COMPLETED]
+    assert statuses(store, job.id) == [S.QUEUED, S.PREPARING, S.TRAINING, S.SAVING, S.COMPLETED]
     assert job.progress["step"] == 14 and store.event_offset(job.id) > offset
     assert [e["step"] for e in _step_events(job)] == list(range(1, 15))  # one run, never restarted
     assert (lora_dir / "survivor.safetensors").is_file()
@@ -172,7 +161,7 @@ def test_restarted_host_reattaches_to_the_running_trainer(tmp_path: Path, demo: 
 
 def test_cancel_during_loading_during_training_and_after_the_grace_period(tmp_path: Path, demo: str) -> None:
     sched = _scheduler(tmp_path / "home", devices={"cpu": 2})
-    config = _config(demo, max_train_steps=500)
+    config = config_without_name(demo, max_train_steps=500)
     loading = _submit(sched, "loading", config)
     training = _submit(sched, "training", config)
     # A third trainer, driven by the runner alone, that ignores SIGTERM long enough to need SIGKILL.
@@ -210,7 +199,7 @@ def test_cancel_during_loading_during_training_and_after_the_grace_period(tmp_pa
         done = get(job.id)
         assert done.status is S.CANCELLED, done.reason
         trained = [S.TRAINING] if last is S.TRAINING else []
-        assert _statuses(sched.store, job.id) == [S.QUEUED, S.PREPARING, *trained, S.CANCELLING, S.CANCELLED]
+        assert statuses(sched.store, job.id) == [S.QUEUED, S.PREPARING, *trained, S.CANCELLING, S.CANCELLED]
         result = json.loads((done.folder / "result.json").read_text(encoding="utf-8"))
         assert result["status"] == "stopped"  # a clean stop (exit 3), not a kill
         assert done.reason and done.reason.startswith(f"cancelled at step {result['step']}")
@@ -243,7 +232,7 @@ def test_200_queued_jobs_start_in_fifo_order_one_at_a_time(tmp_path: Path) -> No
     jobs, total = sched.store.list(status=[S.CANCELLED], limit=1000)
     assert total == 200
     assert all(
-        _statuses(sched.store, j.id) == [S.QUEUED, S.PREPARING, S.CANCELLING, S.CANCELLED] for j in jobs
+        statuses(sched.store, j.id) == [S.QUEUED, S.PREPARING, S.CANCELLING, S.CANCELLED] for j in jobs
     )
     preparing_at = [sched.store.transitions(i)[1].at for i in ids]
     assert preparing_at == sorted(preparing_at)

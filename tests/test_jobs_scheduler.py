@@ -14,6 +14,7 @@ import numpy as np
 import psutil
 import pytest
 import tomlkit
+from jobs_support import config_without_name, statuses
 from safetensors.numpy import save_file
 
 import kohya_backend
@@ -43,14 +44,6 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> str:
     config = prepare_demo(home, fm_type="sd_1_5", steps=6)
     (home / "prompts.txt").write_text("a demo picture --w 64 --h 64 --s 2 --d 1\n", encoding="utf-8")
     return config.read_text(encoding="utf-8")
-
-
-def _config(base: str, **changes: object) -> str:
-    doc = tomlkit.parse(base)
-    del doc["output_name"]
-    for key, value in changes.items():
-        doc[key] = value
-    return tomlkit.dumps(doc)
 
 
 def _scheduler(tmp_path: Path, **kwargs: object) -> Scheduler:
@@ -83,16 +76,12 @@ def _until(sched: Scheduler, done: Callable[[], bool], *, timeout: float = 90, t
         time.sleep(0.1)
 
 
-def _statuses(store: JobStore, job_id: str) -> list[JobStatus]:
-    return [t.to_status for t in store.transitions(job_id)]
-
-
 # -- with the real trainer ----------------------------------------------------------------------------------
 
 
 def test_job_trains_in_the_background_and_is_delivered(tmp_path: Path, demo: str) -> None:
     home = Path(tomlkit.parse(demo)["train_data_dir"]).parent.parent
-    config = _config(
+    config = config_without_name(
         demo,
         max_train_steps=6,
         save_every_n_steps=3,
@@ -113,7 +102,7 @@ def test_job_trains_in_the_background_and_is_delivered(tmp_path: Path, demo: str
         sched.stop()
     job = sched.store.get(job.id)
     assert job.status is S.COMPLETED, job.reason
-    assert _statuses(sched.store, job.id) == [S.QUEUED, S.PREPARING, S.TRAINING, S.SAVING, S.COMPLETED]
+    assert statuses(sched.store, job.id) == [S.QUEUED, S.PREPARING, S.TRAINING, S.SAVING, S.COMPLETED]
 
     progress = job.progress
     assert progress["step"] == progress["total_steps"] == 6
@@ -151,7 +140,7 @@ def test_job_trains_in_the_background_and_is_delivered(tmp_path: Path, demo: str
 def test_user_errors_fail_with_the_trainers_message_and_devices_limit_concurrency(
     tmp_path: Path, demo: str
 ) -> None:
-    bad = _config(demo, not_a_kohya_key=1)
+    bad = config_without_name(demo, not_a_kohya_key=1)
     sched = _scheduler(tmp_path, devices={"cpu": 1, "cuda:0": 1})
     first = _submit(sched, "a", bad, device="cpu")
     second = _submit(sched, "b", bad, device="cpu")
@@ -224,7 +213,7 @@ def test_cancel_and_resume_follow_the_state_machine(tmp_path: Path) -> None:
     assert resumed.status is S.QUEUED and resumed.progress["resume"] is True
     with pytest.raises(InvalidTransition):
         sched.resume(job.id)
-    assert _statuses(sched.store, job.id) == [S.QUEUED, S.CANCELLED, S.QUEUED]
+    assert statuses(sched.store, job.id) == [S.QUEUED, S.CANCELLED, S.QUEUED]
 
 
 def test_one_scheduler_per_home(tmp_path: Path) -> None:

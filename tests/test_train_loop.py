@@ -295,3 +295,22 @@ def test_nan_loss_stops_with_an_actionable_error(assets, tmp_path):
         train(config, events=EventLog(None, console=None))
     assert "learning rate" in (info.value.hint or "")
     assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_each_caption_is_tokenised_once_per_run(assets, tmp_path, monkeypatch):
+    import kohya_backend.train.families as families
+
+    seen: list[str] = []
+    real = families.chunked_token_ids
+
+    def counting(tokenizer, captions, max_token_length):
+        seen.extend(captions)
+        return real(tokenizer, captions, max_token_length)
+
+    monkeypatch.setattr(families, "chunked_token_ids", counting)
+    _, result = run(
+        make_config(assets, tmp_path, max_train_steps=9)
+    )  # 18 samples drawn from 6 captions, TE trained
+    assert result.step == 9
+    captions = {p.read_text().strip() for p in (assets["data"] / "10_demo").glob("*.txt")}
+    assert sorted(seen) == sorted(captions)  # one tokenizer (SD 1.5), each caption once

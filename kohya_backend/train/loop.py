@@ -51,7 +51,6 @@ from kohya_backend.train.sample import generate_samples, parse_sample_prompts
 from kohya_backend.train.state import PROGRESS_FILE, latest_state, load_training_state, save_training_state
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -103,6 +102,7 @@ class Trainer:
         self.batches_done = 0
         self.saved: list[Path] = []
         self.losses: list[float] = []
+        self._ids: dict[str, list[torch.Tensor]] = {}  # token ids per caption, per tokenizer
 
     # ----------------------------------------------------------------------------------------------- prepare
     def _prepare_data(self) -> None:
@@ -298,16 +298,24 @@ class Trainer:
             suffix=str(cfg.get("caption_suffix") or ""),
         )
 
+    def _token_ids(self, captions: list[str], max_len: int) -> list[torch.Tensor]:
+        """Token ids per tokenizer for a batch; each caption is tokenised once per run, not once per step."""
+        new = [c for c in dict.fromkeys(captions) if c not in self._ids]
+        if new:
+            per_tokenizer = self.family.token_ids(self.model.tokenizers, new, max_len)
+            for i, caption in enumerate(new):
+                self._ids[caption] = [ids[i] for ids in per_tokenizer]
+        return [torch.stack([self._ids[c][t] for c in captions]) for t in range(len(self.model.tokenizers))]
+
     def _conditioning(self, captions: list[str], accelerator: Accelerator) -> Conditioning:
         m = self.model
         max_len = int(self.cfg.get("max_token_length") or 75)
         clip_skip = int(self.cfg.get("clip_skip") or 1)
         if self.text_cache is None:
-            ids = self.family.token_ids(m.tokenizers, captions, max_len)
-            return self.family.encode(m.text_encoders, ids, clip_skip)
+            return self.family.encode(m.text_encoders, self._token_ids(captions, max_len), clip_skip)
         missing = self.text_cache.lookup(captions)
         if missing:
-            ids = self.family.token_ids(m.tokenizers, missing, max_len)
+            ids = self._token_ids(missing, max_len)
             with torch.no_grad(), accelerator.autocast():
                 self.text_cache.add(missing, self.family.encode(m.text_encoders, ids, clip_skip))
         return self.text_cache.batch(captions).to(accelerator.device)
@@ -350,9 +358,8 @@ class Trainer:
         cfg = self.cfg
         device = accelerator.device
         latents = batch.latents.to(device, torch.float32)
-        noise = sample_noise(latents.cpu(), generator=step_gen, noise_offset=cfg.get("noise_offset")).to(
-            device
-        )
+        # drawn from the CPU generator (same numbers on any device) and placed on the device, no host copy of latents
+        noise = sample_noise(latents, generator=step_gen, noise_offset=cfg.get("noise_offset"))
         timesteps = sample_timesteps(
             latents.shape[0],
             generator=step_gen,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import pickle
 import zipfile
 from pathlib import Path
@@ -31,7 +32,17 @@ class _LightningCheckpointCallback:
 
 # Globals the weights-only unpickler may build besides tensors: harmless data holders found in published SD
 # .ckpt files (Lightning's checkpoint callback state, numpy scalars for global_step). Nothing here runs code.
-_NP_SCALAR = np._core.multiarray.scalar  # type: ignore[attr-defined]
+def _numpy_scalar() -> Any:
+    """numpy's scalar reconstructor: numpy 2 moved it to numpy._core, the WebUI's numpy 1 has it in numpy.core."""
+    module = (
+        "numpy._core.multiarray"
+        if np.lib.NumpyVersion(np.__version__) >= "2.0.0"
+        else "numpy.core.multiarray"
+    )
+    return importlib.import_module(module).scalar
+
+
+_NP_SCALAR = _numpy_scalar()
 _EXTRA_SAFE_GLOBALS: list[Any] = [
     (_LightningCheckpointCallback, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
     (_NP_SCALAR, "numpy.core.multiarray.scalar"),

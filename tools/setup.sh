@@ -6,11 +6,17 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 want=${1:-run}
 reqs=(requirements.txt requirements-vocab.txt)
-[[ $want == dev ]] && reqs+=(requirements-dev.txt)
+[[ $want == dev ]] && reqs+=(requirements-dev.txt requirements-gradio4.txt)
 stamp=".venv/.setup-$want"
 sum=$(cat "${reqs[@]}" tools/setup.sh | sha256sum | cut -c1-16)
 if [[ -f $stamp && $(cat "$stamp") == "$sum" ]]; then
   exit 0
+fi
+if [[ $want == dev && ! -x /usr/bin/chromium ]]; then
+  # Browser tests drive Debian's Chromium; Playwright never downloads a browser.
+  sudo_=(); [[ $(id -u) == 0 ]] || sudo_=(sudo)
+  "${sudo_[@]}" apt-get update -q
+  DEBIAN_FRONTEND=noninteractive "${sudo_[@]}" apt-get install -y -q chromium
 fi
 if [[ ! -x .venv/bin/python ]]; then
   "$PY" -m venv .venv
@@ -25,4 +31,9 @@ else
 fi
 # open-clip-torch only for CLIP's BPE vocabulary file; --no-deps keeps torchvision out.
 "${pip[@]}" --no-deps -r requirements-vocab.txt
+if [[ $want == dev ]]; then
+  # The Forge line (gradio 4, pydantic 2) in a second venv without torch: the tab and the API must build there.
+  [[ -x .venv-gradio4/bin/python ]] || "$PY" -m venv .venv-gradio4
+  .venv-gradio4/bin/python -m pip install --disable-pip-version-check -q -r requirements-gradio4.txt
+fi
 echo "$sum" > "$stamp"

@@ -102,20 +102,6 @@ def _auth_dependency(token: str | None) -> Any:
     return check
 
 
-def _instance_types(service: TrainingService) -> list[dict[str, Any]]:
-    devices = service.scheduler.devices
-    label = "this machine (CPU)"
-    if any(d.startswith("cuda") for d in devices):
-        import torch
-
-        names = sorted({torch.cuda.get_device_name(int(d.split(":")[1])) for d in devices if ":" in d})
-        label = f"this machine ({', '.join(names)})"
-    return [
-        {"name": name, "label": label if name == "local" else name, "devices": sorted(devices)}
-        for name in sorted(service.scheduler.runners)
-    ]
-
-
 def _tail_lines(path: Path, lines: int) -> str:
     try:
         data = path.read_bytes()
@@ -189,7 +175,7 @@ def create_router(service: TrainingService, *, token: str | None = None) -> APIR
 
     @router.get("/instance-types", dependencies=guarded)
     def instance_types() -> dict[str, Any]:
-        return {"instance_types": _instance_types(service)}
+        return {"instance_types": service.instance_types()}
 
     @router.get("/models", dependencies=guarded)
     def models() -> dict[str, Any]:

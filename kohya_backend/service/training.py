@@ -167,6 +167,20 @@ class TrainingService:
             "choose another output_name in config_params, or delete the old job",
         )
 
+    def instance_types(self) -> list[dict[str, Any]]:
+        """Where jobs can train: each runner with a label (the GPUs this machine found, or CPU) and its devices."""
+        devices = self.scheduler.devices
+        label = "this machine (CPU)"
+        if any(d.startswith("cuda") for d in devices):
+            import torch
+
+            names = sorted({torch.cuda.get_device_name(int(d.split(":")[1])) for d in devices if ":" in d})
+            label = f"this machine ({', '.join(names)})"
+        return [
+            {"name": name, "label": label if name == "local" else name, "devices": sorted(devices)}
+            for name in sorted(self.scheduler.runners)
+        ]
+
     def list(self, *, status: list[str] | None = None, offset: int = 0, limit: int = 50) -> dict[str, Any]:
         """A page of jobs, newest first, optionally only those in the given states."""
         wanted = None

@@ -150,7 +150,7 @@ def run_training(
 
 def _detect_fm_type(model: object) -> str:
     """The FM type of a checkpoint, from its keys alone (for `train` without --fm-type)."""
-    from kohya_backend.models.checkpoint import read_keys
+    from kohya_backend.models.keys import read_keys
     from kohya_backend.models.detect import detect_family
 
     if not model:

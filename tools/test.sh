@@ -12,3 +12,5 @@ echo "== mypy"
 .venv/bin/mypy kohya_backend
 echo "== pytest"
 .venv/bin/python -m pytest "$@"
+echo "== pytest (Forge line: gradio 4, pydantic 2, no torch)"
+.venv-gradio4/bin/python -m pytest -p no:cacheprovider tests/torchless

@@ -14,9 +14,18 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from kohya_backend.errors import ModelError
+from kohya_backend.models.keys import (
+    PICKLE_SUFFIXES,
+    SAFETENSORS_SUFFIXES,
+    check_exists,
+    corrupt,
+    read_keys,
+    read_metadata,
+    unsupported,
+)
 
-SAFETENSORS_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+__all__ = ["PICKLE_SUFFIXES", "SAFETENSORS_SUFFIXES", "read_checkpoint", "read_keys", "read_metadata"]
+
 
 _CONVERT_HINT = (
     "convert it to .safetensors with a tool you trust, or download the .safetensors release of the model"
@@ -53,32 +62,13 @@ _EXTRA_SAFE_GLOBALS: list[Any] = [
 ]
 
 
-def _check_exists(path: Path) -> None:
-    if not path.is_file():
-        raise ModelError(f"checkpoint {path} does not exist or is not a file", hint="check the model path")
-
-
-def _corrupt(path: Path, exc: BaseException) -> ModelError:
-    return ModelError(
-        f"checkpoint {path} is truncated or corrupt and cannot be read ({exc})",
-        hint="download or copy the file again; compare its size and sha256 with the source",
-    )
-
-
-def _unsupported(path: Path) -> ModelError:
-    return ModelError(
-        f"checkpoint {path} has an unsupported extension {path.suffix!r}",
-        hint=f"use a {', '.join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)} file",
-    )
-
-
 def _read_safetensors(path: Path, device: str) -> tuple[dict[str, Tensor], dict[str, str]]:
     try:
         with safe_open(str(path), framework="pt", device=device) as fh:
             metadata = dict(fh.metadata() or {})
             tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 (safe_open is no dict)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise _corrupt(path, exc) from exc
+        raise corrupt(path, exc) from exc
     return tensors, metadata
 
 
@@ -103,7 +93,7 @@ def _read_pickle(path: Path, device: str) -> tuple[dict[str, Tensor], dict[str, 
             hint=_CONVERT_HINT,
         ) from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise _corrupt(path, exc) from exc
+        raise corrupt(path, exc) from exc
     if not isinstance(loaded, dict):
         raise ModelError(
             f"checkpoint {path} holds a {type(loaded).__name__}, not a state dict",
@@ -124,42 +114,10 @@ def read_checkpoint(path: Path, *, device: str = "cpu") -> tuple[dict[str, Tenso
     missing, corrupt, or its pickle asks for code.
     """
     path = Path(path)
-    _check_exists(path)
+    check_exists(path)
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
         return _read_safetensors(path, device)
     if suffix in PICKLE_SUFFIXES:
         return _read_pickle(path, device)
-    raise _unsupported(path)
-
-
-def read_keys(path: Path) -> list[str]:
-    """The tensor names of a checkpoint; for .safetensors only the header is read."""
-    path = Path(path)
-    _check_exists(path)
-    suffix = path.suffix.lower()
-    if suffix in SAFETENSORS_SUFFIXES:
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as fh:
-                return list(fh.keys())
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise _corrupt(path, exc) from exc
-    if suffix in PICKLE_SUFFIXES:
-        return list(_read_pickle(path, "cpu")[0])
-    raise _unsupported(path)
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    """The string metadata of a checkpoint (safetensors header, or top-level strings of a pickle)."""
-    path = Path(path)
-    _check_exists(path)
-    suffix = path.suffix.lower()
-    if suffix in SAFETENSORS_SUFFIXES:
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as fh:
-                return dict(fh.metadata() or {})
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise _corrupt(path, exc) from exc
-    if suffix in PICKLE_SUFFIXES:
-        return _read_pickle(path, "cpu")[1]
-    raise _unsupported(path)
+    raise unsupported(path)

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from kohya_backend.errors import FamilyMismatchError, ModelError
-from kohya_backend.models.checkpoint import read_keys
+from kohya_backend.models.keys import read_keys
 
 SUPPORTED_FM_TYPES = ("sd_1_5", "sd_xl")
 

@@ -153,3 +153,12 @@ def test_tiny_model_without_fitting_tokenizer_fails_early(tmp_path: Path) -> Non
     path = write_checkpoint(tmp_path / "m.safetensors", "sd_1_5")
     with pytest.raises(TokenizerUnavailableError, match="tokenizer_cache_dir"):
         load_checkpoint(path, "sd_1_5", tokenizer_dir=tmp_path / "none")
+
+
+def test_tokenizer_folder_beside_the_checkpoint_is_found(tmp_path: Path) -> None:
+    path = write_checkpoint(tmp_path / "m.safetensors", "sd_1_5")
+    with pytest.raises(TokenizerUnavailableError):
+        load_checkpoint(path, "sd_1_5")
+    write_tiny_tokenizer(tmp_path / "tokenizer")
+    loaded = load_checkpoint(path, "sd_1_5")
+    assert loaded.tokenizers[0].tokenize("a cat") == ["a</w>", "cat</w>"]

@@ -131,3 +131,18 @@ def test_unknown_family_and_byte_alphabet() -> None:
         load_tokenizers("sd_3")
     alphabet = bytes_to_unicode()
     assert len(set(alphabet.values())) == 256 and alphabet[ord("!")] == "!" and alphabet[ord(" ")] == "Ġ"
+
+
+def test_tokenizer_folder_beside_the_checkpoint(tiny_dir: Path, tmp_path: Path) -> None:
+    beside = tmp_path / "models" / "tokenizer"
+    shutil.copytree(tiny_dir, beside)
+    (tok,) = load_tokenizers("sd_1_5", beside_dir=beside, vocab_size_limit=1000, use_open_clip=False)
+    assert tok.tokenize("a cat") == ["a</w>", "cat</w>"]
+    # A full-size text encoder never takes the small tokenizer lying beside it: CLIP's vocabulary wins.
+    if open_clip_vocab_path() is not None:
+        (full,) = load_tokenizers("sd_1_5", beside_dir=beside, vocab_size_limit=49408, hf_cache_dir=tmp_path)
+        assert full("a photo of a cat").input_ids == CAT_IDS
+    with pytest.raises(TokenizerUnavailableError, match="is not the text encoder's 49408"):
+        load_tokenizers(
+            "sd_1_5", beside_dir=beside, vocab_size_limit=49408, hf_cache_dir=tmp_path, use_open_clip=False
+        )

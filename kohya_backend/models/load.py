@@ -109,7 +109,10 @@ def load_checkpoint(
         family = check_family_of_keys(ldm_sd, path.name, fm_type)
     arch = checkpoint_architecture(path, family, metadata)
     vocab_limit = min(int(te["vocab_size"]) for te in arch.text_encoders)
-    tokenizers = load_tokenizers(family, tokenizer_dir=tokenizer_dir, vocab_size_limit=vocab_limit)
+    beside = path.parent / "tokenizer" if tokenizer_dir is None else None
+    tokenizers = load_tokenizers(
+        family, tokenizer_dir=tokenizer_dir, vocab_size_limit=vocab_limit, beside_dir=beside
+    )
 
     unet_sd, vae_sd, te_sds = ldm_to_diffusers_state_dicts(arch, ldm_sd, source=f"checkpoint {path}")
     del ldm_sd

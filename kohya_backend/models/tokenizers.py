@@ -21,6 +21,7 @@ MODEL_MAX_LENGTH = 77
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 SDXL_TE2_PAD_TOKEN = "!"
+CLIP_VOCAB_SIZE = 49408
 
 HF_REPOS = {
     "sd_1_5": ("openai/clip-vit-large-patch14",),
@@ -172,6 +173,13 @@ def _vocab_problem(tokenizers: list[Any]) -> str | None:
     return None
 
 
+def _foreign(size: int, vocab_size_limit: int) -> bool:
+    """True when a tokenizer of `size` ids must not feed text encoders of `vocab_size_limit` ids."""
+    if vocab_size_limit >= CLIP_VOCAB_SIZE:
+        return size != vocab_size_limit
+    return size > vocab_size_limit
+
+
 def _hf_cache_location(cache_dir: Path | None) -> str:
     if cache_dir is not None:
         return str(cache_dir)
@@ -187,11 +195,15 @@ def load_tokenizers(
     vocab_size_limit: int | None = None,
     hf_cache_dir: Path | None = None,
     use_open_clip: bool = True,
+    beside_dir: Path | None = None,
 ) -> list[Any]:
     """The CLIP tokenizer(s) of `family` (one for SD 1.5, two for SDXL; the second pads with "!"), offline.
 
     Tried in order: `tokenizer_dir` (kohya's tokenizer_cache_dir: vocab.json + merges.txt, or tokenizer/ and
-    tokenizer_2/ subfolders), the local Hugging Face cache (`hf_cache_dir`, default the hub cache), then the CLIP
+    tokenizer_2/ subfolders), `beside_dir` (a `tokenizer` folder next to the checkpoint: a full-size text encoder
+    takes it only when it has exactly the encoder's vocabulary, so a small test tokenizer never tokenises a real
+    model), the local
+    Hugging Face cache (`hf_cache_dir`, default the hub cache), then the CLIP
     vocabulary shipped by open-clip-torch (skipped when `use_open_clip` is False). A source whose vocabulary is
     larger than `vocab_size_limit` (the text encoders' vocab_size) is skipped. Raises TokenizerUnavailableError.
     """
@@ -203,6 +215,9 @@ def load_tokenizers(
     sources: list[tuple[str, Any]] = []
     if tokenizer_dir is not None:
         sources.append((f"tokenizer_dir {tokenizer_dir}", lambda: _from_dir(Path(tokenizer_dir), count)))
+    beside_label = f"the folder beside the checkpoint {beside_dir}"
+    if beside_dir is not None and Path(beside_dir).is_dir():
+        sources.append((beside_label, lambda: _from_dir(Path(beside_dir), count)))
     sources.append(
         (
             f"Hugging Face cache {_hf_cache_location(hf_cache_dir)}",
@@ -226,6 +241,9 @@ def load_tokenizers(
             tried.append(f"{label}: {problem}")
             continue
         size = max(len(tok) for tok in tokenizers)
+        if label == beside_label and vocab_size_limit is not None and _foreign(size, vocab_size_limit):
+            tried.append(f"{label}: vocabulary of {size} tokens is not the text encoder's {vocab_size_limit}")
+            continue
         if vocab_size_limit is not None and size > vocab_size_limit:
             tried.append(
                 f"{label}: vocabulary of {size} tokens exceeds the text encoder's {vocab_size_limit}"
@@ -241,7 +259,7 @@ def load_tokenizers(
     if any("exceeds" in reason for reason in tried):
         hint = (
             "the text encoders have a reduced vocabulary (a tiny test model): set tokenizer_cache_dir to a "
-            "folder whose vocab.json fits it"
+            "folder whose vocab.json fits it, or put that folder beside the checkpoint as `tokenizer/`"
         )
     raise TokenizerUnavailableError(
         f"no CLIP tokenizer for {family} is available offline{offline}; tried: " + "; ".join(tried), hint=hint

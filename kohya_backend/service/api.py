@@ -20,6 +20,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BaseModel
 
 from kohya_backend.errors import ConfigError, DatasetError, TrainManagementError
+from kohya_backend.jobs.scheduler import EventTail
 from kohya_backend.jobs.states import InvalidTransition
 from kohya_backend.jobs.store import InvalidJobId, JobActive, JobNotFound
 from kohya_backend.service.home import NotInHome
@@ -133,14 +134,18 @@ def _follow_log(service: TrainingService, job_id: str, max_s: float) -> Iterator
         time.sleep(_POLL_S)
 
 
-def _wait_events(service: TrainingService, job_id: str, after: int, wait_s: float) -> list[dict[str, Any]]:
-    from kohya_backend.train.events import read_events
+# Where each job's events.jsonl was last read up to (line count -> byte offset), shared by all clients: a client
+# following a job asks for the lines after the last ones it got, which is this position, so the file is not
+# re-read from its start on every poll.
+_EVENT_POSITIONS = EventTail()
 
+
+def _wait_events(service: TrainingService, job_id: str, after: int, wait_s: float) -> list[dict[str, Any]]:
     path = service.events_path(job_id)
     deadline = time.monotonic() + wait_s
     while True:
         settled = service.is_settled(job_id)
-        events = read_events(path, after_line=after)
+        events, _ = _EVENT_POSITIONS.read(job_id, path, after)
         if events or settled or time.monotonic() >= deadline:
             return events
         time.sleep(_POLL_S)

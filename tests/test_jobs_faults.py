@@ -5,6 +5,7 @@ Every test runs the real trainer (`python -m kohya_backend train --job DIR`) on 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -236,3 +237,57 @@ def test_200_queued_jobs_start_in_fifo_order_one_at_a_time(tmp_path: Path) -> No
     )
     preparing_at = [sched.store.transitions(i)[1].at for i in ids]
     assert preparing_at == sorted(preparing_at)
+
+
+def _freeze_when_final_lora_is_written(job: Job, timeout: float = 90) -> int:
+    """SIGSTOP the trainer's process group as soon as its events say the final LoRA is written; returns the pgid.
+
+    The trainer then still has its final state to save, so stopping it here holds it inside the saving phase.
+    """
+    events = job.folder / "events.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if events.exists() and b'"final": true' in events.read_bytes():
+            pgid = json.loads((job.folder / "run.json").read_text(encoding="utf-8"))["pgid"]
+            os.killpg(pgid, signal.SIGSTOP)
+            return int(pgid)
+        time.sleep(0.002)
+    raise AssertionError(f"the trainer never wrote its final LoRA:\n{log_tail(job.folder)}")
+
+
+@pytest.mark.parametrize("trainer_answers", [True, False], ids=["finishes", "killed_after_grace"])
+def test_cancel_during_saving(tmp_path: Path, demo: str, trainer_answers: bool) -> None:
+    lora_dir = tmp_path / "Lora"
+    sched = _scheduler(tmp_path / "home", lora_dir=lora_dir, cancel_grace_s=60 if trainer_answers else 0.5)
+    job = _submit(sched, "saving", config_without_name(demo, max_train_steps=4, save_state=True))
+    _until(sched, lambda: (sched.store.get(job.id).folder / "run.json").exists())
+    pgid = _freeze_when_final_lora_is_written(job)
+    try:
+        _until(sched, lambda: sched.store.get(job.id).status is S.SAVING)
+        assert sched.cancel(job.id).status is S.CANCELLING
+        sched.tick()  # the scheduler sends SIGTERM; it waits, pending, in the frozen trainer
+        if trainer_answers:
+            os.killpg(pgid, signal.SIGCONT)  # it resumes, finishes its state and exits cleanly
+        else:
+            time.sleep(0.8)  # past the grace period: SIGKILL ends the frozen trainer
+        _until(sched, lambda: sched.store.get(job.id).status.is_terminal)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGCONT)
+    job = sched.store.get(job.id)
+    steps = statuses(sched.store, job.id)
+    assert steps[-3:-1] == [S.SAVING, S.CANCELLING]
+    written = job.folder / "output" / "saving.safetensors"
+    assert written.is_file()  # written atomically before the cancel: complete either way
+    if trainer_answers:
+        # The LoRA was finished when the stop arrived: the job is completed and delivered, not called cancelled.
+        assert job.status is S.COMPLETED, job.reason
+        assert (lora_dir / "saving.safetensors").read_bytes() == written.read_bytes()
+    else:
+        assert job.status is S.CANCELLED, job.reason
+        assert "SIGKILL" in (job.reason or "")
+        assert not lora_dir.exists() or not any(lora_dir.iterdir())  # nothing partial, nothing delivered
+        sched.resume(job.id)
+        _until(sched, lambda: sched.store.get(job.id).status.is_terminal)
+        assert sched.store.get(job.id).status is S.COMPLETED
+        assert (lora_dir / "saving.safetensors").is_file()

@@ -365,7 +365,9 @@ class Scheduler:
     `runners` are keyed by name; a job's `instance_type` names its runner. `devices` maps a device ('cpu',
     'cuda:0', ...) to how many jobs may train on it at once (default: 1 per GPU, or 1 on the CPU); a job may
     pin one with params["device"]. Finished LoRAs go to `lora_dir` (None: they stay in the job folder), then
-    `on_delivered(job, paths)` runs (e.g. to refresh the WebUI's Lora list).
+    `on_delivered(job, paths)` runs (e.g. to refresh the WebUI's Lora list). `before_local_start(job, device)`
+    runs just before a job's trainer is launched by the local runner (e.g. to unload the WebUI's model); if it
+    raises, the job fails with its message.
     """
 
     def __init__(
@@ -379,6 +381,7 @@ class Scheduler:
         cancel_grace_s: float = DEFAULT_CANCEL_GRACE_S,
         keep_epochs: bool = False,
         on_delivered: Callable[[Job, list[Path]], None] | None = None,
+        before_local_start: Callable[[Job, str], None] | None = None,
     ) -> None:
         self.store = store
         self.runners: dict[str, Runner] = {r.name: r for r in runners}
@@ -395,6 +398,7 @@ class Scheduler:
         self.cancel_grace_s = cancel_grace_s
         self.keep_epochs = keep_epochs
         self.on_delivered = on_delivered
+        self.before_local_start = before_local_start
         self._runs: dict[str, _Run] = {}
         self._tail = EventTail()
         self._recovered = False
@@ -768,6 +772,8 @@ class Scheduler:
             return False  # cancelled meanwhile
         resume = bool(job.progress.get("resume")) or (job.folder / RUN_NAME).exists()
         try:
+            if self.before_local_start is not None and runner.name == "local":
+                self.before_local_start(job, device)
             handle = runner.start(job, resume=resume, device=device)
         except Exception as exc:  # whatever went wrong, the job must not stay 'preparing' without a process
             text = (

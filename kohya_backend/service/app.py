@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -11,7 +12,7 @@ from fastapi import FastAPI
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs.runner import LocalRunner
 from kohya_backend.jobs.scheduler import Scheduler
-from kohya_backend.jobs.store import JobStore
+from kohya_backend.jobs.store import Job, JobStore
 from kohya_backend.service.api import API_PREFIX, create_router
 from kohya_backend.service.home import Home
 from kohya_backend.service.training import TrainingService
@@ -22,12 +23,34 @@ TOKEN_ENV = "TRAIN_MANAGEMENT_TOKEN"
 
 
 def build_service(
-    home_dir: Path, *, lora_dir: Path | None = None, poll_interval_s: float = 1.0, restrict_paths: bool = True
+    home_dir: Path,
+    *,
+    lora_dir: Path | None = None,
+    models_dir: Path | None = None,
+    poll_interval_s: float = 1.0,
+    restrict_paths: bool = True,
+    python: Sequence[str] | None = None,
+    devices: Mapping[str, int] | None = None,
+    keep_epochs: bool = False,
+    on_delivered: Callable[[Job, list[Path]], None] | None = None,
+    before_local_start: Callable[[Job, str], None] | None = None,
 ) -> TrainingService:
-    """A home folder, its job store and a scheduler with the local runner, wrapped in a TrainingService."""
-    home = Home(home_dir, lora_dir=lora_dir)
+    """A home folder, its job store and a scheduler with the local runner, wrapped in a TrainingService.
+
+    A host (the WebUI adapter) passes its folders, the interpreter that runs the trainer (`python`, default this
+    one), the devices with their jobs-at-once, and its hooks; see Scheduler for `on_delivered` and
+    `before_local_start`.
+    """
+    home = Home(home_dir, lora_dir=lora_dir, models_dir=models_dir)
     scheduler = Scheduler(
-        JobStore(home.root), [LocalRunner()], lora_dir=home.lora, poll_interval_s=poll_interval_s
+        JobStore(home.root),
+        [LocalRunner(python)],
+        lora_dir=home.lora,
+        devices=devices,
+        poll_interval_s=poll_interval_s,
+        keep_epochs=keep_epochs,
+        on_delivered=on_delivered,
+        before_local_start=before_local_start,
     )
     return TrainingService(home, scheduler, restrict_paths=restrict_paths)
 

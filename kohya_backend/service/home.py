@@ -48,12 +48,14 @@ def _inside(path: Path, root: Path) -> bool:
 class Home:
     """The home folder layout (models/, datasets/, lora/, jobs/, jobs.sqlite3) and safe path resolution in it.
 
-    `lora_dir` overrides where finished LoRAs go (the WebUI passes its Lora folder); it counts as a root.
+    `lora_dir` overrides where finished LoRAs go (the WebUI passes its Lora folder) and `models_dir` where
+    checkpoints are found (the WebUI passes its checkpoint folder, so model names are its checkpoint names);
+    both count as roots.
     """
 
-    def __init__(self, root: Path, *, lora_dir: Path | None = None) -> None:
+    def __init__(self, root: Path, *, lora_dir: Path | None = None, models_dir: Path | None = None) -> None:
         self.root = Path(root).expanduser().resolve()
-        self.models = self.root / MODELS_DIR
+        self.models = Path(models_dir).expanduser().resolve() if models_dir is not None else self.root / MODELS_DIR
         self.datasets = self.root / DATASETS_DIR
         self.lora = Path(lora_dir).expanduser().resolve() if lora_dir is not None else self.root / LORA_DIR
         self.jobs = self.root / JOBS_DIR

@@ -138,8 +138,8 @@ class Home:
         return [self._cached(m["path"], self._describe_model) for m in self._model_files()]
 
     def _describe_model(self, path: Path) -> dict[str, Any]:
-        from kohya_backend.models.keys import read_keys
         from kohya_backend.models.detect import detect_family
+        from kohya_backend.models.keys import read_keys
 
         entry: dict[str, Any] = {
             "name": path.relative_to(self.models).as_posix(),

@@ -1,0 +1,90 @@
+"""Optional preprocessing of dataset images: EXIF orientation applied, RGB, then a center crop to a square or a
+bucket-friendly resize (aspect ratio kept, sides multiples of 64, area about the target's)."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+from kohya_backend.data.images import load_image
+from kohya_backend.errors import TrainManagementError
+
+SIZES: tuple[int, ...] = (512, 1024)
+MODES: tuple[str, ...] = ("crop", "bucket")
+BUCKET_STEP = 64
+_JPEG_QUALITY = 95
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What to do to each image: `size` 512 or 1024; `mode` "crop" (square) or "bucket" (keep aspect ratio)."""
+
+    size: int
+    mode: str = "crop"
+
+    def __post_init__(self) -> None:
+        if self.size not in SIZES:
+            raise TrainManagementError(
+                f"preprocessing size {self.size} is not offered",
+                f"choose one of: {', '.join(map(str, SIZES))}",
+            )
+        if self.mode not in MODES:
+            raise TrainManagementError(
+                f"preprocessing mode {self.mode!r} is unknown", f"choose one of: {', '.join(MODES)}"
+            )
+
+    @classmethod
+    def parse(cls, text: str | None) -> Preprocess | None:
+        """'512-crop', '1024-bucket', '512' (crop) or ''/'none' (no preprocessing)."""
+        if text is None or text.strip().lower() in ("", "none"):
+            return None
+        size, _, mode = text.strip().lower().partition("-")
+        if not size.isdigit():
+            raise TrainManagementError(
+                f"preprocessing {text!r} is not understood", "write e.g. '512-crop', '1024-bucket' or 'none'"
+            )
+        return cls(int(size), mode or "crop")
+
+    def label(self) -> str:
+        """'512-crop' style text (the form parse() reads)."""
+        return f"{self.size}-{self.mode}"
+
+
+def bucket_size(width: int, height: int, target: int, step: int = BUCKET_STEP) -> tuple[int, int]:
+    """Sides that are multiples of `step`, with about target*target pixels and the image's aspect ratio."""
+    area = target * target
+    aspect = width / height
+    new_width = max(step, round(math.sqrt(area * aspect) / step) * step)
+    new_height = max(step, round(area / new_width / step) * step)
+    return new_width, new_height
+
+
+def target_size(width: int, height: int, options: Preprocess) -> tuple[int, int]:
+    """The size an image of width x height gets under `options`."""
+    if options.mode == "crop":
+        return options.size, options.size
+    return bucket_size(width, height, options.size)
+
+
+def preprocess_image(path: Path, options: Preprocess, dest: Path | None = None) -> tuple[int, int]:
+    """Rewrite `path` (or write `dest`) oriented, RGB and fitted to the target size; returns the new size.
+
+    Raises BadImageError (a DatasetError naming the file) for unreadable images; the file is replaced atomically.
+    """
+    image = load_image(path)
+    size = target_size(image.width, image.height, options)
+    fitted = ImageOps.fit(image, size, method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
+    out = Path(dest) if dest is not None else Path(path)
+    tmp = out.with_name(f".{out.name}.tmp")
+    fmt = Image.registered_extensions().get(out.suffix.lower(), "PNG")
+    extra = {"quality": _JPEG_QUALITY} if fmt in ("JPEG", "WEBP") else {}
+    try:
+        fitted.save(tmp, format=fmt, **extra)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return fitted.size

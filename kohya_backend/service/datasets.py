@@ -1,0 +1,448 @@
+"""Dataset management shared by the REST API, the tab and the CLI: create from uploads or zips, list images with
+captions, edit captions, validate with the trainer's scan, delete; every name stays inside the home's datasets/.
+
+A new dataset is assembled in a hidden staging folder and renamed into place only when it holds usable images, so
+a bad upload leaves nothing behind and never touches an existing dataset.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
+
+from kohya_backend.data.archive import ArchiveLimits, copy_file, extract_zip, member_path
+from kohya_backend.data.images import IMAGE_EXTENSIONS, BadImageError, is_image_file, probe_image
+from kohya_backend.data.preprocess import Preprocess, preprocess_image
+from kohya_backend.data.scan import SUBSET_FOLDER, scan_dataset
+from kohya_backend.errors import ConfigError, DatasetError, TrainManagementError
+from kohya_backend.jobs.states import JobStatus
+from kohya_backend.jobs.store import JobStore
+from kohya_backend.service.home import DEFAULT_CAPTION_EXTENSION, Home, NotInHome
+
+CAPTION_EXTENSIONS: tuple[str, ...] = (".txt", ".caption", ".tags")
+MAX_NAME_LENGTH = 100
+MAX_REPEATS = 10_000
+_UNSAFE_NAME = re.compile(r'[\x00-\x1f/\\<>:"|?*]')
+_CAPTION_EXTENSION = re.compile(r"^\.[A-Za-z0-9_-]{1,15}$")
+
+
+class DatasetExists(TrainManagementError):
+    """A dataset of that name already exists (creating never merges into or replaces one)."""
+
+
+class DatasetInUse(TrainManagementError):
+    """A queued or running job trains on the dataset, so it may not change under it."""
+
+
+@dataclass(frozen=True)
+class IncomingFile:
+    """One uploaded file: the name the client gave (a relative path for folder uploads) and its bytes."""
+
+    name: str
+    source: Path | BinaryIO
+
+
+@dataclass
+class _Staged:
+    """Files received into the staging folder: (path in the upload, file on disk), and what was left out."""
+
+    files: list[tuple[PurePosixPath, Path]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def skip(self, name: str, reason: str) -> None:
+        self.skipped.append({"file": name, "reason": reason})
+
+
+def check_name(value: object, what: str) -> str:
+    """A dataset or subject name that is safe as one folder name; TrainManagementError saying why otherwise."""
+    text = str(value if value is not None else "").strip()
+    if not text:
+        raise TrainManagementError(f"{what} is empty", "give a name, e.g. 'my_subject'")
+    if len(text) > MAX_NAME_LENGTH:
+        raise TrainManagementError(f"{what} is {len(text)} characters long", f"use at most {MAX_NAME_LENGTH}")
+    if text.startswith(".") or text.endswith(".") or _UNSAFE_NAME.search(text):
+        raise TrainManagementError(
+            f"{what} {text!r} is not a safe folder name",
+            "use letters, digits, spaces, '-', '_' and '.' (not first or last); no / \\ < > : \" | ? *",
+        )
+    return text
+
+
+def parse_repeats(value: object) -> int:
+    """The repeats of a `<repeats>_<name>` folder: a whole number from 1 to MAX_REPEATS (gradio sends floats)."""
+    number: float | None
+    try:
+        number = float(str(value).strip()) if not isinstance(value, (int, float)) else float(value)
+    except ValueError:
+        number = None
+    if number is None or not number.is_integer() or not 1 <= number <= MAX_REPEATS:
+        raise TrainManagementError(
+            f"repeats {value!r} is not a whole number from 1 to {MAX_REPEATS}",
+            "repeats says how often each image is seen per epoch, e.g. 10",
+        )
+    return int(number)
+
+
+def check_caption_extension(ext: str) -> str:
+    """A caption extension such as '.txt' (a dot and up to 15 letters or digits, not an image extension)."""
+    if not _CAPTION_EXTENSION.match(ext or "") or ext.lower() in IMAGE_EXTENSIONS:
+        raise TrainManagementError(
+            f"caption extension {ext!r} is not usable", "use e.g. '.txt' or '.caption'"
+        )
+    return ext
+
+
+def _is_caption_file(path: PurePosixPath) -> bool:
+    return path.suffix.lower() in CAPTION_EXTENSIONS
+
+
+def _keep(path: PurePosixPath) -> str | None:
+    """Why an uploaded file is not kept (None: it is an image or a caption)."""
+    if is_image_file(Path(path.name)) or _is_caption_file(path):
+        return None
+    kinds = " ".join(IMAGE_EXTENSIONS + CAPTION_EXTENSIONS)
+    return f"not an image or caption file ({kinds})"
+
+
+def _layout_path(path: PurePosixPath, default_folder: str) -> PurePosixPath:
+    """Where an uploaded file goes: from its first `<repeats>_<name>` folder on, else into `default_folder`."""
+    for index, part in enumerate(path.parts[:-1]):
+        if SUBSET_FOLDER.match(part):
+            return PurePosixPath(*path.parts[index:])
+    return PurePosixPath(default_folder, path.name)
+
+
+def _first_line(path: Path) -> str | None:
+    try:
+        lines = path.read_text(encoding="utf-8-sig", errors="replace").splitlines()
+    except FileNotFoundError:
+        return None
+    return lines[0].strip() if lines and lines[0].strip() else None
+
+
+class DatasetService:
+    """Creates, shows, validates, edits and deletes kohya-style datasets under `home.datasets`.
+
+    With `jobs`, a dataset that a queued or running job uses cannot be changed or deleted.
+    """
+
+    def __init__(
+        self, home: Home, *, jobs: JobStore | None = None, limits: ArchiveLimits | None = None
+    ) -> None:
+        self.home = home
+        self.jobs = jobs
+        self.limits = limits or ArchiveLimits()
+
+    # -- listing and reading ----------------------------------------------------------------------------------
+
+    def list(self, caption_extension: str = DEFAULT_CAPTION_EXTENSION) -> list[dict[str, Any]]:
+        """Dataset folders with a scan summary or the scan error (the same as GET /datasets)."""
+        return self.home.list_datasets(check_caption_extension(caption_extension))
+
+    def folder(self, name: str) -> Path:
+        """The folder of dataset `name` (one folder name under datasets/); NotInHome when there is none."""
+        check_name(name, "dataset name")
+        return self.home.dataset_path(name)
+
+    def show(self, name: str, caption_extension: str = DEFAULT_CAPTION_EXTENSION) -> dict[str, Any]:
+        """The dataset's `<repeats>_<name>` folders, its images with their captions, and a quick validation report."""
+        folder = self.folder(name)
+        ext = check_caption_extension(caption_extension)
+        subsets, images = [], []
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+            match = SUBSET_FOLDER.match(sub.name)
+            if match is None:
+                continue
+            files = sorted(p for p in sub.iterdir() if p.is_file() and is_image_file(p) and p.name[0] != ".")
+            subsets.append(
+                {
+                    "name": sub.name,
+                    "repeats": int(match.group(1)),
+                    "class_token": match.group(2),
+                    "images": len(files),
+                }
+            )
+            for path in files:
+                images.append(
+                    {
+                        "image": path.relative_to(folder).as_posix(),
+                        "subset": sub.name,
+                        "caption": _first_line(path.with_name(path.stem + ext)),
+                    }
+                )
+        return {
+            "name": name,
+            "folder": str(folder),
+            "subsets": subsets,
+            "images": images,
+            "report": self.validate(name, ext, verify_images=False),
+        }
+
+    def validate(
+        self, name: str, caption_extension: str = DEFAULT_CAPTION_EXTENSION, *, verify_images: bool = True
+    ) -> dict[str, Any]:
+        """The trainer's scan of the dataset: ok, or what is wrong and which files; warnings; counts."""
+        folder = self.folder(name)
+        root = f"{self.home.datasets}{os.sep}"
+        report: dict[str, Any] = {"ok": True, "message": None, "hint": None, "files": [], "warnings": []}
+        try:
+            scan = scan_dataset(
+                folder, check_caption_extension(caption_extension), verify_images=verify_images
+            )
+        except (DatasetError, ConfigError) as exc:
+            files = [str(f) for f in getattr(exc, "files", [])]
+            report.update(
+                ok=False,
+                message=exc.message.replace(root, ""),
+                hint=exc.hint,
+                files=[f[len(str(folder)) + 1 :] if f.startswith(f"{folder}{os.sep}") else f for f in files],
+            )
+            return report
+        report.update(
+            warnings=[w.replace(root, "") for w in scan.warnings],
+            images=scan.num_images,
+            train_items=scan.num_train_items,
+            subsets=scan.dataset_dirs_info(),
+        )
+        return report
+
+    def image_path(self, name: str, image: str) -> Path:
+        """The image file `image` (relative to the dataset folder); NotInHome when it is not one of its images."""
+        folder = self.folder(name)
+        path = self.home.resolve(image, [folder], what="image")
+        if not is_image_file(path) or not path.is_file():
+            raise NotInHome(
+                f"image {image!r} does not exist in dataset {name!r}",
+                "name an image relative to the dataset folder, e.g. '10_subject/001.png'",
+            )
+        return path
+
+    def read_caption(self, name: str, image: str, caption_extension: str = DEFAULT_CAPTION_EXTENSION) -> str:
+        """The whole caption file of an image ('' when it has none)."""
+        path = self.image_path(name, image)
+        caption = path.with_name(path.stem + check_caption_extension(caption_extension))
+        try:
+            return caption.read_text(encoding="utf-8-sig", errors="replace").rstrip("\r\n")
+        except FileNotFoundError:
+            return ""
+
+    # -- changing ---------------------------------------------------------------------------------------------
+
+    def _check_not_in_use(self, name: str) -> None:
+        if self.jobs is None:
+            return
+        busy = [JobStatus.QUEUED, *JobStatus.active()]
+        users: builtins.list[str] = []
+        offset, total = 0, 1
+        while offset < total:
+            jobs, total = self.jobs.list(status=busy, offset=offset, limit=500)
+            users += [job.id for job in jobs if job.dataset == name]
+            offset += len(jobs) or total
+        if users:
+            raise DatasetInUse(
+                f"dataset {name!r} is used by job(s) {', '.join(users)} that are queued or training",
+                "wait until they finish, or cancel them first",
+            )
+
+    def write_caption(
+        self, name: str, image: str, text: str, caption_extension: str = DEFAULT_CAPTION_EXTENSION
+    ) -> dict[str, Any]:
+        """Replace an image's caption file (written atomically); an empty text leaves an empty caption."""
+        path = self.image_path(name, image)
+        self._check_not_in_use(name)
+        caption = path.with_name(path.stem + check_caption_extension(caption_extension))
+        tmp = caption.with_name(f".{caption.name}.tmp")
+        body = str(text).replace("\r\n", "\n").strip()
+        try:
+            tmp.write_text(body + "\n" if body else "", encoding="utf-8")
+            os.replace(tmp, caption)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return {"image": image, "caption": body}
+
+    def delete_image(self, name: str, image: str) -> None:
+        """Delete one image and its caption files."""
+        path = self.image_path(name, image)
+        self._check_not_in_use(name)
+        for ext in CAPTION_EXTENSIONS:
+            path.with_name(path.stem + ext).unlink(missing_ok=True)
+        path.unlink()
+
+    def delete(self, name: str) -> None:
+        """Delete a dataset folder with everything in it (a symlinked dataset: only the link)."""
+        folder = self.folder(name)
+        self._check_not_in_use(name)
+        link = self.home.datasets / name
+        if link.is_symlink():
+            link.unlink()
+            return
+        shutil.rmtree(folder)
+
+    # -- creating ---------------------------------------------------------------------------------------------
+
+    def create(
+        self,
+        name: str,
+        files: Sequence[IncomingFile],
+        *,
+        repeats: object = 10,
+        subject: str | None = None,
+        preprocess: Preprocess | None = None,
+    ) -> dict[str, Any]:
+        """Create dataset `name` from uploaded images, captions and zips.
+
+        Files inside a `<repeats>_<name>` folder (in a zip or a folder upload) keep their place; the rest go into
+        `<repeats>_<subject>/` (subject defaults to the dataset name). Only images and captions are kept; broken
+        images are left out; everything left out is listed in the answer with the reason.
+        """
+        name = check_name(name, "dataset name")
+        folder_name = f"{parse_repeats(repeats)}_{check_name(subject or name, 'subject (class token)')}"
+        target = self.home.datasets / name
+        if target.exists() or target.is_symlink():
+            raise DatasetExists(
+                f"dataset {name!r} already exists",
+                "choose another name, or delete the existing dataset first",
+            )
+        if not files:
+            raise TrainManagementError(
+                "no files were uploaded", "add images (and captions), or a zip of them"
+            )
+        staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.home.datasets))
+        try:
+            staged = self._receive(files, staging / "upload")
+            added = self._arrange(staged, staging / "dataset", folder_name)
+            added = self._check_images(staging / "dataset", added, preprocess, staged)
+            if not added:
+                raise DatasetError(
+                    "the upload holds no usable image: "
+                    + (
+                        "; ".join(f"{s['file']}: {s['reason']}" for s in staged.skipped[:10]) or "it is empty"
+                    ),
+                    "upload .png/.jpg/.jpeg/.webp/.bmp images (with .txt captions of the same name)",
+                    files=[s["file"] for s in staged.skipped],
+                )
+            if target.exists():
+                raise DatasetExists(f"dataset {name!r} was created meanwhile", "choose another name")
+            os.rename(staging / "dataset", target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return {
+            "name": name,
+            "folder": str(target),
+            "images": [p.as_posix() for p in added],
+            "skipped": staged.skipped,
+            "preprocess": preprocess.label() if preprocess else None,
+            "report": self.validate(name, verify_images=False),
+        }
+
+    def import_folder(
+        self,
+        source: Path,
+        name: str,
+        *,
+        repeats: object = 10,
+        subject: str | None = None,
+        preprocess: Preprocess | None = None,
+    ) -> dict[str, Any]:
+        """Copy a local folder in as dataset `name`, keeping its relative paths (the CLI only: any local path)."""
+        source = Path(source).expanduser()
+        if not source.is_dir():
+            raise TrainManagementError(f"{source} is not a folder", "name the folder that holds the images")
+        files, links = [], []
+        for root, dirs, names in os.walk(source):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for file_name in sorted(names):
+                path = Path(root) / file_name
+                if path.is_symlink():
+                    links.append(path.relative_to(source).as_posix())
+                    continue
+                files.append(IncomingFile(path.relative_to(source).as_posix(), path))
+        result = self.create(name, files, repeats=repeats, subject=subject, preprocess=preprocess)
+        result["skipped"] += [{"file": link, "reason": "symbolic link (not followed)"} for link in links]
+        return result
+
+    def _receive(self, files: Sequence[IncomingFile], dest: Path) -> _Staged:
+        """Copy plain uploads and unpack zips into `dest`, within the entry and size limits."""
+        staged = _Staged()
+        dest.mkdir()
+        budget = self.limits.max_total_bytes
+        if len(files) > self.limits.max_entries:
+            raise TrainManagementError(
+                f"{len(files)} files were uploaded, more than the limit of {self.limits.max_entries}",
+                "split the upload into several datasets",
+            )
+        for index, incoming in enumerate(files):
+            rel = member_path(incoming.name)
+            if rel.suffix.lower() == ".zip":
+                unpack = dest / f"zip-{index}"
+                unpack.mkdir()
+                limits = ArchiveLimits(
+                    max_entries=self.limits.max_entries,
+                    max_total_bytes=budget,
+                    max_entry_bytes=self.limits.max_entry_bytes,
+                    max_ratio=self.limits.max_ratio,
+                )
+                out = extract_zip(incoming.source, unpack, keep=_keep, limits=limits, label=rel.as_posix())
+                for path in out.files:
+                    staged.files.append((path, unpack.joinpath(*path.parts)))
+                    budget -= unpack.joinpath(*path.parts).stat().st_size
+                staged.skipped += [{"file": f"{rel}/{n}", "reason": why} for n, why in out.skipped]
+                continue
+            reason = "hidden file" if any(p.startswith(".") for p in rel.parts) else _keep(rel)
+            target = dest / "files" / rel
+            if reason is None and target.exists():
+                reason = "another file has the same name"
+            if reason is not None:
+                staged.skip(rel.as_posix(), reason)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            budget -= copy_file(
+                incoming.source, target, min(self.limits.max_entry_bytes, budget), f"upload {rel}"
+            )
+            staged.files.append((rel, target))
+        return staged
+
+    @staticmethod
+    def _arrange(staged: _Staged, dest: Path, folder_name: str) -> builtins.list[PurePosixPath]:
+        """Move the received files into the kohya layout under `dest`; returns the images placed."""
+        images = []
+        for original, path in staged.files:
+            rel = _layout_path(original, folder_name)
+            target = dest.joinpath(*rel.parts)
+            if target.exists():
+                staged.skip(original.as_posix(), f"another file is already placed at {rel}")
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+            if is_image_file(target):
+                images.append(rel)
+        return images
+
+    @staticmethod
+    def _check_images(
+        root: Path, images: builtins.list[PurePosixPath], preprocess: Preprocess | None, staged: _Staged
+    ) -> builtins.list[PurePosixPath]:
+        """Decode (and optionally preprocess) every image; broken ones are removed with their captions."""
+        kept = []
+        for rel in images:
+            path = root.joinpath(*rel.parts)
+            try:
+                if preprocess is not None:
+                    preprocess_image(path, preprocess)
+                else:
+                    probe_image(path, full_decode=True)
+            except BadImageError as exc:
+                staged.skip(rel.as_posix(), exc.reason)
+                for ext in CAPTION_EXTENSIONS:
+                    path.with_name(path.stem + ext).unlink(missing_ok=True)
+                path.unlink()
+                continue
+            kept.append(rel)
+        return kept

@@ -326,13 +326,9 @@ def config_with_output_name(config_toml: str, output_name: str) -> str:
 
 def default_devices() -> dict[str, int]:
     """One slot per visible CUDA GPU ('cuda:0', ...), or one 'cpu' slot when there is none."""
-    try:
-        import torch
+    from kohya_backend.jobs.devices import detect_gpus
 
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:  # no torch, or a broken CUDA setup: train on the CPU
-        count = 0
-    return {f"cuda:{i}": 1 for i in range(count)} or {"cpu": 1}
+    return {gpu.device: 1 for gpu in detect_gpus()} or {"cpu": 1}
 
 
 # -- the scheduler ------------------------------------------------------------------------------------------

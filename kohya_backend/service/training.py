@@ -16,6 +16,7 @@ from typing import Any
 from kohya_backend.config.parse import parse_config
 from kohya_backend.config.schema import SCHEMA
 from kohya_backend.errors import ConfigError, ConfigIssue, TrainManagementError
+from kohya_backend.jobs.devices import detect_gpus
 from kohya_backend.jobs.runner import EVENTS_NAME, LOG_NAME
 from kohya_backend.jobs.scheduler import Scheduler
 from kohya_backend.jobs.states import JobStatus
@@ -171,11 +172,9 @@ class TrainingService:
         """Where jobs can train: each runner with a label (the GPUs this machine found, or CPU) and its devices."""
         devices = self.scheduler.devices
         label = "this machine (CPU)"
-        if any(d.startswith("cuda") for d in devices):
-            import torch
-
-            names = sorted({torch.cuda.get_device_name(int(d.split(":")[1])) for d in devices if ":" in d})
-            label = f"this machine ({', '.join(names)})"
+        gpus = [gpu.label for gpu in detect_gpus() if gpu.device in devices]
+        if gpus:
+            label = f"this machine ({', '.join(gpus)})"
         return [
             {"name": name, "label": label if name == "local" else name, "devices": sorted(devices)}
             for name in sorted(self.scheduler.runners)

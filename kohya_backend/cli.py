@@ -150,8 +150,8 @@ def run_training(
 
 def _detect_fm_type(model: object) -> str:
     """The FM type of a checkpoint, from its keys alone (for `train` without --fm-type)."""
-    from kohya_backend.models.keys import read_keys
     from kohya_backend.models.detect import detect_family
+    from kohya_backend.models.keys import read_keys
 
     if not model:
         raise TrainManagementError("pretrained_model_name_or_path is missing", hint="set it in the config")

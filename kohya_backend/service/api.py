@@ -275,4 +275,7 @@ def create_router(service: TrainingService, *, token: str | None = None) -> APIR
             status = service.store.get(job_id).status.value
             return {"events": events, "next": after + len(events), "status": status}
 
+    from kohya_backend.service.datasets_api import add_dataset_routes  # imports this module: late
+
+    add_dataset_routes(router, service, guarded)
     return router

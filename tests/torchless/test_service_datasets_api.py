@@ -1,0 +1,164 @@
+"""The dataset routes over real HTTP (uvicorn on 127.0.0.1), on pydantic 1 and 2: multipart create, show, images,
+captions, deletes, auth and the error mapping."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from PIL import Image
+
+from kohya_backend.service.api import API_PREFIX
+from kohya_backend.service.app import build_service, create_app
+
+TOKEN = "dataset-token"
+
+
+def _png(colour: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (48, 32)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="module")
+def client(home: Path) -> Iterator[httpx.Client]:
+    service = build_service(home)
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(service, token=TOKEN), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}{API_PREFIX}", headers=headers, timeout=30) as http:
+        yield http
+    server.should_exit = True
+    thread.join(10)
+
+
+def _create(client: httpx.Client, name: str, files: list[tuple[str, bytes]], **form: str) -> httpx.Response:
+    return client.post(
+        "/datasets",
+        data={"name": name, **form},
+        files=[("files", (file_name, data, "application/octet-stream")) for file_name, data in files],
+    )
+
+
+def test_create_with_relative_paths_show_and_list(client: httpx.Client, home: Path) -> None:
+    answer = _create(
+        client,
+        "cats",
+        [
+            ("myfolder/4_cat/a.png", _png()),
+            ("myfolder/4_cat/a.txt", b"a cat"),
+            ("b.png", _png()),
+            ("x.exe", b"MZ"),
+        ],
+        repeats="3",
+        subject="kitty",
+    )
+    assert answer.status_code == 201, answer.text
+    dataset = answer.json()["dataset"]
+    assert sorted(dataset["images"]) == ["3_kitty/b.png", "4_cat/a.png"]
+    assert dataset["skipped"][0]["file"] == "x.exe"
+    assert (home / "datasets/cats/4_cat/a.txt").read_text() == "a cat"
+    shown = client.get("/datasets/cats").json()["dataset"]
+    assert {i["image"]: i["caption"] for i in shown["images"]} == {
+        "3_kitty/b.png": None,
+        "4_cat/a.png": "a cat",
+    }
+    assert shown["report"]["ok"] and shown["report"]["train_items"] == 7
+    listed = client.get("/datasets").json()["datasets"]
+    assert [d["name"] for d in listed] == ["cats"]
+
+
+def test_create_from_zip_with_preprocessing(client: httpx.Client, home: Path) -> None:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("2_dog/d.png", _png(size=(900, 600)))
+        archive.writestr("2_dog/d.txt", "a dog")
+    answer = _create(client, "dogs", [("dogs.zip", buffer.getvalue())], preprocess="512-bucket")
+    assert answer.status_code == 201, answer.text
+    image = client.get("/datasets/dogs/images/2_dog/d.png")
+    assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+    assert image.headers["x-content-type-options"] == "nosniff"
+    with Image.open(io.BytesIO(image.content)) as decoded:
+        assert decoded.size == (640, 384)  # bucket_size(900, 600, 512)
+
+
+def test_captions_round_trip_and_report(client: httpx.Client) -> None:
+    assert client.get("/datasets/cats/captions/3_kitty/b.png").json() == {
+        "image": "3_kitty/b.png",
+        "caption": "",
+    }
+    put = client.put("/datasets/cats/captions/3_kitty/b.png", json={"caption": "a kitty, sleeping"})
+    assert put.status_code == 200 and put.json()["caption"] == "a kitty, sleeping"
+    assert client.get("/datasets/cats/captions/3_kitty/b.png").json()["caption"] == "a kitty, sleeping"
+    report = client.get("/datasets/cats/report").json()["report"]
+    assert report["ok"] and report["warnings"] == []
+
+
+def test_errors_are_mapped_and_paths_stay_inside(client: httpx.Client, home: Path) -> None:
+    (home / "secret.png").write_bytes(_png())
+    again = _create(client, "cats", [("c.png", _png())])
+    assert again.status_code == 409 and again.json()["detail"]["error"] == "DatasetExists"
+    bad = _create(client, "new", [("c.png", _png())], repeats="0")
+    assert bad.status_code == 400 and "repeats" in bad.json()["detail"]["message"]
+    evil = _create(client, "evil", [("../../evil.png", _png())])
+    assert evil.status_code == 400 and "'..'" in evil.json()["detail"]["message"]
+    assert client.get("/datasets/missing").status_code == 404
+    assert client.get("/datasets/cats/images/4_cat/nope.png").status_code == 404
+    assert client.get("/datasets/cats/images/4_cat/a.txt").status_code == 404
+    escape = client.get("/datasets/cats/images/%2E%2E/%2E%2E/secret.png")
+    assert escape.status_code == 400 and "'..'" in escape.json()["detail"]["message"]
+    outside = client.put("/datasets/cats/captions/..%2F..%2Fsecret.png", json={"caption": "x"})
+    assert outside.status_code == 400 and not (home / "secret.txt").exists()
+    (home / "datasets/cats/4_cat/link.png").symlink_to(home / "secret.png")
+    linked = client.get("/datasets/cats/images/4_cat/link.png")
+    assert linked.status_code == 400 and linked.json()["detail"]["error"] == "PathOutsideHome"
+    (home / "datasets/cats/4_cat/link.png").unlink()
+    assert not (home / "datasets/evil").exists() and not (home / "datasets/new").exists()
+
+
+def test_auth_is_required(client: httpx.Client) -> None:
+    base = str(client.base_url).rstrip("/")
+    assert httpx.get(f"{base}/datasets/cats").status_code == 401
+    assert (
+        httpx.post(f"{base}/datasets", data={"name": "x"}, files=[("files", ("a.png", _png()))]).status_code
+        == 401
+    )
+    assert httpx.delete(f"{base}/datasets/cats").status_code == 401
+
+
+def test_delete_image_and_dataset(client: httpx.Client, home: Path) -> None:
+    assert client.delete("/datasets/cats/images/4_cat/a.png").status_code == 204
+    assert (
+        not (home / "datasets/cats/4_cat/a.png").exists()
+        and not (home / "datasets/cats/4_cat/a.txt").exists()
+    )
+    assert client.delete("/datasets/cats").status_code == 204
+    assert not (home / "datasets/cats").exists()
+    assert client.delete("/datasets/cats").status_code == 404

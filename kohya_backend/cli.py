@@ -326,6 +326,111 @@ def _add_jobs_parser(sub: Any) -> None:
     command("run", "train queued jobs in the foreground until none is left", _cmd_jobs_run)
 
 
+def _datasets_service(args: argparse.Namespace) -> Any:
+    from kohya_backend.jobs.store import JobStore
+    from kohya_backend.service.datasets import DatasetService
+    from kohya_backend.service.home import Home
+
+    home = Home(Path(args.home))
+    return DatasetService(home, jobs=JobStore(home.root))
+
+
+def _print_dataset_result(result: dict[str, Any]) -> None:
+    print(f"dataset {result['name']}: {len(result['images'])} image(s) in {result['folder']}")
+    for skipped in result["skipped"]:
+        print(f"skipped {skipped['file']}: {skipped['reason']}", file=sys.stderr)
+    _print_report(result["report"])
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    if not report["ok"]:
+        print(f"problem: {report['message']}\n  hint: {report['hint']}", file=sys.stderr)
+    for warning in report["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
+def _cmd_datasets(args: argparse.Namespace) -> int:
+    """create | import | list | show | delete, all through DatasetService (the API and the tab use it too)."""
+    from kohya_backend.data.preprocess import Preprocess
+    from kohya_backend.service.datasets import IncomingFile
+
+    service = _datasets_service(args)
+    command = args.datasets_command
+    if command in ("create", "import"):
+        options = {
+            "repeats": args.repeats,
+            "subject": args.subject,
+            "preprocess": Preprocess.parse(args.preprocess),
+        }
+        if command == "create":
+            files = [IncomingFile(Path(f).name, Path(f)) for f in args.files]
+            result = service.create(args.name, files, **options)
+        else:
+            result = service.import_folder(
+                Path(args.path), args.name or Path(args.path).resolve().name, **options
+            )
+        _print_dataset_result(result)
+        return 0 if result["report"]["ok"] else 2
+    if command == "list":
+        for entry in service.list():
+            summary = entry["summary"]
+            state = (
+                f"{summary['images']} image(s), {summary['train_items']} with repeats"
+                if summary
+                else "problem"
+            )
+            print(f"{entry['name']}  {state}")
+        return 0
+    if command == "show":
+        shown = service.show(args.name) if not args.verify else {"report": service.validate(args.name)}
+        if args.json:
+            print(json.dumps(shown, indent=2))
+        else:
+            for image in shown.get("images", []):
+                print(f"{image['image']}  {image['caption'] or '(no caption)'}")
+            _print_report(shown["report"])
+        return 0 if shown["report"]["ok"] else 2
+    if args.image:
+        service.delete_image(args.name, args.image)
+        print(f"deleted {args.image} from {args.name}")
+    else:
+        service.delete(args.name)
+        print(f"deleted dataset {args.name}")
+    return 0
+
+
+def _add_datasets_parser(sub: Any) -> None:
+    datasets = sub.add_parser("datasets", help="create, inspect and delete datasets in a home folder")
+    commands = datasets.add_subparsers(dest="datasets_command", required=True)
+    parsers = {
+        "create": commands.add_parser("create", help="create a dataset from images, captions and zips"),
+        "import": commands.add_parser(
+            "import", help="copy a local folder in as a dataset (relative paths kept)"
+        ),
+        "list": commands.add_parser("list", help="list datasets with their image counts"),
+        "show": commands.add_parser("show", help="images, captions and the validation report"),
+        "delete": commands.add_parser("delete", help="delete a dataset (or one image of it with --image)"),
+    }
+    for name, parser in parsers.items():
+        parser.add_argument("--home", default=DEFAULT_HOME, help="the Train Management home folder")
+        parser.set_defaults(func=_cmd_datasets)
+        if name in ("create", "import"):
+            parser.add_argument(
+                "--repeats", default="10", help="repeats of files not in a <repeats>_<name> folder"
+            )
+            parser.add_argument("--subject", help="class token of that folder (default: the dataset name)")
+            parser.add_argument("--preprocess", help="512-crop, 512-bucket, 1024-crop or 1024-bucket")
+    parsers["create"].add_argument("name", help="dataset folder name under HOME/datasets")
+    parsers["create"].add_argument("files", nargs="+", help="image, caption and zip files")
+    parsers["import"].add_argument("path", help="a local folder (any path on this machine)")
+    parsers["import"].add_argument("--name", help="dataset name (default: the folder's name)")
+    parsers["show"].add_argument("name")
+    parsers["show"].add_argument("--json", action="store_true", help="machine-readable output")
+    parsers["show"].add_argument("--verify", action="store_true", help="decode every image (full validation)")
+    parsers["delete"].add_argument("name")
+    parsers["delete"].add_argument("--image", help="delete only this image (relative to the dataset)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `python -m kohya_backend`."""
     parser = argparse.ArgumentParser(prog="python -m kohya_backend", description=__doc__)
@@ -373,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.set_defaults(func=_cmd_serve)
     _add_jobs_parser(sub)
+    _add_datasets_parser(sub)
     return parser
 
 

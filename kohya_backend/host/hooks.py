@@ -1,0 +1,159 @@
+"""Hooks the WebUI lends the backend, built around its objects (passed in, duck-typed, never imported here).
+
+- interrogate: the WebUI's captioner as `Path -> caption` for the dataset editor;
+- before local start: unload the WebUI's model (when the setting is on) and refuse to start when the trainer's
+  environment is not ready;
+- on delivered: refresh the WebUI's Lora list so a finished LoRA shows without a restart.
+
+The WebUI's queue lock serialises GPU work; hooks that touch the model wait for it (bounded), so they never
+pull a model out from under a running generation.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from kohya_backend.errors import TrainManagementError
+
+if TYPE_CHECKING:
+    from kohya_backend.jobs.store import Job
+
+log = logging.getLogger(__name__)
+
+UNLOAD_WAIT_S = 120.0
+INTERROGATE_WAIT_S = 600.0
+_FAILED_CAPTION = "<error>"  # what the WebUI's interrogator returns when it fails
+
+
+class Lock(Protocol):
+    """What the hooks need of the WebUI's queue lock (a threading.Lock)."""
+
+    def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+@contextmanager
+def _holding(lock: Lock | None, timeout_s: float) -> Iterator[bool]:
+    """Hold `lock` for the block if it can be had within `timeout_s`; yields whether it is held."""
+    if lock is None:
+        yield True
+        return
+    held = lock.acquire(True, timeout_s)
+    try:
+        yield held
+    finally:
+        if held:
+            lock.release()
+
+
+def interrogate_hook(
+    interrogator: Any, lock: Lock | None = None, *, wait_s: float = INTERROGATE_WAIT_S
+) -> Callable[[Path], str] | None:
+    """The WebUI's `interrogator.interrogate(PIL image) -> str` as `image file -> caption`; None without one."""
+    if interrogator is None or not callable(getattr(interrogator, "interrogate", None)):
+        return None
+
+    def interrogate(path: Path) -> str:
+        from PIL import Image
+
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+        with _holding(lock, wait_s) as held:
+            if not held:
+                raise TrainManagementError(
+                    f"the WebUI stayed busy for {wait_s:.0f} s, so {Path(path).name} was not captioned",
+                    "caption again when the current generation has finished",
+                )
+            caption = interrogator.interrogate(image)
+        if not isinstance(caption, str) or caption.strip() in ("", _FAILED_CAPTION):
+            raise TrainManagementError(
+                f"the WebUI's interrogator returned no caption for {Path(path).name}",
+                "see the WebUI's console for its error (its model may still be downloading)",
+            )
+        return caption.strip()
+
+    return interrogate
+
+
+def unload_before_start(
+    enabled: Callable[[], bool],
+    unload: Callable[[], None],
+    lock: Lock | None = None,
+    *,
+    wait_s: float = UNLOAD_WAIT_S,
+) -> Callable[[Job, str], None]:
+    """Before a local training: unload the WebUI's model when `enabled()` says so (read at each start).
+
+    A failed unload, or a WebUI still busy after `wait_s`, is logged and the training starts anyway: unloading
+    only makes room, and the trainer reports an out-of-memory error itself.
+    """
+
+    def before(job: Job, device: str) -> None:
+        if not enabled():
+            return
+        with _holding(lock, wait_s) as held:
+            if not held:
+                log.warning(
+                    "job %s: the WebUI is busy; starting on %s without unloading its model", job.id, device
+                )
+                return
+            try:
+                unload()
+                log.info("job %s: unloaded the WebUI's model before training on %s", job.id, device)
+            except Exception:  # a WebUI without a loaded model, or another build's quirk: train anyway
+                log.exception("job %s: could not unload the WebUI's model", job.id)
+
+    return before
+
+
+def use_trainer(
+    resolve: Callable[[], tuple[list[str] | None, str | None]],
+    apply: Callable[[list[str]], None],
+    hint: str,
+) -> Callable[[Job, str], None]:
+    """Before a local training: find the trainer's interpreter now (`resolve` -> (command, why not)).
+
+    With one, `apply` hands it to the runner (the environment may have become ready while the host ran);
+    without one the job fails with the reason and `hint` instead of starting in an interpreter that lacks the
+    trainer's packages.
+    """
+
+    def before(job: Job, device: str) -> None:
+        python, problem = resolve()
+        if python is None:
+            raise TrainManagementError(f"job {job.id} cannot start on {device}: {problem}", hint)
+        apply(python)
+
+    return before
+
+
+def chain(*hooks: Callable[[Job, str], None]) -> Callable[[Job, str], None]:
+    """Run before-start hooks in order; the first that raises stops the start."""
+
+    def before(job: Job, device: str) -> None:
+        for hook in hooks:
+            hook(job, device)
+
+    return before
+
+
+def refresh_loras(find_networks: Callable[[], Any]) -> Callable[[Job, list[Path]], None]:
+    """After a delivery: `list_available_networks()` of the WebUI's Lora module, found at call time."""
+    refresh_lock = threading.Lock()
+
+    def on_delivered(job: Job, paths: list[Path]) -> None:
+        networks = find_networks()
+        refresh = getattr(networks, "list_available_networks", None)
+        if not callable(refresh):
+            log.info("job %s: no Lora list to refresh (the built-in Lora extension is not loaded)", job.id)
+            return
+        with refresh_lock:
+            refresh()
+
+    return on_delivered

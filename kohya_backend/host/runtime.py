@@ -1,0 +1,143 @@
+"""The extension's services for the life of the host process: built once, rebuilt only when the folders change.
+
+The WebUI executes scripts/*.py again on every "Reload UI" (fresh module objects, callbacks cleared) but keeps
+its process and sys.modules; this module is imported normally, so the one HostRuntime below outlives reloads and
+the scheduler thread is started once per process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kohya_backend.jobs.store import Job
+    from kohya_backend.service.datasets import DatasetService
+    from kohya_backend.service.training import TrainingService
+
+log = logging.getLogger(__name__)
+
+
+def local_devices(gpus: Sequence[str], per_device: int) -> dict[str, int]:
+    """Each GPU ('cuda:N', see kohya_backend.jobs.devices) with `per_device` jobs at once, or the CPU without one."""
+    slots = max(1, int(per_device))
+    return {device: slots for device in gpus} or {"cpu": slots}
+
+
+def detected_gpus() -> tuple[str, ...]:
+    """The scheduler names of this machine's visible GPUs (found without importing torch)."""
+    from kohya_backend.jobs.devices import detect_gpus
+
+    return tuple(gpu.device for gpu in detect_gpus())
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """What the services are built from; a different value (e.g. another home folder) means a rebuild."""
+
+    home: Path
+    models_dir: Path | None
+    lora_dir: Path | None
+    python: tuple[str, ...] | None
+    gpus: tuple[str, ...] = ()
+    per_device: int = 1
+    keep_epochs: bool = False
+
+    def structural(self) -> tuple[object, ...]:
+        """The fields that need a new service when they change (the rest is applied to the running one)."""
+        return (self.home, self.models_dir, self.lora_dir, self.gpus)
+
+
+class HostRuntime:
+    """Holds the TrainingService (and DatasetService) of this process and starts its scheduler thread once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.service: TrainingService | None = None
+        self.datasets: DatasetService | None = None
+        self.config: HostConfig | None = None
+        self.started = False
+
+    def ensure(
+        self,
+        config: HostConfig,
+        *,
+        on_delivered: Callable[[Job, list[Path]], None] | None = None,
+        before_local_start: Callable[[Job, str], None] | None = None,
+    ) -> TrainingService:
+        """The service for `config`: the current one (settings and hooks updated), or a new one if folders changed."""
+        with self._lock:
+            if self.service is None or self.config is None or self.config.structural() != config.structural():
+                self._rebuild(config)
+            assert self.service is not None
+            scheduler = self.service.scheduler
+            scheduler.devices.update(local_devices(config.gpus, config.per_device))
+            scheduler.keep_epochs = config.keep_epochs
+            self.set_python(config.python)
+            scheduler.on_delivered = on_delivered
+            scheduler.before_local_start = before_local_start
+            self.config = config
+            return self.service
+
+    def set_python(self, python: tuple[str, ...] | list[str] | None) -> None:
+        """Point the local runner at the trainer's interpreter (it may become ready while the host runs)."""
+        from kohya_backend.jobs.runner import LocalRunner
+
+        with self._lock:
+            runner = self.service.scheduler.runners.get("local") if self.service is not None else None
+            if isinstance(runner, LocalRunner) and python:
+                runner.python = tuple(python)
+
+    def _rebuild(self, config: HostConfig) -> None:
+        from kohya_backend.service.app import build_service
+        from kohya_backend.service.datasets import DatasetService
+
+        was_started = self.started
+        if self.service is not None:
+            log.info("Train Management: folders changed, restarting its scheduler on %s", config.home)
+            self.service.scheduler.stop()
+            self.started = False
+        self.service = build_service(
+            config.home,
+            models_dir=config.models_dir,
+            lora_dir=config.lora_dir,
+            python=config.python,
+            devices=local_devices(config.gpus, config.per_device),
+            keep_epochs=config.keep_epochs,
+        )
+        self.datasets = DatasetService(self.service.home, jobs=self.service.store)
+        if was_started:
+            self.start()
+
+    def start(self) -> bool:
+        """Start the scheduler thread unless it already runs; True when this call started it."""
+        with self._lock:
+            if self.service is None:
+                raise RuntimeError("HostRuntime.start() before ensure(): there is no service to start")
+            if self.started:
+                return False
+            self.service.scheduler.start()
+            self.started = True
+            return True
+
+    def stop(self) -> None:
+        """Stop the scheduler thread (trainers keep running; the next start re-attaches to them)."""
+        with self._lock:
+            if self.service is not None:
+                self.service.scheduler.stop()
+            self.started = False
+
+    def reset(self) -> None:
+        """Stop and forget the service (tests, or a host that shuts the extension down)."""
+        with self._lock:
+            self.stop()
+            self.service = None
+            self.datasets = None
+            self.config = None
+
+
+RUNTIME = HostRuntime()

@@ -1,0 +1,21 @@
+"""Mirrors modules/cmd_args.py: the WebUI's argparse parser, with the flags the adapter reads."""
+
+import argparse
+
+
+def make_parser():
+    """A fresh parser (the real module builds one at import; tests start several WebUIs in one process)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data-dir", type=str, default=None, help="base path where all user data is stored")
+    parser.add_argument("--ckpt-dir", type=str, default=None, help="path to a directory with checkpoints")
+    parser.add_argument("--api", action="store_true", help="use api=True to launch the API with the webui")
+    parser.add_argument(
+        "--api-auth", type=str, default=None, help='API auth "username:password"; comma-delimit'
+    )
+    parser.add_argument("--gradio-auth", type=str, default=None, help='gradio auth "username:password"')
+    parser.add_argument("--gradio-auth-path", type=str, default=None, help="gradio auth file path")
+    parser.add_argument(
+        "--nowebui", action="store_true", help="use api=True to launch the API instead of the UI"
+    )
+    parser.add_argument("--skip-install", action="store_true", help="skip installation of packages")
+    return parser

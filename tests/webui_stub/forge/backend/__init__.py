@@ -1,0 +1,1 @@
+"""Stand-in for Forge's backend package."""

@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import psutil
 
@@ -57,10 +57,16 @@ class RunHandle:
 
 @dataclass(frozen=True)
 class RunStatus:
-    """What a poll found: `exit_code` is None while alive, and also when the process was not our child."""
+    """What a poll found: `exit_code` is None while alive, and also when the process was not our child.
+
+    `lost` is set by runners that lose sight of a trainer they do not own (a remote worker stopped answering, or
+    its job was interrupted or cancelled there): the job becomes interrupted (cancelled when cancelling) with it
+    as the reason.
+    """
 
     alive: bool
     exit_code: int | None = None
+    lost: str | None = None
 
 
 class Runner(Protocol):
@@ -82,6 +88,22 @@ class Runner(Protocol):
 
     def attach(self, job: Job) -> RunHandle | None:
         """Find the job's trainer again after a restart of this host process, or None when it is gone."""
+        ...
+
+
+@runtime_checkable
+class PlacingRunner(Runner, Protocol):
+    """A runner that trains on machines of its own (remote workers) instead of this host's devices.
+
+    Its instance types are its name or `name:target`; the scheduler asks it where a queued job goes.
+    """
+
+    def check_instance_type(self, instance_type: str) -> None:
+        """Raise TrainManagementError (saying what exists) unless jobs may be submitted to `instance_type`."""
+        ...
+
+    def place(self, job: Job) -> str | None:
+        """The device (e.g. 'worker:gpu-box') the queued `job` starts on now, or None to keep it queued."""
         ...
 
 

@@ -32,6 +32,7 @@ from kohya_backend.jobs.runner import (
     LOG_NAME,
     RESULT_NAME,
     RUN_NAME,
+    PlacingRunner,
     RunHandle,
     Runner,
     RunStatus,
@@ -144,6 +145,7 @@ def _step_progress(event: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_UPLOAD_KEYS = ("worker", "done", "total", "sent", "skipped", "files")
 _PLAN_KEYS = (
     "total_steps",
     "steps_per_epoch",
@@ -170,6 +172,10 @@ def summarize(events: list[dict[str, Any]], warnings: list[str]) -> EventSummary
                 progress["total_epochs"] = event["epochs"]
         elif kind == "start":
             progress.update(phase="loading", device=event.get("device"))
+        elif kind == "upload":  # a remote runner sending the job's files to its worker
+            progress.update(phase="uploading", upload={k: event.get(k) for k in _UPLOAD_KEYS})
+        elif kind == "submitted":
+            progress.update(phase="submitted", worker=event.get("worker"), remote_job=event.get("job"))
         elif kind == "caching":
             progress.update(phase="caching", caching={k: event.get(k) for k in ("what", "done", "total")})
         elif kind == "epoch":
@@ -378,6 +384,7 @@ class Scheduler:
         keep_epochs: bool = False,
         on_delivered: Callable[[Job, list[Path]], None] | None = None,
         before_local_start: Callable[[Job, str], None] | None = None,
+        unique_names: bool = True,
     ) -> None:
         self.store = store
         self.runners: dict[str, Runner] = {r.name: r for r in runners}
@@ -395,6 +402,7 @@ class Scheduler:
         self.keep_epochs = keep_epochs
         self.on_delivered = on_delivered
         self.before_local_start = before_local_start
+        self.unique_names = unique_names  # a remote worker holds many clients' jobs: names are theirs to keep
         self._runs: dict[str, _Run] = {}
         self._tail = EventTail()
         self._recovered = False
@@ -422,11 +430,14 @@ class Scheduler:
         params = dict(params or {})
         if fm_type not in FM_TYPES:
             raise TrainManagementError(f"unknown FM type {fm_type!r}", f"use one of: {', '.join(FM_TYPES)}")
-        if instance_type not in self.runners:
+        runner = self.runner_for(instance_type)
+        if runner is None:
             raise TrainManagementError(
                 f"instance type {instance_type!r} is not available here",
                 f"choose one of: {', '.join(sorted(self.runners))}",
             )
+        if isinstance(runner, PlacingRunner):
+            runner.check_instance_type(instance_type)
         device = params.get("device")
         if device is not None and device not in self.devices:
             raise TrainManagementError(
@@ -435,7 +446,7 @@ class Scheduler:
             )
         config_toml = config_with_output_name(config_toml, check_output_name(output_name))
         with self._submit_lock:
-            if self.store.output_name_taken(output_name):
+            if self.unique_names and self.store.output_name_taken(output_name):
                 raise TrainManagementError(
                     f"output name {output_name!r} is already used by another job",
                     "choose another output_name (each job writes its own LoRA file), or delete the old job",
@@ -577,7 +588,7 @@ class Scheduler:
         for job in self._active_jobs():
             if job.id in self._runs:
                 continue
-            runner = self.runners.get(job.instance_type)
+            runner = self.runner_for(job.instance_type)
             handle = runner.attach(job) if runner is not None else None
             if runner is None or handle is None:
                 self._settle_vanished(job)
@@ -597,10 +608,11 @@ class Scheduler:
                 return jobs
 
     def _settle_vanished(self, job: Job) -> None:
-        if job.pid is None or job.instance_type not in self.runners:
+        unknown = self.runner_for(job.instance_type) is None
+        if job.pid is None or unknown:
             why = (
                 f"no runner {job.instance_type!r} is configured here"
-                if job.instance_type not in self.runners
+                if unknown
                 else "Train Management stopped before the trainer started"
             )
             target = JobStatus.CANCELLED if job.status is JobStatus.CANCELLING else JobStatus.INTERRUPTED
@@ -668,6 +680,10 @@ class Scheduler:
     # -- settling a finished trainer ------------------------------------------------------------------------
 
     def _settle(self, job: Job, status: RunStatus, *, vanished: bool) -> None:
+        if status.lost is not None:  # the runner lost its trainer (e.g. a worker stopped answering)
+            target = JobStatus.CANCELLED if job.status is JobStatus.CANCELLING else JobStatus.INTERRUPTED
+            self._move(job, target, status.lost)
+            return
         result = read_json(job.folder / RESULT_NAME)
         outcome = outcome_of(status.exit_code, result)
         cancelling = job.status is JobStatus.CANCELLING
@@ -732,14 +748,29 @@ class Scheduler:
             used[run.device] = used.get(run.device, 0) + 1
         return {d: n - used.get(d, 0) for d, n in self.devices.items()}
 
+    def runner_for(self, instance_type: str) -> Runner | None:
+        """The runner of an instance type: a runner's name, or `name:target` for a runner that places jobs."""
+        runner = self.runners.get(instance_type)
+        if runner is None:
+            base = self.runners.get(instance_type.partition(":")[0])
+            runner = base if isinstance(base, PlacingRunner) else None
+        return runner
+
     def _start_queued(self) -> None:
         free = self._free_slots()
-        if not any(n > 0 for n in free.values()):
+        placing = any(isinstance(r, PlacingRunner) for r in self.runners.values())
+        if not placing and not any(n > 0 for n in free.values()):
             return
         queued, _total = self.store.list(status=[JobStatus.QUEUED], limit=_PAGE, newest_first=False)
         for job in queued:
+            runner = self.runner_for(job.instance_type)
+            if isinstance(runner, PlacingRunner):  # it has machines of its own (remote workers)
+                placed = runner.place(job)
+                if placed is not None:
+                    self._launch(job, placed)
+                continue
             if not any(n > 0 for n in free.values()):
-                return
+                continue
             device = self._device_for(job, free)
             if device is not None and self._launch(job, device):
                 free[device] -= 1
@@ -751,8 +782,9 @@ class Scheduler:
         return max(free, key=lambda d: free[d]) if max(free.values()) > 0 else None
 
     def _launch(self, job: Job, device: str) -> bool:
-        runner = self.runners.get(job.instance_type)
-        if runner is None or job.params.get("device", device) not in self.devices:
+        runner = self.runner_for(job.instance_type)
+        local = not isinstance(runner, PlacingRunner)
+        if runner is None or (local and job.params.get("device", device) not in self.devices):
             problem = (
                 f"instance type {job.instance_type!r} is not available here"
                 if runner is None
@@ -779,7 +811,8 @@ class Scheduler:
             if not isinstance(exc, (TrainManagementError, OSError)):
                 raise
             return False
-        self.store.set_process(job.id, handle.pid, handle.pgid)
+        if handle.pid > 0:  # remote trainers have no process on this host
+            self.store.set_process(job.id, handle.pid, handle.pgid)
         self.store.update_progress(job.id, {"phase": "starting", "device": device}, heartbeat=True)
         self._runs[job.id] = _Run(handle, runner, device)
         return True

@@ -1,0 +1,343 @@
+"""The remote GPU worker: a job service without a UI (`python -m kohya_backend worker`).
+
+It has its own home, job store, scheduler and local runner, plus a FastAPI app under WORKER_PREFIX: open health,
+and behind the bearer token (compared in constant time) its info, the blob store, and the jobs clients submit.
+Handlers that touch the disk or wait are plain `def` (FastAPI runs them in its thread pool); only the upload
+route is async, and it hands every write to a thread.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+import shutil
+import socket
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, HTTPException, Response
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+import kohya_backend
+from kohya_backend.errors import TrainManagementError
+from kohya_backend.jobs.runner import LocalRunner
+from kohya_backend.jobs.scheduler import Scheduler, default_devices
+from kohya_backend.jobs.states import InvalidTransition, JobStatus
+from kohya_backend.jobs.store import InvalidJobId, JobActive, JobNotFound, JobStore
+from kohya_backend.jobs.worker_protocol import (
+    DEFAULT_WORKER_PORT,
+    LOG_SIZE_HEADER,
+    SHA256_HEADER,
+    STATUS_HEADER,
+    WORKER_API_VERSION,
+    WORKER_PREFIX,
+    InvalidName,
+)
+from kohya_backend.service.api import error_body
+from kohya_backend.service.blobs import (
+    DEFAULT_MAX_BLOB_BYTES,
+    DEFAULT_RESERVE_BYTES,
+    BlobError,
+    BlobStore,
+    create_blob_router,
+)
+from kohya_backend.service.home import Home
+from kohya_backend.service.training import TrainingService
+from kohya_backend.service.worker_jobs import MAX_LOG_CHUNK, MissingBlobs, WorkerJobs
+
+DEFAULT_WORKER_HOME = "train_management_worker"
+TOKEN_ENV = "TRAIN_MANAGEMENT_WORKER_TOKEN"
+MIN_TOKEN_CHARS = 16
+BLOBS_DIR = "blobs"
+
+
+class WorkerSetupError(TrainManagementError):
+    """The worker cannot start as asked (no token, a weak token, an unreadable token file)."""
+
+
+def gpu_info() -> list[dict[str, Any]]:
+    """Each visible CUDA GPU's index, name and memory in bytes (None when unknown); [] without one."""
+    from kohya_backend.jobs.devices import detect_gpus
+
+    return [
+        {
+            "index": gpu.index,
+            "name": gpu.name,
+            "vram_bytes": gpu.memory_mib * 2**20 if gpu.memory_mib is not None else None,
+        }
+        for gpu in detect_gpus()
+    ]
+
+
+@dataclass
+class Worker:
+    """Everything one worker process serves: its home, jobs (service + scheduler), blobs and machine facts."""
+
+    service: TrainingService
+    blobs: BlobStore
+    jobs: WorkerJobs
+    name: str
+    gpus: list[dict[str, Any]] = field(default_factory=list)
+
+    def info(self) -> dict[str, Any]:
+        """Machine and load facts clients use to choose a worker (no secrets, no paths)."""
+        store = self.service.store
+        active = store.list(status=JobStatus.active(), limit=1)[1]
+        queued = store.list(status=[JobStatus.QUEUED], limit=1)[1]
+        devices = self.service.scheduler.devices
+        return {
+            "api": WORKER_API_VERSION,
+            "version": kohya_backend.__version__,
+            "name": self.name,
+            "gpus": self.gpus,
+            "devices": devices,
+            "slots": sum(devices.values()),
+            "active_jobs": active,
+            "queued_jobs": queued,
+            "free_disk_bytes": self.blobs.free_bytes(),
+            "max_blob_bytes": self.blobs.max_blob_bytes,
+        }
+
+
+def build_worker(
+    home_dir: Path,
+    *,
+    max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES,
+    reserve_bytes: int = DEFAULT_RESERVE_BYTES,
+    poll_interval_s: float = 1.0,
+    devices: dict[str, int] | None = None,
+) -> Worker:
+    """A worker's home, job store, scheduler (local runner, no Lora folder, names unique per client) and blobs."""
+    home = Home(home_dir)
+    found = devices or default_devices()
+    scheduler = Scheduler(
+        JobStore(home.root),
+        [LocalRunner()],
+        lora_dir=None,
+        devices=found,
+        poll_interval_s=poll_interval_s,
+        unique_names=False,
+    )
+    service = TrainingService(home, scheduler, restrict_paths=True)
+    blobs = BlobStore(home.root / BLOBS_DIR, max_blob_bytes=max_blob_bytes, reserve_bytes=reserve_bytes)
+    blobs.prune_partials()
+    gpus = gpu_info() if any(d.startswith("cuda") for d in found) else []
+    return Worker(service, blobs, WorkerJobs(service, blobs), socket.gethostname(), gpus)
+
+
+def _status(exc: TrainManagementError) -> int:
+    if isinstance(exc, BlobError):
+        return exc.status
+    if isinstance(exc, (InvalidName, InvalidJobId)):
+        return 400
+    if isinstance(exc, JobNotFound):
+        return 404
+    if isinstance(exc, (InvalidTransition, JobActive, MissingBlobs)):
+        return 409
+    return 400
+
+
+@contextmanager
+def _http_errors() -> Iterator[None]:
+    try:
+        yield
+    except TrainManagementError as exc:
+        detail = error_body(exc)
+        if isinstance(exc, MissingBlobs):
+            detail["missing"] = exc.missing
+        raise HTTPException(status_code=_status(exc), detail=detail) from exc
+
+
+class JobRequest(BaseModel):
+    """Body of POST /jobs (checked field by field in WorkerJobs.submit, with messages a client can act on)."""
+
+    client_key: str
+    fm_type: str
+    output_name: str | None = None
+    config_params: dict[str, Any] = {}
+    inputs: dict[str, Any]
+
+
+def _job_routes(router: APIRouter, jobs: WorkerJobs) -> None:
+    service = jobs.service
+
+    @router.post("/jobs", status_code=201)
+    def submit(body: JobRequest, response: Response) -> dict[str, Any]:
+        with _http_errors():
+            view, created = jobs.submit(body.dict())
+        if not created:
+            response.status_code = 200
+        return {"job": view}
+
+    @router.get("/jobs/{job_id}")
+    def show(job_id: str) -> dict[str, Any]:
+        with _http_errors():
+            return {"job": jobs.view(job_id)}
+
+    @router.get("/jobs/{job_id}/events")
+    def events(job_id: str, after: int = 0, wait: float = 0.0) -> dict[str, Any]:
+        with _http_errors():
+            return jobs.events(job_id, after, wait)
+
+    @router.get("/jobs/{job_id}/log")
+    def log(job_id: str, offset: int = 0, limit: int = MAX_LOG_CHUNK) -> Response:
+        with _http_errors():
+            data, size, status = jobs.log(job_id, offset, limit)
+        headers = {LOG_SIZE_HEADER: str(size), STATUS_HEADER: status}
+        return Response(content=data, media_type="application/octet-stream", headers=headers)
+
+    @router.get("/jobs/{job_id}/files/{relpath:path}")
+    def output_file(job_id: str, relpath: str) -> FileResponse:
+        with _http_errors():
+            path, info = jobs.output_file(job_id, relpath)
+        headers = {SHA256_HEADER: info["sha256"]}
+        return FileResponse(path, media_type="application/octet-stream", headers=headers)
+
+    @router.post("/jobs/{job_id}/cancel")
+    def cancel(job_id: str) -> dict[str, Any]:
+        with _http_errors():
+            service.cancel(job_id)
+            return {"job": jobs.view(job_id)}
+
+    @router.post("/jobs/{job_id}/resume")
+    def resume(job_id: str) -> dict[str, Any]:
+        with _http_errors():
+            service.resume(job_id)
+            return {"job": jobs.view(job_id)}
+
+    @router.delete("/jobs/{job_id}", status_code=204)
+    def delete(job_id: str) -> Response:
+        with _http_errors():
+            service.delete(job_id)
+        return Response(status_code=204)
+
+
+class BearerTokenMiddleware:
+    """Checks `Authorization: Bearer <token>` (constant-time) before any route runs or any body is read.
+
+    A middleware rather than a route dependency: FastAPI parses a JSON body before a dependency could refuse it,
+    and an unauthenticated client must not make the worker read anything.
+    """
+
+    def __init__(self, app: ASGIApp, *, token: str, open_paths: frozenset[str]) -> None:
+        self.app = app
+        self.expected = token.encode("utf-8")
+        self.open_paths = open_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, given = header.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.expected):
+            await self.app(scope, receive, send)
+            return
+        detail = {"error": "Unauthorized", "message": "a valid bearer token is required",
+                  "hint": "send the header 'Authorization: Bearer <token>' with the worker's token"}  # fmt: skip
+        answer = JSONResponse({"detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        await answer(scope, receive, send)
+
+
+def create_worker_app(worker: Worker, *, token: str) -> FastAPI:
+    """The worker's FastAPI app; every route but /health needs `Authorization: Bearer <token>`."""
+    if not token:
+        raise WorkerSetupError("a worker needs a token", "pass --token-file FILE")
+    app = FastAPI(
+        title="Train Management worker",
+        openapi_url=f"{WORKER_PREFIX}/openapi.json",
+        docs_url=None,
+        redoc_url=None,
+    )
+    open_routes = APIRouter(prefix=WORKER_PREFIX)
+
+    @open_routes.get("/health")
+    def health() -> dict[str, Any]:
+        return {"ok": True, "api": WORKER_API_VERSION}
+
+    guarded = APIRouter(prefix=WORKER_PREFIX)
+
+    @guarded.get("/info")
+    def info() -> dict[str, Any]:
+        return worker.info()
+
+    guarded.include_router(create_blob_router(worker.blobs))
+    _job_routes(guarded, worker.jobs)
+    app.include_router(open_routes)
+    app.include_router(guarded)
+    app.add_middleware(BearerTokenMiddleware, token=token, open_paths=frozenset({f"{WORKER_PREFIX}/health"}))
+    return app
+
+
+def read_token_file(path: Path, *, create: bool = False) -> str:
+    """The token in `path` (first line, stripped); with `create`, a missing file gets a new random token (0600)."""
+    path = Path(path).expanduser()
+    if create and not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(secrets.token_urlsafe(32) + "\n")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise WorkerSetupError(
+            f"cannot read the token file {path}: {exc.strerror}",
+            "create it with --create-token, or write a long random token into it (chmod 600)",
+        ) from exc
+    token = lines[0].strip() if lines else ""
+    if len(token) < MIN_TOKEN_CHARS:
+        raise WorkerSetupError(
+            f"the token in {path} is {'empty' if not token else 'shorter than 16 characters'}",
+            "use a long random token, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`",
+        )
+    if os.name == "posix" and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        print(f"warning: {path} is readable by other users; chmod 600 it", flush=True)
+    return token
+
+
+def describe(worker: Worker, host: str, port: int) -> str:
+    """The startup banner: URL, GPU (or CPU), VRAM and free disk."""
+    shown_host = f"[{host}]" if ":" in host else host
+    lines = [f"Train Management worker on http://{shown_host}:{port} (API {WORKER_PREFIX})"]
+    if worker.gpus:
+        for gpu in worker.gpus:
+            vram = f"{gpu['vram_bytes'] / 2**30:.1f} GiB VRAM" if gpu["vram_bytes"] else "VRAM unknown"
+            lines.append(f"GPU {gpu['index']}: {gpu['name']}, {vram}")
+    else:
+        lines.append("GPU: none found; jobs train on the CPU")
+    free = shutil.disk_usage(worker.service.home.root).free
+    lines.append(f"free disk: {free / 2**30:.1f} GiB in {worker.service.home.root}")
+    return "\n".join(lines)
+
+
+def serve_worker(
+    home_dir: Path,
+    *,
+    token: str,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_WORKER_PORT,
+    max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES,
+    reserve_bytes: int = DEFAULT_RESERVE_BYTES,
+) -> None:
+    """Start the scheduler thread and serve the worker API until interrupted."""
+    import uvicorn
+
+    worker = build_worker(home_dir, max_blob_bytes=max_blob_bytes, reserve_bytes=reserve_bytes)
+    app = create_worker_app(worker, token=token)
+    worker.service.scheduler.start()
+    print(describe(worker, host, port), flush=True)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            "note: plain HTTP; put the worker behind a TLS reverse proxy or an SSH tunnel on untrusted networks",
+            flush=True,
+        )
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        worker.service.scheduler.stop()

@@ -1,0 +1,354 @@
+"""The worker's side of remote jobs: check a submission, materialise its inputs from blobs, queue it, show it.
+
+A submission names every input (model, dataset, tokenizer, ...) as relative paths plus sha256s of blobs already
+uploaded. Each name and path is validated before it touches the disk; the files are hard-linked (or copied) from
+the blob store into the worker's own home, never unpacked from archives, and the config is validated again here
+exactly as a local submission is. Paths in what the worker answers are relative to the job folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kohya_backend.errors import TrainManagementError
+from kohya_backend.jobs.runner import EVENTS_NAME, LOG_NAME, RESULT_NAME, read_json
+from kohya_backend.jobs.states import JobStatus
+from kohya_backend.jobs.store import Job, JobNotFound, validate_job_id
+from kohya_backend.jobs.worker_protocol import (
+    FOLDER_KEYS,
+    INPUT_KEYS,
+    MAX_INPUT_FILES,
+    OUTPUT_KEYS,
+    InvalidName,
+    validate_file_name,
+    validate_relpath,
+    validate_sha256,
+)
+from kohya_backend.models.hashing import sha256_file
+from kohya_backend.service.blobs import BlobStore
+from kohya_backend.service.home import MODEL_SUFFIXES
+from kohya_backend.service.training import Submission, TrainingService
+
+KEYS_DIR = "worker-keys"
+MAX_LOG_CHUNK = 1 << 20
+MAX_WAIT_S = 30.0
+_POLL_S = 0.25
+_NO_LINK = {errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK}
+_CLIENT_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:._-")
+
+
+class MissingBlobs(TrainManagementError):
+    """A submission refers to blobs the worker does not hold (complete) yet."""
+
+    def __init__(self, missing: list[str]) -> None:
+        super().__init__(
+            f"{len(missing)} input file(s) are not on the worker yet (first: {missing[0][:12]})",
+            "upload them (PUT /blobs/{sha256}) and submit again",
+        )
+        self.missing = missing
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One file of an input: where it goes (relative path) and which blob holds it."""
+
+    path: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Input:
+    """A config key's input: one file, or a folder of files, under a validated name."""
+
+    key: str
+    name: str
+    folder: bool
+    files: tuple[InputFile, ...]
+
+    def digest(self) -> str:
+        """The sha256 of the sorted (path, sha256) list: same files, same digest, same materialised folder."""
+        listing = sorted((f.path, f.sha256) for f in self.files)
+        return hashlib.sha256(json.dumps(listing).encode("utf-8")).hexdigest()
+
+
+def _bad(
+    message: str, hint: str = "send the submission the way the Train Management client does"
+) -> InvalidName:
+    return InvalidName(message, hint)
+
+
+def parse_inputs(raw: object) -> dict[str, Input]:
+    """Validate the `inputs` of a submission: known keys, names, relative paths, sha256s, sizes, counts."""
+    if not isinstance(raw, dict):
+        raise _bad("inputs must be an object keyed by config key")
+    unknown = sorted(set(raw) - set(INPUT_KEYS))
+    if unknown:
+        raise _bad(
+            f"inputs has unknown keys: {', '.join(map(str, unknown))[:200]}", f"use: {', '.join(INPUT_KEYS)}"
+        )
+    for key in ("pretrained_model_name_or_path", "train_data_dir"):
+        if key not in raw:
+            raise _bad(f"inputs lacks {key}")
+    return {key: _parse_input(key, value) for key, value in raw.items()}
+
+
+def _parse_input(key: str, value: object) -> Input:
+    if not isinstance(value, dict) or not isinstance(value.get("files"), list):
+        raise _bad(f"inputs.{key} must be an object with a name and a list of files")
+    folder = key in FOLDER_KEYS
+    name = validate_file_name(value.get("name"), what=f"inputs.{key}.name")
+    entries = value["files"]
+    if not entries or len(entries) > MAX_INPUT_FILES or (not folder and len(entries) != 1):
+        count = "1 file" if not folder else f"1 to {MAX_INPUT_FILES} files"
+        raise _bad(f"inputs.{key} has {len(entries)} files; it needs {count}")
+    files = []
+    seen: set[str] = set()
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise _bad(f"inputs.{key}.files holds a non-object")
+        path = validate_relpath(entry.get("path"), what=f"inputs.{key} file")
+        size = entry.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise _bad(f"inputs.{key} file {path!r} has no valid size")
+        if path.casefold() in seen:
+            raise _bad(f"inputs.{key} lists {path!r} twice")
+        seen.add(path.casefold())
+        files.append(InputFile(path, validate_sha256(entry.get("sha256")), size))
+    if not folder and files[0].path != name:
+        raise _bad(f"inputs.{key}: the file {files[0].path!r} must be named like the input ({name!r})")
+    if key == "pretrained_model_name_or_path" and Path(name).suffix.lower() not in MODEL_SUFFIXES:
+        raise _bad(f"model {name!r} is not a checkpoint file", f"use one of: {', '.join(MODEL_SUFFIXES)}")
+    return Input(key, name, folder, tuple(files))
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError as exc:
+        if exc.errno not in _NO_LINK:
+            raise
+        shutil.copyfile(source, target)
+
+
+def _relative(value: Any, folder: str) -> Any:
+    """Paths under the job folder become relative to it; other absolute paths are withheld (None)."""
+    if isinstance(value, dict):
+        return {k: _relative(v, folder) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_relative(v, folder) for v in value]
+    if isinstance(value, str) and value.startswith("/"):
+        return value[len(folder) :] if value.startswith(folder) else None
+    return value
+
+
+class WorkerJobs:
+    """Submits, shows, follows, cancels and resumes the jobs clients send to this worker."""
+
+    def __init__(self, service: TrainingService, blobs: BlobStore) -> None:
+        self.service = service
+        self.store = service.store
+        self.blobs = blobs
+        self.keys_root = service.home.root / KEYS_DIR
+        self.keys_root.mkdir(parents=True, exist_ok=True)
+        self._submit_lock = threading.Lock()
+        self._hashes: dict[tuple[str, int, int], str] = {}
+
+    # -- submission ---------------------------------------------------------------------------------------
+
+    def submit(self, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Queue a job (or return the one already queued under the same client key); (view, created)."""
+        key = body.get("client_key")
+        if not isinstance(key, str) or not 1 <= len(key) <= 200 or not set(key) <= _CLIENT_KEY_CHARS:
+            raise _bad("client_key must be 1-200 characters of letters, digits, ':', '.', '_' or '-'")
+        inputs = parse_inputs(body.get("inputs"))
+        config = body.get("config_params")
+        if not isinstance(config, dict):
+            raise _bad("config_params must be an object")
+        paths = sorted(set(config) & {*INPUT_KEYS, *OUTPUT_KEYS})
+        if paths:
+            raise _bad(
+                f"config_params names paths ({', '.join(paths)}); the worker sets them itself",
+                "send files as inputs, not as paths",
+            )
+        missing = [f.sha256 for i in inputs.values() for f in i.files if self.blobs.path(f.sha256) is None]
+        if missing:
+            raise MissingBlobs(sorted(set(missing)))
+        marker = self.keys_root / hashlib.sha256(key.encode("utf-8")).hexdigest()
+        with self._submit_lock:
+            known = self._known(marker)
+            if known is not None:
+                return self.view(known), False
+            job = self._queue(body, inputs, dict(config), key)
+            marker.write_text(job.id, encoding="utf-8")
+        return self.view(job.id), True
+
+    def _known(self, marker: Path) -> str | None:
+        try:
+            job_id = validate_job_id(marker.read_text(encoding="utf-8").strip())
+            self.store.get(job_id)
+        except (OSError, JobNotFound):
+            return None
+        return job_id
+
+    def _queue(self, body: dict[str, Any], inputs: dict[str, Input], config: dict[str, Any], key: str) -> Job:
+        home = self.service.home
+        model = self._materialise_file(inputs["pretrained_model_name_or_path"])
+        dataset = self._materialise_folder(inputs["train_data_dir"], home.datasets)
+        for name, item in inputs.items():
+            if name in ("pretrained_model_name_or_path", "train_data_dir"):
+                continue
+            root = home.datasets if name == "reg_data_dir" else home.models
+            path = self._materialise_folder(item, root) if item.folder else self._materialise_file(item)
+            config[name] = path.as_posix()
+        output_name = body.get("output_name")
+        if output_name is not None:
+            config["output_name"] = output_name
+        sub = Submission(
+            model=model.relative_to(home.models).as_posix(),
+            dataset=dataset.name,
+            fm_type=str(body.get("fm_type")),
+            config_params=config,
+        )
+        config_toml, name, params = self.service.prepare(sub)
+        params.update(
+            client_key=key, inputs={k: {"name": i.name, "files": len(i.files)} for k, i in inputs.items()}
+        )
+        return self.service.scheduler.submit(
+            fm_type=sub.fm_type,
+            model=sub.model,
+            dataset=sub.dataset,
+            instance_type="local",
+            output_name=name,
+            config_toml=config_toml,
+            params=params,
+        )
+
+    def _materialise_file(self, item: Input) -> Path:
+        """models/by-sha256/<sha256>/<name>, hard-linked from its blob (kept for later jobs)."""
+        entry = item.files[0]
+        target = self.service.home.models / "by-sha256" / entry.sha256 / item.name
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{secrets.token_hex(6)}.tmp")
+            _link_or_copy(self._blob(entry), tmp)
+            os.replace(tmp, target)
+        return target
+
+    def _materialise_folder(self, item: Input, root: Path) -> Path:
+        """ROOT/<name>-<digest> with every file linked from its blob; built aside, then renamed into place."""
+        target = root / f"{item.name}-{item.digest()[:16]}"
+        if target.is_dir():
+            return target
+        tmp = root / f".tmp-{secrets.token_hex(6)}"
+        try:
+            for entry in item.files:
+                path = tmp / entry.path
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _link_or_copy(self._blob(entry), path)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not target.is_dir():  # another job built it first otherwise
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    def _blob(self, entry: InputFile) -> Path:
+        path = self.blobs.path(entry.sha256)
+        if path is None:
+            raise MissingBlobs([entry.sha256])
+        if path.stat().st_size != entry.size:
+            raise _bad(f"blob {entry.sha256[:12]} has {path.stat().st_size} bytes, not {entry.size}")
+        return path
+
+    # -- views --------------------------------------------------------------------------------------------
+
+    def view(self, job_id: str) -> dict[str, Any]:
+        """The job's state for its client: status, reason, progress, result and the finished output."""
+        job = self.store.get(job_id)
+        folder = f"{job.folder}/"
+        out: dict[str, Any] = {
+            "id": job.id,
+            "status": job.status.value,
+            "reason": job.reason,
+            "created_at": job.created_at,
+            "updated_at": job.updated_at,
+            "output_name": job.output_name,
+            "progress": _relative(job.progress, folder),
+            "result": _relative(read_json(job.folder / RESULT_NAME), folder),
+            "output": None,
+        }
+        final = job.folder / "output" / f"{job.output_name}.safetensors"
+        if job.status is JobStatus.COMPLETED and final.is_file():
+            out["output"] = {"path": final.relative_to(job.folder).as_posix(), **self._file_info(final)}
+        return out
+
+    def _file_info(self, path: Path) -> dict[str, Any]:
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key not in self._hashes:
+            self._hashes[key] = sha256_file(path)
+        return {"size": stat.st_size, "sha256": self._hashes[key]}
+
+    def events(self, job_id: str, after: int, wait_s: float) -> dict[str, Any]:
+        """Events after line `after` (waiting up to `wait_s` for new ones), paths relative to the job folder."""
+        from kohya_backend.train.events import read_events
+
+        if after < 0:
+            raise _bad(f"after={after} is negative", "use the `next` of the previous answer")
+        job = self.store.get(job_id)
+        deadline = time.monotonic() + min(max(wait_s, 0.0), MAX_WAIT_S)
+        while True:
+            status = self.store.get(job_id).status
+            events = read_events(job.folder / EVENTS_NAME, after_line=after)
+            settled = status.is_terminal or status is JobStatus.INTERRUPTED
+            if events or settled or time.monotonic() >= deadline:
+                break
+            time.sleep(_POLL_S)
+        return {
+            "events": _relative(events, f"{job.folder}/"),
+            "next": after + len(events),
+            "status": status.value,
+        }
+
+    def log(self, job_id: str, offset: int, limit: int) -> tuple[bytes, int, str]:
+        """Up to `limit` bytes of train.log from `offset`, the log's size and the job's status."""
+        if offset < 0 or not 1 <= limit <= MAX_LOG_CHUNK:
+            raise _bad(f"offset={offset}, limit={limit}", f"offset >= 0 and 1 <= limit <= {MAX_LOG_CHUNK}")
+        job = self.store.get(job_id)
+        path = job.folder / LOG_NAME
+        try:
+            with open(path, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                handle.seek(offset)
+                data = handle.read(min(limit, max(0, size - offset)))
+        except FileNotFoundError:
+            data, size = b"", 0
+        return data, size, job.status.value
+
+    def output_file(self, job_id: str, relpath: str) -> tuple[Path, dict[str, Any]]:
+        """A file the job wrote under its output/ folder (LoRAs, samples), with its size and sha256."""
+        job = self.store.get(job_id)
+        rel = validate_relpath(relpath, what="output file")
+        if not rel.startswith("output/"):
+            raise _bad(f"{rel!r} is not under output/", "ask for files the job's events name")
+        path = job.folder / rel
+        real = Path(os.path.realpath(path))
+        if not real.is_relative_to(Path(os.path.realpath(job.folder / "output"))) or not real.is_file():
+            raise JobNotFound(f"job {job.id} has no output file {rel!r}", "ask for files its events name")
+        with contextlib.suppress(OSError):
+            return real, self._file_info(real)
+        raise JobNotFound(f"job {job.id}: output file {rel!r} vanished", "ask again")

@@ -1,0 +1,199 @@
+"""The worker's HTTP API on a real uvicorn server: token, blobs (cut and resumed uploads, limits), submissions."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from remote_support import TOKEN, WorkerThread
+
+from kohya_backend.assets.demo import prepare_demo
+from kohya_backend.jobs.transfer import HashCache, LocalFile, TransferStats, Uploader, collect_input
+from kohya_backend.jobs.worker_client import WorkerClient, WorkerRejected, WorkerUnreachable
+from kohya_backend.jobs.worker_protocol import WORKER_PREFIX
+from kohya_backend.service.worker import build_worker
+
+SHA0 = "0" * 64
+JOB0 = "20200101-000000-abcdef"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("client")
+    prepare_demo(root, fm_type="sd_1_5", steps=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerThread]:
+    worker = build_worker(tmp_path_factory.mktemp("worker"), max_blob_bytes=16 << 20, reserve_bytes=0)
+    with WorkerThread(worker) as running:
+        yield running
+
+
+@pytest.fixture
+def client(server: WorkerThread) -> Iterator[WorkerClient]:
+    with WorkerClient(server.url, TOKEN) as running:
+        yield running
+
+
+def _inputs(demo: Path, cache: HashCache) -> list:
+    return [
+        collect_input("pretrained_model_name_or_path", demo / "models" / "demo-sd_1_5.safetensors", cache),
+        collect_input("train_data_dir", demo / "datasets" / "demo", cache),
+        collect_input("tokenizer_cache_dir", demo / "models" / "tokenizer", cache),
+    ]
+
+
+def _spec(items: list, key: str = "client-a:job-1", **changes: object) -> dict:
+    spec = {
+        "client_key": key,
+        "fm_type": "sd_1_5",
+        "output_name": "remote-api",
+        "config_params": {
+            "resolution": "64,64",
+            "max_train_steps": 2,
+            "network_dim": 4,
+            "mixed_precision": "no",
+        },
+        "inputs": {item.key: item.spec() for item in items},
+    }
+    spec.update(changes)
+    return spec
+
+
+def test_health_is_open_and_everything_else_needs_the_token(server: WorkerThread) -> None:
+    base = server.url + WORKER_PREFIX
+    assert httpx.get(f"{base}/health").json()["ok"] is True
+    routes = [
+        ("GET", "/info"), ("HEAD", f"/blobs/{SHA0}"), ("PUT", f"/blobs/{SHA0}?offset=0&size=1"),
+        ("POST", "/blobs/query"), ("POST", "/jobs"), ("GET", f"/jobs/{JOB0}"), ("GET", f"/jobs/{JOB0}/events"),
+        ("GET", f"/jobs/{JOB0}/log"), ("GET", f"/jobs/{JOB0}/files/output/x.png"),
+        ("POST", f"/jobs/{JOB0}/cancel"), ("POST", f"/jobs/{JOB0}/resume"), ("DELETE", f"/jobs/{JOB0}"),
+    ]  # fmt: skip
+    for method, path in routes:
+        for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"}, {"Authorization": TOKEN}):
+            answer = httpx.request(method, base + path, headers=headers, content=b"x")
+            assert answer.status_code == 401, (method, path, headers)
+    info = httpx.get(f"{base}/info", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    assert info["slots"] == 1 and info["gpus"] == [] and info["free_disk_bytes"] > 0
+    assert "token" not in str(info).lower()
+
+
+def test_an_upload_cut_mid_way_resumes_from_the_workers_offset(client: WorkerClient, tmp_path: Path) -> None:
+    data = os.urandom(12 << 20)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+
+    def cut_cable() -> Iterator[bytes]:
+        for start in range(0, 5 << 20, 1 << 20):
+            yield data[start : start + (1 << 20)]
+        raise ConnectionResetError("cable pulled")
+
+    with pytest.raises((ConnectionResetError, WorkerUnreachable)):
+        client.put_blob(sha, 0, len(data), cut_cable(), len(data))
+    offsets = [client.blob_offset(sha)]
+    while len(offsets) < 3 or offsets[-1] != offsets[-3]:  # until the worker settled the dropped request
+        time.sleep(0.2)
+        offsets.append(client.blob_offset(sha))
+    complete, offset = offsets[-1]
+    assert not complete and 0 < offset <= 5 << 20
+
+    stats = TransferStats("test")
+    Uploader(client, stats, chunk_bytes=4 << 20).upload(LocalFile(path, path.name, sha, len(data)), offset)
+    assert stats.sent == len(data) - offset  # only the rest went over the wire
+    assert client.blob_offset(sha) == (True, len(data))
+    assert Uploader(client, TransferStats("again")).stats.sent == 0
+
+
+def test_oversize_and_overlong_uploads_are_refused(client: WorkerClient, server: WorkerThread) -> None:
+    big = 17 << 20
+    with pytest.raises(WorkerRejected) as info:
+        client.put_blob("a" * 64, 0, big, iter([b"x" * 1024]), 1024)
+    assert info.value.status == 413 and "limit" in info.value.message
+    assert client.blob_offset("a" * 64) == (False, 0)
+    with pytest.raises(WorkerRejected) as info:
+        client.put_blob("b" * 64, 0, 10, iter([b"y" * 20]), 20)
+    assert info.value.status == 413
+    assert server.worker.blobs.path("b" * 64) is None
+
+
+def test_traversal_in_names_paths_and_ids_is_refused(
+    client: WorkerClient, demo: Path, server: WorkerThread
+) -> None:
+    inputs = _inputs(demo, HashCache(demo / "hashes.json"))
+    Uploader(client, TransferStats("w")).ensure(inputs)
+    good = _spec(inputs)
+    bad_specs = []
+    for path in ("../../../etc/cron.d/x", "/etc/passwd", "10_demo/../../x.png", ".ssh/authorized_keys"):
+        spec = _spec(inputs)
+        spec["inputs"]["train_data_dir"]["files"][0]["path"] = path
+        bad_specs.append(spec)
+    model = _spec(inputs)
+    model["inputs"]["pretrained_model_name_or_path"]["name"] = "../escape.safetensors"
+    bad_specs.append(model)
+    bad_specs.append(_spec(inputs, key="../../x"))
+    bad_specs.append(_spec(inputs, config_params={"output_dir": "/tmp"}))
+    bad_specs.append(_spec(inputs, inputs={**good["inputs"], "resume": good["inputs"]["train_data_dir"]}))
+    for spec in bad_specs:
+        with pytest.raises(WorkerRejected) as info:
+            client.submit(spec)
+        assert info.value.status == 400, spec
+    base = server.url + WORKER_PREFIX
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    for path in (
+        "/jobs/not-an-id",
+        "/jobs/..%2F..%2Fjobs.sqlite3",
+        f"/jobs/{JOB0}x/log",
+        "/blobs/..%2F..%2Fjobs.sqlite3",
+        f"/blobs/{SHA0[:-1]}G",
+    ):
+        method = "HEAD" if path.startswith("/blobs") else "GET"
+        assert httpx.request(method, base + path, headers=headers).status_code in (400, 404), path
+    assert httpx.get(f"{base}/jobs/not-an-id", headers=headers).status_code == 400
+    assert httpx.head(f"{base}/blobs/{SHA0[:-1]}G", headers=headers).status_code == 400
+    assert server.worker.service.store.list()[1] == 0
+
+
+def test_submit_links_inputs_from_blobs_once_and_is_idempotent(
+    client: WorkerClient, demo: Path, server: WorkerThread
+) -> None:
+    cache = HashCache(demo / "hashes.json")
+    inputs = _inputs(demo, cache)
+    missing = _spec(inputs, key="client-a:missing")
+    missing["inputs"]["train_data_dir"]["files"][0]["sha256"] = "c" * 64
+    with pytest.raises(WorkerRejected) as info:
+        client.submit(missing)
+    assert info.value.status == 409 and info.value.detail["missing"] == ["c" * 64]
+
+    stats = TransferStats("w")
+    Uploader(client, stats).ensure(inputs)
+    first = client.submit(_spec(inputs))
+    again = client.submit(_spec(inputs))
+    assert first["id"] == again["id"] and first["status"] == "queued"
+    other = client.submit(_spec(inputs, key="client-b:job-1"))  # same output name, another client: fine
+    assert other["id"] != first["id"]
+
+    job = server.worker.service.store.get(first["id"])
+    model = server.worker.service.home.models / job.model
+    blob = server.worker.blobs.path(inputs[0].files[0].sha256)
+    assert blob is not None and model.stat().st_ino == blob.stat().st_ino  # a hard link, not a copy
+    dataset = server.worker.service.home.datasets / job.dataset
+    assert sorted(p.relative_to(dataset).as_posix() for p in dataset.rglob("*") if p.is_file()) == sorted(
+        f.rel for f in inputs[1].files
+    )
+    assert (
+        'tokenizer_cache_dir = "' in job.config_toml
+        and str(server.worker.service.home.models) in job.config_toml
+    )
+    view = client.job(first["id"])
+    assert (
+        view is not None and view["output"] is None and str(server.worker.service.home.root) not in str(view)
+    )
+    assert client.job(JOB0) is None

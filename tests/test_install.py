@@ -1,0 +1,216 @@
+"""install.py's decisions (what gets installed where) and its runs: quick when nothing is missing, bounded offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kohya_backend.host import install, trainer_env
+from kohya_backend.host.trainer_env import (
+    EnvSpec,
+    TorchChoice,
+    env_spec,
+    pick_base_python,
+    python_candidates,
+    read_requirements,
+    requirement_name,
+    torch_choice,
+    trainer_python,
+    venv_python,
+    write_state,
+)
+from kohya_backend.host.trainer_setup import plan_steps, setup_env
+
+REPO = Path(__file__).resolve().parents[1]
+STUB_ROOT = REPO / "tests" / "webui_stub" / "a1111"
+PIN = "torch==2.13.0"
+
+
+def _pins(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in read_requirements(path):
+        name, _, version = line.split(";")[0].partition("==")
+        pins[requirement_name(name)] = version.strip()
+    return pins
+
+
+def test_the_trainers_requirements_match_the_tested_pins() -> None:
+    trainer = _pins(REPO / "requirements-trainer.txt")
+    tested = _pins(REPO / "requirements.txt")
+    torch_pin = re.search(r'"torch==([0-9.]+)"', (REPO / "tools" / "setup.sh").read_text(encoding="utf-8"))
+    assert torch_pin is not None and trainer.pop("torch") == torch_pin.group(1)
+    assert trainer == {name: tested[name] for name in trainer}
+    for ui_only in ("gradio", "fastapi", "pydantic", "uvicorn"):
+        assert ui_only not in trainer  # the trainer's environment holds the trainer only
+
+
+def test_the_webuis_venv_gets_only_missing_light_packages() -> None:
+    versions = {"tomlkit": "0.12.0", "psutil": "5.9.5"}
+    assert install.plan_webui(install.UI_REQUIREMENTS, versions.get) == install.WebuiPlan((), ())
+    plan = install.plan_webui(install.UI_REQUIREMENTS, {"psutil": "5.9.5"}.get)
+    assert plan.install == ("tomlkit>=0.11",) and plan.notes == ()
+    old = install.plan_webui(install.UI_REQUIREMENTS, {"tomlkit": "0.7.0", "psutil": "5.9.5"}.get)
+    assert old.install == () and "tomlkit 0.7.0" in old.notes[0] and "left as is" in old.notes[0]
+
+
+@pytest.mark.parametrize(
+    ("webui_torch", "platform", "index", "why"),
+    [
+        ("2.1.2+cu121", "linux", None, "PyPI's Linux torch is a CUDA build"),
+        ("2.1.2", "linux", None, "default"),
+        ("2.1.2+cu121", "win32", "https://download.pytorch.org/whl/cu126", "cu126"),
+        ("2.3.1+cu118", "win32", "https://download.pytorch.org/whl/cu126", "cu126"),
+        ("2.1.2+cpu", "linux", "https://download.pytorch.org/whl/cpu", "CPU build"),
+        ("2.3.1+rocm6.0", "linux", "https://download.pytorch.org/whl/rocm6.0", "ROCm"),
+        ("2.1.2", "darwin", None, "macOS"),
+        (None, "linux", None, "default"),
+    ],
+)
+def test_torch_follows_the_webuis_build(
+    webui_torch: str | None, platform: str, index: str | None, why: str
+) -> None:
+    choice = torch_choice(PIN, webui_torch, platform)
+    assert (choice.requirement, choice.index_url) == (PIN, index) and why in choice.reason
+    forced = torch_choice(PIN, webui_torch, platform, override="https://mirror.example/whl/cu130")
+    assert forced.index_url == "https://mirror.example/whl/cu130"
+
+
+def test_setup_steps_install_torch_first_then_the_rest_held_to_that_build(tmp_path: Path) -> None:
+    spec = EnvSpec(
+        TorchChoice(PIN, "https://download.pytorch.org/whl/cpu", "cpu"), ("diffusers==1",), ("clip==2",)
+    )
+    steps = plan_steps(
+        tmp_path, spec, ["/usr/bin/python3.11"], index_url="https://mirror/simple", pip_timeout_s=9
+    )
+    assert [s.title for s in steps] == [
+        "create the environment", f"install {PIN}", "install the trainer's packages", "install CLIP's vocabulary"
+    ]  # fmt: skip
+    create, torch, rest, vocab = (s.command for s in steps)
+    assert create == ["/usr/bin/python3.11", "-m", "venv", "--clear", str(tmp_path / "env")]
+    python = str(venv_python(tmp_path))
+    assert torch[0] == python and torch[-3:] == ["--index-url", "https://download.pytorch.org/whl/cpu", PIN]
+    assert "--timeout" in torch and torch[torch.index("--timeout") + 1] == "9"
+    assert rest[-3:] == ["-c", str(tmp_path / "constraints.txt"), "diffusers==1"]
+    assert rest[rest.index("--index-url") + 1] == "https://mirror/simple" and PIN not in rest
+    assert vocab[-2:] == ["--no-deps", "clip==2"]
+    assert plan_steps(tmp_path, spec, None)[0].title == f"install {PIN}"  # venv already there
+
+
+def test_the_base_interpreter_is_the_first_python_3_11_or_3_12(tmp_path: Path) -> None:
+    found = {"python3.11": "/usr/bin/python3.11", "python3": "/usr/bin/python3"}
+    candidates = python_candidates("/webui/venv/bin/python", which=found.get, windows=False)
+    assert candidates == [["/webui/venv/bin/python"], ["/usr/bin/python3.11"], ["/usr/bin/python3"]]
+    versions = {
+        "/webui/venv/bin/python": (3, 10),
+        "/usr/bin/python3.11": (3, 11),
+        "/usr/bin/python3": (3, 13),
+    }
+    assert pick_base_python(candidates, lambda c: versions[c[0]]) == (["/usr/bin/python3.11"], (3, 11))
+    assert pick_base_python([["/x"]], lambda c: (3, 10)) is None
+    windows = python_candidates("C:\\webui\\python.exe", which={"py": "C:\\py.exe"}.get, windows=True)
+    assert ["py", "-3.11"] in windows
+
+
+def _ready(folder: Path, spec: EnvSpec) -> Path:
+    python = venv_python(folder)
+    python.parent.mkdir(parents=True)
+    python.symlink_to(sys.executable)
+    write_state(folder, {"ready": True, "key": spec.key()})
+    return python
+
+
+def test_the_trainers_interpreter_is_resolved_or_explained(tmp_path: Path) -> None:
+    folder = tmp_path / "trainer"
+    assert trainer_python(sys.executable, {}, folder) == ([sys.executable], None)
+    assert trainer_python(None, {"TRAIN_MANAGEMENT_PYTHON": sys.executable}, folder) == (
+        [sys.executable],
+        None,
+    )
+    missing, why = trainer_python("/no/such/python", {}, folder)
+    assert missing is None and "does not exist" in (why or "")
+    _, why = trainer_python(None, {}, folder)
+    assert "not ready" in (why or "") and "install.py has not set it up yet" in (why or "")
+    folder.mkdir()
+    write_state(folder, {"ready": False, "error": "the package index could not be reached"})
+    assert "could not be reached" in (trainer_python(None, {}, folder)[1] or "")
+    spec = env_spec("2.1.2+cu121", platform="linux", environ={})
+    (folder / "state.json").unlink()
+    python = _ready(folder, spec)
+    assert trainer_python(None, {}, folder) == ([str(python)], None)
+    assert trainer_env.is_ready(folder, spec)
+    assert not trainer_env.is_ready(folder, env_spec("2.1.2+cpu", platform="linux", environ={}))
+
+
+def test_install_run_installs_what_is_missing_and_skips_a_ready_trainer(tmp_path: Path) -> None:
+    folder = tmp_path / "trainer"
+    environ = {"TRAIN_MANAGEMENT_TRAINER_ENV": str(folder)}
+    spec = env_spec(install.installed_version("torch"), environ=environ)
+    _ready(folder, spec)
+    pip_calls: list[tuple[str, str]] = []
+    printed: list[str] = []
+
+    def no_setup(*args: object, **kwargs: object) -> object:
+        raise AssertionError("a ready environment is not set up again")
+
+    def without_tomlkit(name: str) -> str | None:
+        return None if name == "tomlkit" else install.installed_version(name)
+
+    assert install.run([], environ, run_pip=lambda c, d: pip_calls.append((c, d)), version_of=without_tomlkit,
+                       out=printed.append, setup=no_setup) == 0  # fmt: skip
+    assert pip_calls == [('install "tomlkit>=0.11"', "tomlkit>=0.11 for Train Management")]
+    assert printed == []
+
+
+def test_install_run_checks_a_chosen_interpreter_instead_of_building_one(tmp_path: Path) -> None:
+    environ = {"TRAIN_MANAGEMENT_TRAINER_ENV": str(tmp_path / "unused"), "COMMANDLINE_ARGS": ""}
+    printed: list[str] = []
+    gradio4 = REPO / ".venv-gradio4" / "bin" / "python"
+    for python, expect in ((sys.executable, None), (str(gradio4), "lacks torch")):
+        if not Path(python).exists():
+            continue
+        printed.clear()
+        environ["COMMANDLINE_ARGS"] = f"--api --train-python {python}"
+        install.run([], environ, run_pip=lambda c, d: None, out=printed.append,
+                    setup=lambda *a, **k: pytest.fail("no build with --train-python"))  # fmt: skip
+        assert (printed == []) if expect is None else (expect in printed[0])
+    assert not (tmp_path / "unused").exists()
+
+
+def test_install_py_as_the_webui_runs_it_returns_at_once_when_nothing_is_missing(tmp_path: Path) -> None:
+    folder = tmp_path / "trainer"
+    environ = {"TRAIN_MANAGEMENT_TRAINER_ENV": str(folder)}
+    _ready(folder, env_spec(install.installed_version("torch"), environ=environ))
+    env = {
+        **os.environ,
+        **environ,
+        "PYTHONPATH": str(STUB_ROOT),
+    }  # what the WebUI's run_extension_installer sets
+    done = subprocess.run([sys.executable, str(REPO / "install.py")], cwd=STUB_ROOT, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "" and json.loads((folder / "state.json").read_text())["ready"] is True
+
+
+@pytest.mark.slow
+def test_offline_setup_fails_fast_with_a_clear_message_and_retries_next_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in [n for n in os.environ if n.startswith("PIP_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # no local wheel folder or mirror: only our index
+    dead = "http://127.0.0.1:9/simple"  # nothing listens on the discard port
+    folder = tmp_path / "trainer"
+    spec = EnvSpec(TorchChoice(PIN, dead, "test"), ("tomlkit==0.15.2",), ())
+    result = setup_env(folder, spec, index_url=dead, pip_timeout_s=3, deadline_s=240)
+    assert not result.ok and result.offline
+    assert "could not be reached" in result.message and str(folder / "setup.log") in result.message
+    state = json.loads((folder / "state.json").read_text())
+    assert state["ready"] is False and "could not be reached" in state["error"]
+    assert venv_python(folder).exists()  # the venv was made; the next start only retries the downloads
+    assert "not ready" in (trainer_python(None, {}, folder)[1] or "")

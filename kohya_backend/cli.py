@@ -205,9 +205,9 @@ def _print_job_line(job: dict[str, Any]) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from kohya_backend.service.app import serve
+    from kohya_backend.ui.standalone import serve
 
-    serve(Path(args.home), host=args.host, port=args.port, token=args.token)
+    serve(Path(args.home), host=args.host, port=args.port, token=args.token, demo=args.demo)
     return 0
 
 
@@ -469,13 +469,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=40)
     demo.set_defaults(func=_cmd_demo)
 
-    srv = sub.add_parser("serve", help="run the REST API and the scheduler that trains its jobs")
+    srv = sub.add_parser("serve", help="serve the tab at / and the REST API, with the scheduler that trains")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=7861)
     srv.add_argument("--home", default=DEFAULT_HOME, help="the Train Management home folder")
     srv.add_argument(
         "--token", help="require 'Authorization: Bearer TOKEN' (default: $TRAIN_MANAGEMENT_TOKEN)"
     )
+    srv.add_argument("--demo", action="store_true", help="add a tiny demo model and dataset to an empty home")
     srv.set_defaults(func=_cmd_serve)
     _add_jobs_parser(sub)
     _add_datasets_parser(sub)

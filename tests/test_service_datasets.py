@@ -125,6 +125,10 @@ def test_broken_images_are_left_out_and_an_upload_without_any_good_image_creates
     [skipped] = out["skipped"]
     assert skipped["file"] == "10_mixed/bad.png" and "damaged or truncated" in skipped["reason"]
     assert not (home.datasets / "mixed/10_mixed/bad.txt").exists()
+    empty = datasets.create("partial", _files({"ok.png": good, "late.png": b"", "late.txt": b"caption"}))
+    assert empty["skipped"] == [{"file": "10_partial/late.png", "reason": empty["skipped"][0]["reason"]}]
+    assert "the file is empty (if it was still uploading" in empty["skipped"][0]["reason"]
+    assert sorted(p.name for p in (home.datasets / "partial/10_partial").iterdir()) == ["ok.png"]
     with pytest.raises(DatasetError, match=r"no usable image: .*notes\.md"):
         datasets.create("empty", _files({"notes.md": b"x", "broken.png": b"not a png"}))
     assert not (home.datasets / "empty").exists() and _leftovers(home) == []

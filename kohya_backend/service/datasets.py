@@ -433,16 +433,21 @@ class DatasetService:
         kept = []
         for rel in images:
             path = root.joinpath(*rel.parts)
+            reason = None
             try:
-                if preprocess is not None:
+                if path.stat().st_size == 0:
+                    reason = "the file is empty (if it was still uploading, wait until it is done and retry)"
+                elif preprocess is not None:
                     preprocess_image(path, preprocess)
                 else:
                     probe_image(path, full_decode=True)
             except BadImageError as exc:
-                staged.skip(rel.as_posix(), exc.reason)
-                for ext in CAPTION_EXTENSIONS:
-                    path.with_name(path.stem + ext).unlink(missing_ok=True)
-                path.unlink()
+                reason = exc.reason
+            if reason is None:
+                kept.append(rel)
                 continue
-            kept.append(rel)
+            staged.skip(rel.as_posix(), reason)
+            for ext in CAPTION_EXTENSIONS:
+                path.with_name(path.stem + ext).unlink(missing_ok=True)
+            path.unlink()
         return kept

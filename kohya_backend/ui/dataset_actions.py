@@ -1,0 +1,160 @@
+"""Callbacks of the Datasets area: create from uploads, browse with thumbnails, caption editor (with the host's
+interrogator when it has one), validation report, delete an image or a dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from kohya_backend.data.preprocess import Preprocess
+from kohya_backend.errors import TrainManagementError
+from kohya_backend.service.datasets import DatasetService, IncomingFile
+from kohya_backend.ui.compat import no_change, update, uploaded_paths
+from kohya_backend.ui.hooks import UiHooks
+from kohya_backend.ui.present import created_markdown, error_markdown, report_markdown
+
+PREPROCESS_CHOICES: dict[str, str | None] = {
+    "none": None,
+    "512 x 512, center crop": "512-crop",
+    "512, keep aspect ratio (bucket sizes)": "512-bucket",
+    "1024 x 1024, center crop": "1024-crop",
+    "1024, keep aspect ratio (bucket sizes)": "1024-bucket",
+}
+MAX_THUMBNAILS = 120
+THUMBNAIL_PX = 192
+PREVIEW_PX = 768
+
+
+def _picture(path: Path, size: int) -> Any:
+    """The image upright and RGB, at most `size` pixels on its long side."""
+    from kohya_backend.data.images import load_image
+
+    image = load_image(path)
+    image.thumbnail((size, size))
+    return image
+
+
+class DatasetActions:
+    """The Datasets area's callbacks, bound to one DatasetService and the host's hooks."""
+
+    def __init__(self, datasets: DatasetService, hooks: UiHooks) -> None:
+        self.datasets = datasets
+        self.hooks = hooks
+
+    def choices(self, current: str | None = None) -> Any:
+        """Dataset dropdown choices, keeping the current one when it still exists."""
+        names = [d["name"] for d in self.datasets.list()]
+        return update(choices=names, value=current if current in names else (names[0] if names else None))
+
+    def create(
+        self, name: str, subject: str, repeats: Any, files: Any, folder: Any, preprocess: str
+    ) -> tuple[str, Any]:
+        """Create a dataset from the uploaded files and folder; (message, browse dropdown set to it)."""
+        incoming = [IncomingFile(n, p) for n, p in uploaded_paths(files) + uploaded_paths(folder)]
+        try:
+            label = PREPROCESS_CHOICES.get(preprocess or "none", preprocess)
+            result = self.datasets.create(
+                name, incoming, repeats=repeats, subject=subject or None, preprocess=Preprocess.parse(label)
+            )
+        except TrainManagementError as exc:
+            return "❌ **The dataset was not created.**\n\n" + error_markdown(exc), no_change()
+        return "✅ " + created_markdown(result), self.choices(result["name"])
+
+    def open(self, name: str | None) -> tuple[str, list[tuple[Any, str]], Any, list[str]]:
+        """(report, thumbnails, image choices, names of the thumbnails) of a dataset."""
+        if not name:
+            return "No dataset chosen.", [], update(choices=[], value=None), []
+        try:
+            shown = self.datasets.show(name)
+        except TrainManagementError as exc:
+            return error_markdown(exc), [], update(choices=[], value=None), []
+        images = [i["image"] for i in shown["images"]]
+        thumbnails, names = [], []
+        for item in shown["images"][:MAX_THUMBNAILS]:
+            try:
+                picture = _picture(self.datasets.image_path(name, item["image"]), THUMBNAIL_PX)
+            except TrainManagementError:
+                continue
+            thumbnails.append((picture, (item["caption"] or "(no caption)")[:80]))
+            names.append(item["image"])
+        report = report_markdown(shown["report"])
+        if len(images) > MAX_THUMBNAILS:
+            report += f"\n\nShowing the first {MAX_THUMBNAILS} of {len(images)} images; pick others in Image."
+        return report, thumbnails, update(choices=images, value=images[0] if images else None), names
+
+    def validate(self, name: str | None) -> str:
+        """The trainer's full validation (every image decoded)."""
+        if not name:
+            return "No dataset chosen."
+        try:
+            return report_markdown(self.datasets.validate(name, verify_images=True))
+        except TrainManagementError as exc:
+            return error_markdown(exc)
+
+    def pick_thumbnail(self, names: list[str], evt: gr.SelectData) -> Any:
+        """A click on a thumbnail selects that image in the caption editor."""
+        index = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        try:
+            return update(value=names[int(index)])
+        except (IndexError, TypeError, ValueError):
+            return no_change()
+
+    def select_image(self, name: str | None, image: str | None) -> tuple[Any, str, str]:
+        """(preview, caption text, message) of one image."""
+        if not name or not image:
+            return None, "", ""
+        try:
+            path = self.datasets.image_path(name, image)
+            return _picture(path, PREVIEW_PX), self.datasets.read_caption(name, image), ""
+        except TrainManagementError as exc:
+            return None, "", error_markdown(exc)
+
+    def save_caption(self, name: str | None, image: str | None, text: str) -> str:
+        """Write the caption file of the selected image."""
+        if not name or not image:
+            return "Choose a dataset and an image first."
+        try:
+            saved = self.datasets.write_caption(name, image, text or "")
+        except TrainManagementError as exc:
+            return "❌ " + error_markdown(exc)
+        return f"Saved the caption of `{saved['image']}`."
+
+    def generate_caption(self, name: str | None, image: str | None) -> tuple[Any, str]:
+        """Caption the selected image with the host's interrogator (the editor is filled, not saved)."""
+        if self.hooks.interrogate is None:
+            return no_change(), "This host offers no captioner."
+        if not name or not image:
+            return no_change(), "Choose a dataset and an image first."
+        try:
+            caption = self.hooks.interrogate(self.datasets.image_path(name, image))
+        except TrainManagementError as exc:
+            return no_change(), "❌ " + error_markdown(exc)
+        except (
+            Exception
+        ) as exc:  # the host's captioner is foreign code: report its failure, keep the tab alive
+            return no_change(), f"❌ The captioner failed: {exc}"
+        return update(value=caption), "Generated a caption: check it, then press Save caption."
+
+    def delete_image(self, name: str | None, image: str | None) -> str:
+        """Delete the selected image and its caption."""
+        if not name or not image:
+            return "Choose a dataset and an image first."
+        try:
+            self.datasets.delete_image(name, image)
+        except TrainManagementError as exc:
+            return "❌ " + error_markdown(exc)
+        return f"Deleted `{image}`."
+
+    def delete_dataset(self, name: str | None, confirmed: bool) -> tuple[str, Any, bool]:
+        """Delete the chosen dataset when the confirmation box is ticked; (message, choices, confirmation)."""
+        if not name:
+            return "No dataset chosen.", no_change(), False
+        if not confirmed:
+            return f"Tick the box to confirm deleting **{name}** and all its files.", no_change(), False
+        try:
+            self.datasets.delete(name)
+        except TrainManagementError as exc:
+            return "❌ " + error_markdown(exc), no_change(), False
+        return f"Deleted dataset **{name}**.", self.choices(None), False

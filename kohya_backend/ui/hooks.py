@@ -1,0 +1,16 @@
+"""What the host (the WebUI adapter or the standalone app) lends the tab; no gradio import here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class UiHooks:
+    """What the host (WebUI adapter or standalone app) lends the tab."""
+
+    interrogate: Callable[[Path], str] | None = None  # the WebUI's captioner: image file -> caption text
+    default_config: Callable[[str], str] | None = None  # fm_type -> starting config_params TOML
+    # (None: config.schema.template_toml(fm_type))

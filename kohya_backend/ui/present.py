@@ -1,0 +1,216 @@
+"""How the tab shows service answers: table rows, progress, issues, plans, reports, the delivery stamp.
+
+Pure functions over the JSON-ready dicts the services return (no gradio here), so they are tested directly.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from kohya_backend.errors import ConfigError, DatasetError, TrainManagementError
+
+FM_LABELS: dict[str, str] = {"SD 1.5": "sd_1_5", "SDXL": "sd_xl"}
+FAMILY_LABELS: dict[str, str] = {
+    "sd_1_5": "SD 1.5",
+    "sd_2": "SD 2.x",
+    "sd_xl": "SDXL",
+    "sd_xl_refiner": "SDXL refiner",
+    "unknown": "unrecognised",
+}
+JOB_HEADERS: list[str] = [
+    "id", "output name", "model", "dataset", "instance", "status", "progress", "loss", "it/s", "ETA", "created",
+]  # fmt: skip
+ACTIVE_STATUSES = ("queued", "preparing", "training", "saving", "cancelling")
+_INSTANCE = re.compile(r"\[([^\[\]]+)\]$")
+
+
+def fm_type_of(label: str | None) -> str:
+    """The FM type ('sd_1_5', 'sd_xl') of a radio label ('SD 1.5', 'SDXL'); a type passes through."""
+    if label in FM_LABELS.values():
+        return str(label)
+    try:
+        return FM_LABELS[str(label)]
+    except KeyError:
+        raise TrainManagementError(
+            f"FM type {label!r} is unknown", f"choose one of: {', '.join(FM_LABELS)}"
+        ) from None
+
+
+def fm_label_of(fm_type: str) -> str:
+    """The radio label of an FM type."""
+    return next(label for label, value in FM_LABELS.items() if value == fm_type)
+
+
+def instance_choice(entry: dict[str, Any]) -> str:
+    """The dropdown text of an instance type: 'this machine (CPU) [local]'."""
+    return f"{entry['label']} [{entry['name']}]"
+
+
+def instance_name(choice: str | None) -> str:
+    """The runner name inside an instance-type choice (a bare name passes through)."""
+    text = (choice or "").strip()
+    found = _INSTANCE.search(text)
+    if found:
+        return found.group(1)
+    if not text:
+        raise TrainManagementError("no Training Instance Type is selected", "choose where to train")
+    return text
+
+
+def _number(value: Any, digits: int) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else ""
+
+
+def duration(seconds: Any) -> str:
+    """H:MM:SS, or '' when unknown."""
+    if not isinstance(seconds, (int, float)) or seconds < 0:
+        return ""
+    total = round(seconds)
+    return f"{total // 3600}:{total % 3600 // 60:02d}:{total % 60:02d}"
+
+
+def progress_text(job: dict[str, Any]) -> str:
+    """'step/total (pct%)', the phase before the first step, or '' for a queued job."""
+    progress = job.get("progress") or {}
+    total = progress.get("total_steps") or ((job.get("plan") or {}).get("total_steps"))
+    step = progress.get("step")
+    if step is None:
+        phase = progress.get("phase")
+        return str(phase) if phase and job["status"] not in ("queued", "completed") else ""
+    if total:
+        return f"{step}/{total} ({100 * step / total:.0f}%)"
+    return str(step)
+
+
+def job_row(job: dict[str, Any]) -> list[str]:
+    """One Trainings List row (the order of JOB_HEADERS)."""
+    progress = job.get("progress") or {}
+    active = job["status"] in ACTIVE_STATUSES
+    return [
+        job["id"],
+        job["output_name"],
+        job["model"],
+        job["dataset"],
+        job["instance_type"],
+        job["status"],
+        progress_text(job),
+        _number(progress.get("avg_loss", progress.get("loss")), 4),
+        _number(progress.get("it_per_s"), 2) if active else "",
+        duration(progress.get("eta_s")) if active else "",
+        time.strftime("%Y-%m-%d %H:%M", time.localtime(job["created_at"])),
+    ]
+
+
+def delivery_stamp(jobs: Iterable[dict[str, Any]]) -> str:
+    """The stamp's HTML: the newest completed job that delivered a LoRA and where (changes at each delivery)."""
+    for job in jobs:
+        delivered = (job.get("progress") or {}).get("delivered")
+        if job["status"] == "completed" and delivered:
+            return f"<span>{html.escape(job['id'])} {html.escape(str(delivered))}</span>"
+    return "<span></span>"
+
+
+def error_markdown(exc: TrainManagementError) -> str:
+    """An error as the tab shows it: what is wrong, each issue or file, and the hint."""
+    if isinstance(exc, ConfigError):
+        lines = [f"**config_params has {len(exc.issues)} problem(s):**"]
+        lines += [f"- {issue.render()}" for issue in exc.issues]
+        return "\n".join(lines)
+    text = f"**{exc.message}**"
+    if isinstance(exc, DatasetError) and exc.files:
+        text += "\n\n" + "\n".join(f"- `{f}`" for f in exc.files[:20])
+    if exc.hint:
+        text += f"\n\nHint: {exc.hint}"
+    return text
+
+
+def warnings_markdown(warnings: list[dict[str, Any]]) -> str:
+    """Config warnings (ConfigIssue dicts) as a list with their lines."""
+    lines = []
+    for warning in warnings:
+        where = f"line {warning['line']}: " if warning.get("line") else ""
+        key = f"{warning['key']}: " if warning.get("key") else ""
+        lines.append(f"- warning: {where}{key}{warning['message']}")
+    return "\n".join(lines)
+
+
+def plan_markdown(formatted: dict[str, Any]) -> str:
+    """The plan of a formatted config: images, repeats, steps per epoch, total steps (or why there is none)."""
+    plan = formatted.get("plan")
+    if formatted.get("dataset_error"):
+        error = formatted["dataset_error"]
+        files = "".join(f"\n- `{f}`" for f in error.get("files", [])[:20])
+        return f"**The dataset cannot be trained on:** {error['message']}{files}"
+    if not plan:
+        return "Choose a dataset to see the plan."
+    folders = "\n".join(
+        f"| {f['name']} | {f['images']} | {f['repeats']} | {f['images'] * f['repeats']} |"
+        for f in plan["folders"]
+    )
+    return (
+        "| folder | images | repeats | images x repeats |\n|---|---|---|---|\n"
+        f"{folders}\n\n"
+        f"**{plan['num_train_images']}** training images with repeats, batch size {plan['batch_size']}: "
+        f"**{plan['steps_per_epoch']}** steps per epoch x **{plan['epochs']}** epoch(s) = "
+        f"**{plan['total_steps']}** total steps"
+    )
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """A dataset validation report: ok with counts, or what is wrong and which files; then the warnings."""
+    if report["ok"]:
+        counts = ", ".join(
+            f"`{name}`: {info['img_count']} x {info['n_repeats']}"
+            for name, info in report.get("subsets", {}).items()
+        )
+        text = f"**OK**: {report.get('images', 0)} image(s), {report.get('train_items', 0)} with repeats ({counts})"
+    else:
+        text = f"**Problem:** {report['message']}"
+        text += "".join(f"\n- `{f}`" for f in report["files"][:30])
+        if report.get("hint"):
+            text += f"\n\nHint: {report['hint']}"
+    if report["warnings"]:
+        text += "\n\n" + "\n".join(f"- warning: {w}" for w in report["warnings"])
+    return text
+
+
+def created_markdown(result: dict[str, Any]) -> str:
+    """What creating a dataset did: images kept, preprocessing, files left out and why, and the report."""
+    text = f"Created dataset **{result['name']}** with {len(result['images'])} image(s)"
+    if result.get("preprocess"):
+        text += f", preprocessed ({result['preprocess']})"
+    skipped = result.get("skipped") or []
+    if skipped:
+        text += f"\n\nLeft out {len(skipped)} file(s):\n" + "\n".join(
+            f"- `{s['file']}`: {s['reason']}" for s in skipped[:30]
+        )
+    return text + "\n\n" + report_markdown(result["report"])
+
+
+def loss_rows(events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """(step, value, series) rows of the loss plot: each step's loss and the running average."""
+    rows = []
+    for event in events:
+        if event.get("kind") != "step" or not isinstance(event.get("step"), int):
+            continue
+        for series, key in (("loss", "loss"), ("average loss", "avg_loss")):
+            if isinstance(event.get(key), (int, float)):
+                rows.append({"step": event["step"], "value": float(event[key]), "series": series})
+    return rows
+
+
+def job_markdown(job: dict[str, Any]) -> str:
+    """The selected job's headline: status with its reason, progress, where the LoRA went."""
+    progress = job.get("progress") or {}
+    text = f"**{job['id']}** `{job['output_name']}`: **{job['status']}**"
+    if progress_text(job):
+        text += f", {progress_text(job)}"
+    if job.get("reason"):
+        text += f"\n\n{job['reason']}"
+    if progress.get("delivered"):
+        text += f"\n\nLoRA: `{progress['delivered']}`"
+    return text

@@ -1,0 +1,233 @@
+"""The Train Management tab's Blocks: layout and event wiring only; the callbacks live in create_job.py,
+trainings.py and dataset_actions.py and call the services (the same ones the REST API and the CLI use)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from kohya_backend.service.datasets import DatasetService
+from kohya_backend.service.training import TrainingService
+from kohya_backend.ui.compat import file_input
+from kohya_backend.ui.create_job import CreateJobActions
+from kohya_backend.ui.dataset_actions import PREPROCESS_CHOICES, DatasetActions
+from kohya_backend.ui.hooks import UiHooks
+from kohya_backend.ui.present import FM_LABELS, JOB_HEADERS
+from kohya_backend.ui.trainings import TrainingsActions
+
+ELEM_ID = "train_management"
+DELIVERY_STAMP_ID = "train_management_delivery_stamp"
+POLL_SECONDS = 2.0
+# Standalone only (inside the WebUI the tab's Blocks css is not used; style.css is): hide the stamp, mono editor.
+TAB_CSS = f"""
+#{DELIVERY_STAMP_ID} {{ display: none !important; }}
+#{ELEM_ID} textarea.train-management-mono, #{ELEM_ID} .train-management-mono textarea {{
+  font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }}
+"""
+
+
+def _id(name: str) -> str:
+    return f"{ELEM_ID}_{name}"
+
+
+def _create_job_column(actions: CreateJobActions, fm_default: str) -> dict[str, Any]:
+    """The left column's components (built, not wired)."""
+    c: dict[str, Any] = {}
+    gr.Markdown("### Create a Training Job")
+    c["instance"] = gr.Dropdown(label="Training Instance Type", elem_id=_id("instance"))
+    c["fm"] = gr.Radio(list(FM_LABELS), value=fm_default, label="FM Type", elem_id=_id("fm_type"))
+    with gr.Row():
+        c["model"] = gr.Dropdown(label="Model", elem_id=_id("model"), scale=4)
+        c["refresh_models"] = gr.Button("↻ Refresh", elem_id=_id("refresh_models"), scale=1)
+    c["model_info"] = gr.Markdown(elem_id=_id("model_info"))
+    with gr.Row():
+        c["dataset"] = gr.Dropdown(label="Dataset", elem_id=_id("dataset"), scale=4)
+        c["refresh_datasets"] = gr.Button("↻ Refresh", elem_id=_id("refresh_datasets"), scale=1)
+    start = actions.default_config(fm_default)
+    c["config"] = gr.Textbox(
+        value=start, label="config_params (TOML)", lines=20, max_lines=60, elem_id=_id("config"),
+        elem_classes=["train-management-mono"],
+    )  # fmt: skip
+    c["config_default"] = gr.State(start)
+    with gr.Row():
+        c["format"] = gr.Button("Format config Params", elem_id=_id("format"))
+        c["reset"] = gr.Button("Load FM Type defaults", elem_id=_id("reset"))
+        c["create"] = gr.Button("Create Training Job", variant="primary", elem_id=_id("create"))
+    c["create_message"] = gr.Markdown(elem_id=_id("create_message"))
+    c["issues"] = gr.Markdown(elem_id=_id("issues"))
+    c["plan"] = gr.Markdown(elem_id=_id("plan"))
+    with gr.Accordion("Formatted config (canonical TOML, as it will be trained)", open=False):
+        c["formatted"] = gr.Textbox(
+            label="Canonical TOML", lines=12, interactive=False, elem_id=_id("formatted"),
+            elem_classes=["train-management-mono"],
+        )  # fmt: skip
+    return c
+
+
+def _trainings_column() -> dict[str, Any]:
+    """The right column's components (built, not wired)."""
+    c: dict[str, Any] = {}
+    with gr.Row():
+        gr.Markdown("### Trainings List")
+        c["refresh"] = gr.Button("↻ Refresh", elem_id=_id("refresh_jobs"))
+    c["table"] = gr.Dataframe(
+        headers=JOB_HEADERS, datatype=["str"] * len(JOB_HEADERS), type="array", interactive=False, wrap=True,
+        elem_id=_id("jobs"),
+    )  # fmt: skip
+    c["job"] = gr.Dropdown(label="Job", elem_id=_id("job"))
+    c["job_status"] = gr.Markdown(elem_id=_id("job_status"))
+    with gr.Row():
+        c["cancel"] = gr.Button("Cancel", elem_id=_id("cancel"))
+        c["resume"] = gr.Button("Resume", elem_id=_id("resume"))
+        c["delete"] = gr.Button("Delete", variant="stop", elem_id=_id("delete"))
+    c["action_message"] = gr.Markdown(elem_id=_id("action_message"))
+    c["log"] = gr.Textbox(label="Log (tail)", lines=12, max_lines=12, interactive=False, elem_id=_id("log"))
+    c["plot"] = gr.LinePlot(
+        x="step", y="value", color="series", title="Loss", x_title="step", y_title="loss", height=260,
+        label="Loss", elem_id=_id("loss_plot"),
+    )  # fmt: skip
+    c["samples"] = gr.Gallery(label="Samples", columns=4, height=260, elem_id=_id("samples"))
+    # The auto-refresh polls only this hidden text; the list and the job's details update when it changes.
+    c["poll"] = gr.Textbox(visible=False, elem_id=_id("poll"))
+    return c
+
+
+def _datasets_area(has_interrogate: bool) -> dict[str, Any]:
+    """The Datasets sub-tab's components (built, not wired)."""
+    c: dict[str, Any] = {}
+    with gr.Row():
+        with gr.Column(scale=1):
+            gr.Markdown("### Create a dataset")
+            c["name"] = gr.Textbox(label="Dataset name", elem_id=_id("ds_name"))
+            with gr.Row():
+                c["subject"] = gr.Textbox(
+                    label="Subject (class token; default: the name)", elem_id=_id("ds_subject")
+                )
+                c["repeats"] = gr.Number(value=10, precision=0, label="Repeats", elem_id=_id("ds_repeats"))
+            c["files"] = file_input(
+                "Images and captions (.txt of the same name), or a zip", file_count="multiple",
+                file_types=["image", ".txt", ".caption", ".tags", ".zip"], elem_id=_id("ds_files"),
+            )  # fmt: skip
+            c["folder"] = file_input("…or a whole folder", file_count="directory", elem_id=_id("ds_folder"))
+            c["preprocess"] = gr.Radio(
+                list(PREPROCESS_CHOICES), value="none", label="Preprocessing", elem_id=_id("ds_preprocess")
+            )
+            c["create"] = gr.Button("Create dataset", variant="primary", elem_id=_id("ds_create"))
+            c["create_message"] = gr.Markdown(elem_id=_id("ds_create_message"))
+        with gr.Column(scale=2):
+            gr.Markdown("### Browse, caption and validate")
+            with gr.Row():
+                c["dataset"] = gr.Dropdown(label="Dataset", elem_id=_id("ds_dataset"), scale=4)
+                c["refresh"] = gr.Button("↻ Refresh", elem_id=_id("ds_refresh"), scale=1)
+            c["report"] = gr.Markdown(elem_id=_id("ds_report"))
+            c["validate"] = gr.Button("Validate (decode every image)", elem_id=_id("ds_validate"))
+            c["gallery"] = gr.Gallery(label="Images", columns=6, height=300, elem_id=_id("ds_gallery"))
+            c["names"] = gr.State([])
+            c["image"] = gr.Dropdown(label="Image", elem_id=_id("ds_image"))
+            with gr.Row():
+                c["preview"] = gr.Image(
+                    label="Image", type="pil", interactive=False, height=320, elem_id=_id("ds_preview")
+                )
+                with gr.Column():
+                    c["caption"] = gr.Textbox(label="Caption", lines=4, elem_id=_id("ds_caption"))
+                    with gr.Row():
+                        c["save"] = gr.Button("Save caption", variant="primary", elem_id=_id("ds_save"))
+                        c["generate"] = gr.Button(
+                            "Generate caption", visible=has_interrogate, elem_id=_id("ds_generate")
+                        )
+                        c["delete_image"] = gr.Button(
+                            "Delete image", variant="stop", elem_id=_id("ds_delete_image")
+                        )
+                    c["message"] = gr.Markdown(elem_id=_id("ds_message"))
+            with gr.Row():
+                c["confirm"] = gr.Checkbox(
+                    label="Yes, delete this dataset and its files", elem_id=_id("ds_confirm")
+                )
+                c["delete"] = gr.Button("Delete dataset", variant="stop", elem_id=_id("ds_delete"))
+    return c
+
+
+def _wire_create_job(a: CreateJobActions, c: dict[str, Any]) -> None:
+    c["refresh_models"].click(a.model_choices, [c["model"]], [c["model"]])
+    c["refresh_datasets"].click(a.dataset_choices, [c["dataset"]], [c["dataset"]])
+    c["model"].change(a.model_info, [c["model"], c["fm"]], [c["model_info"]])
+    c["fm"].change(
+        a.fm_changed, [c["fm"], c["config"], c["config_default"]], [c["config"], c["config_default"]]
+    ).then(a.model_info, [c["model"], c["fm"]], [c["model_info"]])
+    c["reset"].click(a.reset_config, [c["fm"]], [c["config"], c["config_default"]])
+    c["format"].click(
+        a.format_config,
+        [c["fm"], c["model"], c["dataset"], c["config"]],
+        [c["formatted"], c["issues"], c["plan"]],
+    )
+    c["create"].click(
+        a.submit, [c["instance"], c["fm"], c["model"], c["dataset"], c["config"]], [c["create_message"]]
+    )
+
+
+def _wire_trainings(a: TrainingsActions, c: dict[str, Any], stamp: Any, blocks: gr.Blocks) -> None:
+    outputs = [c["table"], stamp, c["job"], c["job_status"], c["log"], c["plot"], c["samples"]]
+    c["refresh"].click(a.refresh, [c["job"]], outputs)
+    blocks.load(a.mark, [c["job"]], [c["poll"]], every=POLL_SECONDS, show_progress="hidden")
+    c["poll"].change(a.refresh, [c["job"]], outputs, show_progress="hidden")
+    c["table"].select(a.select_row, [c["table"]], [c["job"]])
+    c["job"].change(a.details, [c["job"]], [c["job_status"], c["log"], c["plot"], c["samples"]])
+    for action in (a.cancel, a.resume, a.delete):
+        c[action.__name__].click(action, [c["job"]], [c["action_message"]]).then(
+            a.refresh, [c["job"]], outputs
+        )
+
+
+def _wire_datasets(a: DatasetActions, c: dict[str, Any], train_dataset: Any) -> None:
+    opened = [c["report"], c["gallery"], c["image"], c["names"]]
+    c["create"].click(
+        a.create,
+        [c["name"], c["subject"], c["repeats"], c["files"], c["folder"], c["preprocess"]],
+        [c["create_message"], c["dataset"]],
+    ).then(a.choices, [train_dataset], [train_dataset])
+    c["refresh"].click(a.choices, [c["dataset"]], [c["dataset"]])
+    c["dataset"].change(a.open, [c["dataset"]], opened)
+    c["validate"].click(a.validate, [c["dataset"]], [c["report"]])
+    c["gallery"].select(a.pick_thumbnail, [c["names"]], [c["image"]])
+    c["image"].change(a.select_image, [c["dataset"], c["image"]], [c["preview"], c["caption"], c["message"]])
+    c["save"].click(a.save_caption, [c["dataset"], c["image"], c["caption"]], [c["message"]]).then(
+        a.open, [c["dataset"]], opened
+    )
+    c["generate"].click(a.generate_caption, [c["dataset"], c["image"]], [c["caption"], c["message"]])
+    c["delete_image"].click(a.delete_image, [c["dataset"], c["image"]], [c["message"]]).then(
+        a.open, [c["dataset"]], opened
+    )
+    c["delete"].click(
+        a.delete_dataset, [c["dataset"], c["confirm"]], [c["message"], c["dataset"], c["confirm"]]
+    ).then(a.choices, [train_dataset], [train_dataset])
+
+
+def create_tab(service: TrainingService, datasets: DatasetService, hooks: UiHooks | None = None) -> gr.Blocks:
+    """The Train Management tab's Blocks (gradio 3.41 and 4.40); callbacks call the services only."""
+    hooks = hooks or UiHooks()
+    create_actions = CreateJobActions(service, hooks)
+    trainings = TrainingsActions(service)
+    dataset_actions = DatasetActions(datasets, hooks)
+    fm_default = next(iter(FM_LABELS))
+    with gr.Blocks(title="Train Management", css=TAB_CSS, analytics_enabled=False) as blocks:
+        with gr.Column(elem_id=ELEM_ID):
+            stamp = gr.HTML("<span></span>", elem_id=DELIVERY_STAMP_ID)
+            with gr.Tabs(elem_id=_id("tabs")):
+                with gr.Tab("Training", elem_id=_id("training_tab")):
+                    with gr.Row():
+                        with gr.Column(scale=1):
+                            job_form = _create_job_column(create_actions, fm_default)
+                        with gr.Column(scale=1):
+                            jobs = _trainings_column()
+                with gr.Tab("Datasets", elem_id=_id("datasets_tab")):
+                    data = _datasets_area(hooks.interrogate is not None)
+        _wire_create_job(create_actions, job_form)
+        _wire_trainings(trainings, jobs, stamp, blocks)
+        _wire_datasets(dataset_actions, data, job_form["dataset"])
+        choices = [job_form["instance"], job_form["model"], job_form["dataset"]]
+        blocks.load(create_actions.all_choices, choices, choices).then(
+            create_actions.model_info, [job_form["model"], job_form["fm"]], [job_form["model_info"]]
+        )
+        blocks.load(dataset_actions.choices, [data["dataset"]], [data["dataset"]])
+    return blocks

@@ -1,0 +1,141 @@
+"""Callbacks of the Trainings List: the table (polled), the delivery stamp, the selected job's log, loss plot and
+samples, and Cancel / Resume / Delete."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from kohya_backend.errors import TrainManagementError
+from kohya_backend.service.training import TrainingService
+from kohya_backend.ui.compat import no_change, update
+from kohya_backend.ui.present import (
+    JOB_HEADERS,
+    delivery_stamp,
+    error_markdown,
+    job_markdown,
+    job_row,
+    loss_rows,
+)
+
+PAGE_SIZE = 50
+LOG_TAIL_BYTES = 16_384
+MAX_SAMPLES = 12
+THUMBNAIL_PX = 256
+
+
+def _log_tail(path: Path) -> str:
+    try:
+        with open(path, "rb") as handle:
+            size = handle.seek(0, 2)
+            handle.seek(max(0, size - LOG_TAIL_BYTES))
+            data = handle.read()
+    except FileNotFoundError:
+        return ""
+    text = data.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+    return text if len(data) < LOG_TAIL_BYTES else text.split("\n", 1)[-1]
+
+
+def _samples(folder: Path) -> list[tuple[Any, str]]:
+    """The newest sample images of a job, as (thumbnail, file name), oldest first."""
+    from PIL import Image
+
+    sample_dir = folder / "output" / "sample"
+    if not sample_dir.is_dir():
+        return []
+    paths = sorted(
+        (p for p in sample_dir.glob("*.png") if p.is_file()), key=lambda p: (p.stat().st_mtime, p.name)
+    )
+    out = []
+    for path in paths[-MAX_SAMPLES:]:
+        try:
+            with Image.open(path) as image:
+                image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+                out.append((image.convert("RGB"), path.name))
+        except OSError:
+            continue
+    return out
+
+
+def _plot_value(rows: list[dict[str, Any]]) -> Any:
+    if not rows:
+        return None
+    import pandas as pd
+
+    return pd.DataFrame(rows)
+
+
+class TrainingsActions:
+    """The right column's callbacks, bound to one TrainingService."""
+
+    def __init__(self, service: TrainingService) -> None:
+        self.service = service
+
+    def details(self, job_id: str | None) -> tuple[str, str, Any, list[tuple[Any, str]]]:
+        """(headline, log tail, loss plot data, samples) of one job; empty when none is selected."""
+        from kohya_backend.train.events import read_events
+
+        if not job_id:
+            return "Select a job in the list.", "", None, []
+        try:
+            job = self.service.show(job_id)
+            log = _log_tail(self.service.log_path(job_id))
+            rows = loss_rows(read_events(self.service.events_path(job_id)))
+        except TrainManagementError as exc:
+            return error_markdown(exc), "", None, []
+        return job_markdown(job), log, _plot_value(rows), _samples(Path(job["folder"]))
+
+    def mark(self, selected: str | None) -> str:
+        """What the auto-refresh polls: a short text that changes whenever a job (or the selection) changes."""
+        jobs = self.service.list(limit=PAGE_SIZE)["jobs"]
+        return json.dumps([[j["id"], j["status"], j["updated_at"]] for j in jobs] + [selected])
+
+    def refresh(self, selected: str | None) -> tuple[Any, ...]:
+        """(table, delivery stamp, job choices, and the selected job's headline, log, loss plot, samples)."""
+        import pandas as pd
+
+        jobs = self.service.list(limit=PAGE_SIZE)["jobs"]
+        ids = [j["id"] for j in jobs]
+        if selected not in ids:
+            selected = None
+        table = pd.DataFrame([job_row(j) for j in jobs], columns=JOB_HEADERS)
+        status, log, plot, samples = self.details(selected)
+        choices = update(choices=ids, value=selected)
+        return table, delivery_stamp(jobs), choices, status, log, update(value=plot), samples
+
+    def select_row(self, table: Any, evt: gr.SelectData) -> Any:
+        """A click on a row of the table selects that job."""
+        rows = table.values.tolist() if hasattr(table, "values") else table
+        index = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        try:
+            return update(value=str(rows[int(index)][0]))
+        except (IndexError, TypeError, ValueError):
+            return no_change()
+
+    def cancel(self, job_id: str | None) -> str:
+        """Cancel the selected job (a running trainer is stopped)."""
+        return self._act("cancel", job_id)
+
+    def resume(self, job_id: str | None) -> str:
+        """Queue the selected interrupted, failed or cancelled job again."""
+        return self._act("resume", job_id)
+
+    def delete(self, job_id: str | None) -> str:
+        """Delete the selected finished job and its folder."""
+        return self._act("delete", job_id)
+
+    def _act(self, action: str, job_id: str | None) -> str:
+        """Cancel, resume or delete a job; the message says what happened or why not."""
+        if not job_id:
+            return "Select a job first."
+        try:
+            if action == "delete":
+                self.service.delete(job_id)
+                return f"Deleted job {job_id} (its delivered LoRA stays in the Lora folder)."
+            job = self.service.cancel(job_id) if action == "cancel" else self.service.resume(job_id)
+        except TrainManagementError as exc:
+            return f"❌ {error_markdown(exc)}"
+        return f"Job {job_id}: **{job['status']}**" + (f" ({job['reason']})" if job.get("reason") else "")

@@ -1,9 +1,21 @@
 """Hashes match their definitions (reference/kohya.md) on files and bytes."""
 
 import hashlib
+import os
 from pathlib import Path
 
-from kohya_backend.models.hashing import legacy_hash_bytes, legacy_hash_file, sha256_file
+import pytest
+
+from kohya_backend.models.hashing import (
+    CACHE_ENV,
+    BackgroundSha256,
+    cached_sha256,
+    default_cache_path,
+    legacy_hash_bytes,
+    legacy_hash_file,
+    remember_sha256,
+    sha256_file,
+)
 
 
 def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
@@ -25,3 +37,47 @@ def test_legacy_hash_of_small_file_hashes_nothing(tmp_path: Path) -> None:
     path = tmp_path / "small.bin"
     path.write_bytes(b"abc")
     assert legacy_hash_file(path) == hashlib.sha256(b"").hexdigest()[:8]
+
+
+def test_sha256_cache_is_used_while_size_and_mtime_hold(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"first content")
+    cache = tmp_path / "cache" / "sha256.json"
+    assert cached_sha256(path, cache) is None
+    remember_sha256(path, "f" * 64, cache)
+    assert cached_sha256(path, cache) == "f" * 64
+    stat = path.stat()
+    path.write_bytes(b"other content")  # same size; mtime restored: the cache cannot tell, by design
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert cached_sha256(path, cache) == "f" * 64
+    path.write_bytes(b"longer content now")
+    assert cached_sha256(path, cache) is None
+    cache.write_text("{not json")
+    assert cached_sha256(path, cache) is None
+    remember_sha256(path, "e" * 64, cache)  # a broken cache is replaced, not fatal
+    assert cached_sha256(path, cache) == "e" * 64
+
+
+def test_background_sha256_computes_once_then_reads_the_cache(tmp_path: Path) -> None:
+    data = os.urandom(3 << 20)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(data)
+    cache = tmp_path / "sha256.json"
+    first = BackgroundSha256(path, cache)
+    assert first.result() == hashlib.sha256(data).hexdigest()
+    second = BackgroundSha256(path, cache)
+    assert second._thread is None and second.result() == first.result()
+
+
+def test_background_sha256_reports_a_vanished_file(tmp_path: Path) -> None:
+    job = BackgroundSha256(tmp_path / "missing.safetensors", tmp_path / "sha256.json")
+    with pytest.raises(FileNotFoundError):
+        job.result()
+
+
+def test_default_cache_path_follows_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "h.json"))
+    assert default_cache_path() == tmp_path / "h.json"
+    monkeypatch.delenv(CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_path() == tmp_path / "xdg" / "train-management" / "sha256.json"

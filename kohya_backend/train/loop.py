@@ -32,7 +32,7 @@ from kohya_backend.errors import TrainingError
 from kohya_backend.lora.metadata import training_metadata
 from kohya_backend.lora.network import LoRANetwork
 from kohya_backend.lora.save import load_lora, save_lora
-from kohya_backend.models.hashing import legacy_hash_file, sha256_file
+from kohya_backend.models.hashing import BackgroundSha256, legacy_hash_file
 from kohya_backend.models.load import LoadedModel, load_checkpoint
 from kohya_backend.train.events import EventLog
 from kohya_backend.train.families import Conditioning, ModelFamily, get_family, sdxl_time_ids
@@ -411,7 +411,7 @@ class Trainer:
     def _metadata(self, *, final: bool) -> dict[str, str]:
         base = Path(self.cfg["pretrained_model_name_or_path"])
         if not hasattr(self, "_base_hashes"):
-            self._base_hashes = (sha256_file(base), legacy_hash_file(base))
+            self._base_hashes = (self._base_sha256.result(), legacy_hash_file(base))
         return training_metadata(
             config=self.cfg,
             family=self.config.fm_type,
@@ -529,6 +529,8 @@ class Trainer:
             device=str(accelerator.device),
         )
         self._prepare_data()
+        # kohya's metadata needs the base model's sha256: hash it (or take it from the cache) while we load and train
+        self._base_sha256 = BackgroundSha256(Path(cfg["pretrained_model_name_or_path"]))
         self._prepare_model(accelerator)
         self._prepare_caches(accelerator)
         self._prepare_optimizer(accelerator)

@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from kohya_backend.cli_workers import add_worker_parsers
 from kohya_backend.errors import ConfigError, TrainManagementError
 
 
@@ -480,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.set_defaults(func=_cmd_serve)
     _add_jobs_parser(sub)
     _add_datasets_parser(sub)
+    add_worker_parsers(sub)
     return parser
 
 

@@ -25,6 +25,7 @@ from kohya_backend.jobs.states import InvalidTransition
 from kohya_backend.jobs.store import InvalidJobId, JobActive, JobNotFound
 from kohya_backend.service.home import NotInHome
 from kohya_backend.service.training import OutputNameTaken, Submission, TrainingService
+from kohya_backend.service.workers_api import create_workers_router
 
 API_PREFIX = "/train-management/v1"
 API_VERSION = "1.0"
@@ -278,4 +279,5 @@ def create_router(service: TrainingService, *, token: str | None = None) -> APIR
     from kohya_backend.service.datasets_api import add_dataset_routes  # imports this module: late
 
     add_dataset_routes(router, service, guarded)
+    router.include_router(create_workers_router(service, guarded))
     return router

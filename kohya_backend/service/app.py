@@ -10,6 +10,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from kohya_backend.errors import TrainManagementError
+from kohya_backend.jobs.remote import RemoteRunner
 from kohya_backend.jobs.runner import LocalRunner
 from kohya_backend.jobs.scheduler import Scheduler
 from kohya_backend.jobs.store import Job, JobStore
@@ -44,7 +45,7 @@ def build_service(
     home = Home(home_dir, lora_dir=lora_dir, models_dir=models_dir)
     scheduler = Scheduler(
         JobStore(home.root),
-        [LocalRunner(python)],
+        [LocalRunner(python), RemoteRunner.for_home(home.root)],
         lora_dir=home.lora,
         devices=devices,
         poll_interval_s=poll_interval_s,

@@ -175,10 +175,16 @@ class TrainingService:
         gpus = [gpu.label for gpu in detect_gpus() if gpu.device in devices]
         if gpus:
             label = f"this machine ({', '.join(gpus)})"
-        return [
-            {"name": name, "label": label if name == "local" else name, "devices": sorted(devices)}
-            for name in sorted(self.scheduler.runners)
-        ]
+        items: list[dict[str, Any]] = []
+        for name, runner in sorted(self.scheduler.runners.items()):
+            listed = getattr(runner, "instance_types", None)
+            if callable(listed):  # runners with machines of their own (remote workers) list those
+                items.extend(listed())
+            else:
+                items.append(
+                    {"name": name, "label": label if name == "local" else name, "devices": sorted(devices)}
+                )
+        return items
 
     def list(self, *, status: list[str] | None = None, offset: int = 0, limit: int = 50) -> dict[str, Any]:
         """A page of jobs, newest first, optionally only those in the given states."""

@@ -171,7 +171,8 @@ def _job_routes(router: APIRouter, jobs: WorkerJobs) -> None:
     @router.post("/jobs", status_code=201)
     def submit(body: JobRequest, response: Response) -> dict[str, Any]:
         with _http_errors():
-            view, created = jobs.submit(body.dict())
+            fields = ("client_key", "fm_type", "output_name", "config_params", "inputs")
+            view, created = jobs.submit({name: getattr(body, name) for name in fields})
         if not created:
             response.status_code = 200
         return {"job": view}

@@ -1,0 +1,114 @@
+"""`python -m kohya_backend worker` (serve a remote GPU worker) and `workers add|list|remove` (the registry).
+
+Kept apart from cli.py so each stays small; cli.py adds these parsers with add_worker_parsers().
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from kohya_backend.errors import TrainManagementError
+
+DEFAULT_CLIENT_HOME = "train_management_home"
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from kohya_backend.service.worker import TOKEN_ENV, read_token_file, serve_worker
+
+    if args.token_file:
+        token = read_token_file(Path(args.token_file), create=args.create_token)
+    elif os.environ.get(TOKEN_ENV):
+        token = os.environ[TOKEN_ENV].strip()
+    else:
+        raise TrainManagementError(
+            "a worker needs a token: every request but /health must carry it",
+            "pass --token-file token.txt (add --create-token to have one generated), or set " + TOKEN_ENV,
+        )
+    serve_worker(
+        Path(args.home),
+        token=token,
+        host=args.host,
+        port=args.port,
+        max_blob_bytes=int(args.max_blob_gb * 2**30),
+        reserve_bytes=int(args.reserve_gb * 2**30),
+    )
+    return 0
+
+
+def _token(args: argparse.Namespace) -> str:
+    from kohya_backend.jobs.registry import read_token
+
+    if args.token_file:
+        return read_token(Path(args.token_file))
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().strip()
+    return getpass.getpass("worker token (from its token file): ").strip()
+
+
+def _cmd_workers(args: argparse.Namespace) -> int:
+    from kohya_backend.jobs.pool import check_worker
+    from kohya_backend.jobs.registry import WorkerRegistry
+
+    registry = WorkerRegistry(Path(args.home))
+    if args.workers_command == "add":
+        entry = registry.add(args.url, _token(args), name=args.name)
+        state = check_worker(entry)
+        print(f"added {entry.name} ({entry.url}): {state.state}, {state.gpu_label()}")
+        if state.error:
+            print(f"  {state.error}", file=sys.stderr)
+        print(f"instance type: worker:{entry.name}", file=sys.stderr)
+        return 0
+    if args.workers_command == "remove":
+        registry.remove(args.name)
+        print(f"removed {args.name}")
+        return 0
+    rows: list[dict[str, Any]] = []
+    for entry in registry.entries():
+        rows.append(
+            {**entry.public(), **check_worker(entry).public(), "instance_type": f"worker:{entry.name}"}
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        disk = f"{row['free_disk_gb']:.0f} GiB free" if row.get("free_disk_gb") else "disk ?"
+        print(f"{row['name']:<20} {row['state']:<12} {row['gpu']:<32} {disk:<14} {row['url']}")
+    print(f"{len(rows)} worker(s)", file=sys.stderr)
+    return 0
+
+
+def add_worker_parsers(sub: Any) -> None:
+    """The `worker` and `workers` commands."""
+    from kohya_backend.jobs.worker_protocol import DEFAULT_WORKER_PORT
+
+    worker = sub.add_parser("worker", help="serve this machine as a remote GPU worker (token required)")
+    worker.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    worker.add_argument("--port", type=int, default=DEFAULT_WORKER_PORT)
+    worker.add_argument("--token-file", help="file holding the token clients must send")
+    worker.add_argument(
+        "--create-token", action="store_true", help="write a new random token if the file is missing"
+    )
+    worker.add_argument("--home", default="train_management_worker", help="the worker's home folder")
+    worker.add_argument("--max-blob-gb", type=float, default=64.0, help="largest file a client may upload")
+    worker.add_argument("--reserve-gb", type=float, default=2.0, help="disk space uploads must leave free")
+    worker.set_defaults(func=_cmd_worker)
+
+    workers = sub.add_parser("workers", help="register the remote workers jobs may train on")
+    commands = workers.add_subparsers(dest="workers_command", required=True)
+    add = commands.add_parser("add", help="add (or update) a worker by URL and token")
+    add.add_argument("url", help="the URL the worker printed, e.g. http://gpu-box:7870")
+    add.add_argument("--token-file", help="the worker's token file (default: read the token from stdin)")
+    add.add_argument("--name", help="a name for it (default: from the URL's host and port)")
+    listing = commands.add_parser("list", help="list workers with their GPU and state (tokens never shown)")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    remove = commands.add_parser("remove", help="forget a worker")
+    remove.add_argument("name")
+    for parser in (add, listing, remove):
+        parser.add_argument("--home", default=DEFAULT_CLIENT_HOME, help="the Train Management home folder")
+        parser.set_defaults(func=_cmd_workers)

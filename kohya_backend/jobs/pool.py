@@ -1,0 +1,166 @@
+"""The pool of registered workers: a background thread asks each for its info, so choosing one never waits.
+
+Each worker is `online` (answering, a slot free), `busy` (answering, every slot taken), `offline` (not answering),
+`unauthorized` (the token is refused) or `unknown` (not asked yet). The scheduler's tick reads only this cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kohya_backend.jobs.registry import WorkerEntry, WorkerRegistry
+from kohya_backend.jobs.worker_client import WorkerAuthError, WorkerClient, WorkerError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REFRESH_S = 5.0
+INFO_TIMEOUT_S = 5.0
+# Rough VRAM a LoRA run needs (512 px SD 1.5, 1024 px SDXL with the usual memory savers); a job may ask for more.
+MIN_VRAM_GB = {"sd_1_5": 6.0, "sd_xl": 12.0}
+
+
+@dataclass
+class WorkerState:
+    """What the pool last learned about one worker."""
+
+    name: str
+    state: str = "unknown"
+    info: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    checked_at: float | None = None
+
+    def free_slots(self, own_active: int) -> int:
+        """Slots left, counting the worker's own report and the jobs this host sent it (whichever is more)."""
+        slots = int(self.info.get("slots") or 1)
+        used = int(self.info.get("active_jobs") or 0) + int(self.info.get("queued_jobs") or 0)
+        return slots - max(used, own_active)
+
+    def vram_gb(self) -> float | None:
+        """The largest GPU memory on the worker in GiB, or None when unknown (no GPU, or not reported)."""
+        sizes = [g.get("vram_bytes") for g in self.info.get("gpus") or [] if isinstance(g, dict)]
+        known = [s for s in sizes if isinstance(s, (int, float)) and s > 0]
+        return max(known) / 2**30 if known else None
+
+    def gpu_label(self) -> str:
+        """'NVIDIA A100 80GB (80 GB)' or 'CPU' or '?' (not asked yet)."""
+        gpus = [g for g in self.info.get("gpus") or [] if isinstance(g, dict)]
+        if not gpus:
+            return "CPU" if self.info else "?"
+        names = []
+        for gpu in gpus:
+            vram = gpu.get("vram_bytes")
+            names.append(f"{gpu.get('name')} ({round(vram / 2**30)} GB)" if vram else str(gpu.get("name")))
+        return ", ".join(names)
+
+    def public(self) -> dict[str, Any]:
+        """JSON-ready state for listings (no secrets)."""
+        return {
+            "name": self.name,
+            "state": self.state,
+            "gpu": self.gpu_label(),
+            "vram_gb": self.vram_gb(),
+            "free_disk_gb": (self.info["free_disk_bytes"] / 2**30)
+            if self.info.get("free_disk_bytes")
+            else None,
+            "slots": self.info.get("slots"),
+            "active_jobs": self.info.get("active_jobs"),
+            "queued_jobs": self.info.get("queued_jobs"),
+            "error": self.error,
+            "checked_at": self.checked_at,
+        }
+
+
+def required_vram_gb(fm_type: str, params: Mapping[str, Any]) -> float:
+    """VRAM a job needs: params['min_vram_gb'] when given, else a family's rough minimum."""
+    asked = params.get("min_vram_gb")
+    if isinstance(asked, (int, float)) and not isinstance(asked, bool) and asked > 0:
+        return float(asked)
+    return MIN_VRAM_GB.get(fm_type, 0.0)
+
+
+def check_worker(entry: WorkerEntry, timeout_s: float = INFO_TIMEOUT_S) -> WorkerState:
+    """Ask one worker for its info now (used by the monitor and by `workers list`)."""
+    state = WorkerState(entry.name, checked_at=time.time())
+    try:
+        with WorkerClient(entry.url, entry.token, read_timeout_s=timeout_s) as client:
+            state.info = client.info()
+    except WorkerAuthError as exc:
+        state.state, state.error = "unauthorized", exc.message
+        return state
+    except WorkerError as exc:
+        state.state, state.error = "offline", exc.message
+        return state
+    state.state = "busy" if state.free_slots(0) <= 0 else "online"
+    return state
+
+
+class WorkerPool:
+    """Cached states of the registered workers, refreshed every `refresh_s` by a daemon thread started on first use."""
+
+    def __init__(self, registry: WorkerRegistry, *, refresh_s: float = DEFAULT_REFRESH_S) -> None:
+        self.registry = registry
+        self.refresh_s = refresh_s
+        self._states: dict[str, WorkerState] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _ensure_thread(self) -> None:
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="train-management-workers", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.refresh()
+            except Exception:  # the monitor must outlive a bad registry read; the next round tries again
+                log.exception("refreshing the worker states failed")
+            self._wake.wait(self.refresh_s)
+            self._wake.clear()
+
+    def refresh(self) -> None:
+        """Ask every registered worker for its info (one at a time, each with a short timeout)."""
+        entries = self.registry.entries()
+        fresh = {e.name: check_worker(e) for e in entries}
+        with self._lock:
+            self._states = fresh
+
+    def refresh_soon(self) -> None:
+        """Wake the monitor (a worker was added, or a job wants one)."""
+        self._ensure_thread()
+        self._wake.set()
+
+    def states(self) -> dict[str, WorkerState]:
+        """The last known state of every registered worker (`unknown` until first asked)."""
+        entries = self.registry.entries()
+        if entries:
+            self._ensure_thread()
+        with self._lock:
+            known = dict(self._states)
+        return {e.name: known.get(e.name) or WorkerState(e.name) for e in entries}
+
+    def can_take(self, name: str, fm_type: str, params: Mapping[str, Any], own_active: int) -> bool:
+        """True when `name` answers, has a free slot, and has enough VRAM for the job (or does not say)."""
+        state = self.states().get(name)
+        if state is None or state.state not in ("online", "busy") or state.free_slots(own_active) <= 0:
+            return False
+        vram = state.vram_gb()
+        return vram is None or vram >= required_vram_gb(fm_type, params)
+
+    def close(self) -> None:
+        """Stop the monitor thread."""
+        self._stop.set()
+        self._wake.set()
+        thread = self._thread
+        if thread is not None:
+            thread.join(INFO_TIMEOUT_S * 2)

@@ -1,0 +1,217 @@
+"""The workers this extension may send jobs to: name, URL and token, kept in HOME/workers.json (mode 0600).
+
+Tokens live only in that file and in requests to their worker; every listing leaves them out. The file also holds
+this home's client id, which makes a job's submission to a worker idempotent across retries and restarts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kohya_backend.errors import TrainManagementError
+from kohya_backend.jobs.worker_protocol import (
+    InvalidName,
+    normalize_worker_url,
+    validate_worker_name,
+)
+
+REGISTRY_NAME = "workers.json"
+_LOCK_SUFFIX = ".lock"
+
+
+class WorkerNotFound(TrainManagementError):
+    """No worker of this name is registered."""
+
+
+@dataclass(frozen=True)
+class WorkerEntry:
+    """One registered worker; `token` never leaves this process except to its own worker."""
+
+    name: str
+    url: str
+    token: str
+    added_at: float
+
+    def public(self) -> dict[str, Any]:
+        """What listings show: everything but the token."""
+        return {"name": self.name, "url": self.url, "added_at": self.added_at}
+
+
+def default_worker_name(url: str) -> str:
+    """A name from a worker URL: its host (and port), lowercased, odd characters as '-'."""
+    host = re.sub(r"^https?://", "", normalize_worker_url(url)).split("/")[0]
+    name = re.sub(r"[^a-z0-9_.-]+", "-", host.lower().replace(":", "-")).strip("-._")
+    return validate_worker_name(name[:63] or "worker")
+
+
+def read_token(path: Path) -> str:
+    """The token in a token file (its first line, stripped); refuses an empty or unreadable file."""
+    try:
+        lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise TrainManagementError(
+            f"cannot read the worker token file {path}: {exc.strerror}",
+            "copy the worker's token file to this machine and name it with --train-worker-token-file",
+        ) from exc
+    token = lines[0].strip() if lines else ""
+    if not token:
+        raise TrainManagementError(
+            f"the worker token file {path} is empty", "copy the worker's token into it"
+        )
+    return token
+
+
+def _check_token(token: object) -> str:
+    if not isinstance(token, str) or not token.strip() or any(c.isspace() for c in token.strip()):
+        raise TrainManagementError(
+            "the worker token is empty or contains spaces", "paste the token from the worker's token file"
+        )
+    return token.strip()
+
+
+class WorkerRegistry:
+    """Registered workers in HOME/workers.json; re-read when the file changes (the CLI may edit it meanwhile)."""
+
+    def __init__(self, home_root: Path) -> None:
+        self.path = Path(home_root) / REGISTRY_NAME
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int] | None = None
+        self._data: dict[str, Any] = {"client_id": "", "workers": []}
+
+    @contextlib.contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        """Serialise writers across threads and processes (the WebUI and the CLI may both edit the file)."""
+        with self._lock:
+            if os.name != "posix":
+                yield
+                return
+            import fcntl
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path.with_name(self.path.name + _LOCK_SUFFIX), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
+
+    def _load(self) -> dict[str, Any]:
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return {"client_id": "", "workers": []}
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        if stamp != self._stamp:
+            try:
+                data = json.loads(self.path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise TrainManagementError(
+                    f"the worker list {self.path} cannot be read: {exc}",
+                    "fix or delete that file and add the workers again",
+                ) from exc
+            self._data = data if isinstance(data, dict) else {"client_id": "", "workers": []}
+            self._stamp = stamp
+        return self._data
+
+    def _save(self, data: dict[str, Any]) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.path)
+        os.chmod(self.path, 0o600)
+
+    def entries(self) -> list[WorkerEntry]:
+        """Every registered worker, in the order they were added."""
+        found = []
+        for raw in self._load().get("workers") or []:
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                found.append(
+                    WorkerEntry(str(raw["name"]), str(raw["url"]), str(raw["token"]), float(raw["added_at"]))
+                )
+        return found
+
+    def get(self, name: str) -> WorkerEntry | None:
+        """The worker called `name`, or None."""
+        return next((e for e in self.entries() if e.name == name), None)
+
+    def require(self, name: str) -> WorkerEntry:
+        """The worker called `name`; WorkerNotFound (listing the known ones) when there is none."""
+        entry = self.get(name)
+        if entry is None:
+            known = ", ".join(e.name for e in self.entries()) or "none"
+            raise WorkerNotFound(f"no worker named {name!r} is registered", f"registered workers: {known}")
+        return entry
+
+    def client_id(self) -> str:
+        """This home's random id (created on first use), part of every job's idempotency key on workers."""
+        data = self._load()
+        if data.get("client_id"):
+            return str(data["client_id"])
+        with self._file_lock():
+            data = dict(self._load())
+            if not data.get("client_id"):
+                data["client_id"] = secrets.token_hex(8)
+                self._save(data)
+            return str(data["client_id"])
+
+    def add(self, url: str, token: str, *, name: str | None = None) -> WorkerEntry:
+        """Register (or update: same name or same URL) a worker; returns the entry (token inside, never shown)."""
+        clean_url = normalize_worker_url(url)
+        clean_token = _check_token(token)
+        try:
+            clean_name = validate_worker_name(name) if name else default_worker_name(clean_url)
+        except InvalidName as exc:
+            raise TrainManagementError(exc.message, exc.hint) from exc
+        with self._file_lock():
+            data = dict(self._load())
+            kept = [
+                w
+                for w in data.get("workers") or []
+                if w.get("name") != clean_name and w.get("url") != clean_url
+            ]
+            entry = WorkerEntry(clean_name, clean_url, clean_token, time.time())
+            data["workers"] = [*kept, {**entry.public(), "token": entry.token}]
+            data.setdefault("client_id", secrets.token_hex(8))
+            self._save(data)
+        return entry
+
+    def remove(self, name: str) -> None:
+        """Forget a worker; WorkerNotFound when there is none of that name."""
+        self.require(name)
+        with self._file_lock():
+            data = dict(self._load())
+            data["workers"] = [w for w in data.get("workers") or [] if w.get("name") != name]
+            self._save(data)
+
+
+def ensure_worker(
+    home_dir: Path,
+    url: str,
+    *,
+    token: str | None = None,
+    token_file: Path | None = None,
+    name: str | None = None,
+) -> dict[str, Any]:
+    """Register the worker at `url` in a home (for `--train-worker URL --train-worker-token-file FILE`).
+
+    Idempotent: calling it again with the same URL updates the token. Returns the public entry (no token).
+    """
+    if token is None and token_file is None:
+        raise TrainManagementError(
+            f"worker {url} needs a token", "pass --train-worker-token-file FILE (the worker's token file)"
+        )
+    secret = token if token is not None else read_token(Path(token_file or ""))
+    return WorkerRegistry(Path(home_dir)).add(url, secret, name=name).public()

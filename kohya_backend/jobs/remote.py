@@ -1,0 +1,242 @@
+"""The remote runner: trains jobs on registered GPU workers through the scheduler's Runner interface.
+
+Instance types: `worker` (the pool: the first free worker that fits, VRAM when known) and `worker:<name>` (that
+worker). start() returns at once; a RemoteSession thread per job sends its files, submits it and mirrors it into
+the job folder, so the scheduler's event ingestion, progress, settling and delivery work as for local jobs.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kohya_backend.errors import TrainManagementError
+from kohya_backend.jobs.pool import WorkerPool
+from kohya_backend.jobs.registry import WorkerRegistry
+from kohya_backend.jobs.remote_session import RUNNER_NAME, RemoteOptions, RemoteSession, write_json_atomic
+from kohya_backend.jobs.runner import RESULT_NAME, RUN_NAME, RunHandle, RunStatus, read_json
+from kohya_backend.jobs.store import Job
+from kohya_backend.jobs.transfer import HASH_CACHE_NAME, HashCache
+
+POOL = RUNNER_NAME
+PREFIX = f"{RUNNER_NAME}:"
+
+
+@dataclass(frozen=True)
+class _Target:
+    pool: bool
+    worker: str | None
+
+
+def _target(instance_type: str) -> _Target:
+    if instance_type == POOL:
+        return _Target(True, None)
+    if instance_type.startswith(PREFIX) and instance_type[len(PREFIX) :]:
+        return _Target(False, instance_type[len(PREFIX) :])
+    raise TrainManagementError(
+        f"instance type {instance_type!r} is not a worker",
+        f"use '{POOL}' (any free worker) or '{PREFIX}<name>'",
+    )
+
+
+def _device(worker: str) -> str:
+    return f"{PREFIX}{worker}"
+
+
+class RemoteRunner:
+    """Runs jobs on remote workers (see the module doc); one RemoteSession thread per running job."""
+
+    name = RUNNER_NAME
+
+    def __init__(
+        self,
+        registry: WorkerRegistry,
+        hashes: HashCache,
+        *,
+        pool: WorkerPool | None = None,
+        options: RemoteOptions | None = None,
+    ) -> None:
+        self.registry = registry
+        self.hashes = hashes
+        self.pool = pool or WorkerPool(registry)
+        self.options = options or RemoteOptions()
+        self._sessions: dict[str, RemoteSession] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_home(
+        cls, home_root: Path, *, refresh_s: float | None = None, options: RemoteOptions | None = None
+    ) -> RemoteRunner:
+        """The runner of a home: its workers.json registry and its hash cache."""
+        registry = WorkerRegistry(Path(home_root))
+        pool = WorkerPool(registry, refresh_s=refresh_s) if refresh_s is not None else WorkerPool(registry)
+        return cls(registry, HashCache(Path(home_root) / HASH_CACHE_NAME), pool=pool, options=options)
+
+    # -- choosing a worker --------------------------------------------------------------------------------
+
+    def check_instance_type(self, instance_type: str) -> None:
+        """Refuse an instance type naming no registered worker (or the pool while none is registered)."""
+        target = _target(instance_type)
+        if target.worker is not None:
+            self.registry.require(target.worker)
+        elif not self.registry.entries():
+            raise TrainManagementError(
+                "no remote worker is registered", "add one (Settings, `workers add URL`, or --train-worker)"
+            )
+
+    def _own_active(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        with self._lock:
+            for session in self._sessions.values():
+                if session.outcome is None and session.is_alive():
+                    counts[session.worker.name] = counts.get(session.worker.name, 0) + 1
+        return counts
+
+    def place(self, job: Job) -> str | None:
+        """Where a queued job starts now: its worker, or for the pool its previous worker (its saved state is
+        there) while that one answers, else the first free worker that fits; None keeps it queued."""
+        try:
+            target = _target(job.instance_type)
+        except TrainManagementError:
+            return None
+        own = self._own_active()
+        states = self.pool.states()
+
+        def fits(name: str) -> bool:
+            return self.pool.can_take(name, job.fm_type, job.params, own.get(name, 0))
+
+        if target.worker is not None:
+            refused = target.worker in states and states[target.worker].state == "unauthorized"
+            # A refused token fails the job with that message, rather than keeping it queued forever.
+            return _device(target.worker) if fits(target.worker) or refused else None
+        previous = (read_json(job.folder / RUN_NAME) or {}).get("worker")
+        if isinstance(previous, str) and previous in states and states[previous].state in ("online", "busy"):
+            return _device(previous) if fits(previous) else None
+        for name in states:
+            if fits(name):
+                return _device(name)
+        return None
+
+    # -- the Runner interface -----------------------------------------------------------------------------
+
+    def start(self, job: Job, *, resume: bool, device: str | None = None) -> RunHandle:
+        """Start a session for `job` on the worker `device` names ('worker:<name>'); returns at once."""
+        if device is None or not device.startswith(PREFIX):
+            raise TrainManagementError(
+                f"job {job.id}: no worker chosen (device {device!r})", "resume the job"
+            )
+        entry = self.registry.require(device[len(PREFIX) :])
+        (job.folder / RESULT_NAME).unlink(missing_ok=True)  # a previous run's outcome is not this one's
+        record = read_json(job.folder / RUN_NAME) or {}
+        if record.get("runner") != RUNNER_NAME:
+            record = {"runner": RUNNER_NAME, "remote": {}}
+        record.update(worker=entry.name, resume=resume)
+        write_json_atomic(job.folder / RUN_NAME, record)
+        return self._launch(job, entry.name, resume=resume)
+
+    def _launch(self, job: Job, worker: str, *, resume: bool) -> RunHandle:
+        session = RemoteSession(
+            job,
+            self.registry.require(worker),
+            client_id=self.registry.client_id(),
+            hashes=self.hashes,
+            options=self.options,
+            resume=resume,
+        )
+        with self._lock:
+            old = self._sessions.get(job.id)
+            if old is not None:
+                old.stop_requested.set()
+            self._sessions[job.id] = session
+        session.start()
+        return RunHandle(job.id, self.name, 0, 0, 0.0, _device(worker))
+
+    def poll(self, handle: RunHandle) -> RunStatus:
+        """Alive while the session runs; then its outcome (exit code 0/2, or `lost` with the reason)."""
+        with self._lock:
+            session = self._sessions.get(handle.job_id)
+        if session is None:
+            return RunStatus(False, None, lost="the remote runner lost track of this job; resume it")
+        if session.outcome is None:
+            if session.is_alive():
+                return RunStatus(True)
+            return RunStatus(False, None, lost="the remote runner stopped following this job; resume it")
+        return session.outcome
+
+    def cancel(self, handle: RunHandle, *, grace_s: float) -> None:
+        """Pass the cancel to the worker (the session sends it; the worker's own grace period applies)."""
+        with self._lock:
+            session = self._sessions.get(handle.job_id)
+        if session is not None:
+            session.cancel_requested.set()
+
+    def attach(self, job: Job) -> RunHandle | None:
+        """After a restart: follow the job again on the worker run.json names (None if it is not registered)."""
+        record = read_json(job.folder / RUN_NAME) or {}
+        worker = record.get("worker")
+        if (
+            record.get("runner") != RUNNER_NAME
+            or not isinstance(worker, str)
+            or self.registry.get(worker) is None
+        ):
+            return None
+        return self._launch(job, worker, resume=False)
+
+    def close(self) -> None:
+        """Stop the monitor and every session (remote jobs go on; a new runner re-attaches to them)."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            session.stop_requested.set()
+        for session in sessions:  # each ends after its current request, before writing its answer
+            session.join(self.options.events_wait_s + 10)
+        self.pool.close()
+
+    # -- listings -----------------------------------------------------------------------------------------
+
+    def instance_types(self) -> list[dict[str, Any]]:
+        """The pool and each registered worker, with its GPU and state, for the Training Instance Type list."""
+        states = self.pool.states()
+        if not states:
+            return []
+        answering = [s for s in states.values() if s.state in ("online", "busy")]
+        items: list[dict[str, Any]] = [
+            {
+                "name": POOL,
+                "kind": "pool",
+                "label": f"any free worker ({len(answering)} of {len(states)} answering)",
+                "state": "online" if answering else "offline",
+                "devices": [_device(n) for n in states],
+            }
+        ]
+        for name, state in states.items():
+            items.append(
+                {
+                    **state.public(),
+                    "name": _device(name),
+                    "worker": name,
+                    "kind": "worker",
+                    "label": f"worker {name}: {state.gpu_label()}, {state.state}",
+                    "devices": [_device(name)],
+                }
+            )
+        return items
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Every registered worker (no tokens) with its last known state and running jobs from this host."""
+        states = self.pool.states()
+        own = self._own_active()
+        out = []
+        for entry in self.registry.entries():
+            state = states[entry.name].public() if entry.name in states else {}
+            out.append(
+                {
+                    **state,
+                    **entry.public(),
+                    "instance_type": _device(entry.name),
+                    "jobs_here": own.get(entry.name, 0),
+                }
+            )
+        return out

@@ -1,0 +1,283 @@
+"""Remote jobs end to end: two real workers (`python -m kohya_backend worker` on 127.0.0.1) train the tiny demo
+model for a client whose scheduler uses the remote runner; LoRAs land in the client's Lora folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from remote_support import TOKEN, WorkerProcess, free_port
+
+from kohya_backend.assets.demo import prepare_demo
+from kohya_backend.jobs.registry import WorkerRegistry
+from kohya_backend.jobs.remote import RemoteRunner
+from kohya_backend.jobs.remote_session import RemoteOptions
+from kohya_backend.jobs.runner import LocalRunner
+from kohya_backend.jobs.scheduler import Scheduler, log_tail
+from kohya_backend.jobs.store import JobStore
+from kohya_backend.jobs.transfer import HashCache, TransferStats, Uploader, collect_input
+from kohya_backend.jobs.worker_client import WorkerClient
+from kohya_backend.service.api import API_PREFIX
+from kohya_backend.service.app import create_app
+from kohya_backend.service.home import Home
+from kohya_backend.service.training import Submission, TrainingService
+
+pytestmark = pytest.mark.slow
+API_TOKEN = "client-api-token"
+CONFIG = """\
+tokenizer_cache_dir = "tokenizer"
+caption_extension = ".txt"
+resolution = "64,64"
+enable_bucket = false
+train_batch_size = 2
+max_train_steps = {steps}
+network_dim = 4
+network_alpha = 4
+optimizer_type = "AdamW"
+learning_rate = 1e-3
+lr_scheduler = "constant"
+mixed_precision = "no"
+save_precision = "fp16"
+seed = 1
+output_name = "{name}"
+"""
+
+
+def _service(root: Path) -> TrainingService:
+    """A client host like build_service's, with a patient-for-seconds (not minutes) remote runner."""
+    home = Home(root)
+    options = RemoteOptions(lost_after_s=3, max_backoff_s=0.5, events_wait_s=2, chunk_bytes=1 << 20)
+    remote = RemoteRunner.for_home(home.root, refresh_s=0.3, options=options)
+    scheduler = Scheduler(
+        JobStore(home.root),
+        [LocalRunner(), remote],
+        lora_dir=home.lora,
+        devices={"cpu": 1},
+        poll_interval_s=0.2,
+    )
+    return TrainingService(home, scheduler)
+
+
+def _close(service: TrainingService) -> None:
+    service.scheduler.stop()
+    for runner in service.scheduler.runners.values():
+        if isinstance(runner, RemoteRunner):
+            runner.close()
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[WorkerProcess]]:
+    root = tmp_path_factory.mktemp("workers")
+    token_file = root / "token.txt"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    started = [WorkerProcess(root / name, token_file).start() for name in ("a", "b")]
+    yield started
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture(scope="module")
+def client_home(tmp_path_factory: pytest.TempPathFactory, workers: list[WorkerProcess]) -> Path:
+    """A client home with the demo model and dataset, and both workers registered as 'a' and 'b'."""
+    root = tmp_path_factory.mktemp("client")
+    prepare_demo(root, fm_type="sd_1_5", steps=2)
+    registry = WorkerRegistry(root)
+    for name, worker in zip("ab", workers):
+        registry.add(worker.url, TOKEN, name=name)
+    return root
+
+
+@pytest.fixture
+def api(client_home: Path) -> Iterator[tuple[TrainingService, httpx.Client]]:
+    """The client's REST API (real uvicorn) with its scheduler thread."""
+    service = _service(client_home)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(service, token=API_TOKEN), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    service.scheduler.start()
+    while not server.started:
+        time.sleep(0.05)
+    headers = {"Authorization": f"Bearer {API_TOKEN}"}
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}{API_PREFIX}", headers=headers, timeout=30) as client:
+        yield service, client
+    server.should_exit = True
+    thread.join(10)
+    _close(service)
+
+
+def _until(check: Callable[[], bool], what: str, service: TrainingService, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            jobs, _ = service.store.list(limit=5)
+            state = "\n".join(f"{j.id} {j.status} {j.reason}\n{log_tail(j.folder)}" for j in jobs)
+            raise AssertionError(f"timed out waiting for {what}; jobs:\n{state}")
+        time.sleep(0.2)
+
+
+def _settled(service: TrainingService, job_id: str) -> bool:
+    return service.is_settled(job_id)
+
+
+def _events(service: TrainingService, job_id: str) -> list[dict[str, Any]]:
+    text = (service.store.get(job_id).folder / "events.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def _submit(service: TrainingService, name: str, instance: str, steps: int = 2) -> str:
+    sub = Submission(
+        "demo-sd_1_5.safetensors", "demo", "sd_1_5", CONFIG.format(steps=steps, name=name), instance
+    )
+    return service.submit(sub).id
+
+
+def test_pool_jobs_train_on_both_workers_and_deliver_here(
+    api: tuple[TrainingService, httpx.Client], workers: list[WorkerProcess], client_home: Path
+) -> None:
+    service, client = api
+    for name, worker in zip("ab", workers):
+        added = client.post("/workers", json={"url": worker.url, "token": TOKEN, "name": name})
+        assert added.status_code == 201 and TOKEN not in added.text
+    assert client.post("/workers", json={"url": "ftp://x", "token": TOKEN}).status_code == 400
+    registry = client_home / "workers.json"
+    assert registry.stat().st_mode & 0o077 == 0
+    _until(
+        lambda: all(w["state"] == "online" for w in client.get("/workers").json()["workers"]),
+        "online",
+        service,
+    )
+    listing = client.get("/workers").text
+    assert TOKEN not in listing and "CPU" in listing
+    types = {t["name"]: t for t in client.get("/instance-types").json()["instance_types"]}
+    assert {"local", "worker", "worker:a", "worker:b"} <= set(types) and types["worker:a"][
+        "state"
+    ] == "online"
+
+    body = {"training_params": {"training_instance_type": "worker", "model": "demo-sd_1_5.safetensors",
+                                "dataset": "demo", "fm_type": "sd_1_5"}}  # fmt: skip
+    ids = []
+    for name in ("pool-one", "pool-two"):
+        answer = client.post("/trainings", json={**body, "config_params": CONFIG.format(steps=2, name=name)})
+        assert answer.status_code == 201, answer.text
+        ids.append(answer.json()["job"]["id"])
+    for job_id in ids:
+        _until(lambda job_id=job_id: _settled(service, job_id), "both pool jobs", service)
+    jobs = [service.show(job_id) for job_id in ids]
+    for job in jobs:
+        assert job["status"] == "completed", job["reason"] + job["log_tail"]
+        assert [t["to"] for t in job["transitions"]] == [
+            "queued",
+            "preparing",
+            "training",
+            "saving",
+            "completed",
+        ]
+        assert (client_home / "lora" / f"{job['output_name']}.safetensors").is_file()
+        assert (client_home / "lora" / f"{job['output_name']}.json").is_file()
+        assert job["progress"]["upload"]["total"] > 5_000_000 and job["progress"]["step"] == 2
+        assert "submitted as job" in (Path(job["folder"]) / "train.log").read_text()
+    assert {job["progress"]["device"] for job in jobs} == {"cpu"}  # the trainer's device, on the worker
+    places = {json.loads((Path(job["folder"]) / "run.json").read_text())["worker"] for job in jobs}
+    assert places == {"a", "b"}  # the second job went to the other, free worker
+    saved = [e for e in _events(service, ids[0]) if e["kind"] == "saved"]
+    assert saved and Path(saved[-1]["path"]).is_file() and saved[-1]["path"].startswith(jobs[0]["folder"])
+
+
+def test_a_repeated_job_sends_only_changed_files_and_survives_a_host_restart(
+    workers: list[WorkerProcess], client_home: Path
+) -> None:
+    service = _service(client_home)
+    dataset = client_home / "datasets" / "demo"
+    cache = HashCache(client_home / "hash-cache.json")
+    inputs = [
+        collect_input(
+            "pretrained_model_name_or_path", client_home / "models" / "demo-sd_1_5.safetensors", cache
+        ),
+        collect_input("train_data_dir", dataset, cache),
+        collect_input("tokenizer_cache_dir", client_home / "models" / "tokenizer", cache),
+    ]
+    with WorkerClient(workers[1].url, TOKEN) as worker:
+        Uploader(worker, TransferStats("b")).ensure(inputs)  # an earlier job sent these to worker b
+    caption = next(dataset.rglob("*.txt"))
+    caption.write_text(caption.read_text() + ", changed", encoding="utf-8")
+    job_id = _submit(service, "repeat", "worker:b", steps=30)
+    service.scheduler.start()
+    try:
+        _until(lambda: service.store.get(job_id).status.value == "training", "training", service)
+    finally:
+        _close(service)  # the WebUI goes away mid-job; the worker trains on
+
+    restarted = _service(client_home)
+    restarted.scheduler.start()
+    try:
+        _until(lambda: _settled(restarted, job_id), "the re-attached job", restarted)
+    finally:
+        _close(restarted)
+    job = restarted.show(job_id)
+    assert job["status"] == "completed", job["reason"] + job["log_tail"]
+    upload = job["progress"]["upload"]
+    assert upload["sent"] == caption.stat().st_size  # no model bytes, no unchanged dataset bytes
+    assert upload["skipped"] == upload["total"] - caption.stat().st_size
+    steps = [e["step"] for e in _events(restarted, job_id) if e["kind"] == "step"]
+    assert steps == sorted(set(steps)) and steps[-1] == 30  # mirrored once each across the restart
+    assert (client_home / "lora" / "repeat.safetensors").is_file()
+
+
+def test_a_refused_token_fails_the_job_with_that_message(
+    workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    prepare_demo(tmp_path, fm_type="sd_1_5", steps=2)
+    service = _service(tmp_path)
+    service.scheduler.runners["worker"].registry.add(workers[0].url, "not-the-token", name="wrong")  # type: ignore[attr-defined]
+    job_id = _submit(service, "refused", "worker:wrong")
+    service.scheduler.start()
+    try:
+        _until(lambda: _settled(service, job_id), "the refused job", service, timeout=30)
+    finally:
+        _close(service)
+    job = service.store.get(job_id)
+    assert job.status.value == "failed" and "refused the token" in (job.reason or "")
+
+
+def test_a_worker_killed_mid_training_interrupts_its_job_which_resumes_elsewhere(
+    workers: list[WorkerProcess], client_home: Path
+) -> None:
+    first, second = workers
+    service = _service(client_home)
+    job_id = _submit(service, "killed", "worker", steps=60)
+    service.scheduler.start()
+    try:
+        _until(lambda: service.store.get(job_id).status.value == "training", "training", service)
+        worker = json.loads((service.store.get(job_id).folder / "run.json").read_text())["worker"]
+        victim, other = (first, second) if worker == "a" else (second, first)
+        victim.kill()
+        victim.kill_trainers()
+        _until(lambda: _settled(service, job_id), "the interrupted job", service, timeout=30)
+        job = service.store.get(job_id)
+        assert job.status.value == "interrupted", job.reason
+        assert f"worker {worker}" in (job.reason or "") and "stopped answering" in (job.reason or "")
+
+        service.resume(job_id)
+        _until(lambda: _settled(service, job_id), "the job resumed elsewhere", service)
+    finally:
+        _close(service)
+        victim.start()
+    job = service.store.get(job_id)
+    assert job.status.value == "completed", job.reason
+    assert json.loads((job.folder / "run.json").read_text())["worker"] == ("b" if worker == "a" else "a")
+    assert job.progress["worker"] == other.home.name
+    assert (client_home / "lora" / "killed.safetensors").is_file()
+    assert os.path.getsize(client_home / "lora" / "killed.safetensors") > 0

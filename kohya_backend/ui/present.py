@@ -211,6 +211,6 @@ def job_markdown(job: dict[str, Any]) -> str:
         text += f", {progress_text(job)}"
     if job.get("reason"):
         text += f"\n\n{job['reason']}"
-    if progress.get("delivered"):
+    if progress.get("delivered") and str(progress["delivered"]) not in (job.get("reason") or ""):
         text += f"\n\nLoRA: `{progress['delivered']}`"
     return text

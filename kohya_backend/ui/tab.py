@@ -22,9 +22,13 @@ POLL_SECONDS = 2.0
 # Standalone only (inside the WebUI the tab's Blocks css is not used; style.css is): hide the stamp, mono editor.
 TAB_CSS = f"""
 #{DELIVERY_STAMP_ID} {{ display: none !important; }}
+.gradio-container {{ max-width: none !important; }}
 #{ELEM_ID} textarea.train-management-mono, #{ELEM_ID} .train-management-mono textarea {{
   font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }}
 """
+
+
+_SMALL = {"size": "sm", "scale": 0, "min_width": 60}
 
 
 def _id(name: str) -> str:
@@ -39,11 +43,11 @@ def _create_job_column(actions: CreateJobActions, fm_default: str) -> dict[str, 
     c["fm"] = gr.Radio(list(FM_LABELS), value=fm_default, label="FM Type", elem_id=_id("fm_type"))
     with gr.Row():
         c["model"] = gr.Dropdown(label="Model", elem_id=_id("model"), scale=4)
-        c["refresh_models"] = gr.Button("↻ Refresh", elem_id=_id("refresh_models"), scale=1)
+        c["refresh_models"] = gr.Button("↻", elem_id=_id("refresh_models"), **_SMALL)
     c["model_info"] = gr.Markdown(elem_id=_id("model_info"))
     with gr.Row():
         c["dataset"] = gr.Dropdown(label="Dataset", elem_id=_id("dataset"), scale=4)
-        c["refresh_datasets"] = gr.Button("↻ Refresh", elem_id=_id("refresh_datasets"), scale=1)
+        c["refresh_datasets"] = gr.Button("↻", elem_id=_id("refresh_datasets"), **_SMALL)
     start = actions.default_config(fm_default)
     c["config"] = gr.Textbox(
         value=start, label="config_params (TOML)", lines=20, max_lines=60, elem_id=_id("config"),
@@ -70,7 +74,7 @@ def _trainings_column() -> dict[str, Any]:
     c: dict[str, Any] = {}
     with gr.Row():
         gr.Markdown("### Trainings List")
-        c["refresh"] = gr.Button("↻ Refresh", elem_id=_id("refresh_jobs"))
+        c["refresh"] = gr.Button("↻ Refresh", elem_id=_id("refresh_jobs"), **_SMALL)
     c["table"] = gr.Dataframe(
         headers=JOB_HEADERS, datatype=["str"] * len(JOB_HEADERS), type="array", interactive=False, wrap=True,
         elem_id=_id("jobs"),
@@ -82,7 +86,7 @@ def _trainings_column() -> dict[str, Any]:
         c["resume"] = gr.Button("Resume", elem_id=_id("resume"))
         c["delete"] = gr.Button("Delete", variant="stop", elem_id=_id("delete"))
     c["action_message"] = gr.Markdown(elem_id=_id("action_message"))
-    c["log"] = gr.Textbox(label="Log (tail)", lines=12, max_lines=12, interactive=False, elem_id=_id("log"))
+    c["log"] = gr.Textbox(label="Log (tail)", lines=8, max_lines=30, interactive=False, elem_id=_id("log"))
     c["plot"] = gr.LinePlot(
         x="step", y="value", color="series", title="Loss", x_title="step", y_title="loss", height=260,
         label="Loss", elem_id=_id("loss_plot"),
@@ -119,7 +123,7 @@ def _datasets_area(has_interrogate: bool) -> dict[str, Any]:
             gr.Markdown("### Browse, caption and validate")
             with gr.Row():
                 c["dataset"] = gr.Dropdown(label="Dataset", elem_id=_id("ds_dataset"), scale=4)
-                c["refresh"] = gr.Button("↻ Refresh", elem_id=_id("ds_refresh"), scale=1)
+                c["refresh"] = gr.Button("↻", elem_id=_id("ds_refresh"), **_SMALL)
             c["report"] = gr.Markdown(elem_id=_id("ds_report"))
             c["validate"] = gr.Button("Validate (decode every image)", elem_id=_id("ds_validate"))
             c["gallery"] = gr.Gallery(label="Images", columns=6, height=300, elem_id=_id("ds_gallery"))
@@ -216,9 +220,9 @@ def create_tab(service: TrainingService, datasets: DatasetService, hooks: UiHook
             with gr.Tabs(elem_id=_id("tabs")):
                 with gr.Tab("Training", elem_id=_id("training_tab")):
                     with gr.Row():
-                        with gr.Column(scale=1):
+                        with gr.Column(scale=2):
                             job_form = _create_job_column(create_actions, fm_default)
-                        with gr.Column(scale=1):
+                        with gr.Column(scale=3):
                             jobs = _trainings_column()
                 with gr.Tab("Datasets", elem_id=_id("datasets_tab")):
                     data = _datasets_area(hooks.interrogate is not None)

@@ -23,6 +23,7 @@ from kohya_backend.ui.present import (
 
 PAGE_SIZE = 50
 LOG_TAIL_BYTES = 16_384
+LOG_TAIL_LINES = 30
 MAX_SAMPLES = 12
 THUMBNAIL_PX = 256
 
@@ -36,7 +37,7 @@ def _log_tail(path: Path) -> str:
     except FileNotFoundError:
         return ""
     text = data.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
-    return text if len(data) < LOG_TAIL_BYTES else text.split("\n", 1)[-1]
+    return "\n".join(text.rstrip("\n").split("\n")[-LOG_TAIL_LINES:])
 
 
 def _samples(folder: Path) -> list[tuple[Any, str]]:

@@ -1,0 +1,253 @@
+"""The tab's callbacks against a real TrainingService and DatasetService on a temporary home (no torch): format
+with issues and plans, family checks, default configs, submissions, the Trainings List and the Datasets area.
+
+Uploads go through the real gr.File component's preprocess of the installed gradio line, so the 3.41 temp-file
+objects and the 4.x file paths are both what the callbacks receive in the browser.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.numpy import save_file
+
+from kohya_backend.config.schema import template_toml
+from kohya_backend.jobs.states import JobStatus
+from kohya_backend.service.app import build_service
+from kohya_backend.service.datasets import DatasetService
+from kohya_backend.service.training import TrainingService
+from kohya_backend.ui.compat import GRADIO_MAJOR, file_input, no_change
+from kohya_backend.ui.create_job import CreateJobActions
+from kohya_backend.ui.dataset_actions import DatasetActions
+from kohya_backend.ui.hooks import UiHooks
+from kohya_backend.ui.trainings import TrainingsActions
+
+CONFIG = """\
+caption_extension = ".txt"
+resolution = "64,64"
+enable_bucket = false
+train_batch_size = 2
+max_train_steps = 12
+network_dim = 4
+optimizer_type = "AdamW"
+mixed_precision = "no"
+output_name = "{name}"
+"""
+FAMILY_KEYS = {
+    "sd15.safetensors": [
+        "model.diffusion_model.input_blocks.0.0.weight",
+        "cond_stage_model.transformer.x.weight",
+    ],
+    "sdxl.safetensors": [
+        "model.diffusion_model.input_blocks.0.0.weight",
+        "conditioner.embedders.0.transformer.x.weight",
+        "conditioner.embedders.1.model.x.weight",
+    ],
+}
+
+
+def _upload(paths: list[Path]) -> Any:
+    """What a multiple-file gr.File hands a callback after the browser uploaded `paths`."""
+    component = file_input("files", file_count="multiple")
+    if GRADIO_MAJOR < 4:
+        payload = [{"name": str(p), "is_file": True, "data": None, "orig_name": p.name} for p in paths]
+        return component.preprocess(payload)
+    from gradio.data_classes import FileData, ListFiles
+
+    return component.preprocess(ListFiles(root=[FileData(path=str(p), orig_name=p.name) for p in paths]))
+
+
+def _dominant_colour(path: Path) -> str:
+    """A real, tiny captioner for the interrogate hook: the name of the strongest channel of the image."""
+    with Image.open(path) as image:
+        means = np.asarray(image.convert("RGB"), dtype=np.float64).mean(axis=(0, 1))
+    return f"a {('red', 'green', 'blue')[int(np.argmax(means))]} picture"
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> TrainingService:
+    service = build_service(tmp_path / "home")
+    for name, keys in FAMILY_KEYS.items():
+        save_file({key: np.zeros((1,), dtype=np.float32) for key in keys}, str(service.home.models / name))
+    return service
+
+
+@pytest.fixture
+def datasets(service: TrainingService) -> DatasetService:
+    return DatasetService(service.home, jobs=service.store)
+
+
+@pytest.fixture
+def uploads(tmp_path: Path) -> list[Path]:
+    folder = tmp_path / "uploads"
+    folder.mkdir()
+    files = []
+    for name, colour in (("r", (220, 10, 10)), ("g", (10, 200, 10)), ("b", (10, 10, 230))):
+        Image.new("RGB", (64, 64), colour).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(f"square, colour {name}\n")
+        files += [folder / f"{name}.png", folder / f"{name}.txt"]
+    (folder / "notes.pdf").write_bytes(b"%PDF")
+    return [*files, folder / "notes.pdf"]
+
+
+def _dataset(datasets: DatasetService, uploads: list[Path], name: str = "squares") -> None:
+    message, _ = DatasetActions(datasets, UiHooks()).create(name, "square", 3, _upload(uploads), None, "none")
+    assert message.startswith("✅"), message
+
+
+def test_create_dataset_from_uploaded_files(datasets: DatasetService, uploads: list[Path]) -> None:
+    actions = DatasetActions(datasets, UiHooks())
+    message, choices = actions.create("squares", "", 3, _upload(uploads), None, "512 x 512, center crop")
+    assert "Created dataset **squares** with 3 image(s), preprocessed (512-crop)" in message
+    assert "`notes.pdf`: not an image or caption file" in message
+    assert choices["value"] == "squares" and choices["choices"] == ["squares"]
+    folder = datasets.home.datasets / "squares" / "3_squares"
+    assert sorted(p.name for p in folder.iterdir()) == ["b.png", "b.txt", "g.png", "g.txt", "r.png", "r.txt"]
+    with Image.open(folder / "r.png") as image:
+        assert image.size == (512, 512)
+    refused, unchanged = actions.create("squares", "", 3, _upload(uploads), None, "none")
+    assert "The dataset was not created" in refused and "already exists" in refused
+    assert unchanged == no_change()
+    bad, _ = actions.create("other", "", 0, _upload(uploads), None, "none")
+    assert "repeats 0 is not a whole number" in bad
+
+
+def test_caption_editor_interrogate_and_deletes(datasets: DatasetService, uploads: list[Path]) -> None:
+    _dataset(datasets, uploads)
+    actions = DatasetActions(datasets, UiHooks(interrogate=_dominant_colour))
+    report, thumbnails, images, names = actions.open("squares")
+    assert "**OK**: 3 image(s), 9 with repeats" in report
+    assert names == ["3_square/b.png", "3_square/g.png", "3_square/r.png"] == images["choices"]
+    assert [label for _, label in thumbnails] == ["square, colour b", "square, colour g", "square, colour r"]
+    preview, caption, _ = actions.select_image("squares", "3_square/g.png")
+    assert preview.size == (64, 64) and caption == "square, colour g"
+    generated, note = actions.generate_caption("squares", "3_square/g.png")
+    assert generated["value"] == "a green picture" and "Save caption" in note
+    assert actions.save_caption("squares", "3_square/g.png", generated["value"]).startswith("Saved")
+    assert (datasets.home.datasets / "squares/3_square/g.txt").read_text() == "a green picture\n"
+    outside = actions.save_caption("squares", "../../models/sd15.safetensors", "x")
+    assert outside.startswith("❌") and "contains '..'" in outside
+    no_captioner = DatasetActions(datasets, UiHooks()).generate_caption("squares", "3_square/g.png")
+    assert no_captioner[1] == "This host offers no captioner."
+    assert actions.delete_image("squares", "3_square/b.png") == "Deleted `3_square/b.png`."
+    assert "2 image(s)" in actions.validate("squares")
+    message, _, _ = actions.delete_dataset("squares", False)
+    assert "Tick the box" in message and (datasets.home.datasets / "squares").exists()
+    message, choices, confirmed = actions.delete_dataset("squares", True)
+    assert message == "Deleted dataset **squares**." and choices["choices"] == [] and confirmed is False
+
+
+def test_format_reports_issues_with_lines_then_the_plan(
+    service: TrainingService, datasets: DatasetService, uploads: list[Path]
+) -> None:
+    _dataset(datasets, uploads)
+    actions = CreateJobActions(service, UiHooks())
+    broken = CONFIG.format(name="a").replace("network_dim = 4", 'network_dim = "four"') + "netwrk_alpha = 2\n"
+    toml, issues, plan = actions.format_config("SD 1.5", "sd15.safetensors", "squares", broken)
+    assert toml == "" and plan == ""
+    assert 'line 6, column 1: network_dim: expected a whole number, got "four"' in issues
+    assert "line 10" in issues and "network_alpha" in issues  # the typo gets a suggestion
+    toml, issues, plan = actions.format_config(
+        "SD 1.5", "sd15.safetensors", "squares", CONFIG.format(name="a")
+    )
+    assert issues == "No problems found."
+    assert "| 3_square | 3 | 3 | 9 |" in plan and "**12** total steps" in plan
+    assert f'train_data_dir = "{(service.home.datasets / "squares").as_posix()}"' in toml
+    escape = actions.format_config("SD 1.5", None, None, 'train_data_dir = "/etc"\n')[1]
+    assert "outside the home folder" in escape and "line 1" in escape
+
+
+def test_model_family_is_shown_and_a_mismatch_flagged(service: TrainingService) -> None:
+    actions = CreateJobActions(service, UiHooks())
+    assert "Detected family: **SD 1.5**" in actions.model_info("sd15.safetensors", "SD 1.5")
+    flagged = actions.model_info("sdxl.safetensors", "SD 1.5")
+    assert "⚠️" in flagged and "**SDXL** checkpoint" in flagged and "choose FM Type SDXL" in flagged
+    assert actions.model_choices(None)["choices"] == ["sd15.safetensors", "sdxl.safetensors"]
+    instance = actions.instance_choices(None)
+    assert instance["value"] == "this machine (CPU) [local]"
+
+
+def test_default_config_follows_the_fm_type_until_edited(service: TrainingService) -> None:
+    actions = CreateJobActions(service, UiHooks())
+    start = actions.default_config("SD 1.5")
+    assert start == template_toml("sd_1_5")
+    replaced, remembered = actions.fm_changed("SDXL", start, start)
+    assert replaced["value"] == template_toml("sd_xl") == remembered
+    kept, still = actions.fm_changed("SD 1.5", start + "network_dim = 8\n", start)
+    assert kept == no_change() and still == start
+    hooked = CreateJobActions(service, UiHooks(default_config=lambda fm: f"# for {fm}\n"))
+    assert hooked.default_config("SDXL") == "# for sd_xl\n"
+    assert hooked.reset_config("SD 1.5") == ("# for sd_1_5\n", "# for sd_1_5\n")
+
+
+def test_submit_refusals_then_a_queued_job_in_the_list(
+    service: TrainingService, datasets: DatasetService, uploads: list[Path]
+) -> None:
+    _dataset(datasets, uploads)
+    actions = CreateJobActions(service, UiHooks())
+    instance = "this machine (CPU) [local]"
+    mismatch = actions.submit(instance, "SD 1.5", "sdxl.safetensors", "squares", CONFIG.format(name="x"))
+    assert mismatch.startswith("❌ **The job was refused.**") and "sd_xl" in mismatch
+    invalid = actions.submit(instance, "SD 1.5", "sd15.safetensors", "squares", "max_train_steps = -3\n")
+    assert "line 1" in invalid and "max_train_steps" in invalid
+    missing = actions.submit(instance, "SD 1.5", "sd15.safetensors", None, CONFIG.format(name="x"))
+    assert "no dataset is chosen" in missing
+    queued = actions.submit(instance, "SD 1.5", "sd15.safetensors", "squares", CONFIG.format(name="mine"))
+    assert queued.startswith("✅ Job **") and "`mine`" in queued
+    taken = actions.submit(instance, "SD 1.5", "sd15.safetensors", "squares", CONFIG.format(name="mine"))
+    assert "already used by another job" in taken
+
+    trainings = TrainingsActions(service)
+    [job] = service.store.list()[0]
+    table, stamp, choices, *_details = trainings.refresh(None)
+    assert list(table.columns)[:6] == ["id", "output name", "model", "dataset", "instance", "status"]
+    assert table.values.tolist()[0][:6] == [job.id, "mine", "sd15.safetensors", "squares", "local", "queued"]
+    assert choices["choices"] == [job.id] and choices["value"] is None and stamp == "<span></span>"
+    mark = trainings.mark(job.id)
+    assert trainings.mark(job.id) == mark != trainings.mark(None)
+    in_use, _, _ = DatasetActions(datasets, UiHooks()).delete_dataset("squares", True)
+    assert f"is used by job(s) {job.id} that are queued or training" in in_use
+    assert trainings.cancel(job.id) == f"Job {job.id}: **cancelled** (cancelled before it started)"
+    assert trainings.mark(job.id) != mark
+    assert "Deleted job" in trainings.delete(job.id)
+    assert trainings.cancel(job.id).startswith("❌") and trainings.cancel(None) == "Select a job first."
+
+
+def test_selected_job_shows_log_loss_plot_samples_and_the_delivery_stamp(
+    service: TrainingService, datasets: DatasetService, uploads: list[Path]
+) -> None:
+    _dataset(datasets, uploads)
+    CreateJobActions(service, UiHooks()).submit(
+        "local", "SD 1.5", "sd15.safetensors", "squares", CONFIG.format(name="done")
+    )
+    [job] = service.store.list()[0]
+    # What a trainer leaves in the job folder: its log, step events and a sample.
+    (job.folder / "train.log").write_text("".join(f"line {i}\n" for i in range(100)))
+    steps = [{"kind": "step", "step": s, "loss": 1.0 / s, "avg_loss": 0.5} for s in (1, 2, 3)]
+    (job.folder / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in steps))
+    (job.folder / "output/sample").mkdir(parents=True)
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(job.folder / "output/sample/done_000003_00.png")
+    delivered = service.home.lora / "done.safetensors"
+    for status in (JobStatus.PREPARING, JobStatus.TRAINING, JobStatus.SAVING):
+        service.store.transition(job.id, status, status.value)
+    service.store.update_progress(job.id, {"step": 3, "total_steps": 3, "delivered": str(delivered)})
+    service.store.transition(job.id, JobStatus.COMPLETED, f"LoRA written to {delivered}")
+
+    trainings = TrainingsActions(service)
+    status, log, plot, samples = trainings.details(job.id)
+    assert "**completed**, 3/3 (100%)" in status and f"LoRA written to {delivered}" in status
+    assert log.splitlines()[0] == "line 70" and log.splitlines()[-1] == "line 99"
+    assert plot.to_dict("records")[:2] == [
+        {"step": 1, "value": 1.0, "series": "loss"},
+        {"step": 1, "value": 0.5, "series": "average loss"},
+    ]
+    assert [name for _, name in samples] == ["done_000003_00.png"]
+    table, stamp, *_ = trainings.refresh(job.id)
+    assert stamp == f"<span>{job.id} {delivered}</span>"
+    assert table.values.tolist()[0][5:7] == ["completed", "3/3 (100%)"]
+    assert trainings.details(None)[0] == "Select a job in the list."

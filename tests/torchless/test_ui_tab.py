@@ -1,0 +1,145 @@
+"""The tab builds on the installed gradio line (3.41 in .venv, 4.40 in .venv-gradio4) without torch, and the
+standalone app serves it with the API, behind gradio's login when a token is set."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from kohya_backend.config.schema import template_toml
+from kohya_backend.errors import TrainManagementError
+from kohya_backend.service.api import API_PREFIX
+from kohya_backend.service.app import build_service
+from kohya_backend.service.datasets import DatasetService
+from kohya_backend.service.training import TrainingService
+from kohya_backend.train.plan import format_with_plan
+from kohya_backend.ui.hooks import UiHooks
+from kohya_backend.ui.standalone import build_app, demo_config, serve
+from kohya_backend.ui.tab import DELIVERY_STAMP_ID, ELEM_ID, create_tab
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _blocks_by_id(blocks: Any) -> dict[str, Any]:
+    return {b.elem_id: b for b in blocks.blocks.values() if getattr(b, "elem_id", None)}
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> TrainingService:
+    return build_service(tmp_path / "home")
+
+
+def test_the_tab_builds_without_warnings_with_the_contract_elements(service: TrainingService) -> None:
+    datasets = DatasetService(service.home, jobs=service.store)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        blocks = create_tab(service, datasets)
+    gradio_warnings = [str(w.message) for w in caught if "gradio" in w.filename and w.category is UserWarning]
+    assert gradio_warnings == []
+    found = _blocks_by_id(blocks)
+    assert {ELEM_ID, DELIVERY_STAMP_ID, "train_management_config", "train_management_jobs"} <= set(found)
+    assert found["train_management_config"].value == template_toml("sd_1_5")
+    assert found["train_management_ds_generate"].visible is False
+    hooked = _blocks_by_id(
+        create_tab(
+            service, datasets, UiHooks(interrogate=lambda p: p.name, default_config=lambda fm: f"# {fm}\n")
+        )
+    )
+    assert hooked["train_management_ds_generate"].visible is True
+    assert hooked["train_management_config"].value == "# sd_1_5\n"
+
+
+def test_importing_and_building_the_tab_imports_no_torch(tmp_path: Path) -> None:
+    code = f"""
+import json, sys
+import kohya_backend.ui, kohya_backend.ui.hooks
+light = "gradio" not in sys.modules
+from kohya_backend.service.app import build_service
+from kohya_backend.service.datasets import DatasetService
+from kohya_backend.ui.tab import create_tab
+service = build_service({str(tmp_path / "home")!r})
+create_tab(service, DatasetService(service.home, jobs=service.store))
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "diffusers", "transformers"))
+print(json.dumps({{"light": light, "heavy": heavy}}))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
+    )
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"light": True, "heavy": []}
+
+
+def test_the_demo_config_is_valid_and_small(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle --w 64 --h 64\n")
+    formatted = format_with_plan(demo_config("sd_1_5", prompts=prompts), "sd_1_5", require_paths=False)
+    assert formatted["warnings"] == []
+    assert 'resolution = "64,64"' in formatted["toml"] and "max_train_steps = 30" in formatted["toml"]
+    assert 'tokenizer_cache_dir = "tokenizer"' in formatted["toml"]
+
+
+def test_serving_off_loopback_needs_a_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRAIN_MANAGEMENT_TOKEN", raising=False)
+    with pytest.raises(TrainManagementError, match=r"refusing to serve on 0\.0\.0\.0 without a token"):
+        serve(tmp_path / "home", host="0.0.0.0", port=1)
+    assert not (tmp_path / "home").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def app_url(service: TrainingService, request: pytest.FixtureRequest) -> Iterator[str]:
+    import uvicorn
+
+    port = _free_port()
+    app = build_app(service, token=request.param, demo=False)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server.config.timeout_graceful_shutdown = 2
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.mark.parametrize("app_url", ["tok-123"], indirect=True)
+def test_with_a_token_the_tab_and_the_api_both_need_it(app_url: str) -> None:
+    assert httpx.get(f"{app_url}/config").status_code == 401
+    assert httpx.get(f"{app_url}{API_PREFIX}/trainings").status_code == 401
+    assert (
+        httpx.get(f"{app_url}{API_PREFIX}/trainings", headers={"Authorization": "Bearer tok-123"}).status_code
+        == 200
+    )
+    with httpx.Client(base_url=app_url) as browser:
+        refused = browser.post("/login", data={"username": "me", "password": "wrong"})
+        assert refused.status_code in (400, 401) and browser.get("/config").status_code == 401
+        assert browser.post("/login", data={"username": "anyone", "password": "tok-123"}).status_code == 200
+        config = browser.get("/config")
+        assert config.status_code == 200 and "train_management_delivery_stamp" in config.text
+
+
+@pytest.mark.parametrize("app_url", [None], indirect=True)
+def test_without_a_token_the_tab_is_served_at_the_root(app_url: str) -> None:
+    page = httpx.get(f"{app_url}/")
+    assert page.status_code == 200 and "Train Management" in page.text
+    config = httpx.get(f"{app_url}/config").json()
+    assert any(c.get("props", {}).get("elem_id") == ELEM_ID for c in config["components"])
+    assert httpx.get(f"{app_url}{API_PREFIX}/version").json()["api"] == "1.0"

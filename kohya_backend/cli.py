@@ -164,16 +164,30 @@ def _detect_fm_type(model: object) -> str:
     return family
 
 
+def _lean_trainer_process(source: str) -> None:
+    """Before the trainer imports diffusers: keep packages its optimizer does not need from being imported."""
+    from kohya_backend.config.parse import parse_config
+    from kohya_backend.train.runtime import hide_bitsandbytes_unless_needed
+
+    try:
+        optimizer = str(parse_config(source).values.get("optimizer_type") or "AdamW")
+    except ConfigError:
+        return  # run_training reports the config's problems
+    hide_bitsandbytes_unless_needed(optimizer)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     if args.job:
         job_dir = Path(args.job).resolve()
         source = _read_source(str(job_dir / "config.toml"))
+        _lean_trainer_process(source)
         return run_training(
             source, args.fm_type, events_path=job_dir / "events.jsonl", job_dir=job_dir, resume=args.resume
         )
     if not args.config:
         raise TrainManagementError("train needs --config FILE (or --job DIR)")
     source = _read_source(args.config)
+    _lean_trainer_process(source)
     events = Path(args.events) if args.events else None
     return run_training(source, args.fm_type, events_path=events)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from kohya_backend.assets.demo import prepare_demo
 from kohya_backend.train.runtime import release_pages, tune_allocator
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc/Linux only")
@@ -38,3 +40,25 @@ def test_release_pages_drops_resident_mapped_weights(tmp_path: Path) -> None:
     assert released > 200 * 2**20
     assert before - after > 150 * 2**20
     assert float(mapped.sum()) == checksum  # file-backed pages come back from the file when read again
+
+
+@pytest.mark.parametrize(("optimizer", "imported"), [("AdamW", False), ("AdamW8bit", True)])
+def test_bitsandbytes_is_imported_only_for_8bit_optimizers(
+    tmp_path: Path, optimizer: str, imported: bool
+) -> None:
+    config = prepare_demo(tmp_path, steps=1)
+    config.write_text(config.read_text().replace('"AdamW"', f'"{optimizer}"'))
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "kohya_backend", "train", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    modules = {
+        line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")
+    }
+    # A hidden package still shows one failed lookup ("bitsandbytes"), but none of its modules load.
+    assert any(m.startswith("bitsandbytes.") for m in modules) is imported
+    if not imported:
+        assert "gemm_4bit" not in out.stderr  # bitsandbytes' CPU-kernel warning stays out of the job's log

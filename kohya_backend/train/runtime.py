@@ -59,3 +59,17 @@ def release_pages(module: Any) -> int:
         if last > first and libc.madvise(first, last - first, _MADV_DONTNEED) == 0:
             released += last - first
     return released
+
+
+def hide_bitsandbytes_unless_needed(optimizer_type: str) -> bool:
+    """Make bitsandbytes look absent in a trainer process whose optimizer does not use it; returns whether it did.
+
+    diffusers and peft import bitsandbytes whenever it is installed (0.7 s here, and a warning about missing CPU
+    kernels in the job's log) only to offer quantized loading, which this trainer never does. A None entry in
+    sys.modules makes importlib.util.find_spec() answer None, so they treat it as not installed. Call it in the
+    trainer process before diffusers is imported; only the 8-bit optimizers need the package.
+    """
+    if "8bit" in optimizer_type.lower() or "bitsandbytes" in sys.modules:
+        return False
+    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
+    return True

@@ -55,7 +55,7 @@ output_name = "{name}"
 def _service(root: Path) -> TrainingService:
     """A client host like build_service's, with a patient-for-seconds (not minutes) remote runner."""
     home = Home(root)
-    options = RemoteOptions(lost_after_s=3, max_backoff_s=0.5, events_wait_s=2, chunk_bytes=1 << 20)
+    options = RemoteOptions(lost_after_s=3, max_backoff_s=0.5, events_wait_s=1, chunk_bytes=1 << 20)
     remote = RemoteRunner.for_home(home.root, refresh_s=0.3, options=options)
     scheduler = Scheduler(
         JobStore(home.root),
@@ -94,6 +94,9 @@ def client_home(tmp_path_factory: pytest.TempPathFactory, workers: list[WorkerPr
     registry = WorkerRegistry(root)
     for name, worker in zip("ab", workers):
         registry.add(worker.url, TOKEN, name=name)
+    (root / "models" / "prompts.txt").write_text(
+        "a demo picture --w 64 --h 64 --s 2 --d 1\n", encoding="utf-8"
+    )
     return root
 
 
@@ -169,8 +172,10 @@ def test_pool_jobs_train_on_both_workers_and_deliver_here(
     body = {"training_params": {"training_instance_type": "worker", "model": "demo-sd_1_5.safetensors",
                                 "dataset": "demo", "fm_type": "sd_1_5"}}  # fmt: skip
     ids = []
-    for name in ("pool-one", "pool-two"):
-        answer = client.post("/trainings", json={**body, "config_params": CONFIG.format(steps=2, name=name)})
+    sampled = f'sample_prompts = "{client_home / "models" / "prompts.txt"}"\nsample_every_n_steps = 2\n'
+    for name, extra in (("pool-one", sampled), ("pool-two", "")):
+        config = CONFIG.format(steps=2, name=name) + extra
+        answer = client.post("/trainings", json={**body, "config_params": config})
         assert answer.status_code == 201, answer.text
         ids.append(answer.json()["job"]["id"])
     for job_id in ids:
@@ -194,6 +199,9 @@ def test_pool_jobs_train_on_both_workers_and_deliver_here(
     assert places == {"a", "b"}  # the second job went to the other, free worker
     saved = [e for e in _events(service, ids[0]) if e["kind"] == "saved"]
     assert saved and Path(saved[-1]["path"]).is_file() and saved[-1]["path"].startswith(jobs[0]["folder"])
+    samples = [e for e in _events(service, ids[0]) if e["kind"] == "sample"]
+    assert samples and all(Path(e["path"]).is_file() for e in samples)  # downloaded next to the job
+    assert (client_home / "lora" / "pool-one.preview.png").is_file()  # so the WebUI's card has a preview
 
 
 def test_a_repeated_job_sends_only_changed_files_and_survives_a_host_restart(
@@ -213,7 +221,7 @@ def test_a_repeated_job_sends_only_changed_files_and_survives_a_host_restart(
         Uploader(worker, TransferStats("b")).ensure(inputs)  # an earlier job sent these to worker b
     caption = next(dataset.rglob("*.txt"))
     caption.write_text(caption.read_text() + ", changed", encoding="utf-8")
-    job_id = _submit(service, "repeat", "worker:b", steps=30)
+    job_id = _submit(service, "repeat", "worker:b", steps=24)
     service.scheduler.start()
     try:
         _until(lambda: service.store.get(job_id).status.value == "training", "training", service)
@@ -232,8 +240,44 @@ def test_a_repeated_job_sends_only_changed_files_and_survives_a_host_restart(
     assert upload["sent"] == caption.stat().st_size  # no model bytes, no unchanged dataset bytes
     assert upload["skipped"] == upload["total"] - caption.stat().st_size
     steps = [e["step"] for e in _events(restarted, job_id) if e["kind"] == "step"]
-    assert steps == sorted(set(steps)) and steps[-1] == 30  # mirrored once each across the restart
+    assert steps == sorted(set(steps)) and steps[-1] == 24  # mirrored once each across the restart
     assert (client_home / "lora" / "repeat.safetensors").is_file()
+
+
+def test_cancel_and_resume_pass_through_to_the_worker(
+    workers: list[WorkerProcess], client_home: Path
+) -> None:
+    service = _service(client_home)
+    job_id = _submit(service, "cancelled", "worker:a", steps=30)
+    service.scheduler.start()
+    try:
+        _until(lambda: service.store.get(job_id).status.value == "training", "training", service)
+        service.cancel(job_id)
+        _until(lambda: _settled(service, job_id), "the cancelled job", service, timeout=60)
+        job = service.store.get(job_id)
+        assert job.status.value == "cancelled" and "cancelled on worker a" in (job.reason or ""), job.reason
+        remote_id = json.loads((job.folder / "run.json").read_text())["remote"]["a"]["job"]
+        with WorkerClient(workers[0].url, TOKEN) as worker:
+            view = worker.job(remote_id)
+            assert view is not None and view["status"] == "cancelled"
+        service.resume(job_id)
+        _until(lambda: _settled(service, job_id), "the resumed job", service)
+    finally:
+        _close(service)
+    job = service.store.get(job_id)
+    assert job.status.value == "completed", job.reason
+    record = json.loads((job.folder / "run.json").read_text())
+    assert record["remote"]["a"]["job"] == remote_id and list(record["remote"]) == ["a"]  # resumed there
+    statuses = [t.to_status.value for t in JobStore(workers[0].home).transitions(remote_id)]
+    assert statuses[-7:] == [
+        "cancelling",
+        "cancelled",
+        "queued",
+        "preparing",
+        "training",
+        "saving",
+        "completed",
+    ]
 
 
 def test_a_refused_token_fails_the_job_with_that_message(
@@ -257,7 +301,7 @@ def test_a_worker_killed_mid_training_interrupts_its_job_which_resumes_elsewhere
 ) -> None:
     first, second = workers
     service = _service(client_home)
-    job_id = _submit(service, "killed", "worker", steps=60)
+    job_id = _submit(service, "killed", "worker", steps=40)
     service.scheduler.start()
     try:
         _until(lambda: service.store.get(job_id).status.value == "training", "training", service)

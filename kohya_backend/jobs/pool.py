@@ -1,7 +1,7 @@
 """The pool of registered workers: a background thread asks each for its info, so choosing one never waits.
 
 Each worker is `online` (answering, a slot free), `busy` (answering, every slot taken), `offline` (not answering),
-`unauthorized` (the token is refused) or `unknown` (not asked yet). The scheduler's tick reads only this cache.
+`unauthorized` (the token is refused), `incompatible` (another API version) or `unknown` (not asked yet). The scheduler's tick reads only this cache.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 from kohya_backend.jobs.registry import WorkerEntry, WorkerRegistry
 from kohya_backend.jobs.worker_client import WorkerAuthError, WorkerClient, WorkerError
+from kohya_backend.jobs.worker_protocol import WORKER_API_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,12 @@ def check_worker(entry: WorkerEntry, timeout_s: float = INFO_TIMEOUT_S) -> Worke
         return state
     except WorkerError as exc:
         state.state, state.error = "offline", exc.message
+        return state
+    if str(state.info.get("api", "")).split(".")[0] != WORKER_API_VERSION.split(".")[0]:
+        state.state = "incompatible"
+        state.error = (
+            f"worker API {state.info.get('api')!r}, this host speaks {WORKER_API_VERSION}; update both"
+        )
         return state
     state.state = "busy" if state.free_slots(0) <= 0 else "online"
     return state

@@ -1,0 +1,110 @@
+"""`python -m kohya_backend worker` and `workers add|list|remove` through the real CLI, plus ensure_worker()."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from remote_support import free_port, wait_healthy
+
+import kohya_backend
+from kohya_backend.errors import TrainManagementError
+from kohya_backend.jobs.registry import WorkerRegistry, ensure_worker
+
+ROOT = str(Path(kohya_backend.__file__).resolve().parent.parent)
+
+
+def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    env.pop("TRAIN_MANAGEMENT_WORKER_TOKEN", None)
+    return subprocess.run(
+        [sys.executable, "-m", "kohya_backend", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        input=stdin,
+        timeout=120,
+    )
+
+
+def test_worker_refuses_to_start_without_a_real_token(tmp_path: Path) -> None:
+    home = str(tmp_path / "worker")
+    missing = _cli("worker", "--home", home, "--port", str(free_port()))
+    assert missing.returncode == 2 and "needs a token" in missing.stderr
+    weak = tmp_path / "weak.txt"
+    weak.write_text("short\n")
+    refused = _cli("worker", "--home", home, "--token-file", str(weak))
+    assert refused.returncode == 2 and "shorter than 16" in refused.stderr
+    absent = _cli("worker", "--home", home, "--token-file", str(tmp_path / "nope.txt"))
+    assert absent.returncode == 2 and "--create-token" in absent.stderr
+
+
+def test_worker_prints_where_it_serves_and_the_workers_commands_manage_the_registry(tmp_path: Path) -> None:
+    token_file = tmp_path / "token.txt"
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    command = [
+        sys.executable,
+        "-m",
+        "kohya_backend",
+        "worker",
+        "--port",
+        str(port),
+        "--home",
+        str(tmp_path / "w"),
+    ]
+    command += ["--token-file", str(token_file), "--create-token"]
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}")
+        banner = log.read_text()
+        assert f"Train Management worker on http://127.0.0.1:{port}" in banner
+        assert "GPU: none found" in banner and "GiB in" in banner
+        assert token_file.stat().st_mode & 0o077 == 0 and len(token_file.read_text().strip()) >= 32
+        token = token_file.read_text().strip()
+        assert token not in banner
+
+        client = str(tmp_path / "client")
+        added = _cli(
+            "workers", "add", f"http://127.0.0.1:{port}/", "--token-file", str(token_file), "--home", client
+        )
+        assert added.returncode == 0, added.stderr
+        assert "online, CPU" in added.stdout and f"worker:127.0.0.1-{port}" in added.stderr
+        again = _cli(
+            "workers", "add", f"http://127.0.0.1:{port}", "--name", "box", "--home", client, stdin=token
+        )
+        assert again.returncode == 0, again.stderr  # same URL: renamed, not duplicated
+        listed = _cli("workers", "list", "--json", "--home", client)
+        rows = json.loads(listed.stdout)
+        assert [(r["name"], r["state"], r["gpu"]) for r in rows] == [("box", "online", "CPU")]
+        assert token not in listed.stdout and token not in _cli("workers", "list", "--home", client).stdout
+        assert _cli("workers", "remove", "box", "--home", client).returncode == 0
+        gone = _cli("workers", "remove", "box", "--home", client)
+        assert gone.returncode == 2 and "no worker named 'box'" in gone.stderr
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def test_ensure_worker_registers_from_a_token_file_for_the_webui_flags(tmp_path: Path) -> None:
+    token_file = tmp_path / "token.txt"
+    token_file.write_text("the-token-from-the-worker\n")
+    entry = ensure_worker(tmp_path / "home", "http://gpu-box:7870", token_file=token_file)
+    assert entry == {"name": "gpu-box-7870", "url": "http://gpu-box:7870", "added_at": entry["added_at"]}
+    token_file.write_text("a-new-token-after-a-restart\n")
+    ensure_worker(tmp_path / "home", "http://gpu-box:7870/", token_file=token_file)
+    registry = WorkerRegistry(tmp_path / "home")
+    assert [(e.name, e.token) for e in registry.entries()] == [
+        ("gpu-box-7870", "a-new-token-after-a-restart")
+    ]
+    assert (tmp_path / "home" / "workers.json").stat().st_mode & 0o077 == 0
+    with pytest.raises(TrainManagementError, match="needs a token"):
+        ensure_worker(tmp_path / "home", "http://other:7870")
+    with pytest.raises(TrainManagementError, match="cannot read"):
+        ensure_worker(tmp_path / "home", "http://other:7870", token_file=tmp_path / "missing.txt")

@@ -7,13 +7,21 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from remote_support import TOKEN, WorkerThread
 
 from kohya_backend.assets.demo import prepare_demo
-from kohya_backend.jobs.transfer import HashCache, LocalFile, TransferStats, Uploader, collect_input
+from kohya_backend.jobs.transfer import (
+    HashCache,
+    LocalFile,
+    LocalInput,
+    TransferStats,
+    Uploader,
+    collect_input,
+)
 from kohya_backend.jobs.worker_client import WorkerClient, WorkerRejected, WorkerUnreachable
 from kohya_backend.jobs.worker_protocol import WORKER_PREFIX
 from kohya_backend.service.worker import build_worker
@@ -50,8 +58,8 @@ def _inputs(demo: Path, cache: HashCache) -> list:
     ]
 
 
-def _spec(items: list, key: str = "client-a:job-1", **changes: object) -> dict:
-    spec = {
+def _spec(items: list, key: str = "client-a:job-1", **changes: object) -> dict[str, Any]:
+    spec: dict[str, Any] = {
         "client_key": key,
         "fm_type": "sd_1_5",
         "output_name": "remote-api",
@@ -105,11 +113,16 @@ def test_an_upload_cut_mid_way_resumes_from_the_workers_offset(client: WorkerCli
     complete, offset = offsets[-1]
     assert not complete and 0 < offset <= 5 << 20
 
+    item = LocalInput(
+        "pretrained_model_name_or_path", path.name, False, (LocalFile(path, path.name, sha, len(data)),)
+    )
     stats = TransferStats("test")
-    Uploader(client, stats, chunk_bytes=4 << 20).upload(LocalFile(path, path.name, sha, len(data)), offset)
-    assert stats.sent == len(data) - offset  # only the rest went over the wire
+    Uploader(client, stats, chunk_bytes=4 << 20).ensure([item])  # asks the worker where to go on
+    assert stats.sent == len(data) - offset and stats.skipped == 0  # only the rest went over the wire
     assert client.blob_offset(sha) == (True, len(data))
-    assert Uploader(client, TransferStats("again")).stats.sent == 0
+    again = TransferStats("again")
+    Uploader(client, again).ensure([item])
+    assert again.sent == 0 and again.skipped == len(data)
 
 
 def test_oversize_and_overlong_uploads_are_refused(client: WorkerClient, server: WorkerThread) -> None:

@@ -135,9 +135,8 @@ def serve(
     app = build_app(service, token=token, demo=demo)
     service.scheduler.start()
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    print(
-        f"Train Management on http://{shown}:{port}/ (API {API_PREFIX}, home {service.home.root})", flush=True
-    )
+    url = f"http://{shown}:{port}"
+    print(f"Train Management on {url}/ (API {url}{API_PREFIX}, home {service.home.root})", flush=True)
     try:
         # gradio 3.41 keeps each `every=` poll as a background task that never ends: bound the graceful stop.
         uvicorn.run(

@@ -51,9 +51,9 @@ FAMILY_KEYS = {
 }
 
 
-def _upload(paths: list[Path]) -> Any:
-    """What a multiple-file gr.File hands a callback after the browser uploaded `paths`."""
-    component = file_input("files", file_count="multiple")
+def _upload(paths: list[Path], file_count: str = "multiple") -> Any:
+    """What a gr.File ("multiple" or "directory") hands a callback after the browser uploaded `paths`."""
+    component = file_input("files", file_count=file_count)
     if GRADIO_MAJOR < 4:
         payload = [{"name": str(p), "is_file": True, "data": None, "orig_name": p.name} for p in paths]
         return component.preprocess(payload)
@@ -115,6 +115,17 @@ def test_create_dataset_from_uploaded_files(datasets: DatasetService, uploads: l
     assert unchanged == no_change()
     bad, _ = actions.create("other", "", 0, _upload(uploads), None, "none")
     assert "repeats 0 is not a whole number" in bad
+
+
+def test_create_dataset_from_a_folder_upload_and_files_together(
+    datasets: DatasetService, uploads: list[Path]
+) -> None:
+    actions = DatasetActions(datasets, UiHooks())
+    folder = _upload(uploads[:4], file_count="directory")
+    message, _ = actions.create("mixed", "thing", "2", _upload(uploads[4:6]), folder, "none")
+    assert "with 3 image(s)" in message
+    names = sorted(p.name for p in (datasets.home.datasets / "mixed/2_thing").iterdir())
+    assert names == ["b.png", "b.txt", "g.png", "g.txt", "r.png", "r.txt"]
 
 
 def test_caption_editor_interrogate_and_deletes(datasets: DatasetService, uploads: list[Path]) -> None:

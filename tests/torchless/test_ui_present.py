@@ -1,0 +1,54 @@
+"""How the tab words service answers: progress, durations, instance choices, FM labels, rows and plans."""
+
+from __future__ import annotations
+
+import pytest
+
+from kohya_backend.errors import TrainManagementError
+from kohya_backend.ui.present import (
+    JOB_HEADERS,
+    duration,
+    fm_type_of,
+    instance_choice,
+    instance_name,
+    job_row,
+    plan_markdown,
+    progress_text,
+)
+
+
+def _job(status: str, **progress: object) -> dict[str, object]:
+    return {
+        "id": "20260101-000000-abcdef", "output_name": "x", "model": "m.safetensors", "dataset": "d",
+        "instance_type": "local", "status": status, "created_at": 0.0, "progress": progress,
+    }  # fmt: skip
+
+
+def test_progress_eta_and_rows() -> None:
+    running = _job("training", step=25, total_steps=200, avg_loss=0.123456, it_per_s=3.456, eta_s=3725.2)
+    assert progress_text(running) == "25/200 (12%)"
+    row = job_row(running)
+    assert len(row) == len(JOB_HEADERS)
+    assert row[5:10] == ["training", "25/200 (12%)", "0.1235", "3.46", "1:02:05"]
+    finished = job_row(_job("completed", step=200, total_steps=200, it_per_s=3.0, eta_s=0.0))
+    assert finished[6:10] == ["200/200 (100%)", "", "", ""]
+    assert progress_text(_job("preparing", phase="caching")) == "caching"
+    assert progress_text(_job("queued")) == ""
+    assert duration(None) == "" and duration(59.6) == "0:01:00"
+
+
+def test_instance_choices_and_fm_labels_round_trip() -> None:
+    choice = instance_choice({"name": "gpu-box", "label": "worker gpu-box (RTX 4090)"})
+    assert choice == "worker gpu-box (RTX 4090) [gpu-box]" and instance_name(choice) == "gpu-box"
+    assert instance_name("local") == "local"
+    with pytest.raises(TrainManagementError, match="no Training Instance Type"):
+        instance_name(None)
+    assert fm_type_of("SDXL") == "sd_xl" and fm_type_of("sd_1_5") == "sd_1_5"
+    with pytest.raises(TrainManagementError, match="FM type 'SD 3' is unknown"):
+        fm_type_of("SD 3")
+
+
+def test_plan_text_without_a_dataset_or_with_a_broken_one() -> None:
+    assert plan_markdown({"plan": None, "dataset_error": None}) == "Choose a dataset to see the plan."
+    broken = plan_markdown({"plan": None, "dataset_error": {"message": "no images", "files": ["10_x/a.png"]}})
+    assert broken == "**The dataset cannot be trained on:** no images\n- `10_x/a.png`"

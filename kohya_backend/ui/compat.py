@@ -39,11 +39,6 @@ def uploaded_paths(value: Any) -> list[tuple[str, Path]]:
     return out
 
 
-def js_kwargs(code: str) -> dict[str, str]:
-    """The keyword that runs JavaScript with an event: `_js` on 3.x, `js` on 4.x."""
-    return {"_js": code} if GRADIO_MAJOR < 4 else {"js": code}
-
-
 def mount(app: Any, blocks: Any, path: str, *, auth: Callable[[str, str], bool] | None = None) -> Any:
     """Mount the Blocks on a FastAPI app; `auth(user, password)` puts gradio's login page in front of it."""
     message = "Train Management: sign in with any user name and the server's token as the password"

@@ -188,13 +188,18 @@ def test_dataset_format_train_and_deliver_in_the_browser(server: tuple[str, Path
             # Training: the new dataset, a config with an error on line 5, then the fix.
             page.click("button:has-text('Training')")
             _choose(page, "train_management_dataset", "shapes")
+            prompts = (
+                home / "models" / "browser-prompts.txt"
+            )  # samples for the Samples gallery (and a preview)
+            prompts.write_text("a blue square, white background --w 64 --h 64 --s 6 --d 3\n")
+            config = [*CONFIG_LINES, f'sample_prompts = "{prompts.as_posix()}"', "sample_every_n_steps = 12"]
             editor = page.locator("#train_management_config textarea")
-            editor.fill("\n".join(CONFIG_LINES) + "\n")
+            editor.fill("\n".join(config) + "\n")
             page.click("#train_management_format")
             issues = _wait_text(page, "train_management_issues", "line 5")
             assert "network_dim" in issues
             _shot(page, "2-format-error")
-            editor.fill("\n".join(CONFIG_LINES).replace('network_dim = "eight"', "network_dim = 4") + "\n")
+            editor.fill("\n".join(config).replace('network_dim = "eight"', "network_dim = 4") + "\n")
             page.click("#train_management_format")
             _wait_text(page, "train_management_issues", "No problems found")
             plan = _wait_text(page, "train_management_plan", "total steps")
@@ -210,12 +215,13 @@ def test_dataset_format_train_and_deliver_in_the_browser(server: tuple[str, Path
             page.wait_for_function(
                 "() => document.querySelector('#train_management_log textarea').value.length > 0"
             )
+            page.wait_for_selector("#train_management_samples img", timeout=30_000)
             _shot(page, "4-completed")
         finally:
             _shot(page, "last")
             browser.close()
-    loras = sorted(p.name for p in (home / "lora").glob("*.safetensors"))
-    assert loras == ["browser_lora.safetensors"], loras
+    loras = sorted(p.name for p in (home / "lora").iterdir())
+    assert loras == ["browser_lora.json", "browser_lora.preview.png", "browser_lora.safetensors"], loras
     stamp_source = httpx.get(f"{base}/train-management/v1/trainings/{job_id}").json()["job"]["progress"]
     assert stamp_source["delivered"].endswith("browser_lora.safetensors")
     shutil.copy(ARTIFACTS / "4-completed.png", ARTIFACTS / "tab.png")

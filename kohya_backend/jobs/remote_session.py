@@ -207,15 +207,20 @@ class RemoteSession(threading.Thread):
     # -- retries ------------------------------------------------------------------------------------------
 
     def _call(self, fn: Callable[[WorkerClient], T]) -> T:
-        """Call the worker, retrying network errors with exponential backoff until lost_after_s of silence."""
+        """Call the worker, retrying network errors with exponential backoff until lost_after_s of silence.
+
+        Silence counts from the last answer, bytes accepted, or the start of this call (local work such as
+        hashing a checkpoint is not the worker's silence).
+        """
         delay = 0.5
+        started = time.monotonic()
         while True:
             if self.stop_requested.is_set():
                 raise _Stopped()
             try:
                 out = fn(self._client)
             except WorkerUnreachable as exc:
-                silent = time.monotonic() - self._last_contact
+                silent = time.monotonic() - max(self._last_contact, started)
                 if silent > self.options.lost_after_s:
                     raise WorkerLost(
                         f"worker {self.worker.name} ({self.worker.url}) stopped answering {silent:.0f} s ago "
@@ -251,6 +256,7 @@ class RemoteSession(threading.Thread):
 
     def _progress(self, stats: TransferStats, *, force: bool = False) -> None:
         now = time.monotonic()
+        self._last_contact = now  # the worker is taking bytes: it is there
         if force or now - self._last_progress >= self.options.progress_every_s:
             self._last_progress = now
             self._event("upload", **stats.event())

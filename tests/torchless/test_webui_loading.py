@@ -97,3 +97,22 @@ def test_flags_are_unique_and_readable_where_argparse_never_ran() -> None:
     assert argv == ["--xformers", "--api", "--train-python", "/opt/my py/bin/python"]
     assert parse_flags(argv).train_python == "/opt/my py/bin/python"
     assert parse_flags(["--medvram"]).train_python is None
+
+
+def test_every_style_rule_is_scoped_to_the_tab_and_the_stamp_is_hidden() -> None:
+    import re
+
+    css = re.sub(r"/\*.*?\*/", "", (REPO / "style.css").read_text(encoding="utf-8"), flags=re.S)
+    rules = re.findall(r"([^{}]+)\{([^}]*)\}", css)
+    selectors = [s.strip() for selector_list, _ in rules for s in selector_list.split(",")]
+    assert selectors and all(s.startswith("#train_management") for s in selectors), selectors
+    hidden = [body for selector_list, body in rules if "#train_management_delivery_stamp" in selector_list]
+    assert any("display: none" in body for body in hidden)
+
+
+def test_every_global_of_the_script_is_prefixed() -> None:
+    import re
+
+    script = (REPO / "javascript" / "train_management.js").read_text(encoding="utf-8")
+    names = re.findall(r"^(?:var|let|const|function)\s+([A-Za-z_$][\w$]*)", script, flags=re.M)
+    assert names and all(name.startswith("trainManagement") for name in names), names

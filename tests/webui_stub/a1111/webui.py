@@ -80,6 +80,9 @@ class WebUI:
 
     def _close(self):
         if self.demo is not None:
+            server = getattr(self.demo, "server", None)
+            if server is not None:
+                server.force_exit = True  # do not wait for browsers' open queue connections
             self.demo.close()
             self.demo = None
         if self._server is not None:

@@ -166,6 +166,7 @@ def on_app_started(demo, app):
     from kohya_backend.host.auth import webui_credentials
     from kohya_backend.host.mount import mount_api
     from kohya_backend.host.runtime import RUNTIME
+    from kohya_backend.host.workers import register_flag_workers
 
     service = _service()
     users = webui_credentials(_cmd("api_auth"), _cmd("gradio_auth"), _cmd("gradio_auth_path"))
@@ -174,11 +175,10 @@ def on_app_started(demo, app):
         _, problem = _trainer_python()
         if problem:
             print(f"Train Management: {problem}; local training is unavailable until then", file=sys.stderr)
-    if _cmd("train_worker"):
-        print(
-            "Train Management: --train-worker is not available in this version yet; the flag is ignored",
-            file=sys.stderr,
-        )
+    for problem in register_flag_workers(
+        service.home.root, _cmd("train_worker"), _cmd("train_worker_token_file")
+    ):
+        print(problem, file=sys.stderr)
 
 
 script_callbacks.on_ui_settings(on_ui_settings)

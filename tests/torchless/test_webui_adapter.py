@@ -242,3 +242,23 @@ def test_the_webuis_interrogator_captions_under_its_queue_lock(tmp_path: Path) -
             interrogate(image)
         assert shared.interrogator.calls == 1
         assert hooks.interrogate_hook(None) is None
+
+
+def test_workers_named_on_the_command_line_are_registered(tmp_path: Path) -> None:
+    from kohya_backend.jobs.registry import WorkerRegistry
+
+    token = tmp_path / "worker-token.txt"
+    token.write_text("a-long-enough-worker-token-0123456789\n", encoding="utf-8")
+    argv = [*TRAINER, "--train-worker", "http://127.0.0.1:7870", "--train-worker", "http://127.0.0.1:7871",
+            "--train-worker-token-file", str(token)]  # fmt: skip
+    with running_webui(tmp_path / "webui", argv) as ui:
+        assert RUNTIME.service is not None
+        entries = WorkerRegistry(RUNTIME.service.home.root).entries()
+        assert sorted(e.url.rstrip("/") for e in entries) == [
+            "http://127.0.0.1:7870",
+            "http://127.0.0.1:7871",
+        ]
+        ui.reload()  # registering again at the next app_started changes nothing
+        assert len(WorkerRegistry(RUNTIME.service.home.root).entries()) == 2
+    with running_webui(tmp_path / "webui2", [*TRAINER, "--train-worker", "http://127.0.0.1:7870"]) as _ui:
+        assert RUNTIME.service is not None and WorkerRegistry(RUNTIME.service.home.root).entries() == []

@@ -87,10 +87,12 @@ class HostRuntime:
         """Point the local runner at the trainer's interpreter (it may become ready while the host runs)."""
         from kohya_backend.jobs.runner import LocalRunner
 
-        with self._lock:
-            runner = self.service.scheduler.runners.get("local") if self.service is not None else None
-            if isinstance(runner, LocalRunner) and python:
-                runner.python = tuple(python)
+        # No lock: the scheduler thread calls this from a before-start hook while ensure() may hold the lock and
+        # wait for that thread to stop; one attribute assignment needs none.
+        service = self.service
+        runner = service.scheduler.runners.get("local") if service is not None else None
+        if isinstance(runner, LocalRunner) and python:
+            runner.python = tuple(python)
 
     def _rebuild(self, config: HostConfig) -> None:
         from kohya_backend.service.app import build_service

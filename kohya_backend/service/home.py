@@ -55,7 +55,9 @@ class Home:
 
     def __init__(self, root: Path, *, lora_dir: Path | None = None, models_dir: Path | None = None) -> None:
         self.root = Path(root).expanduser().resolve()
-        self.models = Path(models_dir).expanduser().resolve() if models_dir is not None else self.root / MODELS_DIR
+        self.models = (
+            Path(models_dir).expanduser().resolve() if models_dir is not None else self.root / MODELS_DIR
+        )
         self.datasets = self.root / DATASETS_DIR
         self.lora = Path(lora_dir).expanduser().resolve() if lora_dir is not None else self.root / LORA_DIR
         self.jobs = self.root / JOBS_DIR

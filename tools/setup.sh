@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 want=${1:-run}
 reqs=(requirements.txt requirements-vocab.txt)
-[[ $want == dev ]] && reqs+=(requirements-dev.txt requirements-gradio4.txt)
+[[ $want == dev ]] && reqs+=(requirements-dev.txt requirements-gradio4.txt requirements-a1111.txt)
 stamp=".venv/.setup-$want"
 sum=$(cat "${reqs[@]}" tools/setup.sh | sha256sum | cut -c1-16)
 if [[ -f $stamp && $(cat "$stamp") == "$sum" ]]; then
@@ -35,5 +35,19 @@ if [[ $want == dev ]]; then
   # The Forge line (gradio 4, pydantic 2) in a second venv without torch: the tab and the API must build there.
   [[ -x .venv-gradio4/bin/python ]] || "$PY" -m venv .venv-gradio4
   .venv-gradio4/bin/python -m pip install --disable-pip-version-check -q -r requirements-gradio4.txt
+  # The AUTOMATIC1111 1.10 line on its Python 3.10, also without torch.
+  py310=""
+  for cand in "$(command -v python3.10 || true)" "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.10.*/bin/python3.10; do
+    if [[ -x $cand ]] && "$cand" -c 'import sys, venv; assert sys.version_info[:2] == (3, 10)' 2>/dev/null; then
+      py310=$cand
+      break
+    fi
+  done
+  if [[ -n $py310 ]]; then
+    [[ -x .venv-a1111/bin/python ]] || "$py310" -m venv .venv-a1111
+    .venv-a1111/bin/python -m pip install --disable-pip-version-check -q -r requirements-a1111.txt
+  else
+    echo "WARNING: no python3.10 found: the AUTOMATIC1111-line tests (Python 3.10) will not run" >&2
+  fi
 fi
 echo "$sum" > "$stamp"

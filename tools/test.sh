@@ -14,3 +14,7 @@ echo "== pytest"
 .venv/bin/python -m pytest "$@"
 echo "== pytest (Forge line: gradio 4, pydantic 2, no torch)"
 .venv-gradio4/bin/python -m pytest -p no:cacheprovider tests/torchless
+if [[ -x .venv-a1111/bin/python ]]; then
+  echo "== pytest (AUTOMATIC1111 line: Python 3.10, gradio 3.41, pydantic 1, httpx 0.24, no torch)"
+  .venv-a1111/bin/python -m pytest -p no:cacheprovider tests/torchless
+fi

@@ -389,7 +389,13 @@ class DatasetService:
                     max_entry_bytes=self.limits.max_entry_bytes,
                     max_ratio=self.limits.max_ratio,
                 )
-                out = extract_zip(incoming.source, unpack, keep=_keep, limits=limits, label=rel.as_posix())
+                archive = incoming.source
+                if not isinstance(archive, Path):
+                    # A file on disk, not the upload's stream: zipfile needs a seekable file, and Python 3.10's
+                    # SpooledTemporaryFile (what the WebUI's starlette hands over) lacks seekable().
+                    archive = dest / f"upload-{index}.zip"
+                    copy_file(incoming.source, archive, self.limits.max_total_bytes, f"upload {rel}")
+                out = extract_zip(archive, unpack, keep=_keep, limits=limits, label=rel.as_posix())
                 for path in out.files:
                     staged.files.append((path, unpack.joinpath(*path.parts)))
                     budget -= unpack.joinpath(*path.parts).stat().st_size

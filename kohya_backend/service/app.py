@@ -15,6 +15,7 @@ from kohya_backend.jobs.runner import LocalRunner
 from kohya_backend.jobs.scheduler import Scheduler
 from kohya_backend.jobs.store import Job, JobStore
 from kohya_backend.service.api import API_PREFIX, create_router
+from kohya_backend.service.auth import BearerTokenMiddleware
 from kohya_backend.service.home import Home
 from kohya_backend.service.training import TrainingService
 
@@ -66,6 +67,11 @@ def create_app(service: TrainingService, *, token: str | None = None) -> FastAPI
         redoc_url=None,
     )
     app.include_router(create_router(service, token=token))
+    if token:
+        open_paths = {f"{API_PREFIX}/{name}" for name in ("version", "openapi.json", "docs")}
+        app.add_middleware(
+            BearerTokenMiddleware, token=token, prefix=API_PREFIX, open_paths=frozenset(open_paths)
+        )
     return app
 
 

@@ -8,7 +8,6 @@ route is async, and it hands every write to a thread.
 
 from __future__ import annotations
 
-import hmac
 import os
 import secrets
 import shutil
@@ -21,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, HTTPException, Response
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse
 from pydantic import BaseModel
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 import kohya_backend
 from kohya_backend.errors import TrainManagementError
@@ -41,6 +39,7 @@ from kohya_backend.jobs.worker_protocol import (
     InvalidName,
 )
 from kohya_backend.service.api import error_body
+from kohya_backend.service.auth import BearerTokenMiddleware
 from kohya_backend.service.blobs import (
     DEFAULT_MAX_BLOB_BYTES,
     DEFAULT_RESERVE_BYTES,
@@ -220,33 +219,6 @@ def _job_routes(router: APIRouter, jobs: WorkerJobs) -> None:
         return Response(status_code=204)
 
 
-class BearerTokenMiddleware:
-    """Checks `Authorization: Bearer <token>` (constant-time) before any route runs or any body is read.
-
-    A middleware rather than a route dependency: FastAPI parses a JSON body before a dependency could refuse it,
-    and an unauthenticated client must not make the worker read anything.
-    """
-
-    def __init__(self, app: ASGIApp, *, token: str, open_paths: frozenset[str]) -> None:
-        self.app = app
-        self.expected = token.encode("utf-8")
-        self.open_paths = open_paths
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.open_paths:
-            await self.app(scope, receive, send)
-            return
-        header = dict(scope.get("headers") or []).get(b"authorization", b"")
-        scheme, _, given = header.partition(b" ")
-        if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.expected):
-            await self.app(scope, receive, send)
-            return
-        detail = {"error": "Unauthorized", "message": "a valid bearer token is required",
-                  "hint": "send the header 'Authorization: Bearer <token>' with the worker's token"}  # fmt: skip
-        answer = JSONResponse({"detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
-        await answer(scope, receive, send)
-
-
 def create_worker_app(worker: Worker, *, token: str) -> FastAPI:
     """The worker's FastAPI app; every route but /health needs `Authorization: Bearer <token>`."""
     if not token:
@@ -273,7 +245,12 @@ def create_worker_app(worker: Worker, *, token: str) -> FastAPI:
     _job_routes(guarded, worker.jobs)
     app.include_router(open_routes)
     app.include_router(guarded)
-    app.add_middleware(BearerTokenMiddleware, token=token, open_paths=frozenset({f"{WORKER_PREFIX}/health"}))
+    app.add_middleware(
+        BearerTokenMiddleware,
+        token=token,
+        open_paths=frozenset({f"{WORKER_PREFIX}/health"}),
+        hint="send the header 'Authorization: Bearer <token>' with the worker's token",
+    )
     return app
 
 

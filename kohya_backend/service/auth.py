@@ -1,0 +1,44 @@
+"""Bearer-token checking as ASGI middleware, shared by the standalone API and the remote worker."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+
+class BearerTokenMiddleware:
+    """Checks `Authorization: Bearer <token>` (constant-time) before any route runs or any body is read.
+
+    A middleware rather than a route dependency: FastAPI parses a JSON body before a dependency could refuse it,
+    and an unauthenticated client must not make the server read anything. Only paths under `prefix` are guarded
+    (the standalone app's gradio page has its own login); `open_paths` stay open.
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, token: str, open_paths: frozenset[str], prefix: str = "", hint: str = ""
+    ) -> None:
+        self.app = app
+        self.expected = token.encode("utf-8")
+        self.open_paths = open_paths
+        self.prefix = prefix
+        self.hint = hint or "send the header 'Authorization: Bearer <token>'"
+
+    def _guarded(self, path: str) -> bool:
+        if path in self.open_paths:
+            return False
+        return not self.prefix or path == self.prefix or path.startswith(self.prefix.rstrip("/") + "/")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self._guarded(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, given = header.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.expected):
+            await self.app(scope, receive, send)
+            return
+        detail = {"error": "Unauthorized", "message": "a valid bearer token is required", "hint": self.hint}
+        answer = JSONResponse({"detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        await answer(scope, receive, send)

@@ -26,6 +26,9 @@ def test_vram_is_the_largest_gpu_and_unknown_on_a_cpu_worker() -> None:
     assert WorkerState("d").gpu_label() == "?"
     unknown = WorkerState("e", "online", {"gpus": [{"name": "GPU", "vram_bytes": None}]})
     assert unknown.vram_gb() is None and unknown.gpu_label() == "GPU"
+    assert state.has_cuda() is True and unknown.has_cuda() is True
+    assert WorkerState("c", "online", {"gpus": []}).has_cuda() is False
+    assert WorkerState("d").has_cuda() is None  # not heard from yet
 
 
 def test_a_job_needs_its_familys_minimum_unless_it_asks_for_more() -> None:

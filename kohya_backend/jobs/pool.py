@@ -47,6 +47,12 @@ class WorkerState:
         known = [s for s in sizes if isinstance(s, (int, float)) and s > 0]
         return max(known) / 2**30 if known else None
 
+    def has_cuda(self) -> bool | None:
+        """Whether the worker reported a GPU (None: it has not answered yet)."""
+        if not self.info:
+            return None
+        return any(isinstance(g, dict) for g in self.info.get("gpus") or [])
+
     def gpu_label(self) -> str:
         """'NVIDIA A100 80GB (80 GB)' or 'CPU' or '?' (not asked yet)."""
         gpus = [g for g in self.info.get("gpus") or [] if isinstance(g, dict)]

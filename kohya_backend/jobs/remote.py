@@ -219,6 +219,7 @@ class RemoteRunner:
                     "worker": name,
                     "kind": "worker",
                     "label": f"worker {name}: {state.gpu_label()}, {state.state}",
+                    "cuda": state.has_cuda(),
                     "devices": [_device(name)],
                 }
             )

@@ -35,10 +35,13 @@ _STATUS_QUERY = Query(None, description="only jobs in these states (repeat, or c
 
 
 class FormatRequest(BaseModel):
-    """Body of POST /config/format."""
+    """Body of POST /config/format; model, dataset and instance type (optional) make it check what a job would."""
 
     config_params: str | dict[str, Any]
     fm_type: str
+    model: str | None = None
+    dataset: str | None = None
+    training_instance_type: str = "local"
 
 
 class TrainingParams(BaseModel):
@@ -198,14 +201,14 @@ def create_router(service: TrainingService, *, token: str | None = None) -> APIR
 
     @router.post("/config/format", dependencies=guarded)
     def format_config(body: FormatRequest) -> dict[str, Any]:
-        from kohya_backend.config.parse import parse_config
-        from kohya_backend.train.plan import format_with_plan
-
         with _http_errors():
-            parsed = parse_config(body.config_params)
-            if service.restrict_paths:
-                service.confine_paths(parsed.values, parsed.positions, rewrite_all=True)
-            return format_with_plan(parsed, body.fm_type, require_paths=False)
+            return service.format_config(
+                body.config_params,
+                body.fm_type,
+                model=body.model,
+                dataset=body.dataset,
+                instance_type=body.training_instance_type,
+            )
 
     @router.post("/trainings", status_code=201, dependencies=guarded)
     def create_training(body: TrainingRequest) -> dict[str, Any]:

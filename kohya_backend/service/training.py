@@ -130,7 +130,9 @@ class TrainingService:
         output_name = parsed.values.get("output_name") or f"{dataset.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         parsed.values["output_name"] = output_name
         check_family(model, sub.fm_type)
-        formatted = format_with_plan(parsed, sub.fm_type)
+        formatted = format_with_plan(
+            parsed, sub.fm_type, cuda_available=self.instance_cuda(sub.instance_type)
+        )
         if formatted["dataset_error"]:
             from kohya_backend.errors import DatasetError
 
@@ -138,6 +140,46 @@ class TrainingService:
             raise DatasetError(error["message"], files=error["files"])
         params = {"plan": formatted["plan"], "warnings": formatted["warnings"]}
         return formatted["toml"], str(output_name), params
+
+    def format_config(
+        self,
+        config_params: str | Mapping[str, Any],
+        fm_type: str,
+        *,
+        model: str | None = None,
+        dataset: str | None = None,
+        instance_type: str = "local",
+    ) -> dict[str, Any]:
+        """What Format config Params shows (tab, API): canonical TOML, warnings and, with a dataset, the plan.
+
+        Paths are confined like a submission's; the chosen model and dataset fill their keys, and the fp16 rule
+        is judged for the machine the instance type trains on.
+        """
+        from kohya_backend.train.plan import format_with_plan
+
+        parsed = parse_config(config_params if config_params != "" else {})
+        if self.restrict_paths:
+            self.confine_paths(parsed.values, parsed.positions, rewrite_all=True)
+        if model:
+            parsed.values["pretrained_model_name_or_path"] = self.home.model_path(model).as_posix()
+        if dataset:
+            parsed.values["train_data_dir"] = self.home.dataset_path(dataset).as_posix()
+        if model or dataset:
+            parsed.values["output_dir"] = self.home.lora.as_posix()
+        return format_with_plan(
+            parsed, fm_type, require_paths=False, cuda_available=self.instance_cuda(instance_type)
+        )
+
+    def instance_cuda(self, instance_type: str) -> bool:
+        """Whether jobs of this instance type train on a CUDA GPU (fp16 needs one).
+
+        Known for this machine and for a worker that reported its GPUs; a worker not heard from yet, or the pool,
+        counts as a GPU machine, since the worker validates the config again before it trains.
+        """
+        entry = next((e for e in self.instance_types() if e["name"] == instance_type), None)
+        if entry is None or entry.get("cuda") is None:
+            return instance_type != "local" and entry is not None
+        return bool(entry["cuda"])
 
     def submit(self, sub: Submission) -> Job:
         """Validate and queue a job; OutputNameTaken when another job uses its output_name."""
@@ -182,7 +224,12 @@ class TrainingService:
                 items.extend(listed())
             else:
                 items.append(
-                    {"name": name, "label": label if name == "local" else name, "devices": sorted(devices)}
+                    {
+                        "name": name,
+                        "label": label if name == "local" else name,
+                        "devices": sorted(devices),
+                        "cuda": any(d.startswith("cuda") for d in devices),
+                    }
                 )
         return items
 

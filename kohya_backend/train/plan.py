@@ -33,13 +33,20 @@ def plan_for(config: TrainConfig, scan: DatasetScan) -> TrainingPlan:
 
 
 def format_with_plan(
-    source: str | Mapping[str, Any] | ParsedConfig, fm_type: str, *, require_paths: bool = True
+    source: str | Mapping[str, Any] | ParsedConfig,
+    fm_type: str,
+    *,
+    require_paths: bool = True,
+    cuda_available: bool | None = None,
 ) -> dict[str, Any]:
-    """Format config_params and, when its dataset can be scanned, add the training plan (CLI and API share this)."""
+    """Format config_params and, when its dataset can be scanned, add the training plan (CLI and API share this).
+
+    `cuda_available` is whether the machine that will train has a CUDA GPU (None: this one, asked through torch).
+    """
     from kohya_backend.config.format import format_config
     from kohya_backend.data.scan import scan_dataset
 
-    result = format_config(source, fm_type, require_paths=require_paths)
+    result = format_config(source, fm_type, require_paths=require_paths, cuda_available=cuda_available)
     out: dict[str, Any] = {
         "toml": result.toml,
         "warnings": [w.to_dict() for w in result.warnings],

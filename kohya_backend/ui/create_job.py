@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from kohya_backend.config.parse import parse_config
 from kohya_backend.config.schema import template_toml
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.service.training import Submission, TrainingService
@@ -98,23 +97,17 @@ class CreateJobActions:
         return text, text
 
     def format_config(
-        self, fm_label: str, model: str | None, dataset: str | None, text: str
+        self, instance: str | None, fm_label: str, model: str | None, dataset: str | None, text: str
     ) -> tuple[str, str, str]:
         """(canonical TOML, issues and warnings, plan) of config_params with the chosen model and dataset."""
-        from kohya_backend.train.plan import format_with_plan
-
-        home = self.service.home
         try:
-            fm_type = fm_type_of(fm_label)
-            parsed = parse_config(text or "")
-            if self.service.restrict_paths:
-                self.service.confine_paths(parsed.values, parsed.positions, rewrite_all=True)
-            if model:
-                parsed.values["pretrained_model_name_or_path"] = home.model_path(model).as_posix()
-            if dataset:
-                parsed.values["train_data_dir"] = home.dataset_path(dataset).as_posix()
-            parsed.values["output_dir"] = home.lora.as_posix()
-            formatted = format_with_plan(parsed, fm_type, require_paths=False)
+            formatted = self.service.format_config(
+                text or "",
+                fm_type_of(fm_label),
+                model=model,
+                dataset=dataset,
+                instance_type=instance_name(instance) if instance else "local",
+            )
         except TrainManagementError as exc:
             return "", error_markdown(exc), ""
         issues = warnings_markdown(formatted["warnings"]) or "No problems found."

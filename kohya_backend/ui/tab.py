@@ -162,7 +162,7 @@ def _wire_create_job(a: CreateJobActions, c: dict[str, Any]) -> None:
     c["reset"].click(a.reset_config, [c["fm"]], [c["config"], c["config_default"]])
     c["format"].click(
         a.format_config,
-        [c["fm"], c["model"], c["dataset"], c["config"]],
+        [c["instance"], c["fm"], c["model"], c["dataset"], c["config"]],
         [c["formatted"], c["issues"], c["plan"]],
     )
     c["create"].click(

@@ -51,6 +51,9 @@ FAMILY_KEYS = {
 }
 
 
+LOCAL = "this machine (CPU) [local]"
+
+
 def _upload(paths: list[Path], file_count: str = "multiple") -> Any:
     """What a gr.File ("multiple" or "directory") hands a callback after the browser uploaded `paths`."""
     component = file_input("files", file_count=file_count)
@@ -159,18 +162,27 @@ def test_format_reports_issues_with_lines_then_the_plan(
     _dataset(datasets, uploads)
     actions = CreateJobActions(service, UiHooks())
     broken = CONFIG.format(name="a").replace("network_dim = 4", 'network_dim = "four"') + "netwrk_alpha = 2\n"
-    toml, issues, plan = actions.format_config("SD 1.5", "sd15.safetensors", "squares", broken)
+    toml, issues, plan = actions.format_config(LOCAL, "SD 1.5", "sd15.safetensors", "squares", broken)
     assert toml == "" and plan == ""
     assert 'line 6, column 1: network_dim: expected a whole number, got "four"' in issues
     assert "line 10" in issues and "network_alpha" in issues  # the typo gets a suggestion
     toml, issues, plan = actions.format_config(
-        "SD 1.5", "sd15.safetensors", "squares", CONFIG.format(name="a")
+        LOCAL, "SD 1.5", "sd15.safetensors", "squares", CONFIG.format(name="a")
     )
     assert issues == "No problems found."
     assert "| 3_square | 3 | 3 | 9 |" in plan and "**12** total steps" in plan
     assert f'train_data_dir = "{(service.home.datasets / "squares").as_posix()}"' in toml
-    escape = actions.format_config("SD 1.5", None, None, 'train_data_dir = "/etc"\n')[1]
+    escape = actions.format_config(LOCAL, "SD 1.5", None, None, 'train_data_dir = "/etc"\n')[1]
     assert "outside the home folder" in escape and "line 1" in escape
+
+
+def test_fp16_is_judged_for_the_machine_that_trains(service: TrainingService) -> None:
+    actions = CreateJobActions(service, UiHooks())
+    fp16 = 'mixed_precision = "fp16"\n'
+    _, issues, _ = actions.format_config(LOCAL, "SD 1.5", None, None, fp16)
+    assert "needs a CUDA GPU" in issues and "line 1" in issues  # this CPU machine cannot train it
+    local = {e["name"]: e for e in service.instance_types()}["local"]
+    assert local["cuda"] is False and service.instance_cuda("local") is False
 
 
 def test_model_family_is_shown_and_a_mismatch_flagged(service: TrainingService) -> None:

@@ -89,6 +89,12 @@ def test_workers_routes_never_show_tokens(tmp_path: Path) -> None:
             assert listing.json()["workers"][0]["url"] == "http://127.0.0.1:9"
             types = [t["name"] for t in http.get("/instance-types").json()["instance_types"]]
             assert types == ["local", "worker", "worker:127.0.0.1-9"]
+            # fp16 is judged for the machine that trains: refused here (CPU), left to a worker's own check
+            fp16 = {"fm_type": "sd_1_5", "config_params": 'mixed_precision = "fp16"\n'}
+            assert http.post("/config/format", json=fp16).status_code == 400
+            for remote in ("worker", "worker:127.0.0.1-9"):
+                answer = http.post("/config/format", json={**fp16, "training_instance_type": remote})
+                assert answer.status_code == 200, answer.text
             assert (
                 http.post("/workers", json={"url": "http://h/", "token": "x", "name": "../x"}).status_code
                 == 400

@@ -297,6 +297,19 @@ def test_template_without_paths_names_exactly_the_empty_paths(fm_type: str) -> N
     assert all(i.line is not None for i in info.value.issues)
 
 
+@pytest.mark.parametrize("fm_type", FM_TYPES)
+def test_template_for_a_machine_without_cuda_has_no_fp16(fm_type: str) -> None:
+    assert 'mixed_precision = "fp16"' in template_toml(fm_type)
+    text = template_toml(fm_type, cuda=False)
+    assert 'mixed_precision = "no"' in text
+    with pytest.raises(ConfigError) as info:
+        validate_config(text, fm_type, cuda_available=False)
+    assert sorted(str(i.key) for i in info.value.issues) == [
+        "pretrained_model_name_or_path",
+        "train_data_dir",
+    ]
+
+
 def test_template_on_a_machine_without_cuda_asks_for_bf16(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         validate_config(_filled_template("sd_1_5", tmp_path), "sd_1_5", cuda_available=False)

@@ -568,8 +568,11 @@ def template_values(fm_type: str) -> dict[str, Any]:
     return {**_TEMPLATE_COMMON, **_TEMPLATE_FM[fm_type]}
 
 
-def template_toml(fm_type: str) -> str:
+def template_toml(fm_type: str, *, cuda: bool = True) -> str:
     """The starting config_params for the UI editor: the AWS solution's template, valid once the
-    empty pretrained_model_name_or_path and train_data_dir are filled in."""
+    empty pretrained_model_name_or_path and train_data_dir are filled in. Without a CUDA GPU to train on,
+    mixed precision is off (fp16 needs CUDA)."""
     values = template_values(fm_type)
+    if not cuda and values.get("mixed_precision") == "fp16":
+        values["mixed_precision"] = "no"
     return render_toml(values, values.keys())

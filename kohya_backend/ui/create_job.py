@@ -40,7 +40,8 @@ class CreateJobActions:
         fm_type = fm_type_of(fm_label)
         if self.hooks.default_config is not None:
             return self.hooks.default_config(fm_type)
-        return template_toml(fm_type)
+        gpu_somewhere = any(self.service.instance_cuda(e["name"]) for e in self.service.instance_types())
+        return template_toml(fm_type, cuda=gpu_somewhere)
 
     def instance_choices(self, current: str | None = None) -> Any:
         """Training Instance Type choices (this machine with its GPUs or CPU; remote workers when configured)."""

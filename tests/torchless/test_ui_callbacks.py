@@ -198,9 +198,11 @@ def test_model_family_is_shown_and_a_mismatch_flagged(service: TrainingService) 
 def test_default_config_follows_the_fm_type_until_edited(service: TrainingService) -> None:
     actions = CreateJobActions(service, UiHooks())
     start = actions.default_config("SD 1.5")
-    assert start == template_toml("sd_1_5")
+    # this CPU-only test machine has no GPU to train on: the template comes without fp16, and formats clean
+    assert start == template_toml("sd_1_5", cuda=False) and 'mixed_precision = "no"' in start
+    assert "needs a CUDA GPU" not in actions.format_config(LOCAL, "SD 1.5", None, None, start)[1]
     replaced, remembered = actions.fm_changed("SDXL", start, start)
-    assert replaced["value"] == template_toml("sd_xl") == remembered
+    assert replaced["value"] == template_toml("sd_xl", cuda=False) == remembered
     kept, still = actions.fm_changed("SD 1.5", start + "network_dim = 8\n", start)
     assert kept == no_change() and still == start
     hooked = CreateJobActions(service, UiHooks(default_config=lambda fm: f"# for {fm}\n"))

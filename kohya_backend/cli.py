@@ -165,10 +165,11 @@ def _detect_fm_type(model: object) -> str:
 
 
 def _lean_trainer_process(source: str) -> None:
-    """Before the trainer imports diffusers: keep packages its optimizer does not need from being imported."""
+    """Before the trainer imports diffusers: no packages its optimizer does not need, no irrelevant warnings."""
     from kohya_backend.config.parse import parse_config
-    from kohya_backend.train.runtime import hide_bitsandbytes_unless_needed
+    from kohya_backend.train.runtime import hide_bitsandbytes_unless_needed, quiet_library_noise
 
+    quiet_library_noise()
     try:
         optimizer = str(parse_config(source).values.get("optimizer_type") or "AdamW")
     except ConfigError:

@@ -43,11 +43,13 @@ def test_release_pages_drops_resident_mapped_weights(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("optimizer", "imported"), [("AdamW", False), ("AdamW8bit", True)])
-def test_bitsandbytes_is_imported_only_for_8bit_optimizers(
+def test_trainer_process_imports_bitsandbytes_only_for_8bit_and_logs_no_noise(
     tmp_path: Path, optimizer: str, imported: bool
 ) -> None:
     config = prepare_demo(tmp_path, steps=1)
-    config.write_text(config.read_text().replace('"AdamW"', f'"{optimizer}"'))
+    (tmp_path / "prompts.txt").write_text("a photo --w 64 --h 64 --s 2\n")
+    sampling = f'sample_prompts = "{(tmp_path / "prompts.txt").as_posix()}"\nsample_every_n_steps = 1\n'
+    config.write_text(config.read_text().replace('"AdamW"', f'"{optimizer}"') + sampling)
     out = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "kohya_backend", "train", "--config", str(config)],
         capture_output=True,
@@ -60,5 +62,7 @@ def test_bitsandbytes_is_imported_only_for_8bit_optimizers(
     }
     # A hidden package still shows one failed lookup ("bitsandbytes"), but none of its modules load.
     assert any(m.startswith("bitsandbytes.") for m in modules) is imported
+    assert list((tmp_path / "output" / "sample").glob("*.png"))  # the pipelines were imported and ran
+    assert "requires torchvision" not in out.stderr  # transformers' warning about processors we never use
     if not imported:
         assert "gemm_4bit" not in out.stderr  # bitsandbytes' CPU-kernel warning stays out of the job's log

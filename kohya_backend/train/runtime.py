@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import sys
 from typing import Any
 
@@ -73,3 +74,26 @@ def hide_bitsandbytes_unless_needed(optimizer_type: str) -> bool:
         return False
     sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
     return True
+
+
+class _DropMessages(logging.Filter):
+    """Drops log records whose message contains one of `needles`."""
+
+    def __init__(self, needles: tuple[str, ...]) -> None:
+        super().__init__()
+        self.needles = needles
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(needle in message for needle in self.needles)
+
+
+def quiet_library_noise() -> None:
+    """Keep warnings that concern nothing this trainer does out of the job's log.
+
+    transformers warns, when diffusers' pipelines are imported for sample images, that image processors we never
+    use would prefer torchvision; a user reading the log would take it for a problem to fix.
+    """
+    logging.getLogger("transformers.utils.import_utils").addFilter(
+        _DropMessages(("requires torchvision (not installed)",))
+    )

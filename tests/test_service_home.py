@@ -42,15 +42,33 @@ def test_escapes_are_refused(home: Home, name: str) -> None:
         home.resolve(name, [home.models], what="model")
 
 
-def test_symlink_out_is_refused_but_inside_is_fine(home: Home, tmp_path: Path) -> None:
-    outside = tmp_path / "outside.safetensors"
+def test_owner_links_in_the_models_and_datasets_roots_work_free_paths_may_not_leave(
+    home: Home, tmp_path: Path
+) -> None:
+    outside = tmp_path / "drive" / "sd15.safetensors"
+    outside.parent.mkdir()
     outside.write_bytes(b"x")
-    (home.models / "out.safetensors").symlink_to(outside)
+    (home.models / "linked.safetensors").symlink_to(outside)  # a checkpoint the owner keeps on another drive
+    assert [m["name"] for m in home.list_models()] == ["linked.safetensors"]
+    assert home.model_path("linked.safetensors") == home.models / "linked.safetensors"
+    (home.datasets / "shared").symlink_to(outside.parent, target_is_directory=True)
+    assert home.dataset_path("shared") == home.datasets / "shared"
+    # A free-form path (config_params through the API) still may not leave through a link.
     with pytest.raises(PathOutsideHome, match="outside"):
-        home.model_path("out.safetensors")
+        home.resolve("linked.safetensors", [home.models], what="network_weights")
+    with pytest.raises(PathOutsideHome, match=r"\.\."):
+        home.model_path("../drive/sd15.safetensors")
     (home.models / "real.safetensors").write_bytes(b"x")
     (home.models / "alias.safetensors").symlink_to(home.models / "real.safetensors")
-    assert home.model_path("alias.safetensors").name == "real.safetensors"
+    assert home.resolve("alias.safetensors", [home.models], what="x").name == "real.safetensors"
+
+
+def test_an_unreadable_checkpoint_is_listed_with_its_error(home: Home) -> None:
+    (home.models / "broken.ckpt").write_bytes(b"PK\x03\x04 not really a zip")
+    (home.models / "ok.safetensors").write_bytes(b"garbage")
+    entries = {m["name"]: m for m in home.list_models()}
+    assert entries["broken.ckpt"]["family"] is None and "broken.ckpt" in entries["broken.ckpt"]["error"]
+    assert entries["ok.safetensors"]["error"]
 
 
 def test_other_root_is_outside(home: Home) -> None:

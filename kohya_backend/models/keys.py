@@ -1,8 +1,8 @@
 """Tensor names and metadata of a checkpoint without importing torch for .safetensors files.
 
 Listing models and detecting their family happens in the WebUI and the tab at start-up, where importing torch
-would be slow (and, in the torch-free Forge-line test venv, impossible); only a pickled checkpoint needs torch's
-weights-only unpickler, imported when one is read.
+would be slow (and, in the torch-free Forge-line test venv, impossible): .safetensors headers are read directly,
+pickled checkpoints through an unpickler that only walks their structure (models/pickle_keys.py).
 """
 
 from __future__ import annotations
@@ -48,10 +48,9 @@ def _header(path: Path) -> tuple[list[str], dict[str, str]]:
 
 
 def _pickled(path: Path) -> tuple[list[str], dict[str, str]]:
-    from kohya_backend.models.checkpoint import read_checkpoint
+    from kohya_backend.models.pickle_keys import pickled_keys_and_metadata
 
-    tensors, metadata = read_checkpoint(path)
-    return list(tensors), metadata
+    return pickled_keys_and_metadata(path)
 
 
 def _read(path: Path) -> tuple[list[str], dict[str, str]]:

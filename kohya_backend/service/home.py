@@ -77,10 +77,13 @@ class Home:
         """The managed roots by name; client paths must stay inside one of these."""
         return {"models": self.models, "datasets": self.datasets, "lora": self.lora, "jobs": self.jobs}
 
-    def resolve(self, value: str, roots: list[Path], *, what: str) -> Path:
+    def resolve(self, value: str, roots: list[Path], *, what: str, owner_links: bool = False) -> Path:
         """Resolve a client path (relative to the first root, or absolute) and refuse it if it leaves `roots`.
 
-        Symlinks are followed before the check, so a link inside a root that points elsewhere is refused.
+        Symlinks are followed before the check, so a link inside a root that points elsewhere is refused. With
+        `owner_links` (names picked from a listing of a root: models, datasets) the check is on the path as
+        named, so a checkpoint the machine's owner linked in from another drive is usable; clients cannot make
+        links there (uploads refuse them), and '..' is refused either way.
         """
         text = str(value)
         if not text.strip() or "\x00" in text:
@@ -93,8 +96,12 @@ class Home:
                 f"{what} {text!r} contains '..'", f"name it relative to {roots[0]} without '..'"
             )
         candidate = path if path.is_absolute() else roots[0] / path
-        resolved = Path(os.path.realpath(candidate))
-        real_roots = [Path(os.path.realpath(r)) for r in roots]
+        if owner_links:
+            resolved = Path(os.path.abspath(candidate))
+            real_roots = [Path(os.path.abspath(r)) for r in roots]
+        else:
+            resolved = Path(os.path.realpath(candidate))
+            real_roots = [Path(os.path.realpath(r)) for r in roots]
         if not any(_inside(resolved, r) for r in real_roots):
             names = ", ".join(str(r) for r in roots)
             raise PathOutsideHome(
@@ -105,7 +112,7 @@ class Home:
 
     def model_path(self, name: str) -> Path:
         """The checkpoint file `name` under models/; NotInHome (listing the models) when there is none."""
-        path = self.resolve(name, [self.models], what="model")
+        path = self.resolve(name, [self.models], what="model", owner_links=True)
         if not path.is_file():
             known = [m["name"] for m in self._model_files()]
             raise NotInHome(
@@ -116,7 +123,7 @@ class Home:
 
     def dataset_path(self, name: str) -> Path:
         """The dataset folder `name` under datasets/; NotInHome (listing the datasets) when there is none."""
-        path = self.resolve(name, [self.datasets], what="dataset")
+        path = self.resolve(name, [self.datasets], what="dataset", owner_links=True)
         if not path.is_dir():
             known = [d.name for d in self._dataset_dirs()]
             raise NotInHome(
@@ -153,6 +160,8 @@ class Home:
             entry["family"] = detect_family(read_keys(path))
         except TrainManagementError as exc:
             entry["error"] = str(exc)
+        except Exception as exc:  # one unreadable file must not break the whole listing
+            entry["error"] = f"cannot read {path.name}: {type(exc).__name__}: {exc}"
         return entry
 
     def _cached(self, path: Path, build: Any) -> dict[str, Any]:

@@ -6,10 +6,15 @@ cover the request models, validation, error mapping, auth, listings and the queu
 
 from __future__ import annotations
 
+import io
+import pickle
 import subprocess
 import sys
+import types
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, ClassVar
 
 import httpx
 import numpy as np
@@ -31,6 +36,48 @@ SDXL_KEYS = (
 CONFIG = 'output_name = "{name}"\nresolution = "64,64"\nnetwork_dim = 4\nmax_train_steps = 2\nmixed_precision = "no"\n'
 
 
+def _torch_style_ckpt(path: Path, keys: tuple[str, ...]) -> None:
+    """A zip-format .ckpt as torch.save writes it (data.pkl naming torch._utils._rebuild_tensor_v2 and
+    torch.FloatStorage, storages as persistent ids), made without torch: the pure-Python pickler writes the
+    globals' names as torch would."""
+
+    def rebuild(*args: object) -> None:
+        return None
+
+    class Storage:
+        pass
+
+    class Tensor:
+        def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+            return (rebuild, (Storage(), 0, (2, 2), (2, 1), False, {}))
+
+    def save_rebuild(pickler: Any, obj: object) -> None:
+        pickler.write(pickle.GLOBAL + b"torch._utils\n_rebuild_tensor_v2\n")
+        pickler.memoize(obj)
+
+    def save_storage_type(pickler: Any, obj: object) -> None:
+        pickler.write(pickle.GLOBAL + b"torch\nFloatStorage\n")
+        pickler.memoize(obj)
+
+    class Writer(pickle._Pickler):  # type: ignore[misc,name-defined]
+        dispatch: ClassVar[dict[type, object]] = {
+            **pickle._Pickler.dispatch,  # type: ignore[attr-defined]
+            types.FunctionType: save_rebuild,
+            type: save_storage_type,
+        }
+
+        def persistent_id(self, obj: object) -> object:
+            return ("storage", Storage, "0", "cpu", 4) if isinstance(obj, Storage) else None
+
+    buffer = io.BytesIO()
+    Writer(buffer, protocol=2).dump({"state_dict": {key: Tensor() for key in keys}, "global_step": 10})
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", buffer.getvalue())
+        archive.writestr("archive/data/0", bytes(16))
+        archive.writestr("archive/byteorder", "little")
+        archive.writestr("archive/version", "3\n")
+
+
 def _checkpoint(path: Path, keys: tuple[str, ...]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({key: np.zeros((2, 2), dtype=np.float16) for key in keys}, str(path))
@@ -42,6 +89,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _checkpoint(root / "models" / "sd15.safetensors", SD15_KEYS)
     _checkpoint(root / "models" / "xl" / "sdxl.safetensors", SDXL_KEYS)
     _checkpoint(root / "models" / "a_lora.safetensors", ("lora_unet_x.lora_down.weight",))
+    _torch_style_ckpt(root / "models" / "old.ckpt", SD15_KEYS)
     folder = root / "datasets" / "cats" / "5_cat"
     folder.mkdir(parents=True)
     for i in range(3):
@@ -102,6 +150,7 @@ def test_listings(client: httpx.Client) -> None:
     assert models["sd15.safetensors"]["family"] == "sd_1_5"
     assert models["xl/sdxl.safetensors"]["family"] == "sd_xl"
     assert models["a_lora.safetensors"]["family"] == "unknown"
+    assert models["old.ckpt"]["family"] == "sd_1_5" and models["old.ckpt"]["error"] is None  # no torch needed
     (cats,) = client.get("/datasets").json()["datasets"]
     assert cats["name"] == "cats" and cats["summary"]["images"] == 3
     (local,) = client.get("/instance-types").json()["instance_types"]

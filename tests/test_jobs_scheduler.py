@@ -317,7 +317,9 @@ def test_trainer_env_is_offline_and_pins_the_device() -> None:
     root = str(Path(kohya_backend.__file__).resolve().parent.parent)
     assert env["HF_HUB_OFFLINE"] == "1" and env["TRANSFORMERS_OFFLINE"] == "1"
     assert env["PYTHONPATH"].split(os.pathsep) == [root, "/somewhere"]
-    assert env["CUDA_VISIBLE_DEVICES"] == "1"
+    assert (
+        env["CUDA_VISIBLE_DEVICES"] == "1" and env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    )  # nvidia-smi's numbering
     assert trainer_env("cpu", base={})["CUDA_VISIBLE_DEVICES"] == ""
     with pytest.raises(TrainManagementError, match="unknown device"):
         trainer_env("tpu:0", base={})

@@ -128,6 +128,8 @@ def trainer_env(device: str | None, base: dict[str, str] | None = None) -> dict[
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != package_root]
     env["PYTHONPATH"] = os.pathsep.join([package_root, *paths])
     if device is not None:
+        # Device indices are nvidia-smi's (PCI bus order); CUDA numbers GPUs fastest-first unless told otherwise.
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         env["CUDA_VISIBLE_DEVICES"] = _visible_devices(device)
     return env
 

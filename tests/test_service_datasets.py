@@ -192,6 +192,8 @@ def test_captions_are_read_and_written_inside_the_dataset_only(datasets: Dataset
         datasets.show("missing")
     with pytest.raises(TrainManagementError, match="caption extension"):
         datasets.read_caption("cats", "10_cat/a.png", caption_extension="txt")
+    with pytest.raises(TrainManagementError, match="caption extension"):  # no newline smuggled into a name
+        datasets.write_caption("cats", "10_cat/a.png", "x", caption_extension=".txt\n")
 
 
 def test_validation_names_the_broken_file_relative_to_the_dataset(

@@ -92,7 +92,7 @@ def parse_repeats(value: object) -> int:
 
 def check_caption_extension(ext: str) -> str:
     """A caption extension such as '.txt' (a dot and up to 15 letters or digits, not an image extension)."""
-    if not _CAPTION_EXTENSION.match(ext or "") or ext.lower() in IMAGE_EXTENSIONS:
+    if not _CAPTION_EXTENSION.fullmatch(ext or "") or ext.lower() in IMAGE_EXTENSIONS:
         raise TrainManagementError(
             f"caption extension {ext!r} is not usable", "use e.g. '.txt' or '.caption'"
         )

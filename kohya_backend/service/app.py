@@ -1,15 +1,16 @@
-"""The standalone API app: FastAPI with the Train Management router, and `serve` (scheduler thread + uvicorn)."""
+"""The API app: build_service (home, job store, scheduler) and create_app (FastAPI with the API router).
+
+The one standalone server (tab, API and scheduler thread) is kohya_backend/ui/standalone.py's serve.
+"""
 
 from __future__ import annotations
 
 import ipaddress
-import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from fastapi import FastAPI
 
-from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs.remote import RemoteRunner
 from kohya_backend.jobs.runner import LocalRunner
 from kohya_backend.jobs.scheduler import Scheduler
@@ -82,25 +83,3 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def serve(
-    home_dir: Path, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None
-) -> None:
-    """Start the scheduler thread and serve the API until interrupted; an open API stays on loopback only."""
-    import uvicorn
-
-    token = token or os.environ.get(TOKEN_ENV) or None
-    if token is None and not _is_loopback(host):
-        raise TrainManagementError(
-            f"refusing to serve on {host} without a token: anyone on the network could train and delete jobs",
-            f"pass --token (or set {TOKEN_ENV}), or serve on 127.0.0.1",
-        )
-    service = build_service(home_dir)
-    app = create_app(service, token=token)
-    service.scheduler.start()
-    print(f"Train Management API on http://{host}:{port}{API_PREFIX} (home {service.home.root})", flush=True)
-    try:
-        uvicorn.run(app, host=host, port=port, log_level="info")
-    finally:
-        service.scheduler.stop()

@@ -1,36 +1,30 @@
 """The REST API (prefix /train-management/v1): an APIRouter factory plus its request models.
 
-Works on pydantic 1 and 2: the request models use plain fields only, and responses are built as dicts. Every
-handler is a plain `def` (FastAPI runs it in a thread pool), so nothing blocks the event loop; submitting only
-queues the job, the scheduler thread trains it.
+Works on pydantic 1 and 2: the request models use plain fields only, and responses are built as dicts. Handlers
+are plain `def`s (FastAPI runs them in its thread pool), so nothing blocks the event loop; submitting only queues the
+job, the scheduler thread trains it. The log and event followers (service/streams.py) wait without a thread.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response
 from pydantic import BaseModel
 
 from kohya_backend.errors import ConfigError, DatasetError, TrainManagementError
-from kohya_backend.jobs.scheduler import EventTail
 from kohya_backend.jobs.states import InvalidTransition
 from kohya_backend.jobs.store import InvalidJobId, JobActive, JobNotFound
 from kohya_backend.service.home import NotInHome
+from kohya_backend.service.streams import add_stream_routes
 from kohya_backend.service.training import OutputNameTaken, Submission, TrainingService
 from kohya_backend.service.workers_api import create_workers_router
 
 API_PREFIX = "/train-management/v1"
 API_VERSION = "1.0"
-MAX_WAIT_S = 60.0
-_POLL_S = 0.25
 _STATUS_QUERY = Query(None, description="only jobs in these states (repeat, or comma-separated)")
 
 
@@ -105,70 +99,6 @@ def _auth_dependency(token: str | None) -> Any:
             )  # fmt: skip
 
     return check
-
-
-def _tail_lines(path: Path, lines: int) -> str:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return ""
-    text = data.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
-    kept = text.splitlines()
-    return "\n".join(kept[-lines:]) + ("\n" if kept else "")
-
-
-def _follow_log(service: TrainingService, job_id: str, max_s: float) -> Iterator[bytes]:
-    """The log from the start, then new bytes as they come, until the job settles (or `max_s` passes)."""
-    path = service.log_path(job_id)
-    position = 0
-    deadline = time.monotonic() + max_s
-    while True:
-        settled = service.is_settled(job_id)
-        try:
-            with open(path, "rb") as handle:
-                handle.seek(position)
-                chunk = handle.read()
-        except FileNotFoundError:
-            chunk = b""
-        if chunk:
-            position += len(chunk)
-            yield chunk
-        if settled or time.monotonic() > deadline:
-            return
-        time.sleep(_POLL_S)
-
-
-# Where each job's events.jsonl was last read up to (line count -> byte offset), shared by all clients: a client
-# following a job asks for the lines after the last ones it got, which is this position, so the file is not
-# re-read from its start on every poll.
-_EVENT_POSITIONS = EventTail()
-
-
-def _wait_events(service: TrainingService, job_id: str, after: int, wait_s: float) -> list[dict[str, Any]]:
-    path = service.events_path(job_id)
-    deadline = time.monotonic() + wait_s
-    while True:
-        settled = service.is_settled(job_id)
-        events, _ = _EVENT_POSITIONS.read(job_id, path, after)
-        if events or settled or time.monotonic() >= deadline:
-            return events
-        time.sleep(_POLL_S)
-
-
-def _sse(service: TrainingService, job_id: str, after: int, max_s: float) -> Iterator[str]:
-    """Server-sent events: one `id:`/`data:` record per trainer event, until the job settles."""
-    deadline = time.monotonic() + max_s
-    while time.monotonic() < deadline:
-        events = _wait_events(service, job_id, after, min(5.0, max(0.0, deadline - time.monotonic())))
-        for event in events:
-            after += 1
-            yield f"id: {after}\ndata: {json.dumps(event)}\n\n"
-        if not events:
-            yield ": keep-alive\n\n"
-        if service.is_settled(job_id) and not events:
-            status = service.store.get(job_id).status.value
-            yield f"event: end\ndata: {json.dumps({'status': status, 'next': after})}\n\n"
-            return
 
 
 def create_router(service: TrainingService, *, token: str | None = None) -> APIRouter:
@@ -256,29 +186,7 @@ def create_router(service: TrainingService, *, token: str | None = None) -> APIR
             service.delete(job_id)
         return Response(status_code=204)
 
-    @router.get("/trainings/{job_id}/logs", dependencies=guarded)
-    def training_logs(job_id: str, tail: int = 200, follow: bool = False) -> Response:
-        with _http_errors():
-            if tail < 1:
-                raise TrainManagementError(f"tail={tail} is not a line count", "use tail >= 1")
-            if follow:
-                service.log_path(job_id)  # 400/404 before the stream starts
-                return StreamingResponse(_follow_log(service, job_id, 3600.0), media_type="text/plain")
-            return PlainTextResponse(_tail_lines(service.log_path(job_id), tail))
-
-    @router.get("/trainings/{job_id}/events", dependencies=guarded)
-    def training_events(request: Request, job_id: str, after: int = 0, timeout: float = 20.0) -> Any:
-        with _http_errors():
-            if after < 0:
-                raise TrainManagementError(f"after={after} is negative", "use the `next` of the last answer")
-            service.events_path(job_id)
-            wait_s = min(max(timeout, 0.0), MAX_WAIT_S)
-            if "text/event-stream" in request.headers.get("accept", ""):
-                return StreamingResponse(_sse(service, job_id, after, 3600.0), media_type="text/event-stream")
-            events = _wait_events(service, job_id, after, wait_s)
-            status = service.store.get(job_id).status.value
-            return {"events": events, "next": after + len(events), "status": status}
-
+    add_stream_routes(router, service, guarded, _http_errors)
     from kohya_backend.service.datasets_api import add_dataset_routes  # imports this module: late
 
     add_dataset_routes(router, service, guarded)

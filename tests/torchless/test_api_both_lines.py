@@ -10,6 +10,8 @@ import io
 import pickle
 import subprocess
 import sys
+import threading
+import time
 import types
 import zipfile
 from collections.abc import Iterator
@@ -216,3 +218,33 @@ def test_malformed_bodies_and_ids(client: httpx.Client) -> None:
     assert client.get("/trainings/20200101-000000-abcdef/logs").status_code == 404
     outside = {**_training("p"), "config_params": 'network_weights = "/etc/hosts"\n'}
     assert client.post("/trainings", json=outside).status_code == 400
+
+
+def test_waiting_followers_hold_no_worker_threads(client: httpx.Client) -> None:
+    """60 long-polls on a queued job wait 4 s each; meanwhile plain requests still get answers at once.
+
+    The server's thread pool has 40 threads: followers that each held one would leave none for other requests
+    until they timed out, so the other requests would finish after them.
+    """
+    job = client.post("/trainings", json=_training("followed")).json()["job"]
+    finished: list[str] = []
+    lock = threading.Lock()
+
+    def follow() -> None:
+        answer = client.get(f"/trainings/{job['id']}/events", params={"after": 0, "timeout": 4})
+        assert answer.status_code == 200 and answer.json()["events"] == []
+        with lock:
+            finished.append("follower")
+
+    followers = [threading.Thread(target=follow) for _ in range(60)]
+    for thread in followers:
+        thread.start()
+    time.sleep(1.0)  # let them all reach their wait
+    assert client.get("/trainings", params={"limit": 1}).status_code == 200
+    assert client.get("/models").status_code == 200
+    with lock:
+        finished.append("others")
+    for thread in followers:
+        thread.join(30)
+    assert finished[0] == "others" and finished.count("follower") == 60
+    client.post(f"/trainings/{job['id']}/cancel")

@@ -15,8 +15,15 @@ from typing import Any
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs.pool import WorkerPool
 from kohya_backend.jobs.registry import WorkerRegistry
-from kohya_backend.jobs.remote_session import RUNNER_NAME, RemoteOptions, RemoteSession, write_json_atomic
-from kohya_backend.jobs.runner import RESULT_NAME, RUN_NAME, RunHandle, RunStatus, read_json
+from kohya_backend.jobs.remote_session import RUNNER_NAME, RemoteOptions, RemoteSession
+from kohya_backend.jobs.runner import (
+    RESULT_NAME,
+    RUN_NAME,
+    RunHandle,
+    RunStatus,
+    read_json,
+    write_json_atomic,
+)
 from kohya_backend.jobs.store import Job
 from kohya_backend.jobs.transfer import HASH_CACHE_NAME, HashCache
 

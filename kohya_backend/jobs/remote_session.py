@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -24,7 +23,15 @@ import tomlkit
 
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs.registry import WorkerEntry
-from kohya_backend.jobs.runner import EVENTS_NAME, LOG_NAME, RESULT_NAME, RUN_NAME, RunStatus, read_json
+from kohya_backend.jobs.runner import (
+    EVENTS_NAME,
+    LOG_NAME,
+    RESULT_NAME,
+    RUN_NAME,
+    RunStatus,
+    read_json,
+    write_json_atomic,
+)
 from kohya_backend.jobs.store import Job
 from kohya_backend.jobs.transfer import (
     Cancelled,
@@ -69,16 +76,6 @@ class WorkerLost(Exception):
 
 class _Stopped(Exception):
     """The host is shutting down: leave the remote job alone, a restarted host re-attaches."""
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write a JSON file via a temporary name, fsync and rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _complete_lines(path: Path) -> int:

@@ -145,8 +145,9 @@ def _visible_devices(device: str) -> str:
     return index
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write a JSON file via a temporary name (unique per process and thread), fsync and rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=2)
         handle.flush()
@@ -263,7 +264,7 @@ class LocalRunner:
             "started_at": time.time(),
             "command": command,
         }
-        _write_json_atomic(job.folder / RUN_NAME, info)
+        write_json_atomic(job.folder / RUN_NAME, info)
         return handle
 
     def poll(self, handle: RunHandle) -> RunStatus:

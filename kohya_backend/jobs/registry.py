@@ -14,7 +14,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ class WorkerEntry:
 
     name: str
     url: str
-    token: str
+    token: str = field(repr=False)
     added_at: float
 
     def public(self) -> dict[str, Any]:

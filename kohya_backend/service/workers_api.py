@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs.registry import WorkerNotFound
@@ -26,7 +26,7 @@ class WorkerRequest(BaseModel):
     """Body of POST /workers: the URL the worker printed and its token (a name is derived when left out)."""
 
     url: str
-    token: str
+    token: str = Field(..., repr=False)
     name: str | None = None
 
 

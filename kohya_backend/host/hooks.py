@@ -5,20 +5,23 @@
   environment is not ready;
 - on delivered: refresh the WebUI's Lora list so a finished LoRA shows without a restart.
 
-The WebUI's queue lock serialises GPU work; hooks that touch the model wait for it (bounded), so they never
-pull a model out from under a running generation.
+The WebUI's queue lock serialises GPU work; hooks that touch the model hold it, so they never pull a model out
+from under a running generation. The captioner (a gradio event) waits for it, bounded; the before-start hook runs
+on the scheduler's thread and never waits: while the WebUI is busy the job stays queued and is tried again.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from kohya_backend.errors import TrainManagementError
+from kohya_backend.jobs.scheduler import StartDeferred
 
 if TYPE_CHECKING:
     from kohya_backend.jobs.store import Job
@@ -26,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 UNLOAD_WAIT_S = 120.0
+WAITING_PHASE = "waiting for the WebUI to finish generating"
 INTERROGATE_WAIT_S = 600.0
 _FAILED_CAPTION = "<error>"  # what the WebUI's interrogator returns when it fails
 
@@ -87,27 +91,42 @@ def unload_before_start(
     lock: Lock | None = None,
     *,
     wait_s: float = UNLOAD_WAIT_S,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Callable[[Job, str], None]:
     """Before a local training: unload the WebUI's model when `enabled()` says so (read at each start).
 
-    A failed unload, or a WebUI still busy after `wait_s`, is logged and the training starts anyway: unloading
-    only makes room, and the trainer reports an out-of-memory error itself.
+    It never blocks the scheduler's thread: while the WebUI holds its queue lock (a generation), StartDeferred
+    keeps the job queued in WAITING_PHASE and the scheduler asks again at its next tick; once the WebUI has been
+    busy for `wait_s`, the training starts without unloading. A failed unload is logged and the training starts
+    anyway: unloading only makes room, and the trainer reports an out-of-memory error itself.
     """
+    busy_since: dict[str, float] = {}  # job id -> when it first found the WebUI busy
 
     def before(job: Job, device: str) -> None:
+        now = clock()
+        for stale in [k for k, t in busy_since.items() if now - t > 10 * wait_s]:
+            del busy_since[stale]  # jobs cancelled while they waited
         if not enabled():
+            busy_since.pop(job.id, None)
             return
-        with _holding(lock, wait_s) as held:
-            if not held:
-                log.warning(
-                    "job %s: the WebUI is busy; starting on %s without unloading its model", job.id, device
-                )
-                return
-            try:
-                unload()
-                log.info("job %s: unloaded the WebUI's model before training on %s", job.id, device)
-            except Exception:  # a WebUI without a loaded model, or another build's quirk: train anyway
-                log.exception("job %s: could not unload the WebUI's model", job.id)
+        if lock is not None and not lock.acquire(False):
+            if now - busy_since.setdefault(job.id, now) < wait_s:
+                raise StartDeferred(WAITING_PHASE)
+            busy_since.pop(job.id, None)
+            log.warning(
+                "job %s: the WebUI stayed busy for %.0f s; starting on %s without unloading its model",
+                job.id, wait_s, device,
+            )  # fmt: skip
+            return
+        busy_since.pop(job.id, None)
+        try:
+            unload()
+            log.info("job %s: unloaded the WebUI's model before training on %s", job.id, device)
+        except Exception:  # a WebUI without a loaded model, or another build's quirk: train anyway
+            log.exception("job %s: could not unload the WebUI's model", job.id)
+        finally:
+            if lock is not None:
+                lock.release()
 
     return before
 

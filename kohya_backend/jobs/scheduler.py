@@ -350,6 +350,15 @@ class SchedulerBusy(TrainManagementError):
     """Another live scheduler already runs the jobs of this store (home directory)."""
 
 
+class StartDeferred(Exception):
+    """Raised by a before-start hook for "not yet" (e.g. the WebUI is generating): the job stays queued, with
+    `phase` as its progress phase, and is tried again on the next tick."""
+
+    def __init__(self, phase: str) -> None:
+        super().__init__(phase)
+        self.phase = phase
+
+
 @dataclass
 class _Run:
     """A trainer this scheduler follows."""
@@ -368,8 +377,8 @@ class Scheduler:
     'cuda:0', ...) to how many jobs may train on it at once (default: 1 per GPU, or 1 on the CPU); a job may
     pin one with params["device"]. Finished LoRAs go to `lora_dir` (None: they stay in the job folder), then
     `on_delivered(job, paths)` runs (e.g. to refresh the WebUI's Lora list). `before_local_start(job, device)`
-    runs just before a job's trainer is launched by the local runner (e.g. to unload the WebUI's model); if it
-    raises, the job fails with its message.
+    runs while the job is still queued, just before the local runner launches its trainer (e.g. to unload the
+    WebUI's model); StartDeferred from it keeps the job queued until a later tick, any other error fails the job.
     """
 
     def __init__(
@@ -772,8 +781,13 @@ class Scheduler:
             if not any(n > 0 for n in free.values()):
                 continue
             device = self._device_for(job, free)
-            if device is not None and self._launch(job, device):
-                free[device] -= 1
+            if device is None:
+                continue
+            try:
+                if self._launch(job, device):
+                    free[device] -= 1
+            except StartDeferred:
+                free[device] = 0  # first in, first out: no later job takes the slot this one waits for
 
     def _device_for(self, job: Job, free: dict[str, int]) -> str | None:
         pinned = job.params.get("device")
@@ -793,6 +807,15 @@ class Scheduler:
             self._move(job, JobStatus.FAILED, f"{problem}; submit the job again with one that is")
             return False
         try:
+            if self.before_local_start is not None and runner.name == "local":
+                self.before_local_start(job, device)  # while still queued: StartDeferred keeps it so
+        except StartDeferred as later:
+            if job.progress.get("phase") != later.phase:
+                self.store.update_progress(job.id, {"phase": later.phase}, heartbeat=False)
+            raise
+        except Exception as exc:
+            return self._start_failed(job, exc)
+        try:
             job = self.store.transition(
                 job.id, JobStatus.PREPARING, f"starting the trainer on {device}", expect={JobStatus.QUEUED}
             )
@@ -800,19 +823,19 @@ class Scheduler:
             return False  # cancelled meanwhile
         resume = bool(job.progress.get("resume")) or (job.folder / RUN_NAME).exists()
         try:
-            if self.before_local_start is not None and runner.name == "local":
-                self.before_local_start(job, device)
             handle = runner.start(job, resume=resume, device=device)
-        except Exception as exc:  # whatever went wrong, the job must not stay 'preparing' without a process
-            text = (
-                str(exc) if isinstance(exc, TrainManagementError) else f"could not start the trainer: {exc!r}"
-            )
-            self._move(job, JobStatus.FAILED, text)
-            if not isinstance(exc, (TrainManagementError, OSError)):
-                raise
-            return False
+        except Exception as exc:
+            return self._start_failed(job, exc)
         if handle.pid > 0:  # remote trainers have no process on this host
             self.store.set_process(job.id, handle.pid, handle.pgid)
         self.store.update_progress(job.id, {"phase": "starting", "device": device}, heartbeat=True)
         self._runs[job.id] = _Run(handle, runner, device)
         return True
+
+    def _start_failed(self, job: Job, exc: Exception) -> bool:
+        """Fail a job whose start went wrong: it must not stay queued or 'preparing' without a process."""
+        text = str(exc) if isinstance(exc, TrainManagementError) else f"could not start the trainer: {exc!r}"
+        self._move(job, JobStatus.FAILED, text)
+        if not isinstance(exc, (TrainManagementError, OSError)):
+            raise exc
+        return False

@@ -80,7 +80,8 @@ def progress_text(job: dict[str, Any]) -> str:
     step = progress.get("step")
     if step is None:
         phase = progress.get("phase")
-        return str(phase) if phase and job["status"] not in ("queued", "completed") else ""
+        # A queued job shows why it waits (e.g. for the WebUI to finish generating), not the 'queued' phase.
+        return str(phase) if phase and job["status"] != "completed" and phase != "queued" else ""
     if total:
         return f"{step}/{total} ({100 * step / total:.0f}%)"
     return str(step)

@@ -33,7 +33,9 @@ def test_progress_eta_and_rows() -> None:
     finished = job_row(_job("completed", step=200, total_steps=200, it_per_s=3.0, eta_s=0.0))
     assert finished[6:10] == ["200/200 (100%)", "", "", ""]
     assert progress_text(_job("preparing", phase="caching")) == "caching"
-    assert progress_text(_job("queued")) == ""
+    assert progress_text(_job("queued")) == "" == progress_text(_job("queued", phase="queued"))
+    waiting = _job("queued", phase="waiting for the WebUI to finish generating")
+    assert job_row(waiting)[6] == "waiting for the WebUI to finish generating"
     assert duration(None) == "" and duration(59.6) == "0:01:00"
 
 

@@ -206,6 +206,28 @@ def test_the_webuis_model_is_unloaded_before_a_local_training_when_the_setting_i
         assert unloads() == 1
 
 
+def test_a_generation_in_progress_keeps_the_job_queued_without_holding_the_scheduler(tmp_path: Path) -> None:
+    with running_webui(tmp_path / "webui", TRAINER) as _ui:
+        from modules import call_queue, sd_models
+
+        assert RUNTIME.service is not None
+        scheduler = RUNTIME.service.scheduler
+        with call_queue.queue_lock:  # a long generation
+            job = _queued_job("after-generation")
+            deadline = time.monotonic() + 30
+            while scheduler.store.get(job.id).progress.get("phase") != hooks.WAITING_PHASE:
+                assert time.monotonic() < deadline, scheduler.store.get(job.id)
+                time.sleep(0.05)
+            began = time.monotonic()
+            scheduler.tick()  # the scheduler thread is not parked inside a tick (it would hold the tick lock)
+            assert time.monotonic() - began < 2
+            assert scheduler.store.get(job.id).status is JobStatus.QUEUED and sd_models.unloaded == []
+        assert (
+            _settled(job.id).status is JobStatus.FAILED
+        )  # started once the lock was free (no model: refused)
+        assert len(sd_models.unloaded) == 1
+
+
 def test_a_local_training_waits_for_the_trainers_environment(tmp_path: Path) -> None:
     with running_webui(tmp_path / "webui") as _ui:
         from modules import sd_models

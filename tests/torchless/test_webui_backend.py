@@ -89,3 +89,42 @@ def test_a_refusing_before_start_hook_fails_the_job_without_starting_a_trainer(t
     assert done.status is JobStatus.FAILED
     assert "not ready" in (done.reason or "") and "run install.py again" in (done.reason or "")
     assert not (done.folder / RUN_NAME).exists()
+
+
+def test_a_deferring_before_start_hook_keeps_jobs_queued_in_order_and_the_scheduler_free(
+    tmp_path: Path,
+) -> None:
+    import threading
+
+    from kohya_backend.host.hooks import WAITING_PHASE, unload_before_start
+
+    generating = threading.Lock()
+    unloads: list[str] = []
+    service = build_service(
+        tmp_path / "home",
+        python=[sys.executable, "-c", "import sys; sys.exit(0)"],
+        devices={"cpu": 1},
+        before_local_start=unload_before_start(lambda: True, lambda: unloads.append("x"), generating),
+    )
+    scheduler = service.scheduler
+
+    def submit(name: str) -> Job:
+        return scheduler.submit(fm_type="sd_1_5", model="m.safetensors", dataset="d", instance_type="local",
+                                output_name=name, config_toml="", params={})  # fmt: skip
+
+    first, second = submit("first"), submit("second")
+    with generating:  # the WebUI generates: nothing starts, and a tick returns at once
+        began = time.monotonic()
+        scheduler.tick()
+        scheduler.tick()
+        assert time.monotonic() - began < 2
+        waiting = scheduler.store.get(first.id)
+        assert waiting.status is JobStatus.QUEUED and waiting.progress["phase"] == WAITING_PHASE
+        assert scheduler.store.get(second.id).progress.get("phase") is None  # it does not jump the queue
+        assert scheduler.cancel(second.id).status is JobStatus.CANCELLED  # commands still apply
+    assert unloads == []
+    done = _settled(service, first.id)
+    assert unloads == ["x"] and not generating.locked()
+    moves = [(t.from_status, t.to_status) for t in scheduler.store.transitions(first.id)]
+    assert moves[:2] == [(None, JobStatus.QUEUED), (JobStatus.QUEUED, JobStatus.PREPARING)]  # waited queued
+    assert done.status is JobStatus.FAILED  # the stand-in trainer exits without a result

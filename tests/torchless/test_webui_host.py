@@ -15,6 +15,7 @@ from kohya_backend.host.auth import _matches, parse_credentials, webui_credentia
 from kohya_backend.host.runtime import HostConfig, HostRuntime, local_devices
 from kohya_backend.host.settings import SETTINGS, HostSettings, home_folder, lora_folder
 from kohya_backend.jobs.runner import LocalRunner
+from kohya_backend.jobs.scheduler import StartDeferred
 from kohya_backend.jobs.store import Job
 
 
@@ -85,24 +86,34 @@ def _job(tmp_path: Path) -> Job:
                         config_toml="", params={})  # fmt: skip
 
 
-def test_unloading_waits_for_the_webui_and_never_fails_a_start(tmp_path: Path) -> None:
+def test_unloading_never_blocks_the_scheduler_and_never_fails_a_start(tmp_path: Path) -> None:
     job = _job(tmp_path)
     calls: list[str] = []
     lock = threading.Lock()
-    before = hooks.unload_before_start(lambda: True, lambda: calls.append("unload"), lock, wait_s=0.1)
-    with lock:
-        before(job, "cuda:0")  # a generation holds the lock past the wait: start without unloading
+    now = [100.0]
+    before = hooks.unload_before_start(
+        lambda: True, lambda: calls.append("unload"), lock, wait_s=120, clock=lambda: now[0]
+    )
+    with lock:  # a generation holds the WebUI's queue lock
+        started = time.monotonic()
+        with pytest.raises(StartDeferred) as waiting:
+            before(job, "cuda:0")
+        assert time.monotonic() - started < 0.5  # asked, not waited
+        assert waiting.value.phase == hooks.WAITING_PHASE == "waiting for the WebUI to finish generating"
+        now[0] += 119
+        with pytest.raises(StartDeferred):
+            before(job, "cuda:0")
+        now[0] += 2
+        before(job, "cuda:0")  # busy past the limit: start without unloading
     assert calls == []
-    releaser = threading.Timer(0.05, lock.release)
-    lock.acquire()
-    releaser.start()
-    before(job, "cuda:0")  # the generation ends within the wait: unload, then start
+    before(job, "cuda:0")  # the generation has ended: unload (holding the lock), then start
     assert calls == ["unload"] and not lock.locked()
 
     def broken() -> None:
         raise RuntimeError("no model loaded")
 
     hooks.unload_before_start(lambda: True, broken, lock)(job, "cpu")  # logged, not raised
+    assert not lock.locked()
     hooks.unload_before_start(lambda: False, lambda: calls.append("unload"), lock)(job, "cpu")
     assert calls == ["unload"]
 

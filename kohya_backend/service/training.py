@@ -176,10 +176,14 @@ class TrainingService:
         Known for this machine and for a worker that reported its GPUs; a worker not heard from yet, or the pool,
         counts as a GPU machine, since the worker validates the config again before it trains.
         """
-        entry = next((e for e in self.instance_types() if e["name"] == instance_type), None)
-        if entry is None or entry.get("cuda") is None:
-            return instance_type != "local" and entry is not None
-        return bool(entry["cuda"])
+        entries = self.instance_types()
+        entry = next((e for e in entries if e["name"] == instance_type), None)
+        if entry is None:
+            raise TrainManagementError(
+                f"instance type {instance_type!r} is not available here",
+                f"choose one of: {', '.join(e['name'] for e in entries)}",
+            )
+        return True if entry.get("cuda") is None else bool(entry["cuda"])
 
     def submit(self, sub: Submission) -> Job:
         """Validate and queue a job; OutputNameTaken when another job uses its output_name."""

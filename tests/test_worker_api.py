@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -210,3 +211,22 @@ def test_submit_links_inputs_from_blobs_once_and_is_idempotent(
         view is not None and view["output"] is None and str(server.worker.service.home.root) not in str(view)
     )
     assert client.job(JOB0) is None
+
+
+def test_sending_a_blob_the_worker_already_has_is_answered_without_reading_the_body(
+    client: WorkerClient, server: WorkerThread
+) -> None:
+    data = b"already there" * 100
+    sha = hashlib.sha256(data).hexdigest()
+    client.put_blob(sha, 0, len(data), iter([data]), len(data))
+    huge = 50 << 30  # a client (or a replayed request) announcing far more than it will ever send
+    request = (
+        f"PUT {WORKER_PREFIX}/blobs/{sha}?offset=0&size={len(data)} HTTP/1.1\r\n"
+        f"Host: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {huge}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(request.encode() + b"x" * 4096)
+        answer = sock.recv(65536).decode(errors="replace")  # times out if the worker waits for the body
+    assert answer.startswith("HTTP/1.1 200"), answer
+    assert '"complete": true' in answer and f"Upload-Offset: {len(data)}".lower() in answer.lower()
+    assert server.worker.blobs.path(sha) is not None

@@ -281,6 +281,11 @@ class Upload:
         self._handle = handle
         self._session = session
 
+    @property
+    def already_complete(self) -> bool:
+        """True when the store held the whole blob before this request: its body need not be read."""
+        return self._handle is None and self._session is None
+
     def write(self, data: bytes) -> None:
         """Append `data`; BlobTooLarge (writing nothing) if it would go past the declared size."""
         if not data or self._handle is None or self._session is None:
@@ -388,6 +393,12 @@ def create_blob_router(store: BlobStore) -> APIRouter:
             upload = await to_thread.run_sync(store.open_upload, sha256, offset, size)
         except TrainManagementError as exc:
             raise _http(exc) from exc
+        if upload.already_complete:  # answer at once: the body (up to the declared size) is never read
+            await to_thread.run_sync(upload.close)
+            state = store.state(sha256)
+            body = {"sha256": state.sha256, "complete": True, "offset": state.offset, "size": state.size}
+            headers = {**_state_headers(state), "Connection": "close"}
+            return Response(json.dumps(body), 200, headers, "application/json")
         try:
             finished = await _receive(request, upload)
             state = await to_thread.run_sync(upload.finish)

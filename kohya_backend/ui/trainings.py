@@ -12,20 +12,18 @@ import gradio as gr
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.service.training import TrainingService
 from kohya_backend.ui.compat import no_change, update
+from kohya_backend.ui.job_views import JobViews
 from kohya_backend.ui.present import (
     JOB_HEADERS,
     delivery_stamp,
     error_markdown,
     job_markdown,
     job_row,
-    loss_rows,
 )
 
 PAGE_SIZE = 50
 LOG_TAIL_BYTES = 16_384
 LOG_TAIL_LINES = 30
-MAX_SAMPLES = 12
-THUMBNAIL_PX = 256
 
 
 def _log_tail(path: Path) -> str:
@@ -40,59 +38,35 @@ def _log_tail(path: Path) -> str:
     return "\n".join(text.rstrip("\n").split("\n")[-LOG_TAIL_LINES:])
 
 
-def _samples(folder: Path) -> list[tuple[Any, str]]:
-    """The newest sample images of a job, as (thumbnail, file name), oldest first."""
-    from PIL import Image
-
-    sample_dir = folder / "output" / "sample"
-    if not sample_dir.is_dir():
-        return []
-    paths = sorted(
-        (p for p in sample_dir.glob("*.png") if p.is_file()), key=lambda p: (p.stat().st_mtime, p.name)
-    )
-    out = []
-    for path in paths[-MAX_SAMPLES:]:
-        try:
-            with Image.open(path) as image:
-                image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-                out.append((image.convert("RGB"), path.name))
-        except OSError:
-            continue
-    return out
-
-
-def _plot_value(rows: list[dict[str, Any]]) -> Any:
-    if not rows:
-        return None
-    import pandas as pd
-
-    return pd.DataFrame(rows)
-
-
 class TrainingsActions:
     """The right column's callbacks, bound to one TrainingService."""
 
     def __init__(self, service: TrainingService) -> None:
         self.service = service
+        self.views = JobViews()  # shared by every browser tab: polls read only what changed
 
     def details(self, job_id: str | None) -> tuple[str, str, Any, list[tuple[Any, str]]]:
         """(headline, log tail, loss plot data, samples) of one job; empty when none is selected."""
-        from kohya_backend.train.events import read_events
-
         if not job_id:
             return "Select a job in the list.", "", None, []
         try:
             job = self.service.show(job_id)
             log = _log_tail(self.service.log_path(job_id))
-            rows = loss_rows(read_events(self.service.events_path(job_id)))
+            plot = self.views.loss_plot(job_id, self.service.events_path(job_id))
         except TrainManagementError as exc:
             return error_markdown(exc), "", None, []
-        return job_markdown(job), log, _plot_value(rows), _samples(Path(job["folder"]))
+        return job_markdown(job), log, plot, self.views.samples(job_id, Path(job["folder"]))
 
     def mark(self, selected: str | None) -> str:
-        """What the auto-refresh polls: a short text that changes whenever a job (or the selection) changes."""
+        """What the auto-refresh polls: a short text that changes whenever a job's status, step or phase (or the
+        selection) changes."""
         jobs = self.service.list(limit=PAGE_SIZE)["jobs"]
-        return json.dumps([[j["id"], j["status"], j["updated_at"]] for j in jobs] + [selected])
+        marks = [
+            [j["id"], j["status"], j["updated_at"], (j["progress"] or {}).get("step"),
+             (j["progress"] or {}).get("phase")]
+            for j in jobs
+        ]  # fmt: skip
+        return json.dumps([*marks, selected])
 
     def refresh(self, selected: str | None) -> tuple[Any, ...]:
         """(table, delivery stamp, job choices, and the selected job's headline, log, loss plot, samples)."""

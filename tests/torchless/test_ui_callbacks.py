@@ -276,3 +276,52 @@ def test_selected_job_shows_log_loss_plot_samples_and_the_delivery_stamp(
     assert stamp == f"<span>{job.id} {delivered}</span>"
     assert table.values.tolist()[0][5:7] == ["completed", "3/3 (100%)"]
     assert trainings.details(None)[0] == "Select a job in the list."
+
+
+def test_polls_read_only_new_events_and_decode_each_sample_once(
+    service: TrainingService, datasets: DatasetService, uploads: list[Path]
+) -> None:
+    import os
+
+    _dataset(datasets, uploads)
+    CreateJobActions(service, UiHooks()).submit(
+        "local", "SD 1.5", "sd15.safetensors", "squares", CONFIG.format(name="running")
+    )
+    [job] = service.store.list()[0]
+    events = job.folder / "events.jsonl"
+    events.write_text("".join(json.dumps({"kind": "step", "step": s, "loss": 0.5}) + "\n" for s in (1, 2)))
+    samples = job.folder / "output/sample"
+    samples.mkdir(parents=True)
+    Image.new("RGB", (512, 512), (200, 0, 0)).save(samples / "running_000002_00.png")
+    trainings = TrainingsActions(service)
+    _, _, plot, first_samples = trainings.details(job.id)
+    assert [r["step"] for r in plot.to_dict("records")] == [1, 2]
+    assert first_samples[0][0].size == (256, 256)
+    assert trainings.details(job.id)[2] is plot  # nothing new: the same plot data, nothing re-read
+
+    # Lines already read are not read again: rewrite them (same length) and append a step.
+    events.write_text(
+        events.read_text().replace("0.5", "0.9")
+        + json.dumps({"kind": "step", "step": 3, "loss": 0.25})
+        + "\n"
+    )
+    rows = trainings.details(job.id)[2].to_dict("records")
+    assert [(r["step"], r["value"]) for r in rows] == [(1, 0.5), (2, 0.5), (3, 0.25)]
+    mark = trainings.mark(job.id)
+    service.store.update_progress(job.id, {"step": 3, "phase": "training"})
+    assert trainings.mark(job.id) != mark  # the list refreshes while a job trains, not only on status changes
+
+    # A sample is decoded once: a file whose size and time did not change is not opened again.
+    first = samples / "running_000002_00.png"
+    stat = first.stat()
+    first.write_bytes(b"\0" * stat.st_size)
+    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    Image.new("RGB", (64, 64), (0, 0, 200)).save(samples / "running_000004_00.png")
+    os.utime(samples / "running_000004_00.png", ns=(stat.st_mtime_ns + 10**9, stat.st_mtime_ns + 10**9))
+    again = trainings.details(job.id)[3]
+    assert [name for _, name in again] == ["running_000002_00.png", "running_000004_00.png"]
+    assert again[0][0] is first_samples[0][0]
+
+    # A file that was replaced by a shorter one is read again from its start.
+    events.write_text(json.dumps({"kind": "step", "step": 1, "loss": 0.125}) + "\n")
+    assert trainings.details(job.id)[2].to_dict("records") == [{"step": 1, "value": 0.125, "series": "loss"}]

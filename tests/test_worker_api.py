@@ -15,6 +15,7 @@ import pytest
 from remote_support import TOKEN, WorkerThread
 
 from kohya_backend.assets.demo import prepare_demo
+from kohya_backend.jobs.store import InvalidJobId
 from kohya_backend.jobs.transfer import (
     HashCache,
     LocalFile,
@@ -23,8 +24,13 @@ from kohya_backend.jobs.transfer import (
     Uploader,
     collect_input,
 )
-from kohya_backend.jobs.worker_client import WorkerClient, WorkerRejected, WorkerUnreachable
-from kohya_backend.jobs.worker_protocol import WORKER_PREFIX
+from kohya_backend.jobs.worker_client import (
+    WorkerAnswerInvalid,
+    WorkerClient,
+    WorkerRejected,
+    WorkerUnreachable,
+)
+from kohya_backend.jobs.worker_protocol import WORKER_PREFIX, InvalidName
 from kohya_backend.service.worker import build_worker
 
 SHA0 = "0" * 64
@@ -230,3 +236,26 @@ def test_sending_a_blob_the_worker_already_has_is_answered_without_reading_the_b
     assert answer.startswith("HTTP/1.1 200"), answer
     assert '"complete": true' in answer and f"Upload-Offset: {len(data)}".lower() in answer.lower()
     assert server.worker.blobs.path(sha) is not None
+
+
+def test_ids_are_checked_before_urls_and_downloads_stop_at_their_cap(
+    client: WorkerClient, demo: Path, server: WorkerThread, tmp_path: Path
+) -> None:
+    with pytest.raises(InvalidJobId):
+        client.job("../../jobs.sqlite3")
+    with pytest.raises(InvalidJobId):
+        client.events("20200101-000000-abcdef/../x", 0, 0)
+    inputs = _inputs(demo, HashCache(demo / "hashes.json"))
+    Uploader(client, TransferStats("w")).ensure(inputs)
+    view = client.submit(_spec(inputs, key="client-a:download"))
+    folder = server.worker.service.store.get(view["id"]).folder
+    (folder / "output").mkdir(exist_ok=True)
+    (folder / "output" / "big.png").write_bytes(os.urandom(300_000))
+    target = tmp_path / "got" / "big.png"
+    with pytest.raises(WorkerAnswerInvalid, match="larger"):
+        client.download(view["id"], "output/big.png", target, max_bytes=299_999)
+    assert not target.parent.exists() or list(target.parent.iterdir()) == []  # no partial kept
+    with pytest.raises(InvalidName):
+        client.download(view["id"], "../config.toml", target)
+    sha, size = client.download(view["id"], "output/big.png", target, max_bytes=300_000)
+    assert size == 300_000 and hashlib.sha256(target.read_bytes()).hexdigest() == sha

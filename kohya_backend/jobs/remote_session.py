@@ -32,7 +32,7 @@ from kohya_backend.jobs.runner import (
     read_json,
     write_json_atomic,
 )
-from kohya_backend.jobs.store import Job
+from kohya_backend.jobs.store import Job, validate_job_id
 from kohya_backend.jobs.transfer import (
     Cancelled,
     HashCache,
@@ -42,6 +42,8 @@ from kohya_backend.jobs.transfer import (
     collect_input,
 )
 from kohya_backend.jobs.worker_client import (
+    MAX_DOWNLOAD_BYTES,
+    WorkerAnswerInvalid,
     WorkerAuthError,
     WorkerClient,
     WorkerRejected,
@@ -56,6 +58,7 @@ RUNNER_NAME = "worker"
 _SETTLED = frozenset({"completed", "failed", "cancelled", "interrupted"})
 _RESUMABLE = frozenset({"failed", "cancelled", "interrupted"})
 _DOWNLOADED_SUFFIXES = (".safetensors", ".png", ".jpg", ".jpeg", ".webp")
+MAX_IMAGE_BYTES = 256 << 20  # a sample image; LoRAs are capped by the view's size or MAX_DOWNLOAD_BYTES
 T = TypeVar("T")
 
 
@@ -182,6 +185,14 @@ class RemoteSession(threading.Thread):
         record = read_json(self.job.folder / RUN_NAME) or {}
         remote = (record.get("remote") or {}).get(self.worker.name)
         remote_id = str(remote["job"]) if isinstance(remote, dict) and remote.get("job") else None
+        if remote_id is not None:
+            try:
+                validate_job_id(remote_id)
+            except TrainManagementError as exc:
+                raise TrainManagementError(
+                    f"{RUN_NAME} names remote job {remote_id[:80]!r}, which is not a job id",
+                    f"delete {RUN_NAME} in the job folder's 'remote' entry for this worker, then resume the job",
+                ) from exc
         view = self._call(lambda c: c.job(remote_id)) if remote_id else None
         if view is None or not isinstance(remote, dict):
             if self.cancel_requested.is_set():
@@ -358,13 +369,18 @@ class RemoteSession(threading.Thread):
         with open(self._events, "a", encoding="utf-8") as handle:
             handle.write("".join(lines))
 
-    def _fetch(self, remote_id: str, local: Path) -> None:
-        if local.suffix.lower() not in _DOWNLOADED_SUFFIXES:
+    def _fetch(self, remote_id: str, local: Path, size: int | None = None) -> None:
+        """Download a file the worker's job wrote (capped at `size` when the worker reported it)."""
+        suffix = local.suffix.lower()
+        if suffix not in _DOWNLOADED_SUFFIXES:
             return
         rel = local.relative_to(self.job.folder).as_posix()
+        cap = (
+            size if size is not None else MAX_DOWNLOAD_BYTES if suffix == ".safetensors" else MAX_IMAGE_BYTES
+        )
         try:
-            self._call(lambda c: c.download(remote_id, rel, local))
-        except WorkerRejected as exc:  # e.g. an epoch file save_last_n_epochs removed meanwhile
+            self._call(lambda c: c.download(remote_id, rel, local, max_bytes=cap))
+        except (WorkerRejected, WorkerAnswerInvalid) as exc:  # e.g. an epoch file removed meanwhile
             log.info("job %s: %s not downloaded: %s", self.job.id, rel, exc.message)
 
     def _mirror_log(self, remote_id: str, base: int) -> None:
@@ -398,8 +414,9 @@ class RemoteSession(threading.Thread):
         local = self._local_path(output.get("path"))
         if local is None or not isinstance(output.get("sha256"), str):
             return self._fail("the job completed but names no LoRA file", "resume the job to train it again")
+        size = output.get("size") if isinstance(output.get("size"), int) else None
         if not local.is_file() or sha256_file(local) != output["sha256"]:
-            self._fetch(remote_id, local)
+            self._fetch(remote_id, local, size)
         if not local.is_file():
             return self._fail(f"the LoRA {output.get('path')} could not be downloaded", "resume the job")
         result = view.get("result") or {}

@@ -1,8 +1,9 @@
 """The HTTP client of a remote worker (httpx): one method per worker endpoint, errors sorted by what to do next.
 
 `WorkerUnreachable` (network errors, timeouts, 5xx from a proxy) is worth retrying; `WorkerAuthError` (401) and
-`WorkerRejected` (any other 4xx, 507) are not. Downloads land under a temporary name, are checked against the
-sha256 the worker sends, fsynced and renamed, so a half-downloaded file never carries the final name.
+`WorkerRejected` (any other 4xx, 507) and `WorkerAnswerInvalid` (an id or a download the client refuses) are not.
+Job ids are checked before they go into a URL. Downloads land under a temporary name, stop at a size cap, are
+checked against the sha256 the worker sends, fsynced and renamed, so a half-downloaded file never has the final name.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import httpx
 
 from kohya_backend.errors import TrainManagementError
+from kohya_backend.jobs.store import validate_job_id
 from kohya_backend.jobs.worker_protocol import (
     LOG_SIZE_HEADER,
     OFFSET_HEADER,
@@ -25,12 +27,14 @@ from kohya_backend.jobs.worker_protocol import (
     STATUS_HEADER,
     WORKER_PREFIX,
     normalize_worker_url,
+    validate_relpath,
     validate_sha256,
 )
 
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 60.0
 _DOWNLOAD_CHUNK = 1 << 20
+MAX_DOWNLOAD_BYTES = 8 << 30  # far above any LoRA; the cap when the worker did not say the file's size
 
 
 class WorkerError(TrainManagementError):
@@ -43,6 +47,10 @@ class WorkerUnreachable(WorkerError):
 
 class WorkerAuthError(WorkerError):
     """The worker refused the token (401)."""
+
+
+class WorkerAnswerInvalid(WorkerError):
+    """The worker answered something this client refuses to use (a malformed job id, an oversized download)."""
 
 
 class WorkerRejected(WorkerError):
@@ -153,22 +161,21 @@ class WorkerClient:
 
     def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
         """POST /jobs: the worker's job (the existing one when `client_key` was seen before)."""
-        return dict(self._send("POST", "/jobs", json=spec).json()["job"])
+        return _checked_view(self._send("POST", "/jobs", json=spec).json(), self.url)
 
     def job(self, job_id: str) -> dict[str, Any] | None:
         """GET /jobs/{id}, or None when the worker has no such job (any more)."""
-        answer = self._send("GET", f"/jobs/{job_id}", ok=(200, 404))
-        return dict(answer.json()["job"]) if answer.status_code == 200 else None
+        answer = self._send("GET", _job_path(job_id), ok=(200, 404))
+        return _checked_view(answer.json(), self.url) if answer.status_code == 200 else None
 
     def events(self, job_id: str, after: int, wait_s: float) -> dict[str, Any]:
         """GET /jobs/{id}/events: events after line `after`, waiting up to `wait_s` for new ones."""
-        return dict(
-            self._send("GET", f"/jobs/{job_id}/events", params={"after": after, "wait": wait_s}).json()
-        )
+        path = _job_path(job_id, "/events")
+        return dict(self._send("GET", path, params={"after": after, "wait": wait_s}).json())
 
     def log(self, job_id: str, offset: int) -> tuple[bytes, int, str]:
         """GET /jobs/{id}/log: (bytes from `offset`, the log's size, the job's status)."""
-        answer = self._send("GET", f"/jobs/{job_id}/log", params={"offset": offset})
+        answer = self._send("GET", _job_path(job_id, "/log"), params={"offset": offset})
         return (
             answer.content,
             int(answer.headers.get(LOG_SIZE_HEADER, "0")),
@@ -177,29 +184,38 @@ class WorkerClient:
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         """POST /jobs/{id}/cancel."""
-        return dict(self._send("POST", f"/jobs/{job_id}/cancel").json()["job"])
+        return _checked_view(self._send("POST", _job_path(job_id, "/cancel")).json(), self.url)
 
     def resume(self, job_id: str) -> dict[str, Any]:
         """POST /jobs/{id}/resume."""
-        return dict(self._send("POST", f"/jobs/{job_id}/resume").json()["job"])
+        return _checked_view(self._send("POST", _job_path(job_id, "/resume")).json(), self.url)
 
-    def download(self, job_id: str, relpath: str, target: Path) -> tuple[str, int]:
-        """GET /jobs/{id}/files/{relpath} into `target` atomically, checked against the worker's sha256."""
+    def download(
+        self, job_id: str, relpath: str, target: Path, *, max_bytes: int = MAX_DOWNLOAD_BYTES
+    ) -> tuple[str, int]:
+        """GET /jobs/{id}/files/{relpath} into `target` atomically, checked against the worker's sha256.
+
+        More than `max_bytes` (announced or arriving) is refused with WorkerAnswerInvalid and nothing is kept.
+        """
+        path = _job_path(job_id, "/files/" + validate_relpath(relpath, what="output file"))
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
         digest = hashlib.sha256()
         size = 0
         try:
-            with self._http.stream("GET", f"/jobs/{job_id}/files/{relpath}") as answer:
+            with self._http.stream("GET", path) as answer:
                 if answer.status_code != 200:
                     answer.read()
-                    raise self._error(answer, "GET", f"/jobs/{job_id}/files/{relpath}")
+                    raise self._error(answer, "GET", path)
                 expected = validate_sha256(answer.headers.get(SHA256_HEADER, ""))
+                announced = int(answer.headers.get("Content-Length") or 0)
                 with open(tmp, "xb") as handle:
                     for chunk in answer.iter_bytes(_DOWNLOAD_CHUNK):
+                        size += len(chunk)
+                        if max(size, announced) > max_bytes:
+                            raise self._too_large(relpath, max(size, announced), max_bytes)
                         handle.write(chunk)
                         digest.update(chunk)
-                        size += len(chunk)
                     handle.flush()
                     os.fsync(handle.fileno())
             if digest.hexdigest() != expected:
@@ -218,3 +234,29 @@ class WorkerClient:
             with contextlib.suppress(OSError):
                 tmp.unlink()
         return expected, size
+
+    def _too_large(self, relpath: str, size: int, limit: int) -> WorkerAnswerInvalid:
+        return WorkerAnswerInvalid(
+            f"{relpath} from worker {self.url} is larger ({size} bytes) than expected (at most {limit})",
+            "check the worker: it sent more than the job's view reported; the file was not kept",
+        )
+
+
+def _job_path(job_id: str, rest: str = "") -> str:
+    """/jobs/{id}{rest}, refusing an id that is not the store's id shape before it reaches a URL."""
+    return f"/jobs/{validate_job_id(job_id)}{rest}"
+
+
+def _checked_view(body: object, url: str) -> dict[str, Any]:
+    """The `job` of a worker's answer, its id checked (it goes into URLs, run.json and this host's progress)."""
+    view = body.get("job") if isinstance(body, dict) else None
+    if not isinstance(view, dict):
+        raise WorkerAnswerInvalid(f"worker {url} answered without a job", "check the worker's version")
+    try:
+        validate_job_id(str(view.get("id")))
+    except TrainManagementError as exc:
+        raise WorkerAnswerInvalid(
+            f"worker {url} answered an invalid job id {str(view.get('id'))[:80]!r}",
+            "check the worker: its job ids look like 20261125-153012-ab12cd",
+        ) from exc
+    return dict(view)

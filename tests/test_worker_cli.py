@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from remote_support import free_port, wait_healthy
 import kohya_backend
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs.registry import WorkerRegistry, ensure_worker
+from kohya_backend.service.worker import build_worker, describe, reachable_urls
 
 ROOT = str(Path(kohya_backend.__file__).resolve().parent.parent)
 
@@ -108,3 +110,16 @@ def test_ensure_worker_registers_from_a_token_file_for_the_webui_flags(tmp_path:
         ensure_worker(tmp_path / "home", "http://other:7870")
     with pytest.raises(TrainManagementError, match="cannot read"):
         ensure_worker(tmp_path / "home", "http://other:7870", token_file=tmp_path / "missing.txt")
+
+
+def test_a_worker_on_every_interface_prints_urls_a_client_can_use(tmp_path: Path) -> None:
+    worker = build_worker(tmp_path / "w", devices={"cpu": 1})
+    banner = describe(worker, "0.0.0.0", 7870)
+    assert "0.0.0.0" not in banner
+    first = banner.splitlines()[0]
+    assert first.startswith(f"Train Management worker on http://{socket.gethostname()}:7870 ")
+    assert "also reachable as http://127.0.0.1:7870" in banner
+    both = reachable_urls("::", 7870)
+    assert both[-1] in ("http://127.0.0.1:7870", "http://[::1]:7870")  # loopback last
+    assert all("[" in url for url in both if url.count(":") > 2)  # IPv6 addresses in brackets
+    assert reachable_urls("10.1.2.3", 7870) == ["http://10.1.2.3:7870"]

@@ -279,10 +279,42 @@ def read_token_file(path: Path, *, create: bool = False) -> str:
     return token
 
 
+_ANY_HOSTS = ("0.0.0.0", "::", "")
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def reachable_urls(host: str, port: int) -> list[str]:
+    """URLs clients can use for a worker bound to `host`: for every interface (0.0.0.0 or ::), this machine's
+    name and each interface address (loopback last; IPv6 link-local left out: it needs a zone), else `host` itself.
+    """
+    if host not in _ANY_HOSTS:
+        return [_url(host, port)]
+    import ipaddress
+
+    import psutil
+
+    families = (socket.AF_INET,) if host == "0.0.0.0" else (socket.AF_INET, socket.AF_INET6)
+    found = []
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family not in families:
+                continue
+            ip = ipaddress.ip_address(address.address.split("%")[0])
+            if not ip.is_link_local:
+                found.append(ip)
+    found.sort(key=lambda ip: (ip.is_loopback, ip.version, int(ip)))
+    names = [socket.gethostname(), *dict.fromkeys(str(ip) for ip in found)]
+    return [_url(name, port) for name in names]
+
+
 def describe(worker: Worker, host: str, port: int) -> str:
-    """The startup banner: URL, GPU (or CPU), VRAM and free disk."""
-    shown_host = f"[{host}]" if ":" in host else host
-    lines = [f"Train Management worker on http://{shown_host}:{port} (API {WORKER_PREFIX})"]
+    """The startup banner: the URLs to paste into the extension, GPU (or CPU), VRAM and free disk."""
+    urls = reachable_urls(host, port)
+    lines = [f"Train Management worker on {urls[0]} (API {WORKER_PREFIX})"]
+    lines += [f"  also reachable as {url}" for url in urls[1:]]
     if worker.gpus:
         for gpu in worker.gpus:
             vram = f"{gpu['vram_bytes'] / 2**30:.1f} GiB VRAM" if gpu["vram_bytes"] else "VRAM unknown"

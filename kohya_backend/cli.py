@@ -197,6 +197,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from kohya_backend.assets.demo import prepare_demo
 
     home = Path(args.home).resolve()
+    _lean_trainer_process('optimizer_type = "AdamW"')  # the demo trains with AdamW, in this process
     config_path = prepare_demo(home, fm_type=args.fm_type, steps=args.steps)
     print(f"demo model, dataset and config under {home}")
     events = home / "demo-events.jsonl"
@@ -221,8 +222,10 @@ def _print_job_line(job: dict[str, Any]) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from kohya_backend.train.runtime import hide_bitsandbytes_unless_needed
     from kohya_backend.ui.standalone import serve
 
+    hide_bitsandbytes_unless_needed("")  # the server never trains itself; its demo writer needs no bitsandbytes
     serve(Path(args.home), host=args.host, port=args.port, token=args.token, demo=args.demo)
     return 0
 

@@ -85,3 +85,11 @@ def test_train_job_reports_a_dataset_error_in_result(demo: Path, tmp_path: Path)
     assert out.returncode == 2
     result = json.loads((job / "result.json").read_text())
     assert result["status"] == "failed" and "<repeats>_<name>" in result["error"]["message"]
+
+
+def test_demo_command_trains_and_its_output_has_no_library_noise(tmp_path: Path) -> None:
+    out = cli("demo", "--home", str(tmp_path / "home"), "--steps", "2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("demo-sd_1_5.safetensors")
+    assert (tmp_path / "home" / "output" / "demo-sd_1_5.safetensors").is_file()
+    assert "gemm_4bit" not in out.stderr and "requires torchvision" not in out.stderr

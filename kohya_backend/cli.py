@@ -236,7 +236,7 @@ def _cmd_jobs_submit(args: argparse.Namespace) -> int:
     service = _jobs_service(args)
     source = _read_source(args.config) if args.config else ""
     job = service.submit(
-        Submission(model=args.model, dataset=args.dataset, fm_type=args.fm_type, config_params=source)
+        Submission(args.model, args.dataset, args.fm_type, source, instance_type=args.instance_type)
     )
     print(job.id)
     print(f"queued; `jobs run --home {args.home}` (or a running `serve`) trains it", file=sys.stderr)
@@ -331,6 +331,11 @@ def _add_jobs_parser(sub: Any) -> None:
     submit.add_argument("--dataset", required=True, help="dataset folder name under HOME/datasets")
     submit.add_argument("--fm-type", choices=["sd_1_5", "sd_xl"], required=True)
     submit.add_argument("--config", help="config_params file (TOML or JSON), or - for standard input")
+    submit.add_argument(
+        "--instance-type",
+        default="local",
+        help="where to train: local (default), worker (any free remote worker) or worker:NAME (`workers list`)",
+    )
     listing = command("list", "list jobs, newest first", _cmd_jobs_list)
     listing.add_argument("--status", action="append", help="only jobs in this state (repeatable)")
     listing.add_argument("--limit", type=int, default=50)

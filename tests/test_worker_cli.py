@@ -13,6 +13,7 @@ import pytest
 from remote_support import free_port, wait_healthy
 
 import kohya_backend
+from kohya_backend.assets.demo import prepare_demo
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs.registry import WorkerRegistry, ensure_worker
 from kohya_backend.service.worker import build_worker, describe, reachable_urls
@@ -123,3 +124,26 @@ def test_a_worker_on_every_interface_prints_urls_a_client_can_use(tmp_path: Path
     assert both[-1] in ("http://127.0.0.1:7870", "http://[::1]:7870")  # loopback last
     assert all("[" in url for url in both if url.count(":") > 2)  # IPv6 addresses in brackets
     assert reachable_urls("10.1.2.3", 7870) == ["http://10.1.2.3:7870"]
+
+
+def test_jobs_submit_sends_a_job_to_a_worker_with_instance_type(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    prepare_demo(home, fm_type="sd_1_5", steps=2)
+    WorkerRegistry(home).add("http://127.0.0.1:9", "a-worker-token-0123", name="box")
+    config = tmp_path / "config.toml"
+    config.write_text('resolution = "64,64"\nmax_train_steps = 2\nnetwork_dim = 4\nmixed_precision = "no"\n')
+    base = ["jobs", "submit", "--home", str(home), "--model", "demo-sd_1_5.safetensors", "--dataset", "demo"]
+    base += ["--fm-type", "sd_1_5", "--config", str(config)]
+    sent = _cli(*base, "--instance-type", "worker:box")
+    assert sent.returncode == 0, sent.stderr
+    shown = json.loads(_cli("jobs", "show", sent.stdout.strip(), "--home", str(home)).stdout)
+    assert shown["instance_type"] == "worker:box" and shown["status"] == "queued"
+    unknown = _cli(*base, "--instance-type", "worker:nope")
+    assert unknown.returncode == 2 and "worker:nope" in unknown.stderr and "worker:box" in unknown.stderr
+    config.write_text(config.read_text() + 'output_name = "here"\n')
+    here = _cli(*base)
+    assert here.returncode == 0, here.stderr
+    assert (
+        json.loads(_cli("jobs", "show", here.stdout.strip(), "--home", str(home)).stdout)["instance_type"]
+        == "local"
+    )

@@ -10,7 +10,7 @@ import gradio as gr
 
 from kohya_backend.data.preprocess import Preprocess
 from kohya_backend.errors import TrainManagementError
-from kohya_backend.service.datasets import DatasetService, IncomingFile
+from kohya_backend.service.datasets import DatasetService, IncomingFile, parse_repeats
 from kohya_backend.ui.compat import no_change, update, uploaded_paths
 from kohya_backend.ui.hooks import UiHooks
 from kohya_backend.ui.present import created_markdown, error_markdown, report_markdown
@@ -22,9 +22,41 @@ PREPROCESS_CHOICES: dict[str, str | None] = {
     "1024 x 1024, center crop": "1024-crop",
     "1024, keep aspect ratio (bucket sizes)": "1024-bucket",
 }
+ZIP_HINT = "upload the folder as a zip instead: a zip keeps its `<repeats>_<name>` subfolders"
+MAX_NAMES_SHOWN = 8
 MAX_THUMBNAILS = 120
 THUMBNAIL_PX = 192
 PREVIEW_PX = 768
+
+
+def repeated_names(files: list[tuple[str, Path]], folder: list[tuple[str, Path]]) -> list[str]:
+    """File names that came more than once in an upload with a folder (zips aside): browsers send a folder's
+    files without their subfolders, so a folder with `<repeats>_<name>` subfolders collides on names like 001.png.
+    """
+    if not folder:
+        return []
+    counts: dict[str, int] = {}
+    for name, _ in files + folder:
+        if not name.lower().endswith(".zip"):
+            counts[name] = counts.get(name, 0) + 1
+    return sorted(n for n, c in counts.items() if c > 1)
+
+
+def flattening_markdown(repeated: list[str], target: str) -> str:
+    """What a folder upload did with subfolders: a warning when names collided, else where its files went."""
+    if not repeated:
+        return (
+            f"The folder's images and captions went into `{target}/` (a folder upload keeps no subfolders; "
+            f"for a folder with `<repeats>_<name>` subfolders, {ZIP_HINT})."
+        )
+    shown = ", ".join(f"`{n}`" for n in repeated[:MAX_NAMES_SHOWN])
+    more = f" and {len(repeated) - MAX_NAMES_SHOWN} more" if len(repeated) > MAX_NAMES_SHOWN else ""
+    return (
+        f"⚠️ **{len(repeated)} file name(s) came more than once** ({shown}{more}), so only the first of each "
+        "was kept: the folder probably held several `<repeats>_<name>` subfolders. A folder upload sends file "
+        f"names without their folders, so its files went into `{target}/`. To keep the subfolders and their "
+        f"repeats, {ZIP_HINT}."
+    )
 
 
 def _picture(path: Path, size: int) -> Any:
@@ -52,15 +84,34 @@ class DatasetActions:
         self, name: str, subject: str, repeats: Any, files: Any, folder: Any, preprocess: str
     ) -> tuple[str, Any]:
         """Create a dataset from the uploaded files and folder; (message, browse dropdown set to it)."""
-        incoming = [IncomingFile(n, p) for n, p in uploaded_paths(files) + uploaded_paths(folder)]
+        plain, from_folder = uploaded_paths(files), uploaded_paths(folder)
+        incoming = [IncomingFile(n, p) for n, p in plain + from_folder]
+        repeated = repeated_names(plain, from_folder)
         try:
             label = PREPROCESS_CHOICES.get(preprocess or "none", preprocess)
             result = self.datasets.create(
                 name, incoming, repeats=repeats, subject=subject or None, preprocess=Preprocess.parse(label)
             )
         except TrainManagementError as exc:
-            return "❌ **The dataset was not created.**\n\n" + error_markdown(exc), no_change()
-        return "✅ " + created_markdown(result), self.choices(result["name"])
+            message = "❌ **The dataset was not created.**\n\n" + error_markdown(exc)
+            if repeated:
+                message += "\n\n" + flattening_markdown(repeated, "one folder")
+            return message, no_change()
+        message = "✅ " + created_markdown(result)
+        if from_folder:
+            target = f"{parse_repeats(repeats)}_{(subject or '').strip() or result['name']}"
+            message += "\n\n" + flattening_markdown(repeated, target)
+        return message, self.choices(result["name"])
+
+    def import_hint(self) -> str:
+        """The Datasets area's note on folders already on the server (a CLI command, kept out of the tab)."""
+        return (
+            "A zip keeps its `<repeats>_<name>` subfolders; a folder upload sends only file names (they all go "
+            "into one `<repeats>_<subject>` folder). To import a folder that is already on the server, run "
+            f"`python -m kohya_backend datasets import PATH --home {self.datasets.home.root}` in the "
+            "extension's folder there: the tab does not offer it, because the tab may be reachable from the "
+            "network and that command reads any folder of the machine."
+        )
 
     def open(self, name: str | None) -> tuple[str, list[tuple[Any, str]], Any, list[str]]:
         """(report, thumbnails, image choices, names of the thumbnails) of a dataset."""

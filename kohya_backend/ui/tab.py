@@ -97,12 +97,13 @@ def _trainings_column() -> dict[str, Any]:
     return c
 
 
-def _datasets_area(has_interrogate: bool) -> dict[str, Any]:
+def _datasets_area(has_interrogate: bool, import_hint: str) -> dict[str, Any]:
     """The Datasets sub-tab's components (built, not wired)."""
     c: dict[str, Any] = {}
     with gr.Row():
         with gr.Column(scale=1):
             gr.Markdown("### Create a dataset")
+            gr.Markdown(import_hint, elem_id=_id("ds_hint"))
             c["name"] = gr.Textbox(label="Dataset name", elem_id=_id("ds_name"))
             with gr.Row():
                 c["subject"] = gr.Textbox(
@@ -110,10 +111,14 @@ def _datasets_area(has_interrogate: bool) -> dict[str, Any]:
                 )
                 c["repeats"] = gr.Number(value=10, precision=0, label="Repeats", elem_id=_id("ds_repeats"))
             c["files"] = file_input(
-                "Images and captions (.txt of the same name), or a zip", file_count="multiple",
-                file_types=["image", ".txt", ".caption", ".tags", ".zip"], elem_id=_id("ds_files"),
+                "Images and captions (.txt of the same name), or a zip (keeps <repeats>_<name> subfolders)",
+                file_count="multiple", file_types=["image", ".txt", ".caption", ".tags", ".zip"],
+                elem_id=_id("ds_files"),
             )  # fmt: skip
-            c["folder"] = file_input("…or a whole folder", file_count="directory", elem_id=_id("ds_folder"))
+            c["folder"] = file_input(
+                "…or a folder's files (its subfolders are not kept: zip a folder of <repeats>_<name> subfolders)",
+                file_count="directory", elem_id=_id("ds_folder"),
+            )  # fmt: skip
             c["preprocess"] = gr.Radio(
                 list(PREPROCESS_CHOICES), value="none", label="Preprocessing", elem_id=_id("ds_preprocess")
             )
@@ -225,7 +230,7 @@ def create_tab(service: TrainingService, datasets: DatasetService, hooks: UiHook
                         with gr.Column(scale=3):
                             jobs = _trainings_column()
                 with gr.Tab("Datasets", elem_id=_id("datasets_tab")):
-                    data = _datasets_area(hooks.interrogate is not None)
+                    data = _datasets_area(hooks.interrogate is not None, dataset_actions.import_hint())
         _wire_create_job(create_actions, job_form)
         _wire_trainings(trainings, jobs, stamp, blocks)
         _wire_datasets(dataset_actions, data, job_form["dataset"])

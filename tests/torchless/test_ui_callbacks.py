@@ -127,8 +127,31 @@ def test_create_dataset_from_a_folder_upload_and_files_together(
     folder = _upload(uploads[:4], file_count="directory")
     message, _ = actions.create("mixed", "thing", "2", _upload(uploads[4:6]), folder, "none")
     assert "with 3 image(s)" in message
+    assert "The folder's images and captions went into `2_thing/`" in message and "as a zip" in message
+    assert "came more than once" not in message
     names = sorted(p.name for p in (datasets.home.datasets / "mixed/2_thing").iterdir())
     assert names == ["b.png", "b.txt", "g.png", "g.txt", "r.png", "r.txt"]
+
+
+def test_a_folder_upload_of_subset_folders_is_reported_as_flattened(
+    datasets: DatasetService, tmp_path: Path
+) -> None:
+    kohya = tmp_path / "kohya_dataset"
+    paths = []
+    for subset, colour in (("10_cat", (200, 0, 0)), ("5_dog", (0, 0, 200))):
+        (kohya / subset).mkdir(parents=True)
+        for stem in ("001", "002"):
+            Image.new("RGB", (64, 64), colour).save(kohya / subset / f"{stem}.png")
+            (kohya / subset / f"{stem}.txt").write_text(f"a {subset[3:]}\n")
+            paths += [kohya / subset / f"{stem}.png", kohya / subset / f"{stem}.txt"]
+    actions = DatasetActions(datasets, UiHooks())
+    message, _ = actions.create("pets", "", 3, None, _upload(paths, file_count="directory"), "none")
+    assert message.startswith("✅") and "with 2 image(s)" in message  # the browser sent base names only
+    assert "⚠️ **4 file name(s) came more than once** (`001.png`, `001.txt`, `002.png`, `002.txt`)" in message
+    assert "several `<repeats>_<name>` subfolders" in message and "went into `3_pets/`" in message
+    assert "upload the folder as a zip" in message
+    refused, _ = actions.create("pets", "", 3, None, _upload(paths, file_count="directory"), "none")
+    assert "already exists" in refused and "came more than once" in refused
 
 
 def test_caption_editor_interrogate_and_deletes(datasets: DatasetService, uploads: list[Path]) -> None:

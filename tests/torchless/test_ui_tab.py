@@ -51,6 +51,9 @@ def test_the_tab_builds_without_warnings_with_the_contract_elements(service: Tra
     assert {ELEM_ID, DELIVERY_STAMP_ID, "train_management_config", "train_management_jobs"} <= set(found)
     assert found["train_management_config"].value == template_toml("sd_1_5", cuda=False)  # a CPU-only machine
     assert found["train_management_ds_generate"].visible is False
+    hint = found["train_management_ds_hint"].value
+    assert f"python -m kohya_backend datasets import PATH --home {service.home.root}" in hint
+    assert "reachable from the network" in hint and "zip" in found["train_management_ds_folder"].label
     hooked = _blocks_by_id(
         create_tab(
             service, datasets, UiHooks(interrogate=lambda p: p.name, default_config=lambda fm: f"# {fm}\n")

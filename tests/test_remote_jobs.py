@@ -67,13 +67,6 @@ def _service(root: Path) -> TrainingService:
     return TrainingService(home, scheduler)
 
 
-def _close(service: TrainingService) -> None:
-    service.scheduler.stop()
-    for runner in service.scheduler.runners.values():
-        if isinstance(runner, RemoteRunner):
-            runner.close()
-
-
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[WorkerProcess]]:
     root = tmp_path_factory.mktemp("workers")
@@ -118,7 +111,7 @@ def api(client_home: Path) -> Iterator[tuple[TrainingService, httpx.Client]]:
         yield service, client
     server.should_exit = True
     thread.join(10)
-    _close(service)
+    service.scheduler.stop()
 
 
 def _until(check: Callable[[], bool], what: str, service: TrainingService, timeout: float = 120) -> None:
@@ -204,7 +197,13 @@ def test_pool_jobs_train_on_both_workers_and_deliver_here(
     assert (client_home / "lora" / "pool-one.preview.png").is_file()  # so the WebUI's card has a preview
 
 
-def test_a_repeated_job_sends_only_changed_files_and_survives_a_host_restart(
+def _remote_sessions_alive(service: TrainingService) -> list[str]:
+    remote = service.scheduler.runners["worker"]
+    assert isinstance(remote, RemoteRunner)
+    return [s.name for s in remote._sessions.values() if s.is_alive()]
+
+
+def test_a_repeated_job_sends_only_changed_files_and_survives_host_restarts(
     workers: list[WorkerProcess], client_home: Path
 ) -> None:
     service = _service(client_home)
@@ -226,21 +225,35 @@ def test_a_repeated_job_sends_only_changed_files_and_survives_a_host_restart(
     try:
         _until(lambda: service.store.get(job_id).status.value == "training", "training", service)
     finally:
-        _close(service)  # the WebUI goes away mid-job; the worker trains on
+        service.scheduler.stop()  # the tab's settings rebuild the scheduler mid-job; the worker trains on
+    assert _remote_sessions_alive(service) == []  # stop() closed the runner: nothing writes here any more
+    step = service.store.get(job_id).progress.get("step") or 0
+    service.scheduler.start()  # the same scheduler again: it re-attaches once
+    try:
+        _until(lambda: (service.store.get(job_id).progress.get("step") or 0) > step, "more steps", service)
+    finally:
+        service.scheduler.stop()  # the WebUI goes away mid-job
+    assert _remote_sessions_alive(service) == []
 
     restarted = _service(client_home)
     restarted.scheduler.start()
     try:
         _until(lambda: _settled(restarted, job_id), "the re-attached job", restarted)
     finally:
-        _close(restarted)
+        restarted.scheduler.stop()
     job = restarted.show(job_id)
     assert job["status"] == "completed", job["reason"] + job["log_tail"]
     upload = job["progress"]["upload"]
     assert upload["sent"] == caption.stat().st_size  # no model bytes, no unchanged dataset bytes
     assert upload["skipped"] == upload["total"] - caption.stat().st_size
-    steps = [e["step"] for e in _events(restarted, job_id) if e["kind"] == "step"]
-    assert steps == sorted(set(steps)) and steps[-1] == 24  # mirrored once each across the restart
+    events = _events(restarted, job_id)
+    steps = [e["step"] for e in events if e["kind"] == "step"]
+    assert steps == sorted(set(steps)) and steps[-1] == 24  # mirrored once each across the restarts
+    assert [e["kind"] for e in events].count("submitted") == 1
+    remote = json.loads((Path(job["folder"]) / "run.json").read_text())["remote"]["b"]
+    there = JobStore(workers[1].home).get(remote["job"]).folder / "events.jsonl"
+    mirrored = [e["kind"] for e in events[remote["events_base"] :]]
+    assert mirrored == [json.loads(line)["kind"] for line in there.read_text().splitlines()]
     assert (client_home / "lora" / "repeat.safetensors").is_file()
 
 
@@ -263,7 +276,7 @@ def test_cancel_and_resume_pass_through_to_the_worker(
         service.resume(job_id)
         _until(lambda: _settled(service, job_id), "the resumed job", service)
     finally:
-        _close(service)
+        service.scheduler.stop()
     job = service.store.get(job_id)
     assert job.status.value == "completed", job.reason
     record = json.loads((job.folder / "run.json").read_text())
@@ -291,7 +304,7 @@ def test_a_refused_token_fails_the_job_with_that_message(
     try:
         _until(lambda: _settled(service, job_id), "the refused job", service, timeout=30)
     finally:
-        _close(service)
+        service.scheduler.stop()
     job = service.store.get(job_id)
     assert job.status.value == "failed" and "refused the token" in (job.reason or "")
 
@@ -317,7 +330,7 @@ def test_a_worker_killed_mid_training_interrupts_its_job_which_resumes_elsewhere
         service.resume(job_id)
         _until(lambda: _settled(service, job_id), "the job resumed elsewhere", service)
     finally:
-        _close(service)
+        service.scheduler.stop()
         victim.start()
     job = service.store.get(job_id)
     assert job.status.value == "completed", job.reason

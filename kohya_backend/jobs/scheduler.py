@@ -520,13 +520,25 @@ class Scheduler:
         self._thread.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop the thread; trainers keep running, and the next scheduler on this store re-attaches to them."""
+        """Stop the thread, close the runners that follow trainers from threads of their own (remote sessions),
+        then release the home. Trainers keep running; the next scheduler on this store (or this one, started
+        again) re-attaches to them, and no closed runner writes into their job folders any more."""
         self._stopping.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None
         with self._tick_lock:
+            for runner in self.runners.values():
+                close = getattr(runner, "close", None)
+                if callable(close):
+                    try:
+                        close()
+                    except Exception:  # the home must still be released for the next scheduler
+                        log.exception("closing the %s runner failed", runner.name)
+            self._runs.clear()
+            self._tail = EventTail()
+            self._recovered = False
             self._release_home()
 
     def _loop(self) -> None:

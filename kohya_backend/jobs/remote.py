@@ -7,6 +7,7 @@ the job folder, so the scheduler's event ingestion, progress, settling and deliv
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ from kohya_backend.jobs.runner import (
 )
 from kohya_backend.jobs.store import Job
 from kohya_backend.jobs.transfer import HASH_CACHE_NAME, HashCache
+
+log = logging.getLogger(__name__)
 
 POOL = RUNNER_NAME
 PREFIX = f"{RUNNER_NAME}:"
@@ -71,6 +74,7 @@ class RemoteRunner:
         self.options = options or RemoteOptions()
         self._sessions: dict[str, RemoteSession] = {}
         self._lock = threading.Lock()
+        self._last_warning = ""
 
     @classmethod
     def for_home(
@@ -106,10 +110,11 @@ class RemoteRunner:
         there) while that one answers, else the first free worker that fits; None keeps it queued."""
         try:
             target = _target(job.instance_type)
-        except TrainManagementError:
+            states = self.pool.states()
+        except TrainManagementError as exc:  # e.g. workers.json cannot be read: wait (instance types say why)
+            self._warn_once(str(exc))
             return None
         own = self._own_active()
-        states = self.pool.states()
 
         def fits(name: str) -> bool:
             return self.pool.can_take(name, job.fm_type, job.params, own.get(name, 0))
@@ -203,9 +208,29 @@ class RemoteRunner:
 
     # -- listings -----------------------------------------------------------------------------------------
 
+    def _warn_once(self, text: str) -> None:
+        if text != self._last_warning:
+            self._last_warning = text
+            log.warning("remote workers: %s", text)
+
     def instance_types(self) -> list[dict[str, Any]]:
-        """The pool and each registered worker, with its GPU and state, for the Training Instance Type list."""
-        states = self.pool.states()
+        """The pool and each registered worker, with its GPU and state, for the Training Instance Type list.
+
+        An unreadable worker list is one entry with its error (listings and local jobs go on without workers).
+        """
+        try:
+            states = self.pool.states()
+        except TrainManagementError as exc:
+            return [
+                {
+                    "name": POOL,
+                    "kind": "pool",
+                    "label": "remote workers: the worker list cannot be read",
+                    "state": "error",
+                    "error": str(exc),
+                    "devices": [],
+                }
+            ]
         if not states:
             return []
         answering = [s for s in states.values() if s.state in ("online", "busy")]

@@ -610,7 +610,11 @@ class Scheduler:
             if job.id in self._runs:
                 continue
             runner = self.runner_for(job.instance_type)
-            handle = runner.attach(job) if runner is not None else None
+            try:
+                handle = runner.attach(job) if runner is not None else None
+            except TrainManagementError as exc:  # e.g. an unreadable worker list: say so, recover the others
+                self._move(job, JobStatus.INTERRUPTED, f"cannot follow the job: {exc}; resume it once fixed")
+                continue
             if runner is None or handle is None:
                 self._settle_vanished(job)
                 continue
@@ -786,7 +790,11 @@ class Scheduler:
         for job in queued:
             runner = self.runner_for(job.instance_type)
             if isinstance(runner, PlacingRunner):  # it has machines of its own (remote workers)
-                placed = runner.place(job)
+                try:
+                    placed = runner.place(job)
+                except Exception:  # one runner's trouble must not keep the jobs behind it queued
+                    log.exception("placing job %s failed", job.id)
+                    continue
                 if placed is not None:
                     self._launch(job, placed)
                 continue

@@ -1,0 +1,102 @@
+"""How the scheduler treats remote jobs when the worker list is broken or names a worker no longer there.
+
+The client's scheduler here is real (build_service: local and remote runners); its local trainer is a real child
+process that exits at once (these tests are about scheduling, not training), and ticks are driven by the test.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from remote_support import TOKEN, running
+
+from kohya_backend.assets.demo import prepare_demo
+from kohya_backend.jobs.registry import WorkerRegistry
+from kohya_backend.jobs.runner import RUN_NAME, write_json_atomic
+from kohya_backend.jobs.states import JobStatus
+from kohya_backend.service.api import API_PREFIX
+from kohya_backend.service.app import build_service, create_app
+from kohya_backend.service.training import Submission, TrainingService
+
+MODEL = "demo-sd_1_5.safetensors"
+CONFIG = (
+    'resolution = "64,64"\nmax_train_steps = 2\nnetwork_dim = 4\nmixed_precision = "no"\noutput_name = "{}"\n'
+)
+QUICK_EXIT = (sys.executable, "-c", "import sys; sys.exit(0)")  # prefix: the trainer command exits at once
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    prepare_demo(root, fm_type="sd_1_5", steps=2)
+    return root
+
+
+@pytest.fixture
+def home(demo: Path, tmp_path: Path) -> Path:
+    """A client home sharing the demo's model and dataset, with one (unreachable) worker 'box' registered."""
+    root = tmp_path / "home"
+    for name in ("models", "datasets"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).symlink_to(demo / name)
+    WorkerRegistry(root).add("http://127.0.0.1:9", TOKEN, name="box")
+    return root
+
+
+@pytest.fixture
+def service(home: Path) -> Iterator[TrainingService]:
+    built = build_service(home, devices={"cpu": 1}, python=QUICK_EXIT)
+    yield built
+    built.scheduler.stop()
+
+
+def _submit(service: TrainingService, name: str, instance: str) -> str:
+    return service.submit(Submission(MODEL, "demo", "sd_1_5", CONFIG.format(name), instance)).id
+
+
+def _status(service: TrainingService, job_id: str) -> JobStatus:
+    return service.store.get(job_id).status
+
+
+def _tick_until_settled(service: TrainingService, job_id: str) -> None:
+    deadline = time.monotonic() + 30
+    while not service.is_settled(job_id):
+        assert time.monotonic() < deadline, service.store.get(job_id)
+        service.scheduler.tick()
+        time.sleep(0.1)
+
+
+def test_an_unreadable_worker_list_is_an_entrys_error_and_local_jobs_still_start(
+    service: TrainingService, home: Path
+) -> None:
+    remote = _submit(service, "remote", "worker:box")
+    (home / "workers.json").write_text("{not json", encoding="utf-8")
+    local = _submit(service, "local", "local")  # submitting (and its fp16 check) still works
+    with running(create_app(service)) as base:
+        answer = httpx.get(f"{base}{API_PREFIX}/instance-types", timeout=10)
+    assert answer.status_code == 200, answer.text
+    types = {t["name"]: t for t in answer.json()["instance_types"]}
+    assert types["local"]["devices"] == ["cpu"]
+    assert types["worker"]["state"] == "error" and "workers.json" in types["worker"]["error"]
+    service.scheduler.tick()  # the remote job ahead of it must not stall the tick
+    assert _status(service, local) is not JobStatus.QUEUED
+    assert _status(service, remote) is JobStatus.QUEUED
+    _tick_until_settled(service, local)
+
+
+def test_an_unreadable_worker_list_after_a_restart_interrupts_its_jobs_with_the_reason(
+    service: TrainingService, home: Path
+) -> None:
+    job_id = _submit(service, "followed", "worker:box")
+    job = service.store.transition(job_id, JobStatus.PREPARING, "sent to worker box")
+    write_json_atomic(job.folder / RUN_NAME, {"runner": "worker", "worker": "box", "remote": {}})
+    (home / "workers.json").write_text("[1, 2", encoding="utf-8")
+    service.scheduler.tick()  # recovery after a restart: the other jobs are recovered, this one says why
+    job = service.store.get(job_id)
+    assert job.status is JobStatus.INTERRUPTED
+    assert "cannot follow the job" in (job.reason or "") and "workers.json" in (job.reason or "")

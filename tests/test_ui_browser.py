@@ -161,6 +161,27 @@ def test_dataset_format_train_and_deliver_in_the_browser(server: tuple[str, Path
             page.wait_for_selector("#train_management_config textarea", timeout=60_000)
             _wait_text(page, "train_management_model_info", "SD 1.5")
 
+            # Remote GPU workers: add one (nothing listens on its port: it shows as offline), then remove it.
+            page.click("#train_management_workers")
+            page.fill(
+                "#train_management_worker_url textarea, #train_management_worker_url input",
+                "http://127.0.0.1:9",
+            )
+            token = page.locator("#train_management_worker_token input")
+            assert token.get_attribute("type") == "password"
+            token.fill("browser-worker-token")
+            page.click("#train_management_worker_add")
+            _wait_text(page, "train_management_worker_message", "Added worker 127.0.0.1-9")
+            assert "offline" in _wait_text(page, "train_management_workers_table", "http://127.0.0.1:9")
+            assert token.input_value() == ""
+            page.click("#train_management_instance input")
+            page.wait_for_selector('#train_management_instance li[data-value*="[worker:127.0.0.1-9]"]')
+            page.keyboard.press("Escape")
+            _shot(page, "0-worker-added")
+            page.click("#train_management_worker_remove")
+            _wait_text(page, "train_management_worker_message", "Removed worker 127.0.0.1-9")
+            assert "browser-worker-token" not in (home / "workers.json").read_text()  # gone with the worker
+
             # Datasets: upload four captioned images as "shapes" with 5 repeats, then edit a caption.
             page.click("button:has-text('Datasets')")
             page.fill("#train_management_ds_name textarea, #train_management_ds_name input", "shapes")

@@ -14,3 +14,4 @@ class UiHooks:
     interrogate: Callable[[Path], str] | None = None  # the WebUI's captioner: image file -> caption text
     default_config: Callable[[str], str] | None = None  # fm_type -> starting config_params TOML
     # (None: config.schema.template_toml(fm_type))
+    workers_locked: str | None = None  # why the tab may not add or remove remote workers (None: it may)

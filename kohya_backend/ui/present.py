@@ -24,6 +24,7 @@ FAMILY_LABELS: dict[str, str] = {
 JOB_HEADERS: list[str] = [
     "id", "output name", "model", "dataset", "instance", "status", "progress", "loss", "it/s", "ETA", "created",
 ]  # fmt: skip
+WORKER_HEADERS: list[str] = ["name", "state", "GPU", "free disk", "URL"]
 ACTIVE_STATUSES = ("queued", "preparing", "training", "saving", "cancelling")
 _INSTANCE = re.compile(r"\[([^\[\]]+)\]$")
 
@@ -215,3 +216,25 @@ def job_markdown(job: dict[str, Any]) -> str:
     if progress.get("delivered") and str(progress["delivered"]) not in (job.get("reason") or ""):
         text += f"\n\nLoRA: `{progress['delivered']}`"
     return text
+
+
+def worker_state_text(worker: dict[str, Any]) -> str:
+    """'online', 'busy, 1 job from here', 'offline (connection refused)'...: the state with why, and load."""
+    text = str(worker.get("state") or "unknown")
+    if worker.get("jobs_here"):
+        text += f", {worker['jobs_here']} job(s) from here"
+    if worker.get("error"):
+        text += f" ({worker['error']})"
+    return text
+
+
+def worker_row(worker: dict[str, Any]) -> list[str]:
+    """One row of the workers table (the order of WORKER_HEADERS); never the token."""
+    free = worker.get("free_disk_gb")
+    return [
+        str(worker["name"]),
+        worker_state_text(worker),
+        str(worker.get("gpu") or "?"),
+        f"{free:.0f} GiB" if isinstance(free, (int, float)) else "",
+        str(worker.get("url") or ""),
+    ]

@@ -13,8 +13,9 @@ from kohya_backend.ui.compat import file_input
 from kohya_backend.ui.create_job import CreateJobActions
 from kohya_backend.ui.dataset_actions import PREPROCESS_CHOICES, DatasetActions
 from kohya_backend.ui.hooks import UiHooks
-from kohya_backend.ui.present import FM_LABELS, JOB_HEADERS
+from kohya_backend.ui.present import FM_LABELS, JOB_HEADERS, WORKER_HEADERS
 from kohya_backend.ui.trainings import TrainingsActions
+from kohya_backend.ui.workers import WorkersActions
 
 ELEM_ID = "train_management"
 DELIVERY_STAMP_ID = "train_management_delivery_stamp"
@@ -29,6 +30,12 @@ TAB_CSS = f"""
 
 
 _SMALL = {"size": "sm", "scale": 0, "min_width": 60}
+WORKERS_INTRO = (
+    "Train on another machine's GPU: start `python -m kohya_backend worker --host 0.0.0.0 --port 7870 "
+    "--token-file token.txt` there (with `--create-token` the first time), then paste the URL it printed and "
+    "the token from its token file. Each worker becomes a Training Instance Type. Use https (a TLS reverse "
+    "proxy) when the worker is not on your own network: the token travels with every request."
+)
 
 
 def _id(name: str) -> str:
@@ -39,7 +46,9 @@ def _create_job_column(actions: CreateJobActions, fm_default: str) -> dict[str, 
     """The left column's components (built, not wired)."""
     c: dict[str, Any] = {}
     gr.Markdown("### Create a Training Job")
-    c["instance"] = gr.Dropdown(label="Training Instance Type", elem_id=_id("instance"))
+    with gr.Row():
+        c["instance"] = gr.Dropdown(label="Training Instance Type", elem_id=_id("instance"), scale=4)
+        c["refresh_instances"] = gr.Button("↻", elem_id=_id("refresh_instances"), **_SMALL)
     c["fm"] = gr.Radio(list(FM_LABELS), value=fm_default, label="FM Type", elem_id=_id("fm_type"))
     with gr.Row():
         c["model"] = gr.Dropdown(label="Model", elem_id=_id("model"), scale=4)
@@ -65,6 +74,32 @@ def _create_job_column(actions: CreateJobActions, fm_default: str) -> dict[str, 
         c["formatted"] = gr.Textbox(
             label="Canonical TOML", lines=12, interactive=False, elem_id=_id("formatted"),
             elem_classes=["train-management-mono"],
+        )  # fmt: skip
+    return c
+
+
+def _workers_panel(locked: str | None) -> dict[str, Any]:
+    """The "Remote GPU workers" accordion (built, not wired)."""
+    c: dict[str, Any] = {}
+    with gr.Accordion("Remote GPU workers", open=False, elem_id=_id("workers")):
+        gr.Markdown(WORKERS_INTRO + (f"\n\n⚠️ {locked}" if locked else ""), elem_id=_id("workers_intro"))
+        with gr.Row():
+            c["url"] = gr.Textbox(
+                label="Worker URL", placeholder="http://gpu-box:7870", elem_id=_id("worker_url"), scale=3
+            )
+            c["name"] = gr.Textbox(label="Name (optional)", elem_id=_id("worker_name"), scale=1)
+        c["token"] = gr.Textbox(
+            label="Token (from the worker's token file)", type="password", elem_id=_id("worker_token")
+        )
+        with gr.Row():
+            c["add"] = gr.Button("Add worker", variant="primary", elem_id=_id("worker_add"))
+            c["pick"] = gr.Dropdown(label="Registered worker", elem_id=_id("worker_pick"), scale=2)
+            c["remove"] = gr.Button("Remove worker", variant="stop", elem_id=_id("worker_remove"))
+            c["refresh"] = gr.Button("↻", elem_id=_id("workers_refresh"), **_SMALL)
+        c["message"] = gr.Markdown(elem_id=_id("worker_message"))
+        c["table"] = gr.Dataframe(
+            headers=WORKER_HEADERS, datatype=["str"] * len(WORKER_HEADERS), type="array", interactive=False,
+            wrap=True, elem_id=_id("workers_table"),
         )  # fmt: skip
     return c
 
@@ -157,7 +192,19 @@ def _datasets_area(has_interrogate: bool, import_hint: str) -> dict[str, Any]:
     return c
 
 
+def _wire_workers(a: WorkersActions, c: dict[str, Any], instance: Any, instances: Any) -> None:
+    listed = [c["table"], c["pick"]]
+    c["refresh"].click(a.refresh, [c["pick"]], listed).then(instances, [instance], [instance])
+    c["add"].click(a.add, [c["url"], c["token"], c["name"]], [c["message"], c["token"]]).then(
+        a.refresh, [c["pick"]], listed
+    ).then(instances, [instance], [instance])
+    c["remove"].click(a.remove, [c["pick"]], [c["message"]]).then(a.refresh, [c["pick"]], listed).then(
+        instances, [instance], [instance]
+    )
+
+
 def _wire_create_job(a: CreateJobActions, c: dict[str, Any]) -> None:
+    c["refresh_instances"].click(a.instance_choices, [c["instance"]], [c["instance"]])
     c["refresh_models"].click(a.model_choices, [c["model"]], [c["model"]])
     c["refresh_datasets"].click(a.dataset_choices, [c["dataset"]], [c["dataset"]])
     c["model"].change(a.model_info, [c["model"], c["fm"]], [c["model_info"]])
@@ -218,6 +265,7 @@ def create_tab(service: TrainingService, datasets: DatasetService, hooks: UiHook
     create_actions = CreateJobActions(service, hooks)
     trainings = TrainingsActions(service)
     dataset_actions = DatasetActions(datasets, hooks)
+    worker_actions = WorkersActions(service, hooks.workers_locked)
     fm_default = next(iter(FM_LABELS))
     with gr.Blocks(title="Train Management", css=TAB_CSS, analytics_enabled=False) as blocks:
         with gr.Column(elem_id=ELEM_ID):
@@ -227,11 +275,13 @@ def create_tab(service: TrainingService, datasets: DatasetService, hooks: UiHook
                     with gr.Row():
                         with gr.Column(scale=2):
                             job_form = _create_job_column(create_actions, fm_default)
+                            workers = _workers_panel(hooks.workers_locked)
                         with gr.Column(scale=3):
                             jobs = _trainings_column()
                 with gr.Tab("Datasets", elem_id=_id("datasets_tab")):
                     data = _datasets_area(hooks.interrogate is not None, dataset_actions.import_hint())
         _wire_create_job(create_actions, job_form)
+        _wire_workers(worker_actions, workers, job_form["instance"], create_actions.instance_choices)
         _wire_trainings(trainings, jobs, stamp, blocks)
         _wire_datasets(dataset_actions, data, job_form["dataset"])
         choices = [job_form["instance"], job_form["model"], job_form["dataset"]]
@@ -239,4 +289,5 @@ def create_tab(service: TrainingService, datasets: DatasetService, hooks: UiHook
             create_actions.model_info, [job_form["model"], job_form["fm"]], [job_form["model_info"]]
         )
         blocks.load(dataset_actions.choices, [data["dataset"]], [data["dataset"]])
+        blocks.load(worker_actions.refresh, [workers["pick"]], [workers["table"], workers["pick"]])
     return blocks

@@ -14,6 +14,7 @@ from kohya_backend.ui.present import (
     job_row,
     plan_markdown,
     progress_text,
+    worker_row,
 )
 
 
@@ -54,3 +55,12 @@ def test_plan_text_without_a_dataset_or_with_a_broken_one() -> None:
     assert plan_markdown({"plan": None, "dataset_error": None}) == "Choose a dataset to see the plan."
     broken = plan_markdown({"plan": None, "dataset_error": {"message": "no images", "files": ["10_x/a.png"]}})
     assert broken == "**The dataset cannot be trained on:** no images\n- `10_x/a.png`"
+
+
+def test_worker_rows_show_state_why_and_load_never_the_token() -> None:
+    worker = {"name": "gpu1", "url": "https://gpu-box/w1", "token": "secret", "state": "offline",
+              "error": "connection refused", "gpu": "?", "free_disk_gb": None, "jobs_here": 0}  # fmt: skip
+    assert worker_row(worker) == ["gpu1", "offline (connection refused)", "?", "", "https://gpu-box/w1"]
+    busy = {**worker, "state": "busy", "error": None, "gpu": "NVIDIA A100 (80 GB)", "free_disk_gb": 412.4,
+            "jobs_here": 1}  # fmt: skip
+    assert worker_row(busy)[1:4] == ["busy, 1 job(s) from here", "NVIDIA A100 (80 GB)", "412 GiB"]

@@ -1,0 +1,77 @@
+"""Callbacks of the "Remote GPU workers" panel: add and remove workers and show their states.
+
+They call the functions behind the /workers API (kohya_backend/service/workers_api.py), so the tab, the API and
+the `workers` CLI share one registry and its rules. Tokens go in and never come out: the token field is emptied
+after every press and the table has no token column. A host that is reachable from the network without a login
+passes `locked` (why), and then adding and removing are refused with that explanation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kohya_backend.errors import TrainManagementError
+from kohya_backend.jobs.pool import check_worker
+from kohya_backend.service.training import TrainingService
+from kohya_backend.service.workers_api import add_worker, remote_runner, remove_worker
+from kohya_backend.ui.compat import update
+from kohya_backend.ui.present import WORKER_HEADERS, error_markdown, worker_row, worker_state_text
+
+
+class WorkersActions:
+    """The workers panel's callbacks, bound to one TrainingService (its RemoteRunner holds the registry)."""
+
+    def __init__(self, service: TrainingService, locked: str | None = None) -> None:
+        self.service = service
+        self.locked = locked
+
+    def listing(self) -> list[dict[str, Any]]:
+        """Every registered worker with its last known state (no tokens); [] when this host has no runner."""
+        try:
+            return remote_runner(self.service).workers()
+        except TrainManagementError:
+            return []
+
+    def refresh(self, current: str | None = None) -> tuple[Any, Any]:
+        """(state table, worker choices for Remove)."""
+        import pandas as pd
+
+        workers = self.listing()
+        names = [w["name"] for w in workers]
+        table = pd.DataFrame([worker_row(w) for w in workers], columns=WORKER_HEADERS)
+        chosen = current if current in names else (names[0] if names else None)
+        return table, update(choices=names, value=chosen)
+
+    def add(self, url: str, token: str, name: str) -> tuple[str, str]:
+        """Register a worker (or give a known one a new URL or token); (message, emptied token field)."""
+        if self.locked:
+            return f"❌ {self.locked}", ""
+        if not (url or "").strip():
+            return "Enter the URL the worker printed (e.g. `http://gpu-box:7870`) and its token.", ""
+        try:
+            entry = add_worker(self.service, url, token or "", (name or "").strip() or None)
+            runner = remote_runner(self.service)
+            state = check_worker(runner.registry.require(entry["name"]))
+        except TrainManagementError as exc:
+            return "❌ **The worker was not added.**\n\n" + error_markdown(exc), ""
+        gpu = f", {state.gpu_label()}" if state.state in ("online", "busy") else ""
+        text = (
+            f"✅ Added worker **{entry['name']}** (`{entry['url']}`): {worker_state_text(state.public())}{gpu}. "
+            f"Choose **worker {entry['name']}** (or *any free worker*) as the Training Instance Type."
+        )
+        if state.state == "unauthorized":
+            text += "\n\nThe worker refused the token: paste the one from its token file and add it again."
+        warnings = [str(w) for w in entry.get("warnings") or []]
+        return text + "".join(f"\n\n⚠️ {w}" for w in warnings), ""
+
+    def remove(self, name: str | None) -> str:
+        """Forget a worker (refused while it runs jobs of this host)."""
+        if self.locked:
+            return f"❌ {self.locked}"
+        if not name:
+            return "Choose the worker to remove."
+        try:
+            remove_worker(self.service, name)
+        except TrainManagementError as exc:
+            return "❌ **The worker was not removed.**\n\n" + error_markdown(exc)
+        return f"Removed worker **{name}**: it is no longer a Training Instance Type."

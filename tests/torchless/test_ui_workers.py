@@ -1,0 +1,110 @@
+"""The tab's "Remote GPU workers" panel against a real worker served on 127.0.0.1 (both gradio lines, no torch):
+add with a wrong and a right token, the state table and the Training Instance Type list, remove, refusals."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from server_support import running
+
+from kohya_backend.jobs.registry import WorkerRegistry
+from kohya_backend.service.app import build_service
+from kohya_backend.service.datasets import DatasetService
+from kohya_backend.service.training import TrainingService
+from kohya_backend.service.worker import build_worker, create_worker_app
+from kohya_backend.service.workers_api import remote_runner
+from kohya_backend.ui.create_job import CreateJobActions
+from kohya_backend.ui.hooks import UiHooks
+from kohya_backend.ui.present import WORKER_HEADERS
+from kohya_backend.ui.tab import create_tab
+from kohya_backend.ui.workers import WorkersActions
+
+TOKEN = "panel-worker-token-0123456789"
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[TrainingService]:
+    service = build_service(tmp_path / "home")
+    yield service
+    remote_runner(service).close()
+
+
+@pytest.fixture
+def worker_url(tmp_path: Path) -> Iterator[str]:
+    worker = build_worker(tmp_path / "worker", reserve_bytes=0, devices={"cpu": 1})
+    with running(create_worker_app(worker, token=TOKEN)) as base:
+        yield base
+
+
+def _rows(actions: WorkersActions) -> list[list[str]]:
+    table, _choices = actions.refresh(None)
+    assert list(table.columns) == WORKER_HEADERS
+    return [list(row) for row in table.values.tolist()]
+
+
+def test_add_check_list_choose_and_remove_a_worker(service: TrainingService, worker_url: str) -> None:
+    actions = WorkersActions(service)
+    message, token_field = actions.add(worker_url, "not-the-token", "")
+    port = worker_url.rsplit(":", 1)[1]
+    assert message.startswith(f"✅ Added worker **127.0.0.1-{port}**") and "unauthorized" in message
+    assert "refused the token" in message and token_field == ""
+    message, token_field = actions.add(f" {worker_url}/ ", TOKEN, "gpu1")
+    assert "Added worker **gpu1**" in message and ": online, CPU." in message and token_field == ""
+    assert TOKEN not in message
+    assert [e.name for e in WorkerRegistry(service.home.root).entries()] == ["gpu1"]  # same URL: replaced
+
+    remote_runner(service).pool.refresh()  # what the pool's thread does every few seconds
+    [row] = _rows(actions)
+    assert row[:3] == ["gpu1", "online", "CPU"] and row[3].endswith(" GiB") and row[4] == worker_url
+    assert TOKEN not in repr(actions.refresh(None))
+    choices = CreateJobActions(service, UiHooks()).instance_choices("local")["choices"]
+    assert "worker gpu1: CPU, online [worker:gpu1]" in choices
+
+    assert "❌ **The worker was not removed.**" in actions.remove("nope") and "gpu1" in actions.remove("nope")
+    assert actions.remove("gpu1") == "Removed worker **gpu1**: it is no longer a Training Instance Type."
+    assert _rows(actions) == [] and actions.refresh("gpu1")[1]["choices"] == []
+    assert actions.remove(None) == "Choose the worker to remove."
+
+
+@pytest.mark.parametrize(
+    ("url", "token", "name", "why"),
+    [
+        ("ftp://gpu-box:7870", TOKEN, "", "is not an http:// or https:// URL"),
+        ("http://user:pw@gpu-box:7870", TOKEN, "", "carries credentials"),
+        ("http://gpu-box:7870", "", "", "the worker token is empty"),
+        ("http://gpu-box:7870", TOKEN, "../up", "../up"),
+        ("", TOKEN, "", "Enter the URL the worker printed"),
+    ],
+)
+def test_bad_entries_are_refused_with_the_reason(
+    service: TrainingService, url: str, token: str, name: str, why: str
+) -> None:
+    message, token_field = WorkersActions(service).add(url, token, name)
+    assert why in message and token_field == ""
+    assert WorkerRegistry(service.home.root).entries() == []
+
+
+def test_a_locked_host_refuses_changes_and_says_why(service: TrainingService, worker_url: str) -> None:
+    WorkersActions(service).add(worker_url, TOKEN, "kept")
+    locked = WorkersActions(service, locked="the WebUI listens on the network without a login")
+    message, token_field = locked.add(worker_url, TOKEN, "other")
+    assert message == "❌ the WebUI listens on the network without a login" and token_field == ""
+    assert locked.remove("kept") == "❌ the WebUI listens on the network without a login"
+    assert [e.name for e in WorkerRegistry(service.home.root).entries()] == ["kept"]
+    assert [row[0] for row in _rows(locked)] == ["kept"]  # the list is still shown
+
+
+def _by_id(blocks: Any) -> dict[str, Any]:
+    return {b.elem_id: b for b in blocks.blocks.values() if getattr(b, "elem_id", None)}
+
+
+def test_the_panel_is_in_the_tab_with_a_password_field(service: TrainingService) -> None:
+    datasets = DatasetService(service.home, jobs=service.store)
+    found = _by_id(create_tab(service, datasets, UiHooks(workers_locked="reason shown here")))
+    assert found["train_management_worker_token"].type == "password"
+    assert found["train_management_workers"].label == "Remote GPU workers"
+    assert {"train_management_refresh_instances", "train_management_workers_table"} <= set(found)
+    assert "⚠️ reason shown here" in found["train_management_workers_intro"].value

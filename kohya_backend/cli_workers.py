@@ -57,15 +57,22 @@ def _cmd_workers(args: argparse.Namespace) -> int:
 
     registry = WorkerRegistry(Path(args.home))
     if args.workers_command == "add":
+        before = {e.name: e.url for e in registry.entries()}
         entry = registry.add(args.url, _token(args), name=args.name)
         state = check_worker(entry)
-        print(f"added {entry.name} ({entry.url}): {state.state}, {state.gpu_label()}")
+        what = "added" if entry.name not in before else "updated the token of"
+        if entry.name in before and before[entry.name] != entry.url:
+            what = f"moved (from {before[entry.name]})"
+        print(f"{what} {entry.name} ({entry.url}): {state.state}, {state.gpu_label()}")
         if state.error:
             print(f"  {state.error}", file=sys.stderr)
         print(f"instance type: worker:{entry.name}", file=sys.stderr)
         return 0
     if args.workers_command == "remove":
-        registry.remove(args.name)
+        from kohya_backend.jobs.remote import remove_worker
+        from kohya_backend.jobs.store import JobStore
+
+        remove_worker(registry, JobStore(Path(args.home)), args.name)
         print(f"removed {args.name}")
         return 0
     rows: list[dict[str, Any]] = []

@@ -1,10 +1,12 @@
-"""The worker registry (HOME/workers.json): tokens kept out of every listing and repr."""
+"""The worker registry (HOME/workers.json): tokens kept out of every listing and repr, names that stay put."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from kohya_backend.jobs.registry import WorkerRegistry
+import pytest
+
+from kohya_backend.jobs.registry import WorkerConflict, WorkerRegistry
 from kohya_backend.service.workers_api import WorkerRequest
 
 SECRET = "registry-secret-token-0123"
@@ -18,3 +20,21 @@ def test_no_object_holding_a_worker_token_prints_it(tmp_path: Path) -> None:
     shown += [repr(request), str(request)]
     assert all(SECRET not in text for text in shown), shown
     assert registry.require("box").token == SECRET and request.token == SECRET
+
+
+def test_a_registered_url_keeps_its_name_and_no_worker_is_replaced_silently(tmp_path: Path) -> None:
+    registry = WorkerRegistry(tmp_path)
+    first = registry.add("http://gpu-box:7870", SECRET)
+    assert first.name == "gpu-box-7870"
+    with pytest.raises(WorkerConflict, match="already registered as 'gpu-box-7870'; it keeps that name"):
+        registry.add("http://gpu-box:7870/", "another-token-0123", name="box")
+    again = registry.add("http://gpu-box:7870", "another-token-0123")  # no name: the token is updated
+    assert (again.name, again.token, again.added_at) == ("gpu-box-7870", "another-token-0123", first.added_at)
+    registry.add("http://other:7870", SECRET, name="other")
+    with pytest.raises(WorkerConflict, match="'other' is already registered, at http://other:7870"):
+        registry.add("https://other", SECRET)  # its default name, 'other', is another worker's
+    moved = registry.add("http://other:7871", SECRET, name="other")  # named explicitly: moved to a new URL
+    assert [(e.name, e.url) for e in registry.entries()] == [
+        ("gpu-box-7870", "http://gpu-box:7870"),
+        ("other", "http://other:7871"),
+    ] and moved.name == "other"

@@ -16,7 +16,8 @@ import pytest
 from remote_support import TOKEN, running
 
 from kohya_backend.assets.demo import prepare_demo
-from kohya_backend.jobs.registry import WorkerRegistry
+from kohya_backend.jobs.registry import WorkerNotFound, WorkerRegistry
+from kohya_backend.jobs.remote import WorkerBusy, remove_worker
 from kohya_backend.jobs.runner import RUN_NAME, write_json_atomic
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.service.api import API_PREFIX
@@ -100,3 +101,26 @@ def test_an_unreadable_worker_list_after_a_restart_interrupts_its_jobs_with_the_
     job = service.store.get(job_id)
     assert job.status is JobStatus.INTERRUPTED
     assert "cannot follow the job" in (job.reason or "") and "workers.json" in (job.reason or "")
+
+
+def test_a_worker_used_by_queued_jobs_is_not_removed_and_a_vanished_one_fails_its_jobs(
+    service: TrainingService, home: Path
+) -> None:
+    queued = _submit(service, "aimed", "worker:box")
+    with running(create_app(service)) as base:
+        refused = httpx.delete(f"{base}{API_PREFIX}/workers/box", timeout=10)
+    assert refused.status_code == 409 and refused.json()["detail"]["jobs"] == [queued]
+    assert "cancel them" in refused.json()["detail"]["hint"]
+    with pytest.raises(WorkerBusy, match=queued):
+        remove_worker(WorkerRegistry(home), service.store, "box")
+    service.scheduler.tick()
+    assert _status(service, queued) is JobStatus.QUEUED  # box does not answer: the job waits for it
+
+    WorkerRegistry(home).remove("box")  # behind the scheduler's back (an edited workers.json)
+    service.scheduler.tick()
+    job = service.store.get(queued)
+    assert job.status is JobStatus.FAILED, job.reason
+    assert "'box' is not registered any more" in (job.reason or "") and "--name box" in (job.reason or "")
+    with pytest.raises(WorkerNotFound, match="not registered any more"):
+        service.resume(queued)  # refused at once, rather than queued with no worker to take it
+    assert _status(service, queued) is JobStatus.FAILED

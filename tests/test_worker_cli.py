@@ -79,17 +79,20 @@ def test_worker_prints_where_it_serves_and_the_workers_commands_manage_the_regis
         )
         assert added.returncode == 0, added.stderr
         assert "online, CPU" in added.stdout and f"worker:127.0.0.1-{port}" in added.stderr
-        again = _cli(
+        name = f"127.0.0.1-{port}"
+        renamed = _cli(
             "workers", "add", f"http://127.0.0.1:{port}", "--name", "box", "--home", client, stdin=token
         )
-        assert again.returncode == 0, again.stderr  # same URL: renamed, not duplicated
+        assert renamed.returncode == 2 and f"already registered as '{name}'" in renamed.stderr
+        again = _cli("workers", "add", f"http://127.0.0.1:{port}", "--home", client, stdin=token)
+        assert again.returncode == 0 and again.stdout.startswith(f"updated the token of {name} ")
         listed = _cli("workers", "list", "--json", "--home", client)
         rows = json.loads(listed.stdout)
-        assert [(r["name"], r["state"], r["gpu"]) for r in rows] == [("box", "online", "CPU")]
+        assert [(r["name"], r["state"], r["gpu"]) for r in rows] == [(name, "online", "CPU")]
         assert token not in listed.stdout and token not in _cli("workers", "list", "--home", client).stdout
-        assert _cli("workers", "remove", "box", "--home", client).returncode == 0
-        gone = _cli("workers", "remove", "box", "--home", client)
-        assert gone.returncode == 2 and "no worker named 'box'" in gone.stderr
+        assert _cli("workers", "remove", name, "--home", client).returncode == 0
+        gone = _cli("workers", "remove", name, "--home", client)
+        assert gone.returncode == 2 and f"no worker named '{name}'" in gone.stderr
     finally:
         proc.terminate()
         proc.wait(15)

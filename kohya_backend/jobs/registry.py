@@ -33,6 +33,10 @@ class WorkerNotFound(TrainManagementError):
     """No worker of this name is registered."""
 
 
+class WorkerConflict(TrainManagementError):
+    """Adding this worker would rename or replace another registered one."""
+
+
 @dataclass(frozen=True)
 class WorkerEntry:
     """One registered worker; `token` never leaves this process except to its own worker."""
@@ -77,6 +81,29 @@ def _check_token(token: object) -> str:
             "the worker token is empty or contains spaces", "paste the token from the worker's token file"
         )
     return token.strip()
+
+
+def _name_for(
+    url: str, wanted: str | None, default: str, same_url: dict[str, Any] | None, workers: list[dict[str, Any]]
+) -> str:
+    """The name a worker at `url` gets: its registered one (renaming is refused), else `wanted` or `default`."""
+    if same_url is not None:
+        current = str(same_url.get("name"))
+        if wanted is not None and wanted != current:
+            raise WorkerConflict(
+                f"the worker at {url} is already registered as {current!r}; it keeps that name",
+                f"to rename it, remove it (`workers remove {current}`, once no job uses it) and add it again "
+                f"as {wanted!r}; to update its token, add it again without a name",
+            )
+        return current
+    name = wanted or default
+    taken = next((w for w in workers if w.get("name") == name), None)
+    if taken is not None and wanted is None:
+        raise WorkerConflict(
+            f"a worker named {name!r} is already registered, at {taken.get('url')}",
+            "give this one another name, or name it explicitly to move that worker to this URL",
+        )
+    return name
 
 
 class WorkerRegistry:
@@ -168,22 +195,33 @@ class WorkerRegistry:
             return str(data["client_id"])
 
     def add(self, url: str, token: str, *, name: str | None = None) -> WorkerEntry:
-        """Register (or update: same name or same URL) a worker; returns the entry (token inside, never shown)."""
+        """Register a worker, or update one: its token (same URL) or its URL (same name, given explicitly).
+
+        A registered URL keeps its name (jobs refer to workers by name): re-adding it under another name is
+        refused (WorkerConflict), as is a name that would replace a worker at another URL without being asked for.
+        Returns the entry (token inside, never shown).
+        """
         clean_url = normalize_worker_url(url)
         clean_token = _check_token(token)
         try:
-            clean_name = validate_worker_name(name) if name else default_worker_name(clean_url)
+            wanted = validate_worker_name(name) if name else None
+            default = default_worker_name(clean_url)
         except InvalidName as exc:
             raise TrainManagementError(exc.message, exc.hint) from exc
         with self._file_lock():
             data = dict(self._load())
-            kept = [
-                w
-                for w in data.get("workers") or []
-                if w.get("name") != clean_name and w.get("url") != clean_url
-            ]
-            entry = WorkerEntry(clean_name, clean_url, clean_token, time.time())
-            data["workers"] = [*kept, {**entry.public(), "token": entry.token}]
+            workers = [w for w in data.get("workers") or [] if isinstance(w, dict)]
+            same_url = next((w for w in workers if w.get("url") == clean_url), None)
+            clean_name = _name_for(clean_url, wanted, default, same_url, workers)
+            old = next((w for w in workers if w.get("name") == clean_name), None)
+            added_at = (
+                float(old["added_at"])
+                if old and isinstance(old.get("added_at"), (int, float))
+                else time.time()
+            )
+            entry = WorkerEntry(clean_name, clean_url, clean_token, added_at)
+            row = {**entry.public(), "token": entry.token}
+            data["workers"] = [row if w is old else w for w in workers] if old else [*workers, row]
             data.setdefault("client_id", secrets.token_hex(8))
             self._save(data)
         return entry

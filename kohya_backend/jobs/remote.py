@@ -15,7 +15,7 @@ from typing import Any
 
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs.pool import WorkerPool
-from kohya_backend.jobs.registry import WorkerRegistry
+from kohya_backend.jobs.registry import WorkerEntry, WorkerNotFound, WorkerRegistry
 from kohya_backend.jobs.remote_session import RUNNER_NAME, RemoteOptions, RemoteSession
 from kohya_backend.jobs.runner import (
     RESULT_NAME,
@@ -25,7 +25,8 @@ from kohya_backend.jobs.runner import (
     read_json,
     write_json_atomic,
 )
-from kohya_backend.jobs.store import Job
+from kohya_backend.jobs.states import JobStatus
+from kohya_backend.jobs.store import Job, JobStore
 from kohya_backend.jobs.transfer import HASH_CACHE_NAME, HashCache
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,46 @@ def _target(instance_type: str) -> _Target:
 
 def _device(worker: str) -> str:
     return f"{PREFIX}{worker}"
+
+
+class WorkerBusy(TrainManagementError):
+    """Queued or running jobs still use this worker, so it cannot be removed; `job_ids` lists them."""
+
+    def __init__(self, message: str, hint: str | None, job_ids: list[str]) -> None:
+        super().__init__(message, hint)
+        self.job_ids = job_ids
+
+
+def jobs_using_worker(store: JobStore, name: str) -> list[str]:
+    """Ids of the queued and running jobs aimed at worker `name`, or (sent through the pool) running there."""
+    wanted = [JobStatus.QUEUED, *JobStatus.active()]
+    found: list[str] = []
+    offset = 0
+    while True:
+        page, total = store.list(status=wanted, offset=offset, limit=1000, newest_first=False)
+        for job in page:
+            running_there = job.instance_type == POOL and job.status is not JobStatus.QUEUED
+            if job.instance_type == _device(name) or (
+                running_there and (read_json(job.folder / RUN_NAME) or {}).get("worker") == name
+            ):
+                found.append(job.id)
+        offset += len(page)
+        if not page or offset >= total:
+            return found
+
+
+def remove_worker(registry: WorkerRegistry, store: JobStore, name: str) -> None:
+    """Forget worker `name`; WorkerBusy (with the job ids) while queued or running jobs use it."""
+    registry.require(name)
+    busy = jobs_using_worker(store, name)
+    if busy:
+        shown = ", ".join(busy[:10]) + (f" and {len(busy) - 10} more" if len(busy) > 10 else "")
+        raise WorkerBusy(
+            f"worker {name!r} is still used by {len(busy)} queued or running job(s): {shown}",
+            "cancel them (or wait until they end), then remove the worker",
+            busy,
+        )
+    registry.remove(name)
 
 
 class RemoteRunner:
@@ -91,7 +132,7 @@ class RemoteRunner:
         """Refuse an instance type naming no registered worker (or the pool while none is registered)."""
         target = _target(instance_type)
         if target.worker is not None:
-            self.registry.require(target.worker)
+            self._registered(target.worker)
         elif not self.registry.entries():
             raise TrainManagementError(
                 "no remote worker is registered", "add one (Settings, `workers add URL`, or --train-worker)"
@@ -120,9 +161,10 @@ class RemoteRunner:
             return self.pool.can_take(name, job.fm_type, job.params, own.get(name, 0))
 
         if target.worker is not None:
-            refused = target.worker in states and states[target.worker].state == "unauthorized"
-            # A refused token fails the job with that message, rather than keeping it queued forever.
-            return _device(target.worker) if fits(target.worker) or refused else None
+            gone = target.worker not in states
+            refused = not gone and states[target.worker].state == "unauthorized"
+            # A removed worker or a refused token fails the job (start says why), rather than keeping it queued.
+            return _device(target.worker) if gone or refused or fits(target.worker) else None
         previous = (read_json(job.folder / RUN_NAME) or {}).get("worker")
         if isinstance(previous, str) and previous in states and states[previous].state in ("online", "busy"):
             return _device(previous) if fits(previous) else None
@@ -139,7 +181,7 @@ class RemoteRunner:
             raise TrainManagementError(
                 f"job {job.id}: no worker chosen (device {device!r})", "resume the job"
             )
-        entry = self.registry.require(device[len(PREFIX) :])
+        entry = self._registered(device[len(PREFIX) :])
         (job.folder / RESULT_NAME).unlink(missing_ok=True)  # a previous run's outcome is not this one's
         record = read_json(job.folder / RUN_NAME) or {}
         if record.get("runner") != RUNNER_NAME:
@@ -147,6 +189,18 @@ class RemoteRunner:
         record.update(worker=entry.name, resume=resume)
         write_json_atomic(job.folder / RUN_NAME, record)
         return self._launch(job, entry.name, resume=resume)
+
+    def _registered(self, name: str) -> WorkerEntry:
+        """The worker `name`; WorkerNotFound saying what to do when it was removed (or renamed) meanwhile."""
+        entry = self.registry.get(name)
+        if entry is None:
+            known = [POOL, *(_device(e.name) for e in self.registry.entries())]
+            raise WorkerNotFound(
+                f"worker {name!r} is not registered any more (removed, or added again under another name)",
+                f"add it again as {name!r} (`workers add URL --name {name}`), or submit the job again to one of: "
+                + ", ".join(known),
+            )
+        return entry
 
     def _launch(self, job: Job, worker: str, *, resume: bool) -> RunHandle:
         session = RemoteSession(
@@ -185,15 +239,12 @@ class RemoteRunner:
             session.cancel_requested.set()
 
     def attach(self, job: Job) -> RunHandle | None:
-        """After a restart: follow the job again on the worker run.json names (None if it is not registered)."""
+        """After a restart: follow the job again on the worker run.json names (None when it never got one)."""
         record = read_json(job.folder / RUN_NAME) or {}
         worker = record.get("worker")
-        if (
-            record.get("runner") != RUNNER_NAME
-            or not isinstance(worker, str)
-            or self.registry.get(worker) is None
-        ):
+        if record.get("runner") != RUNNER_NAME or not isinstance(worker, str):
             return None
+        self._registered(worker)  # a worker removed meanwhile: the scheduler interrupts the job with why
         return self._launch(job, worker, resume=False)
 
     def close(self) -> None:

@@ -500,6 +500,10 @@ class Scheduler:
 
     def resume(self, job_id: str) -> Job:
         """Queue an interrupted, failed or cancelled job again; its trainer continues from the newest saved state."""
+        instance_type = self.store.get(job_id).instance_type
+        runner = self.runner_for(instance_type)
+        if isinstance(runner, PlacingRunner):  # e.g. its worker was removed: say so now, not stay queued
+            runner.check_instance_type(instance_type)
         job = self.store.transition(
             job_id, JobStatus.QUEUED, "resume requested", expect=JobStatus.resumable()
         )

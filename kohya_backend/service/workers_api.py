@@ -13,13 +13,10 @@ from fastapi import APIRouter, HTTPException, Response
 from pydantic import BaseModel, Field
 
 from kohya_backend.errors import TrainManagementError
-from kohya_backend.jobs.registry import WorkerNotFound
-from kohya_backend.jobs.remote import RUNNER_NAME, RemoteRunner
+from kohya_backend.jobs.registry import WorkerConflict, WorkerNotFound
+from kohya_backend.jobs.remote import RUNNER_NAME, RemoteRunner, WorkerBusy
+from kohya_backend.jobs.remote import remove_worker as remove_registered
 from kohya_backend.service.training import TrainingService
-
-
-class WorkerBusy(TrainManagementError):
-    """A worker still runs jobs of this host, so it cannot be removed."""
 
 
 class WorkerRequest(BaseModel):
@@ -49,16 +46,8 @@ def add_worker(service: TrainingService, url: str, token: str, name: str | None 
 
 
 def remove_worker(service: TrainingService, name: str) -> None:
-    """Forget a worker; refused while jobs of this host run there (cancel them first)."""
-    runner = remote_runner(service)
-    runner.registry.require(name)
-    busy = {w["name"]: w["jobs_here"] for w in runner.workers()}
-    if busy.get(name):
-        raise WorkerBusy(
-            f"worker {name!r} still runs {busy[name]} job(s) of this host",
-            "cancel them (or wait until they end), then remove the worker",
-        )
-    runner.registry.remove(name)
+    """Forget a worker; refused (WorkerBusy, with the job ids) while queued or running jobs use it."""
+    remove_registered(remote_runner(service).registry, service.store, name)
 
 
 @contextmanager
@@ -66,8 +55,11 @@ def _http_errors() -> Iterator[None]:
     try:
         yield
     except TrainManagementError as exc:
-        status = 404 if isinstance(exc, WorkerNotFound) else 409 if isinstance(exc, WorkerBusy) else 400
-        detail = {"error": type(exc).__name__, "message": exc.message, "hint": exc.hint}
+        conflict = isinstance(exc, (WorkerBusy, WorkerConflict))
+        status = 404 if isinstance(exc, WorkerNotFound) else 409 if conflict else 400
+        detail: dict[str, Any] = {"error": type(exc).__name__, "message": exc.message, "hint": exc.hint}
+        if isinstance(exc, WorkerBusy):
+            detail["jobs"] = exc.job_ids
         raise HTTPException(status_code=status, detail=detail) from exc
 
 

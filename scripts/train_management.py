@@ -4,6 +4,8 @@ Thin by design: it looks up the WebUI's objects (folders, checkpoint and Lora fo
 model unloading, Lora list refresh) and hands them to kohya_backend.host, where the logic lives and is tested
 without a WebUI. The WebUI executes this file again on every "Reload UI"; kohya_backend.host.runtime keeps the
 services, and the one scheduler thread, for the life of the process. Nothing heavy is imported at load time.
+On a WebUI reachable from the network it follows the WebUI's disable_extension_access rule
+(kohya_backend/host/exposure.py): no REST API without credentials, no worker changes in the tab without a login.
 """
 
 import importlib.util
@@ -117,17 +119,29 @@ def _service():
     )
 
 
+def _access_disabled():
+    """AUTOMATIC1111's rule: reachable from the network without --enable-insecure-extension-access."""
+    from modules import shared
+
+    from kohya_backend.host.exposure import extension_access_disabled
+
+    return extension_access_disabled(shared.cmd_opts)
+
+
 def on_ui_tabs():
     from modules import shared
 
     from kohya_backend.host import hooks
+    from kohya_backend.host.exposure import workers_refusal
     from kohya_backend.host.runtime import RUNTIME
     from kohya_backend.ui.hooks import UiHooks
     from kohya_backend.ui.tab import ELEM_ID, create_tab
 
     service = _service()
     interrogate = hooks.interrogate_hook(getattr(shared, "interrogator", None), _queue_lock())
-    blocks = create_tab(service, RUNTIME.datasets, UiHooks(interrogate=interrogate))
+    login = bool(_cmd("gradio_auth") or _cmd("gradio_auth_path"))
+    locked = workers_refusal(_access_disabled(), login, service.home.root)
+    blocks = create_tab(service, RUNTIME.datasets, UiHooks(interrogate=interrogate, workers_locked=locked))
     return [(blocks, TITLE, ELEM_ID)]
 
 
@@ -164,13 +178,19 @@ def on_ui_settings():
 
 def on_app_started(demo, app):
     from kohya_backend.host.auth import webui_credentials
+    from kohya_backend.host.exposure import api_refusal
     from kohya_backend.host.mount import mount_api
     from kohya_backend.host.runtime import RUNTIME
     from kohya_backend.host.workers import register_flag_workers
+    from kohya_backend.service.api import API_PREFIX
 
     service = _service()
     users = webui_credentials(_cmd("api_auth"), _cmd("gradio_auth"), _cmd("gradio_auth_path"))
-    mount_api(app, service, users)
+    closed = api_refusal(_access_disabled(), bool(users), API_PREFIX)
+    if closed:
+        print(closed, file=sys.stderr)
+    else:
+        mount_api(app, service, users)
     if RUNTIME.start():
         _, problem = _trainer_python()
         if problem:

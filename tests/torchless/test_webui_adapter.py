@@ -77,7 +77,7 @@ def test_scripts_load_by_the_webui_rules_and_register_tab_and_settings(tmp_path:
         assert shared.cmd_opts.train_python == sys.executable  # preload.py's flag reached the parser
 
 
-def test_folders_map_to_the_webuis_and_the_api_is_open_without_auth(tmp_path: Path) -> None:
+def test_folders_map_to_the_webuis_and_the_api_is_open_on_a_local_webui_without_auth(tmp_path: Path) -> None:
     data = tmp_path / "webui"
     config = {"train_management_lora_subfolder": "trained"}
     with running_webui(data, TRAINER, config=config) as ui:
@@ -97,6 +97,70 @@ def test_folders_map_to_the_webuis_and_the_api_is_open_without_auth(tmp_path: Pa
             i.name for i in sd_models.checkpoints_list.values()
         ]
         assert httpx.get(f"{ui.url}{API_PREFIX}/trainings", timeout=30).json()["total"] == 0
+
+
+def _clicked(demo: Any, elem_id: str) -> Any:
+    """The callback a click on `elem_id` runs first (gradio 3.41 lists events, 4.x keys them by id)."""
+    block_id = _block(demo, elem_id)._id
+    if isinstance(demo.fns, dict):
+        return next(f.fn for f in demo.fns.values() if (block_id, "click") in [tuple(t) for t in f.targets])
+    return next(f.fn for f, d in zip(demo.fns, demo.dependencies) if block_id in d["targets"])
+
+
+NETWORK_FLAGS = {"listen": ["--listen"], "share": ["--share"], "server-name": ["--server-name", "0.0.0.0"]}
+
+
+@pytest.mark.parametrize("flags", list(NETWORK_FLAGS.values()), ids=list(NETWORK_FLAGS))
+def test_on_the_network_without_credentials_the_api_and_worker_changes_stay_closed(
+    tmp_path: Path, flags: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kohya_backend.jobs.registry import WorkerRegistry
+
+    with running_webui(tmp_path / "webui", [*flags, *TRAINER]) as ui:
+        from modules import shared
+
+        assert shared.cmd_opts.disable_extension_access is True  # the WebUI's own rule
+        assert RUNTIME.service is not None
+        home = RUNTIME.service.home.root
+        assert httpx.get(f"{ui.url}{API_PREFIX}/trainings", timeout=30).status_code == 404  # not mounted
+        sent = httpx.post(
+            f"{ui.url}{API_PREFIX}/workers", json={"url": "http://evil:1", "token": "t"}, timeout=30
+        )
+        assert sent.status_code in (404, 405)
+        printed = capsys.readouterr().err
+        assert f"its REST API ({API_PREFIX}) is not mounted" in printed
+        assert "--api-auth user:password" in printed and "--enable-insecure-extension-access" in printed
+        add = _clicked(ui.demo, "train_management_worker_add")
+        message, token = add("http://127.0.0.1:9", "a-worker-token", "")
+        assert message.startswith("❌ Adding and removing workers in the tab is turned off") and token == ""
+        assert "--gradio-auth user:password" in message and f"workers add URL --home {home}" in message
+        assert _clicked(ui.demo, "train_management_worker_remove")("any").startswith("❌ Adding and removing")
+        assert WorkerRegistry(home).entries() == []
+        assert "⚠️ Adding and removing workers" in _block(ui.demo, "train_management_workers_intro").value
+
+
+def test_on_the_network_credentials_or_the_webuis_opt_in_open_them(tmp_path: Path) -> None:
+    with running_webui(tmp_path / "webui", ["--listen", "--api-auth", "alice:wonder", *TRAINER]) as ui:
+        url = f"{ui.url}{API_PREFIX}/trainings"
+        assert httpx.get(url, timeout=30).status_code == 401
+        assert httpx.get(url, auth=("alice", "wonder"), timeout=30).status_code == 200
+        message, _ = _clicked(ui.demo, "train_management_worker_add")("ftp://x", "t", "")
+        assert "turned off" in message  # --api-auth guards the API, not the page: the tab stays locked
+    with running_webui(tmp_path / "webui2", ["--listen", "--gradio-auth", "bob:builder", *TRAINER]) as ui:
+        assert (
+            httpx.get(f"{ui.url}{API_PREFIX}/trainings", auth=("bob", "builder"), timeout=30).status_code
+            == 200
+        )
+        message, _ = _clicked(ui.demo, "train_management_worker_add")("ftp://x", "t", "")
+        assert "The worker was not added" in message and "http:// or https://" in message  # the tab may add
+    argv = ["--listen", "--enable-insecure-extension-access", *TRAINER]
+    with running_webui(tmp_path / "webui3", argv) as ui:
+        from modules import shared
+
+        assert shared.cmd_opts.disable_extension_access is False
+        assert httpx.get(f"{ui.url}{API_PREFIX}/trainings", timeout=30).status_code == 200
+        message, _ = _clicked(ui.demo, "train_management_worker_add")("ftp://x", "t", "")
+        assert "The worker was not added" in message
 
 
 @pytest.mark.parametrize("auth_flag", ["--api-auth", "--gradio-auth"])

@@ -174,3 +174,25 @@ def test_the_runtime_builds_once_starts_once_and_rebuilds_for_new_folders(tmp_pa
         runtime.reset()
     assert local_devices(("cuda:0", "cuda:2"), 2) == {"cuda:0": 2, "cuda:2": 2}
     assert local_devices((), 0) == {"cpu": 1}
+
+
+def test_extension_access_follows_the_webuis_flag_or_its_rule() -> None:
+    from types import SimpleNamespace
+
+    from kohya_backend.host.exposure import api_refusal, extension_access_disabled, workers_refusal
+
+    assert extension_access_disabled(SimpleNamespace(disable_extension_access=True, listen=False)) is True
+    assert extension_access_disabled(SimpleNamespace(disable_extension_access=False, listen=True)) is False
+    # A build that does not set it: computed the WebUI's way.
+    assert extension_access_disabled(SimpleNamespace(listen=True)) is True
+    assert extension_access_disabled(SimpleNamespace(server_name="0.0.0.0")) is True
+    assert (
+        extension_access_disabled(SimpleNamespace(share=True, enable_insecure_extension_access=True)) is False
+    )
+    assert extension_access_disabled(SimpleNamespace()) is False
+    assert api_refusal(False, False, "/p") is None and api_refusal(True, True, "/p") is None
+    assert "REST API (/p) is not mounted" in (api_refusal(True, False, "/p") or "")
+    assert (
+        workers_refusal(False, False, Path("/h")) is None and workers_refusal(True, True, Path("/h")) is None
+    )
+    assert "--home /h" in (workers_refusal(True, False, Path("/h")) or "")

@@ -18,4 +18,14 @@ def make_parser():
         "--nowebui", action="store_true", help="use api=True to launch the API instead of the UI"
     )
     parser.add_argument("--skip-install", action="store_true", help="skip installation of packages")
+    # Parsed for shared_init's disable_extension_access; the stand-in still serves on 127.0.0.1 only.
+    parser.add_argument("--listen", action="store_true", help="launch gradio with 0.0.0.0 as server name")
+    parser.add_argument("--server-name", type=str, default=None, help="sets hostname of server")
+    parser.add_argument("--share", action="store_true", help="use share=True for gradio")
+    parser.add_argument("--ngrok", type=str, default=None, help="ngrok authtoken")
+    parser.add_argument(
+        "--enable-insecure-extension-access",
+        action="store_true",
+        help="enable extensions tab regardless of other options",
+    )
     return parser

@@ -1,0 +1,51 @@
+"""When the WebUI is reachable from the network, what the extension keeps closed: AUTOMATIC1111's own rule.
+
+AUTOMATIC1111 1.10 and Forge set `cmd_opts.disable_extension_access` when the UI listens beyond this machine
+(--listen, --server-name, --share, --ngrok) unless --enable-insecure-extension-access is given, and then refuse
+to install extensions from the UI. The extension follows that rule for what would let a stranger make this machine
+send its checkpoints and datasets anywhere (registering a worker) or delete jobs and datasets: without
+credentials the REST API is not mounted, and without a login on the UI the tab does not add or remove workers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+NETWORK_FLAGS = ("share", "listen", "ngrok", "server_name")
+_ENABLE = "--enable-insecure-extension-access if you trust everyone who can reach this machine"
+_REACHABLE = "the WebUI is reachable from the network (--listen, --server-name or --share)"
+
+
+def extension_access_disabled(cmd_opts: Any) -> bool:
+    """The WebUI's `disable_extension_access`; computed the WebUI's way when a build does not set it."""
+    value = getattr(cmd_opts, "disable_extension_access", None)
+    if value is not None:
+        return bool(value)
+    reachable = any(getattr(cmd_opts, flag, None) for flag in NETWORK_FLAGS)
+    return reachable and not getattr(cmd_opts, "enable_insecure_extension_access", False)
+
+
+def api_refusal(access_disabled: bool, has_credentials: bool, prefix: str) -> str | None:
+    """Why the REST API is not mounted (None: mount it), with how to enable it."""
+    if not access_disabled or has_credentials:
+        return None
+    return (
+        f"Train Management: {_REACHABLE} without --api-auth or --gradio-auth, so its REST API ({prefix}) is "
+        "not mounted: anyone on the network could register a worker and have this machine send your "
+        "checkpoints and datasets to it, or delete jobs and datasets. To enable it, pass --api-auth "
+        f"user:password (the API then asks for those credentials), or {_ENABLE}."
+    )
+
+
+def workers_refusal(access_disabled: bool, has_ui_login: bool, home: Path) -> str | None:
+    """Why the tab may not add or remove remote workers (None: it may), with how to enable it."""
+    if not access_disabled or has_ui_login:
+        return None
+    return (
+        f"Adding and removing workers in the tab is turned off: {_REACHABLE} without a login, so anyone who "
+        "can open this page could have this machine send your checkpoints and datasets to any address. To "
+        f"enable it, start the WebUI with --gradio-auth user:password, or {_ENABLE}. On this machine, "
+        f"`python -m kohya_backend workers add URL --home {home}` (or --train-worker URL with "
+        "--train-worker-token-file FILE) adds workers meanwhile."
+    )

@@ -48,24 +48,33 @@ def _rows(actions: WorkersActions) -> list[list[str]]:
 def test_add_check_list_choose_and_remove_a_worker(service: TrainingService, worker_url: str) -> None:
     actions = WorkersActions(service)
     message, token_field = actions.add(worker_url, "not-the-token", "")
-    port = worker_url.rsplit(":", 1)[1]
-    assert message.startswith(f"✅ Added worker **127.0.0.1-{port}**") and "unauthorized" in message
+    name = f"127.0.0.1-{worker_url.rsplit(':', 1)[1]}"
+    assert message.startswith(f"✅ Added worker **{name}**") and "unauthorized" in message
     assert "refused the token" in message and token_field == ""
-    message, token_field = actions.add(f" {worker_url}/ ", TOKEN, "gpu1")
-    assert "Added worker **gpu1**" in message and ": online, CPU." in message and token_field == ""
+    message, token_field = actions.add(f" {worker_url}/ ", TOKEN, "")  # the same URL: its token is updated
+    assert f"Added worker **{name}**" in message and ": online, CPU." in message and token_field == ""
     assert TOKEN not in message
-    assert [e.name for e in WorkerRegistry(service.home.root).entries()] == ["gpu1"]  # same URL: replaced
+    conflict, _ = actions.add(worker_url, TOKEN, "gpu1")  # the registry's own rule, shown as it words it
+    assert conflict.startswith("❌ **The worker was not added.**") and "already registered" in conflict
+    assert [e.name for e in WorkerRegistry(service.home.root).entries()] == [name]
 
     remote_runner(service).pool.refresh()  # what the pool's thread does every few seconds
     [row] = _rows(actions)
-    assert row[:3] == ["gpu1", "online", "CPU"] and row[3].endswith(" GiB") and row[4] == worker_url
+    assert row[:3] == [name, "online", "CPU"] and row[3].endswith(" GiB") and row[4] == worker_url
     assert TOKEN not in repr(actions.refresh(None))
     choices = CreateJobActions(service, UiHooks()).instance_choices("local")["choices"]
-    assert "worker gpu1: CPU, online [worker:gpu1]" in choices
+    assert f"worker {name}: CPU, online [worker:{name}]" in choices
 
-    assert "❌ **The worker was not removed.**" in actions.remove("nope") and "gpu1" in actions.remove("nope")
-    assert actions.remove("gpu1") == "Removed worker **gpu1**: it is no longer a Training Instance Type."
-    assert _rows(actions) == [] and actions.refresh("gpu1")[1]["choices"] == []
+    job = service.scheduler.submit(
+        fm_type="sd_1_5", model="m.safetensors", dataset="d", instance_type=f"worker:{name}",
+        output_name="o", config_toml="", params={},
+    )  # fmt: skip
+    busy = actions.remove(name)
+    assert busy.startswith("❌ **The worker was not removed.**") and job.id in busy
+    service.scheduler.cancel(job.id)
+    assert "❌ **The worker was not removed.**" in actions.remove("nope") and name in actions.remove("nope")
+    assert actions.remove(name) == f"Removed worker **{name}**: it is no longer a Training Instance Type."
+    assert _rows(actions) == [] and actions.refresh(name)[1]["choices"] == []
     assert actions.remove(None) == "Choose the worker to remove."
 
 

@@ -10,19 +10,24 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-from remote_support import TOKEN, running
+from remote_support import TOKEN, WorkerThread, running
 
 from kohya_backend.assets.demo import prepare_demo
 from kohya_backend.jobs.registry import WorkerNotFound, WorkerRegistry
-from kohya_backend.jobs.remote import WorkerBusy, remove_worker
-from kohya_backend.jobs.runner import RUN_NAME, write_json_atomic
+from kohya_backend.jobs.remote import RemoteRunner, WorkerBusy, remove_worker
+from kohya_backend.jobs.remote_session import RemoteOptions
+from kohya_backend.jobs.runner import RUN_NAME, LocalRunner, write_json_atomic
+from kohya_backend.jobs.scheduler import Scheduler
 from kohya_backend.jobs.states import JobStatus
+from kohya_backend.jobs.store import Job, JobStore
 from kohya_backend.service.api import API_PREFIX
 from kohya_backend.service.app import build_service, create_app
 from kohya_backend.service.training import Submission, TrainingService
+from kohya_backend.service.worker import build_worker
 
 MODEL = "demo-sd_1_5.safetensors"
 CONFIG = (
@@ -124,3 +129,65 @@ def test_a_worker_used_by_queued_jobs_is_not_removed_and_a_vanished_one_fails_it
     with pytest.raises(WorkerNotFound, match="not registered any more"):
         service.resume(queued)  # refused at once, rather than queued with no worker to take it
     assert _status(service, queued) is JobStatus.FAILED
+
+
+class CountingStore(JobStore):
+    """The real store, counting how often the scheduler lists the queue (its per-tick cost)."""
+
+    queue_listings = 0
+
+    def list(self, *args: Any, **kwargs: Any) -> tuple[list[Job], int]:  # type: ignore[override]
+        if kwargs.get("status") == [JobStatus.QUEUED] and kwargs.get("limit", 0) > 1:
+            self.queue_listings += 1
+        return super().list(*args, **kwargs)
+
+
+def test_with_no_free_slot_and_no_worker_with_room_the_queue_is_not_listed(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    store = CountingStore(home)
+    remote = RemoteRunner.for_home(home, options=RemoteOptions(lost_after_s=1, events_wait_s=1))
+    sleeper = LocalRunner((sys.executable, "-c", "import time; time.sleep(60)"))  # holds the only slot
+    scheduler = Scheduler(store, [sleeper, remote], devices={"cpu": 1}, poll_interval_s=0.1)
+
+    def submit(name: str, instance: str = "local") -> str:
+        return scheduler.submit(
+            fm_type="sd_1_5", model="m.safetensors", dataset="d", instance_type=instance,
+            output_name=name, config_toml="", params={},
+        ).id  # fmt: skip
+
+    try:
+        running_id = submit("running")
+        scheduler.tick()
+        assert store.get(running_id).status is JobStatus.PREPARING
+        waiting = submit("waiting")
+        scheduler.tick()  # the first look at the (empty) worker list
+        store.queue_listings = 0
+        for _ in range(5):
+            scheduler.tick()
+        assert store.queue_listings == 0 and store.get(waiting).status is JobStatus.QUEUED
+
+        worker = build_worker(tmp_path / "worker", devices={"cpu": 1})
+        with WorkerThread(worker) as served:  # a worker with a free slot: remote jobs go, local ones wait
+            remote.registry.add(served.url, TOKEN, name="w")
+            remote.pool.refresh()
+            aimed = submit("aimed", "worker:w")
+            scheduler.tick()
+            assert store.get(aimed).status is not JobStatus.QUEUED and store.queue_listings > 0
+            assert store.get(waiting).status is JobStatus.QUEUED
+            scheduler.stop()  # before the worker goes
+    finally:
+        _cancel_all(scheduler, store)
+
+
+def _cancel_all(scheduler: Scheduler, store: JobStore) -> None:
+    """Cancel every queued or running job and tick until their (sleeping) trainers are gone."""
+    unsettled = [JobStatus.QUEUED, *JobStatus.active()]
+    deadline = time.monotonic() + 30
+    while store.list(status=unsettled, limit=1)[1] and time.monotonic() < deadline:
+        for job in store.list(status=unsettled, limit=50)[0]:
+            if job.status is not JobStatus.CANCELLING:
+                scheduler.cancel(job.id)
+        scheduler.tick()
+        time.sleep(0.1)
+    scheduler.stop()
+    assert store.list(status=unsettled, limit=1)[1] == 0

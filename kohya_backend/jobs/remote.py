@@ -116,6 +116,7 @@ class RemoteRunner:
         self._sessions: dict[str, RemoteSession] = {}
         self._lock = threading.Lock()
         self._last_warning = ""
+        self._names_seen: frozenset[str] | None = None
 
     @classmethod
     def for_home(
@@ -172,6 +173,25 @@ class RemoteRunner:
             if fits(name):
                 return _device(name)
         return None
+
+    def may_place(self) -> bool:
+        """From the pool's cache: a worker answers with a free slot or refuses its token (its jobs then fail), or
+        the registered workers changed since the last look (jobs aimed at a removed one then fail)."""
+        try:
+            states = self.pool.states()
+        except TrainManagementError as exc:
+            self._warn_once(str(exc))
+            return False
+        names = frozenset(states)
+        if names != self._names_seen:
+            self._names_seen = names
+            return True
+        own = self._own_active()
+        return any(
+            state.state == "unauthorized"
+            or (state.state in ("online", "busy") and state.free_slots(own.get(name, 0)) > 0)
+            for name, state in states.items()
+        )
 
     # -- the Runner interface -----------------------------------------------------------------------------
 

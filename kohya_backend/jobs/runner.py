@@ -106,6 +106,10 @@ class PlacingRunner(Runner, Protocol):
         """The device (e.g. 'worker:gpu-box') the queued `job` starts on now, or None to keep it queued."""
         ...
 
+    def may_place(self) -> bool:
+        """Cheap, from what the runner already knows: False when place() would keep every queued job queued."""
+        ...
+
 
 def trainer_command(python: Sequence[str], job: Job, *, resume: bool) -> list[str]:
     """The command line that trains `job`: always kohya_backend's `train --job DIR`."""

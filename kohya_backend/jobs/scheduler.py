@@ -785,11 +785,20 @@ class Scheduler:
             runner = base if isinstance(base, PlacingRunner) else None
         return runner
 
+    def _may_place(self) -> bool:
+        """Whether a placing runner (remote workers) could start or settle a queued job now (no store query)."""
+        for runner in self.runners.values():
+            try:
+                if isinstance(runner, PlacingRunner) and runner.may_place():
+                    return True
+            except Exception:  # a runner's trouble must not stop the local jobs
+                log.exception("asking the %s runner for room failed", runner.name)
+        return False
+
     def _start_queued(self) -> None:
         free = self._free_slots()
-        placing = any(isinstance(r, PlacingRunner) for r in self.runners.values())
-        if not placing and not any(n > 0 for n in free.values()):
-            return
+        if not any(n > 0 for n in free.values()) and not self._may_place():
+            return  # nothing can start: the queue is not even listed
         queued, _total = self.store.list(status=[JobStatus.QUEUED], limit=_PAGE, newest_first=False)
         for job in queued:
             runner = self.runner_for(job.instance_type)

@@ -66,6 +66,8 @@ def _cmd_workers(args: argparse.Namespace) -> int:
         print(f"{what} {entry.name} ({entry.url}): {state.state}, {state.gpu_label()}")
         if state.error:
             print(f"  {state.error}", file=sys.stderr)
+        if entry.public()["warning"]:
+            print(f"warning: {entry.public()['warning']}", file=sys.stderr)
         print(f"instance type: worker:{entry.name}", file=sys.stderr)
         return 0
     if args.workers_command == "remove":
@@ -86,6 +88,8 @@ def _cmd_workers(args: argparse.Namespace) -> int:
     for row in rows:
         disk = f"{row['free_disk_gb']:.0f} GiB free" if row.get("free_disk_gb") else "disk ?"
         print(f"{row['name']:<20} {row['state']:<12} {row['gpu']:<32} {disk:<14} {row['url']}")
+        if row["warning"]:
+            print(f"warning: {row['name']}: {row['warning']}", file=sys.stderr)
     print(f"{len(rows)} worker(s)", file=sys.stderr)
     return 0
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from kohya_backend.jobs.registry import WorkerConflict, WorkerRegistry
+from kohya_backend.jobs.worker_protocol import plain_http_warning
 from kohya_backend.service.workers_api import WorkerRequest
 
 SECRET = "registry-secret-token-0123"
@@ -38,3 +39,22 @@ def test_a_registered_url_keeps_its_name_and_no_worker_is_replaced_silently(tmp_
         ("gpu-box-7870", "http://gpu-box:7870"),
         ("other", "http://other:7871"),
     ] and moved.name == "other"
+
+
+def test_a_token_sent_over_plain_http_off_this_machine_is_warned_about(tmp_path: Path) -> None:
+    for url in (
+        "http://gpu-box:7870",
+        "http://10.0.0.5:7870",
+        "http://[fd00::2]:7870",
+        "http://0.0.0.0:7870",
+    ):
+        warning = plain_http_warning(url)
+        assert warning is not None and "plain http" in warning and "TLS" in warning, url
+    for url in ("https://gpu-box", "http://127.0.0.1:7870", "http://127.8.9.1", "http://localhost:7870",
+                "http://[::1]:7870", "http://box.localhost:7870"):  # fmt: skip
+        assert plain_http_warning(url) is None, url
+    registry = WorkerRegistry(tmp_path)
+    far = registry.add("http://gpu-box:7870", SECRET).public()
+    assert far["warning"] == plain_http_warning("http://gpu-box:7870")
+    assert registry.add("https://gpu-box:8443", SECRET).public()["warning"] is None
+    assert "warning" not in (tmp_path / "workers.json").read_text()  # derived from the URL, never stored

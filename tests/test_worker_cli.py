@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -98,11 +99,17 @@ def test_worker_prints_where_it_serves_and_the_workers_commands_manage_the_regis
         proc.wait(15)
 
 
-def test_ensure_worker_registers_from_a_token_file_for_the_webui_flags(tmp_path: Path) -> None:
+def test_ensure_worker_registers_from_a_token_file_for_the_webui_flags(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     token_file = tmp_path / "token.txt"
     token_file.write_text("the-token-from-the-worker\n")
-    entry = ensure_worker(tmp_path / "home", "http://gpu-box:7870", token_file=token_file)
-    assert entry == {"name": "gpu-box-7870", "url": "http://gpu-box:7870", "added_at": entry["added_at"]}
+    with caplog.at_level(logging.WARNING):
+        entry = ensure_worker(tmp_path / "home", "http://gpu-box:7870", token_file=token_file)
+    assert {k: entry[k] for k in ("name", "url")} == {"name": "gpu-box-7870", "url": "http://gpu-box:7870"}
+    assert (
+        "plain http" in entry["warning"] and entry["warning"] in caplog.text
+    )  # the WebUI's console shows it
     token_file.write_text("a-new-token-after-a-restart\n")
     ensure_worker(tmp_path / "home", "http://gpu-box:7870/", token_file=token_file)
     registry = WorkerRegistry(tmp_path / "home")
@@ -150,3 +157,17 @@ def test_jobs_submit_sends_a_job_to_a_worker_with_instance_type(tmp_path: Path) 
         json.loads(_cli("jobs", "show", here.stdout.strip(), "--home", str(home)).stdout)["instance_type"]
         == "local"
     )
+
+
+def test_workers_add_warns_when_the_token_would_travel_over_plain_http(tmp_path: Path) -> None:
+    home = str(tmp_path / "client")
+    added = _cli(
+        "workers", "add", "http://gpu-box.invalid:7870", "--home", home, stdin="a-worker-token-0123\n"
+    )
+    assert added.returncode == 0, added.stderr
+    assert "warning: the worker token goes to gpu-box.invalid over plain http" in added.stderr
+    assert "TLS reverse proxy" in added.stderr
+    listed = _cli("workers", "list", "--home", home)
+    assert "warning: gpu-box.invalid-7870: the worker token goes to" in listed.stderr
+    local = _cli("workers", "add", "http://127.0.0.1:9", "--home", home, stdin="a-worker-token-0123\n")
+    assert local.returncode == 0 and "warning" not in local.stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -22,8 +23,11 @@ from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs.worker_protocol import (
     InvalidName,
     normalize_worker_url,
+    plain_http_warning,
     validate_worker_name,
 )
+
+log = logging.getLogger(__name__)
 
 REGISTRY_NAME = "workers.json"
 _LOCK_SUFFIX = ".lock"
@@ -47,8 +51,17 @@ class WorkerEntry:
     added_at: float
 
     def public(self) -> dict[str, Any]:
-        """What listings show: everything but the token."""
-        return {"name": self.name, "url": self.url, "added_at": self.added_at}
+        """What listings show: everything but the token, plus a warning when the token travels unencrypted."""
+        return {
+            "name": self.name,
+            "url": self.url,
+            "added_at": self.added_at,
+            "warning": plain_http_warning(self.url),
+        }
+
+    def stored(self) -> dict[str, Any]:
+        """The row kept in workers.json (with the token)."""
+        return {"name": self.name, "url": self.url, "added_at": self.added_at, "token": self.token}
 
 
 def default_worker_name(url: str) -> str:
@@ -220,7 +233,7 @@ class WorkerRegistry:
                 else time.time()
             )
             entry = WorkerEntry(clean_name, clean_url, clean_token, added_at)
-            row = {**entry.public(), "token": entry.token}
+            row = entry.stored()
             data["workers"] = [row if w is old else w for w in workers] if old else [*workers, row]
             data.setdefault("client_id", secrets.token_hex(8))
             self._save(data)
@@ -245,11 +258,15 @@ def ensure_worker(
 ) -> dict[str, Any]:
     """Register the worker at `url` in a home (for `--train-worker URL --train-worker-token-file FILE`).
 
-    Idempotent: calling it again with the same URL updates the token. Returns the public entry (no token).
+    Idempotent: calling it again with the same URL updates the token. Returns the public entry (no token); its
+    `warning` (the token would travel over plain http) is also logged, so the WebUI's console shows it.
     """
     if token is None and token_file is None:
         raise TrainManagementError(
             f"worker {url} needs a token", "pass --train-worker-token-file FILE (the worker's token file)"
         )
     secret = token if token is not None else read_token(Path(token_file or ""))
-    return WorkerRegistry(Path(home_dir)).add(url, secret, name=name).public()
+    public = WorkerRegistry(Path(home_dir)).add(url, secret, name=name).public()
+    if public["warning"]:
+        log.warning("Train Management: worker %s: %s", public["name"], public["warning"])
+    return public

@@ -28,6 +28,7 @@ from kohya_backend.jobs.runner import (
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import Job, JobStore
 from kohya_backend.jobs.transfer import HASH_CACHE_NAME, HashCache
+from kohya_backend.jobs.worker_protocol import plain_http_warning
 
 log = logging.getLogger(__name__)
 
@@ -314,14 +315,18 @@ class RemoteRunner:
                 "devices": [_device(n) for n in states],
             }
         ]
+        urls = {e.name: e.url for e in self.registry.entries()}
         for name, state in states.items():
+            warning = plain_http_warning(urls[name]) if name in urls else None
+            label = f"worker {name}: {state.gpu_label()}, {state.state}"
             items.append(
                 {
                     **state.public(),
                     "name": _device(name),
                     "worker": name,
                     "kind": "worker",
-                    "label": f"worker {name}: {state.gpu_label()}, {state.state}",
+                    "label": f"{label}, token over plain http!" if warning else label,
+                    "warning": warning,
                     "cuda": state.has_cuda(),
                     "devices": [_device(name)],
                 }

@@ -117,6 +117,27 @@ def validate_worker_name(value: object) -> str:
     return value
 
 
+def plain_http_warning(url: str) -> str | None:
+    """A warning when requests to `url` carry the worker's token unencrypted off this machine (http:// to a host
+    that is not loopback), else None."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(normalize_worker_url(url))
+    host = parts.hostname or ""
+    if parts.scheme != "http" or host == "localhost" or host.endswith(".localhost"):
+        return None
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        pass  # a host name
+    return (
+        f"the worker token goes to {host} over plain http: anyone on the network path can read it and use the "
+        "worker; serve the worker behind a TLS reverse proxy (https://) or reach it through an SSH tunnel"
+    )
+
+
 def normalize_worker_url(value: object) -> str:
     """'http(s)://host[:port][/path]' without a trailing slash or the API prefix; refuses anything else."""
     from urllib.parse import urlsplit

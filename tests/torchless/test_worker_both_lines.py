@@ -84,6 +84,14 @@ def test_workers_routes_never_show_tokens(tmp_path: Path) -> None:
             assert httpx.get(f"{base}{API_PREFIX}/workers").status_code == 401
             made = http.post("/workers", json={"url": "http://127.0.0.1:9/", "token": "secret-worker-token"})
             assert made.status_code == 201 and made.json()["worker"]["name"] == "127.0.0.1-9"
+            assert made.json()["worker"]["warning"] is None  # loopback: the token never leaves the machine
+            far = http.post(
+                "/workers", json={"url": "http://gpu-box.invalid:9", "token": "secret-worker-token"}
+            )
+            assert far.status_code == 201 and "plain http" in far.json()["worker"]["warning"]
+            labels = {t["name"]: t["label"] for t in http.get("/instance-types").json()["instance_types"]}
+            assert labels["worker:gpu-box.invalid-9"].endswith("token over plain http!")
+            assert http.delete("/workers/gpu-box.invalid-9").status_code == 204
             listing = http.get("/workers")
             assert listing.status_code == 200 and "secret-worker-token" not in listing.text
             assert listing.json()["workers"][0]["url"] == "http://127.0.0.1:9"

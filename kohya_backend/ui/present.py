@@ -229,12 +229,14 @@ def worker_state_text(worker: dict[str, Any]) -> str:
 
 
 def worker_row(worker: dict[str, Any]) -> list[str]:
-    """One row of the workers table (the order of WORKER_HEADERS); never the token."""
+    """One row of the workers table (the order of WORKER_HEADERS), the URL flagged when the registry warns about
+    it (plain http off this machine); never the token."""
     free = worker.get("free_disk_gb")
     return [
         str(worker["name"]),
         worker_state_text(worker),
         str(worker.get("gpu") or "?"),
         f"{free:.0f} GiB" if isinstance(free, (int, float)) else "",
-        str(worker.get("url") or ""),
+        str(worker.get("url") or "")
+        + (" ⚠️ plain http: the token is readable on the way" if worker.get("warning") else ""),
     ]

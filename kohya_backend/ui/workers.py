@@ -61,8 +61,9 @@ class WorkersActions:
         )
         if state.state == "unauthorized":
             text += "\n\nThe worker refused the token: paste the one from its token file and add it again."
-        warnings = [str(w) for w in entry.get("warnings") or []]
-        return text + "".join(f"\n\n⚠️ {w}" for w in warnings), ""
+        if entry.get("warning"):  # the registry's own warning (e.g. a token sent over plain http)
+            text += f"\n\n⚠️ {entry['warning']}"
+        return text, ""
 
     def remove(self, name: str | None) -> str:
         """Forget a worker (refused while it runs jobs of this host)."""

@@ -64,3 +64,7 @@ def test_worker_rows_show_state_why_and_load_never_the_token() -> None:
     busy = {**worker, "state": "busy", "error": None, "gpu": "NVIDIA A100 (80 GB)", "free_disk_gb": 412.4,
             "jobs_here": 1}  # fmt: skip
     assert worker_row(busy)[1:4] == ["busy, 1 job(s) from here", "NVIDIA A100 (80 GB)", "412 GiB"]
+    plain = worker_row(
+        {**busy, "url": "http://gpu-box:7870", "warning": "the worker token goes to gpu-box ..."}
+    )
+    assert plain[4] == "http://gpu-box:7870 ⚠️ plain http: the token is readable on the way"

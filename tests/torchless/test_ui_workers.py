@@ -96,6 +96,17 @@ def test_bad_entries_are_refused_with_the_reason(
     assert WorkerRegistry(service.home.root).entries() == []
 
 
+def test_the_registrys_plain_http_warning_is_shown(service: TrainingService) -> None:
+    # 0.0.0.0 is not loopback (the token would leave this machine in clear) and refuses at once here.
+    message, _ = WorkersActions(service).add("http://0.0.0.0:9", TOKEN, "clear")
+    assert "Added worker **clear**" in message and "offline" in message
+    assert "⚠️ the worker token goes to 0.0.0.0 over plain http" in message and "TLS reverse proxy" in message
+    [row] = _rows(WorkersActions(service))
+    assert row[4] == "http://0.0.0.0:9 ⚠️ plain http: the token is readable on the way"
+    local, _ = WorkersActions(service).add("http://127.0.0.1:9", TOKEN, "here")
+    assert "⚠️" not in local
+
+
 def test_a_locked_host_refuses_changes_and_says_why(service: TrainingService, worker_url: str) -> None:
     WorkersActions(service).add(worker_url, TOKEN, "kept")
     locked = WorkersActions(service, locked="the WebUI listens on the network without a login")

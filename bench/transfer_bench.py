@@ -30,7 +30,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kohya_backend.jobs.transfer import (  # noqa: E402
-    HashCache,
     LocalFile,
     TransferStats,
     Uploader,
@@ -38,6 +37,7 @@ from kohya_backend.jobs.transfer import (  # noqa: E402
 )
 from kohya_backend.jobs.worker_client import WorkerClient, WorkerUnreachable  # noqa: E402
 from kohya_backend.jobs.worker_protocol import WORKER_PREFIX  # noqa: E402
+from kohya_backend.models.hashing import Sha256Cache  # noqa: E402
 
 TOKEN = "transfer-bench-token-0123456789"
 PLAIN_APP = """
@@ -152,7 +152,7 @@ def worker_runs(model: Path, scratch: Path, chunk: int, images: int, rounds: int
     try:
         url = f"http://127.0.0.1:{port}"
         _wait(f"{url}{WORKER_PREFIX}/health")
-        cache = HashCache(scratch / "hashes.json")
+        cache = Sha256Cache(scratch / "hashes.json")
         start = time.perf_counter()
         item = collect_input("pretrained_model_name_or_path", model, cache)
         out["hash_s"] = round(time.perf_counter() - start, 2)
@@ -203,7 +203,7 @@ def _cut_and_resume(client: WorkerClient, scratch: Path, chunk: int) -> dict[str
 
 
 def _dataset_jobs(
-    client: WorkerClient, model: Path, scratch: Path, cache: HashCache, chunk: int, images: int
+    client: WorkerClient, model: Path, scratch: Path, cache: Sha256Cache, chunk: int, images: int
 ) -> list[dict[str, int]]:
     dataset = scratch / "dataset"
     _dataset(dataset, images, 200_000)

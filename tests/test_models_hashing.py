@@ -9,6 +9,7 @@ import pytest
 from kohya_backend.models.hashing import (
     CACHE_ENV,
     BackgroundSha256,
+    Sha256Cache,
     cached_sha256,
     default_cache_path,
     legacy_hash_bytes,
@@ -81,3 +82,24 @@ def test_default_cache_path_follows_the_environment(tmp_path: Path, monkeypatch:
     monkeypatch.delenv(CACHE_ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_path() == tmp_path / "xdg" / "train-management" / "sha256.json"
+
+
+def test_one_cache_for_many_files_tells_a_replaced_file_by_its_inode(tmp_path: Path) -> None:
+    cache_file = tmp_path / "sha256.json"
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"{i}.png")
+        files[-1].write_bytes(bytes([i]) * 1000)
+    cache = Sha256Cache(cache_file)
+    digests = [cache.sha256(f) for f in files]
+    assert digests == [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    assert cached_sha256(files[0], cache_file) is None  # recorded in memory until save()
+    cache.save()
+    assert [cached_sha256(f, cache_file) for f in files] == digests
+    stat = files[0].stat()
+    replacement = tmp_path / "new.png"
+    replacement.write_bytes(b"\xff" * 1000)  # same size; copied over with the old mtime (cp -p, rsync)
+    os.utime(replacement, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(replacement, files[0])
+    assert cached_sha256(files[0], cache_file) is None
+    assert Sha256Cache(cache_file).sha256(files[0]) == hashlib.sha256(b"\xff" * 1000).hexdigest()

@@ -24,8 +24,9 @@ from kohya_backend.jobs.remote_session import RemoteOptions
 from kohya_backend.jobs.runner import LocalRunner
 from kohya_backend.jobs.scheduler import Scheduler, log_tail
 from kohya_backend.jobs.store import JobStore
-from kohya_backend.jobs.transfer import HashCache, TransferStats, Uploader, collect_input
+from kohya_backend.jobs.transfer import TransferStats, Uploader, collect_input
 from kohya_backend.jobs.worker_client import WorkerClient
+from kohya_backend.models.hashing import Sha256Cache
 from kohya_backend.service.api import API_PREFIX
 from kohya_backend.service.app import create_app
 from kohya_backend.service.home import Home
@@ -208,7 +209,7 @@ def test_a_repeated_job_sends_only_changed_files_and_survives_host_restarts(
 ) -> None:
     service = _service(client_home)
     dataset = client_home / "datasets" / "demo"
-    cache = HashCache(client_home / "hash-cache.json")
+    cache = Sha256Cache()  # the one cache, shared with the trainer and the remote runner
     inputs = [
         collect_input(
             "pretrained_model_name_or_path", client_home / "models" / "demo-sd_1_5.safetensors", cache

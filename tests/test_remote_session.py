@@ -10,7 +10,6 @@ from kohya_backend.jobs import remote_session, runner
 from kohya_backend.jobs.registry import WorkerEntry
 from kohya_backend.jobs.remote_session import RemoteOptions, RemoteSession
 from kohya_backend.jobs.store import JobStore
-from kohya_backend.jobs.transfer import HashCache
 
 
 def test_run_json_has_one_atomic_writer_safe_across_threads(tmp_path: Path) -> None:
@@ -53,7 +52,7 @@ def test_a_remote_job_id_that_is_not_an_id_never_reaches_a_url(tmp_path: Path) -
         job,
         entry,
         client_id="c",
-        hashes=HashCache(tmp_path / "hashes.json"),
+        hash_cache=tmp_path / "hashes.json",
         options=RemoteOptions(lost_after_s=0.5),
         resume=False,
     )

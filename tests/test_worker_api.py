@@ -17,7 +17,6 @@ from remote_support import TOKEN, WorkerThread
 from kohya_backend.assets.demo import prepare_demo
 from kohya_backend.jobs.store import InvalidJobId
 from kohya_backend.jobs.transfer import (
-    HashCache,
     LocalFile,
     LocalInput,
     TransferStats,
@@ -31,6 +30,7 @@ from kohya_backend.jobs.worker_client import (
     WorkerUnreachable,
 )
 from kohya_backend.jobs.worker_protocol import WORKER_PREFIX, InvalidName
+from kohya_backend.models.hashing import BackgroundSha256, Sha256Cache, cached_sha256
 from kohya_backend.service.worker import build_worker
 
 SHA0 = "0" * 64
@@ -57,7 +57,7 @@ def client(server: WorkerThread) -> Iterator[WorkerClient]:
         yield running
 
 
-def _inputs(demo: Path, cache: HashCache) -> list:
+def _inputs(demo: Path, cache: Sha256Cache) -> list:
     return [
         collect_input("pretrained_model_name_or_path", demo / "models" / "demo-sd_1_5.safetensors", cache),
         collect_input("train_data_dir", demo / "datasets" / "demo", cache),
@@ -147,7 +147,7 @@ def test_oversize_and_overlong_uploads_are_refused(client: WorkerClient, server:
 def test_traversal_in_names_paths_and_ids_is_refused(
     client: WorkerClient, demo: Path, server: WorkerThread
 ) -> None:
-    inputs = _inputs(demo, HashCache(demo / "hashes.json"))
+    inputs = _inputs(demo, Sha256Cache(demo / "hashes.json"))
     Uploader(client, TransferStats("w")).ensure(inputs)
     good = _spec(inputs)
     bad_specs = []
@@ -184,7 +184,7 @@ def test_traversal_in_names_paths_and_ids_is_refused(
 def test_submit_links_inputs_from_blobs_once_and_is_idempotent(
     client: WorkerClient, demo: Path, server: WorkerThread
 ) -> None:
-    cache = HashCache(demo / "hashes.json")
+    cache = Sha256Cache(demo / "hashes.json")
     inputs = _inputs(demo, cache)
     missing = _spec(inputs, key="client-a:missing")
     missing["inputs"]["train_data_dir"]["files"][0]["sha256"] = "c" * 64
@@ -204,6 +204,10 @@ def test_submit_links_inputs_from_blobs_once_and_is_idempotent(
     model = server.worker.service.home.models / job.model
     blob = server.worker.blobs.path(inputs[0].files[0].sha256)
     assert blob is not None and model.stat().st_ino == blob.stat().st_ino  # a hard link, not a copy
+    assert BackgroundSha256(model)._thread is None  # the trainer there finds its hash: no 2-7 GB re-read
+    assert cached_sha256(model) == inputs[0].files[0].sha256
+    cache.save()  # what the remote session does after hashing a job's inputs
+    assert Sha256Cache(demo / "hashes.json").get(inputs[1].files[0].path) == inputs[1].files[0].sha256
     dataset = server.worker.service.home.datasets / job.dataset
     assert sorted(p.relative_to(dataset).as_posix() for p in dataset.rglob("*") if p.is_file()) == sorted(
         f.rel for f in inputs[1].files
@@ -245,7 +249,7 @@ def test_ids_are_checked_before_urls_and_downloads_stop_at_their_cap(
         client.job("../../jobs.sqlite3")
     with pytest.raises(InvalidJobId):
         client.events("20200101-000000-abcdef/../x", 0, 0)
-    inputs = _inputs(demo, HashCache(demo / "hashes.json"))
+    inputs = _inputs(demo, Sha256Cache(demo / "hashes.json"))
     Uploader(client, TransferStats("w")).ensure(inputs)
     view = client.submit(_spec(inputs, key="client-a:download"))
     folder = server.worker.service.store.get(view["id"]).folder

@@ -27,7 +27,6 @@ from kohya_backend.jobs.runner import (
 )
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import Job, JobStore
-from kohya_backend.jobs.transfer import HASH_CACHE_NAME, HashCache
 from kohya_backend.jobs.worker_protocol import plain_http_warning
 
 log = logging.getLogger(__name__)
@@ -105,13 +104,13 @@ class RemoteRunner:
     def __init__(
         self,
         registry: WorkerRegistry,
-        hashes: HashCache,
         *,
         pool: WorkerPool | None = None,
         options: RemoteOptions | None = None,
+        hash_cache: Path | None = None,
     ) -> None:
         self.registry = registry
-        self.hashes = hashes
+        self.hash_cache = hash_cache  # None: models.hashing's default (shared with the trainer)
         self.pool = pool or WorkerPool(registry)
         self.options = options or RemoteOptions()
         self._sessions: dict[str, RemoteSession] = {}
@@ -123,10 +122,10 @@ class RemoteRunner:
     def for_home(
         cls, home_root: Path, *, refresh_s: float | None = None, options: RemoteOptions | None = None
     ) -> RemoteRunner:
-        """The runner of a home: its workers.json registry and its hash cache."""
+        """The runner of a home: its workers.json registry (files are hashed through models.hashing's cache)."""
         registry = WorkerRegistry(Path(home_root))
         pool = WorkerPool(registry, refresh_s=refresh_s) if refresh_s is not None else WorkerPool(registry)
-        return cls(registry, HashCache(Path(home_root) / HASH_CACHE_NAME), pool=pool, options=options)
+        return cls(registry, pool=pool, options=options)
 
     # -- choosing a worker --------------------------------------------------------------------------------
 
@@ -228,9 +227,9 @@ class RemoteRunner:
             job,
             self.registry.require(worker),
             client_id=self.registry.client_id(),
-            hashes=self.hashes,
             options=self.options,
             resume=resume,
+            hash_cache=self.hash_cache,
         )
         with self._lock:
             old = self._sessions.get(job.id)

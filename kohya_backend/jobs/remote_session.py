@@ -35,7 +35,6 @@ from kohya_backend.jobs.runner import (
 from kohya_backend.jobs.store import Job, validate_job_id
 from kohya_backend.jobs.transfer import (
     Cancelled,
-    HashCache,
     LocalInput,
     TransferStats,
     Uploader,
@@ -50,7 +49,7 @@ from kohya_backend.jobs.worker_client import (
     WorkerUnreachable,
 )
 from kohya_backend.jobs.worker_protocol import INPUT_KEYS, OUTPUT_KEYS, InvalidName, validate_relpath
-from kohya_backend.models.hashing import sha256_file
+from kohya_backend.models.hashing import Sha256Cache, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -134,15 +133,15 @@ class RemoteSession(threading.Thread):
         worker: WorkerEntry,
         *,
         client_id: str,
-        hashes: HashCache,
         options: RemoteOptions,
         resume: bool,
+        hash_cache: Path | None = None,
     ) -> None:
         super().__init__(name=f"remote-{job.id}", daemon=True)
         self.job = job
         self.worker = worker
         self.client_id = client_id
-        self.hashes = hashes
+        self.hash_cache = hash_cache  # None: models.hashing's default cache file
         self.options = options
         self.resume = resume
         self.cancel_requested = threading.Event()
@@ -276,8 +275,11 @@ class RemoteSession(threading.Thread):
 
     def _send_and_submit(self, record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         self._note(f"sending job {self.job.id} to worker {self.worker.name} ({self.worker.url})")
-        inputs = [collect_input(key, path, self.hashes) for key, path in job_inputs(self.job).items()]
-        self.hashes.save()
+        hashes = Sha256Cache(self.hash_cache)  # read now: the trainer or another job may have added hashes
+        try:
+            inputs = [collect_input(key, path, hashes) for key, path in job_inputs(self.job).items()]
+        finally:
+            hashes.save()
         uploader = Uploader(
             self._client,
             self.stats,

@@ -1,16 +1,14 @@
 """Content-addressed transfers to a worker: hash the job's input files (cached), send only what the worker lacks.
 
-A file is known by its sha256, so a checkpoint the worker already holds (from any earlier job) costs one query,
-and a dataset sends only new or changed files. An upload goes in chunks at explicit offsets; when a connection
+A file is known by its sha256 (remembered in models.hashing's cache, the trainer's too, so a checkpoint is hashed
+once on this machine), so a checkpoint the worker already holds (from any earlier job) costs one query, and a
+dataset sends only new or changed files. An upload goes in chunks at explicit offsets; when a connection
 drops, the worker keeps what arrived and the next attempt continues from the offset it reports.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,13 +24,12 @@ from kohya_backend.jobs.worker_protocol import (
     validate_file_name,
     validate_relpath,
 )
-from kohya_backend.models.hashing import sha256_file
+from kohya_backend.models.hashing import Sha256Cache
 
 CHUNK_BYTES = 64 << 20
 READ_BYTES = 1 << 20
 QUERY_BATCH = 10_000
 MAX_CONFLICTS = 20
-HASH_CACHE_NAME = "hash-cache.json"
 
 
 class Cancelled(Exception):
@@ -96,47 +93,6 @@ class TransferStats:
         }
 
 
-class HashCache:
-    """sha256 of local files, remembered per path with its size, mtime and inode (a changed file is re-hashed)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        self._entries: dict[str, list[Any]] = {}
-        with contextlib.suppress(OSError, ValueError):
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            if isinstance(data, dict):
-                self._entries = {k: v for k, v in data.items() if isinstance(v, list) and len(v) == 4}
-        self._dirty = False
-
-    def sha256(self, path: Path) -> str:
-        """The file's sha256 (read from the cache when size, mtime and inode still match)."""
-        stat = path.stat()
-        key = str(path.resolve())
-        stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
-        with self._lock:
-            hit = self._entries.get(key)
-        if hit is not None and hit[:3] == stamp:
-            return str(hit[3])
-        digest = sha256_file(path)
-        with self._lock:
-            self._entries[key] = [*stamp, digest]
-            self._dirty = True
-        return digest
-
-    def save(self) -> None:
-        """Write the cache (atomically) when it changed."""
-        with self._lock:
-            if not self._dirty:
-                return
-            text = json.dumps(self._entries)
-            self._dirty = False
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        with contextlib.suppress(OSError):
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, self.path)
-
-
 def _local_name(key: str, path: Path) -> str:
     try:
         return validate_file_name(path.name, what=f"{key} name")
@@ -158,8 +114,9 @@ def _folder_files(root: Path) -> Iterator[tuple[Path, str]]:
             yield path, path.relative_to(root).as_posix()
 
 
-def collect_input(key: str, path: Path, cache: HashCache) -> LocalInput:
-    """Hash the file or folder a config key names into a LocalInput; refuses names a worker would refuse."""
+def collect_input(key: str, path: Path, cache: Sha256Cache) -> LocalInput:
+    """Hash the file or folder a config key names into a LocalInput (through the one sha256 cache, which the
+    caller saves); refuses names a worker would refuse."""
     path = Path(path)
     name = _local_name(key, path)
     if key not in FOLDER_KEYS:

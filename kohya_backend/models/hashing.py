@@ -47,8 +47,10 @@ def default_cache_path() -> Path:
 
 
 def _stamp(path: Path) -> dict[str, int]:
+    """What identifies a file's content without reading it: size, mtime and inode (a file replaced by another of
+    the same size and mtime, e.g. `cp -p` or rsync, has another inode)."""
     stat = path.stat()
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ino": stat.st_ino}
 
 
 def _read_cache(cache: Path) -> dict[str, Any]:
@@ -59,32 +61,82 @@ def _read_cache(cache: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+class Sha256Cache:
+    """The one sha256 cache file (absolute path -> size, mtime, inode, sha256), read once and written once for
+    many files: the trainer's base model, every file sent to a remote worker, a worker's inputs and outputs."""
+
+    def __init__(self, cache: Path | None = None) -> None:
+        self.path = Path(cache) if cache is not None else default_cache_path()
+        self._entries = _read_cache(self.path)
+        self._new: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, path: Path) -> str | None:
+        """The sha256 recorded for `path` while its size, mtime and inode are unchanged, else None."""
+        key = str(Path(path).resolve())
+        with self._lock:
+            entry = self._new.get(key) or self._entries.get(key)
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            return None
+        stamp = _stamp(Path(path))
+        return str(entry["sha256"]) if all(entry.get(k) == v for k, v in stamp.items()) else None
+
+    def remember(self, path: Path, digest: str) -> None:
+        """Record `digest` for `path` as it is now (kept in memory until save())."""
+        self._record(Path(path), _stamp(Path(path)), digest)
+
+    def _record(self, path: Path, stamp: dict[str, int], digest: str) -> None:
+        with self._lock:
+            self._new[str(path.resolve())] = {**stamp, "sha256": digest}
+
+    def sha256(self, path: Path) -> str:
+        """The file's sha256: from the cache, or computed and recorded (unless the file changed meanwhile)."""
+        path = Path(path)
+        hit = self.get(path)
+        if hit is not None:
+            return hit
+        before = _stamp(path)
+        digest = sha256_file(path)
+        if _stamp(path) == before:
+            self._record(path, before, digest)
+        return digest
+
+    def save(self) -> None:
+        """Merge what was recorded into the file (re-read first: other processes add entries too); a cache that
+        cannot be written is skipped (the next run hashes again)."""
+        with self._lock:
+            new = dict(self._new)
+        if not new:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            data = _read_cache(self.path)
+            data.update(new)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError:
+            return
+        with self._lock:
+            self._entries = data
+            for key, entry in new.items():
+                if self._new.get(key) == entry:
+                    del self._new[key]
+
+
 def cached_sha256(path: Path, cache: Path | None = None) -> str | None:
-    """The sha256 recorded for `path` while its size and mtime are unchanged, else None."""
-    key = str(Path(path).resolve())
-    entry = _read_cache(cache or default_cache_path()).get(key)
-    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
-        return None
-    return (
-        str(entry["sha256"])
-        if {k: entry.get(k) for k in ("size", "mtime_ns")} == _stamp(Path(path))
-        else None
-    )
+    """The sha256 recorded for `path` while its size, mtime and inode are unchanged, else None."""
+    return Sha256Cache(cache).get(path)
 
 
 def remember_sha256(path: Path, digest: str, cache: Path | None = None) -> None:
-    """Record `digest` for `path` (with its size and mtime); a cache that cannot be written is skipped."""
-    cache = cache or default_cache_path()
-    key = str(Path(path).resolve())
+    """Record `digest` for `path` (with its size, mtime and inode); a cache that cannot be written is skipped."""
+    store = Sha256Cache(cache)
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        data = _read_cache(cache)  # re-read: another trainer may have added entries meanwhile
-        data[key] = {**_stamp(Path(path)), "sha256": digest}
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-        os.replace(tmp, cache)
+        store.remember(path, digest)
     except OSError:
-        return  # only a cache: the next run hashes again
+        return  # the file vanished: nothing to remember
+    store.save()
 
 
 class BackgroundSha256:

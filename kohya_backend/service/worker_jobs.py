@@ -35,7 +35,7 @@ from kohya_backend.jobs.worker_protocol import (
     validate_relpath,
     validate_sha256,
 )
-from kohya_backend.models.hashing import sha256_file
+from kohya_backend.models.hashing import Sha256Cache
 from kohya_backend.service.blobs import BlobStore
 from kohya_backend.service.home import MODEL_SUFFIXES
 from kohya_backend.service.training import Submission, TrainingService
@@ -163,7 +163,7 @@ class WorkerJobs:
         self.keys_root = service.home.root / KEYS_DIR
         self.keys_root.mkdir(parents=True, exist_ok=True)
         self._submit_lock = threading.Lock()
-        self._hashes: dict[tuple[str, int, int], str] = {}
+        self._hashes = Sha256Cache()  # outputs served for download, inputs the trainer would hash
 
     # -- submission ---------------------------------------------------------------------------------------
 
@@ -236,7 +236,11 @@ class WorkerJobs:
         )
 
     def _materialise_file(self, item: Input) -> Path:
-        """models/by-sha256/<sha256>/<name>, hard-linked from its blob (kept for later jobs)."""
+        """models/by-sha256/<sha256>/<name>, hard-linked from its blob (kept for later jobs).
+
+        The blob's bytes were verified against its name, so the sha256 cache learns it: the trainer here never
+        reads a 2-7 GB checkpoint just to hash it.
+        """
         entry = item.files[0]
         target = self.service.home.models / "by-sha256" / entry.sha256 / item.name
         if not target.is_file():
@@ -244,6 +248,9 @@ class WorkerJobs:
             tmp = target.with_name(f".{secrets.token_hex(6)}.tmp")
             _link_or_copy(self._blob(entry), tmp)
             os.replace(tmp, target)
+        if self._hashes.get(target) != entry.sha256:
+            self._hashes.remember(target, entry.sha256)
+            self._hashes.save()
         return target
 
     def _materialise_folder(self, item: Input, root: Path) -> Path:
@@ -297,11 +304,9 @@ class WorkerJobs:
         return out
 
     def _file_info(self, path: Path) -> dict[str, Any]:
-        stat = path.stat()
-        key = (str(path), stat.st_size, stat.st_mtime_ns)
-        if key not in self._hashes:
-            self._hashes[key] = sha256_file(path)
-        return {"size": stat.st_size, "sha256": self._hashes[key]}
+        digest = self._hashes.sha256(path)
+        self._hashes.save()  # nothing to write when it was known
+        return {"size": path.stat().st_size, "sha256": digest}
 
     def events(self, job_id: str, after: int, wait_s: float) -> dict[str, Any]:
         """Events after line `after` (waiting up to `wait_s` for new ones), paths relative to the job folder."""

@@ -14,9 +14,10 @@ from PIL import Image
 from safetensors.numpy import save_file
 from server_support import running
 
-from kohya_backend.jobs.transfer import HashCache, TransferStats, Uploader, collect_input
+from kohya_backend.jobs.transfer import TransferStats, Uploader, collect_input
 from kohya_backend.jobs.worker_client import WorkerClient, WorkerRejected
 from kohya_backend.jobs.worker_protocol import WORKER_PREFIX
+from kohya_backend.models.hashing import Sha256Cache
 from kohya_backend.service.api import API_PREFIX
 from kohya_backend.service.app import build_service, create_app
 from kohya_backend.service.worker import build_worker, create_worker_app
@@ -45,7 +46,7 @@ def test_worker_accepts_blobs_and_a_job_on_this_line(tmp_path: Path) -> None:
         assert httpx.get(f"{base}{WORKER_PREFIX}/health").status_code == 200
         assert httpx.post(f"{base}{WORKER_PREFIX}/jobs", content=b"{").status_code == 401
         with WorkerClient(base, TOKEN) as client:
-            cache = HashCache(tmp_path / "hashes.json")
+            cache = Sha256Cache(tmp_path / "hashes.json")
             inputs = [
                 collect_input(
                     "pretrained_model_name_or_path", client_home / "models" / "sd15.safetensors", cache

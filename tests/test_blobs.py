@@ -152,3 +152,29 @@ def test_names_hashes_and_urls() -> None:
     for bad in ("ftp://h", "http://u:p@h", "http://h/../x", "http://h/?q=1", "gpu:7870"):
         with pytest.raises(InvalidName):
             normalize_worker_url(bad)
+
+
+def test_uploads_in_flight_reserve_their_space_so_parallel_ones_cannot_overfill_the_disk(
+    tmp_path: Path,
+) -> None:
+    store = _store(tmp_path, max_blob_bytes=1 << 60)
+    share = int(store.free_bytes() * 0.6)  # each alone fits; both together do not
+    first = store.open_upload("a" * 64, 0, share)
+    try:
+        with pytest.raises(InsufficientStorage, match="promised to other uploads in flight"):
+            store.open_upload("b" * 64, 0, share)
+    finally:
+        first.close()
+    second = store.open_upload("b" * 64, 0, share)  # the first one's request ended: its reservation too
+    second.close()
+
+
+def test_running_hashes_of_abandoned_uploads_are_given_back_and_rebuilt_on_resume(tmp_path: Path) -> None:
+    store = _store(tmp_path, session_idle_s=0.0)
+    _send(store, SHA, 0, DATA[:50_000], len(DATA))
+    assert store.sessions_held() == 1
+    other = hashlib.sha256(b"other").hexdigest()
+    _send(store, other, 0, b"oth", 5)  # any new request drops running hashes idle for too long
+    assert store.sessions_held() == 1  # only the one just used
+    assert _send(store, SHA, 50_000, DATA[50_000:], len(DATA)) == len(DATA)  # re-read from disk
+    assert store.state(SHA).complete and store.path(SHA) is not None

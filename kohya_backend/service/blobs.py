@@ -37,6 +37,9 @@ DEFAULT_MAX_BLOB_BYTES = 64 << 30
 DEFAULT_RESERVE_BYTES = 2 << 30
 MAX_QUERY = 100_000
 PARTIAL_MAX_AGE_S = 7 * 24 * 3600
+SESSION_IDLE_S = (
+    3600.0  # an upload nobody continued for this long gives its running hash back (re-read on resume)
+)
 _WRITE_BATCH = 4 << 20
 _READ_CHUNK = 4 << 20
 
@@ -91,6 +94,7 @@ class _Session:
     def __init__(self, digest: Any, offset: int) -> None:
         self.digest = digest
         self.offset = offset
+        self.touched = time.monotonic()
 
 
 class BlobStore:
@@ -102,6 +106,7 @@ class BlobStore:
         *,
         max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES,
         reserve_bytes: int = DEFAULT_RESERVE_BYTES,
+        session_idle_s: float = SESSION_IDLE_S,
     ) -> None:
         self.root = Path(root)
         self.complete_root = self.root / "sha256"
@@ -113,6 +118,8 @@ class BlobStore:
         self._lock = threading.Lock()
         self._busy: set[str] = set()
         self._sessions: dict[str, _Session] = {}
+        self._reserved: dict[str, int] = {}  # declared sizes of the uploads in flight
+        self.session_idle_s = session_idle_s
         self.bytes_received = 0
 
     # -- reading ------------------------------------------------------------------------------------------
@@ -183,12 +190,42 @@ class BlobStore:
                     self.state(sha).offset,
                 )
             self._busy.add(sha)
+            self._prune_sessions()
         try:
             return self._open(sha, offset, size)
         except BaseException:
-            with self._lock:
-                self._busy.discard(sha)
+            self._release(sha)
             raise
+
+    def _prune_sessions(self) -> None:
+        """Forget running hashes of uploads nobody continued for session_idle_s (caller holds the lock)."""
+        cutoff = time.monotonic() - self.session_idle_s
+        for sha in [s for s, kept in self._sessions.items() if kept.touched < cutoff and s not in self._busy]:
+            del self._sessions[sha]
+
+    def sessions_held(self) -> int:
+        """How many running hashes of unfinished uploads are kept in memory."""
+        with self._lock:
+            return len(self._sessions)
+
+    def _check_space(self, sha: str, offset: int, size: int) -> None:
+        """Reserve the rest of this upload, or InsufficientStorage when it and the other uploads in flight do
+        not fit (each would pass a check of the free space alone)."""
+        with self._lock:
+            others = 0
+            for other, declared in self._reserved.items():
+                session = self._sessions.get(other)
+                if other != sha:
+                    others += max(0, declared - (session.offset if session is not None else 0))
+            free = self.free_bytes()
+            if free < size - offset + others + self.reserve_bytes:
+                raise InsufficientStorage(
+                    f"blob {sha[:12]}: {size - offset} more bytes do not fit: {free} bytes free on the worker, "
+                    f"{others} promised to other uploads in flight, {self.reserve_bytes} kept in reserve",
+                    "free disk space on the worker (`python -m kohya_backend worker gc`) or start it with "
+                    "another --home; or retry once the other uploads are done",
+                )
+            self._reserved[sha] = size
 
     def _open(self, sha: str, offset: int, size: int) -> Upload:
         current = self.state(sha)
@@ -196,7 +233,8 @@ class BlobStore:
             return Upload(self, sha, size, None, None)
         part, meta = self._partial(sha)
         if offset == 0:
-            self._sessions.pop(sha, None)
+            with self._lock:
+                self._sessions.pop(sha, None)
             part.unlink(missing_ok=True)
         elif current.size != size or current.offset != offset:
             raise UploadConflict(
@@ -205,14 +243,7 @@ class BlobStore:
                 "continue from the offset HEAD reports (or from 0 to start over)",
                 current.offset,
             )
-        need = size - offset + self.reserve_bytes
-        free = self.free_bytes()
-        if free < need:
-            raise InsufficientStorage(
-                f"blob {sha[:12]}: {size - offset} more bytes do not fit: {free} bytes free on the worker, "
-                f"{self.reserve_bytes} kept in reserve",
-                "free disk space on the worker (old jobs, old blobs) or start it with another --home",
-            )
+        self._check_space(sha, offset, size)
         meta.write_text(json.dumps({"size": size, "started_at": time.time()}), encoding="utf-8")
         handle = open(part, "ab")  # noqa: SIM115 (closed by Upload.close)
         return Upload(self, sha, size, handle, self._session(sha, part, offset))
@@ -220,6 +251,7 @@ class BlobStore:
     def _session(self, sha: str, part: Path, offset: int) -> _Session:
         session = self._sessions.get(sha)
         if session is not None and session.offset == offset:
+            session.touched = time.monotonic()
             return session
         digest = hashlib.sha256()  # a worker restart lost the running hash: re-read what is held
         if offset:
@@ -227,12 +259,14 @@ class BlobStore:
                 while block := handle.read(min(_READ_CHUNK, offset - handle.tell())):
                     digest.update(block)
         session = _Session(digest, offset)
-        self._sessions[sha] = session
+        with self._lock:
+            self._sessions[sha] = session
         return session
 
     def _publish(self, sha: str, digest: str) -> None:
         part, meta = self._partial(sha)
-        self._sessions.pop(sha, None)
+        with self._lock:
+            self._sessions.pop(sha, None)
         if digest != sha:
             part.unlink(missing_ok=True)
             meta.unlink(missing_ok=True)
@@ -255,6 +289,7 @@ class BlobStore:
     def _release(self, sha: str) -> None:
         with self._lock:
             self._busy.discard(sha)
+            self._reserved.pop(sha, None)
 
     def prune_partials(self, max_age_s: float = PARTIAL_MAX_AGE_S) -> int:
         """Remove uploads nobody continued for `max_age_s` seconds; returns how many were removed."""
@@ -265,6 +300,8 @@ class BlobStore:
                 if part.stat().st_mtime < cutoff and part.stem not in self._busy:
                     part.unlink()
                     part.with_suffix(".json").unlink(missing_ok=True)
+                    with self._lock:
+                        self._sessions.pop(part.stem, None)
                     removed += 1
         return removed
 
@@ -298,6 +335,7 @@ class Upload:
         self._handle.write(data)
         self._session.digest.update(data)
         self._session.offset += len(data)
+        self._session.touched = time.monotonic()
         self.store.bytes_received += len(data)
 
     def finish(self) -> BlobState:

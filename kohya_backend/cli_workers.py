@@ -1,4 +1,5 @@
-"""`python -m kohya_backend worker` (serve a remote GPU worker) and `workers add|list|remove` (the registry).
+"""`python -m kohya_backend worker` (serve a remote GPU worker), `worker gc` (free its disk) and
+`workers add|list|remove` (the registry).
 
 Kept apart from cli.py so each stays small; cli.py adds these parsers with add_worker_parsers().
 """
@@ -38,6 +39,18 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         max_blob_bytes=int(args.max_blob_gb * 2**30),
         reserve_bytes=int(args.reserve_gb * 2**30),
     )
+    return 0
+
+
+def _cmd_worker_gc(args: argparse.Namespace) -> int:
+    from kohya_backend.service.worker_gc import collect_garbage
+
+    if args.older_than_days < 0:
+        raise TrainManagementError("--older-than-days must be 0 or more", "e.g. --older-than-days 7")
+    report = collect_garbage(Path(args.home), older_than_s=args.older_than_days * 86400)
+    print(report.summary())
+    if report.kept_recent:
+        print("recently used items are kept; pass --older-than-days 0 to remove them too", file=sys.stderr)
     return 0
 
 
@@ -109,6 +122,19 @@ def add_worker_parsers(sub: Any) -> None:
     worker.add_argument("--max-blob-gb", type=float, default=64.0, help="largest file a client may upload")
     worker.add_argument("--reserve-gb", type=float, default=2.0, help="disk space uploads must leave free")
     worker.set_defaults(func=_cmd_worker)
+    worker_commands = worker.add_subparsers(dest="worker_command")
+    gc = worker_commands.add_parser(
+        "gc",
+        help="free disk: blobs and inputs no job that may still train uses, stale partial uploads",
+        description="Removes blobs, materialised inputs and partial uploads that no queued, running or resumable "
+        "job uses and nobody used for --older-than-days (never anything touched in the last 10 minutes). Safe "
+        "while the worker runs.",
+    )
+    gc.add_argument("--home", default=argparse.SUPPRESS, help="the worker's home folder")
+    gc.add_argument(
+        "--older-than-days", type=float, default=7.0, help="keep what was used more recently (default 7)"
+    )
+    gc.set_defaults(func=_cmd_worker_gc)
 
     workers = sub.add_parser("workers", help="register the remote workers jobs may train on")
     commands = workers.add_subparsers(dest="workers_command", required=True)

@@ -87,7 +87,7 @@ def test_health_is_open_and_everything_else_needs_the_token(server: WorkerThread
     assert httpx.get(f"{base}/health").json()["ok"] is True
     routes = [
         ("GET", "/info"), ("HEAD", f"/blobs/{SHA0}"), ("PUT", f"/blobs/{SHA0}?offset=0&size=1"),
-        ("POST", "/blobs/query"), ("POST", "/jobs"), ("GET", f"/jobs/{JOB0}"), ("GET", f"/jobs/{JOB0}/events"),
+        ("POST", "/blobs/query"), ("DELETE", f"/blobs/{SHA0}"), ("POST", "/jobs"), ("GET", f"/jobs/{JOB0}"), ("GET", f"/jobs/{JOB0}/events"),
         ("GET", f"/jobs/{JOB0}/log"), ("GET", f"/jobs/{JOB0}/files/output/x.png"),
         ("POST", f"/jobs/{JOB0}/cancel"), ("POST", f"/jobs/{JOB0}/resume"), ("DELETE", f"/jobs/{JOB0}"),
     ]  # fmt: skip

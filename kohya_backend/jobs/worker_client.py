@@ -144,6 +144,10 @@ class WorkerClient:
         """POST /blobs/query: which of `shas` are complete, partial (with offsets) or missing."""
         return dict(self._send("POST", "/blobs/query", json={"sha256": shas}).json())
 
+    def delete_blob(self, sha256: str) -> dict[str, Any]:
+        """DELETE /blobs/{sha256}: refused (409, the job ids in `detail`) while jobs that may still train link it."""
+        return dict(self._send("DELETE", f"/blobs/{validate_sha256(sha256)}").json())
+
     def put_blob(
         self, sha256: str, offset: int, size: int, body: Iterable[bytes], length: int
     ) -> dict[str, Any]:
@@ -189,6 +193,10 @@ class WorkerClient:
     def resume(self, job_id: str) -> dict[str, Any]:
         """POST /jobs/{id}/resume."""
         return _checked_view(self._send("POST", _job_path(job_id, "/resume")).json(), self.url)
+
+    def delete_job(self, job_id: str) -> bool:
+        """DELETE /jobs/{id}: True when deleted, False when the worker had no such job; 409 while it runs."""
+        return self._send("DELETE", _job_path(job_id), ok=(204, 404)).status_code == 204
 
     def download(
         self, job_id: str, relpath: str, target: Path, *, max_bytes: int = MAX_DOWNLOAD_BYTES

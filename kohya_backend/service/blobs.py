@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -33,6 +34,7 @@ from kohya_backend.jobs.worker_protocol import (
     validate_sha256,
 )
 
+BLOBS_DIR = "blobs"  # under a worker's home
 DEFAULT_MAX_BLOB_BYTES = 64 << 30
 DEFAULT_RESERVE_BYTES = 2 << 30
 MAX_QUERY = 100_000
@@ -41,6 +43,7 @@ SESSION_IDLE_S = (
     3600.0  # an upload nobody continued for this long gives its running hash back (re-read on resume)
 )
 _WRITE_BATCH = 4 << 20
+_SHA256_NAME = re.compile(r"[0-9a-f]{64}")
 _READ_CHUNK = 4 << 20
 
 
@@ -293,17 +296,42 @@ class BlobStore:
 
     def prune_partials(self, max_age_s: float = PARTIAL_MAX_AGE_S) -> int:
         """Remove uploads nobody continued for `max_age_s` seconds; returns how many were removed."""
-        removed = 0
+        return self.remove_stale_partials(max_age_s)[0]
+
+    def remove_stale_partials(self, max_age_s: float) -> tuple[int, int]:
+        """Remove uploads nobody continued for `max_age_s` seconds: (how many, bytes freed)."""
+        removed = freed = 0
         cutoff = time.time() - max_age_s
         for part in self.partial_root.glob("*.part"):
             with contextlib.suppress(OSError):
-                if part.stat().st_mtime < cutoff and part.stem not in self._busy:
+                stat = part.stat()
+                if stat.st_mtime < cutoff and part.stem not in self._busy:
                     part.unlink()
                     part.with_suffix(".json").unlink(missing_ok=True)
                     with self._lock:
                         self._sessions.pop(part.stem, None)
                     removed += 1
-        return removed
+                    freed += stat.st_size
+        return removed, freed
+
+    def remove_partial(self, sha256: str) -> bool:
+        """Drop what arrived of an unfinished upload (False when there is none; UploadConflict while one runs)."""
+        sha = validate_sha256(sha256)
+        part, meta = self._partial(sha)
+        with self._lock:
+            if sha in self._busy:
+                raise UploadConflict(
+                    f"blob {sha[:12]} is being uploaded right now", "retry once the upload ended", 0
+                )
+            self._sessions.pop(sha, None)
+            found = part.exists()
+            part.unlink(missing_ok=True)
+            meta.unlink(missing_ok=True)
+        return found
+
+    def complete_paths(self) -> list[Path]:
+        """The files of every complete blob."""
+        return [p for p in self.complete_root.glob("*/*") if _SHA256_NAME.fullmatch(p.name)]
 
 
 class Upload:

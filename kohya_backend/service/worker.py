@@ -41,6 +41,7 @@ from kohya_backend.jobs.worker_protocol import (
 from kohya_backend.service.api import error_body
 from kohya_backend.service.auth import BearerTokenMiddleware
 from kohya_backend.service.blobs import (
+    BLOBS_DIR,
     DEFAULT_MAX_BLOB_BYTES,
     DEFAULT_RESERVE_BYTES,
     BlobError,
@@ -49,12 +50,12 @@ from kohya_backend.service.blobs import (
 )
 from kohya_backend.service.home import Home
 from kohya_backend.service.training import TrainingService
+from kohya_backend.service.worker_gc import BlobInUse, delete_blob
 from kohya_backend.service.worker_jobs import MAX_LOG_CHUNK, MissingBlobs, WorkerJobs
 
 DEFAULT_WORKER_HOME = "train_management_worker"
 TOKEN_ENV = "TRAIN_MANAGEMENT_WORKER_TOKEN"
 MIN_TOKEN_CHARS = 16
-BLOBS_DIR = "blobs"
 
 
 class WorkerSetupError(TrainManagementError):
@@ -151,6 +152,8 @@ def _http_errors() -> Iterator[None]:
         detail = error_body(exc)
         if isinstance(exc, MissingBlobs):
             detail["missing"] = exc.missing
+        if isinstance(exc, BlobInUse):
+            detail["jobs"] = exc.job_ids
         raise HTTPException(status_code=_status(exc), detail=detail) from exc
 
 
@@ -242,6 +245,13 @@ def create_worker_app(worker: Worker, *, token: str) -> FastAPI:
         return worker.info()
 
     guarded.include_router(create_blob_router(worker.blobs))
+
+    @guarded.delete("/blobs/{sha256}")
+    def delete_blob_route(sha256: str) -> dict[str, Any]:
+        service = worker.service
+        with _http_errors():
+            return delete_blob(service.home, service.store, worker.blobs, sha256)
+
     _job_routes(guarded, worker.jobs)
     app.include_router(open_routes)
     app.include_router(guarded)

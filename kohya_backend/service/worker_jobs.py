@@ -248,6 +248,8 @@ class WorkerJobs:
             tmp = target.with_name(f".{secrets.token_hex(6)}.tmp")
             _link_or_copy(self._blob(entry), tmp)
             os.replace(tmp, target)
+        else:
+            os.utime(target.parent)  # used again now: `worker gc` keeps recently used inputs
         if self._hashes.get(target) != entry.sha256:
             self._hashes.remember(target, entry.sha256)
             self._hashes.save()
@@ -257,6 +259,7 @@ class WorkerJobs:
         """ROOT/<name>-<digest> with every file linked from its blob; built aside, then renamed into place."""
         target = root / f"{item.name}-{item.digest()[:16]}"
         if target.is_dir():
+            os.utime(target)  # used again now: `worker gc` keeps recently used inputs
             return target
         tmp = root / f".tmp-{secrets.token_hex(6)}"
         try:

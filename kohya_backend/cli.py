@@ -282,8 +282,8 @@ def _cmd_jobs_logs(args: argparse.Namespace) -> int:
 def _cmd_jobs_action(args: argparse.Namespace) -> int:
     service = _jobs_service(args)
     if args.jobs_command == "delete":
-        service.delete(args.id)
-        print(f"deleted {args.id}")
+        note = service.delete(args.id, wait_remote=True)
+        print(f"deleted {args.id}" + (f"; {note}" if note else ""))
         return 0
     job = service.cancel(args.id) if args.jobs_command == "cancel" else service.resume(args.id)
     _print_job_line(job)

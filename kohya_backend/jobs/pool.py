@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,6 +123,8 @@ class WorkerPool:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Runs in the monitor thread after each round (e.g. deleting copies of deleted jobs on workers that answer).
+        self.after_refresh: Callable[[dict[str, WorkerState]], None] | None = None
 
     def _ensure_thread(self) -> None:
         with self._lock:
@@ -136,6 +138,8 @@ class WorkerPool:
         while not self._stop.is_set():
             try:
                 self.refresh()
+                if self.after_refresh is not None:
+                    self.after_refresh(self.states())
             except Exception:  # the monitor must outlive a bad registry read; the next round tries again
                 log.exception("refreshing the worker states failed")
             self._wake.wait(self.refresh_s)

@@ -88,6 +88,23 @@ def read_token(path: Path) -> str:
     return token
 
 
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on PATH.lock (created 0600) across processes; no-op where flock is missing."""
+    if os.name != "posix":
+        yield
+        return
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_name(path.name + _LOCK_SUFFIX), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _check_token(token: object) -> str:
     if not isinstance(token, str) or not token.strip() or any(c.isspace() for c in token.strip()):
         raise TrainManagementError(
@@ -131,19 +148,8 @@ class WorkerRegistry:
     @contextlib.contextmanager
     def _file_lock(self) -> Iterator[None]:
         """Serialise writers across threads and processes (the WebUI and the CLI may both edit the file)."""
-        with self._lock:
-            if os.name != "posix":
-                yield
-                return
-            import fcntl
-
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path.with_name(self.path.name + _LOCK_SUFFIX), os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                yield
-            finally:
-                os.close(fd)
+        with self._lock, file_lock(self.path):
+            yield
 
     def _load(self) -> dict[str, Any]:
         try:

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from kohya_backend.errors import TrainManagementError
-from kohya_backend.jobs.pool import WorkerPool
+from kohya_backend.jobs.pool import WorkerPool, WorkerState
 from kohya_backend.jobs.registry import WorkerEntry, WorkerNotFound, WorkerRegistry
+from kohya_backend.jobs.remote_cleanup import PENDING_NAME, PendingDeletes, remote_copies
 from kohya_backend.jobs.remote_session import RUNNER_NAME, RemoteOptions, RemoteSession
 from kohya_backend.jobs.runner import (
     RESULT_NAME,
@@ -115,6 +116,8 @@ class RemoteRunner:
         self.options = options or RemoteOptions()
         self._sessions: dict[str, RemoteSession] = {}
         self._lock = threading.Lock()
+        self.pending_deletes = PendingDeletes(registry.path.parent)
+        self.pool.after_refresh = self._delete_on_answering
         self._last_warning = ""
         self._names_seen: frozenset[str] | None = None
 
@@ -276,6 +279,40 @@ class RemoteRunner:
         for session in sessions:  # each ends after its current request, before writing its answer
             session.join(self.options.events_wait_s + 10)
         self.pool.close()
+
+    # -- deleted jobs -------------------------------------------------------------------------------------
+
+    def forget(self, job: Job, record: dict[str, Any] | None, *, wait: bool = False) -> str | None:
+        """After `job` was deleted here: delete its copies on the workers its run.json `record` names.
+
+        Recorded first (HOME/worker-deletes.json), then deleted by the pool's monitor as soon as each worker
+        answers, or at once with `wait` (the CLI). Returns a note saying which (None: it had no copies).
+        """
+        copies = remote_copies(record)
+        if not copies:
+            return None
+        self.pending_deletes.add(copies)
+        names = ", ".join(sorted(copies))
+        if not wait:
+            self.pool.refresh_soon()
+            return f"its copy on worker {names} is deleted there in the background (retried until it answers)"
+        left = self.pending_deletes.flush(self.registry, copies)
+        waiting = sorted(w for w, job_id in copies.items() if job_id in left.get(w, []))
+        done = sorted(w for w in copies if w not in waiting)
+        notes = [f"deleted its copy on worker {', '.join(done)}"] if done else []
+        if waiting:
+            notes.append(
+                f"worker {', '.join(waiting)} did not answer (or still ran the job, now cancelled there): its copy "
+                f"is deleted later, while Train Management runs (pending in {PENDING_NAME})"
+            )
+        return "; ".join(notes)
+
+    def _delete_on_answering(self, states: dict[str, WorkerState]) -> None:
+        """The monitor's round: delete pending copies on the workers that answered it."""
+        pending = self.pending_deletes.pending()
+        answering = [n for n in pending if n in states and states[n].state in ("online", "busy")]
+        if answering:
+            self.pending_deletes.flush(self.registry, answering)
 
     # -- listings -----------------------------------------------------------------------------------------
 

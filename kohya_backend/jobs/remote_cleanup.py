@@ -1,0 +1,115 @@
+"""Copies of deleted jobs left on workers: deleting a job here deletes its copy on every worker that ran it.
+
+The copies a job has are in its run.json (read before its folder goes). They are recorded in
+HOME/worker-deletes.json and deleted from there: at once by the CLI, and by the pool's monitor whenever a worker
+with pending deletes answers, so a worker that is offline now loses its copies when it is back. A copy still
+running there is cancelled first and deleted on a later round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from kohya_backend.errors import TrainManagementError
+from kohya_backend.jobs.registry import WorkerRegistry, file_lock
+from kohya_backend.jobs.store import validate_job_id
+from kohya_backend.jobs.worker_client import WorkerClient, WorkerRejected, WorkerUnreachable
+
+log = logging.getLogger(__name__)
+
+PENDING_NAME = "worker-deletes.json"
+TIMEOUT_S = 10.0
+
+
+def remote_copies(record: dict[str, Any] | None) -> dict[str, str]:
+    """{worker name: remote job id} from a job's run.json (ids that are not job ids are left out)."""
+    copies = {}
+    for worker, remote in ((record or {}).get("remote") or {}).items():
+        job_id = remote.get("job") if isinstance(remote, dict) else None
+        try:
+            copies[str(worker)] = validate_job_id(str(job_id))
+        except TrainManagementError:
+            continue
+    return copies
+
+
+class PendingDeletes:
+    """HOME/worker-deletes.json: {worker name: [remote job ids]} still to delete on that worker."""
+
+    def __init__(self, home_root: Path) -> None:
+        self.path = Path(home_root) / PENDING_NAME
+        self._lock = threading.Lock()
+
+    def _read(self) -> dict[str, list[str]]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {str(k): [str(i) for i in v] for k, v in data.items() if isinstance(v, list) and v}
+
+    def _write(self, data: dict[str, list[str]]) -> None:
+        kept = {k: v for k, v in data.items() if v}
+        if not kept:
+            self.path.unlink(missing_ok=True)
+            return
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps(kept, indent=1), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def pending(self) -> dict[str, list[str]]:
+        """What is still to delete, by worker."""
+        return self._read() if self.path.exists() else {}
+
+    def add(self, copies: dict[str, str]) -> None:
+        """Record copies to delete (merged with what other processes recorded)."""
+        with self._lock, file_lock(self.path):
+            data = self._read()
+            for worker, job_id in copies.items():
+                if job_id not in data.setdefault(worker, []):
+                    data[worker].append(job_id)
+            self._write(data)
+
+    def flush(self, registry: WorkerRegistry, workers: Iterable[str] | None = None) -> dict[str, list[str]]:
+        """Delete pending copies on `workers` (default: all with pending deletes); returns what is left."""
+        with self._lock, file_lock(self.path):
+            data = self._read()
+            for worker in list(data if workers is None else set(workers) & set(data)):
+                data[worker] = _delete_on(registry, worker, data[worker])
+            self._write(data)
+            return {k: v for k, v in data.items() if v}
+
+
+def _delete_on(registry: WorkerRegistry, worker: str, job_ids: list[str]) -> list[str]:
+    """Delete `job_ids` on `worker`; the ids left for a later round."""
+    entry = registry.get(worker)
+    if entry is None:
+        log.warning("worker %s is not registered any more: its copies of %s stay there", worker, job_ids)
+        return []
+    left: list[str] = []
+    with WorkerClient(entry.url, entry.token, read_timeout_s=TIMEOUT_S) as client:
+        for index, job_id in enumerate(job_ids):
+            try:
+                client.delete_job(job_id)
+            except WorkerUnreachable:
+                return left + job_ids[index:]  # offline: every copy waits for the next round
+            except WorkerRejected as exc:
+                if exc.status != 409:  # nothing a retry would change
+                    log.warning("worker %s refused to delete job %s: %s", worker, job_id, exc.message)
+                    continue
+                left.append(job_id)  # still running there: cancel it, delete it on a later round
+                try:
+                    client.cancel(job_id)
+                except TrainManagementError as cancel_error:
+                    log.info("job %s on worker %s: %s", job_id, worker, cancel_error.message)
+            except TrainManagementError as exc:  # e.g. a refused token: keep it until that is fixed
+                log.warning("deleting job %s on worker %s failed: %s", job_id, worker, exc.message)
+                left.append(job_id)
+    return left

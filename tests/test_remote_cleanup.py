@@ -1,0 +1,121 @@
+"""Deleting a job here deletes its copies on the workers that ran it: at once when they answer, later when not."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from remote_support import TOKEN, WorkerThread
+
+from kohya_backend.assets.demo import prepare_demo
+from kohya_backend.jobs.registry import WorkerRegistry
+from kohya_backend.jobs.remote import RemoteRunner
+from kohya_backend.jobs.remote_cleanup import PENDING_NAME
+from kohya_backend.jobs.runner import RUN_NAME, write_json_atomic
+from kohya_backend.jobs.states import JobStatus
+from kohya_backend.jobs.transfer import TransferStats, Uploader, collect_input
+from kohya_backend.jobs.worker_client import WorkerClient
+from kohya_backend.models.hashing import Sha256Cache
+from kohya_backend.service.app import build_service
+from kohya_backend.service.training import TrainingService
+from kohya_backend.service.worker import build_worker
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    prepare_demo(root, fm_type="sd_1_5", steps=2)
+    return root
+
+
+@pytest.fixture
+def worker(tmp_path: Path) -> Iterator[tuple[WorkerThread, WorkerClient]]:
+    served = WorkerThread(build_worker(tmp_path / "worker", reserve_bytes=0, devices={"cpu": 1}))
+    with served, WorkerClient(served.url, TOKEN) as client:
+        yield served, client
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[TrainingService]:
+    built = build_service(tmp_path / "home", devices={"cpu": 1})
+    yield built
+    built.scheduler.stop()
+
+
+def _remote_job(client: WorkerClient, demo: Path, key: str) -> str:
+    cache = Sha256Cache(demo / "hashes.json")
+    inputs = [
+        collect_input("pretrained_model_name_or_path", demo / "models" / "demo-sd_1_5.safetensors", cache),
+        collect_input("train_data_dir", demo / "datasets" / "demo", cache),
+    ]
+    Uploader(client, TransferStats("w")).ensure(inputs)
+    spec = {"client_key": key, "fm_type": "sd_1_5", "output_name": "x", "config_params": {"resolution": "64,64"},
+            "inputs": {i.key: i.spec() for i in inputs}}  # fmt: skip
+    return str(client.submit(spec)["id"])
+
+
+def _local_job(service: TrainingService, copies: dict[str, str]) -> str:
+    """A job of this host that ran on those workers (their run.json entries), settled so it can be deleted."""
+    job = service.store.create(
+        fm_type="sd_1_5", model="m.safetensors", dataset="d", instance_type="worker", output_name="x",
+        config_toml='output_name = "x"\n', params={},
+    )  # fmt: skip
+    record = {
+        "runner": "worker",
+        "worker": next(iter(copies), None),
+        "remote": {w: {"job": j} for w, j in copies.items()},
+    }
+    write_json_atomic(job.folder / RUN_NAME, record)
+    service.store.transition(job.id, JobStatus.CANCELLED, "cancelled on the worker")
+    return job.id
+
+
+def test_deleting_a_job_deletes_its_copy_on_the_worker_or_records_it_for_later(
+    service: TrainingService, worker: tuple[WorkerThread, WorkerClient], demo: Path
+) -> None:
+    served, client = worker
+    home = service.home.root
+    registry = WorkerRegistry(home)
+    registry.add(served.url, TOKEN, name="w")
+    registry.add("http://127.0.0.1:9", TOKEN, name="off")
+    remote = _remote_job(client, demo, "host:1:w")
+    client.cancel(remote)
+    note = service.delete(_local_job(service, {"w": remote}), wait_remote=True)
+    assert note == "deleted its copy on worker w" and client.job(remote) is None
+    assert not (home / PENDING_NAME).exists()
+
+    running = _remote_job(client, demo, "host:2:w")  # still queued there: cancelled now, deleted later
+    away = "20200101-000000-abcdef"
+    note = service.delete(_local_job(service, {"w": running, "off": away}), wait_remote=True)
+    assert note is not None and "worker off, w did not answer (or still ran the job" in note
+    assert json.loads((home / PENDING_NAME).read_text()) == {"w": [running], "off": [away]}
+    view = client.job(running)
+    assert view is not None and view["status"] == "cancelled"
+
+    registry.add(served.url.replace("127.0.0.1", "localhost"), TOKEN, name="off")  # 'off' is back, elsewhere
+    runner = service.scheduler.runners["worker"]
+    assert isinstance(runner, RemoteRunner)
+    runner.pool.refresh_soon()  # the monitor deletes pending copies on the workers that answer
+    deadline = time.monotonic() + 30
+    while (home / PENDING_NAME).exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not (home / PENDING_NAME).exists() and client.job(running) is None
+
+
+def test_the_api_deletes_in_the_background_and_says_so(
+    service: TrainingService, worker: tuple[WorkerThread, WorkerClient], demo: Path
+) -> None:
+    served, client = worker
+    WorkerRegistry(service.home.root).add(served.url, TOKEN, name="w")
+    remote = _remote_job(client, demo, "host:3:w")
+    client.cancel(remote)
+    note = service.delete(_local_job(service, {"w": remote}))  # what the API and the tab call
+    assert note == "its copy on worker w is deleted there in the background (retried until it answers)"
+    deadline = time.monotonic() + 30
+    while client.job(remote) is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert client.job(remote) is None
+    assert service.delete(_local_job(service, {})) is None  # a job with no copies: nothing to say

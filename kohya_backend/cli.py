@@ -225,7 +225,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from kohya_backend.train.runtime import hide_bitsandbytes_unless_needed
     from kohya_backend.ui.standalone import serve
 
-    hide_bitsandbytes_unless_needed("")  # the server never trains itself; its demo writer needs no bitsandbytes
+    hide_bitsandbytes_unless_needed(
+        ""
+    )  # the server never trains itself; its demo writer needs no bitsandbytes
     serve(Path(args.home), host=args.host, port=args.port, token=args.token, demo=args.demo)
     return 0
 

@@ -62,8 +62,8 @@ def test_malicious_pickle_is_refused_without_running(tmp_path: Path) -> None:
     assert not marker.exists()
     text = str(info.value)
     assert "evil.ckpt" in text and "refused" in text and ".safetensors" in text
-    with pytest.raises(ModelError):
-        read_keys(path)
+    # Listing only walks the pickle's structure: the keys come back, and still nothing ran.
+    assert read_keys(path) == ["w"]
     assert not marker.exists()
 
 

@@ -114,7 +114,8 @@ def create_router(service: TrainingService, *, token: str | None = None) -> APIR
 
     @router.get("/instance-types", dependencies=guarded)
     def instance_types() -> dict[str, Any]:
-        return {"instance_types": service.instance_types()}
+        with _http_errors():
+            return {"instance_types": service.instance_types()}
 
     @router.get("/models", dependencies=guarded)
     def models() -> dict[str, Any]:

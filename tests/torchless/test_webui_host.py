@@ -196,3 +196,14 @@ def test_extension_access_follows_the_webuis_flag_or_its_rule() -> None:
         workers_refusal(False, False, Path("/h")) is None and workers_refusal(True, True, Path("/h")) is None
     )
     assert "--home /h" in (workers_refusal(True, False, Path("/h")) or "")
+
+
+def test_flag_workers_report_a_token_over_plain_http(tmp_path: Path) -> None:
+    from kohya_backend.host.workers import register_flag_workers
+
+    token = tmp_path / "token.txt"
+    token.write_text("a-long-enough-worker-token-0123456789\n", encoding="utf-8")
+    assert register_flag_workers(tmp_path / "home", ["http://127.0.0.1:7870"], str(token)) == []
+    (message,) = register_flag_workers(tmp_path / "home", ["http://gpu-box.example.com:7870"], str(token))
+    assert "--train-worker http://gpu-box.example.com:7870" in message and "plain http" in message
+    assert register_flag_workers(tmp_path / "home", ["https://gpu-box.example.com"], str(token)) == []

@@ -21,8 +21,9 @@ from jobs_support import config_without_name, statuses
 
 import kohya_backend
 from kohya_backend.assets.demo import prepare_demo
+from kohya_backend.jobs.progress import log_tail
 from kohya_backend.jobs.runner import LocalRunner
-from kohya_backend.jobs.scheduler import Scheduler, log_tail
+from kohya_backend.jobs.scheduler import Scheduler
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import Job, JobStore
 

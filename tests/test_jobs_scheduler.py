@@ -20,16 +20,14 @@ from safetensors.numpy import save_file
 import kohya_backend
 from kohya_backend.assets.demo import prepare_demo
 from kohya_backend.errors import ConfigError, TrainManagementError
+from kohya_backend.jobs.progress import EventTail, log_tail, summarize
 from kohya_backend.jobs.runner import RUN_NAME, LocalRunner, RunStatus, trainer_env
 from kohya_backend.jobs.scheduler import (
-    EventTail,
     Scheduler,
     SchedulerBusy,
     check_output_name,
     describe_exit,
-    log_tail,
     outcome_of,
-    summarize,
 )
 from kohya_backend.jobs.states import InvalidTransition, JobStatus
 from kohya_backend.jobs.store import Job, JobStore

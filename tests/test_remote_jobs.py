@@ -18,11 +18,12 @@ import uvicorn
 from remote_support import TOKEN, WorkerProcess, free_port
 
 from kohya_backend.assets.demo import prepare_demo
+from kohya_backend.jobs.progress import log_tail
 from kohya_backend.jobs.registry import WorkerRegistry
 from kohya_backend.jobs.remote import RemoteRunner
 from kohya_backend.jobs.remote_session import RemoteOptions
 from kohya_backend.jobs.runner import LocalRunner
-from kohya_backend.jobs.scheduler import Scheduler, log_tail
+from kohya_backend.jobs.scheduler import Scheduler
 from kohya_backend.jobs.store import JobStore
 from kohya_backend.jobs.transfer import TransferStats, Uploader, collect_input
 from kohya_backend.jobs.worker_client import WorkerClient

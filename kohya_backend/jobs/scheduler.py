@@ -9,7 +9,6 @@ Every status change goes through JobStore.transition.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -26,6 +25,7 @@ from tomlkit.exceptions import ParseError
 
 from kohya_backend.errors import ConfigError, ConfigIssue, TrainManagementError
 from kohya_backend.jobs.delivery import deliver, final_lora
+from kohya_backend.jobs.progress import EventTail, has_saved_state, log_tail, summarize
 from kohya_backend.jobs.runner import (
     EVENTS_NAME,
     FM_TYPES,
@@ -42,188 +42,6 @@ from kohya_backend.jobs.states import InvalidTransition, JobStatus
 from kohya_backend.jobs.store import Job, JobNotFound, JobStore
 
 log = logging.getLogger(__name__)
-
-MAX_READ_BYTES = 8 << 20
-LOG_TAIL_LINES = 20
-_LOG_TAIL_BYTES = 16 << 10
-MAX_WARNINGS = 20
-# Mirrors kohya_backend/train/state.py: complete states are folders `state-NNNNNNNN` in <output_name>-state/.
-_STATE_DIR = re.compile(r"^state-\d{8,}$")
-
-
-def _parse_line(raw: bytes) -> dict[str, Any]:
-    text = raw.decode("utf-8", errors="replace").strip()
-    try:
-        event = json.loads(text)
-    except ValueError:
-        event = None
-    return event if isinstance(event, dict) else {"kind": "unreadable", "text": text[:200]}
-
-
-def _skip_lines(path: Path, lines: int) -> int:
-    """The byte position just after the first `lines` complete lines of `path` (or of all it has)."""
-    position = 0
-    if lines <= 0:
-        return 0
-    with open(path, "rb") as handle:
-        while lines > 0:
-            block = handle.read(1 << 20)
-            if not block:
-                break
-            start = 0
-            while lines > 0:
-                newline = block.find(b"\n", start)
-                if newline < 0:
-                    break
-                lines -= 1
-                start = newline + 1
-            position += start if lines == 0 else len(block)
-    return position
-
-
-class EventTail:
-    """Reads each job's events.jsonl from where it stopped last time (byte positions kept in memory).
-
-    The store keeps the count of ingested lines, so after a restart the first read skips that many lines
-    once; a half-written last line stays for the next read.
-    """
-
-    def __init__(self) -> None:
-        self._positions: dict[str, tuple[int, int]] = {}
-
-    def read(self, job_id: str, path: Path, lines_done: int) -> tuple[list[dict[str, Any]], int]:
-        """New complete events after line `lines_done`, and the line count to record once they are applied."""
-        try:
-            cached = self._positions.get(job_id)
-            start = cached[1] if cached and cached[0] == lines_done else _skip_lines(path, lines_done)
-            with open(path, "rb") as handle:
-                handle.seek(start)
-                data = handle.read(MAX_READ_BYTES)
-        except FileNotFoundError:
-            return [], lines_done
-        end = data.rfind(b"\n")
-        if end < 0:
-            return [], lines_done
-        events = [_parse_line(raw) for raw in data[:end].split(b"\n")]
-        done = lines_done + len(events)
-        self._positions[job_id] = (done, start + end + 1)
-        return events, done
-
-    def forget(self, job_id: str) -> None:
-        """Drop the cached position of a job that no longer runs."""
-        self._positions.pop(job_id, None)
-
-
-@dataclass
-class EventSummary:
-    """What a batch of events means for a job: progress to merge, outputs to record, state changes seen."""
-
-    progress: dict[str, Any] = field(default_factory=dict)
-    outputs: list[str] = field(default_factory=list)
-    stepped: bool = False
-    final_saved: bool = False
-
-
-def _step_progress(event: dict[str, Any]) -> dict[str, Any]:
-    lrs = event.get("lrs")
-    lr = lrs[0] if isinstance(lrs, list) and lrs else event.get("lr")
-    out: dict[str, Any] = {
-        "step": event.get("step"),
-        "epoch": event.get("epoch"),
-        "loss": event.get("loss"),
-        "avg_loss": event.get("avg_loss"),
-        "lr": lr,
-        "it_per_s": event.get("it_per_s", event.get("it_s")),
-        "eta_s": event.get("eta_s"),
-        "phase": "training",
-    }
-    if isinstance(lrs, list):
-        out["lrs"] = lrs
-    for key in ("total_steps", "total_epochs"):
-        if event.get(key):
-            out[key] = event[key]
-    return out
-
-
-_UPLOAD_KEYS = ("worker", "done", "total", "sent", "skipped", "files")
-_PLAN_KEYS = (
-    "total_steps",
-    "steps_per_epoch",
-    "epochs",
-    "batches_per_epoch",
-    "num_train_images",
-    "batch_size",
-)
-
-
-def summarize(events: list[dict[str, Any]], warnings: list[str]) -> EventSummary:
-    """Fold trainer events (oldest first) into progress fields; `warnings` are the job's earlier ones."""
-    summary = EventSummary()
-    progress = summary.progress
-    warnings = list(warnings)
-    for event in events:
-        kind = event.get("kind")
-        if kind == "step":
-            progress.update(_step_progress(event))
-            summary.stepped = True
-        elif kind == "plan":
-            progress.update({k: event[k] for k in _PLAN_KEYS if k in event})
-            if "epochs" in event:
-                progress["total_epochs"] = event["epochs"]
-        elif kind == "start":
-            progress.update(phase="loading", device=event.get("device"))
-        elif kind == "upload":  # a remote runner sending the job's files to its worker
-            progress.update(phase="uploading", upload={k: event.get(k) for k in _UPLOAD_KEYS})
-        elif kind == "submitted":
-            progress.update(phase="submitted", worker=event.get("worker"), remote_job=event.get("job"))
-        elif kind == "caching":
-            progress.update(phase="caching", caching={k: event.get(k) for k in ("what", "done", "total")})
-        elif kind == "epoch":
-            progress["epoch"] = event.get("epoch")
-        elif kind == "saved" and isinstance(event.get("path"), str):
-            summary.outputs.append(event["path"])
-            progress["last_saved"] = event["path"]
-            if event.get("final"):
-                progress["phase"] = "saving"
-                summary.final_saved = True
-        elif kind == "sample" and isinstance(event.get("path"), str):
-            summary.outputs.append(event["path"])
-            progress["last_sample"] = event["path"]
-        elif kind == "state_saved":
-            progress["state"] = event.get("path")
-        elif kind == "warning":
-            warnings = [*warnings, str(event.get("message"))][-MAX_WARNINGS:]
-            progress["warnings"] = warnings
-        elif kind == "error":
-            progress["error"] = {"message": event.get("message"), "hint": event.get("hint")}
-        elif kind in ("stopped", "done"):
-            progress["phase"] = kind
-            progress.update({k: event[k] for k in ("step", "epoch", "output") if k in event})
-    return summary
-
-
-def log_tail(folder: Path, lines: int = LOG_TAIL_LINES) -> str:
-    """The last `lines` non-empty lines of the job's train.log ('' when there is none)."""
-    try:
-        with open(folder / LOG_NAME, "rb") as handle:
-            handle.seek(0, 2)
-            size = handle.tell()
-            handle.seek(max(0, size - _LOG_TAIL_BYTES))
-            data = handle.read()
-    except OSError:
-        return ""
-    text = data.decode("utf-8", errors="replace").replace("\r", "\n")
-    kept = [line.rstrip() for line in text.split("\n") if line.strip()]
-    return "\n".join(kept[-lines:])
-
-
-def has_saved_state(folder: Path) -> bool:
-    """True when the job's output folder holds a complete saved training state to resume from."""
-    output = folder / "output"
-    if not output.is_dir():
-        return False
-    return any(_STATE_DIR.match(p.name) and p.is_dir() for p in output.glob("*-state/state-*"))
-
 
 # -- outcomes -----------------------------------------------------------------------------------------------
 

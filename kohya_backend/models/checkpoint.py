@@ -23,6 +23,7 @@ from kohya_backend.models.keys import (
     read_metadata,
     unsupported,
 )
+from kohya_backend.models.pickle_keys import split_payload
 
 __all__ = ["PICKLE_SUFFIXES", "SAFETENSORS_SUFFIXES", "read_checkpoint", "read_keys", "read_metadata"]
 
@@ -94,14 +95,7 @@ def _read_pickle(path: Path, device: str) -> tuple[dict[str, Tensor], dict[str, 
         ) from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise corrupt(path, exc) from exc
-    if not isinstance(loaded, dict):
-        raise ModelError(
-            f"checkpoint {path} holds a {type(loaded).__name__}, not a state dict",
-            hint="use a single-file Stable Diffusion checkpoint",
-        )
-    metadata = {k: v for k, v in loaded.items() if isinstance(k, str) and isinstance(v, str)}
-    inner = loaded.get("state_dict")
-    state = inner if isinstance(inner, dict) else loaded
+    state, metadata = split_payload(loaded, path)
     tensors = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, Tensor)}
     return tensors, metadata
 

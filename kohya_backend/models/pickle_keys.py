@@ -82,6 +82,13 @@ def pickled_keys_and_metadata(path: Path) -> tuple[list[str], dict[str, str]]:
             f"checkpoint {path} is truncated or corrupt and cannot be read ({type(exc).__name__}: {exc})",
             hint="download or copy the file again; compare its size and sha256 with the source",
         ) from exc
+    state, metadata = split_payload(payload, path)
+    keys = [k for k, v in state.items() if isinstance(k, str) and isinstance(v, _Inert)]
+    return keys, metadata
+
+
+def split_payload(payload: Any, path: Path) -> tuple[dict[Any, Any], dict[str, str]]:
+    """(state dict, top-level string entries) of what a checkpoint pickled; a nested "state_dict" is unwrapped."""
     if not isinstance(payload, dict):
         raise ModelError(
             f"checkpoint {path} holds a {type(payload).__name__}, not a state dict",
@@ -89,6 +96,4 @@ def pickled_keys_and_metadata(path: Path) -> tuple[list[str], dict[str, str]]:
         )
     metadata = {k: v for k, v in payload.items() if isinstance(k, str) and isinstance(v, str)}
     inner = payload.get("state_dict")
-    state = inner if isinstance(inner, dict) else payload
-    keys = [k for k, v in state.items() if isinstance(k, str) and isinstance(v, _Inert)]
-    return keys, metadata
+    return (inner if isinstance(inner, dict) else payload), metadata

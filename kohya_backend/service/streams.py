@@ -19,7 +19,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from kohya_backend.errors import TrainManagementError
-from kohya_backend.jobs.scheduler import EventTail
+from kohya_backend.jobs.progress import EventTail
 from kohya_backend.service.training import TrainingService
 
 MAX_WAIT_S = 60.0

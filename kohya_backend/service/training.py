@@ -252,7 +252,7 @@ class TrainingService:
 
     def show(self, job_id: str) -> dict[str, Any]:
         """One job in full: summary, plan, config, transitions and the tail of its log."""
-        from kohya_backend.jobs.scheduler import log_tail
+        from kohya_backend.jobs.progress import log_tail
 
         job = self.store.get(job_id)
         out = job_summary(job)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kohya_backend.jobs.scheduler import EventTail
+from kohya_backend.jobs.progress import EventTail
 from kohya_backend.ui.present import loss_rows
 
 MAX_JOBS = 4  # jobs whose loss rows and thumbnails are kept (the selected ones of the open browser tabs)

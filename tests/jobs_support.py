@@ -7,6 +7,25 @@ import tomlkit
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import JobStore
 
+# A config that trains the tiny demo model (prepare_demo) in seconds on a CPU; format with steps= and name=.
+FAST_CONFIG = """\
+tokenizer_cache_dir = "tokenizer"
+caption_extension = ".txt"
+resolution = "64,64"
+enable_bucket = false
+train_batch_size = 2
+max_train_steps = {steps}
+network_dim = 4
+network_alpha = 4
+optimizer_type = "AdamW"
+learning_rate = 1e-3
+lr_scheduler = "constant"
+mixed_precision = "no"
+save_precision = "fp16"
+seed = 1
+output_name = "{name}"
+"""
+
 
 def config_without_name(base: str, **changes: object) -> str:
     """The demo config with output_name removed (the scheduler writes it) and `changes` applied."""

@@ -5,30 +5,22 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psutil
 import uvicorn
+from server_support import free_port, running
 
 import kohya_backend
 from kohya_backend.jobs.worker_protocol import WORKER_PREFIX
 from kohya_backend.service.worker import Worker, create_worker_app
 
 TOKEN = "worker-test-token-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_healthy(url: str, timeout: float = 60.0) -> None:
@@ -113,20 +105,4 @@ class WorkerThread:
         self.thread.join(10)
 
 
-@contextlib.contextmanager
-def running(app: Any) -> Iterator[str]:
-    """Serve an ASGI `app` on 127.0.0.1 in a thread until the block ends; yields its base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+__all__ = ["TOKEN", "WorkerProcess", "WorkerThread", "free_port", "running", "wait_healthy"]

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from jobs_support import FAST_CONFIG
 
 from kohya_backend.assets.demo import prepare_demo
 from kohya_backend.service.api import API_PREFIX
@@ -22,23 +23,7 @@ from kohya_backend.service.training import TrainingService
 
 TOKEN = "s3cret-token"
 
-CONFIG = """\
-tokenizer_cache_dir = "tokenizer"
-caption_extension = ".txt"
-resolution = "64,64"
-enable_bucket = false
-train_batch_size = 2
-max_train_steps = {steps}
-network_dim = 4
-network_alpha = 4
-optimizer_type = "AdamW"
-learning_rate = 1e-3
-lr_scheduler = "constant"
-mixed_precision = "no"
-save_precision = "fp16"
-seed = 1
-output_name = "{name}"
-"""
+CONFIG = FAST_CONFIG
 
 
 def _free_port() -> int:

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "webui_stub"))
+from jobs_support import FAST_CONFIG
 from stub_webui import running_webui
 
 from kohya_backend.assets.demo import prepare_demo
@@ -26,23 +27,7 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "webui"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]  # fmt: skip
-CONFIG = """\
-tokenizer_cache_dir = "tokenizer"
-caption_extension = ".txt"
-resolution = "64,64"
-enable_bucket = false
-train_batch_size = 2
-max_train_steps = 4
-network_dim = 4
-network_alpha = 4
-optimizer_type = "AdamW"
-learning_rate = 1e-3
-lr_scheduler = "constant"
-mixed_precision = "no"
-save_precision = "fp16"
-seed = 1
-output_name = "webui_lora"
-"""
+CONFIG = FAST_CONFIG.format(steps=4, name="webui_lora")
 
 
 def _webui_folders(tmp_path: Path) -> Path:

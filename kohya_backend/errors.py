@@ -6,7 +6,13 @@ from dataclasses import dataclass
 
 
 class TrainManagementError(Exception):
-    """Base of every error this project raises on purpose; `hint` says how to fix it."""
+    """Base of every error this project raises on purpose; `hint` says how to fix it.
+
+    `http_status` is what the REST API and the worker answer with (subclasses say 404, 409, ...); `details()` adds
+    the error's own fields (issues, files, job ids) to the answer's body.
+    """
+
+    http_status = 400
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
@@ -15,6 +21,10 @@ class TrainManagementError(Exception):
 
     def __str__(self) -> str:
         return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message
+
+    def details(self) -> dict[str, object]:
+        """Fields beyond message and hint that a client can act on."""
+        return {}
 
 
 @dataclass
@@ -55,6 +65,9 @@ class ConfigError(TrainManagementError):
         lines = "\n".join(f"  - {i.render()}" for i in issues)
         super().__init__(f"config_params has {len(issues)} problem(s):\n{lines}")
 
+    def details(self) -> dict[str, object]:
+        return {"issues": [i.to_dict() for i in self.issues]}
+
 
 class DatasetError(TrainManagementError):
     """The dataset cannot be trained on (layout, images, repeats); `files` names the culprits."""
@@ -62,6 +75,9 @@ class DatasetError(TrainManagementError):
     def __init__(self, message: str, hint: str | None = None, files: list[str] | None = None) -> None:
         super().__init__(message, hint)
         self.files = files or []
+
+    def details(self) -> dict[str, object]:
+        return {"files": [str(f) for f in self.files]}
 
 
 class ModelError(TrainManagementError):

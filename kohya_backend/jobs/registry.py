@@ -36,9 +36,13 @@ _LOCK_SUFFIX = ".lock"
 class WorkerNotFound(TrainManagementError):
     """No worker of this name is registered."""
 
+    http_status = 404
+
 
 class WorkerConflict(TrainManagementError):
     """Adding this worker would rename or replace another registered one."""
+
+    http_status = 409
 
 
 @dataclass(frozen=True)

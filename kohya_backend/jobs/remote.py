@@ -60,9 +60,14 @@ def _device(worker: str) -> str:
 class WorkerBusy(TrainManagementError):
     """Queued or running jobs still use this worker, so it cannot be removed; `job_ids` lists them."""
 
+    http_status = 409
+
     def __init__(self, message: str, hint: str | None, job_ids: list[str]) -> None:
         super().__init__(message, hint)
         self.job_ids = job_ids
+
+    def details(self) -> dict[str, object]:
+        return {"jobs": self.job_ids}
 
 
 def jobs_using_worker(store: JobStore, name: str) -> list[str]:

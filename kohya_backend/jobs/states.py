@@ -89,6 +89,8 @@ def _names(statuses: frozenset[JobStatus]) -> str:
 class InvalidTransition(TrainManagementError):
     """A status change the state machine forbids, or one whose expected current state no longer holds."""
 
+    http_status = 409
+
     def __init__(
         self,
         job_id: str,

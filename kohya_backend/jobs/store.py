@@ -38,13 +38,19 @@ _JOB_COLUMNS = (
 class JobNotFound(TrainManagementError):
     """No job with this id exists in the store."""
 
+    http_status = 404
+
 
 class InvalidJobId(JobNotFound):
     """A string that cannot be a job id (rejected before it reaches the filesystem or the database)."""
 
+    http_status = 400
+
 
 class JobActive(TrainManagementError):
     """The job still has, or may soon have, a process working on it, so it cannot be deleted."""
+
+    http_status = 409
 
 
 class StoreError(TrainManagementError):

@@ -8,19 +8,14 @@ job, the scheduler thread trains it. The log and event followers (service/stream
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response
 from pydantic import BaseModel
 
-from kohya_backend.errors import ConfigError, DatasetError, TrainManagementError
-from kohya_backend.jobs.states import InvalidTransition
-from kohya_backend.jobs.store import InvalidJobId, JobActive, JobNotFound
-from kohya_backend.service.home import NotInHome
+from kohya_backend.service.http_errors import http_errors
 from kohya_backend.service.streams import add_stream_routes
-from kohya_backend.service.training import OutputNameTaken, Submission, TrainingService
+from kohya_backend.service.training import Submission, TrainingService
 from kohya_backend.service.workers_api import create_workers_router
 
 API_PREFIX = "/train-management/v1"
@@ -54,35 +49,6 @@ class TrainingRequest(BaseModel):
     config_params: str | dict[str, Any] = ""
 
 
-def _status_of(exc: TrainManagementError) -> int:
-    if isinstance(exc, InvalidJobId):
-        return 400
-    if isinstance(exc, (JobNotFound, NotInHome)):
-        return 404
-    if isinstance(exc, (OutputNameTaken, JobActive, InvalidTransition)):
-        return 409
-    return 400
-
-
-def error_body(exc: TrainManagementError) -> dict[str, Any]:
-    """The JSON `detail` of an error response: message, hint, and the issues or files when there are any."""
-    body: dict[str, Any] = {"error": type(exc).__name__, "message": exc.message, "hint": exc.hint}
-    if isinstance(exc, ConfigError):
-        body["issues"] = [i.to_dict() for i in exc.issues]
-    if isinstance(exc, DatasetError):
-        body["files"] = [str(f) for f in exc.files]
-    return body
-
-
-@contextmanager
-def _http_errors() -> Iterator[None]:
-    """Turn the project's typed errors into HTTP errors (400 bad input, 404 unknown, 409 conflicting state)."""
-    try:
-        yield
-    except TrainManagementError as exc:
-        raise HTTPException(status_code=_status_of(exc), detail=error_body(exc)) from exc
-
-
 def _auth_dependency(token: str | None) -> Any:
     expected = token.encode("utf-8") if token else None
 
@@ -114,17 +80,17 @@ def create_router(service: TrainingService, *, token: str | None = None) -> APIR
 
     @router.get("/instance-types", dependencies=guarded)
     def instance_types() -> dict[str, Any]:
-        with _http_errors():
+        with http_errors():
             return {"instance_types": service.instance_types()}
 
     @router.get("/models", dependencies=guarded)
     def models() -> dict[str, Any]:
-        with _http_errors():
+        with http_errors():
             return {"root": str(service.home.models), "models": service.home.list_models()}
 
     @router.get("/datasets", dependencies=guarded)
     def datasets(caption_extension: str = ".txt") -> dict[str, Any]:
-        with _http_errors():
+        with http_errors():
             return {
                 "root": str(service.home.datasets),
                 "datasets": service.home.list_datasets(caption_extension),
@@ -132,7 +98,7 @@ def create_router(service: TrainingService, *, token: str | None = None) -> APIR
 
     @router.post("/config/format", dependencies=guarded)
     def format_config(body: FormatRequest) -> dict[str, Any]:
-        with _http_errors():
+        with http_errors():
             return service.format_config(
                 body.config_params,
                 body.fm_type,
@@ -144,7 +110,7 @@ def create_router(service: TrainingService, *, token: str | None = None) -> APIR
     @router.post("/trainings", status_code=201, dependencies=guarded)
     def create_training(body: TrainingRequest) -> dict[str, Any]:
         params = body.training_params
-        with _http_errors():
+        with http_errors():
             job = service.submit(
                 Submission(
                     model=params.model,
@@ -163,31 +129,31 @@ def create_router(service: TrainingService, *, token: str | None = None) -> APIR
         limit: int = 50,
     ) -> dict[str, Any]:
         wanted = [s for item in status or [] for s in item.split(",") if s]
-        with _http_errors():
+        with http_errors():
             return service.list(status=wanted or None, offset=offset, limit=limit)
 
     @router.get("/trainings/{job_id}", dependencies=guarded)
     def show_training(job_id: str) -> dict[str, Any]:
-        with _http_errors():
+        with http_errors():
             return {"job": service.show(job_id)}
 
     @router.post("/trainings/{job_id}/cancel", dependencies=guarded)
     def cancel_training(job_id: str) -> dict[str, Any]:
-        with _http_errors():
+        with http_errors():
             return {"job": service.cancel(job_id)}
 
     @router.post("/trainings/{job_id}/resume", dependencies=guarded)
     def resume_training(job_id: str) -> dict[str, Any]:
-        with _http_errors():
+        with http_errors():
             return {"job": service.resume(job_id)}
 
     @router.delete("/trainings/{job_id}", status_code=204, dependencies=guarded)
     def delete_training(job_id: str) -> Response:
-        with _http_errors():
+        with http_errors():
             service.delete(job_id)
         return Response(status_code=204)
 
-    add_stream_routes(router, service, guarded, _http_errors)
+    add_stream_routes(router, service, guarded, http_errors)
     from kohya_backend.service.datasets_api import add_dataset_routes  # imports this module: late
 
     add_dataset_routes(router, service, guarded)

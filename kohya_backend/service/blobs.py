@@ -33,6 +33,7 @@ from kohya_backend.jobs.worker_protocol import (
     InvalidName,
     validate_sha256,
 )
+from kohya_backend.service.http_errors import http_error
 
 BLOBS_DIR = "blobs"  # under a worker's home
 DEFAULT_MAX_BLOB_BYTES = 64 << 30
@@ -48,27 +49,25 @@ _READ_CHUNK = 4 << 20
 
 
 class BlobError(TrainManagementError):
-    """An upload the blob store refuses; `status` is the HTTP status the worker answers with."""
-
-    status = 400
+    """An upload the blob store refuses (http_status: what the worker answers with)."""
 
 
 class BlobTooLarge(BlobError):
     """The declared size exceeds the worker's limit, or more bytes arrived than were declared."""
 
-    status = 413
+    http_status = 413
 
 
 class InsufficientStorage(BlobError):
     """The worker's disk has not enough free space for the rest of the blob."""
 
-    status = 507
+    http_status = 507
 
 
 class UploadConflict(BlobError):
     """The upload's offset does not match what the worker holds, or another upload of it is running."""
 
-    status = 409
+    http_status = 409
 
     def __init__(self, message: str, hint: str | None, offset: int) -> None:
         super().__init__(message, hint)
@@ -78,7 +77,7 @@ class UploadConflict(BlobError):
 class HashMismatch(BlobError):
     """The bytes received do not hash to the sha256 they were uploaded as; the partial is discarded."""
 
-    status = 422
+    http_status = 422
 
 
 @dataclass(frozen=True)
@@ -396,10 +395,8 @@ class BlobQuery(BaseModel):
 
 
 def _http(exc: TrainManagementError) -> HTTPException:
-    status = exc.status if isinstance(exc, BlobError) else 400
     headers = {OFFSET_HEADER: str(exc.offset)} if isinstance(exc, UploadConflict) else None
-    detail = {"error": type(exc).__name__, "message": exc.message, "hint": exc.hint}
-    return HTTPException(status_code=status, detail=detail, headers=headers)
+    return http_error(exc, headers)
 
 
 def _state_headers(state: BlobState) -> dict[str, str]:

@@ -36,9 +36,13 @@ _CAPTION_EXTENSION = re.compile(r"^\.[A-Za-z0-9_-]{1,15}$")
 class DatasetExists(TrainManagementError):
     """A dataset of that name already exists (creating never merges into or replaces one)."""
 
+    http_status = 409
+
 
 class DatasetInUse(TrainManagementError):
     """A queued or running job trains on the dataset, so it may not change under it."""
+
+    http_status = 409
 
 
 @dataclass(frozen=True)

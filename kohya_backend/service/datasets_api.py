@@ -7,18 +7,15 @@ unpacking and image checks run in FastAPI's thread pool, never on the event loop
 from __future__ import annotations
 
 import mimetypes
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
-from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
+from fastapi import APIRouter, File, Form, Response, UploadFile
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
 
 from kohya_backend.data.preprocess import Preprocess
-from kohya_backend.errors import TrainManagementError
-from kohya_backend.service.api import _status_of, error_body
-from kohya_backend.service.datasets import DatasetExists, DatasetInUse, DatasetService, IncomingFile
+from kohya_backend.service.datasets import DatasetService, IncomingFile
+from kohya_backend.service.http_errors import http_errors
 from kohya_backend.service.training import TrainingService
 
 _FILES = File(..., description="images, captions and zips; a name may be a relative path (folder upload)")
@@ -34,17 +31,6 @@ class CaptionBody(BaseModel):
     caption: str
 
 
-@contextmanager
-def _dataset_errors() -> Iterator[None]:
-    """The API's error mapping, plus 409 for a dataset that exists already or that a job uses."""
-    try:
-        yield
-    except (DatasetExists, DatasetInUse) as exc:
-        raise HTTPException(status_code=409, detail=error_body(exc)) from exc
-    except TrainManagementError as exc:
-        raise HTTPException(status_code=_status_of(exc), detail=error_body(exc)) from exc
-
-
 def add_dataset_routes(router: APIRouter, service: TrainingService, guarded: list[Any]) -> DatasetService:
     """Add the dataset routes to `router` (behind the `guarded` dependencies); returns the DatasetService used."""
     datasets = DatasetService(service.home, jobs=service.store)
@@ -57,7 +43,7 @@ def add_dataset_routes(router: APIRouter, service: TrainingService, guarded: lis
         subject: str | None = _SUBJECT,
         preprocess: str | None = _PREPROCESS,
     ) -> dict[str, Any]:
-        with _dataset_errors():
+        with http_errors():
             incoming = [IncomingFile(upload.filename or "upload", upload.file) for upload in files]
             return {
                 "dataset": datasets.create(
@@ -71,42 +57,42 @@ def add_dataset_routes(router: APIRouter, service: TrainingService, guarded: lis
 
     @router.get("/datasets/{name}", dependencies=guarded)
     def show_dataset(name: str, caption_extension: str = ".txt") -> dict[str, Any]:
-        with _dataset_errors():
+        with http_errors():
             return {"dataset": datasets.show(name, caption_extension)}
 
     @router.get("/datasets/{name}/report", dependencies=guarded)
     def dataset_report(name: str, caption_extension: str = ".txt", verify: bool = True) -> dict[str, Any]:
-        with _dataset_errors():
+        with http_errors():
             return {"report": datasets.validate(name, caption_extension, verify_images=verify)}
 
     @router.get("/datasets/{name}/images/{image:path}", dependencies=guarded)
     def dataset_image(name: str, image: str) -> Response:
-        with _dataset_errors():
+        with http_errors():
             path = datasets.image_path(name, image)
         media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         return FileResponse(path, media_type=media, headers={"X-Content-Type-Options": "nosniff"})
 
     @router.get("/datasets/{name}/captions/{image:path}", dependencies=guarded)
     def read_caption(name: str, image: str, caption_extension: str = ".txt") -> dict[str, Any]:
-        with _dataset_errors():
+        with http_errors():
             return {"image": image, "caption": datasets.read_caption(name, image, caption_extension)}
 
     @router.put("/datasets/{name}/captions/{image:path}", dependencies=guarded)
     def write_caption(
         name: str, image: str, body: CaptionBody, caption_extension: str = ".txt"
     ) -> dict[str, Any]:
-        with _dataset_errors():
+        with http_errors():
             return datasets.write_caption(name, image, body.caption, caption_extension)
 
     @router.delete("/datasets/{name}/images/{image:path}", status_code=204, dependencies=guarded)
     def delete_image(name: str, image: str) -> Response:
-        with _dataset_errors():
+        with http_errors():
             datasets.delete_image(name, image)
         return Response(status_code=204)
 
     @router.delete("/datasets/{name}", status_code=204, dependencies=guarded)
     def delete_dataset(name: str) -> Response:
-        with _dataset_errors():
+        with http_errors():
             datasets.delete(name)
         return Response(status_code=204)
 

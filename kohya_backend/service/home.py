@@ -30,6 +30,8 @@ class PathOutsideHome(TrainManagementError):
 class NotInHome(TrainManagementError):
     """A model or dataset name that does not exist under its root; the message lists what does."""
 
+    http_status = 404
+
 
 @dataclass(frozen=True)
 class _Cached:

@@ -30,6 +30,8 @@ _SERVER_PATHS = ("pretrained_model_name_or_path", "train_data_dir", "output_dir"
 class OutputNameTaken(TrainManagementError):
     """Another job already writes a LoRA with this output_name."""
 
+    http_status = 409
+
 
 @dataclass
 class Submission:

@@ -13,13 +13,11 @@ import secrets
 import shutil
 import socket
 import stat
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, HTTPException, Response
+from fastapi import APIRouter, FastAPI, Response
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
 
@@ -27,8 +25,8 @@ import kohya_backend
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs.runner import LocalRunner
 from kohya_backend.jobs.scheduler import Scheduler, default_devices
-from kohya_backend.jobs.states import InvalidTransition, JobStatus
-from kohya_backend.jobs.store import InvalidJobId, JobActive, JobNotFound, JobStore
+from kohya_backend.jobs.states import JobStatus
+from kohya_backend.jobs.store import JobStore
 from kohya_backend.jobs.worker_protocol import (
     DEFAULT_WORKER_PORT,
     LOG_SIZE_HEADER,
@@ -36,22 +34,20 @@ from kohya_backend.jobs.worker_protocol import (
     STATUS_HEADER,
     WORKER_API_VERSION,
     WORKER_PREFIX,
-    InvalidName,
 )
-from kohya_backend.service.api import error_body
 from kohya_backend.service.auth import BearerTokenMiddleware
 from kohya_backend.service.blobs import (
     BLOBS_DIR,
     DEFAULT_MAX_BLOB_BYTES,
     DEFAULT_RESERVE_BYTES,
-    BlobError,
     BlobStore,
     create_blob_router,
 )
 from kohya_backend.service.home import Home
+from kohya_backend.service.http_errors import http_errors
 from kohya_backend.service.training import TrainingService
-from kohya_backend.service.worker_gc import BlobInUse, delete_blob
-from kohya_backend.service.worker_jobs import MAX_LOG_CHUNK, MissingBlobs, WorkerJobs
+from kohya_backend.service.worker_gc import delete_blob
+from kohya_backend.service.worker_jobs import MAX_LOG_CHUNK, WorkerJobs
 
 DEFAULT_WORKER_HOME = "train_management_worker"
 TOKEN_ENV = "TRAIN_MANAGEMENT_WORKER_TOKEN"
@@ -132,31 +128,6 @@ def build_worker(
     return Worker(service, blobs, WorkerJobs(service, blobs), socket.gethostname(), gpus)
 
 
-def _status(exc: TrainManagementError) -> int:
-    if isinstance(exc, BlobError):
-        return exc.status
-    if isinstance(exc, (InvalidName, InvalidJobId)):
-        return 400
-    if isinstance(exc, JobNotFound):
-        return 404
-    if isinstance(exc, (InvalidTransition, JobActive, MissingBlobs)):
-        return 409
-    return 400
-
-
-@contextmanager
-def _http_errors() -> Iterator[None]:
-    try:
-        yield
-    except TrainManagementError as exc:
-        detail = error_body(exc)
-        if isinstance(exc, MissingBlobs):
-            detail["missing"] = exc.missing
-        if isinstance(exc, BlobInUse):
-            detail["jobs"] = exc.job_ids
-        raise HTTPException(status_code=_status(exc), detail=detail) from exc
-
-
 class JobRequest(BaseModel):
     """Body of POST /jobs (checked field by field in WorkerJobs.submit, with messages a client can act on)."""
 
@@ -172,7 +143,7 @@ def _job_routes(router: APIRouter, jobs: WorkerJobs) -> None:
 
     @router.post("/jobs", status_code=201)
     def submit(body: JobRequest, response: Response) -> dict[str, Any]:
-        with _http_errors():
+        with http_errors():
             fields = ("client_key", "fm_type", "output_name", "config_params", "inputs")
             view, created = jobs.submit({name: getattr(body, name) for name in fields})
         if not created:
@@ -181,43 +152,43 @@ def _job_routes(router: APIRouter, jobs: WorkerJobs) -> None:
 
     @router.get("/jobs/{job_id}")
     def show(job_id: str) -> dict[str, Any]:
-        with _http_errors():
+        with http_errors():
             return {"job": jobs.view(job_id)}
 
     @router.get("/jobs/{job_id}/events")
     def events(job_id: str, after: int = 0, wait: float = 0.0) -> dict[str, Any]:
-        with _http_errors():
+        with http_errors():
             return jobs.events(job_id, after, wait)
 
     @router.get("/jobs/{job_id}/log")
     def log(job_id: str, offset: int = 0, limit: int = MAX_LOG_CHUNK) -> Response:
-        with _http_errors():
+        with http_errors():
             data, size, status = jobs.log(job_id, offset, limit)
         headers = {LOG_SIZE_HEADER: str(size), STATUS_HEADER: status}
         return Response(content=data, media_type="application/octet-stream", headers=headers)
 
     @router.get("/jobs/{job_id}/files/{relpath:path}")
     def output_file(job_id: str, relpath: str) -> FileResponse:
-        with _http_errors():
+        with http_errors():
             path, info = jobs.output_file(job_id, relpath)
         headers = {SHA256_HEADER: info["sha256"]}
         return FileResponse(path, media_type="application/octet-stream", headers=headers)
 
     @router.post("/jobs/{job_id}/cancel")
     def cancel(job_id: str) -> dict[str, Any]:
-        with _http_errors():
+        with http_errors():
             service.cancel(job_id)
             return {"job": jobs.view(job_id)}
 
     @router.post("/jobs/{job_id}/resume")
     def resume(job_id: str) -> dict[str, Any]:
-        with _http_errors():
+        with http_errors():
             service.resume(job_id)
             return {"job": jobs.view(job_id)}
 
     @router.delete("/jobs/{job_id}", status_code=204)
     def delete(job_id: str) -> Response:
-        with _http_errors():
+        with http_errors():
             service.delete(job_id)
         return Response(status_code=204)
 
@@ -249,7 +220,7 @@ def create_worker_app(worker: Worker, *, token: str) -> FastAPI:
     @guarded.delete("/blobs/{sha256}")
     def delete_blob_route(sha256: str) -> dict[str, Any]:
         service = worker.service
-        with _http_errors():
+        with http_errors():
             return delete_blob(service.home, service.store, worker.blobs, sha256)
 
     _job_routes(guarded, worker.jobs)

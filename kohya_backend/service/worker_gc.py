@@ -42,17 +42,20 @@ Inode = tuple[int, int]
 class BlobInUse(BlobError):
     """Jobs that may still train link this blob; `job_ids` names them."""
 
-    status = 409
+    http_status = 409
 
     def __init__(self, message: str, hint: str | None, job_ids: list[str]) -> None:
         super().__init__(message, hint)
         self.job_ids = job_ids
 
+    def details(self) -> dict[str, object]:
+        return {"jobs": self.job_ids}
+
 
 class BlobNotFound(BlobError):
     """The worker holds no such blob (complete or partial)."""
 
-    status = 404
+    http_status = 404
 
 
 def _protecting() -> frozenset[JobStatus]:

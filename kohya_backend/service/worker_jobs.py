@@ -51,12 +51,17 @@ _CLIENT_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVW
 class MissingBlobs(TrainManagementError):
     """A submission refers to blobs the worker does not hold (complete) yet."""
 
+    http_status = 409
+
     def __init__(self, missing: list[str]) -> None:
         super().__init__(
             f"{len(missing)} input file(s) are not on the worker yet (first: {missing[0][:12]})",
             "upload them (PUT /blobs/{sha256}) and submit again",
         )
         self.missing = missing
+
+    def details(self) -> dict[str, object]:
+        return {"missing": self.missing}
 
 
 @dataclass(frozen=True)

@@ -5,17 +5,15 @@ Tokens go in (POST) and never come out: listings show name, URL, GPU, state and 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Response
+from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
 from kohya_backend.errors import TrainManagementError
-from kohya_backend.jobs.registry import WorkerConflict, WorkerNotFound
-from kohya_backend.jobs.remote import RUNNER_NAME, RemoteRunner, WorkerBusy
+from kohya_backend.jobs.remote import RUNNER_NAME, RemoteRunner
 from kohya_backend.jobs.remote import remove_worker as remove_registered
+from kohya_backend.service.http_errors import http_errors
 from kohya_backend.service.training import TrainingService
 
 
@@ -50,36 +48,23 @@ def remove_worker(service: TrainingService, name: str) -> None:
     remove_registered(remote_runner(service).registry, service.store, name)
 
 
-@contextmanager
-def _http_errors() -> Iterator[None]:
-    try:
-        yield
-    except TrainManagementError as exc:
-        conflict = isinstance(exc, (WorkerBusy, WorkerConflict))
-        status = 404 if isinstance(exc, WorkerNotFound) else 409 if conflict else 400
-        detail: dict[str, Any] = {"error": type(exc).__name__, "message": exc.message, "hint": exc.hint}
-        if isinstance(exc, WorkerBusy):
-            detail["jobs"] = exc.job_ids
-        raise HTTPException(status_code=status, detail=detail) from exc
-
-
 def create_workers_router(service: TrainingService, dependencies: list[Any]) -> APIRouter:
     """GET/POST /workers and DELETE /workers/{name}, behind the API's token check (`dependencies`)."""
     router = APIRouter(dependencies=dependencies)
 
     @router.get("/workers")
     def list_workers() -> dict[str, Any]:
-        with _http_errors():
+        with http_errors():
             return {"workers": remote_runner(service).workers()}
 
     @router.post("/workers", status_code=201)
     def create_worker(body: WorkerRequest) -> dict[str, Any]:
-        with _http_errors():
+        with http_errors():
             return {"worker": add_worker(service, body.url, body.token, body.name)}
 
     @router.delete("/workers/{name}", status_code=204)
     def delete_worker(name: str) -> Response:
-        with _http_errors():
+        with http_errors():
             remove_worker(service, name)
         return Response(status_code=204)
 

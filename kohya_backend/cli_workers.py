@@ -55,7 +55,7 @@ def _cmd_worker_gc(args: argparse.Namespace) -> int:
 
 
 def _token(args: argparse.Namespace) -> str:
-    from kohya_backend.jobs.registry import read_token
+    from kohya_backend.jobs.worker_protocol import read_token
 
     if args.token_file:
         return read_token(Path(args.token_file))

@@ -24,6 +24,7 @@ from kohya_backend.jobs.worker_protocol import (
     InvalidName,
     normalize_worker_url,
     plain_http_warning,
+    read_token,
     validate_worker_name,
 )
 
@@ -73,23 +74,6 @@ def default_worker_name(url: str) -> str:
     host = re.sub(r"^https?://", "", normalize_worker_url(url)).split("/")[0]
     name = re.sub(r"[^a-z0-9_.-]+", "-", host.lower().replace(":", "-")).strip("-._")
     return validate_worker_name(name[:63] or "worker")
-
-
-def read_token(path: Path) -> str:
-    """The token in a token file (its first line, stripped); refuses an empty or unreadable file."""
-    try:
-        lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise TrainManagementError(
-            f"cannot read the worker token file {path}: {exc.strerror}",
-            "copy the worker's token file to this machine and name it with --train-worker-token-file",
-        ) from exc
-    token = lines[0].strip() if lines else ""
-    if not token:
-        raise TrainManagementError(
-            f"the worker token file {path} is empty", "copy the worker's token into it"
-        )
-    return token
 
 
 @contextlib.contextmanager
@@ -275,7 +259,14 @@ def ensure_worker(
         raise TrainManagementError(
             f"worker {url} needs a token", "pass --train-worker-token-file FILE (the worker's token file)"
         )
-    secret = token if token is not None else read_token(Path(token_file or ""))
+    secret = (
+        token
+        if token is not None
+        else read_token(
+            Path(token_file or ""),
+            "copy the worker's token file to this machine and name it with --train-worker-token-file",
+        )
+    )
     public = WorkerRegistry(Path(home_dir)).add(url, secret, name=name).public()
     if public["warning"]:
         log.warning("Train Management: worker %s: %s", public["name"], public["warning"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from pathlib import Path
 
 from kohya_backend.errors import TrainManagementError
 
@@ -165,3 +166,15 @@ def normalize_worker_url(value: object) -> str:
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     # A path is kept: a reverse proxy may serve the worker under one (https://host/gpu1).
     return f"{parts.scheme}://{host}" + (f":{port}" if port else "") + parts.path.rstrip("/")
+
+
+def read_token(path: Path, hint: str = "copy the worker's token file to this machine") -> str:
+    """The token in a token file (its first line, stripped); refuses an unreadable or empty file with `hint`."""
+    try:
+        lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise TrainManagementError(f"cannot read the token file {path}: {exc.strerror}", hint) from exc
+    token = lines[0].strip() if lines else ""
+    if not token:
+        raise TrainManagementError(f"the token file {path} is empty", hint)
+    return token

@@ -34,6 +34,7 @@ from kohya_backend.jobs.worker_protocol import (
     STATUS_HEADER,
     WORKER_API_VERSION,
     WORKER_PREFIX,
+    read_token,
 )
 from kohya_backend.service.auth import BearerTokenMiddleware
 from kohya_backend.service.blobs import (
@@ -242,17 +243,12 @@ def read_token_file(path: Path, *, create: bool = False) -> str:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(secrets.token_urlsafe(32) + "\n")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise WorkerSetupError(
-            f"cannot read the token file {path}: {exc.strerror}",
-            "create it with --create-token, or write a long random token into it (chmod 600)",
-        ) from exc
-    token = lines[0].strip() if lines else ""
+    token = read_token(
+        path, "create it with --create-token, or write a long random token into it (chmod 600)"
+    )
     if len(token) < MIN_TOKEN_CHARS:
         raise WorkerSetupError(
-            f"the token in {path} is {'empty' if not token else 'shorter than 16 characters'}",
+            f"the token in {path} is shorter than {MIN_TOKEN_CHARS} characters",
             "use a long random token, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`",
         )
     if os.name == "posix" and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):

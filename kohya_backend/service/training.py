@@ -252,8 +252,8 @@ class TrainingService:
         jobs, total = self.store.list(status=wanted, offset=offset, limit=limit)
         return {"jobs": [job_summary(j) for j in jobs], "total": total, "offset": offset, "limit": limit}
 
-    def show(self, job_id: str) -> dict[str, Any]:
-        """One job in full: summary, plan, config, transitions and the tail of its log."""
+    def show(self, job_id: str, *, log_lines: int = 20) -> dict[str, Any]:
+        """One job in full: summary, plan, config, transitions and the last `log_lines` lines of its log."""
         from kohya_backend.jobs.progress import log_tail
 
         job = self.store.get(job_id)
@@ -263,7 +263,7 @@ class TrainingService:
             warnings=job.params.get("warnings") or [],
             config_toml=job.config_toml,
             folder=str(job.folder),
-            log_tail=log_tail(job.folder),
+            log_tail=log_tail(job.folder, log_lines),
             transitions=[
                 {
                     "from": t.from_status.value if t.from_status else None,

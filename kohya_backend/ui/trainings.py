@@ -22,20 +22,7 @@ from kohya_backend.ui.present import (
 )
 
 PAGE_SIZE = 50
-LOG_TAIL_BYTES = 16_384
 LOG_TAIL_LINES = 30
-
-
-def _log_tail(path: Path) -> str:
-    try:
-        with open(path, "rb") as handle:
-            size = handle.seek(0, 2)
-            handle.seek(max(0, size - LOG_TAIL_BYTES))
-            data = handle.read()
-    except FileNotFoundError:
-        return ""
-    text = data.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
-    return "\n".join(text.rstrip("\n").split("\n")[-LOG_TAIL_LINES:])
 
 
 class TrainingsActions:
@@ -50,8 +37,8 @@ class TrainingsActions:
         if not job_id:
             return "Select a job in the list.", "", None, []
         try:
-            job = self.service.show(job_id)
-            log = _log_tail(self.service.log_path(job_id))
+            job = self.service.show(job_id, log_lines=LOG_TAIL_LINES)
+            log = job["log_tail"]
             plot = self.views.loss_plot(job_id, self.service.events_path(job_id))
         except TrainManagementError as exc:
             return error_markdown(exc), "", None, []

@@ -164,31 +164,36 @@ def _detect_fm_type(model: object) -> str:
     return family
 
 
-def _lean_trainer_process(source: str) -> None:
-    """Before the trainer imports diffusers: no packages its optimizer does not need, no irrelevant warnings."""
-    from kohya_backend.config.parse import parse_config
+def _lean_process(optimizer_type: str) -> None:
+    """Before diffusers is imported: no bitsandbytes unless the optimizer is 8-bit, no irrelevant warnings."""
     from kohya_backend.train.runtime import hide_bitsandbytes_unless_needed, quiet_library_noise
 
     quiet_library_noise()
+    hide_bitsandbytes_unless_needed(optimizer_type)
+
+
+def _optimizer_of(source: str) -> str:
+    """The config's optimizer_type ('' when the config does not parse: run_training reports why)."""
+    from kohya_backend.config.parse import parse_config
+
     try:
-        optimizer = str(parse_config(source).values.get("optimizer_type") or "AdamW")
+        return str(parse_config(source).values.get("optimizer_type") or "AdamW")
     except ConfigError:
-        return  # run_training reports the config's problems
-    hide_bitsandbytes_unless_needed(optimizer)
+        return ""
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     if args.job:
         job_dir = Path(args.job).resolve()
         source = _read_source(str(job_dir / "config.toml"))
-        _lean_trainer_process(source)
+        _lean_process(_optimizer_of(source))
         return run_training(
             source, args.fm_type, events_path=job_dir / "events.jsonl", job_dir=job_dir, resume=args.resume
         )
     if not args.config:
         raise TrainManagementError("train needs --config FILE (or --job DIR)")
     source = _read_source(args.config)
-    _lean_trainer_process(source)
+    _lean_process(_optimizer_of(source))
     events = Path(args.events) if args.events else None
     return run_training(source, args.fm_type, events_path=events)
 
@@ -197,7 +202,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from kohya_backend.assets.demo import prepare_demo
 
     home = Path(args.home).resolve()
-    _lean_trainer_process('optimizer_type = "AdamW"')  # the demo trains with AdamW, in this process
+    _lean_process("AdamW")  # the demo trains with AdamW, in this process
     config_path = prepare_demo(home, fm_type=args.fm_type, steps=args.steps)
     print(f"demo model, dataset and config under {home}")
     events = home / "demo-events.jsonl"
@@ -222,12 +227,9 @@ def _print_job_line(job: dict[str, Any]) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from kohya_backend.train.runtime import hide_bitsandbytes_unless_needed
     from kohya_backend.ui.standalone import serve
 
-    hide_bitsandbytes_unless_needed(
-        ""
-    )  # the server never trains itself; its demo writer needs no bitsandbytes
+    _lean_process("")  # the server never trains itself; its demo writer needs no bitsandbytes
     serve(Path(args.home), host=args.host, port=args.port, token=args.token, demo=args.demo)
     return 0
 

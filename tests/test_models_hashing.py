@@ -1,6 +1,7 @@
 """Hashes match their definitions (reference/kohya.md) on files and bytes."""
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -103,3 +104,14 @@ def test_one_cache_for_many_files_tells_a_replaced_file_by_its_inode(tmp_path: P
     os.replace(replacement, files[0])
     assert cached_sha256(files[0], cache_file) is None
     assert Sha256Cache(cache_file).sha256(files[0]) == hashlib.sha256(b"\xff" * 1000).hexdigest()
+
+
+def test_saving_the_cache_forgets_deleted_files(tmp_path: Path) -> None:
+    cache = tmp_path / "sha256.json"
+    kept, gone = tmp_path / "kept.bin", tmp_path / "gone.bin"
+    kept.write_bytes(b"k")
+    gone.write_bytes(b"g")
+    remember_sha256(gone, "a" * 64, cache)
+    gone.unlink()
+    remember_sha256(kept, "b" * 64, cache)
+    assert list(json.loads(cache.read_text())) == [str(kept.resolve())]

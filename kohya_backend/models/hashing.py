@@ -102,15 +102,15 @@ class Sha256Cache:
         return digest
 
     def save(self) -> None:
-        """Merge what was recorded into the file (re-read first: other processes add entries too); a cache that
-        cannot be written is skipped (the next run hashes again)."""
+        """Merge what was recorded into the file (re-read first: other processes add entries too), dropping files
+        that no longer exist so the cache does not grow forever; a cache that cannot be written is skipped."""
         with self._lock:
             new = dict(self._new)
         if not new:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            data = _read_cache(self.path)
+            data = {k: v for k, v in _read_cache(self.path).items() if os.path.exists(k)}  # forget deleted files
             data.update(new)
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
             tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")

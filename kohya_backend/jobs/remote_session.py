@@ -43,7 +43,6 @@ from kohya_backend.jobs.transfer import (
 from kohya_backend.jobs.worker_client import (
     MAX_DOWNLOAD_BYTES,
     WorkerAnswerInvalid,
-    WorkerAuthError,
     WorkerClient,
     WorkerRejected,
     WorkerUnreachable,
@@ -168,8 +167,6 @@ class RemoteSession(threading.Thread):
             self.outcome = RunStatus(
                 False, None, lost=f"cancelled while sending files to worker {self.worker.name}"
             )
-        except (WorkerAuthError, WorkerRejected) as exc:
-            self.outcome = self._fail(exc.message, exc.hint)
         except TrainManagementError as exc:
             self.outcome = self._fail(exc.message, exc.hint)
         except Exception as exc:  # never leave the scheduler polling a dead thread

@@ -1,37 +1,14 @@
-"""One remote job's session and the files it shares with the local runner (run.json, result.json)."""
+"""One remote job's session: what it refuses before any request reaches a worker."""
 
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
-from kohya_backend.jobs import remote_session, runner
+from kohya_backend.jobs import runner
 from kohya_backend.jobs.registry import WorkerEntry
 from kohya_backend.jobs.remote_session import RemoteOptions, RemoteSession
 from kohya_backend.jobs.store import JobStore
-
-
-def test_run_json_has_one_atomic_writer_safe_across_threads(tmp_path: Path) -> None:
-    assert remote_session.write_json_atomic is runner.write_json_atomic  # one function, not a copy
-    target = tmp_path / "run.json"
-    errors: list[BaseException] = []
-
-    def write(worker: int) -> None:
-        try:
-            for i in range(200):
-                runner.write_json_atomic(target, {"worker": worker, "i": i})
-        except BaseException as exc:  # a shared temporary name makes one thread's rename miss
-            errors.append(exc)
-
-    threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
-    assert json.loads(target.read_text())["i"] == 199
-    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
 
 
 def test_a_remote_job_id_that_is_not_an_id_never_reaches_a_url(tmp_path: Path) -> None:

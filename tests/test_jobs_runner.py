@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -28,3 +29,14 @@ def test_run_json_has_one_atomic_writer_safe_across_threads(tmp_path: Path) -> N
     assert errors == []
     assert json.loads(target.read_text())["i"] == 199
     assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
+
+
+def test_a_file_holding_secrets_is_never_readable_by_others(tmp_path: Path) -> None:
+    target = tmp_path / "workers.json"
+    leftover = tmp_path / f".workers.json.{os.getpid()}.{threading.get_ident()}.tmp"
+    leftover.write_text("{}")  # a crashed writer's temporary file, readable by everyone
+    leftover.chmod(0o644)
+    runner.write_json_atomic(target, {"token": "secret"}, mode=0o600)
+    assert target.stat().st_mode & 0o777 == 0o600 and runner.read_json(target) == {"token": "secret"}
+    runner.write_json_atomic(target, {"token": "again"}, mode=0o600)
+    assert target.stat().st_mode & 0o777 == 0o600 and not leftover.exists()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kohya_backend.errors import TrainManagementError
+from kohya_backend.jobs.runner import write_json_atomic
 from kohya_backend.jobs.worker_protocol import (
     InvalidName,
     normalize_worker_url,
@@ -158,14 +159,7 @@ class WorkerRegistry:
         return self._data
 
     def _save(self, data: dict[str, Any]) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
-        os.chmod(self.path, 0o600)
+        write_json_atomic(self.path, data, mode=0o600)
 
     def entries(self) -> list[WorkerEntry]:
         """Every registered worker, in the order they were added."""

@@ -8,9 +8,7 @@ running there is cancelled first and deleted on a later round.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Any
 
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs.registry import WorkerRegistry, file_lock
+from kohya_backend.jobs.runner import read_json, write_json_atomic
 from kohya_backend.jobs.store import validate_job_id
 from kohya_backend.jobs.worker_client import WorkerClient, WorkerRejected, WorkerUnreachable
 
@@ -47,22 +46,15 @@ class PendingDeletes:
         self._lock = threading.Lock()
 
     def _read(self) -> dict[str, list[str]]:
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        if not isinstance(data, dict):
-            return {}
+        data = read_json(self.path) or {}
         return {str(k): [str(i) for i in v] for k, v in data.items() if isinstance(v, list) and v}
 
     def _write(self, data: dict[str, list[str]]) -> None:
-        kept = {k: v for k, v in data.items() if v}
+        kept: dict[str, Any] = {k: v for k, v in data.items() if v}
         if not kept:
             self.path.unlink(missing_ok=True)
             return
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps(kept, indent=1), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, kept)
 
     def pending(self) -> dict[str, list[str]]:
         """What is still to delete, by worker."""

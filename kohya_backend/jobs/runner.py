@@ -149,10 +149,14 @@ def _visible_devices(device: str) -> str:
     return index
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write a JSON file via a temporary name (unique per process and thread), fsync and rename."""
+def write_json_atomic(path: Path, data: dict[str, Any], *, mode: int | None = None) -> None:
+    """Write a JSON file via a temporary name (unique per process and thread), fsync and rename; `mode` (e.g.
+    0o600 for a file holding tokens) is set before any byte is written."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if mode is None else mode)
+    if mode is not None:
+        os.chmod(tmp, mode)  # a leftover temporary file keeps its old mode otherwise
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=2)
         handle.flush()
         os.fsync(handle.fileno())

@@ -34,6 +34,7 @@ from kohya_backend.jobs.runner import (
 )
 from kohya_backend.jobs.store import Job, validate_job_id
 from kohya_backend.jobs.transfer import (
+    CHUNK_BYTES,
     Cancelled,
     LocalInput,
     TransferStats,
@@ -67,7 +68,7 @@ class RemoteOptions:
     lost_after_s: float = 120.0
     max_backoff_s: float = 15.0
     events_wait_s: float = 10.0
-    chunk_bytes: int = 64 << 20
+    chunk_bytes: int = CHUNK_BYTES
     progress_every_s: float = 1.0
 
 

@@ -214,7 +214,7 @@ class RemoteRunner:
         record = read_json(job.folder / RUN_NAME) or {}
         if record.get("runner") != RUNNER_NAME:
             record = {"runner": RUNNER_NAME, "remote": {}}
-        record.update(worker=entry.name, resume=resume)
+        record["worker"] = entry.name
         write_json_atomic(job.folder / RUN_NAME, record)
         return self._launch(job, entry.name, resume=resume)
 

@@ -310,7 +310,6 @@ class RemoteSession(threading.Thread):
             "job": view["id"],
             "events_base": _complete_lines(self._events),
             "log_base": _size(self._log),
-            "submitted_at": time.time(),
         }
         record = read_json(self.job.folder / RUN_NAME) or record
         record.setdefault("remote", {})[self.worker.name] = remote
@@ -428,8 +427,6 @@ class RemoteSession(threading.Thread):
                 "step": result.get("step"),
                 "epoch": result.get("epoch"),
                 "error": None,
-                "worker": self.worker.name,
-                "remote_job": remote_id,
             },
         )
         return RunStatus(False, 0)

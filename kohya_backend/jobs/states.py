@@ -40,6 +40,11 @@ class JobStatus(str, Enum):
         """States in which a process runs, or is about to run, for the job."""
         return _ACTIVE
 
+    @classmethod
+    def busy(cls) -> frozenset[JobStatus]:
+        """Queued or active: a job that holds its inputs (its dataset may not change under it)."""
+        return _BUSY
+
     @property
     def is_terminal(self) -> bool:
         """True for completed, failed and cancelled."""
@@ -55,6 +60,7 @@ _S = JobStatus
 _TERMINAL = frozenset({_S.COMPLETED, _S.FAILED, _S.CANCELLED})
 _RESUMABLE = frozenset({_S.INTERRUPTED, _S.FAILED, _S.CANCELLED})
 _ACTIVE = frozenset({_S.PREPARING, _S.TRAINING, _S.SAVING, _S.CANCELLING})
+_BUSY = frozenset({_S.QUEUED, *_ACTIVE})
 
 INITIAL_STATUS = JobStatus.QUEUED
 

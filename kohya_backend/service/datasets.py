@@ -242,7 +242,7 @@ class DatasetService:
     def _check_not_in_use(self, name: str) -> None:
         if self.jobs is None:
             return
-        busy = [JobStatus.QUEUED, *JobStatus.active()]
+        busy = list(JobStatus.busy())
         users: builtins.list[str] = []
         offset, total = 0, 1
         while offset < total:

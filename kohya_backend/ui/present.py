@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from kohya_backend.errors import ConfigError, DatasetError, TrainManagementError
+from kohya_backend.jobs.states import JobStatus
 
 FM_LABELS: dict[str, str] = {"SD 1.5": "sd_1_5", "SDXL": "sd_xl"}
 FAMILY_LABELS: dict[str, str] = {
@@ -25,7 +26,7 @@ JOB_HEADERS: list[str] = [
     "id", "output name", "model", "dataset", "instance", "status", "progress", "loss", "it/s", "ETA", "created",
 ]  # fmt: skip
 WORKER_HEADERS: list[str] = ["name", "state", "GPU", "free disk", "URL"]
-ACTIVE_STATUSES = ("queued", "preparing", "training", "saving", "cancelling")
+_BUSY = frozenset(status.value for status in JobStatus.busy())  # rows of these show it/s and ETA
 _INSTANCE = re.compile(r"\[([^\[\]]+)\]$")
 
 
@@ -91,7 +92,7 @@ def progress_text(job: dict[str, Any]) -> str:
 def job_row(job: dict[str, Any]) -> list[str]:
     """One Trainings List row (the order of JOB_HEADERS)."""
     progress = job.get("progress") or {}
-    active = job["status"] in ACTIVE_STATUSES
+    active = job["status"] in _BUSY
     return [
         job["id"],
         job["output_name"],

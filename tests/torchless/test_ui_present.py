@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kohya_backend.errors import TrainManagementError
+from kohya_backend.jobs.states import JobStatus
 from kohya_backend.ui.present import (
     JOB_HEADERS,
     duration,
@@ -38,6 +39,14 @@ def test_progress_eta_and_rows() -> None:
     waiting = _job("queued", phase="waiting for the WebUI to finish generating")
     assert job_row(waiting)[6] == "waiting for the WebUI to finish generating"
     assert duration(None) == "" and duration(59.6) == "0:01:00"
+
+
+def test_speed_and_eta_show_for_queued_and_active_jobs_only() -> None:
+    assert JobStatus.busy() == {JobStatus.QUEUED, *JobStatus.active()}
+    for status in JobStatus:
+        row = job_row(_job(status.value, step=1, total_steps=2, it_per_s=2.0, eta_s=5.0))
+        shown = status in JobStatus.busy()
+        assert row[8:10] == (["2.00", "0:00:05"] if shown else ["", ""]), status
 
 
 def test_instance_choices_and_fm_labels_round_trip() -> None:

@@ -40,6 +40,15 @@ def _pins(path: Path) -> dict[str, str]:
     return pins
 
 
+def test_requirement_names_are_the_canonical_project_names() -> None:
+    assert requirement_name("Pillow==10.4.0") == "pillow"
+    assert requirement_name('bitsandbytes==0.50.2; sys_platform != "darwin"') == "bitsandbytes"
+    assert requirement_name("Huggingface_Hub[cli]>=1.0") == "huggingface-hub"
+    assert requirement_name("zope.interface @ https://example.invalid/z.whl") == "zope-interface"
+    with pytest.raises(ValueError):
+        requirement_name("torch===")
+
+
 def test_the_trainers_requirements_match_the_tested_pins() -> None:
     trainer = _pins(REPO / "requirements-trainer.txt")
     tested = _pins(REPO / "requirements.txt")

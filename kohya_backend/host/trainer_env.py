@@ -107,11 +107,11 @@ def read_requirements(path: Path) -> list[str]:
 
 
 def requirement_name(line: str) -> str:
-    """The normalised project name of a requirement line ('Pillow==10.4' -> 'pillow')."""
-    name = line
-    for stop in "=<>!~;[ @":
-        name = name.split(stop, 1)[0]
-    return name.strip().lower().replace("_", "-").replace(".", "-")
+    """The normalised project name of a requirement line ('Pillow==10.4' -> 'pillow'); ValueError if malformed."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    return str(canonicalize_name(Requirement(line).name))
 
 
 @dataclass(frozen=True)

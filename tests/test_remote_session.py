@@ -1,14 +1,26 @@
-"""One remote job's session: what it refuses before any request reaches a worker."""
+"""One remote job's session: what it refuses before any request reaches a worker, and how it takes the LoRA."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-from kohya_backend.jobs import runner
+import numpy as np
+import pytest
+from PIL import Image
+from remote_support import TOKEN, WorkerThread
+from safetensors.numpy import save_file
+
+from kohya_backend.jobs import remote_session, runner
 from kohya_backend.jobs.registry import WorkerEntry
 from kohya_backend.jobs.remote_session import RemoteOptions, RemoteSession
+from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import JobStore
+from kohya_backend.jobs.transfer import TransferStats, Uploader, collect_input
+from kohya_backend.jobs.worker_client import WorkerClient
+from kohya_backend.models.hashing import Sha256Cache, sha256_file
+from kohya_backend.service.worker import build_worker
 
 
 def test_a_remote_job_id_that_is_not_an_id_never_reaches_a_url(tmp_path: Path) -> None:
@@ -37,3 +49,63 @@ def test_a_remote_job_id_that_is_not_an_id_never_reaches_a_url(tmp_path: Path) -
     assert session.outcome is not None and session.outcome.exit_code == 2
     error = json.loads((job.folder / runner.RESULT_NAME).read_text())["error"]
     assert "not a job id" in error["message"] and "../../jobs.sqlite3" in error["message"]
+
+
+def _worker_job(client: WorkerClient, root: Path) -> str:
+    """A job queued on the worker from a tiny (untrainable) SD 1.5 checkpoint and a one-image dataset."""
+    (root / "models").mkdir(parents=True)
+    keys = ("model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.transformer.text_model.x")
+    save_file({k: np.zeros((2, 2), dtype=np.float16) for k in keys}, str(root / "models" / "m.safetensors"))
+    (root / "d" / "1_x").mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(root / "d" / "1_x" / "a.png")
+    cache = Sha256Cache(root / "hashes.json")
+    inputs = [
+        collect_input("pretrained_model_name_or_path", root / "models" / "m.safetensors", cache),
+        collect_input("train_data_dir", root / "d", cache),
+    ]
+    Uploader(client, TransferStats("w")).ensure(inputs)
+    spec = {"client_key": "c:1:w", "fm_type": "sd_1_5", "output_name": "x", "config_params": {},
+            "inputs": {i.key: i.spec() for i in inputs}}  # fmt: skip
+    return str(client.submit(spec)["id"])
+
+
+def test_the_downloaded_lora_is_not_read_again_and_after_a_restart_it_is_hashed_not_downloaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hashed: list[Path] = []
+
+    def counting_sha256_file(path: Path) -> str:
+        hashed.append(path)
+        return sha256_file(path)
+
+    monkeypatch.setattr(remote_session, "sha256_file", counting_sha256_file)
+    worker = build_worker(tmp_path / "worker", reserve_bytes=0, devices={"cpu": 1})
+    with WorkerThread(worker) as served, WorkerClient(served.url, TOKEN) as client:
+        remote_id = _worker_job(client, tmp_path / "client")
+        there = worker.service.store.get(remote_id).folder / "output"
+        there.mkdir()
+        (there / "x.safetensors").write_bytes(os.urandom(4096))
+        for status in (JobStatus.PREPARING, JobStatus.TRAINING, JobStatus.SAVING, JobStatus.COMPLETED):
+            worker.service.store.transition(remote_id, status, "as the worker's scheduler would")
+        view = client.job(remote_id)
+        assert view is not None and view["output"]["path"] == "output/x.safetensors"
+        job = JobStore(tmp_path / "home").create(
+            fm_type="sd_1_5", model="m.safetensors", dataset="d", instance_type="worker:w", output_name="x",
+            config_toml='output_name = "x"\n', params={},
+        )  # fmt: skip
+        local = job.folder / "output" / "x.safetensors"
+        entry = WorkerEntry("w", served.url, TOKEN, 0.0)
+        session = RemoteSession(job, entry, client_id="c", options=RemoteOptions(), resume=False)
+        try:
+            session._fetch(remote_id, local)  # what mirroring the worker's `saved` event does
+            assert session._complete(remote_id, view).exit_code == 0
+        finally:
+            session._client.close()
+        assert hashed == [] and sha256_file(local) == view["output"]["sha256"]
+        inode = local.stat().st_ino
+        restarted = RemoteSession(job, entry, client_id="c", options=RemoteOptions(), resume=False)
+        try:
+            assert restarted._complete(remote_id, view).exit_code == 0
+        finally:
+            restarted._client.close()
+        assert hashed == [local] and local.stat().st_ino == inode  # hashed once, not downloaded again

@@ -153,6 +153,7 @@ class RemoteSession(threading.Thread):
         self._last_progress = 0.0
         self._events = job.folder / EVENTS_NAME
         self._log = job.folder / LOG_NAME
+        self._downloaded: dict[Path, str] = {}  # sha256s download() verified: the LoRA is not read again
 
     # -- the thread ---------------------------------------------------------------------------------------
 
@@ -378,9 +379,19 @@ class RemoteSession(threading.Thread):
             size if size is not None else MAX_DOWNLOAD_BYTES if suffix == ".safetensors" else MAX_IMAGE_BYTES
         )
         try:
-            self._call(lambda c: c.download(remote_id, rel, local, max_bytes=cap))
+            digest, _ = self._call(lambda c: c.download(remote_id, rel, local, max_bytes=cap))
         except (WorkerRejected, WorkerAnswerInvalid) as exc:  # e.g. an epoch file removed meanwhile
             log.info("job %s: %s not downloaded: %s", self.job.id, rel, exc.message)
+            return
+        self._downloaded[local] = digest
+
+    def _holds(self, local: Path, sha256: str) -> bool:
+        """True when `local` is the file with `sha256`: known when this session downloaded it, else (e.g. after a
+        restart) hashed."""
+        if not local.is_file():
+            return False
+        known = self._downloaded.get(local)
+        return (known if known is not None else sha256_file(local)) == sha256
 
     def _mirror_log(self, remote_id: str, base: int) -> None:
         while True:
@@ -414,7 +425,7 @@ class RemoteSession(threading.Thread):
         if local is None or not isinstance(output.get("sha256"), str):
             return self._fail("the job completed but names no LoRA file", "resume the job to train it again")
         size = output.get("size") if isinstance(output.get("size"), int) else None
-        if not local.is_file() or sha256_file(local) != output["sha256"]:
+        if not self._holds(local, output["sha256"]):
             self._fetch(remote_id, local, size)
         if not local.is_file():
             return self._fail(f"the LoRA {output.get('path')} could not be downloaded", "resume the job")

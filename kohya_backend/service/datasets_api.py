@@ -31,8 +31,8 @@ class CaptionBody(BaseModel):
     caption: str
 
 
-def add_dataset_routes(router: APIRouter, service: TrainingService, guarded: list[Any]) -> DatasetService:
-    """Add the dataset routes to `router` (behind the `guarded` dependencies); returns the DatasetService used."""
+def add_dataset_routes(router: APIRouter, service: TrainingService, guarded: list[Any]) -> None:
+    """Add the dataset routes to `router` (behind the `guarded` dependencies), over one DatasetService."""
     datasets = DatasetService(service.home, jobs=service.store)
 
     @router.post("/datasets", status_code=201, dependencies=guarded)
@@ -95,5 +95,3 @@ def add_dataset_routes(router: APIRouter, service: TrainingService, guarded: lis
         with http_errors():
             datasets.delete(name)
         return Response(status_code=204)
-
-    return datasets

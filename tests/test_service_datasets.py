@@ -60,7 +60,7 @@ def test_create_from_files_puts_them_in_repeats_subject_and_reports_the_rest(
     out = datasets.create("cats", files, repeats=5, subject="cat")
     folder = home.datasets / "cats" / "5_cat"
     assert sorted(p.name for p in folder.iterdir()) == ["a.png", "a.txt", "b.png"]
-    assert out["images"] == ["5_cat/a.png", "5_cat/b.png"]
+    assert out["images"] == ["5_cat/a.png", "5_cat/b.png"] and out["subset_folder"] == "5_cat"
     assert {s["file"]: s["reason"] for s in out["skipped"]} == {
         "notes.md": out["skipped"][0]["reason"],
         ".hidden.png": "hidden file",
@@ -77,7 +77,7 @@ def test_zip_keeps_repeats_folders_and_loose_files_go_to_the_default_folder(
 ) -> None:
     archive = _zip({"set/3_dog/x.png": _png(), "set/3_dog/x.txt": b"dog", "set/loose.png": _png()})
     out = datasets.create("pets", [IncomingFile("pets.zip", io.BytesIO(archive))], repeats=7)
-    assert sorted(out["images"]) == ["3_dog/x.png", "7_pets/loose.png"]
+    assert sorted(out["images"]) == ["3_dog/x.png", "7_pets/loose.png"] and out["subset_folder"] == "7_pets"
     assert (home.datasets / "pets/3_dog/x.txt").read_text() == "dog"
     shown = datasets.show("pets")
     assert [s["name"] for s in shown["subsets"]] == ["3_dog", "7_pets"]

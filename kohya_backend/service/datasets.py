@@ -303,8 +303,8 @@ class DatasetService:
         """Create dataset `name` from uploaded images, captions and zips.
 
         Files inside a `<repeats>_<name>` folder (in a zip or a folder upload) keep their place; the rest go into
-        `<repeats>_<subject>/` (subject defaults to the dataset name). Only images and captions are kept; broken
-        images are left out; everything left out is listed in the answer with the reason.
+        `<repeats>_<subject>/` (subject defaults to the dataset name; the answer's `subset_folder` names it). Only
+        images and captions are kept; broken images are left out; everything left out is listed with the reason.
         """
         name = check_name(name, "dataset name")
         folder_name = f"{parse_repeats(repeats)}_{check_name(subject or name, 'subject (class token)')}"
@@ -340,6 +340,7 @@ class DatasetService:
         return {
             "name": name,
             "folder": str(target),
+            "subset_folder": folder_name,
             "images": [p.as_posix() for p in added],
             "skipped": staged.skipped,
             "preprocess": preprocess.label() if preprocess else None,

@@ -10,7 +10,7 @@ import gradio as gr
 
 from kohya_backend.data.preprocess import Preprocess
 from kohya_backend.errors import TrainManagementError
-from kohya_backend.service.datasets import DatasetService, IncomingFile, parse_repeats
+from kohya_backend.service.datasets import DatasetService, IncomingFile
 from kohya_backend.ui.compat import no_change, update, uploaded_paths
 from kohya_backend.ui.hooks import UiHooks
 from kohya_backend.ui.present import created_markdown, error_markdown, report_markdown
@@ -99,8 +99,7 @@ class DatasetActions:
             return message, no_change()
         message = "✅ " + created_markdown(result)
         if from_folder:
-            target = f"{parse_repeats(repeats)}_{(subject or '').strip() or result['name']}"
-            message += "\n\n" + flattening_markdown(repeated, target)
+            message += "\n\n" + flattening_markdown(repeated, result["subset_folder"])
         return message, self.choices(result["name"])
 
     def import_hint(self) -> str:

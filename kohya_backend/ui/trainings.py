@@ -95,8 +95,9 @@ class TrainingsActions:
             return "Select a job first."
         try:
             if action == "delete":
-                self.service.delete(job_id)
-                return f"Deleted job {job_id} (its delivered LoRA stays in the Lora folder)."
+                note = self.service.delete(job_id)  # what happened to a worker's copy, if it ran on one
+                done = f"Deleted job {job_id} (its delivered LoRA stays in the Lora folder)"
+                return f"{done}; {note}." if note else f"{done}."
             job = self.service.cancel(job_id) if action == "cancel" else self.service.resume(job_id)
         except TrainManagementError as exc:
             return f"❌ {error_markdown(exc)}"

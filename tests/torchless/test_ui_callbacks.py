@@ -266,6 +266,31 @@ def test_submit_refusals_then_a_queued_job_in_the_list(
     assert trainings.cancel(job.id).startswith("❌") and trainings.cancel(None) == "Select a job first."
 
 
+def test_deleting_a_job_that_ran_on_a_worker_says_what_happens_to_its_copy_there(
+    service: TrainingService,
+) -> None:
+    from kohya_backend.jobs.registry import WorkerRegistry
+    from kohya_backend.jobs.runner import RUN_NAME, write_json_atomic
+
+    WorkerRegistry(service.home.root).add("http://127.0.0.1:9", "a-token", name="away")  # nothing listens
+    job = service.store.create(
+        fm_type="sd_1_5", model="sd15.safetensors", dataset="d", instance_type="worker:away", output_name="x",
+        config_toml='output_name = "x"\n', params={},
+    )  # fmt: skip
+    remote_id = "20200101-000000-abcdef"
+    write_json_atomic(job.folder / RUN_NAME, {"runner": "worker", "remote": {"away": {"job": remote_id}}})
+    service.store.transition(job.id, JobStatus.CANCELLED, "cancelled on the worker")
+    try:
+        message = TrainingsActions(service).delete(job.id)
+    finally:
+        service.scheduler.stop()
+    assert message == (
+        f"Deleted job {job.id} (its delivered LoRA stays in the Lora folder); its copy on worker away is deleted "
+        "there in the background (retried until it answers)."
+    )
+    assert json.loads((service.home.root / "worker-deletes.json").read_text()) == {"away": [remote_id]}
+
+
 def test_selected_job_shows_log_loss_plot_samples_and_the_delivery_stamp(
     service: TrainingService, datasets: DatasetService, uploads: list[Path]
 ) -> None:

@@ -40,7 +40,8 @@ class CreateJobActions:
         fm_type = fm_type_of(fm_label)
         if self.hooks.default_config is not None:
             return self.hooks.default_config(fm_type)
-        gpu_somewhere = any(self.service.instance_cuda(e["name"]) for e in self.service.instance_types())
+        # One listing (it may run nvidia-smi): cuda None is a worker not heard from yet, which counts as a GPU.
+        gpu_somewhere = any(e.get("cuda") is not False for e in self.service.instance_types())
         return template_toml(fm_type, cuda=gpu_somewhere)
 
     def instance_choices(self, current: str | None = None) -> Any:

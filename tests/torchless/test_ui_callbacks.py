@@ -8,6 +8,7 @@ objects and the 4.x file paths are both what the callbacks receive in the browse
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,11 +74,12 @@ def _dominant_colour(path: Path) -> str:
 
 
 @pytest.fixture
-def service(tmp_path: Path) -> TrainingService:
+def service(tmp_path: Path) -> Iterator[TrainingService]:
     service = build_service(tmp_path / "home")
     for name, keys in FAMILY_KEYS.items():
         save_file({key: np.zeros((1,), dtype=np.float32) for key in keys}, str(service.home.models / name))
-    return service
+    yield service
+    service.scheduler.stop()  # and the workers' monitor thread, when a test registered one
 
 
 @pytest.fixture
@@ -233,6 +235,21 @@ def test_default_config_follows_the_fm_type_until_edited(service: TrainingServic
     assert hooked.reset_config("SD 1.5") == ("# for sd_1_5\n", "# for sd_1_5\n")
 
 
+def test_the_default_config_lists_the_instance_types_once(
+    service: TrainingService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kohya_backend.jobs.registry import WorkerRegistry
+
+    actions = CreateJobActions(service, UiHooks())
+    assert actions.default_config("SD 1.5") == template_toml("sd_1_5", cuda=False)
+    WorkerRegistry(service.home.root).add("http://127.0.0.1:9", "a-token", name="gpu")  # not heard from yet
+    listed = service.instance_types
+    calls: list[int] = []
+    monkeypatch.setattr(service, "instance_types", lambda: calls.append(1) or listed())
+    assert actions.default_config("SD 1.5") == template_toml("sd_1_5", cuda=True)  # the worker may have one
+    assert len(calls) == 1
+
+
 def test_submit_refusals_then_a_queued_job_in_the_list(
     service: TrainingService, datasets: DatasetService, uploads: list[Path]
 ) -> None:
@@ -280,11 +297,7 @@ def test_deleting_a_job_that_ran_on_a_worker_says_what_happens_to_its_copy_there
     remote_id = "20200101-000000-abcdef"
     write_json_atomic(job.folder / RUN_NAME, {"runner": "worker", "remote": {"away": {"job": remote_id}}})
     service.store.transition(job.id, JobStatus.CANCELLED, "cancelled on the worker")
-    try:
-        message = TrainingsActions(service).delete(job.id)
-    finally:
-        service.scheduler.stop()
-    assert message == (
+    assert TrainingsActions(service).delete(job.id) == (
         f"Deleted job {job.id} (its delivered LoRA stays in the Lora folder); its copy on worker away is deleted "
         "there in the background (retried until it answers)."
     )

@@ -7,29 +7,34 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from kohya_backend.config.schema import SCHEMA
+from kohya_backend.data.buckets import BucketAssigner
 from kohya_backend.data.images import BadImageError
-from kohya_backend.data.preprocess import Preprocess, bucket_size, preprocess_image, target_size
+from kohya_backend.data.preprocess import SIZES, Preprocess, preprocess_image, target_size
 from kohya_backend.errors import TrainManagementError
 
 
+def _trainers_bucket(width: int, height: int, size: int) -> tuple[int, int]:
+    """The bucket a job at resolution size x size with the schema's default bucket settings gives the image."""
+    assigner = BucketAssigner(
+        (size, size), enable_bucket=True, min_size=SCHEMA["min_bucket_reso"].default,
+        max_size=SCHEMA["max_bucket_reso"].default, reso_steps=SCHEMA["bucket_reso_steps"].default,
+        no_upscale=False,
+    )  # fmt: skip
+    return assigner.assign(width, height)
+
+
+@pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize(
-    ("size", "target", "expected"),
-    [((800, 600), 512, (576, 448)), ((600, 800), 512, (448, 576)), ((1000, 1000), 1024, (1024, 1024))],
+    "shape",
+    [(1920, 1080), (1080, 1920), (800, 600), (900, 600), (1000, 1000), (3000, 200), (200, 3000), (33, 77)],
 )
-def test_bucket_size_keeps_aspect_with_sides_of_64_and_area_near_target(
-    size: tuple[int, int], target: int, expected: tuple[int, int]
-) -> None:
-    width, height = bucket_size(*size, target)
-    assert (width, height) == expected
-    assert width % 64 == 0 and height % 64 == 0
+def test_bucket_resize_gives_the_bucket_the_trainer_picks(shape: tuple[int, int], size: int) -> None:
+    assert target_size(*shape, Preprocess(size, "bucket")) == _trainers_bucket(*shape, size)
 
 
-@pytest.mark.parametrize("shape", [(3000, 200), (200, 3000), (4000, 3000), (33, 77)])
-def test_bucket_size_stays_close_for_any_shape(shape: tuple[int, int]) -> None:
-    width, height = bucket_size(*shape, 512)
-    assert width % 64 == 0 and height % 64 == 0 and width >= 64 and height >= 64
-    assert abs(width * height - 512 * 512) / (512 * 512) < 0.25
-    assert abs(width / height - shape[0] / shape[1]) / (shape[0] / shape[1]) < 0.35
+def test_a_full_hd_image_at_512_gets_the_trainers_640x384() -> None:
+    assert target_size(1920, 1080, Preprocess(512, "bucket")) == (640, 384)
 
 
 def test_parse_and_validate_options() -> None:
@@ -65,9 +70,9 @@ def test_bucket_resize_writes_the_bucket_size_and_keeps_the_format(tmp_path: Pat
     path = tmp_path / "wide.jpg"
     Image.new("RGB", (1600, 900), (10, 200, 30)).save(path, quality=90)
     dest = tmp_path / "out.jpg"
-    assert preprocess_image(path, Preprocess(1024, "bucket"), dest) == (1344, 768)
+    assert preprocess_image(path, Preprocess(1024, "bucket"), dest) == _trainers_bucket(1600, 900, 1024)
     with Image.open(dest) as out:
-        assert out.format == "JPEG" and out.size == (1344, 768)
+        assert out.format == "JPEG" and out.size == (1024, 576)
     with Image.open(path) as original:
         assert original.size == (1600, 900)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jpg", "wide.jpg"]

@@ -1,21 +1,23 @@
 """Optional preprocessing of dataset images: EXIF orientation applied, RGB, then a center crop to a square or a
-bucket-friendly resize (aspect ratio kept, sides multiples of 64, area about the target's)."""
+resize to the bucket the trainer would pick at that resolution (its own BucketAssigner, the schema's default
+bucket settings), so training crops nothing more."""
 
 from __future__ import annotations
 
-import math
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from kohya_backend.config.schema import SCHEMA
+from kohya_backend.data.buckets import BucketAssigner
 from kohya_backend.data.images import load_image
 from kohya_backend.errors import TrainManagementError
 
 SIZES: tuple[int, ...] = (512, 1024)
 MODES: tuple[str, ...] = ("crop", "bucket")
-BUCKET_STEP = 64
 _JPEG_QUALITY = 95
 
 
@@ -54,20 +56,24 @@ class Preprocess:
         return f"{self.size}-{self.mode}"
 
 
-def bucket_size(width: int, height: int, target: int, step: int = BUCKET_STEP) -> tuple[int, int]:
-    """Sides that are multiples of `step`, with about target*target pixels and the image's aspect ratio."""
-    area = target * target
-    aspect = width / height
-    new_width = max(step, round(math.sqrt(area * aspect) / step) * step)
-    new_height = max(step, round(area / new_width / step) * step)
-    return new_width, new_height
+@functools.cache
+def bucket_assigner(size: int) -> BucketAssigner:
+    """The trainer's buckets at resolution size x size with the schema's default bucket settings."""
+    return BucketAssigner(
+        (size, size),
+        enable_bucket=True,
+        min_size=SCHEMA["min_bucket_reso"].default,
+        max_size=SCHEMA["max_bucket_reso"].default,
+        reso_steps=SCHEMA["bucket_reso_steps"].default,
+        no_upscale=False,
+    )
 
 
 def target_size(width: int, height: int, options: Preprocess) -> tuple[int, int]:
-    """The size an image of width x height gets under `options`."""
+    """The size an image of width x height gets under `options`: the square, or the trainer's bucket for it."""
     if options.mode == "crop":
         return options.size, options.size
-    return bucket_size(width, height, options.size)
+    return bucket_assigner(options.size).assign(width, height)
 
 
 def preprocess_image(path: Path, options: Preprocess, dest: Path | None = None) -> tuple[int, int]:

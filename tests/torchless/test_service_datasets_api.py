@@ -106,7 +106,7 @@ def test_create_from_zip_with_preprocessing(client: httpx.Client, home: Path) ->
     assert image.status_code == 200 and image.headers["content-type"] == "image/png"
     assert image.headers["x-content-type-options"] == "nosniff"
     with Image.open(io.BytesIO(image.content)) as decoded:
-        assert decoded.size == (640, 384)  # bucket_size(900, 600, 512)
+        assert decoded.size == (640, 384)  # the trainer's bucket for 900x600 at 512
 
 
 def test_captions_round_trip_and_report(client: httpx.Client) -> None:

@@ -69,13 +69,10 @@ def test_center_crop_applies_exif_orientation_and_makes_rgb(tmp_path: Path) -> N
 def test_bucket_resize_writes_the_bucket_size_and_keeps_the_format(tmp_path: Path) -> None:
     path = tmp_path / "wide.jpg"
     Image.new("RGB", (1600, 900), (10, 200, 30)).save(path, quality=90)
-    dest = tmp_path / "out.jpg"
-    assert preprocess_image(path, Preprocess(1024, "bucket"), dest) == _trainers_bucket(1600, 900, 1024)
-    with Image.open(dest) as out:
+    assert preprocess_image(path, Preprocess(1024, "bucket")) == _trainers_bucket(1600, 900, 1024)
+    with Image.open(path) as out:
         assert out.format == "JPEG" and out.size == (1024, 576)
-    with Image.open(path) as original:
-        assert original.size == (1600, 900)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jpg", "wide.jpg"]
+    assert [p.name for p in tmp_path.iterdir()] == ["wide.jpg"]  # replaced in place, no temporary left
 
 
 def test_broken_image_raises_naming_the_file_and_leaves_it(tmp_path: Path) -> None:

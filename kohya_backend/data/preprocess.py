@@ -76,15 +76,15 @@ def target_size(width: int, height: int, options: Preprocess) -> tuple[int, int]
     return bucket_assigner(options.size).assign(width, height)
 
 
-def preprocess_image(path: Path, options: Preprocess, dest: Path | None = None) -> tuple[int, int]:
-    """Rewrite `path` (or write `dest`) oriented, RGB and fitted to the target size; returns the new size.
+def preprocess_image(path: Path, options: Preprocess) -> tuple[int, int]:
+    """Rewrite `path` oriented, RGB and fitted to the target size; returns the new size.
 
     Raises BadImageError (a DatasetError naming the file) for unreadable images; the file is replaced atomically.
     """
     image = load_image(path)
     size = target_size(image.width, image.height, options)
     fitted = ImageOps.fit(image, size, method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
-    out = Path(dest) if dest is not None else Path(path)
+    out = Path(path)
     tmp = out.with_name(f".{out.name}.tmp")
     fmt = Image.registered_extensions().get(out.suffix.lower(), "PNG")
     extra = {"quality": _JPEG_QUALITY} if fmt in ("JPEG", "WEBP") else {}

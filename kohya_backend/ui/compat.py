@@ -48,13 +48,3 @@ def mount(app: Any, blocks: Any, path: str, *, auth: Callable[[str, str], bool] 
         blocks.auth_message = message if auth else None
         return gr.mount_gradio_app(app, blocks, path=path)
     return gr.mount_gradio_app(app, blocks, path=path, auth=auth, auth_message=message if auth else None)
-
-
-def update(**kwargs: Any) -> Any:
-    """gr.update(...) (both lines)."""
-    return gr.update(**kwargs)
-
-
-def no_change() -> Any:
-    """An update that changes nothing (both lines)."""
-    return gr.update()

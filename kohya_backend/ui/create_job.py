@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import gradio as gr
+
 from kohya_backend.config.schema import template_toml
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.service.training import Submission, TrainingService
-from kohya_backend.ui.compat import no_change, update
 from kohya_backend.ui.hooks import UiHooks
 from kohya_backend.ui.present import (
     FAMILY_LABELS,
@@ -47,17 +48,17 @@ class CreateJobActions:
     def instance_choices(self, current: str | None = None) -> Any:
         """Training Instance Type choices (this machine with its GPUs or CPU; remote workers when configured)."""
         choices = [instance_choice(entry) for entry in self.service.instance_types()]
-        return update(choices=choices, value=_keep_or_first(current, choices))
+        return gr.update(choices=choices, value=_keep_or_first(current, choices))
 
     def model_choices(self, current: str | None = None) -> Any:
         """Model dropdown choices: the checkpoints under the models root."""
         choices = [m["name"] for m in self.service.home.list_models()]
-        return update(choices=choices, value=_keep_or_first(current, choices))
+        return gr.update(choices=choices, value=_keep_or_first(current, choices))
 
     def dataset_choices(self, current: str | None = None) -> Any:
         """Dataset dropdown choices: the folders under the datasets root."""
         choices = [d["name"] for d in self.service.home.list_datasets()]
-        return update(choices=choices, value=_keep_or_first(current, choices))
+        return gr.update(choices=choices, value=_keep_or_first(current, choices))
 
     def all_choices(
         self, instance: str | None, model: str | None, dataset: str | None
@@ -90,8 +91,8 @@ class CreateJobActions:
         """Re-fill config_params with the new FM type's defaults unless the user edited them."""
         new_default = self.default_config(fm_label)
         if text.strip() and text.strip() != (last_default or "").strip():
-            return no_change(), last_default
-        return update(value=new_default), new_default
+            return gr.update(), last_default
+        return gr.update(value=new_default), new_default
 
     def reset_config(self, fm_label: str) -> tuple[str, str]:
         """The FM type's defaults, replacing whatever the editor holds."""

@@ -11,7 +11,7 @@ import gradio as gr
 from kohya_backend.data.preprocess import Preprocess
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.service.datasets import DatasetService, IncomingFile
-from kohya_backend.ui.compat import no_change, update, uploaded_paths
+from kohya_backend.ui.compat import uploaded_paths
 from kohya_backend.ui.hooks import UiHooks
 from kohya_backend.ui.present import created_markdown, error_markdown, report_markdown
 
@@ -78,7 +78,7 @@ class DatasetActions:
     def choices(self, current: str | None = None) -> Any:
         """Dataset dropdown choices, keeping the current one when it still exists."""
         names = [d["name"] for d in self.datasets.list()]
-        return update(choices=names, value=current if current in names else (names[0] if names else None))
+        return gr.update(choices=names, value=current if current in names else (names[0] if names else None))
 
     def create(
         self, name: str, subject: str, repeats: Any, files: Any, folder: Any, preprocess: str
@@ -96,7 +96,7 @@ class DatasetActions:
             message = "❌ **The dataset was not created.**\n\n" + error_markdown(exc)
             if repeated:
                 message += "\n\n" + flattening_markdown(repeated, "one folder")
-            return message, no_change()
+            return message, gr.update()
         message = "✅ " + created_markdown(result)
         if from_folder:
             message += "\n\n" + flattening_markdown(repeated, result["subset_folder"])
@@ -115,11 +115,11 @@ class DatasetActions:
     def open(self, name: str | None) -> tuple[str, list[tuple[Any, str]], Any, list[str]]:
         """(report, thumbnails, image choices, names of the thumbnails) of a dataset."""
         if not name:
-            return "No dataset chosen.", [], update(choices=[], value=None), []
+            return "No dataset chosen.", [], gr.update(choices=[], value=None), []
         try:
             shown = self.datasets.show(name)
         except TrainManagementError as exc:
-            return error_markdown(exc), [], update(choices=[], value=None), []
+            return error_markdown(exc), [], gr.update(choices=[], value=None), []
         images = [i["image"] for i in shown["images"]]
         thumbnails, names = [], []
         for item in shown["images"][:MAX_THUMBNAILS]:
@@ -132,7 +132,7 @@ class DatasetActions:
         report = report_markdown(shown["report"])
         if len(images) > MAX_THUMBNAILS:
             report += f"\n\nShowing the first {MAX_THUMBNAILS} of {len(images)} images; pick others in Image."
-        return report, thumbnails, update(choices=images, value=images[0] if images else None), names
+        return report, thumbnails, gr.update(choices=images, value=images[0] if images else None), names
 
     def validate(self, name: str | None) -> str:
         """The trainer's full validation (every image decoded)."""
@@ -147,9 +147,9 @@ class DatasetActions:
         """A click on a thumbnail selects that image in the caption editor."""
         index = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
         try:
-            return update(value=names[int(index)])
+            return gr.update(value=names[int(index)])
         except (IndexError, TypeError, ValueError):
-            return no_change()
+            return gr.update()
 
     def select_image(self, name: str | None, image: str | None) -> tuple[Any, str, str]:
         """(preview, caption text, message) of one image."""
@@ -174,18 +174,18 @@ class DatasetActions:
     def generate_caption(self, name: str | None, image: str | None) -> tuple[Any, str]:
         """Caption the selected image with the host's interrogator (the editor is filled, not saved)."""
         if self.hooks.interrogate is None:
-            return no_change(), "This host offers no captioner."
+            return gr.update(), "This host offers no captioner."
         if not name or not image:
-            return no_change(), "Choose a dataset and an image first."
+            return gr.update(), "Choose a dataset and an image first."
         try:
             caption = self.hooks.interrogate(self.datasets.image_path(name, image))
         except TrainManagementError as exc:
-            return no_change(), "❌ " + error_markdown(exc)
+            return gr.update(), "❌ " + error_markdown(exc)
         except (
             Exception
         ) as exc:  # the host's captioner is foreign code: report its failure, keep the tab alive
-            return no_change(), f"❌ The captioner failed: {exc}"
-        return update(value=caption), "Generated a caption: check it, then press Save caption."
+            return gr.update(), f"❌ The captioner failed: {exc}"
+        return gr.update(value=caption), "Generated a caption: check it, then press Save caption."
 
     def delete_image(self, name: str | None, image: str | None) -> str:
         """Delete the selected image and its caption."""
@@ -200,11 +200,11 @@ class DatasetActions:
     def delete_dataset(self, name: str | None, confirmed: bool) -> tuple[str, Any, bool]:
         """Delete the chosen dataset when the confirmation box is ticked; (message, choices, confirmation)."""
         if not name:
-            return "No dataset chosen.", no_change(), False
+            return "No dataset chosen.", gr.update(), False
         if not confirmed:
-            return f"Tick the box to confirm deleting **{name}** and all its files.", no_change(), False
+            return f"Tick the box to confirm deleting **{name}** and all its files.", gr.update(), False
         try:
             self.datasets.delete(name)
         except TrainManagementError as exc:
-            return "❌ " + error_markdown(exc), no_change(), False
+            return "❌ " + error_markdown(exc), gr.update(), False
         return f"Deleted dataset **{name}**.", self.choices(None), False

@@ -10,8 +10,8 @@ from typing import Any
 import gradio as gr
 
 from kohya_backend.errors import TrainManagementError
+from kohya_backend.jobs.runner import EVENTS_NAME
 from kohya_backend.service.training import TrainingService
-from kohya_backend.ui.compat import no_change, update
 from kohya_backend.ui.job_views import JobViews
 from kohya_backend.ui.present import (
     JOB_HEADERS,
@@ -38,11 +38,11 @@ class TrainingsActions:
             return "Select a job in the list.", "", None, []
         try:
             job = self.service.show(job_id, log_lines=LOG_TAIL_LINES)
-            log = job["log_tail"]
-            plot = self.views.loss_plot(job_id, self.service.events_path(job_id))
         except TrainManagementError as exc:
             return error_markdown(exc), "", None, []
-        return job_markdown(job), log, plot, self.views.samples(job_id, Path(job["folder"]))
+        folder = Path(job["folder"])
+        plot = self.views.loss_plot(job_id, folder / EVENTS_NAME)
+        return job_markdown(job), job["log_tail"], plot, self.views.samples(job_id, folder)
 
     def mark(self, selected: str | None) -> str:
         """What the auto-refresh polls: a short text that changes whenever a job's status, step or phase (or the
@@ -65,17 +65,17 @@ class TrainingsActions:
             selected = None
         table = pd.DataFrame([job_row(j) for j in jobs], columns=JOB_HEADERS)
         status, log, plot, samples = self.details(selected)
-        choices = update(choices=ids, value=selected)
-        return table, delivery_stamp(jobs), choices, status, log, update(value=plot), samples
+        choices = gr.update(choices=ids, value=selected)
+        return table, delivery_stamp(jobs), choices, status, log, gr.update(value=plot), samples
 
     def select_row(self, table: Any, evt: gr.SelectData) -> Any:
         """A click on a row of the table selects that job."""
         rows = table.values.tolist() if hasattr(table, "values") else table
         index = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
         try:
-            return update(value=str(rows[int(index)][0]))
+            return gr.update(value=str(rows[int(index)][0]))
         except (IndexError, TypeError, ValueError):
-            return no_change()
+            return gr.update()
 
     def cancel(self, job_id: str | None) -> str:
         """Cancel the selected job (a running trainer is stopped)."""

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import gradio as gr
 import numpy as np
 import pytest
 from PIL import Image
@@ -22,7 +23,7 @@ from kohya_backend.jobs.states import JobStatus
 from kohya_backend.service.app import build_service
 from kohya_backend.service.datasets import DatasetService
 from kohya_backend.service.training import TrainingService
-from kohya_backend.ui.compat import GRADIO_MAJOR, file_input, no_change
+from kohya_backend.ui.compat import GRADIO_MAJOR, file_input
 from kohya_backend.ui.create_job import CreateJobActions
 from kohya_backend.ui.dataset_actions import DatasetActions
 from kohya_backend.ui.hooks import UiHooks
@@ -117,7 +118,7 @@ def test_create_dataset_from_uploaded_files(datasets: DatasetService, uploads: l
         assert image.size == (512, 512)
     refused, unchanged = actions.create("squares", "", 3, _upload(uploads), None, "none")
     assert "The dataset was not created" in refused and "already exists" in refused
-    assert unchanged == no_change()
+    assert unchanged == gr.update()
     bad, _ = actions.create("other", "", 0, _upload(uploads), None, "none")
     assert "repeats 0 is not a whole number" in bad
 
@@ -229,7 +230,7 @@ def test_default_config_follows_the_fm_type_until_edited(service: TrainingServic
     replaced, remembered = actions.fm_changed("SDXL", start, start)
     assert replaced["value"] == template_toml("sd_xl", cuda=False) == remembered
     kept, still = actions.fm_changed("SD 1.5", start + "network_dim = 8\n", start)
-    assert kept == no_change() and still == start
+    assert kept == gr.update() and still == start
     hooked = CreateJobActions(service, UiHooks(default_config=lambda fm: f"# for {fm}\n"))
     assert hooked.default_config("SDXL") == "# for sd_xl\n"
     assert hooked.reset_config("SD 1.5") == ("# for sd_1_5\n", "# for sd_1_5\n")

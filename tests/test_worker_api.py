@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -266,3 +268,40 @@ def test_ids_are_checked_before_urls_and_downloads_stop_at_their_cap(
         client.download(view["id"], "../config.toml", target)
     sha, size = client.download(view["id"], "output/big.png", target, max_bytes=300_000)
     assert size == 300_000 and hashlib.sha256(target.read_bytes()).hexdigest() == sha
+
+
+def test_event_long_polls_hold_no_thread_and_answer_new_lines_with_relative_paths(
+    client: WorkerClient, demo: Path, server: WorkerThread
+) -> None:
+    inputs = _inputs(demo, Sha256Cache(demo / "hashes.json"))
+    Uploader(client, TransferStats("w")).ensure(inputs)
+    job_id = client.submit(_spec(inputs, key="client-a:events"))["id"]
+    folder = server.worker.service.store.get(job_id).folder
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    url = f"{server.url}{WORKER_PREFIX}/jobs/{job_id}/events"
+    polls = 48  # more than the thread pool's 40 threads
+    with ThreadPoolExecutor(polls) as pool:
+        waiting = [
+            pool.submit(httpx.get, url, params={"wait": 20}, headers=headers, timeout=30)
+            for _ in range(polls)
+        ]
+        time.sleep(1.0)
+        started = time.monotonic()
+        assert httpx.get(f"{server.url}{WORKER_PREFIX}/info", headers=headers, timeout=30).status_code == 200
+        assert time.monotonic() - started < 2.0  # not queued behind the waiting polls
+        assert not any(poll.done() for poll in waiting)
+        lines = [
+            {"kind": "saved", "path": f"{folder}/output/x.safetensors"},
+            {"kind": "sample", "path": "/etc/x"},
+        ]
+        with open(folder / "events.jsonl", "a", encoding="utf-8") as handle:
+            handle.write("".join(json.dumps(line) + "\n" for line in lines))
+        answers = [poll.result().json() for poll in waiting]
+    expected = [{"kind": "saved", "path": "output/x.safetensors"}, {"kind": "sample", "path": None}]
+    for answer in answers:
+        assert answer == {"events": expected, "next": 2, "status": "queued", "settled": False}
+    assert client.events(job_id, 2, 0)["events"] == []
+    client.cancel(job_id)
+    started = time.monotonic()
+    assert client.events(job_id, 2, 20) == {"events": [], "next": 2, "status": "cancelled", "settled": True}
+    assert time.monotonic() - started < 2.0  # a settled job is not waited for

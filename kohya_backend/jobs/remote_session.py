@@ -32,6 +32,7 @@ from kohya_backend.jobs.runner import (
     read_json,
     write_json_atomic,
 )
+from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import Job, validate_job_id
 from kohya_backend.jobs.transfer import (
     CHUNK_BYTES,
@@ -54,8 +55,7 @@ from kohya_backend.models.hashing import Sha256Cache, sha256_file
 log = logging.getLogger(__name__)
 
 RUNNER_NAME = "worker"
-_SETTLED = frozenset({"completed", "failed", "cancelled", "interrupted"})
-_RESUMABLE = frozenset({"failed", "cancelled", "interrupted"})
+_RESUMABLE = frozenset(status.value for status in JobStatus.resumable())
 _DOWNLOADED_SUFFIXES = (".safetensors", ".png", ".jpg", ".jpeg", ".webp")
 MAX_IMAGE_BYTES = 256 << 20  # a sample image; LoRAs are capped by the view's size or MAX_DOWNLOAD_BYTES
 T = TypeVar("T")
@@ -343,7 +343,7 @@ class RemoteSession(threading.Thread):
             self._mirror_events(remote_id, events)
             lines += len(events)
             self._mirror_log(remote_id, int(remote["log_base"]))
-            if answer.get("status") in _SETTLED and not events:
+            if answer.get("settled") and not events:  # settled before these were read: they were the last
                 return self._finish(remote_id)
 
     def _local_path(self, value: object) -> Path | None:

@@ -173,7 +173,8 @@ class WorkerClient:
         return _checked_view(answer.json(), self.url) if answer.status_code == 200 else None
 
     def events(self, job_id: str, after: int, wait_s: float) -> dict[str, Any]:
-        """GET /jobs/{id}/events: events after line `after`, waiting up to `wait_s` for new ones."""
+        """GET /jobs/{id}/events: events after line `after` (waiting up to `wait_s` for new ones), `next`, the job's
+        `status`, and `settled` (the job had settled before they were read: no more will come)."""
         path = _job_path(job_id, "/events")
         return dict(self._send("GET", path, params={"after": after, "wait": wait_s}).json())
 

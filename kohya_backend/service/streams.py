@@ -77,17 +77,26 @@ def _events_now(
     return events, settled
 
 
-async def wait_events(
+async def wait_for_events(
     service: TrainingService, job_id: str, after: int, wait_s: float
-) -> list[dict[str, Any]]:
-    """Events after line `after`, waiting up to `wait_s` for the first one unless the job has settled."""
+) -> tuple[list[dict[str, Any]], bool]:
+    """Events after line `after`, waiting up to `wait_s` for the first one unless the job has settled; and whether
+    it had settled before they were read (then they are its last ones)."""
     path = service.events_path(job_id)
     deadline = time.monotonic() + wait_s
     while True:
         events, settled = await run_in_threadpool(_events_now, service, job_id, path, after)
         if events or settled or time.monotonic() >= deadline:
-            return events
+            return events, settled
         await asyncio.sleep(_POLL_S)
+
+
+async def wait_events(
+    service: TrainingService, job_id: str, after: int, wait_s: float
+) -> list[dict[str, Any]]:
+    """Events after line `after`, waiting up to `wait_s` for the first one unless the job has settled."""
+    events, _settled = await wait_for_events(service, job_id, after, wait_s)
+    return events
 
 
 async def server_sent_events(

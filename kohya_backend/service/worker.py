@@ -2,8 +2,8 @@
 
 It has its own home, job store, scheduler and local runner, plus a FastAPI app under WORKER_PREFIX: open health,
 and behind the bearer token (compared in constant time) its info, the blob store, and the jobs clients submit.
-Handlers that touch the disk or wait are plain `def` (FastAPI runs them in its thread pool); only the upload
-route is async, and it hands every write to a thread.
+Handlers that touch the disk are plain `def` (FastAPI runs them in its thread pool). The upload route is async and
+hands every write to a thread; the events long-poll is async and waits with asyncio, holding no thread.
 """
 
 from __future__ import annotations
@@ -157,9 +157,9 @@ def _job_routes(router: APIRouter, jobs: WorkerJobs) -> None:
             return {"job": jobs.view(job_id)}
 
     @router.get("/jobs/{job_id}/events")
-    def events(job_id: str, after: int = 0, wait: float = 0.0) -> dict[str, Any]:
+    async def events(job_id: str, after: int = 0, wait: float = 0.0) -> dict[str, Any]:
         with http_errors():
-            return jobs.events(job_id, after, wait)
+            return await jobs.events(job_id, after, wait)
 
     @router.get("/jobs/{job_id}/log")
     def log(job_id: str, offset: int = 0, limit: int = MAX_LOG_CHUNK) -> Response:

@@ -16,13 +16,14 @@ import os
 import secrets
 import shutil
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from starlette.concurrency import run_in_threadpool
+
 from kohya_backend.errors import TrainManagementError
-from kohya_backend.jobs.runner import EVENTS_NAME, LOG_NAME, RESULT_NAME, read_json
+from kohya_backend.jobs.runner import LOG_NAME, RESULT_NAME, read_json
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import Job, JobNotFound, validate_job_id
 from kohya_backend.jobs.worker_protocol import (
@@ -38,12 +39,12 @@ from kohya_backend.jobs.worker_protocol import (
 from kohya_backend.models.hashing import Sha256Cache
 from kohya_backend.service.blobs import BlobStore
 from kohya_backend.service.home import MODEL_SUFFIXES
+from kohya_backend.service.streams import wait_for_events
 from kohya_backend.service.training import Submission, TrainingService
 
 KEYS_DIR = "worker-keys"
 MAX_LOG_CHUNK = 1 << 20
 MAX_WAIT_S = 30.0
-_POLL_S = 0.25
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK}
 _CLIENT_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:._-")
 
@@ -316,25 +317,21 @@ class WorkerJobs:
         self._hashes.save()  # nothing to write when it was known
         return {"size": path.stat().st_size, "sha256": digest}
 
-    def events(self, job_id: str, after: int, wait_s: float) -> dict[str, Any]:
-        """Events after line `after` (waiting up to `wait_s` for new ones), paths relative to the job folder."""
-        from kohya_backend.train.events import read_events
-
+    async def events(self, job_id: str, after: int, wait_s: float) -> dict[str, Any]:
+        """Events after line `after`, waiting up to `wait_s` for new ones without holding a thread (read on from
+        where the last poll stopped), paths relative to the job folder; `settled`: the job had settled before they
+        were read, so no more will come."""
         if after < 0:
             raise _bad(f"after={after} is negative", "use the `next` of the previous answer")
-        job = self.store.get(job_id)
-        deadline = time.monotonic() + min(max(wait_s, 0.0), MAX_WAIT_S)
-        while True:
-            status = self.store.get(job_id).status
-            events = read_events(job.folder / EVENTS_NAME, after_line=after)
-            settled = status.is_terminal or status is JobStatus.INTERRUPTED
-            if events or settled or time.monotonic() >= deadline:
-                break
-            time.sleep(_POLL_S)
+        folder = (await run_in_threadpool(self.service.events_path, job_id)).parent  # 400/404 before waiting
+        wait = min(max(wait_s, 0.0), MAX_WAIT_S)
+        events, settled = await wait_for_events(self.service, job_id, after, wait)
+        job = await run_in_threadpool(self.store.get, job_id)
         return {
-            "events": _relative(events, f"{job.folder}/"),
+            "events": _relative(events, f"{folder}/"),
             "next": after + len(events),
-            "status": status.value,
+            "status": job.status.value,
+            "settled": settled,
         }
 
     def log(self, job_id: str, offset: int, limit: int) -> tuple[bytes, int, str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,15 +19,14 @@ from typing import Any
 
 import httpx
 import pytest
+from browser_support import launch_chromium, require_chromium
 from PIL import Image
+from server_support import free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts" / "ui-browser"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]  # fmt: skip
 # The demo config (64 px, tiny model) with a type error on line 5; the fix replaces that line.
 CONFIG_LINES = [
     'tokenizer_cache_dir = "tokenizer"',
@@ -49,18 +47,11 @@ CONFIG_LINES = [
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 210), "yellow": (240, 210, 40)}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian's Chromium is not installed (tools/setup.sh dev installs it)")
+    require_chromium()
     home = tmp_path_factory.mktemp("ui-home")
-    port = _free_port()
+    port = free_port()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     log = open(ARTIFACTS / "server.log", "w")  # noqa: SIM115 (closed in the teardown)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -154,7 +145,7 @@ def test_dataset_format_train_and_deliver_in_the_browser(server: tuple[str, Path
     base, home = server
     uploads = _images(tmp_path / "uploads")
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        browser = launch_chromium(playwright)
         page = browser.new_page(viewport={"width": 1500, "height": 1100})
         try:
             page.goto(base)

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "webui_stub"))
+from browser_support import launch_chromium, require_chromium
 from jobs_support import FAST_CONFIG
 from stub_webui import running_webui
 
@@ -24,9 +25,6 @@ from kohya_backend.assets.demo import prepare_demo
 from kohya_backend.service.api import API_PREFIX
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "webui"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]  # fmt: skip
 CONFIG = FAST_CONFIG.format(steps=4, name="webui_lora")
 
 
@@ -55,8 +53,7 @@ def _until(done: Any, timeout: float, what: str) -> Any:
 @pytest.mark.browser
 def test_a_training_in_the_webui_lands_in_its_lora_cards(tmp_path: Path) -> None:
     playwright_api = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian's Chromium is not installed (tools/setup.sh dev installs it)")
+    require_chromium()
     data = _webui_folders(tmp_path)
     argv = ["--api-auth", "alice:wonder", "--train-python", sys.executable]
     config = {"train_management_lora_subfolder": "trained"}
@@ -65,7 +62,7 @@ def test_a_training_in_the_webui_lands_in_its_lora_cards(tmp_path: Path) -> None
         from modules import sd_models
         from modules import ui as webui_ui
 
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        browser = launch_chromium(pw)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(ui.url)
         page.wait_for_function("() => typeof trainManagementCheckStamp === 'function'")

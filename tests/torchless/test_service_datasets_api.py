@@ -4,17 +4,14 @@ captions, deletes, auth and the error mapping."""
 from __future__ import annotations
 
 import io
-import socket
-import threading
-import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from PIL import Image
+from server_support import running
 
 from kohya_backend.service.api import API_PREFIX
 from kohya_backend.service.app import build_service, create_app
@@ -28,12 +25,6 @@ def _png(colour: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (
     return buffer.getvalue()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("home")
@@ -41,22 +32,12 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(home: Path) -> Iterator[httpx.Client]:
-    service = build_service(home)
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(service, token=TOKEN), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
     headers = {"Authorization": f"Bearer {TOKEN}"}
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}{API_PREFIX}", headers=headers, timeout=30) as http:
+    with (
+        running(create_app(build_service(home), token=TOKEN)) as base,
+        httpx.Client(base_url=f"{base}{API_PREFIX}", headers=headers, timeout=30) as http,
+    ):
         yield http
-    server.should_exit = True
-    thread.join(10)
 
 
 def _create(client: httpx.Client, name: str, files: list[tuple[str, bytes]], **form: str) -> httpx.Response:

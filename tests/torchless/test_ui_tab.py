@@ -4,11 +4,8 @@ standalone app serves it with the API, behind gradio's login when a token is set
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import threading
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from server_support import running
 
 from kohya_backend.config.schema import template_toml
 from kohya_backend.errors import TrainManagementError
@@ -102,29 +100,10 @@ def test_serving_off_loopback_needs_a_token(tmp_path: Path, monkeypatch: pytest.
     assert not hasattr(api_app, "serve")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def app_url(service: TrainingService, request: pytest.FixtureRequest) -> Iterator[str]:
-    import uvicorn
-
-    port = _free_port()
-    app = build_app(service, token=request.param, demo=False)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    server.config.timeout_graceful_shutdown = 2
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with running(build_app(service, token=request.param, demo=False)) as url:
+        yield url
 
 
 @pytest.mark.parametrize("app_url", ["tok-123"], indirect=True)

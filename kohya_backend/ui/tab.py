@@ -20,13 +20,9 @@ from kohya_backend.ui.workers import WorkersActions
 ELEM_ID = "train_management"
 DELIVERY_STAMP_ID = "train_management_delivery_stamp"
 POLL_SECONDS = 2.0
-# Standalone only (inside the WebUI the tab's Blocks css is not used; style.css is): hide the stamp, mono editor.
-TAB_CSS = f"""
-#{DELIVERY_STAMP_ID} {{ display: none !important; }}
-.gradio-container {{ max-width: none !important; }}
-#{ELEM_ID} textarea.train-management-mono, #{ELEM_ID} .train-management-mono textarea {{
-  font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }}
-"""
+# The page layout when the tab is the whole page (standalone); inside the WebUI a tab's own css is not used, and
+# style.css (served by the WebUI, appended by the standalone app) holds the tab's rules, scoped to #train_management.
+TAB_CSS = ".gradio-container { max-width: none !important; }\n"
 
 
 _SMALL = {"size": "sm", "scale": 0, "min_width": 60}
@@ -121,7 +117,10 @@ def _trainings_column() -> dict[str, Any]:
         c["resume"] = gr.Button("Resume", elem_id=_id("resume"))
         c["delete"] = gr.Button("Delete", variant="stop", elem_id=_id("delete"))
     c["action_message"] = gr.Markdown(elem_id=_id("action_message"))
-    c["log"] = gr.Textbox(label="Log (tail)", lines=8, max_lines=30, interactive=False, elem_id=_id("log"))
+    c["log"] = gr.Textbox(
+        label="Log (tail)", lines=8, max_lines=30, interactive=False, elem_id=_id("log"),
+        elem_classes=["train-management-mono"],
+    )  # fmt: skip
     c["plot"] = gr.LinePlot(
         x="step", y="value", color="series", title="Loss", x_title="step", y_title="loss", height=260,
         label="Loss", elem_id=_id("loss_plot"),

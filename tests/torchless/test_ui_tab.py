@@ -4,6 +4,7 @@ standalone app serves it with the API, behind gradio's login when a token is set
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import warnings
@@ -127,5 +128,14 @@ def test_without_a_token_the_tab_is_served_at_the_root(app_url: str) -> None:
     page = httpx.get(f"{app_url}/")
     assert page.status_code == 200 and "Train Management" in page.text
     config = httpx.get(f"{app_url}/config").json()
+    # The tab's css and style.css once each: no selector ruled twice, the stamp hidden and the mono font set once.
+    css = re.sub(r"/\*.*?\*/", "", config["css"], flags=re.S)
+    selectors = [s.strip() for rule in re.findall(r"([^{}]+)\{", css) for s in rule.split(",")]
+    assert len(selectors) == len(set(selectors)) and css.count("font-family") == 1, selectors
+    assert f"#{DELIVERY_STAMP_ID}" in selectors
+    mono = [
+        c for c in config["components"] if "train-management-mono" in (c["props"].get("elem_classes") or [])
+    ]
+    assert {c["props"]["elem_id"] for c in mono} == {f"{ELEM_ID}_{n}" for n in ("config", "formatted", "log")}
     assert any(c.get("props", {}).get("elem_id") == ELEM_ID for c in config["components"])
     assert httpx.get(f"{app_url}{API_PREFIX}/version").json()["api"] == "1.0"

@@ -17,6 +17,7 @@ import pytest
 from remote_support import TOKEN, WorkerThread, running
 
 from kohya_backend.assets.demo import prepare_demo
+from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs.registry import WorkerNotFound, WorkerRegistry
 from kohya_backend.jobs.remote import RemoteRunner, WorkerBusy, remove_worker
 from kohya_backend.jobs.remote_session import RemoteOptions
@@ -191,3 +192,28 @@ def _cancel_all(scheduler: Scheduler, store: JobStore) -> None:
         time.sleep(0.1)
     scheduler.stop()
     assert store.list(status=unsettled, limit=1)[1] == 0
+
+
+def test_a_refused_token_is_looked_at_once_and_refuses_new_jobs_until_the_token_changes(
+    tmp_path: Path,
+) -> None:
+    remote = RemoteRunner.for_home(tmp_path / "home", refresh_s=3600)
+    try:
+        with WorkerThread(build_worker(tmp_path / "worker", devices={"cpu": 1})) as served:
+            remote.registry.add(served.url, "not-the-worker-token-0123", name="w")
+            remote.pool.refresh()
+            assert remote.pool.states()["w"].state == "unauthorized"
+            assert (
+                remote.may_place() is True
+            )  # a state not seen before: jobs aimed at w go (and fail, saying why)
+            assert remote.may_place() is False  # nothing changed since: the queue need not be listed again
+            with pytest.raises(TrainManagementError, match="refused its token at the last check"):
+                remote.check_instance_type("worker:w")  # a new job would only fail: refused at once
+            remote.registry.add(served.url, TOKEN)  # the right token, same URL: the old token's state is void
+            remote.check_instance_type("worker:w")
+            assert remote.may_place() is True
+            remote.pool.refresh()
+            assert remote.pool.states()["w"].state == "online"
+            assert remote.may_place() is True and remote.may_place() is True  # a free slot on w
+    finally:
+        remote.close()

@@ -47,6 +47,13 @@ class WorkerState:
         known = [s for s in sizes if isinstance(s, (int, float)) and s > 0]
         return max(known) / 2**30 if known else None
 
+    def can_take(self, fm_type: str, params: Mapping[str, Any], own_active: int) -> bool:
+        """True when the worker answers, has a free slot, and has enough VRAM for the job (or does not say)."""
+        if self.state not in ("online", "busy") or self.free_slots(own_active) <= 0:
+            return False
+        vram = self.vram_gb()
+        return vram is None or vram >= required_vram_gb(fm_type, params)
+
     def has_cuda(self) -> bool | None:
         """Whether the worker reported a GPU (None: it has not answered yet)."""
         if not self.info:
@@ -118,7 +125,7 @@ class WorkerPool:
     def __init__(self, registry: WorkerRegistry, *, refresh_s: float = DEFAULT_REFRESH_S) -> None:
         self.registry = registry
         self.refresh_s = refresh_s
-        self._states: dict[str, WorkerState] = {}
+        self._states: dict[str, tuple[tuple[str, str], WorkerState]] = {}  # name -> ((url, token), state)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -148,7 +155,7 @@ class WorkerPool:
     def refresh(self) -> None:
         """Ask every registered worker for its info (one at a time, each with a short timeout)."""
         entries = self.registry.entries()
-        fresh = {e.name: check_worker(e) for e in entries}
+        fresh = {e.name: ((e.url, e.token), check_worker(e)) for e in entries}
         with self._lock:
             self._states = fresh
 
@@ -158,21 +165,17 @@ class WorkerPool:
         self._wake.set()
 
     def states(self) -> dict[str, WorkerState]:
-        """The last known state of every registered worker (`unknown` until first asked)."""
+        """The last known state of every registered worker (`unknown` until asked at its current URL and token)."""
         entries = self.registry.entries()
         if entries:
             self._ensure_thread()
         with self._lock:
             known = dict(self._states)
-        return {e.name: known.get(e.name) or WorkerState(e.name) for e in entries}
-
-    def can_take(self, name: str, fm_type: str, params: Mapping[str, Any], own_active: int) -> bool:
-        """True when `name` answers, has a free slot, and has enough VRAM for the job (or does not say)."""
-        state = self.states().get(name)
-        if state is None or state.state not in ("online", "busy") or state.free_slots(own_active) <= 0:
-            return False
-        vram = state.vram_gb()
-        return vram is None or vram >= required_vram_gb(fm_type, params)
+        out = {}
+        for e in entries:
+            asked, state = known.get(e.name) or (None, None)
+            out[e.name] = state if state is not None and asked == (e.url, e.token) else WorkerState(e.name)
+        return out
 
     def close(self) -> None:
         """Stop the monitor thread."""

@@ -124,7 +124,7 @@ class RemoteRunner:
         self.pending_deletes = PendingDeletes(registry.path.parent)
         self.pool.after_refresh = self._delete_on_answering
         self._last_warning = ""
-        self._names_seen: frozenset[str] | None = None
+        self._states_seen: frozenset[tuple[str, str]] | None = None
 
     @classmethod
     def for_home(
@@ -142,6 +142,12 @@ class RemoteRunner:
         target = _target(instance_type)
         if target.worker is not None:
             self._registered(target.worker)
+            state = self.pool.states().get(target.worker)
+            if state is not None and state.state == "unauthorized":
+                raise TrainManagementError(
+                    f"worker {target.worker!r} refused its token at the last check ({state.error})",
+                    "add it again with the token from the worker's token file (Settings, or `workers add URL`)",
+                )
         elif not self.registry.entries():
             raise TrainManagementError(
                 "no remote worker is registered", "add one (Settings, `workers add URL`, or --train-worker)"
@@ -167,7 +173,7 @@ class RemoteRunner:
         own = self._own_active()
 
         def fits(name: str) -> bool:
-            return self.pool.can_take(name, job.fm_type, job.params, own.get(name, 0))
+            return states[name].can_take(job.fm_type, job.params, own.get(name, 0))
 
         if target.worker is not None:
             gone = target.worker not in states
@@ -183,21 +189,20 @@ class RemoteRunner:
         return None
 
     def may_place(self) -> bool:
-        """From the pool's cache: a worker answers with a free slot or refuses its token (its jobs then fail), or
-        the registered workers changed since the last look (jobs aimed at a removed one then fail)."""
+        """From the pool's cache: a worker answers with a free slot, or the workers or their states changed since
+        the last look (jobs aimed at a removed worker, or at one that now refuses its token, then fail)."""
         try:
             states = self.pool.states()
         except TrainManagementError as exc:
             self._warn_once(str(exc))
             return False
-        names = frozenset(states)
-        if names != self._names_seen:
-            self._names_seen = names
+        seen = frozenset((name, state.state) for name, state in states.items())
+        if seen != self._states_seen:
+            self._states_seen = seen
             return True
         own = self._own_active()
         return any(
-            state.state == "unauthorized"
-            or (state.state in ("online", "busy") and state.free_slots(own.get(name, 0)) > 0)
+            state.state in ("online", "busy") and state.free_slots(own.get(name, 0)) > 0
             for name, state in states.items()
         )
 

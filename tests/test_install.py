@@ -176,18 +176,44 @@ def test_install_run_installs_what_is_missing_and_skips_a_ready_trainer(tmp_path
     assert printed == []
 
 
-def test_install_run_checks_a_chosen_interpreter_instead_of_building_one(tmp_path: Path) -> None:
-    environ = {"TRAIN_MANAGEMENT_TRAINER_ENV": str(tmp_path / "unused"), "COMMANDLINE_ARGS": ""}
+def test_install_run_checks_a_chosen_interpreter_instead_of_building_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "trainer"
+    environ = {"TRAIN_MANAGEMENT_TRAINER_ENV": str(folder), "COMMANDLINE_ARGS": ""}
     printed: list[str] = []
-    gradio4 = REPO / ".venv-gradio4" / "bin" / "python"
-    assert gradio4.exists(), "the test environments are missing: run `bash tools/setup.sh dev`"
-    for python, expect in ((sys.executable, None), (str(gradio4), "lacks torch")):
+    started: list[list[str]] = []
+    real_run = subprocess.run
+
+    def counted(command: list[str], **kwargs: object) -> object:
+        started.append(command)
+        return real_run(command, **kwargs)
+
+    monkeypatch.setattr(install.subprocess, "run", counted)
+
+    def install_with(python: str) -> list[str]:
         printed.clear()
+        started.clear()
         environ["COMMANDLINE_ARGS"] = f"--api --train-python {python}"
         install.run([], environ, run_pip=lambda c, d: None, out=printed.append,
                     setup=lambda *a, **k: pytest.fail("no build with --train-python"))  # fmt: skip
-        assert (printed == []) if expect is None else (expect in printed[0])
-    assert not (tmp_path / "unused").exists()
+        return list(printed)
+
+    gradio4 = REPO / ".venv-gradio4" / "bin" / "python"
+    assert gradio4.exists(), "the test environments are missing: run `bash tools/setup.sh dev`"
+    assert "lacks torch" in install_with(str(gradio4))[0] and len(started) == 1  # one start answers it all
+    assert "lacks torch" in install_with(str(gradio4))[0] and len(started) == 1  # a refusal is not remembered
+    # A good interpreter is checked once (one start), then remembered by its file, mtime and the requirements.
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    assert install_with(str(wrapper)) == [] and len(started) == 1
+    assert install_with(str(wrapper)) == [] and started == []  # the next WebUI start runs nothing
+    checked = json.loads((folder / "state.json").read_text())[install.CHECKED_KEY]
+    assert checked["path"] == str(wrapper) and not (folder / "env").exists()
+    os.utime(wrapper, ns=(checked["mtime_ns"] + 10**9, checked["mtime_ns"] + 10**9))  # e.g. Python upgraded
+    assert install_with(str(wrapper)) == [] and len(started) == 1
+    assert "does not run" in install_with(str(tmp_path / "missing-python"))[0]
 
 
 def test_install_py_as_the_webui_runs_it_returns_at_once_when_nothing_is_missing(tmp_path: Path) -> None:

@@ -5,18 +5,22 @@ WebUI already has (UI_REQUIREMENTS), and only when they are missing: a package t
 downgraded, even when it is older than we would like (a note says so), because the WebUI would put its pin back
 at the next start. The trainer's packages (newer than the WebUI's and needing Python 3.11+) go into the trainer's
 own environment (trainer_env), unless --train-python names an interpreter to use instead. With nothing missing
-this returns in a few milliseconds: state.json says the environment is ready for the current requirements.
+this returns in a few milliseconds and starts no process: state.json says the environment is ready for the current
+requirements, or that the chosen interpreter was found good (same file, same mtime, same requirements).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
+from typing import Any
 
 from kohya_backend.host.flags import PYTHON_ENV, launch_argv, parse_flags
 from kohya_backend.host.trainer_env import (
@@ -27,8 +31,9 @@ from kohya_backend.host.trainer_env import (
     container,
     env_spec,
     is_ready,
-    probe_version,
+    read_state,
     requirement_name,
+    write_state,
 )
 from kohya_backend.host.trainer_setup import SetupResult, setup_env
 
@@ -71,6 +76,7 @@ def plan_webui(requirements: Sequence[str], version_of: Callable[[str], str | No
     return WebuiPlan(tuple(install), tuple(notes))
 
 
+# One start of the chosen interpreter answers both questions: its Python version and its packages' versions.
 _CHECK_CODE = """
 import json, sys
 from importlib import metadata
@@ -80,35 +86,67 @@ for name in sys.argv[1:]:
         found[name] = metadata.version(name)
     except metadata.PackageNotFoundError:
         found[name] = None
-print(json.dumps(found))
+print(json.dumps({"python": list(sys.version_info[:2]), "packages": found}))
 """
+# In the trainer environment's state.json: the last --train-python interpreter found good.
+CHECKED_KEY = "checked_interpreter"
 
 
-def check_interpreter(command: Sequence[str], spec: EnvSpec) -> str | None:
-    """Why a user-chosen trainer interpreter will not do (wrong Python, missing packages), or None when it will."""
-    version = probe_version(command)
-    if version is None:
+def _interpreter_stamp(command: Sequence[str], spec: EnvSpec) -> dict[str, Any] | None:
+    """What a good check of `command` is remembered by: its file, that file's mtime and the requirements' key."""
+    found = shutil.which(command[0]) or command[0]
+    try:
+        mtime_ns = os.stat(found).st_mtime_ns
+    except OSError:
+        return None
+    return {"path": os.path.abspath(found), "mtime_ns": mtime_ns, "key": spec.key()}
+
+
+def _probe_interpreter(command: Sequence[str], names: Sequence[str]) -> dict[str, Any] | None:
+    """{"python": [major, minor], "packages": {name: version or None}} from one run, or None if it does not run."""
+    try:
+        done = subprocess.run(
+            [*command, "-c", _CHECK_CODE, *names], capture_output=True, text=True, timeout=30, check=False
+        )
+        answer = json.loads(done.stdout or "null") if done.returncode == 0 else None
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+    return answer if isinstance(answer, dict) and isinstance(answer.get("packages"), dict) else None
+
+
+def check_interpreter(command: Sequence[str], spec: EnvSpec, folder: Path | None = None) -> str | None:
+    """Why a user-chosen trainer interpreter will not do (wrong Python, missing packages), or None when it will.
+
+    A good answer is remembered in `folder`'s state.json (the trainer environment's) by the interpreter's path,
+    mtime and the requirements' key, so later WebUI starts skip the check and start no process.
+    """
+    stamp = _interpreter_stamp(command, spec)
+    state = (read_state(folder) or {}) if folder is not None else {}
+    if stamp is not None and state.get(CHECKED_KEY) == stamp:
+        return None
+    names = [requirement_name(line) for line in (spec.torch.requirement, *spec.requirements)]
+    answer = _probe_interpreter(command, names)
+    if answer is None:
         return f"Train Management: --train-python {' '.join(command)} does not run"
+    version = tuple(answer.get("python") or (0, 0))
     if version < MIN_PYTHON:
         low = ".".join(map(str, MIN_PYTHON))
         return (
             f"Train Management: --train-python is Python {version[0]}.{version[1]}; the trainer needs {low}+"
         )
-    names = [requirement_name(line) for line in (spec.torch.requirement, *spec.requirements)]
-    try:
-        done = subprocess.run(
-            [*command, "-c", _CHECK_CODE, *names], capture_output=True, text=True, timeout=30, check=False
-        )
-        found = json.loads(done.stdout or "{}")
-    except (OSError, ValueError, subprocess.TimeoutExpired):
-        found = {}
-    missing = [name for name in names if not found.get(name)]
+    missing = [name for name in names if not answer["packages"].get(name)]
     if missing:
         return (
             f"Train Management: --train-python {' '.join(command)} lacks {', '.join(missing)}; install them "
             f"there (pip install -r requirements-trainer.txt) or leave --train-python out to use the "
             f"extension's own environment"
         )
+    if folder is not None and stamp is not None:
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            write_state(folder, {**(read_state(folder) or {}), CHECKED_KEY: stamp})
+        except OSError:  # a read-only extension folder: check again at the next start
+            pass
     return None
 
 
@@ -140,12 +178,12 @@ def run(
     flags = parse_flags(launch_argv(argv, environ))
     spec = env_spec(version_of("torch"), environ=environ)
     explicit = (flags.train_python or environ.get(PYTHON_ENV, "")).strip()
+    folder = container(environ)
     if explicit:
-        problem = check_interpreter([explicit], spec)
+        problem = check_interpreter([explicit], spec, folder)
         if problem:
             out(problem)
         return 0
-    folder = container(environ)
     if is_ready(folder, spec):
         return 0
     high = ".".join(map(str, MAX_PYTHON))

@@ -8,8 +8,8 @@ machine, installs torch first (pinned, from the index matching the WebUI's CUDA/
 requirements-trainer.txt, and the local runner starts `env/bin/python -m kohya_backend train` there. The WebUI
 process itself only needs light packages (see kohya_backend.host.install).
 
-Layout of the container folder (ignored by git): env/ (the venv), state.json (ready? for which requirements?),
-setup.log (pip's output), setup.lock (one setup at a time).
+Layout of the container folder (ignored by git): env/ (the venv), state.json (ready? for which requirements?
+and the last --train-python interpreter found good), setup.log (pip's output), setup.lock (one setup at a time).
 """
 
 from __future__ import annotations

@@ -1,8 +1,15 @@
-"""How the pool reads a worker's info: free slots, VRAM, what a job needs, how a worker is labelled."""
+"""How the pool reads a worker's info (free slots, VRAM, what a job needs, labels) and keeps its clients."""
 
 from __future__ import annotations
 
-from kohya_backend.jobs.pool import WorkerState, required_vram_gb
+from pathlib import Path
+
+import pytest
+from remote_support import TOKEN, WorkerThread
+
+from kohya_backend.jobs.pool import WorkerPool, WorkerState, required_vram_gb
+from kohya_backend.jobs.registry import WorkerRegistry
+from kohya_backend.service.worker import build_worker
 
 GIB = 2**30
 
@@ -38,3 +45,27 @@ def test_a_job_needs_its_familys_minimum_unless_it_asks_for_more() -> None:
     assert required_vram_gb("sd_xl", {"min_vram_gb": True}) == 12.0
     public = WorkerState("a", "busy", {"slots": 1, "free_disk_bytes": 100 * GIB}).public()
     assert public["state"] == "busy" and public["free_disk_gb"] == 100 and "token" not in public
+
+
+def test_the_pool_keeps_one_client_per_worker_until_its_url_or_token_changes(tmp_path: Path) -> None:
+    registry = WorkerRegistry(tmp_path / "home")
+    pool = WorkerPool(registry, refresh_s=3600)
+    try:
+        with WorkerThread(build_worker(tmp_path / "worker", devices={"cpu": 1})) as served:
+            entry = registry.add(served.url, TOKEN, name="w")
+            pool.refresh()
+            kept = pool.client(entry)
+            pool.refresh()  # the next round asks through the same client (its connection stays open)
+            assert pool.client(entry) is kept and pool.states()["w"].state == "online"
+            changed = registry.add(served.url, "another-token-0123456789")
+            pool.refresh()
+            assert pool.states()["w"].state == "unauthorized" and pool.client(changed) is not kept
+            with pytest.raises(RuntimeError, match="closed"):
+                kept.info()  # the old token's client was closed when it was replaced
+            replaced = pool.client(changed)
+            registry.remove("w")
+            pool.refresh()
+            with pytest.raises(RuntimeError, match="closed"):
+                replaced.info()  # a removed worker's client goes with it
+    finally:
+        pool.close()

@@ -98,11 +98,16 @@ def required_vram_gb(fm_type: str, params: Mapping[str, Any]) -> float:
 
 
 def check_worker(entry: WorkerEntry, timeout_s: float = INFO_TIMEOUT_S) -> WorkerState:
-    """Ask one worker for its info now (used by the monitor and by `workers list`)."""
-    state = WorkerState(entry.name, checked_at=time.time())
+    """Ask one worker for its info now, over a connection of its own (`workers add` and `workers list`)."""
+    with WorkerClient(entry.url, entry.token, read_timeout_s=timeout_s) as client:
+        return ask_worker(entry.name, client)
+
+
+def ask_worker(name: str, client: WorkerClient) -> WorkerState:
+    """The state of worker `name` from its answer to GET /info through `client`."""
+    state = WorkerState(name, checked_at=time.time())
     try:
-        with WorkerClient(entry.url, entry.token, read_timeout_s=timeout_s) as client:
-            state.info = client.info()
+        state.info = client.info()
     except WorkerAuthError as exc:
         state.state, state.error = "unauthorized", exc.message
         return state
@@ -126,6 +131,8 @@ class WorkerPool:
         self.registry = registry
         self.refresh_s = refresh_s
         self._states: dict[str, tuple[tuple[str, str], WorkerState]] = {}  # name -> ((url, token), state)
+        # One client (connection pool) per worker, kept across rounds: behind a TLS proxy, no handshake per round.
+        self._clients: dict[str, tuple[tuple[str, str], WorkerClient]] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -155,9 +162,31 @@ class WorkerPool:
     def refresh(self) -> None:
         """Ask every registered worker for its info (one at a time, each with a short timeout)."""
         entries = self.registry.entries()
-        fresh = {e.name: ((e.url, e.token), check_worker(e)) for e in entries}
+        self._drop_clients({e.name for e in entries})
+        fresh = {e.name: ((e.url, e.token), ask_worker(e.name, self.client(e))) for e in entries}
         with self._lock:
             self._states = fresh
+
+    def client(self, entry: WorkerEntry) -> WorkerClient:
+        """The pool's client of `entry` (made on first use, replaced when the worker's URL or token changes)."""
+        key = (entry.url, entry.token)
+        with self._lock:
+            kept = self._clients.get(entry.name)
+            if kept is not None and kept[0] == key:
+                return kept[1]
+            client = WorkerClient(entry.url, entry.token, read_timeout_s=INFO_TIMEOUT_S)
+            self._clients[entry.name] = (key, client)
+        if kept is not None:
+            kept[1].close()
+        return client
+
+    def _drop_clients(self, keep: set[str] | None = None) -> None:
+        """Close the clients of workers no longer registered (all of them when `keep` is None)."""
+        with self._lock:
+            dropped = [name for name in self._clients if keep is None or name not in keep]
+            closing = [self._clients.pop(name)[1] for name in dropped]
+        for client in closing:
+            client.close()
 
     def refresh_soon(self) -> None:
         """Wake the monitor (a worker was added, or a job wants one)."""
@@ -178,9 +207,10 @@ class WorkerPool:
         return out
 
     def close(self) -> None:
-        """Stop the monitor thread."""
+        """Stop the monitor thread and close the workers' clients (made again if the pool is used again)."""
         self._stop.set()
         self._wake.set()
         thread = self._thread
         if thread is not None:
             thread.join(INFO_TIMEOUT_S * 2)
+        self._drop_clients()

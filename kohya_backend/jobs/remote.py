@@ -306,7 +306,7 @@ class RemoteRunner:
         if not wait:
             self.pool.refresh_soon()
             return f"its copy on worker {names} is deleted there in the background (retried until it answers)"
-        left = self.pending_deletes.flush(self.registry, copies)
+        left = self.pending_deletes.flush(self.registry, self.pool.client, copies)
         waiting = sorted(w for w, job_id in copies.items() if job_id in left.get(w, []))
         done = sorted(w for w in copies if w not in waiting)
         notes = [f"deleted its copy on worker {', '.join(done)}"] if done else []
@@ -322,7 +322,7 @@ class RemoteRunner:
         pending = self.pending_deletes.pending()
         answering = [n for n in pending if n in states and states[n].state in ("online", "busy")]
         if answering:
-            self.pending_deletes.flush(self.registry, answering)
+            self.pending_deletes.flush(self.registry, self.pool.client, answering)
 
     # -- listings -----------------------------------------------------------------------------------------
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from kohya_backend.errors import TrainManagementError
-from kohya_backend.jobs.registry import WorkerRegistry, file_lock
+from kohya_backend.jobs.registry import WorkerEntry, WorkerRegistry, file_lock
 from kohya_backend.jobs.runner import read_json, write_json_atomic
 from kohya_backend.jobs.store import validate_job_id
 from kohya_backend.jobs.worker_client import WorkerClient, WorkerRejected, WorkerUnreachable
@@ -23,7 +23,6 @@ from kohya_backend.jobs.worker_client import WorkerClient, WorkerRejected, Worke
 log = logging.getLogger(__name__)
 
 PENDING_NAME = "worker-deletes.json"
-TIMEOUT_S = 10.0
 
 
 def remote_copies(record: dict[str, Any] | None) -> dict[str, str]:
@@ -69,39 +68,50 @@ class PendingDeletes:
                     data[worker].append(job_id)
             self._write(data)
 
-    def flush(self, registry: WorkerRegistry, workers: Iterable[str] | None = None) -> dict[str, list[str]]:
-        """Delete pending copies on `workers` (default: all with pending deletes); returns what is left."""
+    def flush(
+        self,
+        registry: WorkerRegistry,
+        client_for: Callable[[WorkerEntry], WorkerClient],
+        workers: Iterable[str] | None = None,
+    ) -> dict[str, list[str]]:
+        """Delete pending copies on `workers` (default: all with pending deletes) through the clients `client_for`
+        gives (the pool's); returns what is left."""
         with self._lock, file_lock(self.path):
             data = self._read()
             for worker in list(data if workers is None else set(workers) & set(data)):
-                data[worker] = _delete_on(registry, worker, data[worker])
+                data[worker] = _delete_on(registry, client_for, worker, data[worker])
             self._write(data)
             return {k: v for k, v in data.items() if v}
 
 
-def _delete_on(registry: WorkerRegistry, worker: str, job_ids: list[str]) -> list[str]:
+def _delete_on(
+    registry: WorkerRegistry,
+    client_for: Callable[[WorkerEntry], WorkerClient],
+    worker: str,
+    job_ids: list[str],
+) -> list[str]:
     """Delete `job_ids` on `worker`; the ids left for a later round."""
     entry = registry.get(worker)
     if entry is None:
         log.warning("worker %s is not registered any more: its copies of %s stay there", worker, job_ids)
         return []
+    client = client_for(entry)
     left: list[str] = []
-    with WorkerClient(entry.url, entry.token, read_timeout_s=TIMEOUT_S) as client:
-        for index, job_id in enumerate(job_ids):
+    for index, job_id in enumerate(job_ids):
+        try:
+            client.delete_job(job_id)
+        except WorkerUnreachable:  # offline (or slow: a delete that timed out finds nothing left next round)
+            return left + job_ids[index:]  # every copy waits for the next round
+        except WorkerRejected as exc:
+            if exc.status != 409:  # nothing a retry would change
+                log.warning("worker %s refused to delete job %s: %s", worker, job_id, exc.message)
+                continue
+            left.append(job_id)  # still running there: cancel it, delete it on a later round
             try:
-                client.delete_job(job_id)
-            except WorkerUnreachable:
-                return left + job_ids[index:]  # offline: every copy waits for the next round
-            except WorkerRejected as exc:
-                if exc.status != 409:  # nothing a retry would change
-                    log.warning("worker %s refused to delete job %s: %s", worker, job_id, exc.message)
-                    continue
-                left.append(job_id)  # still running there: cancel it, delete it on a later round
-                try:
-                    client.cancel(job_id)
-                except TrainManagementError as cancel_error:
-                    log.info("job %s on worker %s: %s", job_id, worker, cancel_error.message)
-            except TrainManagementError as exc:  # e.g. a refused token: keep it until that is fixed
-                log.warning("deleting job %s on worker %s failed: %s", job_id, worker, exc.message)
-                left.append(job_id)
+                client.cancel(job_id)
+            except TrainManagementError as cancel_error:
+                log.info("job %s on worker %s: %s", job_id, worker, cancel_error.message)
+        except TrainManagementError as exc:  # e.g. a refused token: keep it until that is fixed
+            log.warning("deleting job %s on worker %s failed: %s", job_id, worker, exc.message)
+            left.append(job_id)
     return left

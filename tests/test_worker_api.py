@@ -305,3 +305,30 @@ def test_event_long_polls_hold_no_thread_and_answer_new_lines_with_relative_path
     started = time.monotonic()
     assert client.events(job_id, 2, 20) == {"events": [], "next": 2, "status": "cancelled", "settled": True}
     assert time.monotonic() - started < 2.0  # a settled job is not waited for
+
+
+class NoHeadClient(WorkerClient):
+    """The real client, except that asking for a blob's offset with HEAD fails the test."""
+
+    def blob_offset(self, sha256: str) -> tuple[bool, int]:
+        raise AssertionError("the uploader asked with HEAD after a 409")
+
+
+def test_a_409_names_the_offset_and_the_uploader_goes_on_from_it(
+    client: WorkerClient, server: WorkerThread, tmp_path: Path
+) -> None:
+    data = os.urandom(3 << 20)
+    sha = hashlib.sha256(data).hexdigest()
+    client.put_blob(sha, 0, len(data), iter([data[: 1 << 20]]), 1 << 20)
+    with pytest.raises(WorkerRejected) as conflict:
+        client.put_blob(sha, 12345, len(data), iter([data[12345:20000]]), 20000 - 12345)
+    assert conflict.value.status == 409 and conflict.value.detail["offset"] == 1 << 20
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(data)
+    stats = TransferStats("w")
+    with NoHeadClient(server.url, TOKEN) as uploader_client:
+        Uploader(uploader_client, stats).upload(LocalFile(path, path.name, sha, len(data)), 12345)
+    assert client.blob_offset(sha) == (True, len(data))
+    assert stats.sent == (len(data) - 12345) + (
+        len(data) - (1 << 20)
+    )  # the refused chunk, then only the rest

@@ -194,7 +194,7 @@ class Uploader:
             self.stats.by_key[item.key] = {"bytes": item.size, "already_there": present}
 
     def upload(self, f: LocalFile, offset: int) -> None:
-        """Send `f` from `offset` in chunks; on 409 (offset moved, another upload running) ask where to go on."""
+        """Send `f` from `offset` in chunks; a 409 (offset moved, another upload running) names where to go on."""
         base = self.stats.done
         conflicts = 0
         while True:
@@ -204,12 +204,11 @@ class Uploader:
                 answer = self.client.put_blob(f.sha256, offset, f.size, body, length)
             except WorkerRejected as exc:
                 conflicts += 1
-                if exc.status != 409 or conflicts > MAX_CONFLICTS:
+                held = exc.detail.get("offset")
+                if exc.status != 409 or not isinstance(held, int) or conflicts > MAX_CONFLICTS:
                     raise
                 time.sleep(min(0.2 * conflicts, 2.0))
-                complete, offset = self.client.blob_offset(f.sha256)
-                if complete:
-                    break
+                offset = held  # at the file's size, the next (empty) request is answered `complete`
                 continue
             offset = int(answer["offset"])
             self.stats.done = base + offset

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from anyio import to_thread
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
@@ -30,10 +30,9 @@ from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs.worker_protocol import (
     OFFSET_HEADER,
     SIZE_HEADER,
-    InvalidName,
     validate_sha256,
 )
-from kohya_backend.service.http_errors import http_error
+from kohya_backend.service.http_errors import http_errors
 
 BLOBS_DIR = "blobs"  # under a worker's home
 DEFAULT_MAX_BLOB_BYTES = 64 << 30
@@ -72,6 +71,9 @@ class UploadConflict(BlobError):
     def __init__(self, message: str, hint: str | None, offset: int) -> None:
         super().__init__(message, hint)
         self.offset = offset
+
+    def details(self) -> dict[str, object]:
+        return {"offset": self.offset}
 
 
 class HashMismatch(BlobError):
@@ -394,11 +396,6 @@ class BlobQuery(BaseModel):
     sha256: list[str]
 
 
-def _http(exc: TrainManagementError) -> HTTPException:
-    headers = {OFFSET_HEADER: str(exc.offset)} if isinstance(exc, UploadConflict) else None
-    return http_error(exc, headers)
-
-
 def _state_headers(state: BlobState) -> dict[str, str]:
     headers = {OFFSET_HEADER: str(state.offset)}
     if state.size is not None:
@@ -430,18 +427,14 @@ def create_blob_router(store: BlobStore) -> APIRouter:
 
     @router.head("/blobs/{sha256}")
     def head_blob(sha256: str) -> Response:
-        try:
+        with http_errors():
             state = store.state(sha256)
-        except InvalidName as exc:
-            raise _http(exc) from exc
         return Response(status_code=200 if state.complete else 404, headers=_state_headers(state))
 
     @router.post("/blobs/query")
     def query_blobs(body: BlobQuery) -> dict[str, Any]:
-        try:
+        with http_errors():
             states = store.states(body.sha256)
-        except TrainManagementError as exc:
-            raise _http(exc) from exc
         return {
             "complete": [s.sha256 for s in states if s.complete],
             "partial": {s.sha256: s.offset for s in states if not s.complete and s.offset},
@@ -452,10 +445,8 @@ def create_blob_router(store: BlobStore) -> APIRouter:
     async def put_blob(
         request: Request, sha256: str, offset: int = Query(..., ge=0), size: int = Query(..., ge=0)
     ) -> Response:
-        try:
+        with http_errors():  # a 409 names the offset to continue from
             upload = await to_thread.run_sync(store.open_upload, sha256, offset, size)
-        except TrainManagementError as exc:
-            raise _http(exc) from exc
         if upload.already_complete:  # answer at once: the body (up to the declared size) is never read
             await to_thread.run_sync(upload.close)
             state = store.state(sha256)
@@ -463,10 +454,9 @@ def create_blob_router(store: BlobStore) -> APIRouter:
             headers = {**_state_headers(state), "Connection": "close"}
             return Response(json.dumps(body), 200, headers, "application/json")
         try:
-            finished = await _receive(request, upload)
-            state = await to_thread.run_sync(upload.finish)
-        except TrainManagementError as exc:
-            raise _http(exc) from exc
+            with http_errors():
+                finished = await _receive(request, upload)
+                state = await to_thread.run_sync(upload.finish)
         finally:
             await to_thread.run_sync(upload.close)
         if not finished:  # nobody reads this answer; the bytes that arrived are kept

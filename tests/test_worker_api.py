@@ -268,6 +268,10 @@ def test_ids_are_checked_before_urls_and_downloads_stop_at_their_cap(
         client.download(view["id"], "../config.toml", target)
     sha, size = client.download(view["id"], "output/big.png", target, max_bytes=300_000)
     assert size == 300_000 and hashlib.sha256(target.read_bytes()).hexdigest() == sha
+    (folder / "output" / "link.png").symlink_to(folder / "config.toml")  # inside output/, pointing out of it
+    with pytest.raises(WorkerRejected) as outside:
+        client.download(view["id"], "output/link.png", tmp_path / "link.png")
+    assert outside.value.status == 404 and str(folder) not in outside.value.message
 
 
 def test_event_long_polls_hold_no_thread_and_answer_new_lines_with_relative_paths(
@@ -329,6 +333,5 @@ def test_a_409_names_the_offset_and_the_uploader_goes_on_from_it(
     with NoHeadClient(server.url, TOKEN) as uploader_client:
         Uploader(uploader_client, stats).upload(LocalFile(path, path.name, sha, len(data)), 12345)
     assert client.blob_offset(sha) == (True, len(data))
-    assert stats.sent == (len(data) - 12345) + (
-        len(data) - (1 << 20)
-    )  # the refused chunk, then only the rest
+    refused, rest = len(data) - 12345, len(data) - (1 << 20)
+    assert stats.sent == refused + rest  # the chunk the 409 refused, then only what the worker lacked

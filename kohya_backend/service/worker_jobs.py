@@ -38,7 +38,7 @@ from kohya_backend.jobs.worker_protocol import (
 )
 from kohya_backend.models.hashing import Sha256Cache
 from kohya_backend.service.blobs import BlobStore
-from kohya_backend.service.home import MODEL_SUFFIXES
+from kohya_backend.service.home import MODEL_SUFFIXES, PathOutsideHome
 from kohya_backend.service.streams import wait_for_events
 from kohya_backend.service.training import Submission, TrainingService
 
@@ -351,14 +351,19 @@ class WorkerJobs:
 
     def output_file(self, job_id: str, relpath: str) -> tuple[Path, dict[str, Any]]:
         """A file the job wrote under its output/ folder (LoRAs, samples), with its size and sha256."""
-        job = self.store.get(job_id)
         rel = validate_relpath(relpath, what="output file")
         if not rel.startswith("output/"):
             raise _bad(f"{rel!r} is not under output/", "ask for files the job's events name")
-        path = job.folder / rel
-        real = Path(os.path.realpath(path))
-        if not real.is_relative_to(Path(os.path.realpath(job.folder / "output"))) or not real.is_file():
-            raise JobNotFound(f"job {job.id} has no output file {rel!r}", "ask for files its events name")
+        job = self.store.get(job_id)
+        missing = JobNotFound(f"job {job.id} has no output file {rel!r}", "ask for files its events name")
+        try:
+            path = self.service.home.resolve(
+                str(job.folder / rel), [job.folder / "output"], what="output file"
+            )
+        except PathOutsideHome as exc:  # a link out of output/: answered without the worker's paths
+            raise missing from exc
+        if not path.is_file():
+            raise missing
         with contextlib.suppress(OSError):
-            return real, self._file_info(real)
+            return path, self._file_info(path)
         raise JobNotFound(f"job {job.id}: output file {rel!r} vanished", "ask again")

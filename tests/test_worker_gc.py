@@ -22,6 +22,7 @@ from kohya_backend.jobs.transfer import LocalInput, TransferStats, Uploader, col
 from kohya_backend.jobs.worker_client import WorkerClient, WorkerRejected
 from kohya_backend.models.hashing import Sha256Cache
 from kohya_backend.service.worker import Worker, build_worker
+from kohya_backend.service.worker_jobs import BY_SHA256
 
 ROOT = str(Path(kohya_backend.__file__).resolve().parent.parent)
 MONTH_AGO = time.time() - 30 * 86400
@@ -99,7 +100,7 @@ def test_a_blob_linked_by_a_job_that_may_still_train_is_not_deleted(
     assert client.delete_job(job) is True and client.delete_job(job) is False
     answer = client.delete_blob(model_sha)
     assert answer["links_left"] == 0 and answer["freed_bytes"] == inputs[0].size
-    assert not (worker.service.home.models / "by-sha256" / model_sha).exists()
+    assert not (worker.service.home.models / BY_SHA256 / model_sha).exists()
     assert client.blob_offset(model_sha) == (False, 0)
 
 
@@ -139,7 +140,7 @@ def test_worker_gc_removes_what_no_job_that_may_train_uses(
     states = client.query_blobs([unique, stray, partial, *{f.sha256 for i in kept for f in i.files}])
     assert set(states["missing"]) == {unique, stray, partial}  # the kept job's blobs are all there
     assert len(list((home.datasets).iterdir())) == 1 and len(list((home.root / "worker-keys").iterdir())) == 1
-    assert (home.models / "by-sha256" / kept[0].files[0].sha256 / kept[0].name).is_file()
+    assert (home.models / BY_SHA256 / kept[0].files[0].sha256 / kept[0].name).is_file()
 
     fresh = _put(client, b"just uploaded")
     again = _gc(home.root, "--older-than-days", "0")  # nothing touched in the last minutes goes

@@ -32,7 +32,7 @@ _MAX_SUFFIX = 10_000
 _SD_VERSION = {"sd_1_5": "SD1", "sd_xl": "SDXL"}
 _REPEATS_PREFIX = re.compile(r"^\d+_")
 # Filesystems without hard links: fall back to an existence check plus rename.
-_NO_LINK_ERRNOS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK}
+NO_LINK_ERRNOS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK}
 
 
 def _plain_write(handle: IO[bytes], data: bytes) -> object:
@@ -190,7 +190,7 @@ def _place(tmp: Path, dest: Path) -> bool:
     except FileExistsError:
         return False
     except OSError as exc:
-        if exc.errno not in _NO_LINK_ERRNOS:
+        if exc.errno not in NO_LINK_ERRNOS:
             raise
         if dest.exists():
             return False

@@ -39,7 +39,7 @@ INPUT_KEYS = (
 OUTPUT_KEYS = ("output_dir", "logging_dir", "resume")
 FOLDER_KEYS = frozenset({"train_data_dir", "reg_data_dir", "tokenizer_cache_dir"})
 
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")  # also the name of each blob and by-sha256 entry
 # Unicode letters and digits (\w) plus the punctuation file names of images and captions commonly carry.
 _COMPONENT = re.compile(r"[\w\-. ()\[\],+@#&'!~=]+")
 _URL_PATH = re.compile(r"(/(?!\.\.?(/|$))[A-Za-z0-9._~-]+)*/?")
@@ -52,7 +52,7 @@ class InvalidName(TrainManagementError):
 
 def validate_sha256(value: object) -> str:
     """Return `value` if it is 64 lowercase hex digits (a sha256), else raise InvalidName."""
-    if not isinstance(value, str) or not _SHA256.fullmatch(value):
+    if not isinstance(value, str) or not SHA256_PATTERN.fullmatch(value):
         raise InvalidName(
             f"{str(value)[:80]!r} is not a sha256", "send the file's sha256 as 64 lowercase hex digits"
         )

@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
 import threading
 import time
@@ -29,6 +28,7 @@ from starlette.requests import ClientDisconnect
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs.worker_protocol import (
     OFFSET_HEADER,
+    SHA256_PATTERN,
     SIZE_HEADER,
     validate_sha256,
 )
@@ -43,7 +43,6 @@ SESSION_IDLE_S = (
     3600.0  # an upload nobody continued for this long gives its running hash back (re-read on resume)
 )
 _WRITE_BATCH = 4 << 20
-_SHA256_NAME = re.compile(r"[0-9a-f]{64}")
 _READ_CHUNK = 4 << 20
 
 
@@ -332,7 +331,7 @@ class BlobStore:
 
     def complete_paths(self) -> list[Path]:
         """The files of every complete blob."""
-        return [p for p in self.complete_root.glob("*/*") if _SHA256_NAME.fullmatch(p.name)]
+        return [p for p in self.complete_root.glob("*/*") if SHA256_PATTERN.fullmatch(p.name)]
 
 
 class Upload:

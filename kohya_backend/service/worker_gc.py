@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import time
 from collections.abc import Iterable, Iterator
@@ -24,16 +23,13 @@ import tomlkit
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import Job, JobStore, validate_job_id
-from kohya_backend.jobs.worker_protocol import INPUT_KEYS, validate_sha256
+from kohya_backend.jobs.worker_protocol import INPUT_KEYS, SHA256_PATTERN, validate_sha256
 from kohya_backend.service.blobs import BLOBS_DIR, BlobError, BlobStore
 from kohya_backend.service.home import Home
-from kohya_backend.service.worker_jobs import KEYS_DIR
+from kohya_backend.service.worker_jobs import BY_SHA256, KEYS_DIR, MATERIALISED_FOLDER
 
-BY_SHA256 = "by-sha256"
 MIN_AGE_S = 600.0  # never touch what changed in the last 10 minutes: a live worker may be using it right now
 DEFAULT_OLDER_THAN_DAYS = 7.0
-_DIGEST_NAME = re.compile(r".+-[0-9a-f]{16}")
-_SHA_NAME = re.compile(r"[0-9a-f]{64}")
 _PAGE = 1000
 
 Inode = tuple[int, int]
@@ -77,16 +73,16 @@ def materialised_entries(home: Home) -> list[Path]:
     found: list[Path] = []
     by_sha = home.models / BY_SHA256
     if by_sha.is_dir():
-        found += [p for p in by_sha.iterdir() if p.is_dir() and _SHA_NAME.fullmatch(p.name)]
+        found += [p for p in by_sha.iterdir() if p.is_dir() and SHA256_PATTERN.fullmatch(p.name)]
     for root in (home.models, home.datasets):
-        found += [p for p in root.iterdir() if p.is_dir() and _DIGEST_NAME.fullmatch(p.name)]
+        found += [p for p in root.iterdir() if p.is_dir() and MATERIALISED_FOLDER.fullmatch(p.name)]
     return found
 
 
 def _entry_of(path: Path, home: Home) -> Path | None:
     """The materialised entry holding `path` (a job's input), or None when it is not one."""
-    for root, pattern in ((home.models / BY_SHA256, _SHA_NAME), (home.models, _DIGEST_NAME),
-                          (home.datasets, _DIGEST_NAME)):  # fmt: skip
+    for root, pattern in ((home.models / BY_SHA256, SHA256_PATTERN), (home.models, MATERIALISED_FOLDER),
+                          (home.datasets, MATERIALISED_FOLDER)):  # fmt: skip
         try:
             first = path.relative_to(root).parts[0]
         except (ValueError, IndexError):

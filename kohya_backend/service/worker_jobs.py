@@ -9,10 +9,10 @@ exactly as a local submission is. Paths in what the worker answers are relative 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import threading
@@ -23,6 +23,7 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from kohya_backend.errors import TrainManagementError
+from kohya_backend.jobs.delivery import NO_LINK_ERRNOS
 from kohya_backend.jobs.runner import LOG_NAME, RESULT_NAME, read_json
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import Job, JobNotFound, validate_job_id
@@ -43,9 +44,12 @@ from kohya_backend.service.streams import wait_for_events
 from kohya_backend.service.training import Submission, TrainingService
 
 KEYS_DIR = "worker-keys"
+# Where inputs are materialised: models/by-sha256/<sha256>/<name> (a file), and <root>/<name>-<digest> (a folder).
+BY_SHA256 = "by-sha256"
+_DIGEST_CHARS = 16
+MATERIALISED_FOLDER = re.compile(rf".+-[0-9a-f]{{{_DIGEST_CHARS}}}")
 MAX_LOG_CHUNK = 1 << 20
 MAX_WAIT_S = 30.0
-_NO_LINK = {errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK}
 _CLIENT_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:._-")
 
 
@@ -87,6 +91,10 @@ class Input:
         """The sha256 of the sorted (path, sha256) list: same files, same digest, same materialised folder."""
         listing = sorted((f.path, f.sha256) for f in self.files)
         return hashlib.sha256(json.dumps(listing).encode("utf-8")).hexdigest()
+
+    def folder_name(self) -> str:
+        """<name>-<digest>: the folder it is materialised as (MATERIALISED_FOLDER matches it)."""
+        return f"{self.name}-{self.digest()[:_DIGEST_CHARS]}"
 
 
 def _bad(
@@ -143,7 +151,7 @@ def _link_or_copy(source: Path, target: Path) -> None:
     try:
         os.link(source, target)
     except OSError as exc:
-        if exc.errno not in _NO_LINK:
+        if exc.errno not in NO_LINK_ERRNOS:
             raise
         shutil.copyfile(source, target)
 
@@ -248,7 +256,7 @@ class WorkerJobs:
         reads a 2-7 GB checkpoint just to hash it.
         """
         entry = item.files[0]
-        target = self.service.home.models / "by-sha256" / entry.sha256 / item.name
+        target = self.service.home.models / BY_SHA256 / entry.sha256 / item.name
         if not target.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{secrets.token_hex(6)}.tmp")
@@ -263,7 +271,7 @@ class WorkerJobs:
 
     def _materialise_folder(self, item: Input, root: Path) -> Path:
         """ROOT/<name>-<digest> with every file linked from its blob; built aside, then renamed into place."""
-        target = root / f"{item.name}-{item.digest()[:16]}"
+        target = root / item.folder_name()
         if target.is_dir():
             os.utime(target)  # used again now: `worker gc` keeps recently used inputs
             return target

@@ -72,7 +72,7 @@ def _unload_model():
 
 
 def _folders():
-    """(home, checkpoint folder, Lora folder) from the flags, the settings and the WebUI's paths."""
+    """(home, checkpoint folders, Lora folder) from the flags, the settings and the WebUI's paths."""
     from modules import paths, sd_models
 
     from kohya_backend.host.settings import home_folder, lora_folder
@@ -80,7 +80,8 @@ def _folders():
     settings = _settings()
     data_path = Path(getattr(paths, "data_path", None) or paths.script_path)
     home = home_folder(_cmd("train_home"), settings.home, data_path)
-    checkpoints = Path(_cmd("ckpt_dir") or sd_models.model_path)
+    # The WebUI lists --ckpt-dir and models/Stable-diffusion (modelloader.load_models(model_path, command_path)).
+    checkpoints = tuple(Path(p) for p in (_cmd("ckpt_dir"), sd_models.model_path) if p)
     lora_root = Path(_cmd("lora_dir") or os.path.join(paths.models_path, "Lora"))
     return home, checkpoints, lora_folder(lora_root, settings.lora_subfolder)
 
@@ -101,7 +102,7 @@ def _service():
     python, _problem = _trainer_python()
     config = HostConfig(
         home=home,
-        models_dir=checkpoints,
+        models_dirs=checkpoints,
         lora_dir=lora,
         python=tuple(python) if python else None,
         gpus=detected_gpus(),

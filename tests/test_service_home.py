@@ -71,6 +71,40 @@ def test_an_unreadable_checkpoint_is_listed_with_its_error(home: Home) -> None:
     assert entries["ok.safetensors"]["error"]
 
 
+def test_several_model_roots_list_each_name_once_relative_to_its_root(tmp_path: Path) -> None:
+    first, second = tmp_path / "ckpt", tmp_path / "webui" / "Stable-diffusion"
+    for folder, names in (
+        (first, ["a.safetensors", "same.safetensors"]),
+        (second, ["sub/b.ckpt", "same.safetensors"]),
+    ):
+        for name in names:
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(folder.name.encode())
+    home = Home(tmp_path / "home", models_dirs=[first, second])
+    assert home.models == first.resolve() and home.model_roots == (first.resolve(), second.resolve())
+    assert not (tmp_path / "home" / "models").exists()
+    assert [m["name"] for m in home.list_models()] == ["a.safetensors", "same.safetensors", "sub/b.ckpt"]
+    assert home.model_path("sub/b.ckpt") == second / "sub" / "b.ckpt"
+    assert home.model_path("same.safetensors").read_bytes() == b"ckpt"  # the first root's file wins the name
+    assert home.model_path(str(second / "sub" / "b.ckpt")) == second / "sub" / "b.ckpt"
+    # Paths that config_params name are confined to every model root where the models root is allowed.
+    assert (
+        home.resolve(str(second / "same.safetensors"), [home.models], what="x") == second / "same.safetensors"
+    )
+    with pytest.raises(PathOutsideHome, match=r"\.\."):
+        home.model_path("../webui/Stable-diffusion/sub/b.ckpt")
+    with pytest.raises(NotInHome, match=str(second)) as missing:
+        home.model_path("c.safetensors")
+    assert "a.safetensors, same.safetensors, sub/b.ckpt" in str(missing.value)
+    nested = Home(
+        tmp_path / "home2", models_dirs=[second.parent, second]
+    )  # a root inside another: files once
+    assert [m["name"] for m in nested.list_models()] == [
+        "Stable-diffusion/same.safetensors",
+        "Stable-diffusion/sub/b.ckpt",
+    ]
+
+
 def test_other_root_is_outside(home: Home) -> None:
     (home.datasets / "cats").mkdir()
     with pytest.raises(PathOutsideHome):

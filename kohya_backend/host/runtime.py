@@ -40,7 +40,7 @@ class HostConfig:
     """What the services are built from; a different value (e.g. another home folder) means a rebuild."""
 
     home: Path
-    models_dir: Path | None
+    models_dirs: tuple[Path, ...]  # the checkpoint folders, in the WebUI's listing order (() = HOME/models)
     lora_dir: Path | None
     python: tuple[str, ...] | None
     gpus: tuple[str, ...] = ()
@@ -49,7 +49,7 @@ class HostConfig:
 
     def structural(self) -> tuple[object, ...]:
         """The fields that need a new service when they change (the rest is applied to the running one)."""
-        return (self.home, self.models_dir, self.lora_dir, self.gpus)
+        return (self.home, self.models_dirs, self.lora_dir, self.gpus)
 
 
 class HostRuntime:
@@ -105,7 +105,7 @@ class HostRuntime:
             self.started = False
         self.service = build_service(
             config.home,
-            models_dir=config.models_dir,
+            models_dirs=config.models_dirs,
             lora_dir=config.lora_dir,
             python=config.python,
             devices=local_devices(config.gpus, config.per_device),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,16 +51,25 @@ def _inside(path: Path, root: Path) -> bool:
 class Home:
     """The home folder layout (models/, datasets/, lora/, jobs/, jobs.sqlite3) and safe path resolution in it.
 
-    `lora_dir` overrides where finished LoRAs go (the WebUI passes its Lora folder) and `models_dir` where
-    checkpoints are found (the WebUI passes its checkpoint folder, so model names are its checkpoint names);
-    both count as roots.
+    `lora_dir` overrides where finished LoRAs go (the WebUI passes its Lora folder) and `models_dirs` (or one
+    `models_dir`) where checkpoints are found: the WebUI passes its checkpoint folders (--ckpt-dir, then
+    models/Stable-diffusion, as it lists them), so model names are its checkpoint names, each relative to the
+    folder it lies in (the first folder's file wins a name two share). All count as roots; `models` is the first.
     """
 
-    def __init__(self, root: Path, *, lora_dir: Path | None = None, models_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        lora_dir: Path | None = None,
+        models_dir: Path | None = None,
+        models_dirs: Sequence[Path] | None = None,
+    ) -> None:
         self.root = Path(root).expanduser().resolve()
-        self.models = (
-            Path(models_dir).expanduser().resolve() if models_dir is not None else self.root / MODELS_DIR
-        )
+        chosen = list(models_dirs or ([models_dir] if models_dir is not None else []))
+        found = [Path(folder).expanduser().resolve() for folder in chosen] or [self.root / MODELS_DIR]
+        self.model_roots: tuple[Path, ...] = tuple(dict.fromkeys(found))  # in order, each once
+        self.models = self.model_roots[0]
         self.datasets = self.root / DATASETS_DIR
         self.lora = Path(lora_dir).expanduser().resolve() if lora_dir is not None else self.root / LORA_DIR
         self.jobs = self.root / JOBS_DIR
@@ -85,8 +95,10 @@ class Home:
         Symlinks are followed before the check, so a link inside a root that points elsewhere is refused. With
         `owner_links` (names picked from a listing of a root: models, datasets) the check is on the path as
         named, so a checkpoint the machine's owner linked in from another drive is usable; clients cannot make
-        links there (uploads refuse them), and '..' is refused either way.
+        links there (uploads refuse them), and '..' is refused either way. `models` in `roots` stands for every
+        model root.
         """
+        roots = [r for root in roots for r in (self.model_roots if root == self.models else (root,))]
         text = str(value)
         if not text.strip() or "\x00" in text:
             raise PathOutsideHome(
@@ -113,15 +125,21 @@ class Home:
         return resolved
 
     def model_path(self, name: str) -> Path:
-        """The checkpoint file `name` under models/; NotInHome (listing the models) when there is none."""
+        """The checkpoint file `name` (relative to a model root, the first that has it, or absolute inside one);
+        NotInHome (listing the models) when there is none."""
         path = self.resolve(name, [self.models], what="model", owner_links=True)
-        if not path.is_file():
-            known = [m["name"] for m in self._model_files()]
+        candidates = [path]
+        if not Path(str(name)).expanduser().is_absolute():
+            candidates = [Path(os.path.abspath(root / str(name))) for root in self.model_roots]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            known = [model_name for model_name, _ in self._model_files()]
+            folders = ", ".join(str(root) for root in self.model_roots)
             raise NotInHome(
-                f"model {name!r} does not exist in {self.models}",
+                f"model {name!r} does not exist in {folders}",
                 f"choose one of: {', '.join(known) or '(none: copy a checkpoint into that folder)'}",
             )
-        return path
+        return found
 
     def dataset_path(self, name: str) -> Path:
         """The dataset folder `name` under datasets/; NotInHome (listing the datasets) when there is none."""
@@ -134,26 +152,36 @@ class Home:
             )
         return path
 
-    def _model_files(self) -> list[dict[str, Any]]:
-        found = []
-        for path in sorted(self.models.rglob("*")):
-            if path.suffix.lower() in MODEL_SUFFIXES and path.is_file():
-                found.append({"name": path.relative_to(self.models).as_posix(), "path": path})
-        return found
+    def _model_files(self) -> list[tuple[str, Path]]:
+        """(name, file) of every checkpoint under the model roots, by name; a name is relative to its root, and
+        a name (or a file, for nested roots) already found under an earlier root is not listed again."""
+        found: dict[str, Path] = {}
+        seen: set[str] = set()
+        for root in self.model_roots:
+            if not root.is_dir():
+                continue
+            for path in sorted(root.rglob("*")):
+                if path.suffix.lower() not in MODEL_SUFFIXES or not path.is_file():
+                    continue
+                name, real = path.relative_to(root).as_posix(), os.path.abspath(path)
+                if name not in found and real not in seen:
+                    found[name] = path
+                    seen.add(real)
+        return sorted(found.items())
 
     def _dataset_dirs(self) -> list[Path]:
         return sorted(p for p in self.datasets.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def list_models(self) -> list[dict[str, Any]]:
-        """Checkpoints under models/ with their size and detected family, or the reason it cannot be read."""
-        return [self._cached(m["path"], self._describe_model) for m in self._model_files()]
+        """Checkpoints under the model roots with their size and detected family, or why one cannot be read."""
+        return [self._cached(path, name, self._describe_model) for name, path in self._model_files()]
 
-    def _describe_model(self, path: Path) -> dict[str, Any]:
+    def _describe_model(self, name: str, path: Path) -> dict[str, Any]:
         from kohya_backend.models.detect import detect_family
         from kohya_backend.models.keys import read_keys
 
         entry: dict[str, Any] = {
-            "name": path.relative_to(self.models).as_posix(),
+            "name": name,
             "size": path.stat().st_size,
             "family": None,
             "error": None,
@@ -166,15 +194,15 @@ class Home:
             entry["error"] = f"cannot read {path.name}: {type(exc).__name__}: {exc}"
         return entry
 
-    def _cached(self, path: Path, build: Any) -> dict[str, Any]:
+    def _cached(self, path: Path, name: str, build: Any) -> dict[str, Any]:
         """Memoise per path on (mtime, size): listing stays cheap when many clients poll it."""
         stat = path.stat()
         stamp = (stat.st_mtime, stat.st_size)
         with self._cache_lock:
             hit = self._cache.get(path)
-        if hit is not None and hit.stamp == stamp:
+        if hit is not None and hit.stamp == stamp and hit.entry["name"] == name:
             return dict(hit.entry)
-        entry = build(path)
+        entry = build(name, path)
         with self._cache_lock:
             self._cache[path] = _Cached(stamp, entry)
         return dict(entry)

@@ -5,6 +5,7 @@ Everything but the WebUI is real: the tab, the API over HTTP on 127.0.0.1, the s
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -97,6 +98,28 @@ def test_folders_map_to_the_webuis_and_the_api_is_open_on_a_local_webui_without_
             i.name for i in sd_models.checkpoints_list.values()
         ]
         assert httpx.get(f"{ui.url}{API_PREFIX}/trainings", timeout=30).json()["total"] == 0
+
+
+def test_with_ckpt_dir_the_checkpoints_of_both_folders_are_listed_and_usable(tmp_path: Path) -> None:
+    data = tmp_path / "webui"
+    ckpt_dir = tmp_path / "my-checkpoints"
+    (ckpt_dir / "sdxl").mkdir(parents=True)
+    (ckpt_dir / "sdxl" / "mine.safetensors").write_bytes(b"x" * 16)
+    stable_diffusion = data / "models" / "Stable-diffusion"
+    stable_diffusion.mkdir(parents=True)
+    (stable_diffusion / "base.safetensors").write_bytes(b"y" * 16)
+    with running_webui(data, ["--ckpt-dir", str(ckpt_dir), *TRAINER]) as ui:
+        from modules import sd_models
+
+        service = RUNTIME.service
+        assert service is not None and service.home.models == ckpt_dir.resolve()
+        webui_names = sorted(info.name for info in sd_models.checkpoints_list.values())
+        assert webui_names == ["base.safetensors", "sdxl/mine.safetensors"]  # the WebUI lists both folders
+        listed = httpx.get(f"{ui.url}{API_PREFIX}/models", timeout=30).json()["models"]
+        assert sorted(m["name"] for m in listed) == webui_names
+        assert sorted(_clicked(ui.demo, "train_management_refresh_models")(None)["choices"]) == webui_names
+        for info in sd_models.checkpoints_list.values():
+            assert service.home.model_path(info.name) == Path(os.path.abspath(info.filename))
 
 
 def _clicked(demo: Any, elem_id: str) -> Any:

@@ -146,7 +146,7 @@ def test_refreshing_loras_without_the_builtin_lora_extension_is_harmless(tmp_pat
 
 def _config(tmp_path: Path, **changes: Any) -> HostConfig:
     values: dict[str, Any] = {
-        "home": tmp_path / "home", "models_dir": tmp_path / "ckpt", "lora_dir": tmp_path / "Lora",
+        "home": tmp_path / "home", "models_dirs": (tmp_path / "ckpt",), "lora_dir": tmp_path / "Lora",
         "python": None, "gpus": (), "per_device": 1, "keep_epochs": False,
     }  # fmt: skip
     values.update(changes)

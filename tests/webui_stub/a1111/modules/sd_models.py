@@ -1,5 +1,8 @@
-"""Mirrors modules/sd_models.py: the checkpoint folder, the checkpoint list and unloading the model.
+"""Mirrors modules/sd_models.py: the checkpoint folders, the checkpoint list and unloading the model.
 
+list_models() lists --ckpt-dir (when it exists) and then models/Stable-diffusion, each file once, as
+modelloader.load_models(model_path=model_path, command_path=cmd_opts.ckpt_dir) does in AUTOMATIC1111 1.10 and
+Forge; CheckpointInfo.name is the path relative to the folder the file lies in (--ckpt-dir checked first).
 AUTOMATIC1111 1.10's unload_model_weights() moves the model to the CPU and forgets it (recorded in `unloaded`);
 Forge's is a no-op (`pass`), its models are unloaded through backend.memory_management instead.
 """
@@ -24,21 +27,42 @@ def configure():
 class CheckpointInfo:
     def __init__(self, filename):
         self.filename = filename
-        root = os.path.abspath(shared.cmd_opts.ckpt_dir or model_path)
-        self.name = os.path.relpath(os.path.abspath(filename), root).replace(os.sep, "/")
+        abspath = os.path.abspath(filename)
+        ckpt_dir = shared.cmd_opts.ckpt_dir
+        abs_ckpt_dir = os.path.abspath(ckpt_dir) if ckpt_dir is not None else None
+        if abs_ckpt_dir and abspath.startswith(abs_ckpt_dir):
+            name = abspath.replace(abs_ckpt_dir, "")
+        elif abspath.startswith(model_path):
+            name = abspath.replace(model_path, "")
+        else:
+            name = os.path.basename(filename)
+        self.name = name.lstrip("\\/").replace(os.sep, "/")
         self.model_name = os.path.splitext(self.name.replace("/", "_"))[0]
         self.title = self.name
         self.is_safetensors = filename.lower().endswith(".safetensors")
 
 
+def _load_models(command_path):
+    """modelloader.load_models: the command-line folder first (when it exists), then model_path; files once."""
+    places = []
+    if command_path is not None and command_path != model_path and os.path.exists(command_path):
+        places.append(command_path)
+    places.append(model_path)
+    output = []
+    for place in places:
+        for folder, _dirs, files in os.walk(place):
+            for name in sorted(files):
+                full_path = os.path.abspath(os.path.join(folder, name))
+                if name.lower().endswith((".ckpt", ".safetensors")) and full_path not in output:
+                    output.append(full_path)
+    return output
+
+
 def list_models():
     checkpoints_list.clear()
-    root = shared.cmd_opts.ckpt_dir or model_path
-    for folder, _dirs, files in os.walk(root):
-        for name in sorted(files):
-            if name.lower().endswith((".ckpt", ".safetensors")):
-                info = CheckpointInfo(os.path.join(folder, name))
-                checkpoints_list[info.title] = info
+    for filename in _load_models(shared.cmd_opts.ckpt_dir):
+        info = CheckpointInfo(filename)
+        checkpoints_list[info.title] = info
 
 
 def unload_model_weights(sd_model=None, info=None):

@@ -20,12 +20,12 @@ DEFAULT_CLIENT_HOME = "train_management_home"
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from kohya_backend.service.worker import TOKEN_ENV, read_token_file, serve_worker
+    from kohya_backend.service.worker import TOKEN_ENV, check_token, read_token_file, serve_worker
 
     if args.token_file:
         token = read_token_file(Path(args.token_file), create=args.create_token)
     elif os.environ.get(TOKEN_ENV):
-        token = os.environ[TOKEN_ENV].strip()
+        token = check_token(os.environ[TOKEN_ENV].strip(), TOKEN_ENV)  # before the home is made
     else:
         raise TrainManagementError(
             "a worker needs a token: every request but /health must carry it",

@@ -17,14 +17,24 @@ import kohya_backend
 from kohya_backend.assets.demo import prepare_demo
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs.registry import WorkerRegistry, ensure_worker
-from kohya_backend.service.worker import build_worker, describe, reachable_urls
+from kohya_backend.service.worker import (
+    WorkerSetupError,
+    build_worker,
+    create_worker_app,
+    describe,
+    reachable_urls,
+)
 
 ROOT = str(Path(kohya_backend.__file__).resolve().parent.parent)
 
 
-def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def _cli(
+    *args: str, stdin: str | None = None, token_env: str | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": ROOT}
     env.pop("TRAIN_MANAGEMENT_WORKER_TOKEN", None)
+    if token_env is not None:
+        env["TRAIN_MANAGEMENT_WORKER_TOKEN"] = token_env
     return subprocess.run(
         [sys.executable, "-m", "kohya_backend", *args],
         capture_output=True,
@@ -45,6 +55,11 @@ def test_worker_refuses_to_start_without_a_real_token(tmp_path: Path) -> None:
     assert refused.returncode == 2 and "shorter than 16" in refused.stderr
     absent = _cli("worker", "--home", home, "--token-file", str(tmp_path / "nope.txt"))
     assert absent.returncode == 2 and "--create-token" in absent.stderr
+    short = _cli("worker", "--home", home, "--port", str(free_port()), token_env="short-env-token")
+    assert short.returncode == 2 and "TRAIN_MANAGEMENT_WORKER_TOKEN is shorter than 16" in short.stderr
+    assert not (tmp_path / "worker").exists()  # refused before anything was made
+    with pytest.raises(WorkerSetupError, match="shorter than 16"):
+        create_worker_app(build_worker(tmp_path / "app", devices={"cpu": 1}), token="short-token")
 
 
 def test_worker_prints_where_it_serves_and_the_workers_commands_manage_the_registry(tmp_path: Path) -> None:

@@ -59,6 +59,16 @@ class WorkerSetupError(TrainManagementError):
     """The worker cannot start as asked (no token, a weak token, an unreadable token file)."""
 
 
+def check_token(token: str, source: str = "the worker's token") -> str:
+    """`token` when it has at least MIN_TOKEN_CHARS characters; WorkerSetupError naming `source` otherwise."""
+    if len(token) < MIN_TOKEN_CHARS:
+        raise WorkerSetupError(
+            f"{source} is shorter than {MIN_TOKEN_CHARS} characters",
+            "use a long random token, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`",
+        )
+    return token
+
+
 def gpu_info() -> list[dict[str, Any]]:
     """Each visible CUDA GPU's index, name and memory in bytes (None when unknown); [] without one."""
     from kohya_backend.jobs.devices import detect_gpus
@@ -198,6 +208,7 @@ def create_worker_app(worker: Worker, *, token: str) -> FastAPI:
     """The worker's FastAPI app; every route but /health needs `Authorization: Bearer <token>`."""
     if not token:
         raise WorkerSetupError("a worker needs a token", "pass --token-file FILE")
+    check_token(token)
     app = FastAPI(
         title="Train Management worker",
         openapi_url=f"{WORKER_PREFIX}/openapi.json",
@@ -246,11 +257,7 @@ def read_token_file(path: Path, *, create: bool = False) -> str:
     token = read_token(
         path, "create it with --create-token, or write a long random token into it (chmod 600)"
     )
-    if len(token) < MIN_TOKEN_CHARS:
-        raise WorkerSetupError(
-            f"the token in {path} is shorter than {MIN_TOKEN_CHARS} characters",
-            "use a long random token, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`",
-        )
+    check_token(token, f"the token in {path}")
     if os.name == "posix" and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         print(f"warning: {path} is readable by other users; chmod 600 it", flush=True)
     return token

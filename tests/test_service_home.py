@@ -105,6 +105,32 @@ def test_several_model_roots_list_each_name_once_relative_to_its_root(tmp_path: 
     ]
 
 
+def test_names_need_no_reading_and_one_model_is_described_from_its_own_file(
+    home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kohya_backend.data.scan as scan
+    import kohya_backend.models.keys as keys
+
+    (home.models / "sub").mkdir()
+    for name in ("a.ckpt", "sub/b.safetensors"):
+        (home.models / name).write_bytes(b"not a checkpoint")
+    for name in ("cats", "dogs", ".hidden"):
+        (home.datasets / name).mkdir()
+    read: list[str] = []
+    real_read_keys = keys.read_keys
+    monkeypatch.setattr(keys, "read_keys", lambda path: read.append(Path(path).name) or real_read_keys(path))
+    monkeypatch.setattr(scan, "scan_dataset", lambda *a, **k: pytest.fail("a name listing scanned a dataset"))
+    assert home.model_names() == ["a.ckpt", "sub/b.safetensors"] and home.dataset_names() == ["cats", "dogs"]
+    assert read == []
+    entry = home.describe_model("sub/b.safetensors")
+    assert entry["name"] == "sub/b.safetensors" and entry["family"] is None and entry["error"]
+    assert home.describe_model("sub/b.safetensors") == entry and read == ["b.safetensors"]  # cached
+    assert [m["name"] for m in home.list_models()] == ["a.ckpt", "sub/b.safetensors"]
+    assert read == ["b.safetensors", "a.ckpt"]  # the listing reuses the description
+    with pytest.raises(NotInHome):
+        home.describe_model("c.safetensors")
+
+
 def test_other_root_is_outside(home: Home) -> None:
     (home.datasets / "cats").mkdir()
     with pytest.raises(PathOutsideHome):

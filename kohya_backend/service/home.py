@@ -172,9 +172,21 @@ class Home:
     def _dataset_dirs(self) -> list[Path]:
         return sorted(p for p in self.datasets.iterdir() if p.is_dir() and not p.name.startswith("."))
 
+    def model_names(self) -> list[str]:
+        """The checkpoint names under the model roots, sorted (no file is read: what a dropdown needs)."""
+        return [name for name, _ in self._model_files()]
+
+    def dataset_names(self) -> list[str]:
+        """The dataset folder names under datasets/, sorted (nothing is scanned: what a dropdown needs)."""
+        return [folder.name for folder in self._dataset_dirs()]
+
     def list_models(self) -> list[dict[str, Any]]:
         """Checkpoints under the model roots with their size and detected family, or why one cannot be read."""
         return [self._cached(path, name, self._describe_model) for name, path in self._model_files()]
+
+    def describe_model(self, name: str) -> dict[str, Any]:
+        """One checkpoint's entry of list_models (cached like it); NotInHome when there is no such model."""
+        return self._cached(self.model_path(name), str(name), self._describe_model)
 
     def _describe_model(self, name: str, path: Path) -> dict[str, Any]:
         from kohya_backend.models.detect import detect_family

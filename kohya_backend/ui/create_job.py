@@ -11,7 +11,9 @@ import gradio as gr
 
 from kohya_backend.config.schema import template_toml
 from kohya_backend.errors import TrainManagementError
+from kohya_backend.service.home import NotInHome
 from kohya_backend.service.training import Submission, TrainingService
+from kohya_backend.ui.choices import dropdown
 from kohya_backend.ui.hooks import UiHooks
 from kohya_backend.ui.present import (
     FAMILY_LABELS,
@@ -23,10 +25,6 @@ from kohya_backend.ui.present import (
     plan_markdown,
     warnings_markdown,
 )
-
-
-def _keep_or_first(current: str | None, choices: list[str]) -> str | None:
-    return current if current in choices else (choices[0] if choices else None)
 
 
 class CreateJobActions:
@@ -47,18 +45,15 @@ class CreateJobActions:
 
     def instance_choices(self, current: str | None = None) -> Any:
         """Training Instance Type choices (this machine with its GPUs or CPU; remote workers when configured)."""
-        choices = [instance_choice(entry) for entry in self.service.instance_types()]
-        return gr.update(choices=choices, value=_keep_or_first(current, choices))
+        return dropdown([instance_choice(entry) for entry in self.service.instance_types()], current)
 
     def model_choices(self, current: str | None = None) -> Any:
-        """Model dropdown choices: the checkpoints under the models root."""
-        choices = [m["name"] for m in self.service.home.list_models()]
-        return gr.update(choices=choices, value=_keep_or_first(current, choices))
+        """Model dropdown choices: the checkpoint names (no file is read)."""
+        return dropdown(self.service.home.model_names(), current)
 
     def dataset_choices(self, current: str | None = None) -> Any:
-        """Dataset dropdown choices: the folders under the datasets root."""
-        choices = [d["name"] for d in self.service.home.list_datasets()]
-        return gr.update(choices=choices, value=_keep_or_first(current, choices))
+        """Dataset dropdown choices: the dataset folder names (none is scanned)."""
+        return dropdown(self.service.home.dataset_names(), current)
 
     def all_choices(
         self, instance: str | None, model: str | None, dataset: str | None
@@ -70,9 +65,12 @@ class CreateJobActions:
         """The chosen model's detected family, flagged when it does not match the FM type."""
         if not model:
             return "No model chosen: put a checkpoint in the models folder and press refresh."
-        entry = next((m for m in self.service.home.list_models() if m["name"] == model), None)
-        if entry is None:
+        try:
+            entry = self.service.home.describe_model(model)  # read once per file version, then cached
+        except NotInHome:
             return f"**{model}** is no longer in the models folder: press refresh."
+        except TrainManagementError as exc:
+            return error_markdown(exc)
         if entry["error"]:
             return f"**{model}** cannot be read: {entry['error']}"
         family = str(entry["family"])

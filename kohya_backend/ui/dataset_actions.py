@@ -11,6 +11,7 @@ import gradio as gr
 from kohya_backend.data.preprocess import Preprocess
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.service.datasets import DatasetService, IncomingFile
+from kohya_backend.ui.choices import dropdown
 from kohya_backend.ui.compat import uploaded_paths
 from kohya_backend.ui.hooks import UiHooks
 from kohya_backend.ui.present import created_markdown, error_markdown, report_markdown
@@ -76,9 +77,8 @@ class DatasetActions:
         self.hooks = hooks
 
     def choices(self, current: str | None = None) -> Any:
-        """Dataset dropdown choices, keeping the current one when it still exists."""
-        names = [d["name"] for d in self.datasets.list()]
-        return gr.update(choices=names, value=current if current in names else (names[0] if names else None))
+        """Dataset dropdown choices (folder names, none scanned), keeping the current one when it still exists."""
+        return dropdown(self.datasets.home.dataset_names(), current)
 
     def create(
         self, name: str, subject: str, repeats: Any, files: Any, folder: Any, preprocess: str
@@ -132,7 +132,7 @@ class DatasetActions:
         report = report_markdown(shown["report"])
         if len(images) > MAX_THUMBNAILS:
             report += f"\n\nShowing the first {MAX_THUMBNAILS} of {len(images)} images; pick others in Image."
-        return report, thumbnails, gr.update(choices=images, value=images[0] if images else None), names
+        return report, thumbnails, dropdown(images, None), names
 
     def validate(self, name: str | None) -> str:
         """The trainer's full validation (every image decoded)."""

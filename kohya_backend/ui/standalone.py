@@ -65,7 +65,7 @@ def prepare_demo_home(home: Home) -> bool:
     prompts = home.models / DEMO_PROMPTS
     if not prompts.exists():
         prompts.write_text("a red circle, blue background --w 64 --h 64 --s 8 --d 1\n", encoding="utf-8")
-    if home.list_models() and home.list_datasets():
+    if home.model_names() and home.dataset_names():  # names only: no checkpoint read, no dataset scanned
         return False
     from kohya_backend.assets.demo import prepare_demo  # imports torch: only for --demo
 

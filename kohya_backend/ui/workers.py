@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import gradio as gr
-
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs.pool import check_worker
 from kohya_backend.service.training import TrainingService
 from kohya_backend.service.workers_api import add_worker, remote_runner, remove_worker
+from kohya_backend.ui.choices import dropdown
 from kohya_backend.ui.present import WORKER_HEADERS, error_markdown, worker_row, worker_state_text
 
 
@@ -38,10 +37,8 @@ class WorkersActions:
         import pandas as pd
 
         workers = self.listing()
-        names = [w["name"] for w in workers]
         table = pd.DataFrame([worker_row(w) for w in workers], columns=WORKER_HEADERS)
-        chosen = current if current in names else (names[0] if names else None)
-        return table, gr.update(choices=names, value=chosen)
+        return table, dropdown([w["name"] for w in workers], current)
 
     def add(self, url: str, token: str, name: str) -> tuple[str, str]:
         """Register a worker (or give a known one a new URL or token); (message, emptied token field)."""

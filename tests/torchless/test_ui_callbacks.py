@@ -221,6 +221,23 @@ def test_model_family_is_shown_and_a_mismatch_flagged(service: TrainingService) 
     assert instance["value"] == "this machine (CPU) [local]"
 
 
+def test_dropdowns_list_names_without_reading_checkpoints_or_scanning_datasets(
+    service: TrainingService, datasets: DatasetService, uploads: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kohya_backend.data.scan as scan
+    import kohya_backend.models.keys as keys
+
+    _dataset(datasets, uploads)
+    monkeypatch.setattr(scan, "scan_dataset", lambda *a, **k: pytest.fail("a dropdown scanned a dataset"))
+    monkeypatch.setattr(keys, "read_keys", lambda *a, **k: pytest.fail("a dropdown read a checkpoint"))
+    actions = CreateJobActions(service, UiHooks())
+    assert actions.model_choices("gone")["choices"] == ["sd15.safetensors", "sdxl.safetensors"]
+    assert actions.dataset_choices("gone") == DatasetActions(datasets, UiHooks()).choices(None)
+    assert actions.dataset_choices("gone")["value"] == "squares"
+    (service.home.models / "sdxl.safetensors").unlink()
+    assert "no longer in the models folder" in actions.model_info("sdxl.safetensors", "SDXL")
+
+
 def test_default_config_follows_the_fm_type_until_edited(service: TrainingService) -> None:
     actions = CreateJobActions(service, UiHooks())
     start = actions.default_config("SD 1.5")

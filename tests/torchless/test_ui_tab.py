@@ -24,7 +24,7 @@ from kohya_backend.service.datasets import DatasetService
 from kohya_backend.service.training import TrainingService
 from kohya_backend.train.plan import format_with_plan
 from kohya_backend.ui.hooks import UiHooks
-from kohya_backend.ui.standalone import build_app, demo_config, serve
+from kohya_backend.ui.standalone import DEMO_PROMPTS, build_app, demo_config, prepare_demo_home, serve
 from kohya_backend.ui.tab import DELIVERY_STAMP_ID, ELEM_ID, create_tab
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,6 +88,20 @@ def test_the_demo_config_is_valid_and_small(tmp_path: Path) -> None:
     assert formatted["warnings"] == []
     assert 'resolution = "64,64"' in formatted["toml"] and "max_train_steps = 30" in formatted["toml"]
     assert 'tokenizer_cache_dir = "tokenizer"' in formatted["toml"]
+
+
+def test_the_demo_leaves_a_home_with_a_model_and_a_dataset_alone_without_reading_them(
+    service: TrainingService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kohya_backend.data.scan as scan
+    import kohya_backend.models.keys as keys
+
+    (service.home.models / "mine.safetensors").write_bytes(b"not read")
+    (service.home.datasets / "mine").mkdir()
+    monkeypatch.setattr(scan, "scan_dataset", lambda *a, **k: pytest.fail("the demo check scanned a dataset"))
+    monkeypatch.setattr(keys, "read_keys", lambda *a, **k: pytest.fail("the demo check read a checkpoint"))
+    assert prepare_demo_home(service.home) is False
+    assert sorted(p.name for p in service.home.models.iterdir()) == [DEMO_PROMPTS, "mine.safetensors"]
 
 
 def test_serving_off_loopback_needs_a_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -41,7 +41,6 @@ def test_a_remote_job_id_that_is_not_an_id_never_reaches_a_url(tmp_path: Path) -
         job,
         entry,
         client_id="c",
-        hash_cache=tmp_path / "hashes.json",
         options=RemoteOptions(lost_after_s=0.5),
         resume=False,
     )

@@ -123,7 +123,7 @@ def test_an_upload_cut_mid_way_resumes_from_the_workers_offset(client: WorkerCli
     assert not complete and 0 < offset <= 5 << 20
 
     item = LocalInput(
-        "pretrained_model_name_or_path", path.name, False, (LocalFile(path, path.name, sha, len(data)),)
+        "pretrained_model_name_or_path", path.name, (LocalFile(path, path.name, sha, len(data)),)
     )
     stats = TransferStats("test")
     Uploader(client, stats, chunk_bytes=4 << 20).ensure([item])  # asks the worker where to go on

@@ -240,7 +240,6 @@ def ensure_worker(
     home_dir: Path,
     url: str,
     *,
-    token: str | None = None,
     token_file: Path | None = None,
     name: str | None = None,
 ) -> dict[str, Any]:
@@ -249,17 +248,13 @@ def ensure_worker(
     Idempotent: calling it again with the same URL updates the token. Returns the public entry (no token); its
     `warning` (the token would travel over plain http) is also logged, so the WebUI's console shows it.
     """
-    if token is None and token_file is None:
+    if token_file is None:
         raise TrainManagementError(
             f"worker {url} needs a token", "pass --train-worker-token-file FILE (the worker's token file)"
         )
-    secret = (
-        token
-        if token is not None
-        else read_token(
-            Path(token_file or ""),
-            "copy the worker's token file to this machine and name it with --train-worker-token-file",
-        )
+    secret = read_token(
+        Path(token_file),
+        "copy the worker's token file to this machine and name it with --train-worker-token-file",
     )
     public = WorkerRegistry(Path(home_dir)).add(url, secret, name=name).public()
     if public["warning"]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +35,12 @@ POOL = RUNNER_NAME
 PREFIX = f"{RUNNER_NAME}:"
 
 
-@dataclass(frozen=True)
-class _Target:
-    pool: bool
-    worker: str | None
-
-
-def _target(instance_type: str) -> _Target:
+def _target(instance_type: str) -> str | None:
+    """The worker an instance type names, or None for the pool (any free worker)."""
     if instance_type == POOL:
-        return _Target(True, None)
+        return None
     if instance_type.startswith(PREFIX) and instance_type[len(PREFIX) :]:
-        return _Target(False, instance_type[len(PREFIX) :])
+        return instance_type[len(PREFIX) :]
     raise TrainManagementError(
         f"instance type {instance_type!r} is not a worker",
         f"use '{POOL}' (any free worker) or '{PREFIX}<name>'",
@@ -113,10 +107,8 @@ class RemoteRunner:
         *,
         pool: WorkerPool | None = None,
         options: RemoteOptions | None = None,
-        hash_cache: Path | None = None,
     ) -> None:
         self.registry = registry
-        self.hash_cache = hash_cache  # None: models.hashing's default (shared with the trainer)
         self.pool = pool or WorkerPool(registry)
         self.options = options or RemoteOptions()
         self._sessions: dict[str, RemoteSession] = {}
@@ -140,12 +132,12 @@ class RemoteRunner:
     def check_instance_type(self, instance_type: str) -> None:
         """Refuse an instance type naming no registered worker (or the pool while none is registered)."""
         target = _target(instance_type)
-        if target.worker is not None:
-            self._registered(target.worker)
-            state = self.pool.states().get(target.worker)
+        if target is not None:
+            self._registered(target)
+            state = self.pool.states().get(target)
             if state is not None and state.state == "unauthorized":
                 raise TrainManagementError(
-                    f"worker {target.worker!r} refused its token at the last check ({state.error})",
+                    f"worker {target!r} refused its token at the last check ({state.error})",
                     "add it again with the token from the worker's token file (Settings, or `workers add URL`)",
                 )
         elif not self.registry.entries():
@@ -175,11 +167,11 @@ class RemoteRunner:
         def fits(name: str) -> bool:
             return states[name].can_take(job.fm_type, job.params, own.get(name, 0))
 
-        if target.worker is not None:
-            gone = target.worker not in states
-            refused = not gone and states[target.worker].state == "unauthorized"
+        if target is not None:
+            gone = target not in states
+            refused = not gone and states[target].state == "unauthorized"
             # A removed worker or a refused token fails the job (start says why), rather than keeping it queued.
-            return _device(target.worker) if gone or refused or fits(target.worker) else None
+            return _device(target) if gone or refused or fits(target) else None
         previous = (read_json(job.folder / RUN_NAME) or {}).get("worker")
         if isinstance(previous, str) and previous in states and states[previous].state in ("online", "busy"):
             return _device(previous) if fits(previous) else None
@@ -242,7 +234,6 @@ class RemoteRunner:
             client_id=self.registry.client_id(),
             options=self.options,
             resume=resume,
-            hash_cache=self.hash_cache,
         )
         with self._lock:
             old = self._sessions.get(job.id)

@@ -135,13 +135,11 @@ class RemoteSession(threading.Thread):
         client_id: str,
         options: RemoteOptions,
         resume: bool,
-        hash_cache: Path | None = None,
     ) -> None:
         super().__init__(name=f"remote-{job.id}", daemon=True)
         self.job = job
         self.worker = worker
         self.client_id = client_id
-        self.hash_cache = hash_cache  # None: models.hashing's default cache file
         self.options = options
         self.resume = resume
         self.cancel_requested = threading.Event()
@@ -274,7 +272,7 @@ class RemoteSession(threading.Thread):
 
     def _send_and_submit(self, record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         self._note(f"sending job {self.job.id} to worker {self.worker.name} ({self.worker.url})")
-        hashes = Sha256Cache(self.hash_cache)  # read now: the trainer or another job may have added hashes
+        hashes = Sha256Cache()  # read now: the trainer or another job may have added hashes
         try:
             inputs = [collect_input(key, path, hashes) for key, path in job_inputs(self.job).items()]
         finally:

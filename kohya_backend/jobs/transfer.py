@@ -52,7 +52,6 @@ class LocalInput:
 
     key: str
     name: str
-    folder: bool
     files: tuple[LocalFile, ...]
 
     def spec(self) -> dict[str, Any]:
@@ -122,7 +121,7 @@ def collect_input(key: str, path: Path, cache: Sha256Cache) -> LocalInput:
     if key not in FOLDER_KEYS:
         if not path.is_file():
             raise TrainManagementError(f"{key} {path} is not a file", "check the job's config")
-        return LocalInput(key, name, False, (LocalFile(path, name, cache.sha256(path), path.stat().st_size),))
+        return LocalInput(key, name, (LocalFile(path, name, cache.sha256(path), path.stat().st_size),))
     if not path.is_dir():
         raise TrainManagementError(f"{key} {path} is not a folder", "check the job's config")
     files = []
@@ -141,7 +140,7 @@ def collect_input(key: str, path: Path, cache: Sha256Cache) -> LocalInput:
             )
     if not files:
         raise TrainManagementError(f"{key} {path} holds no files to send", "check the job's dataset")
-    return LocalInput(key, name, True, tuple(files))
+    return LocalInput(key, name, tuple(files))
 
 
 class Uploader:

@@ -125,10 +125,6 @@ class WorkerClient:
 
     # -- machine ------------------------------------------------------------------------------------------
 
-    def health(self) -> dict[str, Any]:
-        """GET /health (open): {"ok": true, "api": ...}."""
-        return dict(self._send("GET", "/health").json())
-
     def info(self) -> dict[str, Any]:
         """GET /info: GPUs, devices, slots, active and queued jobs, free disk, blob size limit."""
         return dict(self._send("GET", "/info").json())

@@ -123,7 +123,6 @@ class BlobStore:
         self._sessions: dict[str, _Session] = {}
         self._reserved: dict[str, int] = {}  # declared sizes of the uploads in flight
         self.session_idle_s = session_idle_s
-        self.bytes_received = 0
 
     # -- reading ------------------------------------------------------------------------------------------
 
@@ -161,15 +160,6 @@ class BlobStore:
         if len(shas) > MAX_QUERY:
             raise BlobError(f"{len(shas)} blobs asked about at once", f"ask about at most {MAX_QUERY}")
         return [self.state(s) for s in shas]
-
-    def usage(self) -> dict[str, int]:
-        """Count and total bytes of complete blobs."""
-        count = total = 0
-        for path in self.complete_root.glob("*/*"):
-            with contextlib.suppress(OSError):
-                total += path.stat().st_size
-                count += 1
-        return {"blobs": count, "bytes": total}
 
     def free_bytes(self) -> int:
         """Free space on the store's disk."""
@@ -294,10 +284,6 @@ class BlobStore:
             self._busy.discard(sha)
             self._reserved.pop(sha, None)
 
-    def prune_partials(self, max_age_s: float = PARTIAL_MAX_AGE_S) -> int:
-        """Remove uploads nobody continued for `max_age_s` seconds; returns how many were removed."""
-        return self.remove_stale_partials(max_age_s)[0]
-
     def remove_stale_partials(self, max_age_s: float) -> tuple[int, int]:
         """Remove uploads nobody continued for `max_age_s` seconds: (how many, bytes freed)."""
         removed = freed = 0
@@ -364,7 +350,6 @@ class Upload:
         self._session.digest.update(data)
         self._session.offset += len(data)
         self._session.touched = time.monotonic()
-        self.store.bytes_received += len(data)
 
     def finish(self) -> BlobState:
         """Flush; when every byte has arrived, verify the hash and publish the blob (HashMismatch if it differs)."""

@@ -41,6 +41,7 @@ from kohya_backend.service.blobs import (
     BLOBS_DIR,
     DEFAULT_MAX_BLOB_BYTES,
     DEFAULT_RESERVE_BYTES,
+    PARTIAL_MAX_AGE_S,
     BlobStore,
     create_blob_router,
 )
@@ -134,7 +135,7 @@ def build_worker(
     )
     service = TrainingService(home, scheduler, restrict_paths=True)
     blobs = BlobStore(home.root / BLOBS_DIR, max_blob_bytes=max_blob_bytes, reserve_bytes=reserve_bytes)
-    blobs.prune_partials()
+    blobs.remove_stale_partials(PARTIAL_MAX_AGE_S)
     gpus = gpu_info() if any(d.startswith("cuda") for d in found) else []
     return Worker(service, blobs, WorkerJobs(service, blobs), socket.gethostname(), gpus)
 

@@ -188,6 +188,14 @@ class WorkerPool:
         for client in closing:
             client.close()
 
+    def check_now(self, name: str) -> WorkerState:
+        """Ask registered worker `name` now and keep the answer as its state (a worker just added, say)."""
+        entry = self.registry.require(name)
+        state = ask_worker(entry.name, self.client(entry))
+        with self._lock:
+            self._states = {**self._states, entry.name: ((entry.url, entry.token), state)}
+        return state
+
     def refresh_soon(self) -> None:
         """Wake the monitor (a worker was added, or a job wants one)."""
         self._ensure_thread()

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 from kohya_backend.errors import TrainManagementError
-from kohya_backend.jobs.pool import check_worker
 from kohya_backend.service.training import TrainingService
 from kohya_backend.service.workers_api import add_worker, remote_runner, remove_worker
 from kohya_backend.ui.choices import dropdown
@@ -48,8 +47,7 @@ class WorkersActions:
             return "Enter the URL the worker printed (e.g. `http://gpu-box:7870`) and its token.", ""
         try:
             entry = add_worker(self.service, url, token or "", (name or "").strip() or None)
-            runner = remote_runner(self.service)
-            state = check_worker(runner.registry.require(entry["name"]))
+            state = remote_runner(self.service).pool.check_now(entry["name"])  # kept: the table shows it
         except TrainManagementError as exc:
             return "❌ **The worker was not added.**\n\n" + error_markdown(exc), ""
         gpu = f", {state.gpu_label()}" if state.state in ("online", "busy") else ""

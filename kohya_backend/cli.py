@@ -16,6 +16,7 @@ from typing import Any
 
 from kohya_backend.cli_workers import add_worker_parsers
 from kohya_backend.errors import ConfigError, TrainManagementError
+from kohya_backend.service.home import DEFAULT_HOME
 
 
 def _read_source(path: str) -> str:
@@ -207,9 +208,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo model, dataset and config under {home}")
     events = home / "demo-events.jsonl"
     return run_training(config_path.read_text(encoding="utf-8"), args.fm_type, events_path=events)
-
-
-DEFAULT_HOME = "train_management_home"
 
 
 def _jobs_service(args: argparse.Namespace) -> Any:

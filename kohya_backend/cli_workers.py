@@ -15,8 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from kohya_backend.errors import TrainManagementError
+from kohya_backend.jobs.worker_protocol import (
+    DEFAULT_GC_OLDER_THAN_DAYS,
+    DEFAULT_MAX_BLOB_BYTES,
+    DEFAULT_RESERVE_BYTES,
+    DEFAULT_WORKER_HOME,
+    DEFAULT_WORKER_PORT,
+)
+from kohya_backend.service.home import DEFAULT_HOME
 
-DEFAULT_CLIENT_HOME = "train_management_home"
+_GIB = 2**30
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -36,8 +44,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         token=token,
         host=args.host,
         port=args.port,
-        max_blob_bytes=int(args.max_blob_gb * 2**30),
-        reserve_bytes=int(args.reserve_gb * 2**30),
+        max_blob_bytes=int(args.max_blob_gb * _GIB),
+        reserve_bytes=int(args.reserve_gb * _GIB),
     )
     return 0
 
@@ -109,8 +117,6 @@ def _cmd_workers(args: argparse.Namespace) -> int:
 
 def add_worker_parsers(sub: Any) -> None:
     """The `worker` and `workers` commands."""
-    from kohya_backend.jobs.worker_protocol import DEFAULT_WORKER_PORT
-
     worker = sub.add_parser("worker", help="serve this machine as a remote GPU worker (token required)")
     worker.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
     worker.add_argument("--port", type=int, default=DEFAULT_WORKER_PORT)
@@ -118,9 +124,20 @@ def add_worker_parsers(sub: Any) -> None:
     worker.add_argument(
         "--create-token", action="store_true", help="write a new random token if the file is missing"
     )
-    worker.add_argument("--home", default="train_management_worker", help="the worker's home folder")
-    worker.add_argument("--max-blob-gb", type=float, default=64.0, help="largest file a client may upload")
-    worker.add_argument("--reserve-gb", type=float, default=2.0, help="disk space uploads must leave free")
+    worker.add_argument("--home", default=DEFAULT_WORKER_HOME, help="the worker's home folder")
+    max_gb, reserve_gb = DEFAULT_MAX_BLOB_BYTES / _GIB, DEFAULT_RESERVE_BYTES / _GIB
+    worker.add_argument(
+        "--max-blob-gb",
+        type=float,
+        default=max_gb,
+        help=f"largest file a client may upload (default {max_gb:g})",
+    )
+    worker.add_argument(
+        "--reserve-gb",
+        type=float,
+        default=reserve_gb,
+        help=f"disk space uploads leave free (default {reserve_gb:g})",
+    )
     worker.set_defaults(func=_cmd_worker)
     worker_commands = worker.add_subparsers(dest="worker_command")
     gc = worker_commands.add_parser(
@@ -132,7 +149,10 @@ def add_worker_parsers(sub: Any) -> None:
     )
     gc.add_argument("--home", default=argparse.SUPPRESS, help="the worker's home folder")
     gc.add_argument(
-        "--older-than-days", type=float, default=7.0, help="keep what was used more recently (default 7)"
+        "--older-than-days",
+        type=float,
+        default=DEFAULT_GC_OLDER_THAN_DAYS,
+        help=f"keep what was used more recently (default {DEFAULT_GC_OLDER_THAN_DAYS:g})",
     )
     gc.set_defaults(func=_cmd_worker_gc)
 
@@ -147,5 +167,5 @@ def add_worker_parsers(sub: Any) -> None:
     remove = commands.add_parser("remove", help="forget a worker")
     remove.add_argument("name")
     for parser in (add, listing, remove):
-        parser.add_argument("--home", default=DEFAULT_CLIENT_HOME, help="the Train Management home folder")
+        parser.add_argument("--home", default=DEFAULT_HOME, help="the Train Management home folder")
         parser.set_defaults(func=_cmd_workers)

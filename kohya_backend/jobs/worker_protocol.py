@@ -15,6 +15,11 @@ from kohya_backend.errors import TrainManagementError
 WORKER_PREFIX = "/train-management/worker/v1"
 WORKER_API_VERSION = "1.0"
 DEFAULT_WORKER_PORT = 7870
+# The worker's defaults, kept here (no web framework imported) so the command line shows them in its help.
+DEFAULT_WORKER_HOME = "train_management_worker"
+DEFAULT_MAX_BLOB_BYTES = 64 << 30
+DEFAULT_RESERVE_BYTES = 2 << 30
+DEFAULT_GC_OLDER_THAN_DAYS = 7.0
 
 OFFSET_HEADER = "Upload-Offset"
 SIZE_HEADER = "Upload-Length"

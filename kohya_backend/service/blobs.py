@@ -27,6 +27,8 @@ from starlette.requests import ClientDisconnect
 
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs.worker_protocol import (
+    DEFAULT_MAX_BLOB_BYTES,
+    DEFAULT_RESERVE_BYTES,
     OFFSET_HEADER,
     SHA256_PATTERN,
     SIZE_HEADER,
@@ -35,8 +37,6 @@ from kohya_backend.jobs.worker_protocol import (
 from kohya_backend.service.http_errors import http_errors
 
 BLOBS_DIR = "blobs"  # under a worker's home
-DEFAULT_MAX_BLOB_BYTES = 64 << 30
-DEFAULT_RESERVE_BYTES = 2 << 30
 MAX_QUERY = 100_000
 PARTIAL_MAX_AGE_S = 7 * 24 * 3600
 SESSION_IDLE_S = (

@@ -17,6 +17,7 @@ from typing import Any
 from kohya_backend.errors import DatasetError, TrainManagementError
 from kohya_backend.jobs.store import DB_NAME, JOBS_DIR
 
+DEFAULT_HOME = "train_management_home"  # the command line's home (the WebUI's lives in its data folder)
 MODELS_DIR = "models"
 DATASETS_DIR = "datasets"
 LORA_DIR = "lora"

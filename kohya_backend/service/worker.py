@@ -28,6 +28,8 @@ from kohya_backend.jobs.scheduler import Scheduler, default_devices
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import JobStore
 from kohya_backend.jobs.worker_protocol import (
+    DEFAULT_MAX_BLOB_BYTES,
+    DEFAULT_RESERVE_BYTES,
     DEFAULT_WORKER_PORT,
     LOG_SIZE_HEADER,
     SHA256_HEADER,
@@ -39,8 +41,6 @@ from kohya_backend.jobs.worker_protocol import (
 from kohya_backend.service.auth import BearerTokenMiddleware
 from kohya_backend.service.blobs import (
     BLOBS_DIR,
-    DEFAULT_MAX_BLOB_BYTES,
-    DEFAULT_RESERVE_BYTES,
     PARTIAL_MAX_AGE_S,
     BlobStore,
     create_blob_router,
@@ -51,7 +51,6 @@ from kohya_backend.service.training import TrainingService
 from kohya_backend.service.worker_gc import delete_blob
 from kohya_backend.service.worker_jobs import MAX_LOG_CHUNK, WorkerJobs
 
-DEFAULT_WORKER_HOME = "train_management_worker"
 TOKEN_ENV = "TRAIN_MANAGEMENT_WORKER_TOKEN"
 MIN_TOKEN_CHARS = 16
 

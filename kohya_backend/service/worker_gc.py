@@ -29,7 +29,6 @@ from kohya_backend.service.home import Home
 from kohya_backend.service.worker_jobs import BY_SHA256, KEYS_DIR, MATERIALISED_FOLDER
 
 MIN_AGE_S = 600.0  # never touch what changed in the last 10 minutes: a live worker may be using it right now
-DEFAULT_OLDER_THAN_DAYS = 7.0
 _PAGE = 1000
 
 Inode = tuple[int, int]

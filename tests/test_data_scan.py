@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from kohya_backend.assets.dataset import write_demo_dataset
-from kohya_backend.data.scan import DatasetScan, scan_dataset
+from kohya_backend.data.scan import DatasetScan, check_caption_extension, list_dataset, scan_dataset
 from kohya_backend.errors import ConfigError, DatasetError
 
 
@@ -217,3 +217,35 @@ def test_bad_caption_extension_is_a_config_error(tmp_path: Path) -> None:
     assert caught.value.issues[0].key == "caption_extension"
     with pytest.raises(ConfigError):
         scan_dataset(tmp_path, ".png")
+
+
+@pytest.mark.parametrize("ext", [".txt", ".caption", ".wd14.txt", ".TAGS"])
+def test_usable_caption_extensions(ext: str) -> None:
+    assert check_caption_extension(ext) == ext
+
+
+@pytest.mark.parametrize("ext", ["", ".", "txt", ".txt\n", "./x", ".a\\b", ".png", ".JPG"])
+def test_unusable_caption_extensions_are_config_errors(ext: str) -> None:
+    with pytest.raises(ConfigError, match="caption extension") as caught:
+        check_caption_extension(ext)
+    assert caught.value.issues[0].key == "caption_extension"
+
+
+def test_the_listing_never_raises_and_keeps_what_the_scan_leaves_out(tmp_path: Path) -> None:
+    _image(tmp_path / "2_cat" / "a.png", caption="a cat\nmore")
+    _truncated(tmp_path / "2_cat" / "b.png").with_suffix(".txt").write_text("broken cat")
+    _image(tmp_path / "0_dog" / "c.png")
+    listing = list_dataset(tmp_path, ".txt", verify_images=True)
+    assert [(s.name, s.repeats) for s in listing.folders] == [("0_dog", 0), ("2_cat", 2)]
+    listed = {i.path.name: (i.subset, i.caption, i.problem) for i in listing.images}
+    assert listed["a.png"] == ("2_cat", "a cat", None) and listed["c.png"] == ("0_dog", None, None)
+    assert listed["b.png"][:2] == ("2_cat", "broken cat") and listed["b.png"][2]
+    assert isinstance(listing.error, DatasetError) and "0 repeats" in listing.error.message
+    with pytest.raises(DatasetError) as caught:
+        scan_dataset(tmp_path, ".txt")
+    assert caught.value.message == listing.error.message
+    (tmp_path / "0_dog" / "c.png").unlink()
+    (tmp_path / "0_dog").rmdir()
+    assert "b.png" in str(list_dataset(tmp_path, ".txt").error)
+    assert list_dataset(tmp_path / "nowhere", ".txt").error is not None
+    assert isinstance(list_dataset(tmp_path, "txt").error, ConfigError)

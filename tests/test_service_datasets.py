@@ -210,6 +210,35 @@ def test_validation_names_the_broken_file_relative_to_the_dataset(
     assert datasets.validate("cats")["ok"]
 
 
+def test_show_lists_every_image_once_from_one_listing_broken_ones_included(
+    datasets: DatasetService, home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kohya_backend.service.datasets as module
+
+    datasets.create("cats", _files({"a.png": _png(), "a.txt": b"a cat\n", "b.png": _png(), "b.txt": b"b"}))
+    broken = home.datasets / "cats/10_cats/b.png"
+    broken.write_bytes(b"not a png")
+    (home.datasets / "cats/0_later").mkdir()
+    (home.datasets / "cats/0_later/c.png").write_bytes(_png())
+    listings: list[Path] = []
+    real = module.list_dataset
+    monkeypatch.setattr(
+        module, "list_dataset", lambda folder, *a, **k: listings.append(folder) or real(folder, *a, **k)
+    )
+    shown = datasets.show("cats")
+    assert listings == [home.datasets / "cats"]  # one walk for the folders, images, captions and the report
+    assert [(s["name"], s["repeats"], s["images"]) for s in shown["subsets"]] == [
+        ("0_later", 0, 1),
+        ("10_cats", 10, 2),
+    ]
+    assert [(i["image"], i["caption"]) for i in shown["images"]] == [
+        ("0_later/c.png", None),
+        ("10_cats/a.png", "a cat"),
+        ("10_cats/b.png", "b"),
+    ]
+    assert not shown["report"]["ok"] and "0 repeats" in shown["report"]["message"]
+
+
 def test_delete_image_dataset_and_in_use_refusal(datasets: DatasetService, home: Home) -> None:
     datasets.create("cats", _files({"a.png": _png(), "a.txt": b"cap", "b.png": _png()}), subject="cat")
     datasets.delete_image("cats", "10_cat/a.png")

@@ -11,6 +11,8 @@ from kohya_backend.data.images import IMAGE_EXTENSIONS, BadImageError, is_image_
 from kohya_backend.errors import ConfigError, ConfigIssue, DatasetError
 
 SUBSET_FOLDER = re.compile(r"^(\d+)_(.*)$")
+# A dot, then a name that keeps `<basename><caption_extension>` in the image's folder: no slashes, no controls.
+_CAPTION_EXTENSION = re.compile(r"\.[^/\\\x00-\x1f]{1,31}")
 # Caption extensions people commonly use; finding one of these next to uncaptioned images hints at a typo.
 _KNOWN_CAPTION_EXTENSIONS = (".txt", ".caption", ".tags")
 _EXTENSIONS_TEXT = " ".join(IMAGE_EXTENSIONS)
@@ -24,6 +26,16 @@ class ImageItem:
     caption: str | None
     width: int
     height: int
+
+
+@dataclass(frozen=True)
+class ListedImage:
+    """One image file of a `<repeats>_<name>` folder as listed: its folder, caption and why it is unusable."""
+
+    path: Path
+    subset: str
+    caption: str | None
+    problem: str | None = None
 
 
 @dataclass
@@ -95,13 +107,35 @@ class DatasetScan:
 
 
 @dataclass
+class DatasetListing:
+    """What a dataset holds, read without raising: the usable subsets (what the trainer gets), every
+    `<repeats>_<name>` folder and image file found (unusable ones too), warnings, ignored paths, and in `error` the
+    DatasetError (or ConfigError) that makes it unusable (None when it is usable)."""
+
+    subsets: list[Subset]
+    folders: list[Subset]
+    images: list[ListedImage]
+    warnings: list[str]
+    ignored: list[Path]
+    error: DatasetError | ConfigError | None
+
+    def scan(self) -> DatasetScan:
+        """The trainer's DatasetScan; raises `error` when the dataset cannot be trained on."""
+        if self.error is not None:
+            raise self.error
+        return DatasetScan(self.subsets, self.warnings, self.ignored)
+
+
+@dataclass
 class _Collector:
-    """Problems gathered over the whole scan, so one error can list every culprit at once."""
+    """What the scan found and the problems gathered over all of it, so one error can list every culprit."""
 
     warnings: list[str] = field(default_factory=list)
     ignored: list[Path] = field(default_factory=list)
     bad_files: list[tuple[Path, str]] = field(default_factory=list)
     zero_repeats: list[Path] = field(default_factory=list)
+    folders: list[Subset] = field(default_factory=list)
+    listed: list[ListedImage] = field(default_factory=list)
 
 
 def _names(paths: list[Path], limit: int = 5) -> str:
@@ -110,28 +144,23 @@ def _names(paths: list[Path], limit: int = 5) -> str:
     return f"{shown} and {len(paths) - limit} more" if len(paths) > limit else shown
 
 
-def _check_caption_extension(caption_extension: str) -> None:
-    """Reject caption extensions that cannot pair with `<basename><caption_extension>`."""
-    if not caption_extension.startswith(".") or len(caption_extension) < 2:
-        raise ConfigError(
-            [
-                ConfigIssue(
-                    f"caption_extension {caption_extension!r} must start with a dot",
-                    key="caption_extension",
-                    hint='write e.g. ".txt" or ".caption"',
-                )
-            ]
+def check_caption_extension(caption_extension: str) -> str:
+    """A caption extension that pairs with `<basename><caption_extension>` ('.txt', '.caption', '.wd14.txt');
+    ConfigError (key caption_extension) for anything else, an image extension included."""
+    text = str(caption_extension)
+    problem = None
+    if not _CAPTION_EXTENSION.fullmatch(text):
+        problem = "must be a dot and a file extension (no slashes or control characters)"
+    elif text.lower() in IMAGE_EXTENSIONS:
+        problem = "is an image extension; captions are text files"
+    if problem is not None:
+        issue = ConfigIssue(
+            f"caption extension {text!r} {problem}",
+            key="caption_extension",
+            hint='write e.g. ".txt" or ".caption"',
         )
-    if caption_extension.lower() in IMAGE_EXTENSIONS:
-        raise ConfigError(
-            [
-                ConfigIssue(
-                    f"caption_extension {caption_extension!r} is an image extension",
-                    key="caption_extension",
-                    hint='captions are text files; use e.g. ".txt"',
-                )
-            ]
-        )
+        raise ConfigError([issue])
+    return text
 
 
 def _list_dir(path: Path, role: str) -> list[Path]:
@@ -281,15 +310,18 @@ def _scan_subset(
     entries = _list_dir(folder, "dataset folder")
     image_paths = [e for e in entries if is_image_file(e) and e.is_file()]
     subset = Subset(folder, folder.name, repeats, class_token, [], is_reg)
+    col.folders.append(subset)
     missing: list[Path] = []
     empty: list[Path] = []
     for path in image_paths:
+        caption, exists = _read_caption(path, caption_extension, col)
         try:
             width, height = probe_image(path, full_decode=verify)
         except BadImageError as error:
             col.bad_files.append((path, error.reason))
+            col.listed.append(ListedImage(path, folder.name, caption, error.reason))
             continue
-        caption, exists = _read_caption(path, caption_extension, col)
+        col.listed.append(ListedImage(path, folder.name, caption))
         if caption is None:
             (empty if exists else missing).append(path)
         subset.images.append(ImageItem(path, caption, width, height))
@@ -301,27 +333,29 @@ def _scan_subset(
 def _scan_root(
     root: Path, role: str, caption_extension: str, *, is_reg: bool, verify: bool, col: _Collector
 ) -> list[Subset]:
-    """Scan every `<repeats>_<name>` folder of one dataset root (train or reg)."""
+    """Scan every `<repeats>_<name>` folder of one dataset root (train or reg); the ones with 0 repeats are listed
+    (their images shown) but not returned, and make the scan fail."""
     entries = _list_dir(root, role)
     folders: list[tuple[Path, int, str]] = []
     odd_folders: list[Path] = []
     loose: list[Path] = []
-    zero_before = len(col.zero_repeats)
     for entry in entries:
         match = SUBSET_FOLDER.match(entry.name) if entry.is_dir() else None
         if match is None:
             (odd_folders if entry.is_dir() else loose).append(entry)
-        elif int(match.group(1)) == 0:
-            col.zero_repeats.append(entry)
         else:
             folders.append((entry, int(match.group(1)), match.group(2)))
-    if not folders and len(col.zero_repeats) == zero_before:
+    if not folders:
         raise _no_folders_error(root, role, odd_folders, loose)
     _warn_ignored(root, role, odd_folders, loose, col)
-    return [
-        _scan_subset(path, repeats, token, caption_extension, is_reg=is_reg, verify=verify, col=col)
-        for path, repeats, token in folders
-    ]
+    subsets = []
+    for path, repeats, token in folders:
+        subset = _scan_subset(path, repeats, token, caption_extension, is_reg=is_reg, verify=verify, col=col)
+        if repeats == 0:
+            col.zero_repeats.append(path)
+        else:
+            subsets.append(subset)
+    return subsets
 
 
 def _raise_collected(col: _Collector) -> None:
@@ -360,6 +394,42 @@ def _keep_nonempty(root: Path, role: str, subsets: list[Subset], col: _Collector
     return kept
 
 
+def list_dataset(
+    train_data_dir: Path,
+    caption_extension: str = ".caption",
+    *,
+    reg_data_dir: Path | None = None,
+    verify_images: bool = True,
+) -> DatasetListing:
+    """Read a kohya dataset as scan_dataset does, without raising: what is wrong is in the listing's `error`."""
+    col = _Collector()
+    subsets: list[Subset] = []
+    error: DatasetError | ConfigError | None = None
+    try:
+        check_caption_extension(caption_extension)
+        train_root = Path(train_data_dir)
+        train = _scan_root(
+            train_root, "train_data_dir", caption_extension, is_reg=False, verify=verify_images, col=col
+        )
+        reg: list[Subset] = []
+        if reg_data_dir is not None:
+            reg = _scan_root(
+                Path(reg_data_dir),
+                "reg_data_dir",
+                caption_extension,
+                is_reg=True,
+                verify=verify_images,
+                col=col,
+            )
+        _raise_collected(col)
+        subsets = _keep_nonempty(train_root, "train_data_dir", train, col)
+        if reg_data_dir is not None:
+            subsets += _keep_nonempty(Path(reg_data_dir), "reg_data_dir", reg, col)
+    except (DatasetError, ConfigError) as exc:
+        error, subsets = exc, []
+    return DatasetListing(subsets, col.folders, col.listed, col.warnings, col.ignored, error)
+
+
 def scan_dataset(
     train_data_dir: Path,
     caption_extension: str = ".caption",
@@ -368,20 +438,6 @@ def scan_dataset(
     verify_images: bool = True,
 ) -> DatasetScan:
     """Scan and validate a kohya dataset; raise DatasetError listing every problem, return warnings."""
-    _check_caption_extension(caption_extension)
-    col = _Collector()
-    train_root = Path(train_data_dir)
-    train = _scan_root(
-        train_root, "train_data_dir", caption_extension, is_reg=False, verify=verify_images, col=col
-    )
-    reg: list[Subset] = []
-    if reg_data_dir is not None:
-        reg_root = Path(reg_data_dir)
-        reg = _scan_root(
-            reg_root, "reg_data_dir", caption_extension, is_reg=True, verify=verify_images, col=col
-        )
-    _raise_collected(col)
-    subsets = _keep_nonempty(train_root, "train_data_dir", train, col)
-    if reg_data_dir is not None:
-        subsets += _keep_nonempty(Path(reg_data_dir), "reg_data_dir", reg, col)
-    return DatasetScan(subsets, col.warnings, col.ignored)
+    return list_dataset(
+        train_data_dir, caption_extension, reg_data_dir=reg_data_dir, verify_images=verify_images
+    ).scan()

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -20,7 +21,7 @@ from typing import Any, BinaryIO
 from kohya_backend.data.archive import ArchiveLimits, copy_file, extract_zip, member_path
 from kohya_backend.data.images import IMAGE_EXTENSIONS, BadImageError, is_image_file, probe_image
 from kohya_backend.data.preprocess import Preprocess, preprocess_image
-from kohya_backend.data.scan import SUBSET_FOLDER, scan_dataset
+from kohya_backend.data.scan import SUBSET_FOLDER, DatasetListing, check_caption_extension, list_dataset
 from kohya_backend.errors import ConfigError, DatasetError, TrainManagementError
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import JobStore
@@ -30,7 +31,6 @@ CAPTION_EXTENSIONS: tuple[str, ...] = (".txt", ".caption", ".tags")
 MAX_NAME_LENGTH = 100
 MAX_REPEATS = 10_000
 _UNSAFE_NAME = re.compile(r'[\x00-\x1f/\\<>:"|?*]')
-_CAPTION_EXTENSION = re.compile(r"^\.[A-Za-z0-9_-]{1,15}$")
 
 
 class DatasetExists(TrainManagementError):
@@ -94,15 +94,6 @@ def parse_repeats(value: object) -> int:
     return int(number)
 
 
-def check_caption_extension(ext: str) -> str:
-    """A caption extension such as '.txt' (a dot and up to 15 letters or digits, not an image extension)."""
-    if not _CAPTION_EXTENSION.fullmatch(ext or "") or ext.lower() in IMAGE_EXTENSIONS:
-        raise TrainManagementError(
-            f"caption extension {ext!r} is not usable", "use e.g. '.txt' or '.caption'"
-        )
-    return ext
-
-
 def _is_caption_file(path: PurePosixPath) -> bool:
     return path.suffix.lower() in CAPTION_EXTENSIONS
 
@@ -121,14 +112,6 @@ def _layout_path(path: PurePosixPath, default_folder: str) -> PurePosixPath:
         if SUBSET_FOLDER.match(part):
             return PurePosixPath(*path.parts[index:])
     return PurePosixPath(default_folder, path.name)
-
-
-def _first_line(path: Path) -> str | None:
-    try:
-        lines = path.read_text(encoding="utf-8-sig", errors="replace").splitlines()
-    except FileNotFoundError:
-        return None
-    return lines[0].strip() if lines and lines[0].strip() else None
 
 
 class DatasetService:
@@ -156,37 +139,24 @@ class DatasetService:
         return self.home.dataset_path(name)
 
     def show(self, name: str, caption_extension: str = DEFAULT_CAPTION_EXTENSION) -> dict[str, Any]:
-        """The dataset's `<repeats>_<name>` folders, its images with their captions, and a quick validation report."""
+        """The dataset's `<repeats>_<name>` folders, its images with their captions, and a quick validation report,
+        all from one listing of the folder (images' headers read, not decoded)."""
         folder = self.folder(name)
-        ext = check_caption_extension(caption_extension)
-        subsets, images = [], []
-        for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-            match = SUBSET_FOLDER.match(sub.name)
-            if match is None:
-                continue
-            files = sorted(p for p in sub.iterdir() if p.is_file() and is_image_file(p) and p.name[0] != ".")
-            subsets.append(
-                {
-                    "name": sub.name,
-                    "repeats": int(match.group(1)),
-                    "class_token": match.group(2),
-                    "images": len(files),
-                }
-            )
-            for path in files:
-                images.append(
-                    {
-                        "image": path.relative_to(folder).as_posix(),
-                        "subset": sub.name,
-                        "caption": _first_line(path.with_name(path.stem + ext)),
-                    }
-                )
+        listing = list_dataset(folder, check_caption_extension(caption_extension), verify_images=False)
+        counts = Counter(item.subset for item in listing.images)
+        subsets = sorted(listing.folders, key=lambda s: s.name)
         return {
             "name": name,
             "folder": str(folder),
-            "subsets": subsets,
-            "images": images,
-            "report": self.validate(name, ext, verify_images=False),
+            "subsets": [
+                {"name": s.name, "repeats": s.repeats, "class_token": s.class_token, "images": counts[s.name]}
+                for s in subsets
+            ],
+            "images": [
+                {"image": i.path.relative_to(folder).as_posix(), "subset": i.subset, "caption": i.caption}
+                for i in sorted(listing.images, key=lambda i: (i.subset, i.path.name))
+            ],
+            "report": self._report(folder, listing),
         }
 
     def validate(
@@ -194,12 +164,17 @@ class DatasetService:
     ) -> dict[str, Any]:
         """The trainer's scan of the dataset: ok, or what is wrong and which files; warnings; counts."""
         folder = self.folder(name)
+        listing = list_dataset(
+            folder, check_caption_extension(caption_extension), verify_images=verify_images
+        )
+        return self._report(folder, listing)
+
+    def _report(self, folder: Path, listing: DatasetListing) -> dict[str, Any]:
+        """A listing as the validation report (paths relative to the datasets folder, files to the dataset)."""
         root = f"{self.home.datasets}{os.sep}"
         report: dict[str, Any] = {"ok": True, "message": None, "hint": None, "files": [], "warnings": []}
         try:
-            scan = scan_dataset(
-                folder, check_caption_extension(caption_extension), verify_images=verify_images
-            )
+            scan = listing.scan()
         except (DatasetError, ConfigError) as exc:
             files = [str(f) for f in getattr(exc, "files", [])]
             report.update(

@@ -15,6 +15,7 @@ from kohya_backend.ui.choices import dropdown
 from kohya_backend.ui.compat import uploaded_paths
 from kohya_backend.ui.hooks import UiHooks
 from kohya_backend.ui.present import created_markdown, error_markdown, report_markdown
+from kohya_backend.ui.thumbnails import ThumbnailCache, thumbnail
 
 PREPROCESS_CHOICES: dict[str, str | None] = {
     "none": None,
@@ -60,13 +61,10 @@ def flattening_markdown(repeated: list[str], target: str) -> str:
     )
 
 
-def _picture(path: Path, size: int) -> Any:
-    """The image upright and RGB, at most `size` pixels on its long side."""
-    from kohya_backend.data.images import load_image
-
-    image = load_image(path)
-    image.thumbnail((size, size))
-    return image
+def _label(caption: str | None) -> str:
+    """A thumbnail's label: the first line of its caption, shortened."""
+    first = (caption or "").strip().splitlines()[:1]
+    return (first[0] if first else "(no caption)")[:80]
 
 
 class DatasetActions:
@@ -75,6 +73,8 @@ class DatasetActions:
     def __init__(self, datasets: DatasetService, hooks: UiHooks) -> None:
         self.datasets = datasets
         self.hooks = hooks
+        # Shared by every browser tab: an image is decoded again only when its file changes.
+        self.thumbnails = ThumbnailCache(THUMBNAIL_PX, max_entries=MAX_THUMBNAILS + MAX_THUMBNAILS // 3)
 
     def choices(self, current: str | None = None) -> Any:
         """Dataset dropdown choices (folder names, none scanned), keeping the current one when it still exists."""
@@ -112,27 +112,28 @@ class DatasetActions:
             "network and that command reads any folder of the machine."
         )
 
-    def open(self, name: str | None) -> tuple[str, list[tuple[Any, str]], Any, list[str]]:
-        """(report, thumbnails, image choices, names of the thumbnails) of a dataset."""
+    def open(self, name: str | None) -> tuple[str, list[tuple[Any, str]], Any, list[str], list[str]]:
+        """(report, thumbnails, image choices, names and labels of the thumbnails) of a dataset."""
         if not name:
-            return "No dataset chosen.", [], gr.update(choices=[], value=None), []
+            return "No dataset chosen.", [], dropdown([], None), [], []
         try:
             shown = self.datasets.show(name)
         except TrainManagementError as exc:
-            return error_markdown(exc), [], gr.update(choices=[], value=None), []
+            return error_markdown(exc), [], dropdown([], None), [], []
+        folder = Path(shown["folder"])
         images = [i["image"] for i in shown["images"]]
-        thumbnails, names = [], []
+        thumbnails, names, labels = [], [], []
         for item in shown["images"][:MAX_THUMBNAILS]:
-            try:
-                picture = _picture(self.datasets.image_path(name, item["image"]), THUMBNAIL_PX)
-            except TrainManagementError:
+            picture = self.thumbnails.get(folder / item["image"])
+            if picture is None:  # unreadable: the report names it
                 continue
-            thumbnails.append((picture, (item["caption"] or "(no caption)")[:80]))
+            thumbnails.append((picture, _label(item["caption"])))
             names.append(item["image"])
+            labels.append(_label(item["caption"]))
         report = report_markdown(shown["report"])
         if len(images) > MAX_THUMBNAILS:
             report += f"\n\nShowing the first {MAX_THUMBNAILS} of {len(images)} images; pick others in Image."
-        return report, thumbnails, dropdown(images, None), names
+        return report, thumbnails, dropdown(images, None), names, labels
 
     def validate(self, name: str | None) -> str:
         """The trainer's full validation (every image decoded)."""
@@ -157,19 +158,30 @@ class DatasetActions:
             return None, "", ""
         try:
             path = self.datasets.image_path(name, image)
-            return _picture(path, PREVIEW_PX), self.datasets.read_caption(name, image), ""
+            return thumbnail(path, PREVIEW_PX), self.datasets.read_caption(name, image), ""
         except TrainManagementError as exc:
             return None, "", error_markdown(exc)
 
-    def save_caption(self, name: str | None, image: str | None, text: str) -> str:
-        """Write the caption file of the selected image."""
+    def save_caption(
+        self, name: str | None, image: str | None, text: str, names: list[str], labels: list[str]
+    ) -> tuple[str, Any, list[str]]:
+        """Write the caption file of the selected image; (message, gallery with that label changed, labels)."""
         if not name or not image:
-            return "Choose a dataset and an image first."
+            return "Choose a dataset and an image first.", gr.update(), labels
         try:
             saved = self.datasets.write_caption(name, image, text or "")
         except TrainManagementError as exc:
-            return "❌ " + error_markdown(exc)
-        return f"Saved the caption of `{saved['image']}`."
+            return "❌ " + error_markdown(exc), gr.update(), labels
+        message = f"Saved the caption of `{saved['image']}`."
+        if image not in (names or []) or len(labels or []) != len(names):
+            return message, gr.update(), labels
+        labels = [*labels]
+        labels[names.index(image)] = _label(saved["caption"])
+        folder = self.datasets.folder(name)
+        pictures = [self.thumbnails.get(folder / shown) for shown in names]  # cached: nothing decoded again
+        if any(picture is None for picture in pictures):  # an image went away meanwhile: Refresh shows it
+            return message, gr.update(), labels
+        return message, list(zip(pictures, labels)), labels
 
     def generate_caption(self, name: str | None, image: str | None) -> tuple[Any, str]:
         """Caption the selected image with the host's interrogator (the editor is filled, not saved)."""

@@ -16,6 +16,7 @@ from typing import Any
 
 from kohya_backend.jobs.progress import EventTail
 from kohya_backend.ui.present import loss_rows
+from kohya_backend.ui.thumbnails import ThumbnailCache
 
 MAX_JOBS = 4  # jobs whose loss rows and thumbnails are kept (the selected ones of the open browser tabs)
 MAX_SAMPLES = 12
@@ -33,20 +34,7 @@ class _Loss:
 @dataclass
 class _Samples:
     signature: tuple[tuple[str, int, int], ...] = ()
-    thumbnails: dict[tuple[str, int, int], Any] = field(default_factory=dict)
     items: list[tuple[Any, str]] = field(default_factory=list)
-
-
-def _thumbnail(path: Path) -> Any:
-    """A sample's RGB thumbnail, or None when it cannot be read (e.g. still being written)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-            return image.convert("RGB")
-    except OSError:
-        return None
 
 
 def _sample_files(sample_dir: Path) -> list[tuple[str, int, int]]:
@@ -73,6 +61,7 @@ class JobViews:
         self._tail = EventTail()
         self._loss: OrderedDict[str, _Loss] = OrderedDict()
         self._samples: OrderedDict[str, _Samples] = OrderedDict()
+        self._thumbnails = ThumbnailCache(THUMBNAIL_PX, max_entries=max_jobs * MAX_SAMPLES)
         self._lock = threading.Lock()
 
     def _entry(self, table: OrderedDict[str, Any], job_id: str, new: Any) -> Any:
@@ -119,8 +108,9 @@ class JobViews:
             cached: _Samples = self._entry(self._samples, job_id, _Samples)
             if files == cached.signature:
                 return list(cached.items)
-            thumbnails = {f: cached.thumbnails.get(f) or _thumbnail(sample_dir / f[0]) for f in files}
-            cached.thumbnails = {f: t for f, t in thumbnails.items() if t is not None}
-            cached.items = [(cached.thumbnails[f], f[0]) for f in files if f in cached.thumbnails]
+            shown = [(self._thumbnails.get(sample_dir / name), name) for name, _, _ in files]
+            cached.items = [
+                (image, name) for image, name in shown if image is not None
+            ]  # unreadable: not yet
             cached.signature = files
             return list(cached.items)

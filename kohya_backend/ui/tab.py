@@ -166,7 +166,8 @@ def _datasets_area(has_interrogate: bool, import_hint: str) -> dict[str, Any]:
             c["report"] = gr.Markdown(elem_id=_id("ds_report"))
             c["validate"] = gr.Button("Validate (decode every image)", elem_id=_id("ds_validate"))
             c["gallery"] = gr.Gallery(label="Images", columns=6, height=300, elem_id=_id("ds_gallery"))
-            c["names"] = gr.State([])
+            c["names"] = gr.State([])  # the images of the gallery's thumbnails, in order
+            c["labels"] = gr.State([])  # and their labels (first caption lines)
             c["image"] = gr.Dropdown(label="Image", elem_id=_id("ds_image"))
             with gr.Row():
                 c["preview"] = gr.Image(
@@ -235,7 +236,7 @@ def _wire_trainings(a: TrainingsActions, c: dict[str, Any], stamp: Any, blocks: 
 
 
 def _wire_datasets(a: DatasetActions, c: dict[str, Any], train_dataset: Any) -> None:
-    opened = [c["report"], c["gallery"], c["image"], c["names"]]
+    opened = [c["report"], c["gallery"], c["image"], c["names"], c["labels"]]
     c["create"].click(
         a.create,
         [c["name"], c["subject"], c["repeats"], c["files"], c["folder"], c["preprocess"]],
@@ -246,8 +247,10 @@ def _wire_datasets(a: DatasetActions, c: dict[str, Any], train_dataset: Any) -> 
     c["validate"].click(a.validate, [c["dataset"]], [c["report"]])
     c["gallery"].select(a.pick_thumbnail, [c["names"]], [c["image"]])
     c["image"].change(a.select_image, [c["dataset"], c["image"]], [c["preview"], c["caption"], c["message"]])
-    c["save"].click(a.save_caption, [c["dataset"], c["image"], c["caption"]], [c["message"]]).then(
-        a.open, [c["dataset"]], opened
+    c["save"].click(
+        a.save_caption,
+        [c["dataset"], c["image"], c["caption"], c["names"], c["labels"]],
+        [c["message"], c["gallery"], c["labels"]],
     )
     c["generate"].click(a.generate_caption, [c["dataset"], c["image"]], [c["caption"], c["message"]])
     c["delete_image"].click(a.delete_image, [c["dataset"], c["image"]], [c["message"]]).then(

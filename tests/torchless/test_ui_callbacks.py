@@ -160,21 +160,36 @@ def test_a_folder_upload_of_subset_folders_is_reported_as_flattened(
 def test_caption_editor_interrogate_and_deletes(datasets: DatasetService, uploads: list[Path]) -> None:
     _dataset(datasets, uploads)
     actions = DatasetActions(datasets, UiHooks(interrogate=_dominant_colour))
-    report, thumbnails, images, names = actions.open("squares")
+    report, thumbnails, images, names, labels = actions.open("squares")
     assert "**OK**: 3 image(s), 9 with repeats" in report
     assert names == ["3_square/b.png", "3_square/g.png", "3_square/r.png"] == images["choices"]
     assert [label for _, label in thumbnails] == ["square, colour b", "square, colour g", "square, colour r"]
+    assert labels == [label for _, label in thumbnails]
     preview, caption, _ = actions.select_image("squares", "3_square/g.png")
     assert preview.size == (64, 64) and caption == "square, colour g"
     generated, note = actions.generate_caption("squares", "3_square/g.png")
     assert generated["value"] == "a green picture" and "Save caption" in note
-    assert actions.save_caption("squares", "3_square/g.png", generated["value"]).startswith("Saved")
+    message, gallery, labels = actions.save_caption(
+        "squares", "3_square/g.png", generated["value"], names, labels
+    )
+    assert message.startswith("Saved") and labels[1] == "a green picture"
+    # Only the label changed: the same thumbnails (nothing decoded again), the new caption under its image.
+    assert [(id(p), label) for p, label in gallery] == [
+        (id(thumbnails[0][0]), "square, colour b"),
+        (id(thumbnails[1][0]), "a green picture"),
+        (id(thumbnails[2][0]), "square, colour r"),
+    ]
     assert (datasets.home.datasets / "squares/3_square/g.txt").read_text() == "a green picture\n"
-    outside = actions.save_caption("squares", "../../models/sd15.safetensors", "x")
+    outside = actions.save_caption("squares", "../../models/sd15.safetensors", "x", names, labels)[0]
     assert outside.startswith("❌") and "contains '..'" in outside
     no_captioner = DatasetActions(datasets, UiHooks()).generate_caption("squares", "3_square/g.png")
     assert no_captioner[1] == "This host offers no captioner."
     assert actions.delete_image("squares", "3_square/b.png") == "Deleted `3_square/b.png`."
+    _, after, _, names, _ = actions.open(
+        "squares"
+    )  # the list after a delete: the kept images are not decoded again
+    assert names == ["3_square/g.png", "3_square/r.png"]
+    assert [id(p) for p, _ in after] == [id(thumbnails[1][0]), id(thumbnails[2][0])]
     assert "2 image(s)" in actions.validate("squares")
     message, _, _ = actions.delete_dataset("squares", False)
     assert "Tick the box" in message and (datasets.home.datasets / "squares").exists()

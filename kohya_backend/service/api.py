@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response
 from pydantic import BaseModel
 
+from kohya_backend.service.datasets_api import add_dataset_routes
 from kohya_backend.service.http_errors import http_errors
 from kohya_backend.service.streams import add_stream_routes
 from kohya_backend.service.training import Submission, TrainingService
@@ -153,9 +154,7 @@ def create_router(service: TrainingService, *, token: str | None = None) -> APIR
             service.delete(job_id)
         return Response(status_code=204)
 
-    add_stream_routes(router, service, guarded, http_errors)
-    from kohya_backend.service.datasets_api import add_dataset_routes  # imports this module: late
-
+    add_stream_routes(router, service, guarded)
     add_dataset_routes(router, service, guarded)
     router.include_router(create_workers_router(service, guarded))
     return router

@@ -20,11 +20,13 @@ from starlette.concurrency import run_in_threadpool
 
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs.progress import EventTail
+from kohya_backend.service.http_errors import http_errors
 from kohya_backend.service.training import TrainingService
 
 MAX_WAIT_S = 60.0
 FOLLOW_MAX_S = 3600.0
 _POLL_S = 0.25
+_TAIL_BLOCK = 64 << 10
 # Where each job's events.jsonl was last read up to (line count -> byte offset), shared by all clients: a client
 # following a job asks for the lines after the last ones it got, which is this position, so the file is not
 # re-read from its start on every poll.
@@ -32,13 +34,23 @@ _EVENT_POSITIONS = EventTail()
 
 
 def tail_lines(path: Path, lines: int) -> str:
-    """The last `lines` lines of a text file ('' when it does not exist yet)."""
+    """The last `lines` lines of a text file ('' when it does not exist yet), read backwards from its end in
+    blocks, so a long log is not read whole for its last lines."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as handle:
+            end = handle.seek(0, 2)
+            position, data = end, b""
+            while position > 0 and data.count(b"\n") <= lines:
+                step = min(_TAIL_BLOCK, position)
+                position -= step
+                handle.seek(position)
+                data = handle.read(step) + data
     except FileNotFoundError:
         return ""
     text = data.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
     kept = text.splitlines()
+    if position > 0:
+        kept = kept[1:]  # the first line read may be cut at the block's start
     return "\n".join(kept[-lines:]) + ("\n" if kept else "")
 
 
@@ -77,11 +89,11 @@ def _events_now(
     return events, settled
 
 
-async def wait_for_events(
+async def wait_events(
     service: TrainingService, job_id: str, after: int, wait_s: float
 ) -> tuple[list[dict[str, Any]], bool]:
     """Events after line `after`, waiting up to `wait_s` for the first one unless the job has settled; and whether
-    it had settled before they were read (then they are its last ones)."""
+    it had settled before they were read (then they are its last ones, and a follower may stop)."""
     path = service.events_path(job_id)
     deadline = time.monotonic() + wait_s
     while True:
@@ -91,39 +103,31 @@ async def wait_for_events(
         await asyncio.sleep(_POLL_S)
 
 
-async def wait_events(
-    service: TrainingService, job_id: str, after: int, wait_s: float
-) -> list[dict[str, Any]]:
-    """Events after line `after`, waiting up to `wait_s` for the first one unless the job has settled."""
-    events, _settled = await wait_for_events(service, job_id, after, wait_s)
-    return events
-
-
 async def server_sent_events(
     service: TrainingService, job_id: str, after: int, max_s: float
 ) -> AsyncIterator[str]:
     """Server-sent events: one `id:`/`data:` record per trainer event, until the job settles."""
     deadline = time.monotonic() + max_s
     while time.monotonic() < deadline:
-        events = await wait_events(service, job_id, after, min(5.0, max(0.0, deadline - time.monotonic())))
+        wait = min(5.0, max(0.0, deadline - time.monotonic()))
+        events, settled = await wait_events(service, job_id, after, wait)
         for event in events:
             after += 1
             yield f"id: {after}\ndata: {json.dumps(event)}\n\n"
-        if events:
-            continue
-        job = await run_in_threadpool(service.store.get, job_id)
-        if job.status.is_terminal or job.status.value == "interrupted":
+        if settled:
+            job = await run_in_threadpool(service.store.get, job_id)
             yield f"event: end\ndata: {json.dumps({'status': job.status.value, 'next': after})}\n\n"
             return
-        yield ": keep-alive\n\n"
+        if not events:
+            yield ": keep-alive\n\n"
 
 
-def add_stream_routes(router: APIRouter, service: TrainingService, guarded: list[Any], errors: Any) -> None:
-    """GET /trainings/{id}/logs and /trainings/{id}/events; `errors` maps project errors to HTTP answers."""
+def add_stream_routes(router: APIRouter, service: TrainingService, guarded: list[Any]) -> None:
+    """GET /trainings/{id}/logs and /trainings/{id}/events."""
 
     @router.get("/trainings/{job_id}/logs", dependencies=guarded)
     def training_logs(job_id: str, tail: int = 200, follow: bool = False) -> Response:
-        with errors():
+        with http_errors():
             if tail < 1:
                 raise TrainManagementError(f"tail={tail} is not a line count", "use tail >= 1")
             path = service.log_path(job_id)  # 400/404 before any stream starts
@@ -133,13 +137,19 @@ def add_stream_routes(router: APIRouter, service: TrainingService, guarded: list
 
     @router.get("/trainings/{job_id}/events", dependencies=guarded)
     async def training_events(request: Request, job_id: str, after: int = 0, timeout: float = 20.0) -> Any:
-        with errors():
+        with http_errors():
             if after < 0:
                 raise TrainManagementError(f"after={after} is negative", "use the `next` of the last answer")
             await run_in_threadpool(service.events_path, job_id)  # 400/404 before waiting
             if "text/event-stream" in request.headers.get("accept", ""):
                 stream = server_sent_events(service, job_id, after, FOLLOW_MAX_S)
                 return StreamingResponse(stream, media_type="text/event-stream")
-            events = await wait_events(service, job_id, after, min(max(timeout, 0.0), MAX_WAIT_S))
+            events, settled = await wait_events(service, job_id, after, min(max(timeout, 0.0), MAX_WAIT_S))
             job = await run_in_threadpool(service.store.get, job_id)
-            return {"events": events, "next": after + len(events), "status": job.status.value}
+            # `settled`: the job had settled before these events were read, so they are its last ones.
+            return {
+                "events": events,
+                "next": after + len(events),
+                "status": job.status.value,
+                "settled": settled,
+            }

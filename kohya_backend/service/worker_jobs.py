@@ -40,7 +40,7 @@ from kohya_backend.jobs.worker_protocol import (
 from kohya_backend.models.hashing import Sha256Cache
 from kohya_backend.service.blobs import BlobStore
 from kohya_backend.service.home import MODEL_SUFFIXES, PathOutsideHome
-from kohya_backend.service.streams import wait_for_events
+from kohya_backend.service.streams import wait_events
 from kohya_backend.service.training import Submission, TrainingService
 
 KEYS_DIR = "worker-keys"
@@ -333,7 +333,7 @@ class WorkerJobs:
             raise _bad(f"after={after} is negative", "use the `next` of the previous answer")
         folder = (await run_in_threadpool(self.service.events_path, job_id)).parent  # 400/404 before waiting
         wait = min(max(wait_s, 0.0), MAX_WAIT_S)
-        events, settled = await wait_for_events(self.service, job_id, after, wait)
+        events, settled = await wait_events(self.service, job_id, after, wait)
         job = await run_in_threadpool(self.store.get, job_id)
         return {
             "events": _relative(events, f"{folder}/"),

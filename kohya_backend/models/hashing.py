@@ -110,7 +110,9 @@ class Sha256Cache:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            data = {k: v for k, v in _read_cache(self.path).items() if os.path.exists(k)}  # forget deleted files
+            data = {
+                k: v for k, v in _read_cache(self.path).items() if os.path.exists(k)
+            }  # forget deleted files
             data.update(new)
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
             tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")

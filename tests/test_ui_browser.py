@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from browser_support import launch_chromium, require_chromium
+from browser_support import choose, launch_chromium, require_chromium, wait_text, wait_uploaded
 from PIL import Image
 from server_support import free_port
 
@@ -103,38 +103,6 @@ def _images(folder: Path) -> list[Path]:
     return files
 
 
-def _choose(page: Any, elem_id: str, value: str) -> None:
-    """Pick `value` in a gr.Dropdown (3.41 and 4.x render the options as li[data-value])."""
-    page.click(f"#{elem_id} input")
-    page.click(f'#{elem_id} li[data-value="{value}"]')
-
-
-def _text(page: Any, elem_id: str) -> str:
-    return str(page.inner_text(f"#{elem_id}"))
-
-
-def _wait_text(page: Any, elem_id: str, needle: str, timeout_s: float = 30) -> str:
-    deadline = time.monotonic() + timeout_s
-    text = ""
-    while time.monotonic() < deadline:
-        text = _text(page, elem_id)
-        if needle in text:
-            return text
-        time.sleep(0.25)
-    raise AssertionError(f"#{elem_id} never showed {needle!r}; it shows: {text!r}")
-
-
-def _wait_uploaded(page: Any, elem_id: str, names: list[str], timeout_s: float = 60) -> None:
-    """Wait until gr.File lists every file and none is still uploading (a click before that sends no bytes)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        text = _text(page, elem_id)
-        if all(name in text for name in names) and "uploading" not in text.lower():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"the upload did not finish: {_text(page, elem_id)!r}")
-
-
 def _shot(page: Any, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
@@ -150,7 +118,7 @@ def test_dataset_format_train_and_deliver_in_the_browser(server: tuple[str, Path
         try:
             page.goto(base)
             page.wait_for_selector("#train_management_config textarea", timeout=60_000)
-            _wait_text(page, "train_management_model_info", "SD 1.5")
+            wait_text(page, "train_management_model_info", "SD 1.5")
 
             # Remote GPU workers: add one (nothing listens on its port: it shows as offline), then remove it.
             page.click("#train_management_workers")
@@ -162,15 +130,15 @@ def test_dataset_format_train_and_deliver_in_the_browser(server: tuple[str, Path
             assert token.get_attribute("type") == "password"
             token.fill("browser-worker-token")
             page.click("#train_management_worker_add")
-            _wait_text(page, "train_management_worker_message", "Added worker 127.0.0.1-9")
-            assert "offline" in _wait_text(page, "train_management_workers_table", "http://127.0.0.1:9")
+            wait_text(page, "train_management_worker_message", "Added worker 127.0.0.1-9")
+            assert "offline" in wait_text(page, "train_management_workers_table", "http://127.0.0.1:9")
             assert token.input_value() == ""
             page.click("#train_management_instance input")
             page.wait_for_selector('#train_management_instance li[data-value*="[worker:127.0.0.1-9]"]')
             page.keyboard.press("Escape")
             _shot(page, "0-worker-added")
             page.click("#train_management_worker_remove")
-            _wait_text(page, "train_management_worker_message", "Removed worker 127.0.0.1-9")
+            wait_text(page, "train_management_worker_message", "Removed worker 127.0.0.1-9")
             assert "browser-worker-token" not in (home / "workers.json").read_text()  # gone with the worker
 
             # Datasets: upload four captioned images as "shapes" with 5 repeats, then edit a caption.
@@ -178,20 +146,20 @@ def test_dataset_format_train_and_deliver_in_the_browser(server: tuple[str, Path
             page.fill("#train_management_ds_name textarea, #train_management_ds_name input", "shapes")
             page.fill("#train_management_ds_repeats input", "5")
             page.set_input_files("#train_management_ds_files input[type=file]", [str(p) for p in uploads])
-            _wait_uploaded(page, "train_management_ds_files", [p.name for p in uploads])
+            wait_uploaded(page, "train_management_ds_files", [p.name for p in uploads])
             page.click("#train_management_ds_create")
-            _wait_text(page, "train_management_ds_create_message", "Created dataset shapes", 60)
+            wait_text(page, "train_management_ds_create_message", "Created dataset shapes", 60)
             assert sorted(p.name for p in (home / "datasets/shapes/5_shapes").iterdir()) == sorted(
                 p.name for p in uploads
             )
-            _wait_text(page, "train_management_ds_report", "4 image(s), 20 with repeats")
+            wait_text(page, "train_management_ds_report", "4 image(s), 20 with repeats")
             caption = page.locator("#train_management_ds_caption textarea")
             page.wait_for_function(
                 "() => document.querySelector('#train_management_ds_caption textarea').value.includes('blue')"
             )
             caption.fill("shape, blue square, edited in the browser")
             page.click("#train_management_ds_save")
-            _wait_text(page, "train_management_ds_message", "Saved the caption")
+            wait_text(page, "train_management_ds_message", "Saved the caption")
             assert (home / "datasets/shapes/5_shapes/blue.txt").read_text() == (
                 "shape, blue square, edited in the browser\n"
             )
@@ -199,7 +167,7 @@ def test_dataset_format_train_and_deliver_in_the_browser(server: tuple[str, Path
 
             # Training: the new dataset, a config with an error on line 5, then the fix.
             page.click("button:has-text('Training')")
-            _choose(page, "train_management_dataset", "shapes")
+            choose(page, "train_management_dataset", "shapes")
             prompts = (
                 home / "models" / "browser-prompts.txt"
             )  # samples for the Samples gallery (and a preview)
@@ -208,22 +176,22 @@ def test_dataset_format_train_and_deliver_in_the_browser(server: tuple[str, Path
             editor = page.locator("#train_management_config textarea")
             editor.fill("\n".join(config) + "\n")
             page.click("#train_management_format")
-            issues = _wait_text(page, "train_management_issues", "line 5")
+            issues = wait_text(page, "train_management_issues", "line 5")
             assert "network_dim" in issues
             _shot(page, "2-format-error")
             editor.fill("\n".join(config).replace('network_dim = "eight"', "network_dim = 4") + "\n")
             page.click("#train_management_format")
-            _wait_text(page, "train_management_issues", "No problems found")
-            plan = _wait_text(page, "train_management_plan", "total steps")
+            wait_text(page, "train_management_issues", "No problems found")
+            plan = wait_text(page, "train_management_plan", "total steps")
             assert "5_shapes" in plan and "24" in plan
             _shot(page, "3-format-plan")
 
             page.click("#train_management_create")
-            message = _wait_text(page, "train_management_create_message", "queued", 60)
+            message = wait_text(page, "train_management_create_message", "queued", 60)
             job_id = message.split("Job ")[1].split()[0]
-            _wait_text(page, "train_management_jobs", "completed", 180)
+            wait_text(page, "train_management_jobs", "completed", 180)
             page.click(f"#train_management_jobs td:has-text('{job_id}')")
-            _wait_text(page, "train_management_job_status", "completed")
+            wait_text(page, "train_management_job_status", "completed")
             page.wait_for_function(
                 "() => document.querySelector('#train_management_log textarea').value.length > 0"
             )

@@ -8,6 +8,7 @@ a bad upload leaves nothing behind and never touches an existing dataset.
 from __future__ import annotations
 
 import builtins
+import functools
 import os
 import re
 import shutil
@@ -26,6 +27,7 @@ from kohya_backend.errors import ConfigError, DatasetError, TrainManagementError
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import JobStore
 from kohya_backend.service.home import DEFAULT_CAPTION_EXTENSION, Home, NotInHome
+from kohya_backend.service.tasks import Task, TaskRunner
 
 CAPTION_EXTENSIONS: tuple[str, ...] = (".txt", ".caption", ".tags")
 MAX_NAME_LENGTH = 100
@@ -114,6 +116,15 @@ def _layout_path(path: PurePosixPath, default_folder: str) -> PurePosixPath:
     return PurePosixPath(default_folder, path.name)
 
 
+def _hard_link(source: Path, target: Path) -> bool:
+    """Link `target` to `source` (no copy on the same filesystem); False when the filesystem cannot."""
+    try:
+        os.link(source, target)
+    except OSError:
+        return False
+    return True
+
+
 class DatasetService:
     """Creates, shows, validates, edits and deletes kohya-style datasets under `home.datasets`.
 
@@ -126,6 +137,73 @@ class DatasetService:
         self.home = home
         self.jobs = jobs
         self.limits = limits or ArchiveLimits()
+        self.tasks = TaskRunner()  # start_create and start_validate run here
+
+    # -- in the background (a UI event must not wait minutes) ------------------------------------------------
+
+    def start_create(
+        self,
+        name: str,
+        files: Sequence[IncomingFile],
+        *,
+        repeats: object = 10,
+        subject: str | None = None,
+        preprocess: Preprocess | None = None,
+    ) -> str:
+        """create() on a background thread; returns the ticket for task(). What can be checked at once is (name,
+        repeats, subject, an existing dataset, the file count), and the files are copied into the home first:
+        the caller's temporary files may be deleted as soon as it returns."""
+        name = check_name(name, "dataset name")
+        parse_repeats(repeats)
+        check_name(subject or name, "subject (class token)")
+        if (self.home.datasets / name).exists():
+            raise DatasetExists(f"dataset {name!r} already exists", "choose another name, or delete it first")
+        if not files:
+            raise TrainManagementError(
+                "no files were uploaded", "add images (and captions), or a zip of them"
+            )
+        staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.home.datasets))
+        try:
+            kept = self._keep_uploads(files, staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        work = functools.partial(
+            self.create, name, kept, repeats=repeats, subject=subject, preprocess=preprocess
+        )
+        return self.tasks.submit("dataset creation", work, cleanup=lambda: shutil.rmtree(staging, True))
+
+    def start_validate(self, name: str, caption_extension: str = DEFAULT_CAPTION_EXTENSION) -> str:
+        """validate() with every image decoded, on a background thread; returns the ticket for task()."""
+        self.folder(name)
+        ext = check_caption_extension(caption_extension)
+        return self.tasks.submit("dataset validation", functools.partial(self.validate, name, ext))
+
+    def task(self, ticket: str) -> Task:
+        """A background task of this service: running, done (its result) or failed (its error)."""
+        return self.tasks.get(ticket)
+
+    def _keep_uploads(self, files: Sequence[IncomingFile], dest: Path) -> builtins.list[IncomingFile]:
+        """The uploads linked (same filesystem) or copied into `dest`, under the entry and size limits."""
+        if len(files) > self.limits.max_entries:
+            raise TrainManagementError(
+                f"{len(files)} files were uploaded, more than the limit of {self.limits.max_entries}",
+                "split the upload into several datasets",
+            )
+        budget, kept = self.limits.max_total_bytes, []
+        for index, incoming in enumerate(files):
+            target = dest / f"{index:06d}"
+            if isinstance(incoming.source, Path) and _hard_link(incoming.source, target):
+                budget -= target.stat().st_size
+            else:
+                budget -= copy_file(incoming.source, target, budget, f"upload {incoming.name}")
+            if budget < 0:
+                raise TrainManagementError(
+                    f"the upload is larger than the limit of {self.limits.max_total_bytes} bytes",
+                    "split the upload into several datasets",
+                )
+            kept.append(IncomingFile(incoming.name, target))
+        return kept
 
     # -- listing and reading ----------------------------------------------------------------------------------
 

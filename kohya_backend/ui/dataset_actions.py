@@ -1,8 +1,13 @@
 """Callbacks of the Datasets area: create from uploads, browse with thumbnails, caption editor (with the host's
-interrogator when it has one), validation report, delete an image or a dataset."""
+interrogator when it has one), validation report, delete an image or a dataset.
+
+Creating a dataset and the full validation take minutes on big datasets, so they run as DatasetService tasks:
+the click answers at once with a ticket, and the tab's poll shows the outcome when the task ends (finished())."""
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +16,7 @@ import gradio as gr
 from kohya_backend.data.preprocess import Preprocess
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.service.datasets import DatasetService, IncomingFile
+from kohya_backend.service.tasks import Task
 from kohya_backend.ui.choices import dropdown
 from kohya_backend.ui.compat import uploaded_paths
 from kohya_backend.ui.hooks import UiHooks
@@ -29,6 +35,7 @@ MAX_NAMES_SHOWN = 8
 MAX_THUMBNAILS = 120
 THUMBNAIL_PX = 192
 PREVIEW_PX = 768
+MAX_PENDING = 64  # uploads whose creation message is still to be shown
 
 
 def repeated_names(files: list[tuple[str, Path]], folder: list[tuple[str, Path]]) -> list[str]:
@@ -75,6 +82,9 @@ class DatasetActions:
         self.hooks = hooks
         # Shared by every browser tab: an image is decoded again only when its file changes.
         self.thumbnails = ThumbnailCache(THUMBNAIL_PX, max_entries=MAX_THUMBNAILS + MAX_THUMBNAILS // 3)
+        # What a creation's final message needs from its upload: repeated names, whether a folder came.
+        self._uploads: OrderedDict[str, tuple[list[str], bool]] = OrderedDict()
+        self._lock = threading.Lock()
 
     def choices(self, current: str | None = None) -> Any:
         """Dataset dropdown choices (folder names, none scanned), keeping the current one when it still exists."""
@@ -82,25 +92,71 @@ class DatasetActions:
 
     def create(
         self, name: str, subject: str, repeats: Any, files: Any, folder: Any, preprocess: str
-    ) -> tuple[str, Any]:
-        """Create a dataset from the uploaded files and folder; (message, browse dropdown set to it)."""
+    ) -> tuple[str, str]:
+        """Start creating a dataset from the uploaded files and folder (copied out of gradio's temporary files
+        before this returns; the checks and preprocessing run in the background); (message, ticket)."""
         plain, from_folder = uploaded_paths(files), uploaded_paths(folder)
         incoming = [IncomingFile(n, p) for n, p in plain + from_folder]
         repeated = repeated_names(plain, from_folder)
         try:
             label = PREPROCESS_CHOICES.get(preprocess or "none", preprocess)
-            result = self.datasets.create(
-                name, incoming, repeats=repeats, subject=subject or None, preprocess=Preprocess.parse(label)
+            options = Preprocess.parse(label)
+            ticket = self.datasets.start_create(
+                name, incoming, repeats=repeats, subject=subject or None, preprocess=options
             )
         except TrainManagementError as exc:
-            message = "❌ **The dataset was not created.**\n\n" + error_markdown(exc)
-            if repeated:
-                message += "\n\n" + flattening_markdown(repeated, "one folder")
-            return message, gr.update()
-        message = "✅ " + created_markdown(result)
-        if from_folder:
-            message += "\n\n" + flattening_markdown(repeated, result["subset_folder"])
-        return message, self.choices(result["name"])
+            return self._not_created(exc, repeated), ""
+        with self._lock:
+            self._uploads[ticket] = (repeated, bool(from_folder))
+            while len(self._uploads) > MAX_PENDING:
+                self._uploads.popitem(last=False)
+        work = "checking and preprocessing" if options else "checking"
+        return f"⏳ Creating dataset **{name.strip()}**: {work} {len(incoming)} file(s)…", ticket
+
+    @staticmethod
+    def _not_created(exc: TrainManagementError, repeated: list[str]) -> str:
+        message = "❌ **The dataset was not created.**\n\n" + error_markdown(exc)
+        if repeated:
+            message += "\n\n" + flattening_markdown(repeated, "one folder")
+        return message
+
+    def tasks_mark(self) -> str:
+        """What the tab's poll reads: changes whenever a dataset task of this service ends."""
+        return str(self.datasets.tasks.finished)
+
+    def finished(self, create_ticket: str, validate_ticket: str) -> tuple[Any, Any, str, Any, str]:
+        """The outcome of this page's dataset creation and validation once they end: (creation message, browse
+        dropdown, creation ticket, report, validation ticket); a ticket is emptied once its outcome is shown."""
+        created = self._task(create_ticket)
+        message, browse = gr.update(), gr.update()
+        if created is not None:
+            with self._lock:
+                repeated, from_folder = self._uploads.pop(created.ticket, ([], False))
+            if created.error is not None:
+                message = self._not_created(created.error, repeated)
+            else:
+                message = "✅ " + created_markdown(created.result)
+                if from_folder:
+                    message += "\n\n" + flattening_markdown(repeated, created.result["subset_folder"])
+                browse = self.choices(created.result["name"])
+            create_ticket = ""
+        checked = self._task(validate_ticket)
+        report = gr.update()
+        if checked is not None:
+            error = checked.error
+            report = error_markdown(error) if error is not None else report_markdown(checked.result)
+            validate_ticket = ""
+        return message, browse, create_ticket, report, validate_ticket
+
+    def _task(self, ticket: str | None) -> Task | None:
+        """The ended task of `ticket` (None while it runs, or without a ticket)."""
+        if not ticket:
+            return None
+        try:
+            task = self.datasets.task(ticket)
+        except TrainManagementError as exc:  # forgotten (a host restart): say so once
+            return Task(str(ticket), "unknown", state="failed", error=exc)
+        return None if task.state == "running" else task
 
     def import_hint(self) -> str:
         """The Datasets area's note on folders already on the server (a CLI command, kept out of the tab)."""
@@ -135,14 +191,15 @@ class DatasetActions:
             report += f"\n\nShowing the first {MAX_THUMBNAILS} of {len(images)} images; pick others in Image."
         return report, thumbnails, dropdown(images, None), names, labels
 
-    def validate(self, name: str | None) -> str:
-        """The trainer's full validation (every image decoded)."""
+    def validate(self, name: str | None) -> tuple[str, str]:
+        """Start the trainer's full validation (every image decoded, in the background); (message, ticket)."""
         if not name:
-            return "No dataset chosen."
+            return "No dataset chosen.", ""
         try:
-            return report_markdown(self.datasets.validate(name, verify_images=True))
+            ticket = self.datasets.start_validate(name)
         except TrainManagementError as exc:
-            return error_markdown(exc)
+            return error_markdown(exc), ""
+        return f"⏳ Validating **{name}**: decoding every image…", ticket
 
     def pick_thumbnail(self, names: list[str], evt: gr.SelectData) -> Any:
         """A click on a thumbnail selects that image in the caption editor."""

@@ -158,6 +158,10 @@ def _datasets_area(has_interrogate: bool, import_hint: str) -> dict[str, Any]:
             )
             c["create"] = gr.Button("Create dataset", variant="primary", elem_id=_id("ds_create"))
             c["create_message"] = gr.Markdown(elem_id=_id("ds_create_message"))
+            # Creation and validation run as background tasks: their tickets, and the poll that ends them.
+            c["create_ticket"] = gr.State("")
+            c["validate_ticket"] = gr.State("")
+            c["tasks_poll"] = gr.Textbox(visible=False, elem_id=_id("ds_tasks_poll"))
         with gr.Column(scale=2):
             gr.Markdown("### Browse, caption and validate")
             with gr.Row():
@@ -222,10 +226,9 @@ def _wire_create_job(a: CreateJobActions, c: dict[str, Any]) -> None:
     )
 
 
-def _wire_trainings(a: TrainingsActions, c: dict[str, Any], stamp: Any, blocks: gr.Blocks) -> None:
+def _wire_trainings(a: TrainingsActions, c: dict[str, Any], stamp: Any) -> None:
     outputs = [c["table"], stamp, c["job"], c["job_status"], c["log"], c["plot"], c["samples"]]
     c["refresh"].click(a.refresh, [c["job"]], outputs)
-    blocks.load(a.mark, [c["job"]], [c["poll"]], every=POLL_SECONDS, show_progress="hidden")
     c["poll"].change(a.refresh, [c["job"]], outputs, show_progress="hidden")
     c["table"].select(a.select_row, [c["table"]], [c["job"]])
     c["job"].change(a.details, [c["job"]], [c["job_status"], c["log"], c["plot"], c["samples"]])
@@ -240,11 +243,18 @@ def _wire_datasets(a: DatasetActions, c: dict[str, Any], train_dataset: Any) -> 
     c["create"].click(
         a.create,
         [c["name"], c["subject"], c["repeats"], c["files"], c["folder"], c["preprocess"]],
-        [c["create_message"], c["dataset"]],
-    ).then(a.choices, [train_dataset], [train_dataset])
+        [c["create_message"], c["create_ticket"]],
+    )
+    tickets = [c["create_ticket"], c["validate_ticket"]]
+    c["tasks_poll"].change(
+        a.finished,
+        tickets,
+        [c["create_message"], c["dataset"], c["create_ticket"], c["report"], c["validate_ticket"]],
+        show_progress="hidden",
+    ).then(a.choices, [train_dataset], [train_dataset], show_progress="hidden")
     c["refresh"].click(a.choices, [c["dataset"]], [c["dataset"]])
     c["dataset"].change(a.open, [c["dataset"]], opened)
-    c["validate"].click(a.validate, [c["dataset"]], [c["report"]])
+    c["validate"].click(a.validate, [c["dataset"]], [c["report"], c["validate_ticket"]])
     c["gallery"].select(a.pick_thumbnail, [c["names"]], [c["image"]])
     c["image"].change(a.select_image, [c["dataset"], c["image"]], [c["preview"], c["caption"], c["message"]])
     c["save"].click(
@@ -259,6 +269,15 @@ def _wire_datasets(a: DatasetActions, c: dict[str, Any], train_dataset: Any) -> 
     c["delete"].click(
         a.delete_dataset, [c["dataset"], c["confirm"]], [c["message"], c["dataset"], c["confirm"]]
     ).then(a.choices, [train_dataset], [train_dataset])
+
+
+def _poll_marks(trainings: TrainingsActions, datasets: DatasetActions) -> Any:
+    """The page's poll: (the Trainings List's mark, the dataset tasks' mark)."""
+
+    def poll_marks(selected: str | None) -> tuple[str, str]:
+        return trainings.mark(selected), datasets.tasks_mark()
+
+    return poll_marks
 
 
 def create_tab(service: TrainingService, datasets: DatasetService, hooks: UiHooks | None = None) -> gr.Blocks:
@@ -284,8 +303,17 @@ def create_tab(service: TrainingService, datasets: DatasetService, hooks: UiHook
                     data = _datasets_area(hooks.interrogate is not None, dataset_actions.import_hint())
         _wire_create_job(create_actions, job_form)
         _wire_workers(worker_actions, workers, job_form["instance"], create_actions.instance_choices)
-        _wire_trainings(trainings, jobs, stamp, blocks)
+        _wire_trainings(trainings, jobs, stamp)
         _wire_datasets(dataset_actions, data, job_form["dataset"])
+        # One poll per page (on gradio 3.41 each `every=` loop holds a queue worker): it reads only two short
+        # marks; the Trainings List and the dataset tasks update when theirs changes.
+        blocks.load(
+            _poll_marks(trainings, dataset_actions),
+            [jobs["job"]],
+            [jobs["poll"], data["tasks_poll"]],
+            every=POLL_SECONDS,
+            show_progress="hidden",
+        )
         choices = [job_form["instance"], job_form["model"], job_form["dataset"]]
         blocks.load(create_actions.all_choices, choices, choices).then(
             create_actions.model_info, [job_form["model"], job_form["fm"]], [job_form["model_info"]]

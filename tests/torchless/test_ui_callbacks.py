@@ -8,6 +8,8 @@ objects and the 4.x file paths are both what the callbacks receive in the browse
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from kohya_backend.jobs.states import JobStatus
 from kohya_backend.service.app import build_service
 from kohya_backend.service.datasets import DatasetService
 from kohya_backend.service.training import TrainingService
-from kohya_backend.ui.compat import GRADIO_MAJOR, file_input
+from kohya_backend.ui.compat import GRADIO_MAJOR, file_input, uploaded_paths
 from kohya_backend.ui.create_job import CreateJobActions
 from kohya_backend.ui.dataset_actions import DatasetActions
 from kohya_backend.ui.hooks import UiHooks
@@ -101,14 +103,35 @@ def uploads(tmp_path: Path) -> list[Path]:
     return [*files, folder / "notes.pdf"]
 
 
+def _ended(actions: DatasetActions, create_ticket: str = "", validate_ticket: str = "") -> tuple[Any, ...]:
+    """What the tab's poll shows once this page's dataset tasks ended: finished() until their tickets empty."""
+    deadline = time.monotonic() + 60
+    while True:
+        shown = actions.finished(create_ticket, validate_ticket)
+        if shown[2] == "" and shown[4] == "":
+            return shown
+        assert time.monotonic() < deadline, "the dataset task did not end"
+        time.sleep(0.05)
+
+
+def _created(actions: DatasetActions, *args: Any) -> tuple[str, Any]:
+    """(final message, browse dropdown) of a creation the click started in the background."""
+    started, ticket = actions.create(*args)
+    assert started.startswith("⏳ Creating dataset") and ticket, started
+    message, browse, *_ = _ended(actions, create_ticket=ticket)
+    return message, browse
+
+
 def _dataset(datasets: DatasetService, uploads: list[Path], name: str = "squares") -> None:
-    message, _ = DatasetActions(datasets, UiHooks()).create(name, "square", 3, _upload(uploads), None, "none")
+    message, _ = _created(
+        DatasetActions(datasets, UiHooks()), name, "square", 3, _upload(uploads), None, "none"
+    )
     assert message.startswith("✅"), message
 
 
 def test_create_dataset_from_uploaded_files(datasets: DatasetService, uploads: list[Path]) -> None:
     actions = DatasetActions(datasets, UiHooks())
-    message, choices = actions.create("squares", "", 3, _upload(uploads), None, "512 x 512, center crop")
+    message, choices = _created(actions, "squares", "", 3, _upload(uploads), None, "512 x 512, center crop")
     assert "Created dataset **squares** with 3 image(s), preprocessed (512-crop)" in message
     assert "`notes.pdf`: not an image or caption file" in message
     assert choices["value"] == "squares" and choices["choices"] == ["squares"]
@@ -116,11 +139,38 @@ def test_create_dataset_from_uploaded_files(datasets: DatasetService, uploads: l
     assert sorted(p.name for p in folder.iterdir()) == ["b.png", "b.txt", "g.png", "g.txt", "r.png", "r.txt"]
     with Image.open(folder / "r.png") as image:
         assert image.size == (512, 512)
-    refused, unchanged = actions.create("squares", "", 3, _upload(uploads), None, "none")
-    assert "The dataset was not created" in refused and "already exists" in refused
-    assert unchanged == gr.update()
+    refused, ticket = actions.create("squares", "", 3, _upload(uploads), None, "none")  # refused at once
+    assert "The dataset was not created" in refused and "already exists" in refused and ticket == ""
     bad, _ = actions.create("other", "", 0, _upload(uploads), None, "none")
     assert "repeats 0 is not a whole number" in bad
+    late, ticket = actions.create("empty", "", 3, _upload(uploads[-1:]), None, "none")  # refused when checked
+    assert late.startswith("⏳") and "The dataset was not created" in _ended(actions, ticket)[0]
+    forgotten, browse, ticket, *_ = actions.finished("f00d", "")  # e.g. the host restarted meanwhile
+    assert "no task has the ticket 'f00d'" in forgotten and browse == gr.update() and ticket == ""
+    assert sorted(p.name for p in datasets.home.datasets.iterdir()) == ["squares"]  # no staging left behind
+
+
+def test_the_click_returns_before_the_work_and_the_uploads_may_go_at_once(
+    datasets: DatasetService, uploads: list[Path]
+) -> None:
+    gate = threading.Event()
+    for _ in range(datasets.tasks.workers):  # the background workers are busy: the creation waits in line
+        datasets.tasks.submit("holding", gate.wait)
+    actions = DatasetActions(datasets, UiHooks())
+    upload = _upload(uploads)
+    started, ticket = actions.create("later", "", 2, upload, None, "none")
+    assert started == "⏳ Creating dataset **later**: checking 7 file(s)…"
+    assert datasets.task(ticket).state == "running" and not (datasets.home.datasets / "later").exists()
+    for _name, temporary in uploaded_paths(upload):  # gradio may delete its temporary files once we return
+        temporary.unlink()
+    assert actions.finished(ticket, "")[2] == ticket  # still running: nothing shown, the ticket kept
+    gate.set()
+    message, browse, *_ = _ended(actions, create_ticket=ticket)
+    assert "Created dataset **later** with 3 image(s)" in message and browse["value"] == "later"
+    started, checking = actions.validate("later")
+    assert started == "⏳ Validating **later**: decoding every image…"
+    report = _ended(actions, validate_ticket=checking)[3]
+    assert "**OK**: 3 image(s), 6 with repeats" in report
 
 
 def test_create_dataset_from_a_folder_upload_and_files_together(
@@ -128,7 +178,7 @@ def test_create_dataset_from_a_folder_upload_and_files_together(
 ) -> None:
     actions = DatasetActions(datasets, UiHooks())
     folder = _upload(uploads[:4], file_count="directory")
-    message, _ = actions.create("mixed", "thing", "2", _upload(uploads[4:6]), folder, "none")
+    message, _ = _created(actions, "mixed", "thing", "2", _upload(uploads[4:6]), folder, "none")
     assert "with 3 image(s)" in message
     assert "The folder's images and captions went into `2_thing/`" in message and "as a zip" in message
     assert "came more than once" not in message
@@ -148,7 +198,7 @@ def test_a_folder_upload_of_subset_folders_is_reported_as_flattened(
             (kohya / subset / f"{stem}.txt").write_text(f"a {subset[3:]}\n")
             paths += [kohya / subset / f"{stem}.png", kohya / subset / f"{stem}.txt"]
     actions = DatasetActions(datasets, UiHooks())
-    message, _ = actions.create("pets", "", 3, None, _upload(paths, file_count="directory"), "none")
+    message, _ = _created(actions, "pets", "", 3, None, _upload(paths, file_count="directory"), "none")
     assert message.startswith("✅") and "with 2 image(s)" in message  # the browser sent base names only
     assert "⚠️ **4 file name(s) came more than once** (`001.png`, `001.txt`, `002.png`, `002.txt`)" in message
     assert "several `<repeats>_<name>` subfolders" in message and "went into `3_pets/`" in message
@@ -190,7 +240,7 @@ def test_caption_editor_interrogate_and_deletes(datasets: DatasetService, upload
     )  # the list after a delete: the kept images are not decoded again
     assert names == ["3_square/g.png", "3_square/r.png"]
     assert [id(p) for p, _ in after] == [id(thumbnails[1][0]), id(thumbnails[2][0])]
-    assert "2 image(s)" in actions.validate("squares")
+    assert "2 image(s)" in _ended(actions, validate_ticket=actions.validate("squares")[1])[3]
     message, _, _ = actions.delete_dataset("squares", False)
     assert "Tick the box" in message and (datasets.home.datasets / "squares").exists()
     message, choices, confirmed = actions.delete_dataset("squares", True)

@@ -36,11 +36,12 @@ def remote_runner(service: TrainingService) -> RemoteRunner:
 
 
 def add_worker(service: TrainingService, url: str, token: str, name: str | None = None) -> dict[str, Any]:
-    """Register a worker (or update its URL or token) and have the pool ask it for its state soon."""
+    """Register a worker (or update its URL or token) and ask it at once: the entry (no token) with its state,
+    which the pool keeps (online, busy, offline with why, or unauthorized for a wrong token)."""
     runner = remote_runner(service)
     entry = runner.registry.add(url, token, name=name)
-    runner.pool.refresh_soon()
-    return entry.public()
+    state = runner.pool.check_now(entry.name).public()
+    return {**state, **entry.public()}
 
 
 def remove_worker(service: TrainingService, name: str) -> None:

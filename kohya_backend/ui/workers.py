@@ -47,15 +47,14 @@ class WorkersActions:
             return "Enter the URL the worker printed (e.g. `http://gpu-box:7870`) and its token.", ""
         try:
             entry = add_worker(self.service, url, token or "", (name or "").strip() or None)
-            state = remote_runner(self.service).pool.check_now(entry["name"])  # kept: the table shows it
         except TrainManagementError as exc:
             return "❌ **The worker was not added.**\n\n" + error_markdown(exc), ""
-        gpu = f", {state.gpu_label()}" if state.state in ("online", "busy") else ""
+        gpu = f", {entry['gpu']}" if entry["state"] in ("online", "busy") else ""
         text = (
-            f"✅ Added worker **{entry['name']}** (`{entry['url']}`): {worker_state_text(state.public())}{gpu}. "
+            f"✅ Added worker **{entry['name']}** (`{entry['url']}`): {worker_state_text(entry)}{gpu}. "
             f"Choose **worker {entry['name']}** (or *any free worker*) as the Training Instance Type."
         )
-        if state.state == "unauthorized":
+        if entry["state"] == "unauthorized":
             text += "\n\nThe worker refused the token: paste the one from its token file and add it again."
         if entry.get("warning"):  # the registry's own warning (e.g. a token sent over plain http)
             text += f"\n\n⚠️ {entry['warning']}"

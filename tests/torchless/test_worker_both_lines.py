@@ -85,6 +85,7 @@ def test_workers_routes_never_show_tokens(tmp_path: Path) -> None:
             assert httpx.get(f"{base}{API_PREFIX}/workers").status_code == 401
             made = http.post("/workers", json={"url": "http://127.0.0.1:9/", "token": "secret-worker-token"})
             assert made.status_code == 201 and made.json()["worker"]["name"] == "127.0.0.1-9"
+            assert made.json()["worker"]["state"] == "offline"  # asked at once: nothing listens on port 9
             assert made.json()["worker"]["warning"] is None  # loopback: the token never leaves the machine
             far = http.post(
                 "/workers", json={"url": "http://gpu-box.invalid:9", "token": "secret-worker-token"}

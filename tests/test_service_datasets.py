@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import time
 import zipfile
 from pathlib import Path
 
@@ -14,7 +16,13 @@ from kohya_backend.data.preprocess import Preprocess
 from kohya_backend.errors import DatasetError, TrainManagementError
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import JobStore
-from kohya_backend.service.datasets import DatasetExists, DatasetInUse, DatasetService, IncomingFile
+from kohya_backend.service.datasets import (
+    STAGING_PREFIX,
+    DatasetExists,
+    DatasetInUse,
+    DatasetService,
+    IncomingFile,
+)
 from kohya_backend.service.home import Home, NotInHome, PathOutsideHome
 
 
@@ -275,3 +283,14 @@ def test_import_folder_keeps_relative_paths_and_skips_symlinks(
     with pytest.raises(TrainManagementError, match="is not a folder"):
         datasets.import_folder(tmp_path / "nope", "x")
     assert (source / "4_cat/link.png").is_symlink()  # the source is left as it was
+
+
+def test_staging_folders_a_killed_process_left_are_removed(home: Home) -> None:
+    stale, fresh = home.datasets / f"{STAGING_PREFIX}old", home.datasets / f"{STAGING_PREFIX}new"
+    for folder in (stale, fresh):
+        folder.mkdir()
+        (folder / "a.png").write_bytes(b"x")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(stale, (hours_ago, hours_ago))
+    DatasetService(home)
+    assert not stale.exists() and fresh.exists()  # a fresh one may belong to an upload in progress

@@ -87,7 +87,8 @@ def create_router(service: TrainingService, *, token: str | None = None) -> APIR
     @router.get("/models", dependencies=guarded)
     def models() -> dict[str, Any]:
         with http_errors():
-            return {"root": str(service.home.models), "models": service.home.list_models()}
+            roots = [str(root) for root in service.home.model_roots]
+            return {"root": roots[0], "roots": roots, "models": service.home.list_models()}
 
     @router.get("/datasets", dependencies=guarded)
     def datasets(caption_extension: str = ".txt") -> dict[str, Any]:

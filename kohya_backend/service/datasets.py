@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,9 @@ CAPTION_EXTENSIONS: tuple[str, ...] = (".txt", ".caption", ".tags")
 MAX_NAME_LENGTH = 100
 MAX_REPEATS = 10_000
 _UNSAFE_NAME = re.compile(r'[\x00-\x1f/\\<>:"|?*]')
+
+STAGING_PREFIX = ".incoming-"  # uploads wait here (hidden: listings skip dot folders) until unpacked
+STALE_STAGING_S = 3600.0
 
 
 class DatasetExists(TrainManagementError):
@@ -138,6 +142,14 @@ class DatasetService:
         self.jobs = jobs
         self.limits = limits or ArchiveLimits()
         self.tasks = TaskRunner()  # start_create and start_validate run here
+        self._remove_stale_staging()
+
+    def _remove_stale_staging(self) -> None:
+        """Remove staging folders (.incoming-*, .staging-*) a killed process left behind over an hour ago."""
+        cutoff = time.time() - STALE_STAGING_S
+        for folder in self.home.datasets.glob(f"{STAGING_PREFIX}*"):
+            if folder.is_dir() and folder.stat().st_mtime < cutoff:
+                shutil.rmtree(folder, ignore_errors=True)
 
     # -- in the background (a UI event must not wait minutes) ------------------------------------------------
 
@@ -162,7 +174,7 @@ class DatasetService:
             raise TrainManagementError(
                 "no files were uploaded", "add images (and captions), or a zip of them"
             )
-        staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.home.datasets))
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.home.datasets))
         try:
             kept = self._keep_uploads(files, staging)
         except BaseException:
@@ -371,7 +383,7 @@ class DatasetService:
             raise TrainManagementError(
                 "no files were uploaded", "add images (and captions), or a zip of them"
             )
-        staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.home.datasets))
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.home.datasets))
         try:
             staged = self._receive(files, staging / "upload")
             added = self._arrange(staged, staging / "dataset", folder_name)

@@ -80,6 +80,19 @@ class DatasetError(TrainManagementError):
         return {"files": [str(f) for f in self.files]}
 
 
+class InUse(TrainManagementError):
+    """Jobs that may still need something (a worker, a blob) block the action; `job_ids` lists them."""
+
+    http_status = 409
+
+    def __init__(self, message: str, hint: str | None, job_ids: list[str]) -> None:
+        super().__init__(message, hint)
+        self.job_ids = job_ids
+
+    def details(self) -> dict[str, object]:
+        return {"jobs": self.job_ids}
+
+
 class ModelError(TrainManagementError):
     """A checkpoint cannot be read or loaded, or is not of the expected family."""
 

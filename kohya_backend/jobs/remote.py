@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from kohya_backend.errors import TrainManagementError
+from kohya_backend.errors import InUse, TrainManagementError
 from kohya_backend.jobs.pool import WorkerPool, WorkerState
 from kohya_backend.jobs.registry import WorkerEntry, WorkerNotFound, WorkerRegistry
 from kohya_backend.jobs.remote_cleanup import PENDING_NAME, PendingDeletes, remote_copies
@@ -51,17 +51,8 @@ def _device(worker: str) -> str:
     return f"{PREFIX}{worker}"
 
 
-class WorkerBusy(TrainManagementError):
+class WorkerBusy(InUse):
     """Queued or running jobs still use this worker, so it cannot be removed; `job_ids` lists them."""
-
-    http_status = 409
-
-    def __init__(self, message: str, hint: str | None, job_ids: list[str]) -> None:
-        super().__init__(message, hint)
-        self.job_ids = job_ids
-
-    def details(self) -> dict[str, object]:
-        return {"jobs": self.job_ids}
 
 
 def jobs_using_worker(store: JobStore, name: str) -> list[str]:

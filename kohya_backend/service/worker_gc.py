@@ -20,7 +20,7 @@ from typing import Any
 
 import tomlkit
 
-from kohya_backend.errors import TrainManagementError
+from kohya_backend.errors import InUse, TrainManagementError
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import Job, JobStore, validate_job_id
 from kohya_backend.jobs.worker_protocol import INPUT_KEYS, SHA256_PATTERN, validate_sha256
@@ -34,17 +34,8 @@ _PAGE = 1000
 Inode = tuple[int, int]
 
 
-class BlobInUse(BlobError):
+class BlobInUse(InUse, BlobError):
     """Jobs that may still train link this blob; `job_ids` names them."""
-
-    http_status = 409
-
-    def __init__(self, message: str, hint: str | None, job_ids: list[str]) -> None:
-        super().__init__(message, hint)
-        self.job_ids = job_ids
-
-    def details(self) -> dict[str, object]:
-        return {"jobs": self.job_ids}
 
 
 class BlobNotFound(BlobError):

@@ -42,6 +42,17 @@ def test_release_pages_drops_resident_mapped_weights(tmp_path: Path) -> None:
     assert float(mapped.sum()) == checksum  # file-backed pages come back from the file when read again
 
 
+def test_bitsandbytes_stays_visible_once_diffusers_is_imported() -> None:
+    code = (
+        "import sys, diffusers.utils\n"
+        "from kohya_backend.train.runtime import hide_bitsandbytes_unless_needed\n"
+        "assert hide_bitsandbytes_unless_needed('AdamW') is False\n"
+        "from diffusers import UNet2DConditionModel\n"  # failed when bitsandbytes was hidden after diffusers judged it
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
 @pytest.mark.parametrize(("optimizer", "imported"), [("AdamW", False), ("AdamW8bit", True)])
 def test_trainer_process_imports_bitsandbytes_only_for_8bit_and_logs_no_noise(
     tmp_path: Path, optimizer: str, imported: bool

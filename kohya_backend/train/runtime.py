@@ -68,9 +68,12 @@ def hide_bitsandbytes_unless_needed(optimizer_type: str) -> bool:
     diffusers and peft import bitsandbytes whenever it is installed (0.7 s here, and a warning about missing CPU
     kernels in the job's log) only to offer quantized loading, which this trainer never does. A None entry in
     sys.modules makes importlib.util.find_spec() answer None, so they treat it as not installed. Call it in the
-    trainer process before diffusers is imported; only the 8-bit optimizers need the package.
+    trainer process before diffusers is imported; only the 8-bit optimizers need the package. Once diffusers or
+    peft is imported it has already judged bitsandbytes present, and hiding it then would break their imports.
     """
-    if "8bit" in optimizer_type.lower() or "bitsandbytes" in sys.modules:
+    if "8bit" in optimizer_type.lower() or any(
+        m in sys.modules for m in ("bitsandbytes", "diffusers", "peft")
+    ):
         return False
     sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
     return True

@@ -23,7 +23,7 @@ from kohya_backend.models.load import load_checkpoint
 from kohya_backend.train.events import EventLog, read_events
 from kohya_backend.train.families import get_family
 from kohya_backend.train.inputs import encode_latents
-from kohya_backend.train.loop import Trainer, train
+from kohya_backend.train.loop import Trainer, auto_vae_batch_size, train
 from kohya_backend.train.noise import make_noise_scheduler
 
 
@@ -314,3 +314,20 @@ def test_each_caption_is_tokenised_once_per_run(assets, tmp_path, monkeypatch):
     assert result.step == 9
     captions = {p.read_text().strip() for p in (assets["data"] / "10_demo").glob("*.txt")}
     assert sorted(seen) == sorted(captions)  # one tokenizer (SD 1.5), each caption once
+
+
+def test_cpu_latent_encoding_matches_the_plain_layout_and_returns_contiguous_latents(assets):
+    model = load_checkpoint(assets["sd_1_5"], "sd_1_5", tokenizer_dir=assets["tokenizer"])
+    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        fast = encode_latents(model.vae, pixels, scale=0.5, generator=torch.Generator().manual_seed(3))
+        plain = model.vae.encode(pixels).latent_dist.sample(generator=torch.Generator().manual_seed(3)) * 0.5
+    assert fast.is_contiguous()  # cached latents keep the UNet's plain layout
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_latent_caching_batch_is_one_image_on_the_cpu_and_area_scaled_on_a_gpu():
+    assert auto_vae_batch_size((256, 256), "cpu") == 1
+    assert auto_vae_batch_size((512, 512), "cuda") == 4
+    assert auto_vae_batch_size((256, 256), "cuda") == 8
+    assert auto_vae_batch_size((1024, 1024), torch.device("cuda")) == 1

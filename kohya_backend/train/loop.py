@@ -74,8 +74,14 @@ class _Batch:
     weights: torch.Tensor
 
 
-def auto_vae_batch_size(resolution: tuple[int, int]) -> int:
-    """Latent-caching batch when vae_batch_size is unset: 4 images at 512x512, scaled by area, within 1..8."""
+def auto_vae_batch_size(resolution: tuple[int, int], device: torch.device | str) -> int:
+    """Latent-caching batch when vae_batch_size is unset.
+
+    On a GPU, 4 images at 512x512, scaled by area, within 1..8. On the CPU one image at a time: its activations
+    stay in the caches, so a batch of 8 at 256 px takes 8.1 s where 8 single images take 6.5 s.
+    """
+    if torch.device(device).type == "cpu":
+        return 1
     w, h = resolution
     return max(1, min(8, (4 * 512 * 512) // (w * h)))
 
@@ -193,7 +199,10 @@ class Trainer:
                 m.vae,
                 scale=m.arch.latent_scale,
                 flips=flips,
-                batch_size=int(cfg.get("vae_batch_size") or auto_vae_batch_size(self.config.resolution)),
+                batch_size=int(
+                    cfg.get("vae_batch_size")
+                    or auto_vae_batch_size(self.config.resolution, accelerator.device)
+                ),
                 generator=gen,
                 progress=lambda d, t: self.events.emit("caching", what="latents", done=d, total=t),
             )

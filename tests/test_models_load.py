@@ -13,7 +13,8 @@ from kohya_backend.assets.checkpoints import ARCHITECTURE_METADATA_KEY, random_c
 from kohya_backend.assets.tokenizer import write_tiny_tokenizer
 from kohya_backend.errors import FamilyMismatchError, ModelError, TokenizerUnavailableError
 from kohya_backend.models.arch import architecture_for, architecture_to_json
-from kohya_backend.models.load import load_checkpoint
+from kohya_backend.models.checkpoint import read_checkpoint
+from kohya_backend.models.load import _materialise, load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +163,41 @@ def test_tokenizer_folder_beside_the_checkpoint_is_found(tmp_path: Path) -> None
     write_tiny_tokenizer(tmp_path / "tokenizer")
     loaded = load_checkpoint(path, "sd_1_5")
     assert loaded.tokenizers[0].tokenize("a cat") == ["a</w>", "cat</w>"]
+
+
+def _rss_file_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux /proc only")
+@pytest.mark.parametrize("mapped", [True, False])
+def test_casting_a_mapped_file_gives_its_pages_back_at_once(tmp_path: Path, mapped: bool) -> None:
+    path = tmp_path / "half.safetensors"
+    save_file({f"w{i}": torch.randn(4096, 4096).half() for i in range(3)}, str(path))  # 3 x 32 MiB
+    state, _ = read_checkpoint(path)
+    sources = dict(state)  # the other components' tensors keep the file mapped during a real load
+    checksum = sum(float(t.float().sum()) for t in sources.values())  # every page resident
+    module = torch.nn.Module()
+    for key in state:
+        module.register_parameter(key, torch.nn.Parameter(torch.empty(4096, 4096, device="meta")))
+    before = _rss_file_mib()
+    _materialise(module, state, dtype=torch.float32, device="cpu", what="test", path=path, mapped=mapped)
+    dropped = before - _rss_file_mib()
+    assert (dropped > 80) is mapped  # 96 MiB of file pages released while the mapping lives on
+    assert sum(float(p.sum()) for p in module.parameters()) == pytest.approx(checksum, rel=1e-6)
+    assert sum(float(t.float().sum()) for t in sources.values()) == pytest.approx(checksum, rel=1e-6)
+
+
+def test_fp16_file_loaded_in_fp32_holds_the_exact_upcast_weights(tmp_path: Path, tok_dir: Path) -> None:
+    path = write_checkpoint(tmp_path / "half.safetensors", "sd_xl", dtype=torch.float16, seed=3)
+    model = load_checkpoint(path, "sd_xl", dtype=torch.float32, tokenizer_dir=tok_dir)
+    half = load_checkpoint(path, "sd_xl", dtype=torch.float16, vae_dtype=torch.float16, tokenizer_dir=tok_dir)
+    for ours, theirs in zip(
+        (model.unet, model.vae, *model.text_encoders), (half.unet, half.vae, *half.text_encoders)
+    ):
+        for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+            assert a.dtype == torch.float32 or not a.is_floating_point(), name
+            assert torch.equal(a, b.to(a.dtype)), name

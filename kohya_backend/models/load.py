@@ -26,6 +26,7 @@ from kohya_backend.models.arch import (
 from kohya_backend.models.checkpoint import SAFETENSORS_SUFFIXES, read_checkpoint, read_metadata
 from kohya_backend.models.detect import check_family, check_family_of_keys
 from kohya_backend.models.ldm_keys import ldm_to_diffusers_state_dicts
+from kohya_backend.models.pages import release_tensor_pages
 from kohya_backend.models.tokenizers import load_tokenizers
 
 
@@ -67,14 +68,27 @@ def checkpoint_architecture(
 
 
 def _materialise(
-    module: nn.Module, state: dict[str, Tensor], *, dtype: torch.dtype, device: str, what: str, path: Path
+    module: nn.Module,
+    state: dict[str, Tensor],
+    *,
+    dtype: torch.dtype,
+    device: str,
+    what: str,
+    path: Path,
+    mapped: bool,
 ) -> nn.Module:
-    """Load `state` into a meta-built `module` in place (cast per tensor, no second copy), freeze it."""
+    """Load `state` into a meta-built `module` in place (cast per tensor, no second copy), freeze it.
+
+    When `mapped` (tensors memory-mapped from the file), each source a cast or a move has copied gives its pages
+    back at once: an fp16 SDXL file loaded in fp32 would otherwise hold 6.9 GB of file pages on top of the
+    13.9 GB of weights until the whole load is done.
+    """
     for key in list(state):
         tensor = state[key]
-        state[key] = (
-            tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device)
-        )
+        moved = tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device)
+        if mapped and moved.data_ptr() != tensor.data_ptr():
+            release_tensor_pages([tensor])
+        state[key] = moved
     try:
         module.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
@@ -120,8 +134,11 @@ def load_checkpoint(
         unet = arch.build_unet()
         vae = arch.build_vae()
         text_encoders = arch.build_text_encoders()
-    _materialise(unet, unet_sd, dtype=dtype, device=device, what="UNet", path=path)
-    _materialise(vae, vae_sd, dtype=vae_dtype or dtype, device=device, what="VAE", path=path)
+    # .safetensors tensors are file-backed mappings whose pages may be released; a legacy .ckpt's are not
+    mapped = path.suffix.lower() in SAFETENSORS_SUFFIXES
+    _materialise(unet, unet_sd, dtype=dtype, device=device, what="UNet", path=path, mapped=mapped)
+    _materialise(vae, vae_sd, dtype=vae_dtype or dtype, device=device, what="VAE", path=path, mapped=mapped)
     for index, (te, te_sd) in enumerate(zip(text_encoders, te_sds)):
-        _materialise(te, te_sd, dtype=dtype, device=device, what=f"text encoder {index + 1}", path=path)
+        what = f"text encoder {index + 1}"
+        _materialise(te, te_sd, dtype=dtype, device=device, what=what, path=path, mapped=mapped)
     return LoadedModel(family, arch, unet, vae, text_encoders, tokenizers, path, metadata)

@@ -8,6 +8,8 @@ import logging
 import sys
 from typing import Any
 
+from kohya_backend.models.pages import release_tensor_pages
+
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
@@ -32,34 +34,13 @@ def tune_allocator() -> bool:
         return False
 
 
-_MADV_DONTNEED = 4
-_PAGE = 4096
-
-
 def release_pages(module: Any) -> int:
     """Give the kernel back the resident pages of a module's weights before dropping it; returns bytes advised.
 
     Weights loaded from a memory-mapped checkpoint stay resident (and counted) after the module is dropped,
-    because the mapping lives on for the other components; MADV_DONTNEED releases them. Call only on weights
-    that are never read again.
+    because the mapping lives on for the other components. Call only on weights that are never read again.
     """
-    if not sys.platform.startswith("linux"):
-        return 0
-    name = ctypes.util.find_library("c")
-    if not name:
-        return 0
-    libc = ctypes.CDLL(name, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    released = 0
-    for tensor in [*module.parameters(), *module.buffers()]:
-        if tensor.device.type != "cpu" or tensor.numel() == 0:
-            continue
-        start = tensor.data_ptr()
-        end = start + tensor.numel() * tensor.element_size()
-        first, last = -(-start // _PAGE) * _PAGE, (end // _PAGE) * _PAGE  # whole pages inside the tensor only
-        if last > first and libc.madvise(first, last - first, _MADV_DONTNEED) == 0:
-            released += last - first
-    return released
+    return release_tensor_pages([*module.parameters(), *module.buffers()])
 
 
 def hide_bitsandbytes_unless_needed(optimizer_type: str) -> bool:

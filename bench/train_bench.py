@@ -3,7 +3,8 @@ peak memory, printed as JSON. The trainer runs as a child process exactly as a j
 
   python bench/train_bench.py --setting mid    # mid-size random SD1.5-shaped UNet (128/256/512), 256 px
   python bench/train_bench.py --setting full   # full-size SD1.5 architecture, random weights (issue setting b)
-  python bench/train_bench.py --setting sdxl   # full-size SDXL base, random weights, 1 step at 128 px
+  python bench/train_bench.py --setting sdxl   # full-size SDXL base (fp16 file), random weights, 1 step at 128 px
+  --repeat N                                   # the median of N runs, with each figure's range
 
 Reference for setting full on the 2-core CPU machine class, kohya sd-scripts at the same settings: 3.7 s/step,
 32 s to the first finished step (14 s of it caching latents), 6.7 GB peak RSS; SDXL: 37 s end to end, 18.3 GB.
@@ -15,7 +16,8 @@ import argparse
 import itertools
 import json
 import os
-import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,9 +32,10 @@ KOHYA_REFERENCE = {
     "sdxl": {"s_total": 37.0, "peak_rss_gb": 18.3},
 }
 SETTINGS = {
-    "mid": {"family": "sd_1_5", "size": "mid", "px": 256, "steps": 6},
-    "full": {"family": "sd_1_5", "size": "full", "px": 256, "steps": 6},
-    "sdxl": {"family": "sd_xl", "size": "full", "px": 128, "steps": 1},
+    "mid": {"family": "sd_1_5", "size": "mid", "px": 256, "steps": 6, "dtype": "float32"},
+    "full": {"family": "sd_1_5", "size": "full", "px": 256, "steps": 6, "dtype": "float32"},
+    # SDXL base as published: fp16 weights, a 6.9 GB file (trained in fp32 all the same: mixed_precision "no")
+    "sdxl": {"family": "sd_xl", "size": "full", "px": 128, "steps": 1, "dtype": "float16"},
 }
 
 
@@ -43,9 +46,14 @@ def prepare(setting: str, cache: Path) -> Path:
 
     spec = SETTINGS[setting]
     cache.mkdir(parents=True, exist_ok=True)
-    model = cache / f"{spec['family']}-{spec['size']}.safetensors"
+    import torch
+
+    suffix = "" if spec["dtype"] == "float32" else f"-{spec['dtype']}"
+    model = cache / f"{spec['family']}-{spec['size']}{suffix}.safetensors"
     if not model.exists():
-        write_checkpoint(model, spec["family"], size=spec["size"], seed=0)
+        write_checkpoint(
+            model, spec["family"], size=spec["size"], seed=0, dtype=getattr(torch, str(spec["dtype"]))
+        )
     data = cache / "data"
     if not (data / "10_demo").exists():
         write_demo_dataset(data, folder="10_demo", count=8, size=(512, 512))
@@ -84,24 +92,39 @@ def measure(config: Path, events: Path) -> dict[str, float | None]:
     """Run the trainer as a child and read the figures off its events and rusage."""
     events.unlink(missing_ok=True)
     # A fresh hash cache: the base model is hashed as on a first run (the trainer overlaps it with training).
-    hashes = Path(tempfile.mkdtemp(prefix="bench-hashes-")) / "sha256.json"
+    scratch = Path(tempfile.mkdtemp(prefix="bench-"))
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": str(ROOT),
-        "TRAIN_MANAGEMENT_HASH_CACHE": str(hashes),
+        "TRAIN_MANAGEMENT_HASH_CACHE": str(scratch / "sha256.json"),
     }
     start = time.time()
-    proc = subprocess.run(
-        [sys.executable, "-m", "kohya_backend", "train", "--config", str(config), "--events", str(events)],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    total = time.time() - start
+    with (scratch / "stderr.txt").open("w+b") as err:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kohya_backend",
+                "train",
+                "--config",
+                str(config),
+                "--events",
+                str(events),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS, not the max over every run
+        total = time.time() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        stderr = err.read().decode(errors="replace")
+    shutil.rmtree(scratch, ignore_errors=True)
     if proc.returncode != 0:
-        raise SystemExit(f"trainer failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    peak_rss_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2  # KiB on Linux
+        raise SystemExit(f"trainer failed ({proc.returncode}):\n{stderr[-4000:]}")
+    peak_rss_gb = usage.ru_maxrss / 1024**2  # KiB on Linux
     evs = [json.loads(line) for line in events.read_text().splitlines() if line.strip()]
     steps = [e["t"] for e in evs if e["kind"] == "step"]
     caching = [e["t"] for e in evs if e["kind"] == "caching" and e.get("what") == "latents"]
@@ -118,11 +141,26 @@ def measure(config: Path, events: Path) -> dict[str, float | None]:
     }
 
 
+def summarise(runs: list[dict[str, float | None]]) -> dict[str, object]:
+    """Median of each figure over the runs, plus its range when there are several (this shared VM varies ~20%)."""
+    out: dict[str, object] = {}
+    ranges: dict[str, list[float]] = {}
+    for key in runs[0]:
+        values = [float(v) for r in runs if isinstance(v := r[key], (int, float))]
+        out[key] = round(statistics.median(values), 3) if values else None
+        if len(values) > 1:
+            ranges[key] = [min(values), max(values)]
+    if ranges:
+        out["range"] = ranges
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="mid")
+    parser.add_argument("--repeat", type=int, default=1, help="runs to take the median of")
     parser.add_argument(
         "--cache", default=str(ROOT / "bench" / ".cache"), help="where models and data are kept"
     )
@@ -131,17 +169,19 @@ def main() -> int:
     config = prepare(args.setting, cache)
     import torch
 
+    runs = [measure(config, cache / f"{args.setting}-events.jsonl") for _ in range(max(1, args.repeat))]
     result: dict[str, object] = {
         "setting": args.setting,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "threads": torch.get_num_threads(),
-        **measure(config, cache / f"{args.setting}-events.jsonl"),
+        "runs": len(runs),
+        **summarise(runs),
     }
     ref = KOHYA_REFERENCE.get(args.setting)
     if ref and result["device"] == "cpu":
         result["kohya_reference_cpu"] = ref
         result["ratio_to_kohya"] = {
-            k: round(float(result[k]) / v, 2)
+            k: round(float(result[k]) / v, 2)  # type: ignore[arg-type]
             for k, v in ref.items()
             if isinstance(result.get(k), (int, float))
         }

@@ -331,3 +331,24 @@ def test_latent_caching_batch_is_one_image_on_the_cpu_and_area_scaled_on_a_gpu()
     assert auto_vae_batch_size((512, 512), "cuda") == 4
     assert auto_vae_batch_size((256, 256), "cuda") == 8
     assert auto_vae_batch_size((1024, 1024), torch.device("cuda")) == 1
+
+
+def test_training_from_an_fp16_file_on_the_cpu_matches_fully_upcast_weights(assets, tmp_path, monkeypatch):
+    import kohya_backend.train.loop as loop
+
+    half = write_checkpoint(tmp_path / "half.safetensors", "sd_xl", size="tiny", dtype=torch.float16, seed=0)
+    fp16_assets = {**assets, "sd_xl": half}
+    kept_trainer, kept = run(make_config(fp16_assets, tmp_path / "kept", fm="sd_xl", max_train_steps=3))
+    assert any(p.dtype == torch.float16 for p in kept_trainer.model.unet.parameters())
+
+    real = loop.load_checkpoint
+    monkeypatch.setattr(
+        loop, "load_checkpoint", lambda *a, **k: real(*a, **{**k, "keep_file_precision": False})
+    )
+    upcast_trainer, upcast = run(make_config(fp16_assets, tmp_path / "upcast", fm="sd_xl", max_train_steps=3))
+    assert {p.dtype for p in upcast_trainer.model.unet.parameters()} == {torch.float32}
+    assert kept_trainer.losses == pytest.approx(upcast_trainer.losses, rel=1e-5)
+    kept_sd, _ = load_lora(kept.output)
+    upcast_sd, _ = load_lora(upcast.output)
+    for key, value in kept_sd.items():
+        torch.testing.assert_close(value, upcast_sd[key], rtol=1e-4, atol=1e-6, msg=key)

@@ -27,6 +27,7 @@ from kohya_backend.models.checkpoint import SAFETENSORS_SUFFIXES, read_checkpoin
 from kohya_backend.models.detect import check_family, check_family_of_keys
 from kohya_backend.models.ldm_keys import ldm_to_diffusers_state_dicts
 from kohya_backend.models.pages import release_tensor_pages
+from kohya_backend.models.precision import compute_in_input_precision, low_precision_weights
 from kohya_backend.models.tokenizers import load_tokenizers
 
 
@@ -76,16 +77,24 @@ def _materialise(
     what: str,
     path: Path,
     mapped: bool,
+    keep_file_precision: bool = False,
 ) -> nn.Module:
     """Load `state` into a meta-built `module` in place (cast per tensor, no second copy), freeze it.
 
     When `mapped` (tensors memory-mapped from the file), each source a cast or a move has copied gives its pages
     back at once: an fp16 SDXL file loaded in fp32 would otherwise hold 6.9 GB of file pages on top of the
-    13.9 GB of weights until the whole load is done.
+    13.9 GB of weights until the whole load is done. With `keep_file_precision`, frozen Linear/Conv2d weights
+    stored below `dtype` are not cast at all: they compute in `dtype` as their layers run (models/precision.py).
     """
+    keep = low_precision_weights(module, state, dtype) if keep_file_precision else set()
     for key in list(state):
         tensor = state[key]
-        moved = tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device)
+        if key in keep:
+            moved = tensor.to(device)
+        elif tensor.is_floating_point():
+            moved = tensor.to(device=device, dtype=dtype)
+        else:
+            moved = tensor.to(device)
         if mapped and moved.data_ptr() != tensor.data_ptr():
             release_tensor_pages([tensor])
         state[key] = moved
@@ -96,6 +105,7 @@ def _materialise(
     state.clear()
     module.to(device)  # buffers created outside the meta context (e.g. CLIP's position_ids)
     module.requires_grad_(False)
+    compute_in_input_precision(module, keep)
     return module.eval()
 
 
@@ -107,12 +117,15 @@ def load_checkpoint(
     vae_dtype: torch.dtype | None = None,
     device: str = "cpu",
     tokenizer_dir: Path | None = None,
+    keep_file_precision: bool = False,
 ) -> LoadedModel:
     """Load a single-file checkpoint of FM type `fm_type` ("sd_1_5"/"sd_xl") with its offline tokenizers.
 
     Raises FamilyMismatchError / ModelError (wrong or unsupported family, unreadable file, missing or unexpected
     keys) and TokenizerUnavailableError. The UNet and text encoders are cast to `dtype`, the VAE to `vae_dtype`
-    (default `dtype`). The returned modules are frozen (requires_grad False) and in eval mode.
+    (default `dtype`). The returned modules are frozen (requires_grad False) and in eval mode. With
+    `keep_file_precision` and an fp32 `dtype`, Linear/Conv2d weights the file stores in fp16/bf16 stay so (and
+    memory-mapped), computing in fp32 with the same results: half the memory, no load-time copy.
     """
     path = Path(path)
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
@@ -136,9 +149,14 @@ def load_checkpoint(
         text_encoders = arch.build_text_encoders()
     # .safetensors tensors are file-backed mappings whose pages may be released; a legacy .ckpt's are not
     mapped = path.suffix.lower() in SAFETENSORS_SUFFIXES
-    _materialise(unet, unet_sd, dtype=dtype, device=device, what="UNet", path=path, mapped=mapped)
-    _materialise(vae, vae_sd, dtype=vae_dtype or dtype, device=device, what="VAE", path=path, mapped=mapped)
+    common: dict[str, Any] = {
+        "device": device,
+        "path": path,
+        "mapped": mapped,
+        "keep_file_precision": keep_file_precision,
+    }
+    _materialise(unet, unet_sd, dtype=dtype, what="UNet", **common)
+    _materialise(vae, vae_sd, dtype=vae_dtype or dtype, what="VAE", **common)
     for index, (te, te_sd) in enumerate(zip(text_encoders, te_sds)):
-        what = f"text encoder {index + 1}"
-        _materialise(te, te_sd, dtype=dtype, device=device, what=what, path=path, mapped=mapped)
+        _materialise(te, te_sd, dtype=dtype, what=f"text encoder {index + 1}", **common)
     return LoadedModel(family, arch, unet, vae, text_encoders, tokenizers, path, metadata)

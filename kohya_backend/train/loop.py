@@ -146,6 +146,8 @@ class Trainer:
             vae_dtype=vae_dtype,
             device=str(accelerator.device),
             tokenizer_dir=Path(tok_dir) if tok_dir else None,
+            # RAM-bound CPU runs keep an fp16 file's frozen weights in fp16 (same results, half the memory)
+            keep_file_precision=accelerator.device.type == "cpu",
         )
         m = self.model
         for module in [m.unet, m.vae, *m.text_encoders]:

@@ -1,0 +1,123 @@
+"""Frozen weights kept in an fp16 file's precision compute exactly what fully upcast weights compute."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kohya_backend.assets.checkpoints import write_checkpoint
+from kohya_backend.assets.tokenizer import write_tiny_tokenizer
+from kohya_backend.errors import ModelError
+from kohya_backend.lora.network import LoRANetwork
+from kohya_backend.models.load import LoadedModel, load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def _load(path: Path, family: str, tok_dir: Path, keep: bool) -> LoadedModel:
+    return load_checkpoint(path, family, dtype=torch.float32, tokenizer_dir=tok_dir, keep_file_precision=keep)
+
+
+def _lora_step(model: LoadedModel, family: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One LoRA training step's loss and the LoRA gradients (UNet and text encoders trained)."""
+    torch.manual_seed(0)
+    net = LoRANetwork(
+        family=family, unet=model.unet, text_encoders=model.text_encoders, network_dim=4, network_alpha=2
+    )
+    net.apply_to()
+    for lora in [*net.unet_loras, *net.text_encoder_loras]:
+        torch.nn.init.normal_(lora.lora_up.weight, std=0.05)  # a non-zero up so every path carries gradient
+    gen = torch.Generator().manual_seed(1)
+    ids = [torch.randint(0, 100, (2, 77), generator=gen) for _ in model.text_encoders]
+    states = [te(i, output_hidden_states=True) for te, i in zip(model.text_encoders, ids)]
+    hidden = torch.cat([s.hidden_states[-2] for s in states], dim=-1)
+    kwargs = {}
+    if family == "sd_xl":
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": states[-1].text_embeds,
+            "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2),
+        }
+    latents = torch.randn(2, 4, 8, 8, generator=gen)
+    pred = model.unet(latents, torch.tensor([10, 700]), hidden, **kwargs).sample
+    loss = torch.nn.functional.mse_loss(pred, torch.randn(pred.shape, generator=gen))
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
+    net.remove()
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("family", ["sd_1_5", "sd_xl"])
+def test_kept_fp16_weights_train_exactly_like_upcast_ones(tmp_path: Path, tok_dir: Path, family: str) -> None:
+    path = write_checkpoint(tmp_path / "half.safetensors", family, dtype=torch.float16, seed=4)
+    kept, upcast = _load(path, family, tok_dir, True), _load(path, family, tok_dir, False)
+
+    kept_dtypes = {p.dtype for m in (kept.unet, kept.vae, *kept.text_encoders) for p in m.parameters()}
+    assert kept_dtypes == {torch.float16, torch.float32}
+    assert {p.dtype for p in upcast.unet.parameters()} == {torch.float32}
+    # pipelines cast their inputs to a model's dtype, which diffusers and transformers read off the first parameter
+    assert kept.unet.dtype == kept.vae.dtype == torch.float32
+    assert all(te.dtype == torch.float32 for te in kept.text_encoders)
+    to_q = next(m for name, m in kept.unet.named_modules() if name.endswith("attn1.to_q"))
+    assert to_q.weight.dtype == torch.float16
+
+    loss_kept, grads_kept = _lora_step(kept, family)
+    loss_upcast, grads_upcast = _lora_step(upcast, family)
+    assert torch.equal(loss_kept, loss_upcast)
+    assert grads_kept.keys() == grads_upcast.keys() and len(grads_kept) > 20
+    for name, grad in grads_kept.items():
+        torch.testing.assert_close(grad, grads_upcast[name], rtol=1e-5, atol=1e-7, msg=name)
+
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(kept.vae.encode(image).latent_dist.mean, upcast.vae.encode(image).latent_dist.mean)
+
+
+def test_an_fp32_file_or_an_fp16_run_keeps_nothing_back(tmp_path: Path, tok_dir: Path) -> None:
+    full = write_checkpoint(tmp_path / "full.safetensors", "sd_1_5", seed=4)
+    assert {p.dtype for p in _load(full, "sd_1_5", tok_dir, True).unet.parameters()} == {torch.float32}
+    half = write_checkpoint(tmp_path / "half.safetensors", "sd_1_5", dtype=torch.float16, seed=4)
+    model = load_checkpoint(
+        half, "sd_1_5", dtype=torch.bfloat16, tokenizer_dir=tok_dir, keep_file_precision=True
+    )
+    assert {p.dtype for p in model.unet.parameters()} == {torch.bfloat16}
+
+
+def test_a_kept_layer_made_trainable_is_refused(tmp_path: Path, tok_dir: Path) -> None:
+    path = write_checkpoint(tmp_path / "half.safetensors", "sd_1_5", dtype=torch.float16, seed=4)
+    layer = _load(path, "sd_1_5", tok_dir, True).unet.down_blocks[0].attentions[0].proj_in
+    layer.weight.requires_grad_(True)
+    with pytest.raises(ModelError, match="trainable"):
+        layer(torch.randn(1, layer.in_channels, 4, 4))
+
+
+def test_backward_keeps_no_fp32_copy_of_a_kept_weight(tmp_path: Path, tok_dir: Path) -> None:
+    path = write_checkpoint(tmp_path / "half.safetensors", "sd_1_5", dtype=torch.float16, seed=4)
+    unet = _load(path, "sd_1_5", tok_dir, True).unet
+    kept = {tuple(p.shape) for p in unet.parameters() if p.dtype == torch.float16}
+    params = {p.data_ptr() for p in unet.parameters()}
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    latents = torch.randn(2, 4, 8, 8, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        pred = unet(latents, torch.tensor([10, 700]), torch.randn(2, 77, 32)).sample
+    pred.square().mean().backward()
+    assert latents.grad is not None and latents.grad.abs().sum() > 0
+    copies = [
+        t
+        for t in saved
+        if t.dtype == torch.float32
+        and tuple(t.shape) in kept
+        and t.shape[0] != 2
+        and t.data_ptr() not in params
+    ]
+    assert not copies  # an fp32 weight saved for backward would double the memory the kept weights save
+    assert any(t.dtype == torch.float16 for t in saved)

@@ -25,9 +25,9 @@ from kohya_backend.models.arch import (
 )
 from kohya_backend.models.checkpoint import SAFETENSORS_SUFFIXES, read_checkpoint, read_metadata
 from kohya_backend.models.detect import check_family, check_family_of_keys
+from kohya_backend.models.frozen import low_precision_weights, route_frozen_layers
 from kohya_backend.models.ldm_keys import ldm_to_diffusers_state_dicts
 from kohya_backend.models.pages import release_tensor_pages
-from kohya_backend.models.precision import compute_in_input_precision, low_precision_weights
 from kohya_backend.models.tokenizers import load_tokenizers
 
 
@@ -84,7 +84,7 @@ def _materialise(
     When `mapped` (tensors memory-mapped from the file), each source a cast or a move has copied gives its pages
     back at once: an fp16 SDXL file loaded in fp32 would otherwise hold 6.9 GB of file pages on top of the
     13.9 GB of weights until the whole load is done. With `keep_file_precision`, frozen Linear/Conv2d weights
-    stored below `dtype` are not cast at all: they compute in `dtype` as their layers run (models/precision.py).
+    stored below `dtype` are not cast at all: they compute in `dtype` as their layers run (models/frozen.py).
     """
     keep = low_precision_weights(module, state, dtype) if keep_file_precision else set()
     for key in list(state):
@@ -105,7 +105,7 @@ def _materialise(
     state.clear()
     module.to(device)  # buffers created outside the meta context (e.g. CLIP's position_ids)
     module.requires_grad_(False)
-    compute_in_input_precision(module, keep)
+    route_frozen_layers(module, only=keep)
     return module.eval()
 
 

@@ -32,6 +32,7 @@ from kohya_backend.errors import TrainingError
 from kohya_backend.lora.metadata import training_metadata
 from kohya_backend.lora.network import LoRANetwork
 from kohya_backend.lora.save import load_lora, save_lora
+from kohya_backend.models.frozen import route_frozen_layers
 from kohya_backend.models.hashing import BackgroundSha256, legacy_hash_file
 from kohya_backend.models.load import LoadedModel, load_checkpoint
 from kohya_backend.train.events import EventLog
@@ -153,6 +154,10 @@ class Trainer:
         for module in [m.unet, m.vae, *m.text_encoders]:
             module.requires_grad_(False)
             module.eval()
+            if accelerator.device.type == "cpu":
+                route_frozen_layers(
+                    module
+                )  # before the LoRA wraps them: no saved inputs, im2col for small maps
         args = self.config.network_args
         self.train_unet = not cfg.get("network_train_text_encoder_only")
         self.train_te = not cfg.get("network_train_unet_only") and float(self.config.text_encoder_lr or 0) > 0

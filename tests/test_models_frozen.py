@@ -11,6 +11,7 @@ from kohya_backend.assets.checkpoints import write_checkpoint
 from kohya_backend.assets.tokenizer import write_tiny_tokenizer
 from kohya_backend.errors import ModelError
 from kohya_backend.lora.network import LoRANetwork
+from kohya_backend.models.frozen import route_frozen_layers
 from kohya_backend.models.load import LoadedModel, load_checkpoint
 
 
@@ -121,3 +122,53 @@ def test_backward_keeps_no_fp32_copy_of_a_kept_weight(tmp_path: Path, tok_dir: P
     ]
     assert not copies  # an fp32 weight saved for backward would double the memory the kept weights save
     assert any(t.dtype == torch.float16 for t in saved)
+
+
+@pytest.mark.parametrize("family", ["sd_1_5", "sd_xl"])
+def test_routed_fp32_layers_train_like_plain_ones_and_save_less(
+    tmp_path: Path, tok_dir: Path, family: str
+) -> None:
+    path = write_checkpoint(tmp_path / "full.safetensors", family, seed=4)
+    routed, plain = _load(path, family, tok_dir, False), _load(path, family, tok_dir, False)
+    count = sum(route_frozen_layers(m) for m in (routed.unet, *routed.text_encoders))
+    assert count > 50
+    assert sum(route_frozen_layers(m) for m in (routed.unet, *routed.text_encoders)) == 0  # once is enough
+
+    def saved_bytes(model: LoadedModel) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        seen: dict[tuple[int, int], int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if not isinstance(t, torch.nn.Parameter):
+                seen[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, grads = _lora_step(model, family)
+        return loss, grads, sum(seen.values())
+
+    loss_routed, grads_routed, bytes_routed = saved_bytes(routed)
+    loss_plain, grads_plain, bytes_plain = saved_bytes(plain)
+    # 8x8 latents: every UNet convolution takes the im2col path here, so sums may differ in the last bits
+    torch.testing.assert_close(loss_routed, loss_plain, rtol=1e-5, atol=1e-7)
+    assert grads_routed.keys() == grads_plain.keys()
+    for name, grad in grads_routed.items():
+        torch.testing.assert_close(grad, grads_plain[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert bytes_routed < 0.9 * bytes_plain  # the inputs kept only for weight gradients are gone
+
+
+def test_a_wrapped_layer_is_not_rerouted(tmp_path: Path, tok_dir: Path) -> None:
+    path = write_checkpoint(tmp_path / "full.safetensors", "sd_1_5", seed=4)
+    model = _load(path, "sd_1_5", tok_dir, False)
+    net = LoRANetwork(
+        family="sd_1_5",
+        unet=model.unet,
+        text_encoders=[],
+        network_dim=4,
+        network_alpha=4,
+        train_text_encoder=False,
+    )
+    net.apply_to()
+    wrapped = net.unet_loras[0].org_module
+    forward = wrapped.forward
+    assert route_frozen_layers(model.unet) > 0
+    assert wrapped.forward == forward

@@ -161,7 +161,7 @@ _SPECS: list[KeySpec] = [
     _spec("cache_latents_to_disk", "bool", False, "caching",
           "Keep the latent cache on disk next to the images (implies cache_latents)."),
     _spec("vae_batch_size", "int", None, "caching",
-          "Batch size when caching latents (unset = chosen from the resolution: 8 at 256 px, 4 at 512, 1 at 1024).", minimum=1, maximum=256),
+          "Batch size when caching latents (unset = 1 on the CPU, where single images run fastest; on a GPU chosen from the resolution: 8 at 256 px, 4 at 512, 1 at 1024).", minimum=1, maximum=256),
     _spec("cache_text_encoder_outputs", "bool", False, "caching",
           "Encode captions once before training (needs network_train_unet_only; no caption shuffle/dropout)."),
     _spec("cache_text_encoder_outputs_to_disk", "bool", False, "caching",

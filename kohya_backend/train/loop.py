@@ -155,9 +155,8 @@ class Trainer:
             module.requires_grad_(False)
             module.eval()
             if accelerator.device.type == "cpu":
-                route_frozen_layers(
-                    module
-                )  # before the LoRA wraps them: no saved inputs, im2col for small maps
+                # before the LoRA wraps them: no saved inputs, im2col for small maps
+                route_frozen_layers(module)
         args = self.config.network_args
         self.train_unet = not cfg.get("network_train_text_encoder_only")
         self.train_te = not cfg.get("network_train_unet_only") and float(self.config.text_encoder_lr or 0) > 0

@@ -172,3 +172,18 @@ def test_a_wrapped_layer_is_not_rerouted(tmp_path: Path, tok_dir: Path) -> None:
     forward = wrapped.forward
     assert route_frozen_layers(model.unet) > 0
     assert wrapped.forward == forward
+
+
+def test_only_plain_zero_padded_layers_are_routed() -> None:
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(4, 4, 3, padding=1),
+        torch.nn.Conv2d(4, 4, 3, padding="same"),
+        torch.nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+        torch.nn.Linear(4, 4),
+    ).requires_grad_(False)
+    assert route_frozen_layers(model) == 2
+    assert ["forward" in layer.__dict__ for layer in model] == [True, False, False, True]
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    out = model[2](model[1](model[0](x))).mean()
+    out.backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

@@ -117,10 +117,11 @@ def _conv_forward(module: nn.Conv2d, x: Tensor) -> Tensor:
 
 
 def _routable(layer: nn.Module) -> bool:
-    # exact classes (LoRA's own layers are separate modules); non-zero padding modes are not handled here
+    # exact classes (LoRA's own layers are separate modules); other padding modes and "same"/"valid" are not
+    # handled by the input-gradient function
     if type(layer) is nn.Linear:
         return True
-    return type(layer) is nn.Conv2d and layer.padding_mode == "zeros"
+    return type(layer) is nn.Conv2d and layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
 
 
 def low_precision_weights(module: nn.Module, state: dict[str, Tensor], dtype: torch.dtype) -> set[str]:

@@ -96,7 +96,7 @@ def measure(config: Path, events: Path) -> dict[str, float | None]:
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
         "TRAIN_MANAGEMENT_HASH_CACHE": str(scratch / "sha256.json"),
     }
     start = time.time()

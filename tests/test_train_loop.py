@@ -338,8 +338,13 @@ def test_training_from_an_fp16_file_on_the_cpu_matches_fully_upcast_weights(asse
 
     half = write_checkpoint(tmp_path / "half.safetensors", "sd_xl", size="tiny", dtype=torch.float16, seed=0)
     fp16_assets = {**assets, "sd_xl": half}
-    kept_trainer, kept = run(make_config(fp16_assets, tmp_path / "kept", fm="sd_xl", max_train_steps=3))
+    (tmp_path / "prompts.txt").write_text("a photo --w 64 --h 64 --s 2\n")
+    sampling = {"sample_prompts": str(tmp_path / "prompts.txt"), "sample_every_n_steps": 3}
+    kept_trainer, kept = run(
+        make_config(fp16_assets, tmp_path / "kept", fm="sd_xl", max_train_steps=3, **sampling)
+    )
     assert any(p.dtype == torch.float16 for p in kept_trainer.model.unet.parameters())
+    assert list((tmp_path / "kept" / "sample").glob("*.png"))  # the pipelines ran on the kept fp16 weights
 
     real = loop.load_checkpoint
     monkeypatch.setattr(

@@ -11,11 +11,9 @@ from kohya_backend.models.hashing import (
     CACHE_ENV,
     BackgroundSha256,
     Sha256Cache,
-    cached_sha256,
     default_cache_path,
     legacy_hash_bytes,
     legacy_hash_file,
-    remember_sha256,
     sha256_file,
 )
 
@@ -45,19 +43,25 @@ def test_sha256_cache_is_used_while_size_and_mtime_hold(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
     path.write_bytes(b"first content")
     cache = tmp_path / "cache" / "sha256.json"
-    assert cached_sha256(path, cache) is None
-    remember_sha256(path, "f" * 64, cache)
-    assert cached_sha256(path, cache) == "f" * 64
+
+    def remember(digest: str) -> None:
+        store = Sha256Cache(cache)
+        store.remember(path, digest)
+        store.save()
+
+    assert Sha256Cache(cache).get(path) is None
+    remember("f" * 64)
+    assert Sha256Cache(cache).get(path) == "f" * 64
     stat = path.stat()
     path.write_bytes(b"other content")  # same size; mtime restored: the cache cannot tell, by design
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert cached_sha256(path, cache) == "f" * 64
+    assert Sha256Cache(cache).get(path) == "f" * 64
     path.write_bytes(b"longer content now")
-    assert cached_sha256(path, cache) is None
+    assert Sha256Cache(cache).get(path) is None
     cache.write_text("{not json")
-    assert cached_sha256(path, cache) is None
-    remember_sha256(path, "e" * 64, cache)  # a broken cache is replaced, not fatal
-    assert cached_sha256(path, cache) == "e" * 64
+    assert Sha256Cache(cache).get(path) is None
+    remember("e" * 64)  # a broken cache is replaced, not fatal
+    assert Sha256Cache(cache).get(path) == "e" * 64
 
 
 def test_background_sha256_computes_once_then_reads_the_cache(tmp_path: Path) -> None:
@@ -94,15 +98,15 @@ def test_one_cache_for_many_files_tells_a_replaced_file_by_its_inode(tmp_path: P
     cache = Sha256Cache(cache_file)
     digests = [cache.sha256(f) for f in files]
     assert digests == [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
-    assert cached_sha256(files[0], cache_file) is None  # recorded in memory until save()
+    assert Sha256Cache(cache_file).get(files[0]) is None  # recorded in memory until save()
     cache.save()
-    assert [cached_sha256(f, cache_file) for f in files] == digests
+    assert [Sha256Cache(cache_file).get(f) for f in files] == digests
     stat = files[0].stat()
     replacement = tmp_path / "new.png"
     replacement.write_bytes(b"\xff" * 1000)  # same size; copied over with the old mtime (cp -p, rsync)
     os.utime(replacement, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     os.replace(replacement, files[0])
-    assert cached_sha256(files[0], cache_file) is None
+    assert Sha256Cache(cache_file).get(files[0]) is None
     assert Sha256Cache(cache_file).sha256(files[0]) == hashlib.sha256(b"\xff" * 1000).hexdigest()
 
 
@@ -111,7 +115,11 @@ def test_saving_the_cache_forgets_deleted_files(tmp_path: Path) -> None:
     kept, gone = tmp_path / "kept.bin", tmp_path / "gone.bin"
     kept.write_bytes(b"k")
     gone.write_bytes(b"g")
-    remember_sha256(gone, "a" * 64, cache)
+    first = Sha256Cache(cache)
+    first.remember(gone, "a" * 64)
+    first.save()
     gone.unlink()
-    remember_sha256(kept, "b" * 64, cache)
+    second = Sha256Cache(cache)
+    second.remember(kept, "b" * 64)
+    second.save()
     assert list(json.loads(cache.read_text())) == [str(kept.resolve())]

@@ -32,7 +32,7 @@ from kohya_backend.jobs.worker_client import (
     WorkerUnreachable,
 )
 from kohya_backend.jobs.worker_protocol import WORKER_PREFIX, InvalidName
-from kohya_backend.models.hashing import BackgroundSha256, Sha256Cache, cached_sha256
+from kohya_backend.models.hashing import BackgroundSha256, Sha256Cache
 from kohya_backend.service.worker import build_worker
 
 SHA0 = "0" * 64
@@ -205,7 +205,7 @@ def test_submit_links_inputs_from_blobs_once_and_is_idempotent(
     blob = server.worker.blobs.path(inputs[0].files[0].sha256)
     assert blob is not None and model.stat().st_ino == blob.stat().st_ino  # a hard link, not a copy
     assert BackgroundSha256(model)._thread is None  # the trainer there finds its hash: no 2-7 GB re-read
-    assert cached_sha256(model) == inputs[0].files[0].sha256
+    assert Sha256Cache().get(model) == inputs[0].files[0].sha256
     cache.save()  # what the remote session does after hashing a job's inputs
     assert Sha256Cache(demo / "hashes.json").get(inputs[1].files[0].path) == inputs[1].files[0].sha256
     dataset = server.worker.service.home.datasets / job.dataset

@@ -126,29 +126,14 @@ class Sha256Cache:
                     del self._new[key]
 
 
-def cached_sha256(path: Path, cache: Path | None = None) -> str | None:
-    """The sha256 recorded for `path` while its size, mtime and inode are unchanged, else None."""
-    return Sha256Cache(cache).get(path)
-
-
-def remember_sha256(path: Path, digest: str, cache: Path | None = None) -> None:
-    """Record `digest` for `path` (with its size, mtime and inode); a cache that cannot be written is skipped."""
-    store = Sha256Cache(cache)
-    try:
-        store.remember(path, digest)
-    except OSError:
-        return  # the file vanished: nothing to remember
-    store.save()
-
-
 class BackgroundSha256:
     """A file's sha256, from the cache or computed in a thread started now, so hashing a 2-7 GB checkpoint
     overlaps loading and training instead of delaying the first save (hashlib releases the GIL)."""
 
     def __init__(self, path: Path, cache: Path | None = None) -> None:
         self.path = Path(path)
-        self.cache = cache
-        self._digest = cached_sha256(self.path, cache)
+        self._store = Sha256Cache(cache)
+        self._digest = self._store.get(self.path)
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         if self._digest is None:
@@ -157,8 +142,8 @@ class BackgroundSha256:
 
     def _run(self) -> None:
         try:
-            self._digest = sha256_file(self.path)
-            remember_sha256(self.path, self._digest, self.cache)
+            self._digest = self._store.sha256(self.path)
+            self._store.save()
         except BaseException as exc:  # handed to the caller of result()
             self._error = exc
 

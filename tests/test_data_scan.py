@@ -219,12 +219,30 @@ def test_bad_caption_extension_is_a_config_error(tmp_path: Path) -> None:
         scan_dataset(tmp_path, ".png")
 
 
-@pytest.mark.parametrize("ext", [".txt", ".caption", ".wd14.txt", ".TAGS"])
+@pytest.mark.parametrize("ext", [".txt", ".caption", ".wd14.txt", ".TAGS", ".a b.txt", ".x"])
 def test_usable_caption_extensions(ext: str) -> None:
     assert check_caption_extension(ext) == ext
 
 
-@pytest.mark.parametrize("ext", ["", ".", "txt", ".txt\n", "./x", ".a\\b", ".png", ".JPG"])
+@pytest.mark.parametrize(
+    "ext",
+    [
+        "",
+        ".",
+        "txt",
+        ".txt\n",
+        "./x",
+        ".a\\b",
+        ".png",
+        ".JPG",
+        ".png ",
+        ".png.",
+        ".PNG. .",
+        ".txt:x",
+        ".txt ",
+        ".t?t",
+    ],
+)
 def test_unusable_caption_extensions_are_config_errors(ext: str) -> None:
     with pytest.raises(ConfigError, match="caption extension") as caught:
         check_caption_extension(ext)

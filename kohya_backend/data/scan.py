@@ -11,8 +11,9 @@ from kohya_backend.data.images import IMAGE_EXTENSIONS, BadImageError, is_image_
 from kohya_backend.errors import ConfigError, ConfigIssue, DatasetError
 
 SUBSET_FOLDER = re.compile(r"^(\d+)_(.*)$")
-# A dot, then a name that keeps `<basename><caption_extension>` in the image's folder: no slashes, no controls.
-_CAPTION_EXTENSION = re.compile(r"\.[^/\\\x00-\x1f]{1,31}")
+# A dot, then a name that keeps `<basename><caption_extension>` in the image's folder: no slashes, no controls,
+# none of Windows' reserved characters (":" reaches NTFS streams) and no trailing dot or space (Windows strips them).
+_CAPTION_EXTENSION = re.compile(r'\.(?:[^/\\:*?"<>|\x00-\x1f]{0,30}[^/\\:*?"<>|.\s\x00-\x1f])')
 # Caption extensions people commonly use; finding one of these next to uncaptioned images hints at a typo.
 _KNOWN_CAPTION_EXTENSIONS = (".txt", ".caption", ".tags")
 _EXTENSIONS_TEXT = " ".join(IMAGE_EXTENSIONS)
@@ -150,8 +151,11 @@ def check_caption_extension(caption_extension: str) -> str:
     text = str(caption_extension)
     problem = None
     if not _CAPTION_EXTENSION.fullmatch(text):
-        problem = "must be a dot and a file extension (no slashes or control characters)"
-    elif text.lower() in IMAGE_EXTENSIONS:
+        problem = (
+            "must be a dot and a file extension (no slashes, control characters, "
+            'any of :*?"<>| or a trailing dot or space)'
+        )
+    elif text.lower().rstrip(". ") in IMAGE_EXTENSIONS:
         problem = "is an image extension; captions are text files"
     if problem is not None:
         issue = ConfigIssue(

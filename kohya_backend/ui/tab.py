@@ -240,21 +240,22 @@ def _wire_trainings(a: TrainingsActions, c: dict[str, Any], stamp: Any) -> None:
 
 def _wire_datasets(a: DatasetActions, c: dict[str, Any], train_dataset: Any) -> None:
     opened = [c["report"], c["gallery"], c["image"], c["names"], c["labels"]]
+    tickets = [c["create_ticket"], c["validate_ticket"]]
+    outcome = [c["create_message"], c["dataset"], c["create_ticket"], c["report"], c["validate_ticket"]]
+    # A task may end before the page holds its ticket, so the poll's change would pass it by: ask once more then.
     c["create"].click(
         a.create,
         [c["name"], c["subject"], c["repeats"], c["files"], c["folder"], c["preprocess"]],
         [c["create_message"], c["create_ticket"]],
+    ).then(a.finished, tickets, outcome, show_progress="hidden")
+    c["tasks_poll"].change(a.finished, tickets, outcome, show_progress="hidden").then(
+        a.choices, [train_dataset], [train_dataset], show_progress="hidden"
     )
-    tickets = [c["create_ticket"], c["validate_ticket"]]
-    c["tasks_poll"].change(
-        a.finished,
-        tickets,
-        [c["create_message"], c["dataset"], c["create_ticket"], c["report"], c["validate_ticket"]],
-        show_progress="hidden",
-    ).then(a.choices, [train_dataset], [train_dataset], show_progress="hidden")
     c["refresh"].click(a.choices, [c["dataset"]], [c["dataset"]])
     c["dataset"].change(a.open, [c["dataset"]], opened)
-    c["validate"].click(a.validate, [c["dataset"]], [c["report"], c["validate_ticket"]])
+    c["validate"].click(a.validate, [c["dataset"]], [c["report"], c["validate_ticket"]]).then(
+        a.finished, tickets, outcome, show_progress="hidden"
+    )
     c["gallery"].select(a.pick_thumbnail, [c["names"]], [c["image"]])
     c["image"].change(a.select_image, [c["dataset"], c["image"]], [c["preview"], c["caption"], c["message"]])
     c["save"].click(

@@ -153,3 +153,33 @@ def test_without_a_token_the_tab_is_served_at_the_root(app_url: str) -> None:
     assert {c["props"]["elem_id"] for c in mono} == {f"{ELEM_ID}_{n}" for n in ("config", "formatted", "log")}
     assert any(c.get("props", {}).get("elem_id") == ELEM_ID for c in config["components"])
     assert httpx.get(f"{app_url}{API_PREFIX}/version").json()["api"] == "1.0"
+
+
+def _then_names(blocks: Any, elem_id: str, handler: str) -> list[str]:
+    """Names of the callbacks chained with .then() after `handler` runs on a click of element `elem_id`
+    (gradio 3 lists dependencies by index, gradio 4 by id)."""
+    deps = blocks.config["dependencies"]
+    key = "id" if "id" in deps[0] else None
+
+    def fn(i: int, dep: dict[str, Any]) -> Any:
+        return blocks.fns[dep[key]] if key else blocks.fns[i]
+
+    target = _blocks_by_id(blocks)[elem_id]._id
+    started = [
+        dep[key] if key else i
+        for i, dep in enumerate(deps)
+        if fn(i, dep).fn.__name__ == handler
+        and any((t[0] if isinstance(t, (list, tuple)) else t) == target for t in dep["targets"])
+    ]
+    assert started, f"{handler} is not wired to {elem_id}"
+    return [fn(i, dep).fn.__name__ for i, dep in enumerate(deps) if dep.get("trigger_after") in started]
+
+
+def test_a_dataset_task_that_ends_before_the_page_holds_its_ticket_still_shows_its_outcome(
+    service: TrainingService,
+) -> None:
+    # The poll fires on a finished-count change; a task done before its ticket reached the page would be passed by
+    # unless the click itself asks for the outcome once the ticket is stored.
+    blocks = create_tab(service, DatasetService(service.home, jobs=service.store))
+    assert "finished" in _then_names(blocks, "train_management_ds_create", "create")
+    assert "finished" in _then_names(blocks, "train_management_ds_validate", "validate")

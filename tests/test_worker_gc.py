@@ -18,11 +18,14 @@ from remote_support import TOKEN, WorkerThread
 
 import kohya_backend
 from kohya_backend.assets.demo import prepare_demo
+from kohya_backend.jobs.states import JobStatus
+from kohya_backend.jobs.store import JobStore, StoreError
 from kohya_backend.jobs.transfer import LocalInput, TransferStats, Uploader, collect_input
 from kohya_backend.jobs.worker_client import WorkerClient, WorkerRejected
 from kohya_backend.models.hashing import Sha256Cache
 from kohya_backend.service.worker import Worker, build_worker
-from kohya_backend.service.worker_jobs import BY_SHA256
+from kohya_backend.service.worker_gc import MIN_AGE_S, _prune_keys
+from kohya_backend.service.worker_jobs import BY_SHA256, KEYS_DIR
 
 ROOT = str(Path(kohya_backend.__file__).resolve().parent.parent)
 MONTH_AGO = time.time() - 30 * 86400
@@ -129,7 +132,7 @@ def test_worker_gc_removes_what_no_job_that_may_train_uses(
     client.cancel(dropped_job)
     client.delete_job(dropped_job)
     home = worker.service.home
-    _age(home.root / "blobs", home.models, home.datasets)
+    _age(home.root / "blobs", home.models, home.datasets, home.root / KEYS_DIR)
     unique = hashlib.sha256(caption.read_bytes()).hexdigest()
 
     result = _gc(home.root, "--older-than-days", "7")
@@ -149,3 +152,38 @@ def test_worker_gc_removes_what_no_job_that_may_train_uses(
     missing = _gc(tmp_path / "not-a-worker")
     assert missing.returncode == 2 and "not a worker's home" in missing.stderr
     assert not (tmp_path / "not-a-worker").exists()
+
+
+def _job(store: JobStore) -> str:
+    return store.create(
+        fm_type="sd_1_5", model="m.safetensors", dataset="d", instance_type="local", output_name="o",
+        config_toml="", params={},
+    ).id  # fmt: skip
+
+
+def test_gc_prunes_only_old_keys_of_jobs_that_are_really_gone(tmp_path: Path) -> None:
+    store = JobStore(tmp_path)
+    keys = tmp_path / KEYS_DIR
+    keys.mkdir()
+    alive, deleted = _job(store), _job(store)
+    store.transition(deleted, JobStatus.CANCELLED, "test")
+    store.delete(deleted)
+    markers = {
+        "alive": alive, "deleted-old": deleted, "deleted-fresh": deleted, "half-written-fresh": "",
+        "half-written-old": alive[:5],
+    }  # fmt: skip
+    for name, text in markers.items():
+        (keys / name).write_text(text, encoding="utf-8")
+        if name.endswith("old") or name == "alive":
+            os.utime(keys / name, (MONTH_AGO, MONTH_AGO))
+    cutoff = time.time() - MIN_AGE_S
+
+    assert _prune_keys(keys, store, cutoff) == 2  # a fresh key may be a submission being written right now
+    assert sorted(p.name for p in keys.iterdir()) == ["alive", "deleted-fresh", "half-written-fresh"]
+
+    (keys / "deleted-old").write_text(deleted, encoding="utf-8")
+    os.utime(keys / "deleted-old", (MONTH_AGO, MONTH_AGO))
+    store.db_path.write_bytes(b"not a database, as a busy or broken one answers nothing" * 100)
+    with pytest.raises(StoreError):  # the store cannot say the job is gone: nothing is removed
+        _prune_keys(keys, store, cutoff)
+    assert (keys / "deleted-old").is_file() and (keys / "alive").is_file()

@@ -22,7 +22,7 @@ import tomlkit
 
 from kohya_backend.errors import InUse, TrainManagementError
 from kohya_backend.jobs.states import JobStatus
-from kohya_backend.jobs.store import Job, JobStore, validate_job_id
+from kohya_backend.jobs.store import Job, JobNotFound, JobStore, validate_job_id
 from kohya_backend.jobs.worker_protocol import INPUT_KEYS, SHA256_PATTERN, validate_sha256
 from kohya_backend.service.blobs import BLOBS_DIR, BlobError, BlobStore
 from kohya_backend.service.home import Home
@@ -255,19 +255,25 @@ def collect_garbage(home_dir: Path, *, older_than_s: float) -> GcReport:
     removed, freed = blobs.remove_stale_partials(now - cutoff)
     report.partials += removed
     report.freed_bytes += freed
-    report.keys += _prune_keys(home.root / KEYS_DIR, store)
+    report.keys += _prune_keys(home.root / KEYS_DIR, store, cutoff)
     for leftover in _leftovers(home, cutoff):
         report.freed_bytes += _remove(leftover)
     return report
 
 
-def _prune_keys(keys_root: Path, store: JobStore) -> int:
-    """Drop idempotency keys whose job was deleted (a resubmission then makes a new job, as it would anyway)."""
+def _prune_keys(keys_root: Path, store: JobStore, cutoff: float) -> int:
+    """Drop idempotency keys older than `cutoff` whose job was deleted (a resubmission then makes a new job, as
+    it would anyway). A key written meanwhile or one the store cannot answer for (StoreError aborts) stays: its
+    loss would turn a client's retry into a second job."""
     removed = 0
     for marker in keys_root.glob("*") if keys_root.is_dir() else []:
+        if _mtime(marker) >= cutoff:
+            continue
         try:
             store.get(validate_job_id(marker.read_text(encoding="utf-8").strip()))
-        except (OSError, TrainManagementError):  # the job is gone (or the marker holds no id)
+        except OSError:  # gone meanwhile, or unreadable: not ours to judge
+            continue
+        except JobNotFound:  # the job is gone (InvalidJobId: the marker holds no id, e.g. a crashed write)
             marker.unlink(missing_ok=True)
             removed += 1
     return removed

@@ -156,6 +156,20 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
+def _write_marker(marker: Path, job_id: str) -> None:
+    """Write a client key's job id whole or not at all (temp file, fsync, rename): a half-written key reads as no
+    key, and a retry would queue the job twice."""
+    tmp = marker.with_name(f".{marker.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(job_id)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, marker)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _relative(value: Any, folder: str) -> Any:
     """Paths under the job folder become relative to it; other absolute paths are withheld (None)."""
     if isinstance(value, dict):
@@ -205,7 +219,7 @@ class WorkerJobs:
             if known is not None:
                 return self.view(known), False
             job = self._queue(body, inputs, dict(config), key)
-            marker.write_text(job.id, encoding="utf-8")
+            _write_marker(marker, job.id)
         return self.view(job.id), True
 
     def _known(self, marker: Path) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -16,6 +17,7 @@ from kohya_backend.data.preprocess import Preprocess
 from kohya_backend.errors import DatasetError, TrainManagementError
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import JobStore
+from kohya_backend.service import datasets as datasets_module
 from kohya_backend.service.datasets import (
     STAGING_PREFIX,
     DatasetExists,
@@ -294,3 +296,39 @@ def test_staging_folders_a_killed_process_left_are_removed(home: Home) -> None:
     os.utime(stale, (hours_ago, hours_ago))
     DatasetService(home)
     assert not stale.exists() and fresh.exists()  # a fresh one may belong to an upload in progress
+
+
+def test_a_creation_waiting_over_an_hour_survives_another_services_sweep(
+    home: Home, datasets: DatasetService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(datasets_module, "STAGING_TOUCH_S", 0.05)
+    release = threading.Event()
+    for _ in range(datasets.tasks.workers):  # busy workers: the creation waits in the queue
+        datasets.tasks.submit("earlier work", release.wait)
+    ticket = datasets.start_create("queued", _files({"a.png": _png(), "a.txt": b"a cat"}), repeats=2)
+    (staging,) = [home.datasets / name for name in _leftovers(home)]
+    hours_ago = time.time() - 2 * 3600
+    os.utime(staging, (hours_ago, hours_ago))  # as if it had waited two hours
+    deadline = time.monotonic() + 10
+    while staging.stat().st_mtime < time.time() - 60 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    DatasetService(home)  # another process, or a reloaded UI, sweeps staging folders at start
+    assert staging.exists()
+    release.set()
+    while datasets.task(ticket).state == "running" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    task = datasets.task(ticket)
+    assert task.state == "done", task.error
+    assert task.result["images"] == ["2_queued/a.png"]
+    assert _leftovers(home) == []
+
+
+def test_the_sweep_skips_staging_entries_it_cannot_judge(home: Home) -> None:
+    hours_ago = time.time() - 2 * 3600
+    outside = home.root / "elsewhere"
+    outside.mkdir()
+    link = home.datasets / f"{STAGING_PREFIX}link"
+    link.symlink_to(outside, target_is_directory=True)
+    os.utime(outside, (hours_ago, hours_ago))
+    DatasetService(home)
+    assert link.is_symlink() and outside.exists()  # a link is never followed into another folder

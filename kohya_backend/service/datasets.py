@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -36,7 +37,8 @@ MAX_REPEATS = 10_000
 _UNSAFE_NAME = re.compile(r'[\x00-\x1f/\\<>:"|?*]')
 
 STAGING_PREFIX = ".incoming-"  # uploads wait here (hidden: listings skip dot folders) until unpacked
-STALE_STAGING_S = 3600.0
+STALE_STAGING_S = 3600.0  # a staging folder untouched this long belongs to a killed process
+STAGING_TOUCH_S = 300.0  # how often a staging folder in use is touched (well under STALE_STAGING_S)
 
 
 class DatasetExists(TrainManagementError):
@@ -129,6 +131,29 @@ def _hard_link(source: Path, target: Path) -> bool:
     return True
 
 
+class _StagingInUse:
+    """Touches a staging folder every STAGING_TOUCH_S until stop(), so the sweep of another process (or of a
+    reloaded UI) sees it in use however long the work, or its wait in the task queue, takes."""
+
+    def __init__(self, folder: Path) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._touch, args=(folder,), name="train-management-staging", daemon=True
+        )
+        self._thread.start()
+
+    def _touch(self, folder: Path) -> None:
+        while not self._stop.wait(STAGING_TOUCH_S):
+            try:
+                os.utime(folder)
+            except OSError:  # removed meanwhile: nothing left to keep fresh
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class DatasetService:
     """Creates, shows, validates, edits and deletes kohya-style datasets under `home.datasets`.
 
@@ -145,10 +170,15 @@ class DatasetService:
         self._remove_stale_staging()
 
     def _remove_stale_staging(self) -> None:
-        """Remove staging folders (.incoming-*, .staging-*) a killed process left behind over an hour ago."""
+        """Remove staging folders (.incoming-*) untouched for STALE_STAGING_S: a killed process left them (one in
+        use is kept fresh by _StagingInUse). Another process may remove one at the same time."""
         cutoff = time.time() - STALE_STAGING_S
         for folder in self.home.datasets.glob(f"{STAGING_PREFIX}*"):
-            if folder.is_dir() and folder.stat().st_mtime < cutoff:
+            try:
+                stale = folder.is_dir() and not folder.is_symlink() and folder.stat().st_mtime < cutoff
+            except OSError:
+                continue
+            if stale:
                 shutil.rmtree(folder, ignore_errors=True)
 
     # -- in the background (a UI event must not wait minutes) ------------------------------------------------
@@ -175,15 +205,21 @@ class DatasetService:
                 "no files were uploaded", "add images (and captions), or a zip of them"
             )
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.home.datasets))
+        in_use = _StagingInUse(staging)
+
+        def cleanup() -> None:
+            in_use.stop()
+            shutil.rmtree(staging, ignore_errors=True)
+
         try:
             kept = self._keep_uploads(files, staging)
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            cleanup()
             raise
         work = functools.partial(
             self.create, name, kept, repeats=repeats, subject=subject, preprocess=preprocess
         )
-        return self.tasks.submit("dataset creation", work, cleanup=lambda: shutil.rmtree(staging, True))
+        return self.tasks.submit("dataset creation", work, cleanup=cleanup)
 
     def start_validate(self, name: str, caption_extension: str = DEFAULT_CAPTION_EXTENSION) -> str:
         """validate() with every image decoded, on a background thread; returns the ticket for task()."""
@@ -384,6 +420,7 @@ class DatasetService:
                 "no files were uploaded", "add images (and captions), or a zip of them"
             )
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.home.datasets))
+        in_use = _StagingInUse(staging)
         try:
             staged = self._receive(files, staging / "upload")
             added = self._arrange(staged, staging / "dataset", folder_name)
@@ -401,6 +438,7 @@ class DatasetService:
                 raise DatasetExists(f"dataset {name!r} was created meanwhile", "choose another name")
             os.rename(staging / "dataset", target)
         finally:
+            in_use.stop()
             shutil.rmtree(staging, ignore_errors=True)
         return {
             "name": name,

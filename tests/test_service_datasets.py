@@ -323,6 +323,20 @@ def test_a_creation_waiting_over_an_hour_survives_another_services_sweep(
     assert _leftovers(home) == []
 
 
+def test_start_create_refuses_at_once_what_create_refuses(home: Home, datasets: DatasetService) -> None:
+    (home.datasets / "dangling").symlink_to(home.root / "gone", target_is_directory=True)
+    files = _files({"a.png": _png()})
+    with pytest.raises(DatasetExists, match="'dangling' already exists"):
+        datasets.start_create("dangling", files)
+    with pytest.raises(TrainManagementError, match="no files were uploaded"):
+        datasets.start_create("new", [])
+    with pytest.raises(TrainManagementError, match="repeats"):
+        datasets.start_create("new", files, repeats=0)
+    with pytest.raises(TrainManagementError, match="subject"):
+        datasets.start_create("new", files, subject="a/b")
+    assert _leftovers(home) == []
+
+
 def test_the_sweep_skips_staging_entries_it_cannot_judge(home: Home) -> None:
     hours_ago = time.time() - 2 * 3600
     outside = home.root / "elsewhere"

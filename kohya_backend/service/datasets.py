@@ -195,15 +195,7 @@ class DatasetService:
         """create() on a background thread; returns the ticket for task(). What can be checked at once is (name,
         repeats, subject, an existing dataset, the file count), and the files are copied into the home first:
         the caller's temporary files may be deleted as soon as it returns."""
-        name = check_name(name, "dataset name")
-        parse_repeats(repeats)
-        check_name(subject or name, "subject (class token)")
-        if (self.home.datasets / name).exists():
-            raise DatasetExists(f"dataset {name!r} already exists", "choose another name, or delete it first")
-        if not files:
-            raise TrainManagementError(
-                "no files were uploaded", "add images (and captions), or a zip of them"
-            )
+        self._check_new(name, files, repeats, subject)
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.home.datasets))
         in_use = _StagingInUse(staging)
 
@@ -407,18 +399,8 @@ class DatasetService:
         `<repeats>_<subject>/` (subject defaults to the dataset name; the answer's `subset_folder` names it). Only
         images and captions are kept; broken images are left out; everything left out is listed with the reason.
         """
-        name = check_name(name, "dataset name")
-        folder_name = f"{parse_repeats(repeats)}_{check_name(subject or name, 'subject (class token)')}"
+        name, folder_name = self._check_new(name, files, repeats, subject)
         target = self.home.datasets / name
-        if target.exists() or target.is_symlink():
-            raise DatasetExists(
-                f"dataset {name!r} already exists",
-                "choose another name, or delete the existing dataset first",
-            )
-        if not files:
-            raise TrainManagementError(
-                "no files were uploaded", "add images (and captions), or a zip of them"
-            )
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.home.datasets))
         in_use = _StagingInUse(staging)
         try:
@@ -449,6 +431,24 @@ class DatasetService:
             "preprocess": preprocess.label() if preprocess else None,
             "report": self.validate(name, verify_images=False),
         }
+
+    def _check_new(
+        self, name: str, files: Sequence[IncomingFile], repeats: object, subject: str | None
+    ) -> tuple[str, str]:
+        """The checks before creating dataset `name`; returns the name and its `<repeats>_<subject>` folder."""
+        name = check_name(name, "dataset name")
+        folder_name = f"{parse_repeats(repeats)}_{check_name(subject or name, 'subject (class token)')}"
+        target = self.home.datasets / name
+        if target.exists() or target.is_symlink():
+            raise DatasetExists(
+                f"dataset {name!r} already exists",
+                "choose another name, or delete the existing dataset first",
+            )
+        if not files:
+            raise TrainManagementError(
+                "no files were uploaded", "add images (and captions), or a zip of them"
+            )
+        return name, folder_name
 
     def import_folder(
         self,

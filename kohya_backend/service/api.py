@@ -7,10 +7,9 @@ job, the scheduler thread trains it. The log and event followers (service/stream
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response
+from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel
 
 from kohya_backend.service.datasets_api import add_dataset_routes
@@ -50,28 +49,10 @@ class TrainingRequest(BaseModel):
     config_params: str | dict[str, Any] = ""
 
 
-def _auth_dependency(token: str | None) -> Any:
-    expected = token.encode("utf-8") if token else None
-
-    def check(authorization: str | None = Header(None)) -> None:
-        if expected is None:
-            return
-        scheme, _, given = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("utf-8"), expected):
-            raise HTTPException(
-                status_code=401,
-                detail={"error": "Unauthorized", "message": "a valid bearer token is required",
-                        "hint": "send the header 'Authorization: Bearer <token>'"},
-                headers={"WWW-Authenticate": "Bearer"},
-            )  # fmt: skip
-
-    return check
-
-
-def create_router(service: TrainingService, *, token: str | None = None) -> APIRouter:
-    """The Train Management API; with `token`, every route but /version needs `Authorization: Bearer <token>`."""
+def create_router(service: TrainingService) -> APIRouter:
+    """The Train Management API. It checks no credentials itself: the app does, before any route runs (create_app's
+    BearerTokenMiddleware, or the host's dependencies in mount_api)."""
     router = APIRouter(prefix=API_PREFIX)
-    guarded = [Depends(_auth_dependency(token))]
 
     @router.get("/version")
     def version() -> dict[str, Any]:
@@ -79,18 +60,18 @@ def create_router(service: TrainingService, *, token: str | None = None) -> APIR
 
         return {"api": API_VERSION, "kohya_backend": __version__}
 
-    @router.get("/instance-types", dependencies=guarded)
+    @router.get("/instance-types")
     def instance_types() -> dict[str, Any]:
         with http_errors():
             return {"instance_types": service.instance_types()}
 
-    @router.get("/models", dependencies=guarded)
+    @router.get("/models")
     def models() -> dict[str, Any]:
         with http_errors():
             roots = [str(root) for root in service.home.model_roots]
             return {"root": roots[0], "roots": roots, "models": service.home.list_models()}
 
-    @router.get("/datasets", dependencies=guarded)
+    @router.get("/datasets")
     def datasets(caption_extension: str = ".txt") -> dict[str, Any]:
         with http_errors():
             return {
@@ -98,7 +79,7 @@ def create_router(service: TrainingService, *, token: str | None = None) -> APIR
                 "datasets": service.home.list_datasets(caption_extension),
             }
 
-    @router.post("/config/format", dependencies=guarded)
+    @router.post("/config/format")
     def format_config(body: FormatRequest) -> dict[str, Any]:
         with http_errors():
             return service.format_config(
@@ -109,7 +90,7 @@ def create_router(service: TrainingService, *, token: str | None = None) -> APIR
                 instance_type=body.training_instance_type,
             )
 
-    @router.post("/trainings", status_code=201, dependencies=guarded)
+    @router.post("/trainings", status_code=201)
     def create_training(body: TrainingRequest) -> dict[str, Any]:
         params = body.training_params
         with http_errors():
@@ -124,7 +105,7 @@ def create_router(service: TrainingService, *, token: str | None = None) -> APIR
             )
             return {"job": service.show(job.id)}
 
-    @router.get("/trainings", dependencies=guarded)
+    @router.get("/trainings")
     def list_trainings(
         status: list[str] | None = _STATUS_QUERY,
         offset: int = 0,
@@ -134,28 +115,28 @@ def create_router(service: TrainingService, *, token: str | None = None) -> APIR
         with http_errors():
             return service.list(status=wanted or None, offset=offset, limit=limit)
 
-    @router.get("/trainings/{job_id}", dependencies=guarded)
+    @router.get("/trainings/{job_id}")
     def show_training(job_id: str) -> dict[str, Any]:
         with http_errors():
             return {"job": service.show(job_id)}
 
-    @router.post("/trainings/{job_id}/cancel", dependencies=guarded)
+    @router.post("/trainings/{job_id}/cancel")
     def cancel_training(job_id: str) -> dict[str, Any]:
         with http_errors():
             return {"job": service.cancel(job_id)}
 
-    @router.post("/trainings/{job_id}/resume", dependencies=guarded)
+    @router.post("/trainings/{job_id}/resume")
     def resume_training(job_id: str) -> dict[str, Any]:
         with http_errors():
             return {"job": service.resume(job_id)}
 
-    @router.delete("/trainings/{job_id}", status_code=204, dependencies=guarded)
+    @router.delete("/trainings/{job_id}", status_code=204)
     def delete_training(job_id: str) -> Response:
         with http_errors():
             service.delete(job_id)
         return Response(status_code=204)
 
-    add_stream_routes(router, service, guarded)
-    add_dataset_routes(router, service, guarded)
-    router.include_router(create_workers_router(service, guarded))
+    add_stream_routes(router, service)
+    add_dataset_routes(router, service, [])
+    router.include_router(create_workers_router(service, []))
     return router

@@ -68,7 +68,7 @@ def create_app(service: TrainingService, *, token: str | None = None) -> FastAPI
         docs_url=f"{API_PREFIX}/docs",
         redoc_url=None,
     )
-    app.include_router(create_router(service, token=token))
+    app.include_router(create_router(service))
     if token:
         open_paths = {f"{API_PREFIX}/{name}" for name in ("version", "openapi.json", "docs")}
         app.add_middleware(

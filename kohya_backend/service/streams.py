@@ -122,10 +122,10 @@ async def server_sent_events(
             yield ": keep-alive\n\n"
 
 
-def add_stream_routes(router: APIRouter, service: TrainingService, guarded: list[Any]) -> None:
+def add_stream_routes(router: APIRouter, service: TrainingService) -> None:
     """GET /trainings/{id}/logs and /trainings/{id}/events."""
 
-    @router.get("/trainings/{job_id}/logs", dependencies=guarded)
+    @router.get("/trainings/{job_id}/logs")
     def training_logs(job_id: str, tail: int = 200, follow: bool = False) -> Response:
         with http_errors():
             if tail < 1:
@@ -135,7 +135,7 @@ def add_stream_routes(router: APIRouter, service: TrainingService, guarded: list
                 return StreamingResponse(follow_log(service, job_id, FOLLOW_MAX_S), media_type="text/plain")
             return PlainTextResponse(tail_lines(path, tail))
 
-    @router.get("/trainings/{job_id}/events", dependencies=guarded)
+    @router.get("/trainings/{job_id}/events")
     async def training_events(request: Request, job_id: str, after: int = 0, timeout: float = 20.0) -> Any:
         with http_errors():
             if after < 0:

@@ -145,6 +145,11 @@ def test_auth_version_and_openapi(client: httpx.Client) -> None:
     assert httpx.post(f"{base}/config/format", json={"fm_type": 1}).status_code == 401
     spec = httpx.get(f"{base}/openapi.json").json()  # the schema stays readable without the token
     assert f"{API_PREFIX}/trainings" in spec["paths"]
+    # One token check (the middleware), not a second per route: no operation documents an Authorization parameter.
+    parameters = [
+        p for path in spec["paths"].values() for op in path.values() for p in op.get("parameters", [])
+    ]
+    assert parameters and not [p for p in parameters if p["name"].lower() == "authorization"]
 
 
 def test_listings(client: httpx.Client) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +109,37 @@ def test_the_downloaded_lora_is_not_read_again_and_after_a_restart_it_is_hashed_
         finally:
             restarted._client.close()
         assert hashed == [local] and local.stat().st_ino == inode  # hashed once, not downloaded again
+
+
+def test_a_worker_that_sends_no_settled_flag_is_followed_until_its_job_settles(tmp_path: Path) -> None:
+    worker = build_worker(tmp_path / "worker", reserve_bytes=0, devices={"cpu": 1})
+    real_events = worker.jobs.events
+
+    async def events_of_a_1_0_worker(job_id: str, after: int, wait_s: float) -> dict[str, object]:
+        answer = await real_events(job_id, after, wait_s)
+        del answer["settled"]  # the field came with protocol 1.1
+        return answer
+
+    worker.jobs.events = events_of_a_1_0_worker  # type: ignore[method-assign]
+    with WorkerThread(worker) as served, WorkerClient(served.url, TOKEN) as client:
+        remote_id = _worker_job(client, tmp_path / "client")
+        for status in (JobStatus.PREPARING, JobStatus.TRAINING, JobStatus.FAILED):
+            worker.service.store.transition(remote_id, status, "as the worker's scheduler would")
+        job = JobStore(tmp_path / "home").create(
+            fm_type="sd_1_5", model="m.safetensors", dataset="d", instance_type="worker:w", output_name="x",
+            config_toml='output_name = "x"\n', params={},
+        )  # fmt: skip
+        options = RemoteOptions(events_wait_s=0.2)
+        session = RemoteSession(job, WorkerEntry("w", served.url, TOKEN, 0.0), client_id="c", options=options,
+                                resume=False)  # fmt: skip
+        outcome: list[runner.RunStatus] = []
+        follower = threading.Thread(
+            target=lambda: outcome.append(session._follow(remote_id, {"events_base": 0, "log_base": 0})),
+            daemon=True,
+        )
+        follower.start()
+        follower.join(30)
+        session.stop_requested.set()  # ends a follower that never stopped
+        follower.join(30)
+        session._client.close()
+    assert outcome and outcome[0].exit_code == 2  # failed there: settled, not followed forever

@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 RUNNER_NAME = "worker"
 _RESUMABLE = frozenset(status.value for status in JobStatus.resumable())
+_SETTLED = frozenset(status.value for status in (*JobStatus.terminal(), JobStatus.INTERRUPTED))
 _DOWNLOADED_SUFFIXES = (".safetensors", ".png", ".jpg", ".jpeg", ".webp")
 MAX_IMAGE_BYTES = 256 << 20  # a sample image; LoRAs are capped by the view's size or MAX_DOWNLOAD_BYTES
 T = TypeVar("T")
@@ -331,6 +332,7 @@ class RemoteSession(threading.Thread):
     def _follow(self, remote_id: str, remote: dict[str, Any]) -> RunStatus:
         lines = _complete_lines(self._events) - int(remote["events_base"])
         cancel_sent = False
+        settled_before = False  # the previous answer's status (read after its events) was settled
         while True:
             if self.cancel_requested.is_set() and not cancel_sent:
                 self._tolerate_conflict(lambda c: c.cancel(remote_id))
@@ -341,7 +343,10 @@ class RemoteSession(threading.Thread):
             self._mirror_events(remote_id, events)
             lines += len(events)
             self._mirror_log(remote_id, int(remote["log_base"]))
-            if answer.get("settled") and not events:  # settled before these were read: they were the last
+            # A 1.0 worker sends no `settled`: a settled status in the previous answer stands for it.
+            settled = answer.get("settled", settled_before)
+            settled_before = answer.get("status") in _SETTLED
+            if settled and not events:  # settled before these were read: they were the last
                 return self._finish(remote_id)
 
     def _local_path(self, value: object) -> Path | None:

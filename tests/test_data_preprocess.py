@@ -7,21 +7,25 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from kohya_backend.config.schema import SCHEMA
-from kohya_backend.data.buckets import BucketAssigner
+from kohya_backend.config.schema import template_values
 from kohya_backend.data.images import BadImageError
 from kohya_backend.data.preprocess import SIZES, Preprocess, preprocess_image, target_size
 from kohya_backend.errors import TrainManagementError
+from kohya_backend.train.plan import format_with_plan
 
 
-def _trainers_bucket(width: int, height: int, size: int) -> tuple[int, int]:
-    """The bucket a job at resolution size x size with the schema's default bucket settings gives the image."""
-    assigner = BucketAssigner(
-        (size, size), enable_bucket=True, min_size=SCHEMA["min_bucket_reso"].default,
-        max_size=SCHEMA["max_bucket_reso"].default, reso_steps=SCHEMA["bucket_reso_steps"].default,
-        no_upscale=False,
-    )  # fmt: skip
-    return assigner.assign(width, height)
+def _trainers_bucket(image: Path, size: int) -> tuple[int, int]:
+    """The bucket a job gives `image`: the config template at resolution size x size, planned the trainer's way."""
+    values = {
+        **template_values("sd_1_5"),
+        "resolution": f"{size},{size}",
+        "train_data_dir": str(image.parents[1]),
+    }
+    plan = format_with_plan(values, "sd_1_5", require_paths=False, cuda_available=True)["plan"]
+    assert plan is not None
+    (bucket,) = plan["buckets"]
+    width, height = bucket.split("x")
+    return int(width), int(height)
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -29,8 +33,17 @@ def _trainers_bucket(width: int, height: int, size: int) -> tuple[int, int]:
     "shape",
     [(1920, 1080), (1080, 1920), (800, 600), (900, 600), (1000, 1000), (3000, 200), (200, 3000), (33, 77)],
 )
-def test_bucket_resize_gives_the_bucket_the_trainer_picks(shape: tuple[int, int], size: int) -> None:
-    assert target_size(*shape, Preprocess(size, "bucket")) == _trainers_bucket(*shape, size)
+def test_bucket_resize_gives_the_bucket_the_trainer_picks(
+    tmp_path: Path, shape: tuple[int, int], size: int
+) -> None:
+    image = tmp_path / "data" / "1_x" / "a.png"
+    image.parent.mkdir(parents=True)
+    Image.new("RGB", shape, (90, 120, 150)).save(image)
+    resized = preprocess_image(image, Preprocess(size, "bucket"))
+    assert resized == target_size(*shape, Preprocess(size, "bucket"))
+    assert (
+        _trainers_bucket(image, size) == resized
+    )  # training then uses the file as it is: no crop, no rescale
 
 
 def test_a_full_hd_image_at_512_gets_the_trainers_640x384() -> None:
@@ -69,7 +82,7 @@ def test_center_crop_applies_exif_orientation_and_makes_rgb(tmp_path: Path) -> N
 def test_bucket_resize_writes_the_bucket_size_and_keeps_the_format(tmp_path: Path) -> None:
     path = tmp_path / "wide.jpg"
     Image.new("RGB", (1600, 900), (10, 200, 30)).save(path, quality=90)
-    assert preprocess_image(path, Preprocess(1024, "bucket")) == _trainers_bucket(1600, 900, 1024)
+    assert preprocess_image(path, Preprocess(1024, "bucket")) == (1024, 576)
     with Image.open(path) as out:
         assert out.format == "JPEG" and out.size == (1024, 576)
     assert [p.name for p in tmp_path.iterdir()] == ["wide.jpg"]  # replaced in place, no temporary left

@@ -198,6 +198,8 @@ def test_fp16_file_loaded_in_fp32_holds_the_exact_upcast_weights(tmp_path: Path,
     for ours, theirs in zip(
         (model.unet, model.vae, *model.text_encoders), (half.unet, half.vae, *half.text_encoders)
     ):
-        for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        ours_sd, theirs_sd = ours.state_dict(), theirs.state_dict()
+        assert ours_sd.keys() == theirs_sd.keys()
+        for name, a in ours_sd.items():
             assert a.dtype == torch.float32 or not a.is_floating_point(), name
-            assert torch.equal(a, b.to(a.dtype)), name
+            assert torch.equal(a, theirs_sd[name].to(a.dtype)), name

@@ -62,8 +62,8 @@ def format_with_plan(
                 values["caption_extension"],
                 reg_data_dir=Path(reg) if reg else None,
             )
-            out["plan"] = plan_for(result.config, scan).to_dict()
-            out["plan_text"] = plan_for(result.config, scan).render()
+            plan = plan_for(result.config, scan)
+            out["plan"], out["plan_text"] = plan.to_dict(), plan.render()
         except DatasetError as exc:
             out["dataset_error"] = {"message": str(exc), "files": [str(f) for f in exc.files]}
     return out

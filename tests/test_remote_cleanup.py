@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,9 +13,9 @@ import pytest
 from remote_support import TOKEN, WorkerThread
 
 from kohya_backend.assets.demo import prepare_demo
-from kohya_backend.jobs.registry import WorkerRegistry
+from kohya_backend.jobs.registry import WorkerEntry, WorkerRegistry
 from kohya_backend.jobs.remote import RemoteRunner
-from kohya_backend.jobs.remote_cleanup import PENDING_NAME
+from kohya_backend.jobs.remote_cleanup import PENDING_NAME, PendingDeletes
 from kohya_backend.jobs.runner import RUN_NAME, write_json_atomic
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.transfer import TransferStats, Uploader, collect_input
@@ -119,3 +121,31 @@ def test_the_api_deletes_in_the_background_and_says_so(
         time.sleep(0.2)
     assert client.job(remote) is None
     assert service.delete(_local_job(service, {})) is None  # a job with no copies: nothing to say
+
+
+def test_recording_a_delete_does_not_wait_for_a_slow_worker_being_flushed(tmp_path: Path) -> None:
+    silent = socket.socket()  # accepts connections (the kernel does) and never answers: a stalled worker
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    registry = WorkerRegistry(tmp_path)
+    registry.add(f"http://127.0.0.1:{silent.getsockname()[1]}", TOKEN, name="slow")
+    pending = PendingDeletes(tmp_path)
+    first, second = "20260101-000000-aaaaaa", "20260101-000000-bbbbbb"
+    pending.add({"slow": first})
+    left: list[dict[str, list[str]]] = []
+
+    def client_for(entry: WorkerEntry) -> WorkerClient:
+        return WorkerClient(entry.url, entry.token, read_timeout_s=3.0)
+
+    flushing = threading.Thread(target=lambda: left.append(pending.flush(registry, client_for)), daemon=True)
+    try:
+        flushing.start()
+        time.sleep(0.5)  # the flush now waits on the worker
+        started = time.monotonic()
+        pending.add({"slow": second})  # what deleting another job here does meanwhile
+        assert time.monotonic() - started < 1.0 and flushing.is_alive()
+        flushing.join(30)
+    finally:
+        silent.close()
+    assert left == [{"slow": [first, second]}]  # nothing was deleted; the id added meanwhile is kept
+    assert pending.pending() == {"slow": [first, second]}

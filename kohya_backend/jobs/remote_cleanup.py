@@ -75,11 +75,18 @@ class PendingDeletes:
         workers: Iterable[str] | None = None,
     ) -> dict[str, list[str]]:
         """Delete pending copies on `workers` (default: all with pending deletes) through the clients `client_for`
-        gives (the pool's); returns what is left."""
+        gives (the pool's); returns what is left. No lock is held while a worker answers (a slow one would stall
+        `add`, and so every job deletion): what was done is taken off the list as it then stands."""
+        with self._lock, file_lock(self.path):
+            todo = self._read()
+        done: dict[str, set[str]] = {}
+        for worker in list(todo if workers is None else set(workers) & set(todo)):
+            left = _delete_on(registry, client_for, worker, todo[worker])
+            done[worker] = set(todo[worker]) - set(left)
         with self._lock, file_lock(self.path):
             data = self._read()
-            for worker in list(data if workers is None else set(workers) & set(data)):
-                data[worker] = _delete_on(registry, client_for, worker, data[worker])
+            for worker, job_ids in done.items():
+                data[worker] = [i for i in data.get(worker, []) if i not in job_ids]
             self._write(data)
             return {k: v for k, v in data.items() if v}
 

@@ -534,6 +534,8 @@ class Trainer:
         # demo) set before asking for this run's precision.
         AcceleratorState._reset_state(reset_partial_state=True)
         accelerator = Accelerator(mixed_precision=mp, cpu=cpu_only)
+        if not cpu_only:
+            torch.cuda.reset_peak_memory_stats()  # the done event's peak is this run's, not the process's
         self._resume_seed()
         random.seed(self.seed)
         torch.manual_seed(self.seed)

@@ -17,7 +17,7 @@ from kohya_backend.jobs.runner import LOG_NAME
 
 MAX_READ_BYTES = 8 << 20
 LOG_TAIL_LINES = 20
-_LOG_TAIL_BYTES = 16 << 10
+_TAIL_BLOCK = 64 << 10
 MAX_WARNINGS = 20
 # Mirrors kohya_backend/train/state.py: complete states are folders `state-NNNNNNNN` in <output_name>-state/.
 _STATE_DIR = re.compile(r"^state-\d{8,}$")
@@ -174,19 +174,37 @@ def summarize(events: list[dict[str, Any]], warnings: list[str]) -> EventSummary
     return summary
 
 
-def log_tail(folder: Path, lines: int = LOG_TAIL_LINES) -> str:
-    """The last `lines` non-empty lines of the job's train.log ('' when there is none)."""
+def _lines(data: bytes, *, cut: bool, skip_blank: bool) -> list[str]:
+    """The lines of `data` (\\r, \\n and \\r\\n all end one); with `cut`, the first is dropped (it may be cut)."""
+    text = data.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+    lines = text.splitlines()[1:] if cut else text.splitlines()
+    return [line.rstrip() for line in lines if line.strip()] if skip_blank else lines
+
+
+def tail_lines(path: Path, lines: int, *, skip_blank: bool = False) -> str:
+    """The last `lines` lines of a text file, blank ones left out with `skip_blank` ('' when it does not exist yet
+    or cannot be read); read backwards from its end in growing blocks, at most MAX_READ_BYTES of it, so a long log
+    is not read whole for its last lines."""
+    if lines < 1:
+        return ""
     try:
-        with open(folder / LOG_NAME, "rb") as handle:
-            handle.seek(0, 2)
-            size = handle.tell()
-            handle.seek(max(0, size - _LOG_TAIL_BYTES))
-            data = handle.read()
+        with open(path, "rb") as handle:
+            position, data = handle.seek(0, 2), b""
+            kept = _lines(data, cut=False, skip_blank=skip_blank)
+            while position > 0 and len(kept) < lines and len(data) < MAX_READ_BYTES:
+                step = min(max(_TAIL_BLOCK, len(data)), MAX_READ_BYTES - len(data), position)
+                position -= step
+                handle.seek(position)
+                data = handle.read(step) + data
+                kept = _lines(data, cut=position > 0, skip_blank=skip_blank)
     except OSError:
         return ""
-    text = data.decode("utf-8", errors="replace").replace("\r", "\n")
-    kept = [line.rstrip() for line in text.split("\n") if line.strip()]
-    return "\n".join(kept[-lines:])
+    return "\n".join(kept[-lines:]) + ("\n" if kept else "")
+
+
+def log_tail(folder: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last `lines` non-empty lines of the job's train.log ('' when there is none), without a final newline."""
+    return tail_lines(folder / LOG_NAME, lines, skip_blank=True).removesuffix("\n")
 
 
 def has_saved_state(folder: Path) -> bool:

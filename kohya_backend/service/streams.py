@@ -19,39 +19,17 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from kohya_backend.errors import TrainManagementError
-from kohya_backend.jobs.progress import EventTail
+from kohya_backend.jobs.progress import EventTail, tail_lines
 from kohya_backend.service.http_errors import http_errors
 from kohya_backend.service.training import TrainingService
 
 MAX_WAIT_S = 60.0
 FOLLOW_MAX_S = 3600.0
 _POLL_S = 0.25
-_TAIL_BLOCK = 64 << 10
 # Where each job's events.jsonl was last read up to (line count -> byte offset), shared by all clients: a client
 # following a job asks for the lines after the last ones it got, which is this position, so the file is not
 # re-read from its start on every poll.
 _EVENT_POSITIONS = EventTail()
-
-
-def tail_lines(path: Path, lines: int) -> str:
-    """The last `lines` lines of a text file ('' when it does not exist yet), read backwards from its end in
-    blocks, so a long log is not read whole for its last lines."""
-    try:
-        with open(path, "rb") as handle:
-            end = handle.seek(0, 2)
-            position, data = end, b""
-            while position > 0 and data.count(b"\n") <= lines:
-                step = min(_TAIL_BLOCK, position)
-                position -= step
-                handle.seek(position)
-                data = handle.read(step) + data
-    except FileNotFoundError:
-        return ""
-    text = data.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
-    kept = text.splitlines()
-    if position > 0:
-        kept = kept[1:]  # the first line read may be cut at the block's start
-    return "\n".join(kept[-lines:]) + ("\n" if kept else "")
 
 
 def _read_from(path: Path, position: int) -> bytes:

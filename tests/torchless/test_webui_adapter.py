@@ -307,7 +307,7 @@ def test_a_generation_in_progress_keeps_the_job_queued_without_holding_the_sched
                 time.sleep(0.05)
             began = time.monotonic()
             scheduler.tick()  # the scheduler thread is not parked inside a tick (it would hold the tick lock)
-            assert time.monotonic() - began < 2
+            assert time.monotonic() - began < 10  # a parked tick would hold the lock far longer
             assert scheduler.store.get(job.id).status is JobStatus.QUEUED and sd_models.unloaded == []
         assert (
             _settled(job.id).status is JobStatus.FAILED

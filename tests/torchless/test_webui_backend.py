@@ -117,7 +117,7 @@ def test_a_deferring_before_start_hook_keeps_jobs_queued_in_order_and_the_schedu
         began = time.monotonic()
         scheduler.tick()
         scheduler.tick()
-        assert time.monotonic() - began < 2
+        assert time.monotonic() - began < 10  # a tick that waited for the generation would block far longer
         waiting = scheduler.store.get(first.id)
         assert waiting.status is JobStatus.QUEUED and waiting.progress["phase"] == WAITING_PHASE
         assert scheduler.store.get(second.id).progress.get("phase") is None  # it does not jump the queue

@@ -98,7 +98,7 @@ def test_unloading_never_blocks_the_scheduler_and_never_fails_a_start(tmp_path: 
         started = time.monotonic()
         with pytest.raises(StartDeferred) as waiting:
             before(job, "cuda:0")
-        assert time.monotonic() - started < 0.5  # asked, not waited
+        assert time.monotonic() - started < 5  # asked, not waited (a wait lasts as long as the generation)
         assert waiting.value.phase == hooks.WAITING_PHASE == "waiting for the WebUI to finish generating"
         now[0] += 119
         with pytest.raises(StartDeferred):

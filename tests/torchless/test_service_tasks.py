@@ -59,7 +59,7 @@ def test_unknown_tickets_and_only_finished_tasks_are_forgotten() -> None:
         runner.get("nope")
     assert caught.value.http_status == 404
     gate = threading.Event()
-    waiting = runner.submit("waiting", gate.wait)
+    waiting = runner.submit("waiting", lambda: gate.wait(30))
     queued = [runner.submit("quick", lambda: None) for _ in range(3)]
     assert all(runner.get(t).state == "running" for t in [waiting, *queued])  # over `keep`, none forgotten
     gate.set()

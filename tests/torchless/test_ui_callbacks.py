@@ -155,7 +155,7 @@ def test_the_click_returns_before_the_work_and_the_uploads_may_go_at_once(
 ) -> None:
     gate = threading.Event()
     for _ in range(datasets.tasks.workers):  # the background workers are busy: the creation waits in line
-        datasets.tasks.submit("holding", gate.wait)
+        datasets.tasks.submit("holding", lambda: gate.wait(30))
     actions = DatasetActions(datasets, UiHooks())
     upload = _upload(uploads)
     started, ticket = actions.create("later", "", 2, upload, None, "none")

@@ -29,7 +29,6 @@ def build_service(
     home_dir: Path,
     *,
     lora_dir: Path | None = None,
-    models_dir: Path | None = None,
     models_dirs: Sequence[Path] | None = None,
     poll_interval_s: float = 1.0,
     restrict_paths: bool = True,
@@ -45,7 +44,7 @@ def build_service(
     one), the devices with their jobs-at-once, and its hooks; see Scheduler for `on_delivered` and
     `before_local_start`.
     """
-    home = Home(home_dir, lora_dir=lora_dir, models_dir=models_dir, models_dirs=models_dirs)
+    home = Home(home_dir, lora_dir=lora_dir, models_dirs=models_dirs)
     scheduler = Scheduler(
         JobStore(home.root),
         [LocalRunner(python), RemoteRunner.for_home(home.root)],

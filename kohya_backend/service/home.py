@@ -52,8 +52,8 @@ def _inside(path: Path, root: Path) -> bool:
 class Home:
     """The home folder layout (models/, datasets/, lora/, jobs/, jobs.sqlite3) and safe path resolution in it.
 
-    `lora_dir` overrides where finished LoRAs go (the WebUI passes its Lora folder) and `models_dirs` (or one
-    `models_dir`) where checkpoints are found: the WebUI passes its checkpoint folders (--ckpt-dir, then
+    `lora_dir` overrides where finished LoRAs go (the WebUI passes its Lora folder) and `models_dirs` where
+    checkpoints are found: the WebUI passes its checkpoint folders (--ckpt-dir, then
     models/Stable-diffusion, as it lists them), so model names are its checkpoint names, each relative to the
     folder it lies in (the first folder's file wins a name two share). All count as roots; `models` is the first.
     """
@@ -63,12 +63,11 @@ class Home:
         root: Path,
         *,
         lora_dir: Path | None = None,
-        models_dir: Path | None = None,
         models_dirs: Sequence[Path] | None = None,
     ) -> None:
         self.root = Path(root).expanduser().resolve()
-        chosen = list(models_dirs or ([models_dir] if models_dir is not None else []))
-        found = [Path(folder).expanduser().resolve() for folder in chosen] or [self.root / MODELS_DIR]
+        chosen = [Path(folder).expanduser().resolve() for folder in models_dirs or ()]
+        found = chosen or [self.root / MODELS_DIR]
         self.model_roots: tuple[Path, ...] = tuple(dict.fromkeys(found))  # in order, each once
         self.models = self.model_roots[0]
         self.datasets = self.root / DATASETS_DIR

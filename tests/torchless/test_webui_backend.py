@@ -16,11 +16,11 @@ from kohya_backend.service.app import build_service
 from kohya_backend.service.home import Home, PathOutsideHome
 
 
-def test_models_dir_override_names_models_relative_to_it(tmp_path: Path) -> None:
+def test_a_models_dirs_override_names_models_relative_to_it(tmp_path: Path) -> None:
     checkpoints = tmp_path / "webui" / "models" / "Stable-diffusion"
     (checkpoints / "sdxl").mkdir(parents=True)
     (checkpoints / "sdxl" / "base.safetensors").write_bytes(b"not a real checkpoint")
-    home = Home(tmp_path / "home", models_dir=checkpoints)
+    home = Home(tmp_path / "home", models_dirs=[checkpoints])
     assert home.models == checkpoints.resolve()
     assert home.roots()["models"] == home.models
     assert not (tmp_path / "home" / "models").exists()

@@ -52,8 +52,9 @@ _BOMB_HINT = (
 _DAMAGED_HINT = "re-export or remove the file; it may be truncated by an interrupted copy or not be an image"
 
 
-def _open_checked(path: Path) -> Image.Image:
-    """Open an image, turning Pillow's decompression-bomb warning into an error like its hard limit."""
+def open_image(path: Path) -> Image.Image:
+    """Open an image (header only), turning Pillow's decompression-bomb warning into an error like its hard limit;
+    BadImageError when it is missing, unreadable or not an image."""
     if not path.is_file():
         raise BadImageError(path, "the file does not exist or is not a regular file", "check the path")
     try:
@@ -97,7 +98,7 @@ def _oriented_size(image: Image.Image) -> tuple[int, int]:
 def probe_image(path: Path, *, full_decode: bool = True) -> tuple[int, int]:
     """Return the (width, height) the trainer will see (EXIF applied); raise DatasetError if unusable."""
     path = Path(path)
-    image = _open_checked(path)
+    image = open_image(path)
     with image:
         size = _oriented_size(image)
         if full_decode:
@@ -129,17 +130,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def upright_image(image: Image.Image, path: Path) -> Image.Image:
+    """`image` (from open_image) fully decoded and turned upright by its EXIF orientation (a broken EXIF block
+    leaves it as stored), as a new image that outlives the opened file; BadImageError when its data is damaged."""
+    _decode(image, path)
+    try:
+        oriented = ImageOps.exif_transpose(image)
+    except _DECODE_ERRORS:
+        oriented = None
+    return image.copy() if oriented is None or oriented is image else oriented
+
+
 def load_image(path: Path) -> Image.Image:
     """Load an image fully decoded, EXIF-transposed and in RGB (alpha over white), ready to crop."""
     path = Path(path)
-    image = _open_checked(path)
-    with image:
-        _decode(image, path)
-        try:
-            oriented = ImageOps.exif_transpose(image)
-        except _DECODE_ERRORS:
-            oriented = None
-        if oriented is None or oriented is image:
-            # a copy outlives the `with`, which closes the file and the opened image
-            oriented = image.copy()
+    with open_image(path) as image:
+        oriented = upright_image(image, path)
     return to_rgb(oriented)

@@ -8,30 +8,24 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from kohya_backend.data.images import BadImageError, to_rgb
+from kohya_backend.data.images import BadImageError, open_image, to_rgb, upright_image
 
 DEFAULT_MAX_ENTRIES = 160
 
 
 def thumbnail(path: Path, size: int) -> Any:
-    """The image upright (EXIF) and RGB, at most `size` px on its long side; BadImageError when unreadable.
+    """The image upright (EXIF) and RGB, at most `size` px on its long side; BadImageError when unreadable, as
+    the dataset scan judges it (data/images.py opens and decodes it).
 
     JPEGs are decoded at a reduced scale (Pillow's draft), so a large photo costs a fraction of a full decode.
     """
-    from PIL import Image, ImageOps
-
-    try:
-        with Image.open(path) as image:
-            image.draft("RGB", (size, size))
-            upright = ImageOps.exif_transpose(image) or image.copy()  # a new image: it outlives the file
-            if upright.mode.startswith("I") or upright.mode == "F":
-                upright = to_rgb(upright)
-            upright.thumbnail((size, size))
-            return to_rgb(upright)
-    except Image.DecompressionBombError as exc:
-        raise BadImageError(path, f"too large to show ({exc})", "downscale it") from exc
-    except (OSError, ValueError, SyntaxError, EOFError, IndexError) as exc:
-        raise BadImageError(path, f"not a readable image ({exc})", "re-export or remove the file") from exc
+    with open_image(path) as image:
+        image.draft("RGB", (size, size))
+        upright = upright_image(image, path)
+    if upright.mode.startswith("I") or upright.mode == "F":
+        upright = to_rgb(upright)
+    upright.thumbnail((size, size))
+    return to_rgb(upright)
 
 
 class ThumbnailCache:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from kohya_backend.data.images import BadImageError
+from kohya_backend.data.images import BadImageError, probe_image
 from kohya_backend.ui.thumbnails import ThumbnailCache, thumbnail
 
 
@@ -49,3 +49,17 @@ def test_the_cache_decodes_a_file_again_only_when_it_changed(tmp_path: Path) -> 
         Image.new("RGB", (8, 8)).save(tmp_path / name)
         cache.get(tmp_path / name)
     assert cache.get(path) is not second
+
+
+def test_a_thumbnail_judges_an_image_as_the_dataset_scan_does(tmp_path: Path, monkeypatch) -> None:
+    # A broken EXIF block: the scan trains on the image as stored, so the tab shows it too.
+    Image.new("RGB", (80, 40), (200, 0, 0)).save(tmp_path / "odd-exif.png", exif=b"garbage")
+    assert probe_image(tmp_path / "odd-exif.png") == (80, 40)
+    assert thumbnail(tmp_path / "odd-exif.png", 20).size == (20, 10)
+    # Over Pillow's pixel limit (its warning range): the scan refuses it, so the tab says why.
+    Image.new("RGB", (40, 40)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(BadImageError, match="decompression-bomb limit"):
+        probe_image(tmp_path / "bomb.png")
+    with pytest.raises(BadImageError, match="decompression-bomb limit"):
+        thumbnail(tmp_path / "bomb.png", 20)

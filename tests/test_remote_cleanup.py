@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from kohya_backend.jobs.remote import RemoteRunner
 from kohya_backend.jobs.remote_cleanup import PENDING_NAME, PendingDeletes
 from kohya_backend.jobs.runner import RUN_NAME, write_json_atomic
 from kohya_backend.jobs.states import JobStatus
+from kohya_backend.jobs.store import JobActive, JobNotFound
 from kohya_backend.jobs.transfer import TransferStats, Uploader, collect_input
 from kohya_backend.jobs.worker_client import WorkerClient
 from kohya_backend.models.hashing import Sha256Cache
@@ -149,3 +151,45 @@ def test_recording_a_delete_does_not_wait_for_a_slow_worker_being_flushed(tmp_pa
         silent.close()
     assert left == [{"slow": [first, second]}]  # nothing was deleted; the id added meanwhile is kept
     assert pending.pending() == {"slow": [first, second]}
+
+
+def test_the_copies_are_recorded_before_the_job_goes_and_a_failed_record_does_not_fail_the_delete(
+    service: TrainingService,
+) -> None:
+    home = service.home.root
+    WorkerRegistry(home).add("http://127.0.0.1:9", TOKEN, name="off")
+    away = "20200101-000000-abcdef"
+    job_id = _local_job(service, {"off": away})
+    blocker = sqlite3.connect(service.store.db_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # the database is busy: the delete waits before the job goes
+    notes: list[str | None] = []
+    deleting = threading.Thread(target=lambda: notes.append(service.delete(job_id, wait_remote=True)))
+    deleting.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not (home / PENDING_NAME).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert service.store.job_dir(job_id).is_dir()  # the job is still here
+        assert json.loads((home / PENDING_NAME).read_text()) == {"off": [away]}  # a crash now loses nothing
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        deleting.join(60)
+    assert notes and notes[0] is not None and "did not answer" in notes[0]
+
+    queued = service.store.create(
+        fm_type="sd_1_5", model="m.safetensors", dataset="d", instance_type="worker", output_name="q",
+        config_toml='output_name = "q"\n', params={},
+    )  # fmt: skip
+    write_json_atomic(queued.folder / RUN_NAME, {"remote": {"off": {"job": "20200101-000000-aaaaaa"}}})
+    with pytest.raises(JobActive):  # the job stays, and so does its copy: nothing is recorded
+        service.delete(queued.id)
+    assert json.loads((home / PENDING_NAME).read_text()) == {"off": [away]}
+
+    (home / PENDING_NAME).unlink()
+    (home / PENDING_NAME).mkdir()  # the record cannot be written: the job is deleted all the same
+    other = _local_job(service, {"off": "20200101-000000-bbbbbb"})
+    note = service.delete(other)
+    assert note is not None and "could not be recorded" in note and "20200101-000000-bbbbbb" in note
+    with pytest.raises(JobNotFound):
+        service.store.get(other)

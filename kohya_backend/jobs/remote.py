@@ -7,6 +7,7 @@ the job folder, so the scheduler's event ingestion, progress, settling and deliv
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from pathlib import Path
@@ -274,16 +275,37 @@ class RemoteRunner:
 
     # -- deleted jobs -------------------------------------------------------------------------------------
 
-    def forget(self, job: Job, record: dict[str, Any] | None, *, wait: bool = False) -> str | None:
-        """After `job` was deleted here: delete its copies on the workers its run.json `record` names.
+    def delete_job(self, store: JobStore, job: Job, *, wait: bool = False) -> str | None:
+        """Delete `job` here and its copies on the workers its run.json names; a note says how (None: no copies).
 
-        Recorded first (HOME/worker-deletes.json), then deleted by the pool's monitor as soon as each worker
-        answers, or at once with `wait` (the CLI). Returns a note saying which (None: it had no copies).
+        The copies are recorded (HOME/worker-deletes.json) before the job goes, so a crash right after still
+        deletes them, and taken off again when the job stays; a record that cannot be written does not stop the
+        deletion (the note names the copies left behind). The pool's monitor deletes them as soon as each worker
+        answers, or this call at once with `wait` (the CLI).
         """
-        copies = remote_copies(record)
+        copies = remote_copies(read_json(job.folder / RUN_NAME))
         if not copies:
+            store.delete(job.id)
             return None
-        self.pending_deletes.add(copies)
+        try:
+            self.pending_deletes.add(copies)
+        except OSError as exc:
+            store.delete(job.id)
+            where = ", ".join(f"job {i} on worker {w}" for w, i in sorted(copies.items()))
+            log.warning("job %s deleted, but its copies (%s) could not be recorded: %s", job.id, where, exc)
+            return (
+                f"its copies ({where}) could not be recorded for deletion ({exc}): delete them there by hand"
+            )
+        try:
+            store.delete(job.id)
+        except TrainManagementError:
+            with contextlib.suppress(TrainManagementError, OSError):
+                store.get(job.id)  # still here (e.g. resumed meanwhile): its copies stay with it
+                self.pending_deletes.discard(copies)
+            raise
+        return self._forget(copies, wait=wait)
+
+    def _forget(self, copies: dict[str, str], *, wait: bool) -> str | None:
         names = ", ".join(sorted(copies))
         if not wait:
             self.pool.refresh_soon()

@@ -68,6 +68,14 @@ class PendingDeletes:
                     data[worker].append(job_id)
             self._write(data)
 
+    def discard(self, copies: dict[str, str]) -> None:
+        """Take recorded copies off again (their job was not deleted after all)."""
+        with self._lock, file_lock(self.path):
+            data = self._read()
+            for worker, job_id in copies.items():
+                data[worker] = [i for i in data.get(worker, []) if i != job_id]
+            self._write(data)
+
     def flush(
         self,
         registry: WorkerRegistry,

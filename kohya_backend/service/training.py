@@ -17,7 +17,7 @@ from kohya_backend.config.parse import parse_config
 from kohya_backend.config.schema import SCHEMA
 from kohya_backend.errors import ConfigError, ConfigIssue, TrainManagementError
 from kohya_backend.jobs.devices import detect_gpus
-from kohya_backend.jobs.runner import EVENTS_NAME, LOG_NAME, RUN_NAME, read_json
+from kohya_backend.jobs.runner import EVENTS_NAME, LOG_NAME
 from kohya_backend.jobs.scheduler import Scheduler
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import Job, JobStore
@@ -288,10 +288,11 @@ class TrainingService:
         """Delete a finished or interrupted job and its folder (delivered LoRAs stay). A job that ran on a worker
         is deleted there too (in the background, or before returning with `wait_remote`): a note says so."""
         job = self.store.get(job_id)
-        record = read_json(job.folder / RUN_NAME)  # names the remote copies; gone with the folder
+        delete_job = getattr(self.scheduler.runner_for(job.instance_type), "delete_job", None)
+        if callable(delete_job):  # the remote runner: it records the copies before the job (and run.json) go
+            return delete_job(self.store, job, wait=wait_remote)  # type: ignore[no-any-return]
         self.store.delete(job_id)
-        forget = getattr(self.scheduler.runner_for(job.instance_type), "forget", None)
-        return forget(job, record, wait=wait_remote) if callable(forget) else None
+        return None
 
     def log_path(self, job_id: str) -> Path:
         """The job's train.log (it may not exist yet)."""

@@ -304,7 +304,7 @@ def test_a_creation_waiting_over_an_hour_survives_another_services_sweep(
     monkeypatch.setattr(datasets_module, "STAGING_TOUCH_S", 0.05)
     release = threading.Event()
     for _ in range(datasets.tasks.workers):  # busy workers: the creation waits in the queue
-        datasets.tasks.submit("earlier work", release.wait)
+        datasets.tasks.submit("earlier work", lambda: release.wait(30))
     ticket = datasets.start_create("queued", _files({"a.png": _png(), "a.txt": b"a cat"}), repeats=2)
     (staging,) = [home.datasets / name for name in _leftovers(home)]
     hours_ago = time.time() - 2 * 3600

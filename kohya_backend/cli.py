@@ -300,7 +300,7 @@ def _cmd_jobs_run(args: argparse.Namespace) -> int:
 
     service = _jobs_service(args)
     scheduler, store = service.scheduler, service.store
-    busy = [JobStatus.QUEUED, *JobStatus.active()]
+    busy = JobStatus.busy()
     seen: dict[str, str] = {}
     try:
         while True:

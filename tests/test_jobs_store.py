@@ -219,6 +219,17 @@ def test_list_filters_by_status(tmp_path: Path) -> None:
     assert store.list(status=["preparing"])[1] == 1  # type: ignore[list-item]
 
 
+def test_iter_jobs_reads_every_page_oldest_first(tmp_path: Path) -> None:
+    store = JobStore(tmp_path)
+    ids = [_submit(store, f"n{i}").id for i in range(7)]
+    store.transition(ids[2], S.PREPARING, "go")
+    store.transition(ids[5], S.CANCELLED, "user")
+    assert [j.id for j in store.iter_jobs(page=2)] == ids
+    assert [j.id for j in store.iter_jobs(status=S.busy(), page=2)] == [i for i in ids if i != ids[5]]
+    assert [j.id for j in store.iter_jobs(status=S.active(), page=1)] == [ids[2]]
+    assert list(store.iter_jobs(status=[])) == []
+
+
 def test_list_rejects_bad_paging(tmp_path: Path) -> None:
     store = JobStore(tmp_path)
     for kwargs in ({"offset": -1}, {"limit": 0}, {"limit": 100_000}):

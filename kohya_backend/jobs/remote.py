@@ -58,20 +58,14 @@ class WorkerBusy(InUse):
 
 def jobs_using_worker(store: JobStore, name: str) -> list[str]:
     """Ids of the queued and running jobs aimed at worker `name`, or (sent through the pool) running there."""
-    wanted = [JobStatus.QUEUED, *JobStatus.active()]
     found: list[str] = []
-    offset = 0
-    while True:
-        page, total = store.list(status=wanted, offset=offset, limit=1000, newest_first=False)
-        for job in page:
-            running_there = job.instance_type == POOL and job.status is not JobStatus.QUEUED
-            if job.instance_type == _device(name) or (
-                running_there and (read_json(job.folder / RUN_NAME) or {}).get("worker") == name
-            ):
-                found.append(job.id)
-        offset += len(page)
-        if not page or offset >= total:
-            return found
+    for job in store.iter_jobs(status=JobStatus.busy()):
+        running_there = job.instance_type == POOL and job.status is not JobStatus.QUEUED
+        if job.instance_type == _device(name) or (
+            running_there and (read_json(job.folder / RUN_NAME) or {}).get("worker") == name
+        ):
+            found.append(job.id)
+    return found
 
 
 def remove_worker(registry: WorkerRegistry, store: JobStore, name: str) -> None:

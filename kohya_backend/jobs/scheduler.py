@@ -445,14 +445,7 @@ class Scheduler:
             log.info("job %s: re-attached to its trainer (pid %s)", job.id, handle.pid)
 
     def _active_jobs(self) -> list[Job]:
-        jobs: list[Job] = []
-        while True:
-            page, total = self.store.list(
-                status=JobStatus.active(), offset=len(jobs), limit=_PAGE, newest_first=False
-            )
-            jobs.extend(page)
-            if not page or len(jobs) >= total:
-                return jobs
+        return list(self.store.iter_jobs(status=JobStatus.active(), page=_PAGE))
 
     def _settle_vanished(self, job: Job) -> None:
         unknown = self.runner_for(job.instance_type) is None

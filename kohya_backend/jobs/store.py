@@ -354,6 +354,16 @@ class JobStore:
             outputs = self._outputs(conn, [r[0] for r in rows])
         return [self._row_to_job(r, outputs[r[0]]) for r in rows], total
 
+    def iter_jobs(self, *, status: Iterable[JobStatus] | None = None, page: int = _MAX_PAGE) -> Iterator[Job]:
+        """Every job (optionally only those in `status`), oldest first, read `page` jobs at a time."""
+        offset = 0
+        while True:
+            jobs, total = self.list(status=status, offset=offset, limit=page, newest_first=False)
+            yield from jobs
+            offset += len(jobs)
+            if not jobs or offset >= total:
+                return
+
     def transitions(self, job_id: str) -> builtins.list[Transition]:
         """Every status change of the job, oldest first, starting with its submission."""
         validate_job_id(job_id)

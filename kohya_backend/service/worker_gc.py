@@ -29,7 +29,6 @@ from kohya_backend.service.home import Home
 from kohya_backend.service.worker_jobs import BY_SHA256, KEYS_DIR, MATERIALISED_FOLDER
 
 MIN_AGE_S = 600.0  # never touch what changed in the last 10 minutes: a live worker may be using it right now
-_PAGE = 1000
 
 Inode = tuple[int, int]
 
@@ -45,17 +44,7 @@ class BlobNotFound(BlobError):
 
 
 def _protecting() -> frozenset[JobStatus]:
-    return frozenset({JobStatus.QUEUED, *JobStatus.active(), *JobStatus.resumable()})
-
-
-def _all_jobs(store: JobStore) -> Iterator[Job]:
-    offset = 0
-    while True:
-        page, total = store.list(offset=offset, limit=_PAGE, newest_first=False)
-        yield from page
-        offset += len(page)
-        if not page or offset >= total:
-            return
+    return JobStatus.busy() | JobStatus.resumable()
 
 
 def materialised_entries(home: Home) -> list[Path]:
@@ -134,7 +123,7 @@ def scan_jobs(store: JobStore, home: Home) -> InputUse:
     """Which materialised inputs the worker's jobs use (see the module doc)."""
     use = InputUse()
     protecting = _protecting()
-    for job in _all_jobs(store):
+    for job in store.iter_jobs():
         for entry in _job_entries(job, home):
             use.last_used[entry] = max(use.last_used.get(entry, 0.0), job.updated_at)
             if job.status in protecting:

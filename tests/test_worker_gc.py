@@ -8,8 +8,9 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from kohya_backend.jobs.worker_client import WorkerClient, WorkerRejected
 from kohya_backend.models.hashing import Sha256Cache
 from kohya_backend.service.worker import Worker, build_worker
 from kohya_backend.service.worker_gc import MIN_AGE_S, _prune_keys
-from kohya_backend.service.worker_jobs import BY_SHA256, KEYS_DIR
+from kohya_backend.service.worker_jobs import BY_SHA256, KEYS_DIR, materialise_lock
 
 ROOT = str(Path(kohya_backend.__file__).resolve().parent.parent)
 MONTH_AGO = time.time() - 30 * 86400
@@ -187,3 +188,38 @@ def test_gc_prunes_only_old_keys_of_jobs_that_are_really_gone(tmp_path: Path) ->
     with pytest.raises(StoreError):  # the store cannot say the job is gone: nothing is removed
         _prune_keys(keys, store, cutoff)
     assert (keys / "deleted-old").is_file() and (keys / "alive").is_file()
+
+
+def _blocked(action: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+    """Run `action` in a thread; after a second it must still wait (for the lock the test holds)."""
+    done: list[object] = []
+    thread = threading.Thread(target=lambda: done.append(action()), daemon=True)
+    thread.start()
+    thread.join(1.0)
+    assert thread.is_alive() and not done
+    return thread, done
+
+
+def test_gc_blob_deletion_and_submission_take_turns_on_the_materialise_lock(
+    served: tuple[Worker, WorkerClient], demo: Path, tmp_path: Path
+) -> None:
+    worker, client = served
+    home = worker.service.home
+    inputs = _inputs(demo, demo / "datasets" / "demo", Sha256Cache(tmp_path / "h.json"))
+    Uploader(client, TransferStats("w")).ensure(inputs)
+    stray = _put(client, b"nobody uses this")
+    waiting = []
+    with materialise_lock(home.root):  # what a submission holds from materialising its inputs to queueing it
+        gc = subprocess.Popen(
+            [sys.executable, "-m", "kohya_backend", "worker", "gc", "--home", str(home.root)],
+            env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        waiting.append(_blocked(lambda: client.delete_blob(stray)))
+        waiting.append(_blocked(lambda: _submit(client, inputs, "c:locked")))
+        time.sleep(2.0)
+        assert gc.poll() is None  # the gc waits too, before it scans the jobs
+    assert gc.wait(60) == 0
+    for thread, _done in waiting:
+        thread.join(60)
+    assert waiting[0][1] == [{"sha256": stray, "partial": False, "freed_bytes": 16, "links_left": 0}]
+    assert worker.service.store.get(str(waiting[1][1][0])).status.value == "queued"

@@ -5,6 +5,8 @@ models/<name>-<digest>/...), so a blob's bytes come back only once its materiali
 still train (queued, running, or resumable: interrupted, failed, cancelled) keep every blob and materialised input
 they link; completed and deleted jobs keep nothing, though a recent use keeps them for the grace period. Uploads in
 progress belong to the worker process (gc may run beside it), so anything touched in the last minutes stays.
+Both hold HOME/materialise.lock from their job scan to the removal, as a submission does from materialising its
+inputs to queueing its job, so an input reused meanwhile never goes.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from kohya_backend.jobs.store import Job, JobNotFound, JobStore, validate_job_id
 from kohya_backend.jobs.worker_protocol import INPUT_KEYS, SHA256_PATTERN, validate_sha256
 from kohya_backend.service.blobs import BLOBS_DIR, BlobError, BlobStore
 from kohya_backend.service.home import Home
-from kohya_backend.service.worker_jobs import BY_SHA256, KEYS_DIR, MATERIALISED_FOLDER
+from kohya_backend.service.worker_jobs import BY_SHA256, KEYS_DIR, MATERIALISED_FOLDER, materialise_lock
 
 MIN_AGE_S = 600.0  # never touch what changed in the last 10 minutes: a live worker may be using it right now
 
@@ -160,20 +162,21 @@ def delete_blob(home: Home, store: JobStore, blobs: BlobStore, sha256: str) -> d
         if blobs.remove_partial(sha):
             return {"sha256": sha, "partial": True, "freed_bytes": None, "links_left": 0}
         raise BlobNotFound(f"this worker holds no blob {sha[:12]}", "ask HEAD /blobs/{sha256} first")
-    use = scan_jobs(store, home)
-    users = sorted(set(use.protected_inodes().get(_inode(path) or (-1, -1), [])))
-    entry = home.models / BY_SHA256 / sha
-    users += [j for j in use.protected_entries.get(entry, []) if j not in users]
-    if users:
-        raise BlobInUse(
-            f"blob {sha[:12]} is linked by {len(users)} job(s) that may still train: {', '.join(users[:10])}",
-            "delete or finish those jobs first (DELETE /jobs/{id}), then delete the blob",
-            users,
-        )
-    freed = _remove(entry) if entry.is_dir() else 0
-    links_left = path.stat().st_nlink - 1
-    freed += _remove(path)
-    return {"sha256": sha, "partial": False, "freed_bytes": freed, "links_left": links_left}
+    with materialise_lock(home.root):  # a submission reusing the blob waits, or is waited for
+        use = scan_jobs(store, home)
+        users = sorted(set(use.protected_inodes().get(_inode(path) or (-1, -1), [])))
+        entry = home.models / BY_SHA256 / sha
+        users += [j for j in use.protected_entries.get(entry, []) if j not in users]
+        if users:
+            raise BlobInUse(
+                f"blob {sha[:12]} is linked by {len(users)} job(s) that may still train: {', '.join(users[:10])}",
+                "delete or finish those jobs first (DELETE /jobs/{id}), then delete the blob",
+                users,
+            )
+        freed = _remove(entry) if entry.is_dir() else 0
+        links_left = path.stat().st_nlink - 1
+        freed += _remove(path)
+        return {"sha256": sha, "partial": False, "freed_bytes": freed, "links_left": links_left}
 
 
 @dataclass
@@ -221,32 +224,33 @@ def collect_garbage(home_dir: Path, *, older_than_s: float) -> GcReport:
     report = GcReport()
     now = time.time()
     cutoff = now - max(older_than_s, MIN_AGE_S)
-    use = scan_jobs(store, home)
-    kept: list[Path] = []
-    for entry in materialised_entries(home):
-        if entry in use.protected_entries:
-            kept.append(entry)
-        elif max(_mtime(entry), use.last_used.get(entry, 0.0)) >= cutoff:
-            kept.append(entry)
-            report.kept_recent += 1
-        else:
-            report.freed_bytes += _remove(entry)
-            report.entries += 1
-    linked = {i for entry in kept for i in map(_inode, _files(entry)) if i is not None}
-    for blob in blobs.complete_paths():
-        if _inode(blob) in linked:
-            continue
-        if _mtime(blob) >= cutoff:
-            report.kept_recent += 1
-            continue
-        report.freed_bytes += _remove(blob)
-        report.blobs += 1
-    removed, freed = blobs.remove_stale_partials(now - cutoff)
-    report.partials += removed
-    report.freed_bytes += freed
-    report.keys += _prune_keys(home.root / KEYS_DIR, store, cutoff)
-    for leftover in _leftovers(home, cutoff):
-        report.freed_bytes += _remove(leftover)
+    with materialise_lock(home.root):  # a submission reusing an input waits, or is waited for
+        use = scan_jobs(store, home)
+        kept: list[Path] = []
+        for entry in materialised_entries(home):
+            if entry in use.protected_entries:
+                kept.append(entry)
+            elif max(_mtime(entry), use.last_used.get(entry, 0.0)) >= cutoff:
+                kept.append(entry)
+                report.kept_recent += 1
+            else:
+                report.freed_bytes += _remove(entry)
+                report.entries += 1
+        linked = {i for entry in kept for i in map(_inode, _files(entry)) if i is not None}
+        for blob in blobs.complete_paths():
+            if _inode(blob) in linked:
+                continue
+            if _mtime(blob) >= cutoff:
+                report.kept_recent += 1
+                continue
+            report.freed_bytes += _remove(blob)
+            report.blobs += 1
+        removed, freed = blobs.remove_stale_partials(now - cutoff)
+        report.partials += removed
+        report.freed_bytes += freed
+        report.keys += _prune_keys(home.root / KEYS_DIR, store, cutoff)
+        for leftover in _leftovers(home, cutoff):
+            report.freed_bytes += _remove(leftover)
     return report
 
 

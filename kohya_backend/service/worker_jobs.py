@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs.delivery import NO_LINK_ERRNOS
+from kohya_backend.jobs.registry import file_lock
 from kohya_backend.jobs.runner import LOG_NAME, RESULT_NAME, read_json
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import Job, JobNotFound, validate_job_id
@@ -44,6 +45,7 @@ from kohya_backend.service.streams import wait_events
 from kohya_backend.service.training import Submission, TrainingService
 
 KEYS_DIR = "worker-keys"
+MATERIALISE_LOCK = "materialise"  # HOME/materialise.lock
 # Where inputs are materialised: models/by-sha256/<sha256>/<name> (a file), and <root>/<name>-<digest> (a folder).
 BY_SHA256 = "by-sha256"
 _DIGEST_CHARS = 16
@@ -156,6 +158,12 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
+def materialise_lock(home_root: Path) -> contextlib.AbstractContextManager[None]:
+    """Held from materialising a submission's inputs until its job is queued, and by `worker gc` and blob deletion
+    from their job scan until they removed what it found unused: an input reused meanwhile never goes."""
+    return file_lock(Path(home_root) / MATERIALISE_LOCK)
+
+
 def _write_marker(marker: Path, job_id: str) -> None:
     """Write a client key's job id whole or not at all (temp file, fsync, rename): a half-written key reads as no
     key, and a retry would queue the job twice."""
@@ -214,7 +222,7 @@ class WorkerJobs:
         if missing:
             raise MissingBlobs(sorted(set(missing)))
         marker = self.keys_root / hashlib.sha256(key.encode("utf-8")).hexdigest()
-        with self._submit_lock:
+        with self._submit_lock, materialise_lock(self.service.home.root):
             known = self._known(marker)
             if known is not None:
                 return self.view(known), False

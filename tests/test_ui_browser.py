@@ -163,6 +163,12 @@ def test_dataset_format_train_and_deliver_in_the_browser(server: tuple[str, Path
             assert (home / "datasets/shapes/5_shapes/blue.txt").read_text() == (
                 "shape, blue square, edited in the browser\n"
             )
+            # The full validation decodes every image in the background: a truncated one only it can see.
+            broken = home / "datasets/shapes/5_shapes/zz-broken.png"
+            broken.write_bytes((home / "datasets/shapes/5_shapes/blue.png").read_bytes()[:60])
+            page.click("#train_management_ds_validate")
+            assert "zz-broken.png" in wait_text(page, "train_management_ds_report", "Problem", 60)
+            broken.unlink()
             _shot(page, "1-dataset-created")
 
             # Training: the new dataset, a config with an error on line 5, then the fix.

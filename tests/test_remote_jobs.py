@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,9 +13,8 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from jobs_support import FAST_CONFIG
-from remote_support import TOKEN, WorkerProcess, free_port
+from remote_support import TOKEN, WorkerProcess, running
 
 from kohya_backend.assets.demo import prepare_demo
 from kohya_backend.jobs.progress import log_tail
@@ -84,21 +82,16 @@ def client_home(tmp_path_factory: pytest.TempPathFactory, workers: list[WorkerPr
 def api(client_home: Path) -> Iterator[tuple[TrainingService, httpx.Client]]:
     """The client's REST API (real uvicorn) with its scheduler thread."""
     service = _service(client_home)
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(service, token=API_TOKEN), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
     service.scheduler.start()
-    while not server.started:
-        time.sleep(0.05)
     headers = {"Authorization": f"Bearer {API_TOKEN}"}
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}{API_PREFIX}", headers=headers, timeout=30) as client:
-        yield service, client
-    server.should_exit = True
-    thread.join(10)
-    service.scheduler.stop()
+    try:
+        with (
+            running(create_app(service, token=API_TOKEN)) as base,
+            httpx.Client(base_url=f"{base}{API_PREFIX}", headers=headers, timeout=30) as client,
+        ):
+            yield service, client
+    finally:
+        service.scheduler.stop()
 
 
 def _until(check: Callable[[], bool], what: str, service: TrainingService, timeout: float = 120) -> None:

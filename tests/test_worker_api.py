@@ -290,7 +290,7 @@ def test_event_long_polls_hold_no_thread_and_answer_new_lines_with_relative_path
         time.sleep(1.0)
         started = time.monotonic()
         assert httpx.get(f"{server.url}{WORKER_PREFIX}/info", headers=headers, timeout=30).status_code == 200
-        assert time.monotonic() - started < 2.0  # not queued behind the waiting polls
+        assert time.monotonic() - started < 10  # not queued behind the 20 s polls
         assert not any(poll.done() for poll in waiting)
         lines = [
             {"kind": "saved", "path": f"{folder}/output/x.safetensors"},
@@ -306,7 +306,7 @@ def test_event_long_polls_hold_no_thread_and_answer_new_lines_with_relative_path
     client.cancel(job_id)
     started = time.monotonic()
     assert client.events(job_id, 2, 20) == {"events": [], "next": 2, "status": "cancelled", "settled": True}
-    assert time.monotonic() - started < 2.0  # a settled job is not waited for
+    assert time.monotonic() - started < 10  # a settled job is not waited for (20 s)
 
 
 class NoHeadClient(WorkerClient):

@@ -25,6 +25,8 @@ from kohya_backend.train.families import get_family
 from kohya_backend.train.inputs import encode_latents
 from kohya_backend.train.loop import Trainer, auto_vae_batch_size, train
 from kohya_backend.train.noise import make_noise_scheduler
+from kohya_backend.train.precision import Precision
+from kohya_backend.train.state import SCALER_FILE, latest_state
 
 
 @pytest.fixture(scope="module")
@@ -279,6 +281,33 @@ def test_training_options_run(assets, tmp_path, name):
     if name == "unet_only_cached_te":
         saved, _ = load_lora(result.output)
         assert saved and all(k.startswith("lora_unet") for k in saved)
+
+
+def test_loss_scaling_trains_like_full_precision_and_resume_restores_the_scale(assets, tmp_path):
+    """fp16's loss scaler, injected on the CPU: the optimizer must see unscaled gradients (SGD without clipping
+    would otherwise move the weights 4096 times as far), and save_state/resume must carry the loss scale."""
+    options = dict(optimizer_type="SGDNesterov", max_grad_norm=0, max_train_steps=3, save_state=True)
+    _, plain = run(make_config(assets, tmp_path / "plain", **options))
+    scaled = Precision(torch.device("cpu"), scaler=torch.amp.GradScaler("cpu", init_scale=4096.0))
+    trainer = Trainer(
+        make_config(assets, tmp_path / "scaled", **options),
+        events=EventLog(None, console=None),
+        precision=scaled,
+    )
+    result = trainer.run()
+    assert plain.output is not None and result.output is not None
+    want, _ = load_lora(plain.output)
+    got, _ = load_lora(result.output)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-7)
+    state = latest_state(tmp_path / "scaled" / "t-state")
+    assert state is not None and (state / SCALER_FILE).is_file()
+    resumed = Precision(torch.device("cpu"), scaler=torch.amp.GradScaler("cpu", init_scale=2.0))
+    again = make_config(
+        assets, tmp_path / "scaled", **{**options, "max_train_steps": 4, "resume": str(state)}
+    )
+    Trainer(again, events=EventLog(None, console=None), precision=resumed).run()
+    assert resumed.scaler is not None and resumed.scaler.get_scale() == 4096.0
 
 
 def test_nan_loss_stops_with_an_actionable_error(assets, tmp_path):

@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 
 from kohya_backend.config.format import to_canonical_toml
 from kohya_backend.config.validate import TrainConfig
@@ -47,11 +45,10 @@ from kohya_backend.train.noise import (
 )
 from kohya_backend.train.optim import create_lr_scheduler, create_optimizer, current_lrs
 from kohya_backend.train.plan import plan_for
+from kohya_backend.train.precision import Precision
 from kohya_backend.train.runtime import release_pages, tune_allocator
 from kohya_backend.train.sample import generate_samples, parse_sample_prompts
 from kohya_backend.train.state import PROGRESS_FILE, latest_state, load_training_state, save_training_state
-
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -90,8 +87,16 @@ def auto_vae_batch_size(resolution: tuple[int, int], device: torch.device | str)
 class Trainer:
     """One training run of a validated config; `run()` does everything and returns what it saved."""
 
-    def __init__(self, config: TrainConfig, *, events: EventLog, stop: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        events: EventLog,
+        stop: threading.Event | None = None,
+        precision: Precision | None = None,
+    ) -> None:
         self.config = config
+        self.precision = precision or Precision.for_run(config.values["mixed_precision"])
         self.cfg = config.values
         self.events = events
         self.stop = stop or threading.Event()
@@ -133,9 +138,9 @@ class Trainer:
         self.events.total_steps = self.plan.total_steps
         self.events.emit("plan", **self.plan.to_dict())
 
-    def _prepare_model(self, accelerator: Accelerator) -> None:
+    def _prepare_model(self, precision: Precision) -> None:
         cfg = self.cfg
-        weight_dtype = DTYPES[cfg["mixed_precision"]] if accelerator.device.type == "cuda" else torch.float32
+        weight_dtype = precision.weight_dtype
         vae_dtype = torch.float32 if cfg.get("no_half_vae") or weight_dtype == torch.float32 else weight_dtype
         self.weight_dtype = weight_dtype
         self.events.emit("log", message=f"loading {cfg['pretrained_model_name_or_path']}")
@@ -145,16 +150,16 @@ class Trainer:
             self.config.fm_type,
             dtype=weight_dtype,
             vae_dtype=vae_dtype,
-            device=str(accelerator.device),
+            device=str(precision.device),
             tokenizer_dir=Path(tok_dir) if tok_dir else None,
             # RAM-bound CPU runs keep an fp16 file's frozen weights in fp16 (same results, half the memory)
-            keep_file_precision=accelerator.device.type == "cpu",
+            keep_file_precision=precision.device.type == "cpu",
         )
         m = self.model
         for module in [m.unet, m.vae, *m.text_encoders]:
             module.requires_grad_(False)
             module.eval()
-            if accelerator.device.type == "cpu":
+            if precision.device.type == "cpu":
                 # before the LoRA wraps them: no saved inputs, im2col for small maps
                 route_frozen_layers(module)
         args = self.config.network_args
@@ -177,7 +182,7 @@ class Trainer:
         if cfg.get("network_weights"):
             sd, _ = load_lora(Path(cfg["network_weights"]))
             self.network.load_kohya_state_dict(sd)
-        self.network.to(accelerator.device)
+        self.network.to(precision.device)
         if cfg.get("gradient_checkpointing"):
             unet: Any = m.unet
             unet.enable_gradient_checkpointing()
@@ -188,7 +193,7 @@ class Trainer:
                     te_any.gradient_checkpointing_enable()
                     te_any.train()
 
-    def _prepare_caches(self, accelerator: Accelerator) -> None:
+    def _prepare_caches(self, precision: Precision) -> None:
         cfg = self.cfg
         m = self.model
         self.latent_cache: LatentCache | None = None
@@ -206,8 +211,7 @@ class Trainer:
                 scale=m.arch.latent_scale,
                 flips=flips,
                 batch_size=int(
-                    cfg.get("vae_batch_size")
-                    or auto_vae_batch_size(self.config.resolution, accelerator.device)
+                    cfg.get("vae_batch_size") or auto_vae_batch_size(self.config.resolution, precision.device)
                 ),
                 generator=gen,
                 progress=lambda d, t: self.events.emit("caching", what="latents", done=d, total=t),
@@ -219,13 +223,13 @@ class Trainer:
         if self.text_cache is not None and cfg.get("cache_text_encoder_outputs"):
             captions = sorted({self._caption_for(it, epoch=1, rng=random.Random(0)) for it in self.items})
             for start in range(0, len(captions), 16):
-                self._conditioning(captions[start : start + 16], accelerator)
+                self._conditioning(captions[start : start + 16], precision)
             self.events.emit("caching", what="text", done=len(captions), total=len(captions))
             if not self._sampling_enabled():
                 for te in m.text_encoders:
                     te.to("meta")
 
-    def _prepare_optimizer(self, accelerator: Accelerator) -> None:
+    def _prepare_optimizer(self, precision: Precision) -> None:
         cfg = self.cfg
         groups = self.network.param_groups(
             unet_lr=float(self.config.unet_lr or 0), text_encoder_lr=float(self.config.text_encoder_lr or 0)
@@ -247,7 +251,7 @@ class Trainer:
         )
         scheduler: Any = make_noise_scheduler(self.prediction_type)
         self.noise_scheduler = scheduler
-        scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(accelerator.device)
+        scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(precision.device)
 
     def _resume_path(self) -> Path | None:
         """The state folder `resume` names (a state-* folder, or a folder of them: the newest), or None."""
@@ -280,7 +284,11 @@ class Trainer:
         if path is None:
             return
         progress = load_training_state(
-            path, network=self.network, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler
+            path,
+            network=self.network,
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+            grad_scaler=self.precision.scaler,
         )
         self.step, self.epoch, self.batches_done = (
             progress.step,
@@ -322,7 +330,7 @@ class Trainer:
                 self._ids[caption] = [ids[i] for ids in per_tokenizer]
         return [torch.stack([self._ids[c][t] for c in captions]) for t in range(len(self.model.tokenizers))]
 
-    def _conditioning(self, captions: list[str], accelerator: Accelerator) -> Conditioning:
+    def _conditioning(self, captions: list[str], precision: Precision) -> Conditioning:
         m = self.model
         max_len = int(self.cfg.get("max_token_length") or 75)
         clip_skip = int(self.cfg.get("clip_skip") or 1)
@@ -331,9 +339,9 @@ class Trainer:
         missing = self.text_cache.lookup(captions)
         if missing:
             ids = self._token_ids(missing, max_len)
-            with torch.no_grad(), accelerator.autocast():
+            with torch.no_grad(), precision.autocast():
                 self.text_cache.add(missing, self.family.encode(m.text_encoders, ids, clip_skip))
-        return self.text_cache.batch(captions).to(accelerator.device)
+        return self.text_cache.batch(captions).to(precision.device)
 
     def _make_batch(self, batch: list[TrainItem], rng: random.Random, step_gen: torch.Generator) -> _Batch:
         cfg = self.cfg
@@ -369,9 +377,9 @@ class Trainer:
         return _Batch(latents, captions, time_ids, weights)
 
     # ----------------------------------------------------------------------------------------------- step
-    def _train_step(self, batch: _Batch, accelerator: Accelerator, step_gen: torch.Generator) -> float:
+    def _train_step(self, batch: _Batch, precision: Precision, step_gen: torch.Generator) -> float:
         cfg = self.cfg
-        device = accelerator.device
+        device = precision.device
         latents = batch.latents.to(device, torch.float32)
         # drawn from the CPU generator (same numbers on any device) and placed on the device, no host copy of latents
         noise = sample_noise(latents, generator=step_gen, noise_offset=cfg.get("noise_offset"))
@@ -383,8 +391,8 @@ class Trainer:
             max_timestep=int(cfg.get("max_timestep") or 1000),
         ).to(device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        with accelerator.autocast():
-            cond = self._conditioning(batch.captions, accelerator)
+        with precision.autocast():
+            cond = self._conditioning(batch.captions, precision)
             kwargs = self.family.unet_kwargs(
                 cond.to(device, self.weight_dtype) if cond.pooled is not None else cond,
                 batch.time_ids.to(device, self.weight_dtype) if batch.time_ids is not None else None,
@@ -411,15 +419,15 @@ class Trainer:
                 f"loss became {value} at step {self.step + 1}",
                 hint="lower the learning rate; with mixed_precision fp16 try bf16, and keep no_half_vae on SDXL",
             )
-        accelerator.backward(loss / self.grad_accum)
+        precision.backward(loss / self.grad_accum)
         return value
 
-    def _optimizer_step(self, accelerator: Accelerator) -> None:
-        max_norm = self.cfg.get("max_grad_norm")
-        if max_norm:
-            accelerator.clip_grad_norm_(self.network.parameters(), float(max_norm))
-        self.optimizer.step()
-        self.lr_scheduler.step()
+    def _optimizer_step(self, precision: Precision) -> None:
+        stepped = precision.step(
+            self.optimizer, self.network.parameters(), float(self.cfg.get("max_grad_norm") or 0)
+        )
+        if stepped:  # an fp16 step skipped for overflowing gradients leaves the schedule where it was
+            self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     # ----------------------------------------------------------------------------------------------- saving
@@ -492,10 +500,11 @@ class Trainer:
             config_toml=to_canonical_toml(self.config),
             extra={"seed": self.seed},
             keep_last=2,
+            grad_scaler=self.precision.scaler,
         )
         self.events.emit("state_saved", path=str(path), step=self.step, epoch=self.epoch)
 
-    def _sample(self, accelerator: Accelerator) -> None:
+    def _sample(self, precision: Precision) -> None:
         raw = str(self.cfg["sample_prompts"])
         text = Path(raw).read_text(encoding="utf-8") if Path(raw).is_file() else raw
         w, h = self.config.resolution
@@ -512,7 +521,7 @@ class Trainer:
             out_dir=self.output_dir / "sample",
             step=self.step,
             epoch=self.epoch,
-            device=accelerator.device,
+            device=precision.device,
             dtype=self.weight_dtype,
             prediction_type=self.prediction_type,
             file_prefix=self.output_name,
@@ -528,13 +537,8 @@ class Trainer:
         cfg = self.cfg
         tune_allocator()
         self.grad_accum = int(cfg.get("gradient_accumulation_steps") or 1)
-        cpu_only = not torch.cuda.is_available()
-        mp = cfg["mixed_precision"] if not (cpu_only and cfg["mixed_precision"] == "fp16") else "no"
-        # accelerate keeps process-wide state; a run owns it, so clear what an earlier in-process run (a test, the
-        # demo) set before asking for this run's precision.
-        AcceleratorState._reset_state(reset_partial_state=True)
-        accelerator = Accelerator(mixed_precision=mp, cpu=cpu_only)
-        if not cpu_only:
+        precision = self.precision
+        if precision.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()  # the done event's peak is this run's, not the process's
         self._resume_seed()
         random.seed(self.seed)
@@ -543,14 +547,14 @@ class Trainer:
             "start",
             fm_type=self.config.fm_type,
             output_dir=str(self.output_dir),
-            device=str(accelerator.device),
+            device=str(precision.device),
         )
         self._prepare_data()
         # kohya's metadata needs the base model's sha256: hash it (or take it from the cache) while we load and train
         self._base_sha256 = BackgroundSha256(Path(cfg["pretrained_model_name_or_path"]))
-        self._prepare_model(accelerator)
-        self._prepare_caches(accelerator)
-        self._prepare_optimizer(accelerator)
+        self._prepare_model(precision)
+        self._prepare_caches(precision)
+        self._prepare_optimizer(precision)
         self._maybe_resume()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         total = self.plan.total_steps
@@ -558,13 +562,13 @@ class Trainer:
         while self.step < total and not self.stop.is_set():
             if self.batches_done == 0:
                 self.epoch += 1
-            self._run_epoch(accelerator, total)
+            self._run_epoch(precision, total)
             if self.stop.is_set():
                 break
-            self._end_of_epoch(accelerator)
+            self._end_of_epoch(precision)
         return self._finish()
 
-    def _run_epoch(self, accelerator: Accelerator, total: int) -> None:
+    def _run_epoch(self, precision: Precision, total: int) -> None:
         batches = epoch_batches(
             self.items,
             self.scan,
@@ -576,11 +580,11 @@ class Trainer:
         for index in range(self.batches_done, len(batches)):
             rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
             step_gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 10_007 + index)
-            loss = self._train_step(self._make_batch(batches[index], rng, step_gen), accelerator, step_gen)
+            loss = self._train_step(self._make_batch(batches[index], rng, step_gen), precision, step_gen)
             self.batches_done = index + 1
             if self.batches_done % self.grad_accum and index != last:
                 continue
-            self._optimizer_step(accelerator)
+            self._optimizer_step(precision)
             self.step += 1
             self.losses.append(loss)
             self.events.step(
@@ -589,13 +593,13 @@ class Trainer:
                 loss=loss,
                 lrs=current_lrs(self.optimizer, self.lr_scheduler),
             )
-            self._step_checks(accelerator)
+            self._step_checks(precision)
             if self.step >= total or self.stop.is_set():
                 break
         else:
             self.batches_done = 0  # the epoch ran to its end
 
-    def _step_checks(self, accelerator: Accelerator) -> None:
+    def _step_checks(self, precision: Precision) -> None:
         every = self.cfg.get("save_every_n_steps")
         if every and self.step % int(every) == 0 and self.step < self.plan.total_steps:
             self._save_lora(f"{self.output_name}-step{self.step:08d}", final=False)
@@ -603,9 +607,9 @@ class Trainer:
                 self._save_state()
         every = self.cfg.get("sample_every_n_steps")
         if every and self._sampling_enabled() and self.step % int(every) == 0:
-            self._sample(accelerator)
+            self._sample(precision)
 
-    def _end_of_epoch(self, accelerator: Accelerator) -> None:
+    def _end_of_epoch(self, precision: Precision) -> None:
         self.events.emit("epoch", epoch=self.epoch, step=self.step, avg_loss=self._avg_loss())
         done = self.step >= self.plan.total_steps
         every = self.config.save_every_n_epochs_for(self.plan.epochs)
@@ -616,7 +620,7 @@ class Trainer:
                 self._save_state()
         every = self.cfg.get("sample_every_n_epochs")
         if every and self._sampling_enabled() and self.epoch % int(every) == 0:
-            self._sample(accelerator)
+            self._sample(precision)
 
     def _avg_loss(self) -> float | None:
         return sum(self.losses[-50:]) / len(self.losses[-50:]) if self.losses else None

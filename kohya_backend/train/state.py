@@ -31,6 +31,7 @@ NETWORK_FILE = "network.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.pt"
+SCALER_FILE = "grad_scaler.pt"  # only in states of fp16 runs (the loss scale and its growth tracker)
 _STATE_NAME = re.compile(r"^state-(\d{8,})$")
 
 
@@ -111,10 +112,13 @@ def _write_state_files(
     lr_scheduler: Any,
     config_toml: str,
     progress: dict,
+    grad_scaler: Any,
 ) -> None:
     save_model(network, str(folder / NETWORK_FILE), force_contiguous=True)
     torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
     torch.save(lr_scheduler.state_dict(), folder / SCHEDULER_FILE)
+    if grad_scaler is not None:
+        torch.save(grad_scaler.state_dict(), folder / SCALER_FILE)
     torch.save(rng_states(), folder / RNG_FILE)
     (folder / CONFIG_FILE).write_text(config_toml, encoding="utf-8")
     # Written last: a folder without this file is never a valid state.
@@ -152,8 +156,12 @@ def save_training_state(
     config_toml: str,
     extra: dict | None = None,
     keep_last: int | None = None,
+    grad_scaler: Any = None,
 ) -> Path:
-    """Write `state_dir/state-{step:08d}` atomically and keep only the newest `keep_last` states."""
+    """Write `state_dir/state-{step:08d}` atomically and keep only the newest `keep_last` states.
+
+    `grad_scaler` (fp16 runs): its state is saved too, so a resumed run continues with the same loss scale.
+    """
     progress = _progress_record(step, epoch, batches_done_in_epoch, extra)
     state_dir.mkdir(parents=True, exist_ok=True)
     final = state_dir / f"{STATE_PREFIX}{step:08d}"
@@ -168,6 +176,7 @@ def save_training_state(
             lr_scheduler=lr_scheduler,
             config_toml=config_toml,
             progress=progress,
+            grad_scaler=grad_scaler,
         )
         _fsync_files(temp)
         _fsync_dir(temp)
@@ -242,9 +251,10 @@ def _load_torch(path: Path) -> Any:
 
 
 def load_training_state(
-    path: Path, *, network: torch.nn.Module, optimizer: Any, lr_scheduler: Any
+    path: Path, *, network: torch.nn.Module, optimizer: Any, lr_scheduler: Any, grad_scaler: Any = None
 ) -> TrainingProgress:
-    """Restore network, optimizer, scheduler and RNG from a saved state and return where training stood."""
+    """Restore network, optimizer, scheduler, RNG (and the fp16 loss scaler, when both the run and the state have
+    one) from a saved state and return where training stood."""
     record = _read_progress(path)
     if record is None:
         raise TrainingError(
@@ -260,6 +270,8 @@ def load_training_state(
         load_model(network, str(path / NETWORK_FILE), strict=True)
         optimizer.load_state_dict(_load_torch(path / OPTIMIZER_FILE))
         lr_scheduler.load_state_dict(_load_torch(path / SCHEDULER_FILE))
+        if grad_scaler is not None and (path / SCALER_FILE).is_file():
+            grad_scaler.load_state_dict(_load_torch(path / SCALER_FILE))
         rng = _load_torch(path / RNG_FILE)
     except (RuntimeError, ValueError, KeyError) as exc:
         raise TrainingError(

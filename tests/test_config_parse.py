@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from kohya_backend.config.parse import ParsedConfig, ValueProblem, coerce_value, parse_config
+from kohya_backend.config.parse import ParsedConfig, ValueProblem, coerce_value, literal_kwargs, parse_config
 from kohya_backend.config.schema import SCHEMA
 from kohya_backend.errors import ConfigError, ConfigIssue
 
@@ -262,3 +262,34 @@ def test_unsupported_choice_value_says_kohya_accepts_it() -> None:
     assert info.value.message.startswith('kohya accepts network_module = "lycoris.kohya"')
     assert "LyCORIS" in info.value.message
     assert info.value.hint == "choose one of networks.lora"
+
+
+def test_literal_kwargs_read_values_as_kohya_does() -> None:
+    parsed = literal_kwargs(
+        ["weight_decay=0.01", "betas=0.9,0.99", "eps=1e-8", " decouple = True ", "mode='fast'", "d=(1, 2)"]
+    )
+    assert parsed == {
+        "weight_decay": 0.01,
+        "betas": (0.9, 0.99),
+        "eps": 1e-8,
+        "decouple": True,
+        "mode": "fast",
+        "d": (1, 2),
+    }
+    assert isinstance(parsed["weight_decay"], float) and isinstance(parsed["betas"], tuple)
+
+
+@pytest.mark.parametrize(
+    ("item", "fragment"),
+    [
+        ("weight_decay", "not of the form name=value"),
+        ("=1", "not of the form name=value"),
+        ("x=__import__('os').getcwd()", "not a Python literal"),
+        ("x=1+", "not a Python literal"),
+        ("scale_parameter=false", "not a Python literal"),  # kohya's literal_eval rejects lowercase false too
+        ("mode=fast", "not a Python literal"),
+    ],
+)
+def test_literal_kwargs_reject_what_kohya_cannot_read(item: str, fragment: str) -> None:
+    with pytest.raises(ValueProblem, match=fragment):
+        literal_kwargs([item])

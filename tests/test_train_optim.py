@@ -8,15 +8,17 @@ import sys
 import pytest
 import torch
 
+from kohya_backend.config.validate import validate_config
 from kohya_backend.errors import ConfigError, OptimizerUnavailableError, TrainingError
 from kohya_backend.train.optim import (
     LR_SCHEDULER_NAMES,
     OPTIMIZER_NAMES,
+    build_optimizer,
     create_lr_scheduler,
     create_optimizer,
     current_lrs,
-    parse_kv_args,
 )
+from kohya_backend.train.plan import format_with_plan
 
 # Prodigy and relative-step Adafactor set their own step size; kohya's users give Prodigy lr 1.0
 LEARNING_RATES = {"Prodigy": 1.0, "SGDNesterov": 0.1}
@@ -47,45 +49,6 @@ def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedu
     if scheduler is not None:
         scheduler.step()  # type: ignore[attr-defined]
     optimizer.zero_grad()
-
-
-def test_parse_kv_args_reads_python_literals() -> None:
-    parsed = parse_kv_args(
-        [
-            "weight_decay=0.01",
-            "betas=(0.9,0.99)",
-            " decouple = True ",
-            "d_coef=2",
-            "mode=fast",
-            "scale_parameter=false",
-        ]
-    )
-    assert parsed == {
-        "weight_decay": 0.01,
-        "betas": (0.9, 0.99),
-        "decouple": True,
-        "d_coef": 2,
-        "mode": "fast",
-        "scale_parameter": False,
-    }
-    assert parse_kv_args(None) == {}
-    assert parse_kv_args({"eps": 1e-6}) == {"eps": 1e-6}
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["weight_decay"], "not of the form name=value"),
-        (["=1"], "is not an argument name"),
-        (["x=__import__('os').getcwd()"], "cannot read the value"),
-        (["x=1+"], "cannot read the value"),
-        ("weight_decay=0.1", "expected a list"),
-    ],
-)
-def test_parse_kv_args_rejects_bad_entries(args: object, message: str) -> None:
-    with pytest.raises(ConfigError, match=message) as info:
-        parse_kv_args(args, key="network_args")  # type: ignore[arg-type]
-    assert info.value.issues[0].key == "network_args"
 
 
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
@@ -195,7 +158,7 @@ def test_adafactor_with_fixed_lr_rejects_adafactor_schedule() -> None:
         "Adafactor",
         _groups(model),
         lr=1e-3,
-        optimizer_args=parse_kv_args(["relative_step=False", "scale_parameter=False"]),
+        optimizer_args={"relative_step": False, "scale_parameter": False},
     )
     assert [g["lr"] for g in optimizer.param_groups] == [1e-3, 1e-3]
     with pytest.raises(ConfigError, match="relative_step=True"):
@@ -247,3 +210,51 @@ def test_schedule_errors_name_the_key() -> None:
     with pytest.raises(ConfigError, match="only works with optimizer_type Adafactor"):
         create_lr_scheduler("adafactor", optimizer, warmup_steps=0, total_steps=10)
     assert set(LR_SCHEDULER_NAMES) >= {"constant", "cosine_with_restarts", "polynomial", "adafactor"}
+
+
+def _format(config: str) -> dict:
+    return format_with_plan(config, "sd_1_5", require_paths=False, cuda_available=False)
+
+
+def test_format_reports_what_the_optimizer_or_schedule_would_reject() -> None:
+    """config format and training agree: settings the optimizer rejects are errors with their line."""
+    ok = _format('optimizer_args = ["weight_decay=0.01", "betas=0.9,0.99", "eps=1e-8"]\n')
+    assert "betas=0.9,0.99" in ok["toml"]
+    cases = {
+        'optimizer_args = ["betas=0.9"]': "AdamW rejected its settings",
+        "optimizer_args = [\"weight_decay='0.01'\"]": "AdamW rejected its settings",
+        'optimizer_args = ["wieght_decay=0.01"]': "does not take wieght_decay",
+        'optimizer_type = "SGDNesterov"\noptimizer_args = ["momentum=-1"]': "SGDNesterov rejected",
+        'lr_scheduler = "cosine"\nlr_scheduler_args = ["bogus=1"]': "cosine rejected",
+    }
+    for text, fragment in cases.items():
+        with pytest.raises(ConfigError) as info:
+            _format(text)
+        [issue] = info.value.issues
+        assert fragment in issue.message, (text, issue)
+        assert issue.line == text.count("\n") + 1 and issue.key in ("optimizer_args", "lr_scheduler_args")
+
+
+def test_build_optimizer_passes_parsed_args_and_scheduler_args() -> None:
+    config = validate_config(
+        {
+            "optimizer_args": ["weight_decay=0.01", "betas=0.9,0.99", "eps=1e-8"],
+            "lr_scheduler": "cosine_with_restarts",
+            "lr_scheduler_num_cycles": 2,
+            "lr_scheduler_args": ["last_epoch=-1"],
+            "learning_rate": 1.0,
+        },
+        "sd_1_5",
+        require_paths=False,
+    )
+    optimizer, scheduler = build_optimizer(config, _groups(_model()), total_steps=8)
+    group = optimizer.param_groups[0]
+    assert group["betas"] == (0.9, 0.99) and group["weight_decay"] == 0.01 and group["eps"] == 1e-8
+    lrs = []
+    for _ in range(8):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert (
+        lrs[0] == 1.0 and lrs[4] == 1.0 and lrs[3] < 0.5
+    )  # two cosine cycles of 4 steps: a restart at step 4

@@ -8,10 +8,11 @@ the parser has accepted it.
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -453,6 +454,28 @@ def _to_kv_list(spec: KeySpec, value: Any) -> list[str]:
             )
         key, val = item.split("=", 1)
         out.append(f"{key.strip()}={val.strip()}")
+    return out
+
+
+def literal_kwargs(items: Sequence[str]) -> dict[str, Any]:
+    """kohya's ["name=value", ...] as keyword arguments, each value read as a Python literal (ast.literal_eval), as
+    sd-scripts reads optimizer_args and lr_scheduler_args: "betas=0.9,0.99" is the tuple (0.9, 0.99).
+
+    Raises ValueProblem naming the first entry that is not name=<literal>.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        name, raw = name.strip(), raw.strip()
+        if not sep or not name.isidentifier():
+            raise ValueProblem(f"{item!r} is not of the form name=value", 'write e.g. "weight_decay=0.01"')
+        try:
+            out[name] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            raise ValueProblem(
+                f"{name}={raw}: the value is not a Python literal, which kohya requires",
+                f"quote text as {name}='{raw}'; numbers, True/False and tuples such as 0.9,0.999 need no quotes",
+            ) from None
     return out
 
 

@@ -6,7 +6,6 @@ Every problem is collected before one ConfigError is raised; warnings come back 
 
 from __future__ import annotations
 
-import ast
 import difflib
 import importlib.util
 import math
@@ -16,7 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kohya_backend.config.parse import ParsedConfig, ValueProblem, coerce_value, parse_config, shown
+from kohya_backend.config.parse import (
+    ParsedConfig,
+    ValueProblem,
+    coerce_value,
+    literal_kwargs,
+    parse_config,
+    shown,
+)
 from kohya_backend.config.schema import (
     ALIASES,
     GUI_KEY_HINTS,
@@ -71,10 +77,6 @@ def _kv_dict(items: list[str]) -> dict[str, str]:
     return dict(item.split("=", 1) for item in items)
 
 
-def _literal_kwargs(items: list[str]) -> dict[str, Any]:
-    return {key: ast.literal_eval(value) for key, value in _kv_dict(items).items()}
-
-
 @dataclass
 class TrainConfig:
     """A validated config: every schema key present with its normalised value, plus the warnings found."""
@@ -127,11 +129,21 @@ class TrainConfig:
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """optimizer_args with values read as Python literals, as kohya passes them to the optimizer."""
-        return _literal_kwargs(self.values["optimizer_args"])
+        return literal_kwargs(self.values["optimizer_args"])
 
     def lr_scheduler_kwargs(self) -> dict[str, Any]:
-        """lr_scheduler_args with values read as Python literals."""
-        return _literal_kwargs(self.values["lr_scheduler_args"])
+        """lr_scheduler_args with values read as Python literals, as kohya passes them to the scheduler."""
+        return literal_kwargs(self.values["lr_scheduler_args"])
+
+    @property
+    def trains_unet(self) -> bool:
+        """Whether the U-Net LoRA is trained."""
+        return not self.values["network_train_text_encoder_only"]
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        """Whether the text encoder LoRA is trained (not U-Net only, and a learning rate above 0)."""
+        return not self.values["network_train_unet_only"] and self.text_encoder_lr > 0
 
     def lr_warmup_steps_for(self, total_steps: int) -> int:
         """Warmup steps for a run of total_steps (a value below 1 is a fraction of the run, as in kohya)."""
@@ -356,15 +368,11 @@ def _rule_literal_args(c: _Checker) -> None:
     for key in ("optimizer_args", "lr_scheduler_args"):
         if not c.ok(key):
             continue
-        for name, value in _kv_dict(c[key]).items():
+        for item in c[key]:
             try:
-                ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                c.issue(
-                    key,
-                    f"{name}={value}: the value is not a Python literal, which kohya requires",
-                    f"quote text as {name}='{value}'; numbers, True/False and tuples such as (0.9,0.999) need no quotes",
-                )
+                literal_kwargs([item])
+            except ValueProblem as exc:
+                c.issue(key, exc.message, exc.hint)
 
 
 def _rule_caching(c: _Checker) -> None:

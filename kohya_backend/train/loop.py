@@ -43,7 +43,7 @@ from kohya_backend.train.noise import (
     sample_timesteps,
     training_target,
 )
-from kohya_backend.train.optim import create_lr_scheduler, create_optimizer, current_lrs
+from kohya_backend.train.optim import build_optimizer, current_lrs
 from kohya_backend.train.plan import plan_for
 from kohya_backend.train.precision import Precision
 from kohya_backend.train.runtime import release_pages, tune_allocator
@@ -234,20 +234,8 @@ class Trainer:
         groups = self.network.param_groups(
             unet_lr=float(self.config.unet_lr or 0), text_encoder_lr=float(self.config.text_encoder_lr or 0)
         )
-        self.optimizer = create_optimizer(
-            cfg["optimizer_type"],
-            groups,
-            lr=float(cfg["learning_rate"]),
-            optimizer_args=self.config.optimizer_args,
-        )
-        total = self.plan.total_steps
-        self.lr_scheduler = create_lr_scheduler(
-            cfg["lr_scheduler"],
-            self.optimizer,
-            warmup_steps=self.config.lr_warmup_steps_for(total),
-            total_steps=total,
-            num_cycles=int(cfg.get("lr_scheduler_num_cycles") or 1),
-            power=float(cfg.get("lr_scheduler_power") or 1.0),
+        self.optimizer, self.lr_scheduler = build_optimizer(
+            self.config, groups, total_steps=self.plan.total_steps
         )
         scheduler: Any = make_noise_scheduler(self.prediction_type)
         self.noise_scheduler = scheduler

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import difflib
 import functools
 import inspect
@@ -14,59 +13,18 @@ import torch
 from torch.optim.lr_scheduler import LRScheduler
 
 from kohya_backend.config.schema import LR_SCHEDULERS, OPTIMIZERS
+from kohya_backend.config.validate import TrainConfig
 from kohya_backend.errors import ConfigError, ConfigIssue, OptimizerUnavailableError, TrainingError
 
 logger = logging.getLogger(__name__)
 
 OPTIMIZER_NAMES: tuple[str, ...] = OPTIMIZERS  # one list, kept by the config schema
 LR_SCHEDULER_NAMES: tuple[str, ...] = LR_SCHEDULERS
-_LITERAL_WORDS = {"true": True, "false": False, "none": None, "null": None}
 _ADAFACTOR_INITIAL_LR = "kohya_initial_lr"
 
 
 def _issue(key: str, message: str, hint: str | None = None) -> ConfigError:
     return ConfigError([ConfigIssue(message=message, key=key, hint=hint)])
-
-
-def _parse_value(key: str, raw: str, text: str) -> Any:
-    try:
-        return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        pass
-    if raw.lower() in _LITERAL_WORDS:
-        return _LITERAL_WORDS[raw.lower()]
-    if raw.isidentifier():
-        return raw
-    raise _issue(
-        key,
-        f"cannot read the value in {text!r}",
-        "values are Python literals: numbers (1e-2), True/False, strings ('x'), tuples (0.9,0.99)",
-    )
-
-
-def parse_kv_args(args: list[str] | dict[str, Any] | None, *, key: str = "optimizer_args") -> dict[str, Any]:
-    """Turn kohya's ["name=value", ...] (values are Python literals, read with ast.literal_eval) into a dict."""
-    if args is None:
-        return {}
-    if isinstance(args, dict):
-        return dict(args)
-    if not isinstance(args, (list, tuple)):
-        raise _issue(
-            key, f'expected a list of "name=value" strings, got {args!r}', 'write e.g. ["weight_decay=0.01"]'
-        )
-    result: dict[str, Any] = {}
-    for text in args:
-        if not isinstance(text, str) or "=" not in text:
-            raise _issue(
-                key, f"entry {text!r} is not of the form name=value", 'write e.g. "weight_decay=0.01"'
-            )
-        name, raw = (part.strip() for part in text.split("=", 1))
-        if not name.isidentifier():
-            raise _issue(
-                key, f"{name!r} in {text!r} is not an argument name", 'write e.g. "weight_decay=0.01"'
-            )
-        result[name] = _parse_value(key, raw, text)
-    return result
 
 
 def canonical_optimizer_name(name: str) -> str:
@@ -126,7 +84,9 @@ def _bnb_cpu_problem() -> str | None:
     return None
 
 
-def _adamw8bit(groups: list[dict], lr: float, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+def _adamw8bit(
+    groups: list[dict], lr: float, kwargs: dict[str, Any], *, dry_run: bool = False
+) -> torch.optim.Optimizer:
     hint = 'install a bitsandbytes build that matches your CUDA, or set optimizer_type = "AdamW"'
     try:
         import bitsandbytes as bnb
@@ -135,7 +95,7 @@ def _adamw8bit(groups: list[dict], lr: float, kwargs: dict[str, Any]) -> torch.o
             f"AdamW8bit needs bitsandbytes, which cannot be loaded: {exc}", hint
         ) from exc
     on_cpu = any(p.device.type == "cpu" for g in groups for p in g["params"])
-    if on_cpu:
+    if on_cpu and not dry_run:
         problem = _bnb_cpu_problem()
         if problem is not None:
             raise OptimizerUnavailableError(
@@ -206,9 +166,12 @@ _BUILDERS: dict[str, Callable[[list[dict], float, dict[str, Any]], torch.optim.O
 
 
 def create_optimizer(
-    name: str, param_groups: list[dict], *, lr: float, optimizer_args: dict[str, Any]
+    name: str, param_groups: list[dict], *, lr: float, optimizer_args: dict[str, Any], dry_run: bool = False
 ) -> torch.optim.Optimizer:
-    """Build the named optimizer over param groups ({"params": [...], "lr": ...}); `lr` is the default rate."""
+    """Build the named optimizer over param groups ({"params": [...], "lr": ...}); `lr` is the default rate.
+
+    `dry_run`: only to check the settings (no CPU kernel probe of 8-bit optimizers).
+    """
     canonical = canonical_optimizer_name(name)
     if "lr" in optimizer_args:
         raise _issue(
@@ -222,6 +185,8 @@ def create_optimizer(
             "there are no trainable parameters to optimize",
             "train the UNet, the text encoder or both (network_train_unet_only / network_train_text_encoder_only)",
         )
+    if canonical == "AdamW8bit":
+        return _adamw8bit(groups, lr, dict(optimizer_args), dry_run=dry_run)
     return _BUILDERS[canonical](groups, lr, dict(optimizer_args))
 
 
@@ -321,3 +286,47 @@ def current_lrs(optimizer: torch.optim.Optimizer, scheduler: LRScheduler) -> lis
     if groups and all("d" in g for g in groups):
         return [float(g["d"]) * lr for g, lr in zip(groups, lrs)]
     return lrs
+
+
+def build_optimizer(
+    config: TrainConfig, param_groups: list[dict], *, total_steps: int, dry_run: bool = False
+) -> tuple[torch.optim.Optimizer, LRScheduler]:
+    """The optimizer and learning-rate schedule a config trains with, over `param_groups`: optimizer_args and
+    lr_scheduler_args parsed as kohya parses them (Python literals)."""
+    optimizer = create_optimizer(
+        config["optimizer_type"],
+        param_groups,
+        lr=float(config["learning_rate"]),
+        optimizer_args=config.optimizer_kwargs(),
+        dry_run=dry_run,
+    )
+    scheduler = create_lr_scheduler(
+        config["lr_scheduler"],
+        optimizer,
+        warmup_steps=config.lr_warmup_steps_for(total_steps),
+        total_steps=total_steps,
+        num_cycles=int(config["lr_scheduler_num_cycles"]),
+        power=float(config["lr_scheduler_power"]),
+        scheduler_args=config.lr_scheduler_kwargs(),
+    )
+    return optimizer, scheduler
+
+
+def check_optimizer_settings(config: TrainConfig, *, total_steps: int) -> None:
+    """Build the config's optimizer and schedule over dummy parameters, one group per trained part, so a setting
+    either rejects is a ConfigError before training: `config format` reports what training would.
+
+    An optimizer whose package is missing here is left to the trainer (the machine that trains may have it).
+    """
+    groups = [
+        {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr}
+        for trained, lr in (
+            (config.trains_text_encoder, config.text_encoder_lr),
+            (config.trains_unet, config.unet_lr),
+        )
+        if trained
+    ]
+    try:
+        build_optimizer(config, groups, total_steps=max(1, total_steps), dry_run=True)
+    except OptimizerUnavailableError:
+        return

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from kohya_backend.config.parse import ParsedConfig
+from kohya_backend.config.parse import ParsedConfig, parse_config
 from kohya_backend.config.validate import TrainConfig
 from kohya_backend.data.plan import TrainingPlan, plan_training
 from kohya_backend.data.scan import DatasetScan
-from kohya_backend.errors import DatasetError
+from kohya_backend.errors import ConfigError, DatasetError
 
 
 def plan_for(config: TrainConfig, scan: DatasetScan) -> TrainingPlan:
@@ -46,7 +48,8 @@ def format_with_plan(
     from kohya_backend.config.format import format_config
     from kohya_backend.data.scan import scan_dataset
 
-    result = format_config(source, fm_type, require_paths=require_paths, cuda_available=cuda_available)
+    parsed = source if isinstance(source, ParsedConfig) else parse_config(source)
+    result = format_config(parsed, fm_type, require_paths=require_paths, cuda_available=cuda_available)
     out: dict[str, Any] = {
         "toml": result.toml,
         "warnings": [w.to_dict() for w in result.warnings],
@@ -66,4 +69,27 @@ def format_with_plan(
             out["plan"], out["plan_text"] = plan.to_dict(), plan.render()
         except DatasetError as exc:
             out["dataset_error"] = {"message": str(exc), "files": [str(f) for f in exc.files]}
+    plan = out["plan"]
+    _check_optimizer(
+        result.config, parsed, int(plan["total_steps"]) if plan else result.config["max_train_steps"]
+    )
     return out
+
+
+def _check_optimizer(config: TrainConfig, parsed: ParsedConfig, total_steps: int) -> None:
+    """What the optimizer or its schedule would reject at the start of training, as a config error now.
+
+    Needs torch: where it is not installed (the WebUI's own environment may lack it), the trainer checks it again.
+    """
+    if importlib.util.find_spec("torch") is None:
+        return
+    from kohya_backend.train.optim import check_optimizer_settings
+
+    try:
+        check_optimizer_settings(config, total_steps=total_steps)
+    except ConfigError as exc:
+        located = []
+        for issue in exc.issues:
+            line, column = parsed.position(issue.key) if issue.key else (None, None)
+            located.append(replace(issue, line=line, column=column))
+        raise ConfigError(located) from exc

@@ -230,7 +230,6 @@ class Trainer:
                     te.to("meta")
 
     def _prepare_optimizer(self, precision: Precision) -> None:
-        cfg = self.cfg
         groups = self.network.param_groups(
             unet_lr=float(self.config.unet_lr or 0), text_encoder_lr=float(self.config.text_encoder_lr or 0)
         )

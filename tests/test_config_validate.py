@@ -207,13 +207,29 @@ def test_caption_extension_must_start_with_a_dot() -> None:
     assert check({"caption_extension": ".txt"})["caption_extension"] == ".txt"
 
 
-def test_timesteps_and_data_loader_workers() -> None:
+def test_timesteps_must_be_ordered() -> None:
     assert error_keys({"min_timestep": 500, "max_timestep": 500}) == ["min_timestep"]
     assert check({"min_timestep": 100, "max_timestep": 900})["max_timestep"] == 900
-    assert error_keys({"persistent_data_loader_workers": True, "max_data_loader_n_workers": 0}) == [
-        "persistent_data_loader_workers"
+
+
+def test_data_loader_worker_keys_are_accepted_with_a_warning_that_they_change_nothing() -> None:
+    config = check("max_data_loader_n_workers = 0\npersistent_data_loader_workers = true\n")
+    assert warning_keys(config) == ["max_data_loader_n_workers", "persistent_data_loader_workers"]
+    assert all("changes nothing" in w.message and w.line for w in config.warnings)
+    assert warning_keys(check({"max_data_loader_n_workers": 8})) == []  # kohya's default: nothing to say
+
+
+def test_logging_keys() -> None:
+    [issue] = errors({"log_with": "tensorboard"})
+    assert issue.key == "log_with" and "logging_dir" in issue.message
+    assert check({"log_with": "TensorBoard", "logging_dir": "logs"})["log_with"] == "tensorboard"
+    [issue] = errors({"log_with": "wandb", "logging_dir": "logs"})
+    assert "kohya accepts" in issue.message and "tensorboard" in issue.message
+    assert warning_keys(check({"log_prefix": "a-", "log_tracker_name": "t"})) == [
+        "log_prefix",
+        "log_tracker_name",
     ]
-    assert check({"persistent_data_loader_workers": True, "max_data_loader_n_workers": 2})
+    assert warning_keys(check({"logging_dir": "logs", "log_prefix": "a-", "log_tracker_name": "t"})) == []
 
 
 def test_optimizer_and_scheduler_args_must_be_python_literals() -> None:

@@ -177,6 +177,9 @@ def test_metadata_has_every_kohya_key_as_strings():
     assert json.loads(md["ss_tag_frequency"]) == {"20_demo": {"cat": 3, "red hat": 1}}
     assert json.loads(md["ss_dataset_dirs"])["20_demo"] == {"n_repeats": 20, "img_count": 1}
     assert json.loads(md["ss_bucket_info"])["buckets"]["0"]["count"] == 20
+    assert md["ss_training_comment"] == "None"  # sd-scripts writes str(None) when unset
+    commented = sample_metadata(config={**CONFIG, "training_comment": "trigger: sks"})
+    assert commented["ss_training_comment"] == "trigger: sks"
 
 
 def test_modelspec_keys_per_family():

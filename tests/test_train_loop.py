@@ -22,7 +22,7 @@ from kohya_backend.lora.save import load_lora
 from kohya_backend.models.load import load_checkpoint
 from kohya_backend.train.events import EventLog, read_events
 from kohya_backend.train.families import get_family
-from kohya_backend.train.inputs import encode_latents
+from kohya_backend.train.inputs import TEXT_CACHE_DIR, encode_latents
 from kohya_backend.train.loop import Trainer, auto_vae_batch_size, train
 from kohya_backend.train.noise import make_noise_scheduler
 from kohya_backend.train.precision import Precision
@@ -343,6 +343,77 @@ def test_each_caption_is_tokenised_once_per_run(assets, tmp_path, monkeypatch):
     assert result.step == 9
     captions = {p.read_text().strip() for p in (assets["data"] / "10_demo").glob("*.txt")}
     assert sorted(seen) == sorted(captions)  # one tokenizer (SD 1.5), each caption once
+
+
+def test_text_encoder_outputs_cached_to_disk_are_reused_by_the_next_run(assets, tmp_path):
+    data = tmp_path / "data"
+    write_demo_dataset(data, count=3, size=(64, 64))
+    options = dict(
+        train_data_dir=str(data),
+        network_train_unet_only=True,
+        cache_text_encoder_outputs=True,
+        cache_text_encoder_outputs_to_disk=True,
+        max_train_steps=2,
+    )
+
+    def text_caching(out: str, **extra: object) -> dict:
+        run(make_config(assets, tmp_path / out, **{**options, **extra}), tmp_path / f"{out}.jsonl")
+        [event] = [e for e in read_events(tmp_path / f"{out}.jsonl") if e.get("what") == "text"]
+        return event
+
+    first = text_caching("one")
+    assert first["total"] == 3 and first["from_disk"] == 0
+    assert len(list((data / TEXT_CACHE_DIR).glob("*.safetensors"))) == 3
+    assert text_caching("two")["from_disk"] == 3  # the encoders did not run again
+    assert text_caching("three", clip_skip=2)["from_disk"] == 0  # other settings: encoded anew
+    assert text_caching("four", cache_text_encoder_outputs_to_disk=False)["from_disk"] == 0
+
+
+def test_the_text_memo_holds_only_captions_that_can_come_back(assets, tmp_path):
+    trainer, _ = run(make_config(assets, tmp_path / "fixed", network_train_unet_only=True, max_train_steps=6))
+    assert trainer.text_cache is not None and 0 < len(trainer.text_cache) <= 6  # at most the 6 captions
+    trainer, _ = run(
+        make_config(
+            assets,
+            tmp_path / "shuffled",
+            network_train_unet_only=True,
+            shuffle_caption=True,
+            max_train_steps=6,
+        )
+    )
+    assert trainer.text_cache is None and trainer._ids == {}  # every shuffle is a new caption: nothing kept
+
+
+def test_logging_dir_writes_tensorboard_events_like_kohya(assets, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("demo, red circle --w 64 --h 64 --s 2 --d 1\n")
+    config = make_config(
+        assets,
+        tmp_path / "out",
+        logging_dir=str(tmp_path / "logs"),
+        log_prefix="demo-",
+        log_tracker_name="tracker",
+        max_train_epochs=2,
+        train_batch_size=6,
+        sample_prompts=str(prompts),
+        sample_every_n_epochs=1,
+    )
+    run(config)
+    [run_dir] = (tmp_path / "logs").iterdir()
+    assert run_dir.name.startswith("demo-") and run_dir.name[len("demo-") :].isdigit()
+    accumulator = EventAccumulator(str(run_dir / "tracker"), size_guidance={"images": 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    assert {"loss/current", "loss/average", "lr/unet", "lr/textencoder", "loss/epoch_average"} <= set(
+        tags["scalars"]
+    )
+    assert [e.step for e in accumulator.Scalars("loss/current")] == list(range(1, 21))  # 2 epochs of 10 steps
+    assert [e.value for e in accumulator.Scalars("lr/unet")] == pytest.approx([1e-3] * 20)
+    assert [e.value for e in accumulator.Scalars("lr/textencoder")] == pytest.approx([1e-4] * 20)
+    assert [e.step for e in accumulator.Scalars("loss/epoch_average")] == [1, 2]
+    assert tags["images"] == ["sample_0"] and [e.step for e in accumulator.Images("sample_0")] == [10, 20]
 
 
 def test_cpu_latent_encoding_matches_the_plain_layout_and_returns_contiguous_latents(assets):

@@ -241,7 +241,6 @@ def test_build_optimizer_passes_parsed_args_and_scheduler_args() -> None:
             "optimizer_args": ["weight_decay=0.01", "betas=0.9,0.99", "eps=1e-8"],
             "lr_scheduler": "cosine_with_restarts",
             "lr_scheduler_num_cycles": 2,
-            "lr_scheduler_args": ["last_epoch=-1"],
             "learning_rate": 1.0,
         },
         "sd_1_5",
@@ -250,11 +249,21 @@ def test_build_optimizer_passes_parsed_args_and_scheduler_args() -> None:
     optimizer, scheduler = build_optimizer(config, _groups(_model()), total_steps=8)
     group = optimizer.param_groups[0]
     assert group["betas"] == (0.9, 0.99) and group["weight_decay"] == 0.01 and group["eps"] == 1e-8
+    lrs = _lrs(optimizer, scheduler, 8)
+    assert lrs[0] == 1.0 and lrs[4] == 1.0 and lrs[3] < 0.5  # two cosine cycles of 4 steps: restart at step 4
+    # lr_scheduler_args reach the schedule: a whole cosine period (num_cycles=1.0) rises again after mid-run
+    plain = {"lr_scheduler": "cosine", "learning_rate": 1.0}
+    half = validate_config(plain, "sd_1_5", require_paths=False)
+    full = validate_config({**plain, "lr_scheduler_args": ["num_cycles=1.0"]}, "sd_1_5", require_paths=False)
+    half_lrs = _lrs(*build_optimizer(half, _groups(_model()), total_steps=8), 8)
+    full_lrs = _lrs(*build_optimizer(full, _groups(_model()), total_steps=8), 8)
+    assert half_lrs[6] < 0.2 and full_lrs[6] == pytest.approx(0.5)
+
+
+def _lrs(optimizer: torch.optim.Optimizer, scheduler: object, steps: int) -> list[float]:
     lrs = []
-    for _ in range(8):
-        lrs.append(scheduler.get_last_lr()[0])
+    for _ in range(steps):
+        lrs.append(scheduler.get_last_lr()[0])  # type: ignore[attr-defined]
         optimizer.step()
-        scheduler.step()
-    assert (
-        lrs[0] == 1.0 and lrs[4] == 1.0 and lrs[3] < 0.5
-    )  # two cosine cycles of 4 steps: a restart at step 4
+        scheduler.step()  # type: ignore[attr-defined]
+    return lrs

@@ -167,9 +167,10 @@ _SPECS: list[KeySpec] = [
     _spec("cache_text_encoder_outputs_to_disk", "bool", False, "caching",
           "Keep the text encoder cache on disk (implies cache_text_encoder_outputs)."),
     _spec("max_data_loader_n_workers", "int", 8, "caching",
-          "Data loader worker processes (0 = load in the training process).", minimum=0, maximum=64),
+          "Accepted for kohya compatibility, with a warning: this trainer has no data loader worker processes.",
+          minimum=0, maximum=64),
     _spec("persistent_data_loader_workers", "bool", False, "caching",
-          "Keep data loader workers alive between epochs (needs max_data_loader_n_workers > 0)."),
+          "Accepted for kohya compatibility, with a warning: this trainer has no data loader worker processes."),
     # network
     _spec("network_module", "str", "networks.lora", "network",
           "Network type; this trainer implements kohya's networks.lora (LoRA, LoCon with conv_dim).",
@@ -272,9 +273,15 @@ _SPECS: list[KeySpec] = [
     _spec("resume", "path", None, "saving",
           "Resume from a saved training state folder."),
     _spec("logging_dir", "path", None, "saving",
-          "Folder for training logs."),
+          "Folder for TensorBoard logs: each run writes <log_prefix><YYYYmmddHHMMSS>/<log_tracker_name>/ with "
+          "loss, learning rates and samples, as kohya does."),
+    _spec("log_with", "str", None, "saving",
+          'Logger: "tensorboard" (the default when logging_dir is set; needs logging_dir).',
+          choices=("tensorboard",)),
     _spec("log_prefix", "str", None, "saving",
-          "Prefix of the log folder name."),
+          "Prefix of each run's TensorBoard folder under logging_dir."),
+    _spec("log_tracker_name", "str", None, "saving",
+          "Name of the TensorBoard folder inside each run's folder (kohya's default: network_train)."),
     # sampling
     _spec("sample_prompts", "path", None, "sampling",
           "File with one sample prompt per line (kohya syntax)."),
@@ -331,9 +338,9 @@ def _unsupported_table() -> dict[str, str]:
             "multi-GPU and DeepSpeed training are not implemented; remove it",
         ),
         (
-            "log_with log_tracker_name log_tracker_config wandb_run_name wandb_api_key log_config "
+            "log_tracker_config wandb_run_name wandb_api_key log_config "
             "console_log_level console_log_file console_log_simple",
-            "progress goes to the job's log and events; remove it (logging_dir is supported)",
+            "progress goes to the job's log and events; remove it (logging_dir writes TensorBoard logs)",
         ),
         (
             "full_fp16 full_bf16",
@@ -461,6 +468,10 @@ UNSUPPORTED_VALUES: dict[str, dict[str, str]] = {
         "networks.dylora": "DyLoRA is not implemented",
         "networks.oft": "OFT is not implemented",
         "networks.lora_fa": "LoRA-FA is not implemented",
+    },
+    "log_with": {
+        "wandb": "Weights & Biases logging is not implemented (training runs offline); use tensorboard",
+        "all": "Weights & Biases logging is not implemented (training runs offline); use tensorboard",
     },
     "save_model_as": {
         "ckpt": "LoRA files are written as safetensors only",

@@ -71,6 +71,13 @@ _WINDOWS_RESERVED = frozenset(
     ["con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))]
 )
 _BAD_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
+# Keys that make an image's caption differ from one draw to the next.
+CAPTION_VARIATION_KEYS = (
+    "shuffle_caption",
+    "caption_dropout_rate",
+    "caption_tag_dropout_rate",
+    "caption_dropout_every_n_epochs",
+)
 
 
 def _kv_dict(items: list[str]) -> dict[str, str]:
@@ -134,6 +141,11 @@ class TrainConfig:
     def lr_scheduler_kwargs(self) -> dict[str, Any]:
         """lr_scheduler_args with values read as Python literals, as kohya passes them to the scheduler."""
         return literal_kwargs(self.values["lr_scheduler_args"])
+
+    @property
+    def captions_vary(self) -> bool:
+        """Whether an image's caption can differ between the times it is drawn (shuffle or dropout)."""
+        return any(self.values[k] for k in CAPTION_VARIATION_KEYS)
 
     @property
     def trains_unet(self) -> bool:
@@ -397,16 +409,7 @@ def _rule_caching(c: _Checker) -> None:
             "cache_text_encoder_outputs needs network_train_unet_only (a trained text encoder changes them)",
             "set network_train_unet_only = true, or cache_text_encoder_outputs = false",
         )
-    changing = [
-        k
-        for k in (
-            "shuffle_caption",
-            "caption_dropout_rate",
-            "caption_tag_dropout_rate",
-            "caption_dropout_every_n_epochs",
-        )
-        if c[k]
-    ]
+    changing = [k for k in CAPTION_VARIATION_KEYS if c[k]]
     if changing:
         c.issue(
             "cache_text_encoder_outputs",
@@ -474,12 +477,6 @@ def _rule_schedule(c: _Checker) -> None:
             "max_train_epochs is set, so max_train_steps is ignored (as in kohya)",
             "remove one of them",
             warning=True,
-        )
-    if c["persistent_data_loader_workers"] and c["max_data_loader_n_workers"] == 0:
-        c.issue(
-            "persistent_data_loader_workers",
-            "persistent workers need max_data_loader_n_workers > 0",
-            "set max_data_loader_n_workers to 1 or more, or persistent_data_loader_workers = false",
         )
 
 
@@ -559,7 +556,30 @@ def _rule_sampling(c: _Checker) -> None:
         )
 
 
+def _rule_logging(c: _Checker) -> None:
+    if c["log_with"] and not c["logging_dir"]:
+        c.issue(
+            "log_with",
+            f'log_with = "{c["log_with"]}" needs logging_dir (kohya requires it too)',
+            'set logging_dir = "logs", or remove log_with',
+        )
+    for key in ("log_prefix", "log_tracker_name"):
+        if c[key] and not c["logging_dir"]:
+            c.issue(
+                key, f"{key} has no effect without logging_dir", "set logging_dir, or remove it", warning=True
+            )
+
+
+DATA_LOADER_WARNING = (
+    "is accepted for kohya compatibility and changes nothing: this trainer has no data loader worker processes "
+    "(images are read in the training process; cache_latents reads each image once)"
+)
+
+
 def _rule_compat(c: _Checker) -> None:
+    for key in ("max_data_loader_n_workers", "persistent_data_loader_workers"):
+        if c[key] != SCHEMA[key].default:
+            c.issue(key, f"{key} {DATA_LOADER_WARNING}", "remove it", warning=True)
     for key in ("xformers", "sdpa", "mem_eff_attn"):
         if c[key]:
             c.issue(
@@ -642,6 +662,7 @@ def validate_config(
     _rule_schedule(c)
     _rule_saving(c)
     _rule_sampling(c)
+    _rule_logging(c)
     _rule_compat(c)
     _rule_paths(c, require_paths, check_paths_exist)
     if c.errors:

@@ -84,6 +84,7 @@ _PLAIN_KEYS = (
     "min_bucket_reso",
     "max_bucket_reso",
     "caption_dropout_rate",
+    "training_comment",
 )
 # boolean config keys, written as "True"/"False" like sd-scripts' bool(...)
 _BOOL_KEYS = (

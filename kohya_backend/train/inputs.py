@@ -7,7 +7,9 @@ the text encoders are frozen, so a frozen encoder never runs twice on the same c
 from __future__ import annotations
 
 import hashlib
+import os
 import random
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,22 +169,110 @@ class LatentCache:
         return len(self._latents)
 
 
+DEFAULT_TEXT_CACHE_BYTES = 512 * 1024 * 1024
+TEXT_CACHE_DIR = ".text_encoder_cache"  # under train_data_dir: hidden, so dataset scans skip it
+
+
+def _nbytes(cond: Conditioning) -> int:
+    pooled = cond.pooled.nbytes if cond.pooled is not None else 0
+    return cond.hidden.nbytes + pooled
+
+
 class TextCache:
-    """Conditioning memoised per caption; only valid while the text encoders are frozen."""
+    """Conditioning memoised per caption; only valid while the text encoders are frozen.
 
-    def __init__(self) -> None:
-        self._items: dict[str, Conditioning] = {}
+    At most `max_bytes` stay in memory (None: no limit, for cache_text_encoder_outputs, where the encoders are
+    released afterwards); past it the least recently used captions are dropped and encoded again when they
+    return. With `disk_dir` each entry is also kept as a file keyed by the caption and `fingerprint` (model,
+    precision, clip_skip, token length), so a later run with the same settings never runs the encoders on it.
+    """
 
-    def lookup(self, captions: Sequence[str]) -> list[str]:
-        """Captions of the batch that are not cached yet (deduplicated, in order)."""
-        return [c for c in dict.fromkeys(captions) if c not in self._items]
+    def __init__(
+        self,
+        *,
+        max_bytes: int | None = DEFAULT_TEXT_CACHE_BYTES,
+        disk_dir: Path | None = None,
+        fingerprint: str = "",
+    ) -> None:
+        self.max_bytes = max_bytes
+        self.disk_dir = disk_dir
+        self.fingerprint = fingerprint
+        self.nbytes = 0
+        self.loaded_from_disk = 0
+        self._items: OrderedDict[str, Conditioning] = OrderedDict()
 
-    def add(self, captions: Sequence[str], cond: Conditioning) -> None:
-        for caption, c in zip(captions, cond.split()):
-            self._items[caption] = c.to("cpu")
+    def _disk_path(self, caption: str) -> Path:
+        assert self.disk_dir is not None
+        digest = hashlib.sha256(f"{self.fingerprint}\n{caption}".encode()).hexdigest()[:32]
+        return self.disk_dir / f"{digest}.safetensors"
 
-    def batch(self, captions: Sequence[str]) -> Conditioning:
-        return Conditioning.stack([self._items[c] for c in captions])
+    def _from_disk(self, caption: str) -> Conditioning | None:
+        if self.disk_dir is None:
+            return None
+        path = self._disk_path(caption)
+        if not path.is_file():
+            return None
+        try:
+            tensors = load_file(str(path))
+        except Exception:
+            return None  # a damaged entry is encoded again, never trusted
+        if "hidden" not in tensors:
+            return None
+        self.loaded_from_disk += 1
+        return Conditioning(tensors["hidden"], tensors.get("pooled"))
+
+    def _to_disk(self, caption: str, cond: Conditioning) -> None:
+        if self.disk_dir is None:
+            return
+        path = self._disk_path(caption)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"hidden": cond.hidden.contiguous()}
+        if cond.pooled is not None:
+            tensors["pooled"] = cond.pooled.contiguous()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file(tensors, str(tmp))
+        tmp.replace(path)
+
+    def _keep(self, caption: str, cond: Conditioning) -> None:
+        self._items[caption] = cond
+        self.nbytes += _nbytes(cond)
+        while self.max_bytes is not None and self.nbytes > self.max_bytes and len(self._items) > 1:
+            _, dropped = self._items.popitem(last=False)
+            self.nbytes -= _nbytes(dropped)
+
+    def _get(self, caption: str) -> Conditioning | None:
+        found = self._items.get(caption)
+        if found is not None:
+            self._items.move_to_end(caption)
+            return found
+        found = self._from_disk(caption)
+        if found is not None:
+            self._keep(caption, found)
+        return found
+
+    def conditioning(
+        self, captions: Sequence[str], encode: Callable[[list[str]], Conditioning]
+    ) -> Conditioning:
+        """The conditioning of a batch: cached rows from memory or disk, the rest from `encode(missing)`, which is
+        called once with the missing captions (deduplicated, in order) and whose rows are then cached."""
+        rows: dict[str, Conditioning] = {}
+        missing = []
+        for caption in dict.fromkeys(captions):
+            found = self._get(caption)
+            if found is None:
+                missing.append(caption)
+            else:
+                rows[caption] = found
+        if missing:
+            for caption, c in zip(missing, encode(missing).split()):
+                entry = c.to("cpu")
+                entry = Conditioning(
+                    entry.hidden.clone(), entry.pooled.clone() if entry.pooled is not None else None
+                )
+                self._to_disk(caption, entry)
+                self._keep(caption, entry)
+                rows[caption] = entry
+        return Conditioning.stack([rows[c] for c in captions])
 
     def __len__(self) -> int:
         return len(self._items)

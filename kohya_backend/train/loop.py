@@ -35,7 +35,7 @@ from kohya_backend.models.hashing import BackgroundSha256, legacy_hash_file
 from kohya_backend.models.load import LoadedModel, load_checkpoint
 from kohya_backend.train.events import EventLog
 from kohya_backend.train.families import Conditioning, ModelFamily, get_family, sdxl_time_ids
-from kohya_backend.train.inputs import LatentCache, TextCache, encode_latents, prepare_image
+from kohya_backend.train.inputs import TEXT_CACHE_DIR, LatentCache, TextCache, encode_latents, prepare_image
 from kohya_backend.train.noise import (
     diffusion_loss,
     make_noise_scheduler,
@@ -49,6 +49,7 @@ from kohya_backend.train.precision import Precision
 from kohya_backend.train.runtime import release_pages, tune_allocator
 from kohya_backend.train.sample import generate_samples, parse_sample_prompts
 from kohya_backend.train.state import PROGRESS_FILE, latest_state, load_training_state, save_training_state
+from kohya_backend.train.tensorboard import TensorBoardLog, tensorboard_run_dir
 
 
 @dataclass
@@ -219,15 +220,44 @@ class Trainer:
             if not self._sampling_enabled():
                 release_pages(m.vae)  # nothing needs the VAE any more: give its memory back
                 m.vae.to("meta")
-        self.text_cache: TextCache | None = None if self.train_te else TextCache()
+        self.text_cache = self._text_cache()
         if self.text_cache is not None and cfg.get("cache_text_encoder_outputs"):
             captions = sorted({self._caption_for(it, epoch=1, rng=random.Random(0)) for it in self.items})
             for start in range(0, len(captions), 16):
                 self._conditioning(captions[start : start + 16], precision)
-            self.events.emit("caching", what="text", done=len(captions), total=len(captions))
+            self.events.emit(
+                "caching",
+                what="text",
+                done=len(captions),
+                total=len(captions),
+                from_disk=self.text_cache.loaded_from_disk,
+            )
             if not self._sampling_enabled():
                 for te in m.text_encoders:
                     te.to("meta")
+
+    def _text_cache(self) -> TextCache | None:
+        """Memoised conditioning while the text encoders are frozen: every caption with cache_text_encoder_outputs
+        (on disk too with cache_text_encoder_outputs_to_disk), else a bounded memo, and none when captions change
+        each time they are drawn (each shuffle is a new caption that would never be looked up again)."""
+        cfg = self.cfg
+        if self.train_te:
+            return None
+        if not cfg["cache_text_encoder_outputs"]:
+            return None if self.config.captions_vary else TextCache()
+        disk_dir = None
+        if cfg["cache_text_encoder_outputs_to_disk"]:
+            disk_dir = Path(cfg["train_data_dir"]) / TEXT_CACHE_DIR
+        fingerprint = "|".join(
+            [
+                str(Path(cfg["pretrained_model_name_or_path"]).resolve()),
+                self.config.fm_type,
+                str(self.model.text_encoders[0].dtype),
+                f"clip_skip={cfg['clip_skip'] or 1}",
+                f"max_token_length={cfg['max_token_length']}",
+            ]
+        )
+        return TextCache(max_bytes=None, disk_dir=disk_dir, fingerprint=fingerprint)
 
     def _prepare_optimizer(self, precision: Precision) -> None:
         groups = self.network.param_groups(
@@ -309,7 +339,9 @@ class Trainer:
         )
 
     def _token_ids(self, captions: list[str], max_len: int) -> list[torch.Tensor]:
-        """Token ids per tokenizer for a batch; each caption is tokenised once per run, not once per step."""
+        """Token ids per tokenizer for a batch; a caption that cannot change is tokenised once per run."""
+        if self.config.captions_vary:
+            return self.family.token_ids(self.model.tokenizers, captions, max_len)
         new = [c for c in dict.fromkeys(captions) if c not in self._ids]
         if new:
             per_tokenizer = self.family.token_ids(self.model.tokenizers, new, max_len)
@@ -321,14 +353,16 @@ class Trainer:
         m = self.model
         max_len = int(self.cfg.get("max_token_length") or 75)
         clip_skip = int(self.cfg.get("clip_skip") or 1)
-        if self.text_cache is None:
-            return self.family.encode(m.text_encoders, self._token_ids(captions, max_len), clip_skip)
-        missing = self.text_cache.lookup(captions)
-        if missing:
-            ids = self._token_ids(missing, max_len)
-            with torch.no_grad(), precision.autocast():
-                self.text_cache.add(missing, self.family.encode(m.text_encoders, ids, clip_skip))
-        return self.text_cache.batch(captions).to(precision.device)
+
+        def encode(texts: list[str]) -> Conditioning:
+            return self.family.encode(m.text_encoders, self._token_ids(texts, max_len), clip_skip)
+
+        if self.train_te:
+            return encode(captions)
+        with torch.no_grad(), precision.autocast():
+            if self.text_cache is None:
+                return encode(captions)
+            return self.text_cache.conditioning(captions, encode).to(precision.device)
 
     def _make_batch(self, batch: list[TrainItem], rng: random.Random, step_gen: torch.Generator) -> _Batch:
         cfg = self.cfg
@@ -544,16 +578,37 @@ class Trainer:
         self._prepare_optimizer(precision)
         self._maybe_resume()
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        total = self.plan.total_steps
-        self.network.train()
-        while self.step < total and not self.stop.is_set():
-            if self.batches_done == 0:
-                self.epoch += 1
-            self._run_epoch(precision, total)
-            if self.stop.is_set():
-                break
-            self._end_of_epoch(precision)
-        return self._finish()
+        tensorboard = self._tensorboard()
+        try:
+            total = self.plan.total_steps
+            self.network.train()
+            while self.step < total and not self.stop.is_set():
+                if self.batches_done == 0:
+                    self.epoch += 1
+                self._run_epoch(precision, total)
+                if self.stop.is_set():
+                    break
+                self._end_of_epoch(precision)
+            return self._finish()
+        finally:
+            if tensorboard is not None:
+                tensorboard.close()
+
+    def _tensorboard(self) -> TensorBoardLog | None:
+        """With logging_dir (log_with = "tensorboard"), TensorBoard event files as kohya writes them."""
+        cfg = self.cfg
+        if not cfg["logging_dir"]:
+            return None
+        run_dir = tensorboard_run_dir(
+            Path(cfg["logging_dir"]),
+            log_prefix=cfg["log_prefix"],
+            tracker_name=cfg["log_tracker_name"],
+            started=self.started_at,
+        )
+        log = TensorBoardLog(run_dir, lr_names=[str(g.get("name")) for g in self.optimizer.param_groups])
+        self.events.subscribe(log)
+        self.events.emit("log", message=f"TensorBoard logs: {run_dir}")
+        return log
 
     def _run_epoch(self, precision: Precision, total: int) -> None:
         batches = epoch_batches(

@@ -16,6 +16,7 @@ from typing import Any
 
 from kohya_backend.cli_workers import add_worker_parsers
 from kohya_backend.errors import ConfigError, TrainManagementError
+from kohya_backend.families import FM_TYPES
 from kohya_backend.service.home import DEFAULT_HOME
 
 
@@ -113,10 +114,11 @@ def run_training(
         if job_dir is not None:
             parsed.values["output_dir"] = str(job_dir / "output")
             if resume:
+                from kohya_backend.config.train_config import state_dir_for
                 from kohya_backend.train.state import latest_state
 
                 name = parsed.values.get("output_name") or "last"
-                state = latest_state(job_dir / "output" / f"{name}-state")
+                state = latest_state(state_dir_for(job_dir / "output", str(name)))
                 if state is None:
                     events.emit(
                         "warning", message="no saved state to resume from: training starts from step 0"
@@ -158,7 +160,7 @@ def _detect_fm_type(model: object) -> str:
     if not model:
         raise TrainManagementError("pretrained_model_name_or_path is missing", hint="set it in the config")
     family = str(detect_family(read_keys(Path(str(model)))))
-    if family not in ("sd_1_5", "sd_xl"):
+    if family not in FM_TYPES:
         raise TrainManagementError(
             f"{model} is a {family} checkpoint; this trainer trains sd_1_5 and sd_xl models"
         )
@@ -171,6 +173,14 @@ def _lean_process(optimizer_type: str) -> None:
 
     quiet_library_noise()
     hide_bitsandbytes_unless_needed(optimizer_type)
+
+
+def _trainer_process(optimizer_type: str) -> None:
+    """This process trains: keep glibc's allocator from re-faulting each step's activations, and stay lean."""
+    from kohya_backend.train.runtime import tune_allocator
+
+    tune_allocator()
+    _lean_process(optimizer_type)
 
 
 def _optimizer_of(source: str) -> str:
@@ -187,14 +197,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.job:
         job_dir = Path(args.job).resolve()
         source = _read_source(str(job_dir / "config.toml"))
-        _lean_process(_optimizer_of(source))
+        _trainer_process(_optimizer_of(source))
         return run_training(
             source, args.fm_type, events_path=job_dir / "events.jsonl", job_dir=job_dir, resume=args.resume
         )
     if not args.config:
         raise TrainManagementError("train needs --config FILE (or --job DIR)")
     source = _read_source(args.config)
-    _lean_process(_optimizer_of(source))
+    _trainer_process(_optimizer_of(source))
     events = Path(args.events) if args.events else None
     return run_training(source, args.fm_type, events_path=events)
 
@@ -203,7 +213,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from kohya_backend.assets.demo import prepare_demo
 
     home = Path(args.home).resolve()
-    _lean_process("AdamW")  # the demo trains with AdamW, in this process
+    _trainer_process("AdamW")  # the demo trains with AdamW, in this process
     config_path = prepare_demo(home, fm_type=args.fm_type, steps=args.steps)
     print(f"demo model, dataset and config under {home}")
     events = home / "demo-events.jsonl"
@@ -331,7 +341,7 @@ def _add_jobs_parser(sub: Any) -> None:
     submit = command("submit", "validate and queue a job", _cmd_jobs_submit)
     submit.add_argument("--model", required=True, help="checkpoint name under HOME/models")
     submit.add_argument("--dataset", required=True, help="dataset folder name under HOME/datasets")
-    submit.add_argument("--fm-type", choices=["sd_1_5", "sd_xl"], required=True)
+    submit.add_argument("--fm-type", choices=FM_TYPES, required=True)
     submit.add_argument("--config", help="config_params file (TOML or JSON), or - for standard input")
     submit.add_argument(
         "--instance-type",
@@ -469,12 +479,12 @@ def build_parser() -> argparse.ArgumentParser:
         "format", help="validate a config (TOML or JSON) and print the canonical TOML and plan"
     )
     fmt.add_argument("file", help="config file, or - for standard input")
-    fmt.add_argument("--fm-type", choices=["sd_1_5", "sd_xl"], required=True)
+    fmt.add_argument("--fm-type", choices=FM_TYPES, required=True)
     fmt.add_argument("--json", action="store_true", help="machine-readable output")
     fmt.add_argument("--no-paths", action="store_true", help="do not require model/dataset/output paths")
     fmt.set_defaults(func=_cmd_config_format)
     tpl = cfg.add_parser("template", help="print the starting config for an FM type")
-    tpl.add_argument("--fm-type", choices=["sd_1_5", "sd_xl"], required=True)
+    tpl.add_argument("--fm-type", choices=FM_TYPES, required=True)
     tpl.set_defaults(func=_cmd_config_template)
     ref = cfg.add_parser("reference", help="print the config reference (Markdown)")
     ref.set_defaults(func=_cmd_config_reference)
@@ -485,13 +495,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--job", help="a job folder (config.toml inside; outputs, events and result.json written there)"
     )
     tr.add_argument("--resume", action="store_true", help="with --job: continue from the newest saved state")
-    tr.add_argument("--fm-type", choices=["sd_1_5", "sd_xl"], help="default: detected from the checkpoint")
+    tr.add_argument("--fm-type", choices=FM_TYPES, help="default: detected from the checkpoint")
     tr.add_argument("--events", help="also write progress events (JSON lines) to this file")
     tr.set_defaults(func=_cmd_train)
 
     demo = sub.add_parser("demo", help="generate a tiny model and dataset and train on them end to end")
     demo.add_argument("--home", default="demo_home", help="folder for the demo's model, dataset and output")
-    demo.add_argument("--fm-type", choices=["sd_1_5", "sd_xl"], default="sd_1_5")
+    demo.add_argument("--fm-type", choices=FM_TYPES, default=FM_TYPES[0])
     demo.add_argument("--steps", type=int, default=40)
     demo.set_defaults(func=_cmd_demo)
 

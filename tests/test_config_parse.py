@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
-from kohya_backend.config.parse import ParsedConfig, ValueProblem, coerce_value, literal_kwargs, parse_config
+from kohya_backend.config.parse import ParsedConfig, ValueProblem, coerce_value, parse_config
 from kohya_backend.config.schema import SCHEMA
+from kohya_backend.config.values import literal_kwargs
 from kohya_backend.errors import ConfigError, ConfigIssue
 
 
@@ -193,10 +194,10 @@ def test_other_source_types_are_rejected() -> None:
         ("lr_warmup_steps", "0.1", 0.1),
         ("lr_warmup_steps", "5%", 0.05),
         ("lr_warmup_steps", 20.0, 20),
-        ("network_args", ["conv_dim = 4", "conv_alpha=1"], ["conv_dim=4", "conv_alpha=1"]),
-        ("optimizer_args", "weight_decay=0.01 betas=(0.9,0.99)", ["weight_decay=0.01", "betas=(0.9,0.99)"]),
-        ("optimizer_args", {"weight_decay": 0.1}, ["weight_decay=0.1"]),
-        ("optimizer_args", "", []),
+        ("network_args", ["conv_dim = 4", "conv_alpha=1"], ("conv_dim=4", "conv_alpha=1")),
+        ("optimizer_args", "weight_decay=0.01 betas=(0.9,0.99)", ("weight_decay=0.01", "betas=(0.9,0.99)")),
+        ("optimizer_args", {"weight_decay": 0.1}, ("weight_decay=0.1",)),
+        ("optimizer_args", "", ()),
         ("max_train_epochs", "", None),
         ("max_train_epochs", 0, None),
         ("min_snr_gamma", 0, None),

@@ -9,19 +9,22 @@ from typing import Any
 import pytest
 
 from kohya_backend.assets.dataset import write_demo_dataset
+from kohya_backend.data.buckets import BucketAssigner
 from kohya_backend.data.plan import TrainingPlan, plan_training
 from kohya_backend.data.scan import DatasetScan, scan_dataset
 from kohya_backend.errors import ConfigError
 
 
 def _plan(scan: DatasetScan, **overrides: Any) -> TrainingPlan:
-    settings: dict[str, Any] = {
-        "resolution": (512, 512), "enable_bucket": True, "min_bucket_reso": 256, "max_bucket_reso": 1024,
-        "bucket_reso_steps": 64, "bucket_no_upscale": False, "train_batch_size": 2,
-        "gradient_accumulation_steps": 1, "max_train_steps": 1600, "max_train_epochs": None,
+    buckets: dict[str, Any] = {
+        "enable_bucket": True, "min_size": 256, "max_size": 1024, "reso_steps": 64, "no_upscale": False,
     }  # fmt: skip
-    settings.update(overrides)
-    return plan_training(scan, **settings)
+    settings: dict[str, Any] = {
+        "train_batch_size": 2, "gradient_accumulation_steps": 1, "max_train_steps": 1600, "max_train_epochs": None,
+    }  # fmt: skip
+    for key, value in overrides.items():
+        (buckets if key in buckets else settings)[key] = value
+    return plan_training(scan, BucketAssigner((512, 512), **buckets), **settings)
 
 
 @pytest.fixture
@@ -57,9 +60,8 @@ def test_buckets_count_per_bucket_batches(tmp_path: Path) -> None:
     # 512x512: 9 items -> 5 batches; 384x640: 6 items -> 3 batches (batches never mix buckets)
     assert plan.buckets == {"384x640": 6, "512x512": 9}
     assert plan.steps_per_epoch == 8
-    without = _plan(scan_dataset(tmp_path, ".txt"), enable_bucket=False, bucket_no_upscale=True)
+    without = _plan(scan_dataset(tmp_path, ".txt"), enable_bucket=False, no_upscale=True)
     assert without.buckets == {"512x512": 15} and without.steps_per_epoch == 8
-    assert any("bucket_no_upscale has no effect" in w for w in without.warnings)
 
 
 def test_reg_images_double_the_epoch_and_surplus_is_warned(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from kohya_backend.train.families import Conditioning
+from kohya_backend.train.conditioning import Conditioning
 from kohya_backend.train.inputs import TextCache
 
 ROW_BYTES = 4 * 8 * 4  # one caption: (4, 8) float32

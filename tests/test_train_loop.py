@@ -20,12 +20,13 @@ from kohya_backend.errors import TrainingError
 from kohya_backend.lora.network import LoRANetwork
 from kohya_backend.lora.save import load_lora
 from kohya_backend.models.load import load_checkpoint
+from kohya_backend.train.conditioning import get_family
 from kohya_backend.train.events import EventLog, read_events
-from kohya_backend.train.families import get_family
 from kohya_backend.train.inputs import TEXT_CACHE_DIR, encode_latents
-from kohya_backend.train.loop import Trainer, auto_vae_batch_size, train
+from kohya_backend.train.loop import Trainer, train
 from kohya_backend.train.noise import make_noise_scheduler
 from kohya_backend.train.precision import Precision
+from kohya_backend.train.setup import auto_vae_batch_size
 from kohya_backend.train.state import SCALER_FILE, latest_state
 
 
@@ -120,7 +121,7 @@ def test_training_lowers_the_loss_and_saves_what_it_trained(assets, tmp_path, fm
     assert after < before * 0.95, (before, after)
     # reloading the file reproduces the trained weights exactly (save_precision float)
     saved, meta = load_lora(result.output)
-    trained = trainer.network.kohya_state_dict()
+    trained = trainer.s.network.kohya_state_dict()
     assert saved.keys() == trained.keys()
     for key, value in trained.items():
         torch.testing.assert_close(saved[key], value.cpu().float(), rtol=0, atol=0)
@@ -163,8 +164,8 @@ def test_trained_lora_loads_in_diffusers_and_changes_the_output(assets, tmp_path
     pipe.load_lora_weights(str(result.output))
     adapted = sum(isinstance(m, LoraLayer) for m in pipe.unet.modules())
     adapted_te = sum(isinstance(m, LoraLayer) for m in pipe.text_encoder.modules())
-    assert adapted == len(trainer.network.unet_loras) and adapted_te == len(
-        trainer.network.text_encoder_loras
+    assert adapted == len(trainer.s.network.unet_loras) and adapted_te == len(
+        trainer.s.network.text_encoder_loras
     )
     with safe_open(str(result.output), "pt") as f:
         assert len(list(f.keys())) == 3 * (adapted + adapted_te)  # every down/up/alpha triple was consumed
@@ -327,7 +328,7 @@ def test_nan_loss_stops_with_an_actionable_error(assets, tmp_path):
 
 
 def test_each_caption_is_tokenised_once_per_run(assets, tmp_path, monkeypatch):
-    import kohya_backend.train.families as families
+    import kohya_backend.train.conditioning as families
 
     seen: list[str] = []
     real = families.chunked_token_ids
@@ -371,7 +372,7 @@ def test_text_encoder_outputs_cached_to_disk_are_reused_by_the_next_run(assets, 
 
 def test_the_text_memo_holds_only_captions_that_can_come_back(assets, tmp_path):
     trainer, _ = run(make_config(assets, tmp_path / "fixed", network_train_unet_only=True, max_train_steps=6))
-    assert trainer.text_cache is not None and 0 < len(trainer.text_cache) <= 6  # at most the 6 captions
+    assert trainer.s.text.cache is not None and 0 < len(trainer.s.text.cache) <= 6  # at most the 6 captions
     trainer, _ = run(
         make_config(
             assets,
@@ -381,7 +382,9 @@ def test_the_text_memo_holds_only_captions_that_can_come_back(assets, tmp_path):
             max_train_steps=6,
         )
     )
-    assert trainer.text_cache is None and trainer._ids == {}  # every shuffle is a new caption: nothing kept
+    assert (
+        trainer.s.text.cache is None and trainer.s.text.ids == {}
+    )  # every shuffle is a new caption: nothing kept
 
 
 def test_logging_dir_writes_tensorboard_events_like_kohya(assets, tmp_path):
@@ -434,7 +437,7 @@ def test_latent_caching_batch_is_one_image_on_the_cpu_and_area_scaled_on_a_gpu()
 
 
 def test_training_from_an_fp16_file_on_the_cpu_matches_fully_upcast_weights(assets, tmp_path, monkeypatch):
-    import kohya_backend.train.loop as loop
+    import kohya_backend.train.setup as loop
 
     half = write_checkpoint(tmp_path / "half.safetensors", "sd_xl", size="tiny", dtype=torch.float16, seed=0)
     fp16_assets = {**assets, "sd_xl": half}
@@ -443,7 +446,7 @@ def test_training_from_an_fp16_file_on_the_cpu_matches_fully_upcast_weights(asse
     kept_trainer, kept = run(
         make_config(fp16_assets, tmp_path / "kept", fm="sd_xl", max_train_steps=3, **sampling)
     )
-    assert any(p.dtype == torch.float16 for p in kept_trainer.model.unet.parameters())
+    assert any(p.dtype == torch.float16 for p in kept_trainer.s.model.unet.parameters())
     assert list((tmp_path / "kept" / "sample").glob("*.png"))  # the pipelines ran on the kept fp16 weights
 
     real = loop.load_checkpoint
@@ -451,7 +454,7 @@ def test_training_from_an_fp16_file_on_the_cpu_matches_fully_upcast_weights(asse
         loop, "load_checkpoint", lambda *a, **k: real(*a, **{**k, "keep_file_precision": False})
     )
     upcast_trainer, upcast = run(make_config(fp16_assets, tmp_path / "upcast", fm="sd_xl", max_train_steps=3))
-    assert {p.dtype for p in upcast_trainer.model.unet.parameters()} == {torch.float32}
+    assert {p.dtype for p in upcast_trainer.s.model.unet.parameters()} == {torch.float32}
     assert kept_trainer.losses == pytest.approx(upcast_trainer.losses, rel=1e-5)
     kept_sd, _ = load_lora(kept.output)
     upcast_sd, _ = load_lora(upcast.output)

@@ -8,18 +8,19 @@ the parser has accepted it.
 
 from __future__ import annotations
 
-import ast
 import json
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import tomlkit
 from tomlkit.exceptions import ParseError
 
-from kohya_backend.config.schema import UNSUPPORTED_VALUES, KeySpec
+from kohya_backend.config.keys import KeySpec
+from kohya_backend.config.schema import UNSUPPORTED_VALUES
+from kohya_backend.config.values import ValueProblem, shown
 from kohya_backend.errors import ConfigError, ConfigIssue
 
 Path_ = tuple[str, ...]
@@ -359,24 +360,6 @@ _TRUE = frozenset({"true", "yes", "on", "1"})
 _FALSE = frozenset({"false", "no", "off", "0"})
 
 
-class ValueProblem(Exception):
-    """A value that cannot be used for its key; message and hint go into a ConfigIssue."""
-
-    def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
-
-
-def shown(value: Any) -> str:
-    """A value as a user would write it in TOML (strings in double quotes)."""
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, bool):
-        return str(value).lower()
-    return repr(value)
-
-
 def _describe(value: Any) -> str:
     return f"{shown(value)} ({type(value).__name__})"
 
@@ -436,7 +419,7 @@ def _to_str(spec: KeySpec, value: Any) -> str:
     return value
 
 
-def _to_kv_list(spec: KeySpec, value: Any) -> list[str]:
+def _to_kv_list(spec: KeySpec, value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         items: list[Any] = value.split()
     elif isinstance(value, Mapping):
@@ -454,29 +437,7 @@ def _to_kv_list(spec: KeySpec, value: Any) -> list[str]:
             )
         key, val = item.split("=", 1)
         out.append(f"{key.strip()}={val.strip()}")
-    return out
-
-
-def literal_kwargs(items: Sequence[str]) -> dict[str, Any]:
-    """kohya's ["name=value", ...] as keyword arguments, each value read as a Python literal (ast.literal_eval), as
-    sd-scripts reads optimizer_args and lr_scheduler_args: "betas=0.9,0.99" is the tuple (0.9, 0.99).
-
-    Raises ValueProblem naming the first entry that is not name=<literal>.
-    """
-    out: dict[str, Any] = {}
-    for item in items:
-        name, sep, raw = item.partition("=")
-        name, raw = name.strip(), raw.strip()
-        if not sep or not name.isidentifier():
-            raise ValueProblem(f"{item!r} is not of the form name=value", 'write e.g. "weight_decay=0.01"')
-        try:
-            out[name] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            raise ValueProblem(
-                f"{name}={raw}: the value is not a Python literal, which kohya requires",
-                f"quote text as {name}='{raw}'; numbers, True/False and tuples such as 0.9,0.999 need no quotes",
-            ) from None
-    return out
+    return tuple(out)
 
 
 def _to_resolution(value: Any) -> tuple[int, int]:

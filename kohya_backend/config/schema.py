@@ -1,83 +1,47 @@
-"""The config_params schema: every kohya sd-scripts key this trainer implements, with types, defaults per FM type,
-ranges and allowed values, plus the kohya keys it knowingly does not implement.
+"""The config_params schema: every key this trainer accepts (SCHEMA, read off the typed TrainConfig's field
+declarations), the kohya keys it knowingly does not implement, old names, defaults per FM type, the canonical TOML
+writer and the starting template.
 
-Validation, formatting, the UI's defaults and the config reference are all derived from this one table.
+Validation, formatting, the UI's defaults and the config reference are all derived from these tables.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
 import tomlkit
 
+from kohya_backend.config.choices import LR_SCHEDULERS, NETWORK_ARGS, OPTIMIZERS, SAMPLERS
+from kohya_backend.config.keys import Effect, KeySpec
+from kohya_backend.config.train_config import SCHEMA, TrainConfig
 from kohya_backend.errors import ConfigError, ConfigIssue
+from kohya_backend.families import FAMILIES, FM_TYPES
 
-FM_TYPES: tuple[str, ...] = ("sd_1_5", "sd_xl")
-
-OPTIMIZERS: tuple[str, ...] = ("AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor", "SGDNesterov")
-LR_SCHEDULERS: tuple[str, ...] = (
-    "constant",
-    "constant_with_warmup",
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-    "adafactor",
-)
-
-# kohya's sample_sampler names -> the diffusers scheduler class that implements each (and its extra settings).
-SAMPLE_SAMPLERS: Mapping[str, tuple[str, Mapping[str, Any]]] = MappingProxyType(
-    {
-        "ddim": ("DDIMScheduler", {}),
-        "pndm": ("PNDMScheduler", {}),
-        "lms": ("LMSDiscreteScheduler", {}),
-        "euler": ("EulerDiscreteScheduler", {}),
-        "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-        "heun": ("HeunDiscreteScheduler", {}),
-        "dpm_2": ("KDPM2DiscreteScheduler", {}),
-        "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
-        "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
-        "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-        "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
-        "k_lms": ("LMSDiscreteScheduler", {}),
-        "k_euler": ("EulerDiscreteScheduler", {}),
-        "k_euler_a": ("EulerAncestralDiscreteScheduler", {}),
-        "k_dpm_2": ("KDPM2DiscreteScheduler", {}),
-        "k_dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
-    }
-)
-
-# The only network_args this trainer implements (kohya's LoCon extension of networks.lora).
-NETWORK_ARGS: tuple[str, ...] = ("conv_dim", "conv_alpha")
-
-
-@dataclass(frozen=True)
-class KeySpec:
-    """One config_params key: its kind, default (per FM type), limits and help, as the whole project sees it.
-
-    Kinds: bool, int, float, str, path, list ("k=v" strings), resolution ("w,h"), steps_or_fraction.
-    `zero_is_unset` marks keys where kohya reads 0 as "off": 0 is normalised to None (unset).
-    """
-
-    name: str
-    kind: str
-    default: Any
-    group: str
-    help: str
-    fm_defaults: Mapping[str, Any] = field(default_factory=dict)
-    minimum: float | None = None
-    maximum: float | None = None
-    choices: tuple[Any, ...] | None = None
-    exclusive_minimum: bool = False
-    zero_is_unset: bool = False
-
-    def default_for(self, fm_type: str) -> Any:
-        """The default of this key for one FM type."""
-        return self.fm_defaults.get(fm_type, self.default)
-
+__all__ = [
+    "ALIASES",
+    "FM_TYPES",
+    "GROUPS",
+    "GUI_KEY_HINTS",
+    "LR_SCHEDULERS",
+    "NETWORK_ARGS",
+    "OPTIMIZERS",
+    "SAMPLERS",
+    "SCHEMA",
+    "UNSUPPORTED",
+    "UNSUPPORTED_DEFAULTS",
+    "UNSUPPORTED_VALUES",
+    "Effect",
+    "KeySpec",
+    "TrainConfig",
+    "check_fm_type",
+    "defaults_for",
+    "effect_of",
+    "render_toml",
+    "template_toml",
+    "template_values",
+    "toml_value",
+]
 
 GROUPS: list[tuple[str, str]] = [
     ("model", "Base model"),
@@ -91,221 +55,6 @@ GROUPS: list[tuple[str, str]] = [
     ("sampling", "Sample images during training"),
     ("compat", "Memory and attention switches kept for kohya compatibility"),
 ]
-
-
-def _spec(name: str, kind: str, default: Any, group: str, help: str, **extra: Any) -> KeySpec:
-    return KeySpec(name=name, kind=kind, default=default, group=group, help=help, **extra)
-
-
-# fmt: off
-_SPECS: list[KeySpec] = [
-    # model
-    _spec("pretrained_model_name_or_path", "path", None, "model",
-          "Base checkpoint to train on: a single-file SD 1.5 or SDXL .safetensors/.ckpt."),
-    _spec("v2", "bool", False, "model",
-          "kohya's switch for Stable Diffusion 2.x; SD 2.x is not trained here, so it must stay false."),
-    _spec("v_parameterization", "bool", False, "model",
-          "Train with v-prediction loss; only for v-prediction base checkpoints."),
-    _spec("no_half_vae", "bool", False, "model",
-          "Keep the VAE in float32 under mixed precision (SDXL's VAE gives NaN/black images in fp16).",
-          fm_defaults={"sd_xl": True}),
-    _spec("tokenizer_cache_dir", "path", None, "model",
-          "Folder with a saved CLIP tokenizer, used offline instead of the Hugging Face hub."),
-    # dataset
-    _spec("train_data_dir", "path", None, "dataset",
-          "Parent folder of <repeats>_<name> image folders (e.g. 10_mychar)."),
-    _spec("reg_data_dir", "path", None, "dataset",
-          "Parent folder of <repeats>_<name> regularisation image folders (optional)."),
-    _spec("prior_loss_weight", "float", 1.0, "dataset",
-          "Loss weight of regularisation images.", minimum=0.0),
-    _spec("caption_extension", "str", ".caption", "dataset",
-          "Extension of the caption file next to each image (the GUIs use .txt)."),
-    _spec("shuffle_caption", "bool", False, "dataset",
-          "Shuffle the comma-separated tags of each caption."),
-    _spec("keep_tokens", "int", 0, "dataset",
-          "Keep the first N comma-separated tags in place when shuffling.", minimum=0, maximum=256),
-    _spec("keep_tokens_separator", "str", "", "dataset",
-          "Tags before this separator stay in place when shuffling (overrides keep_tokens)."),
-    _spec("caption_prefix", "str", None, "dataset",
-          "Text added before every caption."),
-    _spec("caption_suffix", "str", None, "dataset",
-          "Text added after every caption."),
-    _spec("caption_dropout_rate", "float", 0.0, "dataset",
-          "Probability of training an image with an empty caption.", minimum=0.0, maximum=1.0),
-    _spec("caption_dropout_every_n_epochs", "int", 0, "dataset",
-          "Drop all captions every N epochs (0 = never).", minimum=0),
-    _spec("caption_tag_dropout_rate", "float", 0.0, "dataset",
-          "Probability of dropping each comma-separated tag.", minimum=0.0, maximum=1.0),
-    _spec("flip_aug", "bool", False, "dataset",
-          "Randomly flip images horizontally."),
-    _spec("random_crop", "bool", False, "dataset",
-          "Crop randomly instead of centred (not with cache_latents)."),
-    # buckets
-    _spec("resolution", "resolution", (512, 512), "buckets",
-          'Training resolution: one size (512) or width,height ("512,768").',
-          fm_defaults={"sd_xl": (1024, 1024)}, minimum=64, maximum=4096),
-    _spec("enable_bucket", "bool", False, "buckets",
-          "Group images into aspect-ratio buckets."),
-    _spec("min_bucket_reso", "int", 256, "buckets",
-          "Smallest bucket side in pixels.", minimum=64, maximum=4096),
-    _spec("max_bucket_reso", "int", 1024, "buckets",
-          "Largest bucket side in pixels.", minimum=64, maximum=8192),
-    _spec("bucket_reso_steps", "int", 64, "buckets",
-          "Bucket side step in pixels: a multiple of 64 for SD 1.5, of 32 for SDXL.",
-          minimum=32, maximum=1024),
-    _spec("bucket_no_upscale", "bool", False, "buckets",
-          "Never upscale an image to fit its bucket."),
-    # caching
-    _spec("cache_latents", "bool", False, "caching",
-          "Encode every image with the VAE once, before training."),
-    _spec("cache_latents_to_disk", "bool", False, "caching",
-          "Keep the latent cache on disk next to the images (implies cache_latents)."),
-    _spec("vae_batch_size", "int", None, "caching",
-          "Batch size when caching latents (unset = 1 on the CPU, where single images run fastest; on a GPU chosen from the resolution: 8 at 256 px, 4 at 512, 1 at 1024).", minimum=1, maximum=256),
-    _spec("cache_text_encoder_outputs", "bool", False, "caching",
-          "Encode captions once before training (needs network_train_unet_only; no caption shuffle/dropout)."),
-    _spec("cache_text_encoder_outputs_to_disk", "bool", False, "caching",
-          "Keep the text encoder cache on disk (implies cache_text_encoder_outputs)."),
-    _spec("max_data_loader_n_workers", "int", 8, "caching",
-          "Accepted for kohya compatibility, with a warning: this trainer has no data loader worker processes.",
-          minimum=0, maximum=64),
-    _spec("persistent_data_loader_workers", "bool", False, "caching",
-          "Accepted for kohya compatibility, with a warning: this trainer has no data loader worker processes."),
-    # network
-    _spec("network_module", "str", "networks.lora", "network",
-          "Network type; this trainer implements kohya's networks.lora (LoRA, LoCon with conv_dim).",
-          choices=("networks.lora",)),
-    _spec("network_dim", "int", 4, "network",
-          "LoRA rank.", minimum=1, maximum=1024),
-    _spec("network_alpha", "float", 1.0, "network",
-          "LoRA alpha: the update is scaled by alpha/rank (0 = same as network_dim).", minimum=0.0),
-    _spec("network_args", "list", [], "network",
-          'Extra network settings as "key=value" strings: only conv_dim and conv_alpha (LoCon).'),
-    _spec("network_dropout", "float", None, "network",
-          "Dropout on the LoRA down projection (0 or unset = none).",
-          minimum=0.0, maximum=1.0, zero_is_unset=True),
-    _spec("network_weights", "path", None, "network",
-          "Start from the weights of an existing LoRA file."),
-    _spec("network_train_unet_only", "bool", False, "network",
-          "Train only the U-Net LoRA."),
-    _spec("network_train_text_encoder_only", "bool", False, "network",
-          "Train only the text encoder LoRA."),
-    _spec("training_comment", "str", None, "network",
-          "Free text stored in the LoRA's metadata."),
-    # optimizer
-    _spec("optimizer_type", "str", "AdamW", "optimizer",
-          "Optimizer.", choices=OPTIMIZERS),
-    _spec("optimizer_args", "list", [], "optimizer",
-          'Extra optimizer settings as "key=value" strings with Python literal values (weight_decay=0.01).'),
-    _spec("learning_rate", "float", 2e-06, "optimizer",
-          "Learning rate; also used for unet_lr/text_encoder_lr when they are unset.",
-          minimum=0.0, exclusive_minimum=True),
-    _spec("unet_lr", "float", None, "optimizer",
-          "Learning rate of the U-Net LoRA.", minimum=0.0),
-    _spec("text_encoder_lr", "float", None, "optimizer",
-          "Learning rate of the text encoder LoRA (0 = do not train it).", minimum=0.0),
-    _spec("lr_scheduler", "str", "constant", "optimizer",
-          "Learning rate schedule.", choices=LR_SCHEDULERS),
-    _spec("lr_warmup_steps", "steps_or_fraction", 0, "optimizer",
-          "Warmup steps, or a fraction of all steps when below 1 (0.05 = 5%)."),
-    _spec("lr_scheduler_num_cycles", "int", 1, "optimizer",
-          "Restarts of cosine_with_restarts.", minimum=1, maximum=1000),
-    _spec("lr_scheduler_power", "float", 1.0, "optimizer",
-          "Power of the polynomial schedule.", minimum=0.0, exclusive_minimum=True),
-    _spec("lr_scheduler_args", "list", [], "optimizer",
-          'Extra scheduler settings as "key=value" strings with Python literal values.'),
-    _spec("max_grad_norm", "float", 1.0, "optimizer",
-          "Gradient clipping norm (0 = no clipping).", minimum=0.0),
-    # training
-    _spec("train_batch_size", "int", 1, "training",
-          "Images per step.", minimum=1, maximum=256),
-    _spec("max_train_steps", "int", 1600, "training",
-          "Total optimizer steps (max_train_epochs overrides it).", minimum=1, maximum=10_000_000),
-    _spec("max_train_epochs", "int", None, "training",
-          "Train for this many epochs (overrides max_train_steps).",
-          minimum=1, maximum=100_000, zero_is_unset=True),
-    _spec("gradient_accumulation_steps", "int", 1, "training",
-          "Batches accumulated per optimizer step.", minimum=1, maximum=1024),
-    _spec("gradient_checkpointing", "bool", False, "training",
-          "Recompute activations to save memory."),
-    _spec("mixed_precision", "str", "no", "training",
-          "Mixed precision: no, fp16 (CUDA only) or bf16.", choices=("no", "fp16", "bf16")),
-    _spec("seed", "int", None, "training",
-          "Random seed (unset = random).", minimum=0, maximum=2**32 - 1),
-    _spec("clip_skip", "int", None, "training",
-          "Use the output of the Nth-from-last text encoder layer (SD 1.5; ignored on SDXL as in kohya).",
-          minimum=1, maximum=12),
-    _spec("max_token_length", "int", 75, "training",
-          "Caption token limit (long captions are encoded in 75-token chunks).", choices=(75, 150, 225)),
-    _spec("noise_offset", "float", None, "training",
-          "Noise offset strength (about 0.05-0.1; 0 = off).", minimum=0.0, maximum=1.0, zero_is_unset=True),
-    _spec("min_snr_gamma", "float", None, "training",
-          "Min-SNR loss weighting gamma (5 is typical; 0 = off).",
-          minimum=0.0, maximum=100.0, exclusive_minimum=True, zero_is_unset=True),
-    _spec("min_timestep", "int", None, "training",
-          "Smallest diffusion timestep trained (0-999).", minimum=0, maximum=999),
-    _spec("max_timestep", "int", None, "training",
-          "Largest diffusion timestep trained, exclusive (1-1000).", minimum=1, maximum=1000),
-    # saving
-    _spec("output_dir", "path", None, "saving",
-          "Folder for the LoRA files."),
-    _spec("output_name", "str", None, "saving",
-          "File name of the LoRA without extension (kohya writes last.safetensors when unset)."),
-    _spec("save_model_as", "str", "safetensors", "saving",
-          "File format; only safetensors.", choices=("safetensors",)),
-    _spec("save_precision", "str", "float", "saving",
-          "Precision of the saved LoRA: fp16, bf16 or float (kohya's unset = float).",
-          choices=("fp16", "bf16", "float")),
-    _spec("save_every_n_epochs", "int", None, "saving",
-          "Also save a LoRA every N epochs.", minimum=1, maximum=100_000, zero_is_unset=True),
-    _spec("save_every_n_steps", "int", None, "saving",
-          "Also save a LoRA every N steps.", minimum=1, maximum=10_000_000, zero_is_unset=True),
-    _spec("save_n_epoch_ratio", "int", None, "saving",
-          "Save about N files over the run (sets save_every_n_epochs = epochs // N).",
-          minimum=1, maximum=100_000, zero_is_unset=True),
-    _spec("save_last_n_epochs", "int", None, "saving",
-          "Keep only the last N per-epoch files (needs save_every_n_epochs).",
-          minimum=1, maximum=100_000, zero_is_unset=True),
-    _spec("save_state", "bool", False, "saving",
-          "Also save a resumable training state with each LoRA."),
-    _spec("save_state_on_train_end", "bool", False, "saving",
-          "Save a resumable training state at the end."),
-    _spec("resume", "path", None, "saving",
-          "Resume from a saved training state folder."),
-    _spec("logging_dir", "path", None, "saving",
-          "Folder for TensorBoard logs: each run writes <log_prefix><YYYYmmddHHMMSS>/<log_tracker_name>/ with "
-          "loss, learning rates and samples, as kohya does."),
-    _spec("log_with", "str", None, "saving",
-          'Logger: "tensorboard" (the default when logging_dir is set; needs logging_dir).',
-          choices=("tensorboard",)),
-    _spec("log_prefix", "str", None, "saving",
-          "Prefix of each run's TensorBoard folder under logging_dir."),
-    _spec("log_tracker_name", "str", None, "saving",
-          "Name of the TensorBoard folder inside each run's folder (kohya's default: network_train)."),
-    # sampling
-    _spec("sample_prompts", "path", None, "sampling",
-          "File with one sample prompt per line (kohya syntax)."),
-    _spec("sample_every_n_epochs", "int", None, "sampling",
-          "Generate samples every N epochs.", minimum=1, maximum=100_000, zero_is_unset=True),
-    _spec("sample_every_n_steps", "int", None, "sampling",
-          "Generate samples every N steps.", minimum=1, maximum=10_000_000, zero_is_unset=True),
-    _spec("sample_sampler", "str", "ddim", "sampling",
-          "Sampler for sample images.", choices=tuple(SAMPLE_SAMPLERS)),
-    # compat
-    _spec("xformers", "bool", False, "compat",
-          "Accepted for compatibility: this trainer always uses PyTorch scaled-dot-product attention."),
-    _spec("sdpa", "bool", False, "compat",
-          "Accepted for compatibility: PyTorch scaled-dot-product attention is always used."),
-    _spec("mem_eff_attn", "bool", False, "compat",
-          "Accepted for compatibility: PyTorch scaled-dot-product attention is always used."),
-    _spec("lowram", "bool", False, "compat",
-          "Accepted for compatibility: memory is managed by this trainer."),
-    _spec("highvram", "bool", False, "compat",
-          "Accepted for compatibility: memory is managed by this trainer."),
-]
-# fmt: on
-
-SCHEMA: dict[str, KeySpec] = {spec.name: spec for spec in _SPECS}
 
 # Keys kohya reads under another name: old name -> canonical name (the canonical TOML writes the new one).
 ALIASES: dict[str, str] = {
@@ -497,11 +246,13 @@ def check_fm_type(fm_type: str) -> None:
 def defaults_for(fm_type: str) -> dict[str, Any]:
     """Every schema key with its default for this FM type (kohya's defaults unless the FM type overrides)."""
     check_fm_type(fm_type)
-    out: dict[str, Any] = {}
-    for name, spec in SCHEMA.items():
-        value = spec.default_for(fm_type)
-        out[name] = list(value) if isinstance(value, list) else value
-    return out
+    return {name: spec.default_for(fm_type) for name, spec in SCHEMA.items()}
+
+
+def effect_of(key: str) -> Effect | None:
+    """What setting a key does: its Effect (used / compat / fixed), or None when it is refused or unknown."""
+    spec = SCHEMA.get(key)
+    return spec.effect if spec is not None else None
 
 
 def toml_value(spec: KeySpec, value: Any) -> Any:
@@ -567,16 +318,11 @@ _TEMPLATE_COMMON: dict[str, Any] = {
     "save_state": False,
 }
 
-_TEMPLATE_FM: dict[str, dict[str, Any]] = {
-    "sd_1_5": {"resolution": (512, 512), "clip_skip": 2},
-    "sd_xl": {"resolution": (1024, 1024), "no_half_vae": True},
-}
-
 
 def template_values(fm_type: str) -> dict[str, Any]:
     """The AWS solution's starting config for an FM type, with the paths left empty for the user."""
     check_fm_type(fm_type)
-    return {**_TEMPLATE_COMMON, **_TEMPLATE_FM[fm_type]}
+    return {**_TEMPLATE_COMMON, **FAMILIES[fm_type].template}
 
 
 def template_toml(fm_type: str, *, cuda: bool = True) -> str:

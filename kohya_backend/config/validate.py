@@ -8,33 +8,28 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
-import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kohya_backend.config.parse import (
-    ParsedConfig,
-    ValueProblem,
-    coerce_value,
-    literal_kwargs,
-    parse_config,
-    shown,
-)
+from kohya_backend.config.keys import KeySpec, compat
+from kohya_backend.config.parse import ParsedConfig, ValueProblem, coerce_value, parse_config, shown
 from kohya_backend.config.schema import (
     ALIASES,
     GUI_KEY_HINTS,
     SCHEMA,
     UNSUPPORTED,
     UNSUPPORTED_DEFAULTS,
-    KeySpec,
     check_fm_type,
     defaults_for,
-    toml_value,
 )
+from kohya_backend.config.train_config import CAPTION_VARIATION_KEYS, TrainConfig
+from kohya_backend.config.values import kv_dict, literal_kwargs
 from kohya_backend.errors import ConfigError, ConfigIssue
+from kohya_backend.families import FAMILIES
+
+__all__ = ["TrainConfig", "detect_cuda", "validate_config"]
 
 # network_args that kohya's networks.lora reads but this trainer does not implement.
 _KOHYA_LORA_ARGS = frozenset(
@@ -60,130 +55,18 @@ _KOHYA_LORA_ARGS = frozenset(
     ]
 )
 # The network_args this trainer implements, checked like schema keys.
+_ARG = compat("is a network_args entry")
 _NETWORK_ARG_SPECS = {
     "conv_dim": KeySpec(
-        "conv_dim", "int", None, "network", "LoCon rank of 3x3 convolutions", minimum=1, maximum=1024
+        "conv_dim", "int", None, "network", "LoCon rank of 3x3 convolutions", _ARG, minimum=1, maximum=1024
     ),
-    "conv_alpha": KeySpec("conv_alpha", "float", None, "network", "LoCon alpha", minimum=0.0),
+    "conv_alpha": KeySpec("conv_alpha", "float", None, "network", "LoCon alpha", _ARG, minimum=0.0),
 }
 _REQUIRED_PATHS = ("pretrained_model_name_or_path", "train_data_dir", "output_dir")
 _WINDOWS_RESERVED = frozenset(
     ["con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))]
 )
 _BAD_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
-# Keys that make an image's caption differ from one draw to the next.
-CAPTION_VARIATION_KEYS = (
-    "shuffle_caption",
-    "caption_dropout_rate",
-    "caption_tag_dropout_rate",
-    "caption_dropout_every_n_epochs",
-)
-
-
-def _kv_dict(items: list[str]) -> dict[str, str]:
-    return dict(item.split("=", 1) for item in items)
-
-
-@dataclass
-class TrainConfig:
-    """A validated config: every schema key present with its normalised value, plus the warnings found."""
-
-    fm_type: str
-    values: dict[str, Any]
-    warnings: list[ConfigIssue] = field(default_factory=list, compare=False)
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in self.values:
-            raise KeyError(f"{key!r} is not a config_params key")
-        return self.values[key]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        """The value of a key, or `default` when it is not a schema key."""
-        return self.values.get(key, default)
-
-    @property
-    def resolution(self) -> tuple[int, int]:
-        """Training resolution as (width, height)."""
-        w, h = self.values["resolution"]
-        return int(w), int(h)
-
-    @property
-    def unet_lr(self) -> float:
-        """The U-Net learning rate in effect (unet_lr, else learning_rate)."""
-        value = self.values["unet_lr"]
-        return float(self.values["learning_rate"] if value is None else value)
-
-    @property
-    def text_encoder_lr(self) -> float:
-        """The text encoder learning rate in effect (text_encoder_lr, else learning_rate)."""
-        value = self.values["text_encoder_lr"]
-        return float(self.values["learning_rate"] if value is None else value)
-
-    @property
-    def network_args(self) -> dict[str, str]:
-        """network_args as {key: value string}."""
-        return _kv_dict(self.values["network_args"])
-
-    @property
-    def optimizer_args(self) -> dict[str, str]:
-        """optimizer_args as {key: value string}."""
-        return _kv_dict(self.values["optimizer_args"])
-
-    @property
-    def lr_scheduler_args(self) -> dict[str, str]:
-        """lr_scheduler_args as {key: value string}."""
-        return _kv_dict(self.values["lr_scheduler_args"])
-
-    def optimizer_kwargs(self) -> dict[str, Any]:
-        """optimizer_args with values read as Python literals, as kohya passes them to the optimizer."""
-        return literal_kwargs(self.values["optimizer_args"])
-
-    def lr_scheduler_kwargs(self) -> dict[str, Any]:
-        """lr_scheduler_args with values read as Python literals, as kohya passes them to the scheduler."""
-        return literal_kwargs(self.values["lr_scheduler_args"])
-
-    @property
-    def captions_vary(self) -> bool:
-        """Whether an image's caption can differ between the times it is drawn (shuffle or dropout)."""
-        return any(self.values[k] for k in CAPTION_VARIATION_KEYS)
-
-    @property
-    def trains_unet(self) -> bool:
-        """Whether the U-Net LoRA is trained."""
-        return not self.values["network_train_text_encoder_only"]
-
-    @property
-    def trains_text_encoder(self) -> bool:
-        """Whether the text encoder LoRA is trained (not U-Net only, and a learning rate above 0)."""
-        return not self.values["network_train_unet_only"] and self.text_encoder_lr > 0
-
-    def lr_warmup_steps_for(self, total_steps: int) -> int:
-        """Warmup steps for a run of total_steps (a value below 1 is a fraction of the run, as in kohya)."""
-        value = self.values["lr_warmup_steps"]
-        if isinstance(value, float):
-            return int(value * total_steps)
-        return int(value)
-
-    def total_steps_for(self, steps_per_epoch: int) -> int:
-        """Optimizer steps of the whole run: max_train_epochs x steps per epoch if set, else max_train_steps."""
-        epochs = self.values["max_train_epochs"]
-        return int(epochs) * max(1, steps_per_epoch) if epochs else int(self.values["max_train_steps"])
-
-    def epochs_for(self, steps_per_epoch: int) -> int:
-        """Number of epochs the run spans (the last one may be partial), as kohya counts them."""
-        return math.ceil(self.total_steps_for(steps_per_epoch) / max(1, steps_per_epoch))
-
-    def save_every_n_epochs_for(self, num_epochs: int) -> int | None:
-        """Epoch interval for intermediate saves: save_n_epoch_ratio wins over save_every_n_epochs, as in kohya."""
-        ratio = self.values["save_n_epoch_ratio"]
-        if ratio:
-            return max(1, num_epochs // int(ratio))
-        value = self.values["save_every_n_epochs"]
-        return int(value) if value else None
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values for JSON (resolution as kohya's "w,h"); validate_config accepts it back unchanged."""
-        return {k: toml_value(SCHEMA[k], v) if v is not None else None for k, v in self.values.items()}
 
 
 def detect_cuda() -> bool:
@@ -200,6 +83,7 @@ class _Checker:
 
     def __init__(self, parsed: ParsedConfig, fm_type: str) -> None:
         self.fm_type = fm_type
+        self.family = FAMILIES[fm_type]
         self.positions = dict(parsed.positions)
         self.values: dict[str, Any] = defaults_for(fm_type)
         self.given: set[str] = set()
@@ -296,17 +180,17 @@ def _rule_model(c: _Checker) -> None:
             "keep it only for a v-prediction checkpoint",
             warning=True,
         )
-    if c.fm_type == "sd_xl" and c["clip_skip"] is not None:
+    if not c.family.uses_clip_skip and c["clip_skip"] is not None:
         c.issue(
             "clip_skip",
-            "clip_skip is ignored on SDXL, as in kohya (SDXL always uses the penultimate layer)",
+            f"clip_skip is ignored on {c.family.label}, as in kohya (it always uses the penultimate layer)",
             "remove it",
             warning=True,
         )
-    if c.fm_type == "sd_xl" and c["mixed_precision"] == "fp16" and not c["no_half_vae"]:
+    if c.family.vae_overflows_in_fp16 and c["mixed_precision"] == "fp16" and not c["no_half_vae"]:
         c.issue(
             "no_half_vae",
-            "SDXL's VAE overflows in fp16 and gives NaN latents or black samples",
+            f"{c.family.label}'s VAE overflows in fp16 and gives NaN latents or black samples",
             "set no_half_vae = true",
             warning=True,
         )
@@ -347,7 +231,7 @@ def _rule_network(c: _Checker) -> None:
 
 
 def _rule_network_args(c: _Checker) -> None:
-    args = _kv_dict(c["network_args"])
+    args = kv_dict(c["network_args"])
     for name, value in args.items():
         if name in _NETWORK_ARG_SPECS:
             spec = _NETWORK_ARG_SPECS[name]
@@ -422,7 +306,7 @@ def _rule_buckets(c: _Checker) -> None:
     if not c.ok("bucket_reso_steps", "min_bucket_reso", "max_bucket_reso"):
         return
     step, low, high = c["bucket_reso_steps"], c["min_bucket_reso"], c["max_bucket_reso"]
-    unit = 32 if c.fm_type == "sd_xl" else 64
+    unit = c.family.bucket_step
     if step % unit:
         c.issue(
             "bucket_reso_steps",
@@ -449,6 +333,16 @@ def _rule_buckets(c: _Checker) -> None:
                 f"resolution {w}x{h} is outside the bucket range {low}..{high}",
                 "raise max_bucket_reso / lower min_bucket_reso, or change resolution",
             )
+
+
+def _rule_bucket_upscale(c: _Checker) -> None:
+    if c["bucket_no_upscale"] and not c["enable_bucket"]:
+        c.issue(
+            "bucket_no_upscale",
+            "bucket_no_upscale has no effect without enable_bucket; every image is cropped to the resolution",
+            "set enable_bucket = true, or remove bucket_no_upscale",
+            warning=True,
+        )
 
 
 def _rule_schedule(c: _Checker) -> None:
@@ -570,32 +464,11 @@ def _rule_logging(c: _Checker) -> None:
             )
 
 
-DATA_LOADER_WARNING = (
-    "is accepted for kohya compatibility and changes nothing: this trainer has no data loader worker processes "
-    "(images are read in the training process; cache_latents reads each image once)"
-)
-
-
 def _rule_compat(c: _Checker) -> None:
-    for key in ("max_data_loader_n_workers", "persistent_data_loader_workers"):
-        if c[key] != SCHEMA[key].default:
-            c.issue(key, f"{key} {DATA_LOADER_WARNING}", "remove it", warning=True)
-    for key in ("xformers", "sdpa", "mem_eff_attn"):
-        if c[key]:
-            c.issue(
-                key,
-                f"{key} is accepted, but this trainer always uses PyTorch scaled-dot-product attention",
-                "remove it",
-                warning=True,
-            )
-    for key in ("lowram", "highvram"):
-        if c[key]:
-            c.issue(
-                key,
-                f"{key} has no effect here: this trainer manages memory itself",
-                "remove it",
-                warning=True,
-            )
+    """Keys accepted for kohya compatibility that change nothing: a value other than the default says so."""
+    for key, spec in SCHEMA.items():
+        if spec.effect.kind == "compat" and c[key] != spec.default_for(c.fm_type):
+            c.issue(key, f"{key} {spec.effect.text}", "remove it", warning=True)
 
 
 def _rule_paths(c: _Checker, require_paths: bool, check_paths_exist: bool) -> None:
@@ -659,6 +532,7 @@ def validate_config(
     _rule_literal_args(c)
     _rule_caching(c)
     _rule_buckets(c)
+    _rule_bucket_upscale(c)
     _rule_schedule(c)
     _rule_saving(c)
     _rule_sampling(c)
@@ -667,4 +541,4 @@ def validate_config(
     _rule_paths(c, require_paths, check_paths_exist)
     if c.errors:
         raise ConfigError(sorted(c.errors, key=_line_order))
-    return TrainConfig(fm_type=fm_type, values=c.values, warnings=sorted(c.warnings, key=_line_order))
+    return TrainConfig(fm_type=fm_type, warnings=tuple(sorted(c.warnings, key=_line_order)), **c.values)

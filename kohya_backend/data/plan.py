@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
-from kohya_backend.data.batches import build_items, epoch_batches, item_repeats
+from kohya_backend.data.batches import TrainItem, build_items, epoch_batches, item_repeats
 from kohya_backend.data.buckets import BucketAssigner
 from kohya_backend.data.scan import DatasetScan
 from kohya_backend.errors import ConfigError, ConfigIssue
@@ -31,10 +32,13 @@ class TrainingPlan:
     gradient_accumulation_steps: int
     batches_per_epoch: int
     warnings: list[str] = field(default_factory=list)
+    items: list[TrainItem] = field(
+        default_factory=list, repr=False, compare=False
+    )  # what an epoch draws from
 
     def to_dict(self) -> dict[str, object]:
-        """A JSON-ready dict of every field (for the API and the job folder)."""
-        return asdict(self)
+        """A JSON-ready dict of every field but the items (for the API and the job folder)."""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "items"}
 
     def render(self) -> str:
         """A human-readable summary for the CLI and the UI."""
@@ -117,28 +121,18 @@ def _folders(scan: DatasetScan) -> list[dict[str, object]]:
 
 def plan_training(
     scan: DatasetScan,
+    assigner: BucketAssigner,
     *,
-    resolution: tuple[int, int],
-    enable_bucket: bool,
-    min_bucket_reso: int,
-    max_bucket_reso: int,
-    bucket_reso_steps: int,
-    bucket_no_upscale: bool,
     train_batch_size: int,
     gradient_accumulation_steps: int,
     max_train_steps: int,
     max_train_epochs: int | None,
 ) -> TrainingPlan:
-    """Compute buckets, steps per epoch, epochs and total steps as kohya does, with plan-level warnings."""
+    """Compute buckets, steps per epoch, epochs and total steps as kohya does, with plan-level warnings.
+
+    This is the one place a run's length is computed: the trainer, its metadata and the UI read it from here.
+    """
     _check_counts(train_batch_size, gradient_accumulation_steps, max_train_steps, max_train_epochs)
-    assigner = BucketAssigner(
-        resolution,
-        enable_bucket=enable_bucket,
-        min_size=min_bucket_reso,
-        max_size=max_bucket_reso,
-        reso_steps=bucket_reso_steps,
-        no_upscale=bucket_no_upscale,
-    )
     items = build_items(scan, assigner)
     repeats = item_repeats(items, scan)
     counts: dict[tuple[int, int], int] = {}
@@ -157,10 +151,6 @@ def plan_training(
             f"{unused} regularisation image(s) are not used: kohya repeats regularisation images only up to "
             f"the {scan.num_train_items} training items"
         )
-    if bucket_no_upscale and not enable_bucket:
-        warnings.append(
-            "bucket_no_upscale has no effect without enable_bucket; every image is cropped to the resolution"
-        )
     return TrainingPlan(
         folders=_folders(scan),
         buckets={f"{w}x{h}": counts[(w, h)] for w, h in sorted(counts) if counts[(w, h)]},
@@ -173,4 +163,5 @@ def plan_training(
         gradient_accumulation_steps=gradient_accumulation_steps,
         batches_per_epoch=num_batches,
         warnings=warnings,
+        items=items,
     )

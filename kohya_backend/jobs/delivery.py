@@ -22,6 +22,7 @@ from typing import IO, Any
 from safetensors import SafetensorError, safe_open
 
 from kohya_backend.errors import TrainingError
+from kohya_backend.families import FAMILIES
 from kohya_backend.jobs.runner import RESULT_NAME, read_json
 from kohya_backend.jobs.store import Job
 
@@ -29,7 +30,7 @@ Writer = Callable[[IO[bytes], bytes], object]
 CHUNK_BYTES = 1 << 20
 TOP_TAGS = 3
 _MAX_SUFFIX = 10_000
-_SD_VERSION = {"sd_1_5": "SD1", "sd_xl": "SDXL"}
+_SD_VERSION = {name: family.sidecar_sd_version for name, family in FAMILIES.items()}
 _REPEATS_PREFIX = re.compile(r"^\d+_")
 # Filesystems without hard links: fall back to an existence check plus rename.
 NO_LINK_ERRNOS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK}

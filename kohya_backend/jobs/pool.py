@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kohya_backend.families import FAMILIES
 from kohya_backend.jobs.registry import WorkerEntry, WorkerRegistry
 from kohya_backend.jobs.worker_client import WorkerAuthError, WorkerClient, WorkerError
 from kohya_backend.jobs.worker_protocol import WORKER_API_VERSION
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 DEFAULT_REFRESH_S = 5.0
 INFO_TIMEOUT_S = 5.0
 # Rough VRAM a LoRA run needs (512 px SD 1.5, 1024 px SDXL with the usual memory savers); a job may ask for more.
-MIN_VRAM_GB = {"sd_1_5": 6.0, "sd_xl": 12.0}
+MIN_VRAM_GB = {name: family.min_vram_gb for name, family in FAMILIES.items()}
 
 
 @dataclass

@@ -25,13 +25,13 @@ import psutil
 
 import kohya_backend
 from kohya_backend.errors import TrainManagementError
+from kohya_backend.families import FM_TYPES
 from kohya_backend.jobs.store import Job
 
 EVENTS_NAME = "events.jsonl"
 RESULT_NAME = "result.json"
 LOG_NAME = "train.log"
 RUN_NAME = "run.json"
-FM_TYPES = ("sd_1_5", "sd_xl")
 # psutil derives create_time from boot time + start ticks (1/100 s); two readings of one process agree far
 # more closely than this, while a recycled pid would have to start within it to pass for the original.
 _CREATE_TIME_TOLERANCE_S = 0.5

@@ -19,11 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from kohya_backend.errors import ConfigError, ConfigIssue, ModelError
-from kohya_backend.models.arch import FAMILIES
+from kohya_backend.families import FAMILIES
 from kohya_backend.models.ldm_keys import unet_diffusers_to_ldm
 
 UNET_PREFIX = "lora_unet"
-TE_PREFIX = "lora_te"
 
 _UNET_TARGETS = frozenset({"Transformer2DModel"})
 _UNET_CONV_TARGETS = frozenset({"ResnetBlock2D", "Downsample2D", "Upsample2D"})
@@ -87,7 +86,7 @@ def _unet_targets(
     for path, module in _block_children(unet, classes):
         if _is_3x3(module) and not conv:
             continue
-        if family == "sd_xl":
+        if FAMILIES[family].unet_lora_layout == "ldm":
             # SDXL LoRAs name the UNet in the original (SAI) layout, as sd-scripts' own SDXL UNet does
             try:
                 path = unet_diffusers_to_ldm(path, layers_per_block, up_block_types)
@@ -101,7 +100,7 @@ def _unet_targets(
 
 
 def _te_prefix(family: str, index: int) -> str:
-    return TE_PREFIX if family == "sd_1_5" else f"{TE_PREFIX}{index + 1}"
+    return FAMILIES[family].te_lora_prefixes[index]
 
 
 def _te_targets(family: str, text_encoders: Sequence[nn.Module]) -> list[tuple[str, nn.Module]]:
@@ -292,6 +291,7 @@ class LoRANetwork(nn.Module):
         # LoCon as sd-scripts: conv_dim 0/None disables it; a missing conv_alpha means 1.0
         self.conv_dim = conv_dim or None
         self.conv_alpha = (1.0 if conv_alpha is None else conv_alpha) if self.conv_dim else None
+        self.dropout = dropout
         self.multiplier = multiplier
         self.text_encoder_loras: list[LoRAModule] = []
         self.unet_loras: list[LoRAModule] = []

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kohya_backend.errors import TokenizerUnavailableError
+from kohya_backend.families import FAMILIES
 
 MODEL_MAX_LENGTH = 77
 BOS_TOKEN = "<|startoftext|>"
@@ -23,10 +24,7 @@ EOS_TOKEN = "<|endoftext|>"
 SDXL_TE2_PAD_TOKEN = "!"
 CLIP_VOCAB_SIZE = 49408
 
-HF_REPOS = {
-    "sd_1_5": ("openai/clip-vit-large-patch14",),
-    "sd_xl": ("openai/clip-vit-large-patch14", "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"),
-}
+HF_REPOS = {name: family.tokenizer_repos for name, family in FAMILIES.items()}
 OPEN_CLIP_VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"
 # CLIP uses the first 49152 - 256 - 2 merges of the file (line 0 is a header).
 _CLIP_MERGE_COUNT = 49152 - 256 - 2

@@ -24,7 +24,7 @@ from torch import Tensor
 from kohya_backend.data.batches import TrainItem
 from kohya_backend.data.buckets import resize_and_crop
 from kohya_backend.data.images import load_image
-from kohya_backend.train.families import Conditioning
+from kohya_backend.train.conditioning import Conditioning
 
 
 @dataclass

@@ -1,8 +1,8 @@
-"""The training loop, readable top to bottom: prepare -> (schedule -> forward -> loss -> backward -> step ->
-save/sample/stop checks) per batch -> final save.
+"""The training loop, readable top to bottom: prepare (train/setup.py) -> per batch: inputs -> noise -> forward
+-> loss -> backward -> step -> save/sample/stop checks -> final save.
 
-Work that does not change between steps (latents, frozen text conditioning, tokenisation) is done once before the
-loop; the loop polls `stop` so a cancel can save state and leave cleanly.
+The loop polls `stop` so a cancel can save state and leave cleanly. It reads the typed config's fields and the
+prepared Setup; nothing here knows which model family it trains (the family's conditioning does).
 """
 
 from __future__ import annotations
@@ -15,41 +15,27 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from kohya_backend.config.format import to_canonical_toml
-from kohya_backend.config.validate import TrainConfig
-from kohya_backend.data.batches import TrainItem, build_items, epoch_batches
-from kohya_backend.data.buckets import BucketAssigner
-from kohya_backend.data.captions import build_caption
-from kohya_backend.data.plan import TrainingPlan
-from kohya_backend.data.scan import DatasetScan, scan_dataset
+from kohya_backend.config.train_config import TrainConfig
+from kohya_backend.data.batches import TrainItem, epoch_batches
 from kohya_backend.errors import TrainingError
-from kohya_backend.lora.metadata import training_metadata
-from kohya_backend.lora.network import LoRANetwork
-from kohya_backend.lora.save import load_lora, save_lora
-from kohya_backend.models.frozen import route_frozen_layers
-from kohya_backend.models.hashing import BackgroundSha256, legacy_hash_file
-from kohya_backend.models.load import LoadedModel, load_checkpoint
+from kohya_backend.lora.metadata import BaseModel, NetworkSettings, training_metadata
+from kohya_backend.lora.save import save_lora
+from kohya_backend.models.hashing import legacy_hash_file
 from kohya_backend.train.events import EventLog
-from kohya_backend.train.families import Conditioning, ModelFamily, get_family, sdxl_time_ids
-from kohya_backend.train.inputs import TEXT_CACHE_DIR, LatentCache, TextCache, encode_latents, prepare_image
-from kohya_backend.train.noise import (
-    diffusion_loss,
-    make_noise_scheduler,
-    sample_noise,
-    sample_timesteps,
-    training_target,
-)
-from kohya_backend.train.optim import build_optimizer, current_lrs
-from kohya_backend.train.plan import plan_for
+from kohya_backend.train.inputs import encode_latents, prepare_image
+from kohya_backend.train.noise import diffusion_loss, sample_noise, sample_timesteps, training_target
+from kohya_backend.train.optim import current_lrs
 from kohya_backend.train.precision import Precision
-from kohya_backend.train.runtime import release_pages, tune_allocator
 from kohya_backend.train.sample import generate_samples, parse_sample_prompts
+from kohya_backend.train.setup import Setup, caption_for, prepare
 from kohya_backend.train.state import PROGRESS_FILE, latest_state, load_training_state, save_training_state
 from kohya_backend.train.tensorboard import TensorBoardLog, tensorboard_run_dir
+
+STATES_KEPT = 2  # save_state keeps the newest two states
 
 
 @dataclass
@@ -73,16 +59,21 @@ class _Batch:
     weights: torch.Tensor
 
 
-def auto_vae_batch_size(resolution: tuple[int, int], device: torch.device | str) -> int:
-    """Latent-caching batch when vae_batch_size is unset.
-
-    On a GPU, 4 images at 512x512, scaled by area, within 1..8. On the CPU one image at a time: its activations
-    stay in the caches, so a batch of 8 at 256 px takes 8.1 s where 8 single images take 6.5 s.
-    """
-    if torch.device(device).type == "cpu":
-        return 1
-    w, h = resolution
-    return max(1, min(8, (4 * 512 * 512) // (w * h)))
+def _resume_path(config: TrainConfig) -> Path | None:
+    """The state folder `resume` names (a state-* folder, or a folder of them: the newest), or None."""
+    if not config.resume:
+        return None
+    path = Path(config.resume)
+    if path.is_dir() and not (path / PROGRESS_FILE).exists():
+        found = latest_state(path)
+        if found is None:
+            raise TrainingError(f"no saved state found in {path}", hint="point `resume` at a state-* folder")
+        path = found
+    if not (path / PROGRESS_FILE).exists():
+        raise TrainingError(
+            f"{path} is not a saved training state", hint="point `resume` at a state-* folder"
+        )
+    return path
 
 
 class Trainer:
@@ -97,17 +88,11 @@ class Trainer:
         precision: Precision | None = None,
     ) -> None:
         self.config = config
-        self.precision = precision or Precision.for_run(config.values["mixed_precision"])
-        self.cfg = config.values
+        self.precision = precision or Precision.for_run(config.mixed_precision)
         self.events = events
         self.stop = stop or threading.Event()
-        self.family: ModelFamily = get_family(config.fm_type)
-        seed = self.cfg.get("seed")
-        self.seed = int(seed) if seed is not None else random.SystemRandom().randrange(2**31)
-        self.output_dir = Path(self.cfg["output_dir"])
-        self.output_name = str(self.cfg.get("output_name") or "last")
-        self.state_dir = self.output_dir / f"{self.output_name}-state"
-        self.prediction_type = "v_prediction" if self.cfg.get("v_parameterization") else "epsilon"
+        self.seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
+        self.output_dir = Path(config.output_dir or ".")
         self.session_id = uuid.uuid4().hex
         self.started_at = time.time()
         self.step = 0
@@ -115,196 +100,33 @@ class Trainer:
         self.batches_done = 0
         self.saved: list[Path] = []
         self.losses: list[float] = []
-        self._ids: dict[str, list[torch.Tensor]] = {}  # token ids per caption, per tokenizer
+        self._base_hashes: tuple[str | None, str] | None = None
+        self.setup: Setup | None = None
 
-    # ----------------------------------------------------------------------------------------------- prepare
-    def _prepare_data(self) -> None:
-        cfg = self.cfg
-        reg = cfg.get("reg_data_dir")
-        self.scan: DatasetScan = scan_dataset(
-            Path(cfg["train_data_dir"]), cfg["caption_extension"], reg_data_dir=Path(reg) if reg else None
-        )
-        for warning in self.scan.warnings:
-            self.events.emit("warning", message=warning)
-        self.assigner = BucketAssigner(
-            self.config.resolution,
-            enable_bucket=bool(cfg["enable_bucket"]),
-            min_size=int(cfg["min_bucket_reso"]),
-            max_size=int(cfg["max_bucket_reso"]),
-            reso_steps=int(cfg["bucket_reso_steps"]),
-            no_upscale=bool(cfg["bucket_no_upscale"]),
-        )
-        self.items: list[TrainItem] = build_items(self.scan, self.assigner)
-        self.plan: TrainingPlan = plan_for(self.config, self.scan)
-        self.events.total_steps = self.plan.total_steps
-        self.events.emit("plan", **self.plan.to_dict())
+    @property
+    def s(self) -> Setup:
+        """The prepared run (after `run()` has prepared it)."""
+        if self.setup is None:
+            raise RuntimeError("the trainer has not prepared its run yet")
+        return self.setup
 
-    def _prepare_model(self, precision: Precision) -> None:
-        cfg = self.cfg
-        weight_dtype = precision.weight_dtype
-        vae_dtype = torch.float32 if cfg.get("no_half_vae") or weight_dtype == torch.float32 else weight_dtype
-        self.weight_dtype = weight_dtype
-        self.events.emit("log", message=f"loading {cfg['pretrained_model_name_or_path']}")
-        tok_dir = cfg.get("tokenizer_cache_dir")
-        self.model: LoadedModel = load_checkpoint(
-            Path(cfg["pretrained_model_name_or_path"]),
-            self.config.fm_type,
-            dtype=weight_dtype,
-            vae_dtype=vae_dtype,
-            device=str(precision.device),
-            tokenizer_dir=Path(tok_dir) if tok_dir else None,
-            # RAM-bound CPU runs keep an fp16 file's frozen weights in fp16 (same results, half the memory)
-            keep_file_precision=precision.device.type == "cpu",
-        )
-        m = self.model
-        for module in [m.unet, m.vae, *m.text_encoders]:
-            module.requires_grad_(False)
-            module.eval()
-            if precision.device.type == "cpu":
-                # before the LoRA wraps them: no saved inputs, im2col for small maps
-                route_frozen_layers(module)
-        args = self.config.network_args
-        self.train_unet = not cfg.get("network_train_text_encoder_only")
-        self.train_te = not cfg.get("network_train_unet_only") and float(self.config.text_encoder_lr or 0) > 0
-        self.network = LoRANetwork(
-            family=self.config.fm_type,
-            unet=m.unet,
-            text_encoders=m.text_encoders,
-            network_dim=int(cfg["network_dim"]),
-            network_alpha=float(cfg["network_alpha"]),
-            conv_dim=int(args["conv_dim"]) if "conv_dim" in args else None,
-            conv_alpha=float(args["conv_alpha"]) if "conv_alpha" in args else None,
-            dropout=cfg.get("network_dropout"),
-            train_unet=self.train_unet,
-            train_text_encoder=self.train_te,
-            unet_layers_per_block=int(m.arch.unet.get("layers_per_block", 2)),
-        )
-        self.network.apply_to()
-        if cfg.get("network_weights"):
-            sd, _ = load_lora(Path(cfg["network_weights"]))
-            self.network.load_kohya_state_dict(sd)
-        self.network.to(precision.device)
-        if cfg.get("gradient_checkpointing"):
-            unet: Any = m.unet
-            unet.enable_gradient_checkpointing()
-            unet.train()  # diffusers only checkpoints in train mode; SD UNets have no dropout
-            if self.train_te:
-                for te in m.text_encoders:
-                    te_any: Any = te
-                    te_any.gradient_checkpointing_enable()
-                    te_any.train()
-
-    def _prepare_caches(self, precision: Precision) -> None:
-        cfg = self.cfg
-        m = self.model
-        self.latent_cache: LatentCache | None = None
-        if cfg.get("cache_latents"):
-            fingerprint = f"{Path(cfg['pretrained_model_name_or_path']).resolve()}|{m.vae.dtype}"
-            self.latent_cache = LatentCache(
-                to_disk=bool(cfg.get("cache_latents_to_disk")), model_fingerprint=fingerprint
-            )
-            flips = (False, True) if cfg.get("flip_aug") else (False,)
-            gen = torch.Generator().manual_seed(self.seed)
-            self.events.emit("caching", what="latents", done=0, total=len(self.items))
-            self.latent_cache.fill(
-                self.items,
-                m.vae,
-                scale=m.arch.latent_scale,
-                flips=flips,
-                batch_size=int(
-                    cfg.get("vae_batch_size") or auto_vae_batch_size(self.config.resolution, precision.device)
-                ),
-                generator=gen,
-                progress=lambda d, t: self.events.emit("caching", what="latents", done=d, total=t),
-            )
-            if not self._sampling_enabled():
-                release_pages(m.vae)  # nothing needs the VAE any more: give its memory back
-                m.vae.to("meta")
-        self.text_cache = self._text_cache()
-        if self.text_cache is not None and cfg.get("cache_text_encoder_outputs"):
-            captions = sorted({self._caption_for(it, epoch=1, rng=random.Random(0)) for it in self.items})
-            for start in range(0, len(captions), 16):
-                self._conditioning(captions[start : start + 16], precision)
-            self.events.emit(
-                "caching",
-                what="text",
-                done=len(captions),
-                total=len(captions),
-                from_disk=self.text_cache.loaded_from_disk,
-            )
-            if not self._sampling_enabled():
-                for te in m.text_encoders:
-                    te.to("meta")
-
-    def _text_cache(self) -> TextCache | None:
-        """Memoised conditioning while the text encoders are frozen: every caption with cache_text_encoder_outputs
-        (on disk too with cache_text_encoder_outputs_to_disk), else a bounded memo, and none when captions change
-        each time they are drawn (each shuffle is a new caption that would never be looked up again)."""
-        cfg = self.cfg
-        if self.train_te:
-            return None
-        if not cfg["cache_text_encoder_outputs"]:
-            return None if self.config.captions_vary else TextCache()
-        disk_dir = None
-        if cfg["cache_text_encoder_outputs_to_disk"]:
-            disk_dir = Path(cfg["train_data_dir"]) / TEXT_CACHE_DIR
-        fingerprint = "|".join(
-            [
-                str(Path(cfg["pretrained_model_name_or_path"]).resolve()),
-                self.config.fm_type,
-                str(self.model.text_encoders[0].dtype),
-                f"clip_skip={cfg['clip_skip'] or 1}",
-                f"max_token_length={cfg['max_token_length']}",
-            ]
-        )
-        return TextCache(max_bytes=None, disk_dir=disk_dir, fingerprint=fingerprint)
-
-    def _prepare_optimizer(self, precision: Precision) -> None:
-        groups = self.network.param_groups(
-            unet_lr=float(self.config.unet_lr or 0), text_encoder_lr=float(self.config.text_encoder_lr or 0)
-        )
-        self.optimizer, self.lr_scheduler = build_optimizer(
-            self.config, groups, total_steps=self.plan.total_steps
-        )
-        scheduler: Any = make_noise_scheduler(self.prediction_type)
-        self.noise_scheduler = scheduler
-        scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(precision.device)
-
-    def _resume_path(self) -> Path | None:
-        """The state folder `resume` names (a state-* folder, or a folder of them: the newest), or None."""
-        resume = self.cfg.get("resume")
-        if not resume:
-            return None
-        path = Path(resume)
-        if path.is_dir() and not (path / PROGRESS_FILE).exists():
-            found = latest_state(path)
-            if found is None:
-                raise TrainingError(
-                    f"no saved state found in {path}", hint="point `resume` at a state-* folder"
-                )
-            path = found
-        if not (path / PROGRESS_FILE).exists():
-            raise TrainingError(
-                f"{path} is not a saved training state", hint="point `resume` at a state-* folder"
-            )
-        return path
-
+    # ------------------------------------------------------------------------------------------------ resume
     def _resume_seed(self) -> None:
         """Before anything random happens, take the seed of the run being resumed (it may have been drawn)."""
-        path = self._resume_path()
+        path = _resume_path(self.config)
         if path is not None:
             extra = json.loads((path / PROGRESS_FILE).read_text(encoding="utf-8")).get("extra") or {}
             self.seed = int(extra.get("seed", self.seed))
 
     def _maybe_resume(self) -> None:
-        path = self._resume_path()
+        path = _resume_path(self.config)
         if path is None:
             return
         progress = load_training_state(
             path,
-            network=self.network,
-            optimizer=self.optimizer,
-            lr_scheduler=self.lr_scheduler,
+            network=self.s.network,
+            optimizer=self.s.optimizer,
+            lr_scheduler=self.s.lr_scheduler,
             grad_scaler=self.precision.scaler,
         )
         self.step, self.epoch, self.batches_done = (
@@ -315,123 +137,64 @@ class Trainer:
         self.events.emit("log", message=f"resumed from {path} at step {self.step}, epoch {self.epoch}")
 
     # ----------------------------------------------------------------------------------------------- inputs
-    def _sampling_enabled(self) -> bool:
-        return bool(self.cfg.get("sample_prompts")) and bool(
-            self.cfg.get("sample_every_n_epochs") or self.cfg.get("sample_every_n_steps")
-        )
-
-    def _caption_for(self, item: TrainItem, *, epoch: int, rng: random.Random) -> str:
-        cfg = self.cfg
-        subset = self.scan.subsets[item.subset_index]
-        return build_caption(
-            item.image.caption,
-            subset.class_token,
-            epoch=epoch,
-            rng=rng,
-            shuffle=bool(cfg.get("shuffle_caption")),
-            keep_tokens=int(cfg.get("keep_tokens") or 0),
-            keep_tokens_separator=str(cfg.get("keep_tokens_separator") or ""),
-            dropout_rate=float(cfg.get("caption_dropout_rate") or 0),
-            dropout_every_n_epochs=int(cfg.get("caption_dropout_every_n_epochs") or 0),
-            tag_dropout_rate=float(cfg.get("caption_tag_dropout_rate") or 0),
-            prefix=str(cfg.get("caption_prefix") or ""),
-            suffix=str(cfg.get("caption_suffix") or ""),
-        )
-
-    def _token_ids(self, captions: list[str], max_len: int) -> list[torch.Tensor]:
-        """Token ids per tokenizer for a batch; a caption that cannot change is tokenised once per run."""
-        if self.config.captions_vary:
-            return self.family.token_ids(self.model.tokenizers, captions, max_len)
-        new = [c for c in dict.fromkeys(captions) if c not in self._ids]
-        if new:
-            per_tokenizer = self.family.token_ids(self.model.tokenizers, new, max_len)
-            for i, caption in enumerate(new):
-                self._ids[caption] = [ids[i] for ids in per_tokenizer]
-        return [torch.stack([self._ids[c][t] for c in captions]) for t in range(len(self.model.tokenizers))]
-
-    def _conditioning(self, captions: list[str], precision: Precision) -> Conditioning:
-        m = self.model
-        max_len = int(self.cfg.get("max_token_length") or 75)
-        clip_skip = int(self.cfg.get("clip_skip") or 1)
-
-        def encode(texts: list[str]) -> Conditioning:
-            return self.family.encode(m.text_encoders, self._token_ids(texts, max_len), clip_skip)
-
-        if self.train_te:
-            return encode(captions)
-        with torch.no_grad(), precision.autocast():
-            if self.text_cache is None:
-                return encode(captions)
-            return self.text_cache.conditioning(captions, encode).to(precision.device)
-
     def _make_batch(self, batch: list[TrainItem], rng: random.Random, step_gen: torch.Generator) -> _Batch:
-        cfg = self.cfg
-        flip_aug = bool(cfg.get("flip_aug"))
-        flips = [flip_aug and rng.random() < 0.5 for _ in batch]
-        captions = [self._caption_for(it, epoch=self.epoch, rng=rng) for it in batch]
-        geos = []
-        if self.latent_cache is not None:
-            pairs = [self.latent_cache.get(it, f) for it, f in zip(batch, flips)]
+        config, s = self.config, self.s
+        flips = [config.flip_aug and rng.random() < 0.5 for _ in batch]
+        captions = [caption_for(config, s.scan, it, epoch=self.epoch, rng=rng) for it in batch]
+        if s.latent_cache is not None:
+            pairs = [s.latent_cache.get(it, f) for it, f in zip(batch, flips)]
             latents = torch.stack([p[0] for p in pairs])
             geos = [p[1] for p in pairs]
         else:
-            random_crop = bool(cfg.get("random_crop"))
-            prepared = [
-                prepare_image(it, flip=f, random_crop=random_crop, rng=rng) for it, f in zip(batch, flips)
+            geos = [
+                prepare_image(it, flip=f, random_crop=config.random_crop, rng=rng)
+                for it, f in zip(batch, flips)
             ]
             with torch.no_grad():
                 latents = encode_latents(
-                    self.model.vae,
-                    torch.stack([p.pixels for p in prepared]),
-                    scale=self.model.arch.latent_scale,
+                    s.model.vae,
+                    torch.stack([g.pixels for g in geos]),
+                    scale=s.model.arch.latent_scale,
                     generator=step_gen,
                 )
-            geos = prepared
-        time_ids = None
-        if self.config.fm_type == "sd_xl":
-            time_ids = sdxl_time_ids(
-                [g.original_size for g in geos], [g.crop for g in geos], [g.target_size for g in geos]
-            )
-        prior_cfg = cfg.get("prior_loss_weight")
-        prior = 1.0 if prior_cfg is None else float(prior_cfg)
-        weights = torch.tensor([prior if it.is_reg else 1.0 for it in batch])
+        time_ids = s.text.family.time_ids(
+            [g.original_size for g in geos], [g.crop for g in geos], [g.target_size for g in geos]
+        )
+        weights = torch.tensor([config.prior_loss_weight if it.is_reg else 1.0 for it in batch])
         return _Batch(latents, captions, time_ids, weights)
 
     # ----------------------------------------------------------------------------------------------- step
-    def _train_step(self, batch: _Batch, precision: Precision, step_gen: torch.Generator) -> float:
-        cfg = self.cfg
-        device = precision.device
+    def _train_step(self, batch: _Batch, step_gen: torch.Generator) -> float:
+        config, s, precision = self.config, self.s, self.precision
+        device, dtype = precision.device, precision.weight_dtype
         latents = batch.latents.to(device, torch.float32)
         # drawn from the CPU generator (same numbers on any device) and placed on the device, no host copy of latents
-        noise = sample_noise(latents, generator=step_gen, noise_offset=cfg.get("noise_offset"))
+        noise = sample_noise(latents, generator=step_gen, noise_offset=config.noise_offset)
         timesteps = sample_timesteps(
             latents.shape[0],
             generator=step_gen,
             device="cpu",
-            min_timestep=int(cfg.get("min_timestep") or 0),
-            max_timestep=int(cfg.get("max_timestep") or 1000),
+            min_timestep=config.min_timestep or 0,
+            max_timestep=config.max_timestep or 1000,
         ).to(device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        noisy = s.noise_scheduler.add_noise(latents, noise, timesteps)
         with precision.autocast():
-            cond = self._conditioning(batch.captions, precision)
-            kwargs = self.family.unet_kwargs(
-                cond.to(device, self.weight_dtype) if cond.pooled is not None else cond,
-                batch.time_ids.to(device, self.weight_dtype) if batch.time_ids is not None else None,
+            cond = s.text(batch.captions)
+            kwargs = s.text.family.unet_kwargs(
+                cond.to(device, dtype) if cond.pooled is not None else cond,
+                batch.time_ids.to(device, dtype) if batch.time_ids is not None else None,
             )
-            pred = self.model.unet(
-                noisy.to(self.weight_dtype),
-                timesteps,
-                encoder_hidden_states=cond.hidden.to(self.weight_dtype),
-                **kwargs,
+            pred = s.model.unet(
+                noisy.to(dtype), timesteps, encoder_hidden_states=cond.hidden.to(dtype), **kwargs
             ).sample
-        target = training_target(self.noise_scheduler, latents, noise, timesteps, self.prediction_type)
+        target = training_target(s.noise_scheduler, latents, noise, timesteps, config.prediction_type)
         loss = diffusion_loss(
             pred.float(),
             target.float(),
             timesteps=timesteps,
-            scheduler=self.noise_scheduler,
-            min_snr_gamma=cfg.get("min_snr_gamma"),
-            prediction_type=self.prediction_type,
+            scheduler=s.noise_scheduler,
+            min_snr_gamma=config.min_snr_gamma,
+            prediction_type=config.prediction_type,
             sample_weights=batch.weights.to(device),
         )
         value = float(loss.detach())  # syncs with the GPU once per step: needed for the NaN check and events
@@ -440,43 +203,46 @@ class Trainer:
                 f"loss became {value} at step {self.step + 1}",
                 hint="lower the learning rate; with mixed_precision fp16 try bf16, and keep no_half_vae on SDXL",
             )
-        precision.backward(loss / self.grad_accum)
+        precision.backward(loss / self.config.gradient_accumulation_steps)
         return value
 
-    def _optimizer_step(self, precision: Precision) -> None:
-        stepped = precision.step(
-            self.optimizer, self.network.parameters(), float(self.cfg.get("max_grad_norm") or 0)
-        )
-        if stepped:  # an fp16 step skipped for overflowing gradients leaves the schedule where it was
-            self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+    def _optimizer_step(self) -> None:
+        s = self.s
+        if self.precision.step(s.optimizer, s.network.parameters(), self.config.max_grad_norm):
+            s.lr_scheduler.step()  # an fp16 step skipped for overflowing gradients leaves the schedule as it was
+        s.optimizer.zero_grad(set_to_none=True)
 
     # ----------------------------------------------------------------------------------------------- saving
     def _metadata(self, *, final: bool) -> dict[str, str]:
-        base = Path(self.cfg["pretrained_model_name_or_path"])
-        if not hasattr(self, "_base_hashes"):
-            self._base_hashes = (self._base_sha256.result(), legacy_hash_file(base))
+        config, s = self.config, self.s
+        base = Path(str(config.pretrained_model_name_or_path))
+        if self._base_hashes is None:
+            self._base_hashes = (s.base_sha256.result(), legacy_hash_file(base))
+        network = s.network
         return training_metadata(
-            config=self.cfg,
-            family=self.config.fm_type,
+            config=config,
+            network=NetworkSettings(
+                dim=network.network_dim,
+                alpha=network.network_alpha,
+                conv_dim=network.conv_dim,
+                conv_alpha=network.conv_alpha,
+                dropout=network.dropout,
+            ),
+            optimizer=s.optimizer_name,
             session_id=self.session_id,
             started_at=self.started_at,
             finished_at=time.time() if final else None,
             steps=self.step,
             epoch=self.epoch,
-            num_train_images=self.plan.num_train_images,
-            num_reg_images=self.plan.num_reg_images,
-            num_batches_per_epoch=self.plan.batches_per_epoch,
-            num_epochs=self.plan.epochs,
-            tag_frequency=self.scan.tag_frequency(),
-            dataset_dirs=self.scan.dataset_dirs_info(),
-            bucket_info={"buckets": self.plan.buckets},
-            base_model_path=base,
-            base_model_sha256=self._base_hashes[0],
-            base_model_legacy_hash=self._base_hashes[1],
-            resolution=self.config.resolution,
-            output_name=self.output_name,
-            prediction_type="v" if self.prediction_type == "v_prediction" else "epsilon",
+            max_train_steps=s.plan.total_steps,
+            num_epochs=s.plan.epochs,
+            num_batches_per_epoch=s.plan.batches_per_epoch,
+            num_train_images=s.plan.num_train_images,
+            num_reg_images=s.plan.num_reg_images,
+            tag_frequency=s.scan.tag_frequency(),
+            dataset_dirs=s.scan.dataset_dirs_info(),
+            bucket_info={"buckets": s.plan.buckets},
+            base_model=BaseModel(base, self._base_hashes[0], self._base_hashes[1]),
         )
 
     def _save_lora(self, name: str, *, final: bool) -> Path:
@@ -484,9 +250,9 @@ class Trainer:
         try:
             save_lora(
                 path,
-                self.network.kohya_state_dict(),
+                self.s.network.kohya_state_dict(),
                 self._metadata(final=final),
-                save_precision=str(self.cfg.get("save_precision") or "float"),
+                save_precision=self.config.save_precision,
             )
         except OSError as exc:
             raise TrainingError(
@@ -497,69 +263,80 @@ class Trainer:
         self.events.emit("saved", path=str(path), step=self.step, epoch=self.epoch, final=final)
         return path
 
-    def _rotate_epoch_files(self) -> None:
-        keep = self.cfg.get("save_last_n_epochs")
-        every = self.config.save_every_n_epochs_for(self.plan.epochs)
-        if not keep or not every:
+    def _rotate_epoch_files(self, every: int) -> None:
+        keep = self.config.save_last_n_epochs
+        if not keep:
             return
-        old_epoch = self.epoch - int(keep) * int(every)
+        old_epoch = self.epoch - keep * every
         if old_epoch > 0:
-            old = self.output_dir / f"{self.output_name}-{old_epoch:06d}.safetensors"
+            old = self.output_dir / f"{self.config.output_stem}-{old_epoch:06d}.safetensors"
             if old.exists():
                 old.unlink()
                 self.events.emit("log", message=f"removed {old.name} (save_last_n_epochs={keep})")
 
     def _save_state(self) -> None:
+        s = self.s
         path = save_training_state(
-            self.state_dir,
+            self.config.state_dir,
             step=self.step,
             epoch=self.epoch,
             batches_done_in_epoch=self.batches_done,
-            network=self.network,
-            optimizer=self.optimizer,
-            lr_scheduler=self.lr_scheduler,
+            network=s.network,
+            optimizer=s.optimizer,
+            lr_scheduler=s.lr_scheduler,
             config_toml=to_canonical_toml(self.config),
             extra={"seed": self.seed},
-            keep_last=2,
+            keep_last=STATES_KEPT,
             grad_scaler=self.precision.scaler,
         )
         self.events.emit("state_saved", path=str(path), step=self.step, epoch=self.epoch)
 
-    def _sample(self, precision: Precision) -> None:
-        raw = str(self.cfg["sample_prompts"])
+    def _sample(self) -> None:
+        config, s = self.config, self.s
+        raw = str(config.sample_prompts)
         text = Path(raw).read_text(encoding="utf-8") if Path(raw).is_file() else raw
-        w, h = self.config.resolution
-        prompts = parse_sample_prompts(text, default_size=(w, h))
-        m = self.model
+        prompts = parse_sample_prompts(text, default_size=config.resolution)
         paths = generate_samples(
-            family=self.config.fm_type,
-            unet=m.unet,
-            vae=m.vae,
-            text_encoders=m.text_encoders,
-            tokenizers=m.tokenizers,
+            family=config.fm_type,
+            unet=s.model.unet,
+            vae=s.model.vae,
+            text_encoders=s.model.text_encoders,
+            tokenizers=s.model.tokenizers,
             prompts=prompts,
-            sampler=str(self.cfg.get("sample_sampler") or "ddim"),
+            sampler=config.sample_sampler,
             out_dir=self.output_dir / "sample",
             step=self.step,
             epoch=self.epoch,
-            device=precision.device,
-            dtype=self.weight_dtype,
-            prediction_type=self.prediction_type,
-            file_prefix=self.output_name,
-            clip_skip=int(self.cfg.get("clip_skip") or 1) if self.config.fm_type == "sd_1_5" else None,
-            network=self.network,
+            device=self.precision.device,
+            dtype=self.precision.weight_dtype,
+            prediction_type=config.prediction_type,
+            file_prefix=config.output_stem,
+            clip_skip=config.effective_clip_skip,
+            network=s.network,
         )
         for p in paths:
             self.events.emit("sample", path=str(p), step=self.step, epoch=self.epoch)
 
+    def _tensorboard(self) -> TensorBoardLog | None:
+        """With logging_dir (log_with = "tensorboard"), TensorBoard event files as kohya writes them."""
+        config = self.config
+        if not config.logging_dir:
+            return None
+        run_dir = tensorboard_run_dir(
+            Path(config.logging_dir),
+            log_prefix=config.log_prefix,
+            tracker_name=config.log_tracker_name,
+            started=self.started_at,
+        )
+        log = TensorBoardLog(run_dir, lr_names=[str(g.get("name")) for g in self.s.optimizer.param_groups])
+        self.events.subscribe(log)
+        self.events.emit("log", message=f"TensorBoard logs: {run_dir}")
+        return log
+
     # ----------------------------------------------------------------------------------------------- loop
     def run(self) -> TrainResult:
         """Prepare everything, train to the planned step count (or a stop request), save, return the result."""
-        cfg = self.cfg
-        tune_allocator()
-        self.grad_accum = int(cfg.get("gradient_accumulation_steps") or 1)
-        precision = self.precision
-        if precision.device.type == "cuda":
+        if self.precision.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()  # the done event's peak is this run's, not the process's
         self._resume_seed()
         random.seed(self.seed)
@@ -568,53 +345,32 @@ class Trainer:
             "start",
             fm_type=self.config.fm_type,
             output_dir=str(self.output_dir),
-            device=str(precision.device),
+            device=str(self.precision.device),
         )
-        self._prepare_data()
-        # kohya's metadata needs the base model's sha256: hash it (or take it from the cache) while we load and train
-        self._base_sha256 = BackgroundSha256(Path(cfg["pretrained_model_name_or_path"]))
-        self._prepare_model(precision)
-        self._prepare_caches(precision)
-        self._prepare_optimizer(precision)
+        self.setup = prepare(self.config, self.precision, self.events, seed=self.seed)
         self._maybe_resume()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         tensorboard = self._tensorboard()
         try:
-            total = self.plan.total_steps
-            self.network.train()
+            total = self.s.plan.total_steps
+            self.s.network.train()
             while self.step < total and not self.stop.is_set():
                 if self.batches_done == 0:
                     self.epoch += 1
-                self._run_epoch(precision, total)
+                self._run_epoch(total)
                 if self.stop.is_set():
                     break
-                self._end_of_epoch(precision)
+                self._end_of_epoch()
             return self._finish()
         finally:
             if tensorboard is not None:
                 tensorboard.close()
 
-    def _tensorboard(self) -> TensorBoardLog | None:
-        """With logging_dir (log_with = "tensorboard"), TensorBoard event files as kohya writes them."""
-        cfg = self.cfg
-        if not cfg["logging_dir"]:
-            return None
-        run_dir = tensorboard_run_dir(
-            Path(cfg["logging_dir"]),
-            log_prefix=cfg["log_prefix"],
-            tracker_name=cfg["log_tracker_name"],
-            started=self.started_at,
-        )
-        log = TensorBoardLog(run_dir, lr_names=[str(g.get("name")) for g in self.optimizer.param_groups])
-        self.events.subscribe(log)
-        self.events.emit("log", message=f"TensorBoard logs: {run_dir}")
-        return log
-
-    def _run_epoch(self, precision: Precision, total: int) -> None:
+    def _run_epoch(self, total: int) -> None:
         batches = epoch_batches(
-            self.items,
-            self.scan,
-            batch_size=int(self.cfg["train_batch_size"]),
+            self.s.items,
+            self.s.scan,
+            batch_size=self.config.train_batch_size,
             epoch=self.epoch,
             seed=self.seed,
         )
@@ -622,65 +378,67 @@ class Trainer:
         for index in range(self.batches_done, len(batches)):
             rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
             step_gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 10_007 + index)
-            loss = self._train_step(self._make_batch(batches[index], rng, step_gen), precision, step_gen)
+            loss = self._train_step(self._make_batch(batches[index], rng, step_gen), step_gen)
             self.batches_done = index + 1
-            if self.batches_done % self.grad_accum and index != last:
+            if self.batches_done % self.config.gradient_accumulation_steps and index != last:
                 continue
-            self._optimizer_step(precision)
+            self._optimizer_step()
             self.step += 1
             self.losses.append(loss)
             self.events.step(
                 step=self.step,
                 epoch=self.epoch,
                 loss=loss,
-                lrs=current_lrs(self.optimizer, self.lr_scheduler),
+                lrs=current_lrs(self.s.optimizer, self.s.lr_scheduler),
             )
-            self._step_checks(precision)
+            self._step_checks()
             if self.step >= total or self.stop.is_set():
                 break
         else:
             self.batches_done = 0  # the epoch ran to its end
 
-    def _step_checks(self, precision: Precision) -> None:
-        every = self.cfg.get("save_every_n_steps")
-        if every and self.step % int(every) == 0 and self.step < self.plan.total_steps:
-            self._save_lora(f"{self.output_name}-step{self.step:08d}", final=False)
-            if self.cfg.get("save_state"):
+    def _step_checks(self) -> None:
+        config = self.config
+        every = config.save_every_n_steps
+        if every and self.step % every == 0 and self.step < self.s.plan.total_steps:
+            self._save_lora(f"{config.output_stem}-step{self.step:08d}", final=False)
+            if config.save_state:
                 self._save_state()
-        every = self.cfg.get("sample_every_n_steps")
-        if every and self._sampling_enabled() and self.step % int(every) == 0:
-            self._sample(precision)
+        every = config.sample_every_n_steps
+        if every and config.sampling_enabled and self.step % every == 0:
+            self._sample()
 
-    def _end_of_epoch(self, precision: Precision) -> None:
+    def _end_of_epoch(self) -> None:
+        config = self.config
         self.events.emit("epoch", epoch=self.epoch, step=self.step, avg_loss=self._avg_loss())
-        done = self.step >= self.plan.total_steps
-        every = self.config.save_every_n_epochs_for(self.plan.epochs)
-        if every and self.epoch % int(every) == 0 and not done:
-            self._save_lora(f"{self.output_name}-{self.epoch:06d}", final=False)
-            self._rotate_epoch_files()
-            if self.cfg.get("save_state"):
+        done = self.step >= self.s.plan.total_steps
+        every = config.save_every_n_epochs_for(self.s.plan.epochs)
+        if every and self.epoch % every == 0 and not done:
+            self._save_lora(f"{config.output_stem}-{self.epoch:06d}", final=False)
+            self._rotate_epoch_files(every)
+            if config.save_state:
                 self._save_state()
-        every = self.cfg.get("sample_every_n_epochs")
-        if every and self._sampling_enabled() and self.epoch % int(every) == 0:
-            self._sample(precision)
+        every = config.sample_every_n_epochs
+        if every and config.sampling_enabled and self.epoch % every == 0:
+            self._sample()
 
     def _avg_loss(self) -> float | None:
         return sum(self.losses[-50:]) / len(self.losses[-50:]) if self.losses else None
 
     def _finish(self) -> TrainResult:
-        stopped = self.stop.is_set() and self.step < self.plan.total_steps
+        stopped = self.stop.is_set() and self.step < self.s.plan.total_steps
         output = None
         if stopped:
-            if self.cfg.get("save_state"):
+            if self.config.save_state:
                 self._save_state()
             self.events.emit("stopped", step=self.step, epoch=self.epoch)
         else:
-            output = self._save_lora(self.output_name, final=True)
-            if self.cfg.get("save_state") or self.cfg.get("save_state_on_train_end"):
+            output = self._save_lora(self.config.output_stem, final=True)
+            if self.config.save_state or self.config.save_state_on_train_end:
                 self._save_state()
             peak = torch.cuda.max_memory_allocated() / 1024**3 if torch.cuda.is_available() else None
             self.events.emit("done", step=self.step, epoch=self.epoch, output=str(output), peak_cuda_gb=peak)
-        self.network.remove()
+        self.s.network.remove()
         return TrainResult(
             output,
             self.step,

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
-from kohya_backend.config.schema import LR_SCHEDULERS, OPTIMIZERS
-from kohya_backend.config.validate import TrainConfig
+from kohya_backend.config.choices import LR_SCHEDULERS, OPTIMIZERS
+from kohya_backend.config.train_config import TrainConfig
 from kohya_backend.errors import ConfigError, ConfigIssue, OptimizerUnavailableError, TrainingError
 
 logger = logging.getLogger(__name__)
@@ -294,20 +294,20 @@ def build_optimizer(
     """The optimizer and learning-rate schedule a config trains with, over `param_groups`: optimizer_args and
     lr_scheduler_args parsed as kohya parses them (Python literals)."""
     optimizer = create_optimizer(
-        config["optimizer_type"],
+        config.optimizer_type,
         param_groups,
-        lr=float(config["learning_rate"]),
-        optimizer_args=config.optimizer_kwargs(),
+        lr=config.learning_rate,
+        optimizer_args=config.optimizer_kwargs,
         dry_run=dry_run,
     )
     scheduler = create_lr_scheduler(
-        config["lr_scheduler"],
+        config.lr_scheduler,
         optimizer,
         warmup_steps=config.lr_warmup_steps_for(total_steps),
         total_steps=total_steps,
-        num_cycles=int(config["lr_scheduler_num_cycles"]),
-        power=float(config["lr_scheduler_power"]),
-        scheduler_args=config.lr_scheduler_kwargs(),
+        num_cycles=config.lr_scheduler_num_cycles,
+        power=config.lr_scheduler_power,
+        scheduler_args=config.lr_scheduler_kwargs,
     )
     return optimizer, scheduler
 
@@ -321,8 +321,8 @@ def check_optimizer_settings(config: TrainConfig, *, total_steps: int) -> None:
     groups = [
         {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr}
         for trained, lr in (
-            (config.trains_text_encoder, config.text_encoder_lr),
-            (config.trains_unet, config.unet_lr),
+            (config.trains_text_encoder, config.effective_text_encoder_lr),
+            (config.trains_unet, config.effective_unet_lr),
         )
         if trained
     ]
@@ -330,3 +330,11 @@ def check_optimizer_settings(config: TrainConfig, *, total_steps: int) -> None:
         build_optimizer(config, groups, total_steps=max(1, total_steps), dry_run=True)
     except OptimizerUnavailableError:
         return
+
+
+def optimizer_description(optimizer: torch.optim.Optimizer, optimizer_args: dict[str, Any]) -> str:
+    """kohya's ss_optimizer: the optimizer's module.class, with its optimizer_args in parentheses."""
+    cls = type(optimizer)
+    args = ",".join(f"{key}={value}" for key, value in optimizer_args.items())
+    name = f"{cls.__module__}.{cls.__name__}"
+    return f"{name}({args})" if args else name

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from kohya_backend.config.parse import ParsedConfig, parse_config
-from kohya_backend.config.validate import TrainConfig
+from kohya_backend.config.train_config import TrainConfig
+from kohya_backend.data.buckets import BucketAssigner
 from kohya_backend.data.plan import TrainingPlan, plan_training
 from kohya_backend.data.scan import DatasetScan
 from kohya_backend.errors import ConfigError, DatasetError
@@ -17,20 +18,39 @@ from kohya_backend.errors import ConfigError, DatasetError
 
 def plan_for(config: TrainConfig, scan: DatasetScan) -> TrainingPlan:
     """The dataset plan (images, repeats, buckets, steps) a config gives on a scanned dataset."""
-    cfg = config.values
-    epochs = cfg.get("max_train_epochs")
     return plan_training(
         scan,
-        resolution=config.resolution,
-        enable_bucket=bool(cfg["enable_bucket"]),
-        min_bucket_reso=int(cfg["min_bucket_reso"]),
-        max_bucket_reso=int(cfg["max_bucket_reso"]),
-        bucket_reso_steps=int(cfg["bucket_reso_steps"]),
-        bucket_no_upscale=bool(cfg["bucket_no_upscale"]),
-        train_batch_size=int(cfg["train_batch_size"]),
-        gradient_accumulation_steps=int(cfg.get("gradient_accumulation_steps") or 1),
-        max_train_steps=int(cfg["max_train_steps"]),
-        max_train_epochs=int(epochs) if epochs else None,
+        bucket_assigner(config),
+        train_batch_size=config.train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        max_train_steps=config.max_train_steps,
+        max_train_epochs=config.max_train_epochs,
+    )
+
+
+def bucket_assigner(config: TrainConfig) -> BucketAssigner:
+    """The aspect-ratio buckets a config trains with."""
+    return BucketAssigner(
+        config.resolution,
+        enable_bucket=config.enable_bucket,
+        min_size=config.min_bucket_reso,
+        max_size=config.max_bucket_reso,
+        reso_steps=config.bucket_reso_steps,
+        no_upscale=config.bucket_no_upscale,
+    )
+
+
+def scan_for(config: TrainConfig) -> DatasetScan:
+    """The dataset a config trains on (train_data_dir, and reg_data_dir when set), scanned and checked."""
+    from kohya_backend.data.scan import scan_dataset
+
+    if not config.train_data_dir:
+        raise DatasetError(
+            "train_data_dir is not set", hint='set train_data_dir = "<folder of <repeats>_<name> folders>"'
+        )
+    reg = config.reg_data_dir
+    return scan_dataset(
+        Path(config.train_data_dir), config.caption_extension, reg_data_dir=Path(reg) if reg else None
     )
 
 
@@ -46,7 +66,6 @@ def format_with_plan(
     `cuda_available` is whether the machine that will train has a CUDA GPU (None: this one, asked through torch).
     """
     from kohya_backend.config.format import format_config
-    from kohya_backend.data.scan import scan_dataset
 
     parsed = source if isinstance(source, ParsedConfig) else parse_config(source)
     result = format_config(parsed, fm_type, require_paths=require_paths, cuda_available=cuda_available)
@@ -56,22 +75,15 @@ def format_with_plan(
         "plan": None,
         "dataset_error": None,
     }
-    values = result.config.values
-    if values.get("train_data_dir"):
+    if result.config.train_data_dir:
         try:
-            reg = values.get("reg_data_dir")
-            scan = scan_dataset(
-                Path(values["train_data_dir"]),
-                values["caption_extension"],
-                reg_data_dir=Path(reg) if reg else None,
-            )
-            plan = plan_for(result.config, scan)
+            plan = plan_for(result.config, scan_for(result.config))
             out["plan"], out["plan_text"] = plan.to_dict(), plan.render()
         except DatasetError as exc:
             out["dataset_error"] = {"message": str(exc), "files": [str(f) for f in exc.files]}
     plan = out["plan"]
     _check_optimizer(
-        result.config, parsed, int(plan["total_steps"]) if plan else result.config["max_train_steps"]
+        result.config, parsed, int(plan["total_steps"]) if plan else result.config.max_train_steps
     )
     return out
 

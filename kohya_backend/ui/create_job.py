@@ -11,6 +11,7 @@ import gradio as gr
 
 from kohya_backend.config.schema import template_toml
 from kohya_backend.errors import TrainManagementError
+from kohya_backend.families import FAMILIES
 from kohya_backend.service.home import NotInHome
 from kohya_backend.service.training import Submission, TrainingService
 from kohya_backend.ui.choices import dropdown
@@ -77,11 +78,7 @@ class CreateJobActions:
         wanted = fm_type_of(fm_label)
         label = FAMILY_LABELS.get(family, family)
         if family != wanted:
-            hint = (
-                f"choose FM Type {fm_label_of(family)}"
-                if family in ("sd_1_5", "sd_xl")
-                else "choose another model"
-            )
+            hint = f"choose FM Type {fm_label_of(family)}" if family in FAMILIES else "choose another model"
             return f"⚠️ **{model}** is a **{label}** checkpoint, but FM Type is **{fm_label}**: {hint}."
         return f"Detected family: **{label}** (matches the FM Type)."
 

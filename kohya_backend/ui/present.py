@@ -12,16 +12,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from kohya_backend.errors import ConfigError, DatasetError, TrainManagementError
+from kohya_backend.families import FAMILIES, OTHER_FAMILY_LABELS, family_label
 from kohya_backend.jobs.states import JobStatus
 
-FM_LABELS: dict[str, str] = {"SD 1.5": "sd_1_5", "SDXL": "sd_xl"}
-FAMILY_LABELS: dict[str, str] = {
-    "sd_1_5": "SD 1.5",
-    "sd_2": "SD 2.x",
-    "sd_xl": "SDXL",
-    "sd_xl_refiner": "SDXL refiner",
-    "unknown": "unrecognised",
-}
+FM_LABELS: dict[str, str] = {family.label: name for name, family in FAMILIES.items()}
+FAMILY_LABELS: dict[str, str] = {name: family_label(name) for name in (*FAMILIES, *OTHER_FAMILY_LABELS)}
 JOB_HEADERS: list[str] = [
     "id", "output name", "model", "dataset", "instance", "status", "progress", "loss", "it/s", "ETA", "created",
 ]  # fmt: skip

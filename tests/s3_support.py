@@ -3,6 +3,7 @@ credentials), and a TCP proxy in front of it that sees every request and can cut
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -164,8 +165,6 @@ class Proxy:
 
 
 def _close(sock: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
     sock.close()

@@ -1,6 +1,8 @@
 """kohya_backend.storage against moto's S3 server over real HTTP: URIs, listing, uploads, resumable downloads,
 the cache, prefix sync and the errors a user sees."""
 
+# ruff: noqa: F811  (the moto fixtures are imported from s3_support and named as test arguments)
+
 from __future__ import annotations
 
 import hashlib

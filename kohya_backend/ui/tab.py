@@ -310,7 +310,9 @@ def create_tab(service: TrainingService, datasets: DatasetService, hooks: UiHook
         _wire_workers(worker_actions, workers, job_form["instance"], create_actions.instance_choices)
         _wire_trainings(trainings, jobs, stamp)
         _wire_datasets(dataset_actions, data, job_form["dataset"])
-        data["s3_upload"].click(S3UploadActions(service).upload_dataset, [data["dataset"]], [data["s3_message"]])
+        data["s3_upload"].click(
+            S3UploadActions(service).upload_dataset, [data["dataset"]], [data["s3_message"]]
+        )
         # One poll per page (on gradio 3.41 each `every=` loop holds a queue worker): it reads only two short
         # marks; the Trainings List and the dataset tasks update when theirs changes.
         blocks.load(

@@ -48,9 +48,13 @@ def scan_for(config: TrainConfig) -> DatasetScan:
         raise DatasetError(
             "train_data_dir is not set", hint='set train_data_dir = "<folder of <repeats>_<name> folders>"'
         )
+    from kohya_backend.storage.uri import is_s3_uri
+
     reg = config.reg_data_dir
     return scan_dataset(
-        Path(config.train_data_dir), config.caption_extension, reg_data_dir=Path(reg) if reg else None
+        Path(config.train_data_dir),
+        config.caption_extension,
+        reg_data_dir=Path(reg) if reg and not is_s3_uri(reg) else None,  # on S3: scanned once downloaded
     )
 
 
@@ -75,7 +79,11 @@ def format_with_plan(
         "plan": None,
         "dataset_error": None,
     }
-    if result.config.train_data_dir:
+    from kohya_backend.storage.uri import is_s3_uri
+
+    # A dataset on S3 is scanned once the job downloaded it: its plan then comes from the trainer's plan event.
+    data_dir = result.config.train_data_dir
+    if data_dir and not is_s3_uri(data_dir):
         try:
             plan = plan_for(result.config, scan_for(result.config))
             out["plan"], out["plan_text"] = plan.to_dict(), plan.render()

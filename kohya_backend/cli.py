@@ -18,6 +18,7 @@ from kohya_backend.cli_s3 import add_s3_parser
 from kohya_backend.cli_workers import add_worker_parsers
 from kohya_backend.errors import ConfigError, TrainManagementError
 from kohya_backend.families import FM_TYPES
+from kohya_backend.job_folder import JobFolder, ResultRecord
 from kohya_backend.service.home import DEFAULT_HOME
 
 
@@ -84,11 +85,11 @@ def _install_stop_handler() -> threading.Event:
     return stop
 
 
-def _write_result(job_dir: Path, result: dict[str, Any]) -> None:
+def _write_result(job_dir: Path, result: ResultRecord) -> None:
     """DIR/result.json, written atomically, tells the job runner how the trainer ended."""
-    tmp = job_dir / "result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
-    tmp.replace(job_dir / "result.json")
+    from kohya_backend.fileio import write_json_atomic
+
+    write_json_atomic(JobFolder(job_dir).result, result)
 
 
 def run_training(
@@ -109,17 +110,16 @@ def run_training(
     from kohya_backend.train.loop import train
 
     events = EventLog(events_path, console=sys.stderr)
-    outcome: dict[str, Any] = {"status": "failed", "output": None, "step": 0, "epoch": 0, "error": None}
+    outcome: ResultRecord = {"status": "failed", "output": None, "step": 0, "epoch": 0, "error": None}
     try:
         parsed = parse_config(config_source)
         if job_dir is not None:
-            parsed.values["output_dir"] = str(job_dir / "output")
+            folder = JobFolder(job_dir)
+            parsed.values["output_dir"] = str(folder.output)
             if resume:
-                from kohya_backend.config.train_config import state_dir_for
                 from kohya_backend.train.state import latest_state
 
-                name = parsed.values.get("output_name") or "last"
-                state = latest_state(state_dir_for(job_dir / "output", str(name)))
+                state = latest_state(folder.state_dir(str(parsed.values.get("output_name") or "last")))
                 if state is None:
                     events.emit(
                         "warning", message="no saved state to resume from: training starts from step 0"
@@ -138,12 +138,13 @@ def run_training(
         if job_dir is not None:
             _write_result(job_dir, outcome)
         raise
-    outcome.update(
-        status="stopped" if result.stopped else "completed",
-        output=str(result.output) if result.output else None,
-        step=result.step,
-        epoch=result.epoch,
-    )
+    outcome = {
+        "status": "stopped" if result.stopped else "completed",
+        "output": str(result.output) if result.output else None,
+        "step": result.step,
+        "epoch": result.epoch,
+        "error": None,
+    }
     if job_dir is not None:
         _write_result(job_dir, outcome)
     if result.stopped:
@@ -196,11 +197,11 @@ def _optimizer_of(source: str) -> str:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     if args.job:
-        job_dir = Path(args.job).resolve()
-        source = _read_source(str(job_dir / "config.toml"))
+        folder = JobFolder(Path(args.job).resolve())
+        source = _read_source(str(folder.config))
         _trainer_process(_optimizer_of(source))
         return run_training(
-            source, args.fm_type, events_path=job_dir / "events.jsonl", job_dir=job_dir, resume=args.resume
+            source, args.fm_type, events_path=folder.events, job_dir=folder.root, resume=args.resume
         )
     if not args.config:
         raise TrainManagementError("train needs --config FILE (or --job DIR)")

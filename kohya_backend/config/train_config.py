@@ -16,6 +16,7 @@ from kohya_backend.config.keys import KeySpec, compat, fixed, key, specs_of, use
 from kohya_backend.config.values import kv_dict, literal_kwargs
 from kohya_backend.errors import ConfigIssue
 from kohya_backend.families import Family, family_for
+from kohya_backend.job_folder import state_dir_for
 
 _SDPA = (
     "is accepted for kohya compatibility, but this trainer always uses PyTorch scaled-dot-product attention"
@@ -423,11 +424,6 @@ class TrainConfig:
         if self.save_n_epoch_ratio:
             return max(1, num_epochs // self.save_n_epoch_ratio)
         return self.save_every_n_epochs
-
-
-def state_dir_for(output_dir: Path, output_stem: str) -> Path:
-    """The folder save_state writes into for a LoRA named output_stem (also where a job's resume looks)."""
-    return output_dir / f"{output_stem}-state"
 
 
 SCHEMA: dict[str, KeySpec] = specs_of(TrainConfig)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import kohya_backend
+from kohya_backend.fileio import write_json_atomic
 from kohya_backend.host.flags import PYTHON_ENV
 
 ENV_DIR_ENV = "TRAIN_MANAGEMENT_TRAINER_ENV"
@@ -161,10 +162,7 @@ def read_state(folder: Path) -> dict[str, Any] | None:
 
 def write_state(folder: Path, state: Mapping[str, Any]) -> None:
     """Write state.json atomically."""
-    path = Path(folder) / "state.json"
-    tmp = path.with_name(".state.json.tmp")
-    tmp.write_text(json.dumps(dict(state), indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(Path(folder) / "state.json", dict(state))
 
 
 def is_ready(folder: Path, spec: EnvSpec | None = None) -> bool:

@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 
 from kohya_backend.errors import TrainingError
 from kohya_backend.families import FAMILIES
+from kohya_backend.job_folder import JobFolder
 from kohya_backend.jobs.runner import RESULT_NAME, read_json
 from kohya_backend.jobs.store import Job
 
@@ -44,11 +45,7 @@ def final_lora(job: Job) -> Path:
     """The finished LoRA in the job folder: result.json's `output`, else DIR/output/<output_name>.safetensors."""
     result = read_json(job.folder / RESULT_NAME) or {}
     output = result.get("output")
-    path = (
-        Path(output)
-        if isinstance(output, str) and output
-        else job.folder / "output" / f"{job.output_name}.safetensors"
-    )
+    path = Path(output) if isinstance(output, str) and output else JobFolder(job.folder).lora(job.output_name)
     if not path.is_file():
         raise TrainingError(
             f"job {job.id}: the finished LoRA {path} does not exist",
@@ -125,7 +122,7 @@ def sidecar(job: Job, metadata: dict[str, str], *, preferred_weight: float = 1.0
 
 def last_sample(job: Job) -> Path | None:
     """The newest sample image the trainer wrote (DIR/output/sample/*.png), or None."""
-    folder = job.folder / "output" / "sample"
+    folder = JobFolder(job.folder).samples
     if not folder.is_dir():
         return None
     pngs = [p for p in folder.glob("*.png") if p.is_file()]

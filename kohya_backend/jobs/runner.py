@@ -26,12 +26,13 @@ import psutil
 import kohya_backend
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.families import FM_TYPES
+from kohya_backend.fileio import write_json_atomic as write_json_atomic
+from kohya_backend.job_folder import EVENTS_NAME as EVENTS_NAME
+from kohya_backend.job_folder import LOG_NAME as LOG_NAME
+from kohya_backend.job_folder import RESULT_NAME as RESULT_NAME
+from kohya_backend.job_folder import RUN_NAME as RUN_NAME
 from kohya_backend.jobs.store import Job
 
-EVENTS_NAME = "events.jsonl"
-RESULT_NAME = "result.json"
-LOG_NAME = "train.log"
-RUN_NAME = "run.json"
 # psutil derives create_time from boot time + start ticks (1/100 s); two readings of one process agree far
 # more closely than this, while a recycled pid would have to start within it to pass for the original.
 _CREATE_TIME_TOLERANCE_S = 0.5
@@ -147,20 +148,6 @@ def _visible_devices(device: str) -> str:
             f"unknown device {device!r}", "use 'cpu' or 'cuda:N' with N the GPU's index, e.g. 'cuda:0'"
         )
     return index
-
-
-def write_json_atomic(path: Path, data: dict[str, Any], *, mode: int | None = None) -> None:
-    """Write a JSON file via a temporary name (unique per process and thread), fsync and rename; `mode` (e.g.
-    0o600 for a file holding tokens) is set before any byte is written."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if mode is None else mode)
-    if mode is not None:
-        os.chmod(tmp, mode)  # a leftover temporary file keeps its old mode otherwise
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -26,6 +26,7 @@ from kohya_backend.data.images import IMAGE_EXTENSIONS, BadImageError, is_image_
 from kohya_backend.data.preprocess import Preprocess, preprocess_image
 from kohya_backend.data.scan import SUBSET_FOLDER, DatasetListing, check_caption_extension, list_dataset
 from kohya_backend.errors import ConfigError, DatasetError, TrainManagementError
+from kohya_backend.fileio import atomic_write
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import JobStore
 from kohya_backend.service.home import DEFAULT_CAPTION_EXTENSION, Home, NotInHome
@@ -355,13 +356,8 @@ class DatasetService:
         path = self.image_path(name, image)
         self._check_not_in_use(name)
         caption = path.with_name(path.stem + check_caption_extension(caption_extension))
-        tmp = caption.with_name(f".{caption.name}.tmp")
         body = str(text).replace("\r\n", "\n").strip()
-        try:
-            tmp.write_text(body + "\n" if body else "", encoding="utf-8")
-            os.replace(tmp, caption)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(caption, body + "\n" if body else "")
         return {"image": image, "caption": body}
 
     def delete_image(self, name: str, image: str) -> None:

@@ -23,6 +23,8 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from kohya_backend.errors import TrainManagementError
+from kohya_backend.fileio import atomic_write
+from kohya_backend.job_folder import OUTPUT_DIR, JobFolder
 from kohya_backend.jobs.delivery import NO_LINK_ERRNOS
 from kohya_backend.jobs.registry import file_lock
 from kohya_backend.jobs.runner import LOG_NAME, RESULT_NAME, read_json
@@ -167,15 +169,7 @@ def materialise_lock(home_root: Path) -> contextlib.AbstractContextManager[None]
 def _write_marker(marker: Path, job_id: str) -> None:
     """Write a client key's job id whole or not at all (temp file, fsync, rename): a half-written key reads as no
     key, and a retry would queue the job twice."""
-    tmp = marker.with_name(f".{marker.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(job_id)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, marker)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(marker, job_id)
 
 
 def _relative(value: Any, folder: str) -> Any:
@@ -337,7 +331,7 @@ class WorkerJobs:
             "result": _relative(read_json(job.folder / RESULT_NAME), folder),
             "output": None,
         }
-        final = job.folder / "output" / f"{job.output_name}.safetensors"
+        final = JobFolder(job.folder).lora(job.output_name)
         if job.status is JobStatus.COMPLETED and final.is_file():
             out["output"] = {"path": final.relative_to(job.folder).as_posix(), **self._file_info(final)}
         return out
@@ -382,13 +376,13 @@ class WorkerJobs:
     def output_file(self, job_id: str, relpath: str) -> tuple[Path, dict[str, Any]]:
         """A file the job wrote under its output/ folder (LoRAs, samples), with its size and sha256."""
         rel = validate_relpath(relpath, what="output file")
-        if not rel.startswith("output/"):
-            raise _bad(f"{rel!r} is not under output/", "ask for files the job's events name")
+        if not rel.startswith(f"{OUTPUT_DIR}/"):
+            raise _bad(f"{rel!r} is not under {OUTPUT_DIR}/", "ask for files the job's events name")
         job = self.store.get(job_id)
         missing = JobNotFound(f"job {job.id} has no output file {rel!r}", "ask for files its events name")
         try:
             path = self.service.home.resolve(
-                str(job.folder / rel), [job.folder / "output"], what="output file"
+                str(job.folder / rel), [JobFolder(job.folder).output], what="output file"
             )
         except PathOutsideHome as exc:  # a link out of output/: answered without the worker's paths
             raise missing from exc

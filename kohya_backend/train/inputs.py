@@ -7,7 +7,6 @@ the text encoders are frozen, so a frozen encoder never runs twice on the same c
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -18,12 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from kohya_backend.data.batches import TrainItem
 from kohya_backend.data.buckets import resize_and_crop
 from kohya_backend.data.images import load_image
+from kohya_backend.fileio import atomic_write
 from kohya_backend.train.conditioning import Conditioning
 
 
@@ -135,9 +136,7 @@ class LatentCache:
             f"flip{int(f)}": self._latents[(item.image.path, item.bucket, f)].contiguous() for f in flips
         }
         tensors["geometry"] = torch.tensor([*geo.original_size, *geo.crop, *geo.target_size])
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp))
-        tmp.replace(path)
+        atomic_write(path, safetensors_bytes(tensors))
 
     def _load_from_disk(self, item: TrainItem, flips: tuple[bool, ...]) -> bool:
         if not self.to_disk:
@@ -229,9 +228,7 @@ class TextCache:
         tensors = {"hidden": cond.hidden.contiguous()}
         if cond.pooled is not None:
             tensors["pooled"] = cond.pooled.contiguous()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file(tensors, str(tmp))
-        tmp.replace(path)
+        atomic_write(path, safetensors_bytes(tensors))
 
     def _keep(self, caption: str, cond: Conditioning) -> None:
         self._items[caption] = cond

@@ -22,6 +22,7 @@ from kohya_backend.config.format import to_canonical_toml
 from kohya_backend.config.train_config import TrainConfig
 from kohya_backend.data.batches import TrainItem, epoch_batches
 from kohya_backend.errors import TrainingError
+from kohya_backend.job_folder import SAMPLE_DIR
 from kohya_backend.lora.metadata import BaseModel, NetworkSettings, training_metadata
 from kohya_backend.lora.save import save_lora
 from kohya_backend.models.hashing import legacy_hash_file
@@ -304,7 +305,7 @@ class Trainer:
             tokenizers=s.model.tokenizers,
             prompts=prompts,
             sampler=config.sample_sampler,
-            out_dir=self.output_dir / "sample",
+            out_dir=self.output_dir / SAMPLE_DIR,
             step=self.step,
             epoch=self.epoch,
             device=self.precision.device,

@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import difflib
 import inspect
+import io
 import json
-import os
 import random
 import re
 from collections.abc import Iterator
@@ -27,6 +27,7 @@ from PIL.PngImagePlugin import PngInfo
 from kohya_backend.config.choices import SAMPLERS
 from kohya_backend.errors import ConfigError, ConfigIssue, ModelError
 from kohya_backend.families import family_for
+from kohya_backend.fileio import atomic_write
 from kohya_backend.train.noise import NUM_TRAIN_TIMESTEPS, normalize_prediction_type
 from kohya_backend.train.state import rng_states, set_rng_states
 
@@ -309,9 +310,9 @@ def _png_parameters(prompt: SamplePrompt, sampler: str, seed: int) -> str:
 def _save_png(image: Image.Image, path: Path, parameters: str) -> None:
     info = PngInfo()
     info.add_text("parameters", parameters)
-    temp = path.with_name(f".{path.name}.tmp")
-    image.save(temp, format="PNG", pnginfo=info)
-    os.replace(temp, path)
+    encoded = io.BytesIO()
+    image.save(encoded, format="PNG", pnginfo=info)
+    atomic_write(path, encoded.getvalue())
 
 
 def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:

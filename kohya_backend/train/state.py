@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -21,9 +20,11 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from kohya_backend.errors import TrainingError
+from kohya_backend.fileio import fsync_dir
+from kohya_backend.job_folder import STATE_NAME as _STATE_NAME
+from kohya_backend.job_folder import STATE_PREFIX as STATE_PREFIX
 
 STATE_FORMAT = 1
-STATE_PREFIX = "state-"
 TEMP_PREFIX = ".tmp-state-"
 PROGRESS_FILE = "train_state.json"
 CONFIG_FILE = "config.toml"
@@ -32,7 +33,6 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.pt"
 SCALER_FILE = "grad_scaler.pt"  # only in states of fp16 runs (the loss scale and its growth tracker)
-_STATE_NAME = re.compile(r"^state-(\d{8,})$")
 
 
 @dataclass
@@ -83,19 +83,6 @@ def set_rng_states(states: dict[str, Any]) -> None:
     cuda = states.get("cuda")
     if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
         torch.cuda.set_rng_state_all(cuda)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # some platforms cannot open a directory; the rename is still atomic there
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _fsync_files(folder: Path) -> None:
@@ -179,7 +166,7 @@ def save_training_state(
             grad_scaler=grad_scaler,
         )
         _fsync_files(temp)
-        _fsync_dir(temp)
+        fsync_dir(temp)
         if final.exists():
             # Saving the same step again: move the old copy aside first, the new one replaces it whole.
             old = state_dir / f"{TEMP_PREFIX}{step:08d}-replaced-{os.getpid()}"
@@ -188,7 +175,7 @@ def save_training_state(
             shutil.rmtree(old, ignore_errors=True)
         else:
             temp.rename(final)
-        _fsync_dir(state_dir)
+        fsync_dir(state_dir)
     except OSError as exc:
         shutil.rmtree(temp, ignore_errors=True)
         raise TrainingError(

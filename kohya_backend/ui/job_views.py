@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kohya_backend.job_folder import JobFolder
 from kohya_backend.jobs.progress import EventTail
 from kohya_backend.ui.present import loss_rows
 from kohya_backend.ui.thumbnails import ThumbnailCache
@@ -102,7 +103,7 @@ class JobViews:
 
     def samples(self, job_id: str, folder: Path) -> list[tuple[Any, str]]:
         """The newest sample images of a job as (thumbnail, file name), oldest first; each file decoded once."""
-        sample_dir = folder / "output" / "sample"
+        sample_dir = JobFolder(folder).samples
         files = tuple(_sample_files(sample_dir))
         with self._lock:
             cached: _Samples = self._entry(self._samples, job_id, _Samples)

@@ -18,7 +18,7 @@ from kohya_backend.cli_s3 import add_s3_parser
 from kohya_backend.cli_workers import add_worker_parsers
 from kohya_backend.errors import ConfigError, TrainManagementError
 from kohya_backend.families import FM_TYPES
-from kohya_backend.job_folder import JobFolder, ResultRecord
+from kohya_backend.job_folder import JobFolder, ResultRecord, output_stem
 from kohya_backend.service.home import DEFAULT_HOME
 
 
@@ -119,7 +119,8 @@ def run_training(
             if resume:
                 from kohya_backend.train.state import latest_state
 
-                state = latest_state(folder.state_dir(str(parsed.values.get("output_name") or "last")))
+                name = parsed.values.get("output_name")
+                state = latest_state(folder.state_dir(output_stem(str(name) if name else None)))
                 if state is None:
                     events.emit(
                         "warning", message="no saved state to resume from: training starts from step 0"

@@ -24,6 +24,11 @@ STATE_PREFIX = "state-"  # a complete saved state: <output_name>-state/state-NNN
 STATE_NAME = re.compile(r"^state-(\d{8,})$")
 
 
+def output_stem(output_name: str | None) -> str:
+    """The LoRA's file name without extension: output_name, or "last" when unset (kohya's name)."""
+    return output_name or "last"
+
+
 def state_dir_for(output_dir: Path, output_stem: str) -> Path:
     """The folder save_state writes into for a LoRA named output_stem (also where a job's resume looks)."""
     return output_dir / f"{output_stem}-state"

@@ -6,11 +6,10 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-from kohya_backend.assets.demo import prepare_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,9 +27,9 @@ def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    home = tmp_path_factory.mktemp("demo")
-    return prepare_demo(home, fm_type="sd_1_5", steps=4)
+def demo(tmp_path_factory: pytest.TempPathFactory, make_demo_home: Callable[..., Path]) -> Path:
+    """The demo config (4 steps) in a home of this module's own."""
+    return make_demo_home(tmp_path_factory.mktemp("demo"), steps=4) / "demo-sd_1_5.toml"
 
 
 def test_format_prints_canonical_toml_and_plan(demo: Path) -> None:

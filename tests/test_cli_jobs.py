@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from kohya_backend.assets.demo import prepare_demo
-
 CONFIG = """\
 tokenizer_cache_dir = "{tokenizer}"
 caption_extension = ".txt"
@@ -38,10 +36,8 @@ def _cli(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
 
 
 @pytest.fixture
-def home(tmp_path: Path) -> Path:
-    root = tmp_path / "home"
-    prepare_demo(root, fm_type="sd_1_5", steps=2)
-    return root
+def home(demo_home: Path) -> Path:
+    return demo_home
 
 
 def _submit(home: Path, tmp_path: Path, name: str) -> str:

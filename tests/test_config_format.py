@@ -131,7 +131,9 @@ def test_reference_lists_every_key_with_its_details() -> None:
         assert len(by_key[key]) == 6, key
         status = by_key[key][5]
         kind = spec.effect.kind
-        assert status.startswith({"used": "implemented", "compat": "accepted, no effect", "fixed": "only"}[kind])
+        assert status.startswith(
+            {"used": "implemented", "compat": "accepted, no effect", "fixed": "only"}[kind]
+        )
     assert by_key["xformers"][5].endswith('warns: "xformers is accepted for kohya compatibility, but this trainer '
                                           'always uses PyTorch scaled-dot-product attention"')  # fmt: skip
     assert by_key["resolution"][2] == '`"512,512"` / `"1024,1024"`'

@@ -16,7 +16,10 @@ from kohya_backend.train import conditioning
 def test_the_registered_families_and_their_differences() -> None:
     assert FM_TYPES == ("sd_1_5", "sd_xl")
     assert (SD15.bucket_step, SDXL.bucket_step) == (64, 32)
-    assert (SD15.base_model_version_for("v"), SDXL.base_model_version_for("v")) == ("sd_v1_v", "sdxl_base_v1-0")
+    assert (SD15.base_model_version_for("v"), SDXL.base_model_version_for("v")) == (
+        "sd_v1_v",
+        "sdxl_base_v1-0",
+    )
     assert SDXL.uses_time_ids and not SD15.uses_time_ids and SD15.uses_clip_skip and not SDXL.uses_clip_skip
     assert (family_label("sd_xl"), family_label("sd_2"), family_label("flux")) == ("SDXL", "SD 2.x", "flux")
     with pytest.raises(ValueError, match="unknown FM type 'flux'"):

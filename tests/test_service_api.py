@@ -6,7 +6,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,6 @@ import pytest
 import uvicorn
 from jobs_support import FAST_CONFIG
 
-from kohya_backend.assets.demo import prepare_demo
 from kohya_backend.service.api import API_PREFIX
 from kohya_backend.service.app import build_service, create_app
 from kohya_backend.service.training import TrainingService
@@ -64,10 +63,8 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("home")
-    prepare_demo(root, fm_type="sd_1_5", steps=2)
-    return root
+def home(tmp_path_factory: pytest.TempPathFactory, make_demo_home: Callable[..., Path]) -> Path:
+    return make_demo_home(tmp_path_factory.mktemp("home"))
 
 
 @pytest.fixture(scope="module")

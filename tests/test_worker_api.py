@@ -16,7 +16,6 @@ import httpx
 import pytest
 from remote_support import TOKEN, WorkerThread
 
-from kohya_backend.assets.demo import prepare_demo
 from kohya_backend.jobs.store import InvalidJobId
 from kohya_backend.jobs.transfer import (
     LocalFile,
@@ -40,13 +39,6 @@ JOB0 = "20200101-000000-abcdef"
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("client")
-    prepare_demo(root, fm_type="sd_1_5", steps=2)
-    return root
-
-
-@pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerThread]:
     worker = build_worker(tmp_path_factory.mktemp("worker"), max_blob_bytes=16 << 20, reserve_bytes=0)
     with WorkerThread(worker) as running:
@@ -59,11 +51,13 @@ def client(server: WorkerThread) -> Iterator[WorkerClient]:
         yield running
 
 
-def _inputs(demo: Path, cache: Sha256Cache) -> list:
+def _inputs(demo_assets: Path, cache: Sha256Cache) -> list:
     return [
-        collect_input("pretrained_model_name_or_path", demo / "models" / "demo-sd_1_5.safetensors", cache),
-        collect_input("train_data_dir", demo / "datasets" / "demo", cache),
-        collect_input("tokenizer_cache_dir", demo / "models" / "tokenizer", cache),
+        collect_input(
+            "pretrained_model_name_or_path", demo_assets / "models" / "demo-sd_1_5.safetensors", cache
+        ),
+        collect_input("train_data_dir", demo_assets / "datasets" / "demo", cache),
+        collect_input("tokenizer_cache_dir", demo_assets / "models" / "tokenizer", cache),
     ]
 
 
@@ -147,9 +141,9 @@ def test_oversize_and_overlong_uploads_are_refused(client: WorkerClient, server:
 
 
 def test_traversal_in_names_paths_and_ids_is_refused(
-    client: WorkerClient, demo: Path, server: WorkerThread
+    client: WorkerClient, demo_assets: Path, server: WorkerThread
 ) -> None:
-    inputs = _inputs(demo, Sha256Cache(demo / "hashes.json"))
+    inputs = _inputs(demo_assets, Sha256Cache(demo_assets / "hashes.json"))
     Uploader(client, TransferStats("w")).ensure(inputs)
     good = _spec(inputs)
     bad_specs = []
@@ -182,10 +176,10 @@ def test_traversal_in_names_paths_and_ids_is_refused(
 
 
 def test_submit_links_inputs_from_blobs_once_and_is_idempotent(
-    client: WorkerClient, demo: Path, server: WorkerThread
+    client: WorkerClient, demo_assets: Path, server: WorkerThread
 ) -> None:
-    cache = Sha256Cache(demo / "hashes.json")
-    inputs = _inputs(demo, cache)
+    cache = Sha256Cache(demo_assets / "hashes.json")
+    inputs = _inputs(demo_assets, cache)
     missing = _spec(inputs, key="client-a:missing")
     missing["inputs"]["train_data_dir"]["files"][0]["sha256"] = "c" * 64
     with pytest.raises(WorkerRejected) as info:
@@ -207,7 +201,7 @@ def test_submit_links_inputs_from_blobs_once_and_is_idempotent(
     assert BackgroundSha256(model)._thread is None  # the trainer there finds its hash: no 2-7 GB re-read
     assert Sha256Cache().get(model) == inputs[0].files[0].sha256
     cache.save()  # what the remote session does after hashing a job's inputs
-    assert Sha256Cache(demo / "hashes.json").get(inputs[1].files[0].path) == inputs[1].files[0].sha256
+    assert Sha256Cache(demo_assets / "hashes.json").get(inputs[1].files[0].path) == inputs[1].files[0].sha256
     dataset = server.worker.service.home.datasets / job.dataset
     assert sorted(p.relative_to(dataset).as_posix() for p in dataset.rglob("*") if p.is_file()) == sorted(
         f.rel for f in inputs[1].files
@@ -246,13 +240,13 @@ def test_sending_a_blob_the_worker_already_has_is_answered_without_reading_the_b
 
 
 def test_ids_are_checked_before_urls_and_downloads_stop_at_their_cap(
-    client: WorkerClient, demo: Path, server: WorkerThread, tmp_path: Path
+    client: WorkerClient, demo_assets: Path, server: WorkerThread, tmp_path: Path
 ) -> None:
     with pytest.raises(InvalidJobId):
         client.job("../../jobs.sqlite3")
     with pytest.raises(InvalidJobId):
         client.events("20200101-000000-abcdef/../x", 0, 0)
-    inputs = _inputs(demo, Sha256Cache(demo / "hashes.json"))
+    inputs = _inputs(demo_assets, Sha256Cache(demo_assets / "hashes.json"))
     Uploader(client, TransferStats("w")).ensure(inputs)
     view = client.submit(_spec(inputs, key="client-a:download"))
     folder = server.worker.service.store.get(view["id"]).folder
@@ -273,9 +267,9 @@ def test_ids_are_checked_before_urls_and_downloads_stop_at_their_cap(
 
 
 def test_event_long_polls_hold_no_thread_and_answer_new_lines_with_relative_paths(
-    client: WorkerClient, demo: Path, server: WorkerThread
+    client: WorkerClient, demo_assets: Path, server: WorkerThread
 ) -> None:
-    inputs = _inputs(demo, Sha256Cache(demo / "hashes.json"))
+    inputs = _inputs(demo_assets, Sha256Cache(demo_assets / "hashes.json"))
     Uploader(client, TransferStats("w")).ensure(inputs)
     job_id = client.submit(_spec(inputs, key="client-a:events"))["id"]
     folder = server.worker.service.store.get(job_id).folder

@@ -16,7 +16,7 @@ from kohya_backend.config.keys import KeySpec, compat, fixed, key, specs_of, use
 from kohya_backend.config.values import kv_dict, literal_kwargs
 from kohya_backend.errors import ConfigIssue
 from kohya_backend.families import Family, family_for
-from kohya_backend.job_folder import state_dir_for
+from kohya_backend.job_folder import output_stem, state_dir_for
 
 _SDPA = (
     "is accepted for kohya compatibility, but this trainer always uses PyTorch scaled-dot-product attention"
@@ -407,7 +407,7 @@ class TrainConfig:
     @property
     def output_stem(self) -> str:
         """The LoRA's file name without extension: output_name, or kohya's "last"."""
-        return self.output_name or "last"
+        return output_stem(self.output_name)
 
     @property
     def state_dir(self) -> Path:

@@ -36,7 +36,7 @@ def _cmd_config_format(args: argparse.Namespace) -> int:
     from kohya_backend.train.plan import format_with_plan
 
     try:
-        out = format_with_plan(source, args.fm_type, require_paths=not args.no_paths)
+        out = format_with_plan(source, args.fm_type, require_paths=not args.no_paths, check_optimizer=True)
     except ConfigError as exc:
         if args.json:
             print(json.dumps({"ok": False, "issues": [i.to_dict() for i in exc.issues]}, indent=2))

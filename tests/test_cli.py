@@ -132,3 +132,17 @@ def test_optimizer_args_comment_logging_and_restarts_take_effect_in_a_cli_traini
     assert len(unet_lrs) == 8 and len(accumulator.Scalars("loss/current")) == 8
     # two cosine cycles of 4 steps: the rate falls, restarts at full strength after step 4, falls again
     assert unet_lrs[2] < 0.5e-3 and unet_lrs[3] == pytest.approx(1e-3) and unet_lrs[6] < 0.5e-3
+
+
+def test_a_setting_the_optimizer_rejects_fails_format_and_training_before_the_model_loads(
+    demo: Path, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(demo.read_text() + 'optimizer_args = ["betas=0.9"]\n')
+    line = len(demo.read_text().splitlines()) + 1
+    formatted = cli("config", "format", str(bad), "--fm-type", "sd_1_5")
+    assert formatted.returncode == 2 and f"line {line}" in formatted.stderr
+    assert "AdamW rejected its settings" in formatted.stderr
+    trained = cli("train", "--config", str(bad))
+    assert trained.returncode == 2 and "AdamW rejected its settings" in trained.stderr
+    assert "loading" not in trained.stderr  # refused before the checkpoint was read

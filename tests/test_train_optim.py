@@ -213,7 +213,7 @@ def test_schedule_errors_name_the_key() -> None:
 
 
 def _format(config: str) -> dict:
-    return format_with_plan(config, "sd_1_5", require_paths=False, cuda_available=False)
+    return format_with_plan(config, "sd_1_5", require_paths=False, cuda_available=False, check_optimizer=True)
 
 
 def test_format_reports_what_the_optimizer_or_schedule_would_reject() -> None:
@@ -233,6 +233,8 @@ def test_format_reports_what_the_optimizer_or_schedule_would_reject() -> None:
         [issue] = info.value.issues
         assert fragment in issue.message, (text, issue)
         assert issue.line == text.count("\n") + 1 and issue.key in ("optimizer_args", "lr_scheduler_args")
+    # the API and the tab import no torch: without check_optimizer the trainer reports it instead
+    assert format_with_plan('optimizer_args = ["betas=0.9"]', "sd_1_5", require_paths=False)["toml"]
 
 
 def test_build_optimizer_passes_parsed_args_and_scheduler_args() -> None:

@@ -64,10 +64,13 @@ def format_with_plan(
     *,
     require_paths: bool = True,
     cuda_available: bool | None = None,
+    check_optimizer: bool = False,
 ) -> dict[str, Any]:
     """Format config_params and, when its dataset can be scanned, add the training plan (CLI and API share this).
 
     `cuda_available` is whether the machine that will train has a CUDA GPU (None: this one, asked through torch).
+    `check_optimizer` also builds the optimizer and its schedule (imports torch: the CLI's `config format` does;
+    the API and the tab, which import no torch, leave it to the trainer, which checks before loading the model).
     """
     from kohya_backend.config.format import format_config
 
@@ -90,9 +93,9 @@ def format_with_plan(
         except DatasetError as exc:
             out["dataset_error"] = {"message": str(exc), "files": [str(f) for f in exc.files]}
     plan = out["plan"]
-    _check_optimizer(
-        result.config, parsed, int(plan["total_steps"]) if plan else result.config.max_train_steps
-    )
+    if check_optimizer:
+        total = int(plan["total_steps"]) if plan else result.config.max_train_steps
+        _check_optimizer(result.config, parsed, total)
     return out
 
 

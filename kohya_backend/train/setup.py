@@ -29,7 +29,7 @@ from kohya_backend.train.conditioning import Conditioning, ModelFamily, get_fami
 from kohya_backend.train.events import EventLog
 from kohya_backend.train.inputs import TEXT_CACHE_DIR, LatentCache, TextCache
 from kohya_backend.train.noise import make_noise_scheduler
-from kohya_backend.train.optim import build_optimizer, optimizer_description
+from kohya_backend.train.optim import build_optimizer, check_optimizer_settings, optimizer_description
 from kohya_backend.train.plan import plan_for, scan_for
 from kohya_backend.train.precision import Precision
 from kohya_backend.train.runtime import release_pages
@@ -271,6 +271,9 @@ def prepare(config: TrainConfig, precision: Precision, events: EventLog, *, seed
     for warning in scan.warnings:
         events.emit("warning", message=warning)
     plan = plan_for(config, scan)
+    check_optimizer_settings(
+        config, total_steps=plan.total_steps
+    )  # a bad optimizer_args fails before loading
     events.total_steps = plan.total_steps
     events.emit("plan", **plan.to_dict())
     # kohya's metadata needs the base model's sha256: hash it (or take it from the cache) while we load and train

@@ -156,9 +156,9 @@ class _StagingInUse:
 
 def check_health_resolution(resolution: object) -> int:
     """The training resolution a health report is made for: a multiple of 64 from 256 to 2048."""
-    if isinstance(resolution, int) and not isinstance(resolution, bool):
-        if 256 <= resolution <= 2048 and resolution % 64 == 0:
-            return resolution
+    whole = isinstance(resolution, int) and not isinstance(resolution, bool)
+    if isinstance(resolution, int) and whole and 256 <= resolution <= 2048 and resolution % 64 == 0:
+        return resolution
     raise TrainManagementError(
         f"resolution {resolution!r} is not a training resolution",
         "use a multiple of 64 from 256 to 2048, e.g. 512 (SD 1.5) or 1024 (SDXL)",

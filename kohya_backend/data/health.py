@@ -76,7 +76,17 @@ def _read(path: Path, name: str, caption: str | None, caption_file: bool) -> _Im
         image.draft("RGB", (64, 64))
         small = to_rgb(upright_image(image, path)).resize((32, 32), Image.Resampling.BOX)
     colour = np.asarray(small.resize((8, 8), Image.Resampling.BOX), dtype=np.float32)
-    return _Image(name, width, height, fmt, hashlib.sha256(data).hexdigest(), dhash(small), colour, caption, caption_file)
+    return _Image(
+        name,
+        width,
+        height,
+        fmt,
+        hashlib.sha256(data).hexdigest(),
+        dhash(small),
+        colour,
+        caption,
+        caption_file,
+    )
 
 
 def _groups(pairs: Iterable[tuple[int, int]], count: int) -> list[list[int]]:

@@ -35,7 +35,9 @@ def dataset(tmp_path: Path) -> Path:
     _save(sub, "a.png", _picture(1), "thing, red, outdoors")
     _save(sub, "a-copy.png", _picture(1), "thing, red")  # the same file content
     _save(sub, "a-soft.png", _picture(1).filter(ImageFilter.GaussianBlur(1)), "thing")  # a near-duplicate
-    _save(sub, "b.png", _picture(2), "thing, blue, " + ", ".join(f"tag{i}" for i in range(40)))  # long caption
+    _save(
+        sub, "b.png", _picture(2), "thing, blue, " + ", ".join(f"tag{i}" for i in range(40))
+    )  # long caption
     _save(sub, "wide.png", _picture(3, (900, 300)), None)  # no caption, extreme aspect ratio
     _save(sub, "tiny.png", _picture(4, (64, 64)), "thing, small")
     _save(sub, "huge.png", _picture(5, (2200, 2100)), "thing")
@@ -55,8 +57,14 @@ def test_the_report_finds_every_kind_of_problem(dataset: Path) -> None:
     assert duplicates["near"] == [["5_thing/a-copy.png", "5_thing/a-soft.png", "5_thing/a.png"]]
 
     sizes = report["sizes"]
-    assert sizes["tiny"] == 3 and {"file": "5_thing/tiny.png", "width": 64, "height": 64} in sizes["tiny_files"]
-    assert {f["file"] for f in sizes["tiny_files"]} == {"5_thing/tiny.png", "5_thing/red.png", "5_thing/blue.png"}
+    assert (
+        sizes["tiny"] == 3 and {"file": "5_thing/tiny.png", "width": 64, "height": 64} in sizes["tiny_files"]
+    )
+    assert {f["file"] for f in sizes["tiny_files"]} == {
+        "5_thing/tiny.png",
+        "5_thing/red.png",
+        "5_thing/blue.png",
+    }
     assert sizes["huge"] == 1 and sizes["huge_files"][0]["file"] == "5_thing/huge.png"
     assert sizes["smallest"] == (64, 64) and sizes["largest"] == (2200, 2100)
 

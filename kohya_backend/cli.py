@@ -128,7 +128,8 @@ def run_training(
         config = validate_config(parsed, fm_type)
         for warning in config.warnings:
             events.emit("warning", message=warning.render())
-        result = train(config, events=events, stop=_install_stop_handler())
+        stop = _install_stop_handler()
+        result = train(config, events=events, stop=stop, state_each_epoch=job_dir is not None)
     except TrainManagementError as exc:
         events.emit("error", message=exc.message, hint=exc.hint)
         outcome["error"] = {"message": str(exc), "hint": exc.hint}

@@ -619,7 +619,7 @@ class Trainer:
         self.events.emit("epoch", epoch=self.epoch, step=self.step, avg_loss=self._avg_loss())
         done = self.step >= self.plan.total_steps
         every = self.config.save_every_n_epochs_for(self.plan.epochs)
-        saves_epoch = bool(every) and self.epoch % int(every) == 0 and not done
+        saves_epoch = every is not None and every > 0 and self.epoch % int(every) == 0 and not done
         if saves_epoch:
             self._save_lora(f"{self.output_name}-{self.epoch:06d}", final=False)
             self._rotate_epoch_files()

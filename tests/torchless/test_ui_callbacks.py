@@ -251,7 +251,11 @@ def test_caption_editor_interrogate_and_deletes(datasets: DatasetService, upload
     assert row["visible"] is True and "Delete `3_square/b.png`" in question and note == ""
     assert (datasets.home.datasets / "squares/3_square/b.png").exists()
     row, _, left, *opened = actions.delete_image(pending)
-    assert row["visible"] is False and left is None and not (datasets.home.datasets / "squares/3_square/b.png").exists()
+    assert (
+        row["visible"] is False
+        and left is None
+        and not (datasets.home.datasets / "squares/3_square/b.png").exists()
+    )
     report, after, image, names, _, preview, caption, message = opened
     # The editor moves to the image that took the deleted one's place (what the gallery marks at that place).
     assert names == ["3_square/g.png", "3_square/r.png"] and image["value"] == "3_square/g.png"
@@ -276,7 +280,9 @@ def test_format_reports_issues_with_lines_then_the_plan(
     _dataset(datasets, uploads)
     actions = CreateJobActions(service, UiHooks())
     broken = CONFIG.format(name="a").replace("network_dim = 4", 'network_dim = "four"') + "netwrk_alpha = 2\n"
-    toml, message, issues, plan = actions.format_config(LOCAL, "SD 1.5", "sd15.safetensors", "squares", broken)
+    toml, message, issues, plan = actions.format_config(
+        LOCAL, "SD 1.5", "sd15.safetensors", "squares", broken
+    )
     assert toml == "" and plan == "" and message == "" and issues.startswith("Checked at ")
     assert 'line 6, column 1: network_dim: expected a whole number, got "four"' in issues
     assert "line 10" in issues and "network_alpha" in issues  # the typo gets a suggestion
@@ -336,7 +342,11 @@ def test_default_config_follows_the_fm_type_and_its_draft(service: TrainingServi
     start = actions.default_config("SD 1.5")
     # this CPU-only test machine has no GPU to train on: no fp16, no AdamW8bit, and it formats clean
     assert start == _template("sd_1_5", cuda=False)
-    assert 'mixed_precision = "no"' in start and 'optimizer_type = "AdamW"' in start and "save_state = true" in start
+    assert (
+        'mixed_precision = "no"' in start
+        and 'optimizer_type = "AdamW"' in start
+        and "save_state = true" in start
+    )
     assert actions.format_config(LOCAL, "SD 1.5", None, None, start)[2].startswith("No problems found")
     # Another FM type shows its draft (the page's script hands it over) or, without one, its defaults.
     text, baseline, draft = actions.fm_changed("SDXL", "", start, LOCAL)
@@ -357,7 +367,9 @@ def test_load_defaults_asks_before_it_replaces_edits(service: TrainingService) -
     asked = actions.reset_config("SD 1.5", LOCAL, edited, start)
     assert asked[:8] == (gr.update(),) * 8  # the editor keeps the edits until confirmed
     row, question, pending = asked[8:]
-    assert row["visible"] is True and question == "Replace your edits in config_params with the SD 1.5 defaults?"
+    assert (
+        row["visible"] is True and question == "Replace your edits in config_params with the SD 1.5 defaults?"
+    )
     confirmed = actions.apply_fill(pending)
     assert confirmed[0] == start and confirmed[1] == start and confirmed[8]["visible"] is False
     assert json.loads(confirmed[7]) == {**json.loads(confirmed[7]), "fm": "sd_1_5", "text": start}
@@ -386,8 +398,12 @@ def test_submit_refusals_then_a_queued_job_in_the_list(
     _dataset(datasets, uploads)
     actions = CreateJobActions(service, UiHooks())
     instance = "this machine (CPU) [local]"
-    mismatch, issues, plan = actions.submit(instance, "SD 1.5", "sdxl.safetensors", "squares", CONFIG.format(name="x"))
-    assert mismatch.startswith("❌ **The job was refused** (1 reason(s)") and "choose FM Type SDXL" in mismatch
+    mismatch, issues, plan = actions.submit(
+        instance, "SD 1.5", "sdxl.safetensors", "squares", CONFIG.format(name="x")
+    )
+    assert (
+        mismatch.startswith("❌ **The job was refused** (1 reason(s)") and "choose FM Type SDXL" in mismatch
+    )
     assert issues == "" and plan == ""  # an earlier Format's answer is not shown under a refusal
     invalid = actions.submit(instance, "SD 1.5", "sd15.safetensors", "squares", "max_train_steps = -3\n")[0]
     assert "line 1" in invalid and "max_train_steps" in invalid
@@ -403,7 +419,9 @@ def test_submit_refusals_then_a_queued_job_in_the_list(
     trainings = TrainingsActions(service)
     [job] = service.store.list()[0]
     table, stamp, choices, *_details = trainings.refresh(page(), None)
-    assert list(table.columns)[:3] == ["status", "progress", "output name"] and list(table.columns)[-1] == "id"
+    assert (
+        list(table.columns)[:3] == ["status", "progress", "output name"] and list(table.columns)[-1] == "id"
+    )
     assert table.values.tolist()[0][:3] == ["queued", "#1 in queue", "mine"]
     assert table.values.tolist()[0][-4:] == ["local", "sd15.safetensors", "squares", job.id]
     assert choices["choices"] == [job.id] and choices["value"] is None and stamp == "<span></span>"

@@ -54,7 +54,11 @@ def test_add_check_list_choose_and_remove_a_worker(service: TrainingService, wor
     assert "paste the token from the worker's token file above and press **Add worker** again" in message
     assert "workers add" not in message and token_field == ""
     message, token_field = actions.add(f" {worker_url}/ ", TOKEN, "")  # the same URL: its token is updated
-    assert message.startswith(f"✅ Added worker **{name}**") and ": online, CPU." in message and token_field == ""
+    assert (
+        message.startswith(f"✅ Added worker **{name}**")
+        and ": online, CPU." in message
+        and token_field == ""
+    )
     assert TOKEN not in message
     conflict, _ = actions.add(worker_url, TOKEN, "gpu1")  # the registry's own rule, shown as it words it
     assert conflict.startswith("❌ **The worker was not added.**") and "already registered" in conflict
@@ -101,7 +105,9 @@ def test_bad_entries_are_refused_with_the_reason(
 def test_the_registrys_plain_http_warning_is_shown(service: TrainingService) -> None:
     # 0.0.0.0 is not loopback (the token would leave this machine in clear) and refuses at once here.
     message, _ = WorkersActions(service).add("http://0.0.0.0:9", TOKEN, "clear")
-    assert message.startswith("⚠️ **Worker clear does not answer** at `http://0.0.0.0:9`") and "✅" not in message
+    assert (
+        message.startswith("⚠️ **Worker clear does not answer** at `http://0.0.0.0:9`") and "✅" not in message
+    )
     assert "jobs sent to it wait until it does" in message
     assert "⚠️ the worker token goes to 0.0.0.0 over plain http" in message and "TLS reverse proxy" in message
     [row] = _rows(WorkersActions(service))

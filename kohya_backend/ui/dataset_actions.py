@@ -172,7 +172,7 @@ class DatasetActions:
                 if from_folder:
                     message += "\n\n" + flattening_markdown(repeated, created.result["subset_folder"])
                 browse = self.choices(created.result["name"])
-                train = gr.update(choices=self.datasets.home.dataset_names())
+                train = self.choices(created.result["name"])  # the training form offers the new dataset
                 opened = self.open(created.result["name"])
             tickets["create"] = ""
         checked = self._task(tickets["validate"])

@@ -207,7 +207,10 @@ def datasets_area(has_interrogate: bool, import_hint: str) -> dict[str, Any]:
                 )  # fmt: skip
                 c["check_health"] = gr.Button("Health report", elem_id=elem("ds_check_health"))
             c["health"] = gr.Markdown(elem_id=elem("ds_health"))
-            c["gallery"] = gr.Gallery(label="Images", columns=6, height=300, elem_id=elem("ds_gallery"))
+            # No enlarged preview inside the gallery: a click opens the image in the editor below (its own preview).
+            c["gallery"] = gr.Gallery(
+                label="Images", columns=6, height=300, allow_preview=False, elem_id=elem("ds_gallery")
+            )
             c["names"] = gr.State([])  # the images of the gallery's thumbnails, in order
             c["labels"] = gr.State([])  # and their labels (first caption lines)
             c["image"] = gr.Dropdown(label="Image", elem_id=elem("ds_image"))

@@ -193,11 +193,12 @@ def _captions(images: list[_Image], count: Callable[[str], int], method: str) ->
 def _tags(images: list[_Image]) -> dict[str, Any]:
     counts = Counter(tag.strip() for i in images for tag in (i.caption or "").split(",") if tag.strip())
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    least = sorted(counts.items(), key=lambda kv: (kv[1], kv[0]))
+    most = ranked[:SHOWN]
+    least = sorted(ranked[SHOWN:], key=lambda kv: (kv[1], kv[0]))[:SHOWN]  # never a tag already listed as most
     return {
         "distinct": len(counts),
-        "most_common": [{"tag": t, "images": n} for t, n in ranked[:SHOWN]],
-        "least_common": [{"tag": t, "images": n} for t, n in least[:SHOWN]],
+        "most_common": [{"tag": t, "images": n} for t, n in most],
+        "least_common": [{"tag": t, "images": n} for t, n in least],
     }
 
 

@@ -308,8 +308,11 @@ def health_markdown(report: dict[str, Any]) -> str:
         f"(counted with {caps['tokens_counted_with']})",
         f"Tags: {tags['distinct']} distinct; most common: "
         + (", ".join(f"{t['tag']} ({t['images']})" for t in tags["most_common"]) or "none")
-        + "; least common: "
-        + (", ".join(f"{t['tag']} ({t['images']})" for t in tags["least_common"]) or "none"),
+        + (
+            "; least common: " + ", ".join(f"{t['tag']} ({t['images']})" for t in tags["least_common"])
+            if tags["least_common"]
+            else ""
+        ),
     ]
     return "\n".join(lines)
 

@@ -163,12 +163,14 @@ class TrainConfig:
 
 
 def detect_cuda() -> bool:
-    """Whether torch sees a CUDA device; torch is imported only here, and a missing torch means no CUDA."""
+    """Whether torch sees a GPU that trains in fp16: CUDA (ROCm's too) or Apple's MPS; torch is imported only here,
+    and a missing torch means none."""
     try:
         import torch
     except ImportError:
         return False
-    return bool(torch.cuda.is_available())
+    mps = getattr(torch.backends, "mps", None)
+    return bool(torch.cuda.is_available() or (mps is not None and mps.is_available()))
 
 
 class _Checker:
@@ -296,7 +298,7 @@ def _rule_precision(c: _Checker, cuda_available: bool | None) -> None:
     if not cuda_available:
         c.issue(
             "mixed_precision",
-            'mixed_precision = "fp16" needs a CUDA GPU, and none is available here',
+            'mixed_precision = "fp16" needs a CUDA GPU (or Apple MPS), and none is available here',
             'use mixed_precision = "bf16" or "no"',
         )
 

@@ -24,7 +24,9 @@ import psutil
 import kohya_backend
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs import processes
+from kohya_backend.jobs.devices import device_kind
 from kohya_backend.jobs.store import Job
+from kohya_backend.train.device import DEVICE_ENV
 
 EVENTS_NAME = "events.jsonl"
 RESULT_NAME = "result.json"
@@ -128,21 +130,20 @@ def trainer_env(device: str | None, base: dict[str, str] | None = None) -> dict[
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != package_root]
     env["PYTHONPATH"] = os.pathsep.join([package_root, *paths])
     if device is not None:
-        # Device indices are nvidia-smi's (PCI bus order); CUDA numbers GPUs fastest-first unless told otherwise.
-        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-        env["CUDA_VISIBLE_DEVICES"] = _visible_devices(device)
+        try:
+            kind = device_kind(device)
+        except ValueError:
+            raise TrainManagementError(
+                f"unknown device {device!r}",
+                "use 'cpu', 'mps' (Apple silicon) or 'cuda:N' with N the GPU's index, e.g. 'cuda:0'",
+            ) from None
+        env[DEVICE_ENV] = kind  # the trainer trains on this kind, or says why it cannot
+        if kind != "mps":
+            # Device indices are nvidia-smi's (PCI bus order); CUDA numbers GPUs fastest-first unless told
+            # otherwise. The CPU gets none, so torch cannot pick one up.
+            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+            env["CUDA_VISIBLE_DEVICES"] = device.partition(":")[2] if kind == "cuda" else ""
     return env
-
-
-def _visible_devices(device: str) -> str:
-    if device == "cpu":
-        return ""
-    kind, _, index = device.partition(":")
-    if kind != "cuda" or not index.isdigit():
-        raise TrainManagementError(
-            f"unknown device {device!r}", "use 'cpu' or 'cuda:N' with N the GPU's index, e.g. 'cuda:0'"
-        )
-    return index
 
 
 def write_json_atomic(path: Path, data: dict[str, Any], *, mode: int | None = None) -> None:

@@ -1,4 +1,5 @@
-"""The WebUI's own Python 3.10: install.py's setup builds a trainer environment from it, and the demo trains there.
+"""The WebUI's own Python 3.10: install.py's setup builds a trainer environment from it, and the demo trains there
+(in folders with spaces and a path longer than 260 characters, as Windows users' WebUIs often are).
 
 The environment is cached per machine (tests/trainer_env_support.py; `tools/setup.sh dev` builds it), so with the
 cache this costs one small training run.
@@ -45,8 +46,12 @@ def test_the_demo_trains_in_a_python_3_10_trainer_environment(tmp_path: Path) ->
     pins = dict(line.split("==") for line in support.spec().pins((3, 10)) if "==" in line and ";" not in line)
     assert versions == [pins["diffusers"], pins["transformers"]]
 
-    home = tmp_path / "home"
-    lora_dir = tmp_path / "Lora"
+    # Paths with spaces, longer than Windows' classic 260 characters: nothing may split or cut them.
+    root = tmp_path / "web ui" / "Train Management home"
+    while len(str(root)) < 270:
+        root = root / "a folder with spaces"
+    home = root / "home"
+    lora_dir = root / "models" / "Lora"
     demo = prepare_demo(tmp_path / "demo", fm_type="sd_1_5", steps=4).read_text(encoding="utf-8")
     sched = Scheduler(JobStore(home), [LocalRunner([str(python)])], devices={"cpu": 1}, lora_dir=lora_dir)
     job = sched.submit(

@@ -2,7 +2,7 @@
 
 It lives outside the repository, in ~/.cache/train-management/trainer-py310-<key> ($XDG_CACHE_HOME respected),
 keyed by the digest of what it holds (torch, requirements-trainer-py310.txt, the vocabulary package), so a change
-of pins builds a new one and removes the old. `tools/setup.sh dev` builds it (the downloads, a few GB with PyPI's
+of pins builds a new one (and one unused for a week is removed). `tools/setup.sh dev` builds it (the downloads, a few GB with PyPI's
 CUDA torch, belong to setup, not to the test suite's time); a test that finds it missing builds it the same way.
 Run as a script, it builds it and prints its folder.
 """
@@ -13,6 +13,7 @@ import glob
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,6 +25,8 @@ from kohya_backend.host.trainer_setup import setup_env  # noqa: E402
 
 PY310 = (3, 10)
 PREFIX = "trainer-py310-"
+USED_NAME = "last-used"
+STALE_S = 7 * 24 * 3600
 
 
 def cache_root() -> Path:
@@ -56,15 +59,23 @@ def ensure(python: str) -> tuple[Path, str]:
     """Build (or find ready) the cached 3.10 environment with `python`; (its folder, "" or why it failed)."""
     env = spec()
     folder = folder_for(env)
-    if is_ready(folder, env):
-        return folder, ""
-    result = setup_env(folder, env, current_python=python, candidates=[[python]])
-    if not result.ok:
-        return folder, result.message
-    for stale in cache_root().glob(f"{PREFIX}*"):
-        if stale != folder:  # an environment for earlier pins: a few GB nothing uses any more
-            shutil.rmtree(stale, ignore_errors=True)
+    if not is_ready(folder, env):
+        result = setup_env(folder, env, current_python=python, candidates=[[python]])
+        if not result.ok:
+            return folder, result.message
+    (folder / USED_NAME).touch()
+    for other in cache_root().glob(f"{PREFIX}*"):
+        # Environments for other pins (a few GB each) go once unused for a while: not at once, since another
+        # checkout on this machine (another branch) may be using its own.
+        if other != folder and time.time() - _last_touched(other) > STALE_S:
+            shutil.rmtree(other, ignore_errors=True)
     return folder, ""
+
+
+def _last_touched(folder: Path) -> float:
+    """When an environment was last used, or its setup last wrote (one being built elsewhere is fresh)."""
+    times = [p.stat().st_mtime for p in (folder / USED_NAME, folder / "setup.log", folder) if p.exists()]
+    return max(times, default=0.0)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,10 @@ def _cmd_config_reference(args: argparse.Namespace) -> int:
 
 
 def _install_stop_handler() -> threading.Event:
-    """SIGTERM/SIGINT ask the loop to stop at the next step (saving state when save_state is on)."""
+    """SIGTERM/SIGINT (and SIGBREAK, Windows' graceful stop) ask the loop to stop at the next step (saving state
+    when save_state is on)."""
+    from kohya_backend.jobs.processes import stop_signals
+
     stop = threading.Event()
 
     def handler(signum: int, _frame: object) -> None:
@@ -78,8 +81,8 @@ def _install_stop_handler() -> threading.Event:
             raise KeyboardInterrupt
         stop.set()
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    for signum in stop_signals():
+        signal.signal(signum, handler)
     return stop
 
 

@@ -29,6 +29,7 @@ from kohya_backend.config.schema import (
     toml_value,
 )
 from kohya_backend.errors import ConfigError, ConfigIssue
+from kohya_backend.names import WINDOWS_RESERVED
 
 # network_args that kohya's networks.lora reads but this trainer does not implement.
 _KOHYA_LORA_ARGS = frozenset(
@@ -61,9 +62,6 @@ _NETWORK_ARG_SPECS = {
     "conv_alpha": KeySpec("conv_alpha", "float", None, "network", "LoCon alpha", minimum=0.0),
 }
 _REQUIRED_PATHS = ("pretrained_model_name_or_path", "train_data_dir", "output_dir")
-_WINDOWS_RESERVED = frozenset(
-    ["con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))]
-)
 _BAD_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
 
 
@@ -163,12 +161,14 @@ class TrainConfig:
 
 
 def detect_cuda() -> bool:
-    """Whether torch sees a CUDA device; torch is imported only here, and a missing torch means no CUDA."""
+    """Whether torch sees a GPU that trains in fp16: CUDA (ROCm's too) or Apple's MPS; torch is imported only here,
+    and a missing torch means none."""
     try:
         import torch
     except ImportError:
         return False
-    return bool(torch.cuda.is_available())
+    mps = getattr(torch.backends, "mps", None)
+    return bool(torch.cuda.is_available() or (mps is not None and mps.is_available()))
 
 
 class _Checker:
@@ -296,7 +296,7 @@ def _rule_precision(c: _Checker, cuda_available: bool | None) -> None:
     if not cuda_available:
         c.issue(
             "mixed_precision",
-            'mixed_precision = "fp16" needs a CUDA GPU, and none is available here',
+            'mixed_precision = "fp16" needs a CUDA GPU (or Apple MPS), and none is available here',
             'use mixed_precision = "bf16" or "no"',
         )
 
@@ -514,7 +514,7 @@ def _file_name_problem(name: str) -> str | None:
         return "contains a path separator or a character not allowed in file names"
     if name != name.strip() or name.endswith("."):
         return "starts or ends with a space, or ends with '.'"
-    if name in (".", "..") or name.split(".")[0].lower() in _WINDOWS_RESERVED:
+    if name in (".", "..") or name.split(".")[0].lower() in WINDOWS_RESERVED:
         return "is a reserved name"
     if name.lower().endswith((".safetensors", ".ckpt", ".pt")):
         return "includes the file extension (it is added when saving)"

@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, BinaryIO
 
 from kohya_backend.errors import TrainManagementError
+from kohya_backend.names import windows_name_problem
 
 _CHUNK = 1024 * 1024
 # Below this size a high compression ratio is normal (a caption of repeated tags), so the ratio is not checked.
@@ -70,6 +71,10 @@ def member_path(name: str, *, what: str = "file name") -> PurePosixPath:
         raise ArchiveError(
             f"{what} {name!r} contains characters file names may not hold: {' '.join(bad)}", "rename the file"
         )
+    for part in parts:  # what else Windows refuses: device names (CON, AUX.png), a trailing dot or space
+        problem = windows_name_problem(part)
+        if problem:
+            raise ArchiveError(f"{what} {name!r}: {part!r} {problem}", "rename it")
     return PurePosixPath(*parts)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from kohya_backend.config.parse import parse_config
 from kohya_backend.config.schema import SCHEMA
 from kohya_backend.errors import ConfigError, ConfigIssue, TrainManagementError
-from kohya_backend.jobs.devices import detect_gpus
+from kohya_backend.jobs.devices import detect_gpus, local_label, runs_fp16
 from kohya_backend.jobs.runner import EVENTS_NAME, LOG_NAME
 from kohya_backend.jobs.scheduler import Scheduler
 from kohya_backend.jobs.states import JobStatus
@@ -276,10 +276,7 @@ class TrainingService:
     def instance_types(self) -> list[dict[str, Any]]:
         """Where jobs can train: each runner with a label (the GPUs this machine found, or CPU) and its devices."""
         devices = self.scheduler.devices
-        label = "this machine (CPU)"
-        gpus = [gpu.label for gpu in detect_gpus() if gpu.device in devices]
-        if gpus:
-            label = f"this machine ({', '.join(gpus)})"
+        label = local_label(devices, detect_gpus())
         items: list[dict[str, Any]] = []
         for name, runner in sorted(self.scheduler.runners.items()):
             listed = getattr(runner, "instance_types", None)
@@ -291,7 +288,7 @@ class TrainingService:
                         "name": name,
                         "label": label if name == "local" else name,
                         "devices": sorted(devices),
-                        "cuda": any(d.startswith("cuda") for d in devices),
+                        "cuda": runs_fp16(devices),  # fp16 runs there (CUDA, ROCm or Apple's MPS)
                     }
                 )
         return items

@@ -11,9 +11,11 @@ import json
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kohya_backend.cli_sagemaker import add_sagemaker_parsers
 from kohya_backend.cli_workers import add_worker_parsers
 from kohya_backend.errors import ConfigError, TrainManagementError
 from kohya_backend.service.home import DEFAULT_HOME
@@ -96,10 +98,12 @@ def run_training(
     events_path: Path | None,
     job_dir: Path | None = None,
     resume: bool = False,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
 ) -> int:
     """Validate, then train; prints progress and returns a process exit code (0 done, 2 user error, 3 stopped).
 
     With `job_dir`, outputs go to DIR/output, events to DIR/events.jsonl and the outcome to DIR/result.json.
+    `on_event(event)` also sees every event (the SageMaker container prints them to its log).
     """
     from kohya_backend.config.parse import parse_config
     from kohya_backend.config.validate import validate_config
@@ -107,6 +111,8 @@ def run_training(
     from kohya_backend.train.loop import train
 
     events = EventLog(events_path, console=sys.stderr)
+    if on_event is not None:
+        events.subscribe(on_event)
     outcome: dict[str, Any] = {"status": "failed", "output": None, "step": 0, "epoch": 0, "error": None}
     try:
         parsed = parse_config(config_source)
@@ -507,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_jobs_parser(sub)
     _add_datasets_parser(sub)
     add_worker_parsers(sub)
+    add_sagemaker_parsers(sub)
     return parser
 
 

@@ -241,7 +241,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     _lean_process("")  # the server never trains itself; its demo writer needs no bitsandbytes
     serve(
-        Path(args.home), host=args.host, port=args.port, token=args.token, demo=args.demo, s3_uri=args.s3_uri
+        Path(args.home),
+        host=args.host,
+        port=args.port,
+        token=args.token,
+        demo=args.demo,
+        s3_uri=args.s3_uri,
+        sagemaker_role_arn=args.sagemaker_role_arn,
+        sagemaker_image_uri=args.sagemaker_image_uri,
     )
     return 0
 
@@ -354,7 +361,8 @@ def _add_jobs_parser(sub: Any) -> None:
     submit.add_argument(
         "--instance-type",
         default="local",
-        help="where to train: local (default), worker (any free remote worker) or worker:NAME (`workers list`)",
+        help="where to train: local (default), worker (any free remote worker), worker:NAME (`workers list`) or "
+        "sagemaker:TYPE[:spot] (`sagemaker instance-types`)",
     )
     listing = command("list", "list jobs, newest first", _cmd_jobs_list)
     listing.add_argument("--status", action="append", help="only jobs in this state (repeatable)")
@@ -524,6 +532,14 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--s3-uri",
         help="s3://bucket/prefix whose models/ and datasets/ join the lists (default: HOME/cloud.toml)",
+    )
+    srv.add_argument(
+        "--sagemaker-role-arn",
+        help="the IAM role SageMaker training jobs run with (default: HOME/cloud.toml [sagemaker] role_arn)",
+    )
+    srv.add_argument(
+        "--sagemaker-image-uri",
+        help="the training image in ECR (docker/sagemaker/Dockerfile; default: HOME/cloud.toml [sagemaker] image_uri)",
     )
     srv.set_defaults(func=_cmd_serve)
     _add_jobs_parser(sub)

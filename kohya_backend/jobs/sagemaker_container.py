@@ -159,9 +159,9 @@ def build_config(paths: ContainerPaths, hyper: dict[str, str]) -> tuple[str, str
             )
         doc[key] = value  # a string: the schema coerces it like any config value ("10", "true", "64,64")
     for channel, key in CHANNEL_KEYS.items():
-        value = channel_value(paths, channel)
-        if value is not None:
-            doc[key] = value.as_posix()
+        found = channel_value(paths, channel)
+        if found is not None:
+            doc[key] = found.as_posix()
         elif channel in ("model", "dataset"):
             raise TrainManagementError(
                 f"the {channel!r} channel is missing or empty",

@@ -258,12 +258,12 @@ def extract_tar(
     out = Extracted()
     try:
         archive = tarfile.open(source, mode="r:*")  # noqa: SIM115 (closed by the `with` below)
-    except (tarfile.TarError, OSError) as exc:
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         raise ArchiveError(f"{label} is not a readable tar archive ({exc})", "create it with tar") from exc
     with archive:
         try:
             members = archive.getmembers()
-        except (tarfile.TarError, EOFError, OSError) as exc:
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
             raise ArchiveError(f"{label} is damaged ({exc})", "create it again") from exc
         _check_tar_members(members, limits, label)
         budget = limits.max_total_bytes

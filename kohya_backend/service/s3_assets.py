@@ -68,6 +68,11 @@ class S3Assets:
         if self.catalog is None or self.catalog.prefix != prefix:
             self.catalog = S3Catalog(prefix, self.access.client)
 
+    def use_setting(self, value: str | None) -> None:
+        """The WebUI's "S3 prefix" setting changed: use it, or HOME/cloud.toml's when it is cleared."""
+        settings = load_cloud_settings(self.home.root, value or None)
+        self.set_prefix(str(settings.prefix) if settings.prefix else None)
+
     def _need_prefix(self) -> S3Catalog:
         if self.catalog is None:
             raise NoPrefix(

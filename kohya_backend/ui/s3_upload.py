@@ -14,6 +14,18 @@ from kohya_backend.ui.present import error_markdown
 POLL_S = 0.5
 
 
+class S3UploadActions:
+    """The button's callback, bound to one TrainingService."""
+
+    def __init__(self, service: TrainingService, poll_s: float = POLL_S) -> None:
+        self.service = service
+        self.poll_s = poll_s
+
+    def upload_dataset(self, name: str | None) -> Iterator[str]:
+        """Upload the chosen local dataset to the S3 prefix, yielding its progress until it ends."""
+        return upload_dataset(self.service, name, self.poll_s)
+
+
 def upload_dataset(service: TrainingService, name: str | None, poll_s: float = POLL_S) -> Iterator[str]:
     """Upload the chosen local dataset to the S3 prefix, yielding 'uploading NAME 1.2/3.4 MB' as it goes."""
     if not name:

@@ -3,7 +3,6 @@ trainings.py and dataset_actions.py and call the services (the same ones the RES
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import gradio as gr
@@ -15,7 +14,7 @@ from kohya_backend.ui.create_job import CreateJobActions
 from kohya_backend.ui.dataset_actions import PREPROCESS_CHOICES, DatasetActions
 from kohya_backend.ui.hooks import UiHooks
 from kohya_backend.ui.present import FM_LABELS, JOB_HEADERS, WORKER_HEADERS
-from kohya_backend.ui.s3_upload import upload_dataset
+from kohya_backend.ui.s3_upload import S3UploadActions
 from kohya_backend.ui.trainings import TrainingsActions
 from kohya_backend.ui.workers import WorkersActions
 
@@ -311,7 +310,9 @@ def create_tab(service: TrainingService, datasets: DatasetService, hooks: UiHook
         _wire_workers(worker_actions, workers, job_form["instance"], create_actions.instance_choices)
         _wire_trainings(trainings, jobs, stamp)
         _wire_datasets(dataset_actions, data, job_form["dataset"])
-        data["s3_upload"].click(partial(upload_dataset, service), [data["dataset"]], [data["s3_message"]])
+        data["s3_upload"].click(
+            S3UploadActions(service).upload_dataset, [data["dataset"]], [data["s3_message"]]
+        )
         # One poll per page (on gradio 3.41 each `every=` loop holds a queue worker): it reads only two short
         # marks; the Trainings List and the dataset tasks update when theirs changes.
         blocks.load(

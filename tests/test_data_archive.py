@@ -135,7 +135,7 @@ def test_not_a_zip_and_damaged_entries(tmp_path: Path) -> None:
         extract_zip(io.BytesIO(b"this is text"), tmp_path, keep=_keep_png)
     data = bytearray(_zip({"10_cat/a.png": b"z" * 4000}).getvalue())
     data[60:70] = b"#" * 10  # inside the stored file data: its CRC no longer matches
-    with pytest.raises(ArchiveError, match="not a readable tar|damaged"):
+    with pytest.raises(ArchiveError, match="damaged"):
         extract_zip(io.BytesIO(bytes(data)), tmp_path, keep=_keep_png)
 
 
@@ -240,5 +240,5 @@ def test_tar_limits_entries_and_sizes(tmp_path: Path) -> None:
         extract_tar(tmp_path / "not.tar.gz", tmp_path)
     cut = tmp_path / "cut.tar.gz"
     cut.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
-    with pytest.raises(ArchiveError, match="not a readable tar|damaged"):
+    with pytest.raises(ArchiveError, match=r"not a readable tar|damaged"):
         extract_tar(cut, tmp_path / "out-cut")

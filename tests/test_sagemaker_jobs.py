@@ -370,3 +370,44 @@ def test_cancel_stops_the_training_job_and_resume_starts_a_new_one_from_the_save
         assert "ResourceLimitExceeded" in shown["reason"] and "Service Quotas" in shown["reason"]
     finally:
         service.scheduler.stop()
+
+
+def test_s3_models_and_datasets_become_channels_where_they_are(
+    home: tuple[Path, str], stand_in: SageMakerStandIn, s3_env: str, tmp_path: Path
+) -> None:
+    root, prefix = home
+    bucket, _, base = prefix[len("s3://") :].partition("/")
+    raw = raw_client(s3_env)
+    raw.upload_file(
+        str(root / "models" / "demo-sd_1_5.safetensors"), bucket, f"{base}/models/demo-sd_1_5.safetensors"
+    )
+    for path in sorted((root / "datasets" / "demo").rglob("*.*")):
+        raw.upload_file(
+            str(path), bucket, f"{base}/datasets/demo/{path.relative_to(root / 'datasets' / 'demo')}"
+        )
+    service = _service(root, prefix)
+    service.scheduler.start()
+    try:
+        config = SAMPLED.format(steps=3, name="from-s3", prompts=(root / "models" / "prompts.txt").as_posix())
+        model, dataset = f"{prefix}/models/demo-sd_1_5.safetensors", f"{prefix}/datasets/demo"
+        job = service.submit(
+            Submission(model, dataset, "sd_1_5", config, instance_type="sagemaker:ml.g5.2xlarge")
+        )
+        name = _created(stand_in, 1)
+        channels = {
+            c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"]
+            for c in stand_in.request(name)["input_data_config"]
+        }
+        assert channels["model"] == model and channels["dataset"] == dataset + "/"
+        uploaded = raw.list_objects_v2(Bucket=bucket, Prefix=f"{base}/sagemaker/inputs/")["Contents"]
+        assert not [o for o in uploaded if o["Key"].endswith((".safetensors", ".png"))]  # nothing sent twice
+        opt_ml = tmp_path / "opt-ml"
+        stand_in.fill_opt_ml(name, opt_ml)
+        assert (opt_ml / "input" / "data" / "model" / "demo-sd_1_5.safetensors").is_file()
+        assert len(list((opt_ml / "input" / "data" / "dataset" / "10_demo").glob("*.png"))) == 8
+        stand_in.set_status(
+            name, "Failed", "Failed", "stopped by the test", failure_reason="AlgorithmError: test"
+        )
+        _status(service, job.id, JobStatus.FAILED)
+    finally:
+        service.scheduler.stop()

@@ -152,19 +152,15 @@ def _s3_progress(kind: str, event: dict[str, Any], progress: dict[str, Any]) -> 
         progress["s3_outputs"] = event.get("uris")
 
 
-_CLOUD_STATES = ("preparing", "training", "saving")
-
-
 def _cloud_progress(event: dict[str, Any], summary: EventSummary) -> None:
     """A cloud status: its fields under progress['cloud'], its phase shown; `state` training or saving moves the
     job on like a first step or the final save would."""
     summary.progress["cloud"] = {k: v for k, v in event.items() if k not in ("kind", "time", "t", "state")}
     if event.get("phase"):
         summary.progress["phase"] = event["phase"]
-    state = event.get("state")
-    if state in _CLOUD_STATES[1:]:
+    if event.get("state") in ("training", "saving"):
         summary.stepped = True
-    if state == "saving":
+    if event.get("state") == "saving":
         summary.final_saved = True
 
 

@@ -1,6 +1,6 @@
 """The SageMaker runner: trains jobs as SageMaker training jobs through the scheduler's Runner interface.
 
-Instance types: `sagemaker:<type>` and `sagemaker:<type>:spot` (jobs_sagemaker_catalog lists them). start() returns
+Instance types: `sagemaker:<type>` and `sagemaker:<type>:spot` (sagemaker_catalog lists them). start() returns
 at once; a SageMakerSession thread per job uploads its inputs (content-addressed, nothing twice), creates the
 training job and mirrors it into the job folder, so the scheduler's event ingestion, progress, settling and
 delivery work as for local jobs. After a restart, attach() follows the training job named in run.json again.

@@ -105,11 +105,17 @@ class Channel:
     name: str
     uri: S3Uri
     files: tuple[tuple[Path, str, str, int], ...] = ()
+    remote_bytes: int = 0
 
     @property
     def size(self) -> int:
-        """Bytes of its local files (0 for a channel already on S3)."""
+        """Bytes of its local files, to upload."""
         return sum(f[3] for f in self.files)
+
+    @property
+    def input_bytes(self) -> int:
+        """Bytes SageMaker copies onto the training volume for it."""
+        return self.size + self.remote_bytes
 
 
 def _local_channel(name: str, layout: JobLayout, local: LocalInput) -> Channel:
@@ -271,10 +277,7 @@ class SageMakerSession(threading.Thread):
                     continue
                 name = KEY_CHANNELS[key]
                 if is_s3_uri(value):
-                    uri = parse_s3_uri(value, what=key)
-                    if name in FOLDER_CHANNELS:
-                        uri = S3Uri(uri.bucket, uri.prefix())
-                    channels.append(Channel(name, uri))
+                    channels.append(self._s3_channel(name, parse_s3_uri(value, what=key)))
                     continue
                 path = self.job.folder / Path(str(value)).expanduser()
                 if key == "tokenizer_cache_dir" and not path.exists():
@@ -289,6 +292,13 @@ class SageMakerSession(threading.Thread):
             _local_channel(CONFIG_CHANNEL, self.layout, LocalInput(CONFIG_CHANNEL, CONFIG_FILE, (entry,)))
         )
         return channels
+
+    def _s3_channel(self, name: str, uri: S3Uri) -> Channel:
+        """An input already on S3, used where it is: an object, or (dataset-like) everything below a prefix."""
+        if name not in FOLDER_CHANNELS:
+            return Channel(name, uri, remote_bytes=self.clients.s3.head(uri).size)
+        prefix = S3Uri(uri.bucket, uri.prefix())
+        return Channel(name, prefix, remote_bytes=sum(info.size for info in self.clients.s3.list_objects(prefix)))
 
     def _upload(self, channels: list[Channel]) -> None:
         """Upload what S3 lacks (a file S3 holds with the same sha256 is not sent again), with progress events."""
@@ -362,7 +372,7 @@ class SageMakerSession(threading.Thread):
                 settings=self.settings,
                 layout=self.layout,
                 channels={c.name: c.uri for c in channels},
-                input_bytes=sum(c.size for c in channels),
+                input_bytes=sum(c.input_bytes for c in channels),
             )
             try:
                 self._call(

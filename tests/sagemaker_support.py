@@ -84,6 +84,7 @@ class SageMakerStandIn:
     created: list[dict[str, Any]] = field(default_factory=list)
     stops: list[str] = field(default_factory=list)
     refuse_next_create: tuple[str, str] | None = None
+    refuse_describe: tuple[str, str] | None = None
     _streams: int = 0
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> SageMakerStandIn:
@@ -110,7 +111,15 @@ class SageMakerStandIn:
             stand_in.set_status(name, "Stopping", "Stopping", "Stopping the training job")
             return ActionResult({})
 
+        describe = SageMakerModelBackend.describe_training_job
+
+        def describe_training_job(backend: Any, training_job_name: str) -> Any:
+            if stand_in.refuse_describe is not None:
+                raise JsonRESTError(*stand_in.refuse_describe)
+            return describe(backend, training_job_name)
+
         monkeypatch.setattr(SageMakerModelBackend, "create_training_job", create_training_job)
+        monkeypatch.setattr(SageMakerModelBackend, "describe_training_job", describe_training_job)
         monkeypatch.setattr(SageMakerResponse, "stop_training_job", stop_training_job, raising=False)
         return self
 

@@ -336,6 +336,20 @@ def test_cancel_stops_the_training_job_and_resume_starts_a_new_one_from_the_save
         first = _created(stand_in, 1)
         stand_in.set_status(first, "InProgress", "Training", "Training in progress.")
         _status(service, job_id, JobStatus.TRAINING)
+
+        # AWS refuses to answer while the job trains: ours is interrupted (the training job goes on), and Resume
+        # follows the same training job again.
+        stand_in.refuse_describe = (
+            "AccessDeniedException",
+            "not authorized to perform sagemaker:DescribeTrainingJob",
+        )
+        shown = _status(service, job_id, JobStatus.INTERRUPTED)
+        assert "AccessDeniedException" in shown["reason"] and f"{first} goes on" in shown["reason"]
+        stand_in.refuse_describe = None
+        service.resume(job_id)
+        _status(service, job_id, JobStatus.TRAINING)
+        assert len(stand_in.created) == 1
+
         service.cancel(job_id)
         wait_for(lambda: stand_in.stops == [first], "StopTrainingJob")
         assert service.store.get(job_id).status is JobStatus.CANCELLING

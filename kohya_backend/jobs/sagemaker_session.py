@@ -298,7 +298,9 @@ class SageMakerSession(threading.Thread):
         if name not in FOLDER_CHANNELS:
             return Channel(name, uri, remote_bytes=self.clients.s3.head(uri).size)
         prefix = S3Uri(uri.bucket, uri.prefix())
-        return Channel(name, prefix, remote_bytes=sum(info.size for info in self.clients.s3.list_objects(prefix)))
+        return Channel(
+            name, prefix, remote_bytes=sum(info.size for info in self.clients.s3.list_objects(prefix))
+        )
 
     def _upload(self, channels: list[Channel]) -> None:
         """Upload what S3 lacks (a file S3 holds with the same sha256 is not sent again), with progress events."""
@@ -400,7 +402,27 @@ class SageMakerSession(threading.Thread):
     # -- following ------------------------------------------------------------------------------------------
 
     def _follow(self, name: str, record: dict[str, Any]) -> RunStatus:
+        """Follow the training job to its end. AWS refusing to answer (expired credentials, a permission taken
+        away) does not fail the job: the training job goes on in SageMaker, so ours is interrupted, and Resume
+        follows it again."""
         self._cloud.update(training_job=name, attempt=record.get("attempt"))
+        try:
+            described = self._watch(name, record)
+        except SageMakerError as exc:
+            return RunStatus(
+                False,
+                None,
+                lost=f"{exc.message}; SageMaker training job {name} goes on without being followed: fix this "
+                f"({exc.hint}), then resume the job to follow it again, or stop it in the SageMaker console",
+            )
+        if described is None:
+            return RunStatus(
+                False, None, lost=f"SageMaker has no training job {name} any more; resume the job"
+            )
+        return self._finish(name, described)
+
+    def _watch(self, name: str, record: dict[str, Any]) -> dict[str, Any] | None:
+        """Poll with back-off and mirror the log until the job ends: its last description (None: it vanished)."""
         delay, seen, stop_sent = self.options.poll_min_s, None, False
         while True:
             if self.cancel_requested.is_set() and not stop_sent:
@@ -408,9 +430,7 @@ class SageMakerSession(threading.Thread):
                 stop_sent = True
             described = self._describe(name)
             if described is None:
-                return RunStatus(
-                    False, None, lost=f"SageMaker has no training job {name} any more; resume the job"
-                )
+                return None
             fresh = self._mirror_logs(name, record)
             status, secondary = described["TrainingJobStatus"], str(described.get("SecondaryStatus") or "")
             if (status, secondary) != seen:
@@ -419,7 +439,7 @@ class SageMakerSession(threading.Thread):
                 delay = self.options.poll_min_s
             if status in TERMINAL:
                 self._mirror_logs(name, record)  # the last lines may arrive after the status
-                return self._finish(name, described)
+                return described
             if fresh:
                 delay = self.options.poll_min_s
             if self.stop_requested.wait(delay):

@@ -258,3 +258,15 @@ def test_aws_errors_become_hints() -> None:
     )
     assert "image" in failure_hint("ClientError: Cannot pull image from ECR")
     assert "log" in failure_hint("AlgorithmError: the trainer failed")
+
+
+def test_a_missing_region_fails_the_start_with_a_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kohya_backend.jobs.sagemaker import _boto3_client
+    from kohya_backend.jobs.sagemaker_request import SageMakerError
+
+    for key in ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+    with pytest.raises(SageMakerError) as caught:
+        _boto3_client("sagemaker")
+    assert "AWS_DEFAULT_REGION" in str(caught.value.hint)

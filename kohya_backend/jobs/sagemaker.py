@@ -16,6 +16,7 @@ from typing import Any
 from kohya_backend.errors import ConfigIssue, TrainManagementError
 from kohya_backend.jobs.runner import RUN_NAME, RunHandle, RunStatus, read_json
 from kohya_backend.jobs.sagemaker_catalog import RUNNER_NAME, check_config, choices, parse_instance_type
+from kohya_backend.jobs.sagemaker_request import SageMakerError
 from kohya_backend.jobs.sagemaker_session import AwsClients, SageMakerOptions, SageMakerSession
 from kohya_backend.jobs.sagemaker_settings import SageMakerSettings, load_sagemaker_settings
 from kohya_backend.jobs.store import Job
@@ -31,11 +32,25 @@ class NotConfigured(TrainManagementError):
 
 def _boto3_client(service: str) -> Any:
     """A boto3 client from the standard chain (credentials, region, AWS_ENDPOINT_URL) with standard retries."""
-    import boto3
-    from botocore.config import Config
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError as exc:
+        raise SageMakerError(
+            "SageMaker jobs need the boto3 package, which is not installed in this Python environment",
+            "pip install boto3 (requirements.txt pins the version this project is tested with)",
+        ) from exc
+
+    from botocore.exceptions import NoRegionError
 
     config = Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=10, read_timeout=60)
-    return boto3.session.Session().client(service, config=config)
+    try:
+        return boto3.session.Session().client(service, config=config)
+    except NoRegionError as exc:
+        raise SageMakerError(
+            f"no AWS region is set for {service}",
+            "set AWS_DEFAULT_REGION (or `region` in ~/.aws/config) to the region of your ECR image and role",
+        ) from exc
 
 
 class SageMakerRunner:

@@ -11,9 +11,12 @@ import json
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kohya_backend.cli_s3 import add_s3_parser
+from kohya_backend.cli_sagemaker import add_sagemaker_parsers
 from kohya_backend.cli_workers import add_worker_parsers
 from kohya_backend.errors import ConfigError, TrainManagementError
 from kohya_backend.service.home import DEFAULT_HOME
@@ -71,7 +74,10 @@ def _cmd_config_reference(args: argparse.Namespace) -> int:
 
 
 def _install_stop_handler() -> threading.Event:
-    """SIGTERM/SIGINT ask the loop to stop at the next step (saving state when save_state is on)."""
+    """SIGTERM/SIGINT (and SIGBREAK, Windows' graceful stop) ask the loop to stop at the next step (saving state
+    when save_state is on)."""
+    from kohya_backend.jobs.processes import stop_signals
+
     stop = threading.Event()
 
     def handler(signum: int, _frame: object) -> None:
@@ -79,8 +85,8 @@ def _install_stop_handler() -> threading.Event:
             raise KeyboardInterrupt
         stop.set()
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    for signum in stop_signals():
+        signal.signal(signum, handler)
     return stop
 
 
@@ -98,10 +104,12 @@ def run_training(
     events_path: Path | None,
     job_dir: Path | None = None,
     resume: bool = False,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
 ) -> int:
     """Validate, then train; prints progress and returns a process exit code (0 done, 2 user error, 3 stopped).
 
     With `job_dir`, outputs go to DIR/output, events to DIR/events.jsonl and the outcome to DIR/result.json.
+    `on_event(event)` also sees every event (the SageMaker container prints them to its log).
     """
     from kohya_backend.config.parse import parse_config
     from kohya_backend.config.validate import validate_config
@@ -109,6 +117,8 @@ def run_training(
     from kohya_backend.train.loop import train
 
     events = EventLog(events_path, console=sys.stderr)
+    if on_event is not None:
+        events.subscribe(on_event)
     outcome: dict[str, Any] = {"status": "failed", "output": None, "step": 0, "epoch": 0, "error": None}
     try:
         parsed = parse_config(config_source)
@@ -196,10 +206,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
     if not args.config:
         raise TrainManagementError("train needs --config FILE (or --job DIR)")
-    source = _read_source(args.config)
+    from kohya_backend.cli_s3 import stage_config, upload_results
+
+    source, s3_output, local_out = stage_config(_read_source(args.config))  # s3:// inputs fetched first
     _lean_process(_optimizer_of(source))
     events = Path(args.events) if args.events else None
-    return run_training(source, args.fm_type, events_path=events)
+    code = run_training(source, args.fm_type, events_path=events)
+    if code == 0 and s3_output is not None and local_out is not None:
+        upload_results(local_out, s3_output)
+    return code
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -231,7 +246,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from kohya_backend.ui.standalone import serve
 
     _lean_process("")  # the server never trains itself; its demo writer needs no bitsandbytes
-    serve(Path(args.home), host=args.host, port=args.port, token=args.token, demo=args.demo)
+    serve(
+        Path(args.home),
+        host=args.host,
+        port=args.port,
+        token=args.token,
+        demo=args.demo,
+        s3_uri=args.s3_uri,
+        sagemaker_role_arn=args.sagemaker_role_arn,
+        sagemaker_image_uri=args.sagemaker_image_uri,
+    )
     return 0
 
 
@@ -332,14 +356,19 @@ def _add_jobs_parser(sub: Any) -> None:
         return parser
 
     submit = command("submit", "validate and queue a job", _cmd_jobs_submit)
-    submit.add_argument("--model", required=True, help="checkpoint name under HOME/models")
-    submit.add_argument("--dataset", required=True, help="dataset folder name under HOME/datasets")
+    submit.add_argument(
+        "--model", required=True, help="checkpoint name under HOME/models, or s3://bucket/key"
+    )
+    submit.add_argument(
+        "--dataset", required=True, help="dataset folder name under HOME/datasets, or s3://bucket/prefix"
+    )
     submit.add_argument("--fm-type", choices=["sd_1_5", "sd_xl"], required=True)
     submit.add_argument("--config", help="config_params file (TOML or JSON), or - for standard input")
     submit.add_argument(
         "--instance-type",
         default="local",
-        help="where to train: local (default), worker (any free remote worker) or worker:NAME (`workers list`)",
+        help="where to train: local (default), worker (any free remote worker), worker:NAME (`workers list`) or "
+        "sagemaker:TYPE[:spot] (`sagemaker instance-types`)",
     )
     listing = command("list", "list jobs, newest first", _cmd_jobs_list)
     listing.add_argument("--status", action="append", help="only jobs in this state (repeatable)")
@@ -508,10 +537,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--token", help="require 'Authorization: Bearer TOKEN' (default: $TRAIN_MANAGEMENT_TOKEN)"
     )
     srv.add_argument("--demo", action="store_true", help="add a tiny demo model and dataset to an empty home")
+    srv.add_argument(
+        "--s3-uri",
+        help="s3://bucket/prefix whose models/ and datasets/ join the lists (default: HOME/cloud.toml)",
+    )
+    srv.add_argument(
+        "--sagemaker-role-arn",
+        help="the IAM role SageMaker training jobs run with (default: HOME/cloud.toml [sagemaker] role_arn)",
+    )
+    srv.add_argument(
+        "--sagemaker-image-uri",
+        help="the training image in ECR (docker/sagemaker/Dockerfile; default: HOME/cloud.toml [sagemaker] image_uri)",
+    )
     srv.set_defaults(func=_cmd_serve)
     _add_jobs_parser(sub)
     _add_datasets_parser(sub)
     add_worker_parsers(sub)
+    add_s3_parser(sub)
+    add_sagemaker_parsers(sub)
     return parser
 
 

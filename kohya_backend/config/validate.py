@@ -29,6 +29,7 @@ from kohya_backend.config.schema import (
     toml_value,
 )
 from kohya_backend.errors import ConfigError, ConfigIssue
+from kohya_backend.names import WINDOWS_RESERVED
 
 # network_args that kohya's networks.lora reads but this trainer does not implement.
 _KOHYA_LORA_ARGS = frozenset(
@@ -61,9 +62,6 @@ _NETWORK_ARG_SPECS = {
     "conv_alpha": KeySpec("conv_alpha", "float", None, "network", "LoCon alpha", minimum=0.0),
 }
 _REQUIRED_PATHS = ("pretrained_model_name_or_path", "train_data_dir", "output_dir")
-_WINDOWS_RESERVED = frozenset(
-    ["con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))]
-)
 _BAD_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
 
 
@@ -163,12 +161,14 @@ class TrainConfig:
 
 
 def detect_cuda() -> bool:
-    """Whether torch sees a CUDA device; torch is imported only here, and a missing torch means no CUDA."""
+    """Whether torch sees a GPU that trains in fp16: CUDA (ROCm's too) or Apple's MPS; torch is imported only here,
+    and a missing torch means none."""
     try:
         import torch
     except ImportError:
         return False
-    return bool(torch.cuda.is_available())
+    mps = getattr(torch.backends, "mps", None)
+    return bool(torch.cuda.is_available() or (mps is not None and mps.is_available()))
 
 
 class _Checker:
@@ -296,7 +296,7 @@ def _rule_precision(c: _Checker, cuda_available: bool | None) -> None:
     if not cuda_available:
         c.issue(
             "mixed_precision",
-            'mixed_precision = "fp16" needs a CUDA GPU, and none is available here',
+            'mixed_precision = "fp16" needs a CUDA GPU (or Apple MPS), and none is available here',
             'use mixed_precision = "bf16" or "no"',
         )
 
@@ -514,7 +514,7 @@ def _file_name_problem(name: str) -> str | None:
         return "contains a path separator or a character not allowed in file names"
     if name != name.strip() or name.endswith("."):
         return "starts or ends with a space, or ends with '.'"
-    if name in (".", "..") or name.split(".")[0].lower() in _WINDOWS_RESERVED:
+    if name in (".", "..") or name.split(".")[0].lower() in WINDOWS_RESERVED:
         return "is a reserved name"
     if name.lower().endswith((".safetensors", ".ckpt", ".pt")):
         return "includes the file extension (it is added when saving)"
@@ -570,11 +570,43 @@ def _rule_compat(c: _Checker) -> None:
             )
 
 
+# Keys that may name an s3:// object or prefix: downloaded (or, output_dir, uploaded to) by the job's host.
+S3_PATH_KEYS = (
+    "pretrained_model_name_or_path",
+    "train_data_dir",
+    "reg_data_dir",
+    "network_weights",
+    "sample_prompts",
+    "output_dir",
+)
+
+
+def _rule_s3_paths(c: _Checker) -> set[str]:
+    """The one place config validation recognises s3:// values: parsed strictly, refused where not supported;
+    returns the keys holding one (their existence is checked by S3, when the job downloads them)."""
+    from kohya_backend.storage.uri import S3UriError, is_s3_uri, parse_s3_uri
+
+    found = set()
+    for key, value in list(c.values.items()):
+        if not is_s3_uri(value) or not c.ok(key):
+            continue
+        found.add(key)
+        if key not in S3_PATH_KEYS:
+            c.issue(key, f"{key} cannot be an s3:// URI", f"s3:// works for {', '.join(S3_PATH_KEYS)}")
+            continue
+        try:
+            parse_s3_uri(value, what=key)
+        except S3UriError as exc:
+            c.issue(key, exc.message, exc.hint)
+    return found
+
+
 def _rule_paths(c: _Checker, require_paths: bool, check_paths_exist: bool) -> None:
     if require_paths:
         for key in _REQUIRED_PATHS:
             if c[key] is None and c.ok(key):
                 c.issue(key, f"{key} is missing", f'set {key} = "..."')
+    on_s3 = _rule_s3_paths(c)
     if not check_paths_exist:
         return
     kinds = {
@@ -587,7 +619,7 @@ def _rule_paths(c: _Checker, require_paths: bool, check_paths_exist: bool) -> No
     }
     for key, kind in kinds.items():
         value = c[key]
-        if value is None or not c.ok(key):
+        if value is None or not c.ok(key) or key in on_s3:
             continue
         path = Path(value)
         if not path.exists():
@@ -600,7 +632,13 @@ def _rule_paths(c: _Checker, require_paths: bool, check_paths_exist: bool) -> No
             c.issue(key, f"{value} is not a file", f"{key} must name a file")
     for key in ("output_dir", "logging_dir", "tokenizer_cache_dir"):
         value = c[key]
-        if value is not None and c.ok(key) and Path(value).exists() and not Path(value).is_dir():
+        if (
+            value is not None
+            and c.ok(key)
+            and key not in on_s3
+            and Path(value).exists()
+            and not Path(value).is_dir()
+        ):
             c.issue(key, f"{value} exists and is not a folder", f"{key} must name a folder")
 
 

@@ -194,7 +194,9 @@ def _tags(images: list[_Image]) -> dict[str, Any]:
     counts = Counter(tag.strip() for i in images for tag in (i.caption or "").split(",") if tag.strip())
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     most = ranked[:SHOWN]
-    least = sorted(ranked[SHOWN:], key=lambda kv: (kv[1], kv[0]))[:SHOWN]  # never a tag already listed as most
+    least = sorted(ranked[SHOWN:], key=lambda kv: (kv[1], kv[0]))[
+        :SHOWN
+    ]  # never a tag already listed as most
     return {
         "distinct": len(counts),
         "most_common": [{"tag": t, "images": n} for t, n in most],

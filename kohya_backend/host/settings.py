@@ -24,6 +24,9 @@ LORA_SUBFOLDER = "train_management_lora_subfolder"
 UNLOAD_MODEL = "train_management_unload_model"
 KEEP_EPOCHS = "train_management_keep_epochs"
 CONCURRENCY = "train_management_concurrency"
+S3_PREFIX = "train_management_s3_prefix"
+SAGEMAKER_ROLE_ARN = "train_management_sagemaker_role_arn"
+SAGEMAKER_IMAGE_URI = "train_management_sagemaker_image_uri"
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,28 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "slider",
         component_args={"minimum": 1, "maximum": MAX_CONCURRENCY, "step": 1},
     ),
+    SettingSpec(
+        S3_PREFIX,
+        "",
+        "S3 prefix (its models/ and datasets/ join the Model and Dataset lists)",
+        "text",
+        info="s3://bucket/prefix; empty: HOME/cloud.toml's, or none. Credentials come from boto3's standard chain "
+        "(AWS_PROFILE, AWS_ACCESS_KEY_ID, an instance role; AWS_ENDPOINT_URL for MinIO)",
+    ),
+    SettingSpec(
+        SAGEMAKER_ROLE_ARN,
+        "",
+        "SageMaker execution role ARN (with the S3 prefix and the image: SageMaker instance types)",
+        "text",
+        info="arn:aws:iam::<account>:role/<name>; empty: HOME/cloud.toml's [sagemaker] role_arn (README: AWS setup)",
+    ),
+    SettingSpec(
+        SAGEMAKER_IMAGE_URI,
+        "",
+        "SageMaker training image URI",
+        "text",
+        info="the image built from docker/sagemaker/Dockerfile and pushed to ECR; empty: HOME/cloud.toml's",
+    ),
 )
 
 
@@ -92,6 +117,9 @@ class HostSettings:
     unload_model: bool = True
     keep_epochs: bool = False
     concurrency: int = 1
+    s3_prefix: str = ""
+    sagemaker_role_arn: str = ""
+    sagemaker_image_uri: str = ""
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> HostSettings:
@@ -108,6 +136,9 @@ class HostSettings:
             unload_model=_as_bool(get(UNLOAD_MODEL)),
             keep_epochs=_as_bool(get(KEEP_EPOCHS)),
             concurrency=_as_count(get(CONCURRENCY)),
+            s3_prefix=str(get(S3_PREFIX)).strip(),
+            sagemaker_role_arn=str(get(SAGEMAKER_ROLE_ARN)).strip(),
+            sagemaker_image_uri=str(get(SAGEMAKER_IMAGE_URI)).strip(),
         )
 
 

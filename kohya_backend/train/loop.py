@@ -35,6 +35,7 @@ from kohya_backend.lora.save import load_lora, save_lora
 from kohya_backend.models.frozen import route_frozen_layers
 from kohya_backend.models.hashing import BackgroundSha256, legacy_hash_file
 from kohya_backend.models.load import LoadedModel, load_checkpoint
+from kohya_backend.train.device import detect_facts, device_label, optimizer_for_platform, plan_device
 from kohya_backend.train.epoch_grid import render_after_training
 from kohya_backend.train.events import EventLog
 from kohya_backend.train.families import Conditioning, ModelFamily, get_family, sdxl_time_ids
@@ -145,7 +146,7 @@ class Trainer:
 
     def _prepare_model(self, accelerator: Accelerator) -> None:
         cfg = self.cfg
-        weight_dtype = DTYPES[cfg["mixed_precision"]] if accelerator.device.type == "cuda" else torch.float32
+        weight_dtype = DTYPES[self.device_plan.weight_dtype]
         vae_dtype = torch.float32 if cfg.get("no_half_vae") or weight_dtype == torch.float32 else weight_dtype
         self.weight_dtype = weight_dtype
         self.events.emit("log", message=f"loading {cfg['pretrained_model_name_or_path']}")
@@ -240,8 +241,11 @@ class Trainer:
         groups = self.network.param_groups(
             unet_lr=float(self.config.unet_lr or 0), text_encoder_lr=float(self.config.text_encoder_lr or 0)
         )
+        optimizer_type, skipped = optimizer_for_platform(cfg["optimizer_type"])
+        if skipped:
+            self.events.emit("warning", message=skipped)
         self.optimizer = create_optimizer(
-            cfg["optimizer_type"],
+            optimizer_type,
             groups,
             lr=float(cfg["learning_rate"]),
             optimizer_args=self.config.optimizer_args,
@@ -538,13 +542,13 @@ class Trainer:
         cfg = self.cfg
         tune_allocator()
         self.grad_accum = int(cfg.get("gradient_accumulation_steps") or 1)
-        cpu_only = not torch.cuda.is_available()
-        mp = cfg["mixed_precision"] if not (cpu_only and cfg["mixed_precision"] == "fp16") else "no"
+        facts = detect_facts()
+        self.device_plan = plan = plan_device(cfg["mixed_precision"], facts)
         # accelerate keeps process-wide state; a run owns it, so clear what an earlier in-process run (a test, the
         # demo) set before asking for this run's precision.
         AcceleratorState._reset_state(reset_partial_state=True)
-        accelerator = Accelerator(mixed_precision=mp, cpu=cpu_only)
-        if not cpu_only:
+        accelerator = Accelerator(mixed_precision=plan.mixed_precision, cpu=plan.kind == "cpu")
+        if plan.kind == "cuda":
             torch.cuda.reset_peak_memory_stats()  # the done event's peak is this run's, not the process's
         self._resume_seed()
         random.seed(self.seed)
@@ -554,7 +558,10 @@ class Trainer:
             fm_type=self.config.fm_type,
             output_dir=str(self.output_dir),
             device=str(accelerator.device),
+            device_kind=device_label(plan, facts),
         )
+        for note in plan.notes:
+            self.events.emit("warning", message=note)
         self._prepare_data()
         # kohya's metadata needs the base model's sha256: hash it (or take it from the cache) while we load and train
         self._base_sha256 = BackgroundSha256(Path(cfg["pretrained_model_name_or_path"]))

@@ -87,12 +87,12 @@ class CreateJobActions:
         return dropdown([instance_choice(entry) for entry in self.service.instance_types()], current)
 
     def model_choices(self, current: str | None = None) -> Any:
-        """Model dropdown choices: the checkpoint names (no file is read)."""
-        return dropdown(self.service.home.model_names(), current)
+        """Model dropdown choices: the checkpoint names, then the S3 prefix's s3:// ones (no file is read)."""
+        return dropdown(self.service.model_names(), current)
 
     def dataset_choices(self, current: str | None = None) -> Any:
-        """Dataset dropdown choices: the dataset folder names (none is scanned)."""
-        return dropdown(self.service.home.dataset_names(), current)
+        """Dataset dropdown choices: the dataset folder names, then the S3 prefix's (none is scanned)."""
+        return dropdown(self.service.dataset_names(), current)
 
     def page_choices(self, fm_label: str) -> tuple[Any, Any, Any, str]:
         """What the page loads with (no inputs): instance, model and dataset choices, and the model's family."""
@@ -110,11 +110,11 @@ class CreateJobActions:
         """The chosen model's detected family, flagged when it does not match the FM type; without a model, where
         to put one."""
         if not model:
-            if not self.service.home.model_names():
+            if not self.service.model_names():
                 return no_models_markdown(str(root) for root in self.service.home.model_roots)
             return "Choose a model."
         try:
-            entry = self.service.home.describe_model(model)  # read once per file version, then cached
+            entry = self.service.describe_model(model)  # read once per file version, then cached
         except NotInHome:
             return f"**{model}** is no longer in the models folder: press ↻."
         except TrainManagementError as exc:
@@ -207,7 +207,7 @@ class CreateJobActions:
         if not dataset:
             plan = (
                 no_datasets_markdown(str(self.service.home.datasets))
-                if not self.service.home.dataset_names()
+                if not self.service.dataset_names()
                 else plan
             )
         return formatted["toml"], "", issues, plan
@@ -249,16 +249,16 @@ class CreateJobActions:
             reasons.append("**no Training Instance Type is chosen**\n\nHint: choose where to train")
         if not model:
             home = self.service.home
-            where = no_models_markdown(str(r) for r in home.model_roots) if not home.model_names() else ""
+            where = (
+                no_models_markdown(str(r) for r in home.model_roots) if not self.service.model_names() else ""
+            )
             reasons.append(
                 "**no model is chosen**"
                 + (f"\n\nHint: {where}" if where else "\n\nHint: choose one in Model")
             )
         if not dataset:
             where = (
-                ""
-                if self.service.home.dataset_names()
-                else no_datasets_markdown(str(self.service.home.datasets))
+                "" if self.service.dataset_names() else no_datasets_markdown(str(self.service.home.datasets))
             )
             reasons.append(
                 "**no dataset is chosen**"

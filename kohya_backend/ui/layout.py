@@ -232,4 +232,7 @@ def datasets_area(has_interrogate: bool, import_hint: str) -> dict[str, Any]:
                     c["message"] = gr.Markdown(elem_id=elem("ds_message"))
             c["delete"] = gr.Button("Delete dataset", variant="stop", elem_id=elem("ds_delete"))
             c["dataset_confirm"] = confirm_row(elem("ds_dataset_confirm"), "Delete dataset")
+            with gr.Row():
+                c["s3_upload"] = gr.Button("Upload to S3", elem_id=elem("ds_s3_upload"), **SMALL)
+                c["s3_message"] = gr.Markdown(elem_id=elem("ds_s3_message"))
     return c

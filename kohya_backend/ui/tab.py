@@ -33,6 +33,7 @@ from kohya_backend.ui.layout import (
 )
 from kohya_backend.ui.present import FM_LABELS
 from kohya_backend.ui.presets import PresetActions
+from kohya_backend.ui.s3_upload import S3UploadActions
 from kohya_backend.ui.trainings import TrainingsActions
 from kohya_backend.ui.workers import WorkersActions
 
@@ -267,6 +268,9 @@ def create_tab(service: TrainingService, datasets: DatasetService, hooks: UiHook
         _wire_workers(worker_actions, workers, form["instance"], create_actions.instance_choices)
         _wire_trainings(trainings, jobs, form, stamp)
         _wire_datasets(dataset_actions, data, form["dataset"])
+        data["s3_upload"].click(
+            S3UploadActions(service).upload_dataset, [data["dataset"]], [data["s3_message"]]
+        )
         # One poll per page (on gradio 3.41 each `every=` loop holds a queue worker): it reads only two short
         # marks; the Trainings List and the dataset tasks update when theirs changes.
         blocks.load(

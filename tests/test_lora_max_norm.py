@@ -47,6 +47,7 @@ def test_updates_above_the_limit_are_scaled_to_it_and_the_rest_kept() -> None:
     for i, module in enumerate(net.all_loras):
         _randomize(module, i, 3.0 if i % 2 else 1e-4)  # every other module far above the limit
 
+    @torch.no_grad()
     def norms() -> list[float]:
         return [
             float(lora_update(m.lora_down.weight, m.lora_up.weight, float(m.alpha)).norm())

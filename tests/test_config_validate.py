@@ -158,10 +158,15 @@ def test_adafactor_scheduler_only_with_adafactor() -> None:
     )
 
 
-def test_network_module_must_be_networks_lora() -> None:
-    [issue] = errors({"network_module": "lycoris.kohya"})
-    assert issue.message.startswith("kohya accepts network_module")
+def test_network_module_is_lora_or_lycoris_and_kohyas_others_are_refused_precisely() -> None:
     assert check({"network_module": "networks.lora"})["network_module"] == "networks.lora"
+    assert check({"network_module": "lycoris.kohya"})["network_module"] == "lycoris.kohya"
+    [issue] = errors({"network_module": "networks.dylora"})
+    assert issue.message.startswith("kohya accepts network_module") and "algo=dylora" in issue.message
+    [issue] = errors({"network_module": "networks.oft"})
+    assert "algo=diag-oft" in issue.message
+    [issue] = errors({"network_module": "my.network"})
+    assert "lycoris.kohya" in (issue.hint or "")
 
 
 def test_network_args_only_conv_dim_and_conv_alpha() -> None:
@@ -297,16 +302,42 @@ def test_unsupported_key_says_kohya_accepts_it() -> None:
 
 
 def test_unsupported_key_at_kohyas_default_is_only_a_warning() -> None:
-    config = check({"color_aug": False, "huber_c": 0.1, "loss_type": "l2", "fp8_base": False, "vae": ""})
-    assert warning_keys(config) == ["color_aug", "huber_c", "loss_type", "fp8_base", "vae"]
+    config = check({"color_aug": False, "caption_separator": ",", "fp8_base": False, "vae": ""})
+    assert warning_keys(config) == ["color_aug", "caption_separator", "fp8_base", "vae"]
     assert all("changes nothing" in w.message for w in config.warnings)
-    assert error_keys({"loss_type": "huber"}) == ["loss_type"]
+    assert error_keys({"masked_loss": True}) == ["masked_loss"]
 
 
-@pytest.mark.parametrize("optimizer", ["Lion8bit", "DAdaptAdam", "PagedAdamW8bit", "AdamWScheduleFree"])
-def test_kohya_optimizers_not_implemented_here(optimizer: str) -> None:
-    [issue] = errors({"optimizer_type": optimizer})
-    assert "kohya accepts" in issue.message and "AdamW8bit" in (issue.hint or "")
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [
+        ("lion8bit", "Lion8bit"),
+        ("DADAPTADAM", "DAdaptAdam"),
+        ("PagedAdamW8bit", "PagedAdamW8bit"),
+        ("adamwschedulefree", "AdamWScheduleFree"),
+        ("RAdam", "RAdam"),
+        ("torch.optim.AdamW", "torch.optim.AdamW"),
+        ("pytorch_optimizer.CAME", "pytorch_optimizer.CAME"),
+        ("came_pytorch.CAME", "came_pytorch.CAME"),
+    ],
+)
+def test_kohya_optimizer_names_and_class_paths_are_accepted(given: str, kept: str) -> None:
+    assert check({"optimizer_type": given, "learning_rate": 1.0})["optimizer_type"] == kept
+
+
+@pytest.mark.parametrize(
+    ("given", "fragment"),
+    [
+        ("AdamW9bit", "did you mean AdamW8bit"),
+        ("os.system", "imported only from"),
+        ("torch.nn.Linear", "torch are imported only from torch.optim"),
+        ("prodigyplus.ProdigyPlusScheduleFree", "pip install prodigy-plus-schedule-free"),
+    ],
+)
+def test_unknown_or_unsafe_optimizer_classes_are_refused(given: str, fragment: str) -> None:
+    [issue] = errors({"optimizer_type": given})
+    assert issue.key == "optimizer_type"
+    assert fragment in f"{issue.message} {issue.hint}"
 
 
 def test_aliases_are_read_under_their_new_name() -> None:

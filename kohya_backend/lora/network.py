@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -366,7 +366,7 @@ class LoRANetwork(nn.Module):
     def apply_max_norm_regularization(self, max_norm: float) -> MaxNormStats:
         """kohya's scale_weight_norms: scale down every LoRA whose update norm exceeds `max_norm` (in place)."""
         return scale_lora_norms(
-            ((m.lora_down.weight, m.lora_up.weight, m.alpha) for m in self.all_loras), max_norm
+            ((m.lora_down.weight, m.lora_up.weight, cast(Tensor, m.alpha)) for m in self.all_loras), max_norm
         )
 
     def kohya_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:

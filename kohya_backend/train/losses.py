@@ -13,10 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kohya_backend.config.schema import HUBER_SCHEDULES, LOSS_TYPES
 from kohya_backend.errors import TrainingError
 
-LOSS_TYPES: tuple[str, ...] = ("l2", "l1", "huber", "smooth_l1")
-HUBER_SCHEDULES: tuple[str, ...] = ("snr", "exponential", "constant")
 SNR_CAP = 1000.0  # kohya caps the SNR at 1000 where it divides by it (timestep 0 would be near infinite)
 
 

@@ -49,7 +49,7 @@ def make_noise_scheduler(
     `all_snr` holds the SNR of the schedule before any zero-terminal-SNR fix, as kohya computes it once
     (prepare_scheduler_for_custom_training) and uses it for min-SNR, debiased and v-prediction-like weights.
     """
-    scheduler = DDPMScheduler(
+    scheduler: Any = DDPMScheduler(
         num_train_timesteps=NUM_TRAIN_TIMESTEPS,
         beta_start=0.00085,
         beta_end=0.012,

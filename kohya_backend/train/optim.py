@@ -74,9 +74,14 @@ def canonical_optimizer_name(name: str) -> str:
     (a torch.optim name or an allowed import path, as kohya accepts) is returned as given."""
     by_lower = {n.lower(): n for n in OPTIMIZER_NAMES}
     found = by_lower.get(name.strip().lower())
-    if found is None and resolve_optimizer(name)[0] is not None:
-        return name.strip()
     if found is None:
+        ref, problem = resolve_optimizer(name)
+        if ref is not None:
+            return name.strip()
+        if "." in name:
+            raise _issue(
+                "optimizer_type", problem or f"unknown optimizer {name!r}", "e.g. pytorch_optimizer.CAME"
+            )
         close = difflib.get_close_matches(name, OPTIMIZER_NAMES, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
         raise _issue(

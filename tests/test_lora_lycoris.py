@@ -240,26 +240,31 @@ def test_apply_remove_and_multiplier(sd15) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ saving and loading
-@pytest.mark.parametrize("algo", ["loha", "lokr", "dylora", "glora", "ia3"])
+@pytest.mark.parametrize("algo", ["locon", "loha", "lokr", "dylora", "glora", "ia3", "diag-oft", "full"])
 def test_saved_files_and_training_states_load_back(sd15, tmp_path: Path, algo: str) -> None:
+    """As the trainer does: load into a network already applied to the model (algo=full keeps only the change)."""
     from safetensors.torch import load_model, save_model
 
     source = build(sd15, algo, block_size="2")
-    randomize(source, seed=4)
+    source.apply_to()
+    randomize(source, seed=4, scale=0.01)
     saved = source.kohya_state_dict()
     save_lora(tmp_path / "a.safetensors", saved, {}, save_precision="float")
     save_model(source, str(tmp_path / NETWORK_FILE), force_contiguous=True)
     source.remove()
     target = build(sd15, algo, block_size="2")
+    target.apply_to()
     sd, _ = load_lora(tmp_path / "a.safetensors")
     target.load_kohya_state_dict(sd)
+    exact = 1e-6 if algo == "full" else 0  # full stores weight - original: one rounding step
     for key, value in target.kohya_state_dict().items():
-        torch.testing.assert_close(value, saved[key], rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(value, saved[key], rtol=0, atol=exact, msg=key)
+    target.remove()
     again = build(sd15, algo, block_size="2")
+    again.apply_to()
     load_model(again, str(tmp_path / NETWORK_FILE), strict=True)  # what resume does
     for key, value in again.kohya_state_dict().items():
-        torch.testing.assert_close(value, saved[key], rtol=0, atol=0, msg=key)
-    target.remove()
+        torch.testing.assert_close(value, saved[key], rtol=0, atol=exact, msg=key)
     again.remove()
 
 
@@ -319,6 +324,7 @@ def test_network_args_as_the_gui_writes_them_are_accepted() -> None:
     ("args", "fragment", "is_error"),
     [
         (["algo=lohaa"], "did you mean loha", True),
+        (["algo=boft"], "BOFT fails", True),
         (["algo=lokr", "preset=my_preset.toml"], "builtin presets", True),
         (["algo=ia3", "preset=ia3"], "finds no layer", True),
         (["algo=dylora", "block_size=3"], "multiple of block_size", True),

@@ -346,3 +346,31 @@ def test_lycoris_starts_from_network_weights(assets, tmp_path):
     continued, _ = load_lora(second.output)
     for key, value in start.items():
         torch.testing.assert_close(continued[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize(
+    ("fm", "algo", "suffix"),
+    [
+        ("sd_1_5", "locon", "lora_up.weight"),
+        ("sd_1_5", "ia3", "on_input"),
+        ("sd_1_5", "dylora", "lora_down.weight"),
+        ("sd_1_5", "glora", "b2.weight"),
+        ("sd_1_5", "diag-oft", "oft_blocks"),
+        ("sd_1_5", "full", "diff"),
+        ("sd_xl", "loha", "hada_w2_b"),
+    ],
+)
+def test_every_lycoris_algorithm_trains_and_saves(assets, tmp_path, fm, algo, suffix):
+    args = ["constraint=0.001"] if algo == "diag-oft" else []
+    config = make_config(
+        assets, tmp_path, fm, max_train_steps=2, save_precision="fp16", **lycoris(algo, args=args)
+    )
+    trainer, result = run(config)
+    saved, meta = load_lora(result.output)
+    assert saved.keys() == trainer.network.kohya_state_dict().keys()
+    assert any(k.endswith(suffix) for k in saved) and {v.dtype for v in saved.values()} == {torch.float16}
+    if fm == "sd_xl":
+        assert any(k.startswith("lora_unet_input_blocks_") for k in saved) and any(
+            k.startswith("lora_te2_") for k in saved
+        )
+    assert meta["ss_network_module"] == "lycoris.kohya"

@@ -12,18 +12,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 LYCORIS_MODULE = "lycoris.kohya"
-ALGOS: tuple[str, ...] = (
-    "lora",
-    "locon",
-    "loha",
-    "lokr",
-    "ia3",
-    "dylora",
-    "glora",
-    "diag-oft",
-    "boft",
-    "full",
-)
+ALGOS: tuple[str, ...] = ("lora", "locon", "loha", "lokr", "ia3", "dylora", "glora", "diag-oft", "full")
+# algorithms lycoris-lora lists that are not trained here, with the reason
+REFUSED_ALGOS: dict[str, str] = {
+    "boft": "lycoris-lora 3.2's BOFT fails in its own forward pass on SD's layer widths (einsum size mismatch)",
+}
 PRESETS: tuple[str, ...] = (
     "full",
     "full-lin",
@@ -114,6 +107,10 @@ def _value_problem(name: str, value: str, network_dim: int) -> ArgProblem | None
                 warning=True,
             )
         return None
+    if name == "algo" and value.lower() in REFUSED_ALGOS:
+        return ArgProblem(
+            f"algo={value} is not implemented: {REFUSED_ALGOS[value.lower()]}", "use algo=diag-oft, loha or lokr"
+        )
     if name == "algo" and value.lower() not in ALGOS:
         close = difflib.get_close_matches(value.lower(), ALGOS, n=1)
         return ArgProblem(

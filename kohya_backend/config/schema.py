@@ -181,7 +181,7 @@ _SPECS: list[KeySpec] = [
     # network
     _spec("network_module", "str", "networks.lora", "network",
           "Network type: kohya's networks.lora (LoRA, LoCon with conv_dim) or lycoris.kohya (LyCORIS through "
-          "lycoris-lora: network_args algo=locon|loha|lokr|ia3|dylora|glora|diag-oft|boft|full, preset, ...).",
+          "lycoris-lora: network_args algo=locon|loha|lokr|ia3|dylora|glora|diag-oft|full, preset, ...).",
           choices=NETWORK_MODULES),
     _spec("network_dim", "int", 4, "network",
           "LoRA rank.", minimum=1, maximum=1024),

@@ -197,6 +197,8 @@ class LycorisNetwork(nn.Module):
             )
         for lora in self.all_loras:
             self.add_module(lora.lora_name, lora)
+        # trained in float32 like every other network; algo=full copies the layer's own dtype (fp16 checkpoints)
+        self.float()
         self._applied = False
 
     @staticmethod

@@ -325,6 +325,81 @@ def test_kohya_optimizer_names_and_class_paths_are_accepted(given: str, kept: st
     assert check({"optimizer_type": given, "learning_rate": 1.0})["optimizer_type"] == kept
 
 
+def test_d_adaptation_and_schedule_free_advice() -> None:
+    low = check({"optimizer_type": "DAdaptAdam", "learning_rate": 1e-4})
+    assert [w.key for w in low.warnings] == ["learning_rate"] and "around 1.0" in low.warnings[0].message
+    assert check({"optimizer_type": "DAdaptAdam", "learning_rate": 1.0}).warnings == []
+    assert error_keys(
+        {"optimizer_type": "DAdaptSGD", "learning_rate": 1.0, "lr_scheduler": "cosine", "lr_warmup_steps": 10}
+    ) == ["lr_warmup_steps"]
+    free = check({"optimizer_type": "AdamWScheduleFree", "lr_scheduler": "cosine"})
+    assert [w.key for w in free.warnings] == ["lr_scheduler"] and "schedule themselves" in free.warnings[
+        0
+    ].message
+
+
+def test_scheduler_classes_and_their_rules() -> None:
+    config = check({"lr_scheduler_type": "CosineAnnealingLR", "lr_scheduler_args": ["T_max=100"]})
+    assert config["lr_scheduler_type"] == "CosineAnnealingLR" and config.warnings == []
+    assert error_keys({"lr_scheduler_type": "CosineAnnealingLR", "lr_warmup_steps": 5}) == ["lr_warmup_steps"]
+    assert error_keys({"lr_scheduler_type": "os.system"}) == ["lr_scheduler_type"]
+    replaced = check(
+        {"lr_scheduler_type": "StepLR", "lr_scheduler": "cosine", "lr_scheduler_args": ["step_size=5"]}
+    )
+    assert [w.key for w in replaced.warnings] == ["lr_scheduler"]
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"adaptive_noise_scale": 0.01}, "adaptive_noise_scale"),
+        ({"scale_v_pred_loss_like_noise_pred": True}, "scale_v_pred_loss_like_noise_pred"),
+        ({"v_pred_like_loss": 0.1, "v_parameterization": True}, "v_pred_like_loss"),
+    ],
+)
+def test_noise_and_loss_combinations_kohya_refuses(values: dict[str, object], key: str) -> None:
+    assert key in error_keys(values)
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"noise_offset_random_strength": True}, "noise_offset_random_strength"),
+        ({"ip_noise_gamma_random_strength": True}, "ip_noise_gamma_random_strength"),
+        ({"multires_noise_discount": 0.5}, "multires_noise_discount"),
+        ({"zero_terminal_snr": True}, "zero_terminal_snr"),
+        ({"huber_c": 0.3}, "huber_c"),
+    ],
+)
+def test_noise_and_loss_settings_without_effect_are_warned(values: dict[str, object], key: str) -> None:
+    assert key in warning_keys(check(values))
+
+
+def test_noise_and_loss_settings_kohyas_presets_write_are_accepted_quietly() -> None:
+    # the GUI writes every key, most at their "off" values
+    preset = {
+        "multires_noise_iterations": 8,
+        "multires_noise_discount": 0.2,
+        "noise_offset": 0.0357,
+        "adaptive_noise_scale": 0.00357,
+        "ip_noise_gamma": 0,
+        "noise_offset_random_strength": False,
+        "loss_type": "l2",
+        "huber_schedule": "snr",
+        "huber_c": 0.1,
+        "scale_weight_norms": 1,
+        "debiased_estimation_loss": True,
+        "v_pred_like_loss": 0,
+        "scale_v_pred_loss_like_noise_pred": False,
+    }
+    config = check(preset)
+    assert (
+        config.warnings == []
+        and config["multires_noise_iterations"] == 8
+        and config["ip_noise_gamma"] is None
+    )
+
+
 @pytest.mark.parametrize(
     ("given", "fragment"),
     [

@@ -448,6 +448,13 @@ def _rule_optimizer(c: _Checker) -> None:
                 "give both the same value",
                 warning=True,
             )
+    if builtin == "DAdaptSGD" and c["lr_warmup_steps"] and c["lr_scheduler"] != "constant":
+        c.issue(
+            "lr_warmup_steps",
+            "DAdaptSGD measures the gradient norm of its first step only where the learning rate is above 0, and a "
+            "warmup starts at 0: it would divide by zero at step 1 (in kohya too)",
+            "set lr_warmup_steps = 0 with DAdaptSGD",
+        )
     if is_schedule_free(name):
         ignored = [
             k for k in ("lr_scheduler", "lr_scheduler_type", "lr_warmup_steps") if k in c.given and c[k]

@@ -109,7 +109,8 @@ def _value_problem(name: str, value: str, network_dim: int) -> ArgProblem | None
         return None
     if name == "algo" and value.lower() in REFUSED_ALGOS:
         return ArgProblem(
-            f"algo={value} is not implemented: {REFUSED_ALGOS[value.lower()]}", "use algo=diag-oft, loha or lokr"
+            f"algo={value} is not implemented: {REFUSED_ALGOS[value.lower()]}",
+            "use algo=diag-oft, loha or lokr",
         )
     if name == "algo" and value.lower() not in ALGOS:
         close = difflib.get_close_matches(value.lower(), ALGOS, n=1)

@@ -68,10 +68,24 @@ PAIRS: dict[str, tuple[dict[str, object], dict[str, object]]] = {
 }
 
 
+@pytest.fixture(scope="module")
+def trajectories(assets, tmp_path_factory):
+    """Losses per option set, each run once for the module (the same baselines serve several keys)."""
+    seen: dict[str, list[float]] = {}
+
+    def get(options: dict[str, object]) -> list[float]:
+        name = repr(sorted(options.items()))
+        if name not in seen:
+            seen[name] = losses(assets, tmp_path_factory.mktemp("run"), "out", **options)
+        return seen[name]
+
+    return get
+
+
 @pytest.mark.parametrize("key", list(PAIRS))
-def test_each_noise_and_loss_option_changes_training(assets, tmp_path, key):
+def test_each_noise_and_loss_option_changes_training(trajectories, key):
     with_it, without = PAIRS[key]
-    assert losses(assets, tmp_path, "with", **with_it) != losses(assets, tmp_path, "without", **without)
+    assert trajectories(with_it) != trajectories(without)
 
 
 def test_scale_weight_norms_caps_every_saved_update_and_logs_kohyas_numbers(assets, tmp_path):

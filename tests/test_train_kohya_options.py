@@ -398,6 +398,9 @@ def test_every_lycoris_algorithm_trains_and_saves(assets, tmp_path, fm, algo, su
     saved, meta = load_lora(result.output)
     assert saved.keys() == trainer.network.kohya_state_dict().keys()
     assert any(k.endswith(suffix) for k in saved) and {v.dtype for v in saved.values()} == {torch.float16}
+    # every parameter of the network is one the optimizer steps (none left at its initial value unseen)
+    stepped = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert stepped == {id(p) for p in trainer.network.parameters()}
     if fm == "sd_xl":
         assert any(k.startswith("lora_unet_input_blocks_") for k in saved) and any(
             k.startswith("lora_te2_") for k in saved

@@ -33,9 +33,11 @@ PIN = "torch==2.13.0"
 
 
 def _pins(path: Path) -> dict[str, str]:
-    pins = {}
+    """name -> pinned version; a package pinned twice (a merge can repeat a block) fails the test that reads it."""
+    pins: dict[str, str] = {}
     for line in read_requirements(path):
         name, _, version = line.split(";")[0].partition("==")
+        assert requirement_name(name) not in pins, f"{path.name} pins {name} twice"
         pins[requirement_name(name)] = version.strip()
     return pins
 

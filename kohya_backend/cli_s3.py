@@ -148,7 +148,9 @@ def add_s3_parser(sub: Any) -> None:
     up.add_argument("uri", help="s3://bucket/key, or a prefix ending in / (a folder always goes below it)")
     up.set_defaults(func=_cmd_upload)
     down = commands.add_parser(
-        "download", help="download an object, or a prefix ending in / into a folder (through the cache)"
+        "download",
+        help="download an object, or a prefix ending in / into a folder (through the cache; the folder's other "
+        "files stay)",
     )
     down.add_argument("uri")
     down.add_argument("dest")

@@ -268,10 +268,11 @@ def test_sync_downloads_only_changed_files_and_refuses_escaping_keys(s3_env: str
     (dest / "stray.txt").write_text("left over")
     raw.put_object(Bucket=bucket, Key="datasets/pets/10_cat/a.txt", Body=b"a grey cat")
     raw.delete_object(Bucket=bucket, Key="datasets/pets/5_dog/b.png")
-    second = sync_prefix(client, cache, S3Uri(bucket, "datasets/pets/"), dest)
+    second = sync_prefix(client, cache, S3Uri(bucket, "datasets/pets/"), dest, delete=True)
     assert second.transferred == len(b"a grey cat") and second.unchanged == 1
     assert (dest / "10_cat/a.txt").read_bytes() == b"a grey cat"
     assert not (dest / "5_dog").exists() and not (dest / "stray.txt").exists()
+    assert second.removed == ["5_dog/b.png", "stray.txt"]
     for evil in (
         "datasets/evil/10_x/../../../../outside.txt",
         "datasets/evil2//abs.txt",
@@ -283,6 +284,40 @@ def test_sync_downloads_only_changed_files_and_refuses_escaping_keys(s3_env: str
         with pytest.raises(UnsafeKey):
             sync_prefix(client, cache, S3Uri(bucket, prefix), target)
         assert not list(tmp_path.rglob("outside.txt")) and not list(target.rglob("*"))
+
+
+def test_sync_into_a_users_folder_deletes_nothing_and_never_follows_links(
+    s3_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kohya_backend.cli import main
+
+    bucket = new_bucket(s3_env)
+    raw_client(s3_env).put_object(Bucket=bucket, Key="datasets/cats/10_cat/a.png", Body=b"A" * 100)
+    mine = tmp_path / "Pictures"
+    (mine / "holiday").mkdir(parents=True)
+    (mine / "holiday" / "beach.jpg").write_bytes(b"mine")
+    (mine / ".config").write_text("hidden")
+    # `s3 download s3://.../ DIR` is `aws s3 sync` without --delete: the folder's own files stay.
+    assert main(["s3", "download", f"s3://{bucket}/datasets/cats/", str(mine)]) == 0, capsys.readouterr().err
+    assert (mine / "10_cat" / "a.png").read_bytes() == b"A" * 100
+    assert (mine / "holiday" / "beach.jpg").read_bytes() == b"mine" and (mine / ".config").is_file()
+    # delete=True (a job's own folder) removes what the prefix lacks, but a link is removed, not followed.
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "precious.txt").write_text("keep")
+    (outside / "sub" / "deep.txt").write_text("keep")
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / "link.txt").symlink_to(outside / "precious.txt")
+    (staged / "linked-dir").symlink_to(outside / "sub", target_is_directory=True)
+    (staged / ".kept").write_text("hidden files are not the sync's")
+    stats = sync_prefix(
+        S3Client(), S3Cache(tmp_path / "cache"), S3Uri(bucket, "datasets/cats/"), staged, delete=True
+    )
+    assert sorted(stats.removed) == ["link.txt", "linked-dir"]
+    assert not (staged / "link.txt").is_symlink() and not (staged / "linked-dir").is_symlink()
+    assert (outside / "precious.txt").read_text() == "keep" and (outside / "sub" / "deep.txt").is_file()
+    assert (staged / ".kept").is_file() and (staged / "10_cat" / "a.png").is_file()
 
 
 def test_upload_folder_skips_hidden_files_and_what_is_already_there(s3_env: str, tmp_path: Path) -> None:

@@ -138,7 +138,7 @@ def stage_inputs(
 
         if key in FOLDER_KEYS:
             dest = stage_dir / key
-            stats = sync_prefix(client, cache, uri, dest, progress=report, cancelled=cancelled)
+            stats = sync_prefix(client, cache, uri, dest, progress=report, cancelled=cancelled, delete=True)
             staged.total += stats.total
             staged.fetched += stats.transferred
             staged.by_key[key] = {"bytes": stats.total, "fetched": stats.transferred, "files": stats.files}

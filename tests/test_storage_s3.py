@@ -191,6 +191,33 @@ def test_parallel_parts_download_and_verification(s3_env: str, tmp_path: Path) -
     assert caught.value.code == "ChecksumMismatch" and not list(tmp_path.glob("lie.bin*"))
 
 
+class _HostStopping(Exception):
+    """What a caller's callback raises to abandon a transfer (the SageMaker session's shutdown)."""
+
+
+def test_what_the_callers_callbacks_raise_comes_out_unchanged_and_is_not_retried(
+    s3_env: str, tmp_path: Path
+) -> None:
+    bucket = new_bucket(s3_env)
+    client = S3Client(concurrency=1)
+    path = tmp_path / "up.bin"
+    path.write_bytes(_blob(MB))
+
+    def stop(done: int = 1, _total: int = 0) -> bool:
+        if done:
+            raise _HostStopping()
+        return False
+
+    with pytest.raises(_HostStopping):  # not a StorageError saying "AWS error _HostStopping"
+        client.upload_file(path, S3Uri(bucket, "up.bin"), cancelled=stop)
+    client.upload_file(path, S3Uri(bucket, "up.bin"))
+    gets: list[str] = []
+    client.client.meta.events.register("before-call.s3.GetObject", lambda **kw: gets.append("get"))
+    with pytest.raises(_HostStopping):
+        client.download(client.head(S3Uri(bucket, "up.bin")), tmp_path / "down.bin", progress=stop)
+    assert gets == ["get"]  # a callback's refusal is not a network error to retry
+
+
 def test_missing_key_missing_bucket_and_bad_credentials_each_give_one_clear_error(
     s3_env: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -279,6 +279,31 @@ def test_the_cache_downloads_once_shares_equal_files_and_evicts_least_recently_u
     assert fresh.fetched == MB and fresh.path.read_bytes() == _blob(MB, 9)
 
 
+def test_a_download_another_process_holds_is_waited_for_not_written_twice(
+    s3_env: str, tmp_path: Path
+) -> None:
+    import threading
+
+    from kohya_backend.jobs.registry import file_lock
+    from kohya_backend.storage.cache import _object_id
+
+    bucket = new_bucket(s3_env)
+    raw_client(s3_env).put_object(Bucket=bucket, Key="m.bin", Body=_blob(MB))
+    client = S3Client()
+    info = client.head(S3Uri(bucket, "m.bin"))
+    cache = S3Cache(tmp_path / "cache")
+    got: list[int] = []
+    worker = threading.Thread(target=lambda: got.append(cache.fetch(client, info).fetched))
+    # flock locks conflict between open files even in one process: this plays another `train` command downloading
+    # the same object version into the same .part file.
+    with file_lock(cache.partial / _object_id(info)):
+        worker.start()
+        worker.join(1.0)
+        assert worker.is_alive() and not list(cache.partial.glob("*.part"))  # waiting, nothing written
+    worker.join(30)
+    assert got == [MB] and cache.lookup(info) is not None
+
+
 def test_sync_downloads_only_changed_files_and_refuses_escaping_keys(s3_env: str, tmp_path: Path) -> None:
     bucket = new_bucket(s3_env)
     raw = raw_client(s3_env)

@@ -372,6 +372,24 @@ def test_sync_into_a_users_folder_deletes_nothing_and_never_follows_links(
     assert (staged / ".kept").is_file() and (staged / "10_cat" / "a.png").is_file()
 
 
+def test_a_job_input_whose_key_is_no_file_name_is_refused_before_any_download(
+    s3_env: str, tmp_path: Path
+) -> None:
+    from kohya_backend.jobs.s3_jobs import stage_inputs
+    from kohya_backend.storage.settings import S3Access
+
+    bucket = new_bucket(s3_env)
+    raw = raw_client(s3_env)
+    for key in ("models/..", "models/..\\..\\..\\evil.safetensors"):  # S3 takes both as keys
+        raw.put_object(Bucket=bucket, Key=key, Body=b"weights")
+        job = tmp_path / key.replace("\\", "_").replace("/", "_") / "job"
+        access = S3Access(tmp_path / "cache")
+        with pytest.raises(UnsafeKey) as caught:
+            stage_inputs({"network_weights": f"s3://{bucket}/{key}"}, job / "s3-inputs", access)
+        assert f"s3://{bucket}/{key}" in caught.value.message
+        assert not job.exists() and not list((tmp_path / "cache").rglob("blobs/*/*"))  # nothing fetched
+
+
 def test_upload_folder_skips_hidden_files_and_what_is_already_there(s3_env: str, tmp_path: Path) -> None:
     bucket = new_bucket(s3_env)
     folder = tmp_path / "ds"

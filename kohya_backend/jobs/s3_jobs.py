@@ -40,7 +40,7 @@ from kohya_backend.jobs.store import CONFIG_NAME, Job
 from kohya_backend.storage.cache import link_file
 from kohya_backend.storage.settings import S3Access
 from kohya_backend.storage.sync import sync_prefix
-from kohya_backend.storage.uri import S3Uri, is_s3_uri, parse_s3_uri
+from kohya_backend.storage.uri import S3Uri, is_s3_uri, parse_s3_uri, safe_relative_key
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,11 @@ def stage_inputs(
     staged = StagedInputs(dict(values))
     if not inputs:
         return staged
+    names = {  # a file keeps its name, which must be one (not '..', nor a Windows path like '..\\x')
+        key: safe_relative_key(uri.name, what=f"the file name of {uri}")
+        for key, uri in inputs.items()
+        if key not in FOLDER_KEYS
+    }
     client, cache = access.client(), access.cache()
     files = {key: client.head(uri) for key, uri in inputs.items() if key not in FOLDER_KEYS}
     for key, uri in inputs.items():
@@ -146,7 +151,7 @@ def stage_inputs(
         else:
             info = files[key]
             cached = cache.fetch(client, info, progress=report, cancelled=cancelled)
-            dest = stage_dir / key / (uri.name or "object")
+            dest = stage_dir / key / names[key]
             link_file(cached.path, dest)
             staged.total += info.size
             staged.fetched += cached.fetched

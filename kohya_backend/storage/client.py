@@ -96,13 +96,6 @@ def transfer_config(part_bytes: int = PART_BYTES, concurrency: int = CONCURRENCY
     )
 
 
-def boto3_available() -> bool:
-    """Whether boto3 can be imported here (the S3 features need it; everything else works without)."""
-    import importlib.util
-
-    return importlib.util.find_spec("boto3") is not None
-
-
 def _import_boto3() -> Any:
     try:
         import boto3
@@ -210,11 +203,6 @@ class S3Client:
         self.part_bytes = part_bytes
         self.concurrency = concurrency
         self.transfer = transfer_config(part_bytes, concurrency)
-
-    @property
-    def endpoint(self) -> str:
-        """The endpoint requests go to (AWS's, or AWS_ENDPOINT_URL's)."""
-        return str(self.client.meta.endpoint_url)
 
     # -- reading --------------------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -75,7 +76,10 @@ def test_train_command_reads_model_and_dataset_from_s3_and_uploads_the_lora(
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert "downloading model" in done.stderr or "fetching model" in done.stderr
+    for what in ("model", "dataset"):  # the console shows each download's progress, and where it ended
+        size = r"[\d.]+/[\d.]+ (GB|MB|KB|B)"
+        assert re.search(rf"^downloading {what} {size}$", done.stderr, re.M), done.stderr[-2000:]
+    assert "S3 inputs ready:" in done.stderr
     assert f"uploaded s3://{bucket}/loras/from-s3.safetensors" in done.stdout
     head = raw_client(s3_env).head_object(Bucket=bucket, Key="loras/from-s3.safetensors")
     assert head["ContentLength"] > 1000 and len(head["Metadata"]["sha256"]) == 64

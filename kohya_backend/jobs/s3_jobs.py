@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import tomlkit
 
@@ -102,6 +102,14 @@ class EventWriter:
             handle.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
 
 
+class StageEvents(Protocol):
+    """Where stage_inputs reports: a job's EventWriter, or the `train` command's console."""
+
+    def progress(self, kind: str, *, force: bool = False, **fields: Any) -> None: ...
+
+    def note(self, text: str) -> None: ...
+
+
 @dataclass
 class StagedInputs:
     """What staging did: the config values with local paths, and bytes in all and actually downloaded."""
@@ -117,7 +125,7 @@ def stage_inputs(
     stage_dir: Path,
     access: S3Access,
     *,
-    events: EventWriter | None = None,
+    events: StageEvents | None = None,
     cancelled: Callable[[], bool] | None = None,
 ) -> StagedInputs:
     """Fetch every s3:// input of `values` into `stage_dir/<key>/` (through the cache) and return the values with

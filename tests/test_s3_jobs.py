@@ -222,3 +222,23 @@ def test_upload_to_s3_puts_a_local_dataset_under_the_prefix(
     assert len(head["Metadata"]["sha256"]) == 64
     missing = client.post("/s3/uploads", json={"kind": "dataset", "name": "nope"})
     assert missing.status_code == 404
+
+
+def test_the_tabs_upload_button_reports_progress_and_errors(
+    api: tuple[httpx.Client, TrainingService, str], home: Path
+) -> None:
+    from kohya_backend.ui.s3_upload import upload_dataset
+
+    _client, service, bucket = api
+    assert list(upload_dataset(service, None)) == ["Choose a dataset first."]
+    shown = list(upload_dataset(service, "demo", poll_s=0.01))
+    assert all(m.startswith("Uploading **demo** to ") for m in shown[:-1])
+    assert shown[-1].startswith(f"✅ **demo** is on S3 at s3://{bucket}/train/datasets/demo/ (16 file(s);")
+    assert "the rest was already there" in shown[-1]
+    assert list(upload_dataset(service, "nope"))[-1].startswith("**")  # the error, as the tab shows one
+    plain = build_service(home)  # no prefix anywhere: the button says how to set one
+    message = list(upload_dataset(plain, "demo"))[-1]
+    assert "no S3 prefix is set" in message and "--s3-uri" in message
+    gone = build_service(home, s3_uri="s3://tm-no-such-bucket-here/train")  # fails inside the upload task
+    message = list(upload_dataset(gone, "demo", poll_s=0.01))[-1]
+    assert message.startswith("❌ Upload failed:") and "NoSuchBucket" in message

@@ -92,6 +92,11 @@ def test_bitsandbytes_optimizers_are_skipped_on_macos_with_a_clear_message() -> 
     name, why = optimizer_for_platform("adamw8bit", "darwin")
     assert name == "AdamW" and why is not None
     assert "bitsandbytes" in why and "macOS" in why and "AdamW" in why
+    # every bitsandbytes-only optimizer kohya names falls back to its 32-bit counterpart, not only AdamW8bit
+    assert optimizer_for_platform("Lion8bit", "darwin")[0] == "Lion"
+    assert optimizer_for_platform("PagedAdamW8bit", "darwin")[0] == "AdamW"
+    assert optimizer_for_platform("SGDNesterov8bit", "darwin")[0] == "SGDNesterov"
+    assert optimizer_for_platform("Lion", "darwin") == ("Lion", None)
 
 
 def test_on_macos_an_8bit_optimizer_trains_as_adamw_with_a_warning(

@@ -22,7 +22,15 @@ from kohya_backend.errors import TrainingError
 DEVICE_ENV = "TRAIN_MANAGEMENT_DEVICE"
 KINDS = ("cuda", "mps", "cpu")
 # Optimizers that exist only as bitsandbytes kernels, and the 32-bit optimizer that does the same job without it.
-BITSANDBYTES_OPTIMIZERS = {"adamw8bit": "AdamW"}
+BITSANDBYTES_OPTIMIZERS = {
+    "adamw8bit": "AdamW",
+    "pagedadamw": "AdamW",
+    "pagedadamw8bit": "AdamW",
+    "pagedadamw32bit": "AdamW",
+    "lion8bit": "Lion",
+    "pagedlion8bit": "Lion",
+    "sgdnesterov8bit": "SGDNesterov",
+}
 
 
 @dataclass(frozen=True)

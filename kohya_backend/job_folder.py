@@ -20,6 +20,7 @@ RUN_NAME = "run.json"  # how the host ran it (process, or remote worker and its 
 OUTPUT_DIR = "output"  # the trainer's output_dir: LoRAs, samples, saved states
 SAMPLE_DIR = "sample"  # sample images, under OUTPUT_DIR
 LORA_SUFFIX = ".safetensors"
+GRID_SUFFIX = "-epochs.png"  # the epoch comparison grid beside the LoRA: <output_name>-epochs.png
 STATE_PREFIX = "state-"  # a complete saved state: <output_name>-state/state-NNNNNNNN
 STATE_NAME = re.compile(r"^state-(\d{8,})$")
 
@@ -72,6 +73,10 @@ class JobFolder:
         """The finished LoRA of a job whose output_name is `output_stem`."""
         return self.output / f"{output_stem}{LORA_SUFFIX}"
 
+    def grid(self, output_stem: str) -> Path:
+        """The epoch comparison grid the trainer renders when it saved epochs and samples."""
+        return self.output / f"{output_stem}{GRID_SUFFIX}"
+
     def state_dir(self, output_stem: str) -> Path:
         """Where the job's saved training states go."""
         return state_dir_for(self.output, output_stem)
@@ -92,7 +97,7 @@ class StartEvent(TypedDict):
     device: str
 
 
-class StepEvent(TypedDict):
+class StepEvent(TypedDict):  # may carry extra numbers too (kohya's max-norm logs with scale_weight_norms)
     step: int
     epoch: int
     loss: float
@@ -130,6 +135,11 @@ class SampleEvent(TypedDict):
     epoch: int
 
 
+class GridEvent(TypedDict):
+    path: str  # the epoch comparison grid image
+    columns: list[str]
+
+
 class StateSavedEvent(TypedDict):
     path: str
     step: int
@@ -162,6 +172,7 @@ EVENT_RECORDS: dict[str, Any] = {
     "epoch": EpochEvent,
     "saved": SavedEvent,
     "sample": SampleEvent,
+    "grid": GridEvent,
     "state_saved": StateSavedEvent,
     "done": DoneEvent,
     "stopped": StoppedEvent,

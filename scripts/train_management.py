@@ -109,6 +109,8 @@ def _service():
         per_device=settings.concurrency,
         keep_epochs=settings.keep_epochs,
         s3_prefix=settings.s3_prefix,
+        sagemaker_role_arn=settings.sagemaker_role_arn,
+        sagemaker_image_uri=settings.sagemaker_image_uri,
     )
     before_start = hooks.chain(
         hooks.use_trainer(_trainer_python, RUNTIME.set_python, TRAINER_HINT),
@@ -143,7 +145,8 @@ def on_ui_tabs():
     interrogate = hooks.interrogate_hook(getattr(shared, "interrogator", None), _queue_lock())
     login = bool(_cmd("gradio_auth") or _cmd("gradio_auth_path"))
     locked = workers_refusal(_access_disabled(), login, service.home.root)
-    blocks = create_tab(service, RUNTIME.datasets, UiHooks(interrogate=interrogate, workers_locked=locked))
+    hooks = UiHooks(interrogate=interrogate, workers_locked=locked, send_to_txt2img=True)
+    blocks = create_tab(service, RUNTIME.datasets, hooks)
     return [(blocks, TITLE, ELEM_ID)]
 
 

@@ -133,6 +133,23 @@ ALTERNATIVES: dict[str, tuple[Any, dict[str, Any]]] = {
     "sample_every_n_epochs": (1, {"sample_prompts": "{assets}/prompts.txt"}),
     "sample_every_n_steps": (1, {"sample_prompts": "{assets}/prompts.txt"}),
     "sample_sampler": ("euler", PROMPTS),
+    "network_module": ("lycoris.kohya", {}),
+    "scale_weight_norms": (1e-3, {}),
+    "lr_scheduler_type": ("LinearLR", {}),  # torch defaults: from a third of the rate up over 5 steps
+    "noise_offset_random_strength": (True, {"noise_offset": 0.1}),
+    "adaptive_noise_scale": (0.5, {"noise_offset": 0.1}),
+    "multires_noise_iterations": (4, {}),
+    "multires_noise_discount": (0.8, {"multires_noise_iterations": 4}),
+    "ip_noise_gamma": (0.5, {}),
+    "ip_noise_gamma_random_strength": (True, {"ip_noise_gamma": 0.5}),
+    "zero_terminal_snr": (True, {"v_parameterization": True}),
+    "loss_type": ("l1", {}),
+    "huber_schedule": ("constant", {"loss_type": "huber"}),
+    "huber_c": (0.5, {"loss_type": "huber"}),
+    "huber_scale": (3.0, {"loss_type": "huber", "huber_schedule": "constant"}),
+    "debiased_estimation_loss": (True, {}),
+    "scale_v_pred_loss_like_noise_pred": (True, {"v_parameterization": True}),
+    "v_pred_like_loss": (0.5, {}),
 }
 VOLATILE_METADATA = ("ss_session_id", "ss_training_started_at", "ss_training_finished_at", "modelspec.date")
 
@@ -351,7 +368,6 @@ def test_compat_keys_change_nothing_and_say_so(
 # fixed key -> (the value it accepts, a value kohya accepts that it refuses)
 FIXED = {
     "v2": (False, True),
-    "network_module": ("networks.lora", "lycoris.kohya"),
     "save_model_as": ("safetensors", "ckpt"),
     "log_with": ("tensorboard", "wandb"),
 }

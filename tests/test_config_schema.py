@@ -196,7 +196,13 @@ def test_unknown_fm_type_is_a_config_error() -> None:
 
 
 def test_enumerations_match_the_issue() -> None:
-    assert set(OPTIMIZERS) == {"AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor", "SGDNesterov"}
+    # every name sd-scripts' get_optimizer knows (library/train_util.py)
+    assert set(OPTIMIZERS) == {
+        *("AdamW", "AdamW8bit", "Lion", "Lion8bit", "PagedLion8bit", "SGDNesterov", "SGDNesterov8bit"),
+        *("PagedAdamW", "PagedAdamW8bit", "PagedAdamW32bit", "Prodigy", "Adafactor"),
+        *("DAdaptation", "DAdaptAdamPreprint", "DAdaptAdaGrad", "DAdaptAdam", "DAdaptAdan", "DAdaptAdanIP"),
+        *("DAdaptLion", "DAdaptSGD", "AdamWScheduleFree", "RAdamScheduleFree", "SGDScheduleFree"),
+    }
     assert set(LR_SCHEDULERS) == {
         "constant",
         "constant_with_warmup",
@@ -236,16 +242,10 @@ def test_unsupported_keys_cover_the_issue_and_do_not_overlap_the_schema() -> Non
         "full_fp16",
         "full_bf16",
         "fp8_base",
-        "huber_c",
-        "huber_schedule",
-        "multires_noise_iterations",
-        "multires_noise_discount",
-        "ip_noise_gamma",
         "dataset_config",
         "in_json",
         "color_aug",
         "face_crop_aug_range",
-        "v_pred_like_loss",
         "masked_loss",
         "use_8bit_adam",
         "deepspeed",
@@ -253,6 +253,10 @@ def test_unsupported_keys_cover_the_issue_and_do_not_overlap_the_schema() -> Non
         "vae",
     ]
     assert [k for k in named if k not in UNSUPPORTED] == []
+    # the noise, loss and network options of kohya's presets are implemented
+    implemented = ["huber_c", "huber_schedule", "loss_type", "multires_noise_iterations", "ip_noise_gamma"]
+    implemented += ["v_pred_like_loss", "scale_weight_norms", "lr_scheduler_type", "zero_terminal_snr"]
+    assert [k for k in implemented if k not in SCHEMA] == []
     assert not set(UNSUPPORTED) & set(SCHEMA)
     assert not set(ALIASES) & (set(SCHEMA) | set(UNSUPPORTED))
     assert all(new in SCHEMA for new in ALIASES.values())
@@ -304,6 +308,7 @@ def test_template_for_a_machine_without_cuda_has_no_fp16(fm_type: str) -> None:
     assert 'mixed_precision = "fp16"' in template_toml(fm_type)
     text = template_toml(fm_type, cuda=False)
     assert 'mixed_precision = "no"' in text
+    assert 'optimizer_type = "AdamW"' in text and 'optimizer_type = "AdamW8bit"' in template_toml(fm_type)
     with pytest.raises(ConfigError) as info:
         validate_config(text, fm_type, cuda_available=False)
     assert sorted(str(i.key) for i in info.value.issues) == [

@@ -8,7 +8,14 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-OPTIMIZERS: tuple[str, ...] = ("AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor", "SGDNesterov")
+from kohya_backend.config.lycoris_args import LYCORIS_MODULE
+from kohya_backend.config.optimizers import BUILTIN_OPTIMIZERS
+
+# kohya's own optimizer names; optimizer_type may also name a class (config/optimizers.py)
+OPTIMIZERS: tuple[str, ...] = tuple(BUILTIN_OPTIMIZERS)
+NETWORK_MODULES: tuple[str, ...] = ("networks.lora", LYCORIS_MODULE)
+LOSS_TYPES: tuple[str, ...] = ("l2", "l1", "huber", "smooth_l1")
+HUBER_SCHEDULES: tuple[str, ...] = ("snr", "exponential", "constant")
 LR_SCHEDULERS: tuple[str, ...] = (
     "constant",
     "constant_with_warmup",
@@ -18,7 +25,8 @@ LR_SCHEDULERS: tuple[str, ...] = (
     "polynomial",
     "adafactor",
 )
-# The only network_args this trainer implements (kohya's LoCon extension of networks.lora).
+# The network_args this trainer implements for networks.lora (kohya's LoCon extension); lycoris.kohya reads its
+# own (config/lycoris_args.py).
 NETWORK_ARGS: tuple[str, ...] = ("conv_dim", "conv_alpha")
 
 

@@ -12,7 +12,15 @@ from typing import Any
 
 import tomlkit
 
-from kohya_backend.config.choices import LR_SCHEDULERS, NETWORK_ARGS, OPTIMIZERS, SAMPLERS
+from kohya_backend.config.choices import (
+    HUBER_SCHEDULES,
+    LOSS_TYPES,
+    LR_SCHEDULERS,
+    NETWORK_ARGS,
+    NETWORK_MODULES,
+    OPTIMIZERS,
+    SAMPLERS,
+)
 from kohya_backend.config.keys import Effect, KeySpec
 from kohya_backend.config.train_config import SCHEMA, TrainConfig
 from kohya_backend.errors import ConfigError, ConfigIssue
@@ -23,8 +31,11 @@ __all__ = [
     "FM_TYPES",
     "GROUPS",
     "GUI_KEY_HINTS",
+    "HUBER_SCHEDULES",
+    "LOSS_TYPES",
     "LR_SCHEDULERS",
     "NETWORK_ARGS",
+    "NETWORK_MODULES",
     "OPTIMIZERS",
     "SAMPLERS",
     "SCHEMA",
@@ -51,6 +62,7 @@ GROUPS: list[tuple[str, str]] = [
     ("network", "LoRA network"),
     ("optimizer", "Optimizer and learning rate"),
     ("training", "Training"),
+    ("noise", "Noise and loss variants"),
     ("saving", "Saving, logging and resuming"),
     ("sampling", "Sample images during training"),
     ("compat", "Memory and attention switches kept for kohya compatibility"),
@@ -68,7 +80,7 @@ GUI_KEY_HINTS: dict[str, str] = {
     "conv_dim": 'use network_args = ["conv_dim=N", "conv_alpha=A"]',
     "conv_alpha": 'use network_args = ["conv_dim=N", "conv_alpha=A"]',
     "lora_type": "this trainer trains standard LoRA (networks.lora); remove it",
-    "lycoris_preset": "LyCORIS is not implemented; remove it",
+    "lycoris_preset": 'use network_module = "lycoris.kohya" with network_args = ["preset=full", ...]',
     "additional_parameters": "write each parameter as its own key",
 }
 
@@ -99,16 +111,6 @@ def _unsupported_table() -> dict[str, str]:
         (
             "fp8_base fp8_base_unet",
             "fp8 base weights are not implemented; remove it (gradient_checkpointing and cache_latents save memory)",
-        ),
-        (
-            "multires_noise_iterations multires_noise_discount ip_noise_gamma ip_noise_gamma_random_strength "
-            "noise_offset_random_strength adaptive_noise_scale zero_terminal_snr",
-            "this noise variant is not implemented; remove it (noise_offset and min_snr_gamma are supported)",
-        ),
-        ("loss_type huber_schedule huber_c huber_scale", "only the L2 (MSE) loss is implemented; remove it"),
-        (
-            "scale_v_pred_loss_like_noise_pred v_pred_like_loss debiased_estimation_loss",
-            "this loss weighting is not implemented; remove it (min_snr_gamma is supported)",
         ),
         ("masked_loss alpha_mask conditioning_data_dir", "masked loss is not implemented; remove it"),
         (
@@ -147,10 +149,9 @@ def _unsupported_table() -> dict[str, str]:
         ),
         ("use_8bit_adam", 'remove it and set optimizer_type = "AdamW8bit"'),
         ("use_lion_optimizer", 'remove it and set optimizer_type = "Lion"'),
-        ("lr_scheduler_type", "custom scheduler classes are not supported; remove it and pick lr_scheduler"),
         ("fused_backward_pass", "not implemented; remove it"),
         (
-            "dim_from_weights scale_weight_norms base_weights base_weights_multiplier",
+            "dim_from_weights base_weights base_weights_multiplier",
             "not implemented; remove it (network_weights starts from an existing LoRA)",
         ),
         (
@@ -172,11 +173,6 @@ UNSUPPORTED: dict[str, str] = _unsupported_table()
 
 # kohya's defaults for unsupported keys whose "off" value is not None/False/0/"": such a value changes nothing.
 UNSUPPORTED_DEFAULTS: dict[str, Any] = {
-    "multires_noise_discount": 0.3,
-    "loss_type": "l2",
-    "huber_schedule": "snr",
-    "huber_c": 0.1,
-    "huber_scale": 1.0,
     "dynamo_backend": "inductor",
     "token_warmup_min": 1,
     "caption_separator": ",",
@@ -186,37 +182,16 @@ UNSUPPORTED_DEFAULTS: dict[str, Any] = {
 
 # Values kohya accepts for a supported key that this trainer does not implement: key -> {value: why}.
 UNSUPPORTED_VALUES: dict[str, dict[str, str]] = {
-    "optimizer_type": {
-        name.lower(): ""
-        for name in [
-            "Lion8bit",
-            "PagedLion8bit",
-            "PagedAdamW",
-            "PagedAdamW8bit",
-            "PagedAdamW32bit",
-            "SGDNesterov8bit",
-            "DAdaptation",
-            "DAdaptAdamPreprint",
-            "DAdaptAdaGrad",
-            "DAdaptAdam",
-            "DAdaptAdan",
-            "DAdaptAdanIP",
-            "DAdaptLion",
-            "DAdaptSGD",
-            "AdamWScheduleFree",
-            "RAdamScheduleFree",
-            "SGDScheduleFree",
-        ]
-    },
     "lr_scheduler": {
         name: ""
         for name in ("cosine_with_min_lr", "warmup_stable_decay", "inverse_sqrt", "piecewise_constant", "rex")
     },
     "network_module": {
-        "lycoris.kohya": "LyCORIS is not implemented",
-        "networks.dylora": "DyLoRA is not implemented",
-        "networks.oft": "OFT is not implemented",
-        "networks.lora_fa": "LoRA-FA is not implemented",
+        "networks.dylora": "kohya's own DyLoRA is not implemented; LyCORIS's is: network_module = "
+        '"lycoris.kohya" with network_args = ["algo=dylora", "block_size=4"]',
+        "networks.oft": "kohya's own OFT is not implemented; LyCORIS's is: network_module = \"lycoris.kohya\" "
+        'with network_args = ["algo=diag-oft", "constraint=..."]',
+        "networks.lora_fa": "LoRA-FA (frozen down projection) is not implemented; use networks.lora",
     },
     "log_with": {
         "wandb": "Weights & Biases logging is not implemented (training runs offline); use tensorboard",
@@ -328,8 +303,10 @@ def template_values(fm_type: str) -> dict[str, Any]:
 def template_toml(fm_type: str, *, cuda: bool = True) -> str:
     """The starting config_params for the UI editor: the AWS solution's template, valid once the
     empty pretrained_model_name_or_path and train_data_dir are filled in. Without a CUDA GPU to train on,
-    mixed precision is off (fp16 needs CUDA)."""
+    mixed precision is off (fp16 needs CUDA) and the optimizer is AdamW (AdamW8bit's bitsandbytes needs CUDA)."""
     values = template_values(fm_type)
     if not cuda and values.get("mixed_precision") == "fp16":
         values["mixed_precision"] = "no"
+    if not cuda and values.get("optimizer_type") == "AdamW8bit":
+        values["optimizer_type"] = "AdamW"
     return render_toml(values, values.keys())

@@ -11,7 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kohya_backend.config.choices import LR_SCHEDULERS, OPTIMIZERS, SAMPLE_SAMPLER_CHOICES
+from kohya_backend.config.choices import (
+    HUBER_SCHEDULES,
+    LOSS_TYPES,
+    LR_SCHEDULERS,
+    NETWORK_MODULES,
+    SAMPLE_SAMPLER_CHOICES,
+)
 from kohya_backend.config.keys import KeySpec, compat, fixed, key, specs_of, used
 from kohya_backend.config.values import kv_dict, literal_kwargs
 from kohya_backend.errors import ConfigIssue
@@ -146,16 +152,20 @@ class TrainConfig:
     # network
     network_module: str = key(
         "networks.lora", "network",
-        "Network type; this trainer implements kohya's networks.lora (LoRA, LoCon with conv_dim).",
-        fixed("networks.lora (LoRA; LoCon with network_args conv_dim)"), choices=("networks.lora",))
+        "Network type: kohya's networks.lora (LoRA, LoCon with conv_dim) or lycoris.kohya (LyCORIS through "
+        "lycoris-lora: network_args algo=locon|loha|lokr|ia3|dylora|glora|diag-oft|full, preset, ...).",
+        used("training", "lora/build.py: LoRA or a LyCORIS network"), choices=NETWORK_MODULES)
     network_dim: int = key(
         4, "network", "LoRA rank.", used("training", "lora/network.py: the rank"), minimum=1, maximum=1024)
     network_alpha: float = key(
         1.0, "network", "LoRA alpha: the update is scaled by alpha/rank (0 = same as network_dim).",
         used("training", "lora/network.py: the update's scale"), minimum=0.0)
     network_args: tuple[str, ...] = key(
-        (), "network", 'Extra network settings as "key=value" strings: only conv_dim and conv_alpha (LoCon).',
-        used("training", "lora/network.py: LoCon on 3x3 convolutions"), kind="list")
+        (), "network",
+        'Extra network settings as "key=value" strings: conv_dim and conv_alpha (LoCon) for networks.lora; for '
+        "lycoris.kohya the arguments lycoris-lora reads (algo, preset, conv_dim, conv_alpha, factor, ...).",
+        used("training", "lora/network.py, lora/lycoris.py: LoCon, the LyCORIS algorithm and its settings"),
+        kind="list")
     network_dropout: float | None = key(
         None, "network", "Dropout on the LoRA down projection (0 or unset = none).",
         used("training", "lora/network.py: dropout"), minimum=0.0, maximum=1.0, zero_is_unset=True)
@@ -169,9 +179,18 @@ class TrainConfig:
     training_comment: str | None = key(
         None, "network", "Free text stored in the LoRA's metadata (ss_training_comment).",
         used("metadata", "lora/metadata.py: ss_training_comment"))
+    scale_weight_norms: float | None = key(
+        None, "network",
+        "Max-norm regularisation: after each step, scale down every module whose update norm exceeds this (1 is a "
+        "usual start; 0 or unset = off).",
+        used("training", "lora/max_norm.py: LoRA updates scaled down after each step"),
+        minimum=0.0, exclusive_minimum=True, zero_is_unset=True)
     # optimizer
     optimizer_type: str = key(
-        "AdamW", "optimizer", "Optimizer.", used("training", "train/optim.py"), choices=OPTIMIZERS)
+        "AdamW", "optimizer",
+        "Optimizer: one of kohya's names, a torch.optim class (RAdam) or a class path of an installed optimizer "
+        "package (pytorch_optimizer.CAME, came_pytorch.CAME, prodigyplus.ProdigyPlusScheduleFree).",
+        used("training", "train/optim.py, train/optimizers_extra.py"))
     optimizer_args: tuple[str, ...] = key(
         (), "optimizer",
         'Extra optimizer settings as "key=value" strings with Python literal values (weight_decay=0.01, '
@@ -200,6 +219,11 @@ class TrainConfig:
     lr_scheduler_args: tuple[str, ...] = key(
         (), "optimizer", 'Extra scheduler settings as "key=value" strings with Python literal values.',
         used("training", "train/optim.py: the schedule's keyword arguments"), kind="list")
+    lr_scheduler_type: str | None = key(
+        None, "optimizer",
+        "A scheduler class instead of lr_scheduler: a torch.optim.lr_scheduler name (CosineAnnealingLR) or a "
+        "class path, built with lr_scheduler_args (no lr_warmup_steps).",
+        used("training", "train/optimizers_extra.py: the scheduler class"))
     max_grad_norm: float = key(
         1.0, "optimizer", "Gradient clipping norm (0 = no clipping).",
         used("training", "train/precision.py: gradient clipping"), minimum=0.0)
@@ -243,6 +267,50 @@ class TrainConfig:
     max_timestep: int | None = key(
         None, "training", "Largest diffusion timestep trained, exclusive (1-1000).",
         used("training", "train/noise.py"), minimum=1, maximum=1000)
+    # noise and loss variants
+    noise_offset_random_strength: bool = key(
+        False, "noise", "Draw the noise offset strength uniformly between 0 and noise_offset each step.",
+        used("training", "train/noise.py"))
+    adaptive_noise_scale: float | None = key(
+        None, "noise", "Add this times the absolute latent mean (per channel) to noise_offset (needs noise_offset).",
+        used("training", "train/noise.py"), minimum=-1.0, maximum=1.0, zero_is_unset=True)
+    multires_noise_iterations: int | None = key(
+        None, "noise", "Multires (pyramid) noise levels (6-10 is usual; 0 or unset = off).",
+        used("training", "train/noise.py"), minimum=1, maximum=64, zero_is_unset=True)
+    multires_noise_discount: float = key(
+        0.3, "noise", "Weight decay per multires noise level.", used("training", "train/noise.py"),
+        minimum=0.0, maximum=1.0)
+    ip_noise_gamma: float | None = key(
+        None, "noise", "Input perturbation noise strength (about 0.1; 0 or unset = off).",
+        used("training", "train/noise.py"), minimum=0.0, maximum=1.0, zero_is_unset=True)
+    ip_noise_gamma_random_strength: bool = key(
+        False, "noise", "Draw the input perturbation strength uniformly between 0 and ip_noise_gamma each step.",
+        used("training", "train/noise.py"))
+    zero_terminal_snr: bool = key(
+        False, "noise", "Rescale the noise schedule so the last timestep is pure noise (meant for v-prediction).",
+        used("training", "train/noise.py"))
+    loss_type: str = key(
+        "l2", "noise", "Loss: l2 (MSE), l1, huber or smooth_l1.", used("training", "train/losses.py"),
+        choices=LOSS_TYPES)
+    huber_schedule: str = key(
+        "snr", "noise", "How the Huber threshold follows the timestep (huber and smooth_l1 only).",
+        used("training", "train/losses.py"), choices=HUBER_SCHEDULES)
+    huber_c: float = key(
+        0.1, "noise", "Huber threshold (huber and smooth_l1 only).", used("training", "train/losses.py"),
+        minimum=0.0, maximum=10.0, exclusive_minimum=True)
+    huber_scale: float = key(
+        1.0, "noise", "Huber threshold scale of the exponential and constant schedules.",
+        used("training", "train/losses.py"), minimum=0.0, maximum=100.0, exclusive_minimum=True)
+    debiased_estimation_loss: bool = key(
+        False, "noise", "Weight the loss by 1/sqrt(SNR) (1/(SNR+1) for v-prediction).",
+        used("training", "train/losses.py"))
+    scale_v_pred_loss_like_noise_pred: bool = key(
+        False, "noise",
+        "Scale a v-prediction loss by SNR/(SNR+1), like a noise-prediction loss (needs v_parameterization).",
+        used("training", "train/losses.py"))
+    v_pred_like_loss: float | None = key(
+        None, "noise", "Add a v-prediction-like loss term with this weight (not with v_parameterization).",
+        used("training", "train/losses.py"), minimum=0.0, maximum=100.0, zero_is_unset=True)
     # saving
     output_dir: str | None = key(
         None, "saving", "Folder for the LoRA files.", used("files", "train/loop.py"), kind="path")

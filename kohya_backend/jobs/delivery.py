@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 
 from kohya_backend.errors import TrainingError
 from kohya_backend.families import FAMILIES
+from kohya_backend.job_folder import GRID_SUFFIX as GRID_SUFFIX
 from kohya_backend.job_folder import JobFolder
 from kohya_backend.jobs.runner import RESULT_NAME, read_json
 from kohya_backend.jobs.store import Job
@@ -31,6 +32,7 @@ Writer = Callable[[IO[bytes], bytes], object]
 CHUNK_BYTES = 1 << 20
 TOP_TAGS = 3
 _MAX_SUFFIX = 10_000
+GRID_SIDECAR = ".epochs.png"  # the same beside the delivered LoRA
 _SD_VERSION = {name: family.sidecar_sd_version for name, family in FAMILIES.items()}
 _REPEATS_PREFIX = re.compile(r"^\d+_")
 # Filesystems without hard links: fall back to an existence check plus rename.
@@ -97,18 +99,40 @@ def activation_text(metadata: dict[str, str], *, top_tags: int = TOP_TAGS) -> st
 
 def sidecar(job: Job, metadata: dict[str, str], *, preferred_weight: float = 1.0) -> dict[str, Any]:
     """The WebUI's user-metadata sidecar (<name>.json) for a LoRA trained by `job`."""
-    version = _SD_VERSION.get(job.fm_type)
+    return lora_sidecar(
+        metadata,
+        fm_type=job.fm_type,
+        model=job.model,
+        dataset=job.dataset,
+        job_id=job.id,
+        config_toml=job.config_toml,
+        preferred_weight=preferred_weight,
+    )
+
+
+def lora_sidecar(
+    metadata: dict[str, str],
+    *,
+    fm_type: str,
+    model: str,
+    dataset: str,
+    job_id: str,
+    config_toml: str,
+    preferred_weight: float = 1.0,
+) -> dict[str, Any]:
+    """The sidecar from the job's fields (the SageMaker container, which has no Job, writes one too)."""
+    version = _SD_VERSION.get(fm_type)
     if version is None:
         version = "SDXL" if metadata.get("ss_base_model_version", "").startswith("sdxl") else "SD1"
     steps = metadata.get("ss_steps", "?")
     epochs = metadata.get("ss_epoch", "?")
     description = (
-        f"{version} LoRA trained on {Path(job.dataset).name or job.dataset} from {Path(job.model).name}: "
+        f"{version} LoRA trained on {Path(dataset).name or dataset} from {Path(model).name}: "
         f"{steps} steps, {epochs} epoch(s)"
     )
     notes = (
-        f"Trained by Train Management, job {job.id}.\n"
-        f"Base model: {job.model}\nDataset: {job.dataset}\n\nconfig_params:\n{job.config_toml}"
+        f"Trained by Train Management, job {job_id}.\n"
+        f"Base model: {model}\nDataset: {dataset}\n\nconfig_params:\n{config_toml}"
     )
     return {
         "description": description,
@@ -127,6 +151,57 @@ def last_sample(job: Job) -> Path | None:
         return None
     pngs = [p for p in folder.glob("*.png") if p.is_file()]
     return max(pngs, key=lambda p: (p.stat().st_mtime_ns, p.name)) if pngs else None
+
+
+def grid_file(job: Job) -> Path | None:
+    """The job's epoch comparison grid (DIR/output/<output_name>-epochs.png), or None when it has none."""
+    path = JobFolder(job.folder).grid(job.output_name)
+    return path if path.is_file() else None
+
+
+def saved_epochs(job: Job) -> dict[int, Path]:
+    """The epoch LoRAs (<output_name>-NNNNNN.safetensors) still in the job's output folder, by epoch."""
+    pattern = re.compile(rf"^{re.escape(job.output_name)}-(\d{{6}})\.safetensors$")
+    folder = JobFolder(job.folder).output
+    found = {}
+    for path in folder.glob("*.safetensors") if folder.is_dir() else []:
+        match = pattern.match(path.name)
+        if match and path.is_file():
+            found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def deliver_epoch(job: Job, epoch: int, lora_dir: Path, name: str) -> Path:
+    """One saved epoch of a delivered job in the Lora folder, as `keep_epochs` would have placed it
+    (<name>-epochs/<name>-NNNNNN.safetensors): the file already there, or copied now (atomically, never over
+    another file). `name` is the delivered LoRA's name."""
+    source = saved_epochs(job).get(epoch)
+    if source is None:
+        raise TrainingError(
+            f"job {job.id} has no saved epoch {epoch}",
+            f"saved epochs: {', '.join(map(str, saved_epochs(job))) or 'none'} (save_every_n_epochs saves them)",
+        )
+    folder = lora_dir / f"{name}-epochs"
+    dest = folder / f"{name}-{epoch:06d}.safetensors"
+    if dest.is_file() and dest.stat().st_size == source.stat().st_size:
+        return dest
+    folder.mkdir(parents=True, exist_ok=True)
+    batch = _Batch(folder, _plain_write)
+    try:
+        tmp = batch.copy(source, folder)
+        for candidate in _candidates(dest.stem):
+            if _place(tmp, folder / f"{candidate}.safetensors"):
+                batch.temps.remove(tmp)
+                _fsync_dir(folder)
+                return folder / f"{candidate}.safetensors"
+    except OSError as exc:
+        batch.rollback()
+        raise TrainingError(
+            f"could not copy epoch {epoch} of job {job.id} to {folder}: {exc.strerror or exc}",
+            "free space in (or fix the permissions of) the Lora folder",
+        ) from exc
+    batch.rollback()
+    raise TrainingError(f"no free file name for {dest.stem} in {folder}", "clean up the Lora folder")
 
 
 def epoch_files(job: Job, final: Path) -> list[Path]:
@@ -263,7 +338,8 @@ def deliver(
     preferred_weight: float = 1.0,
     write: Writer | None = None,
 ) -> list[Path]:
-    """Copy the job's final LoRA, <name>.json and <name>.preview.png into `lora_dir`; return the paths written.
+    """Copy the job's final LoRA, <name>.json, <name>.preview.png and <name>.epochs.png (the epoch comparison grid,
+    when the trainer made one) into `lora_dir`; return the paths written.
 
     The name is the job's output name, or name-1, name-2, ... when a file of that name exists (Forge caches LoRAs
     by name, so an existing file is never replaced). With `keep_epochs`, intermediate saves go to <name>-epochs/.
@@ -285,6 +361,12 @@ def deliver(
         _place_required(batch, side_tmp, lora_dir / f"{name}.json")
         if preview_tmp is not None:
             _place_required(batch, preview_tmp, lora_dir / f"{name}.preview.png")
+        grid = grid_file(job)
+        if grid is not None:  # beside the LoRA; a file already of that name is left alone
+            grid_tmp = batch.copy(grid, lora_dir)
+            if _place(grid_tmp, lora_dir / f"{name}{GRID_SIDECAR}"):
+                batch.placed.append(lora_dir / f"{name}{GRID_SIDECAR}")
+                batch.temps.remove(grid_tmp)
         if keep_epochs:
             _deliver_epochs(batch, job, final, lora_dir, name)
         _fsync_dir(lora_dir)

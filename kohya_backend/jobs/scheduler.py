@@ -149,10 +149,10 @@ def config_with_output_name(config_toml: str, output_name: str) -> str:
 
 
 def default_devices() -> dict[str, int]:
-    """One slot per visible CUDA GPU ('cuda:0', ...), or one 'cpu' slot when there is none."""
-    from kohya_backend.jobs.devices import detect_gpus
+    """One slot per visible CUDA GPU ('cuda:0', ...), else one 'mps' slot on Apple silicon, else one 'cpu' slot."""
+    from kohya_backend.jobs.devices import default_slots, detect_gpus, has_mps
 
-    return {gpu.device: 1 for gpu in detect_gpus()} or {"cpu": 1}
+    return default_slots(detect_gpus(), mps=has_mps())
 
 
 # -- the scheduler ------------------------------------------------------------------------------------------
@@ -325,9 +325,9 @@ class Scheduler:
         job = self.store.transition(
             job_id, JobStatus.QUEUED, "resume requested", expect=JobStatus.resumable()
         )
-        self.store.update_progress(
-            job_id, {"resume": True, "error": None, "phase": "queued"}, heartbeat=False
-        )
+        # The last run's speed and ETA are not this run's: the row shows none until the trainer reports again.
+        fresh = {"resume": True, "error": None, "phase": "queued", "it_per_s": None, "eta_s": None}
+        self.store.update_progress(job_id, fresh, heartbeat=False)
         self._wake.set()
         return self.store.get(job.id)
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import datetime
 import json
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,19 @@ _PLAIN_KEYS = (
     "max_bucket_reso",
     "caption_dropout_rate",
     "training_comment",
+    # noise and loss options (train_network.py writes each one)
+    "multires_noise_iterations",
+    "multires_noise_discount",
+    "adaptive_noise_scale",
+    "zero_terminal_snr",
+    "scale_weight_norms",
+    "ip_noise_gamma",
+    "noise_offset_random_strength",
+    "ip_noise_gamma_random_strength",
+    "loss_type",
+    "huber_schedule",
+    "huber_scale",
+    "huber_c",
 )
 # boolean config keys, written as "True"/"False" like sd-scripts' bool(...)
 _BOOL_KEYS = (
@@ -61,10 +75,12 @@ class NetworkSettings:
     conv_dim: int | None = None
     conv_alpha: float | None = None
     dropout: float | None = None
+    module: str = NETWORK_MODULE
+    extra_args: Mapping[str, str] = field(default_factory=dict)  # LyCORIS: the network_args it was built with
 
     def args(self) -> dict[str, str]:
         """kohya's ss_network_args: the network_args that shaped the network, as strings."""
-        out: dict[str, str] = {}
+        out: dict[str, str] = dict(self.extra_args)
         if self.conv_dim is not None:
             out["conv_dim"] = str(self.conv_dim)
             if self.conv_alpha is not None:
@@ -95,7 +111,8 @@ def _training_keys(config: TrainConfig, network: NetworkSettings, optimizer: str
             "ss_full_fp16": "False",
             "ss_color_aug": "False",
             "ss_v2": "False",
-            "ss_network_module": NETWORK_MODULE,
+            "ss_network_module": network.module,
+            "ss_debiased_estimation": str(bool(config.debiased_estimation_loss)),
             "ss_network_dim": str(network.dim),
             "ss_network_alpha": str(network.alpha),
             "ss_network_dropout": str(network.dropout),

@@ -29,6 +29,7 @@ from kohya_backend.errors import ConfigError, DatasetError, TrainManagementError
 from kohya_backend.fileio import atomic_write
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import JobStore
+from kohya_backend.names import windows_name_problem
 from kohya_backend.service.home import DEFAULT_CAPTION_EXTENSION, Home, NotInHome
 from kohya_backend.service.tasks import Task, TaskRunner
 
@@ -84,6 +85,11 @@ def check_name(value: object, what: str) -> str:
         raise TrainManagementError(
             f"{what} {text!r} is not a safe folder name",
             "use letters, digits, spaces, '-', '_' and '.' (not first or last); no / \\ < > : \" | ? *",
+        )
+    problem = windows_name_problem(text)
+    if problem:
+        raise TrainManagementError(
+            f"{what} {text!r} is not a safe folder name: it {problem}", "choose another name"
         )
     return text
 
@@ -155,6 +161,17 @@ class _StagingInUse:
         self._thread.join()
 
 
+def check_health_resolution(resolution: object) -> int:
+    """The training resolution a health report is made for: a multiple of 64 from 256 to 2048."""
+    whole = isinstance(resolution, int) and not isinstance(resolution, bool)
+    if isinstance(resolution, int) and whole and 256 <= resolution <= 2048 and resolution % 64 == 0:
+        return resolution
+    raise TrainManagementError(
+        f"resolution {resolution!r} is not a training resolution",
+        "use a multiple of 64 from 256 to 2048, e.g. 512 (SD 1.5) or 1024 (SDXL)",
+    )
+
+
 class DatasetService:
     """Creates, shows, validates, edits and deletes kohya-style datasets under `home.datasets`.
 
@@ -219,6 +236,28 @@ class DatasetService:
         self.folder(name)
         ext = check_caption_extension(caption_extension)
         return self.tasks.submit("dataset validation", functools.partial(self.validate, name, ext))
+
+    def start_health(
+        self, name: str, caption_extension: str = DEFAULT_CAPTION_EXTENSION, *, resolution: int = 512
+    ) -> str:
+        """health() on a background thread; returns the ticket for task()."""
+        self.folder(name)
+        ext = check_caption_extension(caption_extension)
+        check_health_resolution(resolution)
+        work = functools.partial(self.health, name, ext, resolution=resolution)
+        return self.tasks.submit("dataset health report", work)
+
+    def health(
+        self, name: str, caption_extension: str = DEFAULT_CAPTION_EXTENSION, *, resolution: int = 512
+    ) -> dict[str, Any]:
+        """The health report of dataset `name` for training at `resolution` (data/health.py): duplicates, sizes,
+        buckets, caption lengths, tags, missing captions, mismatched extensions."""
+        from kohya_backend.data.health import dataset_health
+
+        folder = self.folder(name)
+        check_health_resolution(resolution)
+        report = dataset_health(folder, check_caption_extension(caption_extension), resolution=resolution)
+        return {"name": name, **report}
 
     def task(self, ticket: str) -> Task:
         """A background task of this service: running, done (its result) or failed (its error)."""

@@ -7,12 +7,14 @@ prepared Setup; nothing here knows which model family it trains (the family's co
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,13 +25,23 @@ from kohya_backend.config.train_config import TrainConfig
 from kohya_backend.data.batches import TrainItem, epoch_batches
 from kohya_backend.errors import TrainingError
 from kohya_backend.job_folder import SAMPLE_DIR
+from kohya_backend.lora.build import TrainedNetwork
 from kohya_backend.lora.metadata import BaseModel, NetworkSettings, training_metadata
+from kohya_backend.lora.network import LoRANetwork
 from kohya_backend.lora.save import save_lora
 from kohya_backend.models.hashing import legacy_hash_file
+from kohya_backend.train.epoch_grid import render_after_training
 from kohya_backend.train.events import EventLog
 from kohya_backend.train.inputs import encode_latents, prepare_image
-from kohya_backend.train.noise import diffusion_loss, sample_noise, sample_timesteps, training_target
+from kohya_backend.train.noise import (
+    diffusion_loss,
+    input_perturbation,
+    sample_noise,
+    sample_timesteps,
+    training_target,
+)
 from kohya_backend.train.optim import current_lrs
+from kohya_backend.train.optimizers_extra import set_optimizer_mode
 from kohya_backend.train.precision import Precision
 from kohya_backend.train.sample import generate_samples, parse_sample_prompts
 from kohya_backend.train.setup import Setup, caption_for, prepare
@@ -60,6 +72,24 @@ class _Batch:
     weights: torch.Tensor
 
 
+def _network_settings(config: TrainConfig, network: TrainedNetwork) -> NetworkSettings:
+    """What the metadata records of the network that was built (LyCORIS: the network_args it was built with)."""
+    if isinstance(network, LoRANetwork):
+        return NetworkSettings(
+            dim=network.network_dim,
+            alpha=network.network_alpha,
+            conv_dim=network.conv_dim,
+            conv_alpha=network.conv_alpha,
+            dropout=network.dropout,
+        )
+    return NetworkSettings(
+        dim=network.network_dim,
+        alpha=network.network_alpha,
+        module=config.network_module,
+        extra_args=config.network_kwargs,
+    )
+
+
 def _resume_path(config: TrainConfig) -> Path | None:
     """The state folder `resume` names (a state-* folder, or a folder of them: the newest), or None."""
     if not config.resume:
@@ -87,8 +117,11 @@ class Trainer:
         events: EventLog,
         stop: threading.Event | None = None,
         precision: Precision | None = None,
+        state_each_epoch: bool = False,
     ) -> None:
         self.config = config
+        # A job (train --job) saves its state (with save_state) after every epoch, not only with saved epochs.
+        self.state_each_epoch = state_each_epoch
         self.precision = precision or Precision.for_run(config.mixed_precision)
         self.events = events
         self.stop = stop or threading.Event()
@@ -101,6 +134,7 @@ class Trainer:
         self.batches_done = 0
         self.saved: list[Path] = []
         self.losses: list[float] = []
+        self.max_norm_log: dict[str, float] | None = None  # kohya's max-norm numbers of the last step
         self._base_hashes: tuple[str | None, str] | None = None
         self.setup: Setup | None = None
 
@@ -135,6 +169,9 @@ class Trainer:
             progress.epoch,
             progress.batches_done_in_epoch,
         )
+        set_optimizer_mode(
+            self.s.optimizer, self.s.optimizer_type, train=True
+        )  # a state is saved in eval mode
         self.events.emit("log", message=f"resumed from {path} at step {self.step}, epoch {self.epoch}")
 
     # ----------------------------------------------------------------------------------------------- inputs
@@ -170,7 +207,15 @@ class Trainer:
         device, dtype = precision.device, precision.weight_dtype
         latents = batch.latents.to(device, torch.float32)
         # drawn from the CPU generator (same numbers on any device) and placed on the device, no host copy of latents
-        noise = sample_noise(latents, generator=step_gen, noise_offset=config.noise_offset)
+        noise = sample_noise(
+            latents,
+            generator=step_gen,
+            noise_offset=config.noise_offset,
+            noise_offset_random_strength=config.noise_offset_random_strength,
+            adaptive_noise_scale=config.adaptive_noise_scale,
+            multires_iterations=config.multires_noise_iterations,
+            multires_discount=config.multires_noise_discount,
+        )
         timesteps = sample_timesteps(
             latents.shape[0],
             generator=step_gen,
@@ -178,7 +223,14 @@ class Trainer:
             min_timestep=config.min_timestep or 0,
             max_timestep=config.max_timestep or 1000,
         ).to(device)
-        noisy = s.noise_scheduler.add_noise(latents, noise, timesteps)
+        # input perturbation changes what the UNet sees, not its target (the noise drawn above)
+        perturbed = input_perturbation(
+            noise,
+            generator=step_gen,
+            gamma=config.ip_noise_gamma,
+            random_strength=config.ip_noise_gamma_random_strength,
+        )
+        noisy = s.noise_scheduler.add_noise(latents, perturbed, timesteps)
         with precision.autocast():
             cond = s.text(batch.captions)
             kwargs = s.text.family.unet_kwargs(
@@ -197,6 +249,7 @@ class Trainer:
             min_snr_gamma=config.min_snr_gamma,
             prediction_type=config.prediction_type,
             sample_weights=batch.weights.to(device),
+            settings=s.loss_settings,
         )
         value = float(loss.detach())  # syncs with the GPU once per step: needed for the NaN check and events
         if not math.isfinite(value):
@@ -212,6 +265,19 @@ class Trainer:
         if self.precision.step(s.optimizer, s.network.parameters(), self.config.max_grad_norm):
             s.lr_scheduler.step()  # an fp16 step skipped for overflowing gradients leaves the schedule as it was
         s.optimizer.zero_grad(set_to_none=True)
+        if self.config.scale_weight_norms:
+            self.max_norm_log = s.network.apply_max_norm_regularization(
+                self.config.scale_weight_norms
+            ).as_log()
+
+    @contextlib.contextmanager
+    def _eval_weights(self) -> Iterator[None]:
+        """Saving and sampling see a schedule-free optimizer's averaged weights (its eval mode), as in kohya."""
+        set_optimizer_mode(self.s.optimizer, self.s.optimizer_type, train=False)
+        try:
+            yield
+        finally:
+            set_optimizer_mode(self.s.optimizer, self.s.optimizer_type, train=True)
 
     # ----------------------------------------------------------------------------------------------- saving
     def _metadata(self, *, final: bool) -> dict[str, str]:
@@ -222,13 +288,7 @@ class Trainer:
         network = s.network
         return training_metadata(
             config=config,
-            network=NetworkSettings(
-                dim=network.network_dim,
-                alpha=network.network_alpha,
-                conv_dim=network.conv_dim,
-                conv_alpha=network.conv_alpha,
-                dropout=network.dropout,
-            ),
+            network=_network_settings(config, network),
             optimizer=s.optimizer_name,
             session_id=self.session_id,
             started_at=self.started_at,
@@ -347,7 +407,10 @@ class Trainer:
             fm_type=self.config.fm_type,
             output_dir=str(self.output_dir),
             device=str(self.precision.device),
+            device_kind=self.precision.label,
         )
+        for note in self.precision.notes:
+            self.events.emit("warning", message=note)
         self.setup = prepare(self.config, self.precision, self.events, seed=self.seed)
         self._maybe_resume()
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -391,6 +454,7 @@ class Trainer:
                 epoch=self.epoch,
                 loss=loss,
                 lrs=current_lrs(self.s.optimizer, self.s.lr_scheduler),
+                extra=self.max_norm_log,
             )
             self._step_checks()
             if self.step >= total or self.stop.is_set():
@@ -402,26 +466,32 @@ class Trainer:
         config = self.config
         every = config.save_every_n_steps
         if every and self.step % every == 0 and self.step < self.s.plan.total_steps:
-            self._save_lora(f"{config.output_stem}-step{self.step:08d}", final=False)
-            if config.save_state:
-                self._save_state()
+            with self._eval_weights():
+                self._save_lora(f"{config.output_stem}-step{self.step:08d}", final=False)
+                if config.save_state:
+                    self._save_state()
         every = config.sample_every_n_steps
         if every and config.sampling_enabled and self.step % every == 0:
-            self._sample()
+            with self._eval_weights():
+                self._sample()
 
     def _end_of_epoch(self) -> None:
         config = self.config
         self.events.emit("epoch", epoch=self.epoch, step=self.step, avg_loss=self._avg_loss())
         done = self.step >= self.s.plan.total_steps
         every = config.save_every_n_epochs_for(self.s.plan.epochs)
-        if every and self.epoch % every == 0 and not done:
-            self._save_lora(f"{config.output_stem}-{self.epoch:06d}", final=False)
-            self._rotate_epoch_files(every)
-            if config.save_state:
-                self._save_state()
-        every = config.sample_every_n_epochs
-        if every and config.sampling_enabled and self.epoch % every == 0:
-            self._sample()
+        saves_epoch = every is not None and self.epoch % every == 0 and not done
+        if saves_epoch or (self.state_each_epoch and config.save_state and not done):
+            with self._eval_weights():
+                if saves_epoch and every is not None:
+                    self._save_lora(f"{config.output_stem}-{self.epoch:06d}", final=False)
+                    self._rotate_epoch_files(every)
+                if config.save_state:
+                    self._save_state()
+        sample_every = config.sample_every_n_epochs
+        if sample_every and config.sampling_enabled and self.epoch % sample_every == 0:
+            with self._eval_weights():
+                self._sample()
 
     def _avg_loss(self) -> float | None:
         return sum(self.losses[-50:]) / len(self.losses[-50:]) if self.losses else None
@@ -429,12 +499,18 @@ class Trainer:
     def _finish(self) -> TrainResult:
         stopped = self.stop.is_set() and self.step < self.s.plan.total_steps
         output = None
+        set_optimizer_mode(
+            self.s.optimizer, self.s.optimizer_type, train=False
+        )  # what is saved: the eval weights
         if stopped:
             if self.config.save_state:
                 self._save_state()
             self.events.emit("stopped", step=self.step, epoch=self.epoch)
         else:
             output = self._save_lora(self.config.output_stem, final=True)
+            render_after_training(
+                self, output
+            )  # the epoch comparison grid, when epochs and samples were saved
             if self.config.save_state or self.config.save_state_on_train_end:
                 self._save_state()
             peak = torch.cuda.max_memory_allocated() / 1024**3 if torch.cuda.is_available() else None
@@ -451,10 +527,16 @@ class Trainer:
         )
 
 
-def train(config: TrainConfig, *, events: EventLog, stop: threading.Event | None = None) -> TrainResult:
+def train(
+    config: TrainConfig,
+    *,
+    events: EventLog,
+    stop: threading.Event | None = None,
+    state_each_epoch: bool = False,
+) -> TrainResult:
     """Train a LoRA as `config` says; errors a user can act on are TrainManagementError subclasses."""
     try:
-        return Trainer(config, events=events, stop=stop).run()
+        return Trainer(config, events=events, stop=stop, state_each_epoch=state_each_epoch).run()
     except torch.OutOfMemoryError as exc:
         raise TrainingError(
             "out of memory while training",

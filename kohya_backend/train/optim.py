@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import functools
 import inspect
 import logging
 from collections.abc import Callable
@@ -13,6 +12,7 @@ import torch
 from torch.optim.lr_scheduler import LRScheduler
 
 from kohya_backend.config.choices import LR_SCHEDULERS, OPTIMIZERS
+from kohya_backend.config.optimizers import is_schedule_free, resolve_optimizer
 from kohya_backend.config.train_config import TrainConfig
 from kohya_backend.errors import ConfigError, ConfigIssue, OptimizerUnavailableError, TrainingError
 
@@ -28,10 +28,18 @@ def _issue(key: str, message: str, hint: str | None = None) -> ConfigError:
 
 
 def canonical_optimizer_name(name: str) -> str:
-    """Return the canonical spelling of an optimizer name (kohya matches them case-insensitively)."""
+    """Return the canonical spelling of an optimizer name (kohya matches them case-insensitively); a class
+    (a torch.optim name or an allowed import path, as kohya accepts) is returned as given."""
     by_lower = {n.lower(): n for n in OPTIMIZER_NAMES}
     found = by_lower.get(name.strip().lower())
     if found is None:
+        ref, problem = resolve_optimizer(name)
+        if ref is not None:
+            return name.strip()
+        if "." in name:
+            raise _issue(
+                "optimizer_type", problem or f"unknown optimizer {name!r}", "e.g. pytorch_optimizer.CAME"
+            )
         close = difflib.get_close_matches(name, OPTIMIZER_NAMES, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
         raise _issue(
@@ -42,12 +50,20 @@ def canonical_optimizer_name(name: str) -> str:
 
 def _accepted_args(cls: Any) -> list[str]:
     params = inspect.signature(cls.__init__).parameters
-    return sorted(p for p in params if p not in ("self", "params", "lr"))
+    return sorted(
+        n for n, p in params.items() if n not in ("self", "params", "lr") and p.kind is not p.VAR_KEYWORD
+    )
 
 
-def _construct(cls: Any, name: str, groups: list[dict], kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+def construct_optimizer(
+    cls: Any, name: str, groups: list[dict], kwargs: dict[str, Any]
+) -> torch.optim.Optimizer:
+    """Build `cls` over param groups; an argument the class does not take names the ones it does."""
+    takes_any = any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values()
+    )
     unknown = [k for k in kwargs if k != "lr" and k not in _accepted_args(cls)]
-    if unknown:
+    if unknown and not takes_any:
         raise _issue(
             "optimizer_args",
             f"{name} does not take {', '.join(sorted(unknown))}",
@@ -64,24 +80,7 @@ def _construct(cls: Any, name: str, groups: list[dict], kwargs: dict[str, Any]) 
 
 
 def _adamw(groups: list[dict], lr: float, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
-    return _construct(torch.optim.AdamW, "AdamW", groups, {"lr": lr, **kwargs})
-
-
-@functools.lru_cache(maxsize=1)
-def _bnb_cpu_problem() -> str | None:
-    """Run one 8-bit AdamW step on a CPU tensor; return why it failed, or None when it works."""
-    import bitsandbytes as bnb
-
-    probe = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 4096))
-    probe.grad = torch.ones_like(probe)
-    before = probe.detach().clone()
-    try:
-        bnb.optim.AdamW8bit([probe], lr=1e-3).step()
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
-    if not torch.isfinite(probe).all() or torch.equal(probe.detach(), before):
-        return "its 8-bit step gave no valid update on CPU"
-    return None
+    return construct_optimizer(torch.optim.AdamW, "AdamW", groups, {"lr": lr, **kwargs})
 
 
 def _adamw8bit(
@@ -96,13 +95,15 @@ def _adamw8bit(
         ) from exc
     on_cpu = any(p.device.type == "cpu" for g in groups for p in g["params"])
     if on_cpu and not dry_run:
-        problem = _bnb_cpu_problem()
+        from kohya_backend.train.optimizers_extra import bnb_cpu_problem
+
+        problem = bnb_cpu_problem("AdamW8bit")
         if problem is not None:
             raise OptimizerUnavailableError(
                 f"AdamW8bit cannot run on CPU with this bitsandbytes ({problem})",
                 'train on a CUDA GPU, or set optimizer_type = "AdamW"',
             )
-    return _construct(bnb.optim.AdamW8bit, "AdamW8bit", groups, {"lr": lr, **kwargs})
+    return construct_optimizer(bnb.optim.AdamW8bit, "AdamW8bit", groups, {"lr": lr, **kwargs})
 
 
 def _lion(groups: list[dict], lr: float, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
@@ -112,7 +113,7 @@ def _lion(groups: list[dict], lr: float, kwargs: dict[str, Any]) -> torch.optim.
         raise OptimizerUnavailableError(
             "Lion needs the lion-pytorch package", "pip install lion-pytorch"
         ) from exc
-    return _construct(Lion, "Lion", groups, {"lr": lr, **kwargs})
+    return construct_optimizer(Lion, "Lion", groups, {"lr": lr, **kwargs})
 
 
 def _prodigy(groups: list[dict], lr: float, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
@@ -124,12 +125,9 @@ def _prodigy(groups: list[dict], lr: float, kwargs: dict[str, Any]) -> torch.opt
         ) from exc
     lrs = {g.get("lr", lr) for g in groups} - {0.0}
     if len(lrs) > 1:
-        raise _issue(
-            "unet_lr",
-            f"Prodigy needs the same learning rate for every part, got {sorted(lrs)}",
-            "set unet_lr and text_encoder_lr to the same value (usually 1.0) or leave them unset",
-        )
-    return _construct(Prodigy, "Prodigy", groups, {"lr": lr, **kwargs})
+        # kohya warns and trains: Prodigy shares one step-size estimate d and scales it by each group's rate
+        logger.warning("Prodigy with different learning rates per part: %s", sorted(lrs))
+    return construct_optimizer(Prodigy, "Prodigy", groups, {"lr": lr, **kwargs})
 
 
 def _adafactor(groups: list[dict], lr: float, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
@@ -140,19 +138,19 @@ def _adafactor(groups: list[dict], lr: float, kwargs: dict[str, Any]) -> torch.o
         logger.info("Adafactor: relative_step set to True because warmup_init is True")
         kwargs["relative_step"] = True
     if not kwargs["relative_step"]:
-        return _construct(Adafactor, "Adafactor", groups, {"lr": lr, **kwargs})
+        return construct_optimizer(Adafactor, "Adafactor", groups, {"lr": lr, **kwargs})
     if any(g.pop("lr", None) is not None for g in groups):
         logger.warning(
             "Adafactor with relative_step=True computes its own step size: unet_lr/text_encoder_lr ignored"
         )
-    optimizer = _construct(Adafactor, "Adafactor", groups, {"lr": None, **kwargs})
+    optimizer = construct_optimizer(Adafactor, "Adafactor", groups, {"lr": None, **kwargs})
     optimizer.defaults[_ADAFACTOR_INITIAL_LR] = lr
     return optimizer
 
 
 def _sgd_nesterov(groups: list[dict], lr: float, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
     kwargs.setdefault("momentum", 0.9)
-    return _construct(torch.optim.SGD, "SGDNesterov", groups, {"lr": lr, "nesterov": True, **kwargs})
+    return construct_optimizer(torch.optim.SGD, "SGDNesterov", groups, {"lr": lr, "nesterov": True, **kwargs})
 
 
 _BUILDERS: dict[str, Callable[[list[dict], float, dict[str, Any]], torch.optim.Optimizer]] = {
@@ -187,7 +185,11 @@ def create_optimizer(
         )
     if canonical == "AdamW8bit":
         return _adamw8bit(groups, lr, dict(optimizer_args), dry_run=dry_run)
-    return _BUILDERS[canonical](groups, lr, dict(optimizer_args))
+    if canonical in _BUILDERS:
+        return _BUILDERS[canonical](groups, lr, dict(optimizer_args))
+    from kohya_backend.train.optimizers_extra import create_extra_optimizer  # it builds on this module
+
+    return create_extra_optimizer(canonical, groups, lr, dict(optimizer_args))
 
 
 def _is_relative_step_adafactor(optimizer: Any) -> bool:
@@ -289,26 +291,41 @@ def current_lrs(optimizer: torch.optim.Optimizer, scheduler: LRScheduler) -> lis
 
 
 def build_optimizer(
-    config: TrainConfig, param_groups: list[dict], *, total_steps: int, dry_run: bool = False
+    config: TrainConfig,
+    param_groups: list[dict],
+    *,
+    total_steps: int,
+    dry_run: bool = False,
+    optimizer_type: str | None = None,
 ) -> tuple[torch.optim.Optimizer, LRScheduler]:
     """The optimizer and learning-rate schedule a config trains with, over `param_groups`: optimizer_args and
-    lr_scheduler_args parsed as kohya parses them (Python literals)."""
+    lr_scheduler_args parsed as kohya parses them (Python literals); a schedule-free optimizer gets a constant
+    stand-in (it schedules itself), lr_scheduler_type a scheduler class. `optimizer_type` overrides the config's
+    (the trainer's platform substitute for bitsandbytes on macOS)."""
+    from kohya_backend.train.optimizers_extra import ConstantForScheduleFree, create_class_scheduler
+
+    name = optimizer_type or config.optimizer_type
     optimizer = create_optimizer(
-        config.optimizer_type,
-        param_groups,
-        lr=config.learning_rate,
-        optimizer_args=config.optimizer_kwargs,
-        dry_run=dry_run,
+        name, param_groups, lr=config.learning_rate, optimizer_args=config.optimizer_kwargs, dry_run=dry_run
     )
-    scheduler = create_lr_scheduler(
-        config.lr_scheduler,
-        optimizer,
-        warmup_steps=config.lr_warmup_steps_for(total_steps),
-        total_steps=total_steps,
-        num_cycles=config.lr_scheduler_num_cycles,
-        power=config.lr_scheduler_power,
-        scheduler_args=config.lr_scheduler_kwargs,
-    )
+    warmup = config.lr_warmup_steps_for(total_steps)
+    scheduler: LRScheduler
+    if is_schedule_free(name):
+        scheduler = ConstantForScheduleFree(optimizer)  # they schedule themselves, as in kohya
+    elif config.lr_scheduler_type:
+        scheduler = create_class_scheduler(
+            config.lr_scheduler_type, optimizer, config.lr_scheduler_kwargs, warmup_steps=warmup
+        )
+    else:
+        scheduler = create_lr_scheduler(
+            config.lr_scheduler,
+            optimizer,
+            warmup_steps=warmup,
+            total_steps=total_steps,
+            num_cycles=config.lr_scheduler_num_cycles,
+            power=config.lr_scheduler_power,
+            scheduler_args=config.lr_scheduler_kwargs,
+        )
     return optimizer, scheduler
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from kohya_backend.train.device import DeviceFacts, DevicePlan, detect_facts, device_label, plan_device
+
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -30,21 +32,34 @@ class Precision:
     weight_dtype: torch.dtype = torch.float32
     autocast_dtype: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None
+    notes: tuple[
+        str, ...
+    ] = ()  # what this device does differently from what was asked (warnings for the log)
+    label: str = "CPU"  # "CUDA", "ROCm", "MPS" or "CPU"
 
     @classmethod
-    def for_run(cls, mixed_precision: str, *, device: torch.device | str | None = None) -> Precision:
-        """The precision kohya's mixed_precision gives on `device` (default: CUDA when present, else the CPU).
+    def from_plan(cls, plan: DevicePlan, *, label: str | None = None) -> Precision:
+        """The precision of a device plan (train/device.py): frozen weights in the plan's dtype, autocast to its
+        mixed precision, and fp16 loss scaling on a GPU (CUDA or MPS) with torch's defaults (initial scale 65536)."""
+        dtype = DTYPES[plan.weight_dtype]
+        autocast = DTYPES[plan.mixed_precision] if plan.mixed_precision != "no" else None
+        scaler = (
+            torch.amp.GradScaler(plan.kind) if plan.mixed_precision == "fp16" and plan.kind != "cpu" else None
+        )
+        return cls(torch.device(plan.kind), dtype, autocast, scaler, plan.notes, label or plan.label)
 
-        fp16 needs CUDA: on the CPU it falls back to float32. bf16 on the CPU autocasts the compute to bf16 and
-        keeps float32 weights. fp16 on CUDA gets a GradScaler with torch's defaults (initial scale 65536).
-        """
-        dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        if dev.type == "cpu":
-            mixed = "no" if mixed_precision == "fp16" else mixed_precision
-            return cls(dev, torch.float32, DTYPES[mixed] if mixed != "no" else None, None)
-        dtype = DTYPES[mixed_precision]
-        scaler = torch.amp.GradScaler(dev.type) if mixed_precision == "fp16" else None
-        return cls(dev, dtype, dtype if mixed_precision != "no" else None, scaler)
+    @classmethod
+    def for_run(cls, mixed_precision: str, *, device: str | None = None) -> Precision:
+        """The precision kohya's mixed_precision gives on `device` ("cuda", "mps", "cpu"; default: the best this
+        process has, or the one the job's runner named). fp16 needs a GPU: on the CPU it falls back to float32;
+        bf16 on the CPU autocasts the compute to bf16 and keeps float32 weights."""
+        if device is None:
+            facts = detect_facts()
+        else:
+            kind = torch.device(device).type
+            facts = DeviceFacts(cuda=kind == "cuda", mps=kind == "mps", forced=kind)
+        plan = plan_device(mixed_precision, facts)
+        return cls.from_plan(plan, label=device_label(plan, facts))
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """Autocast to the run's compute dtype (nothing when training in full precision)."""

@@ -20,14 +20,16 @@ from kohya_backend.data.batches import TrainItem
 from kohya_backend.data.captions import build_caption
 from kohya_backend.data.plan import TrainingPlan
 from kohya_backend.data.scan import DatasetScan
-from kohya_backend.lora.network import LoRANetwork
+from kohya_backend.lora.build import TrainedNetwork, create_network
 from kohya_backend.lora.save import load_lora
 from kohya_backend.models.frozen import route_frozen_layers
 from kohya_backend.models.hashing import BackgroundSha256
 from kohya_backend.models.load import LoadedModel, load_checkpoint
 from kohya_backend.train.conditioning import Conditioning, ModelFamily, get_family
+from kohya_backend.train.device import optimizer_for_platform
 from kohya_backend.train.events import EventLog
 from kohya_backend.train.inputs import TEXT_CACHE_DIR, LatentCache, TextCache
+from kohya_backend.train.losses import LossSettings
 from kohya_backend.train.noise import make_noise_scheduler
 from kohya_backend.train.optim import build_optimizer, check_optimizer_settings, optimizer_description
 from kohya_backend.train.plan import plan_for, scan_for
@@ -123,13 +125,17 @@ class Setup:
     scan: DatasetScan
     plan: TrainingPlan
     model: LoadedModel
-    network: LoRANetwork
+    network: TrainedNetwork
     latent_cache: LatentCache | None
     text: TextConditioner
     optimizer: torch.optim.Optimizer
+    optimizer_type: (
+        str  # what was built: optimizer_type, or its 32-bit stand-in where bitsandbytes has no build
+    )
     optimizer_name: str  # kohya's description, for ss_optimizer
     lr_scheduler: LRScheduler
     noise_scheduler: Any
+    loss_settings: LossSettings
     base_sha256: BackgroundSha256
 
     @property
@@ -161,15 +167,15 @@ def _load_model(config: TrainConfig, precision: Precision, events: EventLog) -> 
     return model
 
 
-def _build_network(config: TrainConfig, model: LoadedModel, precision: Precision) -> LoRANetwork:
-    network = LoRANetwork(
+def _build_network(config: TrainConfig, model: LoadedModel, precision: Precision) -> TrainedNetwork:
+    network = create_network(
+        config.network_module,
         family=config.fm_type,
         unet=model.unet,
         text_encoders=model.text_encoders,
         network_dim=config.network_dim,
         network_alpha=config.network_alpha,
-        conv_dim=config.conv_dim,
-        conv_alpha=config.conv_alpha,
+        network_args=config.network_kwargs,
         dropout=config.network_dropout,
         train_unet=config.trains_unet,
         train_text_encoder=config.trains_text_encoder,
@@ -288,9 +294,17 @@ def prepare(config: TrainConfig, precision: Precision, events: EventLog, *, seed
     groups = network.param_groups(
         unet_lr=config.effective_unet_lr, text_encoder_lr=config.effective_text_encoder_lr
     )
-    optimizer, lr_scheduler = build_optimizer(config, groups, total_steps=plan.total_steps)
-    noise_scheduler: Any = make_noise_scheduler(config.prediction_type)
+    optimizer_type, substituted = optimizer_for_platform(config.optimizer_type)
+    if substituted:
+        events.emit("warning", message=substituted)
+    optimizer, lr_scheduler = build_optimizer(
+        config, groups, total_steps=plan.total_steps, optimizer_type=optimizer_type
+    )
+    noise_scheduler: Any = make_noise_scheduler(
+        config.prediction_type, zero_terminal_snr=config.zero_terminal_snr
+    )
     noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(precision.device)
+    noise_scheduler.all_snr = noise_scheduler.all_snr.to(precision.device)
     return Setup(
         scan=scan,
         plan=plan,
@@ -299,8 +313,18 @@ def prepare(config: TrainConfig, precision: Precision, events: EventLog, *, seed
         latent_cache=latent_cache,
         text=text,
         optimizer=optimizer,
+        optimizer_type=optimizer_type,
         optimizer_name=optimizer_description(optimizer, config.optimizer_kwargs),
         lr_scheduler=lr_scheduler,
         noise_scheduler=noise_scheduler,
+        loss_settings=LossSettings(
+            loss_type=config.loss_type,
+            huber_schedule=config.huber_schedule,
+            huber_c=config.huber_c,
+            huber_scale=config.huber_scale,
+            scale_v_pred_loss_like_noise_pred=config.scale_v_pred_loss_like_noise_pred,
+            v_pred_like_loss=config.v_pred_like_loss,
+            debiased_estimation_loss=config.debiased_estimation_loss,
+        ),
         base_sha256=base_sha256,
     )

@@ -21,13 +21,14 @@ from safetensors.torch import load_model, save_model
 
 from kohya_backend.errors import TrainingError
 from kohya_backend.fileio import fsync_dir
+from kohya_backend.job_folder import CONFIG_NAME
 from kohya_backend.job_folder import STATE_NAME as _STATE_NAME
 from kohya_backend.job_folder import STATE_PREFIX as STATE_PREFIX
 
 STATE_FORMAT = 1
 TEMP_PREFIX = ".tmp-state-"
 PROGRESS_FILE = "train_state.json"
-CONFIG_FILE = "config.toml"
+CONFIG_FILE = CONFIG_NAME  # the config a state was trained with, as a job folder holds it
 NETWORK_FILE = "network.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"

@@ -27,6 +27,7 @@ from kohya_backend.service.datasets import DatasetService
 from kohya_backend.service.home import Home
 from kohya_backend.service.training import TrainingService
 from kohya_backend.ui.hooks import UiHooks
+from kohya_backend.ui.offline import OfflinePage
 
 DEMO_PROMPTS = "demo-sample-prompts.txt"
 QUEUE_WORKERS = 8
@@ -102,13 +103,15 @@ def build_app(service: TrainingService, *, token: str | None = None, demo: bool 
     hooks = UiHooks(
         default_config=(lambda fm: demo_config(fm, prompts=prompts if prompts.exists() else None))
         if demo
-        else None
+        else None,
+        load_script=True,
     )
     blocks = create_tab(service, DatasetService(service.home, jobs=service.store), hooks)
     if _STYLE.is_file():
         blocks.css = (blocks.css or "") + _STYLE.read_text(encoding="utf-8")
     enable_queue(blocks)
     app = create_app(service, token=token)
+    app.add_middleware(OfflinePage)  # the page asks no other host for anything (iframe-resizer, font hosts)
     return mount(app, blocks, "/", auth=token_auth(token) if token else None)
 
 
@@ -120,6 +123,8 @@ def serve(
     token: str | None = None,
     demo: bool = False,
     s3_uri: str | None = None,
+    sagemaker_role_arn: str | None = None,
+    sagemaker_image_uri: str | None = None,
 ) -> None:
     """Serve the tab and the API until interrupted, with the scheduler thread; off loopback only with a token."""
     import uvicorn
@@ -130,7 +135,12 @@ def serve(
             f"refusing to serve on {host} without a token: anyone on the network could train and delete jobs",
             f"pass --token (or set {TOKEN_ENV}), or serve on 127.0.0.1",
         )
-    service = build_service(home_dir, s3_uri=s3_uri)
+    service = build_service(
+        home_dir,
+        s3_uri=s3_uri,
+        sagemaker_role_arn=sagemaker_role_arn,
+        sagemaker_image_uri=sagemaker_image_uri,
+    )
     if demo and prepare_demo_home(service.home):
         print(f"demo model and dataset written to {service.home.root}", flush=True)
     app = build_app(service, token=token, demo=demo)

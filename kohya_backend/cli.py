@@ -225,10 +225,16 @@ def _print_job_line(job: dict[str, Any]) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from kohya_backend.ui.standalone import serve
+    from kohya_backend.ui.standalone import serve, serve_policy
 
     _lean_process("")  # the server never trains itself; its demo writer needs no bitsandbytes
-    serve(Path(args.home), host=args.host, port=args.port, token=args.token, demo=args.demo)
+    policy = serve_policy(
+        args.host,
+        allowed_hosts=tuple(args.allowed_hosts or ()),
+        cors_allow_origins=tuple(args.cors_allow_origins or ()),
+        cors_allow_origins_regex=args.cors_allow_origins_regex,
+    )
+    serve(Path(args.home), host=args.host, port=args.port, token=args.token, demo=args.demo, policy=policy)
     return 0
 
 
@@ -503,6 +509,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--token", help="require 'Authorization: Bearer TOKEN' (default: $TRAIN_MANAGEMENT_TOKEN)"
     )
     srv.add_argument("--demo", action="store_true", help="add a tiny demo model and dataset to an empty home")
+    srv.add_argument(
+        "--allowed-hosts",
+        action="append",
+        metavar="NAMES",
+        help="more host names the server answers to (comma-separated; e.g. a reverse proxy's; '*' for any)",
+    )
+    srv.add_argument(
+        "--cors-allow-origins",
+        action="append",
+        metavar="ORIGINS",
+        help="other websites (scheme://host[:port], comma-separated) allowed to use the API from a browser",
+    )
+    srv.add_argument(
+        "--cors-allow-origins-regex", metavar="REGEX", help="allowed other websites as a regular expression"
+    )
     srv.set_defaults(func=_cmd_serve)
     _add_jobs_parser(sub)
     _add_datasets_parser(sub)

@@ -178,8 +178,10 @@ def on_ui_settings():
 
 
 def on_app_started(demo, app):
+    from modules import shared
+
     from kohya_backend.host.auth import webui_credentials
-    from kohya_backend.host.exposure import api_refusal
+    from kohya_backend.host.exposure import api_refusal, webui_policy
     from kohya_backend.host.mount import mount_api
     from kohya_backend.host.runtime import RUNTIME
     from kohya_backend.host.workers import register_flag_workers
@@ -191,7 +193,10 @@ def on_app_started(demo, app):
     if closed:
         print(closed, file=sys.stderr)
     else:
-        mount_api(app, service, users)
+        policy, problems = webui_policy(shared.cmd_opts)
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        mount_api(app, service, users, policy)
     if RUNTIME.start():
         _, problem = _trainer_python()
         if problem:

@@ -49,10 +49,11 @@ class TrainingRequest(BaseModel):
     config_params: str | dict[str, Any] = ""
 
 
-def create_router(service: TrainingService) -> APIRouter:
-    """The Train Management API. It checks no credentials itself: the app does, before any route runs (create_app's
-    BearerTokenMiddleware, or the host's dependencies in mount_api)."""
-    router = APIRouter(prefix=API_PREFIX)
+def create_router(service: TrainingService, *, prefix: str = API_PREFIX) -> APIRouter:
+    """The Train Management API under `prefix` ("" for an app mounted at API_PREFIX). It checks no credentials
+    itself: the app does, before any route runs (create_app's BearerTokenMiddleware, or the host's dependencies in
+    mount_api)."""
+    router = APIRouter(prefix=prefix)
 
     @router.get("/version")
     def version() -> dict[str, Any]:

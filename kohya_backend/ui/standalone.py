@@ -111,10 +111,11 @@ def build_app(
     token: str | None = None,
     demo: bool = False,
     policy: GuardPolicy | None = None,
+    logins: LoginLimiter | None = None,
 ) -> Any:
     """The FastAPI app: the REST API under its prefix and the tab's Blocks at `/` (scheduler not started), behind
     the request guard of `policy` (default: loopback names, no other origin) and, with a token, a login page that
-    backs off after failed attempts."""
+    backs off after failed attempts (`logins`, default a new LoginLimiter)."""
     from kohya_backend.ui.compat import mount
     from kohya_backend.ui.tab import create_tab
 
@@ -128,7 +129,9 @@ def build_app(
     if _STYLE.is_file():
         blocks.css = (blocks.css or "") + _STYLE.read_text(encoding="utf-8")
     enable_queue(blocks)
-    app = create_app(service, token=token, policy=policy, logins=LoginLimiter() if token else None)
+    if token:
+        logins = logins or LoginLimiter()
+    app = create_app(service, token=token, policy=policy, logins=logins if token else None)
     app = mount(app, blocks, "/", auth=token_auth(token) if token else None)
     without_gradio_cors(app)
     return app

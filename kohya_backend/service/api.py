@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Header, Query, Response
 from pydantic import BaseModel
 
 from kohya_backend.service.datasets_api import add_dataset_routes
@@ -21,6 +21,10 @@ from kohya_backend.service.workers_api import create_workers_router
 API_PREFIX = "/train-management/v1"
 API_VERSION = "1.0"
 _STATUS_QUERY = Query(None, description="only jobs in these states (repeat, or comma-separated)")
+_IDEMPOTENCY_KEY = Header(
+    None,
+    description="a key per submission (e.g. a UUID): sent again, the same job comes back (200) instead of a new one",
+)
 
 
 class FormatRequest(BaseModel):
@@ -92,18 +96,23 @@ def create_router(service: TrainingService, *, prefix: str = API_PREFIX) -> APIR
             )
 
     @router.post("/trainings", status_code=201)
-    def create_training(body: TrainingRequest) -> dict[str, Any]:
+    def create_training(
+        body: TrainingRequest, response: Response, idempotency_key: str | None = _IDEMPOTENCY_KEY
+    ) -> dict[str, Any]:
         params = body.training_params
         with http_errors():
-            job = service.submit(
+            job, created = service.submit_once(
                 Submission(
                     model=params.model,
                     dataset=params.dataset,
                     fm_type=params.fm_type,
                     config_params=body.config_params,
                     instance_type=params.training_instance_type,
-                )
+                ),
+                idempotency_key,
             )
+            if not created:
+                response.status_code = 200
             return {"job": service.show(job.id)}
 
     @router.get("/trainings")

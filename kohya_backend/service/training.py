@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,12 @@ from kohya_backend.jobs.scheduler import Scheduler
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import Job, JobStore
 from kohya_backend.service.home import Home, PathOutsideHome
+from kohya_backend.service.idempotency import IdempotencyKeys, check_key
 
 # Keys the server fills in from training_params (a client value must still stay inside the roots).
 _SERVER_PATHS = ("pretrained_model_name_or_path", "train_data_dir", "output_dir")
+KEYS_DIR = "idempotency-keys"  # HOME/idempotency-keys: the Idempotency-Key headers of POST /trainings
+_NAME_TRIES = 5
 
 
 class OutputNameTaken(TrainManagementError):
@@ -62,6 +65,20 @@ def job_summary(job: Job) -> dict[str, Any]:
     }
 
 
+def _stamp() -> str:
+    """The local date and time of an automatic output name (YYYYmmdd-HHMMSS)."""
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def _given_name(sub: Submission) -> str | None:
+    """The output_name config_params gives, if any (None: the service names the LoRA)."""
+    try:
+        name = parse_config(sub.config_params if sub.config_params != "" else {}).values.get("output_name")
+    except ConfigError:
+        return None
+    return str(name) if name else None
+
+
 def _config_issue(key: str, exc: TrainManagementError, positions: dict[str, tuple[int, int]]) -> ConfigIssue:
     line, column = positions.get(key, (None, None))
     return ConfigIssue(exc.message, key=key, line=line, column=column, hint=exc.hint)
@@ -79,6 +96,7 @@ class TrainingService:
         self.scheduler = scheduler
         self.store: JobStore = scheduler.store
         self.restrict_paths = restrict_paths
+        self.keys = IdempotencyKeys(home.root / KEYS_DIR, self.store)
 
     def _key_roots(self, key: str) -> list[Path]:
         home = self.home
@@ -117,7 +135,11 @@ class TrainingService:
             )
 
     def prepare(self, sub: Submission) -> tuple[str, str, dict[str, Any]]:
-        """Validate a submission: (canonical config TOML, output name, job params incl. the plan). Raises on errors."""
+        """Validate a submission: (canonical config TOML, output name, job params incl. the plan). Raises on errors.
+
+        Without an output_name in config_params the LoRA is named after the dataset and the time, with `-2`, `-3`...
+        when a job already has that name (two submissions in one second).
+        """
         from kohya_backend.models.detect import check_family
         from kohya_backend.train.plan import format_with_plan
 
@@ -129,7 +151,7 @@ class TrainingService:
         parsed.values["pretrained_model_name_or_path"] = model.as_posix()
         parsed.values["train_data_dir"] = dataset.as_posix()
         parsed.values["output_dir"] = self.home.lora.as_posix()
-        output_name = parsed.values.get("output_name") or f"{dataset.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        output_name = parsed.values.get("output_name") or self._free_name(f"{dataset.name}-{_stamp()}")
         parsed.values["output_name"] = output_name
         check_family(model, sub.fm_type)
         formatted = format_with_plan(
@@ -154,8 +176,9 @@ class TrainingService:
     ) -> dict[str, Any]:
         """What Format config Params shows (tab, API): canonical TOML, warnings and, with a dataset, the plan.
 
-        Paths are confined like a submission's; the chosen model and dataset fill their keys, and the fp16 rule
-        is judged for the machine the instance type trains on.
+        Paths are confined like a submission's; the chosen model and dataset fill their keys, the model's family
+        must be the FM type's (FamilyMismatchError, as for a submission), and the fp16 rule is judged for the
+        machine the instance type trains on.
         """
         from kohya_backend.train.plan import format_with_plan
 
@@ -163,7 +186,11 @@ class TrainingService:
         if self.restrict_paths:
             self.confine_paths(parsed.values, parsed.positions, rewrite_all=True)
         if model:
-            parsed.values["pretrained_model_name_or_path"] = self.home.model_path(model).as_posix()
+            from kohya_backend.models.detect import check_family
+
+            path = self.home.model_path(model)
+            check_family(path, fm_type)  # as a submission does: a checkpoint of the other family is refused
+            parsed.values["pretrained_model_name_or_path"] = path.as_posix()
         if dataset:
             parsed.values["train_data_dir"] = self.home.dataset_path(dataset).as_posix()
         if model or dataset:
@@ -187,27 +214,57 @@ class TrainingService:
             )
         return True if entry.get("cuda") is None else bool(entry["cuda"])
 
+    def _free_name(self, base: str) -> str:
+        """`base`, or `base-2`, `base-3`... : the first output name no job has."""
+        name, number = base, 1
+        while self.store.output_name_taken(name):
+            number += 1
+            name = f"{base}-{number}"
+        return name
+
     def submit(self, sub: Submission) -> Job:
-        """Validate and queue a job; OutputNameTaken when another job uses its output_name."""
-        config_toml, output_name, params = self.prepare(sub)
-        if self.store.output_name_taken(output_name):
-            raise self._name_taken(output_name)
-        try:
-            return self.scheduler.submit(
-                fm_type=sub.fm_type,
-                model=sub.model,
-                dataset=sub.dataset,
-                instance_type=sub.instance_type,
-                output_name=output_name,
-                config_toml=config_toml,
-                params=params,
-            )
-        except ConfigError:
-            raise
-        except TrainManagementError:
-            if self.store.output_name_taken(output_name):  # another submit won the race
-                raise self._name_taken(output_name) from None
-            raise
+        """Validate and queue a job; OutputNameTaken when another job uses the output_name it gives. The job
+        stores the model's and the dataset's canonical names, however the submission spelled them."""
+        sub = replace(sub, model=self.home.model_name(sub.model), dataset=self.home.dataset_name(sub.dataset))
+        given = _given_name(sub) is not None
+        for _ in range(_NAME_TRIES):
+            config_toml, output_name, params = self.prepare(sub)
+            try:
+                if self.store.output_name_taken(output_name):
+                    raise self._name_taken(output_name)
+                return self.scheduler.submit(
+                    fm_type=sub.fm_type,
+                    model=sub.model,
+                    dataset=sub.dataset,
+                    instance_type=sub.instance_type,
+                    output_name=output_name,
+                    config_toml=config_toml,
+                    params=params,
+                )
+            except ConfigError:
+                raise
+            except TrainManagementError:
+                if not self.store.output_name_taken(output_name):
+                    raise
+                if given:  # the name it asked for is another job's (that job may have won a race for it)
+                    raise self._name_taken(output_name) from None
+                # An automatic name another submission took meanwhile: prepare again picks the next one.
+        raise self._name_taken(output_name)
+
+    def submit_once(self, sub: Submission, key: str | None) -> tuple[Job, bool]:
+        """submit() under an idempotency key: the job that key queued before (and False), or a new one (True)."""
+        if key is None:
+            return self.submit(sub), True
+        check_key(key, "the Idempotency-Key header")
+        known = self.keys.known(key)
+        if known is None:
+            with self.keys.lock:
+                known = self.keys.known(key)
+                if known is None:
+                    job = self.submit(sub)
+                    self.keys.remember(key, job.id)
+                    return job, True
+        return self.store.get(known), False
 
     @staticmethod
     def _name_taken(name: str) -> OutputNameTaken:

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from kohya_backend.service.datasets_api import add_dataset_routes
 from kohya_backend.service.http_errors import http_errors
 from kohya_backend.service.streams import add_stream_routes
+from kohya_backend.service.text import TextCheckedRoute
 from kohya_backend.service.training import Submission, TrainingService
 from kohya_backend.service.workers_api import create_workers_router
 
@@ -57,7 +58,7 @@ def create_router(service: TrainingService, *, prefix: str = API_PREFIX) -> APIR
     """The Train Management API under `prefix` ("" for an app mounted at API_PREFIX). It checks no credentials
     itself: the app does, before any route runs (create_app's BearerTokenMiddleware, or the host's dependencies in
     mount_api)."""
-    router = APIRouter(prefix=prefix)
+    router = APIRouter(prefix=prefix, route_class=TextCheckedRoute)
 
     @router.get("/version")
     def version() -> dict[str, Any]:

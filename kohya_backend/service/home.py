@@ -104,7 +104,10 @@ class Home:
             raise PathOutsideHome(
                 f"{what} {text!r} is not a usable path", "give a name inside the home folders"
             )
-        path = Path(text).expanduser()
+        try:
+            path = Path(text).expanduser()
+        except (RuntimeError, KeyError):  # `~name` of no user: a name like any other
+            path = Path(text)
         if ".." in path.parts:
             raise PathOutsideHome(
                 f"{what} {text!r} contains '..'", f"name it relative to {roots[0]} without '..'"

@@ -49,6 +49,7 @@ from kohya_backend.service.blobs import (
 from kohya_backend.service.home import Home
 from kohya_backend.service.hosts import ANY_HOSTS, interface_addresses
 from kohya_backend.service.http_errors import http_errors
+from kohya_backend.service.text import TextCheckedRoute
 from kohya_backend.service.training import TrainingService
 from kohya_backend.service.worker_gc import delete_blob
 from kohya_backend.service.worker_jobs import MAX_LOG_CHUNK, WorkerJobs
@@ -217,7 +218,7 @@ def create_worker_app(worker: Worker, *, token: str) -> FastAPI:
     def health() -> dict[str, Any]:
         return {"ok": True, "api": WORKER_API_VERSION}
 
-    guarded = APIRouter(prefix=WORKER_PREFIX)
+    guarded = APIRouter(prefix=WORKER_PREFIX, route_class=TextCheckedRoute)
 
     @guarded.get("/info")
     def info() -> dict[str, Any]:

@@ -95,7 +95,7 @@ def without_gradio_cors(app: Any) -> None:
     gradio 4 every localhost one, and a preflight for an API route that is not routed here reaches it. The app's
     own CORS (create_app) answers for the origins the user configured."""
     for route in app.routes:
-        mounted = getattr(route, "app", None)
+        mounted: Any = getattr(route, "app", None)
         middleware = getattr(mounted, "user_middleware", None)
         if middleware is None:
             continue

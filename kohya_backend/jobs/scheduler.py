@@ -39,7 +39,7 @@ from kohya_backend.jobs.runner import (
     read_json,
 )
 from kohya_backend.jobs.states import InvalidTransition, JobStatus
-from kohya_backend.jobs.store import Job, JobNotFound, JobStore
+from kohya_backend.jobs.store import Job, JobNotFound, JobStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,7 @@ def default_devices() -> dict[str, int]:
 HEARTBEAT_S = 5.0
 LOCK_NAME = "scheduler.lock"
 DEFAULT_CANCEL_GRACE_S = 60.0
+STORE_BACKOFF_MAX_S = 60.0  # the longest pause while the job database cannot be used
 _RUNNING = frozenset({JobStatus.PREPARING, JobStatus.TRAINING, JobStatus.SAVING})
 _PAGE = 1000
 
@@ -239,6 +240,8 @@ class Scheduler:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._home_lock: IO[str] | None = None
+        self._busy_warned = False
+        self._store_failures = 0
 
     # -- commands (any thread) ------------------------------------------------------------------------------
 
@@ -364,18 +367,33 @@ class Scheduler:
             self._release_home()
 
     def _loop(self) -> None:
-        warned = False
         while not self._stopping.is_set():
-            try:
-                self.tick()
-            except SchedulerBusy as exc:  # another host schedules this home; take over when it goes
-                if not warned:
-                    log.warning("%s", exc)
-                    warned = True
-            except Exception:  # the thread must outlive any one bad tick; the next one tries again
-                log.exception("scheduler tick failed")
-            self._wake.wait(self.poll_interval_s)
+            self._wake.wait(self.run_once())
             self._wake.clear()
+
+    def run_once(self) -> float:
+        """One tick of the thread, its trouble logged; the seconds to wait before the next one.
+
+        A job database that cannot be used (a full disk, a read-only or broken file) is waited out with a growing
+        pause, logged once per attempt without a traceback, instead of failing every poll interval.
+        """
+        try:
+            self.tick()
+        except SchedulerBusy as exc:  # another host schedules this home; take over when it goes
+            if not self._busy_warned:
+                log.warning("%s", exc)
+                self._busy_warned = True
+        except StoreError as exc:
+            self._store_failures += 1
+            wait = min(STORE_BACKOFF_MAX_S, self.poll_interval_s * 2**self._store_failures)
+            log.warning("the job database cannot be used (%s); trying again in %.0f s", exc.message, wait)
+            return wait
+        except Exception:  # the thread must outlive any one bad tick; the next one tries again
+            log.exception("scheduler tick failed")
+        if self._store_failures:
+            log.warning("the job database answers again; scheduling goes on")
+            self._store_failures = 0
+        return self.poll_interval_s
 
     def _lock_home(self) -> None:
         """Hold home/scheduler.lock: one scheduler per store; the kernel frees it when its process dies."""

@@ -224,6 +224,17 @@ def _print_job_line(job: dict[str, Any]) -> None:
     )
 
 
+def _positive_minutes(text: str) -> float:
+    """An argparse type: a number of minutes above 0."""
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = 0.0
+    if not minutes > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of minutes above 0")
+    return minutes
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from kohya_backend.ui.standalone import serve, serve_policy
 
@@ -234,7 +245,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         cors_allow_origins=tuple(args.cors_allow_origins or ()),
         cors_allow_origins_regex=args.cors_allow_origins_regex,
     )
-    serve(Path(args.home), host=args.host, port=args.port, token=args.token, demo=args.demo, policy=policy)
+    serve(
+        Path(args.home),
+        host=args.host,
+        port=args.port,
+        token=args.token,
+        demo=args.demo,
+        policy=policy,
+        stall_after_s=args.stall_minutes * 60,
+    )
     return 0
 
 
@@ -523,6 +542,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument(
         "--cors-allow-origins-regex", metavar="REGEX", help="allowed other websites as a regular expression"
+    )
+    srv.add_argument(
+        "--stall-minutes",
+        type=_positive_minutes,
+        default=15.0,
+        metavar="N",
+        help="show a training as stalled after N minutes without progress (loading and caching aside; default 15)",
     )
     srv.set_defaults(func=_cmd_serve)
     _add_jobs_parser(sub)

@@ -108,6 +108,7 @@ def _service():
         gpus=detected_gpus(),
         per_device=settings.concurrency,
         keep_epochs=settings.keep_epochs,
+        stall_after_s=settings.stall_minutes * 60.0,
     )
     before_start = hooks.chain(
         hooks.use_trainer(_trainer_python, RUNTIME.set_python, TRAINER_HINT),

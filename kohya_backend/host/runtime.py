@@ -46,6 +46,7 @@ class HostConfig:
     gpus: tuple[str, ...] = ()
     per_device: int = 1
     keep_epochs: bool = False
+    stall_after_s: float = 15 * 60.0
 
     def structural(self) -> tuple[object, ...]:
         """The fields that need a new service when they change (the rest is applied to the running one)."""
@@ -77,6 +78,7 @@ class HostRuntime:
             scheduler = self.service.scheduler
             scheduler.devices.update(local_devices(config.gpus, config.per_device))
             scheduler.keep_epochs = config.keep_epochs
+            scheduler.stall_after_s = config.stall_after_s
             self.set_python(config.python)
             scheduler.on_delivered = on_delivered
             scheduler.before_local_start = before_local_start

@@ -24,6 +24,8 @@ LORA_SUBFOLDER = "train_management_lora_subfolder"
 UNLOAD_MODEL = "train_management_unload_model"
 KEEP_EPOCHS = "train_management_keep_epochs"
 CONCURRENCY = "train_management_concurrency"
+STALL_MINUTES = "train_management_stall_minutes"
+MAX_STALL_MINUTES = 240
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,14 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "slider",
         component_args={"minimum": 1, "maximum": MAX_CONCURRENCY, "step": 1},
     ),
+    SettingSpec(
+        STALL_MINUTES,
+        15,
+        "Minutes without progress before a training is shown as stalled",
+        "slider",
+        info="loading and caching do not count; a stalled training is stopped at once when cancelled",
+        component_args={"minimum": 1, "maximum": MAX_STALL_MINUTES, "step": 1},
+    ),
 )
 
 
@@ -92,6 +102,7 @@ class HostSettings:
     unload_model: bool = True
     keep_epochs: bool = False
     concurrency: int = 1
+    stall_minutes: int = 15
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> HostSettings:
@@ -108,6 +119,7 @@ class HostSettings:
             unload_model=_as_bool(get(UNLOAD_MODEL)),
             keep_epochs=_as_bool(get(KEEP_EPOCHS)),
             concurrency=_as_count(get(CONCURRENCY)),
+            stall_minutes=_as_count(get(STALL_MINUTES), default=15, most=MAX_STALL_MINUTES),
         )
 
 
@@ -117,13 +129,14 @@ def _as_bool(value: Any) -> bool:
     return bool(value)
 
 
-def _as_count(value: Any) -> int:
-    """A jobs-at-once count in 1..MAX_CONCURRENCY (sliders hand back floats; config.json may hold a string)."""
+def _as_count(value: Any, *, default: int = 1, most: int = MAX_CONCURRENCY) -> int:
+    """A whole number in 1..`most` (sliders hand back floats; config.json may hold a string); `default` when it is
+    none."""
     try:
         count = int(float(value))
     except (TypeError, ValueError):
-        return 1
-    return min(max(count, 1), MAX_CONCURRENCY)
+        return default
+    return min(max(count, 1), most)
 
 
 def home_folder(flag: str | None, setting: str, data_path: Path) -> Path:

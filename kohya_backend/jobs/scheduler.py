@@ -161,6 +161,9 @@ HEARTBEAT_S = 5.0
 LOCK_NAME = "scheduler.lock"
 DEFAULT_CANCEL_GRACE_S = 60.0
 STORE_BACKOFF_MAX_S = 60.0  # the longest pause while the job database cannot be used
+DEFAULT_STALL_AFTER_S = 15 * 60.0  # a training silent this long is shown as stalled
+STALL_LOG_LINES = 10
+_SLOW_PHASES = frozenset({"loading", "caching", "starting"})  # may be long and silent without being stuck
 _RUNNING = frozenset({JobStatus.PREPARING, JobStatus.TRAINING, JobStatus.SAVING})
 _PAGE = 1000
 
@@ -187,6 +190,8 @@ class _Run:
     device: str
     signalled: bool = False
     last_heartbeat: float = field(default_factory=time.monotonic)
+    last_event: float = field(default_factory=time.monotonic)  # when the trainer last reported anything
+    stalled: bool = False
 
 
 class Scheduler:
@@ -198,6 +203,8 @@ class Scheduler:
     `on_delivered(job, paths)` runs (e.g. to refresh the WebUI's Lora list). `before_local_start(job, device)`
     runs while the job is still queued, just before the local runner launches its trainer (e.g. to unload the
     WebUI's model); StartDeferred from it keeps the job queued until a later tick, any other error fails the job.
+    A training whose trainer reports nothing for `stall_after_s` (loading and caching aside) is marked stalled in
+    its progress, and a cancel then stops it without the grace period.
     """
 
     def __init__(
@@ -213,6 +220,7 @@ class Scheduler:
         on_delivered: Callable[[Job, list[Path]], None] | None = None,
         before_local_start: Callable[[Job, str], None] | None = None,
         unique_names: bool = True,
+        stall_after_s: float = DEFAULT_STALL_AFTER_S,
     ) -> None:
         self.store = store
         self.runners: dict[str, Runner] = {r.name: r for r in runners}
@@ -227,6 +235,7 @@ class Scheduler:
         self.lora_dir = lora_dir
         self.poll_interval_s = poll_interval_s
         self.cancel_grace_s = cancel_grace_s
+        self.stall_after_s = stall_after_s
         self.keep_epochs = keep_epochs
         self.on_delivered = on_delivered
         self.before_local_start = before_local_start
@@ -329,7 +338,7 @@ class Scheduler:
             job_id, JobStatus.QUEUED, "resume requested", expect=JobStatus.resumable()
         )
         self.store.update_progress(
-            job_id, {"resume": True, "error": None, "phase": "queued"}, heartbeat=False
+            job_id, {"resume": True, "error": None, "phase": "queued", "stalled": None}, heartbeat=False
         )
         self._wake.set()
         return self.store.get(job.id)
@@ -484,13 +493,16 @@ class Scheduler:
         run = self._runs[job_id]
         job = self._ingest(job_id)
         if job.status is JobStatus.CANCELLING and not run.signalled:
-            run.runner.cancel(run.handle, grace_s=self.cancel_grace_s)
+            # A stalled trainer would not get to saving its state: stop it at once rather than after the grace.
+            stalled = run.stalled or bool(job.progress.get("stalled"))
+            run.runner.cancel(run.handle, grace_s=0.0 if stalled else self.cancel_grace_s)
             run.signalled = True
         status = run.runner.poll(run.handle)
         if status.alive:
             if time.monotonic() - run.last_heartbeat >= HEARTBEAT_S:
                 self.store.update_progress(job_id, {}, heartbeat=True)
                 run.last_heartbeat = time.monotonic()
+            self._check_stall(job, run)
             return
         job = self._ingest(job_id)  # whatever it wrote between the first read and its exit
         del self._runs[job_id]
@@ -510,11 +522,39 @@ class Scheduler:
             job = self._advance(job, JobStatus.TRAINING, "training: first step done")
         if summary.final_saved:
             job = self._advance(job, JobStatus.SAVING, "saving: the final LoRA is written")
+        run = self._runs.get(job_id)
+        if run is not None:
+            run.last_heartbeat = run.last_event = time.monotonic()
+            if run.stalled:  # it reports again
+                run.stalled = False
+                summary.progress["stalled"] = None
+                log.info("job %s: its trainer reports progress again", job_id)
         self.store.update_progress(job_id, summary.progress, heartbeat=True)
         self.store.record_event_offset(job_id, done)
-        if job_id in self._runs:
-            self._runs[job_id].last_heartbeat = time.monotonic()
         return self.store.get(job_id)
+
+    def _check_stall(self, job: Job, run: _Run) -> None:
+        """Mark a training whose trainer reported nothing for `stall_after_s` as stalled (progress["stalled"]:
+        since when, and its log's last lines). Loading and caching (before the first step) never count."""
+        if run.stalled or job.status not in (JobStatus.TRAINING, JobStatus.SAVING):
+            return
+        if job.progress.get("phase") in _SLOW_PHASES:
+            return
+        silent = time.monotonic() - run.last_event
+        if silent < self.stall_after_s:
+            return
+        run.stalled = True
+        stalled = {
+            "since": time.time() - silent,
+            "silent_s": round(silent),
+            "log_tail": log_tail(job.folder, STALL_LOG_LINES),
+        }
+        self.store.update_progress(job.id, {"stalled": stalled}, heartbeat=False)
+        log.warning(
+            "job %s: no progress from its trainer for %.0f minutes (stalled); cancelling stops it at once",
+            job.id,
+            silent / 60,
+        )
 
     def _advance(self, job: Job, target: JobStatus, reason: str) -> Job:
         """Walk preparing -> training -> saving up to `target`; other states (e.g. cancelling) stay."""

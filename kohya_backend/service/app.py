@@ -13,7 +13,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from kohya_backend.jobs.remote import RemoteRunner
 from kohya_backend.jobs.runner import LocalRunner
-from kohya_backend.jobs.scheduler import Scheduler
+from kohya_backend.jobs.scheduler import DEFAULT_STALL_AFTER_S, Scheduler
 from kohya_backend.jobs.store import Job, JobStore
 from kohya_backend.service.api import API_PREFIX, create_router
 from kohya_backend.service.auth import BearerTokenMiddleware
@@ -40,12 +40,13 @@ def build_service(
     keep_epochs: bool = False,
     on_delivered: Callable[[Job, list[Path]], None] | None = None,
     before_local_start: Callable[[Job, str], None] | None = None,
+    stall_after_s: float = DEFAULT_STALL_AFTER_S,
 ) -> TrainingService:
     """A home folder, its job store and a scheduler with the local runner, wrapped in a TrainingService.
 
     A host (the WebUI adapter) passes its folders, the interpreter that runs the trainer (`python`, default this
-    one), the devices with their jobs-at-once, and its hooks; see Scheduler for `on_delivered` and
-    `before_local_start`.
+    one), the devices with their jobs-at-once, and its hooks; see Scheduler for `on_delivered`,
+    `before_local_start` and `stall_after_s`.
     """
     home = Home(home_dir, lora_dir=lora_dir, models_dirs=models_dirs)
     scheduler = Scheduler(
@@ -57,6 +58,7 @@ def build_service(
         keep_epochs=keep_epochs,
         on_delivered=on_delivered,
         before_local_start=before_local_start,
+        stall_after_s=stall_after_s,
     )
     return TrainingService(home, scheduler, restrict_paths=restrict_paths)
 

@@ -62,6 +62,8 @@ def job_summary(job: Job) -> dict[str, Any]:
         "output_name": job.output_name,
         "progress": job.progress,
         "outputs": job.outputs,
+        # A training whose trainer reported nothing for a while: since when, and its log's last lines.
+        "stalled": (job.progress.get("stalled") or None) if job.status in JobStatus.active() else None,
     }
 
 

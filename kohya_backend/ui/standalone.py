@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kohya_backend.errors import TrainManagementError
+from kohya_backend.jobs.scheduler import DEFAULT_STALL_AFTER_S
 from kohya_backend.service.api import API_PREFIX
 from kohya_backend.service.app import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV, build_service, create_app
 from kohya_backend.service.auth import check_token
@@ -163,6 +164,7 @@ def serve(
     token: str | None = None,
     demo: bool = False,
     policy: GuardPolicy | None = None,
+    stall_after_s: float = DEFAULT_STALL_AFTER_S,
 ) -> None:
     """Serve the tab and the API until interrupted, with the scheduler thread; off loopback only with a token of
     at least 16 characters."""
@@ -179,7 +181,7 @@ def serve(
     policy = policy or serve_policy(host)
     if "*" in policy.origins:
         print("warning: --cors-allow-origins '*' lets every website use this app in your browser", flush=True)
-    service = build_service(home_dir)
+    service = build_service(home_dir, stall_after_s=stall_after_s)
     if demo and prepare_demo_home(service.home):
         print(f"demo model and dataset written to {service.home.root}", flush=True)
     app = build_app(service, token=token, demo=demo, policy=policy)

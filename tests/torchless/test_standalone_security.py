@@ -85,3 +85,27 @@ def test_the_login_page_backs_off_per_client(tmp_path: Path, caplog: pytest.LogC
     failures = [r.getMessage() for r in caplog.records if "failed login" in r.getMessage()]
     assert len(failures) == FREE_FAILURES + 3 and all("10.0.0.5" in m for m in failures)
     assert any("refused" in r.getMessage() for r in caplog.records)
+
+
+def test_serves_flags_make_its_guard_and_stall_time() -> None:
+    from kohya_backend.cli import build_parser
+    from kohya_backend.ui.standalone import serve_policy
+
+    args = build_parser().parse_args(
+        ["serve", "--allowed-hosts", "box.lan,proxy.example", "--cors-allow-origins", "http://tools.example:3000",
+         "--cors-allow-origins-regex", r"https://.*\.example", "--stall-minutes", "2.5"]
+    )  # fmt: skip
+    assert args.stall_minutes == 2.5
+    policy = serve_policy(
+        "127.0.0.1",
+        allowed_hosts=tuple(args.allowed_hosts),
+        cors_allow_origins=tuple(args.cors_allow_origins),
+        cors_allow_origins_regex=args.cors_allow_origins_regex,
+    )
+    assert policy.host_allowed("box.lan:7861") and policy.host_allowed("proxy.example")
+    assert not policy.host_allowed("other.lan:7861")
+    assert policy.origins == ("http://tools.example:3000",) and policy.origin_regex == r"https://.*\.example"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--stall-minutes", "0"])
+    with pytest.raises(TrainManagementError, match="is not an origin"):
+        serve_policy("127.0.0.1", cors_allow_origins=("tools.example",))

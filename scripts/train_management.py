@@ -23,11 +23,6 @@ import kohya_backend  # noqa: F401
 log = logging.getLogger("train_management")
 
 TITLE = "Train Management"
-TRAINER_HINT = (
-    "restart the WebUI with network access so that the extension's install.py sets up the trainer's "
-    "environment (see .venv-trainer/setup.log), or pass --train-python with an interpreter that has "
-    "requirements-trainer.txt installed"
-)
 
 
 def _cmd(name):
@@ -110,14 +105,16 @@ def _service():
         keep_epochs=settings.keep_epochs,
         stall_after_s=settings.stall_minutes * 60.0,
     )
+    hint = hooks.trainer_hint(bool(_cmd("skip_install")))
     before_start = hooks.chain(
-        hooks.use_trainer(_trainer_python, RUNTIME.set_python, TRAINER_HINT),
+        hooks.use_trainer(_trainer_python, RUNTIME.set_python, hint),
         hooks.unload_before_start(lambda: _settings().unload_model, _unload_model, _queue_lock()),
     )
     return RUNTIME.ensure(
         config,
         on_delivered=hooks.refresh_loras(lambda: sys.modules.get("networks")),
         before_local_start=before_start,
+        local_problem=hooks.trainer_problem(_trainer_python, hint),
     )
 
 
@@ -199,9 +196,9 @@ def on_app_started(demo, app):
             print(problem, file=sys.stderr)
         mount_api(app, service, users, policy)
     if RUNTIME.start():
-        _, problem = _trainer_python()
+        problem = service.local_problem() if service.local_problem else None
         if problem:
-            print(f"Train Management: {problem}; local training is unavailable until then", file=sys.stderr)
+            print(f"Train Management: local training is unavailable: {problem}", file=sys.stderr)
     for problem in register_flag_workers(
         service.home.root, _cmd("train_worker"), _cmd("train_worker_token_file")
     ):

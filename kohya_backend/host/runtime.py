@@ -69,6 +69,7 @@ class HostRuntime:
         *,
         on_delivered: Callable[[Job, list[Path]], None] | None = None,
         before_local_start: Callable[[Job, str], None] | None = None,
+        local_problem: Callable[[], str | None] | None = None,
     ) -> TrainingService:
         """The service for `config`: the current one (settings and hooks updated), or a new one if folders changed."""
         with self._lock:
@@ -82,6 +83,7 @@ class HostRuntime:
             self.set_python(config.python)
             scheduler.on_delivered = on_delivered
             scheduler.before_local_start = before_local_start
+            self.service.local_problem = local_problem
             self.config = config
             return self.service
 

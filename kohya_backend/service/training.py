@@ -8,7 +8,7 @@ the checkpoint's family, scans the dataset for the plan, and queues the job thro
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -99,6 +99,8 @@ class TrainingService:
         self.store: JobStore = scheduler.store
         self.restrict_paths = restrict_paths
         self.keys = IdempotencyKeys(home.root / KEYS_DIR, self.store)
+        # Set by a host whose local trainer may be missing (the WebUI): why local training cannot run now, or None.
+        self.local_problem: Callable[[], str | None] | None = None
 
     def _key_roots(self, key: str) -> list[Path]:
         home = self.home
@@ -276,7 +278,8 @@ class TrainingService:
         )
 
     def instance_types(self) -> list[dict[str, Any]]:
-        """Where jobs can train: each runner with a label (the GPUs this machine found, or CPU) and its devices."""
+        """Where jobs can train: each runner with a label (the GPUs this machine found, or CPU), its devices and its
+        state; this machine is `unavailable`, with the `problem` and what to do, when its trainer is missing."""
         devices = self.scheduler.devices
         label = "this machine (CPU)"
         gpus = [gpu.label for gpu in detect_gpus() if gpu.device in devices]
@@ -288,14 +291,17 @@ class TrainingService:
             if callable(listed):  # runners with machines of their own (remote workers) list those
                 items.extend(listed())
             else:
-                items.append(
-                    {
-                        "name": name,
-                        "label": label if name == "local" else name,
-                        "devices": sorted(devices),
-                        "cuda": any(d.startswith("cuda") for d in devices),
-                    }
-                )
+                entry = {
+                    "name": name,
+                    "label": label if name == "local" else name,
+                    "devices": sorted(devices),
+                    "cuda": any(d.startswith("cuda") for d in devices),
+                    "state": "ready",
+                }
+                problem = self.local_problem() if name == "local" and self.local_problem is not None else None
+                if problem:
+                    entry.update(label=f"{entry['label']}: unavailable", state="unavailable", problem=problem)
+                items.append(entry)
         return items
 
     def list(self, *, status: list[str] | None = None, offset: int = 0, limit: int = 50) -> dict[str, Any]:

@@ -104,6 +104,7 @@ def _service():
         per_device=settings.concurrency,
         keep_epochs=settings.keep_epochs,
         stall_after_s=settings.stall_minutes * 60.0,
+        s3_prefix=settings.s3_prefix,
     )
     hint = hooks.trainer_hint(bool(_cmd("skip_install")))
     before_start = hooks.chain(

@@ -26,6 +26,7 @@ KEEP_EPOCHS = "train_management_keep_epochs"
 CONCURRENCY = "train_management_concurrency"
 STALL_MINUTES = "train_management_stall_minutes"
 MAX_STALL_MINUTES = 240
+S3_PREFIX = "train_management_s3_prefix"
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,14 @@ SETTINGS: tuple[SettingSpec, ...] = (
         info="loading and caching do not count; a stalled training is stopped at once when cancelled",
         component_args={"minimum": 1, "maximum": MAX_STALL_MINUTES, "step": 1},
     ),
+    SettingSpec(
+        S3_PREFIX,
+        "",
+        "S3 prefix (its models/ and datasets/ join the Model and Dataset lists)",
+        "text",
+        info="s3://bucket/prefix; empty: HOME/cloud.toml's, or none. Credentials come from boto3's standard chain "
+        "(AWS_PROFILE, AWS_ACCESS_KEY_ID, an instance role; AWS_ENDPOINT_URL for MinIO)",
+    ),
 )
 
 
@@ -103,6 +112,7 @@ class HostSettings:
     keep_epochs: bool = False
     concurrency: int = 1
     stall_minutes: int = 15
+    s3_prefix: str = ""
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> HostSettings:
@@ -120,6 +130,7 @@ class HostSettings:
             keep_epochs=_as_bool(get(KEEP_EPOCHS)),
             concurrency=_as_count(get(CONCURRENCY)),
             stall_minutes=_as_count(get(STALL_MINUTES), default=15, most=MAX_STALL_MINUTES),
+            s3_prefix=str(get(S3_PREFIX)).strip(),
         )
 
 

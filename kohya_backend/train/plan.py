@@ -54,13 +54,16 @@ def format_with_plan(
         "dataset_error": None,
     }
     values = result.config.values
-    if values.get("train_data_dir"):
+    from kohya_backend.storage.uri import is_s3_uri
+
+    # A dataset on S3 is scanned once the job downloaded it: its plan then comes from the trainer's plan event.
+    if values.get("train_data_dir") and not is_s3_uri(values["train_data_dir"]):
         try:
             reg = values.get("reg_data_dir")
             scan = scan_dataset(
                 Path(values["train_data_dir"]),
                 values["caption_extension"],
-                reg_data_dir=Path(reg) if reg else None,
+                reg_data_dir=Path(reg) if reg and not is_s3_uri(reg) else None,
             )
             plan = plan_for(result.config, scan)
             out["plan"], out["plan_text"] = plan.to_dict(), plan.render()

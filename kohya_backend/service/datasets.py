@@ -351,10 +351,12 @@ class DatasetService:
     def _reads(self, job: Job, folder: Path) -> bool:
         """Whether `job` reads images from `folder` (or a folder inside or around it), symlinks resolved."""
         used = [self.home.datasets / job.dataset]
-        try:
-            reg = tomlkit.parse(job.config_toml).get("reg_data_dir")
-        except ParseError:
-            reg = None
+        reg = None
+        if "reg_data_dir" in job.config_toml:  # parsing every busy job's TOML would be slow for nothing
+            try:
+                reg = tomlkit.parse(job.config_toml).get("reg_data_dir")
+            except ParseError:
+                reg = None
         if isinstance(reg, str) and reg:
             used.append(self.home.datasets / reg)  # an absolute path stays itself
         for path in used:

@@ -99,6 +99,8 @@ JSON_ROUTES: list[tuple[str, str, Any, str]] = [
     ("POST", "/config/format", lambda v: {"fm_type": "sd_1_5", "config_params": "", "training_instance_type": v},
      "training_instance_type"),
     ("PUT", "/datasets/cats/captions/5_cat/0.png", lambda v: {"caption": v}, "caption"),
+    ("POST", "/s3/uploads", lambda v: {"kind": v, "name": "cats"}, "kind"),
+    ("POST", "/s3/uploads", lambda v: {"kind": "dataset", "name": v}, "name"),
     ("POST", "/workers", lambda v: {"url": v, "token": "t" * 20}, "url"),
     ("POST", "/workers", lambda v: {"url": "http://127.0.0.1:9", "token": v}, "token"),
     ("POST", "/workers", lambda v: {"url": "http://127.0.0.1:9", "token": "t" * 20, "name": v}, "name"),
@@ -144,6 +146,7 @@ def test_any_bytes_in_paths_and_queries_never_make_a_500(api: httpx.Client, part
         ("GET", f"/trainings/{name}/logs"),
         ("POST", f"/trainings/{name}/cancel"),
         ("DELETE", f"/workers/x{name}"),
+        ("GET", f"/s3/uploads/{name}"),
     ]:
         answer = _send(api, method, path)
         assert answer.status_code < 500, (method, path, answer.text)

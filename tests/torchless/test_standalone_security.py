@@ -11,6 +11,7 @@ import pytest
 from server_support import running
 
 from kohya_backend.errors import TrainManagementError
+from kohya_backend.service.api import API_PREFIX
 from kohya_backend.service.app import build_service
 from kohya_backend.service.login_limit import BASE_WAIT_S, FREE_FAILURES, MAX_WAIT_S, LoginLimiter
 from kohya_backend.ui.standalone import build_app, serve
@@ -109,3 +110,24 @@ def test_serves_flags_make_its_guard_and_stall_time() -> None:
         build_parser().parse_args(["serve", "--stall-minutes", "0"])
     with pytest.raises(TrainManagementError, match="is not an origin"):
         serve_policy("127.0.0.1", cors_allow_origins=("tools.example",))
+
+
+def test_no_cors_for_other_origins_on_either_gradio_line(tmp_path: Path) -> None:
+    """gradio 3.41 answers preflights with `*`, gradio 4 with any localhost origin: neither reaches the browser."""
+    from kohya_backend.ui.standalone import serve_policy
+
+    policy = serve_policy("127.0.0.1", cors_allow_origins=("http://127.0.0.1:3000",))
+    app = build_app(build_service(tmp_path / "home"), policy=policy)
+    with running(app) as base:
+        for path in (f"{API_PREFIX}/trainings", f"{API_PREFIX}/workers", "/queue/join", "/run/predict"):
+            for origin, allowed in (("http://127.0.0.1:1", False), ("http://evil.example", False),
+                                    ("http://127.0.0.1:3000", True)):  # fmt: skip
+                preflight = httpx.options(
+                    base + path,
+                    headers={"Origin": origin, "Access-Control-Request-Method": "POST",
+                             "Access-Control-Request-Headers": "content-type"},
+                )  # fmt: skip
+                given = preflight.headers.get("access-control-allow-origin")
+                assert given == (origin if allowed else None), (path, origin, given)
+        page = httpx.get(base + "/", headers={"Origin": "http://127.0.0.1:1"})
+        assert page.status_code == 200 and "access-control-allow-origin" not in page.headers

@@ -50,7 +50,13 @@ def _call(
     scope: dict[str, Any] = {"type": kind, "path": path, "headers": raw}
     if kind == "http":
         scope["method"] = method
-    asyncio.run(middleware(app, policy=policy)(scope, receive, send))
+    # A loop of its own, never made the thread's current one: asyncio.run would leave the main thread without an
+    # event loop, and gradio 4 (later tests) would then create its app's stop event as None and never close it.
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(middleware(app, policy=policy)(scope, receive, send))
+    finally:
+        loop.close()
     status = None
     for message in sent:
         if message["type"] == "http.response.start":

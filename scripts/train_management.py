@@ -105,6 +105,8 @@ def _service():
         keep_epochs=settings.keep_epochs,
         stall_after_s=settings.stall_minutes * 60.0,
         s3_prefix=settings.s3_prefix,
+        sagemaker_role_arn=settings.sagemaker_role_arn,
+        sagemaker_image_uri=settings.sagemaker_image_uri,
     )
     hint = hooks.trainer_hint(bool(_cmd("skip_install")))
     before_start = hooks.chain(

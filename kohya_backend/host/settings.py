@@ -27,6 +27,8 @@ CONCURRENCY = "train_management_concurrency"
 STALL_MINUTES = "train_management_stall_minutes"
 MAX_STALL_MINUTES = 240
 S3_PREFIX = "train_management_s3_prefix"
+SAGEMAKER_ROLE_ARN = "train_management_sagemaker_role_arn"
+SAGEMAKER_IMAGE_URI = "train_management_sagemaker_image_uri"
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,20 @@ SETTINGS: tuple[SettingSpec, ...] = (
         info="s3://bucket/prefix; empty: HOME/cloud.toml's, or none. Credentials come from boto3's standard chain "
         "(AWS_PROFILE, AWS_ACCESS_KEY_ID, an instance role; AWS_ENDPOINT_URL for MinIO)",
     ),
+    SettingSpec(
+        SAGEMAKER_ROLE_ARN,
+        "",
+        "SageMaker execution role ARN (with the S3 prefix and the image: SageMaker instance types)",
+        "text",
+        info="arn:aws:iam::<account>:role/<name>; empty: HOME/cloud.toml's [sagemaker] role_arn (README: AWS setup)",
+    ),
+    SettingSpec(
+        SAGEMAKER_IMAGE_URI,
+        "",
+        "SageMaker training image URI",
+        "text",
+        info="the image built from docker/sagemaker/Dockerfile and pushed to ECR; empty: HOME/cloud.toml's",
+    ),
 )
 
 
@@ -113,6 +129,8 @@ class HostSettings:
     concurrency: int = 1
     stall_minutes: int = 15
     s3_prefix: str = ""
+    sagemaker_role_arn: str = ""
+    sagemaker_image_uri: str = ""
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> HostSettings:
@@ -131,6 +149,8 @@ class HostSettings:
             concurrency=_as_count(get(CONCURRENCY)),
             stall_minutes=_as_count(get(STALL_MINUTES), default=15, most=MAX_STALL_MINUTES),
             s3_prefix=str(get(S3_PREFIX)).strip(),
+            sagemaker_role_arn=str(get(SAGEMAKER_ROLE_ARN)).strip(),
+            sagemaker_image_uri=str(get(SAGEMAKER_IMAGE_URI)).strip(),
         )
 
 

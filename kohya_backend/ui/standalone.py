@@ -166,6 +166,8 @@ def serve(
     policy: GuardPolicy | None = None,
     stall_after_s: float = DEFAULT_STALL_AFTER_S,
     s3_uri: str | None = None,
+    sagemaker_role_arn: str | None = None,
+    sagemaker_image_uri: str | None = None,
 ) -> None:
     """Serve the tab and the API until interrupted, with the scheduler thread; off loopback only with a token of
     at least 16 characters."""
@@ -182,7 +184,13 @@ def serve(
     policy = policy or serve_policy(host)
     if "*" in policy.origins:
         print("warning: --cors-allow-origins '*' lets every website use this app in your browser", flush=True)
-    service = build_service(home_dir, stall_after_s=stall_after_s, s3_uri=s3_uri)
+    service = build_service(
+        home_dir,
+        stall_after_s=stall_after_s,
+        s3_uri=s3_uri,
+        sagemaker_role_arn=sagemaker_role_arn,
+        sagemaker_image_uri=sagemaker_image_uri,
+    )
     if demo and prepare_demo_home(service.home):
         print(f"demo model and dataset written to {service.home.root}", flush=True)
     app = build_app(service, token=token, demo=demo, policy=policy)

@@ -25,6 +25,7 @@ from kohya_backend.service.hosts import answered_hosts, is_loopback
 from kohya_backend.service.login_limit import LoginLimiter
 from kohya_backend.service.training import TrainingService
 from kohya_backend.ui.hooks import UiHooks
+from kohya_backend.ui.offline import OfflinePage
 
 DEMO_PROMPTS = "demo-sample-prompts.txt"
 QUEUE_WORKERS = 8
@@ -124,7 +125,8 @@ def build_app(
     hooks = UiHooks(
         default_config=(lambda fm: demo_config(fm, prompts=prompts if prompts.exists() else None))
         if demo
-        else None
+        else None,
+        load_script=True,
     )
     blocks = create_tab(service, DatasetService(service.home, jobs=service.store), hooks)
     if _STYLE.is_file():
@@ -133,6 +135,7 @@ def build_app(
     if token:
         logins = logins or LoginLimiter()
     app = create_app(service, token=token, policy=policy, logins=logins if token else None)
+    app.add_middleware(OfflinePage)  # the page asks no other host for anything (iframe-resizer, font hosts)
     app = mount(app, blocks, "/", auth=token_auth(token) if token else None)
     without_gradio_cors(app)
     return app

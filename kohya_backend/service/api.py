@@ -94,6 +94,8 @@ def create_router(service: TrainingService, *, prefix: str = API_PREFIX) -> APIR
     @router.post("/config/format")
     def format_config(body: FormatRequest) -> dict[str, Any]:
         with http_errors():
+            if body.model:  # the same family check a submission gets
+                service.check_model_family(body.model, body.fm_type)
             return service.format_config(
                 body.config_params,
                 body.fm_type,

@@ -158,6 +158,11 @@ class TrainingService:
         else:
             check_family(Path(value), fm_type)
 
+    def check_model_family(self, model: str, fm_type: str) -> None:
+        """FamilyMismatchError (as a submission gets it) when model `model` is not of `fm_type`; NotInHome when
+        there is no such model."""
+        self._check_model(self._model_value(model), fm_type)
+
     def _dataset_value(self, name: str) -> str:
         if is_s3_uri(name):
             return str(self.s3.check_dataset(name))
@@ -256,9 +261,9 @@ class TrainingService:
     ) -> dict[str, Any]:
         """What Format config Params shows (tab, API): canonical TOML, warnings and, with a dataset, the plan.
 
-        Paths are confined like a submission's; the chosen model and dataset fill their keys, the model's family
-        must be the FM type's (FamilyMismatchError, as for a submission), and the fp16 rule is judged for the
-        machine the instance type trains on.
+        Paths are confined like a submission's; the chosen model and dataset fill their keys, and the fp16 rule
+        is judged for the machine the instance type trains on. The model's family is check_model_family's (the tab
+        shows it beside the model; the API's format route checks it first, as a submission does).
         """
         from kohya_backend.train.plan import format_with_plan
 
@@ -266,11 +271,7 @@ class TrainingService:
         if self.restrict_paths:
             self.confine_paths(parsed.values, parsed.positions, rewrite_all=True)
         if model:
-            value = self._model_value(model)
-            self._check_model(
-                value, fm_type
-            )  # as for a submission: a checkpoint of the other family is refused
-            parsed.values["pretrained_model_name_or_path"] = value
+            parsed.values["pretrained_model_name_or_path"] = self._model_value(model)
         if dataset:
             parsed.values["train_data_dir"] = (
                 dataset if is_s3_uri(dataset) else self.home.dataset_path(dataset).as_posix()

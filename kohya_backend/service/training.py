@@ -8,6 +8,7 @@ the checkpoint's family, scans the dataset for the plan, and queues the job thro
 from __future__ import annotations
 
 import builtins
+import logging
 import time
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, replace
@@ -23,7 +24,7 @@ from kohya_backend.jobs.devices import detect_gpus, local_label, runs_fp16
 from kohya_backend.jobs.runner import EVENTS_NAME, LOG_NAME, PlacingRunner
 from kohya_backend.jobs.scheduler import Scheduler
 from kohya_backend.jobs.states import JobStatus
-from kohya_backend.jobs.store import Job, JobStore
+from kohya_backend.jobs.store import Job, JobStore, StoreError
 from kohya_backend.service.home import Home, PathOutsideHome
 from kohya_backend.service.idempotency import IdempotencyKeys, check_key
 from kohya_backend.service.s3_assets import S3Assets
@@ -31,7 +32,9 @@ from kohya_backend.storage.uri import is_s3_uri, parse_s3_uri
 
 # Keys the server fills in from training_params (a client value must still stay inside the roots).
 _SERVER_PATHS = ("pretrained_model_name_or_path", "train_data_dir", "output_dir")
+log = logging.getLogger(__name__)
 KEYS_DIR = "idempotency-keys"  # HOME/idempotency-keys: the Idempotency-Key headers of POST /trainings
+KEYS_KEPT_S = 24 * 3600.0  # a deleted job's key is kept this long, then pruned at the next start
 _NAME_TRIES = 5
 _QUEUE_SCAN = 1000  # queued jobs numbered in the Trainings List (the store's largest page)
 
@@ -122,9 +125,18 @@ class TrainingService:
         self.store: JobStore = scheduler.store
         self.restrict_paths = restrict_paths
         self.keys = IdempotencyKeys(home.root / KEYS_DIR, self.store)
+        self._prune_keys()
         # Set by a host whose local trainer may be missing (the WebUI): why local training cannot run now, or None.
         self.local_problem: Callable[[], str | None] | None = None
         self.s3 = s3 if s3 is not None else S3Assets.for_home(home)
+
+    def _prune_keys(self) -> None:
+        """Drop the Idempotency-Keys of deleted jobs once they are a day old (a client retries within minutes),
+        so HOME/idempotency-keys does not grow with every API submission ever made. Never fails a start."""
+        try:
+            self.keys.prune(time.time() - KEYS_KEPT_S)
+        except (OSError, StoreError) as exc:
+            log.warning("could not prune idempotency keys in %s: %s", self.keys.folder, exc)
 
     # -- models and datasets: the home's, plus the S3 prefix's (names are s3:// URIs) --------------------------
 

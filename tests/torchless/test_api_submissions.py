@@ -3,7 +3,9 @@ Format config Params runs the family check a submission gets."""
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -108,6 +110,28 @@ def test_an_idempotency_key_returns_the_job_it_queued(api: httpx.Client, service
     assert api.delete(f"/trainings/{job_id}").status_code == 204
     renewed = api.post("/trainings", json=_job(), headers=key)
     assert renewed.status_code == 201 and renewed.json()["job"]["id"] != job_id
+
+
+def test_keys_of_deleted_jobs_are_pruned_at_the_next_start_once_a_day_old(
+    api: httpx.Client, service: TrainingService
+) -> None:
+    kept, dropped, fresh = ({"Idempotency-Key": k} for k in ("kept-job", "deleted-job", "deleted-today"))
+    live = api.post("/trainings", json=_job(), headers=kept).json()["job"]["id"]
+    for key in (dropped, fresh):
+        job_id = api.post("/trainings", json=_job(), headers=key).json()["job"]["id"]
+        api.post(f"/trainings/{job_id}/cancel")
+        assert api.delete(f"/trainings/{job_id}").status_code == 204
+    old = time.time() - training.KEYS_KEPT_S - 60
+    for key in (kept, dropped):
+        os.utime(service.keys.marker(key["Idempotency-Key"]), (old, old))
+    restarted = training.TrainingService(service.home, service.scheduler)
+    markers = {
+        h["Idempotency-Key"]: restarted.keys.marker(h["Idempotency-Key"]).exists()
+        for h in (kept, dropped, fresh)
+    }
+    # an old key of a live job and a deleted job's key from today stay; only the old key of a deleted job goes
+    assert markers == {"kept-job": True, "deleted-job": False, "deleted-today": True}
+    assert restarted.keys.known("kept-job") == live
 
 
 @pytest.mark.parametrize("bad", ["", "has space", "x" * 201, "ключ"])

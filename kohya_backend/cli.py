@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -75,15 +76,16 @@ def _cmd_config_reference(args: argparse.Namespace) -> int:
     return 0
 
 
-def _install_stop_handler() -> threading.Event:
+def _install_stop_handler(*, repeat_forces: bool = True) -> threading.Event:
     """SIGTERM/SIGINT (and SIGBREAK, Windows' graceful stop) ask the loop to stop at the next step (saving state
-    when save_state is on)."""
+    when save_state is on). A second one stops at once, unless this is one of several training processes: their
+    launcher passes the stop on to each (which may have had it already) and kills them if asked again."""
     from kohya_backend.jobs.processes import stop_signals
 
     stop = threading.Event()
 
     def handler(signum: int, _frame: object) -> None:
-        if stop.is_set():  # a second signal: stop now
+        if stop.is_set() and repeat_forces:  # a second signal: stop now
             raise KeyboardInterrupt
         stop.set()
 
@@ -115,12 +117,18 @@ def run_training(
     """
     from kohya_backend.config.parse import parse_config
     from kohya_backend.config.validate import validate_config
+    from kohya_backend.launcher import process_info, watch_parent
     from kohya_backend.train.events import EventLog
     from kohya_backend.train.loop import train
 
-    events = EventLog(events_path, console=sys.stderr)
-    if on_event is not None:
+    processes = process_info()  # one of several data-parallel processes? (RANK, WORLD_SIZE from its launcher)
+    main = processes.is_main
+    # Rank 0 reports (events, console, result.json); the others only print their own errors (main() does).
+    events = EventLog(events_path if main else None, console=sys.stderr if main else None)
+    if on_event is not None and main:
         events.subscribe(on_event)
+    if processes.distributed:
+        watch_parent()
     outcome: ResultRecord = {"status": "failed", "output": None, "step": 0, "epoch": 0, "error": None}
     try:
         parsed = parse_config(config_source)
@@ -143,12 +151,14 @@ def run_training(
         config = validate_config(parsed, fm_type)
         for warning in config.warnings:
             events.emit("warning", message=warning.render())
-        stop = _install_stop_handler()
-        result = train(config, events=events, stop=stop, state_each_epoch=job_dir is not None)
+        stop = _install_stop_handler(repeat_forces=not processes.distributed)
+        result = train(
+            config, events=events, stop=stop, state_each_epoch=job_dir is not None, processes=processes
+        )
     except TrainManagementError as exc:
         events.emit("error", message=exc.message, hint=exc.hint)
         outcome["error"] = {"message": str(exc), "hint": exc.hint}
-        if job_dir is not None:
+        if job_dir is not None and main:
             _write_result(job_dir, outcome)
         raise
     outcome = {
@@ -158,6 +168,8 @@ def run_training(
         "epoch": result.epoch,
         "error": None,
     }
+    if not main:
+        return 3 if result.stopped else 0
     if job_dir is not None:
         _write_result(job_dir, outcome)
     if result.stopped:
@@ -208,7 +220,40 @@ def _optimizer_of(source: str) -> str:
         return ""
 
 
+def _launch_processes(args: argparse.Namespace) -> int:
+    """`train --num-processes N`: this same command in N data-parallel processes (s3:// inputs fetched once, here,
+    and the LoRA uploaded once, after)."""
+    import tempfile
+
+    from kohya_backend.launcher import launch, process_info
+
+    if process_info().distributed:
+        raise TrainManagementError(
+            "this process is already one of several training processes (WORLD_SIZE is set by its launcher)",
+            "use either --num-processes or accelerate launch / torchrun, not both",
+        )
+    common = ["--fm-type", args.fm_type] if args.fm_type else []
+    if args.job:
+        resume = ["--resume"] if args.resume else []
+        return launch(["train", "--job", args.job, *resume, *common], args.num_processes)
+    if not args.config:
+        raise TrainManagementError("train needs --config FILE (or --job DIR)")
+    from kohya_backend.cli_s3 import stage_config, upload_results
+
+    source, s3_output, local_out = stage_config(_read_source(args.config))
+    events = ["--events", args.events] if args.events else []
+    with tempfile.TemporaryDirectory(prefix="train-management-") as folder:
+        staged = Path(folder) / "config"  # what every process reads: stdin is read once, S3 fetched once
+        staged.write_text(source, encoding="utf-8")
+        code = launch(["train", "--config", str(staged), *events, *common], args.num_processes)
+    if code == 0 and s3_output is not None and local_out is not None:
+        upload_results(local_out, s3_output)
+    return code
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    if args.num_processes > 1:
+        return _launch_processes(args)
     if args.job:
         folder = JobFolder(Path(args.job).resolve())
         source = _read_source(str(folder.config))
@@ -252,6 +297,13 @@ def _print_job_line(job: dict[str, Any]) -> None:
     print(
         f"{job['id']}  {job['status']:<11} {step:>9}  {job['output_name']}  ({job['model']}, {job['dataset']})"
     )
+
+
+def _process_count(text: str) -> int:
+    """An argparse type: a number of processes, 1 or more."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of processes (1 or more)")
+    return int(text)
 
 
 def _positive_minutes(text: str) -> float:
@@ -552,6 +604,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="with --job: continue from the newest saved state")
     tr.add_argument("--fm-type", choices=FM_TYPES, help="default: detected from the checkpoint")
     tr.add_argument("--events", help="also write progress events (JSON lines) to this file")
+    tr.add_argument(
+        "--num-processes",
+        type=_process_count,
+        default=1,
+        metavar="N",
+        help="train data-parallel in N processes, one per GPU (CUDA_VISIBLE_DEVICES picks them; on a CPU-only "
+        "machine N CPU processes); train_batch_size is per process, as with accelerate launch --num_processes N",
+    )
     tr.set_defaults(func=_cmd_train)
 
     demo = sub.add_parser("demo", help="generate a tiny model and dataset and train on them end to end")
@@ -617,5 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except TrainManagementError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") != "1" else "0"
+        who = f"[training process {rank}] " if rank != "0" else ""  # one of several data-parallel processes
+        print(f"{who}error: {exc}", file=sys.stderr)
         return 2

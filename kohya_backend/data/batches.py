@@ -103,3 +103,21 @@ def epoch_batches(
         batches.extend(members[start : start + batch_size] for start in range(0, len(members), batch_size))
     rng.shuffle(batches)
     return batches
+
+
+def process_rounds(num_batches: int, num_processes: int, *, start: int = 0) -> list[list[int]]:
+    """Which of an epoch's batches each process trains in each round, from batch `start` on (a resumed epoch).
+
+    Round k gives process r batch `start + k * num_processes + r`, so one round is the global batch. The last round
+    is filled up with the epoch's first batches, as accelerate's even_batches does for kohya: every process runs
+    the same number of rounds (one collective per round never waits on a process that has run out of batches),
+    and a few batches train twice in that epoch. One process gets every batch once.
+    """
+    if num_processes < 1:
+        raise ValueError(f"num_processes must be at least 1, got {num_processes}")
+    remaining = max(0, num_batches - start)
+    rounds = -(-remaining // num_processes)
+    return [
+        [(start + k * num_processes + rank) % num_batches for rank in range(num_processes)]
+        for k in range(rounds)
+    ]

@@ -19,6 +19,8 @@ class TrainingPlan:
     `num_train_images` and `num_reg_images` count images times repeats (kohya's
     `ss_num_train_images` / `ss_num_reg_images`); `buckets` counts the items per bucket in one
     epoch, reg items (after balancing) included; `batches_per_epoch` is before gradient accumulation.
+    With several processes (data-parallel) each step trains one batch per process: `batches_per_process`
+    (kohya's `ss_num_batches_per_epoch`) is how many each process trains per epoch, steps count those.
     """
 
     folders: list[dict[str, object]]
@@ -32,6 +34,8 @@ class TrainingPlan:
     gradient_accumulation_steps: int
     batches_per_epoch: int
     warnings: list[str] = field(default_factory=list)
+    num_processes: int = 1
+    batches_per_process: int = 0
     items: list[TrainItem] = field(
         default_factory=list, repr=False, compare=False
     )  # what an epoch draws from
@@ -59,10 +63,17 @@ class TrainingPlan:
             if self.gradient_accumulation_steps > 1
             else ""
         )
-        lines.append(
-            f"Batch size {self.batch_size}: {self.batches_per_epoch} batches per epoch{accumulation}"
-            f" = {self.steps_per_epoch} steps per epoch"
-        )
+        if self.num_processes > 1:
+            lines.append(
+                f"Batch size {self.batch_size} x {self.num_processes} processes: {self.batches_per_epoch} batches "
+                f"per epoch, {self.batches_per_process} per process{accumulation} = {self.steps_per_epoch} steps "
+                "per epoch"
+            )
+        else:
+            lines.append(
+                f"Batch size {self.batch_size}: {self.batches_per_epoch} batches per epoch{accumulation}"
+                f" = {self.steps_per_epoch} steps per epoch"
+            )
         lines.append(f"Epochs: {self.epochs}, total steps: {self.total_steps}")
         lines.extend(f"Warning: {warning}" for warning in self.warnings)
         return "\n".join(lines)
@@ -127,10 +138,13 @@ def plan_training(
     gradient_accumulation_steps: int,
     max_train_steps: int,
     max_train_epochs: int | None,
+    num_processes: int = 1,
 ) -> TrainingPlan:
     """Compute buckets, steps per epoch, epochs and total steps as kohya does, with plan-level warnings.
 
     This is the one place a run's length is computed: the trainer, its metadata and the UI read it from here.
+    With `num_processes` > 1 (data-parallel) a step trains one batch on each process: kohya's steps per epoch are
+    ceil(ceil(batches / processes) / gradient_accumulation_steps).
     """
     _check_counts(train_batch_size, gradient_accumulation_steps, max_train_steps, max_train_epochs)
     items = build_items(scan, assigner)
@@ -139,7 +153,8 @@ def plan_training(
     for item, count in zip(items, repeats):
         counts[item.bucket] = counts.get(item.bucket, 0) + count
     num_batches = len(epoch_batches(items, scan, batch_size=train_batch_size, epoch=1, seed=0))
-    steps_per_epoch = math.ceil(num_batches / gradient_accumulation_steps)
+    per_process = math.ceil(num_batches / num_processes)
+    steps_per_epoch = math.ceil(per_process / gradient_accumulation_steps)
     if max_train_epochs is not None:
         epochs, total_steps = max_train_epochs, max_train_epochs * steps_per_epoch
     else:
@@ -163,5 +178,7 @@ def plan_training(
         gradient_accumulation_steps=gradient_accumulation_steps,
         batches_per_epoch=num_batches,
         warnings=warnings,
+        num_processes=num_processes,
+        batches_per_process=per_process,
         items=items,
     )

@@ -97,7 +97,9 @@ class BaseModel:
     legacy_hash: str | None = None
 
 
-def _training_keys(config: TrainConfig, network: NetworkSettings, optimizer: str) -> dict[str, str]:
+def _training_keys(
+    config: TrainConfig, network: NetworkSettings, optimizer: str, num_processes: int
+) -> dict[str, str]:
     md = {f"ss_{key}": str(getattr(config, key)) for key in _PLAIN_KEYS}
     md.update({f"ss_{key}": str(bool(getattr(config, key))) for key in _BOOL_KEYS})
     md.update(
@@ -107,7 +109,9 @@ def _training_keys(config: TrainConfig, network: NetworkSettings, optimizer: str
             "ss_text_encoder_lr": str(config.effective_text_encoder_lr),
             "ss_optimizer": optimizer,
             "ss_batch_size_per_device": str(config.train_batch_size),
-            "ss_total_batch_size": str(config.train_batch_size * config.gradient_accumulation_steps),
+            "ss_total_batch_size": str(
+                config.train_batch_size * num_processes * config.gradient_accumulation_steps
+            ),
             "ss_full_fp16": "False",
             "ss_color_aug": "False",
             "ss_v2": "False",
@@ -166,17 +170,20 @@ def training_metadata(
     dataset_dirs: dict[str, Any],
     bucket_info: dict[str, Any] | None,
     base_model: BaseModel | None,
+    num_processes: int = 1,
 ) -> dict[str, str]:
     """The ss_* and modelspec.* metadata sd-scripts writes into a LoRA (values are strings).
 
     `optimizer` is kohya's description of the optimizer built ("torch.optim.adamw.AdamW(weight_decay=0.01)");
     `max_train_steps` and `num_epochs` come from the plan; `finished_at` None means now (an intermediate save).
-    The model-name/hash keys are left out when the base model is unknown, as sd-scripts does.
+    The model-name/hash keys are left out when the base model is unknown, as sd-scripts does. With
+    `num_processes` data-parallel processes, `num_batches_per_epoch` is per process and ss_total_batch_size counts
+    every process's batch, as kohya under accelerate writes them.
     """
     finished = time.time() if finished_at is None else finished_at
     prediction = "v" if config.v_parameterization else "epsilon"
     width, height = config.resolution
-    md = _training_keys(config, network, optimizer)
+    md = _training_keys(config, network, optimizer, num_processes)
     md.update(
         {
             "ss_session_id": str(session_id),

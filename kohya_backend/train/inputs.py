@@ -53,8 +53,15 @@ def prepare_image(
     return PreparedImage(pixels, original, crop, (h, w))
 
 
-def encode_latents(vae: Any, pixels: Tensor, *, scale: float, generator: torch.Generator | None) -> Tensor:
-    """VAE latents (sampled, scaled, contiguous) for a batch of [-1, 1] images.
+def encode_latents(
+    vae: Any,
+    pixels: Tensor,
+    *,
+    scale: float,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
+) -> Tensor:
+    """VAE latents (sampled, scaled, contiguous) for a batch of [-1, 1] images; `generator` may be one per image
+    (each image's sample then depends on its own stream only, as one image encoded alone with it would).
 
     On the CPU the pixels go in channels-last, oneDNN's native layout: its convolutions then skip a layout
     conversion per layer (8 images at 256 px: 6.5 s instead of 8.1 s); the weights are left as they are.
@@ -63,7 +70,20 @@ def encode_latents(vae: Any, pixels: Tensor, *, scale: float, generator: torch.G
     if pixels.device.type == "cpu":
         pixels = pixels.contiguous(memory_format=torch.channels_last)
     dist = vae.encode(pixels).latent_dist
-    return (dist.sample(generator=generator).float() * scale).contiguous()
+    if generator is None or isinstance(generator, torch.Generator):
+        sample = dist.sample(generator=generator)
+    else:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        mean, std = dist.mean, dist.std
+        sample = torch.cat(
+            [
+                mean[i : i + 1]
+                + std[i : i + 1] * randn_tensor(mean[i : i + 1].shape, generator=g, device=mean.device, dtype=mean.dtype)
+                for i, g in enumerate(generator)
+            ]
+        )
+    return (sample.float() * scale).contiguous()
 
 
 class LatentCache:

@@ -3,11 +3,14 @@
 
 The loop polls `stop` so a cancel can save state and leave cleanly. It reads the typed config's fields and the
 prepared Setup; nothing here knows which model family it trains (the family's conditioning does).
+Data-parallel (train/distributed.py): each process trains its own batch of every round, the processes agree on
+the loss and on stopping once per batch, and only rank 0 saves, samples and writes the logs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -22,7 +25,7 @@ import torch
 
 from kohya_backend.config.format import to_canonical_toml
 from kohya_backend.config.train_config import TrainConfig
-from kohya_backend.data.batches import TrainItem, epoch_batches
+from kohya_backend.data.batches import TrainItem, epoch_batches, process_rounds
 from kohya_backend.errors import TrainingError
 from kohya_backend.job_folder import SAMPLE_DIR
 from kohya_backend.lora.build import TrainedNetwork
@@ -30,6 +33,8 @@ from kohya_backend.lora.metadata import BaseModel, NetworkSettings, training_met
 from kohya_backend.lora.network import LoRANetwork
 from kohya_backend.lora.save import save_lora
 from kohya_backend.models.hashing import legacy_hash_file
+from kohya_backend.launcher import ProcessInfo
+from kohya_backend.train.distributed import Processes
 from kohya_backend.train.epoch_grid import render_after_training
 from kohya_backend.train.events import EventLog
 from kohya_backend.train.inputs import encode_latents, prepare_image
@@ -118,13 +123,16 @@ class Trainer:
         stop: threading.Event | None = None,
         precision: Precision | None = None,
         state_each_epoch: bool = False,
+        processes: Processes | None = None,
     ) -> None:
         self.config = config
         # A job (train --job) saves its state (with save_state) after every epoch, not only with saved epochs.
         self.state_each_epoch = state_each_epoch
         self.precision = precision or Precision.for_run(config.mixed_precision)
+        self.procs = processes or Processes.single(self.precision.device)
         self.events = events
         self.stop = stop or threading.Event()
+        self._agreed_stop = False  # data-parallel: whether any process was asked to stop, as of the last batch
         self.seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
         self.output_dir = Path(config.output_dir or ".")
         self.session_id = uuid.uuid4().hex
@@ -173,12 +181,40 @@ class Trainer:
             self.s.optimizer, self.s.optimizer_type, train=True
         )  # a state is saved in eval mode
         self.events.emit("log", message=f"resumed from {path} at step {self.step}, epoch {self.epoch}")
+        saved_by = int((progress.extra or {}).get("world_size", 1))
+        if saved_by != self.procs.world_size:
+            self._replan_after_resume(saved_by)
+
+    def _replan_after_resume(self, saved_by: int) -> None:
+        """A state saved by another number of processes: it counts batches, so the epoch goes on where it was;
+        with max_train_epochs the run still ends after that many epochs (a step is now another number of batches).
+        """
+        plan, n = self.s.plan, self.procs.world_size
+        note = f"the state was saved by {saved_by} process(es); training goes on with {n}"
+        if self.config.max_train_epochs is not None:
+            rounds_left = math.ceil(max(0, plan.batches_per_epoch - self.batches_done) / n) if self.batches_done else 0
+            this_epoch = math.ceil(rounds_left / self.config.gradient_accumulation_steps)
+            total = self.step + this_epoch + max(0, plan.epochs - self.epoch) * plan.steps_per_epoch
+            plan.total_steps = self.events.total_steps = total
+            note += f", {total} steps in all"
+        self.events.emit("log", message=note)
 
     # ----------------------------------------------------------------------------------------------- inputs
-    def _make_batch(self, batch: list[TrainItem], rng: random.Random, step_gen: torch.Generator) -> _Batch:
+    def _sample_streams(self, round_no: int, count: int) -> tuple[list[random.Random], list[torch.Generator]]:
+        """A Python and a torch random stream per sample, keyed by the sample's place in the global batch (epoch,
+        round, slot): a global batch draws the same augmentation and noise however the processes split it."""
+        first = self.procs.info.rank * self.config.train_batch_size
+        keys = [f"{self.seed}/{self.epoch}/{round_no}/{first + i}" for i in range(count)]
+        rngs = [random.Random(key) for key in keys]
+        gens = [torch.Generator().manual_seed(random.Random(f"torch/{key}").getrandbits(63)) for key in keys]
+        return rngs, gens
+
+    def _make_batch(
+        self, batch: list[TrainItem], rngs: list[random.Random], gens: list[torch.Generator]
+    ) -> _Batch:
         config, s = self.config, self.s
-        flips = [config.flip_aug and rng.random() < 0.5 for _ in batch]
-        captions = [caption_for(config, s.scan, it, epoch=self.epoch, rng=rng) for it in batch]
+        flips = [config.flip_aug and rng.random() < 0.5 for rng in rngs]
+        captions = [caption_for(config, s.scan, it, epoch=self.epoch, rng=rng) for it, rng in zip(batch, rngs)]
         if s.latent_cache is not None:
             pairs = [s.latent_cache.get(it, f) for it, f in zip(batch, flips)]
             latents = torch.stack([p[0] for p in pairs])
@@ -186,14 +222,14 @@ class Trainer:
         else:
             geos = [
                 prepare_image(it, flip=f, random_crop=config.random_crop, rng=rng)
-                for it, f in zip(batch, flips)
+                for it, f, rng in zip(batch, flips, rngs)
             ]
             with torch.no_grad():
                 latents = encode_latents(
                     s.model.vae,
                     torch.stack([g.pixels for g in geos]),
                     scale=s.model.arch.latent_scale,
-                    generator=step_gen,
+                    generator=gens,
                 )
         time_ids = s.text.family.time_ids(
             [g.original_size for g in geos], [g.crop for g in geos], [g.target_size for g in geos]
@@ -202,44 +238,65 @@ class Trainer:
         return _Batch(latents, captions, time_ids, weights)
 
     # ----------------------------------------------------------------------------------------------- step
-    def _train_step(self, batch: _Batch, step_gen: torch.Generator) -> float:
+    def _train_step(self, batch: _Batch, gens: list[torch.Generator]) -> float:
         config, s, precision = self.config, self.s, self.precision
         device, dtype = precision.device, precision.weight_dtype
         latents = batch.latents.to(device, torch.float32)
-        # drawn from the CPU generator (same numbers on any device) and placed on the device, no host copy of latents
-        noise = sample_noise(
-            latents,
-            generator=step_gen,
-            noise_offset=config.noise_offset,
-            noise_offset_random_strength=config.noise_offset_random_strength,
-            adaptive_noise_scale=config.adaptive_noise_scale,
-            multires_iterations=config.multires_noise_iterations,
-            multires_discount=config.multires_noise_discount,
+        # Each sample draws from its own CPU generator (same numbers on any device, however the global batch is
+        # split), in a fixed order: noise, timestep, perturbation.
+        noise = torch.cat(
+            [
+                sample_noise(
+                    latents[i : i + 1],
+                    generator=gen,
+                    noise_offset=config.noise_offset,
+                    noise_offset_random_strength=config.noise_offset_random_strength,
+                    adaptive_noise_scale=config.adaptive_noise_scale,
+                    multires_iterations=config.multires_noise_iterations,
+                    multires_discount=config.multires_noise_discount,
+                )
+                for i, gen in enumerate(gens)
+            ]
         )
-        timesteps = sample_timesteps(
-            latents.shape[0],
-            generator=step_gen,
-            device="cpu",
-            min_timestep=config.min_timestep or 0,
-            max_timestep=config.max_timestep or 1000,
+        timesteps = torch.cat(
+            [
+                sample_timesteps(
+                    1,
+                    generator=gen,
+                    device="cpu",
+                    min_timestep=config.min_timestep or 0,
+                    max_timestep=config.max_timestep or 1000,
+                )
+                for gen in gens
+            ]
         ).to(device)
         # input perturbation changes what the UNet sees, not its target (the noise drawn above)
-        perturbed = input_perturbation(
-            noise,
-            generator=step_gen,
-            gamma=config.ip_noise_gamma,
-            random_strength=config.ip_noise_gamma_random_strength,
+        perturbed = torch.cat(
+            [
+                input_perturbation(
+                    noise[i : i + 1],
+                    generator=gen,
+                    gamma=config.ip_noise_gamma,
+                    random_strength=config.ip_noise_gamma_random_strength,
+                )
+                for i, gen in enumerate(gens)
+            ]
         )
         noisy = s.noise_scheduler.add_noise(latents, perturbed, timesteps)
-        with precision.autocast():
-            cond = s.text(batch.captions)
-            kwargs = s.text.family.unet_kwargs(
-                cond.to(device, dtype) if cond.pooled is not None else cond,
-                batch.time_ids.to(device, dtype) if batch.time_ids is not None else None,
-            )
-            pred = s.model.unet(
-                noisy.to(dtype), timesteps, encoder_hidden_states=cond.hidden.to(dtype), **kwargs
-            ).sample
+
+        def forward() -> torch.Tensor:  # everything that runs through the LoRA: DDP must see it
+            with precision.autocast():
+                cond = s.text(batch.captions)
+                kwargs = s.text.family.unet_kwargs(
+                    cond.to(device, dtype) if cond.pooled is not None else cond,
+                    batch.time_ids.to(device, dtype) if batch.time_ids is not None else None,
+                )
+                out: torch.Tensor = s.model.unet(
+                    noisy.to(dtype), timesteps, encoder_hidden_states=cond.hidden.to(dtype), **kwargs
+                ).sample
+                return out
+
+        pred = self.procs.forward(forward)
         target = training_target(s.noise_scheduler, latents, noise, timesteps, config.prediction_type)
         loss = diffusion_loss(
             pred.float(),
@@ -251,7 +308,9 @@ class Trainer:
             sample_weights=batch.weights.to(device),
             settings=s.loss_settings,
         )
-        value = float(loss.detach())  # syncs with the GPU once per step: needed for the NaN check and events
+        # Syncs with the GPU once per batch: the NaN check and events need it. Data-parallel, this is also where
+        # the processes agree on the mean loss and on stopping (all of them fail, or stop, at the same batch).
+        value, self._agreed_stop = self.procs.agree(loss, self.stop.is_set())
         if not math.isfinite(value):
             raise TrainingError(
                 f"loss became {value} at step {self.step + 1}",
@@ -284,7 +343,8 @@ class Trainer:
         config, s = self.config, self.s
         base = Path(str(config.pretrained_model_name_or_path))
         if self._base_hashes is None:
-            self._base_hashes = (s.base_sha256.result(), legacy_hash_file(base))
+            sha256 = s.base_sha256.result() if s.base_sha256 is not None else None
+            self._base_hashes = (sha256, legacy_hash_file(base))
         network = s.network
         return training_metadata(
             config=config,
@@ -297,7 +357,8 @@ class Trainer:
             epoch=self.epoch,
             max_train_steps=s.plan.total_steps,
             num_epochs=s.plan.epochs,
-            num_batches_per_epoch=s.plan.batches_per_epoch,
+            num_batches_per_epoch=s.plan.batches_per_process,
+            num_processes=self.procs.world_size,
             num_train_images=s.plan.num_train_images,
             num_reg_images=s.plan.num_reg_images,
             tag_frequency=s.scan.tag_frequency(),
@@ -346,7 +407,7 @@ class Trainer:
             optimizer=s.optimizer,
             lr_scheduler=s.lr_scheduler,
             config_toml=to_canonical_toml(self.config),
-            extra={"seed": self.seed},
+            extra={"seed": self.seed, "world_size": self.procs.world_size},
             keep_last=STATES_KEPT,
             grad_scaler=self.precision.scaler,
         )
@@ -400,6 +461,7 @@ class Trainer:
         if self.precision.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()  # the done event's peak is this run's, not the process's
         self._resume_seed()
+        self.seed = self.procs.broadcast_int(self.seed)  # a seed drawn at random: rank 0's, everywhere
         random.seed(self.seed)
         torch.manual_seed(self.seed)
         self.events.emit(
@@ -408,27 +470,50 @@ class Trainer:
             output_dir=str(self.output_dir),
             device=str(self.precision.device),
             device_kind=self.precision.label,
+            processes=self.procs.world_size,
         )
+        if self.procs.world_size > 1:
+            n, batch = self.procs.world_size, self.config.train_batch_size
+            self.events.emit(
+                "log",
+                message=f"data-parallel training in {self.procs.describe()}: train_batch_size {batch} per "
+                f"process, {n * batch} images per step",
+            )
         for note in self.precision.notes:
             self.events.emit("warning", message=note)
-        self.setup = prepare(self.config, self.precision, self.events, seed=self.seed)
+        self.setup = prepare(self.config, self.precision, self.events, seed=self.seed, processes=self.procs)
         self._maybe_resume()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        tensorboard = self._tensorboard()
+        self.procs.wrap(self.s.network, varying_graph=self._varying_graph())
+        tensorboard = None
+        if self.procs.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            tensorboard = self._tensorboard()
         try:
             total = self.s.plan.total_steps
             self.s.network.train()
-            while self.step < total and not self.stop.is_set():
+            self._agreed_stop = self.procs.any(self.stop.is_set())
+            while self.step < total and not self._stopping():
                 if self.batches_done == 0:
                     self.epoch += 1
                 self._run_epoch(total)
-                if self.stop.is_set():
+                if self._stopping():
                     break
                 self._end_of_epoch()
             return self._finish()
         finally:
             if tensorboard is not None:
                 tensorboard.close()
+
+    def _stopping(self) -> bool:
+        """Whether to stop: this process's flag alone, or data-parallel what all agreed at the last batch (every
+        process must leave the loop at the same batch)."""
+        return self.stop.is_set() if self.procs.world_size == 1 else self._agreed_stop
+
+    def _varying_graph(self) -> bool:
+        """Whether the LoRA parameters that get gradients change from step to step: LyCORIS' module_dropout skips
+        whole modules at random (DDP must then look for the unused ones every step)."""
+        dropout = self.config.network_kwargs.get("module_dropout")
+        return bool(dropout and float(dropout) > 0)
 
     def _run_epoch(self, total: int) -> None:
         batches = epoch_batches(
@@ -438,13 +523,20 @@ class Trainer:
             epoch=self.epoch,
             seed=self.seed,
         )
-        last = len(batches) - 1
-        for index in range(self.batches_done, len(batches)):
-            rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
-            step_gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 10_007 + index)
-            loss = self._train_step(self._make_batch(batches[index], rng, step_gen), step_gen)
-            self.batches_done = index + 1
-            if self.batches_done % self.config.gradient_accumulation_steps and index != last:
+        n, rank = self.procs.world_size, self.procs.info.rank
+        start = self.batches_done
+        rounds = process_rounds(len(batches), n, start=start)  # one batch per process per round
+        last = len(rounds) - 1
+        for k, share in enumerate(rounds):
+            position = start + k * n  # the epoch's batch this round starts at
+            round_no = position // n
+            sync = (round_no + 1) % self.config.gradient_accumulation_steps == 0 or k == last
+            batch = batches[share[rank]]
+            with self.procs.accumulate(sync=sync):
+                rngs, gens = self._sample_streams(round_no, len(batch))
+                loss = self._train_step(self._make_batch(batch, rngs, gens), gens)
+            self.batches_done = min(len(batches), position + n)
+            if not sync:
                 continue
             self._optimizer_step()
             self.step += 1
@@ -457,13 +549,15 @@ class Trainer:
                 extra=self.max_norm_log,
             )
             self._step_checks()
-            if self.step >= total or self.stop.is_set():
+            if self.step >= total or self._stopping():
                 break
         else:
             self.batches_done = 0  # the epoch ran to its end
 
     def _step_checks(self) -> None:
         config = self.config
+        if not self.procs.is_main:
+            return  # rank 0 saves and samples; the others wait for it at the next batch
         every = config.save_every_n_steps
         if every and self.step % every == 0 and self.step < self.s.plan.total_steps:
             with self._eval_weights():
@@ -478,6 +572,8 @@ class Trainer:
     def _end_of_epoch(self) -> None:
         config = self.config
         self.events.emit("epoch", epoch=self.epoch, step=self.step, avg_loss=self._avg_loss())
+        if not self.procs.is_main:
+            return
         done = self.step >= self.s.plan.total_steps
         every = config.save_every_n_epochs_for(self.s.plan.epochs)
         saves_epoch = every is not None and self.epoch % every == 0 and not done
@@ -497,16 +593,16 @@ class Trainer:
         return sum(self.losses[-50:]) / len(self.losses[-50:]) if self.losses else None
 
     def _finish(self) -> TrainResult:
-        stopped = self.stop.is_set() and self.step < self.s.plan.total_steps
+        stopped = self._stopping() and self.step < self.s.plan.total_steps
         output = None
         set_optimizer_mode(
             self.s.optimizer, self.s.optimizer_type, train=False
         )  # what is saved: the eval weights
         if stopped:
-            if self.config.save_state:
+            if self.config.save_state and self.procs.is_main:
                 self._save_state()
             self.events.emit("stopped", step=self.step, epoch=self.epoch)
-        else:
+        elif self.procs.is_main:  # the others' work is done: rank 0 saves
             output = self._save_lora(self.config.output_stem, final=True)
             render_after_training(
                 self, output
@@ -533,10 +629,23 @@ def train(
     events: EventLog,
     stop: threading.Event | None = None,
     state_each_epoch: bool = False,
+    processes: ProcessInfo | None = None,
 ) -> TrainResult:
-    """Train a LoRA as `config` says; errors a user can act on are TrainManagementError subclasses."""
+    """Train a LoRA as `config` says, alone or as one of `processes` (data-parallel); errors a user can act on are
+    TrainManagementError subclasses."""
+    precision = Precision.for_run(config.mixed_precision)
     try:
-        return Trainer(config, events=events, stop=stop, state_each_epoch=state_each_epoch).run()
+        with Processes.start(processes or ProcessInfo(), precision.device) as procs:
+            precision = dataclasses.replace(precision, device=procs.device)
+            trainer = Trainer(
+                config,
+                events=events,
+                stop=stop,
+                precision=precision,
+                state_each_epoch=state_each_epoch,
+                processes=procs,
+            )
+            return trainer.run()
     except torch.OutOfMemoryError as exc:
         raise TrainingError(
             "out of memory while training",

@@ -16,8 +16,9 @@ from kohya_backend.data.scan import DatasetScan
 from kohya_backend.errors import ConfigError, DatasetError
 
 
-def plan_for(config: TrainConfig, scan: DatasetScan) -> TrainingPlan:
-    """The dataset plan (images, repeats, buckets, steps) a config gives on a scanned dataset."""
+def plan_for(config: TrainConfig, scan: DatasetScan, *, num_processes: int = 1) -> TrainingPlan:
+    """The dataset plan (images, repeats, buckets, steps) a config gives on a scanned dataset, trained by
+    `num_processes` data-parallel processes."""
     return plan_training(
         scan,
         bucket_assigner(config),
@@ -25,6 +26,7 @@ def plan_for(config: TrainConfig, scan: DatasetScan) -> TrainingPlan:
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         max_train_steps=config.max_train_steps,
         max_train_epochs=config.max_train_epochs,
+        num_processes=num_processes,
     )
 
 

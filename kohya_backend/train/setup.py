@@ -27,6 +27,7 @@ from kohya_backend.models.hashing import BackgroundSha256
 from kohya_backend.models.load import LoadedModel, load_checkpoint
 from kohya_backend.train.conditioning import Conditioning, ModelFamily, get_family
 from kohya_backend.train.device import optimizer_for_platform
+from kohya_backend.train.distributed import Processes
 from kohya_backend.train.events import EventLog
 from kohya_backend.train.inputs import TEXT_CACHE_DIR, LatentCache, TextCache
 from kohya_backend.train.losses import LossSettings
@@ -136,7 +137,7 @@ class Setup:
     lr_scheduler: LRScheduler
     noise_scheduler: Any
     loss_settings: LossSettings
-    base_sha256: BackgroundSha256
+    base_sha256: BackgroundSha256 | None  # None in the processes that do not save (data-parallel ranks > 0)
 
     @property
     def items(self) -> list[TrainItem]:
@@ -205,21 +206,24 @@ def _latent_cache(
     precision: Precision,
     events: EventLog,
     seed: int,
+    processes: Processes,
 ) -> LatentCache | None:
     if not config.cache_latents:
         return None
     fingerprint = f"{Path(str(config.pretrained_model_name_or_path)).resolve()}|{model.vae.dtype}"
     cache = LatentCache(to_disk=config.cache_latents_to_disk, model_fingerprint=fingerprint)
     events.emit("caching", what="latents", done=0, total=len(items))
-    cache.fill(
-        items,
-        model.vae,
-        scale=model.arch.latent_scale,
-        flips=(False, True) if config.flip_aug else (False,),
-        batch_size=config.vae_batch_size or auto_vae_batch_size(config.resolution, precision.device),
-        generator=torch.Generator().manual_seed(seed),
-        progress=lambda d, t: events.emit("caching", what="latents", done=d, total=t),
-    )
+    # Every process caches every image (any of them may draw it); on disk rank 0 writes first, the others read.
+    with processes.main_first(enabled=config.cache_latents_to_disk):
+        cache.fill(
+            items,
+            model.vae,
+            scale=model.arch.latent_scale,
+            flips=(False, True) if config.flip_aug else (False,),
+            batch_size=config.vae_batch_size or auto_vae_batch_size(config.resolution, precision.device),
+            generator=torch.Generator().manual_seed(seed),
+            progress=lambda d, t: events.emit("caching", what="latents", done=d, total=t),
+        )
     if not config.sampling_enabled:
         release_pages(model.vae)  # nothing needs the VAE any more: give its memory back
         model.vae.to("meta")
@@ -271,26 +275,37 @@ def _cache_all_captions(
             te.to("meta")
 
 
-def prepare(config: TrainConfig, precision: Precision, events: EventLog, *, seed: int) -> Setup:
-    """Scan and plan the dataset, load the model, build the LoRA, fill the caches, build the optimizer."""
+def prepare(
+    config: TrainConfig,
+    precision: Precision,
+    events: EventLog,
+    *,
+    seed: int,
+    processes: Processes | None = None,
+) -> Setup:
+    """Scan and plan the dataset, load the model, build the LoRA, fill the caches, build the optimizer
+    (`processes`: the data-parallel run this process is part of; the plan counts its steps)."""
+    processes = processes or Processes.single(precision.device)
     scan = scan_for(config)
     for warning in scan.warnings:
         events.emit("warning", message=warning)
-    plan = plan_for(config, scan)
+    plan = plan_for(config, scan, num_processes=processes.world_size)
     check_optimizer_settings(
         config, total_steps=plan.total_steps
     )  # a bad optimizer_args fails before loading
     events.total_steps = plan.total_steps
     events.emit("plan", **plan.to_dict())
     # kohya's metadata needs the base model's sha256: hash it (or take it from the cache) while we load and train
-    base_sha256 = BackgroundSha256(Path(str(config.pretrained_model_name_or_path)))
+    base_path = Path(str(config.pretrained_model_name_or_path))
+    base_sha256 = BackgroundSha256(base_path) if processes.is_main else None
     model = _load_model(config, precision, events)
     network = _build_network(config, model, precision)
-    latent_cache = _latent_cache(config, model, plan.items, precision, events, seed)
+    latent_cache = _latent_cache(config, model, plan.items, precision, events, seed, processes)
     text = TextConditioner(
         config, model, precision, trained=config.trains_text_encoder, cache=_text_cache(config, model)
     )
-    _cache_all_captions(config, scan, plan.items, text, events)
+    with processes.main_first(enabled=config.cache_text_encoder_outputs_to_disk):
+        _cache_all_captions(config, scan, plan.items, text, events)
     groups = network.param_groups(
         unet_lr=config.effective_unet_lr, text_encoder_lr=config.effective_text_encoder_lr
     )

@@ -117,9 +117,10 @@ def run_training(
     """
     from kohya_backend.config.parse import parse_config
     from kohya_backend.config.validate import validate_config
-    from kohya_backend.launcher import process_info, watch_parent
+    from kohya_backend.launcher import watch_parent
     from kohya_backend.train.events import EventLog
     from kohya_backend.train.loop import train
+    from kohya_backend.train.process_env import process_info
 
     processes = process_info()  # one of several data-parallel processes? (RANK, WORLD_SIZE from its launcher)
     main = processes.is_main
@@ -225,7 +226,8 @@ def _launch_processes(args: argparse.Namespace) -> int:
     and the LoRA uploaded once, after)."""
     import tempfile
 
-    from kohya_backend.launcher import launch, process_info
+    from kohya_backend.launcher import launch
+    from kohya_backend.train.process_env import process_info
 
     if process_info().distributed:
         raise TrainManagementError(
@@ -348,7 +350,9 @@ def _cmd_jobs_submit(args: argparse.Namespace) -> int:
     service = _jobs_service(args)
     source = _read_source(args.config) if args.config else ""
     job = service.submit(
-        Submission(args.model, args.dataset, args.fm_type, source, instance_type=args.instance_type)
+        Submission(
+            args.model, args.dataset, args.fm_type, source, instance_type=args.instance_type, gpus=args.gpus
+        )
     )
     print(job.id)
     print(f"queued; `jobs run --home {args.home}` (or a running `serve`) trains it", file=sys.stderr)
@@ -452,6 +456,14 @@ def _add_jobs_parser(sub: Any) -> None:
         default="local",
         help="where to train: local (default), worker (any free remote worker), worker:NAME (`workers list`) or "
         "sagemaker:TYPE[:spot] (`sagemaker instance-types`)",
+    )
+    submit.add_argument(
+        "--gpus",
+        type=_process_count,
+        default=1,
+        metavar="N",
+        help="GPUs per job: train data-parallel on N GPUs of the instance (one process each; train_batch_size is "
+        "per GPU); on a machine without CUDA GPUs, N CPU processes",
     )
     listing = command("list", "list jobs, newest first", _cmd_jobs_list)
     listing.add_argument("--status", action="append", help="only jobs in this state (repeatable)")

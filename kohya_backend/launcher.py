@@ -13,6 +13,7 @@ Torch-free: the launcher only starts processes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -21,71 +22,17 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import TextIO
 
 import psutil
 
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs.processes import stop_signals
+from kohya_backend.train.process_env import LAUNCHED_ENV, LOOPBACK, STORE_FD_ENV
 
-LOOPBACK = "127.0.0.1"
-# Set by the launcher on rank 0 only: the file descriptor of the listening loopback socket its TCPStore serves on.
-STORE_FD_ENV = "TRAIN_MANAGEMENT_STORE_FD"
-# Set by the launcher on every rank where it can hand rank 0 its socket (POSIX): the workers rendezvous on it.
-# Without it (Windows, torchrun, accelerate launch) they use env:// and rank 0's store binds MASTER_PORT itself.
-LAUNCHED_ENV = "TRAIN_MANAGEMENT_LAUNCHED"
 POSIX = os.name == "posix"
 POLL_S = 0.2
 FAILURE_GRACE_S = 15.0  # after one process failed, how long the others may take to end by themselves
-
-
-@dataclass(frozen=True)
-class ProcessInfo:
-    """This process's place in a data-parallel run: rank, number of processes, and its index on this machine."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0: the one process that saves, samples and reports."""
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        """Whether other processes train with this one."""
-        return self.world_size > 1
-
-
-def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
-    text = environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        return int(text)
-    except ValueError:
-        raise TrainManagementError(
-            f"{name}={text!r} is not a whole number",
-            "start several training processes with `train --num-processes N` or `accelerate launch "
-            "--num_processes N -m kohya_backend train ...`, which set it",
-        ) from None
-
-
-def process_info(environ: Mapping[str, str] | None = None) -> ProcessInfo:
-    """RANK, WORLD_SIZE and LOCAL_RANK as a launcher (this one, torchrun, accelerate launch) sets them; one
-    process (rank 0 of 1) when they are unset."""
-    env = os.environ if environ is None else environ
-    world = _env_int(env, "WORLD_SIZE", 1)
-    rank = _env_int(env, "RANK", 0)
-    local = _env_int(env, "LOCAL_RANK", rank)
-    if world < 1 or not 0 <= rank < world or not 0 <= local < world:
-        raise TrainManagementError(
-            f"RANK={rank}, LOCAL_RANK={local}, WORLD_SIZE={world} do not describe a process of a run",
-            "RANK and LOCAL_RANK go from 0 to WORLD_SIZE - 1; let the launcher set them",
-        )
-    return ProcessInfo(rank, world, local)
 
 
 def loopback_interface() -> str | None:
@@ -185,13 +132,12 @@ class Launch:
         self.port = 0
         self.procs: list[subprocess.Popen[bytes]] = []
         self.codes: list[int | None] = []
+        self.failure: str | None = None  # which process ended how, when the run failed
         self._signals = 0
 
     def _say(self, text: str) -> None:
-        try:
+        with contextlib.suppress(OSError, ValueError):
             print(f"launcher: {text}", file=self.log, flush=True)
-        except (OSError, ValueError):
-            pass
 
     def start(self) -> None:
         """Bind the loopback rendezvous and start the workers (rank 0 takes over the listening socket)."""
@@ -211,7 +157,9 @@ class Launch:
                     store_fd=fd if give else None,
                 )
                 self.procs.append(
-                    subprocess.Popen(self.command, env=env, stdin=subprocess.DEVNULL, pass_fds=(fd,) if give else ())
+                    subprocess.Popen(
+                        self.command, env=env, stdin=subprocess.DEVNULL, pass_fds=(fd,) if give else ()
+                    )
                 )
         except OSError as exc:
             self.kill()
@@ -223,7 +171,9 @@ class Launch:
             sock.close()  # rank 0 holds the socket now: the port is free again once rank 0 ends
         self.codes = [None] * len(self.procs)
         pids = ", ".join(str(p.pid) for p in self.procs)
-        self._say(f"{self.num_processes} training processes (pids {pids}), rendezvous on {LOOPBACK}:{self.port}")
+        self._say(
+            f"{self.num_processes} training processes (pids {pids}), rendezvous on {LOOPBACK}:{self.port}"
+        )
 
     def kill(self) -> None:
         """End every worker still running, now."""
@@ -265,7 +215,8 @@ class Launch:
             time.sleep(POLL_S)
         codes = [int(c) for c in self.codes if c is not None]
         if first_failure is not None:
-            self._say(f"training failed: {self._who(first_failure)} {describe_end(codes[first_failure])}")
+            self.failure = f"{self._who(first_failure)} {describe_end(codes[first_failure])}"
+            self._say(f"training failed: {self.failure}")
         return launcher_exit_code(codes, first_failure)
 
     def _who(self, rank: int) -> str:

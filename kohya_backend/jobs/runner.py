@@ -30,6 +30,7 @@ from kohya_backend.job_folder import LOG_NAME as LOG_NAME
 from kohya_backend.job_folder import RESULT_NAME as RESULT_NAME
 from kohya_backend.job_folder import RUN_NAME as RUN_NAME
 from kohya_backend.jobs import processes
+from kohya_backend.jobs.allocation import gpus_of, processes_for
 from kohya_backend.jobs.devices import device_kind
 from kohya_backend.jobs.store import Job
 from kohya_backend.train.device import DEVICE_ENV
@@ -110,8 +111,9 @@ class PlacingRunner(Runner, Protocol):
         ...
 
 
-def trainer_command(python: Sequence[str], job: Job, *, resume: bool) -> list[str]:
-    """The command line that trains `job`: always kohya_backend's `train --job DIR`."""
+def trainer_command(python: Sequence[str], job: Job, *, resume: bool, processes: int = 1) -> list[str]:
+    """The command line that trains `job`: always kohya_backend's `train --job DIR` (with `--num-processes N` for
+    a data-parallel job)."""
     if job.fm_type not in FM_TYPES:
         raise TrainManagementError(
             f"job {job.id} has FM type {job.fm_type!r}, which the trainer does not train",
@@ -119,6 +121,8 @@ def trainer_command(python: Sequence[str], job: Job, *, resume: bool) -> list[st
         )
     folder = str(job.folder.resolve())  # absolute, so attach() recognises it whatever the host's cwd
     command = [*python, "-m", "kohya_backend", "train", "--job", folder, "--fm-type", job.fm_type]
+    if processes > 1:
+        command += ["--num-processes", str(processes)]
     return [*command, "--resume"] if resume else command
 
 
@@ -136,7 +140,8 @@ def trainer_env(device: str | None, base: dict[str, str] | None = None) -> dict[
         except ValueError:
             raise TrainManagementError(
                 f"unknown device {device!r}",
-                "use 'cpu', 'mps' (Apple silicon) or 'cuda:N' with N the GPU's index, e.g. 'cuda:0'",
+                "use 'cpu', 'mps' (Apple silicon), 'cuda:N' with N the GPU's index, e.g. 'cuda:0', or GPUs "
+                "together, e.g. 'cuda:0,1'",
             ) from None
         env[DEVICE_ENV] = kind  # the trainer trains on this kind, or says why it cannot
         if kind != "mps":
@@ -177,9 +182,11 @@ class LocalRunner:
         self._lock = threading.Lock()
 
     def start(self, job: Job, *, resume: bool, device: str | None = None) -> RunHandle:
-        """Launch `python -m kohya_backend train --job DIR` detached in its own group, output to DIR/train.log."""
+        """Launch `python -m kohya_backend train --job DIR` detached in its own group, output to DIR/train.log; a job
+        given several GPUs (or the CPU standing in for them) trains in one process per GPU under its launcher."""
         folder = job.folder
-        command = trainer_command(self.python, job, resume=resume)
+        count = processes_for(device, gpus_of(job.params))
+        command = trainer_command(self.python, job, resume=resume, processes=count)
         env = trainer_env(device)
         # A previous run's outcome must not be read as this one's.
         (folder / RESULT_NAME).unlink(missing_ok=True)

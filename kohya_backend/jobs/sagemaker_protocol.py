@@ -28,8 +28,9 @@ HP_JOB_ID = "job_id"
 HP_OUTPUT_NAME = "output_name"
 HP_MODEL_NAME = "model_name"  # the host's names of the model and dataset, for the LoRA's sidecar
 HP_DATASET_NAME = "dataset_name"
+HP_GPUS = "gpus"  # GPUs per job: the container trains data-parallel in this many processes
 # Hyperparameters that are not config keys (output_name is both: the config key it names).
-RESERVED_HYPERPARAMETERS = frozenset({HP_FM_TYPE, HP_JOB_ID, HP_MODEL_NAME, HP_DATASET_NAME})
+RESERVED_HYPERPARAMETERS = frozenset({HP_FM_TYPE, HP_JOB_ID, HP_MODEL_NAME, HP_DATASET_NAME, HP_GPUS})
 # The SageMaker Python SDK adds these for its own script mode; a bring-your-own container ignores them.
 SDK_HYPERPARAMETER_PREFIX = "sagemaker_"
 

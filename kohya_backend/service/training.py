@@ -21,6 +21,7 @@ from kohya_backend.config.parse import parse_config
 from kohya_backend.config.schema import SCHEMA
 from kohya_backend.errors import ConfigError, ConfigIssue, TrainManagementError
 from kohya_backend.job_folder import JobFolder
+from kohya_backend.jobs.allocation import GPUS_PARAM, check_gpus_value, gpus_of
 from kohya_backend.jobs.devices import detect_gpus, local_label, runs_fp16
 from kohya_backend.jobs.runner import EVENTS_NAME, LOG_NAME, PlacingRunner
 from kohya_backend.jobs.scheduler import Scheduler
@@ -61,6 +62,7 @@ class Submission:
     fm_type: str
     config_params: str | Mapping[str, Any]
     instance_type: str = "local"
+    gpus: int = 1  # GPUs per job: >1 trains data-parallel in one process per GPU (jobs/allocation.py)
 
 
 def job_summary(job: Job) -> dict[str, Any]:
@@ -248,7 +250,12 @@ class TrainingService:
             )
         self._check_model(model, sub.fm_type)
         formatted = format_with_plan(
-            parsed, sub.fm_type, cuda_available=self.instance_cuda(sub.instance_type)
+            parsed,
+            sub.fm_type,
+            cuda_available=self.instance_cuda(sub.instance_type),
+            num_processes=check_gpus_value(
+                sub.gpus
+            ),  # the plan counts steps as the job's processes take them
         )
         self._check_instance(sub.instance_type, sub.fm_type, formatted, parsed.positions)
         if formatted["dataset_error"]:
@@ -257,6 +264,8 @@ class TrainingService:
             error = formatted["dataset_error"]
             raise DatasetError(error["message"], files=error["files"])
         params: dict[str, Any] = {"plan": formatted["plan"], "warnings": formatted["warnings"]}
+        if sub.gpus > 1:
+            params[GPUS_PARAM] = sub.gpus
         if s3_output:
             from kohya_backend.jobs.s3_jobs import OUTPUT_PARAM
 
@@ -271,8 +280,10 @@ class TrainingService:
         model: str | None = None,
         dataset: str | None = None,
         instance_type: str = "local",
+        gpus: int = 1,
     ) -> dict[str, Any]:
-        """What Format config Params shows (tab, API): canonical TOML, warnings and, with a dataset, the plan.
+        """What Format config Params shows (tab, API): canonical TOML, warnings and, with a dataset, the plan (its
+        steps as `gpus` data-parallel processes take them).
 
         Paths are confined like a submission's; the chosen model and dataset fill their keys, and the fp16 rule
         is judged for the machine the instance type trains on. The model's family is check_model_family's (the tab
@@ -293,7 +304,11 @@ class TrainingService:
             parsed.values["output_dir"] = self.home.lora.as_posix()
         job_defaults(parsed.values)
         formatted = format_with_plan(
-            parsed, fm_type, require_paths=False, cuda_available=self.instance_cuda(instance_type)
+            parsed,
+            fm_type,
+            require_paths=False,
+            cuda_available=self.instance_cuda(instance_type),
+            num_processes=check_gpus_value(gpus),
         )
         self._check_instance(instance_type, fm_type, formatted, parsed.positions)
         return formatted
@@ -499,6 +514,7 @@ class TrainingService:
             "model": job.model,
             "dataset": job.dataset,
             "instance_type": job.instance_type,
+            "gpus": gpus_of(job.params),
             "config_params": tomlkit.dumps(doc),
         }
 
@@ -539,6 +555,7 @@ class TrainingService:
                 fm_type=job.fm_type,
                 config_params=tomlkit.dumps(doc),
                 instance_type=job.instance_type,
+                gpus=gpus_of(job.params),
             )
         )
 

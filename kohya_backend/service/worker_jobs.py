@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.job_folder import OUTPUT_DIR, JobFolder
+from kohya_backend.jobs.allocation import check_gpus_value
 from kohya_backend.jobs.delivery import NO_LINK_ERRNOS
 from kohya_backend.jobs.registry import file_lock
 from kohya_backend.jobs.runner import LOG_NAME, RESULT_NAME, read_json
@@ -233,6 +234,7 @@ class WorkerJobs:
             dataset=dataset.name,
             fm_type=str(body.get("fm_type")),
             config_params=config,
+            gpus=check_gpus_value(body.get("gpus", 1)),
         )
         config_toml, name, params = self.service.prepare(sub)
         params.update(

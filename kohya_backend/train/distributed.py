@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kohya_backend.errors import TrainingError
-from kohya_backend.launcher import LAUNCHED_ENV, LOOPBACK, STORE_FD_ENV, ProcessInfo
+from kohya_backend.train.process_env import LAUNCHED_ENV, LOOPBACK, STORE_FD_ENV, ProcessInfo
 
 # Rank 0 alone samples and renders the epoch grid while the others wait at their next collective: minutes.
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
@@ -45,7 +45,9 @@ def _store(info: ProcessInfo, timeout: datetime.timedelta) -> dist.Store | None:
         return None
     fd = os.environ.get(STORE_FD_ENV) if info.is_main else None
     if info.is_main and fd is None:
-        raise TrainingError(f"{LAUNCHED_ENV} is set but rank 0 was not given {STORE_FD_ENV}", "start it again")
+        raise TrainingError(
+            f"{LAUNCHED_ENV} is set but rank 0 was not given {STORE_FD_ENV}", "start it again"
+        )
     return dist.TCPStore(
         LOOPBACK,
         int(os.environ["MASTER_PORT"]),
@@ -167,7 +169,9 @@ class Processes:
         sync, like the loss read it replaces); a NaN anywhere makes the mean NaN, so all processes fail together."""
         if not self.info.distributed:
             return float(loss.detach()), stop
-        packed = torch.stack([loss.detach().float().reshape(()), torch.tensor(float(stop), device=loss.device)])
+        packed = torch.stack(
+            [loss.detach().float().reshape(()), torch.tensor(float(stop), device=loss.device)]
+        )
         dist.all_reduce(packed)
         total, stops = packed.tolist()
         return total / self.world_size, stops > 0

@@ -79,7 +79,8 @@ def encode_latents(
         sample = torch.cat(
             [
                 mean[i : i + 1]
-                + std[i : i + 1] * randn_tensor(mean[i : i + 1].shape, generator=g, device=mean.device, dtype=mean.dtype)
+                + std[i : i + 1]
+                * randn_tensor(mean[i : i + 1].shape, generator=g, device=mean.device, dtype=mean.dtype)
                 for i, g in enumerate(generator)
             ]
         )

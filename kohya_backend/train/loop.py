@@ -33,7 +33,6 @@ from kohya_backend.lora.metadata import BaseModel, NetworkSettings, training_met
 from kohya_backend.lora.network import LoRANetwork
 from kohya_backend.lora.save import save_lora
 from kohya_backend.models.hashing import legacy_hash_file
-from kohya_backend.launcher import ProcessInfo
 from kohya_backend.train.distributed import Processes
 from kohya_backend.train.epoch_grid import render_after_training
 from kohya_backend.train.events import EventLog
@@ -48,6 +47,7 @@ from kohya_backend.train.noise import (
 from kohya_backend.train.optim import current_lrs
 from kohya_backend.train.optimizers_extra import set_optimizer_mode
 from kohya_backend.train.precision import Precision
+from kohya_backend.train.process_env import ProcessInfo
 from kohya_backend.train.sample import generate_samples, parse_sample_prompts
 from kohya_backend.train.setup import Setup, caption_for, prepare
 from kohya_backend.train.state import PROGRESS_FILE, latest_state, load_training_state, save_training_state
@@ -132,7 +132,9 @@ class Trainer:
         self.procs = processes or Processes.single(self.precision.device)
         self.events = events
         self.stop = stop or threading.Event()
-        self._agreed_stop = False  # data-parallel: whether any process was asked to stop, as of the last batch
+        self._agreed_stop = (
+            False  # data-parallel: whether any process was asked to stop, as of the last batch
+        )
         self.seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
         self.output_dir = Path(config.output_dir or ".")
         self.session_id = uuid.uuid4().hex
@@ -192,7 +194,9 @@ class Trainer:
         plan, n = self.s.plan, self.procs.world_size
         note = f"the state was saved by {saved_by} process(es); training goes on with {n}"
         if self.config.max_train_epochs is not None:
-            rounds_left = math.ceil(max(0, plan.batches_per_epoch - self.batches_done) / n) if self.batches_done else 0
+            rounds_left = (
+                math.ceil(max(0, plan.batches_per_epoch - self.batches_done) / n) if self.batches_done else 0
+            )
             this_epoch = math.ceil(rounds_left / self.config.gradient_accumulation_steps)
             total = self.step + this_epoch + max(0, plan.epochs - self.epoch) * plan.steps_per_epoch
             plan.total_steps = self.events.total_steps = total
@@ -214,7 +218,9 @@ class Trainer:
     ) -> _Batch:
         config, s = self.config, self.s
         flips = [config.flip_aug and rng.random() < 0.5 for rng in rngs]
-        captions = [caption_for(config, s.scan, it, epoch=self.epoch, rng=rng) for it, rng in zip(batch, rngs)]
+        captions = [
+            caption_for(config, s.scan, it, epoch=self.epoch, rng=rng) for it, rng in zip(batch, rngs)
+        ]
         if s.latent_cache is not None:
             pairs = [s.latent_cache.get(it, f) for it, f in zip(batch, flips)]
             latents = torch.stack([p[0] for p in pairs])

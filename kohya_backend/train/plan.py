@@ -67,12 +67,14 @@ def format_with_plan(
     require_paths: bool = True,
     cuda_available: bool | None = None,
     check_optimizer: bool = False,
+    num_processes: int = 1,
 ) -> dict[str, Any]:
     """Format config_params and, when its dataset can be scanned, add the training plan (CLI and API share this).
 
     `cuda_available` is whether the machine that will train has a CUDA GPU (None: this one, asked through torch).
     `check_optimizer` also builds the optimizer and its schedule (imports torch: the CLI's `config format` does;
     the API and the tab, which import no torch, leave it to the trainer, which checks before loading the model).
+    `num_processes`: the data-parallel processes (GPUs) the job trains in; the plan's steps count their rounds.
     """
     from kohya_backend.config.format import format_config
 
@@ -90,7 +92,7 @@ def format_with_plan(
     data_dir = result.config.train_data_dir
     if data_dir and not is_s3_uri(data_dir):
         try:
-            plan = plan_for(result.config, scan_for(result.config))
+            plan = plan_for(result.config, scan_for(result.config), num_processes=num_processes)
             out["plan"], out["plan_text"] = plan.to_dict(), plan.render()
         except DatasetError as exc:
             out["dataset_error"] = {"message": str(exc), "files": [str(f) for f in exc.files]}

@@ -184,7 +184,13 @@ class CreateJobActions:
     # -- format and submit -------------------------------------------------------------------------------------
 
     def format_config(
-        self, instance: str | None, fm_label: str, model: str | None, dataset: str | None, text: str
+        self,
+        instance: str | None,
+        fm_label: str,
+        model: str | None,
+        dataset: str | None,
+        text: str,
+        gpus: float | None = 1,
     ) -> tuple[str, str, str, str]:
         """(canonical TOML, message, issues and warnings, plan) of config_params with the chosen model and dataset;
         the message area is emptied (an older refusal is not this answer)."""
@@ -195,6 +201,7 @@ class CreateJobActions:
                 model=model,
                 dataset=dataset,
                 instance_type=instance_name(instance) if instance else "local",
+                gpus=_gpus(gpus),
             )
         except TrainManagementError as exc:
             return "", "", f"Checked at {stamp()}:\n\n" + error_markdown(exc), ""
@@ -210,7 +217,13 @@ class CreateJobActions:
         return formatted["toml"], "", issues, plan
 
     def submit(
-        self, instance: str | None, fm_label: str, model: str | None, dataset: str | None, text: str
+        self,
+        instance: str | None,
+        fm_label: str,
+        model: str | None,
+        dataset: str | None,
+        text: str,
+        gpus: float | None = 1,
     ) -> tuple[str, str, str]:
         """Queue a job (the scheduler trains it); (message, issues, plan): the job's id, or every reason it was
         refused (issues and plan are emptied: they belonged to an earlier Format)."""
@@ -224,6 +237,7 @@ class CreateJobActions:
                         fm_type=fm_type_of(fm_label),
                         config_params=text or "",
                         instance_type=instance_name(instance),
+                        gpus=_gpus(gpus),
                     )
                 )
             except TrainManagementError as exc:
@@ -241,6 +255,7 @@ class CreateJobActions:
         return f"❌ **The job was refused** ({len(reasons)} reason(s), at {stamp()}):\n\n{listed}", "", ""
 
     def _missing(self, instance: str | None, model: str | None, dataset: str | None) -> list[str]:
+        """What the form lacks, as reasons."""
         reasons = []
         if not instance:
             reasons.append("**no Training Instance Type is chosen**\n\nHint: choose where to train")
@@ -289,3 +304,8 @@ class CreateJobActions:
     def key_help(self, key: str | None) -> str:
         """The config reference of one key (the editor's help panel)."""
         return key_reference(key) if key else "Choose a key to see its type, defaults and allowed values."
+
+
+def _gpus(value: float | None) -> int:
+    """The GPUs per job field's number (a whole number: the field has no decimals; empty means 1)."""
+    return 1 if value is None else int(value)

@@ -86,7 +86,7 @@ def _wire_create_job(a: CreateJobActions, p: PresetActions, c: dict[str, Any]) -
     confirm.yes.click(a.apply_fill, [confirm.pending], editor)
     wire_keep(confirm)
     messages = [c["create_message"], c["issues"], c["plan"]]
-    form = [c["instance"], c["fm"], c["model"], c["dataset"], c["config"]]
+    form = [c["instance"], c["fm"], c["model"], c["dataset"], c["config"], c["gpus"]]
     c["format"].click(a.format_config, form, [c["formatted"], *messages])
     c["create"].click(a.submit, form, messages)
     c["key"].input(a.key_help, [c["key"]], [c["key_help"]])

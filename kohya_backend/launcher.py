@@ -103,6 +103,12 @@ def describe_end(code: int) -> str:
     return f"exited with code {code}"
 
 
+def _cause_rank(code: int) -> int:
+    """Of processes found ended at once, which most likely ended first: one killed by a signal, then one with its
+    own error (2), then one that only lost its peers (1)."""
+    return 0 if code < 0 else 1 if code == 2 else 2
+
+
 def launcher_exit_code(codes: Sequence[int], first_failure: int | None) -> int:
     """The launcher's exit code from its workers': 0 all done, 3 stopped (a cancel: every one ended with 0 or 3),
     2 when the failure is one the user can act on (rank 0's, or the first failing process's, exit code 2), else 1."""
@@ -197,17 +203,18 @@ class Launch:
         first_failure: int | None = None
         deadline: float | None = None
         while any(code is None for code in self.codes):
+            ended = []
             for rank, proc in enumerate(self.procs):
-                if self.codes[rank] is not None:
-                    continue
-                code = proc.poll()
-                if code is None:
-                    continue
-                self.codes[rank] = code
-                if code not in (0, 3) and first_failure is None:
-                    first_failure = rank
-                    deadline = time.monotonic() + FAILURE_GRACE_S
-                    self._say(f"{self._who(rank)} {describe_end(code)}; the others stop too")
+                code = proc.poll() if self.codes[rank] is None else None
+                if code is not None:
+                    self.codes[rank] = code
+                    ended.append(rank)
+            failed = [rank for rank in ended if self.codes[rank] not in (0, 3)]
+            if failed and first_failure is None:
+                first_failure = min(failed, key=lambda rank: _cause_rank(int(self.codes[rank] or 0)))
+                deadline = time.monotonic() + FAILURE_GRACE_S
+                code = int(self.codes[first_failure] or 0)
+                self._say(f"{self._who(first_failure)} {describe_end(code)}; the others stop too")
             if deadline is not None and time.monotonic() > deadline:
                 self._say("the other training processes did not end by themselves: ending them")
                 self.kill()

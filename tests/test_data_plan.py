@@ -100,3 +100,17 @@ def test_impossible_counts_are_config_errors(demo: DatasetScan) -> None:
     assert keys == {"train_batch_size", "gradient_accumulation_steps", "max_train_steps"}
     with pytest.raises(ConfigError, match="max_train_epochs"):
         _plan(demo, max_train_epochs=0)
+
+
+def test_steps_with_several_processes_count_rounds_as_kohya(demo: DatasetScan) -> None:
+    """kohya under accelerate: train_batch_size is per process and a step takes one batch on each, so steps per
+    epoch are ceil(ceil(batches / processes) / gradient_accumulation_steps); ss_num_batches_per_epoch is the
+    per-process count."""
+    plan = _plan(demo, train_batch_size=3, num_processes=2, gradient_accumulation_steps=2, max_train_epochs=2)
+    # 80 items at batch 3: 27 batches; 2 processes: 14 each; accumulation 2: 7 steps per epoch
+    assert (plan.batches_per_epoch, plan.batches_per_process, plan.steps_per_epoch) == (27, 14, 7)
+    assert (plan.epochs, plan.total_steps, plan.num_processes) == (2, 14, 2)
+    assert "Batch size 3 x 2 processes: 27 batches per epoch, 14 per process" in plan.render()
+    one = _plan(demo, train_batch_size=3, gradient_accumulation_steps=2, max_train_epochs=2)
+    assert (one.batches_per_process, one.steps_per_epoch, one.total_steps) == (27, 14, 28)
+    assert "x 1 processes" not in one.render() and plan.to_dict()["batches_per_process"] == 14

@@ -162,10 +162,14 @@ def plan_markdown(formatted: dict[str, Any]) -> str:
         f"| {f['name']} | {f['images']} | {f['repeats']} | {f['images'] * f['repeats']} |"
         for f in plan["folders"]
     )
+    processes = int(plan.get("num_processes") or 1)
+    batch = f"batch size {plan['batch_size']}" + (
+        f" per process x **{processes}** processes (GPUs)" if processes > 1 else ""
+    )
     return (
         "| folder | images | repeats | images x repeats |\n|---|---|---|---|\n"
         f"{folders}\n\n"
-        f"**{plan['num_train_images']}** training images with repeats, batch size {plan['batch_size']}: "
+        f"**{plan['num_train_images']}** training images with repeats, {batch}: "
         f"**{plan['steps_per_epoch']}** steps per epoch x **{plan['epochs']}** epoch(s) = "
         f"**{plan['total_steps']}** total steps"
     )

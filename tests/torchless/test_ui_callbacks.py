@@ -296,6 +296,26 @@ def test_format_reports_issues_with_lines_then_the_plan(
     assert "outside the home folder" in escape and "line 1" in escape
 
 
+def test_gpus_per_job_go_into_the_plan_and_the_job(
+    service: TrainingService, datasets: DatasetService, uploads: list[Path]
+) -> None:
+    _dataset(datasets, uploads)
+    actions = CreateJobActions(service, UiHooks())
+    form = (LOCAL, "SD 1.5", "sd15.safetensors", "squares", CONFIG.format(name="two"))
+    one_plan = actions.format_config(*form)[3]
+    two_plan = actions.format_config(*form, 2)[3]
+    assert "**12** total steps" in one_plan and "**12** total steps" in two_plan  # max_train_steps holds
+    # 9 items at batch 2: 5 batches an epoch; 2 processes take 2 of them a step: 3 steps an epoch
+    assert "batch size 2: **5** steps per epoch" in one_plan
+    assert "batch size 2 per process x **2** processes (GPUs): **3** steps per epoch" in two_plan
+    queued = actions.submit(*form, 2)[0]
+    assert queued.startswith("✅ Job **"), queued
+    [job] = service.store.list()[0]
+    assert job.params["gpus"] == 2 and job.params["plan"]["num_processes"] == 2
+    refused = actions.submit(*form[:4], CONFIG.format(name="zero"), 0)[0]
+    assert "GPUs per job must be a whole number from 1" in refused
+
+
 def test_fp16_is_judged_for_the_machine_that_trains(service: TrainingService) -> None:
     actions = CreateJobActions(service, UiHooks())
     fp16 = 'mixed_precision = "fp16"\n'

@@ -33,7 +33,9 @@ def _cmd_config_format(args: argparse.Namespace) -> int:
     from kohya_backend.train.plan import format_with_plan
 
     try:
-        out = format_with_plan(source, args.fm_type, require_paths=not args.no_paths)
+        out = format_with_plan(
+            source, args.fm_type, require_paths=not args.no_paths, check_paths_exist=not args.no_paths
+        )
     except ConfigError as exc:
         if args.json:
             print(json.dumps({"ok": False, "issues": [i.to_dict() for i in exc.issues]}, indent=2))
@@ -471,7 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("file", help="config file, or - for standard input")
     fmt.add_argument("--fm-type", choices=["sd_1_5", "sd_xl"], required=True)
     fmt.add_argument("--json", action="store_true", help="machine-readable output")
-    fmt.add_argument("--no-paths", action="store_true", help="do not require model/dataset/output paths")
+    fmt.add_argument(
+        "--no-paths",
+        action="store_true",
+        help="do not require model/dataset/output paths, nor check that the paths given exist",
+    )
     fmt.set_defaults(func=_cmd_config_format)
     tpl = cfg.add_parser("template", help="print the starting config for an FM type")
     tpl.add_argument("--fm-type", choices=["sd_1_5", "sd_xl"], required=True)

@@ -174,7 +174,8 @@ def test_other_source_types_are_rejected() -> None:
     ("key", "raw", "expected"),
     [
         ("cache_latents", "true", True),
-        ("cache_latents", "False", False),
+        ("cache_latents", "False", True),  # sd-scripts tests switches with `if args.x`: any text but "" is on
+        ("xformers", "xformers", True),  # what kohya_ss's GUI writes for its attention choice
         ("cache_latents", 1, True),
         ("network_dim", "32", 32),
         ("network_dim", 32.0, 32),
@@ -217,7 +218,7 @@ def test_coercion_accepts_what_kohya_users_write(key: str, raw: Any, expected: A
 @pytest.mark.parametrize(
     ("key", "raw", "fragment"),
     [
-        ("cache_latents", "maybe", "true or false"),
+        ("cache_latents", 2, "true or false"),
         ("network_dim", "abc", "whole number"),
         ("network_dim", 2.5, "whole number"),
         ("network_dim", True, "whole number"),
@@ -228,7 +229,6 @@ def test_coercion_accepts_what_kohya_users_write(key: str, raw: Any, expected: A
         ("text_encoder_lr", [1e-5, 2e-5], "one value"),
         ("resolution", "512,512,512", "width,height"),
         ("resolution", "big", "width,height"),
-        ("resolution", 500, "multiple of 8"),
         ("resolution", 32, "out of range"),
         ("lr_warmup_steps", -1, "0 or more"),
         ("lr_warmup_steps", 1.5, "fraction below 1"),

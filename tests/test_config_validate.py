@@ -103,20 +103,25 @@ def test_cuda_is_detected_when_not_given() -> None:
     ],
 )
 def test_bucket_reso_steps_multiple_per_fm_type(fm_type: str, step: int, ok: bool) -> None:
-    config = {"bucket_reso_steps": step}
+    config = {"bucket_reso_steps": step, "enable_bucket": True, "min_bucket_reso": 384, "max_bucket_reso": 1536}
     if ok:
         assert check(config, fm_type)["bucket_reso_steps"] == step
     else:
         [issue] = errors(config, fm_type)
         assert issue.key == "bucket_reso_steps" and str(32 if fm_type == "sd_xl" else 64) in issue.message
+    # kohya reads the bucket settings only with enable_bucket: then any step is accepted (kohya_ss presets write 1)
+    assert check({**config, "enable_bucket": False}, fm_type)["bucket_reso_steps"] == step
 
 
-def test_bucket_bounds_are_multiples_of_the_step() -> None:
-    issues = errors({"min_bucket_reso": 250, "max_bucket_reso": 1000})
-    assert [i.key for i in issues] == ["min_bucket_reso", "max_bucket_reso"]
-    assert issues[0].hint == "use 256" and issues[1].hint == "use 1024"
-    assert check({"min_bucket_reso": 320, "max_bucket_reso": 960})["max_bucket_reso"] == 960
-    assert error_keys({"min_bucket_reso": 1024, "max_bucket_reso": 512}) == ["min_bucket_reso"]
+def test_bucket_bounds_are_snapped_to_the_step_as_kohya_does() -> None:
+    config = check({"enable_bucket": True, "min_bucket_reso": 250, "max_bucket_reso": 1000})
+    # kohya lowers min and raises max to multiples of bucket_reso_steps, with a warning
+    assert (config["min_bucket_reso"], config["max_bucket_reso"]) == (192, 1024)
+    assert warning_keys(config) == ["min_bucket_reso", "max_bucket_reso"]
+    assert [w.hint for w in config.warnings] == ["write min_bucket_reso = 192", "write max_bucket_reso = 1024"]
+    assert check({"min_bucket_reso": 320, "max_bucket_reso": 960, "enable_bucket": True})["max_bucket_reso"] == 960
+    config = {"min_bucket_reso": 1024, "max_bucket_reso": 512, "enable_bucket": True}
+    assert error_keys(config) == ["min_bucket_reso"]
 
 
 def test_resolution_within_bucket_bounds_only_when_bucketing() -> None:
@@ -272,33 +277,47 @@ def test_other_warnings() -> None:
 
 
 def test_unknown_key_suggests_the_nearest_known_key() -> None:
-    issues = errors('learnig_rate = 1e-4\nNetwork_Dim = 8\nepoch = 3\nLoRA_type = "Standard"\nzzz = 1\n')
-    assert [(i.key, i.line) for i in issues] == [
-        ("learnig_rate", 1),
-        ("Network_Dim", 2),
-        ("epoch", 3),
-        ("LoRA_type", 4),
-        ("zzz", 5),
-    ]
+    issues = errors("learnig_rate = 1e-4\nNetwork_Dim = 8\nzzz = 1\n")
+    assert [(i.key, i.line) for i in issues] == [("learnig_rate", 1), ("Network_Dim", 2), ("zzz", 3)]
     hints = [i.hint or "" for i in issues]
     assert hints[0] == "did you mean learning_rate?"
     assert "network_dim" in hints[1]
-    assert "max_train_epochs" in hints[2] and "kohya_ss's GUI" in hints[2]
-    assert "networks.lora" in hints[3]
-    assert "config reference" in hints[4]
+    assert "config reference" in hints[2]
+
+
+def test_kohya_ss_gui_keys_in_a_flat_config_get_gui_aware_messages_not_misleading_suggestions() -> None:
+    issues = errors('down_lr_weight = "1,1,1"\nlr_warmup = 10\nepoch = 3\nblock_dims = "4,4"\n')
+    assert [(i.key, i.line) for i in issues] == [
+        ("down_lr_weight", 1),
+        ("lr_warmup", 2),
+        ("epoch", 3),
+        ("block_dims", 4),
+    ]
+    assert all("kohya_ss GUI setting" in i.message for i in issues)
+    hints = [i.hint or "" for i in issues]
+    assert "network_args" in hints[0] and "prior_loss_weight" not in hints[0]
+    assert "percentage" in hints[1] and "lr_warmup_steps = 0.1" in hints[1]
+    assert "max_train_epochs" in hints[2] and "network_args" in hints[3]
+
+
+def test_a_config_with_lora_type_is_read_as_the_gui_writes_it_and_typos_still_show() -> None:
+    issues = errors('learnig_rate = 1e-4\nepoch = 3\nLoRA_type = "Standard"\nzzz = 1\n')
+    assert [(i.key, i.line) for i in issues] == [("learnig_rate", 1), ("zzz", 4)]
+    config = check('epoch = 3\nLoRA_type = "Kohya LoCon"\nconv_dim = 4\nconv_alpha = 2\n')
+    assert config["max_train_epochs"] == 3 and config.network_args == {"conv_dim": "4", "conv_alpha": "2"}
 
 
 def test_unsupported_key_says_kohya_accepts_it() -> None:
     [issue] = errors({"full_bf16": True})
     assert issue.message.startswith("kohya accepts full_bf16 but this trainer does not implement it:")
     assert "remove it" in issue.message and "bf16" in issue.message
-    [issue] = errors({"dataset_config": "datasets.toml"})
+    [issue] = errors({"in_json": "meta.json"})
     assert "train_data_dir" in issue.message
 
 
 def test_unsupported_key_at_kohyas_default_is_only_a_warning() -> None:
-    config = check({"color_aug": False, "huber_c": 0.1, "loss_type": "l2", "fp8_base": False, "vae": ""})
-    assert warning_keys(config) == ["color_aug", "huber_c", "loss_type", "fp8_base", "vae"]
+    config = check({"face_crop_aug_range": "", "huber_c": 0.1, "loss_type": "l2", "fp8_base": False, "vae": ""})
+    assert warning_keys(config) == ["face_crop_aug_range", "huber_c", "loss_type", "fp8_base", "vae"]
     assert all("changes nothing" in w.message for w in config.warnings)
     assert error_keys({"loss_type": "huber"}) == ["loss_type"]
 

@@ -114,6 +114,9 @@ _SPECS: list[KeySpec] = [
     # dataset
     _spec("train_data_dir", "path", None, "dataset",
           "Parent folder of <repeats>_<name> image folders (e.g. 10_mychar)."),
+    _spec("dataset_config", "path", None, "dataset",
+          "kohya's dataset TOML ([general], [[datasets]], [[datasets.subsets]]); train_data_dir and "
+          "reg_data_dir are ignored when it is set, as in kohya."),
     _spec("reg_data_dir", "path", None, "dataset",
           "Parent folder of <repeats>_<name> regularisation image folders (optional)."),
     _spec("prior_loss_weight", "float", 1.0, "dataset",
@@ -138,6 +141,9 @@ _SPECS: list[KeySpec] = [
           "Probability of dropping each comma-separated tag.", minimum=0.0, maximum=1.0),
     _spec("flip_aug", "bool", False, "dataset",
           "Randomly flip images horizontally."),
+    _spec("color_aug", "bool", False, "dataset",
+          "Weak color augmentation as kohya's: a third of the images get a small hue shift or gamma change "
+          "(not with cache_latents)."),
     _spec("random_crop", "bool", False, "dataset",
           "Crop randomly instead of centred (not with cache_latents)."),
     # buckets
@@ -151,8 +157,8 @@ _SPECS: list[KeySpec] = [
     _spec("max_bucket_reso", "int", 1024, "buckets",
           "Largest bucket side in pixels.", minimum=64, maximum=8192),
     _spec("bucket_reso_steps", "int", 64, "buckets",
-          "Bucket side step in pixels: a multiple of 64 for SD 1.5, of 32 for SDXL.",
-          minimum=32, maximum=1024),
+          "Bucket side step in pixels: a multiple of 64 for SD 1.5, of 32 for SDXL (checked with enable_bucket).",
+          minimum=1, maximum=1024),
     _spec("bucket_no_upscale", "bool", False, "buckets",
           "Never upscale an image to fit its bucket."),
     # caching
@@ -161,7 +167,7 @@ _SPECS: list[KeySpec] = [
     _spec("cache_latents_to_disk", "bool", False, "caching",
           "Keep the latent cache on disk next to the images (implies cache_latents)."),
     _spec("vae_batch_size", "int", None, "caching",
-          "Batch size when caching latents (unset = 1 on the CPU, where single images run fastest; on a GPU chosen from the resolution: 8 at 256 px, 4 at 512, 1 at 1024).", minimum=1, maximum=256),
+          "Batch size when caching latents (unset = 1 on the CPU, where single images run fastest; on a GPU chosen from the resolution: 8 at 256 px, 4 at 512, 1 at 1024; 0 = 1 image at a time, as in kohya).", minimum=0, maximum=256),
     _spec("cache_text_encoder_outputs", "bool", False, "caching",
           "Encode captions once before training (needs network_train_unet_only; no caption shuffle/dropout)."),
     _spec("cache_text_encoder_outputs_to_disk", "bool", False, "caching",
@@ -175,7 +181,7 @@ _SPECS: list[KeySpec] = [
           "Network type; this trainer implements kohya's networks.lora (LoRA, LoCon with conv_dim).",
           choices=("networks.lora",)),
     _spec("network_dim", "int", 4, "network",
-          "LoRA rank.", minimum=1, maximum=1024),
+          "LoRA rank.", minimum=1),
     _spec("network_alpha", "float", 1.0, "network",
           "LoRA alpha: the update is scaled by alpha/rank (0 = same as network_dim).", minimum=0.0),
     _spec("network_args", "list", [], "network",
@@ -256,9 +262,9 @@ _SPECS: list[KeySpec] = [
           "Precision of the saved LoRA: fp16, bf16 or float (kohya's unset = float).",
           choices=("fp16", "bf16", "float")),
     _spec("save_every_n_epochs", "int", None, "saving",
-          "Also save a LoRA every N epochs.", minimum=1, maximum=100_000, zero_is_unset=True),
+          "Also save a LoRA every N epochs.", minimum=1, zero_is_unset=True),
     _spec("save_every_n_steps", "int", None, "saving",
-          "Also save a LoRA every N steps.", minimum=1, maximum=10_000_000, zero_is_unset=True),
+          "Also save a LoRA every N steps.", minimum=1, zero_is_unset=True),
     _spec("save_n_epoch_ratio", "int", None, "saving",
           "Save about N files over the run (sets save_every_n_epochs = epochs // N).",
           minimum=1, maximum=100_000, zero_is_unset=True),
@@ -279,9 +285,10 @@ _SPECS: list[KeySpec] = [
     _spec("sample_prompts", "path", None, "sampling",
           "File with one sample prompt per line (kohya syntax)."),
     _spec("sample_every_n_epochs", "int", None, "sampling",
-          "Generate samples every N epochs.", minimum=1, maximum=100_000, zero_is_unset=True),
+          "Generate samples every N epochs (a value past the last epoch, like 999999, never samples).",
+          minimum=1, zero_is_unset=True),
     _spec("sample_every_n_steps", "int", None, "sampling",
-          "Generate samples every N steps.", minimum=1, maximum=10_000_000, zero_is_unset=True),
+          "Generate samples every N steps.", minimum=1, zero_is_unset=True),
     _spec("sample_sampler", "str", "ddim", "sampling",
           "Sampler for sample images.", choices=tuple(SAMPLE_SAMPLERS)),
     # compat
@@ -304,16 +311,6 @@ SCHEMA: dict[str, KeySpec] = {spec.name: spec for spec in _SPECS}
 ALIASES: dict[str, str] = {
     "caption_extention": "caption_extension",  # kohya's own misspelt alias
     "lr_restart_cycles": "lr_scheduler_num_cycles",  # written by the AWS solution's kohya templates
-}
-
-# Keys that kohya_ss's GUI writes but sd-scripts does not read: a pointer to what to use instead.
-GUI_KEY_HINTS: dict[str, str] = {
-    "epoch": "use max_train_epochs",
-    "conv_dim": 'use network_args = ["conv_dim=N", "conv_alpha=A"]',
-    "conv_alpha": 'use network_args = ["conv_dim=N", "conv_alpha=A"]',
-    "lora_type": "this trainer trains standard LoRA (networks.lora); remove it",
-    "lycoris_preset": "LyCORIS is not implemented; remove it",
-    "additional_parameters": "write each parameter as its own key",
 }
 
 
@@ -356,13 +353,13 @@ def _unsupported_table() -> dict[str, str]:
         ),
         ("masked_loss alpha_mask conditioning_data_dir", "masked loss is not implemented; remove it"),
         (
-            "dataset_config in_json dataset_class dataset_repeats",
+            "in_json dataset_class dataset_repeats",
             "this trainer reads kohya's folder layout only: remove it and set train_data_dir to the parent of "
             "<repeats>_<name> folders",
         ),
         (
-            "color_aug face_crop_aug_range",
-            "this augmentation is not implemented; remove it (flip_aug and random_crop are supported)",
+            "face_crop_aug_range",
+            "this augmentation is not implemented; remove it (flip_aug, color_aug and random_crop are supported)",
         ),
         (
             "caption_separator secondary_separator enable_wildcard weighted_captions token_warmup_min "

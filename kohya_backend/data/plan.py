@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import cast
 
 from kohya_backend.data.batches import build_items, epoch_batches, item_repeats
 from kohya_backend.data.buckets import BucketAssigner
@@ -31,6 +32,7 @@ class TrainingPlan:
     gradient_accumulation_steps: int
     batches_per_epoch: int
     warnings: list[str] = field(default_factory=list)
+    datasets: list[dict[str, object]] = field(default_factory=list)  # per dataset of a dataset_config
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready dict of every field (for the API and the job folder)."""
@@ -39,12 +41,22 @@ class TrainingPlan:
     def render(self) -> str:
         """A human-readable summary for the CLI and the UI."""
         lines = ["Dataset:"]
+        for index, dataset in enumerate(self.datasets):
+            w, h = cast(list[int], dataset["resolution"])
+            buckets = cast(dict[str, int], dataset["buckets"])
+            lines.append(
+                f"  dataset {index + 1}: {w}x{h}, batch size {dataset['batch_size']}, buckets "
+                + ", ".join(f"{k}: {v}" for k, v in buckets.items())
+            )
         for folder in self.folders:
             kind = "reg  " if folder["is_reg"] else "train"
             uncaptioned = f", {folder['uncaptioned']} without caption" if folder["uncaptioned"] else ""
+            options = cast(dict[str, object], folder.get("options") or {})
+            shown = "".join(f", {k} {v}" for k, v in options.items())
+            where = f" (dataset {cast(int, folder['dataset']) + 1})" if self.datasets else ""
             lines.append(
-                f"  {kind} {folder['name']}: {folder['images']} image(s) x {folder['repeats']} repeats, "
-                f"class token '{folder['class_token']}'{uncaptioned}"
+                f"  {kind} {folder['name']}{where}: {folder['images']} image(s) x {folder['repeats']} repeats, "
+                f"class token '{folder['class_token']}'{uncaptioned}{shown}"
             )
         lines.append(f"Training images (with repeats): {self.num_train_images}")
         if self.num_reg_images:
@@ -99,8 +111,22 @@ def _check_counts(
         raise ConfigError(issues)
 
 
+def _subset_options(subset: object) -> dict[str, object]:
+    """A dataset_config subset's options that differ from kohya's defaults (what the plan shows for it)."""
+    options = getattr(subset, "options", None)
+    if options is None:
+        return {}
+    defaults = type(options)()
+    skip = {"num_repeats", "is_reg", "class_tokens"}
+    return {
+        f.name: getattr(options, f.name)
+        for f in fields(options)
+        if f.name not in skip and getattr(options, f.name) != getattr(defaults, f.name)
+    }
+
+
 def _folders(scan: DatasetScan) -> list[dict[str, object]]:
-    """One summary dict per dataset folder."""
+    """One summary dict per dataset folder (with its dataset and options when it comes from a dataset_config)."""
     return [
         {
             "name": s.name,
@@ -110,6 +136,8 @@ def _folders(scan: DatasetScan) -> list[dict[str, object]]:
             "class_token": s.class_token,
             "is_reg": s.is_reg,
             "uncaptioned": s.uncaptioned,
+            "dataset": s.dataset_index,
+            "options": _subset_options(s),
         }
         for s in scan.subsets
     ]
@@ -131,20 +159,30 @@ def plan_training(
 ) -> TrainingPlan:
     """Compute buckets, steps per epoch, epochs and total steps as kohya does, with plan-level warnings."""
     _check_counts(train_batch_size, gradient_accumulation_steps, max_train_steps, max_train_epochs)
-    assigner = BucketAssigner(
-        resolution,
-        enable_bucket=enable_bucket,
-        min_size=min_bucket_reso,
-        max_size=max_bucket_reso,
-        reso_steps=bucket_reso_steps,
-        no_upscale=bucket_no_upscale,
+    assigners = dataset_assigners(
+        scan,
+        BucketAssigner(
+            resolution,
+            enable_bucket=enable_bucket,
+            min_size=min_bucket_reso,
+            max_size=max_bucket_reso,
+            reso_steps=bucket_reso_steps,
+            no_upscale=bucket_no_upscale,
+        ),
     )
-    items = build_items(scan, assigner)
+    batch_sizes = [d.batch_size for d in scan.datasets] or None
+    items = build_items(scan, assigners)
     repeats = item_repeats(items, scan)
     counts: dict[tuple[int, int], int] = {}
+    per_dataset: list[dict[tuple[int, int], int]] = [{} for _ in scan.datasets]
     for item, count in zip(items, repeats):
         counts[item.bucket] = counts.get(item.bucket, 0) + count
-    num_batches = len(epoch_batches(items, scan, batch_size=train_batch_size, epoch=1, seed=0))
+        if per_dataset:
+            bucket_counts = per_dataset[scan.subsets[item.subset_index].dataset_index]
+            bucket_counts[item.bucket] = bucket_counts.get(item.bucket, 0) + count
+    num_batches = len(
+        epoch_batches(items, scan, batch_size=train_batch_size, epoch=1, seed=0, batch_sizes=batch_sizes)
+    )
     steps_per_epoch = math.ceil(num_batches / gradient_accumulation_steps)
     if max_train_epochs is not None:
         epochs, total_steps = max_train_epochs, max_train_epochs * steps_per_epoch
@@ -173,4 +211,30 @@ def plan_training(
         gradient_accumulation_steps=gradient_accumulation_steps,
         batches_per_epoch=num_batches,
         warnings=warnings,
+        datasets=[
+            {
+                "resolution": list(params.resolution),
+                "batch_size": params.batch_size,
+                "enable_bucket": params.enable_bucket,
+                "buckets": {f"{w}x{h}": n for (w, h), n in sorted(bucket_counts.items()) if n},
+            }
+            for params, bucket_counts in zip(scan.datasets, per_dataset)
+        ],
     )
+
+
+def dataset_assigners(scan: DatasetScan, default: BucketAssigner) -> list[BucketAssigner]:
+    """One bucket assigner per dataset of a dataset_config (its resolution and bucket settings), else `default`."""
+    if not scan.datasets:
+        return [default]
+    return [
+        BucketAssigner(
+            d.resolution,
+            enable_bucket=d.enable_bucket,
+            min_size=d.min_bucket_reso,
+            max_size=d.max_bucket_reso,
+            reso_steps=d.bucket_reso_steps,
+            no_upscale=d.bucket_no_upscale,
+        )
+        for d in scan.datasets
+    ]

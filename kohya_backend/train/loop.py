@@ -26,8 +26,9 @@ from kohya_backend.config.validate import TrainConfig
 from kohya_backend.data.batches import TrainItem, build_items, epoch_batches
 from kohya_backend.data.buckets import BucketAssigner
 from kohya_backend.data.captions import build_caption
-from kohya_backend.data.plan import TrainingPlan
-from kohya_backend.data.scan import DatasetScan, scan_dataset
+from kohya_backend.data.dataset_config import SubsetOptions, options_from_config
+from kohya_backend.data.plan import TrainingPlan, dataset_assigners
+from kohya_backend.data.scan import DatasetScan
 from kohya_backend.errors import TrainingError
 from kohya_backend.lora.metadata import training_metadata
 from kohya_backend.lora.network import LoRANetwork
@@ -46,7 +47,7 @@ from kohya_backend.train.noise import (
     training_target,
 )
 from kohya_backend.train.optim import create_lr_scheduler, create_optimizer, current_lrs
-from kohya_backend.train.plan import plan_for
+from kohya_backend.train.plan import plan_for, scan_for
 from kohya_backend.train.runtime import release_pages, tune_allocator
 from kohya_backend.train.sample import generate_samples, parse_sample_prompts
 from kohya_backend.train.state import PROGRESS_FILE, latest_state, load_training_state, save_training_state
@@ -114,13 +115,10 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- prepare
     def _prepare_data(self) -> None:
         cfg = self.cfg
-        reg = cfg.get("reg_data_dir")
-        self.scan: DatasetScan = scan_dataset(
-            Path(cfg["train_data_dir"]), cfg["caption_extension"], reg_data_dir=Path(reg) if reg else None
-        )
+        self.scan: DatasetScan = scan_for(self.config)
         for warning in self.scan.warnings:
             self.events.emit("warning", message=warning)
-        self.assigner = BucketAssigner(
+        default_assigner = BucketAssigner(
             self.config.resolution,
             enable_bucket=bool(cfg["enable_bucket"]),
             min_size=int(cfg["min_bucket_reso"]),
@@ -128,7 +126,10 @@ class Trainer:
             reso_steps=int(cfg["bucket_reso_steps"]),
             no_upscale=bool(cfg["bucket_no_upscale"]),
         )
-        self.items: list[TrainItem] = build_items(self.scan, self.assigner)
+        # a dataset_config gives each dataset its own buckets and batch size, and each subset its own options
+        self.items: list[TrainItem] = build_items(self.scan, dataset_assigners(self.scan, default_assigner))
+        self.batch_sizes = [d.batch_size for d in self.scan.datasets] or None
+        self.default_options = options_from_config(cfg)
         self.plan: TrainingPlan = plan_for(self.config, self.scan)
         self.events.total_steps = self.plan.total_steps
         self.events.emit("plan", **self.plan.to_dict())
@@ -197,7 +198,8 @@ class Trainer:
             self.latent_cache = LatentCache(
                 to_disk=bool(cfg.get("cache_latents_to_disk")), model_fingerprint=fingerprint
             )
-            flips = (False, True) if cfg.get("flip_aug") else (False,)
+            flip_aug = any(self._options(it).flip_aug for it in self.items)
+            flips = (False, True) if flip_aug else (False,)
             gen = torch.Generator().manual_seed(self.seed)
             self.events.emit("caching", what="latents", done=0, total=len(self.items))
             self.latent_cache.fill(
@@ -295,22 +297,26 @@ class Trainer:
             self.cfg.get("sample_every_n_epochs") or self.cfg.get("sample_every_n_steps")
         )
 
+    def _options(self, item: TrainItem) -> SubsetOptions:
+        """The caption and augmentation settings of an item's subset (a dataset_config's, or the config's)."""
+        return self.scan.subsets[item.subset_index].options or self.default_options
+
     def _caption_for(self, item: TrainItem, *, epoch: int, rng: random.Random) -> str:
-        cfg = self.cfg
         subset = self.scan.subsets[item.subset_index]
+        options = self._options(item)
         return build_caption(
             item.image.caption,
             subset.class_token,
             epoch=epoch,
             rng=rng,
-            shuffle=bool(cfg.get("shuffle_caption")),
-            keep_tokens=int(cfg.get("keep_tokens") or 0),
-            keep_tokens_separator=str(cfg.get("keep_tokens_separator") or ""),
-            dropout_rate=float(cfg.get("caption_dropout_rate") or 0),
-            dropout_every_n_epochs=int(cfg.get("caption_dropout_every_n_epochs") or 0),
-            tag_dropout_rate=float(cfg.get("caption_tag_dropout_rate") or 0),
-            prefix=str(cfg.get("caption_prefix") or ""),
-            suffix=str(cfg.get("caption_suffix") or ""),
+            shuffle=options.shuffle_caption,
+            keep_tokens=options.keep_tokens,
+            keep_tokens_separator=options.keep_tokens_separator or "",
+            dropout_rate=options.caption_dropout_rate,
+            dropout_every_n_epochs=options.caption_dropout_every_n_epochs,
+            tag_dropout_rate=options.caption_tag_dropout_rate,
+            prefix=options.caption_prefix or "",
+            suffix=options.caption_suffix or "",
         )
 
     def _token_ids(self, captions: list[str], max_len: int) -> list[torch.Tensor]:
@@ -337,8 +343,7 @@ class Trainer:
 
     def _make_batch(self, batch: list[TrainItem], rng: random.Random, step_gen: torch.Generator) -> _Batch:
         cfg = self.cfg
-        flip_aug = bool(cfg.get("flip_aug"))
-        flips = [flip_aug and rng.random() < 0.5 for _ in batch]
+        flips = [self._options(it).flip_aug and rng.random() < 0.5 for it in batch]
         captions = [self._caption_for(it, epoch=self.epoch, rng=rng) for it in batch]
         geos = []
         if self.latent_cache is not None:
@@ -346,9 +351,15 @@ class Trainer:
             latents = torch.stack([p[0] for p in pairs])
             geos = [p[1] for p in pairs]
         else:
-            random_crop = bool(cfg.get("random_crop"))
             prepared = [
-                prepare_image(it, flip=f, random_crop=random_crop, rng=rng) for it, f in zip(batch, flips)
+                prepare_image(
+                    it,
+                    flip=f,
+                    random_crop=self._options(it).random_crop,
+                    color_aug=self._options(it).color_aug,
+                    rng=rng,
+                )
+                for it, f in zip(batch, flips)
             ]
             with torch.no_grad():
                 latents = encode_latents(
@@ -571,6 +582,7 @@ class Trainer:
             batch_size=int(self.cfg["train_batch_size"]),
             epoch=self.epoch,
             seed=self.seed,
+            batch_sizes=self.batch_sizes,
         )
         last = len(batches) - 1
         for index in range(self.batches_done, len(batches)):

@@ -6,11 +6,38 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import tomlkit
+from tomlkit.exceptions import ParseError
+
 from kohya_backend.config.parse import ParsedConfig
+from kohya_backend.config.schema import defaults_for
 from kohya_backend.config.validate import TrainConfig
+from kohya_backend.data.dataset_config import (
+    DatasetConfig,
+    is_dataset_config,
+    load_dataset_config,
+    read_dataset_config,
+    scan_dataset_config,
+)
 from kohya_backend.data.plan import TrainingPlan, plan_training
-from kohya_backend.data.scan import DatasetScan
+from kohya_backend.data.scan import DatasetScan, scan_dataset
 from kohya_backend.errors import DatasetError
+
+
+def scan_for(config: TrainConfig, *, verify_images: bool = True) -> DatasetScan:
+    """The dataset a config trains on: its dataset_config when set (kohya then ignores train_data_dir), else
+    train_data_dir with reg_data_dir."""
+    values = config.values
+    if values.get("dataset_config"):
+        found = load_dataset_config(Path(values["dataset_config"]), fm_type=config.fm_type, training=values)
+        return scan_dataset_config(found, verify_images=verify_images)
+    reg = values.get("reg_data_dir")
+    return scan_dataset(
+        Path(values["train_data_dir"]),
+        values["caption_extension"],
+        reg_data_dir=Path(reg) if reg else None,
+        verify_images=verify_images,
+    )
 
 
 def plan_for(config: TrainConfig, scan: DatasetScan) -> TrainingPlan:
@@ -32,21 +59,67 @@ def plan_for(config: TrainConfig, scan: DatasetScan) -> TrainingPlan:
     )
 
 
+def _dataset_config_text(source: object) -> str | None:
+    """The text of `source` when it is a kohya dataset_config TOML rather than a training config."""
+    if not isinstance(source, str) or source.lstrip().startswith("{"):
+        return None
+    try:
+        data = tomlkit.parse(source.lstrip("\ufeff")).unwrap()
+    except ParseError:
+        return None
+    return source if is_dataset_config(data) else None
+
+
+def format_dataset_config(text: str, fm_type: str, *, scan: bool = True) -> dict[str, Any]:
+    """`config format` on a dataset_config TOML: checked as one, written back canonically, and planned (each
+    subset with its options) with kohya's defaults for the training keys it falls back to."""
+    training = defaults_for(fm_type)
+    found: DatasetConfig = read_dataset_config(
+        text, source="dataset_config", fm_type=fm_type, training=training
+    )
+    out: dict[str, Any] = {
+        "toml": found.toml,
+        "warnings": [w.to_dict() for w in found.warnings],
+        "plan": None,
+        "dataset_error": None,
+        "kind": "dataset_config",
+    }
+    if scan:
+        try:
+            dataset = scan_dataset_config(found)
+            config = TrainConfig(fm_type=fm_type, values=training)
+            plan = plan_for(config, dataset)
+            out["plan"], out["plan_text"] = plan.to_dict(), plan.render()
+        except DatasetError as exc:
+            out["dataset_error"] = {"message": str(exc), "files": [str(f) for f in exc.files]}
+    return out
+
+
 def format_with_plan(
     source: str | Mapping[str, Any] | ParsedConfig,
     fm_type: str,
     *,
     require_paths: bool = True,
+    check_paths_exist: bool = True,
     cuda_available: bool | None = None,
 ) -> dict[str, Any]:
     """Format config_params and, when its dataset can be scanned, add the training plan (CLI and API share this).
 
-    `cuda_available` is whether the machine that will train has a CUDA GPU (None: this one, asked through torch).
+    A kohya dataset_config TOML given as text is checked as one (format_dataset_config). `cuda_available` is
+    whether the machine that will train has a CUDA GPU (None: this one, asked through torch).
     """
     from kohya_backend.config.format import format_config
-    from kohya_backend.data.scan import scan_dataset
 
-    result = format_config(source, fm_type, require_paths=require_paths, cuda_available=cuda_available)
+    dataset_text = _dataset_config_text(source)
+    if dataset_text is not None:
+        return format_dataset_config(dataset_text, fm_type, scan=check_paths_exist)
+    result = format_config(
+        source,
+        fm_type,
+        require_paths=require_paths,
+        check_paths_exist=check_paths_exist,
+        cuda_available=cuda_available,
+    )
     out: dict[str, Any] = {
         "toml": result.toml,
         "warnings": [w.to_dict() for w in result.warnings],
@@ -54,15 +127,9 @@ def format_with_plan(
         "dataset_error": None,
     }
     values = result.config.values
-    if values.get("train_data_dir"):
+    if check_paths_exist and (values.get("train_data_dir") or values.get("dataset_config")):
         try:
-            reg = values.get("reg_data_dir")
-            scan = scan_dataset(
-                Path(values["train_data_dir"]),
-                values["caption_extension"],
-                reg_data_dir=Path(reg) if reg else None,
-            )
-            plan = plan_for(result.config, scan)
+            plan = plan_for(result.config, scan_for(result.config))
             out["plan"], out["plan_text"] = plan.to_dict(), plan.render()
         except DatasetError as exc:
             out["dataset_error"] = {"message": str(exc), "files": [str(f) for f in exc.files]}

@@ -98,9 +98,23 @@ class TrainingService:
         Keys the server sets itself keep their value unless `rewrite_all` (used by config format).
         """
         issues = []
+        if values.get("dataset_config") not in (None, ""):
+            # its image_dir entries name folders anywhere: a client may not point the server at them
+            issues.append(
+                _config_issue(
+                    "dataset_config",
+                    TrainManagementError(
+                        "dataset_config is read by the command line trainer only (its image_dir paths cannot be "
+                        "kept inside the home folder)",
+                        "choose a dataset here instead (train_data_dir), or run `python -m kohya_backend train "
+                        "--config ...` on the machine",
+                    ),
+                    positions,
+                )
+            )
         for key, spec in SCHEMA.items():
             value = values.get(key)
-            if spec.kind != "path" or value is None or value == "":
+            if spec.kind != "path" or value is None or value == "" or key == "dataset_config":
                 continue
             try:
                 resolved = self.home.resolve(str(value), self._key_roots(key), what=key)

@@ -31,6 +31,7 @@ from kohya_backend.jobs.store import Job, JobNotFound, validate_job_id
 from kohya_backend.jobs.worker_protocol import (
     FOLDER_KEYS,
     INPUT_KEYS,
+    LOCAL_ONLY_KEYS,
     MAX_INPUT_FILES,
     OUTPUT_KEYS,
     InvalidName,
@@ -212,7 +213,7 @@ class WorkerJobs:
         config = body.get("config_params")
         if not isinstance(config, dict):
             raise _bad("config_params must be an object")
-        paths = sorted(set(config) & {*INPUT_KEYS, *OUTPUT_KEYS})
+        paths = sorted(set(config) & {*INPUT_KEYS, *OUTPUT_KEYS, *LOCAL_ONLY_KEYS})
         if paths:
             raise _bad(
                 f"config_params names paths ({', '.join(paths)}); the worker sets them itself",

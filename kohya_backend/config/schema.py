@@ -50,8 +50,8 @@ SAMPLE_SAMPLERS: Mapping[str, tuple[str, Mapping[str, Any]]] = MappingProxyType(
     }
 )
 
-# The only network_args this trainer implements (kohya's LoCon extension of networks.lora).
-NETWORK_ARGS: tuple[str, ...] = ("conv_dim", "conv_alpha")
+# The network_args this trainer implements (kohya's LoCon extension of networks.lora and its dropouts).
+NETWORK_ARGS: tuple[str, ...] = ("conv_dim", "conv_alpha", "rank_dropout", "module_dropout")
 
 
 @dataclass(frozen=True)
@@ -185,7 +185,8 @@ _SPECS: list[KeySpec] = [
     _spec("network_alpha", "float", 1.0, "network",
           "LoRA alpha: the update is scaled by alpha/rank (0 = same as network_dim).", minimum=0.0),
     _spec("network_args", "list", [], "network",
-          'Extra network settings as "key=value" strings: only conv_dim and conv_alpha (LoCon).'),
+          'Extra network settings as "key=value" strings: conv_dim and conv_alpha (LoCon), rank_dropout and '
+          "module_dropout."),
     _spec("network_dropout", "float", None, "network",
           "Dropout on the LoRA down projection (0 or unset = none).",
           minimum=0.0, maximum=1.0, zero_is_unset=True),

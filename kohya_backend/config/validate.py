@@ -40,8 +40,6 @@ from kohya_backend.errors import ConfigError, ConfigIssue
 # network_args that kohya's networks.lora reads but this trainer does not implement.
 _KOHYA_LORA_ARGS = frozenset(
     [
-        "rank_dropout",
-        "module_dropout",
         "down_lr_weight",
         "mid_lr_weight",
         "up_lr_weight",
@@ -64,6 +62,19 @@ _KOHYA_LORA_ARGS = frozenset(
 _NETWORK_ARG_SPECS = {
     "conv_dim": KeySpec("conv_dim", "int", None, "network", "LoCon rank of 3x3 convolutions", minimum=1),
     "conv_alpha": KeySpec("conv_alpha", "float", None, "network", "LoCon alpha", minimum=0.0),
+    "rank_dropout": KeySpec(
+        "rank_dropout",
+        "float",
+        None,
+        "network",
+        "rank dropout",
+        minimum=0.0,
+        maximum=1.0,
+        exclusive_minimum=False,
+    ),
+    "module_dropout": KeySpec(
+        "module_dropout", "float", None, "network", "module dropout", minimum=0.0, maximum=1.0
+    ),
 }
 _REQUIRED_PATHS = ("pretrained_model_name_or_path", "train_data_dir", "output_dir")
 _WINDOWS_RESERVED = frozenset(
@@ -393,13 +404,13 @@ def _rule_network_args(c: _Checker) -> None:
             c.issue(
                 "network_args",
                 f"kohya's networks.lora accepts {name} but this trainer does not implement it",
-                "remove it; only conv_dim and conv_alpha are supported",
+                f"remove it; supported: {', '.join(_NETWORK_ARG_SPECS)}",
             )
         else:
             c.issue(
                 "network_args",
                 f"unknown network_args key {name!r}",
-                "only conv_dim=N and conv_alpha=A are supported, for LoCon",
+                f"supported: {', '.join(f'{k}=...' for k in _NETWORK_ARG_SPECS)}",
             )
     if "conv_alpha" in args and "conv_dim" not in args:
         c.issue(

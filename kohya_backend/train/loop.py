@@ -170,6 +170,8 @@ class Trainer:
             conv_dim=int(args["conv_dim"]) if "conv_dim" in args else None,
             conv_alpha=float(args["conv_alpha"]) if "conv_alpha" in args else None,
             dropout=cfg.get("network_dropout"),
+            rank_dropout=float(args["rank_dropout"]) if "rank_dropout" in args else None,
+            module_dropout=float(args["module_dropout"]) if "module_dropout" in args else None,
             train_unet=self.train_unet,
             train_text_encoder=self.train_te,
             unet_layers_per_block=int(m.arch.unet.get("layers_per_block", 2)),

@@ -155,11 +155,17 @@ def run_training(
 def _detect_fm_type(model: object) -> str:
     """The FM type of a checkpoint, from its keys alone (for `train` without --fm-type)."""
     from kohya_backend.models.detect import detect_family
+    from kohya_backend.models.diffusers_folder import (
+        detect_folder_family,
+        is_diffusers_folder,
+        resolve_model_path,
+    )
     from kohya_backend.models.keys import read_keys
 
     if not model:
         raise TrainManagementError("pretrained_model_name_or_path is missing", hint="set it in the config")
-    family = str(detect_family(read_keys(Path(str(model)))))
+    path = resolve_model_path(str(model))
+    family = detect_folder_family(path) if is_diffusers_folder(path) else str(detect_family(read_keys(path)))
     if family not in ("sd_1_5", "sd_xl"):
         raise TrainManagementError(
             f"{model} is a {family} checkpoint; this trainer trains sd_1_5 and sd_xl models"

@@ -489,6 +489,19 @@ _INTS = frozenset(
     ["keep_tokens", "caption_dropout_every_n_epochs", "min_bucket_reso", "max_token_length", "seed"]
 )
 
+# Keys of a GUI config that are sd-scripts arguments too (passed on, derived, or left out as the GUI leaves them).
+_SD_SCRIPTS_NAMES = (
+    _PASSED
+    | _INTS
+    | set(_RENAMED)
+    | set(
+        """persistent_data_loader_workers optimizer_args lr_scheduler_args max_data_loader_n_workers text_encoder_lr
+        unet_lr noise_offset adaptive_noise_scale noise_offset_random_strength multires_noise_discount
+        multires_noise_iterations max_train_epochs max_train_steps lr_warmup_steps lr_scheduler_num_cycles
+        sample_prompts sample_every_n_steps sample_every_n_epochs sample_sampler xformers""".split()
+    )
+)
+
 # The GUI's other model families: their checkbox, and the LoRA_type values that belong to them.
 _FAMILY_CHECKBOXES = {
     "flux1_checkbox": "a kohya_ss GUI Flux.1 LoRA config",
@@ -856,12 +869,12 @@ def _model_flags(gui: _Gui, out: dict[str, Any]) -> str:
 
 
 def _dropped_notes(data: Mapping[str, Any], out: dict[str, Any], notes: list[ConfigIssue]) -> None:
-    gui_only = sorted(k for k in data if k in _GUI_KEYS and _RENAMED.get(k, k) not in out)
+    gui_only = sorted(k for k in data if k in _GUI_KEYS and k not in _SD_SCRIPTS_NAMES)
     if gui_only:
         notes.append(
             ConfigIssue(
-                f"read as a kohya_ss GUI config: {len(gui_only)} key(s) that only steer the GUI or feed the "
-                f"settings above were used or dropped as the GUI does ({', '.join(gui_only[:8])}"
+                f"read as a kohya_ss GUI config: {len(gui_only)} GUI setting(s) turned into sd-scripts keys or "
+                f"dropped, as the GUI does ({', '.join(gui_only[:8])}"
                 + (", ..." if len(gui_only) > 8 else "")
                 + ")",
                 hint="the formatted config shows the sd-scripts keys it trains with",

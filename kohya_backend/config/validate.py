@@ -35,7 +35,7 @@ from kohya_backend.config.schema import (
     defaults_for,
     toml_value,
 )
-from kohya_backend.errors import ConfigError, ConfigIssue
+from kohya_backend.errors import ConfigError, ConfigIssue, TrainManagementError
 
 # network_args that kohya's networks.lora reads but this trainer does not implement.
 _KOHYA_LORA_ARGS = frozenset(
@@ -753,7 +753,9 @@ def _rule_paths(c: _Checker, require_paths: bool, check_paths_exist: bool) -> No
         if value is None or not c.ok(key):
             continue
         path = Path(value)
-        if not path.exists():
+        if not path.exists() and key == "pretrained_model_name_or_path":
+            _check_model(c, str(value))
+        elif not path.exists():
             c.issue(
                 key, f"{value} does not exist", "check the path (relative paths start at the working folder)"
             )
@@ -765,6 +767,16 @@ def _rule_paths(c: _Checker, require_paths: bool, check_paths_exist: bool) -> No
         value = c[key]
         if value is not None and c.ok(key) and Path(value).exists() and not Path(value).is_dir():
             c.issue(key, f"{value} exists and is not a folder", f"{key} must name a folder")
+
+
+def _check_model(c: _Checker, value: str) -> None:
+    """A base model that is no path here: a hub id must be in the local Hugging Face cache (nothing downloads)."""
+    from kohya_backend.models.diffusers_folder import resolve_model_path
+
+    try:
+        resolve_model_path(value)
+    except TrainManagementError as exc:
+        c.issue("pretrained_model_name_or_path", exc.message, exc.hint)
 
 
 def _line_order(issue: ConfigIssue) -> tuple[int, int, int]:

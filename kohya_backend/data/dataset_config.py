@@ -457,3 +457,63 @@ def scan_dataset_config(config: DatasetConfig, *, verify_images: bool = True) ->
 def options_from_config(values: Mapping[str, Any]) -> SubsetOptions:
     """The subset options a folder-layout dataset trains with: the training config's own settings."""
     return _resolve(SubsetOptions, [], values)  # type: ignore[no-any-return]
+
+
+def kohya_datasets_metadata(
+    scan: DatasetScan, bucket_infos: list[dict[str, Any] | None]
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]], dict[str, dict[str, int]]]:
+    """What kohya stores for a dataset_config run: `ss_datasets` (one entry per dataset with its subsets),
+    `ss_tag_frequency` (per folder, the first dataset's when one folder serves several) and `ss_dataset_dirs`
+    (training folders only; a name seen again gets " (2)", " (3)", ...)."""
+    frequency = scan.tag_frequency()
+    datasets: list[dict[str, Any]] = []
+    tags: dict[str, dict[str, int]] = {}
+    dirs: dict[str, dict[str, int]] = {}
+    for index, params in enumerate(scan.datasets):
+        subsets = [s for s in scan.subsets if s.dataset_index == index]
+        entries = []
+        for subset in subsets:
+            options = subset.options or SubsetOptions()
+            entries.append(
+                {
+                    "img_count": len(subset.images),
+                    "num_repeats": subset.repeats,
+                    "color_aug": options.color_aug,
+                    "flip_aug": options.flip_aug,
+                    "random_crop": options.random_crop,
+                    "shuffle_caption": options.shuffle_caption,
+                    "keep_tokens": options.keep_tokens,
+                    "keep_tokens_separator": options.keep_tokens_separator,
+                    "secondary_separator": None,
+                    "enable_wildcard": False,
+                    "caption_prefix": options.caption_prefix,
+                    "caption_suffix": options.caption_suffix,
+                    "resize_interpolation": None,
+                    "image_dir": subset.path.name,
+                    "class_tokens": options.class_tokens,
+                    "is_reg": subset.is_reg,
+                }
+            )
+            tags.setdefault(subset.name, frequency.get(subset.name, {}))
+            if not subset.is_reg:
+                name, n = subset.name, 2
+                while name in dirs:
+                    name, n = f"{subset.name} ({n})", n + 1
+                dirs[name] = {"n_repeats": subset.repeats, "img_count": len(subset.images)}
+        datasets.append(
+            {
+                "is_dreambooth": True,
+                "batch_size_per_device": params.batch_size,
+                "num_train_images": sum(s.num_items for s in subsets if not s.is_reg),
+                "num_reg_images": sum(s.num_items for s in subsets if s.is_reg),
+                "resolution": list(params.resolution),
+                "enable_bucket": params.enable_bucket,
+                "min_bucket_reso": params.min_bucket_reso,
+                "max_bucket_reso": params.max_bucket_reso,
+                "tag_frequency": {s.name: frequency.get(s.name, {}) for s in subsets},
+                "bucket_info": bucket_infos[index] if index < len(bucket_infos) else None,
+                "resize_interpolation": None,
+                "subsets": entries,
+            }
+        )
+    return datasets, tags, dirs

@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import cast
 
-from kohya_backend.data.batches import build_items, epoch_batches, item_repeats
+from kohya_backend.data.batches import TrainItem, build_items, epoch_batches, item_repeats
 from kohya_backend.data.buckets import BucketAssigner
 from kohya_backend.data.scan import DatasetScan
 from kohya_backend.errors import ConfigError, ConfigIssue
@@ -238,3 +238,45 @@ def dataset_assigners(scan: DatasetScan, default: BucketAssigner) -> list[Bucket
         )
         for d in scan.datasets
     ]
+
+
+def kohya_bucket_info(
+    scan: DatasetScan, items: list[TrainItem], assigners: list[BucketAssigner]
+) -> list[dict[str, object] | None]:
+    """kohya's `ss_bucket_info` per dataset: None without bucketing (kohya writes null), else
+    {"buckets": {index: {"resolution": [w, h], "count": n}}, "mean_img_ar_error": x}: indices into the dataset's
+    sorted bucket list (with bucket_no_upscale, the buckets its images made), counts with repeats (regularisation
+    images balanced), and the mean |bucket aspect - image aspect| over its images, repeats not counted."""
+    repeats = item_repeats(items, scan)
+    out: list[dict[str, object] | None] = []
+    for index, assigner in enumerate(assigners):
+        members = [
+            (item, count)
+            for item, count in zip(items, repeats)
+            if len(assigners) == 1 or scan.subsets[item.subset_index].dataset_index == index
+        ]
+        if not assigner.enable_bucket:
+            out.append(None)
+            continue
+        resos = (
+            sorted({item.bucket for item, _ in members})
+            if assigner.no_upscale
+            else sorted(assigner.resolutions)
+        )
+        counts: dict[tuple[int, int], int] = {}
+        for item, count in members:
+            counts[item.bucket] = counts.get(item.bucket, 0) + count
+        errors = [
+            abs(item.bucket[0] / item.bucket[1] - item.image.width / item.image.height) for item, _ in members
+        ]
+        out.append(
+            {
+                "buckets": {
+                    str(i): {"resolution": [w, h], "count": counts[(w, h)]}
+                    for i, (w, h) in enumerate(resos)
+                    if counts.get((w, h))
+                },
+                "mean_img_ar_error": sum(errors) / len(errors) if errors else 0,
+            }
+        )
+    return out

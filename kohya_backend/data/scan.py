@@ -107,13 +107,24 @@ class DatasetScan:
         return sum(s.num_items for s in self.subsets if s.is_reg)
 
     def tag_frequency(self) -> dict[str, dict[str, int]]:
-        """Tag counts per folder name, tags split on "," and stripped (kohya's `ss_tag_frequency`)."""
+        """Tag counts per folder name, tags split on ",", stripped and lowercased (kohya's `ss_tag_frequency`)."""
         frequency: dict[str, Counter[str]] = {}
         for subset in self.subsets:
             counter = frequency.setdefault(subset.name, Counter())
             for item in subset.images:
-                counter.update(tag.strip() for tag in subset.caption_of(item).split(",") if tag.strip())
+                counter.update(
+                    tag.strip().lower() for tag in subset.caption_of(item).split(",") if tag.strip()
+                )
         return {name: dict(counter) for name, counter in frequency.items()}
+
+    def kohya_dataset_dirs(self, *, reg: bool) -> dict[str, dict[str, int]]:
+        """kohya's `ss_dataset_dirs` (training folders) or `ss_reg_dataset_dirs` (regularisation folders): repeats
+        and image count per folder name."""
+        return {
+            s.name: {"n_repeats": s.repeats, "img_count": len(s.images)}
+            for s in self.subsets
+            if s.is_reg == reg
+        }
 
     def dataset_dirs_info(self) -> dict[str, dict[str, int]]:
         """Repeats and image count per folder name (kohya's `ss_dataset_dirs`)."""

@@ -12,7 +12,6 @@ import math
 import random
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,13 +25,14 @@ from kohya_backend.config.validate import TrainConfig
 from kohya_backend.data.batches import TrainItem, build_items, epoch_batches
 from kohya_backend.data.buckets import BucketAssigner
 from kohya_backend.data.captions import build_caption
-from kohya_backend.data.dataset_config import SubsetOptions, options_from_config
-from kohya_backend.data.plan import TrainingPlan, dataset_assigners
+from kohya_backend.data.dataset_config import SubsetOptions, kohya_datasets_metadata, options_from_config
+from kohya_backend.data.plan import TrainingPlan, dataset_assigners, kohya_bucket_info
 from kohya_backend.data.scan import DatasetScan
 from kohya_backend.errors import TrainingError
-from kohya_backend.lora.metadata import training_metadata
+from kohya_backend.lora.metadata import optimizer_description, training_metadata
 from kohya_backend.lora.network import LoRANetwork
 from kohya_backend.lora.save import load_lora, save_lora
+from kohya_backend.models.diffusers_folder import resolve_model_path
 from kohya_backend.models.frozen import route_frozen_layers
 from kohya_backend.models.hashing import BackgroundSha256, legacy_hash_file
 from kohya_backend.models.load import LoadedModel, load_checkpoint
@@ -103,7 +103,7 @@ class Trainer:
         self.output_name = str(self.cfg.get("output_name") or "last")
         self.state_dir = self.output_dir / f"{self.output_name}-state"
         self.prediction_type = "v_prediction" if self.cfg.get("v_parameterization") else "epsilon"
-        self.session_id = uuid.uuid4().hex
+        self.session_id = random.SystemRandom().randint(0, 2**32)  # kohya's ss_session_id is an integer
         self.started_at = time.time()
         self.step = 0
         self.epoch = 0
@@ -127,7 +127,9 @@ class Trainer:
             no_upscale=bool(cfg["bucket_no_upscale"]),
         )
         # a dataset_config gives each dataset its own buckets and batch size, and each subset its own options
-        self.items: list[TrainItem] = build_items(self.scan, dataset_assigners(self.scan, default_assigner))
+        assigners = dataset_assigners(self.scan, default_assigner)
+        self.items: list[TrainItem] = build_items(self.scan, assigners)
+        self.bucket_infos = kohya_bucket_info(self.scan, self.items, assigners)
         self.batch_sizes = [d.batch_size for d in self.scan.datasets] or None
         self.default_options = options_from_config(cfg)
         self.plan: TrainingPlan = plan_for(self.config, self.scan)
@@ -142,7 +144,7 @@ class Trainer:
         self.events.emit("log", message=f"loading {cfg['pretrained_model_name_or_path']}")
         tok_dir = cfg.get("tokenizer_cache_dir")
         self.model: LoadedModel = load_checkpoint(
-            Path(cfg["pretrained_model_name_or_path"]),
+            self.base_model,
             self.config.fm_type,
             dtype=weight_dtype,
             vae_dtype=vae_dtype,
@@ -196,7 +198,7 @@ class Trainer:
         m = self.model
         self.latent_cache: LatentCache | None = None
         if cfg.get("cache_latents"):
-            fingerprint = f"{Path(cfg['pretrained_model_name_or_path']).resolve()}|{m.vae.dtype}"
+            fingerprint = f"{self.base_model.resolve()}|{m.vae.dtype}"
             self.latent_cache = LatentCache(
                 to_disk=bool(cfg.get("cache_latents_to_disk")), model_fingerprint=fingerprint
             )
@@ -240,6 +242,7 @@ class Trainer:
             lr=float(cfg["learning_rate"]),
             optimizer_args=self.config.optimizer_args,
         )
+        self.optimizer_name = optimizer_description(self.optimizer, self.config.optimizer_kwargs())
         total = self.plan.total_steps
         self.lr_scheduler = create_lr_scheduler(
             cfg["lr_scheduler"],
@@ -436,10 +439,27 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     # ----------------------------------------------------------------------------------------------- saving
-    def _metadata(self, *, final: bool) -> dict[str, str]:
-        base = Path(self.cfg["pretrained_model_name_or_path"])
+    def _base_model_hashes(self) -> tuple[str | None, str | None]:
+        """(sha256, legacy hash) of the base model as kohya records them: a file's, "IsADirectory" for a folder
+        (what sd-scripts' hash helpers answer), none for a hub id."""
         if not hasattr(self, "_base_hashes"):
-            self._base_hashes = (self._base_sha256.result(), legacy_hash_file(base))
+            base = self.base_model
+            self._base_hashes: tuple[str | None, str | None]
+            if self._base_sha256 is not None:
+                self._base_hashes = (self._base_sha256.result(), legacy_hash_file(base))
+            elif Path(str(self.cfg["pretrained_model_name_or_path"])).is_dir():
+                self._base_hashes = ("IsADirectory", "IsADirectory")
+            else:
+                self._base_hashes = (None, None)
+        return self._base_hashes
+
+    def _metadata(self, *, final: bool) -> dict[str, str]:
+        given = str(self.cfg["pretrained_model_name_or_path"])
+        local = Path(given).exists()
+        sha256, legacy = self._base_model_hashes()
+        datasets, tags, dirs = None, self.scan.tag_frequency(), self.scan.kohya_dataset_dirs(reg=False)
+        if self.scan.datasets:
+            datasets, tags, dirs = kohya_datasets_metadata(self.scan, self.bucket_infos)
         return training_metadata(
             config=self.cfg,
             family=self.config.fm_type,
@@ -452,15 +472,19 @@ class Trainer:
             num_reg_images=self.plan.num_reg_images,
             num_batches_per_epoch=self.plan.batches_per_epoch,
             num_epochs=self.plan.epochs,
-            tag_frequency=self.scan.tag_frequency(),
-            dataset_dirs=self.scan.dataset_dirs_info(),
-            bucket_info={"buckets": self.plan.buckets},
-            base_model_path=base,
-            base_model_sha256=self._base_hashes[0],
-            base_model_legacy_hash=self._base_hashes[1],
+            tag_frequency=tags,
+            dataset_dirs=dirs,
+            reg_dataset_dirs=self.scan.kohya_dataset_dirs(reg=True),
+            bucket_info=self.bucket_infos[0],
+            datasets=datasets,
+            base_model_path=Path(given) if local else None,
+            base_model_name=None if local else given,
+            base_model_sha256=sha256,
+            base_model_legacy_hash=legacy,
             resolution=self.config.resolution,
             output_name=self.output_name,
             prediction_type="v" if self.prediction_type == "v_prediction" else "epsilon",
+            optimizer_name=self.optimizer_name,
         )
 
     def _save_lora(self, name: str, *, final: bool) -> Path:
@@ -560,7 +584,8 @@ class Trainer:
         )
         self._prepare_data()
         # kohya's metadata needs the base model's sha256: hash it (or take it from the cache) while we load and train
-        self._base_sha256 = BackgroundSha256(Path(cfg["pretrained_model_name_or_path"]))
+        self.base_model = resolve_model_path(str(cfg["pretrained_model_name_or_path"]))
+        self._base_sha256 = BackgroundSha256(self.base_model) if self.base_model.is_file() else None
         self._prepare_model(accelerator)
         self._prepare_caches(accelerator)
         self._prepare_optimizer(accelerator)

@@ -11,8 +11,16 @@ from kohya_backend.errors import ConfigIssue
 
 _SUPPORTED = "this trainer trains LoRAs for SD 1.5 and SDXL only"
 
-# (what it is, keys only its sd-scripts trainer reads, network modules that name it)
+# (what it is, keys only its sd-scripts trainer reads, network modules that name it); SD3 before Flux.1, which
+# shares t5xxl and clip_l with it
 _KINDS: tuple[tuple[str, frozenset[str], frozenset[str]], ...] = (
+    (
+        "an SD3 LoRA config",
+        frozenset(
+            ["clip_g", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "clip_g_dropout_rate"]
+        ),
+        frozenset({"networks.lora_sd3"}),
+    ),
     (
         "a Flux.1 LoRA config",
         frozenset(
@@ -29,13 +37,6 @@ _KINDS: tuple[tuple[str, frozenset[str], frozenset[str]], ...] = (
             ]
         ),
         frozenset({"networks.lora_flux", "networks.oft_flux"}),
-    ),
-    (
-        "an SD3 LoRA config",
-        frozenset(
-            ["clip_g", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "clip_g_dropout_rate"]
-        ),
-        frozenset({"networks.lora_sd3"}),
     ),
     (
         "a Stable Cascade config",
@@ -94,9 +95,8 @@ def out_of_scope(values: Mapping[str, Any]) -> ConfigIssue | None:
             reason = f"it sets {_shown_keys(found)}"
         else:
             continue
-        return ConfigIssue(
-            f"This is {what} ({reason}): {_SUPPORTED}.", key="network_module" if not found else found[0]
-        )
+        key = "network_module" if module in modules else sorted(found)[0]
+        return ConfigIssue(f"This is {what} ({reason}): {_SUPPORTED}.", key=key)
     return None
 
 

@@ -240,7 +240,7 @@ class Trainer:
             cfg["optimizer_type"],
             groups,
             lr=float(cfg["learning_rate"]),
-            optimizer_args=self.config.optimizer_args,
+            optimizer_args=self.config.optimizer_kwargs(),  # Python literals, as kohya passes them
         )
         self.optimizer_name = optimizer_description(self.optimizer, self.config.optimizer_kwargs())
         total = self.plan.total_steps

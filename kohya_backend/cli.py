@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from kohya_backend.cli_s3 import add_s3_parser
 from kohya_backend.cli_workers import add_worker_parsers
 from kohya_backend.errors import ConfigError, TrainManagementError
 from kohya_backend.service.home import DEFAULT_HOME
@@ -201,10 +202,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
     if not args.config:
         raise TrainManagementError("train needs --config FILE (or --job DIR)")
-    source = _read_source(args.config)
+    from kohya_backend.cli_s3 import stage_config, upload_results
+
+    source, s3_output, local_out = stage_config(_read_source(args.config))  # s3:// inputs fetched first
     _lean_process(_optimizer_of(source))
     events = Path(args.events) if args.events else None
-    return run_training(source, args.fm_type, events_path=events)
+    code = run_training(source, args.fm_type, events_path=events)
+    if code == 0 and s3_output is not None and local_out is not None:
+        upload_results(local_out, s3_output)
+    return code
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -236,7 +242,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from kohya_backend.ui.standalone import serve
 
     _lean_process("")  # the server never trains itself; its demo writer needs no bitsandbytes
-    serve(Path(args.home), host=args.host, port=args.port, token=args.token, demo=args.demo)
+    serve(
+        Path(args.home), host=args.host, port=args.port, token=args.token, demo=args.demo, s3_uri=args.s3_uri
+    )
     return 0
 
 
@@ -337,8 +345,12 @@ def _add_jobs_parser(sub: Any) -> None:
         return parser
 
     submit = command("submit", "validate and queue a job", _cmd_jobs_submit)
-    submit.add_argument("--model", required=True, help="checkpoint name under HOME/models")
-    submit.add_argument("--dataset", required=True, help="dataset folder name under HOME/datasets")
+    submit.add_argument(
+        "--model", required=True, help="checkpoint name under HOME/models, or s3://bucket/key"
+    )
+    submit.add_argument(
+        "--dataset", required=True, help="dataset folder name under HOME/datasets, or s3://bucket/prefix"
+    )
     submit.add_argument("--fm-type", choices=["sd_1_5", "sd_xl"], required=True)
     submit.add_argument("--config", help="config_params file (TOML or JSON), or - for standard input")
     submit.add_argument(
@@ -515,10 +527,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--token", help="require 'Authorization: Bearer TOKEN' (default: $TRAIN_MANAGEMENT_TOKEN)"
     )
     srv.add_argument("--demo", action="store_true", help="add a tiny demo model and dataset to an empty home")
+    srv.add_argument(
+        "--s3-uri",
+        help="s3://bucket/prefix whose models/ and datasets/ join the lists (default: HOME/cloud.toml)",
+    )
     srv.set_defaults(func=_cmd_serve)
     _add_jobs_parser(sub)
     _add_datasets_parser(sub)
     add_worker_parsers(sub)
+    add_s3_parser(sub)
     return parser
 
 

@@ -111,3 +111,15 @@ class OptimizerUnavailableError(TrainManagementError):
 
 class TrainingError(TrainManagementError):
     """Training stopped for a reason the user can act on (NaN loss, out of memory, disk full)."""
+
+
+class StorageError(TrainManagementError):
+    """An object store (S3 or S3-compatible) refused or failed a request; the message names the bucket/key and
+    the store's error code, the hint what to check."""
+
+    def __init__(self, message: str, hint: str | None = None, *, code: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.code = code
+
+    def details(self) -> dict[str, object]:
+        return {"code": self.code} if self.code else {}

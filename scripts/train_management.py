@@ -108,6 +108,7 @@ def _service():
         gpus=detected_gpus(),
         per_device=settings.concurrency,
         keep_epochs=settings.keep_epochs,
+        s3_prefix=settings.s3_prefix,
     )
     before_start = hooks.chain(
         hooks.use_trainer(_trainer_python, RUNTIME.set_python, TRAINER_HINT),

@@ -12,7 +12,7 @@ os.environ.setdefault(
 )
 
 
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope="session")

@@ -56,14 +56,22 @@ def test_lycoris_loha_preset_gives_the_network_args_the_gui_passes() -> None:
     ("lora_type", "module", "args"),
     [
         ("Standard", "networks.lora", ["rank_dropout=0.1", "module_dropout=0.1"]),
-        ("Kohya LoCon", "networks.lora", ["conv_dim=16", "conv_alpha=8", "rank_dropout=0.1", "module_dropout=0.1"]),
+        (
+            "Kohya LoCon",
+            "networks.lora",
+            ["conv_dim=16", "conv_alpha=8", "rank_dropout=0.1", "module_dropout=0.1"],
+        ),
         ("LoRA-FA", "networks.lora_fa", ["rank_dropout=0.1", "module_dropout=0.1"]),
         (
             "Kohya DyLoRA",
             "networks.dylora",
             ["conv_dim=16", "conv_alpha=8", "unit=1", "rank_dropout=0.1", "module_dropout=0.1"],
         ),
-        ("LyCORIS/iA3", "lycoris.kohya", ["preset=full", "conv_dim=16", "conv_alpha=8", "train_on_input=False", "algo=ia3"]),
+        (
+            "LyCORIS/iA3",
+            "lycoris.kohya",
+            ["preset=full", "conv_dim=16", "conv_alpha=8", "train_on_input=False", "algo=ia3"],
+        ),
     ],
 )
 def test_lora_type_chooses_module_and_arguments(lora_type: str, module: str, args: list[str]) -> None:
@@ -79,7 +87,9 @@ def test_steps_warmup_learning_rates_and_attention_as_the_gui_passes_them() -> N
     assert values["max_train_epochs"] == 3 and "max_train_steps" not in values
     assert values["lr_warmup_steps"] == pytest.approx(0.1)
     assert values["lr_scheduler_num_cycles"] == 3  # "" -> the epoch count, as the GUI does
-    values = translate_gui_config({**base, "lr_warmup": 10, "lr_warmup_steps": 25, "max_train_steps": 500}).values
+    values = translate_gui_config(
+        {**base, "lr_warmup": 10, "lr_warmup_steps": 25, "max_train_steps": 500}
+    ).values
     assert values["lr_warmup_steps"] == 25 and values["max_train_steps"] == 500
     assert values["xformers"] is True and "sdpa" not in values  # "xformers" -> --xformers
     assert translate_gui_config({**base, "xformers": "sdpa"}).values["sdpa"] is True
@@ -157,7 +167,9 @@ def test_stop_text_encoder_training_and_sample_prompt_text_are_noted() -> None:
         ({"sd3_checkbox": True}, "SD3"),
     ],
 )
-def test_other_model_families_of_the_gui_are_refused_in_one_sentence(change: dict[str, Any], what: str) -> None:
+def test_other_model_families_of_the_gui_are_refused_in_one_sentence(
+    change: dict[str, Any], what: str
+) -> None:
     data = {**gui("test-sd15-kohya-locon-adamw.json"), **change}
     with pytest.raises(ConfigError) as info:
         check(json.dumps(data))

@@ -103,7 +103,12 @@ def test_cuda_is_detected_when_not_given() -> None:
     ],
 )
 def test_bucket_reso_steps_multiple_per_fm_type(fm_type: str, step: int, ok: bool) -> None:
-    config = {"bucket_reso_steps": step, "enable_bucket": True, "min_bucket_reso": 384, "max_bucket_reso": 1536}
+    config = {
+        "bucket_reso_steps": step,
+        "enable_bucket": True,
+        "min_bucket_reso": 384,
+        "max_bucket_reso": 1536,
+    }
     if ok:
         assert check(config, fm_type)["bucket_reso_steps"] == step
     else:
@@ -118,8 +123,14 @@ def test_bucket_bounds_are_snapped_to_the_step_as_kohya_does() -> None:
     # kohya lowers min and raises max to multiples of bucket_reso_steps, with a warning
     assert (config["min_bucket_reso"], config["max_bucket_reso"]) == (192, 1024)
     assert warning_keys(config) == ["min_bucket_reso", "max_bucket_reso"]
-    assert [w.hint for w in config.warnings] == ["write min_bucket_reso = 192", "write max_bucket_reso = 1024"]
-    assert check({"min_bucket_reso": 320, "max_bucket_reso": 960, "enable_bucket": True})["max_bucket_reso"] == 960
+    assert [w.hint for w in config.warnings] == [
+        "write min_bucket_reso = 192",
+        "write max_bucket_reso = 1024",
+    ]
+    assert (
+        check({"min_bucket_reso": 320, "max_bucket_reso": 960, "enable_bucket": True})["max_bucket_reso"]
+        == 960
+    )
     config = {"min_bucket_reso": 1024, "max_bucket_reso": 512, "enable_bucket": True}
     assert error_keys(config) == ["min_bucket_reso"]
 
@@ -316,7 +327,9 @@ def test_unsupported_key_says_kohya_accepts_it() -> None:
 
 
 def test_unsupported_key_at_kohyas_default_is_only_a_warning() -> None:
-    config = check({"face_crop_aug_range": "", "huber_c": 0.1, "loss_type": "l2", "fp8_base": False, "vae": ""})
+    config = check(
+        {"face_crop_aug_range": "", "huber_c": 0.1, "loss_type": "l2", "fp8_base": False, "vae": ""}
+    )
     assert warning_keys(config) == ["face_crop_aug_range", "huber_c", "loss_type", "fp8_base", "vae"]
     assert all("changes nothing" in w.message for w in config.warnings)
     assert error_keys({"loss_type": "huber"}) == ["loss_type"]

@@ -118,10 +118,14 @@ def test_inert_keys_warn_and_bucket_rules_are_kohyas() -> None:
         "[general]\nenable_wildcard = false\ncache_info = true\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\n"
     )
     assert [w.key for w in found.warnings] == ["cache_info"]
-    text = "[[datasets]]\nenable_bucket = true\nbucket_reso_steps = 32\n[[datasets.subsets]]\nimage_dir = 'a'\n"
+    text = (
+        "[[datasets]]\nenable_bucket = true\nbucket_reso_steps = 32\n[[datasets.subsets]]\nimage_dir = 'a'\n"
+    )
     assert "multiple of 64" in issues(text)[0][2]
     assert read(text, fm_type="sd_xl").datasets[0].params.bucket_reso_steps == 32
-    snapped = read("[[datasets]]\nenable_bucket = true\nmin_bucket_reso = 250\n[[datasets.subsets]]\nimage_dir = 'a'\n")
+    snapped = read(
+        "[[datasets]]\nenable_bucket = true\nmin_bucket_reso = 250\n[[datasets.subsets]]\nimage_dir = 'a'\n"
+    )
     assert snapped.datasets[0].params.min_bucket_reso == 192  # kohya lowers it to the step
 
 
@@ -195,7 +199,11 @@ def test_scan_and_plan_per_dataset_and_per_subset(tmp_path: Path) -> None:
     assert [d["buckets"] for d in plan.datasets] == [{"64x64": 18}, {"64x64": 4}]
     text = plan.render()
     assert "dataset 2: 64x64, batch size 1" in text
-    assert "train 1_alpha (dataset 1)" in text and "caption_prefix alpha style" in text and "keep_tokens 1" in text
+    assert (
+        "train 1_alpha (dataset 1)" in text
+        and "caption_prefix alpha style" in text
+        and "keep_tokens 1" in text
+    )
     assert "train 1_beta (dataset 2)" in text and "flip_aug True" in text
 
 
@@ -262,7 +270,9 @@ def test_trains_from_a_dataset_config(tmp_path: Path, tiny_assets: dict[str, Any
     assert "ss_batch_size_per_device" not in metadata  # sd-scripts writes it only for train_data_dir runs
 
 
-def test_config_format_on_a_dataset_config_checks_it_as_one(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_config_format_on_a_dataset_config_checks_it_as_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     path = _two_subsets(tmp_path)
     assert main(["config", "format", str(path), "--fm-type", "sd_1_5"]) == 0
     out = capsys.readouterr().out
@@ -286,9 +296,12 @@ def test_dataset_config_in_the_training_config_is_checked_and_replaces_train_dat
         validate_config({"dataset_config": str(path)}, "sd_1_5", require_paths=False)
     assert all(i.key == "dataset_config" for i in info.value.issues)
     assert any("line 3" in i.message and "num_repeats" in i.message for i in info.value.issues)
-    with pytest.raises(ConfigError) as info:  # color_aug needs fresh pixels each step: not with cached latents
+    with pytest.raises(
+        ConfigError
+    ) as info:  # color_aug needs fresh pixels each step: not with cached latents
         path.write_text(
-            f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{tmp_path}'\ncolor_aug = true\n", encoding="utf-8"
+            f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{tmp_path}'\ncolor_aug = true\n",
+            encoding="utf-8",
         )
         validate_config({"dataset_config": str(path), "cache_latents": True}, "sd_1_5", require_paths=False)
     assert "color_aug" in info.value.issues[0].message

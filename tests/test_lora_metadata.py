@@ -7,6 +7,7 @@ installed in the test environment.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import html
 import json
@@ -21,7 +22,9 @@ from kohya_backend.lora.metadata import optimizer_description, training_metadata
 from kohya_backend.lora.save import load_lora, save_lora
 
 SAMPLE = json.loads(
-    (Path(__file__).parent / "data" / "kohya-metadata" / "sd15-lora-train_data_dir.json").read_text(encoding="utf-8")
+    (Path(__file__).parent / "data" / "kohya-metadata" / "sd15-lora-train_data_dir.json").read_text(
+        encoding="utf-8"
+    )
 )
 _INT = re.compile(r"-?\d+")
 
@@ -87,7 +90,9 @@ def ours(**overrides: Any) -> dict[str, str]:
         "base_model_legacy_hash": "1234abcd",
         "resolution": (512, 512),
         "output_name": "sample",
-        "optimizer_name": optimizer_description(torch.optim.AdamW, {"weight_decay": 0.01, "betas": (0.9, 0.99)}),
+        "optimizer_name": optimizer_description(
+            torch.optim.AdamW, {"weight_decay": 0.01, "betas": (0.9, 0.99)}
+        ),
     }
     return training_metadata(**args)
 
@@ -103,12 +108,17 @@ def test_every_key_sd_scripts_writes_in_the_kind_it_writes(tmp_path: Path) -> No
     metadata = saved(tmp_path, ours())
     assert sorted(set(SAMPLE) - set(metadata)) == []
     assert sorted(set(metadata) - set(SAMPLE)) == []
-    mismatched = {k: (kind(metadata[k]), kind(SAMPLE[k])) for k in SAMPLE if kind(metadata[k]) != kind(SAMPLE[k])}
+    mismatched = {
+        k: (kind(metadata[k]), kind(SAMPLE[k])) for k in SAMPLE if kind(metadata[k]) != kind(SAMPLE[k])
+    }
     assert mismatched == {}
     assert metadata["ss_optimizer"] == "torch.optim.adamw.AdamW(weight_decay=0.01,betas=(0.9, 0.99))"
     assert (metadata["ss_network_alpha"], metadata["ss_session_id"]) == ("16.0", "123456789")
     bucket = json.loads(metadata["ss_bucket_info"])
-    assert set(bucket) == {"buckets", "mean_img_ar_error"} and bucket["buckets"]["5"]["resolution"] == [512, 512]
+    assert set(bucket) == {"buckets", "mean_img_ar_error"} and bucket["buckets"]["5"]["resolution"] == [
+        512,
+        512,
+    ]
 
 
 def test_unset_values_read_none_and_switches_true_false_as_sd_scripts_writes_them() -> None:
@@ -127,10 +137,8 @@ def webui_read_metadata(header: dict[str, str]) -> dict[str, Any]:
     for key, value in header.items():
         out[key] = value
         if isinstance(value, str) and value[0:1] == "{":
-            try:
+            with contextlib.suppress(ValueError):
                 out[key] = json.loads(value)
-            except ValueError:
-                pass
     return out
 
 
@@ -148,7 +156,9 @@ def webui_metadata_table(metadata: dict[str, Any]) -> list[tuple[str, Any]]:
             table.append((label, html.escape(value)))
     started = metadata.get("ss_training_started_at")
     if started:
-        table.append(("Date trained:", datetime.datetime.utcfromtimestamp(float(started)).strftime("%Y-%m-%d %H:%M")))
+        table.append(
+            ("Date trained:", datetime.datetime.utcfromtimestamp(float(started)).strftime("%Y-%m-%d %H:%M"))
+        )
     bucket_info = metadata.get("ss_bucket_info")
     if bucket_info and "buckets" in bucket_info:
         resolutions: dict[str, int] = {}
@@ -185,7 +195,9 @@ def webui_sd_version(metadata: dict[str, Any]) -> str:
 
 @pytest.mark.parametrize("family", ["sd_1_5", "sd_xl"])
 def test_the_webui_lora_dialog_reads_our_metadata(tmp_path: Path, family: str) -> None:
-    header = saved(tmp_path, {**ours(), **({"ss_base_model_version": "sdxl_base_v1-0"} if family == "sd_xl" else {})})
+    header = saved(
+        tmp_path, {**ours(), **({"ss_base_model_version": "sdxl_base_v1-0"} if family == "sd_xl" else {})}
+    )
     metadata = webui_read_metadata(header)
     table = dict(webui_metadata_table(metadata))
     assert table["Output name:"] == "sample" and table["Clip skip:"] == "2"

@@ -170,7 +170,10 @@ def test_metadata_has_every_kohya_key_as_strings():
     assert md["ss_max_train_steps"] == "50"  # max_train_epochs wins: 10 epochs * ceil(10 batches / 2)
     assert md["ss_total_batch_size"] == "4" and md["ss_batch_size_per_device"] == "2"
     assert md["ss_optimizer"] == "AdamW8bit(weight_decay=0.01)"
-    assert (md["ss_network_dim"], md["ss_network_alpha"]) == ("32", "16.0")  # sd-scripts reads alpha as a float
+    assert (md["ss_network_dim"], md["ss_network_alpha"]) == (
+        "32",
+        "16.0",
+    )  # sd-scripts reads alpha as a float
     assert (md["ss_cache_latents"], md["ss_color_aug"], md["ss_v2"]) == ("True", "False", "False")
     assert (md["ss_clip_skip"], md["ss_noise_offset"]) == ("2", "None")
     assert json.loads(md["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "1"}
@@ -210,9 +213,13 @@ def test_metadata_defaults_and_unknowns():
     assert before <= float(md["ss_training_finished_at"]) <= time.time()
     assert md["ss_max_train_steps"] == "300"
     assert (md["ss_network_dim"], md["ss_network_alpha"]) == ("8", "1.0")  # sd-scripts' default alpha
-    assert "ss_network_args" not in md and md["ss_bucket_info"] == "null"  # sd-scripts writes args only when set
+    assert (
+        "ss_network_args" not in md and md["ss_bucket_info"] == "null"
+    )  # sd-scripts writes args only when set
     assert md["ss_learning_rate"] == "2e-06"
-    assert md["ss_unet_lr"] == md["ss_text_encoder_lr"] == "None"  # the arguments as given, as sd-scripts writes
+    assert (
+        md["ss_unet_lr"] == md["ss_text_encoder_lr"] == "None"
+    )  # the arguments as given, as sd-scripts writes
     for key in ("ss_sd_model_name", "ss_sd_model_hash", "ss_new_sd_model_hash", "ss_vae_name"):
         assert key not in md
     with pytest.raises(ModelError, match="family"):

@@ -64,7 +64,9 @@ def test_a_diffusers_folder_loads_with_its_own_weights_and_tokenizers(tmp_path: 
         ours = loaded.state_dict()
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[k], theirs[k]) for k in ours)
-    assert len(model.tokenizers) == len(text_encoders) and model.arch.latent_scale == vae.config.scaling_factor
+    assert (
+        len(model.tokenizers) == len(text_encoders) and model.arch.latent_scale == vae.config.scaling_factor
+    )
     other = "sd_xl" if family == "sd_1_5" else "sd_1_5"
     with pytest.raises(FamilyMismatchError):
         load_checkpoint(folder, other)
@@ -81,7 +83,10 @@ def test_a_hub_id_is_read_from_the_local_cache_or_refused_naming_it(tmp_path: Pa
     assert config["pretrained_model_name_or_path"] == "org/tiny-sd"
     with pytest.raises(ConfigError) as info:
         validate_config(
-            {"pretrained_model_name_or_path": "org/absent"}, "sd_1_5", require_paths=False, cuda_available=True
+            {"pretrained_model_name_or_path": "org/absent"},
+            "sd_1_5",
+            require_paths=False,
+            cuda_available=True,
         )
     [issue] = info.value.issues
     assert "not in the Hugging Face cache" in issue.message and str(cache) in issue.message

@@ -495,10 +495,28 @@ _SD_SCRIPTS_NAMES = (
     | _INTS
     | set(_RENAMED)
     | set(
-        """persistent_data_loader_workers optimizer_args lr_scheduler_args max_data_loader_n_workers text_encoder_lr
-        unet_lr noise_offset adaptive_noise_scale noise_offset_random_strength multires_noise_discount
-        multires_noise_iterations max_train_epochs max_train_steps lr_warmup_steps lr_scheduler_num_cycles
-        sample_prompts sample_every_n_steps sample_every_n_epochs sample_sampler xformers""".split()
+        [
+            "persistent_data_loader_workers",
+            "optimizer_args",
+            "lr_scheduler_args",
+            "max_data_loader_n_workers",
+            "text_encoder_lr",
+            "unet_lr",
+            "noise_offset",
+            "adaptive_noise_scale",
+            "noise_offset_random_strength",
+            "multires_noise_discount",
+            "multires_noise_iterations",
+            "max_train_epochs",
+            "max_train_steps",
+            "lr_warmup_steps",
+            "lr_scheduler_num_cycles",
+            "sample_prompts",
+            "sample_every_n_steps",
+            "sample_every_n_epochs",
+            "sample_sampler",
+            "xformers",
+        ]
     )
 )
 

@@ -724,6 +724,37 @@ def _in_dataset_config(issues: list[ConfigIssue], c: _Checker) -> list[ConfigIss
     return out
 
 
+# Keys that may name an s3:// object or prefix: downloaded (or, output_dir, uploaded to) by the job's host.
+S3_PATH_KEYS = (
+    "pretrained_model_name_or_path",
+    "train_data_dir",
+    "reg_data_dir",
+    "network_weights",
+    "sample_prompts",
+    "output_dir",
+)
+
+
+def _rule_s3_paths(c: _Checker) -> set[str]:
+    """The one place config validation recognises s3:// values: parsed strictly, refused where not supported;
+    returns the keys holding one (their existence is checked by S3, when the job downloads them)."""
+    from kohya_backend.storage.uri import S3UriError, is_s3_uri, parse_s3_uri
+
+    found = set()
+    for key, value in list(c.values.items()):
+        if not is_s3_uri(value) or not c.ok(key):
+            continue
+        found.add(key)
+        if key not in S3_PATH_KEYS:
+            c.issue(key, f"{key} cannot be an s3:// URI", f"s3:// works for {', '.join(S3_PATH_KEYS)}")
+            continue
+        try:
+            parse_s3_uri(value, what=key)
+        except S3UriError as exc:
+            c.issue(key, exc.message, exc.hint)
+    return found
+
+
 def _rule_paths(c: _Checker, require_paths: bool, check_paths_exist: bool) -> None:
     if require_paths:
         for key in _REQUIRED_PATHS:
@@ -737,6 +768,7 @@ def _rule_paths(c: _Checker, require_paths: bool, check_paths_exist: bool) -> No
                     if key == "train_data_dir"
                     else f'set {key} = "..."',
                 )
+    on_s3 = _rule_s3_paths(c)
     if not check_paths_exist:
         return
     kinds = {
@@ -750,7 +782,7 @@ def _rule_paths(c: _Checker, require_paths: bool, check_paths_exist: bool) -> No
     }
     for key, kind in kinds.items():
         value = c[key]
-        if value is None or not c.ok(key):
+        if value is None or not c.ok(key) or key in on_s3:
             continue
         path = Path(value)
         if not path.exists() and key == "pretrained_model_name_or_path":
@@ -765,7 +797,13 @@ def _rule_paths(c: _Checker, require_paths: bool, check_paths_exist: bool) -> No
             c.issue(key, f"{value} is not a file", f"{key} must name a file")
     for key in ("output_dir", "logging_dir", "tokenizer_cache_dir"):
         value = c[key]
-        if value is not None and c.ok(key) and Path(value).exists() and not Path(value).is_dir():
+        if (
+            value is not None
+            and c.ok(key)
+            and key not in on_s3
+            and Path(value).exists()
+            and not Path(value).is_dir()
+        ):
             c.issue(key, f"{value} exists and is not a folder", f"{key} must name a folder")
 
 

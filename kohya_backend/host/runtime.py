@@ -46,6 +46,7 @@ class HostConfig:
     gpus: tuple[str, ...] = ()
     per_device: int = 1
     keep_epochs: bool = False
+    s3_prefix: str = ""  # the WebUI's "S3 prefix" setting ('' : HOME/cloud.toml's, or none)
 
     def structural(self) -> tuple[object, ...]:
         """The fields that need a new service when they change (the rest is applied to the running one)."""
@@ -71,12 +72,15 @@ class HostRuntime:
     ) -> TrainingService:
         """The service for `config`: the current one (settings and hooks updated), or a new one if folders changed."""
         with self._lock:
+            previous = self.config
             if self.service is None or self.config is None or self.config.structural() != config.structural():
                 self._rebuild(config)
             assert self.service is not None
             scheduler = self.service.scheduler
             scheduler.devices.update(local_devices(config.gpus, config.per_device))
             scheduler.keep_epochs = config.keep_epochs
+            if previous is not None and previous.s3_prefix != config.s3_prefix:
+                self.service.s3.use_setting(config.s3_prefix)
             self.set_python(config.python)
             scheduler.on_delivered = on_delivered
             scheduler.before_local_start = before_local_start
@@ -110,6 +114,7 @@ class HostRuntime:
             python=config.python,
             devices=local_devices(config.gpus, config.per_device),
             keep_epochs=config.keep_epochs,
+            s3_uri=config.s3_prefix or None,
         )
         self.datasets = DatasetService(self.service.home, jobs=self.service.store)
         if was_started:

@@ -24,6 +24,7 @@ LORA_SUBFOLDER = "train_management_lora_subfolder"
 UNLOAD_MODEL = "train_management_unload_model"
 KEEP_EPOCHS = "train_management_keep_epochs"
 CONCURRENCY = "train_management_concurrency"
+S3_PREFIX = "train_management_s3_prefix"
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,14 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "slider",
         component_args={"minimum": 1, "maximum": MAX_CONCURRENCY, "step": 1},
     ),
+    SettingSpec(
+        S3_PREFIX,
+        "",
+        "S3 prefix (its models/ and datasets/ join the Model and Dataset lists)",
+        "text",
+        info="s3://bucket/prefix; empty: HOME/cloud.toml's, or none. Credentials come from boto3's standard chain "
+        "(AWS_PROFILE, AWS_ACCESS_KEY_ID, an instance role; AWS_ENDPOINT_URL for MinIO)",
+    ),
 )
 
 
@@ -92,6 +101,7 @@ class HostSettings:
     unload_model: bool = True
     keep_epochs: bool = False
     concurrency: int = 1
+    s3_prefix: str = ""
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> HostSettings:
@@ -108,6 +118,7 @@ class HostSettings:
             unload_model=_as_bool(get(UNLOAD_MODEL)),
             keep_epochs=_as_bool(get(KEEP_EPOCHS)),
             concurrency=_as_count(get(CONCURRENCY)),
+            s3_prefix=str(get(S3_PREFIX)).strip(),
         )
 
 

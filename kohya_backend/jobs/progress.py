@@ -128,6 +128,30 @@ _PLAN_KEYS = (
 )
 
 
+_S3_KINDS = ("download", "downloaded", "s3_upload", "s3_uploaded")
+
+
+def _s3_progress(kind: str, event: dict[str, Any], progress: dict[str, Any]) -> None:
+    from kohya_backend.jobs.s3_jobs import human_bytes
+
+    done, total = event.get("done"), event.get("total")
+    sizes = human_bytes(int(done), int(total)) if isinstance(done, int) and isinstance(total, int) else ""
+    if kind == "download":
+        progress.update(
+            phase=f"downloading {event.get('what')} {sizes}".strip(),
+            download={k: event.get(k) for k in ("what", "uri", "done", "total")},
+        )
+    elif kind == "downloaded":
+        progress.update(phase="starting", download={k: event.get(k) for k in ("total", "fetched")})
+    elif kind == "s3_upload":
+        progress.update(
+            phase=f"uploading to S3 {sizes}".strip(),
+            s3_upload={"uri": event.get("uri"), "done": done, "total": total},
+        )
+    else:
+        progress["s3_outputs"] = event.get("uris")
+
+
 def summarize(events: list[dict[str, Any]], warnings: list[str]) -> EventSummary:
     """Fold trainer events (oldest first) into progress fields; `warnings` are the job's earlier ones."""
     summary = EventSummary()
@@ -146,6 +170,8 @@ def summarize(events: list[dict[str, Any]], warnings: list[str]) -> EventSummary
             progress.update(phase="loading", device=event.get("device"))
         elif kind == "upload":  # a remote runner sending the job's files to its worker
             progress.update(phase="uploading", upload={k: event.get(k) for k in _UPLOAD_KEYS})
+        elif kind in _S3_KINDS:  # S3 inputs downloaded before the trainer starts, its LoRA uploaded after it
+            _s3_progress(kind, event, progress)
         elif kind == "submitted":
             progress.update(phase="submitted", worker=event.get("worker"), remote_job=event.get("job"))
         elif kind == "caching":

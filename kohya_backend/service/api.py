@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from kohya_backend.service.datasets_api import add_dataset_routes
 from kohya_backend.service.http_errors import http_errors
+from kohya_backend.service.s3_api import add_s3_routes, s3_fields
 from kohya_backend.service.streams import add_stream_routes
 from kohya_backend.service.training import Submission, TrainingService
 from kohya_backend.service.workers_api import create_workers_router
@@ -69,14 +70,19 @@ def create_router(service: TrainingService) -> APIRouter:
     def models() -> dict[str, Any]:
         with http_errors():
             roots = [str(root) for root in service.home.model_roots]
-            return {"root": roots[0], "roots": roots, "models": service.home.list_models()}
+            on_s3, s3_error = service.s3.list_models()
+            models = [{**m, "source": "local"} for m in service.home.list_models()] + on_s3
+            return {"root": roots[0], "roots": roots, "models": models, **s3_fields(service, s3_error)}
 
     @router.get("/datasets")
     def datasets(caption_extension: str = ".txt") -> dict[str, Any]:
         with http_errors():
+            on_s3, s3_error = service.s3.list_datasets()
+            local = [{**d, "source": "local"} for d in service.home.list_datasets(caption_extension)]
             return {
                 "root": str(service.home.datasets),
-                "datasets": service.home.list_datasets(caption_extension),
+                "datasets": local + on_s3,
+                **s3_fields(service, s3_error),
             }
 
     @router.post("/config/format")
@@ -138,5 +144,6 @@ def create_router(service: TrainingService) -> APIRouter:
 
     add_stream_routes(router, service)
     add_dataset_routes(router, service, [])
+    add_s3_routes(router, service)
     router.include_router(create_workers_router(service, []))
     return router

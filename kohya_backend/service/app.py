@@ -12,12 +12,13 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from kohya_backend.jobs.remote import RemoteRunner
-from kohya_backend.jobs.runner import LocalRunner
+from kohya_backend.jobs.s3_jobs import S3LocalRunner
 from kohya_backend.jobs.scheduler import Scheduler
 from kohya_backend.jobs.store import Job, JobStore
 from kohya_backend.service.api import API_PREFIX, create_router
 from kohya_backend.service.auth import BearerTokenMiddleware
 from kohya_backend.service.home import Home
+from kohya_backend.service.s3_assets import S3Assets
 from kohya_backend.service.training import TrainingService
 
 DEFAULT_HOST = "127.0.0.1"
@@ -37,17 +38,24 @@ def build_service(
     keep_epochs: bool = False,
     on_delivered: Callable[[Job, list[Path]], None] | None = None,
     before_local_start: Callable[[Job, str], None] | None = None,
+    s3_uri: str | None = None,
 ) -> TrainingService:
     """A home folder, its job store and a scheduler with the local runner, wrapped in a TrainingService.
 
     A host (the WebUI adapter) passes its folders, the interpreter that runs the trainer (`python`, default this
     one), the devices with their jobs-at-once, and its hooks; see Scheduler for `on_delivered` and
-    `before_local_start`.
+    `before_local_start`. `s3_uri` is the S3 prefix whose models/ and datasets/ join the lists (default: the one
+    in HOME/cloud.toml, if any); s3:// inputs of local jobs are fetched through HOME/s3-cache.
     """
     home = Home(home_dir, lora_dir=lora_dir, models_dirs=models_dirs)
+    s3 = S3Assets.for_home(home, s3_uri)
+    store = JobStore(home.root)
+    local = S3LocalRunner(
+        python, access=s3.access, on_started=lambda job_id, run: store.set_process(job_id, run.pid, run.pgid)
+    )
     scheduler = Scheduler(
-        JobStore(home.root),
-        [LocalRunner(python), RemoteRunner.for_home(home.root)],
+        store,
+        [local, RemoteRunner.for_home(home.root)],
         lora_dir=home.lora,
         devices=devices,
         poll_interval_s=poll_interval_s,
@@ -55,7 +63,7 @@ def build_service(
         on_delivered=on_delivered,
         before_local_start=before_local_start,
     )
-    return TrainingService(home, scheduler, restrict_paths=restrict_paths)
+    return TrainingService(home, scheduler, restrict_paths=restrict_paths, s3=s3)
 
 
 def create_app(service: TrainingService, *, token: str | None = None) -> FastAPI:

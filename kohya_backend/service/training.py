@@ -22,6 +22,8 @@ from kohya_backend.jobs.scheduler import Scheduler
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import Job, JobStore
 from kohya_backend.service.home import Home, PathOutsideHome
+from kohya_backend.service.s3_assets import S3Assets
+from kohya_backend.storage.uri import is_s3_uri, parse_s3_uri
 
 # Keys the server fills in from training_params (a client value must still stay inside the roots).
 _SERVER_PATHS = ("pretrained_model_name_or_path", "train_data_dir", "output_dir")
@@ -74,11 +76,51 @@ class TrainingService:
     tools do; model and dataset are still names under the home folder.
     """
 
-    def __init__(self, home: Home, scheduler: Scheduler, *, restrict_paths: bool = True) -> None:
+    def __init__(
+        self, home: Home, scheduler: Scheduler, *, restrict_paths: bool = True, s3: S3Assets | None = None
+    ) -> None:
         self.home = home
         self.scheduler = scheduler
         self.store: JobStore = scheduler.store
         self.restrict_paths = restrict_paths
+        self.s3 = s3 if s3 is not None else S3Assets.for_home(home)
+
+    # -- models and datasets: the home's, plus the S3 prefix's (names are s3:// URIs) --------------------------
+
+    def model_names(self) -> list[str]:
+        """Model dropdown choices: the home's checkpoint names, then the S3 prefix's (no file is read)."""
+        return self.home.model_names() + self.s3.model_names()
+
+    def dataset_names(self) -> list[str]:
+        """Dataset dropdown choices: the home's dataset folders, then the S3 prefix's."""
+        return self.home.dataset_names() + self.s3.dataset_names()
+
+    def describe_model(self, name: str) -> dict[str, Any]:
+        """A model's list entry (size, family or why it cannot be read), local or s3://."""
+        return self.s3.describe_model(name) if is_s3_uri(name) else self.home.describe_model(name)
+
+    def _model_value(self, name: str) -> str:
+        """The config value of a submitted model: its local path (NotInHome when missing), or its s3:// URI."""
+        return (
+            str(parse_s3_uri(name, what="model"))
+            if is_s3_uri(name)
+            else self.home.model_path(name).as_posix()
+        )
+
+    def _check_model(self, value: str, fm_type: str) -> None:
+        """The model is of `fm_type` (read from its keys; an s3:// one from its header, which also proves that
+        the object exists and the credentials may read it)."""
+        from kohya_backend.models.detect import check_family
+
+        if is_s3_uri(value):
+            self.s3.check_model(value, fm_type)
+        else:
+            check_family(Path(value), fm_type)
+
+    def _dataset_value(self, name: str) -> str:
+        if is_s3_uri(name):
+            return str(self.s3.check_dataset(name))
+        return self.home.dataset_path(name).as_posix()
 
     def _key_roots(self, key: str) -> list[Path]:
         home = self.home
@@ -116,6 +158,8 @@ class TrainingService:
             value = values.get(key)
             if spec.kind != "path" or value is None or value == "" or key == "dataset_config":
                 continue
+            if is_s3_uri(value):
+                continue  # s3:// values are objects, checked by config validation and S3 itself
             try:
                 resolved = self.home.resolve(str(value), self._key_roots(key), what=key)
             except PathOutsideHome as exc:
@@ -132,20 +176,27 @@ class TrainingService:
 
     def prepare(self, sub: Submission) -> tuple[str, str, dict[str, Any]]:
         """Validate a submission: (canonical config TOML, output name, job params incl. the plan). Raises on errors."""
-        from kohya_backend.models.detect import check_family
         from kohya_backend.train.plan import format_with_plan
 
-        model = self.home.model_path(sub.model)
-        dataset = self.home.dataset_path(sub.dataset)
+        model = self._model_value(sub.model)
+        dataset = self._dataset_value(sub.dataset)
         parsed = parse_config(sub.config_params if sub.config_params != "" else {})
         if self.restrict_paths:
             self.confine_paths(parsed.values, parsed.positions)
-        parsed.values["pretrained_model_name_or_path"] = model.as_posix()
-        parsed.values["train_data_dir"] = dataset.as_posix()
+        s3_output = parsed.values.get("output_dir") if is_s3_uri(parsed.values.get("output_dir")) else None
+        parsed.values["pretrained_model_name_or_path"] = model
+        parsed.values["train_data_dir"] = dataset
         parsed.values["output_dir"] = self.home.lora.as_posix()
-        output_name = parsed.values.get("output_name") or f"{dataset.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        dataset_name = parse_s3_uri(dataset).name if is_s3_uri(dataset) else Path(dataset).name
+        output_name = parsed.values.get("output_name") or f"{dataset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
         parsed.values["output_name"] = output_name
-        check_family(model, sub.fm_type)
+        on_s3 = [k for k, v in parsed.values.items() if is_s3_uri(v)] + (["output_dir"] if s3_output else [])
+        if on_s3 and sub.instance_type != "local":
+            raise TrainManagementError(
+                f"{', '.join(on_s3)} on S3 train on this machine only, not on {sub.instance_type!r}",
+                "choose Training Instance Type 'local', or download the files and name local ones",
+            )
+        self._check_model(model, sub.fm_type)
         formatted = format_with_plan(
             parsed, sub.fm_type, cuda_available=self.instance_cuda(sub.instance_type)
         )
@@ -154,7 +205,11 @@ class TrainingService:
 
             error = formatted["dataset_error"]
             raise DatasetError(error["message"], files=error["files"])
-        params = {"plan": formatted["plan"], "warnings": formatted["warnings"]}
+        params: dict[str, Any] = {"plan": formatted["plan"], "warnings": formatted["warnings"]}
+        if s3_output:
+            from kohya_backend.jobs.s3_jobs import OUTPUT_PARAM
+
+            params[OUTPUT_PARAM] = str(parse_s3_uri(s3_output, what="output_dir"))
         return formatted["toml"], str(output_name), params
 
     def format_config(
@@ -177,9 +232,13 @@ class TrainingService:
         if self.restrict_paths:
             self.confine_paths(parsed.values, parsed.positions, rewrite_all=True)
         if model:
-            parsed.values["pretrained_model_name_or_path"] = self.home.model_path(model).as_posix()
+            parsed.values["pretrained_model_name_or_path"] = (
+                model if is_s3_uri(model) else self.home.model_path(model).as_posix()
+            )
         if dataset:
-            parsed.values["train_data_dir"] = self.home.dataset_path(dataset).as_posix()
+            parsed.values["train_data_dir"] = (
+                dataset if is_s3_uri(dataset) else self.home.dataset_path(dataset).as_posix()
+            )
         if model or dataset:
             parsed.values["output_dir"] = self.home.lora.as_posix()
         return format_with_plan(

@@ -31,11 +31,13 @@ def scan_for(config: TrainConfig, *, verify_images: bool = True) -> DatasetScan:
     if values.get("dataset_config"):
         found = load_dataset_config(Path(values["dataset_config"]), fm_type=config.fm_type, training=values)
         return scan_dataset_config(found, verify_images=verify_images)
+    from kohya_backend.storage.uri import is_s3_uri
+
     reg = values.get("reg_data_dir")
     return scan_dataset(
         Path(values["train_data_dir"]),
         values["caption_extension"],
-        reg_data_dir=Path(reg) if reg else None,
+        reg_data_dir=Path(reg) if reg and not is_s3_uri(reg) else None,
         verify_images=verify_images,
     )
 
@@ -127,7 +129,13 @@ def format_with_plan(
         "dataset_error": None,
     }
     values = result.config.values
-    if check_paths_exist and (values.get("train_data_dir") or values.get("dataset_config")):
+    from kohya_backend.storage.uri import is_s3_uri
+
+    # A dataset on S3 is scanned once the job downloaded it: its plan then comes from the trainer's plan event.
+    local = values.get("dataset_config") or (
+        values.get("train_data_dir") and not is_s3_uri(values["train_data_dir"])
+    )
+    if check_paths_exist and local:
         try:
             plan = plan_for(result.config, scan_for(result.config))
             out["plan"], out["plan_text"] = plan.to_dict(), plan.render()

@@ -48,12 +48,12 @@ class CreateJobActions:
         return dropdown([instance_choice(entry) for entry in self.service.instance_types()], current)
 
     def model_choices(self, current: str | None = None) -> Any:
-        """Model dropdown choices: the checkpoint names (no file is read)."""
-        return dropdown(self.service.home.model_names(), current)
+        """Model dropdown choices: the checkpoint names, then the S3 prefix's s3:// ones (no file is read)."""
+        return dropdown(self.service.model_names(), current)
 
     def dataset_choices(self, current: str | None = None) -> Any:
-        """Dataset dropdown choices: the dataset folder names (none is scanned)."""
-        return dropdown(self.service.home.dataset_names(), current)
+        """Dataset dropdown choices: the dataset folder names, then the S3 prefix's (none is scanned)."""
+        return dropdown(self.service.dataset_names(), current)
 
     def all_choices(
         self, instance: str | None, model: str | None, dataset: str | None
@@ -66,7 +66,7 @@ class CreateJobActions:
         if not model:
             return "No model chosen: put a checkpoint in the models folder and press refresh."
         try:
-            entry = self.service.home.describe_model(model)  # read once per file version, then cached
+            entry = self.service.describe_model(model)  # read once per file version, then cached
         except NotInHome:
             return f"**{model}** is no longer in the models folder: press refresh."
         except TrainManagementError as exc:

@@ -119,6 +119,7 @@ def serve(
     port: int = DEFAULT_PORT,
     token: str | None = None,
     demo: bool = False,
+    s3_uri: str | None = None,
 ) -> None:
     """Serve the tab and the API until interrupted, with the scheduler thread; off loopback only with a token."""
     import uvicorn
@@ -129,7 +130,7 @@ def serve(
             f"refusing to serve on {host} without a token: anyone on the network could train and delete jobs",
             f"pass --token (or set {TOKEN_ENV}), or serve on 127.0.0.1",
         )
-    service = build_service(home_dir)
+    service = build_service(home_dir, s3_uri=s3_uri)
     if demo and prepare_demo_home(service.home):
         print(f"demo model and dataset written to {service.home.root}", flush=True)
     app = build_app(service, token=token, demo=demo)

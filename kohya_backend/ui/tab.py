@@ -14,6 +14,7 @@ from kohya_backend.ui.create_job import CreateJobActions
 from kohya_backend.ui.dataset_actions import PREPROCESS_CHOICES, DatasetActions
 from kohya_backend.ui.hooks import UiHooks
 from kohya_backend.ui.present import FM_LABELS, JOB_HEADERS, WORKER_HEADERS
+from kohya_backend.ui.s3_upload import S3UploadActions
 from kohya_backend.ui.trainings import TrainingsActions
 from kohya_backend.ui.workers import WorkersActions
 
@@ -193,6 +194,9 @@ def _datasets_area(has_interrogate: bool, import_hint: str) -> dict[str, Any]:
                     label="Yes, delete this dataset and its files", elem_id=_id("ds_confirm")
                 )
                 c["delete"] = gr.Button("Delete dataset", variant="stop", elem_id=_id("ds_delete"))
+            with gr.Row():
+                c["s3_upload"] = gr.Button("Upload to S3", elem_id=_id("ds_s3_upload"), **_SMALL)
+                c["s3_message"] = gr.Markdown(elem_id=_id("ds_s3_message"))
     return c
 
 
@@ -306,6 +310,9 @@ def create_tab(service: TrainingService, datasets: DatasetService, hooks: UiHook
         _wire_workers(worker_actions, workers, job_form["instance"], create_actions.instance_choices)
         _wire_trainings(trainings, jobs, stamp)
         _wire_datasets(dataset_actions, data, job_form["dataset"])
+        data["s3_upload"].click(
+            S3UploadActions(service).upload_dataset, [data["dataset"]], [data["s3_message"]]
+        )
         # One poll per page (on gradio 3.41 each `every=` loop holds a queue worker): it reads only two short
         # marks; the Trainings List and the dataset tasks update when theirs changes.
         blocks.load(

@@ -65,7 +65,7 @@ def test_scripts_load_by_the_webui_rules_and_register_tab_and_settings(tmp_path:
             _block(ui.demo, "train_management_ds_generate").visible is True
         )  # the WebUI has an interrogator
         labels = {k: v for k, v in shared.opts.data_labels.items() if k.startswith("train_management_")}
-        assert len(labels) == 5
+        assert len(labels) == 6 and labels["train_management_s3_prefix"].component.__name__ == "Textbox"
         assert {v.section for v in labels.values()} == {("train_management", "Train Management")}
         assert {v.category_id for v in labels.values()} == {
             "training"

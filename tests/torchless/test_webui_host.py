@@ -207,3 +207,25 @@ def test_flag_workers_report_a_token_over_plain_http(tmp_path: Path) -> None:
     (message,) = register_flag_workers(tmp_path / "home", ["http://gpu-box.example.com:7870"], str(token))
     assert "--train-worker http://gpu-box.example.com:7870" in message and "plain http" in message
     assert register_flag_workers(tmp_path / "home", ["https://gpu-box.example.com"], str(token)) == []
+
+
+def test_the_s3_prefix_setting_reaches_the_lists_and_clearing_it_falls_back_to_cloud_toml(
+    tmp_path: Path,
+) -> None:
+    assert (
+        HostSettings.from_values({"train_management_s3_prefix": " s3://bkt/train "}).s3_prefix
+        == "s3://bkt/train"
+    )
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "cloud.toml").write_text('[s3]\nuri = "s3://from-file/p"\n')
+    runtime = HostRuntime()
+    try:
+        service = runtime.ensure(_config(tmp_path, s3_prefix="s3://from-setting/x"))
+        assert str(service.s3.prefix) == "s3://from-setting/x"
+        assert runtime.ensure(_config(tmp_path, s3_prefix="s3://other-bkt/y")) is service
+        assert str(service.s3.prefix) == "s3://other-bkt/y"
+        runtime.ensure(_config(tmp_path, s3_prefix=""))
+        assert str(service.s3.prefix) == "s3://from-file/p"
+    finally:
+        runtime.reset()

@@ -1,0 +1,306 @@
+"""kohya_backend.storage against moto's S3 server over real HTTP: URIs, listing, uploads, resumable downloads,
+the cache, prefix sync and the errors a user sees."""
+
+# ruff: noqa: F811  (the moto fixtures are imported from s3_support and named as test arguments)
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from s3_support import Proxy, client_via, moto_url, new_bucket, raw_client, s3_env, set_auth  # noqa: F401
+
+from kohya_backend.errors import StorageError
+from kohya_backend.storage.cache import S3Cache
+from kohya_backend.storage.client import S3Client
+from kohya_backend.storage.sync import sync_prefix, upload_folder
+from kohya_backend.storage.uri import S3Uri, S3UriError, UnsafeKey, parse_s3_uri, safe_relative_key
+
+MB = 1 << 20
+
+
+def _blob(size: int, seed: int = 0) -> bytes:
+    return (hashlib.sha256(str(seed).encode()).digest() * (size // 32 + 1))[:size]
+
+
+# -- URIs and keys --------------------------------------------------------------------------------------------
+
+
+def test_uris_parse_strictly() -> None:
+    assert parse_s3_uri("s3://my-bucket/models/a b.safetensors") == S3Uri(
+        "my-bucket", "models/a b.safetensors"
+    )
+    assert parse_s3_uri("s3://my.bucket") == S3Uri("my.bucket", "")
+    assert str(S3Uri("b-1", "x/y")) == "s3://b-1/x/y" and S3Uri("b-1", "x/y/").name == "y"
+    assert S3Uri("bkt", "p").child("models/") == S3Uri("bkt", "p/models/")
+    bad = {
+        "https://bkt/key": "does not start with s3://",
+        "S3://bkt/key": "lowercase",
+        "s3://": "no bucket",
+        "s3:///key": "no bucket",
+        "s3://Bucket/key": "bucket name",
+        "s3://ab/key": "bucket name",
+        "s3://bk..t/key": "'..'",
+        "s3://192.168.1.1/key": "IP address",
+        "s3://bkt:9000/key": "port",
+        "s3://bkt//key": "'//'",
+        "s3://bkt/a\nb": "control character",
+        "s3://bkt/" + "k" * 1025: "longer than 1024",
+    }
+    for text, words in bad.items():
+        with pytest.raises(S3UriError) as caught:
+            parse_s3_uri(text)
+        assert words in caught.value.message, (text, caught.value.message)
+        assert "s3://bucket/" in (caught.value.hint or "")
+
+
+def test_keys_that_could_leave_a_folder_are_refused() -> None:
+    assert safe_relative_key("10_cat/a b (1).png") == "10_cat/a b (1).png"
+    for key in (
+        "../evil.png",
+        "10_cat/../../x",
+        "/etc/passwd",
+        "a\\..\\b",
+        "C:/x",
+        "a//b",
+        "./a",
+        "a/\x00b",
+        "",
+    ):
+        with pytest.raises(UnsafeKey):
+            safe_relative_key(key)
+
+
+# -- listing, uploads and downloads ---------------------------------------------------------------------------
+
+
+def test_listing_2000_objects_pages_through_all_of_them(s3_env: str) -> None:
+    bucket = new_bucket(s3_env)
+    raw = raw_client(s3_env)
+    keys = [f"many/{i:05d}.txt" for i in range(2000)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda k: raw.put_object(Bucket=bucket, Key=k, Body=k.encode()), keys))
+    raw.put_object(Bucket=bucket, Key="other/x.txt", Body=b"x")
+    client = S3Client()
+    calls: list[str] = []
+    client.client.meta.events.register("after-call.s3.ListObjectsV2", lambda **kw: calls.append("page"))
+    listed = [info.uri.key for info in client.list_objects(S3Uri(bucket, "many"), page_size=700)]
+    assert listed == keys  # every object once, in order, nothing from other/
+    assert len(calls) == 3  # 700 + 700 + 600
+    assert all(info.size == 14 for info in client.list_objects(S3Uri(bucket, "many/00")))
+
+
+def test_upload_records_sha256_and_never_sends_the_same_file_twice(s3_env: str, tmp_path: Path) -> None:
+    bucket = new_bucket(s3_env)
+    client = S3Client(part_bytes=5 * MB, concurrency=4)
+    path = tmp_path / "model.safetensors"
+    data = _blob(12 * MB)  # under the multipart threshold: one PUT (the 40 MB file below goes in parts)
+    path.write_bytes(data)
+    uri = S3Uri(bucket, "models/model.safetensors")
+    seen: list[tuple[int, int]] = []
+    assert client.upload_file(path, uri, progress=lambda d, t: seen.append((d, t)))
+    info = client.head(uri)
+    assert info.sha256 == hashlib.sha256(data).hexdigest() and info.size == len(data)
+    assert seen[-1] == (len(data), len(data))
+    puts: list[str] = []
+    client.client.meta.events.register("before-call.s3.PutObject", lambda **kw: puts.append("put"))
+    assert not client.upload_file(path, uri)  # same sha256 and size: nothing sent
+    assert puts == []
+    path.write_bytes(data[:-1] + b"!")
+    assert client.upload_file(path, uri) and puts == ["put"]
+    big = tmp_path / "big.bin"
+    big.write_bytes(_blob(40 * MB, seed=1))
+    parts: list[str] = []
+    client.client.meta.events.register("before-call.s3.UploadPart", lambda **kw: parts.append("part"))
+    assert client.upload_file(big, S3Uri(bucket, "big.bin"))
+    assert len(parts) == 8  # 40 MB in 5 MB parts, sent by TransferConfig's threads
+    assert client.head(S3Uri(bucket, "big.bin")).sha256 == hashlib.sha256(big.read_bytes()).hexdigest()
+
+
+def test_a_partial_download_on_disk_is_continued_from_its_offset(s3_env: str, tmp_path: Path) -> None:
+    bucket = new_bucket(s3_env)
+    data = _blob(3 * MB + 123)
+    raw_client(s3_env).put_object(Bucket=bucket, Key="m.bin", Body=data)
+    host, port = s3_env.removeprefix("http://").split(":")
+    proxy = Proxy((host, int(port)))
+    try:
+        client = client_via(proxy.url, part_bytes=8 * MB, concurrency=1)
+        info = client.head(S3Uri(bucket, "m.bin"))
+        dest = tmp_path / "m.bin"
+        held = MB + 7
+        (tmp_path / "m.bin.part").write_bytes(data[:held])
+        (tmp_path / "m.bin.part.json").write_text(json.dumps({"etag": info.etag, "size": info.size}))
+        result = client.download(info, dest)
+        assert dest.read_bytes() == data and not (tmp_path / "m.bin.part").exists()
+        assert result.fetched == len(data) - held
+        assert proxy.ranges() == [f"bytes={held}-"]
+        assert proxy.downstream_bytes < len(data) - held + 4096  # the body was only the remainder
+        # A .part of another object version (its ETag changed) is not trusted: the download starts over.
+        (tmp_path / "n.bin.part").write_bytes(b"x" * held)
+        (tmp_path / "n.bin.part.json").write_text(json.dumps({"etag": "other", "size": info.size}))
+        again = client.download(info, tmp_path / "n.bin")
+        assert again.fetched == len(data) and (tmp_path / "n.bin").read_bytes() == data
+    finally:
+        proxy.close()
+
+
+def test_a_download_cut_mid_body_resumes_where_it_stopped(s3_env: str, tmp_path: Path) -> None:
+    bucket = new_bucket(s3_env)
+    data = _blob(2 * MB + 5)
+    raw_client(s3_env).put_object(Bucket=bucket, Key="d/cut.bin", Body=data)
+    host, port = s3_env.removeprefix("http://").split(":")
+    proxy = Proxy((host, int(port)), cut_path=f"/{bucket}/d/cut.bin", cut_after=700_000)
+    try:
+        client = client_via(proxy.url, concurrency=1)
+        info = client.head(S3Uri(bucket, "d/cut.bin"))
+        result = client.download(info, tmp_path / "cut.bin")
+    finally:
+        proxy.close()
+    assert proxy.cuts == 1
+    assert (tmp_path / "cut.bin").read_bytes() == data
+    ranges = proxy.ranges()
+    assert ranges[0] == "" and len(ranges) == 2  # the first GET was cut; one ranged GET fetched the rest
+    offset = int(ranges[1].removeprefix("bytes=").rstrip("-"))
+    assert 600_000 < offset < 700_000  # it continued from what had arrived, not from 0
+    assert result.fetched == len(data)  # no byte was fetched twice
+
+
+def test_parallel_parts_download_and_verification(s3_env: str, tmp_path: Path) -> None:
+    bucket = new_bucket(s3_env)
+    data = _blob(5 * MB + 3, seed=2)
+    raw = raw_client(s3_env)
+    raw.put_object(
+        Bucket=bucket, Key="p.bin", Body=data, Metadata={"sha256": hashlib.sha256(data).hexdigest()}
+    )
+    client = S3Client(part_bytes=MB, concurrency=4)
+    ranged: list[str] = []
+    client.client.meta.events.register(
+        "before-call.s3.GetObject", lambda params, **kw: ranged.append(params["headers"].get("Range", ""))
+    )
+    result = client.download(client.head(S3Uri(bucket, "p.bin")), tmp_path / "p.bin")
+    assert (tmp_path / "p.bin").read_bytes() == data and result.fetched == len(data)
+    assert len(ranged) == 6 and ranged[0] == f"bytes=0-{MB - 1}"
+    # Metadata that does not match the bytes: the download is refused and nothing is left behind.
+    raw.put_object(Bucket=bucket, Key="lie.bin", Body=b"abc", Metadata={"sha256": "0" * 64})
+    with pytest.raises(StorageError) as caught:
+        client.download(client.head(S3Uri(bucket, "lie.bin")), tmp_path / "lie.bin")
+    assert caught.value.code == "ChecksumMismatch" and not list(tmp_path.glob("lie.bin*"))
+
+
+def test_missing_key_missing_bucket_and_bad_credentials_each_give_one_clear_error(
+    s3_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = new_bucket(s3_env)
+    client = S3Client()
+    with pytest.raises(StorageError) as missing:
+        client.head(S3Uri(bucket, "models/nope.safetensors"))
+    assert missing.value.code == "404" and f"s3://{bucket}/models/nope.safetensors" in missing.value.message
+    assert "does not exist" in missing.value.message and missing.value.http_status == 404
+    with pytest.raises(StorageError) as no_bucket:
+        client.head(S3Uri("tm-no-such-bucket", "x"))
+    assert no_bucket.value.code == "NoSuchBucket" and "tm-no-such-bucket" in no_bucket.value.message
+    with pytest.raises(StorageError) as no_bucket_list:
+        list(client.list_objects(S3Uri("tm-no-such-bucket", "x/")))
+    assert no_bucket_list.value.code == "NoSuchBucket"
+    set_auth(s3_env, 0)  # from now on moto checks the key, the signature and IAM policies
+    try:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG1")
+        with pytest.raises(StorageError) as denied:
+            S3Client().head(S3Uri(bucket, "x"))
+    finally:
+        set_auth(s3_env, float("inf"))
+    assert denied.value.code in ("InvalidAccessKeyId", "403")
+    assert "access denied" in denied.value.message and f"s3://{bucket}/x" in denied.value.message
+    assert "AWS_PROFILE" in (denied.value.hint or "")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(StorageError) as none:
+        S3Client().head(S3Uri(bucket, "x"))
+    assert none.value.code == "NoCredentialsError" and "no AWS credentials" in none.value.message
+
+
+# -- the cache and prefix sync --------------------------------------------------------------------------------
+
+
+def test_the_cache_downloads_once_shares_equal_files_and_evicts_least_recently_used(
+    s3_env: str, tmp_path: Path
+) -> None:
+    bucket = new_bucket(s3_env)
+    raw = raw_client(s3_env)
+    for key, seed in (("a.bin", 1), ("same-as-a.bin", 1), ("b.bin", 2), ("c.bin", 3)):
+        raw.put_object(Bucket=bucket, Key=key, Body=_blob(MB, seed))
+    client = S3Client()
+    cache = S3Cache(tmp_path / "cache", max_bytes=2 * MB)
+    info = {k: client.head(S3Uri(bucket, k)) for k in ("a.bin", "same-as-a.bin", "b.bin", "c.bin")}
+    first = cache.fetch(client, info["a.bin"])
+    assert first.fetched == MB and first.path.read_bytes() == _blob(MB, 1)
+    assert not os.access(first.path, os.W_OK) or os.geteuid() == 0
+    assert cache.fetch(client, info["a.bin"]).fetched == 0  # the second time: nothing downloaded
+    twin = cache.fetch(client, info["same-as-a.bin"])
+    assert twin.path == first.path and cache.usage() == MB  # one copy for two keys
+    cache.fetch(client, info["b.bin"])
+    cache.fetch(client, info["a.bin"])  # a is now more recently used than b
+    cache.fetch(client, info["c.bin"])  # over 2 MB: b (least recently used) goes
+    assert cache.usage() == 2 * MB
+    assert cache.lookup(info["b.bin"]) is None and cache.lookup(info["a.bin"]) is not None
+    raw.put_object(Bucket=bucket, Key="a.bin", Body=_blob(MB, 9))  # a new version: new ETag
+    fresh = cache.fetch(client, client.head(S3Uri(bucket, "a.bin")))
+    assert fresh.fetched == MB and fresh.path.read_bytes() == _blob(MB, 9)
+
+
+def test_sync_downloads_only_changed_files_and_refuses_escaping_keys(s3_env: str, tmp_path: Path) -> None:
+    bucket = new_bucket(s3_env)
+    raw = raw_client(s3_env)
+    files = {"10_cat/a.png": b"A" * 1000, "10_cat/a.txt": b"a cat", "5_dog/b.png": b"B" * 2000}
+    for name, body in files.items():
+        raw.put_object(Bucket=bucket, Key=f"datasets/pets/{name}", Body=body)
+    raw.put_object(Bucket=bucket, Key="datasets/pets/.DS_Store", Body=b"junk")
+    raw.put_object(Bucket=bucket, Key="datasets/pets/5_dog/", Body=b"")  # a console-made "folder"
+    client, cache = S3Client(), S3Cache(tmp_path / "cache")
+    dest = tmp_path / "pets"
+    first = sync_prefix(client, cache, S3Uri(bucket, "datasets/pets"), dest)
+    assert first.files == 3 and first.transferred == 3005
+    assert {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()} == files
+    (dest / "stray.txt").write_text("left over")
+    raw.put_object(Bucket=bucket, Key="datasets/pets/10_cat/a.txt", Body=b"a grey cat")
+    raw.delete_object(Bucket=bucket, Key="datasets/pets/5_dog/b.png")
+    second = sync_prefix(client, cache, S3Uri(bucket, "datasets/pets/"), dest)
+    assert second.transferred == len(b"a grey cat") and second.unchanged == 1
+    assert (dest / "10_cat/a.txt").read_bytes() == b"a grey cat"
+    assert not (dest / "5_dog").exists() and not (dest / "stray.txt").exists()
+    for evil in (
+        "datasets/evil/10_x/../../../../outside.txt",
+        "datasets/evil2//abs.txt",
+        "datasets/evil3/a\\..\\b",
+    ):
+        raw.put_object(Bucket=bucket, Key=evil, Body=b"owned")
+        prefix = evil.split("/")[0] + "/" + evil.split("/")[1]
+        target = tmp_path / "evil"
+        with pytest.raises(UnsafeKey):
+            sync_prefix(client, cache, S3Uri(bucket, prefix), target)
+        assert not list(tmp_path.rglob("outside.txt")) and not list(target.rglob("*"))
+
+
+def test_upload_folder_skips_hidden_files_and_what_is_already_there(s3_env: str, tmp_path: Path) -> None:
+    bucket = new_bucket(s3_env)
+    folder = tmp_path / "ds"
+    (folder / "10_cat").mkdir(parents=True)
+    (folder / "10_cat" / "a.png").write_bytes(b"P" * 500)
+    (folder / "10_cat" / "a.txt").write_text("cat")
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "x").write_text("no")
+    client = S3Client()
+    from kohya_backend.models.hashing import sha256_file
+
+    uri = S3Uri(bucket, "datasets/ds/")
+    first = upload_folder(client, folder, uri, sha256=sha256_file)
+    assert first.files == 2 and first.transferred == 503
+    keys = sorted(i.uri.key for i in client.list_objects(uri))
+    assert keys == ["datasets/ds/10_cat/a.png", "datasets/ds/10_cat/a.txt"]
+    (folder / "10_cat" / "a.txt").write_text("a cat")
+    second = upload_folder(client, folder, uri, sha256=sha256_file)
+    assert second.transferred == 5 and second.unchanged == 1

@@ -180,14 +180,17 @@ def test_network_module_must_be_networks_lora() -> None:
     assert check({"network_module": "networks.lora"})["network_module"] == "networks.lora"
 
 
-def test_network_args_only_conv_dim_and_conv_alpha() -> None:
+def test_network_args_locon_and_dropouts() -> None:
     config = check({"network_args": ["conv_dim=8", "conv_alpha=4"]})
     assert config.network_args == {"conv_dim": "8", "conv_alpha": "4"}
-    assert check({"network_args": [f"{name}=4" for name in NETWORK_ARGS]}).warnings == []
-    issues = errors({"network_args": ["rank_dropout=0.1", "foo=1", "conv_dim=x"]})
-    assert [i.key for i in issues] == ["network_args"] * 3
+    values = {"conv_dim": "4", "conv_alpha": "4", "rank_dropout": "0.1", "module_dropout": "0.1"}
+    assert set(values) == set(NETWORK_ARGS)
+    assert check({"network_args": [f"{k}={v}" for k, v in values.items()]}).warnings == []
+    issues = errors({"network_args": ["down_lr_weight=1", "foo=1", "conv_dim=x", "rank_dropout=2"]})
+    assert [i.key for i in issues] == ["network_args"] * 4
     messages = " | ".join(i.message for i in issues)
-    assert "accepts rank_dropout but this trainer does not implement it" in messages
+    assert "accepts down_lr_weight but this trainer does not implement it" in messages
+    assert "rank_dropout: 2.0 is out of range" in messages
     assert "unknown network_args key 'foo'" in messages and "conv_dim" in messages
     alone = check({"network_args": ["conv_alpha=1"]})
     assert warning_keys(alone) == ["network_args"]

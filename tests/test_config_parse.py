@@ -82,6 +82,13 @@ def test_a_key_in_two_sections_is_reported_with_both_places() -> None:
     assert "model.seed" in issue.message and "training.seed" in issue.message
 
 
+def test_a_key_repeated_with_the_same_value_is_what_sd_scripts_accepts() -> None:
+    parsed = parse_config('[dataset_arguments]\nresolution = "512,512"\n[training_arguments]\nresolution = "512,512"\n')
+    assert parsed.values == {"resolution": "512,512"} and parsed.positions["resolution"] == (2, 1)
+    [issue] = _issues('[a]\nresolution = "512,512"\n[b]\nresolution = "768,768"\n')
+    assert "a.resolution" in issue.message and "b.resolution" in issue.message and '"768,768"' in issue.message
+
+
 def test_nested_tables_are_rejected() -> None:
     [issue] = _issues("[training]\nseed = 1\n[training.deep]\nx = 1\n")
     assert "nested table" in issue.message and issue.line == 3
@@ -93,7 +100,7 @@ def test_dataset_config_arrays_of_tables_are_explained() -> None:
     text = '[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nimage_dir = "a"\n[[datasets]]\nresolution = 768\n'
     [issue] = _issues(text)
     assert issue.key == "datasets" and issue.line == 1
-    assert "train_data_dir" in (issue.hint or "")
+    assert "dataset_config" in (issue.hint or "") and "train_data_dir" in (issue.hint or "")
 
 
 @pytest.mark.parametrize(

@@ -518,3 +518,39 @@ def test_to_dict_and_parsed_config_round_trip() -> None:
 
 def test_unknown_fm_type() -> None:
     assert error_keys({}, "sd_3") == ["fm_type"]
+
+
+def test_values_kohya_accepts_are_read_with_kohyas_meaning() -> None:
+    config = check(
+        {
+            "vae_batch_size": 0,  # kohya flushes a latent batch at >= 0 images: one at a time
+            "xformers": "xformers",  # kohya_ss writes its attention choice as text
+            "resume": False,  # sd-scripts' `if not args.resume`
+            "sample_every_n_epochs": 999999,  # "never", as Linaqruf's notebooks write it
+            "dynamo_backend": "no",  # only read with torch_compile
+            "save_last_n_steps_state": 1,  # only read with save_state
+            "optimizer_args": '"weight_decay=0.1" "betas=0.9,0.99"',  # the GUI's one-string form
+        }
+    )
+    assert config["vae_batch_size"] == 1 and config["xformers"] is True and config["resume"] is None
+    assert config["sample_every_n_epochs"] == 999999
+    assert config.optimizer_kwargs() == {"weight_decay": 0.1, "betas": (0.9, 0.99)}
+    by_key = {w.key: w.message for w in config.warnings}
+    assert "torch.compile, which is off" in by_key["dynamo_backend"]
+    assert "save_state, which is off" in by_key["save_last_n_steps_state"]
+    assert error_keys({"dynamo_backend": "eager", "torch_compile": True}) == ["dynamo_backend", "torch_compile"]
+
+
+def test_text_switches_are_on_as_in_sd_scripts_and_a_false_looking_one_is_flagged() -> None:
+    config = check({"cache_latents": "false", "shuffle_caption": "true", "flip_aug": ""})
+    assert config["cache_latents"] is True and config["shuffle_caption"] is True and config["flip_aug"] is False
+    [warning] = config.warnings
+    assert warning.key == "cache_latents" and "sd-scripts reads as true" in warning.message
+    assert "cache_latents = false" in (warning.hint or "")
+
+
+def test_resolution_off_the_8_pixel_grid_is_a_warning_without_buckets_only() -> None:
+    config = check({"resolution": "512,650"})
+    assert config.resolution == (512, 650) and warning_keys(config) == ["resolution"]
+    config = check({"resolution": "512,650", "enable_bucket": True, "max_bucket_reso": 1024})
+    assert warning_keys(config) == []

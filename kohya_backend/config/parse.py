@@ -322,7 +322,7 @@ class _Flattener:
             return
         if key in self.values:
             first = ".".join(self.paths[key])
-            if self.values[key] != value or type(self.values[key]) is not type(value):
+            if self.values[key] != value:
                 self._issue(
                     path,
                     f"{key} is set twice with different values ({first} = {shown(self.values[key])}, "

@@ -129,3 +129,14 @@ def test_trains_from_a_diffusers_folder_or_a_cached_hub_id(
     else:  # a name that is no path here is written as given, without hashes
         assert metadata["ss_sd_model_name"] == "org/tiny-sd"
         assert "ss_sd_model_hash" not in metadata and "ss_new_sd_model_hash" not in metadata
+
+
+def test_the_cache_is_read_without_huggingface_hub_too(tmp_path: Path, monkeypatch) -> None:
+    """The WebUI's environment may lack huggingface_hub: the cache layout is then read directly."""
+    import sys
+
+    snapshot = fake_hub_cache(tmp_path / "hub", "org/tiny-sd", "sd_1_5")
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # importing it now raises ImportError
+    assert resolve_model_path("org/tiny-sd", cache_dir=tmp_path / "hub") == snapshot
+    with pytest.raises(ModelError, match="not in the Hugging Face cache"):
+        resolve_model_path("org/other", cache_dir=tmp_path / "hub")

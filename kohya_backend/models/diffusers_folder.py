@@ -12,11 +12,13 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kohya_backend.errors import FamilyMismatchError, ModelError
-from kohya_backend.models.arch import Architecture
 from kohya_backend.models.detect import FAMILY_NAMES
+
+if TYPE_CHECKING:
+    from kohya_backend.models.arch import Architecture
 
 MODEL_INDEX = "model_index.json"
 _SD_LATENT_SCALE = 0.18215
@@ -50,12 +52,21 @@ def cached_snapshot(repo_id: str, cache_dir: Path | None = None) -> Path | None:
 
     Offline by construction: huggingface_hub is asked with local_files_only.
     """
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
+    cache = Path(cache_dir or hub_cache_dir())
     try:
-        found = snapshot_download(repo_id, cache_dir=str(cache_dir or hub_cache_dir()), local_files_only=True)
-    except (LocalEntryNotFoundError, FileNotFoundError, ValueError, OSError):
+        from huggingface_hub import snapshot_download
+    except (
+        ImportError
+    ):  # the WebUI's environment may lack it: read the cache's layout (refs/main -> snapshot)
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        try:
+            snapshot = repo / "snapshots" / (repo / "refs" / "main").read_text(encoding="utf-8").strip()
+        except OSError:
+            return None
+        return snapshot if snapshot.is_dir() else None
+    try:
+        found = snapshot_download(repo_id, cache_dir=str(cache), local_files_only=True)
+    except (FileNotFoundError, ValueError, OSError):  # LocalEntryNotFoundError is a FileNotFoundError
         return None
     return Path(found)
 
@@ -131,6 +142,8 @@ def _clean(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def folder_architecture(path: Path, family: str) -> Architecture:
     """The architecture a diffusers folder's own configs describe."""
+    from kohya_backend.models.arch import Architecture
+
     path = Path(path)
     unet = _clean(_read_json(path / "unet" / "config.json"))
     vae = _clean(_read_json(path / "vae" / "config.json"))

@@ -673,55 +673,12 @@ def _rule_dataset_config(c: _Checker, check_paths_exist: bool) -> None:
             )
     if not check_paths_exist or not Path(path).is_file():
         return
-    from kohya_backend.data.dataset_config import load_dataset_config
+    from kohya_backend.data.dataset_config import check_against_training_config
 
-    try:
-        found = load_dataset_config(Path(path), fm_type=c.fm_type, training=c.values)
-    except ConfigError as exc:
-        c.errors.extend(_in_dataset_config(exc.issues, c))
-        return
-    c.warnings.extend(_in_dataset_config(found.warnings, c))
-    options = [subset.options for dataset in found.datasets for subset in dataset.subsets]
-    if c["cache_latents"]:
-        for key in ("random_crop", "color_aug"):
-            if any(getattr(o, key) for o in options) and not c[key]:
-                c.issue(
-                    "dataset_config",
-                    f"a subset sets {key}, which cannot be used with cached latents; kohya refuses it too",
-                    f"set cache_latents = false, or remove {key} from the dataset_config",
-                )
-    if c["cache_text_encoder_outputs"]:
-        changing = sorted(
-            key
-            for o in options
-            for key in ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate")
-            if getattr(o, key)
-        )
-        if changing:
-            c.issue(
-                "dataset_config",
-                "cached text encoder outputs cannot follow captions that change each epoch (a subset sets "
-                f"{', '.join(sorted(set(changing)))})",
-                "turn those off in the dataset_config, or set cache_text_encoder_outputs = false",
-            )
-
-
-def _in_dataset_config(issues: list[ConfigIssue], c: _Checker) -> list[ConfigIssue]:
-    """Issues of the dataset_config file, reported at the dataset_config key (their text names the file's line)."""
     line, column = c.positions.get("dataset_config", (None, None))
-    out = []
-    for issue in issues:
-        where = f"line {issue.line}: " if issue.line is not None else ""
-        found = ConfigIssue(
-            f"{where}{issue.key + ': ' if issue.key else ''}{issue.message}",
-            key="dataset_config",
-            line=line,
-            column=column,
-            hint=issue.hint,
-            severity=issue.severity,
-        )
-        out.append(found)
-    return out
+    for issue in check_against_training_config(Path(path), fm_type=c.fm_type, training=c.values):
+        issue.line, issue.column = line, column
+        (c.warnings if issue.severity == "warning" else c.errors).append(issue)
 
 
 # Keys that may name an s3:// object or prefix: downloaded (or, output_dir, uploaded to) by the job's host.

@@ -517,3 +517,55 @@ def kohya_datasets_metadata(
             }
         )
     return datasets, tags, dirs
+
+
+def check_against_training_config(
+    path: Path, *, fm_type: str, training: Mapping[str, Any]
+) -> list[ConfigIssue]:
+    """The issues (errors and warnings) of the dataset_config a training config names, reported at its
+    dataset_config key (their text names the file's line), with the rules that join the two: cached latents
+    cannot follow a subset's random_crop or color_aug, cached text encoder outputs a subset's changing captions."""
+    try:
+        found = load_dataset_config(path, fm_type=fm_type, training=training)
+    except ConfigError as exc:
+        return [_at_dataset_config(issue) for issue in exc.issues]
+    out = [_at_dataset_config(issue) for issue in found.warnings]
+    options = [subset.options for dataset in found.datasets for subset in dataset.subsets]
+    if training.get("cache_latents"):
+        for key in ("random_crop", "color_aug"):
+            if any(getattr(o, key) for o in options) and not training.get(key):
+                out.append(
+                    ConfigIssue(
+                        f"a subset sets {key}, which cannot be used with cached latents; kohya refuses it too",
+                        key="dataset_config",
+                        hint=f"set cache_latents = false, or remove {key} from the dataset_config",
+                    )
+                )
+    changing = sorted(
+        {
+            k
+            for o in options
+            for k in ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate")
+            if getattr(o, k)
+        }
+    )
+    if training.get("cache_text_encoder_outputs") and changing:
+        out.append(
+            ConfigIssue(
+                "cached text encoder outputs cannot follow captions that change each epoch (a subset sets "
+                f"{', '.join(changing)})",
+                key="dataset_config",
+                hint="turn those off in the dataset_config, or set cache_text_encoder_outputs = false",
+            )
+        )
+    return out
+
+
+def _at_dataset_config(issue: ConfigIssue) -> ConfigIssue:
+    where = f"line {issue.line}: " if issue.line is not None else ""
+    return ConfigIssue(
+        f"{where}{issue.key + ': ' if issue.key else ''}{issue.message}",
+        key="dataset_config",
+        hint=issue.hint,
+        severity=issue.severity,
+    )

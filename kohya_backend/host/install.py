@@ -3,8 +3,9 @@
 The WebUI's venv gets only the few light packages the tab, the API and the scheduler import beyond what every
 WebUI already has (UI_REQUIREMENTS), and only when they are missing: a package the WebUI has is never upgraded or
 downgraded, even when it is older than we would like (a note says so), because the WebUI would put its pin back
-at the next start. The trainer's packages (newer than the WebUI's and needing Python 3.11+) go into the trainer's
-own environment (trainer_env), unless --train-python names an interpreter to use instead. With nothing missing
+at the next start. The trainer's packages (newer than the WebUI's) go into the trainer's own environment
+(trainer_env: made from a Python 3.11/3.12 when one is found, else from 3.10, usually the WebUI's own), unless
+--train-python names an interpreter to use instead. With nothing missing
 this returns in a few milliseconds and starts no process: state.json says the environment is ready for the current
 requirements, or that the chosen interpreter was found good (same file, same mtime, same requirements).
 """
@@ -26,6 +27,9 @@ from kohya_backend.host.flags import PYTHON_ENV, launch_argv, parse_flags
 from kohya_backend.host.trainer_env import (
     MAX_PYTHON,
     MIN_PYTHON,
+    PREFERRED_PYTHON,
+    REQUIREMENTS,
+    REQUIREMENTS_PY310,
     WEBUI_INDEX_ENV,
     EnvSpec,
     container,
@@ -136,10 +140,10 @@ def check_interpreter(command: Sequence[str], spec: EnvSpec, folder: Path | None
         )
     missing = [name for name in names if not answer["packages"].get(name)]
     if missing:
+        pins = REQUIREMENTS if version >= PREFERRED_PYTHON else REQUIREMENTS_PY310
         return (
             f"Train Management: --train-python {' '.join(command)} lacks {', '.join(missing)}; install them "
-            f"there (pip install -r requirements-trainer.txt) or leave --train-python out to use the "
-            f"extension's own environment"
+            f"there (pip install -r {pins}) or leave --train-python out to use the extension's own environment"
         )
     if folder is not None and stamp is not None:
         try:
@@ -186,9 +190,10 @@ def run(
         return 0
     if is_ready(folder, spec):
         return 0
+    good, low = ".".join(map(str, PREFERRED_PYTHON)), ".".join(map(str, MIN_PYTHON))
     high = ".".join(map(str, MAX_PYTHON))
-    out(f"Train Management: setting up the trainer's environment in {folder} (Python <= {high}; torch: "
-        f"{spec.torch.reason}); this takes a few minutes once")  # fmt: skip
+    out(f"Train Management: setting up the trainer's environment in {folder} (Python {good}-{high}, else {low}; "
+        f"torch: {spec.torch.reason}); this takes a few minutes once")  # fmt: skip
     result = setup(
         folder, spec, current_python=current_python, index_url=environ.get(WEBUI_INDEX_ENV) or None
     )

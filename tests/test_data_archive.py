@@ -201,6 +201,18 @@ def test_tar_extracts_files_and_folders_and_skips_hidden_ones(tmp_path: Path) ->
     assert (dest / "sample" / "a.png").read_bytes() == b"png"
 
 
+def test_tar_skips_an_entry_below_another_entrys_file(tmp_path: Path) -> None:
+    source = _tar(
+        tmp_path / "clash.tar.gz",
+        [("a", b"file a", "file"), ("a/b.png", b"png", "file"), ("a/c/d.png", b"png", "file")],
+    )
+    dest = tmp_path / "out"
+    dest.mkdir()
+    out = extract_tar(source, dest)  # an ArchiveError-free skip, not a FileExistsError
+    assert [p.as_posix() for p in out.files] == ["a"] and (dest / "a").read_bytes() == b"file a"
+    assert [name for name, _ in out.skipped] == ["a/b.png", "a/c/d.png"]
+
+
 @pytest.mark.parametrize(
     ("entry", "words"),
     [

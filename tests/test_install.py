@@ -33,9 +33,11 @@ PIN = "torch==2.13.0"
 
 
 def _pins(path: Path) -> dict[str, str]:
-    pins = {}
+    """name -> pinned version; a package pinned twice (a merge can repeat a block) fails the test that reads it."""
+    pins: dict[str, str] = {}
     for line in read_requirements(path):
         name, _, version = line.split(";")[0].partition("==")
+        assert requirement_name(name) not in pins, f"{path.name} pins {name} twice"
         pins[requirement_name(name)] = version.strip()
     return pins
 
@@ -282,6 +284,22 @@ def test_install_run_checks_a_chosen_interpreter_instead_of_building_one(
     os.utime(wrapper, ns=(checked["mtime_ns"] + 10**9, checked["mtime_ns"] + 10**9))  # e.g. Python upgraded
     assert install_with(str(wrapper)) == [] and len(started) == 1
     assert "does not run" in install_with(str(tmp_path / "missing-python"))[0]
+
+
+def test_a_chosen_interpreter_needs_only_the_packages_of_its_platform(tmp_path: Path) -> None:
+    """bitsandbytes is pinned for every system but macOS: a Mac's interpreter without it is good, a Linux one not."""
+    fake = tmp_path / "python"  # answers the check as an interpreter with every package but bitsandbytes
+    fake.write_text(
+        f"#!{sys.executable}\nimport json, sys\n"
+        'print(json.dumps({"python": [3, 11], "packages": {n: None if n == "bitsandbytes" else "1" for n in '
+        "sys.argv[3:]}}))\n"
+    )
+    fake.chmod(0o755)
+    spec = env_spec(None, environ={})
+    assert any(line.startswith("bitsandbytes") for line in spec.requirements)
+    problem = install.check_interpreter([str(fake)], spec, platform="linux")
+    assert problem is not None and "lacks bitsandbytes;" in problem
+    assert install.check_interpreter([str(fake)], spec, platform="darwin") is None
 
 
 def test_install_py_as_the_webui_runs_it_returns_at_once_when_nothing_is_missing(tmp_path: Path) -> None:

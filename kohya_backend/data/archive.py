@@ -280,10 +280,14 @@ def extract_tar(
             target = dest.joinpath(*path.parts)
             if reason is None and target.exists():
                 reason = "another entry has the same name"
+            if reason is None:
+                try:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                except (FileExistsError, NotADirectoryError):
+                    reason = "another entry is a file where this one needs a folder"
             if reason is not None:
                 out.skipped.append((path.as_posix(), reason))
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
             reader = archive.extractfile(member)
             if reader is None:
                 continue

@@ -80,6 +80,14 @@ def plan_webui(requirements: Sequence[str], version_of: Callable[[str], str | No
     return WebuiPlan(tuple(install), tuple(notes))
 
 
+def applies_on(line: str, platform: str) -> bool:
+    """Whether a requirement line's environment marker holds on `platform` (bitsandbytes: not on macOS)."""
+    from packaging.requirements import Requirement
+
+    marker = Requirement(line).marker
+    return marker is None or marker.evaluate({"sys_platform": platform})
+
+
 # One start of the chosen interpreter answers both questions: its Python version and its packages' versions.
 _CHECK_CODE = """
 import json, sys
@@ -118,8 +126,12 @@ def _probe_interpreter(command: Sequence[str], names: Sequence[str]) -> dict[str
     return answer if isinstance(answer, dict) and isinstance(answer.get("packages"), dict) else None
 
 
-def check_interpreter(command: Sequence[str], spec: EnvSpec, folder: Path | None = None) -> str | None:
+def check_interpreter(
+    command: Sequence[str], spec: EnvSpec, folder: Path | None = None, *, platform: str | None = None
+) -> str | None:
     """Why a user-chosen trainer interpreter will not do (wrong Python, missing packages), or None when it will.
+
+    Only the packages pinned for this `platform` (default: sys.platform) are asked for: no bitsandbytes on macOS.
 
     A good answer is remembered in `folder`'s state.json (the trainer environment's) by the interpreter's path,
     mtime and the requirements' key, so later WebUI starts skip the check and start no process.
@@ -128,7 +140,8 @@ def check_interpreter(command: Sequence[str], spec: EnvSpec, folder: Path | None
     state = (read_state(folder) or {}) if folder is not None else {}
     if stamp is not None and state.get(CHECKED_KEY) == stamp:
         return None
-    names = [requirement_name(line) for line in (spec.torch.requirement, *spec.requirements)]
+    lines = (spec.torch.requirement, *spec.requirements)
+    names = [requirement_name(line) for line in lines if applies_on(line, platform or sys.platform)]
     answer = _probe_interpreter(command, names)
     if answer is None:
         return f"Train Management: --train-python {' '.join(command)} does not run"

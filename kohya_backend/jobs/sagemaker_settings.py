@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from kohya_backend.errors import TrainManagementError
+from kohya_backend.storage.settings import CLOUD_FILE, read_cloud_section
 
-CLOUD_FILE = "cloud.toml"
 SECTION = "sagemaker"
 KNOWN_KEYS = ("role_arn", "image_uri", "max_runtime_hours", "spot_max_wait_hours", "min_volume_gb")
 # botocore's patterns for CreateTrainingJob's RoleArn; TrainingImage is at most 255 characters.
@@ -100,37 +100,12 @@ def _hours(table: dict[str, Any], key: str, default_s: int, path: Path) -> int:
     return seconds
 
 
-def _read_table(path: Path) -> dict[str, Any]:
-    import tomlkit
-    from tomlkit.exceptions import ParseError
-
-    if not path.is_file():
-        return {}
-    try:
-        table = tomlkit.parse(path.read_text(encoding="utf-8")).unwrap().get(SECTION) or {}
-    except (ParseError, OSError, ValueError, TypeError) as exc:
-        raise TrainManagementError(
-            f"{path} cannot be read: {exc}", f'write it as [{SECTION}] role_arn = "arn:aws:iam::..."'
-        ) from exc
-    if not isinstance(table, dict):
-        raise TrainManagementError(
-            f"{path}: [{SECTION}] must be a table", f'write [{SECTION}] role_arn = "..."'
-        )
-    unknown = sorted(set(table) - set(KNOWN_KEYS))
-    if unknown:
-        raise TrainManagementError(
-            f"{path}: [{SECTION}] has unknown key(s) {', '.join(unknown)}",
-            f"known keys: {', '.join(KNOWN_KEYS)}",
-        )
-    return dict(table)
-
-
 def load_sagemaker_settings(
     home: Path, *, role_arn: str | None = None, image_uri: str | None = None
 ) -> SageMakerSettings:
     """The settings of a home: `role_arn` / `image_uri` (flags or WebUI settings) when given, else cloud.toml's."""
     path = Path(home) / CLOUD_FILE
-    table = _read_table(path)
+    table = read_cloud_section(home, SECTION, KNOWN_KEYS)
     role = (role_arn or "").strip() or str(table.get("role_arn") or "").strip()
     image = (image_uri or "").strip() or str(table.get("image_uri") or "").strip()
     if role:

@@ -119,7 +119,15 @@ class RemoteRunner:
         """Refuse an instance type naming no registered worker (or the pool while none is registered)."""
         target = _target(instance_type)
         if target is not None:
-            self._registered(target)
+            if self.registry.get(target) is None:
+                known = [POOL, *(_device(e.name) for e in self.registry.entries())]
+                raise WorkerNotFound(
+                    f"instance type {instance_type!r}: no worker named {target!r} is registered (never added, or removed "
+                    "or renamed since)",
+                    f"add it (`workers add URL --name {target}`), or choose one of: " + ", ".join(known),
+                    web_hint=f"open *Remote GPU workers* and add the worker with the name {target!r}, or choose "
+                    "another Training Instance Type",
+                )
             state = self.pool.states().get(target)
             if state is not None and state.state == "unauthorized":
                 raise TrainManagementError(

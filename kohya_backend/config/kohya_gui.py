@@ -642,8 +642,12 @@ def translate_gui_config(data: Mapping[str, Any]) -> GuiTranslation:
         {"network_module": "LoRA_type", "network_args": "LoRA_type", "max_train_epochs": "epoch"}
         | {k: k for k in out if k in data and k not in origin}
     )
-    if "lr_warmup_steps" in out and "lr_warmup_steps" not in data:
+    if "lr_warmup_steps" in out and not _number(data.get("lr_warmup_steps")):
         origin["lr_warmup_steps"] = "lr_warmup"
+    if out.get("max_train_epochs") and not _int(data.get("max_train_epochs")):
+        origin["max_train_epochs"] = "epoch"
+    if _blank(data.get("lr_scheduler_num_cycles")):
+        origin["lr_scheduler_num_cycles"] = "epoch"
     values = {k: v for k, v in sorted(out.items()) if not _dropped(v)}
     values["max_data_loader_n_workers"] = _int(data.get("max_data_loader_n_workers"))
     for key, value in data.items():

@@ -3,8 +3,10 @@
 Presets are `HOME/presets/<name>.toml`, each the config_params text as the user saved it, plus the FM type it was
 saved for (a first comment line). Drafts are `HOME/presets/.drafts/<fm_type>.toml`: the editor's text per FM type,
 written as the user types, so a reload or another browser tab finds it again. A kohya_ss GUI preset (JSON) is
-imported by keeping the keys that are sd-scripts keys this trainer reads, with values it accepts; everything else
-is reported as not imported, with the reason.
+read as the GUI reads it (config/kohya_gui.py: LoRA_type, optimizer, epoch, max_resolution, ... become the
+sd-scripts keys the GUI passes on) and imported by keeping the keys this trainer reads, with values it accepts;
+everything else (the folders the tab sets, paths of the machine that saved it) is reported as not imported, with
+the reason.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kohya_backend.config.kohya_gui import is_gui_config, translate_gui_config
 from kohya_backend.config.parse import ValueProblem, coerce_value
 from kohya_backend.config.schema import FM_TYPES, SCHEMA, UNSUPPORTED, check_fm_type, render_toml
 from kohya_backend.errors import ConfigError, TrainManagementError
@@ -46,6 +49,8 @@ class KohyaImport:
     toml: str
     imported: list[str] = field(default_factory=list)
     not_imported: dict[str, str] = field(default_factory=dict)
+    fm_type: str | None = None  # a GUI preset's model type (its `sdxl` checkbox)
+    notes: list[str] = field(default_factory=list)  # how the GUI's own settings were read
 
 
 def _check_text(text: str) -> str:
@@ -169,11 +174,26 @@ def import_kohya_ss(text: str) -> KohyaImport:
         raise TrainManagementError(
             "the preset is not a JSON object", 'a kohya_ss preset is {"key": value, ...}'
         )
+    if not is_gui_config(data):  # a JSON of sd-scripts keys: kept key by key
+        return _import_values(data, {}, KohyaImport(""))
+    try:
+        translation = translate_gui_config(data)
+    except ConfigError as exc:  # a trainer the GUI has that this one has not (Flux, textual inversion, ...)
+        first = exc.issues[0]
+        raise TrainManagementError(
+            first.message, first.hint or "import a LoRA preset of SD 1.5 or SDXL"
+        ) from None
+    result = KohyaImport("", fm_type=translation.fm_type)
+    result.notes = [issue.message for issue in translation.notes]
+    return _import_values(translation.values, translation.origin, result)
+
+
+def _import_values(data: dict[str, Any], origin: dict[str, str], result: KohyaImport) -> KohyaImport:
     values: dict[str, Any] = {}
-    result = KohyaImport("")
     for key, raw in data.items():
-        if raw is None or (isinstance(raw, str) and not raw.strip()):
+        if raw is None or raw == [] or (isinstance(raw, str) and not raw.strip()):
             continue  # kohya_ss writes "" for a setting left unset
+        source = origin.get(key, key)
         reason = _not_imported_reason(str(key))
         if reason is None:
             try:
@@ -189,6 +209,7 @@ def import_kohya_ss(text: str) -> KohyaImport:
                 result.imported.append(key)
                 continue
         if key in SCHEMA or raw not in ([], False, 0):
-            result.not_imported[str(key)] = reason  # other settings left off / 0 / [] are not worth a line
+            name = str(key) if source == key else f"{source} (as {key})"
+            result.not_imported[name] = reason  # other settings left off / 0 / [] are not worth a line
     result.toml = render_toml(values, values.keys())
     return result

@@ -80,9 +80,14 @@ class PresetActions:
             text = error_markdown(exc) if isinstance(exc, TrainManagementError) else str(exc)
             return (*self.editor.apply_fill(None), f"❌ **{name} was not imported.** {text}")
         header = f"# Imported from the kohya_ss preset {name}\n"
-        fill = {"text": header + result.toml, "default": header + result.toml, "fm": fm_label,
+        # a GUI preset's `sdxl` checkbox chooses the FM type
+        label = fm_label_of(result.fm_type) if result.fm_type else fm_label
+        fill = {"text": header + result.toml, "default": header + result.toml, "fm": label,
                 "what": f"the keys imported from **{name}**"}  # fmt: skip
         message = f"Imported {len(result.imported)} key(s) from **{name}**."
+        if label != fm_label:
+            message += f" It is a {label} preset: FM Type is now {label}."
+        message += "".join(f"\n- {note}" for note in result.notes)
         if result.not_imported:
             message += f" Not imported ({len(result.not_imported)}):\n" + "\n".join(
                 f"- `{key}`: {why}" for key, why in result.not_imported.items()

@@ -99,17 +99,18 @@ def test_presets_save_load_over_edits_and_delete(service: TrainingService) -> No
 
 def test_a_kohya_ss_preset_is_imported_into_the_editor(service: TrainingService, tmp_path: Path) -> None:
     presets = PresetActions(PresetStore(service.home.root), CreateJobActions(service, UiHooks()))
-    preset = tmp_path / "kohya.json"
-    preset.write_text(json.dumps({"network_dim": 24, "optimizer": "AdamW8bit", "max_train_epochs": ""}))
     component = file_input("preset", file_count="single")
-    if SESSION_KEYED:
-        from gradio.data_classes import FileData
 
-        upload = component.preprocess(FileData(path=str(preset), orig_name="kohya.json"))
-    else:
-        upload = component.preprocess(
-            {"name": str(preset), "is_file": True, "data": None, "orig_name": "kohya.json"}
-        )
+    def uploaded(content: dict[str, Any], name: str = "kohya.json") -> Any:
+        preset = tmp_path / name
+        preset.write_text(json.dumps(content))
+        if SESSION_KEYED:
+            from gradio.data_classes import FileData
+
+            return component.preprocess(FileData(path=str(preset), orig_name=name))
+        return component.preprocess({"name": str(preset), "is_file": True, "data": None, "orig_name": name})
+
+    upload = uploaded({"network_dim": 24, "optimizer": "AdamW8bit", "max_train_epochs": ""})
     filled = presets.import_kohya(upload, "SD 1.5", "", "")
     text, message = filled[0], filled[-1]
     assert dict(tomlkit.parse(text)) == {"network_dim": 24} and text.startswith(
@@ -117,6 +118,14 @@ def test_a_kohya_ss_preset_is_imported_into_the_editor(service: TrainingService,
     )
     assert message.startswith("Imported 1 key(s) from **kohya.json**. Not imported (1):")
     assert "`optimizer`" in message and "max_train_epochs" not in message
+    # a whole GUI preset is read as the GUI reads it, and its `sdxl` checkbox chooses the FM type
+    upload = uploaded({"LoRA_type": "Standard", "sdxl": True, "optimizer": "AdamW", "epoch": 2}, "gui.json")
+    filled = presets.import_kohya(upload, "SD 1.5", "", "")
+    values, fm, message = tomlkit.parse(filled[0]), filled[2], filled[-1]
+    assert values["optimizer_type"] == "AdamW" and values["max_train_epochs"] == 2 and fm == "SDXL"
+    assert (
+        "It is a SDXL preset: FM Type is now SDXL." in message and "read as a kohya_ss GUI config" in message
+    )
 
 
 def test_duplicate_fills_the_form_and_continue_queues_a_new_job(service: TrainingService) -> None:

@@ -95,11 +95,15 @@ def file_lock(path: Path) -> Iterator[None]:
 
 
 def _check_token(token: object) -> str:
-    if not isinstance(token, str) or not token.strip() or any(c.isspace() for c in token.strip()):
+    """The token stripped; refused when empty or holding what an Authorization header cannot carry (spaces,
+    control characters, anything outside printable ASCII)."""
+    text = token.strip() if isinstance(token, str) else ""
+    if not text or not all("!" <= c <= "~" for c in text):
         raise TrainManagementError(
-            "the worker token is empty or contains spaces", "paste the token from the worker's token file"
+            "the worker token is empty or holds spaces, control characters or characters outside ASCII",
+            "paste the token from the worker's token file",
         )
-    return token.strip()
+    return text
 
 
 def _name_for(

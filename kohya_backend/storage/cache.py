@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from kohya_backend.locks import file_lock
 from kohya_backend.storage.client import DownloadResult, ObjectInfo, Progress, S3Client
 
 DEFAULT_MAX_BYTES = 50 << 30
@@ -109,8 +110,6 @@ class S3Cache:
         """The object's blob: from the cache, else downloaded (resuming a cut download) and verified; then the
         least recently used blobs beyond the cap are evicted, except those in `keep` (sha256s) and this one.
         One thread of one process at a time downloads an object version (two `train` commands share the cache)."""
-        from kohya_backend.jobs.registry import file_lock
-
         with self._object_lock(info), file_lock(self.partial / _object_id(info)):
             hit = self.lookup(info)
             if hit is not None:

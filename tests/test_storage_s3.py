@@ -17,7 +17,15 @@ from kohya_backend.errors import StorageError
 from kohya_backend.storage.cache import S3Cache
 from kohya_backend.storage.client import S3Client
 from kohya_backend.storage.sync import sync_prefix, upload_folder
-from kohya_backend.storage.uri import S3Uri, S3UriError, UnsafeKey, parse_s3_uri, safe_relative_key
+from kohya_backend.storage.uri import (
+    OutsideRoot,
+    S3Uri,
+    S3UriError,
+    UnsafeKey,
+    confine_uri,
+    parse_s3_uri,
+    safe_relative_key,
+)
 
 MB = 1 << 20
 
@@ -72,6 +80,50 @@ def test_keys_that_could_leave_a_folder_are_refused() -> None:
     ):
         with pytest.raises(UnsafeKey):
             safe_relative_key(key)
+
+
+def test_client_uris_are_confined_to_normal_keys_below_their_areas() -> None:
+    models = [S3Uri("bkt", "train/models/")]
+    for good in ("s3://bkt/train/models/a.safetensors", "s3://bkt/train/models/sd 1.5/a b.ckpt"):
+        assert str(confine_uri(good, models, what="model")) == good
+    refused = {
+        "s3://bkt/train-other/models/a.safetensors": "outside",  # the prefix as a string, not as a folder
+        "s3://bkt/train/models-old/a.safetensors": "outside",
+        "s3://other/train/models/a.safetensors": "outside",  # another bucket, same keys
+        "s3://bkt/Train/models/a.safetensors": "outside",  # keys are case-sensitive
+        "s3://bkt/train/a.safetensors": "outside",
+        "s3://bkt/train/models/../secret.safetensors": "'..'",
+        "s3://bkt/train/models/sub/../../x": "'..'",
+        "s3://bkt/train/models/./a.safetensors": "'.'",
+        "s3://bkt/train/models//a.safetensors": "'//'",
+        "s3://bkt/train/models/%2e%2e/x": "percent-encoded",
+        "s3://bkt/train/models/%2E%2E%2Fx": "percent-encoded",
+        "s3://bkt/train/models/a\\..\\x": "backslash",
+        "s3://bkt/train/models/": "folder",
+        "s3://bkt/train/models": "outside",
+    }
+    for text, words in refused.items():
+        with pytest.raises(OutsideRoot) as caught:
+            confine_uri(text, models, what="model")
+        assert words in caught.value.message and "s3://bkt/train/models/" in (caught.value.hint or ""), text
+    for text in ("s3://Bkt/train/models/a.safetensors", "S3://bkt/train/models/a.safetensors"):
+        with pytest.raises(S3UriError):  # a bucket differing in case is no valid bucket name
+            confine_uri(text, models, what="model")
+    # Folders: a dataset below the area (with or without its trailing '/'), never the area itself; output_dir may be
+    # the area itself.
+    datasets = [S3Uri("bkt", "train/datasets/")]
+    assert confine_uri("s3://bkt/train/datasets/cats", datasets, what="dataset", folder=True)
+    assert confine_uri("s3://bkt/train/datasets/cats/", datasets, what="dataset", folder=True)
+    for text in ("s3://bkt/train/datasets/", "s3://bkt/train/datasets", "s3://bkt/train/datasets/cats//"):
+        with pytest.raises(OutsideRoot):
+            confine_uri(text, datasets, what="dataset", folder=True)
+    loras = [S3Uri("bkt", "train/loras/")]
+    for text in ("s3://bkt/train/loras", "s3://bkt/train/loras/", "s3://bkt/train/loras/mine/"):
+        assert confine_uri(text, loras, what="output_dir", folder=True, root_itself=True)
+    with pytest.raises(OutsideRoot):
+        confine_uri("s3://bkt/train/lorasx/", loras, what="output_dir", folder=True, root_itself=True)
+    # A prefix at the bucket's root: its areas are models/, datasets/, ...
+    assert confine_uri("s3://bkt/models/a.ckpt", [S3Uri("bkt").child("models/")], what="model")
 
 
 # -- listing, uploads and downloads ---------------------------------------------------------------------------
@@ -283,7 +335,7 @@ def test_a_download_another_process_holds_is_waited_for_not_written_twice(
 ) -> None:
     import threading
 
-    from kohya_backend.jobs.registry import file_lock
+    from kohya_backend.locks import file_lock
     from kohya_backend.storage.cache import _object_id
 
     bucket = new_bucket(s3_env)

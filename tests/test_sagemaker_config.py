@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import re
 from pathlib import Path
 from typing import Any
@@ -253,6 +254,11 @@ def test_aws_errors_become_hints() -> None:
     assert error.code == "ResourceLimitExceeded" and "Service Quotas" in str(error.hint)
     denied = ClientError({"Error": {"Code": "AccessDeniedException", "Message": "no"}}, "CreateTrainingJob")
     assert "iam:PassRole" in str(explain(denied, "creating").hint)
+    local = explain(
+        OSError(errno.EDQUOT, "Disk quota exceeded"), "writing the job's config"
+    )  # not AWS's quota
+    assert local.code == "OSError" and "AWS error" not in local.message and "Disk quota" in local.message
+    assert "Service Quotas" not in str(local.hint) and "on this machine" in local.message
     assert "no free instance" in failure_hint(
         "CapacityError: Unable to provision requested ML compute capacity"
     )

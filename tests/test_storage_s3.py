@@ -301,6 +301,32 @@ def test_missing_key_missing_bucket_and_bad_credentials_each_give_one_clear_erro
     assert none.value.code == "NoCredentialsError" and "no AWS credentials" in none.value.message
 
 
+def test_a_failure_on_this_machine_is_not_called_an_aws_error(s3_env: str, tmp_path: Path) -> None:
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import ClientError
+
+    from kohya_backend.storage.client import describe_error
+
+    bucket = new_bucket(s3_env)
+    folder = tmp_path / "photo (AccessDenied)"  # words in brackets in a local error's text are no AWS code
+    folder.mkdir()
+    with pytest.raises(StorageError) as caught:
+        S3Client().upload_file(folder, S3Uri(bucket, "x.png"), sha256="0" * 64)  # boto3 cannot read a folder
+    error = caught.value
+    assert error.code == "IsADirectoryError" and "AWS error" not in error.message, error.message
+    assert "on this machine" in error.message and str(folder) in error.message
+    assert "access denied" not in error.message and "local file" in (error.hint or "")
+    # boto3 re-raises the store's refusal of an upload as S3UploadFailedError text: the original code is kept.
+    try:
+        try:
+            raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "PutObject")
+        except ClientError as refused:
+            raise S3UploadFailedError(f"Failed to upload x to {bucket}/x: {refused}") from None
+    except S3UploadFailedError as exc:
+        denied = describe_error(exc, S3Uri(bucket, "x"), "uploading to")
+    assert denied.code == "AccessDenied" and "access denied (AWS error AccessDenied: no)" in denied.message
+
+
 # -- the cache and prefix sync --------------------------------------------------------------------------------
 
 

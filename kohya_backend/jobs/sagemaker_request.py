@@ -28,6 +28,7 @@ from kohya_backend.jobs.sagemaker_protocol import (
 )
 from kohya_backend.jobs.sagemaker_settings import SageMakerSettings
 from kohya_backend.jobs.store import Job
+from kohya_backend.storage.client import from_aws_sdk
 from kohya_backend.storage.uri import S3Uri
 
 LOG_GROUP = "/aws/sagemaker/TrainingJobs"
@@ -228,6 +229,14 @@ def explain(exc: BaseException, action: str) -> SageMakerError:
             code=type(exc).__name__,
         )
     code = error_code(exc)
+    if not code and not from_aws_sdk(
+        exc
+    ):  # a failure on this machine ("Disk quota exceeded" is not AWS's quota)
+        return SageMakerError(
+            f"{action} failed on this machine: {type(exc).__name__}: {exc}",
+            "see the host's log; resume the job to try again",
+            code=type(exc).__name__,
+        )
     response = getattr(exc, "response", None)
     text = str((response.get("Error") or {}).get("Message") or "") if isinstance(response, dict) else str(exc)
     where = f"{action}: {text}" if text else action

@@ -112,7 +112,8 @@ def _strip_etag(value: object) -> str:
 
 
 def describe_error(exc: BaseException, uri: S3Uri | str, action: str) -> StorageError:
-    """A StorageError for a failed request on `uri`: what failed, the store's error code, and what to check."""
+    """A StorageError for a failed request on `uri`: what failed, the store's error code, and what to check. A
+    failure on this machine (an OSError of a local file) says so, with no AWS error code."""
     from botocore.exceptions import (
         BotoCoreError,
         ClientError,
@@ -122,6 +123,8 @@ def describe_error(exc: BaseException, uri: S3Uri | str, action: str) -> Storage
     )
 
     where = str(uri)
+    if isinstance(exc, StorageError):
+        return exc  # already described
     if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
         return StorageError(
             f"{action} {where}: no AWS credentials were found ({type(exc).__name__})",
@@ -134,6 +137,10 @@ def describe_error(exc: BaseException, uri: S3Uri | str, action: str) -> Storage
             "check the network, AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 and the region",
             code="EndpointConnectionError",
         )
+    if isinstance(exc.__context__, ClientError) and from_aws_sdk(exc) and not isinstance(exc, ClientError):
+        exc = exc.__context__  # boto3's S3UploadFailedError re-raises a ClientError as text: use the original
+    if not isinstance(exc, (ClientError, BotoCoreError)) and not from_aws_sdk(exc):
+        return _local_error(exc, where, action)
     code, text = "", str(exc)
     if isinstance(exc, ClientError):
         error = exc.response.get("Error") or {}
@@ -164,13 +171,32 @@ def describe_error(exc: BaseException, uri: S3Uri | str, action: str) -> Storage
             "read (s3:GetObject, s3:ListBucket) or write (s3:PutObject) this bucket/prefix",
             code=code,
         )
-    if isinstance(exc, (ClientError, BotoCoreError)) or code:
+    return StorageError(
+        f"{action} {where} failed (AWS error {code or type(exc).__name__}: {text})",
+        "retry; if it persists, check the bucket, the credentials and the endpoint",
+        code=code or type(exc).__name__,
+    )
+
+
+def from_aws_sdk(exc: BaseException) -> bool:
+    """True for exceptions boto3, botocore or s3transfer raise (their codes may be in their text)."""
+    return type(exc).__module__.split(".")[0] in ("boto3", "botocore", "s3transfer")
+
+
+def _local_error(exc: BaseException, where: str, action: str) -> StorageError:
+    """A failure on this machine (a file that cannot be read or written, a full disk), not an answer of the store."""
+    if isinstance(exc, OSError):
+        path = f" ({exc.filename})" if exc.filename else ""
         return StorageError(
-            f"{action} {where} failed (AWS error {code or type(exc).__name__}: {text})",
-            "retry; if it persists, check the bucket, the credentials and the endpoint",
-            code=code or type(exc).__name__,
+            f"{action} {where} failed on this machine: {exc.strerror or exc}{path} ({type(exc).__name__})",
+            "check the local file or folder: that it exists, can be read or written, and the disk has room",
+            code=type(exc).__name__,
         )
-    return StorageError(f"{action} {where} failed: {exc}", "retry", code=type(exc).__name__)
+    return StorageError(
+        f"{action} {where} failed: {type(exc).__name__}: {exc}",
+        "retry; if it persists, see the host's log",
+        code=type(exc).__name__,
+    )
 
 
 class S3Client:

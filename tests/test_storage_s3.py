@@ -11,11 +11,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from s3_support import Proxy, client_via, moto_url, new_bucket, raw_client, s3_env, set_auth  # noqa: F401
+from s3_support import (  # noqa: F401
+    EmptyStore,
+    Proxy,
+    client_via,
+    moto_url,
+    new_bucket,
+    raw_client,
+    s3_env,
+    set_auth,
+)
 
 from kohya_backend.errors import StorageError
 from kohya_backend.storage.cache import S3Cache
-from kohya_backend.storage.client import S3Client
+from kohya_backend.storage.client import ObjectInfo, S3Client
 from kohya_backend.storage.sync import sync_prefix, upload_folder
 from kohya_backend.storage.uri import (
     OutsideRoot,
@@ -218,6 +227,50 @@ def test_a_download_cut_mid_body_resumes_where_it_stopped(s3_env: str, tmp_path:
     offset = int(ranges[1].removeprefix("bytes=").rstrip("-"))
     assert 600_000 < offset < 700_000  # it continued from what had arrived, not from 0
     assert result.fetched == len(data)  # no byte was fetched twice
+
+
+def test_a_store_that_ignores_range_is_read_from_byte_0_not_appended_at_the_offset(
+    s3_env: str, tmp_path: Path
+) -> None:
+    bucket = new_bucket(s3_env)
+    data = _blob(3 * MB + 5, seed=4)
+    raw_client(s3_env).put_object(Bucket=bucket, Key="r.bin", Body=data)
+    host, port = s3_env.removeprefix("http://").split(":")
+    proxy = Proxy((host, int(port)), strip_range=True)  # the store answers every GET with the whole object
+    try:
+        stream = client_via(proxy.url, concurrency=1)
+        info = stream.head(S3Uri(bucket, "r.bin"))
+        held = MB + 7
+        (tmp_path / "r.bin.part").write_bytes(data[:held])  # a cut download's bytes, of this very version
+        (tmp_path / "r.bin.part.json").write_text(json.dumps({"etag": info.etag, "size": info.size}))
+        result = stream.download(info, tmp_path / "r.bin")
+        assert proxy.ranges() == [f"bytes={held}-"]  # it asked for the rest, got everything, and started over
+        assert (tmp_path / "r.bin").read_bytes() == data and result.fetched == len(data)
+        assert result.sha256 == hashlib.sha256(data).hexdigest()
+        parts = client_via(proxy.url, part_bytes=MB, concurrency=4)  # parallel parts fall back to one GET
+        result = parts.download(info, tmp_path / "p.bin")
+        assert (tmp_path / "p.bin").read_bytes() == data and result.sha256 == hashlib.sha256(data).hexdigest()
+        assert (
+            parts.read_range(info.uri, 0, 10) == data[:10]
+        )  # the first bytes of a whole object are the ones
+        with pytest.raises(StorageError) as caught:
+            parts.read_range(info.uri, 10, 5)
+        assert caught.value.code == "RangeIgnored" and "the whole object" in caught.value.message
+    finally:
+        proxy.close()
+
+
+def test_a_store_that_sends_empty_bodies_ends_the_download_instead_of_looping(tmp_path: Path) -> None:
+    store = EmptyStore(empty_answers=20)  # after 20 empty answers it fails every GET with 500
+    try:
+        client = client_via(store.url, concurrency=1)
+        info = ObjectInfo(S3Uri("tm-bucket", "m.bin"), 100, "0123456789abcdef0123456789abcdef")
+        with pytest.raises(StorageError) as caught:
+            client.download(info, tmp_path / "m.bin")
+    finally:
+        store.close()
+    assert caught.value.code == "NoProgress" and "without a byte" in caught.value.message
+    assert store.gets <= 20
 
 
 def test_parallel_parts_download_and_verification(s3_env: str, tmp_path: Path) -> None:

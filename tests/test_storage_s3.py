@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,6 +42,25 @@ MB = 1 << 20
 
 def _blob(size: int, seed: int = 0) -> bytes:
     return (hashlib.sha256(str(seed).encode()).digest() * (size // 32 + 1))[:size]
+
+
+def test_storage_imports_nothing_from_the_layers_that_use_it() -> None:
+    """jobs/, service/, ui/ and the trainer build on storage/; an import back (file_lock once came from
+    jobs/registry) would tie the layers in a knot."""
+    import ast
+
+    import kohya_backend.storage
+
+    above = ("kohya_backend.jobs", "kohya_backend.service", "kohya_backend.ui", "kohya_backend.train")
+    for path in sorted(Path(kohya_backend.storage.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            assert not [n for n in names if n.startswith(above)], (path.name, names)
 
 
 # -- URIs and keys --------------------------------------------------------------------------------------------
@@ -393,20 +413,59 @@ def test_the_cache_downloads_once_shares_equal_files_and_evicts_least_recently_u
     client = S3Client()
     cache = S3Cache(tmp_path / "cache", max_bytes=2 * MB)
     info = {k: client.head(S3Uri(bucket, k)) for k in ("a.bin", "same-as-a.bin", "b.bin", "c.bin")}
-    first = cache.fetch(client, info["a.bin"])
-    assert first.fetched == MB and first.path.read_bytes() == _blob(MB, 1)
+    job = tmp_path / "job"
+    first = cache.fetch(client, info["a.bin"], job / "a.bin")
+    assert first.fetched == MB and (job / "a.bin").read_bytes() == _blob(MB, 1)
     assert first.path.stat().st_mode & 0o222 == 0  # read-only (os.access says writable to root)
-    assert cache.fetch(client, info["a.bin"]).fetched == 0  # the second time: nothing downloaded
-    twin = cache.fetch(client, info["same-as-a.bin"])
+    again = cache.fetch(client, info["a.bin"], job / "a.bin")
+    assert again.fetched == 0 and again.unchanged  # the second time: nothing downloaded, nothing linked
+    twin = cache.fetch(client, info["same-as-a.bin"], job / "twin.bin")
     assert twin.path == first.path and cache.usage() == MB  # one copy for two keys
-    cache.fetch(client, info["b.bin"])
-    cache.fetch(client, info["a.bin"])  # a is now more recently used than b
-    cache.fetch(client, info["c.bin"])  # over 2 MB: b (least recently used) goes
+    assert os.path.samefile(job / "twin.bin", job / "a.bin") and not twin.unchanged
+    cache.fetch(client, info["b.bin"], job / "b.bin")
+    cache.fetch(client, info["a.bin"], job / "a.bin")  # a is now more recently used than b
+    cache.fetch(client, info["c.bin"], job / "c.bin")  # over 2 MB: b (least recently used) goes
     assert cache.usage() == 2 * MB
     assert cache.lookup(info["b.bin"]) is None and cache.lookup(info["a.bin"]) is not None
     raw.put_object(Bucket=bucket, Key="a.bin", Body=_blob(MB, 9))  # a new version: new ETag
-    fresh = cache.fetch(client, client.head(S3Uri(bucket, "a.bin")))
-    assert fresh.fetched == MB and fresh.path.read_bytes() == _blob(MB, 9)
+    assert (job / "b.bin").read_bytes() == _blob(MB, 2)  # what a job was given stays when its blob goes
+    fresh = cache.fetch(client, client.head(S3Uri(bucket, "a.bin")), job / "a.bin")
+    assert fresh.fetched == MB and (job / "a.bin").read_bytes() == _blob(MB, 9)
+
+
+def test_eviction_waits_while_a_fetched_blob_is_being_linked(
+    s3_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    import kohya_backend.storage.cache as cache_module
+
+    bucket = new_bucket(s3_env)
+    raw_client(s3_env).put_object(Bucket=bucket, Key="m.bin", Body=_blob(MB, 5))
+    client = S3Client()
+    info = client.head(S3Uri(bucket, "m.bin"))
+    cache = S3Cache(tmp_path / "cache", max_bytes=0)  # every blob is over the cap once nobody keeps it
+    cache.fetch(client, info, tmp_path / "first.bin")  # cached (the fetch keeps its own blob)
+    link, waited, evictors = cache_module.link_file, [], []
+
+    def link_while_another_process_evicts(source: Path, dest: Path) -> None:
+        # Another process (its own S3Cache on the same folder) evicts everything just before this link.
+        evictor = threading.Thread(target=S3Cache(cache.root, max_bytes=0).evict)
+        evictor.start()
+        evictor.join(1.0)
+        waited.append(evictor.is_alive())
+        evictors.append(evictor)
+        link(source, dest)
+
+    monkeypatch.setattr(cache_module, "link_file", link_while_another_process_evicts)
+    hit = cache.fetch(client, info, tmp_path / "hit.bin")  # found in the cache, then linked
+    evictors[-1].join(30)
+    assert hit.fetched == 0 and (tmp_path / "hit.bin").read_bytes() == _blob(MB, 5)
+    assert cache.lookup(info) is None  # the eviction did happen, after the link
+    miss = cache.fetch(client, info, tmp_path / "miss.bin")  # downloaded, stored, then linked
+    evictors[-1].join(30)
+    assert miss.fetched == MB and (tmp_path / "miss.bin").read_bytes() == _blob(MB, 5)
+    assert waited == [True, True]  # each eviction waited for the link
 
 
 def test_a_download_another_process_holds_is_waited_for_not_written_twice(
@@ -423,7 +482,9 @@ def test_a_download_another_process_holds_is_waited_for_not_written_twice(
     info = client.head(S3Uri(bucket, "m.bin"))
     cache = S3Cache(tmp_path / "cache")
     got: list[int] = []
-    worker = threading.Thread(target=lambda: got.append(cache.fetch(client, info).fetched))
+    worker = threading.Thread(
+        target=lambda: got.append(cache.fetch(client, info, tmp_path / "m.bin").fetched)
+    )
     # flock locks conflict between open files even in one process: this plays another `train` command downloading
     # the same object version into the same .part file.
     with file_lock(cache.partial / _object_id(info)):

@@ -21,6 +21,8 @@ from kohya_backend.cli_workers import add_worker_parsers
 from kohya_backend.errors import ConfigError, TrainManagementError
 from kohya_backend.service.home import DEFAULT_HOME
 
+CONSOLE_SCRIPT = "train-management"  # pyproject.toml's [project.scripts] name for main()
+
 
 def _read_source(path: str) -> str:
     if path == "-":
@@ -138,7 +140,8 @@ def run_training(
         config = validate_config(parsed, fm_type)
         for warning in config.warnings:
             events.emit("warning", message=warning.render())
-        result = train(config, events=events, stop=_install_stop_handler())
+        stop = _install_stop_handler()
+        result = train(config, events=events, stop=stop, state_each_epoch=job_dir is not None)
     except TrainManagementError as exc:
         events.emit("error", message=exc.message, hint=exc.hint)
         outcome["error"] = {"message": str(exc), "hint": exc.hint}
@@ -488,7 +491,9 @@ def _add_datasets_parser(sub: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `python -m kohya_backend`."""
-    parser = argparse.ArgumentParser(prog="python -m kohya_backend", description=__doc__)
+    command = Path(sys.argv[0]).name
+    prog = command if command == CONSOLE_SCRIPT else "python -m kohya_backend"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     cfg = sub.add_parser("config", help="check, format and document config_params").add_subparsers(

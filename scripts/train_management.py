@@ -145,7 +145,8 @@ def on_ui_tabs():
     interrogate = hooks.interrogate_hook(getattr(shared, "interrogator", None), _queue_lock())
     login = bool(_cmd("gradio_auth") or _cmd("gradio_auth_path"))
     locked = workers_refusal(_access_disabled(), login, service.home.root)
-    blocks = create_tab(service, RUNTIME.datasets, UiHooks(interrogate=interrogate, workers_locked=locked))
+    hooks = UiHooks(interrogate=interrogate, workers_locked=locked, send_to_txt2img=True)
+    blocks = create_tab(service, RUNTIME.datasets, hooks)
     return [(blocks, TITLE, ELEM_ID)]
 
 

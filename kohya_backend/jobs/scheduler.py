@@ -325,9 +325,9 @@ class Scheduler:
         job = self.store.transition(
             job_id, JobStatus.QUEUED, "resume requested", expect=JobStatus.resumable()
         )
-        self.store.update_progress(
-            job_id, {"resume": True, "error": None, "phase": "queued"}, heartbeat=False
-        )
+        # The last run's speed and ETA are not this run's: the row shows none until the trainer reports again.
+        fresh = {"resume": True, "error": None, "phase": "queued", "it_per_s": None, "eta_s": None}
+        self.store.update_progress(job_id, fresh, heartbeat=False)
         self._wake.set()
         return self.store.get(job.id)
 

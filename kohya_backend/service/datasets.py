@@ -160,6 +160,17 @@ class _StagingInUse:
         self._thread.join()
 
 
+def check_health_resolution(resolution: object) -> int:
+    """The training resolution a health report is made for: a multiple of 64 from 256 to 2048."""
+    whole = isinstance(resolution, int) and not isinstance(resolution, bool)
+    if isinstance(resolution, int) and whole and 256 <= resolution <= 2048 and resolution % 64 == 0:
+        return resolution
+    raise TrainManagementError(
+        f"resolution {resolution!r} is not a training resolution",
+        "use a multiple of 64 from 256 to 2048, e.g. 512 (SD 1.5) or 1024 (SDXL)",
+    )
+
+
 class DatasetService:
     """Creates, shows, validates, edits and deletes kohya-style datasets under `home.datasets`.
 
@@ -224,6 +235,28 @@ class DatasetService:
         self.folder(name)
         ext = check_caption_extension(caption_extension)
         return self.tasks.submit("dataset validation", functools.partial(self.validate, name, ext))
+
+    def start_health(
+        self, name: str, caption_extension: str = DEFAULT_CAPTION_EXTENSION, *, resolution: int = 512
+    ) -> str:
+        """health() on a background thread; returns the ticket for task()."""
+        self.folder(name)
+        ext = check_caption_extension(caption_extension)
+        check_health_resolution(resolution)
+        work = functools.partial(self.health, name, ext, resolution=resolution)
+        return self.tasks.submit("dataset health report", work)
+
+    def health(
+        self, name: str, caption_extension: str = DEFAULT_CAPTION_EXTENSION, *, resolution: int = 512
+    ) -> dict[str, Any]:
+        """The health report of dataset `name` for training at `resolution` (data/health.py): duplicates, sizes,
+        buckets, caption lengths, tags, missing captions, mismatched extensions."""
+        from kohya_backend.data.health import dataset_health
+
+        folder = self.folder(name)
+        check_health_resolution(resolution)
+        report = dataset_health(folder, check_caption_extension(caption_extension), resolution=resolution)
+        return {"name": name, **report}
 
     def task(self, ticket: str) -> Task:
         """A background task of this service: running, done (its result) or failed (its error)."""

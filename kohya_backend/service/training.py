@@ -7,11 +7,14 @@ the checkpoint's family, scans the dataset for the plan, and queues the job thro
 
 from __future__ import annotations
 
+import builtins
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import tomlkit
 
 from kohya_backend.config.parse import parse_config
 from kohya_backend.config.schema import SCHEMA
@@ -27,6 +30,13 @@ from kohya_backend.storage.uri import is_s3_uri, parse_s3_uri
 
 # Keys the server fills in from training_params (a client value must still stay inside the roots).
 _SERVER_PATHS = ("pretrained_model_name_or_path", "train_data_dir", "output_dir")
+_QUEUE_SCAN = 1000  # queued jobs numbered in the Trainings List (the store's largest page)
+
+
+def job_defaults(values: MutableMapping[str, Any]) -> None:
+    """What a job does unless its config says otherwise: save the small LoRA training state (at a cancel, at the
+    end of each epoch and at the end), so that Cancel -> Resume continues exactly where it stopped."""
+    values.setdefault("save_state", True)
 
 
 class OutputNameTaken(TrainManagementError):
@@ -62,6 +72,15 @@ def job_summary(job: Job) -> dict[str, Any]:
         "progress": job.progress,
         "outputs": job.outputs,
     }
+
+
+def _config_doc(config_toml: str) -> tomlkit.TOMLDocument:
+    """A job's config as an editable TOML document, without the keys the server fills in and without `resume`."""
+    doc = tomlkit.parse(config_toml)
+    for key in (*_SERVER_PATHS, "resume"):
+        if key in doc:
+            del doc[key]
+    return doc
 
 
 def _config_issue(key: str, exc: TrainManagementError, positions: dict[str, tuple[int, int]]) -> ConfigIssue:
@@ -191,6 +210,7 @@ class TrainingService:
         dataset_name = parse_s3_uri(dataset).name if is_s3_uri(dataset) else Path(dataset).name
         output_name = parsed.values.get("output_name") or f"{dataset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
         parsed.values["output_name"] = output_name
+        job_defaults(parsed.values)
         on_s3 = [k for k, v in parsed.values.items() if is_s3_uri(v)] + (["output_dir"] if s3_output else [])
         reads_s3 = getattr(self.scheduler.runner_for(sub.instance_type), "reads_s3", False)
         if on_s3 and sub.instance_type != "local" and (not reads_s3 or s3_output):
@@ -245,6 +265,7 @@ class TrainingService:
             )
         if model or dataset:
             parsed.values["output_dir"] = self.home.lora.as_posix()
+        job_defaults(parsed.values)
         formatted = format_with_plan(
             parsed, fm_type, require_paths=False, cuda_available=self.instance_cuda(instance_type)
         )
@@ -352,7 +373,14 @@ class TrainingService:
                     f"unknown status in {status}", f"use any of: {', '.join(s.value for s in JobStatus)}"
                 ) from None
         jobs, total = self.store.list(status=wanted, offset=offset, limit=limit)
-        return {"jobs": [job_summary(j) for j in jobs], "total": total, "offset": offset, "limit": limit}
+        positions = self.queue_positions() if any(j.status is JobStatus.QUEUED for j in jobs) else {}
+        summaries = [{**job_summary(j), "queue_position": positions.get(j.id)} for j in jobs]
+        return {"jobs": summaries, "total": total, "offset": offset, "limit": limit}
+
+    def queue_positions(self) -> dict[str, int]:
+        """Each queued job's place in the queue (1 = next to start), in the order the scheduler starts them."""
+        queued, _ = self.store.list(status=[JobStatus.QUEUED], limit=_QUEUE_SCAN, newest_first=False)
+        return {job.id: index for index, job in enumerate(queued, start=1)}
 
     def show(self, job_id: str, *, log_lines: int = 20) -> dict[str, Any]:
         """One job in full: summary, plan, config, transitions and the last `log_lines` lines of its log."""
@@ -395,6 +423,94 @@ class TrainingService:
             return delete_job(self.store, job, wait=wait_remote)  # type: ignore[no-any-return]
         self.store.delete(job_id)
         return None
+
+    def free_output_name(self, base: str) -> str:
+        """`base`, or `base-2`, `base-3`... : the first output name no job uses."""
+        name, number = base, 1
+        while self.store.output_name_taken(name):
+            number += 1
+            name = f"{base}-{number}"
+        return name
+
+    def duplicate(self, job_id: str) -> dict[str, Any]:
+        """What the editor needs to submit a job like this one again: its FM type, model, dataset, instance type
+        and config_params (without the paths the server fills in, with a free output name)."""
+        job = self.store.get(job_id)
+        doc = _config_doc(job.config_toml)
+        doc["output_name"] = self.free_output_name(f"{job.output_name}-copy")
+        return {
+            "fm_type": job.fm_type,
+            "model": job.model,
+            "dataset": job.dataset,
+            "instance_type": job.instance_type,
+            "config_params": tomlkit.dumps(doc),
+        }
+
+    def continue_training(self, job_id: str) -> Job:
+        """Queue a new job that trains a completed job's LoRA further: from its LoRA (`network_weights`), and on
+        this machine from its saved training state when it has one (optimizer and schedule carry on; the new job
+        trains as long again). Refused when the job is not completed or its LoRA is no longer in the Lora folder."""
+        job = self.store.get(job_id)
+        if job.status is not JobStatus.COMPLETED:
+            raise TrainManagementError(
+                f"job {job_id} is {job.status.value}: only a completed job can be continued",
+                "resume an interrupted, failed or cancelled job instead",
+            )
+        lora = Path(str((job.progress or {}).get("delivered") or ""))
+        if not lora.name or not lora.is_file():
+            raise TrainManagementError(
+                f"job {job_id}'s LoRA is no longer in the Lora folder ({lora.name or 'never delivered'})",
+                "put the LoRA back, or submit a new job with network_weights naming it",
+            )
+        doc = _config_doc(job.config_toml)
+        doc["output_name"] = self.free_output_name(f"{job.output_name}-continued")
+        doc["network_weights"] = lora.as_posix()
+        states = job.folder / "output" / f"{job.output_name}-state"
+        if job.instance_type == "local" and any(
+            (p / "train_state.json").is_file() for p in states.glob("state-*")
+        ):
+            doc["resume"] = states.as_posix()  # the newest state in it; its step is where the new run starts
+            total = int(((job.params.get("plan") or {}).get("total_steps")) or 0)
+            epochs = doc.get("max_train_epochs")
+            if isinstance(epochs, int) and epochs > 0:
+                doc["max_train_epochs"] = 2 * epochs
+            elif total > 0:
+                doc["max_train_steps"] = 2 * total
+        return self.submit(
+            Submission(
+                model=job.model,
+                dataset=job.dataset,
+                fm_type=job.fm_type,
+                config_params=tomlkit.dumps(doc),
+                instance_type=job.instance_type,
+            )
+        )
+
+    def epochs(self, job_id: str) -> builtins.list[int]:
+        """The epochs whose LoRA the job saved and still has (for the epoch comparison and txt2img)."""
+        from kohya_backend.jobs.delivery import saved_epochs
+
+        return [*saved_epochs(self.store.get(job_id))]
+
+    def lora_prompt(self, job_id: str, epoch: int | None = None, weight: float = 1.0) -> str:
+        """`<lora:NAME:WEIGHT>` for a completed job's LoRA in the Lora folder (epoch None: the final one); a saved
+        epoch is copied beside it first when it is not there yet, and the host's Lora list is refreshed."""
+        from kohya_backend.jobs.delivery import deliver_epoch
+
+        job = self.store.get(job_id)
+        delivered = Path(str((job.progress or {}).get("delivered") or ""))
+        if job.status is not JobStatus.COMPLETED or not delivered.name or not delivered.is_file():
+            raise TrainManagementError(
+                f"job {job_id} has no LoRA in the Lora folder ({job.status.value})",
+                "wait until it is completed; a LoRA removed from the Lora folder must be put back",
+            )
+        path = delivered
+        if epoch is not None:
+            path = deliver_epoch(job, int(epoch), delivered.parent, delivered.stem)
+            hook = self.scheduler.on_delivered
+            if hook is not None:
+                hook(job, [path])
+        return f"<lora:{path.stem}:{float(weight):g}>"
 
     def log_path(self, job_id: str) -> Path:
         """The job's train.log (it may not exist yet)."""

@@ -27,6 +27,7 @@ from kohya_backend.service.datasets import DatasetService
 from kohya_backend.service.home import Home
 from kohya_backend.service.training import TrainingService
 from kohya_backend.ui.hooks import UiHooks
+from kohya_backend.ui.offline import OfflinePage
 
 DEMO_PROMPTS = "demo-sample-prompts.txt"
 QUEUE_WORKERS = 8
@@ -102,13 +103,15 @@ def build_app(service: TrainingService, *, token: str | None = None, demo: bool 
     hooks = UiHooks(
         default_config=(lambda fm: demo_config(fm, prompts=prompts if prompts.exists() else None))
         if demo
-        else None
+        else None,
+        load_script=True,
     )
     blocks = create_tab(service, DatasetService(service.home, jobs=service.store), hooks)
     if _STYLE.is_file():
         blocks.css = (blocks.css or "") + _STYLE.read_text(encoding="utf-8")
     enable_queue(blocks)
     app = create_app(service, token=token)
+    app.add_middleware(OfflinePage)  # the page asks no other host for anything (iframe-resizer, font hosts)
     return mount(app, blocks, "/", auth=token_auth(token) if token else None)
 
 

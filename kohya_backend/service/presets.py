@@ -1,0 +1,194 @@
+"""Named config presets and the editor's drafts, kept in the home folder so that nothing typed is lost.
+
+Presets are `HOME/presets/<name>.toml`, each the config_params text as the user saved it, plus the FM type it was
+saved for (a first comment line). Drafts are `HOME/presets/.drafts/<fm_type>.toml`: the editor's text per FM type,
+written as the user types, so a reload or another browser tab finds it again. A kohya_ss GUI preset (JSON) is
+imported by keeping the keys that are sd-scripts keys this trainer reads, with values it accepts; everything else
+is reported as not imported, with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kohya_backend.config.parse import ValueProblem, coerce_value
+from kohya_backend.config.schema import FM_TYPES, SCHEMA, UNSUPPORTED, check_fm_type, render_toml
+from kohya_backend.errors import ConfigError, TrainManagementError
+from kohya_backend.service.datasets import check_name
+
+PRESETS_FOLDER = "presets"
+DRAFTS_FOLDER = ".drafts"
+MAX_TEXT_BYTES = 256 * 1024  # a config is a few KiB; this bounds what a page can make the server write
+FM_LINE = "# fm_type = "
+# Keys the tab fills from its own fields (Model, Dataset, the Lora folder): a preset's values for them name
+# folders of the machine that saved it.
+TAB_KEYS = ("pretrained_model_name_or_path", "train_data_dir", "output_dir")
+
+
+@dataclass
+class Preset:
+    """One saved preset: its name, the FM type it was saved for and its config_params text."""
+
+    name: str
+    fm_type: str | None
+    text: str
+
+
+@dataclass
+class KohyaImport:
+    """A kohya_ss preset turned into config_params: the TOML, the keys imported, and the others with why not."""
+
+    toml: str
+    imported: list[str] = field(default_factory=list)
+    not_imported: dict[str, str] = field(default_factory=dict)
+
+
+def _check_text(text: str) -> str:
+    data = text.encode("utf-8")
+    if len(data) > MAX_TEXT_BYTES:
+        raise TrainManagementError(
+            f"the config is {len(data) // 1024} KiB long, more than {MAX_TEXT_BYTES // 1024} KiB",
+            "a config_params is a few KiB: remove what is not a config key",
+        )
+    return text
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary name and a rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class PresetStore:
+    """Named presets and per-FM-type drafts under HOME/presets."""
+
+    def __init__(self, home_root: Path) -> None:
+        self.folder = Path(home_root) / PRESETS_FOLDER
+        self.drafts = self.folder / DRAFTS_FOLDER
+
+    # -- presets ---------------------------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        """The saved presets' names, sorted."""
+        if not self.folder.is_dir():
+            return []
+        return sorted(
+            p.stem for p in self.folder.glob("*.toml") if p.is_file() and not p.name.startswith(".")
+        )
+
+    def _path(self, name: str) -> Path:
+        return self.folder / f"{check_name(name, 'preset name')}.toml"
+
+    def save(self, name: str, text: str, fm_type: str | None = None) -> Preset:
+        """Save (or replace) a preset."""
+        if fm_type is not None:
+            check_fm_type(fm_type)
+        path = self._path(name)
+        body = _check_text(text or "")
+        _write_atomic(path, (f"{FM_LINE}{fm_type}\n" if fm_type else "") + body)
+        return Preset(path.stem, fm_type, body)
+
+    def load(self, name: str) -> Preset:
+        """A saved preset; TrainManagementError naming the saved ones when there is none of that name."""
+        path = self._path(name)
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            known = ", ".join(self.names()) or "none yet"
+            raise TrainManagementError(f"there is no preset {name!r}", f"saved presets: {known}") from None
+        fm_type = None
+        first, _, rest = raw.partition("\n")
+        if first.startswith(FM_LINE) and first[len(FM_LINE) :].strip() in FM_TYPES:
+            fm_type, raw = first[len(FM_LINE) :].strip(), rest
+        return Preset(path.stem, fm_type, raw)
+
+    def delete(self, name: str) -> None:
+        """Delete a saved preset."""
+        path = self._path(name)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            raise TrainManagementError(
+                f"there is no preset {name!r}", "refresh the list of presets"
+            ) from None
+
+    # -- drafts ----------------------------------------------------------------------------------------------
+
+    def _draft_path(self, fm_type: str) -> Path:
+        check_fm_type(fm_type)
+        return self.drafts / f"{fm_type}.toml"
+
+    def draft(self, fm_type: str) -> str | None:
+        """The editor's last text for this FM type, or None when it has none."""
+        try:
+            return self._draft_path(fm_type).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+
+    def save_draft(self, fm_type: str, text: str) -> None:
+        """Remember the editor's text for this FM type."""
+        _write_atomic(self._draft_path(fm_type), _check_text(text or ""))
+
+    def clear_draft(self, fm_type: str) -> None:
+        """Forget the draft of this FM type (the editor shows the defaults again)."""
+        self._draft_path(fm_type).unlink(missing_ok=True)
+
+
+def _not_imported_reason(key: str) -> str | None:
+    """Why a kohya_ss preset key is not imported (None: it is)."""
+    if key in TAB_KEYS:
+        return "set by the tab (Model, Dataset and the Lora folder)"
+    if key in UNSUPPORTED:
+        return f"not implemented by this trainer: {UNSUPPORTED[key]}"
+    spec = SCHEMA.get(key)
+    if spec is None:
+        return "a kohya_ss GUI setting, not an sd-scripts key: set its sd-scripts equivalent by hand"
+    if spec.kind == "path":
+        return "a path on the machine that saved the preset: set it here"
+    return None
+
+
+def import_kohya_ss(text: str) -> KohyaImport:
+    """Turn a kohya_ss GUI preset (a JSON object) into config_params: every key that is an sd-scripts key of the
+    schema with a value the trainer accepts; empty values ("" is kohya_ss's "unset") are left out silently."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TrainManagementError(
+            f"the preset is not JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}",
+            "export the preset from kohya_ss (Configuration file > Save), or paste it as TOML",
+        ) from None
+    if not isinstance(data, dict):
+        raise TrainManagementError(
+            "the preset is not a JSON object", 'a kohya_ss preset is {"key": value, ...}'
+        )
+    values: dict[str, Any] = {}
+    result = KohyaImport("")
+    for key, raw in data.items():
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            continue  # kohya_ss writes "" for a setting left unset
+        reason = _not_imported_reason(str(key))
+        if reason is None:
+            try:
+                value = coerce_value(SCHEMA[key], raw)
+            except ValueProblem as exc:
+                reason = f"its value is not accepted: {exc.message}"
+            except ConfigError as exc:
+                reason = "; ".join(issue.message for issue in exc.issues)
+            else:
+                if value is None:
+                    continue  # unset in the preset
+                values[key] = value
+                result.imported.append(key)
+                continue
+        if key in SCHEMA or raw not in ([], False, 0):
+            result.not_imported[str(key)] = reason  # other settings left off / 0 / [] are not worth a line
+    result.toml = render_toml(values, values.keys())
+    return result

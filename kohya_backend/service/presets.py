@@ -1,8 +1,8 @@
-"""Named config presets and the editor's drafts, kept in the home folder so that nothing typed is lost.
+"""Named config presets, kept in the home folder, and the import of a kohya_ss GUI preset.
 
 Presets are `HOME/presets/<name>.toml`, each the config_params text as the user saved it, plus the FM type it was
-saved for (a first comment line). Drafts are `HOME/presets/.drafts/<fm_type>.toml`: the editor's text per FM type,
-written as the user types, so a reload or another browser tab finds it again. A kohya_ss GUI preset (JSON) is
+saved for (a first comment line). (The editor's unsaved drafts are kept by the page's script, per browser, in
+localStorage: javascript/train_management.js.) A kohya_ss GUI preset (JSON) is
 imported by keeping the keys that are sd-scripts keys this trainer reads, with values it accepts; everything else
 is reported as not imported, with the reason.
 """
@@ -22,7 +22,6 @@ from kohya_backend.errors import ConfigError, TrainManagementError
 from kohya_backend.service.datasets import check_name
 
 PRESETS_FOLDER = "presets"
-DRAFTS_FOLDER = ".drafts"
 MAX_TEXT_BYTES = 256 * 1024  # a config is a few KiB; this bounds what a page can make the server write
 FM_LINE = "# fm_type = "
 # Keys the tab fills from its own fields (Model, Dataset, the Lora folder): a preset's values for them name
@@ -67,13 +66,10 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 class PresetStore:
-    """Named presets and per-FM-type drafts under HOME/presets."""
+    """Named presets under HOME/presets."""
 
     def __init__(self, home_root: Path) -> None:
         self.folder = Path(home_root) / PRESETS_FOLDER
-        self.drafts = self.folder / DRAFTS_FOLDER
-
-    # -- presets ---------------------------------------------------------------------------------------------
 
     def names(self) -> list[str]:
         """The saved presets' names, sorted."""
@@ -118,27 +114,6 @@ class PresetStore:
             raise TrainManagementError(
                 f"there is no preset {name!r}", "refresh the list of presets"
             ) from None
-
-    # -- drafts ----------------------------------------------------------------------------------------------
-
-    def _draft_path(self, fm_type: str) -> Path:
-        check_fm_type(fm_type)
-        return self.drafts / f"{fm_type}.toml"
-
-    def draft(self, fm_type: str) -> str | None:
-        """The editor's last text for this FM type, or None when it has none."""
-        try:
-            return self._draft_path(fm_type).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return None
-
-    def save_draft(self, fm_type: str, text: str) -> None:
-        """Remember the editor's text for this FM type."""
-        _write_atomic(self._draft_path(fm_type), _check_text(text or ""))
-
-    def clear_draft(self, fm_type: str) -> None:
-        """Forget the draft of this FM type (the editor shows the defaults again)."""
-        self._draft_path(fm_type).unlink(missing_ok=True)
 
 
 def _not_imported_reason(key: str) -> str | None:

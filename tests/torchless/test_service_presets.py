@@ -1,4 +1,4 @@
-"""Named presets, the editor's drafts per FM type, and the import of a kohya_ss GUI preset (no torch)."""
+"""Named presets and the import of a kohya_ss GUI preset (no torch)."""
 
 from __future__ import annotations
 
@@ -68,20 +68,6 @@ def test_presets_save_load_list_and_delete(tmp_path: Path) -> None:
     with pytest.raises(TrainManagementError, match="more than 256 KiB"):
         store.save("big", "#" * (MAX_TEXT_BYTES + 1))
     assert not (tmp_path / "escape.toml").exists() and store.names() == ["portrait sdxl"]
-
-
-def test_drafts_are_kept_per_fm_type(tmp_path: Path) -> None:
-    store = PresetStore(tmp_path)
-    assert store.draft("sd_1_5") is None
-    store.save_draft("sd_1_5", "network_dim = 8\n")
-    store.save_draft("sd_xl", "network_dim = 64\n")
-    again = PresetStore(tmp_path)  # e.g. after a restart
-    assert again.draft("sd_1_5") == "network_dim = 8\n" and again.draft("sd_xl") == "network_dim = 64\n"
-    again.clear_draft("sd_1_5")
-    assert again.draft("sd_1_5") is None and again.draft("sd_xl") == "network_dim = 64\n"
-    assert again.names() == []  # drafts are not presets
-    with pytest.raises(TrainManagementError, match="FM type"):
-        again.save_draft("sd_3", "x = 1\n")
 
 
 def test_a_kohya_ss_preset_imports_its_sd_scripts_keys_and_says_what_it_left_out() -> None:

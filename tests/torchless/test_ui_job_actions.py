@@ -100,7 +100,11 @@ def test_presets_save_load_over_edits_and_delete(service: TrainingService) -> No
 def test_a_kohya_ss_preset_is_imported_into_the_editor(service: TrainingService, tmp_path: Path) -> None:
     presets = PresetActions(PresetStore(service.home.root), CreateJobActions(service, UiHooks()))
     preset = tmp_path / "kohya.json"
-    preset.write_text(json.dumps({"network_dim": 24, "optimizer": "AdamW8bit", "max_train_epochs": ""}))
+    preset.write_text(
+        json.dumps(
+            {"network_dim": 24, "optimizer": "Lion", "LoRA_type": "LyCORIS/LoKr", "max_train_epochs": ""}
+        )
+    )
     component = file_input("preset", file_count="single")
     if SESSION_KEYED:
         from gradio.data_classes import FileData
@@ -112,11 +116,11 @@ def test_a_kohya_ss_preset_is_imported_into_the_editor(service: TrainingService,
         )
     filled = presets.import_kohya(upload, "SD 1.5", "", "")
     text, message = filled[0], filled[-1]
-    assert dict(tomlkit.parse(text)) == {"network_dim": 24} and text.startswith(
+    assert dict(tomlkit.parse(text)) == {"network_dim": 24, "optimizer_type": "Lion"} and text.startswith(
         "# Imported from the kohya_ss preset"
     )
-    assert message.startswith("Imported 1 key(s) from **kohya.json**. Not imported (1):")
-    assert "`optimizer`" in message and "max_train_epochs" not in message
+    assert message.startswith("Imported 2 key(s) from **kohya.json**. Not imported (1):")
+    assert "`LoRA_type`" in message and "max_train_epochs" not in message
 
 
 def test_duplicate_fills_the_form_and_continue_queues_a_new_job(service: TrainingService) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import gradio as gr
 
 from kohya_backend.errors import TrainManagementError
+from kohya_backend.jobs.delivery import GRID_SUFFIX
 from kohya_backend.jobs.runner import EVENTS_NAME
 from kohya_backend.service.training import TrainingService
 from kohya_backend.ui.compat import session_of
@@ -90,7 +91,8 @@ class TrainingsActions:
         folder = Path(job["folder"])
         plot = self.views.loss_plot(job_id, folder / EVENTS_NAME)
         samples = self.views.samples(job_id, folder)
-        key = f"{job_id}|{job['status']}|{len(samples)}"
+        newest = samples[-1][1] if samples else ""  # the count alone stops changing at JobViews' MAX_SAMPLES
+        key = f"{job_id}|{job['status']}|{len(samples)}|{newest}"
         downloads: Any = gr.update()
         if key != shown:
             downloads = self._downloads(job, folder, samples) or None
@@ -101,7 +103,7 @@ class TrainingsActions:
     def _downloads(self, job: dict[str, Any], folder: Path, samples: list[tuple[Any, str]]) -> list[str]:
         """The files the page offers: the LoRA (once written), the epoch grid and the newest samples."""
         out = folder / "output"
-        files = [out / f"{job['output_name']}.safetensors", out / f"{job['output_name']}-epochs.png"]
+        files = [out / f"{job['output_name']}.safetensors", out / f"{job['output_name']}{GRID_SUFFIX}"]
         files += [out / "sample" / name for _, name in samples[-MAX_DOWNLOAD_SAMPLES:]]
         return [str(p) for p in files if p.is_file()]
 
@@ -109,7 +111,7 @@ class TrainingsActions:
         """(grid image path, epoch choices) of a completed job; (None, empty) before."""
         if job["status"] != "completed":
             return None, gr.update(choices=[], value=None)
-        grid = folder / "output" / f"{job['output_name']}-epochs.png"
+        grid = folder / "output" / f"{job['output_name']}{GRID_SUFFIX}"
         choices = [FINAL, *(epoch_label(e) for e in self.service.epochs(job["id"]))]
         return (str(grid) if grid.is_file() else None), gr.update(choices=choices, value=FINAL)
 

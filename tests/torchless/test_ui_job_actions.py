@@ -5,6 +5,7 @@ prompt for txt2img, the key help, the health report and what a page's poll finds
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from kohya_backend.ui.compat import SESSION_KEYED, file_input
 from kohya_backend.ui.create_job import EDITOR_FIELDS, CreateJobActions
 from kohya_backend.ui.dataset_actions import DatasetActions
 from kohya_backend.ui.hooks import UiHooks
+from kohya_backend.ui.job_views import MAX_SAMPLES
 from kohya_backend.ui.presets import PresetActions
 from kohya_backend.ui.trainings import TrainingsActions
 
@@ -139,6 +141,24 @@ def test_duplicate_fills_the_form_and_continue_queues_a_new_job(service: Trainin
     queued = trainings.continue_training(job_id)
     assert queued.startswith("✅ Job **") and "`first-continued`" in queued and "from its LoRA" in queued
     assert trainings.continue_training(None) == "Select a job first."
+
+
+def test_the_downloads_follow_new_samples_past_the_shown_count(service: TrainingService) -> None:
+    job = service.submit(
+        Submission("sd15.safetensors", "shapes", "sd_1_5", CONFIG + 'output_name = "many"\n')
+    )
+    samples = job.folder / "output" / "sample"
+    samples.mkdir(parents=True)
+    for index in range(MAX_SAMPLES + 1):  # more than the list keeps
+        Image.new("RGB", (8, 8), (index, 0, 0)).save(samples / f"many_{index:06d}_00.png")
+        os.utime(samples / f"many_{index:06d}_00.png", ns=(index * 10**9, index * 10**9))
+    trainings = TrainingsActions(service)
+    *_, downloads, _, _, shown = trainings.details(page(), job.id)
+    assert downloads[-1] == str(samples / f"many_{MAX_SAMPLES:06d}_00.png")
+    newer = samples / "many_999999_00.png"
+    Image.new("RGB", (8, 8)).save(newer)
+    *_, downloads, _, _, _ = trainings.details(page(), job.id, shown)
+    assert downloads != gr.update() and downloads[-1] == str(newer)  # the newest sample is offered
 
 
 def test_send_to_txt2img_gives_the_chosen_epochs_lora(service: TrainingService) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import tomlkit
 
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs.delivery import GRID_SUFFIX
@@ -215,7 +216,7 @@ class TrainingsActions:
             job = self.service.continue_training(job_id)
         except TrainManagementError as exc:
             return f"❌ {error_markdown(exc)}"
-        start = "its saved state" if "resume" in job.config_toml else "its LoRA"
+        start = "its saved state" if "resume" in tomlkit.parse(job.config_toml) else "its LoRA"
         return f"✅ Job **{job.id}** (`{job.output_name}`) queued: it continues job {job_id} from {start}."
 
     def lora_prompt(self, job_id: str | None, epoch: str | None, weight: float) -> tuple[str, str]:

@@ -143,6 +143,13 @@ def test_duplicate_fills_the_form_and_continue_queues_a_new_job(service: Trainin
     assert trainings.continue_training(None) == "Select a job first."
 
 
+def test_continue_says_it_starts_from_the_lora_when_no_state_was_saved(service: TrainingService) -> None:
+    # A name with "resume" in it is no saved state: the message follows the new job's `resume` key, not its text.
+    job_id = _completed(service, "resume-portrait")
+    queued = TrainingsActions(service, CreateJobActions(service, UiHooks())).continue_training(job_id)
+    assert "`resume-portrait-continued`" in queued and queued.endswith("from its LoRA.")
+
+
 def test_the_downloads_follow_new_samples_past_the_shown_count(service: TrainingService) -> None:
     job = service.submit(
         Submission("sd15.safetensors", "shapes", "sd_1_5", CONFIG + 'output_name = "many"\n')

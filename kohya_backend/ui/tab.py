@@ -95,7 +95,9 @@ def _wire_create_job(a: CreateJobActions, p: PresetActions, c: dict[str, Any]) -
         p.save, [c["preset_name"], c["config"], c["fm"]], [c["preset_message"], c["preset"]]
     )
     c["preset_load"].click(
-        p.load, [c["preset"], c["fm"], c["config"], c["config_default"]], [*editor, c["preset_message"]]
+        p.load,
+        [c["preset"], c["fm"], c["config"], c["config_default"], c["model"]],
+        [*editor, c["preset_message"]],
     )
     c["kohya_file"].upload(
         p.import_kohya,

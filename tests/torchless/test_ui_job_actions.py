@@ -85,11 +85,19 @@ def test_presets_save_load_over_edits_and_delete(service: TrainingService) -> No
         "Loaded"
     )
     assert json.loads(loaded[EDITOR_FIELDS.index("draft_sync")])["fm"] == "sd_xl"
+    # The chosen model's family line is judged for the preset's FM type, not left saying it matches.
+    info = EDITOR_FIELDS.index("model_info")
+    switched = presets.load("sdxl portrait", "SD 1.5", start, start, "sd15.safetensors")
+    assert switched[info].startswith(
+        "⚠️ **sd15.safetensors** is a **SD 1.5** checkpoint, but FM Type is **SDXL**"
+    )
     # Edited editor: asked first; confirming puts the preset in.
     asked = presets.load("sdxl portrait", "SD 1.5", start + "# mine\n", start)
     assert asked[:ROW] == (gr.update(),) * ROW and asked[ROW]["visible"] is True
     assert "preset **sdxl portrait**" in asked[ROW + 1]
     assert editor.apply_fill(asked[ROW + 2])[0] == "network_dim = 16\n"
+    asked = presets.load("sdxl portrait", "SD 1.5", start + "# mine\n", start, "sd15.safetensors")
+    assert "but FM Type is **SDXL**" in editor.apply_fill(asked[ROW + 2])[info]
     row, question, pending, note = presets.ask_delete("sdxl portrait")
     assert row["visible"] is True and question == "Delete preset **sdxl portrait**?" and note == ""
     assert (

@@ -179,8 +179,11 @@ def test_the_downloads_follow_new_samples_past_the_shown_count(service: Training
 def test_send_to_txt2img_gives_the_chosen_epochs_lora(service: TrainingService) -> None:
     trainings = TrainingsActions(service)
     job_id = _completed(service, "epochs", epochs=2)
-    *_, grid, epochs, _ = trainings.details(page(), job_id)
+    *_, grid, epochs, shown = trainings.details(page(), job_id)
     assert epochs["choices"] == ["final", "epoch 1", "epoch 2"] and grid is None  # no grid: no sample prompts
+    # The poll refreshes the job while another one trains: the epoch the user chose is left as it is.
+    *_, grid, epochs, _ = trainings.details(page(), job_id, shown)
+    assert epochs == gr.update() and grid == gr.update()
     assert trainings.lora_prompt(job_id, "final", 0.7) == (
         "Sent `<lora:epochs:0.7>` to txt2img.",
         "<lora:epochs:0.7>",

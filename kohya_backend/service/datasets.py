@@ -21,13 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
+import tomlkit
+from tomlkit.exceptions import ParseError
+
 from kohya_backend.data.archive import ArchiveLimits, copy_file, extract_zip, member_path
 from kohya_backend.data.images import IMAGE_EXTENSIONS, BadImageError, is_image_file, probe_image
 from kohya_backend.data.preprocess import Preprocess, preprocess_image
 from kohya_backend.data.scan import SUBSET_FOLDER, DatasetListing, check_caption_extension, list_dataset
 from kohya_backend.errors import ConfigError, DatasetError, TrainManagementError
 from kohya_backend.jobs.states import JobStatus
-from kohya_backend.jobs.store import JobStore
+from kohya_backend.jobs.store import Job, JobStore
 from kohya_backend.names import windows_name_problem
 from kohya_backend.service.home import DEFAULT_CAPTION_EXTENSION, Home, NotInHome
 from kohya_backend.service.tasks import Task, TaskRunner
@@ -372,20 +375,34 @@ class DatasetService:
     # -- changing ---------------------------------------------------------------------------------------------
 
     def _check_not_in_use(self, name: str) -> None:
+        """Refuse while a queued or running job reads this dataset's folder, however the job named it (another
+        spelling, a symlink to it, its reg_data_dir, a folder inside it or around it)."""
         if self.jobs is None:
             return
-        busy = list(JobStatus.busy())
-        users: builtins.list[str] = []
-        offset, total = 0, 1
-        while offset < total:
-            jobs, total = self.jobs.list(status=busy, offset=offset, limit=500)
-            users += [job.id for job in jobs if job.dataset == name]
-            offset += len(jobs) or total
+        folder = Path(os.path.realpath(self.folder(name)))
+        users = [job.id for job in self.jobs.iter_jobs(status=JobStatus.busy()) if self._reads(job, folder)]
         if users:
             raise DatasetInUse(
                 f"dataset {name!r} is used by job(s) {', '.join(users)} that are queued or training",
                 "wait until they finish, or cancel them first",
             )
+
+    def _reads(self, job: Job, folder: Path) -> bool:
+        """Whether `job` reads images from `folder` (or a folder inside or around it), symlinks resolved."""
+        used = [self.home.datasets / job.dataset]
+        reg = None
+        if "reg_data_dir" in job.config_toml:  # parsing every busy job's TOML would be slow for nothing
+            try:
+                reg = tomlkit.parse(job.config_toml).get("reg_data_dir")
+            except ParseError:
+                reg = None
+        if isinstance(reg, str) and reg:
+            used.append(self.home.datasets / reg)  # an absolute path stays itself
+        for path in used:
+            real = Path(os.path.realpath(path))
+            if real == folder or folder in real.parents or real in folder.parents:
+                return True
+        return False
 
     def write_caption(
         self, name: str, image: str, text: str, caption_extension: str = DEFAULT_CAPTION_EXTENSION

@@ -104,7 +104,10 @@ class Home:
             raise PathOutsideHome(
                 f"{what} {text!r} is not a usable path", "give a name inside the home folders"
             )
-        path = Path(text).expanduser()
+        try:
+            path = Path(text).expanduser()
+        except (RuntimeError, KeyError):  # `~name` of no user: a name like any other
+            path = Path(text)
         if ".." in path.parts:
             raise PathOutsideHome(
                 f"{what} {text!r} contains '..'", f"name it relative to {roots[0]} without '..'"
@@ -151,6 +154,27 @@ class Home:
                 f"choose one of: {', '.join(known) or '(none: copy a dataset folder there)'}",
             )
         return path
+
+    def model_name(self, name: str) -> str:
+        """The canonical name of model `name`, however it was spelled (`./m.safetensors`, an absolute path inside a
+        root): its path relative to the model root it lies in. NotInHome when there is no such model."""
+        path = self.model_path(name)
+        for root in self.model_roots:
+            if _inside(path, Path(os.path.abspath(root))):
+                return path.relative_to(os.path.abspath(root)).as_posix()
+        return path.name  # not reached: model_path only finds files inside a root
+
+    def dataset_name(self, name: str) -> str:
+        """The canonical name of dataset `name`, however it was spelled (`./d`, `d/`, an absolute path inside
+        datasets/): its folder relative to datasets/. The datasets folder itself is not a dataset."""
+        path = self.dataset_path(name)
+        relative = path.relative_to(os.path.abspath(self.datasets)).as_posix()
+        if relative in ("", "."):
+            raise PathOutsideHome(
+                f"dataset {name!r} names the datasets folder itself, not a dataset in it",
+                f"choose one of: {', '.join(self.dataset_names()) or '(none yet)'}",
+            )
+        return relative
 
     def _model_files(self) -> list[tuple[str, Path]]:
         """(name, file) of every checkpoint under the model roots, by name; a name is relative to its root, and

@@ -8,9 +8,10 @@ the checkpoint's family, scans the dataset for the plan, and queues the job thro
 from __future__ import annotations
 
 import builtins
+import logging
 import time
-from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,18 @@ from kohya_backend.jobs.devices import detect_gpus, local_label, runs_fp16
 from kohya_backend.jobs.runner import EVENTS_NAME, LOG_NAME, PlacingRunner
 from kohya_backend.jobs.scheduler import Scheduler
 from kohya_backend.jobs.states import JobStatus
-from kohya_backend.jobs.store import Job, JobStore
+from kohya_backend.jobs.store import Job, JobStore, StoreError
 from kohya_backend.service.home import Home, PathOutsideHome
+from kohya_backend.service.idempotency import IdempotencyKeys, check_key
 from kohya_backend.service.s3_assets import S3Assets
 from kohya_backend.storage.uri import is_s3_uri, parse_s3_uri
 
 # Keys the server fills in from training_params (a client value must still stay inside the roots).
 _SERVER_PATHS = ("pretrained_model_name_or_path", "train_data_dir", "output_dir")
+log = logging.getLogger(__name__)
+KEYS_DIR = "idempotency-keys"  # HOME/idempotency-keys: the Idempotency-Key headers of POST /trainings
+KEYS_KEPT_S = 24 * 3600.0  # a deleted job's key is kept this long, then pruned at the next start
+_NAME_TRIES = 5
 _QUEUE_SCAN = 1000  # queued jobs numbered in the Trainings List (the store's largest page)
 
 
@@ -71,7 +77,23 @@ def job_summary(job: Job) -> dict[str, Any]:
         "output_name": job.output_name,
         "progress": job.progress,
         "outputs": job.outputs,
+        # A training whose trainer reported nothing for a while: since when, and its log's last lines.
+        "stalled": (job.progress.get("stalled") or None) if job.status in JobStatus.active() else None,
     }
+
+
+def _stamp() -> str:
+    """The local date and time of an automatic output name (YYYYmmdd-HHMMSS)."""
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def _given_name(sub: Submission) -> str | None:
+    """The output_name config_params gives, if any (None: the service names the LoRA)."""
+    try:
+        name = parse_config(sub.config_params if sub.config_params != "" else {}).values.get("output_name")
+    except ConfigError:
+        return None
+    return str(name) if name else None
 
 
 def _config_doc(config_toml: str) -> tomlkit.TOMLDocument:
@@ -91,8 +113,9 @@ def _config_issue(key: str, exc: TrainManagementError, positions: dict[str, tupl
 class TrainingService:
     """Submits, lists, inspects, cancels, resumes and deletes jobs of one home folder.
 
-    `restrict_paths` False (the local CLI, run by the machine's owner) lets config_params name any path, as kohya's
-    tools do; model and dataset are still names under the home folder.
+    `restrict_paths` False (the local CLI, run by the machine's owner) lets config_params name any path or s3://
+    object, as kohya's tools do; model and dataset are still names under the home folder (or any s3:// URI). With
+    it, s3:// values must lie in the app's S3 prefix (S3Assets.confine).
     """
 
     def __init__(
@@ -102,7 +125,19 @@ class TrainingService:
         self.scheduler = scheduler
         self.store: JobStore = scheduler.store
         self.restrict_paths = restrict_paths
+        self.keys = IdempotencyKeys(home.root / KEYS_DIR, self.store)
+        self._prune_keys()
+        # Set by a host whose local trainer may be missing (the WebUI): why local training cannot run now, or None.
+        self.local_problem: Callable[[], str | None] | None = None
         self.s3 = s3 if s3 is not None else S3Assets.for_home(home)
+
+    def _prune_keys(self) -> None:
+        """Drop the Idempotency-Keys of deleted jobs once they are a day old (a client retries within minutes),
+        so HOME/idempotency-keys does not grow with every API submission ever made. Never fails a start."""
+        try:
+            self.keys.prune(time.time() - KEYS_KEPT_S)
+        except (OSError, StoreError) as exc:
+            log.warning("could not prune idempotency keys in %s: %s", self.keys.folder, exc)
 
     # -- models and datasets: the home's, plus the S3 prefix's (names are s3:// URIs) --------------------------
 
@@ -116,12 +151,20 @@ class TrainingService:
 
     def describe_model(self, name: str) -> dict[str, Any]:
         """A model's list entry (size, family or why it cannot be read), local or s3://."""
-        return self.s3.describe_model(name) if is_s3_uri(name) else self.home.describe_model(name)
+        if is_s3_uri(name):
+            return self.s3.describe_model(self._s3_value("pretrained_model_name_or_path", name, "model"))
+        return self.home.describe_model(name)
+
+    def _s3_value(self, key: str, value: object, what: str | None = None) -> str:
+        """An s3:// value for config key `key`, parsed and, when paths are restricted, inside the app's S3 prefix."""
+        if self.restrict_paths:
+            return str(self.s3.confine(key, value, what=what))
+        return str(parse_s3_uri(value, what=what or key))
 
     def _model_value(self, name: str) -> str:
         """The config value of a submitted model: its local path (NotInHome when missing), or its s3:// URI."""
         return (
-            str(parse_s3_uri(name, what="model"))
+            self._s3_value("pretrained_model_name_or_path", name, "model")
             if is_s3_uri(name)
             else self.home.model_path(name).as_posix()
         )
@@ -136,9 +179,14 @@ class TrainingService:
         else:
             check_family(Path(value), fm_type)
 
+    def check_model_family(self, model: str, fm_type: str) -> None:
+        """FamilyMismatchError (as a submission gets it) when model `model` is not of `fm_type`; NotInHome when
+        there is no such model."""
+        self._check_model(self._model_value(model), fm_type)
+
     def _dataset_value(self, name: str) -> str:
         if is_s3_uri(name):
-            return str(self.s3.check_dataset(name))
+            return str(self.s3.check_dataset(self._s3_value("train_data_dir", name, "dataset")))
         return self.home.dataset_path(name).as_posix()
 
     def _key_roots(self, key: str) -> list[Path]:
@@ -156,13 +204,20 @@ class TrainingService:
     ) -> None:
         """Resolve every path-valued key inside the home's roots (in place); raise PathOutsideHome listing refusals.
 
-        Keys the server sets itself keep their value unless `rewrite_all` (used by config format).
+        Keys the server sets itself keep their value unless `rewrite_all` (used by config format). s3:// values must
+        lie in the app's S3 prefix (S3Assets.confine).
         """
         issues = []
         for key, spec in SCHEMA.items():
             value = values.get(key)
-            if spec.kind != "path" or value is None or value == "" or is_s3_uri(value):
-                continue  # s3:// values are objects, checked by config validation and S3 itself
+            if spec.kind != "path" or value is None or value == "":
+                continue
+            if is_s3_uri(value):
+                try:
+                    self.s3.confine(key, value)
+                except TrainManagementError as exc:
+                    issues.append(_config_issue(key, exc, positions))
+                continue
             try:
                 resolved = self.home.resolve(str(value), self._key_roots(key), what=key)
             except PathOutsideHome as exc:
@@ -172,13 +227,18 @@ class TrainingService:
                 values[key] = resolved.as_posix()
         if issues:
             raise PathOutsideHome(
-                "config_params names paths outside the home folder:\n"
+                "config_params names paths outside the home folder (or the app's S3 prefix):\n"
                 + "\n".join(f"  - {i.render()}" for i in issues),
-                "use names inside the home's models/, datasets/ and lora/ folders",
+                "use names inside the home's models/, datasets/ and lora/ folders, or s3:// objects below the S3 "
+                "prefix's models/, datasets/ and loras/",
             )
 
     def prepare(self, sub: Submission) -> tuple[str, str, dict[str, Any]]:
-        """Validate a submission: (canonical config TOML, output name, job params incl. the plan). Raises on errors."""
+        """Validate a submission: (canonical config TOML, output name, job params incl. the plan). Raises on errors.
+
+        Without an output_name in config_params the LoRA is named after the dataset and the time, with `-2`, `-3`...
+        when a job already has that name (two submissions in one second).
+        """
         from kohya_backend.train.plan import format_with_plan
 
         model = self._model_value(sub.model)
@@ -191,7 +251,7 @@ class TrainingService:
         parsed.values["train_data_dir"] = dataset
         parsed.values["output_dir"] = self.home.lora.as_posix()
         dataset_name = parse_s3_uri(dataset).name if is_s3_uri(dataset) else Path(dataset).name
-        output_name = parsed.values.get("output_name") or f"{dataset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        output_name = parsed.values.get("output_name") or self.free_output_name(f"{dataset_name}-{_stamp()}")
         parsed.values["output_name"] = output_name
         job_defaults(parsed.values)
         on_s3 = [k for k, v in parsed.values.items() if is_s3_uri(v)] + (["output_dir"] if s3_output else [])
@@ -231,7 +291,8 @@ class TrainingService:
         """What Format config Params shows (tab, API): canonical TOML, warnings and, with a dataset, the plan.
 
         Paths are confined like a submission's; the chosen model and dataset fill their keys, and the fp16 rule
-        is judged for the machine the instance type trains on.
+        is judged for the machine the instance type trains on. The model's family is check_model_family's (the tab
+        shows it beside the model; the API's format route checks it first, as a submission does).
         """
         from kohya_backend.train.plan import format_with_plan
 
@@ -239,12 +300,12 @@ class TrainingService:
         if self.restrict_paths:
             self.confine_paths(parsed.values, parsed.positions, rewrite_all=True)
         if model:
-            parsed.values["pretrained_model_name_or_path"] = (
-                model if is_s3_uri(model) else self.home.model_path(model).as_posix()
-            )
+            parsed.values["pretrained_model_name_or_path"] = self._model_value(model)
         if dataset:
             parsed.values["train_data_dir"] = (
-                dataset if is_s3_uri(dataset) else self.home.dataset_path(dataset).as_posix()
+                self._s3_value("train_data_dir", dataset, "dataset")
+                if is_s3_uri(dataset)
+                else self.home.dataset_path(dataset).as_posix()
             )
         if model or dataset:
             parsed.values["output_dir"] = self.home.lora.as_posix()
@@ -297,26 +358,52 @@ class TrainingService:
         return True if entry.get("cuda") is None else bool(entry["cuda"])
 
     def submit(self, sub: Submission) -> Job:
-        """Validate and queue a job; OutputNameTaken when another job uses its output_name."""
-        config_toml, output_name, params = self.prepare(sub)
-        if self.store.output_name_taken(output_name):
-            raise self._name_taken(output_name)
-        try:
-            return self.scheduler.submit(
-                fm_type=sub.fm_type,
-                model=sub.model,
-                dataset=sub.dataset,
-                instance_type=sub.instance_type,
-                output_name=output_name,
-                config_toml=config_toml,
-                params=params,
-            )
-        except ConfigError:
-            raise
-        except TrainManagementError:
-            if self.store.output_name_taken(output_name):  # another submit won the race
-                raise self._name_taken(output_name) from None
-            raise
+        """Validate and queue a job; OutputNameTaken when another job uses the output_name it gives. The job
+        stores the model's and the dataset's canonical names, however the submission spelled them."""
+        sub = replace(
+            sub,
+            model=sub.model if is_s3_uri(sub.model) else self.home.model_name(sub.model),
+            dataset=sub.dataset if is_s3_uri(sub.dataset) else self.home.dataset_name(sub.dataset),
+        )
+        given = _given_name(sub) is not None
+        for _ in range(_NAME_TRIES):
+            config_toml, output_name, params = self.prepare(sub)
+            try:
+                if self.store.output_name_taken(output_name):
+                    raise self._name_taken(output_name)
+                return self.scheduler.submit(
+                    fm_type=sub.fm_type,
+                    model=sub.model,
+                    dataset=sub.dataset,
+                    instance_type=sub.instance_type,
+                    output_name=output_name,
+                    config_toml=config_toml,
+                    params=params,
+                )
+            except ConfigError:
+                raise
+            except TrainManagementError:
+                if not self.store.output_name_taken(output_name):
+                    raise
+                if given:  # the name it asked for is another job's (that job may have won a race for it)
+                    raise self._name_taken(output_name) from None
+                # An automatic name another submission took meanwhile: prepare again picks the next one.
+        raise self._name_taken(output_name)
+
+    def submit_once(self, sub: Submission, key: str | None) -> tuple[Job, bool]:
+        """submit() under an idempotency key: the job that key queued before (and False), or a new one (True)."""
+        if key is None:
+            return self.submit(sub), True
+        check_key(key, "the Idempotency-Key header")
+        known = self.keys.known(key)
+        if known is None:
+            with self.keys.lock:
+                known = self.keys.known(key)
+                if known is None:
+                    job = self.submit(sub)
+                    self.keys.remember(key, job.id)
+                    return job, True
+        return self.store.get(known), False
 
     @staticmethod
     def _name_taken(name: str) -> OutputNameTaken:
@@ -326,7 +413,8 @@ class TrainingService:
         )
 
     def instance_types(self) -> list[dict[str, Any]]:
-        """Where jobs can train: each runner with a label (the GPUs this machine found, or CPU) and its devices."""
+        """Where jobs can train: each runner with a label (the GPUs this machine found, or CPU), its devices and its
+        state; this machine is `unavailable`, with the `problem` and what to do, when its trainer is missing."""
         devices = self.scheduler.devices
         label = local_label(devices, detect_gpus())
         items: list[dict[str, Any]] = []
@@ -335,14 +423,17 @@ class TrainingService:
             if callable(listed):  # runners with machines of their own (remote workers) list those
                 items.extend(listed())
             else:
-                items.append(
-                    {
-                        "name": name,
-                        "label": label if name == "local" else name,
-                        "devices": sorted(devices),
-                        "cuda": runs_fp16(devices),  # fp16 runs there (CUDA, ROCm or Apple's MPS)
-                    }
-                )
+                entry = {
+                    "name": name,
+                    "label": label if name == "local" else name,
+                    "devices": sorted(devices),
+                    "cuda": runs_fp16(devices),  # fp16 runs there (CUDA, ROCm or Apple's MPS)
+                    "state": "ready",
+                }
+                problem = self.local_problem() if name == "local" and self.local_problem is not None else None
+                if problem:
+                    entry.update(label=f"{entry['label']}: unavailable", state="unavailable", problem=problem)
+                items.append(entry)
         return items
 
     def list(self, *, status: list[str] | None = None, offset: int = 0, limit: int = 50) -> dict[str, Any]:

@@ -100,8 +100,12 @@ def job_row(job: dict[str, Any]) -> list[str]:
     """One Trainings List row (the order of JOB_HEADERS)."""
     progress = job.get("progress") or {}
     active = job["status"] in _BUSY
+    stalled = job.get("stalled")
     row = {
-        "status": job["status"],
+        # A training whose trainer went silent (the API's `stalled`): say so where the status is read.
+        "status": f"{job['status']} (stalled {duration(stalled.get('silent_s'))})"
+        if stalled
+        else job["status"],
         "progress": progress_text(job),
         "output name": job["output_name"],
         "loss": _number(progress.get("avg_loss", progress.get("loss")), 4),
@@ -223,6 +227,15 @@ def job_markdown(job: dict[str, Any]) -> str:
         text += f", {progress_text(job)}"
     if job.get("reason"):
         text += f"\n\n{job['reason']}"
+    stalled = job.get("stalled")
+    if stalled:
+        tail = str(stalled.get("log_tail") or "").strip()
+        text += (
+            f"\n\n**Stalled**: no progress from the trainer for {duration(stalled.get('silent_s'))}; "
+            "**Cancel** stops it at once."
+        )
+        if tail:
+            text += f"\n\n```\n{tail}\n```"
     if progress.get("delivered") and str(progress["delivered"]) not in (job.get("reason") or ""):
         text += f"\n\nLoRA: `{progress['delivered']}`"
     return text

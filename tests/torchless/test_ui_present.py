@@ -15,6 +15,7 @@ from kohya_backend.ui.present import (
     health_markdown,
     instance_choice,
     instance_name,
+    job_markdown,
     job_row,
     no_datasets_markdown,
     no_models_markdown,
@@ -56,6 +57,18 @@ def test_progress_eta_and_rows() -> None:
     waiting = {**_job("queued", phase="waiting for the WebUI to finish generating"), "queue_position": 1}
     assert job_row(waiting)[1] == "#1 in queue: waiting for the WebUI to finish generating"
     assert duration(None) == "" and duration(59.6) == "0:01:00"
+
+
+def test_a_stalled_training_says_so_in_its_row_and_headline() -> None:
+    stalled = {"since": 0.0, "silent_s": 960, "log_tail": "step 3/30\nloading shard 2\n"}
+    row = job_row({**_job("training", step=3, total_steps=30), "stalled": stalled})
+    assert row[0] == "training (stalled 0:16:00)"
+    headline = job_markdown({**_job("training", step=3, total_steps=30), "stalled": stalled})
+    assert "Stalled" in headline and "0:16:00" in headline and "step 3/30\nloading shard 2\n```" in headline
+    assert "Cancel" in headline
+    # a job that reports again (stalled None) reads as plain training
+    assert job_row({**_job("training"), "stalled": None})[0] == "training"
+    assert "Stalled" not in job_markdown({**_job("training"), "stalled": None})
 
 
 def test_speed_and_eta_show_for_queued_and_active_jobs_only() -> None:

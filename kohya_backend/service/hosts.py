@@ -1,0 +1,64 @@
+"""The names and addresses a server answers to: loopback, this machine's names, its interface addresses.
+
+Shared by the worker's startup banner (the URLs to paste) and the request guard's Host check (service/guard.py).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+ANY_HOSTS = ("0.0.0.0", "::", "")
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    """True for `localhost` and loopback addresses (127.0.0.0/8, ::1; IPv6 may come in brackets)."""
+    host = host.strip().strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def interface_addresses(bind: str) -> list[str]:
+    """The addresses a server bound to `bind` is reached on: for every interface (0.0.0.0 or ::) each interface
+    address (loopback last; IPv6 link-local left out: it needs a zone), else `bind` itself."""
+    if bind not in ANY_HOSTS:
+        return [bind]
+    import psutil
+
+    families = (socket.AF_INET,) if bind == "0.0.0.0" else (socket.AF_INET, socket.AF_INET6)
+    found = []
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family not in families:
+                continue
+            ip = ipaddress.ip_address(address.address.split("%")[0])
+            if not ip.is_link_local:
+                found.append(ip)
+    found.sort(key=lambda ip: (ip.is_loopback, ip.version, int(ip)))
+    return list(dict.fromkeys(str(ip) for ip in found))
+
+
+def machine_names() -> list[str]:
+    """This machine's host name and fully qualified name (what a LAN client may type)."""
+    return list(dict.fromkeys(name for name in (socket.gethostname(), socket.getfqdn()) if name))
+
+
+def answered_hosts(bind: str, extra: tuple[str, ...] = ()) -> frozenset[str] | None:
+    """The Host names a server bound to `bind` answers to (lowercase, IPv6 without brackets), or None for any.
+
+    Loopback names always; bound to every interface, this machine's names and interface addresses too; bound to
+    one address or name, that one; `extra` adds names (a reverse proxy's, a tunnel's), and "*" turns the check off.
+    """
+    if "*" in extra:
+        return None
+    names = [*LOOPBACK_NAMES, *extra]
+    if bind in ANY_HOSTS:
+        names += [*machine_names(), *interface_addresses(bind)]
+    elif not is_loopback(bind):
+        names.append(bind)
+    return frozenset(name.strip().strip("[]").lower() for name in names if name.strip())

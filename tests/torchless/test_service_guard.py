@@ -192,6 +192,16 @@ def test_websockets_from_another_origin_are_closed_before_they_open() -> None:
         ({"content-type": "application/json", "content-length": "2"}, "/api/trainings", True),
         ({"content-type": "application/json; charset=utf-8", "content-length": "2"}, "/api/trainings", True),
         ({"content-type": "application/merge-patch+json", "content-length": "2"}, "/api/x", True),
+        (
+            {"content-type": "APPLICATION/JSON", "content-length": "2"},
+            "/api/trainings",
+            True,
+        ),  # types ignore case
+        ({"content-type": " Application/Json ;charset=UTF-8", "content-length": "2"}, "/api/trainings", True),
+        ({"content-type": "application/json-seq", "content-length": "2"}, "/api/trainings", False),
+        ({"content-type": "application/jsonp", "content-length": "2"}, "/api/trainings", False),
+        ({"content-type": "text/plain; x=application/json", "content-length": "2"}, "/api/trainings", False),
+        ({"content-type": "text/json", "content-length": "2"}, "/api/trainings", False),
         ({"content-type": "multipart/form-data; boundary=x", "content-length": "9"}, "/api/datasets", True),
         ({"content-type": "text/plain", "content-length": "2"}, "/api/trainings", False),  # a cross-site form
         (

@@ -198,6 +198,31 @@ def test_serves_flags_make_its_guard_and_stall_time() -> None:
         serve_policy("127.0.0.1", cors_allow_origins=("tools.example",))
 
 
+GRADIO_ROUTES = ("/run/predict", "/api/predict", "/queue/join", "/reset", "/upload")
+
+
+@pytest.mark.parametrize("token", [None, TOKEN], ids=["open", "token"])
+def test_other_sites_cannot_drive_the_tabs_gradio_routes(tmp_path: Path, token: str | None) -> None:
+    """What runs the tab's buttons (gradio's predict, queue and upload routes, outside the API prefix) is guarded
+    like the API: a simple request from another site (an untyped or form body needs no preflight) never reaches
+    gradio, on the open app and behind the login alike; the app's own page does."""
+    app = build_app(build_service(tmp_path / "home"), token=token)
+    body = b'{"fn_index": 0, "data": [], "session_hash": "x"}'
+    with running(app) as base:
+        for path in GRADIO_ROUTES:
+            for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"},
+                            {"Referer": "http://evil.example/page"}, {"Origin": "http://127.0.0.1:1"}):  # fmt: skip
+                answer = httpx.post(base + path, content=body, headers=headers)
+                assert answer.status_code == 403, (path, headers, answer.text)
+                assert answer.json()["detail"]["error"] == "ForeignOrigin"
+            upload = httpx.post(
+                base + path, files={"files": ("a.txt", b"x")}, headers={"Origin": "http://evil.example"}
+            )
+            assert upload.status_code == 403, (path, upload.text)
+            own = httpx.post(base + path, content=body, headers={"Origin": base})
+            assert own.status_code != 403, (path, own.text)  # gradio's own answer, whatever it is
+
+
 def test_no_cors_for_other_origins_on_either_gradio_line(tmp_path: Path) -> None:
     """gradio 3.41 answers preflights with `*`, gradio 4 with any localhost origin: neither reaches the browser."""
     from kohya_backend.ui.standalone import serve_policy

@@ -105,6 +105,14 @@ def test_an_idempotency_key_returns_the_job_it_queued(api: httpx.Client, service
     assert sorted(a.status_code for a in answers) == [200, 200, 200, 201]
     assert len({a.json()["job"]["id"] for a in answers}) == 1 and service.store.list()[1] == 4
 
+    # The same key with another submission (a client reusing keys by mistake) gets no job it did not ask for.
+    reused = api.post("/trainings", json=_job(max_train_steps=3), headers=key)
+    assert reused.status_code == 422, reused.text
+    detail = reused.json()["detail"]
+    assert detail["error"] == "KeyReused" and first.json()["job"]["id"] in detail["message"]
+    assert service.store.list()[1] == 4
+    assert api.post("/trainings", json=_job(), headers=key).status_code == 200  # the first one still answers
+
     job_id = first.json()["job"]["id"]  # once its job is deleted, the key queues a new one
     api.post(f"/trainings/{job_id}/cancel")
     assert api.delete(f"/trainings/{job_id}").status_code == 204

@@ -384,7 +384,15 @@ class TrainingService:
                 known = self.keys.known(key, request)
                 if known is None:
                     job = self.submit(sub)
-                    self.keys.remember(key, job.id, request)
+                    try:
+                        self.keys.remember(key, job.id, request)
+                    except OSError as exc:  # the job is queued: say which, so a retry does not queue it twice
+                        raise StoreError(
+                            f"job {job.id} is queued, but its Idempotency-Key could not be recorded in "
+                            f"{self.keys.folder}: {exc.strerror or exc}",
+                            f"do not send it again: job {job.id} is the one it queued; free space on that disk "
+                            "or make the folder writable before using keys again",
+                        ) from exc
                     return job, True
         return self.store.get(known), False
 

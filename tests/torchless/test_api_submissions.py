@@ -3,6 +3,7 @@ Format config Params runs the family check a submission gets."""
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -140,6 +141,21 @@ def test_keys_of_deleted_jobs_are_pruned_at_the_next_start_once_a_day_old(
     # an old key of a live job and a deleted job's key from today stay; only the old key of a deleted job goes
     assert markers == {"kept-job": True, "deleted-job": False, "deleted-today": True}
     assert restarted.keys.known("kept-job") == live
+
+
+def test_a_key_that_cannot_be_recorded_says_which_job_was_queued(
+    api: httpx.Client, service: TrainingService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(service.keys, "remember", full)
+    answer = api.post("/trainings", json=_job(), headers={"Idempotency-Key": "k-1"})
+    assert answer.status_code == 503, answer.text  # not a 500 with a traceback
+    (job,), total = service.store.list()
+    detail = answer.json()["detail"]
+    assert total == 1 and job.id in detail["message"] and "No space left" in detail["message"]
+    assert "do not send it again" in detail["hint"]
 
 
 @pytest.mark.parametrize("bad", ["", "has space", "x" * 201, "ключ"])

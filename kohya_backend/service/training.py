@@ -113,8 +113,9 @@ def _config_issue(key: str, exc: TrainManagementError, positions: dict[str, tupl
 class TrainingService:
     """Submits, lists, inspects, cancels, resumes and deletes jobs of one home folder.
 
-    `restrict_paths` False (the local CLI, run by the machine's owner) lets config_params name any path, as kohya's
-    tools do; model and dataset are still names under the home folder.
+    `restrict_paths` False (the local CLI, run by the machine's owner) lets config_params name any path or s3://
+    object, as kohya's tools do; model and dataset are still names under the home folder (or any s3:// URI). With
+    it, s3:// values must lie in the app's S3 prefix (S3Assets.confine).
     """
 
     def __init__(
@@ -150,12 +151,20 @@ class TrainingService:
 
     def describe_model(self, name: str) -> dict[str, Any]:
         """A model's list entry (size, family or why it cannot be read), local or s3://."""
-        return self.s3.describe_model(name) if is_s3_uri(name) else self.home.describe_model(name)
+        if is_s3_uri(name):
+            return self.s3.describe_model(self._s3_value("pretrained_model_name_or_path", name, "model"))
+        return self.home.describe_model(name)
+
+    def _s3_value(self, key: str, value: object, what: str | None = None) -> str:
+        """An s3:// value for config key `key`, parsed and, when paths are restricted, inside the app's S3 prefix."""
+        if self.restrict_paths:
+            return str(self.s3.confine(key, value, what=what))
+        return str(parse_s3_uri(value, what=what or key))
 
     def _model_value(self, name: str) -> str:
         """The config value of a submitted model: its local path (NotInHome when missing), or its s3:// URI."""
         return (
-            str(parse_s3_uri(name, what="model"))
+            self._s3_value("pretrained_model_name_or_path", name, "model")
             if is_s3_uri(name)
             else self.home.model_path(name).as_posix()
         )
@@ -177,7 +186,7 @@ class TrainingService:
 
     def _dataset_value(self, name: str) -> str:
         if is_s3_uri(name):
-            return str(self.s3.check_dataset(name))
+            return str(self.s3.check_dataset(self._s3_value("train_data_dir", name, "dataset")))
         return self.home.dataset_path(name).as_posix()
 
     def _key_roots(self, key: str) -> list[Path]:
@@ -195,13 +204,20 @@ class TrainingService:
     ) -> None:
         """Resolve every path-valued key inside the home's roots (in place); raise PathOutsideHome listing refusals.
 
-        Keys the server sets itself keep their value unless `rewrite_all` (used by config format).
+        Keys the server sets itself keep their value unless `rewrite_all` (used by config format). s3:// values must
+        lie in the app's S3 prefix (S3Assets.confine).
         """
         issues = []
         for key, spec in SCHEMA.items():
             value = values.get(key)
-            if spec.kind != "path" or value is None or value == "" or is_s3_uri(value):
-                continue  # s3:// values are objects, checked by config validation and S3 itself
+            if spec.kind != "path" or value is None or value == "":
+                continue
+            if is_s3_uri(value):
+                try:
+                    self.s3.confine(key, value)
+                except TrainManagementError as exc:
+                    issues.append(_config_issue(key, exc, positions))
+                continue
             try:
                 resolved = self.home.resolve(str(value), self._key_roots(key), what=key)
             except PathOutsideHome as exc:
@@ -211,9 +227,10 @@ class TrainingService:
                 values[key] = resolved.as_posix()
         if issues:
             raise PathOutsideHome(
-                "config_params names paths outside the home folder:\n"
+                "config_params names paths outside the home folder (or the app's S3 prefix):\n"
                 + "\n".join(f"  - {i.render()}" for i in issues),
-                "use names inside the home's models/, datasets/ and lora/ folders",
+                "use names inside the home's models/, datasets/ and lora/ folders, or s3:// objects below the S3 "
+                "prefix's models/, datasets/ and loras/",
             )
 
     def prepare(self, sub: Submission) -> tuple[str, str, dict[str, Any]]:
@@ -286,7 +303,9 @@ class TrainingService:
             parsed.values["pretrained_model_name_or_path"] = self._model_value(model)
         if dataset:
             parsed.values["train_data_dir"] = (
-                dataset if is_s3_uri(dataset) else self.home.dataset_path(dataset).as_posix()
+                self._s3_value("train_data_dir", dataset, "dataset")
+                if is_s3_uri(dataset)
+                else self.home.dataset_path(dataset).as_posix()
             )
         if model or dataset:
             parsed.values["output_dir"] = self.home.lora.as_posix()

@@ -23,7 +23,6 @@ from starlette.concurrency import run_in_threadpool
 
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs.delivery import NO_LINK_ERRNOS
-from kohya_backend.jobs.registry import file_lock
 from kohya_backend.jobs.runner import LOG_NAME, RESULT_NAME, read_json
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import Job, JobNotFound
@@ -37,6 +36,7 @@ from kohya_backend.jobs.worker_protocol import (
     validate_relpath,
     validate_sha256,
 )
+from kohya_backend.locks import file_lock
 from kohya_backend.models.hashing import Sha256Cache
 from kohya_backend.service.blobs import BlobStore
 from kohya_backend.service.home import MODEL_SUFFIXES, PathOutsideHome

@@ -248,6 +248,34 @@ def test_the_tabs_upload_button_reports_progress_and_errors(
     assert message.startswith("❌ Upload failed:") and "NoSuchBucket" in message
 
 
+def test_the_model_upload_button_puts_the_chosen_checkpoint_under_the_prefix(
+    api: tuple[httpx.Client, TrainingService, str], home: Path
+) -> None:
+    from kohya_backend.jobs.s3_jobs import human_bytes
+    from kohya_backend.ui.s3_upload import S3UploadActions
+
+    _client, service, bucket = api
+    actions = S3UploadActions(service, poll_s=0.01)
+    name = "demo-sd_1_5.safetensors"
+    size = (home / "models" / name).stat().st_size
+    uri = f"s3://{bucket}/train/models/{name}"
+    assert list(actions.upload_model(None)) == ["Choose a model first."]
+    shown = list(actions.upload_model(name))
+    assert all(m.startswith(f"Uploading **{name}** to {uri}: ") for m in shown[:-1])
+    # `aws s3 cp` put it there without a sha256: this upload sends it whole and records one.
+    assert (
+        shown[-1]
+        == f"✅ **{name}** is on S3 at {uri} (1 file(s); {human_bytes(size, size)} sent, the rest was already there)."
+    )
+    head = raw_client(os.environ["AWS_ENDPOINT_URL"]).head_object(Bucket=bucket, Key=f"train/models/{name}")
+    assert head["ContentLength"] == size and len(head["Metadata"]["sha256"]) == 64
+    again = list(actions.upload_model(name))[-1]
+    assert f"(1 file(s); {human_bytes(0, size)} sent" in again  # the same bytes are not sent twice
+    assert list(actions.upload_model(uri)) == [f"**{uri}** is already on S3."]  # the list's s3:// entries
+    missing = list(actions.upload_model("nope.safetensors"))[-1]
+    assert missing.startswith("**model 'nope.safetensors' does not exist") and name in missing
+
+
 def test_s3_values_from_clients_must_lie_in_the_apps_prefix_while_the_cli_is_free(
     api: tuple[httpx.Client, TrainingService, str], home: Path, s3_env: str
 ) -> None:

@@ -11,7 +11,7 @@ import builtins
 import logging
 import time
 from collections.abc import Callable, Mapping, MutableMapping
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from kohya_backend.jobs.scheduler import Scheduler
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import Job, JobStore, StoreError
 from kohya_backend.service.home import Home, PathOutsideHome
-from kohya_backend.service.idempotency import IdempotencyKeys, check_key
+from kohya_backend.service.idempotency import IdempotencyKeys, check_key, fingerprint
 from kohya_backend.service.s3_assets import S3Assets
 from kohya_backend.storage.uri import is_s3_uri, parse_s3_uri
 
@@ -405,17 +405,27 @@ class TrainingService:
         raise self._name_taken(output_name)
 
     def submit_once(self, sub: Submission, key: str | None) -> tuple[Job, bool]:
-        """submit() under an idempotency key: the job that key queued before (and False), or a new one (True)."""
+        """submit() under an idempotency key: the job that key queued before (and False), or a new one (True);
+        KeyReused when the key queued a job for another submission."""
         if key is None:
             return self.submit(sub), True
         check_key(key, "the Idempotency-Key header")
-        known = self.keys.known(key)
+        request = fingerprint(asdict(sub))
+        known = self.keys.known(key, request)
         if known is None:
             with self.keys.lock:
-                known = self.keys.known(key)
+                known = self.keys.known(key, request)
                 if known is None:
                     job = self.submit(sub)
-                    self.keys.remember(key, job.id)
+                    try:
+                        self.keys.remember(key, job.id, request)
+                    except OSError as exc:  # the job is queued: say which, so a retry does not queue it twice
+                        raise StoreError(
+                            f"job {job.id} is queued, but its Idempotency-Key could not be recorded in "
+                            f"{self.keys.folder}: {exc.strerror or exc}",
+                            f"do not send it again: job {job.id} is the one it queued; free space on that disk "
+                            "or make the folder writable before using keys again",
+                        ) from exc
                     return job, True
         return self.store.get(known), False
 

@@ -37,8 +37,11 @@ class PresetActions:
             return "❌ " + error_markdown(exc), self.choices(None)
         return f"Saved preset **{preset.name}** ({fm_label}).", self.choices(preset.name)
 
-    def load(self, name: str | None, fm_label: str, current: str, baseline: str) -> tuple[Any, ...]:
-        """Put preset `name` (and its FM type) in the editor: the editor's fill outputs, then a message."""
+    def load(
+        self, name: str | None, fm_label: str, current: str, baseline: str, model: str | None = None
+    ) -> tuple[Any, ...]:
+        """Put preset `name` (and its FM type) in the editor: the editor's fill outputs, then a message. The chosen
+        `model`'s family line is judged again for the preset's FM type."""
         if not name:
             return (*self.editor.apply_fill(None), "Choose a preset to load.")
         try:
@@ -46,7 +49,8 @@ class PresetActions:
         except TrainManagementError as exc:
             return (*self.editor.apply_fill(None), "❌ " + error_markdown(exc))
         label = fm_label_of(preset.fm_type) if preset.fm_type else fm_label
-        fill = {"text": preset.text, "default": preset.text, "fm": label, "what": f"preset **{preset.name}**"}
+        fill = {"text": preset.text, "default": preset.text, "fm": label, "chosen_model": model,
+                "what": f"preset **{preset.name}**"}  # fmt: skip
         done = f"Loaded preset **{preset.name}** ({label})."
         return (*self.editor.fill(fill, current, baseline), done)
 

@@ -13,7 +13,6 @@ import math
 import random
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +22,11 @@ import torch
 from kohya_backend.config.format import to_canonical_toml
 from kohya_backend.config.train_config import TrainConfig
 from kohya_backend.data.batches import TrainItem, epoch_batches
+from kohya_backend.data.dataset_config import kohya_datasets_metadata
 from kohya_backend.errors import TrainingError
 from kohya_backend.job_folder import SAMPLE_DIR
 from kohya_backend.lora.build import TrainedNetwork
-from kohya_backend.lora.metadata import BaseModel, NetworkSettings, training_metadata
+from kohya_backend.lora.metadata import BaseModel, DatasetInfo, NetworkSettings, training_metadata
 from kohya_backend.lora.network import LoRANetwork
 from kohya_backend.lora.save import save_lora
 from kohya_backend.models.hashing import legacy_hash_file
@@ -44,7 +44,7 @@ from kohya_backend.train.optim import current_lrs
 from kohya_backend.train.optimizers_extra import set_optimizer_mode
 from kohya_backend.train.precision import Precision
 from kohya_backend.train.sample import generate_samples, parse_sample_prompts
-from kohya_backend.train.setup import Setup, caption_for, prepare
+from kohya_backend.train.setup import Setup, caption_for, options_for, prepare
 from kohya_backend.train.state import PROGRESS_FILE, latest_state, load_training_state, save_training_state
 from kohya_backend.train.tensorboard import TensorBoardLog, tensorboard_run_dir
 
@@ -81,12 +81,13 @@ def _network_settings(config: TrainConfig, network: TrainedNetwork) -> NetworkSe
             conv_dim=network.conv_dim,
             conv_alpha=network.conv_alpha,
             dropout=network.dropout,
+            given_args=config.network_kwargs,
         )
     return NetworkSettings(
         dim=network.network_dim,
         alpha=network.network_alpha,
         module=config.network_module,
-        extra_args=config.network_kwargs,
+        given_args=config.network_kwargs,
     )
 
 
@@ -127,7 +128,7 @@ class Trainer:
         self.stop = stop or threading.Event()
         self.seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
         self.output_dir = Path(config.output_dir or ".")
-        self.session_id = uuid.uuid4().hex
+        self.session_id = random.SystemRandom().randint(0, 2**32)  # kohya's ss_session_id is an integer
         self.started_at = time.time()
         self.step = 0
         self.epoch = 0
@@ -135,7 +136,7 @@ class Trainer:
         self.saved: list[Path] = []
         self.losses: list[float] = []
         self.max_norm_log: dict[str, float] | None = None  # kohya's max-norm numbers of the last step
-        self._base_hashes: tuple[str | None, str] | None = None
+        self._base_hashes: tuple[str | None, str | None] | None = None
         self.setup: Setup | None = None
 
     @property
@@ -177,7 +178,9 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- inputs
     def _make_batch(self, batch: list[TrainItem], rng: random.Random, step_gen: torch.Generator) -> _Batch:
         config, s = self.config, self.s
-        flips = [config.flip_aug and rng.random() < 0.5 for _ in batch]
+        # a dataset_config gives each subset its own caption and augmentation settings
+        options = [options_for(config, s.scan, it) for it in batch]
+        flips = [o.flip_aug and rng.random() < 0.5 for o in options]
         captions = [caption_for(config, s.scan, it, epoch=self.epoch, rng=rng) for it in batch]
         if s.latent_cache is not None:
             pairs = [s.latent_cache.get(it, f) for it, f in zip(batch, flips)]
@@ -185,8 +188,8 @@ class Trainer:
             geos = [p[1] for p in pairs]
         else:
             geos = [
-                prepare_image(it, flip=f, random_crop=config.random_crop, rng=rng)
-                for it, f in zip(batch, flips)
+                prepare_image(it, flip=f, random_crop=o.random_crop, color_aug=o.color_aug, rng=rng)
+                for it, f, o in zip(batch, flips, options)
             ]
             with torch.no_grad():
                 latents = encode_latents(
@@ -280,11 +283,38 @@ class Trainer:
             set_optimizer_mode(self.s.optimizer, self.s.optimizer_type, train=True)
 
     # ----------------------------------------------------------------------------------------------- saving
+    def _base_model(self) -> BaseModel:
+        """The base model as kohya records it: a file's name and hashes; for a folder the name and "IsADirectory"
+        (what sd-scripts' hash helpers answer); a hub id as given, without hashes."""
+        s, given = self.s, str(self.config.pretrained_model_name_or_path)
+        if self._base_hashes is None:
+            if s.base_sha256 is not None:
+                self._base_hashes = (s.base_sha256.result(), legacy_hash_file(s.base_model))
+            elif Path(given).is_dir():
+                self._base_hashes = ("IsADirectory", "IsADirectory")
+            else:
+                self._base_hashes = (None, None)
+        local = Path(given).exists()
+        return BaseModel(
+            Path(given) if local else None,
+            self._base_hashes[0],
+            self._base_hashes[1],
+            name=None if local else given,
+        )
+
+    def _dataset_info(self) -> DatasetInfo:
+        """Tags, folders and buckets as kohya records them (ss_datasets for a dataset_config run)."""
+        scan, plan = self.s.scan, self.s.plan
+        reg_dirs = scan.kohya_dataset_dirs(reg=True)
+        if scan.datasets:
+            datasets, tags, dirs = kohya_datasets_metadata(scan, plan.bucket_infos)
+            return DatasetInfo(tags, dirs, reg_dirs, plan.bucket_infos[0], datasets)
+        return DatasetInfo(
+            scan.tag_frequency(), scan.kohya_dataset_dirs(reg=False), reg_dirs, plan.bucket_infos[0]
+        )
+
     def _metadata(self, *, final: bool) -> dict[str, str]:
         config, s = self.config, self.s
-        base = Path(str(config.pretrained_model_name_or_path))
-        if self._base_hashes is None:
-            self._base_hashes = (s.base_sha256.result(), legacy_hash_file(base))
         network = s.network
         return training_metadata(
             config=config,
@@ -300,10 +330,8 @@ class Trainer:
             num_batches_per_epoch=s.plan.batches_per_epoch,
             num_train_images=s.plan.num_train_images,
             num_reg_images=s.plan.num_reg_images,
-            tag_frequency=s.scan.tag_frequency(),
-            dataset_dirs=s.scan.dataset_dirs_info(),
-            bucket_info={"buckets": s.plan.buckets},
-            base_model=BaseModel(base, self._base_hashes[0], self._base_hashes[1]),
+            dataset=self._dataset_info(),
+            base_model=self._base_model(),
         )
 
     def _save_lora(self, name: str, *, final: bool) -> Path:
@@ -437,6 +465,7 @@ class Trainer:
             batch_size=self.config.train_batch_size,
             epoch=self.epoch,
             seed=self.seed,
+            batch_sizes=self.s.plan.batch_sizes,
         )
         last = len(batches) - 1
         for index in range(self.batches_done, len(batches)):

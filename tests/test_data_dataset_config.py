@@ -19,6 +19,7 @@ from kohya_backend.data.augment import apply_gamma, color_aug, shift_hue
 from kohya_backend.data.dataset_config import read_dataset_config, scan_dataset_config
 from kohya_backend.errors import ConfigError, DatasetError
 from kohya_backend.train.events import EventLog
+from kohya_backend.train.inputs import TEXT_CACHE_DIR
 from kohya_backend.train.loop import Trainer
 from kohya_backend.train.plan import format_with_plan, plan_for, scan_for
 from kohya_backend.train.setup import caption_for, options_for
@@ -327,3 +328,39 @@ def test_color_aug_shifts_hue_or_gamma_on_a_third_of_the_images() -> None:
     rng = random.Random(0)
     changed = sum(not np.array_equal(np.asarray(color_aug(red, rng)), np.asarray(red)) for _ in range(600))
     assert 150 < changed < 250  # about 1 in 3
+
+
+def test_text_conditioning_follows_the_subsets_caption_options(
+    tmp_path: Path, tiny_assets: dict[str, Any]
+) -> None:
+    """A subset that shuffles its captions gets no text memo (every shuffle is a new caption, never looked up
+    again), though the training config shuffles nothing; fixed captions cached to disk go beside the dataset_config
+    (there is no train_data_dir)."""
+    base = {
+        "pretrained_model_name_or_path": str(tiny_assets["sd_1_5"]),
+        "tokenizer_cache_dir": str(tiny_assets["tokenizer"]),
+        "output_dir": str(tmp_path / "out"),
+        "network_train_unet_only": True,
+        "max_train_steps": 1,
+        "network_dim": 2,
+        "seed": 1,
+    }
+    image_dir = (Path(tiny_assets["data"]) / "10_demo").as_posix()  # type: ignore[arg-type]
+    subset = f"[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = '{image_dir}'\ncaption_extension = '.txt'\n"
+    shuffled = tmp_path / "shuffled" / "ds.toml"
+    shuffled.parent.mkdir()
+    shuffled.write_text(subset + "shuffle_caption = true\n", encoding="utf-8")
+    config = validate_config({**base, "dataset_config": str(shuffled)}, "sd_1_5", cuda_available=False)
+    trainer = Trainer(config, events=EventLog(None, console=None))
+    trainer.run()
+    assert trainer.s.text.cache is None and not trainer.s.text.memoise_ids
+    fixed = tmp_path / "fixed" / "ds.toml"
+    fixed.parent.mkdir()
+    fixed.write_text(subset, encoding="utf-8")
+    options = {**base, "dataset_config": str(fixed), "cache_text_encoder_outputs_to_disk": True}
+    trainer = Trainer(
+        validate_config(options, "sd_1_5", cuda_available=False), events=EventLog(None, console=None)
+    )
+    trainer.run()
+    assert trainer.s.text.memoise_ids
+    assert list((fixed.parent / TEXT_CACHE_DIR).glob("*.safetensors"))

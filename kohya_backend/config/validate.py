@@ -111,7 +111,7 @@ class _Checker:
         self.warnings: list[ConfigIssue] = list(parsed.notes)
         self.raw: dict[str, Any] = dict(parsed.values)
         if parsed.gui_fm_type is not None and parsed.gui_fm_type != fm_type:
-            saved_for = "SDXL (sdxl = true)" if parsed.gui_fm_type == "sd_xl" else "SD 1.5 (sdxl = false)"
+            saved_for = f"{FAMILIES[parsed.gui_fm_type].label} (its sdxl checkbox)"
             self.issue(
                 None,
                 f"this kohya_ss GUI config was saved for {saved_for}, but FM type {fm_type} was chosen",

@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kohya_backend.errors import FamilyMismatchError, ModelError
+from kohya_backend.families import family_for
 from kohya_backend.models.detect import FAMILY_NAMES
 
 if TYPE_CHECKING:
     from kohya_backend.models.arch import Architecture
 
 MODEL_INDEX = "model_index.json"
-_SD_LATENT_SCALE = 0.18215
-_SDXL_LATENT_SCALE = 0.13025
 # "org/name" (or just "name") as the hub spells repository ids; anything with more parts is a path
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
 
@@ -147,11 +146,11 @@ def folder_architecture(path: Path, family: str) -> Architecture:
     path = Path(path)
     unet = _clean(_read_json(path / "unet" / "config.json"))
     vae = _clean(_read_json(path / "vae" / "config.json"))
-    names = ["text_encoder", "text_encoder_2"] if family == "sd_xl" else ["text_encoder"]
+    known = family_for(family)
+    names = ["text_encoder", *(f"text_encoder_{n + 1}" for n in range(1, known.text_encoder_count))]
     text_encoders = tuple(_clean(_read_json(path / name / "config.json")) for name in names)
-    default_scale = _SDXL_LATENT_SCALE if family == "sd_xl" else _SD_LATENT_SCALE
-    scale = float(vae.get("scaling_factor") or default_scale)
-    return Architecture(family, unet, vae, text_encoders, scale, 1024 if family == "sd_xl" else 512)
+    scale = float(vae.get("scaling_factor") or known.latent_scale)
+    return Architecture(family, unet, vae, text_encoders, scale, known.resolution)
 
 
 def _weight_files(folder: Path) -> list[Path]:

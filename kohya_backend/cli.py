@@ -41,7 +41,13 @@ def _cmd_config_format(args: argparse.Namespace) -> int:
     from kohya_backend.train.plan import format_with_plan
 
     try:
-        out = format_with_plan(source, args.fm_type, require_paths=not args.no_paths, check_optimizer=True)
+        out = format_with_plan(
+            source,
+            args.fm_type,
+            require_paths=not args.no_paths,
+            check_paths_exist=not args.no_paths,
+            check_optimizer=True,
+        )
     except ConfigError as exc:
         if args.json:
             print(json.dumps({"ok": False, "issues": [i.to_dict() for i in exc.issues]}, indent=2))
@@ -183,11 +189,17 @@ def run_training(
 def _detect_fm_type(model: object) -> str:
     """The FM type of a checkpoint, from its keys alone (for `train` without --fm-type)."""
     from kohya_backend.models.detect import detect_family
+    from kohya_backend.models.diffusers_folder import (
+        detect_folder_family,
+        is_diffusers_folder,
+        resolve_model_path,
+    )
     from kohya_backend.models.keys import read_keys
 
     if not model:
         raise TrainManagementError("pretrained_model_name_or_path is missing", hint="set it in the config")
-    family = str(detect_family(read_keys(Path(str(model)))))
+    path = resolve_model_path(str(model))
+    family = detect_folder_family(path) if is_diffusers_folder(path) else str(detect_family(read_keys(path)))
     if family not in FM_TYPES:
         raise TrainManagementError(
             f"{model} is a {family} checkpoint; this trainer trains sd_1_5 and sd_xl models"
@@ -600,7 +612,11 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("file", help="config file, or - for standard input")
     fmt.add_argument("--fm-type", choices=FM_TYPES, required=True)
     fmt.add_argument("--json", action="store_true", help="machine-readable output")
-    fmt.add_argument("--no-paths", action="store_true", help="do not require model/dataset/output paths")
+    fmt.add_argument(
+        "--no-paths",
+        action="store_true",
+        help="do not require model/dataset/output paths, nor check that the paths given exist",
+    )
     fmt.set_defaults(func=_cmd_config_format)
     tpl = cfg.add_parser("template", help="print the starting config for an FM type")
     tpl.add_argument("--fm-type", choices=FM_TYPES, required=True)

@@ -101,3 +101,20 @@ def make_scheduler() -> Iterator[Callable[..., Scheduler]]:
     yield make
     for scheduler in made:
         scheduler.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """The demo's tiny SD 1.5 and SDXL checkpoints, its tokenizer and a 64 px captioned dataset, written once."""
+    from kohya_backend.assets.checkpoints import write_checkpoint
+    from kohya_backend.assets.dataset import write_demo_dataset
+    from kohya_backend.assets.tokenizer import write_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny-assets")
+    write_tiny_tokenizer(root / "tokenizer")
+    return {
+        "sd_1_5": write_checkpoint(root / "sd15.safetensors", "sd_1_5", size="tiny", seed=0),
+        "sd_xl": write_checkpoint(root / "sdxl.safetensors", "sd_xl", size="tiny", seed=0),
+        "tokenizer": root / "tokenizer",
+        "data": write_demo_dataset(root / "data", count=4, size=(64, 64)),
+    }

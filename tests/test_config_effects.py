@@ -56,6 +56,7 @@ ALTERNATIVES: dict[str, tuple[Any, dict[str, Any]]] = {
     "no_half_vae": (True, BF16_WEIGHTS),
     "tokenizer_cache_dir": ("{assets}/other_tokenizer", {}),
     "train_data_dir": ("{assets}/other_data", {}),
+    "dataset_config": ("{assets}/dataset.toml", {}),  # other images, with their own options
     "reg_data_dir": ("{assets}/reg", {}),
     "prior_loss_weight": (0.25, {"reg_data_dir": "{assets}/reg", "max_train_steps": 4}),  # a whole epoch
     "caption_extension": (".caption", {}),
@@ -69,6 +70,7 @@ ALTERNATIVES: dict[str, tuple[Any, dict[str, Any]]] = {
     "caption_tag_dropout_rate": (0.5, {}),
     "flip_aug": (True, {}),
     "random_crop": (True, {}),
+    "color_aug": (True, {}),
     "resolution": ("192,192", BUCKETS),
     "enable_bucket": (False, BUCKETS),
     "min_bucket_reso": (128, BUCKETS),
@@ -182,6 +184,11 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _dataset(root / "other_data", seed=10)
     write_demo_dataset(root / "reg", folder="1_person", count=2, size=(64, 64), seed=20)
     (root / "prompts.txt").write_text("demo, red circle --w 64 --h 64 --s 2 --d 1\n")
+    (root / "dataset.toml").write_text(
+        "[[datasets]]\nresolution = 64\nbatch_size = 2\n\n[[datasets.subsets]]\n"
+        f"image_dir = '{(root / 'other_data' / '1_demo').as_posix()}'\ncaption_extension = '.txt'\n"
+        "flip_aug = true\n"
+    )
     # another run's weights and state (another seed): what network_weights and resume start from
     first = _observe(root, root / "first", {"save_state": True, "output_name": "start", "seed": 99})
     shutil.move(str(first.output), root / "start.safetensors")

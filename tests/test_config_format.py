@@ -138,11 +138,13 @@ def test_reference_lists_every_key_with_its_details() -> None:
                                           'always uses PyTorch scaled-dot-product attention"')  # fmt: skip
     assert by_key["resolution"][2] == '`"512,512"` / `"1024,1024"`'
     assert by_key["no_half_vae"][2] == "`false` / `true`"
-    assert by_key["network_dim"][2] == "`4`" and by_key["network_dim"][3] == "≥ 1, ≤ 1024"
+    assert by_key["network_dim"][2] == "`4`" and by_key["network_dim"][3] == "≥ 1"
     assert by_key["learning_rate"][3] == "> 0"
     assert "`AdamW8bit`" in by_key["optimizer_type"][3]
     assert by_key["max_token_length"][3] == "`75`, `150`, `225`"
-    assert by_key["network_args"][3].startswith("`conv_dim=`, `conv_alpha=` (networks.lora)")
+    assert by_key["network_args"][3].startswith(
+        "`conv_dim=`, `conv_alpha=`, `rank_dropout=`, `module_dropout=` (networks.lora)"
+    )
     assert "a class path" in by_key["optimizer_type"][3]
     assert by_key["seed"][2] == "unset"
     assert by_key["full_fp16"][1].startswith("pure half-precision")

@@ -104,20 +104,35 @@ def test_cuda_is_detected_when_not_given() -> None:
     ],
 )
 def test_bucket_reso_steps_multiple_per_fm_type(fm_type: str, step: int, ok: bool) -> None:
-    config = {"bucket_reso_steps": step}
+    config = {
+        "bucket_reso_steps": step,
+        "enable_bucket": True,
+        "min_bucket_reso": 384,
+        "max_bucket_reso": 1536,
+    }
     if ok:
         assert check(config, fm_type).bucket_reso_steps == step
     else:
         [issue] = errors(config, fm_type)
         assert issue.key == "bucket_reso_steps" and str(32 if fm_type == "sd_xl" else 64) in issue.message
+    # kohya reads the bucket settings only with enable_bucket: then any step is accepted (kohya_ss presets write 1)
+    assert check({**config, "enable_bucket": False}, fm_type).bucket_reso_steps == step
 
 
-def test_bucket_bounds_are_multiples_of_the_step() -> None:
-    issues = errors({"min_bucket_reso": 250, "max_bucket_reso": 1000})
-    assert [i.key for i in issues] == ["min_bucket_reso", "max_bucket_reso"]
-    assert issues[0].hint == "use 256" and issues[1].hint == "use 1024"
-    assert check({"min_bucket_reso": 320, "max_bucket_reso": 960}).max_bucket_reso == 960
-    assert error_keys({"min_bucket_reso": 1024, "max_bucket_reso": 512}) == ["min_bucket_reso"]
+def test_bucket_bounds_are_snapped_to_the_step_as_kohya_does() -> None:
+    config = check({"enable_bucket": True, "min_bucket_reso": 250, "max_bucket_reso": 1000})
+    # kohya lowers min and raises max to multiples of bucket_reso_steps, with a warning
+    assert (config.min_bucket_reso, config.max_bucket_reso) == (192, 1024)
+    assert warning_keys(config) == ["min_bucket_reso", "max_bucket_reso"]
+    assert [w.hint for w in config.warnings] == [
+        "write min_bucket_reso = 192",
+        "write max_bucket_reso = 1024",
+    ]
+    assert (
+        check({"min_bucket_reso": 320, "max_bucket_reso": 960, "enable_bucket": True}).max_bucket_reso == 960
+    )
+    config = {"min_bucket_reso": 1024, "max_bucket_reso": 512, "enable_bucket": True}
+    assert error_keys(config) == ["min_bucket_reso"]
 
 
 def test_resolution_within_bucket_bounds_only_when_bucketing() -> None:
@@ -168,16 +183,19 @@ def test_network_module_is_lora_or_lycoris_and_kohyas_others_are_refused_precise
     assert "lycoris.kohya" in (issue.hint or "")
 
 
-def test_network_args_only_conv_dim_and_conv_alpha() -> None:
+def test_network_args_locon_and_dropouts() -> None:
     config = check({"network_args": ["conv_dim=8", "conv_alpha=4"]})
     assert config.network_args == ("conv_dim=8", "conv_alpha=4")
     assert config.network_kwargs == {"conv_dim": "8", "conv_alpha": "4"}
     assert (config.conv_dim, config.conv_alpha) == (8, 4.0) and check({}).conv_dim is None
-    assert check({"network_args": [f"{name}=4" for name in NETWORK_ARGS]}).warnings == ()
-    issues = errors({"network_args": ["rank_dropout=0.1", "foo=1", "conv_dim=x"]})
-    assert [i.key for i in issues] == ["network_args"] * 3
+    values = {"conv_dim": "4", "conv_alpha": "4", "rank_dropout": "0.1", "module_dropout": "0.1"}
+    assert set(values) == set(NETWORK_ARGS)
+    assert check({"network_args": [f"{k}={v}" for k, v in values.items()]}).warnings == ()
+    issues = errors({"network_args": ["down_lr_weight=1", "foo=1", "conv_dim=x", "rank_dropout=2"]})
+    assert [i.key for i in issues] == ["network_args"] * 4
     messages = " | ".join(i.message for i in issues)
-    assert "accepts rank_dropout but this trainer does not implement it" in messages
+    assert "accepts down_lr_weight but this trainer does not implement it" in messages
+    assert "rank_dropout: 2.0 is out of range" in messages
     assert "unknown network_args key 'foo'" in messages and "conv_dim" in messages
     alone = check({"network_args": ["conv_alpha=1"]})
     assert warning_keys(alone) == ["network_args"]
@@ -296,33 +314,47 @@ def test_other_warnings() -> None:
 
 
 def test_unknown_key_suggests_the_nearest_known_key() -> None:
-    issues = errors('learnig_rate = 1e-4\nNetwork_Dim = 8\nepoch = 3\nLoRA_type = "Standard"\nzzz = 1\n')
-    assert [(i.key, i.line) for i in issues] == [
-        ("learnig_rate", 1),
-        ("Network_Dim", 2),
-        ("epoch", 3),
-        ("LoRA_type", 4),
-        ("zzz", 5),
-    ]
+    issues = errors("learnig_rate = 1e-4\nNetwork_Dim = 8\nzzz = 1\n")
+    assert [(i.key, i.line) for i in issues] == [("learnig_rate", 1), ("Network_Dim", 2), ("zzz", 3)]
     hints = [i.hint or "" for i in issues]
     assert hints[0] == "did you mean learning_rate?"
     assert "network_dim" in hints[1]
-    assert "max_train_epochs" in hints[2] and "kohya_ss's GUI" in hints[2]
-    assert "networks.lora" in hints[3]
-    assert "config reference" in hints[4]
+    assert "config reference" in hints[2]
+
+
+def test_kohya_ss_gui_keys_in_a_flat_config_get_gui_aware_messages_not_misleading_suggestions() -> None:
+    issues = errors('down_lr_weight = "1,1,1"\nlr_warmup = 10\nepoch = 3\nblock_dims = "4,4"\n')
+    assert [(i.key, i.line) for i in issues] == [
+        ("down_lr_weight", 1),
+        ("lr_warmup", 2),
+        ("epoch", 3),
+        ("block_dims", 4),
+    ]
+    assert all("kohya_ss GUI setting" in i.message for i in issues)
+    hints = [i.hint or "" for i in issues]
+    assert "network_args" in hints[0] and "prior_loss_weight" not in hints[0]
+    assert "percentage" in hints[1] and "lr_warmup_steps = 0.1" in hints[1]
+    assert "max_train_epochs" in hints[2] and "network_args" in hints[3]
+
+
+def test_a_config_with_lora_type_is_read_as_the_gui_writes_it_and_typos_still_show() -> None:
+    issues = errors('learnig_rate = 1e-4\nepoch = 3\nLoRA_type = "Standard"\nzzz = 1\n')
+    assert [(i.key, i.line) for i in issues] == [("learnig_rate", 1), ("zzz", 4)]
+    config = check('epoch = 3\nLoRA_type = "Kohya LoCon"\nconv_dim = 4\nconv_alpha = 2\n')
+    assert config.max_train_epochs == 3 and config.network_kwargs == {"conv_dim": "4", "conv_alpha": "2"}
 
 
 def test_unsupported_key_says_kohya_accepts_it() -> None:
     [issue] = errors({"full_bf16": True})
     assert issue.message.startswith("kohya accepts full_bf16 but this trainer does not implement it:")
     assert "remove it" in issue.message and "bf16" in issue.message
-    [issue] = errors({"dataset_config": "datasets.toml"})
+    [issue] = errors({"in_json": "meta.json"})
     assert "train_data_dir" in issue.message
 
 
 def test_unsupported_key_at_kohyas_default_is_only_a_warning() -> None:
-    config = check({"color_aug": False, "caption_separator": ",", "fp8_base": False, "vae": ""})
-    assert warning_keys(config) == ["color_aug", "caption_separator", "fp8_base", "vae"]
+    config = check({"face_crop_aug_range": "", "caption_separator": ",", "fp8_base": False, "vae": ""})
+    assert warning_keys(config) == ["face_crop_aug_range", "caption_separator", "fp8_base", "vae"]
     assert all("changes nothing" in w.message for w in config.warnings)
     assert error_keys({"masked_loss": True}) == ["masked_loss"]
 
@@ -605,3 +637,42 @@ def test_to_dict_and_parsed_config_round_trip() -> None:
 
 def test_unknown_fm_type() -> None:
     assert error_keys({}, "sd_3") == ["fm_type"]
+
+
+def test_values_kohya_accepts_are_read_with_kohyas_meaning() -> None:
+    config = check(
+        {
+            "vae_batch_size": 0,  # kohya flushes a latent batch at >= 0 images: one at a time
+            "xformers": "xformers",  # kohya_ss writes its attention choice as text
+            "resume": False,  # sd-scripts' `if not args.resume`
+            "sample_every_n_epochs": 999999,  # "never", as Linaqruf's notebooks write it
+            "dynamo_backend": "no",  # only read with torch_compile
+            "save_last_n_steps_state": 1,  # only read with save_state
+            "optimizer_args": '"weight_decay=0.1" "betas=0.9,0.99"',  # the GUI's one-string form
+        }
+    )
+    assert config.vae_batch_size == 1 and config.xformers is True and config.resume is None
+    assert config.sample_every_n_epochs == 999999
+    assert config.optimizer_kwargs == {"weight_decay": 0.1, "betas": (0.9, 0.99)}
+    by_key = {w.key: w.message for w in config.warnings}
+    assert "torch.compile, which is off" in by_key["dynamo_backend"]
+    assert "save_state, which is off" in by_key["save_last_n_steps_state"]
+    assert error_keys({"dynamo_backend": "eager", "torch_compile": True}) == [
+        "dynamo_backend",
+        "torch_compile",
+    ]
+
+
+def test_text_switches_are_on_as_in_sd_scripts_and_a_false_looking_one_is_flagged() -> None:
+    config = check({"cache_latents": "false", "shuffle_caption": "true", "flip_aug": ""})
+    assert config.cache_latents is True and config.shuffle_caption is True and config.flip_aug is False
+    [warning] = config.warnings
+    assert warning.key == "cache_latents" and "sd-scripts reads as true" in warning.message
+    assert "cache_latents = false" in (warning.hint or "")
+
+
+def test_resolution_off_the_8_pixel_grid_is_a_warning_without_buckets_only() -> None:
+    config = check({"resolution": "512,650"})
+    assert config.resolution == (512, 650) and warning_keys(config) == ["resolution"]
+    config = check({"resolution": "512,650", "enable_bucket": True, "max_bucket_reso": 1024})
+    assert warning_keys(config) == []

@@ -40,7 +40,7 @@ def test_eight_images_ten_repeats_batch_two(demo: DatasetScan) -> None:
     assert plan.buckets == {"512x512": 80}
     assert plan.folders == [
         {"name": "10_demo", "path": str(demo.subsets[0].path), "images": 8, "repeats": 10,
-         "class_token": "demo", "is_reg": False, "uncaptioned": 0},
+         "class_token": "demo", "is_reg": False, "uncaptioned": 0, "dataset": 0, "options": {}},
     ]  # fmt: skip
 
 

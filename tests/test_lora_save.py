@@ -19,7 +19,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from kohya_backend.config.validate import validate_config
 from kohya_backend.errors import ConfigError, ModelError, TrainManagementError
-from kohya_backend.lora.metadata import BaseModel, NetworkSettings, training_metadata
+from kohya_backend.lora.metadata import BaseModel, DatasetInfo, NetworkSettings, training_metadata
 from kohya_backend.lora.network import LoRANetwork
 from kohya_backend.lora.save import SAVE_DTYPES, load_lora, lora_hashes, save_lora
 from kohya_backend.models.arch import sd15_architecture, sdxl_architecture
@@ -110,7 +110,9 @@ CONFIG = {
     "max_bucket_reso": 1024,
     "output_name": "demo",
 }
-NETWORK = NetworkSettings(dim=32, alpha=16.0, conv_dim=4, conv_alpha=1.0)
+NETWORK = NetworkSettings(
+    dim=32, alpha=16.0, conv_dim=4, conv_alpha=1.0, given_args={"conv_dim": "4", "conv_alpha": "1"}
+)
 
 
 def sample_metadata(family: str = "sd_1_5", config: dict | None = None, **overrides) -> dict[str, str]:
@@ -131,9 +133,11 @@ def sample_metadata(family: str = "sd_1_5", config: dict | None = None, **overri
         "num_batches_per_epoch": 10,
         "num_train_images": 20,
         "num_reg_images": 0,
-        "tag_frequency": {"20_demo": {"cat": 3, "red hat": 1}},
-        "dataset_dirs": {"20_demo": {"n_repeats": 20, "img_count": 1}},
-        "bucket_info": {"buckets": {"0": {"resolution": [512, 512], "count": 20}}, "mean_img_ar_error": 0.0},
+        "dataset": DatasetInfo(
+            tag_frequency={"20_demo": {"cat": 3, "red hat": 1}},
+            dataset_dirs={"20_demo": {"n_repeats": 20, "img_count": 1}},
+            bucket_info={"buckets": {"0": {"resolution": [512, 512], "count": 20}}, "mean_img_ar_error": 0.0},
+        ),
         "base_model": BaseModel(Path("/models/sd15.safetensors"), "ab" * 32, "12345678"),
     }
     args.update(overrides)
@@ -185,7 +189,11 @@ def test_metadata_has_every_kohya_key_as_strings():
 def test_metadata_network_keys_come_from_the_network_built():
     md = sample_metadata(network=NetworkSettings(dim=8, alpha=4.0, dropout=0.1))
     assert (md["ss_network_dim"], md["ss_network_alpha"], md["ss_network_dropout"]) == ("8", "4.0", "0.1")
-    assert md["ss_network_args"] == "{}"
+    assert "ss_network_args" not in md  # sd-scripts writes them only when set
+    built = sample_metadata(
+        network=NetworkSettings(dim=8, alpha=4.0, conv_dim=2, given_args={"rank_dropout": "0.1"})
+    )
+    assert json.loads(built["ss_network_args"]) == {"rank_dropout": "0.1", "conv_dim": "2"}
 
 
 def test_modelspec_keys_per_family():
@@ -212,12 +220,15 @@ def test_metadata_defaults_and_unknowns():
         config={"max_train_epochs": None, "output_name": None, "unet_lr": None, "text_encoder_lr": None},
         finished_at=None,
         base_model=None,
-        bucket_info=None,
+        dataset=DatasetInfo({}, {}),
     )
     assert before <= float(md["ss_training_finished_at"]) <= time.time()
     assert md["ss_output_name"] == md["modelspec.title"] == "last"  # kohya's name when output_name is unset
     assert md["ss_bucket_info"] == "null"
-    assert md["ss_learning_rate"] == md["ss_unet_lr"] == md["ss_text_encoder_lr"] == "0.0001"
+    assert md["ss_learning_rate"] == "0.0001"
+    assert (
+        md["ss_unet_lr"] == md["ss_text_encoder_lr"] == "None"
+    )  # the arguments as given, as sd-scripts writes
     for key in ("ss_sd_model_name", "ss_sd_model_hash", "ss_new_sd_model_hash", "ss_vae_name"):
         assert key not in md
 

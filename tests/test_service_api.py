@@ -223,6 +223,7 @@ def test_bad_training_params_are_refused(
         'reg_data_dir = "/tmp"\n',
         'train_data_dir = "../models"\n',
         'sample_prompts = "link/prompts.txt"\n',
+        'dataset_config = "demo/datasets.toml"\n',  # its image_dir entries could name any folder
     ],
 )
 def test_config_paths_leaving_the_home_are_refused(

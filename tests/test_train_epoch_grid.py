@@ -93,6 +93,32 @@ def test_a_run_that_saved_epochs_renders_the_grid_beside_its_lora(assets, tmp_pa
         torch.testing.assert_close(value.cpu().float(), final[key], rtol=0, atol=0)
 
 
+def test_a_grid_that_cannot_be_drawn_warns_and_leaves_the_run_completed_with_its_weights(assets, tmp_path):
+    # An epoch file the grid cannot read (here: a damaged one left in the output folder) stops the grid, not the
+    # run: the LoRA is already saved, and the network goes back to the final weights and full strength.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "g-000009.safetensors").write_bytes(b"not a safetensors file")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square --w 64 --h 64 --s 2 --d 5\n")
+    config = _config(
+        assets, out, max_train_epochs=2, save_every_n_epochs=1, sample_prompts=str(prompts),
+        sample_every_n_epochs=2,
+    )  # fmt: skip
+    trainer = Trainer(config, events=EventLog(tmp_path / "events.jsonl", console=None))
+    result = trainer.run()
+    assert result.output is not None and result.output.is_file()
+    assert not (out / "g-epochs.png").exists()
+    events = read_events(tmp_path / "events.jsonl")
+    [warning] = [e for e in events if e["kind"] == "warning" and "epoch comparison grid" in e["message"]]
+    assert "was not rendered" in warning["message"]
+    assert [e["kind"] for e in events][-1] == "done" and not [e for e in events if e["kind"] == "grid"]
+    final, _ = load_lora(result.output)
+    for key, value in trainer.s.network.kohya_state_dict().items():
+        torch.testing.assert_close(value.cpu().float(), final[key], rtol=0, atol=0)
+    assert trainer.s.network.multiplier == 1.0
+
+
 def test_no_grid_without_saved_epochs_or_without_prompts(assets, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square --w 64 --h 64 --s 2 --d 1\n")

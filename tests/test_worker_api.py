@@ -156,6 +156,8 @@ def test_traversal_in_names_paths_and_ids_is_refused(
     bad_specs.append(model)
     bad_specs.append(_spec(inputs, key="../../x"))
     bad_specs.append(_spec(inputs, config_params={"output_dir": "/tmp"}))
+    # a dataset_config names image folders anywhere: never from a client
+    bad_specs.append(_spec(inputs, config_params={"dataset_config": "/etc/datasets.toml"}))
     bad_specs.append(_spec(inputs, inputs={**good["inputs"], "resume": good["inputs"]["train_data_dir"]}))
     for spec in bad_specs:
         with pytest.raises(WorkerRejected) as info:

@@ -25,9 +25,9 @@ LR_SCHEDULERS: tuple[str, ...] = (
     "polynomial",
     "adafactor",
 )
-# The network_args this trainer implements for networks.lora (kohya's LoCon extension); lycoris.kohya reads its
-# own (config/lycoris_args.py).
-NETWORK_ARGS: tuple[str, ...] = ("conv_dim", "conv_alpha")
+# The network_args this trainer implements for networks.lora (kohya's LoCon extension and its dropouts);
+# lycoris.kohya reads its own (config/lycoris_args.py).
+NETWORK_ARGS: tuple[str, ...] = ("conv_dim", "conv_alpha", "rank_dropout", "module_dropout")
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,6 @@ __all__ = [
     "ALIASES",
     "FM_TYPES",
     "GROUPS",
-    "GUI_KEY_HINTS",
     "HUBER_SCHEDULES",
     "LOSS_TYPES",
     "LR_SCHEDULERS",
@@ -74,16 +73,6 @@ ALIASES: dict[str, str] = {
     "lr_restart_cycles": "lr_scheduler_num_cycles",  # written by the AWS solution's kohya templates
 }
 
-# Keys that kohya_ss's GUI writes but sd-scripts does not read: a pointer to what to use instead.
-GUI_KEY_HINTS: dict[str, str] = {
-    "epoch": "use max_train_epochs",
-    "conv_dim": 'use network_args = ["conv_dim=N", "conv_alpha=A"]',
-    "conv_alpha": 'use network_args = ["conv_dim=N", "conv_alpha=A"]',
-    "lora_type": "this trainer trains standard LoRA (networks.lora); remove it",
-    "lycoris_preset": 'use network_module = "lycoris.kohya" with network_args = ["preset=full", ...]',
-    "additional_parameters": "write each parameter as its own key",
-}
-
 
 def _unsupported_table() -> dict[str, str]:
     groups: list[tuple[str, str]] = [
@@ -114,13 +103,13 @@ def _unsupported_table() -> dict[str, str]:
         ),
         ("masked_loss alpha_mask conditioning_data_dir", "masked loss is not implemented; remove it"),
         (
-            "dataset_config in_json dataset_class dataset_repeats",
+            "in_json dataset_class dataset_repeats",
             "this trainer reads kohya's folder layout only: remove it and set train_data_dir to the parent of "
             "<repeats>_<name> folders",
         ),
         (
-            "color_aug face_crop_aug_range",
-            "this augmentation is not implemented; remove it (flip_aug and random_crop are supported)",
+            "face_crop_aug_range",
+            "this augmentation is not implemented; remove it (flip_aug, color_aug and random_crop are supported)",
         ),
         (
             "caption_separator secondary_separator enable_wildcard weighted_captions token_warmup_min "

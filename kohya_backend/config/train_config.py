@@ -67,6 +67,12 @@ class TrainConfig:
     train_data_dir: str | None = key(
         None, "dataset", "Parent folder of <repeats>_<name> image folders (e.g. 10_mychar).",
         used("training", "data/scan.py: the images trained on"), kind="path")
+    dataset_config: str | None = key(
+        None, "dataset",
+        "kohya's dataset TOML ([general], [[datasets]], [[datasets.subsets]]); train_data_dir and reg_data_dir are "
+        "ignored when it is set, as in kohya.",
+        used("training", "data/dataset_config.py: the images, with per-dataset buckets and batch size and "
+             "per-subset caption and augmentation options"), kind="path")
     reg_data_dir: str | None = key(
         None, "dataset", "Parent folder of <repeats>_<name> regularisation image folders (optional).",
         used("training", "data/scan.py: regularisation images mixed into each epoch"), kind="path")
@@ -101,6 +107,11 @@ class TrainConfig:
     flip_aug: bool = key(
         False, "dataset", "Randomly flip images horizontally.",
         used("training", "train/inputs.py: mirrored images"))
+    color_aug: bool = key(
+        False, "dataset",
+        "Weak color augmentation as kohya's: a third of the images get a small hue shift or gamma change (not with "
+        "cache_latents).",
+        used("training", "data/augment.py: hue or gamma changed"))
     random_crop: bool = key(
         False, "dataset", "Crop randomly instead of centred (not with cache_latents).",
         used("training", "data/buckets.py: where images are cropped"))
@@ -118,8 +129,9 @@ class TrainConfig:
         1024, "buckets", "Largest bucket side in pixels.", used("buckets", "data/buckets.py"),
         minimum=64, maximum=8192)
     bucket_reso_steps: int = key(
-        64, "buckets", "Bucket side step in pixels: a multiple of 64 for SD 1.5, of 32 for SDXL.",
-        used("buckets", "data/buckets.py"), minimum=32, maximum=1024)
+        64, "buckets",
+        "Bucket side step in pixels: a multiple of 64 for SD 1.5, of 32 for SDXL (checked with enable_bucket).",
+        used("buckets", "data/buckets.py"), minimum=1, maximum=1024)
     bucket_no_upscale: bool = key(
         False, "buckets", "Never upscale an image to fit its bucket.", used("buckets", "data/buckets.py"))
     # caching
@@ -132,8 +144,8 @@ class TrainConfig:
     vae_batch_size: int | None = key(
         None, "caching",
         "Batch size when caching latents (unset = 1 on the CPU, where single images run fastest; on a GPU chosen "
-        "from the resolution: 8 at 256 px, 4 at 512, 1 at 1024).",
-        used("caching", "train/inputs.py: images per VAE call while caching"), minimum=1, maximum=256)
+        "from the resolution: 8 at 256 px, 4 at 512, 1 at 1024; 0 = 1 image at a time, as in kohya).",
+        used("caching", "train/inputs.py: images per VAE call while caching"), minimum=0, maximum=256)
     cache_text_encoder_outputs: bool = key(
         False, "caching",
         "Encode captions once before training (needs network_train_unet_only; no caption shuffle/dropout).",
@@ -156,15 +168,17 @@ class TrainConfig:
         "lycoris-lora: network_args algo=locon|loha|lokr|ia3|dylora|glora|diag-oft|full, preset, ...).",
         used("training", "lora/build.py: LoRA or a LyCORIS network"), choices=NETWORK_MODULES)
     network_dim: int = key(
-        4, "network", "LoRA rank.", used("training", "lora/network.py: the rank"), minimum=1, maximum=1024)
+        4, "network", "LoRA rank.", used("training", "lora/network.py: the rank"), minimum=1)
     network_alpha: float = key(
         1.0, "network", "LoRA alpha: the update is scaled by alpha/rank (0 = same as network_dim).",
         used("training", "lora/network.py: the update's scale"), minimum=0.0)
     network_args: tuple[str, ...] = key(
         (), "network",
-        'Extra network settings as "key=value" strings: conv_dim and conv_alpha (LoCon) for networks.lora; for '
-        "lycoris.kohya the arguments lycoris-lora reads (algo, preset, conv_dim, conv_alpha, factor, ...).",
-        used("training", "lora/network.py, lora/lycoris.py: LoCon, the LyCORIS algorithm and its settings"),
+        'Extra network settings as "key=value" strings: conv_dim and conv_alpha (LoCon), rank_dropout and '
+        "module_dropout for networks.lora; for lycoris.kohya the arguments lycoris-lora reads (algo, preset, "
+        "conv_dim, conv_alpha, factor, ...).",
+        used("training", "lora/network.py, lora/lycoris.py: LoCon, rank/module dropout, the LyCORIS algorithm and "
+             "its settings"),
         kind="list")
     network_dropout: float | None = key(
         None, "network", "Dropout on the LoRA down projection (0 or unset = none).",
@@ -325,10 +339,10 @@ class TrainConfig:
         used("files", "lora/save.py: the tensors' dtype"), choices=("fp16", "bf16", "float"))
     save_every_n_epochs: int | None = key(
         None, "saving", "Also save a LoRA every N epochs.", used("files", "train/loop.py"),
-        minimum=1, maximum=100_000, zero_is_unset=True)
+        minimum=1, zero_is_unset=True)
     save_every_n_steps: int | None = key(
         None, "saving", "Also save a LoRA every N steps.", used("files", "train/loop.py"),
-        minimum=1, maximum=10_000_000, zero_is_unset=True)
+        minimum=1, zero_is_unset=True)
     save_n_epoch_ratio: int | None = key(
         None, "saving", "Save about N files over the run (sets save_every_n_epochs = epochs // N).",
         used("files", "train/loop.py"), minimum=1, maximum=100_000, zero_is_unset=True)
@@ -363,11 +377,11 @@ class TrainConfig:
         None, "sampling", "File with one sample prompt per line (kohya syntax).", used("files", "train/sample.py"),
         kind="path")
     sample_every_n_epochs: int | None = key(
-        None, "sampling", "Generate samples every N epochs.", used("files", "train/sample.py"),
-        minimum=1, maximum=100_000, zero_is_unset=True)
+        None, "sampling", "Generate samples every N epochs (a value past the last epoch, like 999999, never samples).",
+        used("files", "train/sample.py"), minimum=1, zero_is_unset=True)
     sample_every_n_steps: int | None = key(
         None, "sampling", "Generate samples every N steps.", used("files", "train/sample.py"),
-        minimum=1, maximum=10_000_000, zero_is_unset=True)
+        minimum=1, zero_is_unset=True)
     sample_sampler: str = key(
         "ddim", "sampling", "Sampler for sample images.", used("samples", "train/sample.py"),
         choices=SAMPLE_SAMPLER_CHOICES)

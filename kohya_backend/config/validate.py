@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kohya_backend.config.keys import KeySpec, compat
+from kohya_backend.config.kohya_gui import GUI_KEY_HINTS
 from kohya_backend.config.lycoris_args import LYCORIS_MODULE, lycoris_arg_problems, strip_quotes
 from kohya_backend.config.optimizers import (
     canonical_builtin,
@@ -21,10 +22,16 @@ from kohya_backend.config.optimizers import (
     resolve_optimizer,
     resolve_scheduler,
 )
-from kohya_backend.config.parse import ParsedConfig, ValueProblem, coerce_value, parse_config, shown
+from kohya_backend.config.parse import (
+    ParsedConfig,
+    ValueProblem,
+    coerce_value,
+    is_false_word,
+    parse_config,
+    shown,
+)
 from kohya_backend.config.schema import (
     ALIASES,
-    GUI_KEY_HINTS,
     OPTIMIZERS,
     SCHEMA,
     UNSUPPORTED,
@@ -34,7 +41,7 @@ from kohya_backend.config.schema import (
 )
 from kohya_backend.config.train_config import CAPTION_VARIATION_KEYS, TrainConfig
 from kohya_backend.config.values import kv_dict, literal_kwargs
-from kohya_backend.errors import ConfigError, ConfigIssue
+from kohya_backend.errors import ConfigError, ConfigIssue, TrainManagementError
 from kohya_backend.families import FAMILIES
 from kohya_backend.names import WINDOWS_RESERVED
 
@@ -43,8 +50,6 @@ __all__ = ["TrainConfig", "detect_cuda", "validate_config"]
 # network_args that kohya's networks.lora reads but this trainer does not implement.
 _KOHYA_LORA_ARGS = frozenset(
     [
-        "rank_dropout",
-        "module_dropout",
         "down_lr_weight",
         "mid_lr_weight",
         "up_lr_weight",
@@ -67,9 +72,15 @@ _KOHYA_LORA_ARGS = frozenset(
 _ARG = compat("is a network_args entry")
 _NETWORK_ARG_SPECS = {
     "conv_dim": KeySpec(
-        "conv_dim", "int", None, "network", "LoCon rank of 3x3 convolutions", _ARG, minimum=1, maximum=1024
+        "conv_dim", "int", None, "network", "LoCon rank of 3x3 convolutions", _ARG, minimum=1
     ),
     "conv_alpha": KeySpec("conv_alpha", "float", None, "network", "LoCon alpha", _ARG, minimum=0.0),
+    "rank_dropout": KeySpec(
+        "rank_dropout", "float", None, "network", "rank dropout", _ARG, minimum=0.0, maximum=1.0
+    ),
+    "module_dropout": KeySpec(
+        "module_dropout", "float", None, "network", "module dropout", _ARG, minimum=0.0, maximum=1.0
+    ),
 }
 _REQUIRED_PATHS = ("pretrained_model_name_or_path", "train_data_dir", "output_dir")
 _BAD_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
@@ -97,7 +108,15 @@ class _Checker:
         self.given: set[str] = set()
         self.bad: set[str] = set()
         self.errors: list[ConfigIssue] = []
-        self.warnings: list[ConfigIssue] = []
+        self.warnings: list[ConfigIssue] = list(parsed.notes)
+        self.raw: dict[str, Any] = dict(parsed.values)
+        if parsed.gui_fm_type is not None and parsed.gui_fm_type != fm_type:
+            saved_for = f"{FAMILIES[parsed.gui_fm_type].label} (its sdxl checkbox)"
+            self.issue(
+                None,
+                f"this kohya_ss GUI config was saved for {saved_for}, but FM type {fm_type} was chosen",
+                f"choose FM type {parsed.gui_fm_type}, or change the sdxl checkbox in the GUI",
+            )
 
     def issue(self, key: str | None, message: str, hint: str | None = None, *, warning: bool = False) -> None:
         line, column = self.positions.get(key, (None, None)) if key else (None, None)
@@ -116,16 +135,39 @@ class _Checker:
         return self.values[key]
 
 
-def _is_inert(key: str, value: Any) -> bool:
+# Unsupported keys that only act together with another setting: key -> (that setting, what it is).
+_NEEDS = {
+    "dynamo_backend": ("torch_compile", "torch.compile"),
+    "save_last_n_epochs_state": ("save_state", "save_state"),
+    "save_last_n_steps_state": ("save_state", "save_state"),
+    "save_last_n_steps": ("save_every_n_steps", "save_every_n_steps"),
+}
+# Names people write that sd-scripts does not have, with what it reads instead.
+_NOT_KOHYA_KEYS = {
+    "text_encoder_lr1": "sd-scripts' LoRA trainers have no text_encoder_lr1/2 (some of its docs show them); "
+    "write text_encoder_lr = [lr for TE1, lr for TE2]",
+    "text_encoder_lr2": "sd-scripts' LoRA trainers have no text_encoder_lr1/2 (some of its docs show them); "
+    "write text_encoder_lr = [lr for TE1, lr for TE2]",
+}
+
+
+def _is_inert(key: str, value: Any, given: Mapping[str, Any]) -> bool:
     if value is None or value is False or value in ("", 0, [], {}):
+        return True
+    if key in _NEEDS and not given.get(_NEEDS[key][0]):
         return True
     return key in UNSUPPORTED_DEFAULTS and value == UNSUPPORTED_DEFAULTS[key]
 
 
 def _unknown_key(c: _Checker, key: str) -> None:
     lowered = key.lower()
-    if lowered in GUI_KEY_HINTS:
-        hint = f"kohya_ss's GUI writes {key} but sd-scripts does not read it: {GUI_KEY_HINTS[lowered]}"
+    if lowered in _NOT_KOHYA_KEYS:
+        c.issue(key, f"{key} is not an sd-scripts key", _NOT_KOHYA_KEYS[lowered])
+        return
+    if lowered in GUI_KEY_HINTS or key in GUI_KEY_HINTS:
+        why = GUI_KEY_HINTS.get(key, GUI_KEY_HINTS.get(lowered))
+        c.issue(key, f"{key} is a kohya_ss GUI setting, not an sd-scripts key", why)
+        return
     elif lowered in SCHEMA or lowered in UNSUPPORTED:
         hint = f"did you mean {lowered}? keys are lowercase"
     else:
@@ -159,12 +201,26 @@ def _read_keys(c: _Checker, raw: Mapping[str, Any]) -> None:
                 continue
             if result is not None:
                 c.values[key] = result
-        elif key in UNSUPPORTED:
-            message = f"kohya accepts {key} but this trainer does not implement it"
-            if _is_inert(key, value):
+            if SCHEMA[key].kind == "bool" and is_false_word(value):
                 c.issue(
                     key,
-                    f"{message}; {shown(value)} is kohya's default, so it changes nothing",
+                    f'{key} = {shown(value)} is text, which sd-scripts reads as true (any text but "" is); '
+                    "it is read as true here too",
+                    f"write {key} = false, without quotes, to turn it off",
+                    warning=True,
+                )
+        elif key in UNSUPPORTED:
+            message = f"kohya accepts {key} but this trainer does not implement it"
+            if _is_inert(key, value, values):
+                needs = _NEEDS.get(key)
+                why = (
+                    f"it acts only with {needs[1]}, which is off"
+                    if needs and not values.get(needs[0])
+                    else f"{shown(value)} is kohya's default"
+                )
+                c.issue(
+                    key,
+                    f"{message}; {why}, so it changes nothing",
                     "remove it",
                     warning=True,
                 )
@@ -201,6 +257,14 @@ def _rule_model(c: _Checker) -> None:
             f"{c.family.label}'s VAE overflows in fp16 and gives NaN latents or black samples",
             "set no_half_vae = true",
             warning=True,
+        )
+
+
+def _rule_kohya_values(c: _Checker) -> None:
+    """Values kohya gives a meaning of its own."""
+    if c["vae_batch_size"] == 0:
+        c.values["vae_batch_size"] = (
+            1  # kohya flushes a latent batch once it holds >= 0 images: one at a time
         )
 
 
@@ -254,13 +318,13 @@ def _rule_network_args(c: _Checker) -> None:
             c.issue(
                 "network_args",
                 f"kohya's networks.lora accepts {name} but this trainer does not implement it",
-                "remove it; only conv_dim and conv_alpha are supported",
+                f"remove it; supported: {', '.join(_NETWORK_ARG_SPECS)}",
             )
         else:
             c.issue(
                 "network_args",
                 f"unknown network_args key {name!r}",
-                "only conv_dim=N and conv_alpha=A are supported, for LoCon",
+                f"supported: {', '.join(f'{k}=...' for k in _NETWORK_ARG_SPECS)}",
             )
     if "conv_alpha" in args and "conv_dim" not in args:
         c.issue(
@@ -473,12 +537,13 @@ def _rule_caching(c: _Checker) -> None:
         if c[disk] and not c[memory]:
             c.values[memory] = True
             c.issue(disk, f"{disk} turns on {memory}", f"set {memory} = true as well", warning=True)
-    if c["cache_latents"] and c["random_crop"]:
-        c.issue(
-            "random_crop",
-            "random_crop cannot be used with cached latents (each crop needs a new encoding)",
-            "set random_crop = false or cache_latents = false",
-        )
+    for key in ("random_crop", "color_aug"):
+        if c["cache_latents"] and c[key]:
+            c.issue(
+                key,
+                f"{key} cannot be used with cached latents (each step needs a new encoding); kohya refuses it too",
+                f"set {key} = false or cache_latents = false",
+            )
     if not c["cache_text_encoder_outputs"]:
         return
     if not c["network_train_unet_only"]:
@@ -497,23 +562,41 @@ def _rule_caching(c: _Checker) -> None:
 
 
 def _rule_buckets(c: _Checker) -> None:
+    if c.ok("resolution") and not c["enable_bucket"]:
+        w, h = c["resolution"]
+        if w % 8 or h % 8:
+            c.issue(
+                "resolution",
+                f"resolution {w}x{h} is not a multiple of 8: without enable_bucket every image is resized to it and "
+                "the VAE, which works in 8-pixel blocks, drops the rest (kohya does the same)",
+                "use sides that are multiples of 8 (e.g. 512,640), or set enable_bucket = true",
+                warning=True,
+            )
     if not c.ok("bucket_reso_steps", "min_bucket_reso", "max_bucket_reso"):
         return
     step, low, high = c["bucket_reso_steps"], c["min_bucket_reso"], c["max_bucket_reso"]
     unit = c.family.bucket_step
+    if not c["enable_bucket"]:
+        return  # kohya reads the bucket settings only with enable_bucket
     if step % unit:
         c.issue(
             "bucket_reso_steps",
-            f"bucket_reso_steps = {step} is not a multiple of {unit} ({c.fm_type})",
+            f"bucket_reso_steps = {step} is not a multiple of {unit} ({c.fm_type}); kohya refuses it too",
             f"use {unit * max(1, round(step / unit))}",
         )
         return
-    for key, value in (("min_bucket_reso", low), ("max_bucket_reso", high)):
-        if value % step:
+    if low % step:
+        low = c.values["min_bucket_reso"] = low - low % step
+    if high % step:
+        high = c.values["max_bucket_reso"] = high + step - high % step
+    for key, given in (("min_bucket_reso", c["min_bucket_reso"]), ("max_bucket_reso", c["max_bucket_reso"])):
+        value = low if key == "min_bucket_reso" else high
+        if key in c.given and value != coerce_value(SCHEMA[key], c.raw.get(key)):
             c.issue(
                 key,
-                f"{key} = {value} is not a multiple of bucket_reso_steps ({step})",
-                f"use {max(step, round(value / step) * step)}",
+                f"{key} is not a multiple of bucket_reso_steps ({step}): it is adjusted to {given}, as kohya does",
+                f"write {key} = {given}",
+                warning=True,
             )
     if low > high:
         c.issue(
@@ -665,6 +748,29 @@ def _rule_compat(c: _Checker) -> None:
             c.issue(key, f"{key} {spec.effect.text}", "remove it", warning=True)
 
 
+def _rule_dataset_config(c: _Checker, check_paths_exist: bool) -> None:
+    """dataset_config replaces train_data_dir and reg_data_dir (as in kohya); its own file is checked too."""
+    path = c["dataset_config"]
+    if path is None or not c.ok("dataset_config"):
+        return
+    for key in ("train_data_dir", "reg_data_dir"):
+        if c[key] is not None:
+            c.issue(
+                key,
+                f"{key} is ignored: dataset_config describes the data, as in kohya",
+                "remove it",
+                warning=True,
+            )
+    if not check_paths_exist or not Path(path).is_file():
+        return
+    from kohya_backend.data.dataset_config import check_against_training_config
+
+    line, column = c.positions.get("dataset_config", (None, None))
+    for issue in check_against_training_config(Path(path), fm_type=c.fm_type, training=c.values):
+        issue.line, issue.column = line, column
+        (c.warnings if issue.severity == "warning" else c.errors).append(issue)
+
+
 # Keys that may name an s3:// object or prefix: downloaded (or, output_dir, uploaded to) by the job's host.
 S3_PATH_KEYS = (
     "pretrained_model_name_or_path",
@@ -699,8 +805,16 @@ def _rule_s3_paths(c: _Checker) -> set[str]:
 def _rule_paths(c: _Checker, require_paths: bool, check_paths_exist: bool) -> None:
     if require_paths:
         for key in _REQUIRED_PATHS:
+            if key == "train_data_dir" and c["dataset_config"] is not None:
+                continue
             if c[key] is None and c.ok(key):
-                c.issue(key, f"{key} is missing", f'set {key} = "..."')
+                c.issue(
+                    key,
+                    f"{key} is missing",
+                    f'set {key} = "..." (or dataset_config for kohya\'s dataset TOML)'
+                    if key == "train_data_dir"
+                    else f'set {key} = "..."',
+                )
     on_s3 = _rule_s3_paths(c)
     if not check_paths_exist:
         return
@@ -708,6 +822,7 @@ def _rule_paths(c: _Checker, require_paths: bool, check_paths_exist: bool) -> No
         "pretrained_model_name_or_path": "any",
         "train_data_dir": "dir",
         "reg_data_dir": "dir",
+        "dataset_config": "file",
         "network_weights": "file",
         "sample_prompts": "file",
         "resume": "dir",
@@ -717,7 +832,9 @@ def _rule_paths(c: _Checker, require_paths: bool, check_paths_exist: bool) -> No
         if value is None or not c.ok(key) or key in on_s3:
             continue
         path = Path(value)
-        if not path.exists():
+        if not path.exists() and key == "pretrained_model_name_or_path":
+            _check_model(c, str(value))
+        elif not path.exists():
             c.issue(
                 key, f"{value} does not exist", "check the path (relative paths start at the working folder)"
             )
@@ -735,6 +852,16 @@ def _rule_paths(c: _Checker, require_paths: bool, check_paths_exist: bool) -> No
             and not Path(value).is_dir()
         ):
             c.issue(key, f"{value} exists and is not a folder", f"{key} must name a folder")
+
+
+def _check_model(c: _Checker, value: str) -> None:
+    """A base model that is no path here: a hub id must be in the local Hugging Face cache (nothing downloads)."""
+    from kohya_backend.models.diffusers_folder import resolve_model_path
+
+    try:
+        resolve_model_path(value)
+    except TrainManagementError as exc:
+        c.issue("pretrained_model_name_or_path", exc.message, exc.hint)
 
 
 def _line_order(issue: ConfigIssue) -> tuple[int, int, int]:
@@ -758,6 +885,7 @@ def validate_config(
     parsed = source if isinstance(source, ParsedConfig) else parse_config(source)
     c = _Checker(parsed, fm_type)
     _read_keys(c, parsed.values)
+    _rule_kohya_values(c)
     _rule_model(c)
     _rule_precision(c, cuda_available)
     _rule_network(c)
@@ -774,6 +902,7 @@ def validate_config(
     _rule_logging(c)
     _rule_compat(c)
     _rule_paths(c, require_paths, check_paths_exist)
+    _rule_dataset_config(c, check_paths_exist)
     if c.errors:
         raise ConfigError(sorted(c.errors, key=_line_order))
     return TrainConfig(fm_type=fm_type, warnings=tuple(sorted(c.warnings, key=_line_order)), **c.values)

@@ -28,9 +28,11 @@ TOKEN_LIMITS = (75, 150, 225)  # kohya's max_token_length choices (75 is the def
 NEAR_BITS = 6  # dHash bits two near-duplicates may differ in (of 64)
 NEAR_COLOUR = 12.0  # mean absolute difference of their 8x8 RGB thumbnails (0-255)
 SHOWN = 10  # files listed per finding (the counts are complete)
+_JPEG = (".jpg", ".jpeg", ".jpe", ".jfif")
 _FORMATS: dict[str, tuple[str, ...]] = {
     "PNG": (".png",),
-    "JPEG": (".jpg", ".jpeg", ".jpe", ".jfif"),
+    "JPEG": _JPEG,
+    "MPO": _JPEG,  # a JPEG with more pictures inside (phones and cameras write them)
     "WEBP": (".webp",),
     "BMP": (".bmp", ".dib"),
     "GIF": (".gif",),

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
 import secrets
 import threading
@@ -28,11 +27,11 @@ from kohya_backend.jobs.worker_protocol import (
     read_token,
     validate_worker_name,
 )
+from kohya_backend.locks import file_lock
 
 log = logging.getLogger(__name__)
 
 REGISTRY_NAME = "workers.json"
-_LOCK_SUFFIX = ".lock"
 
 
 class WorkerNotFound(TrainManagementError):
@@ -75,23 +74,6 @@ def default_worker_name(url: str) -> str:
     host = re.sub(r"^https?://", "", normalize_worker_url(url)).split("/")[0]
     name = re.sub(r"[^a-z0-9_.-]+", "-", host.lower().replace(":", "-")).strip("-._")
     return validate_worker_name(name[:63] or "worker")
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on PATH.lock (created 0600) across processes; no-op where flock is missing."""
-    if os.name != "posix":
-        yield
-        return
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.with_name(path.name + _LOCK_SUFFIX), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _check_token(token: object) -> str:

@@ -143,6 +143,8 @@ class LoRAModule(nn.Module):
         alpha: float | None,
         multiplier: float = 1.0,
         dropout: float | None = None,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
     ) -> None:
         super().__init__()
         if dim < 1:
@@ -181,6 +183,8 @@ class LoRAModule(nn.Module):
         self.scale = float(alpha or dim) / dim
         self.multiplier = multiplier
         self.dropout = dropout
+        self.rank_dropout = rank_dropout
+        self.module_dropout = module_dropout
         # kept outside the module tree so the network's parameters and state dict hold only LoRA weights
         self._org: tuple[nn.Module] = (org_module,)
         self._org_forward: Any = None
@@ -231,13 +235,31 @@ class LoRAModule(nn.Module):
         if self.dropout and self.training:
             # sd-scripts drops out the rank-r activations (after lora_down), not the layer input
             lx = torch.nn.functional.dropout(lx, p=self.dropout)
+        scale = self.scale
+        if self.rank_dropout is not None and self.training:
+            lx = lx * rank_dropout_mask(lx, self.lora_dim, self.rank_dropout)
+            scale = self.scale / (1.0 - self.rank_dropout)  # as if the rank had shrunk (sd-scripts' scaling)
         up = _pointwise(lx, self.lora_up.weight) if _is_pointwise(self.lora_up) else self.lora_up(lx)
-        return up * (self.multiplier * self.scale)
+        return up * (self.multiplier * scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Original output plus the scaled LoRA update (only meaningful while applied)."""
+        """Original output plus the scaled LoRA update (only meaningful while applied); with module_dropout, a
+        training step skips the whole update with that probability."""
         out = (self._org_forward or self.org_module.forward)(x)
+        if self.module_dropout is not None and self.training and torch.rand(1) < self.module_dropout:
+            return out
         return out + self.lora_delta(x).to(out.dtype)
+
+
+def rank_dropout_mask(lx: Tensor, rank: int, p: float) -> Tensor:
+    """sd-scripts' rank dropout: keep each rank channel of each sample with probability 1 - p (the same channels
+    for every token or pixel of that sample)."""
+    mask = torch.rand((lx.size(0), rank), device=lx.device) > p
+    if lx.dim() == 3:  # (batch, tokens, rank): Linear layers
+        return mask.unsqueeze(1)
+    if lx.dim() == 4:  # (batch, rank, h, w): Conv2d layers
+        return mask.unsqueeze(-1).unsqueeze(-1)
+    return mask
 
 
 def _is_pointwise(module: nn.Module) -> bool:
@@ -269,6 +291,8 @@ class LoRANetwork(nn.Module):
         conv_dim: int | None = None,
         conv_alpha: float | None = None,
         dropout: float | None = None,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
         train_unet: bool = True,
         train_text_encoder: bool = True,
         multiplier: float = 1.0,
@@ -294,6 +318,8 @@ class LoRANetwork(nn.Module):
         self.conv_alpha = (1.0 if conv_alpha is None else conv_alpha) if self.conv_dim else None
         self.dropout = dropout
         self.multiplier = multiplier
+        self.rank_dropout = rank_dropout
+        self.module_dropout = module_dropout
         self.text_encoder_loras: list[LoRAModule] = []
         self.unet_loras: list[LoRAModule] = []
         if train_text_encoder:
@@ -323,7 +349,16 @@ class LoRANetwork(nn.Module):
                 dim, alpha = self.conv_dim, self.conv_alpha
             else:
                 dim, alpha = self.network_dim, self.network_alpha
-            lora = LoRAModule(name, module, dim=dim, alpha=alpha, multiplier=self.multiplier, dropout=dropout)
+            lora = LoRAModule(
+                name,
+                module,
+                dim=dim,
+                alpha=alpha,
+                multiplier=self.multiplier,
+                dropout=dropout,
+                rank_dropout=self.rank_dropout,
+                module_dropout=self.module_dropout,
+            )
             if name in self._modules:
                 raise ModelError(f"two layers map to the same LoRA name {name!r}")
             self.add_module(name, lora)

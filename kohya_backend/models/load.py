@@ -25,6 +25,13 @@ from kohya_backend.models.arch import (
 )
 from kohya_backend.models.checkpoint import SAFETENSORS_SUFFIXES, read_checkpoint, read_metadata
 from kohya_backend.models.detect import check_family, check_family_of_keys
+from kohya_backend.models.diffusers_folder import (
+    check_folder_family,
+    fit_text_encoder_keys,
+    folder_architecture,
+    is_diffusers_folder,
+    read_component,
+)
 from kohya_backend.models.frozen import low_precision_weights, route_frozen_layers
 from kohya_backend.models.ldm_keys import ldm_to_diffusers_state_dicts
 from kohya_backend.models.pages import release_tensor_pages
@@ -128,6 +135,16 @@ def load_checkpoint(
     memory-mapped), computing in fp32 with the same results: half the memory, no load-time copy.
     """
     path = Path(path)
+    if is_diffusers_folder(path):
+        return _load_diffusers_folder(
+            path,
+            fm_type,
+            dtype=dtype,
+            vae_dtype=vae_dtype,
+            device=device,
+            tokenizer_dir=tokenizer_dir,
+            keep_file_precision=keep_file_precision,
+        )
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
         family = check_family(path, fm_type)  # header only: nothing is read for the wrong family
         ldm_sd, metadata = read_checkpoint(path)  # memory-mapped
@@ -160,3 +177,38 @@ def load_checkpoint(
     for index, (te, te_sd) in enumerate(zip(text_encoders, te_sds)):
         _materialise(te, te_sd, dtype=dtype, what=f"text encoder {index + 1}", **common)
     return LoadedModel(family, arch, unet, vae, text_encoders, tokenizers, path, metadata)
+
+
+def _load_diffusers_folder(
+    path: Path,
+    fm_type: str,
+    *,
+    dtype: torch.dtype,
+    vae_dtype: torch.dtype | None,
+    device: str,
+    tokenizer_dir: Path | None,
+    keep_file_precision: bool,
+) -> LoadedModel:
+    """A diffusers folder (model_index.json, unet/, vae/, text_encoder[_2]/, tokenizer[_2]/), built from its own
+    configs and weights; its tokenizer folders are used unless tokenizer_dir names others."""
+    family = check_folder_family(path, fm_type)
+    arch = folder_architecture(path, family)
+    vocab_limit = min(int(te["vocab_size"]) for te in arch.text_encoders)
+    tokenizers = load_tokenizers(family, tokenizer_dir=tokenizer_dir or path, vocab_size_limit=vocab_limit)
+    with init_empty_weights(include_buffers=False):
+        unet = arch.build_unet()
+        vae = arch.build_vae()
+        text_encoders = arch.build_text_encoders()
+    common: dict[str, Any] = {
+        "device": device,
+        "path": path,
+        "mapped": True,
+        "keep_file_precision": keep_file_precision,
+    }
+    _materialise(unet, read_component(path / "unet"), dtype=dtype, what="UNet", **common)
+    _materialise(vae, read_component(path / "vae"), dtype=vae_dtype or dtype, what="VAE", **common)
+    names = ["text_encoder", "text_encoder_2"][: len(text_encoders)]
+    for index, (te, name) in enumerate(zip(text_encoders, names)):
+        state = fit_text_encoder_keys(read_component(path / name), set(te.state_dict()))
+        _materialise(te, state, dtype=dtype, what=f"text encoder {index + 1}", **common)
+    return LoadedModel(family, arch, unet, vae, text_encoders, tokenizers, path, {})

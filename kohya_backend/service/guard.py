@@ -23,7 +23,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kohya_backend.errors import TrainManagementError
-from kohya_backend.service.hosts import is_loopback
+from kohya_backend.service.hosts import host_name, is_loopback
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
@@ -39,7 +39,8 @@ class BadOrigin(TrainManagementError):
 
 @dataclass(frozen=True)
 class Origin:
-    """A browser origin, normalised: lowercase scheme and host (IPv6 without brackets), explicit port."""
+    """A browser origin, normalised: lowercase scheme and host (IPv6 compressed, without brackets), explicit
+    port."""
 
     scheme: str
     host: str
@@ -66,7 +67,7 @@ def parse_origin(text: str) -> Origin | None:
     match = _ORIGIN.fullmatch(text.strip())
     if match is None:
         return None
-    scheme, host = match.group(1).lower(), match.group(2).strip("[]").lower()
+    scheme, host = match.group(1).lower(), host_name(match.group(2))
     try:
         port = _port(match.group(3))
     except ValueError:
@@ -91,7 +92,7 @@ def parse_host(text: str) -> tuple[str, int | None] | None:
     if match is None:
         return None
     try:
-        return match.group(1).strip("[]").lower(), _port(match.group(2))
+        return host_name(match.group(1)), _port(match.group(2))
     except ValueError:
         return None
 

@@ -35,6 +35,32 @@ class NotInHome(TrainManagementError):
     http_status = 404
 
 
+MAX_NAME_BYTES = 255  # one file or folder name (NAME_MAX on Linux and macOS; 255 UTF-16 units on Windows)
+MAX_PATH_BYTES = 4095  # a whole path (PATH_MAX on Linux, less its terminating NUL)
+
+
+def _size(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _check_length(path: Path, what: str) -> None:
+    """PathOutsideHome when `path` (or one of its names) is longer than any file system holds: such a path names
+    nothing, and asking the file system about it raises ENAMETOOLONG (a 500) instead of answering "no such file"."""
+    longest = max(path.parts, key=_size, default="")
+    if _size(longest) > MAX_NAME_BYTES:
+        shown = longest if len(longest) <= 40 else f"{longest[:40]}..."
+        raise PathOutsideHome(
+            f"{what} holds the name {shown!r} of {_size(longest)} bytes: a file or folder name has at most "
+            f"{MAX_NAME_BYTES}",
+            "use a shorter name",
+        )
+    if _size(str(path)) > MAX_PATH_BYTES:
+        raise PathOutsideHome(
+            f"{what} is a path of {_size(str(path))} bytes: a path has at most {MAX_PATH_BYTES}",
+            "use a shorter name",
+        )
+
+
 @dataclass(frozen=True)
 class _Cached:
     stamp: tuple[float, int]
@@ -113,6 +139,7 @@ class Home:
                 f"{what} {text!r} contains '..'", f"name it relative to {roots[0]} without '..'"
             )
         candidate = path if path.is_absolute() else roots[0] / path
+        _check_length(candidate, what)
         if owner_links:
             resolved = Path(os.path.abspath(candidate))
             real_roots = [Path(os.path.abspath(r)) for r in roots]

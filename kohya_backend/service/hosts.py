@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from urllib.parse import urlsplit
 
 ANY_HOSTS = ("0.0.0.0", "::", "")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -48,11 +49,27 @@ def machine_names() -> list[str]:
     return list(dict.fromkeys(name for name in (socket.gethostname(), socket.getfqdn()) if name))
 
 
+def host_name(text: str) -> str:
+    """The name or address of a host as a user may write it (`name`, `name:port`, `[v6]:port`, a bare IPv6 address,
+    a URL): lowercase, IPv6 compressed and without brackets, as the request guard reads a Host header."""
+    text = text.strip()
+    try:
+        return str(ipaddress.ip_address(text.strip("[]")))
+    except ValueError:
+        pass
+    try:
+        name = urlsplit(text if "://" in text else f"//{text}").hostname
+    except ValueError:
+        name = None
+    return (name or text).lower()
+
+
 def answered_hosts(bind: str, extra: tuple[str, ...] = ()) -> frozenset[str] | None:
-    """The Host names a server bound to `bind` answers to (lowercase, IPv6 without brackets), or None for any.
+    """The Host names a server bound to `bind` answers to (host_name's form), or None for any.
 
     Loopback names always; bound to every interface, this machine's names and interface addresses too; bound to
-    one address or name, that one; `extra` adds names (a reverse proxy's, a tunnel's), and "*" turns the check off.
+    one address or name, that one; `extra` adds names (a reverse proxy's, a tunnel's; a port or a scheme given with
+    one is left out, the check being by name), and "*" turns the check off.
     """
     if "*" in extra:
         return None
@@ -61,4 +78,4 @@ def answered_hosts(bind: str, extra: tuple[str, ...] = ()) -> frozenset[str] | N
         names += [*machine_names(), *interface_addresses(bind)]
     elif not is_loopback(bind):
         names.append(bind)
-    return frozenset(name.strip().strip("[]").lower() for name in names if name.strip())
+    return frozenset(host_name(name) for name in names if name.strip())

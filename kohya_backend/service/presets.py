@@ -1,10 +1,13 @@
-"""Named config presets and the editor's drafts, kept in the home folder so that nothing typed is lost.
+"""Named config presets, kept in the home folder, and the import of a kohya_ss GUI preset.
 
 Presets are `HOME/presets/<name>.toml`, each the config_params text as the user saved it, plus the FM type it was
-saved for (a first comment line). Drafts are `HOME/presets/.drafts/<fm_type>.toml`: the editor's text per FM type,
-written as the user types, so a reload or another browser tab finds it again. A kohya_ss GUI preset (JSON) is
-imported by keeping the keys that are sd-scripts keys this trainer reads, with values it accepts; everything else
-is reported as not imported, with the reason.
+saved for (a first comment line). (The editor's unsaved drafts are kept by the page's script, per browser, in
+localStorage: javascript/train_management.js.) A kohya_ss GUI preset (JSON) is imported as kohya_ss itself turns
+it into sd-scripts arguments: a whole GUI preset is read by config/kohya_gui.py (LoRA_type, optimizer, epoch,
+max_resolution, lr_warmup, ... become the keys the GUI passes on, 0 meaning "unset" where the GUI leaves it out),
+a JSON of a few keys key by key (its own names for a few keys, 0 meaning "unset" for others); the keys this
+trainer reads with values it accepts are kept, everything else (the folders the tab sets, paths of the machine
+that saved it) is reported as not imported, with the reason.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kohya_backend.config.kohya_gui import is_gui_config, translate_gui_config
 from kohya_backend.config.parse import ValueProblem, coerce_value
 from kohya_backend.config.schema import FM_TYPES, SCHEMA, UNSUPPORTED, check_fm_type, render_toml
 from kohya_backend.errors import ConfigError, TrainManagementError
@@ -21,12 +25,24 @@ from kohya_backend.fileio import atomic_write
 from kohya_backend.service.datasets import check_name
 
 PRESETS_FOLDER = "presets"
-DRAFTS_FOLDER = ".drafts"
 MAX_TEXT_BYTES = 256 * 1024  # a config is a few KiB; this bounds what a page can make the server write
 FM_LINE = "# fm_type = "
 # Keys the tab fills from its own fields (Model, Dataset, the Lora folder): a preset's values for them name
 # folders of the machine that saved it.
 TAB_KEYS = ("pretrained_model_name_or_path", "train_data_dir", "output_dir")
+# kohya_ss's GUI names of sd-scripts keys (its lora_gui passes them on under the sd-scripts name).
+GUI_NAMES = {"optimizer": "optimizer_type", "max_resolution": "resolution"}
+# Keys kohya_ss passes to sd-scripts only when they are not 0: in its preset 0 means unset (unet_lr 0: the
+# learning_rate; seed 0: a random seed; max_train_epochs 0: no epoch limit).
+ZERO_IS_UNSET = frozenset(
+    {
+        "ip_noise_gamma", "max_timestep", "max_train_epochs", "max_train_steps", "min_snr_gamma", "min_timestep",
+        "multires_noise_iterations", "noise_offset", "sample_every_n_epochs", "sample_every_n_steps",
+        "save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs", "save_last_n_epochs_state",
+        "save_last_n_steps", "save_last_n_steps_state", "seed", "stop_text_encoder_training", "text_encoder_lr",
+        "unet_lr", "v_pred_like_loss", "vae_batch_size",
+    }
+)  # fmt: skip
 
 
 @dataclass
@@ -45,6 +61,8 @@ class KohyaImport:
     toml: str
     imported: list[str] = field(default_factory=list)
     not_imported: dict[str, str] = field(default_factory=dict)
+    fm_type: str | None = None  # a GUI preset's model type (its `sdxl` checkbox)
+    notes: list[str] = field(default_factory=list)  # how the GUI's own settings were read
 
 
 def _check_text(text: str) -> str:
@@ -64,13 +82,10 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 class PresetStore:
-    """Named presets and per-FM-type drafts under HOME/presets."""
+    """Named presets under HOME/presets."""
 
     def __init__(self, home_root: Path) -> None:
         self.folder = Path(home_root) / PRESETS_FOLDER
-        self.drafts = self.folder / DRAFTS_FOLDER
-
-    # -- presets ---------------------------------------------------------------------------------------------
 
     def names(self) -> list[str]:
         """The saved presets' names, sorted."""
@@ -116,27 +131,6 @@ class PresetStore:
                 f"there is no preset {name!r}", "refresh the list of presets"
             ) from None
 
-    # -- drafts ----------------------------------------------------------------------------------------------
-
-    def _draft_path(self, fm_type: str) -> Path:
-        check_fm_type(fm_type)
-        return self.drafts / f"{fm_type}.toml"
-
-    def draft(self, fm_type: str) -> str | None:
-        """The editor's last text for this FM type, or None when it has none."""
-        try:
-            return self._draft_path(fm_type).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return None
-
-    def save_draft(self, fm_type: str, text: str) -> None:
-        """Remember the editor's text for this FM type."""
-        _write_atomic(self._draft_path(fm_type), _check_text(text or ""))
-
-    def clear_draft(self, fm_type: str) -> None:
-        """Forget the draft of this FM type (the editor shows the defaults again)."""
-        self._draft_path(fm_type).unlink(missing_ok=True)
-
 
 def _not_imported_reason(key: str) -> str | None:
     """Why a kohya_ss preset key is not imported (None: it is)."""
@@ -144,6 +138,10 @@ def _not_imported_reason(key: str) -> str | None:
         return "set by the tab (Model, Dataset and the Lora folder)"
     if key in UNSUPPORTED:
         return f"not implemented by this trainer: {UNSUPPORTED[key]}"
+    if key == "epoch":
+        return (
+            "the preset's max_train_steps or max_train_epochs sets the length (kohya_ss then ignores epoch)"
+        )
     spec = SCHEMA.get(key)
     if spec is None:
         return "a kohya_ss GUI setting, not an sd-scripts key: set its sd-scripts equivalent by hand"
@@ -152,9 +150,42 @@ def _not_imported_reason(key: str) -> str | None:
     return None
 
 
+def _unset(raw: Any, key: str = "") -> bool:
+    """A kohya_ss preset value that means "not set": None, "", or 0 for the keys of ZERO_IS_UNSET."""
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return True
+    if key in ZERO_IS_UNSET and not isinstance(raw, bool):
+        try:
+            return float(raw) == 0
+        except (TypeError, ValueError):
+            return False
+    return False
+
+
+def _sd_scripts_items(data: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The preset's settings as kohya_ss passes them to sd-scripts: unset ones left out, its GUI names renamed,
+    its attention choice ("xformers" / "sdpa" / "none") as the flag it sets, and its `epoch` as max_train_epochs
+    when no other length is set (kohya_ss turns it into the steps of that many epochs)."""
+    items = []
+    for key, raw in data.items():
+        key = str(key)
+        if _unset(raw, key) or (key == "LoRA_type" and raw == "Standard"):  # Standard: the default LoRA
+            continue
+        if key == "xformers" and isinstance(raw, str):
+            if raw in ("xformers", "sdpa"):
+                items.append((raw, True))
+            continue  # "none": neither
+        if key in GUI_NAMES and _unset(data.get(GUI_NAMES[key])):
+            key = GUI_NAMES[key]
+        elif key == "epoch" and all(_unset(data.get(k), k) for k in ("max_train_epochs", "max_train_steps")):
+            key = "max_train_epochs"
+        items.append((key, raw))
+    return items
+
+
 def import_kohya_ss(text: str) -> KohyaImport:
-    """Turn a kohya_ss GUI preset (a JSON object) into config_params: every key that is an sd-scripts key of the
-    schema with a value the trainer accepts; empty values ("" is kohya_ss's "unset") are left out silently."""
+    """Turn a kohya_ss GUI preset (a JSON object) into config_params: every setting that kohya_ss passes on as an
+    sd-scripts key of the schema, with a value the trainer accepts; unset values are left out silently."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -166,12 +197,27 @@ def import_kohya_ss(text: str) -> KohyaImport:
         raise TrainManagementError(
             "the preset is not a JSON object", 'a kohya_ss preset is {"key": value, ...}'
         )
+    if not is_gui_config(data):  # a few keys, not a whole GUI preset: kept key by key
+        return _import_values(_sd_scripts_items(data), {}, KohyaImport(""))
+    try:
+        translation = translate_gui_config(data)
+    except ConfigError as exc:  # a trainer the GUI has that this one has not (Flux, textual inversion, ...)
+        first = exc.issues[0]
+        raise TrainManagementError(
+            first.message, first.hint or "import a LoRA preset of SD 1.5 or SDXL"
+        ) from None
+    result = KohyaImport("", fm_type=translation.fm_type)
+    result.notes = [issue.message for issue in translation.notes]
+    return _import_values(list(translation.values.items()), translation.origin, result)
+
+
+def _import_values(items: list[tuple[str, Any]], origin: dict[str, str], result: KohyaImport) -> KohyaImport:
     values: dict[str, Any] = {}
-    result = KohyaImport("")
-    for key, raw in data.items():
-        if raw is None or (isinstance(raw, str) and not raw.strip()):
+    for key, raw in items:
+        if raw is None or raw == [] or (isinstance(raw, str) and not raw.strip()):
             continue  # kohya_ss writes "" for a setting left unset
-        reason = _not_imported_reason(str(key))
+        source = origin.get(key, key)
+        reason = _not_imported_reason(key)
         if reason is None:
             try:
                 value = coerce_value(SCHEMA[key], raw)
@@ -186,6 +232,7 @@ def import_kohya_ss(text: str) -> KohyaImport:
                 result.imported.append(key)
                 continue
         if key in SCHEMA or raw not in ([], False, 0):
-            result.not_imported[str(key)] = reason  # other settings left off / 0 / [] are not worth a line
+            name = str(key) if source == key else f"{source} (as {key})"
+            result.not_imported[name] = reason  # other settings left off / 0 / [] are not worth a line
     result.toml = render_toml(values, values.keys())
     return result

@@ -58,14 +58,26 @@ def find_bad_text(value: Any, path: list[str | int] | None = None) -> tuple[str,
     return None
 
 
+def _too_deep() -> Response:
+    detail = {
+        "error": "InvalidBody",
+        "message": "the JSON body nests arrays or objects too deeply to be read",
+        "hint": "send the body as the API documents it (no field nests more than a few levels)",
+    }
+    return JSONResponse({"detail": detail}, status_code=400)
+
+
 def bad_text_answer(raw: bytes) -> Response | None:
-    """The 400 answer for a JSON body holding invalid text (None when it holds none, or is no JSON at all: the
-    route's own parsing answers that)."""
+    """The 400 answer for a JSON body holding invalid text, or nested too deeply for Python's JSON reader (which
+    raises RecursionError, a 500 if let through); None when it holds neither, or is no JSON at all: the route's
+    own parsing answers that."""
     try:
         data = json.loads(raw)
+        found = find_bad_text(data)
+    except RecursionError:
+        return _too_deep()
     except ValueError:
         return None
-    found = find_bad_text(data)
     if found is None:
         return None
     field, index, char = found

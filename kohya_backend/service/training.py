@@ -11,7 +11,7 @@ import builtins
 import logging
 import time
 from collections.abc import Callable, Mapping, MutableMapping
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from kohya_backend.jobs.scheduler import Scheduler
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import Job, JobStore, StoreError
 from kohya_backend.service.home import Home, PathOutsideHome
-from kohya_backend.service.idempotency import IdempotencyKeys, check_key
+from kohya_backend.service.idempotency import IdempotencyKeys, check_key, fingerprint
 from kohya_backend.service.s3_assets import S3Assets
 from kohya_backend.storage.uri import is_s3_uri, parse_s3_uri
 
@@ -116,8 +116,9 @@ def _config_issue(key: str, exc: TrainManagementError, positions: dict[str, tupl
 class TrainingService:
     """Submits, lists, inspects, cancels, resumes and deletes jobs of one home folder.
 
-    `restrict_paths` False (the local CLI, run by the machine's owner) lets config_params name any path, as kohya's
-    tools do; model and dataset are still names under the home folder.
+    `restrict_paths` False (the local CLI, run by the machine's owner) lets config_params name any path or s3://
+    object, as kohya's tools do; model and dataset are still names under the home folder (or any s3:// URI). With
+    it, s3:// values must lie in the app's S3 prefix (S3Assets.confine).
     """
 
     def __init__(
@@ -153,12 +154,20 @@ class TrainingService:
 
     def describe_model(self, name: str) -> dict[str, Any]:
         """A model's list entry (size, family or why it cannot be read), local or s3://."""
-        return self.s3.describe_model(name) if is_s3_uri(name) else self.home.describe_model(name)
+        if is_s3_uri(name):
+            return self.s3.describe_model(self._s3_value("pretrained_model_name_or_path", name, "model"))
+        return self.home.describe_model(name)
+
+    def _s3_value(self, key: str, value: object, what: str | None = None) -> str:
+        """An s3:// value for config key `key`, parsed and, when paths are restricted, inside the app's S3 prefix."""
+        if self.restrict_paths:
+            return str(self.s3.confine(key, value, what=what))
+        return str(parse_s3_uri(value, what=what or key))
 
     def _model_value(self, name: str) -> str:
         """The config value of a submitted model: its local path (NotInHome when missing), or its s3:// URI."""
         return (
-            str(parse_s3_uri(name, what="model"))
+            self._s3_value("pretrained_model_name_or_path", name, "model")
             if is_s3_uri(name)
             else self.home.model_path(name).as_posix()
         )
@@ -180,7 +189,7 @@ class TrainingService:
 
     def _dataset_value(self, name: str) -> str:
         if is_s3_uri(name):
-            return str(self.s3.check_dataset(name))
+            return str(self.s3.check_dataset(self._s3_value("train_data_dir", name, "dataset")))
         return self.home.dataset_path(name).as_posix()
 
     def _key_roots(self, key: str) -> list[Path]:
@@ -198,13 +207,34 @@ class TrainingService:
     ) -> None:
         """Resolve every path-valued key inside the home's roots (in place); raise PathOutsideHome listing refusals.
 
-        Keys the server sets itself keep their value unless `rewrite_all` (used by config format).
+        Keys the server sets itself keep their value unless `rewrite_all` (used by config format). s3:// values must
+        lie in the app's S3 prefix (S3Assets.confine).
         """
         issues = []
+        if values.get("dataset_config") not in (None, ""):
+            # its image_dir entries name folders anywhere: a client may not point the server at them
+            issues.append(
+                _config_issue(
+                    "dataset_config",
+                    TrainManagementError(
+                        "dataset_config is read by the command line trainer only (its image_dir paths cannot be "
+                        "kept inside the home folder)",
+                        "choose a dataset here instead (train_data_dir), or run `python -m kohya_backend train "
+                        "--config ...` on the machine",
+                    ),
+                    positions,
+                )
+            )
         for key, spec in SCHEMA.items():
             value = values.get(key)
-            if spec.kind != "path" or value is None or value == "" or is_s3_uri(value):
-                continue  # s3:// values are objects, checked by config validation and S3 itself
+            if spec.kind != "path" or value is None or value == "" or key == "dataset_config":
+                continue
+            if is_s3_uri(value):
+                try:
+                    self.s3.confine(key, value)
+                except TrainManagementError as exc:
+                    issues.append(_config_issue(key, exc, positions))
+                continue
             try:
                 resolved = self.home.resolve(str(value), self._key_roots(key), what=key)
             except PathOutsideHome as exc:
@@ -214,9 +244,10 @@ class TrainingService:
                 values[key] = resolved.as_posix()
         if issues:
             raise PathOutsideHome(
-                "config_params names paths outside the home folder:\n"
+                "config_params names paths outside the home folder (or the app's S3 prefix):\n"
                 + "\n".join(f"  - {i.render()}" for i in issues),
-                "use names inside the home's models/, datasets/ and lora/ folders",
+                "use names inside the home's models/, datasets/ and lora/ folders, or s3:// objects below the S3 "
+                "prefix's models/, datasets/ and loras/",
             )
 
     def prepare(self, sub: Submission) -> tuple[str, str, dict[str, Any]]:
@@ -298,7 +329,9 @@ class TrainingService:
             parsed.values["pretrained_model_name_or_path"] = self._model_value(model)
         if dataset:
             parsed.values["train_data_dir"] = (
-                dataset if is_s3_uri(dataset) else self.home.dataset_path(dataset).as_posix()
+                self._s3_value("train_data_dir", dataset, "dataset")
+                if is_s3_uri(dataset)
+                else self.home.dataset_path(dataset).as_posix()
             )
         if model or dataset:
             parsed.values["output_dir"] = self.home.lora.as_posix()
@@ -388,17 +421,27 @@ class TrainingService:
         raise self._name_taken(output_name)
 
     def submit_once(self, sub: Submission, key: str | None) -> tuple[Job, bool]:
-        """submit() under an idempotency key: the job that key queued before (and False), or a new one (True)."""
+        """submit() under an idempotency key: the job that key queued before (and False), or a new one (True);
+        KeyReused when the key queued a job for another submission."""
         if key is None:
             return self.submit(sub), True
         check_key(key, "the Idempotency-Key header")
-        known = self.keys.known(key)
+        request = fingerprint(asdict(sub))
+        known = self.keys.known(key, request)
         if known is None:
             with self.keys.lock:
-                known = self.keys.known(key)
+                known = self.keys.known(key, request)
                 if known is None:
                     job = self.submit(sub)
-                    self.keys.remember(key, job.id)
+                    try:
+                        self.keys.remember(key, job.id, request)
+                    except OSError as exc:  # the job is queued: say which, so a retry does not queue it twice
+                        raise StoreError(
+                            f"job {job.id} is queued, but its Idempotency-Key could not be recorded in "
+                            f"{self.keys.folder}: {exc.strerror or exc}",
+                            f"do not send it again: job {job.id} is the one it queued; free space on that disk "
+                            "or make the folder writable before using keys again",
+                        ) from exc
                     return job, True
         return self.store.get(known), False
 

@@ -25,13 +25,13 @@ from kohya_backend.errors import TrainManagementError
 from kohya_backend.job_folder import OUTPUT_DIR, JobFolder
 from kohya_backend.jobs.allocation import check_gpus_value
 from kohya_backend.jobs.delivery import NO_LINK_ERRNOS
-from kohya_backend.jobs.registry import file_lock
 from kohya_backend.jobs.runner import LOG_NAME, RESULT_NAME, read_json
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import Job, JobNotFound
 from kohya_backend.jobs.worker_protocol import (
     FOLDER_KEYS,
     INPUT_KEYS,
+    LOCAL_ONLY_KEYS,
     MAX_INPUT_FILES,
     OUTPUT_KEYS,
     InvalidName,
@@ -39,6 +39,7 @@ from kohya_backend.jobs.worker_protocol import (
     validate_relpath,
     validate_sha256,
 )
+from kohya_backend.locks import file_lock
 from kohya_backend.models.hashing import Sha256Cache
 from kohya_backend.service.blobs import BlobStore
 from kohya_backend.service.home import MODEL_SUFFIXES, PathOutsideHome
@@ -199,7 +200,7 @@ class WorkerJobs:
         config = body.get("config_params")
         if not isinstance(config, dict):
             raise _bad("config_params must be an object")
-        paths = sorted(set(config) & {*INPUT_KEYS, *OUTPUT_KEYS})
+        paths = sorted(set(config) & {*INPUT_KEYS, *OUTPUT_KEYS, *LOCAL_ONLY_KEYS})
         if paths:
             raise _bad(
                 f"config_params names paths ({', '.join(paths)}); the worker sets them itself",

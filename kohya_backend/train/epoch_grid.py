@@ -124,13 +124,30 @@ def render_epoch_grid(
 
 
 def render_after_training(trainer: Trainer, final: Path) -> Path | None:
-    """The loop's one hook: the grid of a finished run that sampled and saved at least one epoch, or None."""
-    config, s = trainer.config, trainer.s
+    """The loop's one hook: the grid of a finished run that sampled and saved at least one epoch, or None (also
+    when it could not be drawn: out of memory, an unreadable epoch file; a warning event says why)."""
+    config = trainer.config
     if not config.sampling_enabled:
         return None  # no prompts, or the VAE was released after caching
     columns = epoch_columns(trainer.output_dir, config.output_stem, final)
     if len(columns) < 3:
         return None  # no saved epoch to compare
+    trainer.events.emit("log", message=f"rendering the epoch comparison grid ({len(columns)} columns)")
+    try:
+        with torch.no_grad():
+            path = _render(trainer, columns)
+    except Exception as exc:  # the LoRA is saved: a grid that cannot be drawn must not fail the run
+        trainer.events.emit(
+            "warning", message=f"the epoch comparison grid was not rendered: {type(exc).__name__}: {exc}"
+        )
+        return None
+    trainer.events.emit("grid", path=str(path), columns=[c.label for c in columns])
+    return path
+
+
+def _render(trainer: Trainer, columns: list[Column]) -> Path:
+    """render_epoch_grid with the trainer's prompts, models and sampler settings."""
+    config, s = trainer.config, trainer.s
     raw = str(config.sample_prompts)
     text = Path(raw).read_text(encoding="utf-8") if Path(raw).is_file() else raw
     prompts = parse_sample_prompts(text, default_size=config.resolution)
@@ -156,14 +173,10 @@ def render_after_training(trainer: Trainer, final: Path) -> Path | None:
             network=s.network,
         )
 
-    trainer.events.emit("log", message=f"rendering the epoch comparison grid ({len(columns)} columns)")
-    with torch.no_grad():
-        path = render_epoch_grid(
-            columns=columns,
-            prompts=prompts,
-            network=s.network,
-            sample=sample,
-            out_path=trainer.output_dir / f"{config.output_stem}{GRID_SUFFIX}",
-        )
-    trainer.events.emit("grid", path=str(path), columns=[c.label for c in columns])
-    return path
+    return render_epoch_grid(
+        columns=columns,
+        prompts=prompts,
+        network=s.network,
+        sample=sample,
+        out_path=trainer.output_dir / f"{config.output_stem}{GRID_SUFFIX}",
+    )

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
+from kohya_backend.data.augment import color_aug as augment_colors
 from kohya_backend.data.batches import TrainItem
 from kohya_backend.data.buckets import resize_and_crop
 from kohya_backend.data.images import load_image
@@ -39,12 +40,15 @@ class PreparedImage:
 
 
 def prepare_image(
-    item: TrainItem, *, flip: bool, random_crop: bool, rng: random.Random | None
+    item: TrainItem, *, flip: bool, random_crop: bool, rng: random.Random | None, color_aug: bool = False
 ) -> PreparedImage:
-    """Load, cover-resize and crop to the item's bucket, optionally mirror, scale to [-1, 1]."""
+    """Load, cover-resize and crop to the item's bucket, color-augment (kohya's color_aug), optionally mirror,
+    scale to [-1, 1]."""
     image, crop, original = resize_and_crop(
         load_image(item.image.path), item.bucket, random_crop=random_crop, rng=rng
     )
+    if color_aug:
+        image = augment_colors(image, rng if rng is not None else random.Random())
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0

@@ -16,7 +16,6 @@ import math
 import random
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +25,11 @@ import torch
 from kohya_backend.config.format import to_canonical_toml
 from kohya_backend.config.train_config import TrainConfig
 from kohya_backend.data.batches import TrainItem, epoch_batches, process_rounds
+from kohya_backend.data.dataset_config import kohya_datasets_metadata
 from kohya_backend.errors import TrainingError
 from kohya_backend.job_folder import SAMPLE_DIR
 from kohya_backend.lora.build import TrainedNetwork
-from kohya_backend.lora.metadata import BaseModel, NetworkSettings, training_metadata
+from kohya_backend.lora.metadata import BaseModel, DatasetInfo, NetworkSettings, training_metadata
 from kohya_backend.lora.network import LoRANetwork
 from kohya_backend.lora.save import save_lora
 from kohya_backend.models.hashing import legacy_hash_file
@@ -49,7 +49,7 @@ from kohya_backend.train.optimizers_extra import set_optimizer_mode
 from kohya_backend.train.precision import Precision
 from kohya_backend.train.process_env import ProcessInfo
 from kohya_backend.train.sample import generate_samples, parse_sample_prompts
-from kohya_backend.train.setup import Setup, caption_for, prepare
+from kohya_backend.train.setup import Setup, caption_for, options_for, prepare
 from kohya_backend.train.state import PROGRESS_FILE, latest_state, load_training_state, save_training_state
 from kohya_backend.train.tensorboard import TensorBoardLog, tensorboard_run_dir
 
@@ -86,12 +86,13 @@ def _network_settings(config: TrainConfig, network: TrainedNetwork) -> NetworkSe
             conv_dim=network.conv_dim,
             conv_alpha=network.conv_alpha,
             dropout=network.dropout,
+            given_args=config.network_kwargs,
         )
     return NetworkSettings(
         dim=network.network_dim,
         alpha=network.network_alpha,
         module=config.network_module,
-        extra_args=config.network_kwargs,
+        given_args=config.network_kwargs,
     )
 
 
@@ -137,7 +138,7 @@ class Trainer:
         )
         self.seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
         self.output_dir = Path(config.output_dir or ".")
-        self.session_id = uuid.uuid4().hex
+        self.session_id = random.SystemRandom().randint(0, 2**32)  # kohya's ss_session_id is an integer
         self.started_at = time.time()
         self.step = 0
         self.epoch = 0
@@ -145,7 +146,7 @@ class Trainer:
         self.saved: list[Path] = []
         self.losses: list[float] = []
         self.max_norm_log: dict[str, float] | None = None  # kohya's max-norm numbers of the last step
-        self._base_hashes: tuple[str | None, str] | None = None
+        self._base_hashes: tuple[str | None, str | None] | None = None
         self.setup: Setup | None = None
 
     @property
@@ -207,7 +208,8 @@ class Trainer:
     def _sample_streams(self, round_no: int, count: int) -> tuple[list[random.Random], list[torch.Generator]]:
         """A Python and a torch random stream per sample, keyed by the sample's place in the global batch (epoch,
         round, slot): a global batch draws the same augmentation and noise however the processes split it."""
-        first = self.procs.info.rank * self.config.train_batch_size
+        widest = max([self.config.train_batch_size, *(self.s.plan.batch_sizes or [])])  # a dataset_config's
+        first = self.procs.info.rank * widest
         keys = [f"{self.seed}/{self.epoch}/{round_no}/{first + i}" for i in range(count)]
         rngs = [random.Random(key) for key in keys]
         gens = [torch.Generator().manual_seed(random.Random(f"torch/{key}").getrandbits(63)) for key in keys]
@@ -217,7 +219,9 @@ class Trainer:
         self, batch: list[TrainItem], rngs: list[random.Random], gens: list[torch.Generator]
     ) -> _Batch:
         config, s = self.config, self.s
-        flips = [config.flip_aug and rng.random() < 0.5 for rng in rngs]
+        # a dataset_config gives each subset its own caption and augmentation settings
+        options = [options_for(config, s.scan, it) for it in batch]
+        flips = [o.flip_aug and rng.random() < 0.5 for o, rng in zip(options, rngs)]
         captions = [
             caption_for(config, s.scan, it, epoch=self.epoch, rng=rng) for it, rng in zip(batch, rngs)
         ]
@@ -227,8 +231,8 @@ class Trainer:
             geos = [p[1] for p in pairs]
         else:
             geos = [
-                prepare_image(it, flip=f, random_crop=config.random_crop, rng=rng)
-                for it, f, rng in zip(batch, flips, rngs)
+                prepare_image(it, flip=f, random_crop=o.random_crop, color_aug=o.color_aug, rng=rng)
+                for it, f, o, rng in zip(batch, flips, options, rngs)
             ]
             with torch.no_grad():
                 latents = encode_latents(
@@ -345,12 +349,38 @@ class Trainer:
             set_optimizer_mode(self.s.optimizer, self.s.optimizer_type, train=True)
 
     # ----------------------------------------------------------------------------------------------- saving
+    def _base_model(self) -> BaseModel:
+        """The base model as kohya records it: a file's name and hashes; for a folder the name and "IsADirectory"
+        (what sd-scripts' hash helpers answer); a hub id as given, without hashes."""
+        s, given = self.s, str(self.config.pretrained_model_name_or_path)
+        if self._base_hashes is None:
+            if s.base_sha256 is not None:
+                self._base_hashes = (s.base_sha256.result(), legacy_hash_file(s.base_model))
+            elif Path(given).is_dir():
+                self._base_hashes = ("IsADirectory", "IsADirectory")
+            else:
+                self._base_hashes = (None, None)
+        local = Path(given).exists()
+        return BaseModel(
+            Path(given) if local else None,
+            self._base_hashes[0],
+            self._base_hashes[1],
+            name=None if local else given,
+        )
+
+    def _dataset_info(self) -> DatasetInfo:
+        """Tags, folders and buckets as kohya records them (ss_datasets for a dataset_config run)."""
+        scan, plan = self.s.scan, self.s.plan
+        reg_dirs = scan.kohya_dataset_dirs(reg=True)
+        if scan.datasets:
+            datasets, tags, dirs = kohya_datasets_metadata(scan, plan.bucket_infos)
+            return DatasetInfo(tags, dirs, reg_dirs, plan.bucket_infos[0], datasets)
+        return DatasetInfo(
+            scan.tag_frequency(), scan.kohya_dataset_dirs(reg=False), reg_dirs, plan.bucket_infos[0]
+        )
+
     def _metadata(self, *, final: bool) -> dict[str, str]:
         config, s = self.config, self.s
-        base = Path(str(config.pretrained_model_name_or_path))
-        if self._base_hashes is None:
-            sha256 = s.base_sha256.result() if s.base_sha256 is not None else None
-            self._base_hashes = (sha256, legacy_hash_file(base))
         network = s.network
         return training_metadata(
             config=config,
@@ -367,10 +397,8 @@ class Trainer:
             num_processes=self.procs.world_size,
             num_train_images=s.plan.num_train_images,
             num_reg_images=s.plan.num_reg_images,
-            tag_frequency=s.scan.tag_frequency(),
-            dataset_dirs=s.scan.dataset_dirs_info(),
-            bucket_info={"buckets": s.plan.buckets},
-            base_model=BaseModel(base, self._base_hashes[0], self._base_hashes[1]),
+            dataset=self._dataset_info(),
+            base_model=self._base_model(),
         )
 
     def _save_lora(self, name: str, *, final: bool) -> Path:
@@ -528,6 +556,7 @@ class Trainer:
             batch_size=self.config.train_batch_size,
             epoch=self.epoch,
             seed=self.seed,
+            batch_sizes=self.s.plan.batch_sizes,
         )
         n, rank = self.procs.world_size, self.procs.info.rank
         start = self.batches_done

@@ -349,9 +349,12 @@ def check_optimizer_settings(config: TrainConfig, *, total_steps: int) -> None:
         return
 
 
-def optimizer_description(optimizer: torch.optim.Optimizer, optimizer_args: dict[str, Any]) -> str:
-    """kohya's ss_optimizer: the optimizer's module.class, with its optimizer_args in parentheses."""
-    cls = type(optimizer)
+def optimizer_description(
+    optimizer: torch.optim.Optimizer | type[torch.optim.Optimizer], optimizer_args: dict[str, Any]
+) -> str:
+    """kohya's ss_optimizer: the optimizer's module.class (of an instance or the class itself), with its
+    optimizer_args in parentheses (Python str of each value), e.g. "torch.optim.adamw.AdamW(betas=(0.9, 0.99))"."""
+    cls = optimizer if isinstance(optimizer, type) else type(optimizer)
     args = ",".join(f"{key}={value}" for key, value in optimizer_args.items())
     name = f"{cls.__module__}.{cls.__name__}"
     return f"{name}({args})" if args else name

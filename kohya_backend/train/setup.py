@@ -7,21 +7,24 @@ each fixed caption is tokenised once.
 
 from __future__ import annotations
 
+import functools
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
-from kohya_backend.config.train_config import TrainConfig
+from kohya_backend.config.train_config import CAPTION_VARIATION_KEYS, TrainConfig
 from kohya_backend.data.batches import TrainItem
 from kohya_backend.data.captions import build_caption
+from kohya_backend.data.dataset_config import SubsetOptions, options_from_config
 from kohya_backend.data.plan import TrainingPlan
 from kohya_backend.data.scan import DatasetScan
 from kohya_backend.lora.build import TrainedNetwork, create_network
 from kohya_backend.lora.save import load_lora
+from kohya_backend.models.diffusers_folder import resolve_model_path
 from kohya_backend.models.frozen import route_frozen_layers
 from kohya_backend.models.hashing import BackgroundSha256
 from kohya_backend.models.load import LoadedModel, load_checkpoint
@@ -40,23 +43,41 @@ from kohya_backend.train.runtime import release_pages
 TEXT_CACHE_BATCH = 16  # captions per text-encoder call when caching them all before training
 
 
+@functools.lru_cache(maxsize=8)
+def _config_options(config: TrainConfig) -> SubsetOptions:
+    return options_from_config(config.values)
+
+
+def options_for(config: TrainConfig, scan: DatasetScan, item: TrainItem) -> SubsetOptions:
+    """The caption and augmentation settings an item trains with: its dataset_config subset's, else the config's."""
+    return scan.subsets[item.subset_index].options or _config_options(config)
+
+
+def captions_vary(config: TrainConfig, scan: DatasetScan) -> bool:
+    """Whether an image's caption can differ between draws (shuffle or dropout, in the config or in a subset)."""
+    variation = [f.name for f in fields(SubsetOptions) if f.name in CAPTION_VARIATION_KEYS]
+    subsets = [s.options for s in scan.subsets if s.options is not None]
+    return config.captions_vary or any(getattr(o, key) for o in subsets for key in variation)
+
+
 def caption_for(
     config: TrainConfig, scan: DatasetScan, item: TrainItem, *, epoch: int, rng: random.Random
 ) -> str:
-    """The caption an item is trained with on one draw (prefix/suffix, shuffle, dropout as the config says)."""
+    """The caption an item is trained with on one draw (prefix/suffix, shuffle, dropout as its settings say)."""
+    options = options_for(config, scan, item)
     return build_caption(
         item.image.caption,
         scan.subsets[item.subset_index].class_token,
         epoch=epoch,
         rng=rng,
-        shuffle=config.shuffle_caption,
-        keep_tokens=config.keep_tokens,
-        keep_tokens_separator=config.keep_tokens_separator,
-        dropout_rate=config.caption_dropout_rate,
-        dropout_every_n_epochs=config.caption_dropout_every_n_epochs,
-        tag_dropout_rate=config.caption_tag_dropout_rate,
-        prefix=config.caption_prefix or "",
-        suffix=config.caption_suffix or "",
+        shuffle=options.shuffle_caption,
+        keep_tokens=options.keep_tokens,
+        keep_tokens_separator=options.keep_tokens_separator or "",
+        dropout_rate=options.caption_dropout_rate,
+        dropout_every_n_epochs=options.caption_dropout_every_n_epochs,
+        tag_dropout_rate=options.caption_tag_dropout_rate,
+        prefix=options.caption_prefix or "",
+        suffix=options.caption_suffix or "",
     )
 
 
@@ -84,6 +105,7 @@ class TextConditioner:
         *,
         trained: bool,
         cache: TextCache | None,
+        vary: bool,
     ) -> None:
         self.family: ModelFamily = get_family(config.fm_type)
         self.model = model
@@ -92,7 +114,7 @@ class TextConditioner:
         self.cache = cache
         self.max_token_length = config.max_token_length
         self.clip_skip = config.effective_clip_skip
-        self.memoise_ids = not config.captions_vary
+        self.memoise_ids = not vary
         self.ids: dict[str, list[torch.Tensor]] = {}  # token ids per caption, per tokenizer
 
     def token_ids(self, captions: list[str]) -> list[torch.Tensor]:
@@ -137,7 +159,10 @@ class Setup:
     lr_scheduler: LRScheduler
     noise_scheduler: Any
     loss_settings: LossSettings
-    base_sha256: BackgroundSha256 | None  # None in the processes that do not save (data-parallel ranks > 0)
+    base_model: Path  # the file or folder pretrained_model_name_or_path names (a hub id's cached snapshot)
+    # None for a folder (a diffusers model has no one file to hash), and in the processes that do not save
+    # (data-parallel ranks above 0)
+    base_sha256: BackgroundSha256 | None
 
     @property
     def items(self) -> list[TrainItem]:
@@ -145,11 +170,10 @@ class Setup:
         return self.plan.items
 
 
-def _load_model(config: TrainConfig, precision: Precision, events: EventLog) -> LoadedModel:
+def _load_model(config: TrainConfig, model_path: Path, precision: Precision, events: EventLog) -> LoadedModel:
     weight_dtype = precision.weight_dtype
     vae_dtype = torch.float32 if config.no_half_vae or weight_dtype == torch.float32 else weight_dtype
-    model_path = Path(str(config.pretrained_model_name_or_path))
-    events.emit("log", message=f"loading {model_path}")
+    events.emit("log", message=f"loading {config.pretrained_model_name_or_path}")
     cpu = precision.device.type == "cpu"
     model = load_checkpoint(
         model_path,
@@ -202,6 +226,7 @@ def _build_network(config: TrainConfig, model: LoadedModel, precision: Precision
 def _latent_cache(
     config: TrainConfig,
     model: LoadedModel,
+    scan: DatasetScan,
     items: list[TrainItem],
     precision: Precision,
     events: EventLog,
@@ -210,8 +235,9 @@ def _latent_cache(
 ) -> LatentCache | None:
     if not config.cache_latents:
         return None
-    fingerprint = f"{Path(str(config.pretrained_model_name_or_path)).resolve()}|{model.vae.dtype}"
+    fingerprint = f"{model.path.resolve()}|{model.vae.dtype}"
     cache = LatentCache(to_disk=config.cache_latents_to_disk, model_fingerprint=fingerprint)
+    flip_aug = any(options_for(config, scan, it).flip_aug for it in items)
     events.emit("caching", what="latents", done=0, total=len(items))
     # Every process caches every image (any of them may draw it); on disk rank 0 writes first, the others read.
     with processes.main_first(enabled=config.cache_latents_to_disk):
@@ -219,7 +245,7 @@ def _latent_cache(
             items,
             model.vae,
             scale=model.arch.latent_scale,
-            flips=(False, True) if config.flip_aug else (False,),
+            flips=(False, True) if flip_aug else (False,),
             batch_size=config.vae_batch_size or auto_vae_batch_size(config.resolution, precision.device),
             generator=torch.Generator().manual_seed(seed),
             progress=lambda d, t: events.emit("caching", what="latents", done=d, total=t),
@@ -230,20 +256,24 @@ def _latent_cache(
     return cache
 
 
-def _text_cache(config: TrainConfig, model: LoadedModel) -> TextCache | None:
+def _text_cache(config: TrainConfig, model: LoadedModel, *, vary: bool) -> TextCache | None:
     """Memoised conditioning while the text encoders are frozen: every caption with cache_text_encoder_outputs
     (on disk too with cache_text_encoder_outputs_to_disk), else a bounded memo, and none when captions change
-    each time they are drawn (each shuffle is a new caption that would never be looked up again)."""
+    each time they are drawn (`vary`: each shuffle is a new caption that would never be looked up again)."""
     if config.trains_text_encoder:
         return None
     if not config.cache_text_encoder_outputs:
-        return None if config.captions_vary else TextCache()
+        return None if vary else TextCache()
     disk_dir = None
     if config.cache_text_encoder_outputs_to_disk:
-        disk_dir = Path(str(config.train_data_dir)) / TEXT_CACHE_DIR
+        # beside the dataset: train_data_dir, or the folder of the dataset_config that names the images
+        data = (
+            Path(config.dataset_config).parent if config.dataset_config else Path(str(config.train_data_dir))
+        )
+        disk_dir = data / TEXT_CACHE_DIR
     fingerprint = "|".join(
         [
-            str(Path(str(config.pretrained_model_name_or_path)).resolve()),
+            str(model.path.resolve()),
             config.fm_type,
             str(model.text_encoders[0].dtype),
             f"clip_skip={config.effective_clip_skip}",
@@ -296,13 +326,19 @@ def prepare(
     events.total_steps = plan.total_steps
     events.emit("plan", **plan.to_dict())
     # kohya's metadata needs the base model's sha256: hash it (or take it from the cache) while we load and train
-    base_path = Path(str(config.pretrained_model_name_or_path))
-    base_sha256 = BackgroundSha256(base_path) if processes.is_main else None
-    model = _load_model(config, precision, events)
+    base_model = resolve_model_path(str(config.pretrained_model_name_or_path))
+    base_sha256 = BackgroundSha256(base_model) if base_model.is_file() and processes.is_main else None
+    model = _load_model(config, base_model, precision, events)
     network = _build_network(config, model, precision)
-    latent_cache = _latent_cache(config, model, plan.items, precision, events, seed, processes)
+    latent_cache = _latent_cache(config, model, scan, plan.items, precision, events, seed, processes)
+    vary = captions_vary(config, scan)
     text = TextConditioner(
-        config, model, precision, trained=config.trains_text_encoder, cache=_text_cache(config, model)
+        config,
+        model,
+        precision,
+        trained=config.trains_text_encoder,
+        cache=_text_cache(config, model, vary=vary),
+        vary=vary,
     )
     with processes.main_first(enabled=config.cache_text_encoder_outputs_to_disk):
         _cache_all_captions(config, scan, plan.items, text, events)
@@ -341,5 +377,6 @@ def prepare(
             v_pred_like_loss=config.v_pred_like_loss,
             debiased_estimation_loss=config.debiased_estimation_loss,
         ),
+        base_model=base_model,
         base_sha256=base_sha256,
     )

@@ -141,14 +141,19 @@ class CreateJobActions:
         return self.apply_fill(fill)
 
     def apply_fill(self, fill: dict[str, Any] | None) -> tuple[Any, ...]:
-        """What fill() does once confirmed (None: nothing was asked)."""
+        """What fill() does once confirmed (None: nothing was asked). A fill that keeps the chosen model but may
+        change the FM type names that model as `chosen_model`, so its family line is judged again."""
         if not fill:
             return (*[gr.update()] * len(EDITOR_FIELDS), *dismissed())
         fm_label = str(fill["fm"])
         instance = gr.update() if fill.get("instance") is None else self.instance_choices(fill["instance"])
         model = gr.update() if fill.get("model") is None else self.model_choices(fill["model"])
         dataset = gr.update() if fill.get("dataset") is None else self.dataset_choices(fill["dataset"])
-        info = gr.update() if fill.get("model") is None else self.model_info(fill["model"], fm_label)
+        info: Any = gr.update()
+        if fill.get("model") is not None:
+            info = self.model_info(fill["model"], fm_label)
+        elif "chosen_model" in fill:
+            info = self.model_info(fill["chosen_model"], fm_label)
         text = str(fill["text"])
         return (
             text, fill.get("default", text), fm_label, instance, model, dataset, info,

@@ -43,7 +43,9 @@ def create_job_column(start_config: str, fm_default: str) -> dict[str, Any]:
     with gr.Row():
         c["model"] = gr.Dropdown(label="Model", elem_id=elem("model"), scale=4)
         c["refresh_models"] = gr.Button("↻", elem_id=elem("refresh_models"), **SMALL)
+        c["model_s3_upload"] = gr.Button("Upload to S3", elem_id=elem("model_s3_upload"), **SMALL)
     c["model_info"] = gr.Markdown(elem_id=elem("model_info"))
+    c["model_s3_message"] = gr.Markdown(elem_id=elem("model_s3_message"))
     with gr.Row():
         c["dataset"] = gr.Dropdown(label="Dataset", elem_id=elem("dataset"), scale=4)
         c["refresh_datasets"] = gr.Button("↻", elem_id=elem("refresh_datasets"), **SMALL)

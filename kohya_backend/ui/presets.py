@@ -37,8 +37,11 @@ class PresetActions:
             return "❌ " + error_markdown(exc), self.choices(None)
         return f"Saved preset **{preset.name}** ({fm_label}).", self.choices(preset.name)
 
-    def load(self, name: str | None, fm_label: str, current: str, baseline: str) -> tuple[Any, ...]:
-        """Put preset `name` (and its FM type) in the editor: the editor's fill outputs, then a message."""
+    def load(
+        self, name: str | None, fm_label: str, current: str, baseline: str, model: str | None = None
+    ) -> tuple[Any, ...]:
+        """Put preset `name` (and its FM type) in the editor: the editor's fill outputs, then a message. The chosen
+        `model`'s family line is judged again for the preset's FM type."""
         if not name:
             return (*self.editor.apply_fill(None), "Choose a preset to load.")
         try:
@@ -46,7 +49,8 @@ class PresetActions:
         except TrainManagementError as exc:
             return (*self.editor.apply_fill(None), "❌ " + error_markdown(exc))
         label = fm_label_of(preset.fm_type) if preset.fm_type else fm_label
-        fill = {"text": preset.text, "default": preset.text, "fm": label, "what": f"preset **{preset.name}**"}
+        fill = {"text": preset.text, "default": preset.text, "fm": label, "chosen_model": model,
+                "what": f"preset **{preset.name}**"}  # fmt: skip
         done = f"Loaded preset **{preset.name}** ({label})."
         return (*self.editor.fill(fill, current, baseline), done)
 
@@ -80,9 +84,14 @@ class PresetActions:
             text = error_markdown(exc) if isinstance(exc, TrainManagementError) else str(exc)
             return (*self.editor.apply_fill(None), f"❌ **{name} was not imported.** {text}")
         header = f"# Imported from the kohya_ss preset {name}\n"
-        fill = {"text": header + result.toml, "default": header + result.toml, "fm": fm_label,
+        # a GUI preset's `sdxl` checkbox chooses the FM type
+        label = fm_label_of(result.fm_type) if result.fm_type else fm_label
+        fill = {"text": header + result.toml, "default": header + result.toml, "fm": label,
                 "what": f"the keys imported from **{name}**"}  # fmt: skip
         message = f"Imported {len(result.imported)} key(s) from **{name}**."
+        if label != fm_label:
+            message += f" It is a {label} preset: FM Type is now {label}."
+        message += "".join(f"\n- {note}" for note in result.notes)
         if result.not_imported:
             message += f" Not imported ({len(result.not_imported)}):\n" + "\n".join(
                 f"- `{key}`: {why}" for key, why in result.not_imported.items()

@@ -95,7 +95,9 @@ def _wire_create_job(a: CreateJobActions, p: PresetActions, c: dict[str, Any]) -
         p.save, [c["preset_name"], c["config"], c["fm"]], [c["preset_message"], c["preset"]]
     )
     c["preset_load"].click(
-        p.load, [c["preset"], c["fm"], c["config"], c["config_default"]], [*editor, c["preset_message"]]
+        p.load,
+        [c["preset"], c["fm"], c["config"], c["config_default"], c["model"]],
+        [*editor, c["preset_message"]],
     )
     c["kohya_file"].upload(
         p.import_kohya,
@@ -268,9 +270,9 @@ def create_tab(service: TrainingService, datasets: DatasetService, hooks: UiHook
         _wire_workers(worker_actions, workers, form["instance"], create_actions.instance_choices)
         _wire_trainings(trainings, jobs, form, stamp)
         _wire_datasets(dataset_actions, data, form["dataset"])
-        data["s3_upload"].click(
-            S3UploadActions(service).upload_dataset, [data["dataset"]], [data["s3_message"]]
-        )
+        uploads = S3UploadActions(service)
+        data["s3_upload"].click(uploads.upload_dataset, [data["dataset"]], [data["s3_message"]])
+        form["model_s3_upload"].click(uploads.upload_model, [form["model"]], [form["model_s3_message"]])
         # One poll per page (on gradio 3.41 each `every=` loop holds a queue worker): it reads only two short
         # marks; the Trainings List and the dataset tasks update when theirs changes.
         blocks.load(

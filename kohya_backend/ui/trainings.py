@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import tomlkit
 
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.job_folder import JobFolder
@@ -68,7 +69,8 @@ class TrainingsActions:
         self, request: gr.Request, job_id: str | None = None, shown: str | None = None
     ) -> tuple[Any, ...]:
         """(headline, log tail, loss plot data, samples, downloads, grid, epoch choices, downloads key) of the
-        selected job; the downloads are sent again only when the job, its status or its samples changed."""
+        selected job; the downloads, the grid and the epoch choices are sent again only when the job, its status or
+        its samples changed (a poll while another job trains must not put the chosen epoch back to final)."""
         session = session_of(request)
         self.sessions.put(session, job=job_id)
         shown = self.sessions.value(session, "shown", shown)
@@ -91,12 +93,15 @@ class TrainingsActions:
         folder = Path(job["folder"])
         plot = self.views.loss_plot(job_id, folder / EVENTS_NAME)
         samples = self.views.samples(job_id, folder)
-        key = f"{job_id}|{job['status']}|{len(samples)}"
+        newest = samples[-1][1] if samples else ""  # the count alone stops changing at JobViews' MAX_SAMPLES
+        key = f"{job_id}|{job['status']}|{len(samples)}|{newest}"
         downloads: Any = gr.update()
+        grid: Any = gr.update()
+        epochs: Any = gr.update()
         if key != shown:
             downloads = self._downloads(job, folder, samples) or None
+            grid, epochs = self._epochs(job, folder)
             self.sessions.put(session, shown=key)
-        grid, epochs = self._epochs(job, folder)
         return job_markdown(job), job["log_tail"], plot, samples, downloads, grid, epochs, key
 
     def _downloads(self, job: dict[str, Any], folder: Path, samples: list[tuple[Any, str]]) -> list[str]:
@@ -214,7 +219,7 @@ class TrainingsActions:
             job = self.service.continue_training(job_id)
         except TrainManagementError as exc:
             return f"❌ {error_markdown(exc)}"
-        start = "its saved state" if "resume" in job.config_toml else "its LoRA"
+        start = "its saved state" if "resume" in tomlkit.parse(job.config_toml) else "its LoRA"
         return f"✅ Job **{job.id}** (`{job.output_name}`) queued: it continues job {job_id} from {start}."
 
     def lora_prompt(self, job_id: str | None, epoch: str | None, weight: float) -> tuple[str, str]:

@@ -131,6 +131,29 @@ def test_any_text_in_any_json_field_never_makes_a_500(
     check()
 
 
+# Values the fuzzer's short texts never reach: one name longer than any file system holds, a path longer than any
+# holds, and JSON nested deeper than Python's reader goes (each a 500 from the file system or json once).
+LONG_VALUES = ["a" * 300, "a/" * 2100, "é" * 200]
+DEEP = 5000
+
+
+@pytest.mark.parametrize(("method", "path", "build", "field"), JSON_ROUTES, ids=IDS)
+def test_overlong_text_in_any_json_field_never_makes_a_500(
+    api: httpx.Client, method: str, path: str, build: Any, field: str
+) -> None:
+    for value in LONG_VALUES:
+        answer = _send(api, method, path, build(value))
+        assert answer.status_code < 500, (value[:10], answer.text)
+
+
+@pytest.mark.parametrize(("method", "path"), sorted({(m, p) for m, p, _, _ in JSON_ROUTES}))
+def test_json_nested_too_deeply_is_a_400(api: httpx.Client, method: str, path: str) -> None:
+    for body in (b"[" * DEEP + b"]" * DEEP, b'{"name": ' + b"[" * DEEP + b"]" * DEEP + b"}"):
+        answer = api.request(method, path, content=body, headers={"Content-Type": "application/json"})
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["detail"]["error"] == "InvalidBody"
+
+
 @FUZZ
 @given(part=RAW, query=TEXT)
 def test_any_bytes_in_paths_and_queries_never_make_a_500(api: httpx.Client, part: bytes, query: str) -> None:

@@ -3,6 +3,7 @@ Format config Params runs the family check a submission gets."""
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -105,6 +106,14 @@ def test_an_idempotency_key_returns_the_job_it_queued(api: httpx.Client, service
     assert sorted(a.status_code for a in answers) == [200, 200, 200, 201]
     assert len({a.json()["job"]["id"] for a in answers}) == 1 and service.store.list()[1] == 4
 
+    # The same key with another submission (a client reusing keys by mistake) gets no job it did not ask for.
+    reused = api.post("/trainings", json=_job(max_train_steps=3), headers=key)
+    assert reused.status_code == 422, reused.text
+    detail = reused.json()["detail"]
+    assert detail["error"] == "KeyReused" and first.json()["job"]["id"] in detail["message"]
+    assert service.store.list()[1] == 4
+    assert api.post("/trainings", json=_job(), headers=key).status_code == 200  # the first one still answers
+
     job_id = first.json()["job"]["id"]  # once its job is deleted, the key queues a new one
     api.post(f"/trainings/{job_id}/cancel")
     assert api.delete(f"/trainings/{job_id}").status_code == 204
@@ -132,6 +141,21 @@ def test_keys_of_deleted_jobs_are_pruned_at_the_next_start_once_a_day_old(
     # an old key of a live job and a deleted job's key from today stay; only the old key of a deleted job goes
     assert markers == {"kept-job": True, "deleted-job": False, "deleted-today": True}
     assert restarted.keys.known("kept-job") == live
+
+
+def test_a_key_that_cannot_be_recorded_says_which_job_was_queued(
+    api: httpx.Client, service: TrainingService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(service.keys, "remember", full)
+    answer = api.post("/trainings", json=_job(), headers={"Idempotency-Key": "k-1"})
+    assert answer.status_code == 503, answer.text  # not a 500 with a traceback
+    (job,), total = service.store.list()
+    detail = answer.json()["detail"]
+    assert total == 1 and job.id in detail["message"] and "No space left" in detail["message"]
+    assert "do not send it again" in detail["hint"]
 
 
 @pytest.mark.parametrize("bad", ["", "has space", "x" * 201, "ключ"])

@@ -124,3 +124,21 @@ def test_the_approximate_count_is_used_and_named_without_the_vocabulary(
     assert report["captions"]["tokens_counted_with"] == token_count.APPROXIMATE
     assert token_count.approximate_tokens("1girl, long_hair!!") == 6  # 1girl , long _ hair !!
     assert report["captions"]["over"]["75"] == 1
+
+
+def test_a_camera_jpeg_with_several_pictures_is_no_mismatch(tmp_path: Path) -> None:
+    # Phones and cameras write JPEGs with a second picture inside (Multi-Picture Format): Pillow names their format
+    # MPO, and a .jpg holding one is what it says.
+    sub = tmp_path / "set" / "2_photo"
+    sub.mkdir(parents=True)
+    _picture(7).save(sub / "camera.jpg", format="MPO", save_all=True, append_images=[_picture(8)])
+    _save(sub, "plain.png", _picture(9), "photo")
+    with Image.open(sub / "camera.jpg") as opened:
+        assert opened.format == "MPO"
+    report = dataset_health(tmp_path / "set")
+    assert report["images"] == 2 and report["unreadable"] == []
+    assert report["mismatched_extensions"] == []
+    _picture(10).save(sub / "renamed.png", format="MPO", save_all=True, append_images=[_picture(11)])
+    assert dataset_health(tmp_path / "set")["mismatched_extensions"] == [
+        {"file": "2_photo/renamed.png", "extension": ".png", "content": "MPO"}
+    ]

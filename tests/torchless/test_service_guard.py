@@ -86,6 +86,7 @@ def guard(
         ({"host": "localhost:7861", "origin": "HTTP://LocalHost:7861"}, True),
         ({"host": "[::1]:7861", "origin": "http://[::1]:7861"}, True),
         ({"host": "[::1]:7861", "origin": "http://[::2]:7861"}, False),
+        ({"host": "[0:0::1]:7861", "origin": "http://[::1]:7861"}, True),  # one address, two spellings
         ({"host": "[::1]:7861", "origin": "http://[::1]:7862"}, False),
         ({"host": HOST, "referer": "http://evil.example/page"}, False),  # no Origin, a foreign Referer
         ({"host": HOST, "referer": "http://127.0.0.1:7861@evil.example/"}, False),
@@ -145,6 +146,23 @@ def test_hosts_answered_depend_on_the_address_bound() -> None:
     assert guard({"host": "anything.example"}, "GET", GuardPolicy(hosts=None)) == (None, True)
 
 
+def test_allowed_hosts_count_by_name_however_they_are_written() -> None:
+    """A port, a scheme or IPv6 brackets given with an allowed host do not make it a name no request can match."""
+    written = ("Proxy.Example:8443", "https://tunnel.example/", "[2001:db8::5]", "2001:DB8:0:0::6")
+    policy = GuardPolicy(hosts=answered_hosts("127.0.0.1", written))
+    for host in (
+        "proxy.example:8443",
+        "proxy.example",
+        "tunnel.example",
+        "[2001:db8::5]:7861",
+        "[2001:db8::6]",
+    ):
+        assert guard({"host": host}, "GET", policy) == (None, True), host
+    assert guard({"host": "[2001:db8:0::6]:1"}, "GET", policy) == (None, True)  # IPv6 spelt either way
+    assert guard({"host": "example"}, "GET", policy) == (421, False)
+    assert guard({"host": "proxy.example.evil"}, "GET", policy) == (421, False)
+
+
 def test_configured_origins_and_regex_are_allowed_exactly() -> None:
     policy = GuardPolicy(
         hosts=answered_hosts("127.0.0.1"),
@@ -192,6 +210,16 @@ def test_websockets_from_another_origin_are_closed_before_they_open() -> None:
         ({"content-type": "application/json", "content-length": "2"}, "/api/trainings", True),
         ({"content-type": "application/json; charset=utf-8", "content-length": "2"}, "/api/trainings", True),
         ({"content-type": "application/merge-patch+json", "content-length": "2"}, "/api/x", True),
+        (
+            {"content-type": "APPLICATION/JSON", "content-length": "2"},
+            "/api/trainings",
+            True,
+        ),  # types ignore case
+        ({"content-type": " Application/Json ;charset=UTF-8", "content-length": "2"}, "/api/trainings", True),
+        ({"content-type": "application/json-seq", "content-length": "2"}, "/api/trainings", False),
+        ({"content-type": "application/jsonp", "content-length": "2"}, "/api/trainings", False),
+        ({"content-type": "text/plain; x=application/json", "content-length": "2"}, "/api/trainings", False),
+        ({"content-type": "text/json", "content-length": "2"}, "/api/trainings", False),
         ({"content-type": "multipart/form-data; boundary=x", "content-length": "9"}, "/api/datasets", True),
         ({"content-type": "text/plain", "content-length": "2"}, "/api/trainings", False),  # a cross-site form
         (

@@ -3,8 +3,10 @@ off per client after failed attempts, logging each one."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -13,7 +15,14 @@ from server_support import running
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.service.api import API_PREFIX
 from kohya_backend.service.app import build_service
-from kohya_backend.service.login_limit import BASE_WAIT_S, FREE_FAILURES, MAX_WAIT_S, LoginLimiter
+from kohya_backend.service.login_limit import (
+    BASE_WAIT_S,
+    FREE_FAILURES,
+    MAX_WAIT_S,
+    LoginLimiter,
+    LoginThrottle,
+    client_key,
+)
 from kohya_backend.ui.standalone import build_app, serve
 
 TOKEN = "a-long-enough-token-0123"
@@ -88,6 +97,83 @@ def test_the_login_page_backs_off_per_client(tmp_path: Path, caplog: pytest.LogC
     assert any("refused" in r.getMessage() for r in caplog.records)
 
 
+def _burst(throttle_limiter: LoginLimiter, clients: list[str]) -> tuple[list[int], int]:
+    """Logins sent all at once (one per entry of `clients`, the address each comes from), every one let through
+    held by the login route until all are either there or refused; (the statuses, how many reached the route)."""
+    reached: list[str] = []
+
+    async def run() -> list[int]:
+        all_in = asyncio.Event()
+        refused = 0
+
+        async def login_route(scope: Any, receive: Any, send: Any) -> None:
+            reached.append(scope["client"][0])
+            if len(reached) + refused == len(clients):
+                all_in.set()
+            await all_in.wait()  # no answer before every attempt of the burst has been let in or refused
+            await send({"type": "http.response.start", "status": 400, "headers": []})
+            await send({"type": "http.response.body", "body": b"Incorrect credentials."})
+
+        throttle = LoginThrottle(login_route, limiter=throttle_limiter)
+
+        async def one(address: str) -> int:
+            nonlocal refused
+            sent: list[dict[str, Any]] = []
+
+            async def send(message: dict[str, Any]) -> None:
+                sent.append(message)
+
+            async def receive() -> dict[str, Any]:
+                return {"type": "http.request", "body": b"", "more_body": False}
+
+            scope = {
+                "type": "http",
+                "method": "POST",
+                "path": "/login",
+                "headers": [],
+                "client": (address, 1),
+            }
+            await throttle(scope, receive, send)
+            status = int(sent[0]["status"])
+            if status == 429:
+                refused += 1
+                if len(reached) + refused == len(clients):
+                    all_in.set()
+            return status
+
+        return list(await asyncio.gather(*(one(address) for address in clients)))
+
+    loop = (
+        asyncio.new_event_loop()
+    )  # not the thread's loop: gradio 4 (later tests) needs the main thread loopless
+    try:
+        statuses = loop.run_until_complete(asyncio.wait_for(run(), 30))
+    finally:
+        loop.close()
+    return statuses, len(reached)
+
+
+def test_logins_sent_all_at_once_earn_the_same_back_off() -> None:
+    """A burst of guesses, all sent before the first answer: only the free ones and one more reach the check."""
+    statuses, reached = _burst(LoginLimiter(clock=Clock()), ["10.0.0.5"] * 40)
+    assert reached == FREE_FAILURES + 1
+    assert sorted(statuses) == [400] * (FREE_FAILURES + 1) + [429] * (40 - FREE_FAILURES - 1)
+    # Each address of one IPv6 /64 is the same client; another /64 and IPv4 clients are others.
+    net = [f"2001:db8:0:1::{n:x}" for n in range(1, 41)]
+    statuses, reached = _burst(LoginLimiter(clock=Clock()), [*net, "2001:db8:0:2::1", "10.0.0.6"])
+    assert reached == FREE_FAILURES + 1 + 2 and statuses[-2:] == [400, 400]
+
+
+def test_what_a_clients_failures_count_under() -> None:
+    assert client_key("10.0.0.5") == "10.0.0.5"
+    assert client_key("::ffff:10.0.0.5") == "10.0.0.5"  # IPv4 on a dual-stack socket
+    assert (
+        client_key("2001:db8:0:1:aaaa:bbbb:cccc:dddd") == client_key("2001:db8:0:1::1") == "2001:db8:0:1::/64"
+    )
+    assert client_key("2001:db8:0:2::1") != client_key("2001:db8:0:1::1")
+    assert client_key("::1") == "::1" and client_key("testclient") == "testclient"
+
+
 def test_serves_flags_make_its_guard_and_stall_time() -> None:
     from kohya_backend.cli import build_parser
     from kohya_backend.ui.standalone import serve_policy
@@ -110,6 +196,31 @@ def test_serves_flags_make_its_guard_and_stall_time() -> None:
         build_parser().parse_args(["serve", "--stall-minutes", "0"])
     with pytest.raises(TrainManagementError, match="is not an origin"):
         serve_policy("127.0.0.1", cors_allow_origins=("tools.example",))
+
+
+GRADIO_ROUTES = ("/run/predict", "/api/predict", "/queue/join", "/reset", "/upload")
+
+
+@pytest.mark.parametrize("token", [None, TOKEN], ids=["open", "token"])
+def test_other_sites_cannot_drive_the_tabs_gradio_routes(tmp_path: Path, token: str | None) -> None:
+    """What runs the tab's buttons (gradio's predict, queue and upload routes, outside the API prefix) is guarded
+    like the API: a simple request from another site (an untyped or form body needs no preflight) never reaches
+    gradio, on the open app and behind the login alike; the app's own page does."""
+    app = build_app(build_service(tmp_path / "home"), token=token)
+    body = b'{"fn_index": 0, "data": [], "session_hash": "x"}'
+    with running(app) as base:
+        for path in GRADIO_ROUTES:
+            for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"},
+                            {"Referer": "http://evil.example/page"}, {"Origin": "http://127.0.0.1:1"}):  # fmt: skip
+                answer = httpx.post(base + path, content=body, headers=headers)
+                assert answer.status_code == 403, (path, headers, answer.text)
+                assert answer.json()["detail"]["error"] == "ForeignOrigin"
+            upload = httpx.post(
+                base + path, files={"files": ("a.txt", b"x")}, headers={"Origin": "http://evil.example"}
+            )
+            assert upload.status_code == 403, (path, upload.text)
+            own = httpx.post(base + path, content=body, headers={"Origin": base})
+            assert own.status_code != 403, (path, own.text)  # gradio's own answer, whatever it is
 
 
 def test_no_cors_for_other_origins_on_either_gradio_line(tmp_path: Path) -> None:

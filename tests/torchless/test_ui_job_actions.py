@@ -5,6 +5,7 @@ prompt for txt2img, the key help, the health report and what a page's poll finds
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from kohya_backend.ui.compat import SESSION_KEYED, file_input
 from kohya_backend.ui.create_job import EDITOR_FIELDS, CreateJobActions
 from kohya_backend.ui.dataset_actions import DatasetActions
 from kohya_backend.ui.hooks import UiHooks
+from kohya_backend.ui.job_views import MAX_SAMPLES
 from kohya_backend.ui.presets import PresetActions
 from kohya_backend.ui.trainings import TrainingsActions
 
@@ -83,11 +85,19 @@ def test_presets_save_load_over_edits_and_delete(service: TrainingService) -> No
         "Loaded"
     )
     assert json.loads(loaded[EDITOR_FIELDS.index("draft_sync")])["fm"] == "sd_xl"
+    # The chosen model's family line is judged for the preset's FM type, not left saying it matches.
+    info = EDITOR_FIELDS.index("model_info")
+    switched = presets.load("sdxl portrait", "SD 1.5", start, start, "sd15.safetensors")
+    assert switched[info].startswith(
+        "⚠️ **sd15.safetensors** is a **SD 1.5** checkpoint, but FM Type is **SDXL**"
+    )
     # Edited editor: asked first; confirming puts the preset in.
     asked = presets.load("sdxl portrait", "SD 1.5", start + "# mine\n", start)
     assert asked[:ROW] == (gr.update(),) * ROW and asked[ROW]["visible"] is True
     assert "preset **sdxl portrait**" in asked[ROW + 1]
     assert editor.apply_fill(asked[ROW + 2])[0] == "network_dim = 16\n"
+    asked = presets.load("sdxl portrait", "SD 1.5", start + "# mine\n", start, "sd15.safetensors")
+    assert "but FM Type is **SDXL**" in editor.apply_fill(asked[ROW + 2])[info]
     row, question, pending, note = presets.ask_delete("sdxl portrait")
     assert row["visible"] is True and question == "Delete preset **sdxl portrait**?" and note == ""
     assert (
@@ -99,24 +109,35 @@ def test_presets_save_load_over_edits_and_delete(service: TrainingService) -> No
 
 def test_a_kohya_ss_preset_is_imported_into_the_editor(service: TrainingService, tmp_path: Path) -> None:
     presets = PresetActions(PresetStore(service.home.root), CreateJobActions(service, UiHooks()))
-    preset = tmp_path / "kohya.json"
-    preset.write_text(json.dumps({"network_dim": 24, "optimizer": "AdamW8bit", "max_train_epochs": ""}))
     component = file_input("preset", file_count="single")
-    if SESSION_KEYED:
-        from gradio.data_classes import FileData
 
-        upload = component.preprocess(FileData(path=str(preset), orig_name="kohya.json"))
-    else:
-        upload = component.preprocess(
-            {"name": str(preset), "is_file": True, "data": None, "orig_name": "kohya.json"}
-        )
+    def uploaded(content: dict[str, Any], name: str = "kohya.json") -> Any:
+        preset = tmp_path / name
+        preset.write_text(json.dumps(content))
+        if SESSION_KEYED:
+            from gradio.data_classes import FileData
+
+            return component.preprocess(FileData(path=str(preset), orig_name=name))
+        return component.preprocess({"name": str(preset), "is_file": True, "data": None, "orig_name": name})
+
+    few = {"network_dim": 24, "optimizer": "Lion", "output_dir": "/home/me/out", "max_train_epochs": ""}
+    upload = uploaded(few)
     filled = presets.import_kohya(upload, "SD 1.5", "", "")
     text, message = filled[0], filled[-1]
-    assert dict(tomlkit.parse(text)) == {"network_dim": 24} and text.startswith(
+    assert dict(tomlkit.parse(text)) == {"network_dim": 24, "optimizer_type": "Lion"} and text.startswith(
         "# Imported from the kohya_ss preset"
     )
-    assert message.startswith("Imported 1 key(s) from **kohya.json**. Not imported (1):")
-    assert "`optimizer`" in message and "max_train_epochs" not in message
+    assert message.startswith("Imported 2 key(s) from **kohya.json**. Not imported (1):")
+    assert "`output_dir`" in message and "max_train_epochs" not in message
+    # a whole GUI preset is read as the GUI reads it, and its `sdxl` checkbox chooses the FM type
+    gui = {"LoRA_type": "LyCORIS/LoKr", "sdxl": True, "optimizer": "AdamW", "epoch": 2}
+    filled = presets.import_kohya(uploaded(gui, "gui.json"), "SD 1.5", "", "")
+    values, fm, message = tomlkit.parse(filled[0]), filled[2], filled[-1]
+    assert values["optimizer_type"] == "AdamW" and values["max_train_epochs"] == 2 and fm == "SDXL"
+    assert values["network_module"] == "lycoris.kohya" and "algo=lokr" in values["network_args"]
+    assert (
+        "It is a SDXL preset: FM Type is now SDXL." in message and "read as a kohya_ss GUI config" in message
+    )
 
 
 def test_duplicate_fills_the_form_and_continue_queues_a_new_job(service: TrainingService) -> None:
@@ -137,11 +158,39 @@ def test_duplicate_fills_the_form_and_continue_queues_a_new_job(service: Trainin
     assert trainings.continue_training(None) == "Select a job first."
 
 
+def test_continue_says_it_starts_from_the_lora_when_no_state_was_saved(service: TrainingService) -> None:
+    # A name with "resume" in it is no saved state: the message follows the new job's `resume` key, not its text.
+    job_id = _completed(service, "resume-portrait")
+    queued = TrainingsActions(service, CreateJobActions(service, UiHooks())).continue_training(job_id)
+    assert "`resume-portrait-continued`" in queued and queued.endswith("from its LoRA.")
+
+
+def test_the_downloads_follow_new_samples_past_the_shown_count(service: TrainingService) -> None:
+    job = service.submit(
+        Submission("sd15.safetensors", "shapes", "sd_1_5", CONFIG + 'output_name = "many"\n')
+    )
+    samples = job.folder / "output" / "sample"
+    samples.mkdir(parents=True)
+    for index in range(MAX_SAMPLES + 1):  # more than the list keeps
+        Image.new("RGB", (8, 8), (index, 0, 0)).save(samples / f"many_{index:06d}_00.png")
+        os.utime(samples / f"many_{index:06d}_00.png", ns=(index * 10**9, index * 10**9))
+    trainings = TrainingsActions(service)
+    *_, downloads, _, _, shown = trainings.details(page(), job.id)
+    assert downloads[-1] == str(samples / f"many_{MAX_SAMPLES:06d}_00.png")
+    newer = samples / "many_999999_00.png"
+    Image.new("RGB", (8, 8)).save(newer)
+    *_, downloads, _, _, _ = trainings.details(page(), job.id, shown)
+    assert downloads != gr.update() and downloads[-1] == str(newer)  # the newest sample is offered
+
+
 def test_send_to_txt2img_gives_the_chosen_epochs_lora(service: TrainingService) -> None:
     trainings = TrainingsActions(service)
     job_id = _completed(service, "epochs", epochs=2)
-    *_, grid, epochs, _ = trainings.details(page(), job_id)
+    *_, grid, epochs, shown = trainings.details(page(), job_id)
     assert epochs["choices"] == ["final", "epoch 1", "epoch 2"] and grid is None  # no grid: no sample prompts
+    # The poll refreshes the job while another one trains: the epoch the user chose is left as it is.
+    *_, grid, epochs, _ = trainings.details(page(), job_id, shown)
+    assert epochs == gr.update() and grid == gr.update()
     assert trainings.lora_prompt(job_id, "final", 0.7) == (
         "Sent `<lora:epochs:0.7>` to txt2img.",
         "<lora:epochs:0.7>",

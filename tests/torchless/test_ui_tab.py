@@ -159,25 +159,17 @@ def test_without_a_token_the_tab_is_served_at_the_root(app_url: str) -> None:
 
 def _then_names(blocks: Any, elem_id: str, handler: str) -> list[str]:
     """Names of the callbacks chained with .then() after `handler` runs on a click of element `elem_id`
-    (gradio 3 lists dependencies by index, gradio 4 by id)."""
-    deps = blocks.config["dependencies"]
-    key = "id" if "id" in deps[0] else None
-
-    def fn(i: int, dep: dict[str, Any]) -> Any:
-        found = blocks.fns[dep[key]] if key else blocks.fns[i]
-        return (
-            found if found.fn is not None else type("JsOnly", (), {"fn": type("F", (), {"__name__": None})})
-        )
-
+    (gradio 3 refers to dependencies by index, gradio 4 by id)."""
+    deps = _dependencies(blocks)
     target = _blocks_by_id(blocks)[elem_id]._id
     started = [
-        dep[key] if key else i
-        for i, dep in enumerate(deps)
-        if fn(i, dep).fn.__name__ == handler
+        dep.get("id", i)
+        for i, (dep, name) in enumerate(deps)
+        if name == handler
         and any((t[0] if isinstance(t, (list, tuple)) else t) == target for t in dep["targets"])
     ]
     assert started, f"{handler} is not wired to {elem_id}"
-    return [fn(i, dep).fn.__name__ for i, dep in enumerate(deps) if dep.get("trigger_after") in started]
+    return [str(name) for dep, name in deps if dep.get("trigger_after") in started]
 
 
 def test_a_dataset_task_that_ends_before_the_page_holds_its_ticket_still_shows_its_outcome(
@@ -188,6 +180,7 @@ def test_a_dataset_task_that_ends_before_the_page_holds_its_ticket_still_shows_i
     blocks = create_tab(service, DatasetService(service.home, jobs=service.store))
     assert "finished" in _then_names(blocks, "train_management_ds_create", "create")
     assert "finished" in _then_names(blocks, "train_management_ds_validate", "validate")
+    assert "finished" in _then_names(blocks, "train_management_ds_check_health", "health")
 
 
 def _dependencies(blocks: Any) -> list[tuple[dict[str, Any], str | None]]:

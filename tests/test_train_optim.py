@@ -17,6 +17,7 @@ from kohya_backend.train.optim import (
     create_lr_scheduler,
     create_optimizer,
     current_lrs,
+    steps_per_optimizer_step,
 )
 from kohya_backend.train.plan import format_with_plan
 
@@ -274,3 +275,39 @@ def _lrs(optimizer: torch.optim.Optimizer, scheduler: object, steps: int) -> lis
         optimizer.step()
         scheduler.step()  # type: ignore[attr-defined]
     return lrs
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "warmup"), [("cosine", 10), ("linear", 0.2), ("cosine_with_restarts", 4), ("constant", 0)]
+)
+def test_data_parallel_schedules_advance_as_kohyas_under_accelerate(scheduler: str, warmup: float) -> None:
+    """kohya builds the schedule over max_train_steps x N scheduler steps (a fractional warmup a share of those, a
+    whole one as given) and accelerate steps it N times per optimizer step; ours reads the optimizer step times N
+    and is stepped once, so the saved position is in optimizer steps, whatever the number of processes."""
+    values = {"lr_scheduler": scheduler, "learning_rate": 1.0, "lr_warmup_steps": warmup}
+    config = validate_config({**values, "lr_scheduler_num_cycles": 2}, "sd_1_5", require_paths=False)
+    optimizer, schedule = build_optimizer(config, _groups(_model()), total_steps=50, num_processes=2)
+    assert steps_per_optimizer_step(schedule, 2) == 1
+    kohya_optimizer, kohya = build_optimizer(config, _groups(_model()), total_steps=100)  # 50 steps x 2
+    ours, theirs = [], []
+    for _ in range(50):
+        ours.append(schedule.get_last_lr()[0])
+        theirs.append(kohya.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+        kohya_optimizer.step()
+        kohya.step()
+        kohya.step()
+    assert ours == pytest.approx(theirs)
+    if isinstance(warmup, int) and warmup:
+        assert ours[warmup // 2] == pytest.approx(1.0, abs=0.05)  # a whole warmup ends N times sooner
+    # A state saved here resumes with 1 process at the same optimizer step: the position is not doubled.
+    assert schedule.state_dict()["last_epoch"] == 50
+    class_based = validate_config(
+        {"lr_scheduler_type": "StepLR", "lr_scheduler_args": ["step_size=4"], "learning_rate": 1.0},
+        "sd_1_5",
+        require_paths=False,
+    )
+    step_lr = build_optimizer(class_based, _groups(_model()), total_steps=50, num_processes=4)[1]
+    assert steps_per_optimizer_step(step_lr, 4) == 4  # a class of its own: stepped once per process
+    assert steps_per_optimizer_step(step_lr, 1) == 1

@@ -202,6 +202,11 @@ class Trainer:
             total = self.step + this_epoch + max(0, plan.epochs - self.epoch) * plan.steps_per_epoch
             plan.total_steps = self.events.total_steps = total
             note += f", {total} steps in all"
+        if self.config.lr_scheduler_type:
+            note += (
+                "; the lr_scheduler_type schedule goes on from its saved position (counted in the saved run's "
+                "processes)"
+            )
         self.events.emit("log", message=note)
 
     # ----------------------------------------------------------------------------------------------- inputs
@@ -332,7 +337,8 @@ class Trainer:
     def _optimizer_step(self) -> None:
         s = self.s
         if self.precision.step(s.optimizer, s.network.parameters(), self.config.max_grad_norm):
-            s.lr_scheduler.step()  # an fp16 step skipped for overflowing gradients leaves the schedule as it was
+            for _ in range(s.lr_steps_per_step):  # kohya's data-parallel schedules advance once per process
+                s.lr_scheduler.step()  # an fp16 step skipped for overflowing gradients leaves the schedule as it was
         s.optimizer.zero_grad(set_to_none=True)
         if self.config.scale_weight_norms:
             self.max_norm_log = s.network.apply_max_norm_regularization(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import logging
 from collections.abc import Callable
@@ -297,17 +298,23 @@ def build_optimizer(
     total_steps: int,
     dry_run: bool = False,
     optimizer_type: str | None = None,
+    num_processes: int = 1,
 ) -> tuple[torch.optim.Optimizer, LRScheduler]:
     """The optimizer and learning-rate schedule a config trains with, over `param_groups`: optimizer_args and
     lr_scheduler_args parsed as kohya parses them (Python literals); a schedule-free optimizer gets a constant
     stand-in (it schedules itself), lr_scheduler_type a scheduler class. `optimizer_type` overrides the config's
-    (the trainer's platform substitute for bitsandbytes on macOS)."""
+    (the trainer's platform substitute for bitsandbytes on macOS).
+
+    With `num_processes` data-parallel processes the schedule is kohya's under accelerate: built over
+    total_steps x num_processes scheduler steps (a fractional lr_warmup_steps of those, a whole number as it is),
+    num_processes of them per optimizer step (see steps_per_optimizer_step)."""
     from kohya_backend.train.optimizers_extra import ConstantForScheduleFree, create_class_scheduler
 
     name = optimizer_type or config.optimizer_type
     optimizer = create_optimizer(
         name, param_groups, lr=config.learning_rate, optimizer_args=config.optimizer_kwargs, dry_run=dry_run
     )
+    total_steps *= num_processes
     warmup = config.lr_warmup_steps_for(total_steps)
     scheduler: LRScheduler
     if is_schedule_free(name):
@@ -327,6 +334,28 @@ def build_optimizer(
             scheduler_args=config.lr_scheduler_kwargs,
         )
     return optimizer, scheduler
+
+
+def _at_scheduler_step(schedule: Callable[[int], float], num_processes: int, step: int) -> float:
+    return schedule(step * num_processes)
+
+
+def steps_per_optimizer_step(scheduler: LRScheduler, num_processes: int) -> int:
+    """Make a data-parallel schedule advance as kohya's does, and say how often to step it per optimizer step.
+
+    accelerate steps a prepared scheduler once per process for every optimizer step. A LambdaLR (every named
+    lr_scheduler, the schedule-free stand-in, Adafactor's) is made to read its step times `num_processes` instead
+    and is stepped once: the same learning rates, and a saved position in optimizer steps that a run with another
+    number of processes resumes from. Any other class (lr_scheduler_type) is stepped `num_processes` times."""
+    if num_processes == 1:
+        return 1
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        scheduler.lr_lambdas = [
+            functools.partial(_at_scheduler_step, schedule, num_processes)
+            for schedule in scheduler.lr_lambdas
+        ]
+        return 1
+    return num_processes
 
 
 def check_optimizer_settings(config: TrainConfig, *, total_steps: int) -> None:

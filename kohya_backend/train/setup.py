@@ -35,7 +35,12 @@ from kohya_backend.train.events import EventLog
 from kohya_backend.train.inputs import TEXT_CACHE_DIR, LatentCache, TextCache
 from kohya_backend.train.losses import LossSettings
 from kohya_backend.train.noise import make_noise_scheduler
-from kohya_backend.train.optim import build_optimizer, check_optimizer_settings, optimizer_description
+from kohya_backend.train.optim import (
+    build_optimizer,
+    check_optimizer_settings,
+    optimizer_description,
+    steps_per_optimizer_step,
+)
 from kohya_backend.train.plan import plan_for, scan_for
 from kohya_backend.train.precision import Precision
 from kohya_backend.train.runtime import release_pages
@@ -157,6 +162,7 @@ class Setup:
     )
     optimizer_name: str  # kohya's description, for ss_optimizer
     lr_scheduler: LRScheduler
+    lr_steps_per_step: int  # scheduler steps per optimizer step (optim.steps_per_optimizer_step)
     noise_scheduler: Any
     loss_settings: LossSettings
     base_model: Path  # the file or folder pretrained_model_name_or_path names (a hub id's cached snapshot)
@@ -349,8 +355,13 @@ def prepare(
     if substituted:
         events.emit("warning", message=substituted)
     optimizer, lr_scheduler = build_optimizer(
-        config, groups, total_steps=plan.total_steps, optimizer_type=optimizer_type
+        config,
+        groups,
+        total_steps=plan.total_steps,
+        optimizer_type=optimizer_type,
+        num_processes=processes.world_size,
     )
+    lr_steps = steps_per_optimizer_step(lr_scheduler, processes.world_size)
     noise_scheduler: Any = make_noise_scheduler(
         config.prediction_type, zero_terminal_snr=config.zero_terminal_snr
     )
@@ -367,6 +378,7 @@ def prepare(
         optimizer_type=optimizer_type,
         optimizer_name=optimizer_description(optimizer, config.optimizer_kwargs),
         lr_scheduler=lr_scheduler,
+        lr_steps_per_step=lr_steps,
         noise_scheduler=noise_scheduler,
         loss_settings=LossSettings(
             loss_type=config.loss_type,

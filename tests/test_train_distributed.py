@@ -233,3 +233,36 @@ def test_accelerate_launch_trains_as_kohya_users_start_it(tmp_path: Path, demo_c
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["demo-sd_1_5.safetensors"]
     _, metadata = load_lora(tmp_path / "out" / "demo-sd_1_5.safetensors")
     assert (metadata["ss_total_batch_size"], metadata["ss_steps"]) == ("4", "2")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_a_two_gpu_job_trains_with_nccl_and_fp16(
+    tmp_path: Path, demo_config: str, make_scheduler: Callable[..., Scheduler]
+) -> None:
+    """What tools/gpu_check.sh runs on a machine with 2 or more GPUs: a job given 2 GPUs by the scheduler (its
+    CUDA_VISIBLE_DEVICES), NCCL, fp16 with the loss scaler; it prints the figures."""
+    from kohya_backend.jobs.devices import default_slots, detect_gpus
+
+    sched = make_scheduler(tmp_path / "home", devices=default_slots(detect_gpus(), mps=False))
+    config = config_without_name(demo_config, max_train_steps=60, mixed_precision="fp16", save_state=True)
+    started = time.monotonic()
+    job = _submit(sched, "two-gpus", config, gpus=2)
+    _until(sched, lambda: sched.store.get(job.id).status.is_terminal, timeout=600)
+    job = sched.store.get(job.id)
+    assert job.status is S.COMPLETED, job.reason
+    log = (job.folder / "train.log").read_text(encoding="utf-8")
+    assert "data-parallel training in 2 processes (nccl)" in log
+    state = sorted((job.folder / "output" / "two-gpus-state").glob("state-*"))[-1]
+    assert (state / "grad_scaler.pt").is_file()  # fp16's loss scale is saved with the state
+    lora, metadata = load_lora(job.folder / "output" / "two-gpus.safetensors")
+    assert all(torch.isfinite(t).all() for t in lora.values()) and metadata["ss_total_batch_size"] == "4"
+    done = next(e for e in read_events(job.folder / "events.jsonl") if e["kind"] == "done")
+    figures = {
+        "devices": json.loads((job.folder / "run.json").read_text(encoding="utf-8"))["device"],
+        "steps": job.progress.get("step"),
+        "it_per_s": job.progress.get("it_per_s"),
+        "peak_cuda_gb_rank0": done.get("peak_cuda_gb"),
+        "wall_s": round(time.monotonic() - started, 1),
+    }
+    print(f"\n2-GPU job figures: {json.dumps(figures)}")

@@ -83,9 +83,14 @@ def _unsupported_table() -> dict[str, str]:
         ),
         (
             "deepspeed zero_stage offload_optimizer_device offload_optimizer_nvme_path offload_param_device "
-            "offload_param_nvme_path zero3_init_flag zero3_save_16bit_model fp16_master_weights_and_gradients "
+            "offload_param_nvme_path zero3_init_flag zero3_save_16bit_model fp16_master_weights_and_gradients",
+            "DeepSpeed training is not implemented; remove it (several GPUs train data-parallel: --num-processes "
+            "or GPUs per job)",
+        ),
+        (
             "ddp_timeout ddp_gradient_as_bucket_view ddp_static_graph",
-            "multi-GPU and DeepSpeed training are not implemented; remove it",
+            "data-parallel training sets DistributedDataParallel up itself (a static graph, a 2-hour timeout for "
+            "rank 0's saving and sampling); remove it",
         ),
         (
             "log_tracker_config wandb_run_name wandb_api_key log_config "

@@ -219,6 +219,20 @@ def test_submit_links_inputs_from_blobs_once_and_is_idempotent(
     assert client.job(JOB0) is None
 
 
+def test_a_job_asks_the_worker_for_several_gpus(
+    client: WorkerClient, demo_assets: Path, server: WorkerThread
+) -> None:
+    """The spec's gpus (GPUs per job) reaches the worker's own scheduler, which gives the job that many of its GPUs
+    (on this CPU-only worker: that many CPU processes); a bad count is refused with the reason."""
+    inputs = _inputs(demo_assets, Sha256Cache(demo_assets / "hashes.json"))
+    Uploader(client, TransferStats("w")).ensure(inputs)
+    with pytest.raises(WorkerRejected) as info:
+        client.submit(_spec(inputs, key="client-g:zero", output_name="gpus-zero", gpus=0))
+    assert info.value.status == 400 and "GPUs per job must be a whole number from 1" in str(info.value)
+    view = client.submit(_spec(inputs, key="client-g:two", output_name="gpus-two", gpus=2))
+    assert server.worker.service.store.get(view["id"]).params["gpus"] == 2
+
+
 def test_sending_a_blob_the_worker_already_has_is_answered_without_reading_the_body(
     client: WorkerClient, server: WorkerThread
 ) -> None:

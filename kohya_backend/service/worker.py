@@ -144,6 +144,7 @@ class JobRequest(BaseModel):
     output_name: str | None = None
     config_params: dict[str, Any] = {}
     inputs: dict[str, Any]
+    gpus: int = 1  # GPUs per job: the worker gives the job that many of its GPUs (data-parallel)
 
 
 def _job_routes(router: APIRouter, jobs: WorkerJobs) -> None:
@@ -152,7 +153,7 @@ def _job_routes(router: APIRouter, jobs: WorkerJobs) -> None:
     @router.post("/jobs", status_code=201)
     def submit(body: JobRequest, response: Response) -> dict[str, Any]:
         with http_errors():
-            fields = ("client_key", "fm_type", "output_name", "config_params", "inputs")
+            fields = ("client_key", "fm_type", "output_name", "config_params", "inputs", "gpus")
             view, created = jobs.submit({name: getattr(body, name) for name in fields})
         if not created:
             response.status_code = 200

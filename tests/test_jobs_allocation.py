@@ -17,6 +17,7 @@ import pytest
 
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs import allocation
+from kohya_backend.jobs.devices import device_kind
 from kohya_backend.jobs.pool import WorkerState
 from kohya_backend.jobs.runner import LocalRunner, trainer_env
 from kohya_backend.jobs.scheduler import Scheduler
@@ -86,6 +87,10 @@ def test_gpus_per_job_is_a_whole_number_from_1(value: object) -> None:
 def test_trainer_env_gives_a_gpu_group_to_the_trainer() -> None:
     env = trainer_env("cuda:0,2", base={})
     assert env["CUDA_VISIBLE_DEVICES"] == "0,2" and env["TRAIN_MANAGEMENT_DEVICE"] == "cuda"
+    assert device_kind("cuda:0,2") == device_kind("cuda:1") == "cuda"
+    for bad in ("cuda:0,", "cuda:0,x", "cuda:"):
+        with pytest.raises(ValueError):
+            device_kind(bad)
 
 
 def _scheduler(home: Path, devices: dict[str, int]) -> Scheduler:

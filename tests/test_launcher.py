@@ -202,3 +202,40 @@ def test_a_stop_signal_reaches_every_worker_and_a_second_one_ends_them(
     assert twice.run() == 1
     helper.join()
     assert twice.codes == [-signal.SIGKILL, -signal.SIGKILL] and not list(tmp_path.glob("stopped-*"))
+
+
+def test_num_processes_is_a_count_and_not_combined_with_another_launcher(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kohya_backend.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--config", "x.toml", "--num-processes", "0"])
+    assert "'0' is not a number of processes (1 or more)" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", "--config", "x.toml", "--num-processes", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "[training process 1] error: this process is already one of several training processes" in err
+    assert "accelerate launch" in err
+
+
+def test_a_data_parallel_worker_takes_a_repeated_stop_as_the_same_stop() -> None:
+    """Its launcher passes a stop on to every worker, which may have had it already from the process group: the
+    repeat must not end the worker before rank 0 saved. Alone, a second Ctrl-C still stops at once."""
+    from kohya_backend.cli import _install_stop_handler
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        stop = _install_stop_handler(repeat_forces=False)
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)  # no KeyboardInterrupt
+        assert stop.is_set()
+        alone = _install_stop_handler()
+        signal.raise_signal(signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+        assert alone.is_set()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -195,7 +195,7 @@ class Processes:
     def barrier(self) -> None:
         """Wait until every process got here."""
         if self.info.distributed:
-            dist.barrier()
+            dist.barrier(device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     @contextlib.contextmanager
     def main_first(self, enabled: bool = True) -> Iterator[None]:
@@ -204,10 +204,10 @@ class Processes:
             yield
             return
         if not self.is_main:
-            dist.barrier()
+            self.barrier()
         yield
         if self.is_main:
-            dist.barrier()
+            self.barrier()
 
     def describe(self) -> str:
         """'2 processes (gloo)' for the log."""

@@ -160,6 +160,7 @@ def test_a_job_on_two_processes_is_cancelled_cleanly_and_resumes_in_one(
     config = config_without_name(
         demo_config, train_data_dir=data.as_posix(), resolution="128,64", enable_bucket=True,
         min_bucket_reso=64, max_bucket_reso=128, train_batch_size=1, max_train_epochs=2, save_state=True,
+        cache_latents_to_disk=True,  # rank 0 writes the cache, the other waits and reads it
     )  # fmt: skip
     job = _submit(sched, "uneven", config, gpus=2)
     _until(sched, lambda: sched.store.get(job.id).status is S.TRAINING)
@@ -176,6 +177,7 @@ def test_a_job_on_two_processes_is_cancelled_cleanly_and_resumes_in_one(
     _nothing_left(job.pgid or 0, pids, port)
     log = (job.folder / "train.log").read_text(encoding="utf-8")
     assert "data-parallel training in 2 processes (gloo)" in log and "Traceback" not in log
+    assert len(list(data.glob("*/.latent_cache/*.safetensors"))) == 5  # one per image, written once
 
     state = sorted((job.folder / "output" / "uneven-state").glob("state-*"))[-1]
     saved = json.loads((state / "train_state.json").read_text(encoding="utf-8"))

@@ -133,9 +133,8 @@ class Trainer:
         self.procs = processes or Processes.single(self.precision.device)
         self.events = events
         self.stop = stop or threading.Event()
-        self._agreed_stop = (
-            False  # data-parallel: whether any process was asked to stop, as of the last batch
-        )
+        # Data-parallel: whether any process was asked to stop, as agreed at the last batch.
+        self._agreed_stop = False
         self.seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
         self.output_dir = Path(config.output_dir or ".")
         self.session_id = random.SystemRandom().randint(0, 2**32)  # kohya's ss_session_id is an integer

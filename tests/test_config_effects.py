@@ -68,9 +68,11 @@ ALTERNATIVES: dict[str, tuple[Any, dict[str, Any]]] = {
     "caption_dropout_rate": (0.5, {}),
     "caption_dropout_every_n_epochs": (2, {}),
     "caption_tag_dropout_rate": (0.5, {}),
-    "flip_aug": (True, {}),
+    # Drawn per image: 6 steps of 2 images, so that by chance no image flips (1 in 4096) or none is recoloured
+    # (each is with a third's chance: under 1 in 100), which 2 steps left to a 1 in 16 and 1 in 5 chance.
+    "flip_aug": (True, {"max_train_steps": 6}),
     "random_crop": (True, {}),
-    "color_aug": (True, {}),
+    "color_aug": (True, {"max_train_steps": 6}),
     "resolution": ("192,192", BUCKETS),
     "enable_bucket": (False, BUCKETS),
     "min_bucket_reso": (128, BUCKETS),

@@ -83,8 +83,11 @@ def test_dockerfile_builds_on_the_pinned_torch_and_enters_the_sagemaker_command(
     )
     assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M)
     installs = re.findall(r"pip install ([^\\\n&]+)", text)
-    assert installs == ["-r requirements-trainer.txt ", "--no-deps -r requirements-vocab.txt "]
-    for name in ("requirements-trainer.txt", "requirements-vocab.txt"):
+    assert installs == [
+        "-r requirements-trainer.txt -r requirements-trainer-sdist.txt ",
+        "--no-deps -r requirements-vocab.txt ",
+    ]
+    for name in ("requirements-trainer.txt", "requirements-trainer-sdist.txt", "requirements-vocab.txt"):
         for line in (ROOT / name).read_text().splitlines():
             if line.strip() and not line.startswith("#"):
                 assert re.match(r"^[A-Za-z0-9_.\-]+==[\w.]+(; .*)?$", line), f"{name}: {line} is not pinned"
@@ -98,6 +101,7 @@ def test_dockerfile_builds_on_the_pinned_torch_and_enters_the_sagemaker_command(
     kept = {line for line in ignore if line.startswith("!")}
     assert "*" in ignore and kept == {
         "!requirements-trainer.txt",
+        "!requirements-trainer-sdist.txt",
         "!requirements-vocab.txt",
         "!kohya_backend/",
     }

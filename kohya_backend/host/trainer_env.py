@@ -45,6 +45,7 @@ PREFERRED_PYTHON = (3, 11)  # transformers 5.24 and diffusers 0.42 (requirements
 MAX_PYTHON = (3, 12)  # numpy 1.26 (the tested pin) has no wheels for newer Pythons
 REQUIREMENTS = "requirements-trainer.txt"
 REQUIREMENTS_PY310 = "requirements-trainer-py310.txt"
+REQUIREMENTS_SDIST = "requirements-trainer-sdist.txt"  # pure-Python pins without a wheel, for every Python
 PIP_TIMEOUT_S = 30
 SETUP_DEADLINE_S = 45 * 60
 # CUDA builds assumed published for the pinned torch, by the CUDA major of the WebUI's torch. Only Windows needs
@@ -156,15 +157,19 @@ def env_spec(
     platform: str = sys.platform,
     environ: Mapping[str, str] | None = None,
 ) -> EnvSpec:
-    """The spec from requirements-trainer.txt and -py310.txt (same torch line) and requirements-vocab.txt."""
+    """The spec from requirements-trainer.txt and -py310.txt (same torch line), each with
+    requirements-trainer-sdist.txt, and requirements-vocab.txt."""
     base = root or extension_root()
     env = os.environ if environ is None else environ
     torch_line, rest = _split_torch(base / REQUIREMENTS)
+    sdist = tuple(read_requirements(base / REQUIREMENTS_SDIST)) if (base / REQUIREMENTS_SDIST).is_file() else ()
+    rest += sdist
     py310: tuple[str, ...] = ()
     if (base / REQUIREMENTS_PY310).is_file():
         torch_py310, py310 = _split_torch(base / REQUIREMENTS_PY310)
         if torch_py310 != torch_line:
             raise ValueError(f"{base / REQUIREMENTS_PY310} must pin the same torch as {REQUIREMENTS}")
+        py310 += sdist
     choice = torch_choice(torch_line, webui_torch, platform, env.get(TORCH_INDEX_ENV) or None)
     return EnvSpec(choice, rest, tuple(read_requirements(base / "requirements-vocab.txt")), py310)
 

@@ -16,7 +16,14 @@ from typing import Any
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs.scheduler import DEFAULT_STALL_AFTER_S
 from kohya_backend.service.api import API_PREFIX
-from kohya_backend.service.app import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV, build_service, create_app
+from kohya_backend.service.app import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    TOKEN_ENV,
+    build_service,
+    create_app,
+    default_policy,
+)
 from kohya_backend.service.auth import check_token
 from kohya_backend.service.datasets import DatasetService
 from kohya_backend.service.guard import GuardPolicy, configured_origins
@@ -121,12 +128,14 @@ def build_app(
     from kohya_backend.ui.compat import mount
     from kohya_backend.ui.tab import create_tab
 
+    policy = policy or default_policy()
     prompts = service.home.models / DEMO_PROMPTS
     hooks = UiHooks(
         default_config=(lambda fm: demo_config(fm, prompts=prompts if prompts.exists() else None))
         if demo
         else None,
         load_script=True,
+        origins=policy,  # the request guard checks every route first; the tab's own check agrees with it
     )
     blocks = create_tab(service, DatasetService(service.home, jobs=service.store), hooks)
     if _STYLE.is_file():

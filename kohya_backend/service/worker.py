@@ -49,6 +49,7 @@ from kohya_backend.service.blobs import (
 from kohya_backend.service.home import Home
 from kohya_backend.service.hosts import ANY_HOSTS, interface_addresses
 from kohya_backend.service.http_errors import http_errors
+from kohya_backend.service.login_limit import LoginLimiter
 from kohya_backend.service.text import TextCheckedRoute
 from kohya_backend.service.training import TrainingService
 from kohya_backend.service.worker_gc import delete_blob
@@ -201,8 +202,9 @@ def _job_routes(router: APIRouter, jobs: WorkerJobs) -> None:
         return Response(status_code=204)
 
 
-def create_worker_app(worker: Worker, *, token: str) -> FastAPI:
-    """The worker's FastAPI app; every route but /health needs `Authorization: Bearer <token>`."""
+def create_worker_app(worker: Worker, *, token: str, limiter: LoginLimiter | None = None) -> FastAPI:
+    """The worker's FastAPI app; every route but /health needs `Authorization: Bearer <token>`, and a client whose
+    tokens are refused backs off (`limiter`, default a new one: 429 with Retry-After after a few)."""
     if not token:
         raise WorkerSetupError("a worker needs a token", "pass --token-file FILE")
     check_token(token)
@@ -240,6 +242,8 @@ def create_worker_app(worker: Worker, *, token: str) -> FastAPI:
         token=token,
         open_paths=frozenset({f"{WORKER_PREFIX}/health"}),
         hint="send the header 'Authorization: Bearer <token>' with the worker's token",
+        limiter=limiter or LoginLimiter(),
+        what="worker token",
     )
     return app
 

@@ -10,11 +10,12 @@ from typing import Any
 
 import httpx
 import pytest
-from server_support import running
+from server_support import running, stranger
 
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.service.api import API_PREFIX
 from kohya_backend.service.app import build_service
+from kohya_backend.service.auth import BearerTokenMiddleware
 from kohya_backend.service.login_limit import (
     BASE_WAIT_S,
     FREE_FAILURES,
@@ -162,6 +163,78 @@ def test_logins_sent_all_at_once_earn_the_same_back_off() -> None:
     net = [f"2001:db8:0:1::{n:x}" for n in range(1, 41)]
     statuses, reached = _burst(LoginLimiter(clock=Clock()), [*net, "2001:db8:0:2::1", "10.0.0.6"])
     assert reached == FREE_FAILURES + 1 + 2 and statuses[-2:] == [400, 400]
+
+
+def test_the_api_token_backs_off_per_client_together_with_the_login(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The bearer token is the login's password: a client's refused tokens and failed logins count together, and
+    after a few that client waits (429, Retry-After) whatever it sends; another client's right token never does."""
+    clock = Clock()
+    app = build_app(build_service(tmp_path / "home"), token=TOKEN, logins=LoginLimiter(clock=clock))
+    good = {"Authorization": f"Bearer {TOKEN}"}
+    with running(app) as base, stranger() as guesser, caplog.at_level(logging.WARNING):
+        api = f"{base}{API_PREFIX}/trainings"
+        assert guesser.post(f"{base}/login", data={"username": "me", "password": "wrong"}).status_code in (
+            400,
+            401,
+        )
+        for n in range(FREE_FAILURES):
+            assert guesser.get(api, headers={"Authorization": f"Bearer guess-{n}"}).status_code == 401
+        refused = guesser.get(api, headers=good)  # even the right token waits: guessing gains nothing
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= BASE_WAIT_S
+        assert refused.json()["detail"]["error"] == "TooManyFailures"
+        assert guesser.post(f"{base}/login", data={"username": "me", "password": TOKEN}).status_code == 429
+        assert httpx.get(api, headers=good).status_code == 200  # another client is not held up
+        assert httpx.get(f"{base}{API_PREFIX}/version").status_code == 200  # open paths count nothing
+        clock.now += BASE_WAIT_S
+        assert guesser.get(api, headers=good).status_code == 200
+        for n in range(FREE_FAILURES + 1):  # the success started the count over
+            assert guesser.get(api, headers={"Authorization": f"Bearer again-{n}"}).status_code == 401
+    refusals = [r.getMessage() for r in caplog.records if "failed API token from 127.0.0.2" in r.getMessage()]
+    assert len(refusals) == 2 * FREE_FAILURES + 1
+
+
+def test_tokens_guessed_all_at_once_earn_the_same_back_off() -> None:
+    """A burst of guesses, all sent before the first answer: each counts the moment it is checked."""
+
+    async def route(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    guard = BearerTokenMiddleware(
+        route, token=TOKEN, open_paths=frozenset(), limiter=LoginLimiter(clock=Clock())
+    )
+
+    async def one(n: int, address: str) -> int:
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            await asyncio.sleep(0)  # every other request of the burst gets its turn before this answer goes
+            sent.append(message)
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        token = TOKEN if n < 0 else f"guess-{n}"
+        headers = [(b"authorization", f"Bearer {token}".encode())]
+        scope = {"type": "http", "method": "GET", "path": "/x", "headers": headers, "client": (address, 1)}
+        await guard(scope, receive, send)
+        return int(sent[0]["status"])
+
+    async def burst() -> list[int]:
+        guesses = [one(n, "10.0.0.5") for n in range(40)]
+        return list(await asyncio.gather(*guesses, one(-1, "10.0.0.6"), one(-1, "10.0.0.5")))
+
+    loop = (
+        asyncio.new_event_loop()
+    )  # not the thread's loop: gradio 4 (later tests) needs the main thread loopless
+    try:
+        statuses = loop.run_until_complete(asyncio.wait_for(burst(), 30))
+    finally:
+        loop.close()
+    assert sorted(statuses[:40]) == [401] * (FREE_FAILURES + 1) + [429] * (40 - FREE_FAILURES - 1)
+    assert statuses[40:] == [200, 429]  # another client's token passes; the guesser's own right token waits
 
 
 def test_what_a_clients_failures_count_under() -> None:

@@ -47,7 +47,7 @@ from kohya_backend.service.blobs import (
     create_blob_router,
 )
 from kohya_backend.service.home import Home
-from kohya_backend.service.hosts import ANY_HOSTS, interface_addresses
+from kohya_backend.service.hosts import ANY_HOSTS, interface_addresses, proxy_options
 from kohya_backend.service.http_errors import http_errors
 from kohya_backend.service.login_limit import LoginLimiter
 from kohya_backend.service.text import TextCheckedRoute
@@ -302,8 +302,10 @@ def serve_worker(
     port: int = DEFAULT_WORKER_PORT,
     max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES,
     reserve_bytes: int = DEFAULT_RESERVE_BYTES,
+    forwarded_allow_ips: str | None = None,
 ) -> None:
-    """Start the scheduler thread and serve the worker API until interrupted."""
+    """Start the scheduler thread and serve the worker API until interrupted; X-Forwarded-For names a client only
+    when a proxy in `forwarded_allow_ips` sends it."""
     import uvicorn
 
     worker = build_worker(home_dir, max_blob_bytes=max_blob_bytes, reserve_bytes=reserve_bytes)
@@ -316,6 +318,6 @@ def serve_worker(
             flush=True,
         )
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        uvicorn.run(app, host=host, port=port, log_level="warning", **proxy_options(forwarded_allow_ips))
     finally:
         worker.service.scheduler.stop()

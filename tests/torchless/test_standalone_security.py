@@ -16,6 +16,7 @@ from kohya_backend.errors import TrainManagementError
 from kohya_backend.service.api import API_PREFIX
 from kohya_backend.service.app import build_service
 from kohya_backend.service.auth import BearerTokenMiddleware
+from kohya_backend.service.hosts import proxy_options
 from kohya_backend.service.login_limit import (
     BASE_WAIT_S,
     FREE_FAILURES,
@@ -76,14 +77,16 @@ def test_the_login_page_backs_off_per_client(tmp_path: Path, caplog: pytest.LogC
     app = build_app(build_service(tmp_path / "home"), token=TOKEN, logins=LoginLimiter(clock=clock))
 
     def login(client: str, password: str) -> httpx.Response:
-        # uvicorn takes the client's address from X-Forwarded-For when the proxy is this machine
+        # The test is the reverse proxy (this machine, named as `serve --forwarded-allow-ips 127.0.0.1` names it):
+        # X-Forwarded-For says which client each login comes from.
         return httpx.post(
             f"{base}/login",
             data={"username": "me", "password": password},
             headers={"X-Forwarded-For": client},
         )
 
-    with running(app) as base, caplog.at_level(logging.WARNING, logger="kohya_backend.service.login_limit"):
+    proxied = running(app, **proxy_options("127.0.0.1"))
+    with proxied as base, caplog.at_level(logging.WARNING, logger="kohya_backend.service.login_limit"):
         for _ in range(FREE_FAILURES + 1):
             assert login("10.0.0.5", "wrong").status_code in (400, 401)
         blocked = login("10.0.0.5", TOKEN)  # even the right password waits: guessing gains nothing
@@ -96,6 +99,29 @@ def test_the_login_page_backs_off_per_client(tmp_path: Path, caplog: pytest.LogC
     failures = [r.getMessage() for r in caplog.records if "failed login" in r.getMessage()]
     assert len(failures) == FREE_FAILURES + 3 and all("10.0.0.5" in m for m in failures)
     assert any("refused" in r.getMessage() for r in caplog.records)
+
+
+def test_without_a_named_proxy_a_client_cannot_claim_other_addresses(tmp_path: Path) -> None:
+    """uvicorn believes X-Forwarded-For from 127.0.0.1 by default: any local process could give each guess a
+    fresh address. serve's default believes no one, and a named proxy only for what that proxy sends."""
+    clock = Clock()
+    app = build_app(build_service(tmp_path / "home"), token=TOKEN, logins=LoginLimiter(clock=clock))
+    assert proxy_options(None) == proxy_options(" , ") == {"proxy_headers": False}
+    with running(app, **proxy_options(None)) as base:
+        statuses = [
+            httpx.post(f"{base}/login", data={"username": "me", "password": "wrong"},
+                       headers={"X-Forwarded-For": f"10.0.0.{n}"}).status_code
+            for n in range(FREE_FAILURES + 2)
+        ]  # fmt: skip
+        assert statuses[-1] == 429 and 429 not in statuses[: FREE_FAILURES + 1]
+    with running(app, **proxy_options("127.0.0.2")) as base, stranger("127.0.0.3") as other:
+        for n in range(FREE_FAILURES + 2):  # not the named proxy: its header is not believed either
+            answer = other.post(
+                f"{base}/login",
+                data={"username": "me", "password": "wrong"},
+                headers={"X-Forwarded-For": f"10.1.0.{n}"},
+            )
+        assert answer.status_code == 429
 
 
 def _burst(throttle_limiter: LoginLimiter, clients: list[str]) -> tuple[list[int], int]:

@@ -352,6 +352,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         s3_uri=args.s3_uri,
         sagemaker_role_arn=args.sagemaker_role_arn,
         sagemaker_image_uri=args.sagemaker_image_uri,
+        forwarded_allow_ips=args.forwarded_allow_ips,
     )
     return 0
 
@@ -682,6 +683,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument(
         "--cors-allow-origins-regex", metavar="REGEX", help="allowed other websites as a regular expression"
+    )
+    srv.add_argument(
+        "--forwarded-allow-ips",
+        metavar="IPS",
+        help="reverse proxies (comma-separated addresses) whose X-Forwarded-For names the client; default none: "
+        "every client is the address it connects from",
     )
     srv.add_argument(
         "--stall-minutes",

@@ -590,6 +590,23 @@ def test_paths_must_exist_with_the_right_kind(tmp_path: Path) -> None:
     assert check(bad, check_paths_exist=False)
 
 
+def test_a_path_the_file_system_cannot_look_up_is_an_issue_not_a_traceback(tmp_path: Path) -> None:
+    # The CLI checks paths where they are (no confinement): a name longer than a file system holds raised
+    # ENAMETOOLONG out of Path.exists.
+    long = str(tmp_path / ("p" * 300))
+    issues = errors(
+        {"sample_prompts": long + ".txt", "output_dir": long, "train_data_dir": str(tmp_path)},
+        check_paths_exist=True,
+    )
+    assert sorted(str(i.key) for i in issues) == ["output_dir", "sample_prompts"]
+    by_key = {i.key: i for i in issues}
+    assert "cannot be looked up" in by_key["sample_prompts"].message
+    assert "File name too long" in by_key["sample_prompts"].message and "255" in (
+        by_key["sample_prompts"].hint or ""
+    )
+    assert "cannot be looked up" in by_key["output_dir"].message
+
+
 # --- TrainConfig ------------------------------------------------------------------------------------------------
 
 

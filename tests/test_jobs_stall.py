@@ -74,9 +74,10 @@ def test_a_frozen_training_is_shown_stalled_until_it_reports_and_a_cancel_stops_
     tmp_path: Path, demo_config: str, make_scheduler: Callable[..., Scheduler]
 ) -> None:
     """One trainer through every case (a trainer run is the expensive part): frozen while loading, frozen after a
-    step and thawed, frozen again and cancelled."""
+    step and thawed, frozen across a restart of its host and thawed, frozen again and cancelled."""
     # A grace period far longer than any wait below: a cancel that used it would time out.
-    sched = make_scheduler(tmp_path / "home", stall_after_s=STALL_S, cancel_grace_s=600, poll_interval_s=1.0)
+    settings = {"stall_after_s": STALL_S, "cancel_grace_s": 600, "poll_interval_s": 1.0}
+    sched = make_scheduler(tmp_path / "home", **settings)
     job = _submit(sched, demo_config, "frozen")
     _until(sched, lambda: (job.folder / "run.json").exists())
     with _frozen_when(job, "start"):  # the trainer's first event: it is loading the model
@@ -94,6 +95,19 @@ def test_a_frozen_training_is_shown_stalled_until_it_reports_and_a_cancel_stops_
         os.killpg(pgid, signal.SIGCONT)  # it goes on: the next step clears the mark
         _until(sched, lambda: job_summary(sched.store.get(job.id))["stalled"] is None)
         assert sched.store.get(job.id).status is S.TRAINING
+
+        # Stalled when the host restarts: the mark is stored, the new scheduler re-attaches, and the trainer's
+        # next report clears the stored mark too (else Cancel would kill the healthy trainer at once).
+        os.killpg(pgid, signal.SIGSTOP)
+        _until(sched, lambda: bool(job_summary(sched.store.get(job.id))["stalled"]))
+        sched.stop()
+        sched = make_scheduler(tmp_path / "home", **settings)
+        sched.tick()  # re-attached to the frozen trainer, the stored mark kept
+        assert job_summary(sched.store.get(job.id))["stalled"]
+        os.killpg(pgid, signal.SIGCONT)
+        _until(sched, lambda: job_summary(sched.store.get(job.id))["stalled"] is None)
+        thawed = sched.store.get(job.id)  # cleared by its next report, not by its end
+        assert thawed.status is S.TRAINING and not thawed.progress.get("stalled")
 
         os.killpg(pgid, signal.SIGSTOP)
         _until(sched, lambda: bool(job_summary(sched.store.get(job.id))["stalled"]))

@@ -15,6 +15,7 @@ import httpx
 import pytest
 import uvicorn
 from jobs_support import FAST_CONFIG
+from server_support import stranger
 
 from kohya_backend.service.api import API_PREFIX
 from kohya_backend.service.app import build_service, create_app
@@ -96,13 +97,19 @@ def _wait_for(api: Server, job_id: str, states: set[str], timeout: float = 90) -
 
 def test_version_is_open_and_the_rest_needs_the_token(api: Server) -> None:
     assert httpx.get(f"{api.base}/version").json()["api"] == "1.0"
-    for path in ("/models", "/datasets", "/trainings", "/instance-types"):
-        answer = httpx.get(f"{api.base}{path}")
-        assert answer.status_code == 401, path
-        assert answer.headers["www-authenticate"] == "Bearer"
-    wrong = httpx.get(f"{api.base}/trainings", headers={"Authorization": "Bearer nope"})
-    assert wrong.status_code == 401
-    assert httpx.post(f"{api.base}/trainings", json=_training("x")).status_code == 401
+    with stranger() as other:  # another client: after a few refusals it waits, `api.client` does not
+        for path in ("/models", "/datasets", "/trainings"):
+            answer = other.get(f"{api.base}{path}")
+            assert answer.status_code == 401, path
+            assert answer.headers["www-authenticate"] == "Bearer"
+        wrong = other.get(f"{api.base}/trainings", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        for path in ("/instance-types", "/trainings"):
+            assert (
+                other.get(f"{api.base}{path}", headers={"Authorization": f"Bearer {TOKEN}"}).status_code
+                == 429
+            )
+        assert other.post(f"{api.base}/trainings", json=_training("x")).status_code == 429
     assert api.client.get("/trainings").status_code == 200
 
 

@@ -15,7 +15,9 @@ from typing import Any
 import httpx
 import pytest
 from remote_support import TOKEN, WorkerThread
+from server_support import stranger
 
+from kohya_backend.jobs.pool import ask_worker
 from kohya_backend.jobs.store import InvalidJobId
 from kohya_backend.jobs.transfer import (
     LocalFile,
@@ -26,12 +28,14 @@ from kohya_backend.jobs.transfer import (
 )
 from kohya_backend.jobs.worker_client import (
     WorkerAnswerInvalid,
+    WorkerAuthError,
     WorkerClient,
     WorkerRejected,
     WorkerUnreachable,
 )
 from kohya_backend.jobs.worker_protocol import WORKER_PREFIX, InvalidName
 from kohya_backend.models.hashing import BackgroundSha256, Sha256Cache
+from kohya_backend.service.login_limit import BASE_WAIT_S, FREE_FAILURES
 from kohya_backend.service.worker import build_worker
 
 SHA0 = "0" * 64
@@ -78,22 +82,58 @@ def _spec(items: list, key: str = "client-a:job-1", **changes: object) -> dict[s
     return spec
 
 
-def test_health_is_open_and_everything_else_needs_the_token(server: WorkerThread) -> None:
-    base = server.url + WORKER_PREFIX
-    assert httpx.get(f"{base}/health").json()["ok"] is True
-    routes = [
-        ("GET", "/info"), ("HEAD", f"/blobs/{SHA0}"), ("PUT", f"/blobs/{SHA0}?offset=0&size=1"),
-        ("POST", "/blobs/query"), ("DELETE", f"/blobs/{SHA0}"), ("POST", "/jobs"), ("GET", f"/jobs/{JOB0}"), ("GET", f"/jobs/{JOB0}/events"),
-        ("GET", f"/jobs/{JOB0}/log"), ("GET", f"/jobs/{JOB0}/files/output/x.png"),
-        ("POST", f"/jobs/{JOB0}/cancel"), ("POST", f"/jobs/{JOB0}/resume"), ("DELETE", f"/jobs/{JOB0}"),
-    ]  # fmt: skip
-    for method, path in routes:
-        for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"}, {"Authorization": TOKEN}):
-            answer = httpx.request(method, base + path, headers=headers, content=b"x")
-            assert answer.status_code == 401, (method, path, headers)
-    info = httpx.get(f"{base}/info", headers={"Authorization": f"Bearer {TOKEN}"}).json()
-    assert info["slots"] == 1 and info["gpus"] == [] and info["free_disk_bytes"] > 0
-    assert "token" not in str(info).lower()
+def test_health_is_open_and_everything_else_needs_the_token(tmp_path: Path) -> None:
+    worker = build_worker(tmp_path / "worker", reserve_bytes=0)
+    with WorkerThread(worker) as server:
+        base = server.url + WORKER_PREFIX
+        assert httpx.get(f"{base}/health").json()["ok"] is True
+        routes = [
+            ("GET", "/info"), ("HEAD", f"/blobs/{SHA0}"), ("PUT", f"/blobs/{SHA0}?offset=0&size=1"),
+            ("POST", "/blobs/query"), ("DELETE", f"/blobs/{SHA0}"), ("POST", "/jobs"), ("GET", f"/jobs/{JOB0}"), ("GET", f"/jobs/{JOB0}/events"),
+            ("GET", f"/jobs/{JOB0}/log"), ("GET", f"/jobs/{JOB0}/files/output/x.png"),
+            ("POST", f"/jobs/{JOB0}/cancel"), ("POST", f"/jobs/{JOB0}/resume"), ("DELETE", f"/jobs/{JOB0}"),
+        ]  # fmt: skip
+        for n, (method, path) in enumerate(routes):
+            with stranger(
+                f"127.0.0.{10 + n}"
+            ) as other:  # a client per route: three refusals each, no back-off
+                for headers in (
+                    {},
+                    {"Authorization": "Bearer wrong-token-0123456789"},
+                    {"Authorization": TOKEN},
+                ):
+                    answer = other.request(method, base + path, headers=headers, content=b"x")
+                    assert answer.status_code == 401, (method, path, headers)
+        info = httpx.get(f"{base}/info", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+        assert info["slots"] == 1 and info["gpus"] == [] and info["free_disk_bytes"] > 0
+        assert "token" not in str(info).lower()
+
+
+def test_a_client_guessing_the_token_backs_off_and_no_other_client_waits(tmp_path: Path) -> None:
+    worker = build_worker(tmp_path / "worker", reserve_bytes=0)
+    good = {"Authorization": f"Bearer {TOKEN}"}
+    with WorkerThread(worker) as server, stranger() as guesser:
+        info = server.url + WORKER_PREFIX + "/info"
+        for n in range(FREE_FAILURES + 1):
+            assert guesser.get(info, headers={"Authorization": f"Bearer guess-{n}"}).status_code == 401
+        refused = guesser.get(info, headers={"Authorization": "Bearer guess-x"})
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= BASE_WAIT_S
+        assert refused.json()["detail"]["error"] == "TooManyFailures"
+        assert (
+            guesser.get(info, headers=good).status_code == 429
+        )  # even the right token waits: a guess gains nothing
+        assert httpx.get(info, headers=good).status_code == 200  # another client is not held up
+        # This host's own client, with a token the worker no longer takes: refused, then told to wait, and shown as
+        # "unauthorized" (not "offline") either way.
+        with WorkerClient(server.url, "an-old-token-0123456789") as old:
+            for _ in range(FREE_FAILURES + 1):
+                with pytest.raises(WorkerAuthError) as refused_token:
+                    old.info()
+                assert refused_token.value.message.endswith("refused the token")
+            with pytest.raises(WorkerAuthError) as waiting:
+                old.info()
+            assert "too often" in waiting.value.message and "token file" in (waiting.value.hint or "")
+            assert ask_worker("w", old).state == "unauthorized"
 
 
 def test_an_upload_cut_mid_way_resumes_from_the_workers_offset(client: WorkerClient, tmp_path: Path) -> None:

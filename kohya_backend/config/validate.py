@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -802,6 +803,21 @@ def _rule_s3_paths(c: _Checker) -> set[str]:
     return found
 
 
+def _unreadable_path(c: _Checker, key: str, value: str) -> bool:
+    """Whether the file system refuses to even look `value` up (a name too long, ...): then an issue says so."""
+    try:
+        os.stat(value)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        c.issue(
+            key, f"{key} cannot be looked up: {why}", "check the path (each name in it at most 255 bytes)"
+        )
+        return True
+    return False
+
+
 def _rule_paths(c: _Checker, require_paths: bool, check_paths_exist: bool) -> None:
     if require_paths:
         for key in _REQUIRED_PATHS:
@@ -829,7 +845,7 @@ def _rule_paths(c: _Checker, require_paths: bool, check_paths_exist: bool) -> No
     }
     for key, kind in kinds.items():
         value = c[key]
-        if value is None or not c.ok(key) or key in on_s3:
+        if value is None or not c.ok(key) or key in on_s3 or _unreadable_path(c, key, value):
             continue
         path = Path(value)
         if not path.exists() and key == "pretrained_model_name_or_path":
@@ -848,6 +864,7 @@ def _rule_paths(c: _Checker, require_paths: bool, check_paths_exist: bool) -> No
             value is not None
             and c.ok(key)
             and key not in on_s3
+            and not _unreadable_path(c, key, value)
             and Path(value).exists()
             and not Path(value).is_dir()
         ):

@@ -540,7 +540,8 @@ class Scheduler:
         run = self._runs.get(job_id)
         if run is not None:
             run.last_heartbeat = run.last_event = time.monotonic()
-            if run.stalled:  # it reports again
+            # It reports again: clear the mark, also one stored before a restart (a new run is not `stalled`).
+            if run.stalled or job.progress.get("stalled"):
                 run.stalled = False
                 summary.progress["stalled"] = None
                 log.info("job %s: its trainer reports progress again", job_id)

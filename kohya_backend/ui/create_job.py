@@ -25,6 +25,7 @@ from kohya_backend.service.training import Submission, TrainingService
 from kohya_backend.ui.choices import dropdown
 from kohya_backend.ui.confirm import ask, dismissed
 from kohya_backend.ui.hooks import UiHooks
+from kohya_backend.ui.origin_guard import read_only
 from kohya_backend.ui.present import (
     FAMILY_LABELS,
     error_markdown,
@@ -83,14 +84,17 @@ class CreateJobActions:
         doc["save_state"] = True  # jobs save their state for an exact Resume unless the user turns it off
         return tomlkit.dumps(doc)
 
+    @read_only
     def instance_choices(self, current: str | None = None) -> Any:
         """Training Instance Type choices (this machine with its GPUs or CPU; remote workers when configured)."""
         return dropdown([instance_choice(entry) for entry in self.service.instance_types()], current)
 
+    @read_only
     def model_choices(self, current: str | None = None) -> Any:
         """Model dropdown choices: the checkpoint names, then the S3 prefix's s3:// ones (no file is read)."""
         return dropdown(self.service.model_names(), current)
 
+    @read_only
     def dataset_choices(self, current: str | None = None) -> Any:
         """Dataset dropdown choices: the dataset folder names, then the S3 prefix's (none is scanned)."""
         return dropdown(self.service.dataset_names(), current)
@@ -107,6 +111,7 @@ class CreateJobActions:
 
     # -- the model's family ------------------------------------------------------------------------------------
 
+    @read_only
     def model_info(self, model: str | None, fm_label: str) -> str:
         """The chosen model's detected family, flagged when it does not match the FM type; without a model, where
         to put one."""
@@ -140,6 +145,7 @@ class CreateJobActions:
             return (*[gr.update()] * len(EDITOR_FIELDS), *ask(question, fill))
         return self.apply_fill(fill)
 
+    @read_only
     def apply_fill(self, fill: dict[str, Any] | None) -> tuple[Any, ...]:
         """What fill() does once confirmed (None: nothing was asked). A fill that keeps the chosen model but may
         change the FM type names that model as `chosen_model`, so its family line is judged again."""
@@ -160,6 +166,7 @@ class CreateJobActions:
             draft_record(fm_label, text), *dismissed(),
         )  # fmt: skip
 
+    @read_only
     def reset_config(
         self, fm_label: str, instance: str | None, current: str, baseline: str
     ) -> tuple[Any, ...]:
@@ -168,6 +175,7 @@ class CreateJobActions:
         fill = {"text": text, "default": text, "fm": fm_label, "what": f"the {fm_label} defaults"}
         return self.fill(fill, current, baseline)
 
+    @read_only
     def fm_changed(self, fm_label: str, draft: str, baseline: str, instance: str | None) -> tuple[Any, ...]:
         """Another FM type: the editor shows that type's draft (the page's script passes it in `draft`; the one
         just left stays in its own draft) or its defaults. (config, baseline, draft_sync, model info is
@@ -176,6 +184,7 @@ class CreateJobActions:
         text = draft if (draft or "").strip() else default
         return text, default, draft_record(fm_label, text)
 
+    @read_only
     def instance_changed(
         self, instance: str | None, fm_label: str, text: str, baseline: str
     ) -> tuple[Any, Any]:
@@ -188,6 +197,7 @@ class CreateJobActions:
 
     # -- format and submit -------------------------------------------------------------------------------------
 
+    @read_only
     def format_config(
         self,
         instance: str | None,
@@ -306,6 +316,7 @@ class CreateJobActions:
             return [error_markdown(exc)]
         return [plan_markdown(formatted)] if formatted.get("dataset_error") else []
 
+    @read_only
     def key_help(self, key: str | None) -> str:
         """The config reference of one key (the editor's help panel)."""
         return key_reference(key) if key else "Choose a key to see its type, defaults and allowed values."

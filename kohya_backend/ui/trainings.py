@@ -23,6 +23,7 @@ from kohya_backend.ui.compat import session_of
 from kohya_backend.ui.confirm import ask, dismissed
 from kohya_backend.ui.create_job import CreateJobActions
 from kohya_backend.ui.job_views import JobViews
+from kohya_backend.ui.origin_guard import read_only
 from kohya_backend.ui.present import (
     JOB_HEADERS,
     JOB_ID_COLUMN,
@@ -65,6 +66,7 @@ class TrainingsActions:
         ]  # fmt: skip
         return json.dumps(marks)
 
+    @read_only
     def details(
         self, request: gr.Request, job_id: str | None = None, shown: str | None = None
     ) -> tuple[Any, ...]:
@@ -119,6 +121,7 @@ class TrainingsActions:
         choices = [FINAL, *(epoch_label(e) for e in self.service.epochs(job["id"]))]
         return (str(grid) if grid.is_file() else None), gr.update(choices=choices, value=FINAL)
 
+    @read_only
     def refresh(
         self, request: gr.Request, selected: str | None = None, shown: str | None = None
     ) -> tuple[Any, ...]:
@@ -134,6 +137,7 @@ class TrainingsActions:
         choices = gr.update(choices=ids, value=selected)
         return (table, delivery_stamp(jobs), choices, *self.details(request, selected, shown))
 
+    @read_only
     def select_row(
         self, request: gr.Request, table: Any, evt: gr.SelectData, shown: str | None = None
     ) -> tuple[Any, ...]:
@@ -156,6 +160,7 @@ class TrainingsActions:
         """Queue the selected interrupted, failed or cancelled job again (from its saved state)."""
         return self._act("resume", job_id)
 
+    @read_only
     def ask_delete(self, job_id: str | None) -> tuple[Any, ...]:
         """Ask before deleting the selected job: (row, question, pending, message)."""
         if not job_id:
@@ -185,6 +190,7 @@ class TrainingsActions:
             return f"❌ {error_markdown(exc)}"
         return f"Job {job_id}: **{job['status']}**" + (f" ({job['reason']})" if job.get("reason") else "")
 
+    @read_only
     def duplicate(self, job_id: str | None, current: str, baseline: str) -> tuple[Any, ...]:
         """Put the selected job's FM type, instance, model, dataset and config in the editor (asking first when it
         holds edits): the editor's fill outputs, then a message."""
@@ -222,6 +228,7 @@ class TrainingsActions:
         start = "its saved state" if "resume" in tomlkit.parse(job.config_toml) else "its LoRA"
         return f"✅ Job **{job.id}** (`{job.output_name}`) queued: it continues job {job_id} from {start}."
 
+    @read_only
     def lora_prompt(self, job_id: str | None, epoch: str | None, weight: float) -> tuple[str, str]:
         """(message, `<lora:NAME:WEIGHT>`) for the chosen epoch of the selected job ('' when there is none); the
         page's script then puts the prompt text into txt2img."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
-from server_support import running
+from server_support import running, stranger
 
 from kohya_backend.service.api import API_PREFIX
 from kohya_backend.service.app import build_service, create_app
@@ -143,17 +143,21 @@ def test_health_report(client: httpx.Client) -> None:
     bad = client.get("/datasets/twins/health", params={"resolution": 500})
     assert bad.status_code == 400 and "multiple of 64" in bad.json()["detail"]["hint"]
     assert client.get("/datasets/nothere/health").status_code == 404
-    assert httpx.get(f"{str(client.base_url).rstrip('/')}/datasets/twins/health").status_code == 401
+    with stranger("127.0.0.3") as other:
+        assert other.get(f"{str(client.base_url).rstrip('/')}/datasets/twins/health").status_code == 401
 
 
 def test_auth_is_required(client: httpx.Client) -> None:
     base = str(client.base_url).rstrip("/")
-    assert httpx.get(f"{base}/datasets/cats").status_code == 401
-    assert (
-        httpx.post(f"{base}/datasets", data={"name": "x"}, files=[("files", ("a.png", _png()))]).status_code
-        == 401
-    )
-    assert httpx.delete(f"{base}/datasets/cats").status_code == 401
+    with stranger() as other:  # another client: its refusals back off that one, not `client`
+        assert other.get(f"{base}/datasets/cats").status_code == 401
+        assert (
+            other.post(
+                f"{base}/datasets", data={"name": "x"}, files=[("files", ("a.png", _png()))]
+            ).status_code
+            == 401
+        )
+        assert other.delete(f"{base}/datasets/cats").status_code == 401
 
 
 def test_delete_image_and_dataset(client: httpx.Client, home: Path) -> None:

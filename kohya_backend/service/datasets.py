@@ -28,7 +28,7 @@ from kohya_backend.data.archive import ArchiveLimits, copy_file, extract_zip, me
 from kohya_backend.data.images import IMAGE_EXTENSIONS, BadImageError, is_image_file, probe_image
 from kohya_backend.data.preprocess import Preprocess, preprocess_image
 from kohya_backend.data.scan import SUBSET_FOLDER, DatasetListing, check_caption_extension, list_dataset
-from kohya_backend.errors import ConfigError, DatasetError, TrainManagementError
+from kohya_backend.errors import ConfigError, DatasetError, InUse, TrainManagementError
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import Job, JobStore
 from kohya_backend.names import windows_name_problem
@@ -51,10 +51,9 @@ class DatasetExists(TrainManagementError):
     http_status = 409
 
 
-class DatasetInUse(TrainManagementError):
-    """A queued or running job trains on the dataset, so it may not change under it."""
-
-    http_status = 409
+class DatasetInUse(InUse):
+    """Queued or running jobs train on the dataset, so it may not change under them; `job_ids` lists them (an
+    HTTP answer's `detail.jobs`, as for the other in-use refusals)."""
 
 
 @dataclass(frozen=True)
@@ -165,8 +164,12 @@ class _StagingInUse:
 
 def check_health_resolution(resolution: object) -> int:
     """The training resolution a health report is made for: a multiple of 64 from 256 to 2048."""
-    whole = isinstance(resolution, int) and not isinstance(resolution, bool)
-    if isinstance(resolution, int) and whole and 256 <= resolution <= 2048 and resolution % 64 == 0:
+    if (
+        isinstance(resolution, int)
+        and not isinstance(resolution, bool)
+        and 256 <= resolution <= 2048
+        and resolution % 64 == 0
+    ):
         return resolution
     raise TrainManagementError(
         f"resolution {resolution!r} is not a training resolution",
@@ -385,6 +388,7 @@ class DatasetService:
             raise DatasetInUse(
                 f"dataset {name!r} is used by job(s) {', '.join(users)} that are queued or training",
                 "wait until they finish, or cancel them first",
+                users,
             )
 
     def _reads(self, job: Job, folder: Path) -> bool:

@@ -9,6 +9,8 @@ what its downloads show are kept per page in PageSessions, and on 3.41 they come
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -38,18 +40,46 @@ PAGE_SIZE = 50
 LOG_TAIL_LINES = 30
 MAX_DOWNLOAD_SAMPLES = 8
 FINAL = "final"
+_EPOCH_CHOICE = re.compile(r"epoch ([0-9]{1,9})")
 
 
 def epoch_label(epoch: int) -> str:
     return f"epoch {epoch}"
 
 
+def epoch_number(choice: object) -> int | None:
+    """The epoch an Epoch choice names (None: the final LoRA); a value the list never offers (a crafted request) is
+    a TrainManagementError saying what to choose."""
+    if choice is None or choice in ("", FINAL):
+        return None
+    found = _EPOCH_CHOICE.fullmatch(str(choice))
+    if found is None:
+        raise TrainManagementError(
+            f"{str(choice)[:40]!r} is not an epoch of the job",
+            f"choose {FINAL!r} or one of its saved epochs ('{epoch_label(1)}', ...) in the Epoch list",
+        )
+    return int(found.group(1))
+
+
+def lora_weight(value: object) -> float:
+    """The weight of a `<lora:...>` prompt (1.0 when none was sent); TrainManagementError unless a finite number."""
+    if value is None:
+        return 1.0
+    try:
+        weight = float(str(value))
+    except ValueError:
+        weight = math.nan
+    if not math.isfinite(weight):
+        raise TrainManagementError(f"weight {str(value)[:40]!r} is not a number", "set a weight such as 0.8")
+    return weight
+
+
 class TrainingsActions:
     """The right column's callbacks, bound to one TrainingService."""
 
-    def __init__(self, service: TrainingService, editor: CreateJobActions | None = None) -> None:
+    def __init__(self, service: TrainingService, editor: CreateJobActions) -> None:
         self.service = service
-        self.editor = editor
+        self.editor = editor  # Duplicate fills the editor through its actions
         self.views = JobViews()  # shared by every browser tab: polls read only what changed
         self.sessions = PageSessions()
 
@@ -188,7 +218,6 @@ class TrainingsActions:
     def duplicate(self, job_id: str | None, current: str, baseline: str) -> tuple[Any, ...]:
         """Put the selected job's FM type, instance, model, dataset and config in the editor (asking first when it
         holds edits): the editor's fill outputs, then a message."""
-        assert self.editor is not None, "Duplicate needs the editor's actions"
         if not job_id:
             return (*self.editor.apply_fill(None), "Select a job first.")
         try:
@@ -227,9 +256,9 @@ class TrainingsActions:
         page's script then puts the prompt text into txt2img."""
         if not job_id:
             return "Select a completed job first.", ""
-        number = None if not epoch or epoch == FINAL else int(str(epoch).rsplit(" ", 1)[-1])
         try:
-            prompt = self.service.lora_prompt(job_id, number, float(weight if weight is not None else 1.0))
+            number, strength = epoch_number(epoch), lora_weight(weight)
+            prompt = self.service.lora_prompt(job_id, number, strength)
         except TrainManagementError as exc:
             return f"❌ {error_markdown(exc)}", ""
         return f"Sent `{prompt}` to txt2img.", prompt

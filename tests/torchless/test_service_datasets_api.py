@@ -15,8 +15,8 @@ from PIL import Image
 from safetensors.numpy import save_file
 from server_support import running
 
-from kohya_backend.service.api import API_PREFIX
 from kohya_backend.errors import TrainManagementError
+from kohya_backend.service.api import API_PREFIX
 from kohya_backend.service.app import build_service, create_app
 from kohya_backend.service.datasets import check_health_resolution
 

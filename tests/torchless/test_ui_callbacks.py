@@ -64,6 +64,11 @@ def page(name: str = "page-1") -> gr.Request:
     return gr.Request(session_hash=name) if SESSION_KEYED else gr.Request()
 
 
+def _trainings(service: TrainingService) -> TrainingsActions:
+    """The Trainings List's callbacks as the tab binds them (with the editor's, which Duplicate fills)."""
+    return TrainingsActions(service, CreateJobActions(service, UiHooks()))
+
+
 def _upload(paths: list[Path], file_count: str = "multiple") -> Any:
     """What a gr.File ("multiple" or "directory") hands a callback after the browser uploaded `paths`."""
     component = file_input("files", file_count=file_count)
@@ -416,7 +421,7 @@ def test_submit_refusals_then_a_queued_job_in_the_list(
     taken = actions.submit(instance, "SD 1.5", "sd15.safetensors", "squares", CONFIG.format(name="mine"))[0]
     assert "already used by another job" in taken
 
-    trainings = TrainingsActions(service)
+    trainings = _trainings(service)
     [job] = service.store.list()[0]
     table, stamp, choices, *_details = trainings.refresh(page(), None)
     assert (
@@ -454,7 +459,7 @@ def test_deleting_a_job_that_ran_on_a_worker_says_what_happens_to_its_copy_there
     remote_id = "20200101-000000-abcdef"
     write_json_atomic(job.folder / RUN_NAME, {"runner": "worker", "remote": {"away": {"job": remote_id}}})
     service.store.transition(job.id, JobStatus.CANCELLED, "cancelled on the worker")
-    assert TrainingsActions(service).delete(job.id)[3] == (
+    assert _trainings(service).delete(job.id)[3] == (
         f"Deleted job {job.id} (its delivered LoRA stays in the Lora folder); its copy on worker away is deleted "
         "there in the background (retried until it answers)."
     )
@@ -485,7 +490,7 @@ def test_selected_job_shows_log_loss_plot_samples_and_the_delivery_stamp(
     Image.new("RGB", (8, 8)).save(job.folder / "output/done-epochs.png")
     (job.folder / "output/done-000001.safetensors").write_bytes(b"epoch 1")
 
-    trainings = TrainingsActions(service)
+    trainings = _trainings(service)
     status, log, plot, samples, downloads, grid, epochs, shown = trainings.details(page(), job.id)
     assert "**completed**, 3/3 (100%)" in status and f"LoRA written to {delivered}" in status
     assert log.splitlines()[0] == "line 70" and log.splitlines()[-1] == "line 99"
@@ -529,7 +534,7 @@ def test_polls_read_only_new_events_and_decode_each_sample_once(
     samples = job.folder / "output/sample"
     samples.mkdir(parents=True)
     Image.new("RGB", (512, 512), (200, 0, 0)).save(samples / "running_000002_00.png")
-    trainings = TrainingsActions(service)
+    trainings = _trainings(service)
     _, _, plot, first_samples, *_ = trainings.details(page(), job.id)
     assert [r["step"] for r in plot.to_dict("records")] == [1, 2]
     assert first_samples[0][0].size == (256, 256)

@@ -74,6 +74,20 @@ def lora_weight(value: object) -> float:
     return weight
 
 
+def _shown_key(parts: dict[str, str]) -> str:
+    """What a page shows of its selected job, as the text kept in its State (3.41) or on the server (4.x)."""
+    return json.dumps(parts, sort_keys=True)
+
+
+def _shown_parts(key: object) -> dict[str, str]:
+    """_shown_key's parts ({} for a page that shows nothing yet, or for any other value a request may carry)."""
+    try:
+        parts = json.loads(key) if isinstance(key, str) and key else {}
+    except ValueError:
+        return {}
+    return {k: v for k, v in parts.items() if isinstance(v, str)} if isinstance(parts, dict) else {}
+
+
 class TrainingsActions:
     """The right column's callbacks, bound to one TrainingService."""
 
@@ -98,12 +112,15 @@ class TrainingsActions:
     def details(
         self, request: gr.Request, job_id: str | None = None, shown: str | None = None
     ) -> tuple[Any, ...]:
-        """(headline, log tail, loss plot data, samples, downloads, grid, epoch choices, downloads key) of the
-        selected job; the downloads, the grid and the epoch choices are sent again only when the job, its status or
-        its samples changed (a poll while another job trains must not put the chosen epoch back to final)."""
+        """(headline, log tail, loss plot data, samples, downloads, grid, epoch choices, shown) of the selected job.
+
+        `shown` says what the page shows already (_shown_key): the loss plot and the samples are sent only when
+        they changed, and the downloads, the grid and the epoch choices only when the job, its status or its samples
+        changed (a poll while another job trains must not put the chosen epoch back to final); the rest is gr.update().
+        """
         session = session_of(request)
         self.sessions.put(session, job=job_id)
-        shown = self.sessions.value(session, "shown", shown)
+        before = _shown_parts(self.sessions.value(session, "shown", shown))
         if not job_id:
             self.sessions.put(session, shown="")
             return (
@@ -119,20 +136,28 @@ class TrainingsActions:
         try:
             job = self.service.show(job_id, log_lines=LOG_TAIL_LINES)
         except TrainManagementError as exc:
+            self.sessions.put(session, shown="")
             return error_markdown(exc), "", None, [], None, None, gr.update(choices=[], value=None), ""
         folder = Path(job["folder"])
-        plot = self.views.loss_plot(job_id, folder / EVENTS_NAME)
-        samples = self.views.samples(job_id, folder)
+        plot, plot_version = self.views.loss_plot(job_id, folder / EVENTS_NAME)
+        samples, samples_version = self.views.samples(job_id, folder)
         newest = samples[-1][1] if samples else ""  # the count alone stops changing at JobViews' MAX_SAMPLES
-        key = f"{job_id}|{job['status']}|{len(samples)}|{newest}"
+        now = {
+            "files": f"{job_id}|{job['status']}|{len(samples)}|{newest}",
+            "plot": f"{job_id}|{plot_version}",
+            "samples": f"{job_id}|{samples_version}",
+        }
         downloads: Any = gr.update()
         grid: Any = gr.update()
         epochs: Any = gr.update()
-        if key != shown:
+        if now["files"] != before.get("files"):
             downloads = self._downloads(job, folder, samples) or None
             grid, epochs = self._epochs(job, folder)
-            self.sessions.put(session, shown=key)
-        return job_markdown(job), job["log_tail"], plot, samples, downloads, grid, epochs, key
+        plot_out = plot if now["plot"] != before.get("plot") else gr.update()
+        samples_out = samples if now["samples"] != before.get("samples") else gr.update()
+        key = _shown_key(now)
+        self.sessions.put(session, shown=key)
+        return job_markdown(job), job["log_tail"], plot_out, samples_out, downloads, grid, epochs, key
 
     def _downloads(self, job: dict[str, Any], folder: Path, samples: list[tuple[Any, str]]) -> list[str]:
         """The files the page offers: the LoRA (once written), the epoch grid and the newest samples."""

@@ -538,7 +538,8 @@ def test_polls_read_only_new_events_and_decode_each_sample_once(
     _, _, plot, first_samples, *_ = trainings.details(page(), job.id)
     assert [r["step"] for r in plot.to_dict("records")] == [1, 2]
     assert first_samples[0][0].size == (256, 256)
-    assert trainings.details(page(), job.id)[2] is plot  # nothing new: the same plot data, nothing re-read
+    # nothing new: another page gets the same plot data, nothing re-read
+    assert trainings.details(page("another"), job.id)[2] is plot
 
     # Lines already read are not read again: rewrite them (same length) and append a step.
     events.write_text(
@@ -568,3 +569,50 @@ def test_polls_read_only_new_events_and_decode_each_sample_once(
     assert trainings.details(page(), job.id)[2].to_dict("records") == [
         {"step": 1, "value": 0.125, "series": "loss"}
     ]
+
+
+def test_the_loss_plot_and_the_samples_are_sent_only_when_they_change(
+    service: TrainingService, datasets: DatasetService, uploads: list[Path]
+) -> None:
+    _dataset(datasets, uploads)
+    editor = CreateJobActions(service, UiHooks())
+    for name in ("one", "two"):
+        editor.submit("local", "SD 1.5", "sd15.safetensors", "squares", CONFIG.format(name=name))
+    jobs = {job.output_name: job for job in service.store.list()[0]}
+    for job in jobs.values():  # the same events and sample in both: only the job tells them apart
+        (job.folder / "events.jsonl").write_text(json.dumps({"kind": "step", "step": 1, "loss": 0.5}) + "\n")
+        (job.folder / "output/sample").mkdir(parents=True)
+        Image.new("RGB", (32, 32), (9, 9, 9)).save(job.folder / "output/sample/s_000001_00.png")
+    one, two = jobs["one"], jobs["two"]
+    trainings = _trainings(service)
+
+    def poll(job_id: str, shown: str) -> tuple[Any, Any, str]:
+        """The poll's refresh of the page's selected job: (plot, samples, what the page then shows)."""
+        *_, plot, samples, _, _, _, key = (
+            trainings.refresh(page()) if SESSION_KEYED else trainings.refresh(page(), job_id, shown)
+        )
+        return plot, samples, key
+
+    _, _, plot, samples, *_, shown = trainings.details(page(), one.id)
+    assert [r["step"] for r in plot.to_dict("records")] == [1] and len(samples) == 1
+    plot, samples, shown = poll(one.id, shown)
+    assert plot == gr.update() and samples == gr.update()  # nothing changed: nothing sent
+
+    with (one.folder / "events.jsonl").open("a") as events:
+        events.write(json.dumps({"kind": "step", "step": 2, "loss": 0.25}) + "\n")
+    plot, samples, shown = poll(one.id, shown)
+    assert [r["step"] for r in plot.to_dict("records")] == [1, 2] and samples == gr.update()
+    Image.new("RGB", (32, 32), (1, 1, 1)).save(one.folder / "output/sample/s_000002_00.png")
+    plot, samples, shown = poll(one.id, shown)
+    assert plot == gr.update() and [name for _, name in samples] == ["s_000001_00.png", "s_000002_00.png"]
+    assert poll(one.id, shown)[:2] == (gr.update(), gr.update())
+
+    # Another job with the same plot and samples is sent in full, and so is the first one again after it.
+    _, _, plot, samples, *_, shown = trainings.details(page(), two.id, shown)
+    assert [r["step"] for r in plot.to_dict("records")] == [1] and len(samples) == 1
+    assert poll(two.id, shown)[:2] == (gr.update(), gr.update())
+    _, _, plot, samples, *_, shown = trainings.details(page(), one.id, shown)
+    assert [r["step"] for r in plot.to_dict("records")] == [1, 2] and len(samples) == 2
+    # A page that shows nothing yet (or sends a value it never got) is sent everything.
+    for unknown in ("", "not json", '["a"]', '{"plot": 1}'):
+        assert trainings.details(page("fresh"), one.id, unknown)[2] is not gr.update()

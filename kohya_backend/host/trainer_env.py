@@ -162,7 +162,9 @@ def env_spec(
     base = root or extension_root()
     env = os.environ if environ is None else environ
     torch_line, rest = _split_torch(base / REQUIREMENTS)
-    sdist = tuple(read_requirements(base / REQUIREMENTS_SDIST)) if (base / REQUIREMENTS_SDIST).is_file() else ()
+    sdist = (
+        tuple(read_requirements(base / REQUIREMENTS_SDIST)) if (base / REQUIREMENTS_SDIST).is_file() else ()
+    )
     rest += sdist
     py310: tuple[str, ...] = ()
     if (base / REQUIREMENTS_PY310).is_file():

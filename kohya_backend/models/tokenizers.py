@@ -83,15 +83,11 @@ def write_clip_bpe_files(directory: Path, merges: list[str]) -> Path:
 
 
 @functools.lru_cache(maxsize=2)
-def _open_clip_merges(path: str) -> tuple[str, ...]:
+def open_clip_merges(path: str) -> tuple[str, ...]:
+    """The merges CLIP uses from open-clip-torch's BPE vocabulary file (read once per path)."""
     with gzip.open(path, "rt", encoding="utf-8") as fh:
         lines = fh.read().split("\n")
     return tuple(lines[1 : _CLIP_MERGE_COUNT + 1])
-
-
-def open_clip_merges(path: str) -> tuple[str, ...]:
-    """The merges CLIP uses from open-clip-torch's BPE vocabulary file (read once per path)."""
-    return _open_clip_merges(path)
 
 
 def open_clip_vocab_path() -> Path | None:
@@ -159,7 +155,7 @@ def _from_open_clip(family: str) -> list[Any] | None:
     if path is None:
         return None
     with tempfile.TemporaryDirectory(prefix="clip-tokenizer-") as tmp:
-        folder = write_clip_bpe_files(Path(tmp), list(_open_clip_merges(str(path))))
+        folder = write_clip_bpe_files(Path(tmp), list(open_clip_merges(str(path))))
         return [
             _finish(CLIPTokenizer.from_pretrained(str(folder)), i == 1) for i in range(len(HF_REPOS[family]))
         ]

@@ -137,7 +137,7 @@ def trainings_column(send_to_txt2img: bool) -> dict[str, Any]:
         label="Downloads (LoRA, epoch grid, samples)", file_count="multiple", interactive=False,
         elem_id=elem("downloads"),
     )  # fmt: skip
-    c["shown"] = gr.State("")  # which job and status the downloads show (so they are not sent again)
+    c["shown"] = gr.State("")  # what the page shows of the selected job (so nothing unchanged is sent again)
     c["log"] = gr.Textbox(
         label="Log (tail)", lines=8, max_lines=30, interactive=False, elem_id=elem("log"),
         elem_classes=["train-management-mono"],

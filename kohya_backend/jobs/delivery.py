@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 
 from kohya_backend.errors import TrainingError
 from kohya_backend.families import FAMILIES
+from kohya_backend.fileio import fsync_dir
 from kohya_backend.job_folder import GRID_SUFFIX as GRID_SUFFIX
 from kohya_backend.job_folder import JobFolder
 from kohya_backend.jobs.runner import RESULT_NAME, read_json
@@ -192,7 +193,7 @@ def deliver_epoch(job: Job, epoch: int, lora_dir: Path, name: str) -> Path:
         for candidate in _candidates(dest.stem):
             if _place(tmp, folder / f"{candidate}.safetensors"):
                 batch.temps.remove(tmp)
-                _fsync_dir(folder)
+                fsync_dir(folder)
                 return folder / f"{candidate}.safetensors"
     except OSError as exc:
         batch.rollback()
@@ -283,14 +284,6 @@ def _candidates(stem: str) -> Iterator[str]:
         yield f"{stem}-{n}"
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _claim_lora(batch: _Batch, tmp: Path, lora_dir: Path, stem: str) -> str:
     """Link the LoRA under the first free name (stem, stem-1, stem-2, ...) and return that name."""
     for name in _candidates(stem):
@@ -327,7 +320,7 @@ def _deliver_epochs(batch: _Batch, job: Job, final: Path, lora_dir: Path, name: 
                 batch.placed.append(folder / f"{candidate}.safetensors")
                 batch.temps.remove(tmp)
                 break
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def deliver(
@@ -369,7 +362,7 @@ def deliver(
                 batch.temps.remove(grid_tmp)
         if keep_epochs:
             _deliver_epochs(batch, job, final, lora_dir, name)
-        _fsync_dir(lora_dir)
+        fsync_dir(lora_dir)
     except OSError as exc:
         batch.rollback()
         raise TrainingError(

@@ -213,7 +213,10 @@ def test_v2_is_sd2_and_not_trained() -> None:
     assert check({"v2": False}).v2 is False
 
 
-@pytest.mark.parametrize("name", ["a/b", "a\\b", "..", "con", "x.safetensors", " padded", "x:y", "dot.", ""])
+@pytest.mark.parametrize(
+    "name",
+    ["a/b", "a\\b", "..", "con", "nul .x", "aux.png", "x.safetensors", " padded", "x:y", "dot.", "tab\t", ""],
+)
 def test_output_name_must_be_a_safe_file_name(name: str) -> None:
     if name == "":
         assert check({"output_name": name}).output_name is None

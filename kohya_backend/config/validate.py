@@ -9,7 +9,6 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ from kohya_backend.config.train_config import CAPTION_VARIATION_KEYS, TrainConfi
 from kohya_backend.config.values import kv_dict, literal_kwargs
 from kohya_backend.errors import ConfigError, ConfigIssue, TrainManagementError
 from kohya_backend.families import FAMILIES
-from kohya_backend.names import WINDOWS_RESERVED
+from kohya_backend.names import FORBIDDEN, windows_name_problem
 
 __all__ = ["TrainConfig", "detect_cuda", "validate_config"]
 
@@ -84,7 +83,6 @@ _NETWORK_ARG_SPECS = {
     ),
 }
 _REQUIRED_PATHS = ("pretrained_model_name_or_path", "train_data_dir", "output_dir")
-_BAD_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
 
 
 def detect_cuda() -> bool:
@@ -676,7 +674,7 @@ def _rule_saving(c: _Checker) -> None:
                 "use letters, digits, spaces, '-', '_' or '.', e.g. my_lora",
             )
     ext = c["caption_extension"]
-    if c.ok("caption_extension") and (not ext.startswith(".") or len(ext) < 2 or _BAD_NAME_CHARS.search(ext)):
+    if c.ok("caption_extension") and (not ext.startswith(".") or len(ext) < 2 or FORBIDDEN.search(ext)):
         c.issue(
             "caption_extension",
             f"caption_extension {ext!r} must be a file extension starting with '.'",
@@ -685,14 +683,14 @@ def _rule_saving(c: _Checker) -> None:
 
 
 def _file_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a LoRA's file name: Windows' rules (names.py), plus no leading space or extension."""
     if not name.strip():
         return "is empty"
-    if _BAD_NAME_CHARS.search(name):
-        return "contains a path separator or a character not allowed in file names"
-    if name != name.strip() or name.endswith("."):
-        return "starts or ends with a space, or ends with '.'"
-    if name in (".", "..") or name.split(".")[0].lower() in WINDOWS_RESERVED:
-        return "is a reserved name"
+    problem = windows_name_problem(name)
+    if problem:
+        return problem
+    if name != name.lstrip():
+        return "starts with a space"
     if name.lower().endswith((".safetensors", ".ckpt", ".pt")):
         return "includes the file extension (it is added when saving)"
     if len(name) > 150:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from kohya_backend.assets.checkpoints import write_checkpoint
 from kohya_backend.assets.tokenizer import write_tiny_tokenizer
 from kohya_backend.errors import ModelError
 from kohya_backend.lora.network import LoRANetwork
-from kohya_backend.models.frozen import route_frozen_layers
+from kohya_backend.models.frozen import _BUFFERS, _upcast, release_upcast_buffers, route_frozen_layers
 from kohya_backend.models.load import LoadedModel, load_checkpoint
 
 
@@ -187,3 +188,81 @@ def test_only_plain_zero_padded_layers_are_routed() -> None:
     out = model[2](model[1](model[0](x))).mean()
     out.backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("file_dtype", [torch.float32, torch.float16])
+def test_bf16_frozen_weights_train_like_bf16_autocast_over_fp32_weights(
+    tmp_path: Path, tok_dir: Path, file_dtype: torch.dtype
+) -> None:
+    """A CPU bf16 run stores the frozen Linear/Conv2d weights in bf16 (half the memory, no cast per call) and gets
+    the numbers autocast gives when it rounds fp32 weights to bf16 on every call."""
+    path = write_checkpoint(tmp_path / "model.safetensors", "sd_1_5", dtype=file_dtype, seed=4)
+    stored = load_checkpoint(
+        path,
+        "sd_1_5",
+        dtype=torch.float32,
+        tokenizer_dir=tok_dir,
+        keep_file_precision=True,
+        compute_dtype=torch.bfloat16,
+    )
+    today = _load(path, "sd_1_5", tok_dir, True)
+    for model in (stored, today):
+        for module in (model.unet, model.vae, *model.text_encoders):
+            route_frozen_layers(module)  # as the trainer does on the CPU
+
+    unet_dtypes = {name: p.dtype for name, p in stored.unet.named_parameters()}
+    assert unet_dtypes["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"] == torch.bfloat16
+    assert unet_dtypes["down_blocks.0.resnets.0.conv1.weight"] == torch.bfloat16
+    assert unet_dtypes["down_blocks.0.resnets.0.conv1.bias"] == torch.float32
+    assert unet_dtypes["down_blocks.0.resnets.0.norm1.weight"] == torch.float32
+    assert unet_dtypes["conv_in.weight"] == torch.float32  # the first parameter: the model's reported dtype
+    assert stored.unet.dtype == torch.float32
+    te_dtypes = {
+        p.dtype for name, p in stored.text_encoders[0].named_parameters() if name.endswith("proj.weight")
+    }
+    assert te_dtypes == {torch.bfloat16}
+    vae_weights = {p.dtype for name, p in stored.vae.named_parameters() if name.endswith("conv1.weight")}
+    assert vae_weights == {file_dtype}  # the VAE encodes outside autocast: no bf16 rounding there
+
+    release_upcast_buffers()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_stored, grads_stored = _lora_step(stored, "sd_1_5")
+        assert (torch.device("cpu"), torch.float32) not in _BUFFERS.by_kind  # bf16 weights are used as stored
+        loss_today, grads_today = _lora_step(today, "sd_1_5")
+    assert torch.equal(loss_stored, loss_today)
+    assert grads_stored.keys() == grads_today.keys() and len(grads_stored) > 20
+    for name, grad in grads_stored.items():
+        assert grad.dtype == torch.float32, name
+        assert torch.equal(grad, grads_today[name]), name
+
+
+def test_a_bf16_stored_layer_outside_autocast_computes_in_its_input_dtype(
+    tmp_path: Path, tok_dir: Path
+) -> None:
+    path = write_checkpoint(tmp_path / "model.safetensors", "sd_1_5", seed=4)
+    model = load_checkpoint(path, "sd_1_5", tokenizer_dir=tok_dir, compute_dtype=torch.bfloat16)
+    layer = next(m for name, m in model.unet.named_modules() if name.endswith("attn1.to_q"))
+    x = torch.randn(2, 5, layer.in_features, requires_grad=True)
+    out = layer(x)
+    reference = torch.nn.functional.linear(x, layer.weight.float(), None)
+    assert out.dtype == torch.float32 and torch.equal(out, reference)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float32
+
+
+def test_upcasts_share_one_reusable_buffer_per_thread() -> None:
+    """A fresh fp32 copy per call is page-faulted in anew for weights over glibc's mmap threshold: one buffer, sized
+    to the largest weight seen, takes every upcast instead."""
+    release_upcast_buffers()
+    big, small = torch.randn(64, 48).half(), torch.randn(8, 16).half()
+    first = _upcast(big, torch.float32)
+    assert torch.equal(first, big.float())
+    second = _upcast(small, torch.float32)
+    assert torch.equal(second, small.float()) and second.data_ptr() == first.data_ptr()
+    assert _upcast(big.float(), torch.float32).data_ptr() != first.data_ptr()  # already fp32: no copy at all
+    elsewhere: list[int] = []
+    thread = threading.Thread(target=lambda: elsewhere.append(_upcast(small, torch.float32).data_ptr()))
+    thread.start()
+    thread.join()
+    assert elsewhere[0] != first.data_ptr()  # each thread its own buffer
+    release_upcast_buffers()

@@ -341,9 +341,14 @@ def test_training_from_an_fp16_file_on_the_cpu_matches_fully_upcast_weights(asse
     (tmp_path / "prompts.txt").write_text("a photo --w 64 --h 64 --s 2\n")
     sampling = {"sample_prompts": str(tmp_path / "prompts.txt"), "sample_every_n_steps": 3}
     kept_trainer, kept = run(
-        make_config(fp16_assets, tmp_path / "kept", fm="sd_xl", max_train_steps=3, **sampling)
+        make_config(fp16_assets, tmp_path / "kept", fm="sd_xl", max_train_steps=3, **sampling),
+        events=tmp_path / "kept.jsonl",
     )
     assert any(p.dtype == torch.float16 for p in kept_trainer.model.unet.parameters())
+    logs = [e["message"] for e in read_events(tmp_path / "kept.jsonl") if e["kind"] == "log"]
+    assert any("fp16/bf16 Linear/Conv2d weights are kept as stored" in m and "float16" in m for m in logs), (
+        logs
+    )
     assert list((tmp_path / "kept" / "sample").glob("*.png"))  # the pipelines ran on the kept fp16 weights
 
     real = loop.load_checkpoint
@@ -357,3 +362,32 @@ def test_training_from_an_fp16_file_on_the_cpu_matches_fully_upcast_weights(asse
     upcast_sd, _ = load_lora(upcast.output)
     for key, value in kept_sd.items():
         torch.testing.assert_close(value, upcast_sd[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_bf16_on_the_cpu_stores_frozen_weights_in_bf16_with_the_results_of_autocast(
+    assets, tmp_path, monkeypatch
+):
+    """mixed_precision bf16 on the CPU: frozen Linear/Conv2d weights in bf16 (half the memory, no cast per call), the
+    LoRA and optimizer in fp32, and the LoRA that autocast over fp32 weights trains."""
+    import kohya_backend.train.loop as loop
+
+    config = make_config(assets, tmp_path / "bf16", max_train_steps=3, mixed_precision="bf16")
+    stored_trainer, stored = run(config, events=tmp_path / "bf16.jsonl")
+    unet = stored_trainer.model.unet
+    to_q = next(m for name, m in unet.named_modules() if name.endswith("attn1.to_q"))
+    assert to_q.weight.dtype == torch.bfloat16 and unet.dtype == torch.float32
+    assert {p.dtype for p in stored_trainer.network.parameters()} == {torch.float32}
+    logs = [e["message"] for e in read_events(tmp_path / "bf16.jsonl") if e["kind"] == "log"]
+    assert any("stored in bf16 for bf16 autocast" in m for m in logs), logs
+
+    real = loop.load_checkpoint
+    monkeypatch.setattr(loop, "load_checkpoint", lambda *a, **k: real(*a, **{**k, "compute_dtype": None}))
+    config = make_config(assets, tmp_path / "fp32", max_train_steps=3, mixed_precision="bf16")
+    today_trainer, today = run(config)
+    assert {p.dtype for p in today_trainer.model.unet.parameters()} == {torch.float32}
+    assert stored_trainer.losses == today_trainer.losses
+    stored_sd, _ = load_lora(stored.output)
+    today_sd, _ = load_lora(today.output)
+    assert stored_sd.keys() == today_sd.keys()
+    for key, value in stored_sd.items():
+        assert torch.equal(value, today_sd[key]), key

@@ -35,6 +35,7 @@ from kohya_backend.lora.save import load_lora, save_lora
 from kohya_backend.models.frozen import route_frozen_layers
 from kohya_backend.models.hashing import BackgroundSha256, legacy_hash_file
 from kohya_backend.models.load import LoadedModel, load_checkpoint
+from kohya_backend.models.weight_plan import describe_weights, plan_weights
 from kohya_backend.train.events import EventLog
 from kohya_backend.train.families import Conditioning, ModelFamily, get_family, sdxl_time_ids
 from kohya_backend.train.inputs import LatentCache, TextCache, encode_latents, prepare_image
@@ -140,6 +141,12 @@ class Trainer:
         self.weight_dtype = weight_dtype
         self.events.emit("log", message=f"loading {cfg['pretrained_model_name_or_path']}")
         tok_dir = cfg.get("tokenizer_cache_dir")
+        # CPU runs keep an fp16 file's frozen weights in fp16 (same results, half the memory), bf16 ones store them
+        # in bf16 (models/weight_plan.py)
+        cpu_bf16 = accelerator.device.type == "cpu" and cfg["mixed_precision"] == "bf16"
+        plan = plan_weights(accelerator.device, torch.bfloat16 if cpu_bf16 else None)
+        for warning in plan.warnings:
+            self.events.emit("warning", message=warning)
         self.model: LoadedModel = load_checkpoint(
             Path(cfg["pretrained_model_name_or_path"]),
             self.config.fm_type,
@@ -147,10 +154,12 @@ class Trainer:
             vae_dtype=vae_dtype,
             device=str(accelerator.device),
             tokenizer_dir=Path(tok_dir) if tok_dir else None,
-            # RAM-bound CPU runs keep an fp16 file's frozen weights in fp16 (same results, half the memory)
-            keep_file_precision=accelerator.device.type == "cpu",
+            keep_file_precision=plan.keep_file_precision,
+            compute_dtype=plan.compute_dtype,
         )
         m = self.model
+        frozen = [m.unet, m.vae, *m.text_encoders]
+        self.events.emit("log", message=describe_weights(frozen, plan, accelerator.device))
         for module in [m.unet, m.vae, *m.text_encoders]:
             module.requires_grad_(False)
             module.eval()

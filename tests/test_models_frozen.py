@@ -12,7 +12,14 @@ from kohya_backend.assets.checkpoints import write_checkpoint
 from kohya_backend.assets.tokenizer import write_tiny_tokenizer
 from kohya_backend.errors import ModelError
 from kohya_backend.lora.network import LoRANetwork
-from kohya_backend.models.frozen import _BUFFERS, _upcast, release_upcast_buffers, route_frozen_layers
+from kohya_backend.models import frozen
+from kohya_backend.models.frozen import (
+    _BUFFERS,
+    _im2col,
+    _upcast,
+    release_upcast_buffers,
+    route_frozen_layers,
+)
 from kohya_backend.models.load import LoadedModel, load_checkpoint
 
 
@@ -149,7 +156,7 @@ def test_routed_fp32_layers_train_like_plain_ones_and_save_less(
 
     loss_routed, grads_routed, bytes_routed = saved_bytes(routed)
     loss_plain, grads_plain, bytes_plain = saved_bytes(plain)
-    # 8x8 latents: every UNet convolution takes the im2col path here, so sums may differ in the last bits
+    # routed layers compute input gradients with their own calls (conv2d_input, matmul): sums may differ in the last bits
     torch.testing.assert_close(loss_routed, loss_plain, rtol=1e-5, atol=1e-7)
     assert grads_routed.keys() == grads_plain.keys()
     for name, grad in grads_routed.items():
@@ -266,3 +273,41 @@ def test_upcasts_share_one_reusable_buffer_per_thread() -> None:
     thread.join()
     assert elsewhere[0] != first.data_ptr()  # each thread its own buffer
     release_upcast_buffers()
+
+
+def test_only_fp32_convolutions_of_large_weights_on_small_maps_take_the_im2col_path() -> None:
+    small, large = torch.randn(1, 1280, 8, 8), torch.randn(1, 1280, 32, 32)
+    big3 = torch.empty(1280, 1280, 3, 3, device="meta")  # 59 MB in fp32: its oneDNN copy would be mmap-ed
+    mid3 = torch.empty(640, 640, 3, 3, device="meta")  # 15 MB: oneDNN is faster
+    big1 = torch.empty(4096, 4096, 1, 1, device="meta")
+    assert _im2col(small, big3, torch.float32)
+    assert not _im2col(large, big3, torch.float32)
+    assert not _im2col(small, mid3, torch.float32)
+    assert not _im2col(
+        small, big3, torch.bfloat16
+    )  # no fast bf16 kernel on that path: oneDNN's is 50-500x faster
+    assert not _im2col(small, big1, torch.float32)
+    assert not _im2col(small.to("meta"), big3, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_im2col_path_computes_what_a_plain_convolution_does(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    monkeypatch.setattr(frozen, "MMAP_THRESHOLD", 0)  # every small-map convolution takes it
+    gen = torch.Generator().manual_seed(0)
+    plain = torch.nn.Conv2d(32, 48, 3, padding=1).requires_grad_(False)
+    routed = torch.nn.Conv2d(32, 48, 3, padding=1).requires_grad_(False)
+    routed.weight.data = plain.weight.data.to(dtype)
+    routed.bias.data = plain.bias.data.clone()
+    assert route_frozen_layers(routed) == 1
+    x = torch.randn(2, 32, 8, 8, generator=gen)
+    assert frozen._im2col(x, routed.weight, torch.float32)
+    x_plain, x_routed = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    grad = torch.randn(2, 48, 8, 8, generator=gen)
+    reference = torch.nn.functional.conv2d(x_plain, plain.weight.to(dtype).float(), plain.bias, 1, 1)
+    out = routed(x_routed)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+    reference.backward(grad)
+    out.backward(grad)
+    torch.testing.assert_close(x_routed.grad, x_plain.grad, rtol=1e-5, atol=1e-6)

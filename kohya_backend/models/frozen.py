@@ -10,8 +10,9 @@ here, a layer
   for the weights over glibc's 32 MiB mmap threshold (SD's 1280-channel convolutions and feed-forwards), which
   made an fp16 file's steps 40% slower than an fp32 file's (1.06x with the buffer);
 - computes in autocast's dtype when autocast is on (CPU bf16), so weights stored in bf16 are used as they are;
-- on the CPU, convolves feature maps of 16x16 and smaller with PyTorch's im2col path: oneDNN re-lays out the
-  weight on every call and builds a kernel per shape, which there costs more than the convolution itself.
+- on the CPU, convolves 16x16 and smaller maps with weights over 32 MiB by PyTorch's im2col path: oneDNN
+  re-lays out the weight on every call into a fresh block that glibc mmaps, which there costs more than the
+  convolution itself (_im2col says when).
 
 Hand-written: diffusers' layerwise casting is built for inference (autograd keeps every upcast weight alive for
 the backward pass) and neither diffusers nor transformers drops the saved inputs of frozen layers.
@@ -32,11 +33,26 @@ from torch.nn.grad import conv2d_input
 from kohya_backend.errors import ModelError
 
 _LOWER = (torch.float16, torch.bfloat16)
-SMALL_MAP = 16  # side at or below which CPU convolutions take the im2col path
+SMALL_MAP = 16  # side at or below which CPU convolutions of large weights take the im2col path
+MMAP_THRESHOLD = 32 * 2**20  # glibc's largest mmap threshold (train/runtime.tune_allocator sets it)
 
 
-def _im2col(x: Tensor) -> bool:
-    return x.device.type == "cpu" and min(x.shape[-2:]) <= SMALL_MAP
+def _im2col(x: Tensor, weight: Tensor, dtype: torch.dtype) -> bool:
+    """Whether a convolution takes PyTorch's im2col path instead of oneDNN's.
+
+    Only in fp32 on the CPU, for a kernel wider than 1x1 on a map of 16x16 or smaller whose weight, in fp32, reaches
+    glibc's 32 MiB mmap threshold (SD's 1280-channel 3x3 convolutions): oneDNN re-lays the weight out into a fresh
+    block on every call, which is then mmap-ed, page-faulted in and zeroed anew (a 1280-channel convolution on an
+    8x8 map runs at 40% of its speed that way), while im2col needs no copy of the weight. Everywhere else oneDNN
+    is 1.2-2x faster; in bf16 the im2col path has no fast kernel at all (50-500x slower).
+    """
+    return (
+        x.device.type == "cpu"
+        and dtype == torch.float32
+        and tuple(weight.shape[-2:]) != (1, 1)
+        and min(x.shape[-2:]) <= SMALL_MAP
+        and weight.numel() * 4 >= MMAP_THRESHOLD
+    )
 
 
 class _Buffers(threading.local):
@@ -115,9 +131,9 @@ class _FrozenConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, conv: nn.Conv2d) -> Tensor:
         ctx.save_for_backward(weight)
-        ctx.x_meta = (x.shape, x.dtype, _im2col(x))
-        ctx.conv = conv
         dtype = _compute_dtype(x)
+        ctx.x_meta = (x.shape, x.dtype, _im2col(x, weight, dtype))
+        ctx.conv = conv
         b = None if bias is None else bias.to(dtype)
         with _without_onednn(ctx.x_meta[2]):
             return F.conv2d(

@@ -11,10 +11,12 @@ import json
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from kohya_backend.cli_s3 import add_s3_parser
+from kohya_backend.cli_sagemaker import add_sagemaker_parsers
 from kohya_backend.cli_workers import add_worker_parsers
 from kohya_backend.errors import ConfigError, TrainManagementError
 from kohya_backend.service.home import DEFAULT_HOME
@@ -70,7 +72,10 @@ def _cmd_config_reference(args: argparse.Namespace) -> int:
 
 
 def _install_stop_handler() -> threading.Event:
-    """SIGTERM/SIGINT ask the loop to stop at the next step (saving state when save_state is on)."""
+    """SIGTERM/SIGINT (and SIGBREAK, Windows' graceful stop) ask the loop to stop at the next step (saving state
+    when save_state is on)."""
+    from kohya_backend.jobs.processes import stop_signals
+
     stop = threading.Event()
 
     def handler(signum: int, _frame: object) -> None:
@@ -78,8 +83,8 @@ def _install_stop_handler() -> threading.Event:
             raise KeyboardInterrupt
         stop.set()
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    for signum in stop_signals():
+        signal.signal(signum, handler)
     return stop
 
 
@@ -97,10 +102,12 @@ def run_training(
     events_path: Path | None,
     job_dir: Path | None = None,
     resume: bool = False,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
 ) -> int:
     """Validate, then train; prints progress and returns a process exit code (0 done, 2 user error, 3 stopped).
 
     With `job_dir`, outputs go to DIR/output, events to DIR/events.jsonl and the outcome to DIR/result.json.
+    `on_event(event)` also sees every event (the SageMaker container prints them to its log).
     """
     from kohya_backend.config.parse import parse_config
     from kohya_backend.config.validate import validate_config
@@ -108,6 +115,8 @@ def run_training(
     from kohya_backend.train.loop import train
 
     events = EventLog(events_path, console=sys.stderr)
+    if on_event is not None:
+        events.subscribe(on_event)
     outcome: dict[str, Any] = {"status": "failed", "output": None, "step": 0, "epoch": 0, "error": None}
     try:
         parsed = parse_config(config_source)
@@ -235,7 +244,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     _lean_process("")  # the server never trains itself; its demo writer needs no bitsandbytes
     serve(
-        Path(args.home), host=args.host, port=args.port, token=args.token, demo=args.demo, s3_uri=args.s3_uri
+        Path(args.home),
+        host=args.host,
+        port=args.port,
+        token=args.token,
+        demo=args.demo,
+        s3_uri=args.s3_uri,
+        sagemaker_role_arn=args.sagemaker_role_arn,
+        sagemaker_image_uri=args.sagemaker_image_uri,
     )
     return 0
 
@@ -348,7 +364,8 @@ def _add_jobs_parser(sub: Any) -> None:
     submit.add_argument(
         "--instance-type",
         default="local",
-        help="where to train: local (default), worker (any free remote worker) or worker:NAME (`workers list`)",
+        help="where to train: local (default), worker (any free remote worker), worker:NAME (`workers list`) or "
+        "sagemaker:TYPE[:spot] (`sagemaker instance-types`)",
     )
     listing = command("list", "list jobs, newest first", _cmd_jobs_list)
     listing.add_argument("--status", action="append", help="only jobs in this state (repeatable)")
@@ -519,11 +536,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--s3-uri",
         help="s3://bucket/prefix whose models/ and datasets/ join the lists (default: HOME/cloud.toml)",
     )
+    srv.add_argument(
+        "--sagemaker-role-arn",
+        help="the IAM role SageMaker training jobs run with (default: HOME/cloud.toml [sagemaker] role_arn)",
+    )
+    srv.add_argument(
+        "--sagemaker-image-uri",
+        help="the training image in ECR (docker/sagemaker/Dockerfile; default: HOME/cloud.toml [sagemaker] image_uri)",
+    )
     srv.set_defaults(func=_cmd_serve)
     _add_jobs_parser(sub)
     _add_datasets_parser(sub)
     add_worker_parsers(sub)
     add_s3_parser(sub)
+    add_sagemaker_parsers(sub)
     return parser
 
 

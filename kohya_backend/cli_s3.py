@@ -32,6 +32,21 @@ class ConsoleProgress:
             print(f"{self.verb} {self.what} {human_bytes(done, total)}", file=sys.stderr, flush=True)
 
 
+class ConsoleEvents:
+    """stage_inputs' events for a terminal: 'downloading model 1.2/6.9 GB' lines and its notes, on stderr."""
+
+    def __init__(self) -> None:
+        self._bars: dict[str, ConsoleProgress] = {}
+
+    def progress(self, kind: str, *, force: bool = False, **fields: Any) -> None:
+        what = str(fields.get("what") or kind)
+        bar = self._bars.setdefault(what, ConsoleProgress("downloading", what))
+        bar(int(fields.get("done") or 0), int(fields.get("total") or 0))
+
+    def note(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+
 def _access() -> Any:
     from kohya_backend.storage.settings import S3Access, default_cache_dir
 
@@ -59,7 +74,7 @@ def stage_config(source: str) -> tuple[str, Any, Path | None]:
     stage_dir = access.cache_dir / "staged" / digest
     for key, uri in inputs.items():
         print(f"fetching {S3_INPUT_KEYS[key]} {uri}", file=sys.stderr, flush=True)
-    staged = stage_inputs(values, stage_dir, access)
+    staged = stage_inputs(values, stage_dir, access, events=ConsoleEvents())
     print(f"S3 inputs ready: {staged.fetched} of {staged.total} bytes downloaded", file=sys.stderr)
     local_out = None
     if output is not None:
@@ -148,7 +163,9 @@ def add_s3_parser(sub: Any) -> None:
     up.add_argument("uri", help="s3://bucket/key, or a prefix ending in / (a folder always goes below it)")
     up.set_defaults(func=_cmd_upload)
     down = commands.add_parser(
-        "download", help="download an object, or a prefix ending in / into a folder (through the cache)"
+        "download",
+        help="download an object, or a prefix ending in / into a folder (through the cache; the folder's other "
+        "files stay)",
     )
     down.add_argument("uri")
     down.add_argument("dest")

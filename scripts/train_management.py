@@ -109,6 +109,8 @@ def _service():
         per_device=settings.concurrency,
         keep_epochs=settings.keep_epochs,
         s3_prefix=settings.s3_prefix,
+        sagemaker_role_arn=settings.sagemaker_role_arn,
+        sagemaker_image_uri=settings.sagemaker_image_uri,
     )
     before_start = hooks.chain(
         hooks.use_trainer(_trainer_python, RUNTIME.set_python, TRAINER_HINT),

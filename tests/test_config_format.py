@@ -135,7 +135,8 @@ def test_reference_lists_every_key_with_its_details() -> None:
     assert by_key["learning_rate"][3] == "> 0"
     assert "`AdamW8bit`" in by_key["optimizer_type"][3]
     assert by_key["max_token_length"][3] == "`75`, `150`, `225`"
-    assert by_key["network_args"][3] == "`conv_dim=`, `conv_alpha=`"
+    assert by_key["network_args"][3].startswith("`conv_dim=`, `conv_alpha=` (networks.lora)")
+    assert "a class path" in by_key["optimizer_type"][3]
     assert by_key["seed"][2] == "unset"
     assert by_key["full_fp16"][1].startswith("pure half-precision")
     for _, title in GROUPS:

@@ -196,7 +196,13 @@ def test_unknown_fm_type_is_a_config_error() -> None:
 
 
 def test_enumerations_match_the_issue() -> None:
-    assert set(OPTIMIZERS) == {"AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor", "SGDNesterov"}
+    # every name sd-scripts' get_optimizer knows (library/train_util.py)
+    assert set(OPTIMIZERS) == {
+        *("AdamW", "AdamW8bit", "Lion", "Lion8bit", "PagedLion8bit", "SGDNesterov", "SGDNesterov8bit"),
+        *("PagedAdamW", "PagedAdamW8bit", "PagedAdamW32bit", "Prodigy", "Adafactor"),
+        *("DAdaptation", "DAdaptAdamPreprint", "DAdaptAdaGrad", "DAdaptAdam", "DAdaptAdan", "DAdaptAdanIP"),
+        *("DAdaptLion", "DAdaptSGD", "AdamWScheduleFree", "RAdamScheduleFree", "SGDScheduleFree"),
+    }
     assert set(LR_SCHEDULERS) == {
         "constant",
         "constant_with_warmup",
@@ -234,16 +240,10 @@ def test_unsupported_keys_cover_the_issue_and_do_not_overlap_the_schema() -> Non
         "full_fp16",
         "full_bf16",
         "fp8_base",
-        "huber_c",
-        "huber_schedule",
-        "multires_noise_iterations",
-        "multires_noise_discount",
-        "ip_noise_gamma",
         "dataset_config",
         "in_json",
         "color_aug",
         "face_crop_aug_range",
-        "v_pred_like_loss",
         "masked_loss",
         "use_8bit_adam",
         "deepspeed",
@@ -251,6 +251,10 @@ def test_unsupported_keys_cover_the_issue_and_do_not_overlap_the_schema() -> Non
         "vae",
     ]
     assert [k for k in named if k not in UNSUPPORTED] == []
+    # the noise, loss and network options of kohya's presets are implemented
+    implemented = ["huber_c", "huber_schedule", "loss_type", "multires_noise_iterations", "ip_noise_gamma"]
+    implemented += ["v_pred_like_loss", "scale_weight_norms", "lr_scheduler_type", "zero_terminal_snr"]
+    assert [k for k in implemented if k not in SCHEMA] == []
     assert not set(UNSUPPORTED) & set(SCHEMA)
     assert not set(ALIASES) & (set(SCHEMA) | set(UNSUPPORTED))
     assert all(new in SCHEMA for new in ALIASES.values())

@@ -158,10 +158,15 @@ def test_adafactor_scheduler_only_with_adafactor() -> None:
     )
 
 
-def test_network_module_must_be_networks_lora() -> None:
-    [issue] = errors({"network_module": "lycoris.kohya"})
-    assert issue.message.startswith("kohya accepts network_module")
+def test_network_module_is_lora_or_lycoris_and_kohyas_others_are_refused_precisely() -> None:
     assert check({"network_module": "networks.lora"})["network_module"] == "networks.lora"
+    assert check({"network_module": "lycoris.kohya"})["network_module"] == "lycoris.kohya"
+    [issue] = errors({"network_module": "networks.dylora"})
+    assert issue.message.startswith("kohya accepts network_module") and "algo=dylora" in issue.message
+    [issue] = errors({"network_module": "networks.oft"})
+    assert "algo=diag-oft" in issue.message
+    [issue] = errors({"network_module": "my.network"})
+    assert "lycoris.kohya" in (issue.hint or "")
 
 
 def test_network_args_only_conv_dim_and_conv_alpha() -> None:
@@ -297,16 +302,117 @@ def test_unsupported_key_says_kohya_accepts_it() -> None:
 
 
 def test_unsupported_key_at_kohyas_default_is_only_a_warning() -> None:
-    config = check({"color_aug": False, "huber_c": 0.1, "loss_type": "l2", "fp8_base": False, "vae": ""})
-    assert warning_keys(config) == ["color_aug", "huber_c", "loss_type", "fp8_base", "vae"]
+    config = check({"color_aug": False, "caption_separator": ",", "fp8_base": False, "vae": ""})
+    assert warning_keys(config) == ["color_aug", "caption_separator", "fp8_base", "vae"]
     assert all("changes nothing" in w.message for w in config.warnings)
-    assert error_keys({"loss_type": "huber"}) == ["loss_type"]
+    assert error_keys({"masked_loss": True}) == ["masked_loss"]
 
 
-@pytest.mark.parametrize("optimizer", ["Lion8bit", "DAdaptAdam", "PagedAdamW8bit", "AdamWScheduleFree"])
-def test_kohya_optimizers_not_implemented_here(optimizer: str) -> None:
-    [issue] = errors({"optimizer_type": optimizer})
-    assert "kohya accepts" in issue.message and "AdamW8bit" in (issue.hint or "")
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [
+        ("lion8bit", "Lion8bit"),
+        ("DADAPTADAM", "DAdaptAdam"),
+        ("PagedAdamW8bit", "PagedAdamW8bit"),
+        ("adamwschedulefree", "AdamWScheduleFree"),
+        ("RAdam", "RAdam"),
+        ("torch.optim.AdamW", "torch.optim.AdamW"),
+        ("pytorch_optimizer.CAME", "pytorch_optimizer.CAME"),
+        ("came_pytorch.CAME", "came_pytorch.CAME"),
+    ],
+)
+def test_kohya_optimizer_names_and_class_paths_are_accepted(given: str, kept: str) -> None:
+    assert check({"optimizer_type": given, "learning_rate": 1.0})["optimizer_type"] == kept
+
+
+def test_d_adaptation_and_schedule_free_advice() -> None:
+    low = check({"optimizer_type": "DAdaptAdam", "learning_rate": 1e-4})
+    assert [w.key for w in low.warnings] == ["learning_rate"] and "around 1.0" in low.warnings[0].message
+    assert check({"optimizer_type": "DAdaptAdam", "learning_rate": 1.0}).warnings == []
+    assert error_keys(
+        {"optimizer_type": "DAdaptSGD", "learning_rate": 1.0, "lr_scheduler": "cosine", "lr_warmup_steps": 10}
+    ) == ["lr_warmup_steps"]
+    free = check({"optimizer_type": "AdamWScheduleFree", "lr_scheduler": "cosine"})
+    assert [w.key for w in free.warnings] == ["lr_scheduler"] and "schedule themselves" in free.warnings[
+        0
+    ].message
+
+
+def test_scheduler_classes_and_their_rules() -> None:
+    config = check({"lr_scheduler_type": "CosineAnnealingLR", "lr_scheduler_args": ["T_max=100"]})
+    assert config["lr_scheduler_type"] == "CosineAnnealingLR" and config.warnings == []
+    assert error_keys({"lr_scheduler_type": "CosineAnnealingLR", "lr_warmup_steps": 5}) == ["lr_warmup_steps"]
+    assert error_keys({"lr_scheduler_type": "os.system"}) == ["lr_scheduler_type"]
+    replaced = check(
+        {"lr_scheduler_type": "StepLR", "lr_scheduler": "cosine", "lr_scheduler_args": ["step_size=5"]}
+    )
+    assert [w.key for w in replaced.warnings] == ["lr_scheduler"]
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"adaptive_noise_scale": 0.01}, "adaptive_noise_scale"),
+        ({"scale_v_pred_loss_like_noise_pred": True}, "scale_v_pred_loss_like_noise_pred"),
+        ({"v_pred_like_loss": 0.1, "v_parameterization": True}, "v_pred_like_loss"),
+    ],
+)
+def test_noise_and_loss_combinations_kohya_refuses(values: dict[str, object], key: str) -> None:
+    assert key in error_keys(values)
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"noise_offset_random_strength": True}, "noise_offset_random_strength"),
+        ({"ip_noise_gamma_random_strength": True}, "ip_noise_gamma_random_strength"),
+        ({"multires_noise_discount": 0.5}, "multires_noise_discount"),
+        ({"zero_terminal_snr": True}, "zero_terminal_snr"),
+        ({"huber_c": 0.3}, "huber_c"),
+    ],
+)
+def test_noise_and_loss_settings_without_effect_are_warned(values: dict[str, object], key: str) -> None:
+    assert key in warning_keys(check(values))
+
+
+def test_noise_and_loss_settings_kohyas_presets_write_are_accepted_quietly() -> None:
+    # the GUI writes every key, most at their "off" values
+    preset = {
+        "multires_noise_iterations": 8,
+        "multires_noise_discount": 0.2,
+        "noise_offset": 0.0357,
+        "adaptive_noise_scale": 0.00357,
+        "ip_noise_gamma": 0,
+        "noise_offset_random_strength": False,
+        "loss_type": "l2",
+        "huber_schedule": "snr",
+        "huber_c": 0.1,
+        "scale_weight_norms": 1,
+        "debiased_estimation_loss": True,
+        "v_pred_like_loss": 0,
+        "scale_v_pred_loss_like_noise_pred": False,
+    }
+    config = check(preset)
+    assert (
+        config.warnings == []
+        and config["multires_noise_iterations"] == 8
+        and config["ip_noise_gamma"] is None
+    )
+
+
+@pytest.mark.parametrize(
+    ("given", "fragment"),
+    [
+        ("AdamW9bit", "did you mean AdamW8bit"),
+        ("os.system", "imported only from"),
+        ("torch.nn.Linear", "torch are imported only from torch.optim"),
+        ("prodigyplus.ProdigyPlusScheduleFree", "pip install prodigy-plus-schedule-free"),
+    ],
+)
+def test_unknown_or_unsafe_optimizer_classes_are_refused(given: str, fragment: str) -> None:
+    [issue] = errors({"optimizer_type": given})
+    assert issue.key == "optimizer_type"
+    assert fragment in f"{issue.message} {issue.hint}"
 
 
 def test_aliases_are_read_under_their_new_name() -> None:

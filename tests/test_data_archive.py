@@ -9,7 +9,14 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from kohya_backend.data.archive import ArchiveError, ArchiveLimits, copy_file, extract_zip, member_path
+from kohya_backend.data.archive import (
+    ArchiveError,
+    ArchiveLimits,
+    copy_file,
+    extract_tar,
+    extract_zip,
+    member_path,
+)
 
 
 def _zip(entries: dict[str, bytes], *, compression: int = zipfile.ZIP_STORED) -> io.BytesIO:
@@ -149,3 +156,101 @@ def test_copy_file_limits_plain_uploads(tmp_path: Path) -> None:
     with pytest.raises(ArchiveError, match="more than 4 bytes"):
         copy_file(io.BytesIO(b"12345"), tmp_path / "big.png", 4, "upload")
     assert not (tmp_path / "big.png").exists()
+
+
+# -- tar archives (SageMaker's model.tar.gz) ------------------------------------------------------------------
+
+
+def _tar(path: Path, entries: list[tuple[str, bytes | None, str]]) -> Path:
+    """A .tar.gz of (name, data, kind) with kind file / dir / symlink / hardlink / fifo (data: the link target)."""
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as archive:
+        for name, data, kind in entries:
+            info = tarfile.TarInfo(name)
+            if kind == "file":
+                info.size = len(data or b"")
+                archive.addfile(info, io.BytesIO(data or b""))
+                continue
+            info.type = {
+                "dir": tarfile.DIRTYPE,
+                "symlink": tarfile.SYMTYPE,
+                "hardlink": tarfile.LNKTYPE,
+                "fifo": tarfile.FIFOTYPE,
+            }[kind]
+            info.linkname = (data or b"").decode()
+            archive.addfile(info)
+    return path
+
+
+def test_tar_extracts_files_and_folders_and_skips_hidden_ones(tmp_path: Path) -> None:
+    source = _tar(
+        tmp_path / "model.tar.gz",
+        [
+            ("sample", None, "dir"),
+            ("lora.safetensors", b"weights", "file"),
+            ("./sample/a.png", b"png", "file"),
+            (".hidden", b"x", "file"),
+        ],
+    )
+    dest = tmp_path / "out"
+    dest.mkdir()
+    out = extract_tar(source, dest)
+    assert sorted(p.as_posix() for p in out.files) == ["lora.safetensors", "sample/a.png"]
+    assert out.skipped == [(".hidden", "hidden file")]
+    assert (dest / "sample" / "a.png").read_bytes() == b"png"
+
+
+def test_tar_skips_an_entry_below_another_entrys_file(tmp_path: Path) -> None:
+    source = _tar(
+        tmp_path / "clash.tar.gz",
+        [("a", b"file a", "file"), ("a/b.png", b"png", "file"), ("a/c/d.png", b"png", "file")],
+    )
+    dest = tmp_path / "out"
+    dest.mkdir()
+    out = extract_tar(source, dest)  # an ArchiveError-free skip, not a FileExistsError
+    assert [p.as_posix() for p in out.files] == ["a"] and (dest / "a").read_bytes() == b"file a"
+    assert [name for name, _ in out.skipped] == ["a/b.png", "a/c/d.png"]
+
+
+@pytest.mark.parametrize(
+    ("entry", "words"),
+    [
+        (("../escape.txt", b"x", "file"), "'..'"),
+        (("/etc/passwd", b"x", "file"), "absolute"),
+        (("link", b"/etc/passwd", "symlink"), "a link"),
+        (("hard", b"lora.safetensors", "hardlink"), "a link"),
+        (("pipe", None, "fifo"), "not a regular file"),
+    ],
+)
+def test_tar_refuses_escaping_names_links_and_devices_before_writing(
+    tmp_path: Path, entry: tuple[str, bytes | None, str], words: str
+) -> None:
+    source = _tar(tmp_path / "bad.tar.gz", [("lora.safetensors", b"weights", "file"), entry])
+    dest = tmp_path / "out"
+    dest.mkdir()
+    with pytest.raises(ArchiveError) as caught:
+        extract_tar(source, dest)
+    assert words in caught.value.message
+    assert list(dest.iterdir()) == []  # refused whole: nothing was written
+
+
+def test_tar_limits_entries_and_sizes(tmp_path: Path) -> None:
+    source = _tar(tmp_path / "big.tar.gz", [("a.bin", b"x" * 100, "file"), ("b.bin", b"y" * 100, "file")])
+    for limits, words in (
+        (ArchiveLimits(max_entry_bytes=99), "per file"),
+        (ArchiveLimits(max_total_bytes=150), "unpacks to"),
+        (ArchiveLimits(max_entries=1), "2 entries"),
+    ):
+        dest = tmp_path / f"out-{words.replace(' ', '-')}"
+        dest.mkdir()
+        with pytest.raises(ArchiveError) as caught:
+            extract_tar(source, dest, limits=limits)
+        assert words in caught.value.message and list(dest.iterdir()) == []
+    (tmp_path / "not.tar.gz").write_bytes(b"not a tar at all")
+    with pytest.raises(ArchiveError, match="not a readable tar"):
+        extract_tar(tmp_path / "not.tar.gz", tmp_path)
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    with pytest.raises(ArchiveError, match=r"not a readable tar|damaged"):
+        extract_tar(cut, tmp_path / "out-cut")

@@ -33,9 +33,11 @@ PIN = "torch==2.13.0"
 
 
 def _pins(path: Path) -> dict[str, str]:
-    pins = {}
+    """name -> pinned version; a package pinned twice (a merge can repeat a block) fails the test that reads it."""
+    pins: dict[str, str] = {}
     for line in read_requirements(path):
         name, _, version = line.split(";")[0].partition("==")
+        assert requirement_name(name) not in pins, f"{path.name} pins {name} twice"
         pins[requirement_name(name)] = version.strip()
     return pins
 
@@ -57,6 +59,62 @@ def test_the_trainers_requirements_match_the_tested_pins() -> None:
     assert trainer == {name: tested[name] for name in trainer}
     for ui_only in ("gradio", "fastapi", "pydantic", "uvicorn"):
         assert ui_only not in trainer  # the trainer's environment holds the trainer only
+
+
+# The only pins the Python 3.10 set may hold differently: their newest releases need Python 3.11.
+PY310_OWN = {"diffusers", "transformers", "huggingface-hub"}
+
+
+def test_the_python_3_10_pins_differ_only_where_3_10_forces_them_to() -> None:
+    from packaging.version import Version
+
+    main = _pins(REPO / "requirements-trainer.txt")
+    py310 = _pins(REPO / "requirements-trainer-py310.txt")
+    assert set(py310) == set(main)  # the same packages, torch included
+    differ = {name for name in main if main[name] != py310[name]}
+    assert differ == PY310_OWN
+    assert all(Version(py310[name]) < Version(main[name]) for name in differ)  # older releases, never newer
+    markers = [
+        line.partition(";")[2].strip() for line in read_requirements(REPO / "requirements-trainer.txt")
+    ]
+    markers_310 = [
+        line.partition(";")[2].strip() for line in read_requirements(REPO / "requirements-trainer-py310.txt")
+    ]
+    assert sorted(m for m in markers if m) == sorted(
+        m for m in markers_310 if m
+    )  # bitsandbytes: not on macOS
+
+
+def test_a_python_3_10_environment_gets_its_own_pins_and_key(tmp_path: Path) -> None:
+    spec = env_spec("2.1.2+cu121", platform="linux", environ={})
+    assert spec.pins((3, 10)) == spec.py310 != spec.requirements
+    assert spec.pins((3, 11)) == spec.pins((3, 12)) == spec.pins(None) == spec.requirements
+    assert "transformers==5.20.2" in spec.py310 and PIN not in spec.py310  # torch is installed on its own
+    assert spec.key((3, 10)) != spec.key((3, 11)) == spec.key(None) == spec.key((3, 12))
+    # an environment built before 3.10 was supported (no "python" in state.json) keeps its key: no rebuild
+    legacy = EnvSpec(spec.torch, spec.requirements, spec.no_deps)
+    assert legacy.key() == spec.key() and legacy.pins((3, 10)) == spec.requirements
+    python = _ready(tmp_path, spec)
+    assert trainer_env.is_ready(tmp_path, spec)
+    write_state(tmp_path, {"ready": True, "key": spec.key(), "python": [3, 10]})
+    assert not trainer_env.is_ready(tmp_path, spec)  # a 3.10 environment holding the 3.11 pins is not ready
+    write_state(tmp_path, {"ready": True, "key": spec.key((3, 10)), "python": [3, 10]})
+    assert trainer_env.is_ready(tmp_path, spec) and python.exists()
+    rest = plan_steps(tmp_path, spec, None, python=(3, 10))[1].command
+    assert rest[-len(spec.py310) :] == list(spec.py310)
+    assert plan_steps(tmp_path, spec, None, python=(3, 11))[1].command[-len(spec.requirements) :] == list(
+        spec.requirements
+    )
+
+
+def test_the_python_3_10_file_must_pin_the_same_torch(tmp_path: Path) -> None:
+    for name in ("requirements-trainer.txt", "requirements-vocab.txt"):
+        (tmp_path / name).write_text((REPO / name).read_text())
+    (tmp_path / "requirements-trainer-py310.txt").write_text("torch==2.12.0\ndiffusers==0.41.0\n")
+    with pytest.raises(ValueError, match="same torch"):
+        env_spec(None, root=tmp_path, environ={})
+    (tmp_path / "requirements-trainer-py310.txt").unlink()
+    assert env_spec(None, root=tmp_path, environ={}).py310 == ()  # no 3.10 file: one set for all
 
 
 def test_the_webuis_venv_gets_only_missing_light_packages() -> None:
@@ -111,19 +169,31 @@ def test_setup_steps_install_torch_first_then_the_rest_held_to_that_build(tmp_pa
     assert plan_steps(tmp_path, spec, None)[0].title == f"install {PIN}"  # venv already there
 
 
-def test_the_base_interpreter_is_the_first_python_3_11_or_3_12(tmp_path: Path) -> None:
-    found = {"python3.11": "/usr/bin/python3.11", "python3": "/usr/bin/python3"}
+def test_the_base_interpreter_is_the_first_python_3_11_or_3_12_else_3_10(tmp_path: Path) -> None:
+    found = {
+        "python3.11": "/usr/bin/python3.11",
+        "python3": "/usr/bin/python3",
+        "python3.10": "/usr/bin/python3.10",
+    }
     candidates = python_candidates("/webui/venv/bin/python", which=found.get, windows=False)
-    assert candidates == [["/webui/venv/bin/python"], ["/usr/bin/python3.11"], ["/usr/bin/python3"]]
+    assert candidates == [
+        ["/webui/venv/bin/python"], ["/usr/bin/python3.11"], ["/usr/bin/python3"], ["/usr/bin/python3.10"]
+    ]  # fmt: skip
     versions = {
         "/webui/venv/bin/python": (3, 10),
         "/usr/bin/python3.11": (3, 11),
         "/usr/bin/python3": (3, 13),
+        "/usr/bin/python3.10": (3, 10),
     }
+    # With 3.11/3.12 present nothing changes: the WebUI's 3.10 comes first in the list but is not taken.
     assert pick_base_python(candidates, lambda c: versions[c[0]]) == (["/usr/bin/python3.11"], (3, 11))
-    assert pick_base_python([["/x"]], lambda c: (3, 10)) is None
+    # The WebUI's own 3.10 when it is the only usable one (3.9 and 3.13 are not).
+    only = {"/webui/venv/bin/python": (3, 10), "/usr/bin/python3": (3, 13), "/usr/bin/python3.9": (3, 9)}
+    listed = [["/usr/bin/python3.9"], ["/usr/bin/python3"], ["/webui/venv/bin/python"]]
+    assert pick_base_python(listed, lambda c: only[c[0]]) == (["/webui/venv/bin/python"], (3, 10))
+    assert pick_base_python([["/x"], ["/y"]], lambda c: (3, 9) if c == ["/x"] else None) is None
     windows = python_candidates("C:\\webui\\python.exe", which={"py": "C:\\py.exe"}.get, windows=True)
-    assert ["py", "-3.11"] in windows
+    assert windows[-3:] == [["py", "-3.11"], ["py", "-3.12"], ["py", "-3.10"]]
 
 
 def _ready(folder: Path, spec: EnvSpec) -> Path:
@@ -214,6 +284,22 @@ def test_install_run_checks_a_chosen_interpreter_instead_of_building_one(
     os.utime(wrapper, ns=(checked["mtime_ns"] + 10**9, checked["mtime_ns"] + 10**9))  # e.g. Python upgraded
     assert install_with(str(wrapper)) == [] and len(started) == 1
     assert "does not run" in install_with(str(tmp_path / "missing-python"))[0]
+
+
+def test_a_chosen_interpreter_needs_only_the_packages_of_its_platform(tmp_path: Path) -> None:
+    """bitsandbytes is pinned for every system but macOS: a Mac's interpreter without it is good, a Linux one not."""
+    fake = tmp_path / "python"  # answers the check as an interpreter with every package but bitsandbytes
+    fake.write_text(
+        f"#!{sys.executable}\nimport json, sys\n"
+        'print(json.dumps({"python": [3, 11], "packages": {n: None if n == "bitsandbytes" else "1" for n in '
+        "sys.argv[3:]}}))\n"
+    )
+    fake.chmod(0o755)
+    spec = env_spec(None, environ={})
+    assert any(line.startswith("bitsandbytes") for line in spec.requirements)
+    problem = install.check_interpreter([str(fake)], spec, platform="linux")
+    assert problem is not None and "lacks bitsandbytes;" in problem
+    assert install.check_interpreter([str(fake)], spec, platform="darwin") is None
 
 
 def test_install_py_as_the_webui_runs_it_returns_at_once_when_nothing_is_missing(tmp_path: Path) -> None:

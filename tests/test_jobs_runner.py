@@ -7,7 +7,11 @@ import os
 import threading
 from pathlib import Path
 
+import pytest
+
+from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs import runner
+from kohya_backend.train.device import DEVICE_ENV
 
 
 def test_run_json_has_one_atomic_writer_safe_across_threads(tmp_path: Path) -> None:
@@ -40,3 +44,16 @@ def test_a_file_holding_secrets_is_never_readable_by_others(tmp_path: Path) -> N
     assert target.stat().st_mode & 0o777 == 0o600 and runner.read_json(target) == {"token": "secret"}
     runner.write_json_atomic(target, {"token": "again"}, mode=0o600)
     assert target.stat().st_mode & 0o777 == 0o600 and not leftover.exists()
+
+
+def test_the_trainer_is_told_which_kind_of_device_it_got() -> None:
+    cuda = runner.trainer_env("cuda:1", base={})
+    assert cuda[DEVICE_ENV] == "cuda" and cuda["CUDA_VISIBLE_DEVICES"] == "1"
+    cpu = runner.trainer_env("cpu", base={"CUDA_VISIBLE_DEVICES": "0"})
+    assert cpu[DEVICE_ENV] == "cpu" and cpu["CUDA_VISIBLE_DEVICES"] == ""  # no GPU to pick up
+    mps = runner.trainer_env("mps", base={})
+    assert mps[DEVICE_ENV] == "mps" and "CUDA_VISIBLE_DEVICES" not in mps
+    assert DEVICE_ENV not in runner.trainer_env(None, base={})  # the trainer takes the best it finds
+    with pytest.raises(TrainManagementError, match="unknown device") as err:
+        runner.trainer_env("mps:0", base={})
+    assert "'mps' (Apple silicon)" in (err.value.hint or "")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -75,7 +76,10 @@ def test_train_command_reads_model_and_dataset_from_s3_and_uploads_the_lora(
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert "downloading model" in done.stderr or "fetching model" in done.stderr
+    for what in ("model", "dataset"):  # the console shows each download's progress, and where it ended
+        size = r"[\d.]+/[\d.]+ (GB|MB|KB|B)"
+        assert re.search(rf"^downloading {what} {size}$", done.stderr, re.M), done.stderr[-2000:]
+    assert "S3 inputs ready:" in done.stderr
     assert f"uploaded s3://{bucket}/loras/from-s3.safetensors" in done.stdout
     head = raw_client(s3_env).head_object(Bucket=bucket, Key="loras/from-s3.safetensors")
     assert head["ContentLength"] > 1000 and len(head["Metadata"]["sha256"]) == 64
@@ -218,3 +222,23 @@ def test_upload_to_s3_puts_a_local_dataset_under_the_prefix(
     assert len(head["Metadata"]["sha256"]) == 64
     missing = client.post("/s3/uploads", json={"kind": "dataset", "name": "nope"})
     assert missing.status_code == 404
+
+
+def test_the_tabs_upload_button_reports_progress_and_errors(
+    api: tuple[httpx.Client, TrainingService, str], home: Path
+) -> None:
+    from kohya_backend.ui.s3_upload import upload_dataset
+
+    _client, service, bucket = api
+    assert list(upload_dataset(service, None)) == ["Choose a dataset first."]
+    shown = list(upload_dataset(service, "demo", poll_s=0.01))
+    assert all(m.startswith("Uploading **demo** to ") for m in shown[:-1])
+    assert shown[-1].startswith(f"✅ **demo** is on S3 at s3://{bucket}/train/datasets/demo/ (16 file(s);")
+    assert "the rest was already there" in shown[-1]
+    assert list(upload_dataset(service, "nope"))[-1].startswith("**")  # the error, as the tab shows one
+    plain = build_service(home)  # no prefix anywhere: the button says how to set one
+    message = list(upload_dataset(plain, "demo"))[-1]
+    assert "no S3 prefix is set" in message and "--s3-uri" in message
+    gone = build_service(home, s3_uri="s3://tm-no-such-bucket-here/train")  # fails inside the upload task
+    message = list(upload_dataset(gone, "demo", poll_s=0.01))[-1]
+    assert message.startswith("❌ Upload failed:") and "NoSuchBucket" in message

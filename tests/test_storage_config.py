@@ -64,6 +64,23 @@ def test_cloud_toml_names_the_prefix_unless_a_flag_does(tmp_path: Path) -> None:
     assert "cloud.toml" in caught.value.message and "s3://" in caught.value.message
 
 
+@pytest.mark.parametrize(
+    ("toml", "words"),
+    [
+        ('[s3]\nurl = "s3://bkt/train"\n', "unknown key(s) url"),  # a typo would silently mean "no prefix"
+        ('[s3]\nuri = "s3://bkt/train"\ncache_max_gb = true\n', "cache_max_gb must be a positive number"),
+        ('[s3]\nuri = "s3://bkt/train"\ncache_max_gb = 0\n', "cache_max_gb must be a positive number"),
+        ('s3 = "s3://bkt/train"\n', "[s3] must be a table"),
+        ("[s3\n", "cannot be read"),
+    ],
+)
+def test_a_bad_s3_table_is_refused_with_the_file_and_key(tmp_path: Path, toml: str, words: str) -> None:
+    (tmp_path / "cloud.toml").write_text(toml)
+    with pytest.raises(TrainManagementError) as caught:
+        load_cloud_settings(tmp_path)
+    assert words in caught.value.message and "cloud.toml" in caught.value.message
+
+
 def test_download_and_upload_events_show_as_progress() -> None:
     assert human_bytes(1_200_000_000, 6_900_000_000) == "1.2/6.9 GB"
     assert human_bytes(512, 2048) == "0.5/2.0 KB" and human_bytes(3, 10) == "3/10 B"

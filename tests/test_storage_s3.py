@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -191,6 +190,33 @@ def test_parallel_parts_download_and_verification(s3_env: str, tmp_path: Path) -
     assert caught.value.code == "ChecksumMismatch" and not list(tmp_path.glob("lie.bin*"))
 
 
+class _HostStopping(Exception):
+    """What a caller's callback raises to abandon a transfer (the SageMaker session's shutdown)."""
+
+
+def test_what_the_callers_callbacks_raise_comes_out_unchanged_and_is_not_retried(
+    s3_env: str, tmp_path: Path
+) -> None:
+    bucket = new_bucket(s3_env)
+    client = S3Client(concurrency=1)
+    path = tmp_path / "up.bin"
+    path.write_bytes(_blob(MB))
+
+    def stop(done: int = 1, _total: int = 0) -> bool:
+        if done:
+            raise _HostStopping()
+        return False
+
+    with pytest.raises(_HostStopping):  # not a StorageError saying "AWS error _HostStopping"
+        client.upload_file(path, S3Uri(bucket, "up.bin"), cancelled=stop)
+    client.upload_file(path, S3Uri(bucket, "up.bin"))
+    gets: list[str] = []
+    client.client.meta.events.register("before-call.s3.GetObject", lambda **kw: gets.append("get"))
+    with pytest.raises(_HostStopping):
+        client.download(client.head(S3Uri(bucket, "up.bin")), tmp_path / "down.bin", progress=stop)
+    assert gets == ["get"]  # a callback's refusal is not a network error to retry
+
+
 def test_missing_key_missing_bucket_and_bad_credentials_each_give_one_clear_error(
     s3_env: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -238,7 +264,7 @@ def test_the_cache_downloads_once_shares_equal_files_and_evicts_least_recently_u
     info = {k: client.head(S3Uri(bucket, k)) for k in ("a.bin", "same-as-a.bin", "b.bin", "c.bin")}
     first = cache.fetch(client, info["a.bin"])
     assert first.fetched == MB and first.path.read_bytes() == _blob(MB, 1)
-    assert not os.access(first.path, os.W_OK) or os.geteuid() == 0
+    assert first.path.stat().st_mode & 0o222 == 0  # read-only (os.access says writable to root)
     assert cache.fetch(client, info["a.bin"]).fetched == 0  # the second time: nothing downloaded
     twin = cache.fetch(client, info["same-as-a.bin"])
     assert twin.path == first.path and cache.usage() == MB  # one copy for two keys
@@ -250,6 +276,31 @@ def test_the_cache_downloads_once_shares_equal_files_and_evicts_least_recently_u
     raw.put_object(Bucket=bucket, Key="a.bin", Body=_blob(MB, 9))  # a new version: new ETag
     fresh = cache.fetch(client, client.head(S3Uri(bucket, "a.bin")))
     assert fresh.fetched == MB and fresh.path.read_bytes() == _blob(MB, 9)
+
+
+def test_a_download_another_process_holds_is_waited_for_not_written_twice(
+    s3_env: str, tmp_path: Path
+) -> None:
+    import threading
+
+    from kohya_backend.jobs.registry import file_lock
+    from kohya_backend.storage.cache import _object_id
+
+    bucket = new_bucket(s3_env)
+    raw_client(s3_env).put_object(Bucket=bucket, Key="m.bin", Body=_blob(MB))
+    client = S3Client()
+    info = client.head(S3Uri(bucket, "m.bin"))
+    cache = S3Cache(tmp_path / "cache")
+    got: list[int] = []
+    worker = threading.Thread(target=lambda: got.append(cache.fetch(client, info).fetched))
+    # flock locks conflict between open files even in one process: this plays another `train` command downloading
+    # the same object version into the same .part file.
+    with file_lock(cache.partial / _object_id(info)):
+        worker.start()
+        worker.join(1.0)
+        assert worker.is_alive() and not list(cache.partial.glob("*.part"))  # waiting, nothing written
+    worker.join(30)
+    assert got == [MB] and cache.lookup(info) is not None
 
 
 def test_sync_downloads_only_changed_files_and_refuses_escaping_keys(s3_env: str, tmp_path: Path) -> None:
@@ -268,10 +319,11 @@ def test_sync_downloads_only_changed_files_and_refuses_escaping_keys(s3_env: str
     (dest / "stray.txt").write_text("left over")
     raw.put_object(Bucket=bucket, Key="datasets/pets/10_cat/a.txt", Body=b"a grey cat")
     raw.delete_object(Bucket=bucket, Key="datasets/pets/5_dog/b.png")
-    second = sync_prefix(client, cache, S3Uri(bucket, "datasets/pets/"), dest)
+    second = sync_prefix(client, cache, S3Uri(bucket, "datasets/pets/"), dest, delete=True)
     assert second.transferred == len(b"a grey cat") and second.unchanged == 1
     assert (dest / "10_cat/a.txt").read_bytes() == b"a grey cat"
     assert not (dest / "5_dog").exists() and not (dest / "stray.txt").exists()
+    assert second.removed == ["5_dog/b.png", "stray.txt"]
     for evil in (
         "datasets/evil/10_x/../../../../outside.txt",
         "datasets/evil2//abs.txt",
@@ -283,6 +335,58 @@ def test_sync_downloads_only_changed_files_and_refuses_escaping_keys(s3_env: str
         with pytest.raises(UnsafeKey):
             sync_prefix(client, cache, S3Uri(bucket, prefix), target)
         assert not list(tmp_path.rglob("outside.txt")) and not list(target.rglob("*"))
+
+
+def test_sync_into_a_users_folder_deletes_nothing_and_never_follows_links(
+    s3_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kohya_backend.cli import main
+
+    bucket = new_bucket(s3_env)
+    raw_client(s3_env).put_object(Bucket=bucket, Key="datasets/cats/10_cat/a.png", Body=b"A" * 100)
+    mine = tmp_path / "Pictures"
+    (mine / "holiday").mkdir(parents=True)
+    (mine / "holiday" / "beach.jpg").write_bytes(b"mine")
+    (mine / ".config").write_text("hidden")
+    # `s3 download s3://.../ DIR` is `aws s3 sync` without --delete: the folder's own files stay.
+    assert main(["s3", "download", f"s3://{bucket}/datasets/cats/", str(mine)]) == 0, capsys.readouterr().err
+    assert (mine / "10_cat" / "a.png").read_bytes() == b"A" * 100
+    assert (mine / "holiday" / "beach.jpg").read_bytes() == b"mine" and (mine / ".config").is_file()
+    # delete=True (a job's own folder) removes what the prefix lacks, but a link is removed, not followed.
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "precious.txt").write_text("keep")
+    (outside / "sub" / "deep.txt").write_text("keep")
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / "link.txt").symlink_to(outside / "precious.txt")
+    (staged / "linked-dir").symlink_to(outside / "sub", target_is_directory=True)
+    (staged / ".kept").write_text("hidden files are not the sync's")
+    stats = sync_prefix(
+        S3Client(), S3Cache(tmp_path / "cache"), S3Uri(bucket, "datasets/cats/"), staged, delete=True
+    )
+    assert sorted(stats.removed) == ["link.txt", "linked-dir"]
+    assert not (staged / "link.txt").is_symlink() and not (staged / "linked-dir").is_symlink()
+    assert (outside / "precious.txt").read_text() == "keep" and (outside / "sub" / "deep.txt").is_file()
+    assert (staged / ".kept").is_file() and (staged / "10_cat" / "a.png").is_file()
+
+
+def test_a_job_input_whose_key_is_no_file_name_is_refused_before_any_download(
+    s3_env: str, tmp_path: Path
+) -> None:
+    from kohya_backend.jobs.s3_jobs import stage_inputs
+    from kohya_backend.storage.settings import S3Access
+
+    bucket = new_bucket(s3_env)
+    raw = raw_client(s3_env)
+    for key in ("models/..", "models/..\\..\\..\\evil.safetensors"):  # S3 takes both as keys
+        raw.put_object(Bucket=bucket, Key=key, Body=b"weights")
+        job = tmp_path / key.replace("\\", "_").replace("/", "_") / "job"
+        access = S3Access(tmp_path / "cache")
+        with pytest.raises(UnsafeKey) as caught:
+            stage_inputs({"network_weights": f"s3://{bucket}/{key}"}, job / "s3-inputs", access)
+        assert f"s3://{bucket}/{key}" in caught.value.message
+        assert not job.exists() and not list((tmp_path / "cache").rglob("blobs/*/*"))  # nothing fetched
 
 
 def test_upload_folder_skips_hidden_files_and_what_is_already_there(s3_env: str, tmp_path: Path) -> None:

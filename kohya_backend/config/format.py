@@ -13,6 +13,7 @@ from kohya_backend.config.schema import (
     FM_TYPES,
     GROUPS,
     NETWORK_ARGS,
+    OPTIMIZERS,
     SCHEMA,
     UNSUPPORTED,
     KeySpec,
@@ -105,7 +106,12 @@ def _allowed_cell(spec: KeySpec) -> str:
     if spec.choices is not None:
         return ", ".join(f"`{c}`" for c in spec.choices)
     if spec.name == "network_args":
-        return ", ".join(f"`{a}=`" for a in NETWORK_ARGS)
+        return (
+            ", ".join(f"`{a}=`" for a in NETWORK_ARGS)
+            + " (networks.lora); lycoris-lora's own (lycoris.kohya)"
+        )
+    if spec.name == "optimizer_type":
+        return ", ".join(f"`{o}`" for o in OPTIMIZERS) + ", a torch.optim class, or a class path"
     parts = []
     if spec.minimum is not None:
         parts.append(f"{'>' if spec.exclusive_minimum else '≥'} {spec.minimum:g}")

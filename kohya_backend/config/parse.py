@@ -518,8 +518,8 @@ def _match_choice(spec: KeySpec, value: Any) -> Any:
     allowed = ", ".join(str(c) for c in choices)
     lowered = value.strip().lower() if isinstance(value, str) else None
     special = UNSUPPORTED_VALUES.get(spec.name, {})
-    if lowered in special or (spec.name == "optimizer_type" and lowered and "." in lowered):
-        why = special.get(str(lowered), "custom optimizer classes are not supported")
+    if lowered in special:
+        why = special[lowered]
         raise ValueProblem(
             f"kohya accepts {spec.name} = {shown(value)} but this trainer does not implement it"
             + (f": {why}" if why else ""),

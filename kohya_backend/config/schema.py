@@ -13,11 +13,17 @@ from typing import Any
 
 import tomlkit
 
+from kohya_backend.config.lycoris_args import LYCORIS_MODULE
+from kohya_backend.config.optimizers import BUILTIN_OPTIMIZERS
 from kohya_backend.errors import ConfigError, ConfigIssue
 
 FM_TYPES: tuple[str, ...] = ("sd_1_5", "sd_xl")
 
-OPTIMIZERS: tuple[str, ...] = ("AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor", "SGDNesterov")
+# kohya's own optimizer names; optimizer_type may also name a class (config/optimizers.py)
+OPTIMIZERS: tuple[str, ...] = tuple(BUILTIN_OPTIMIZERS)
+NETWORK_MODULES: tuple[str, ...] = ("networks.lora", LYCORIS_MODULE)
+LOSS_TYPES: tuple[str, ...] = ("l2", "l1", "huber", "smooth_l1")
+HUBER_SCHEDULES: tuple[str, ...] = ("snr", "exponential", "constant")
 LR_SCHEDULERS: tuple[str, ...] = (
     "constant",
     "constant_with_warmup",
@@ -50,7 +56,8 @@ SAMPLE_SAMPLERS: Mapping[str, tuple[str, Mapping[str, Any]]] = MappingProxyType(
     }
 )
 
-# The only network_args this trainer implements (kohya's LoCon extension of networks.lora).
+# The network_args this trainer implements for networks.lora (kohya's LoCon extension); lycoris.kohya reads its
+# own (config/lycoris_args.py).
 NETWORK_ARGS: tuple[str, ...] = ("conv_dim", "conv_alpha")
 
 
@@ -87,6 +94,7 @@ GROUPS: list[tuple[str, str]] = [
     ("network", "LoRA network"),
     ("optimizer", "Optimizer and learning rate"),
     ("training", "Training"),
+    ("noise", "Noise and loss variants"),
     ("saving", "Saving, logging and resuming"),
     ("sampling", "Sample images during training"),
     ("compat", "Memory and attention switches kept for kohya compatibility"),
@@ -172,14 +180,16 @@ _SPECS: list[KeySpec] = [
           "Keep data loader workers alive between epochs (needs max_data_loader_n_workers > 0)."),
     # network
     _spec("network_module", "str", "networks.lora", "network",
-          "Network type; this trainer implements kohya's networks.lora (LoRA, LoCon with conv_dim).",
-          choices=("networks.lora",)),
+          "Network type: kohya's networks.lora (LoRA, LoCon with conv_dim) or lycoris.kohya (LyCORIS through "
+          "lycoris-lora: network_args algo=locon|loha|lokr|ia3|dylora|glora|diag-oft|full, preset, ...).",
+          choices=NETWORK_MODULES),
     _spec("network_dim", "int", 4, "network",
           "LoRA rank.", minimum=1, maximum=1024),
     _spec("network_alpha", "float", 1.0, "network",
           "LoRA alpha: the update is scaled by alpha/rank (0 = same as network_dim).", minimum=0.0),
     _spec("network_args", "list", [], "network",
-          'Extra network settings as "key=value" strings: only conv_dim and conv_alpha (LoCon).'),
+          'Extra network settings as "key=value" strings: conv_dim and conv_alpha (LoCon) for networks.lora; '
+          "for lycoris.kohya the arguments lycoris-lora reads (algo, preset, conv_dim, conv_alpha, factor, ...)."),
     _spec("network_dropout", "float", None, "network",
           "Dropout on the LoRA down projection (0 or unset = none).",
           minimum=0.0, maximum=1.0, zero_is_unset=True),
@@ -191,9 +201,13 @@ _SPECS: list[KeySpec] = [
           "Train only the text encoder LoRA."),
     _spec("training_comment", "str", None, "network",
           "Free text stored in the LoRA's metadata."),
+    _spec("scale_weight_norms", "float", None, "network",
+          "Max-norm regularisation: after each step, scale down every module whose update norm exceeds this "
+          "(1 is a usual start; 0 or unset = off).", minimum=0.0, exclusive_minimum=True, zero_is_unset=True),
     # optimizer
     _spec("optimizer_type", "str", "AdamW", "optimizer",
-          "Optimizer.", choices=OPTIMIZERS),
+          "Optimizer: one of kohya's names, a torch.optim class (RAdam) or a class path of an installed optimizer "
+          "package (pytorch_optimizer.CAME, came_pytorch.CAME, prodigyplus.ProdigyPlusScheduleFree)."),
     _spec("optimizer_args", "list", [], "optimizer",
           'Extra optimizer settings as "key=value" strings with Python literal values (weight_decay=0.01).'),
     _spec("learning_rate", "float", 2e-06, "optimizer",
@@ -213,6 +227,9 @@ _SPECS: list[KeySpec] = [
           "Power of the polynomial schedule.", minimum=0.0, exclusive_minimum=True),
     _spec("lr_scheduler_args", "list", [], "optimizer",
           'Extra scheduler settings as "key=value" strings with Python literal values.'),
+    _spec("lr_scheduler_type", "str", None, "optimizer",
+          "A scheduler class instead of lr_scheduler: a torch.optim.lr_scheduler name (CosineAnnealingLR) or a "
+          "class path, built with lr_scheduler_args (no lr_warmup_steps)."),
     _spec("max_grad_norm", "float", 1.0, "optimizer",
           "Gradient clipping norm (0 = no clipping).", minimum=0.0),
     # training
@@ -245,6 +262,40 @@ _SPECS: list[KeySpec] = [
           "Smallest diffusion timestep trained (0-999).", minimum=0, maximum=999),
     _spec("max_timestep", "int", None, "training",
           "Largest diffusion timestep trained, exclusive (1-1000).", minimum=1, maximum=1000),
+    # noise and loss variants
+    _spec("noise_offset_random_strength", "bool", False, "noise",
+          "Draw the noise offset strength uniformly between 0 and noise_offset each step."),
+    _spec("adaptive_noise_scale", "float", None, "noise",
+          "Add this times the absolute latent mean (per channel) to noise_offset (needs noise_offset).",
+          minimum=-1.0, maximum=1.0, zero_is_unset=True),
+    _spec("multires_noise_iterations", "int", None, "noise",
+          "Multires (pyramid) noise levels (6-10 is usual; 0 or unset = off).",
+          minimum=1, maximum=64, zero_is_unset=True),
+    _spec("multires_noise_discount", "float", 0.3, "noise",
+          "Weight decay per multires noise level.", minimum=0.0, maximum=1.0),
+    _spec("ip_noise_gamma", "float", None, "noise",
+          "Input perturbation noise strength (about 0.1; 0 or unset = off).",
+          minimum=0.0, maximum=1.0, zero_is_unset=True),
+    _spec("ip_noise_gamma_random_strength", "bool", False, "noise",
+          "Draw the input perturbation strength uniformly between 0 and ip_noise_gamma each step."),
+    _spec("zero_terminal_snr", "bool", False, "noise",
+          "Rescale the noise schedule so the last timestep is pure noise (meant for v-prediction)."),
+    _spec("loss_type", "str", "l2", "noise",
+          "Loss: l2 (MSE), l1, huber or smooth_l1.", choices=LOSS_TYPES),
+    _spec("huber_schedule", "str", "snr", "noise",
+          "How the Huber threshold follows the timestep (huber and smooth_l1 only).", choices=HUBER_SCHEDULES),
+    _spec("huber_c", "float", 0.1, "noise",
+          "Huber threshold (huber and smooth_l1 only).", minimum=0.0, maximum=10.0, exclusive_minimum=True),
+    _spec("huber_scale", "float", 1.0, "noise",
+          "Huber threshold scale of the exponential and constant schedules.",
+          minimum=0.0, maximum=100.0, exclusive_minimum=True),
+    _spec("debiased_estimation_loss", "bool", False, "noise",
+          "Weight the loss by 1/sqrt(SNR) (1/(SNR+1) for v-prediction)."),
+    _spec("scale_v_pred_loss_like_noise_pred", "bool", False, "noise",
+          "Scale a v-prediction loss by SNR/(SNR+1), like a noise-prediction loss (needs v_parameterization)."),
+    _spec("v_pred_like_loss", "float", None, "noise",
+          "Add a v-prediction-like loss term with this weight (not with v_parameterization).",
+          minimum=0.0, maximum=100.0, zero_is_unset=True),
     # saving
     _spec("output_dir", "path", None, "saving",
           "Folder for the LoRA files."),
@@ -312,7 +363,7 @@ GUI_KEY_HINTS: dict[str, str] = {
     "conv_dim": 'use network_args = ["conv_dim=N", "conv_alpha=A"]',
     "conv_alpha": 'use network_args = ["conv_dim=N", "conv_alpha=A"]',
     "lora_type": "this trainer trains standard LoRA (networks.lora); remove it",
-    "lycoris_preset": "LyCORIS is not implemented; remove it",
+    "lycoris_preset": 'use network_module = "lycoris.kohya" with network_args = ["preset=full", ...]',
     "additional_parameters": "write each parameter as its own key",
 }
 
@@ -343,16 +394,6 @@ def _unsupported_table() -> dict[str, str]:
         (
             "fp8_base fp8_base_unet",
             "fp8 base weights are not implemented; remove it (gradient_checkpointing and cache_latents save memory)",
-        ),
-        (
-            "multires_noise_iterations multires_noise_discount ip_noise_gamma ip_noise_gamma_random_strength "
-            "noise_offset_random_strength adaptive_noise_scale zero_terminal_snr",
-            "this noise variant is not implemented; remove it (noise_offset and min_snr_gamma are supported)",
-        ),
-        ("loss_type huber_schedule huber_c huber_scale", "only the L2 (MSE) loss is implemented; remove it"),
-        (
-            "scale_v_pred_loss_like_noise_pred v_pred_like_loss debiased_estimation_loss",
-            "this loss weighting is not implemented; remove it (min_snr_gamma is supported)",
         ),
         ("masked_loss alpha_mask conditioning_data_dir", "masked loss is not implemented; remove it"),
         (
@@ -391,10 +432,9 @@ def _unsupported_table() -> dict[str, str]:
         ),
         ("use_8bit_adam", 'remove it and set optimizer_type = "AdamW8bit"'),
         ("use_lion_optimizer", 'remove it and set optimizer_type = "Lion"'),
-        ("lr_scheduler_type", "custom scheduler classes are not supported; remove it and pick lr_scheduler"),
         ("fused_backward_pass", "not implemented; remove it"),
         (
-            "dim_from_weights scale_weight_norms base_weights base_weights_multiplier",
+            "dim_from_weights base_weights base_weights_multiplier",
             "not implemented; remove it (network_weights starts from an existing LoRA)",
         ),
         (
@@ -416,11 +456,6 @@ UNSUPPORTED: dict[str, str] = _unsupported_table()
 
 # kohya's defaults for unsupported keys whose "off" value is not None/False/0/"": such a value changes nothing.
 UNSUPPORTED_DEFAULTS: dict[str, Any] = {
-    "multires_noise_discount": 0.3,
-    "loss_type": "l2",
-    "huber_schedule": "snr",
-    "huber_c": 0.1,
-    "huber_scale": 1.0,
     "dynamo_backend": "inductor",
     "token_warmup_min": 1,
     "caption_separator": ",",
@@ -430,37 +465,16 @@ UNSUPPORTED_DEFAULTS: dict[str, Any] = {
 
 # Values kohya accepts for a supported key that this trainer does not implement: key -> {value: why}.
 UNSUPPORTED_VALUES: dict[str, dict[str, str]] = {
-    "optimizer_type": {
-        name.lower(): ""
-        for name in [
-            "Lion8bit",
-            "PagedLion8bit",
-            "PagedAdamW",
-            "PagedAdamW8bit",
-            "PagedAdamW32bit",
-            "SGDNesterov8bit",
-            "DAdaptation",
-            "DAdaptAdamPreprint",
-            "DAdaptAdaGrad",
-            "DAdaptAdam",
-            "DAdaptAdan",
-            "DAdaptAdanIP",
-            "DAdaptLion",
-            "DAdaptSGD",
-            "AdamWScheduleFree",
-            "RAdamScheduleFree",
-            "SGDScheduleFree",
-        ]
-    },
     "lr_scheduler": {
         name: ""
         for name in ("cosine_with_min_lr", "warmup_stable_decay", "inverse_sqrt", "piecewise_constant", "rex")
     },
     "network_module": {
-        "lycoris.kohya": "LyCORIS is not implemented",
-        "networks.dylora": "DyLoRA is not implemented",
-        "networks.oft": "OFT is not implemented",
-        "networks.lora_fa": "LoRA-FA is not implemented",
+        "networks.dylora": "kohya's own DyLoRA is not implemented; LyCORIS's is: network_module = "
+        '"lycoris.kohya" with network_args = ["algo=dylora", "block_size=4"]',
+        "networks.oft": "kohya's own OFT is not implemented; LyCORIS's is: network_module = \"lycoris.kohya\" "
+        'with network_args = ["algo=diag-oft", "constraint=..."]',
+        "networks.lora_fa": "LoRA-FA (frozen down projection) is not implemented; use networks.lora",
     },
     "save_model_as": {
         "ckpt": "LoRA files are written as safetensors only",

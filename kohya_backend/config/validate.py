@@ -16,10 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kohya_backend.config.lycoris_args import LYCORIS_MODULE, lycoris_arg_problems, strip_quotes
+from kohya_backend.config.optimizers import (
+    canonical_builtin,
+    is_schedule_free,
+    resolve_optimizer,
+    resolve_scheduler,
+)
 from kohya_backend.config.parse import ParsedConfig, ValueProblem, coerce_value, parse_config, shown
 from kohya_backend.config.schema import (
     ALIASES,
     GUI_KEY_HINTS,
+    OPTIMIZERS,
     SCHEMA,
     UNSUPPORTED,
     UNSUPPORTED_DEFAULTS,
@@ -29,6 +37,7 @@ from kohya_backend.config.schema import (
     toml_value,
 )
 from kohya_backend.errors import ConfigError, ConfigIssue
+from kohya_backend.names import WINDOWS_RESERVED
 
 # network_args that kohya's networks.lora reads but this trainer does not implement.
 _KOHYA_LORA_ARGS = frozenset(
@@ -61,9 +70,6 @@ _NETWORK_ARG_SPECS = {
     "conv_alpha": KeySpec("conv_alpha", "float", None, "network", "LoCon alpha", minimum=0.0),
 }
 _REQUIRED_PATHS = ("pretrained_model_name_or_path", "train_data_dir", "output_dir")
-_WINDOWS_RESERVED = frozenset(
-    ["con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))]
-)
 _BAD_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
 
 
@@ -163,12 +169,14 @@ class TrainConfig:
 
 
 def detect_cuda() -> bool:
-    """Whether torch sees a CUDA device; torch is imported only here, and a missing torch means no CUDA."""
+    """Whether torch sees a GPU that trains in fp16: CUDA (ROCm's too) or Apple's MPS; torch is imported only here,
+    and a missing torch means none."""
     try:
         import torch
     except ImportError:
         return False
-    return bool(torch.cuda.is_available())
+    mps = getattr(torch.backends, "mps", None)
+    return bool(torch.cuda.is_available() or (mps is not None and mps.is_available()))
 
 
 class _Checker:
@@ -296,7 +304,7 @@ def _rule_precision(c: _Checker, cuda_available: bool | None) -> None:
     if not cuda_available:
         c.issue(
             "mixed_precision",
-            'mixed_precision = "fp16" needs a CUDA GPU, and none is available here',
+            'mixed_precision = "fp16" needs a CUDA GPU (or Apple MPS), and none is available here',
             'use mixed_precision = "bf16" or "no"',
         )
 
@@ -323,6 +331,9 @@ def _rule_network(c: _Checker) -> None:
 
 
 def _rule_network_args(c: _Checker) -> None:
+    if c["network_module"] == LYCORIS_MODULE:
+        _rule_lycoris_args(c)
+        return
     args = _kv_dict(c["network_args"])
     for name, value in args.items():
         if name in _NETWORK_ARG_SPECS:
@@ -348,6 +359,189 @@ def _rule_network_args(c: _Checker) -> None:
             "network_args",
             "conv_alpha has no effect without conv_dim",
             "add conv_dim=N or remove conv_alpha",
+            warning=True,
+        )
+
+
+def _rule_lycoris_args(c: _Checker) -> None:
+    args = _kv_dict(c["network_args"])
+    for problem in lycoris_arg_problems(args, network_dim=int(c["network_dim"])):
+        c.issue("network_args", problem.message, problem.hint, warning=problem.warning)
+    algo = strip_quotes(args.get("algo", "lora")).lower()
+    constraint = strip_quotes(args.get("constraint", args.get("constrain", "0")))
+    notes = {
+        "glora": (
+            "AUTOMATIC1111 1.10 and Forge cannot apply GLoRA files of lycoris-lora 3.x (their loader multiplies "
+            "the factors in another order); ComfyUI and lycoris itself load them",
+            "use algo=loha or lokr for a file the WebUIs load",
+        ),
+        "dylora": (
+            "lycoris-lora 3.2's DyLoRA trains at a random rank with scale alpha/blocks, while the WebUIs apply the "
+            "saved file as a full-rank LoRA with scale alpha/network_dim (block_size times weaker)",
+            "raise the LoRA weight in the prompt accordingly, or use algo=locon",
+        ),
+    }
+    if algo in notes:
+        c.issue("network_args", *notes[algo], warning=True)
+    if algo == "diag-oft" and _float_or(constraint, 0.0) == 0:
+        c.issue(
+            "network_args",
+            "with constraint=0 (lycoris's default) the WebUIs read this Diag-OFT file's alpha as a zero "
+            "constraint and apply no change",
+            "set constraint, e.g. constraint=0.0001 (relative to each layer's width)",
+            warning=True,
+        )
+    if c["network_dropout"]:
+        c.issue(
+            "network_dropout",
+            "lycoris-lora does not read network_dropout, so it changes nothing (as in kohya)",
+            'use network_args = ["dropout=0.1"] (or rank_dropout / module_dropout)',
+            warning=True,
+        )
+
+
+def _float_or(text: str, default: float) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return default
+
+
+def _first_lr(c: _Checker) -> float:
+    for key in ("unet_lr", "text_encoder_lr", "learning_rate"):
+        if c[key] is not None and c.ok(key):
+            return float(c[key])
+    return float(c["learning_rate"])
+
+
+def _rule_optimizer(c: _Checker) -> None:
+    if not c.ok("optimizer_type"):
+        return
+    name = str(c["optimizer_type"])
+    ref, problem = resolve_optimizer(name)
+    if ref is None:
+        close = difflib.get_close_matches(name, OPTIMIZERS, n=1)
+        c.issue(
+            "optimizer_type",
+            problem or f"unknown optimizer {name!r}",
+            (f"did you mean {close[0]}? " if close else "")
+            + f"use one of {', '.join(OPTIMIZERS)} (any case), a torch.optim class such as RAdam, or a class "
+            "path such as pytorch_optimizer.CAME",
+        )
+        return
+    builtin = canonical_builtin(name)
+    if builtin is not None:
+        c.values["optimizer_type"] = builtin
+    if builtin is not None and (builtin.startswith("DAdapt") or builtin == "Prodigy"):
+        lrs = {c["learning_rate"] if c[k] is None else c[k] for k in ("unet_lr", "text_encoder_lr")}
+        if _first_lr(c) <= 0.1:
+            c.issue(
+                "learning_rate",
+                f"{builtin} adapts its own step size and expects a learning rate around 1.0, got {_first_lr(c)}",
+                "set learning_rate (and unet_lr / text_encoder_lr) to 1.0",
+                warning=True,
+            )
+        elif len(lrs) > 1:
+            c.issue(
+                "unet_lr",
+                f"{builtin} with different unet_lr and text_encoder_lr: kohya notes only the first one takes effect",
+                "give both the same value",
+                warning=True,
+            )
+    if builtin == "DAdaptSGD" and c["lr_warmup_steps"] and c["lr_scheduler"] != "constant":
+        c.issue(
+            "lr_warmup_steps",
+            "DAdaptSGD measures the gradient norm of its first step only where the learning rate is above 0, and a "
+            "warmup starts at 0: it would divide by zero at step 1 (in kohya too)",
+            "set lr_warmup_steps = 0 with DAdaptSGD",
+        )
+    if is_schedule_free(name):
+        ignored = [
+            k for k in ("lr_scheduler", "lr_scheduler_type", "lr_warmup_steps") if k in c.given and c[k]
+        ]
+        if ignored and (c["lr_scheduler"] != "constant" or c["lr_scheduler_type"] or c["lr_warmup_steps"]):
+            c.issue(
+                ignored[0],
+                f"schedule-free optimizers schedule themselves: {', '.join(ignored)} is not used (as in kohya)",
+                'remove it; a warmup goes in optimizer_args, e.g. ["warmup_steps=100"]',
+                warning=True,
+            )
+
+
+def _rule_scheduler_type(c: _Checker) -> None:
+    name = c["lr_scheduler_type"]
+    if not name or not c.ok("lr_scheduler_type"):
+        return
+    ref, problem = resolve_scheduler(str(name))
+    if ref is None:
+        c.issue("lr_scheduler_type", problem or f"unknown scheduler {name!r}", "e.g. CosineAnnealingLR")
+    if c["lr_warmup_steps"]:
+        c.issue(
+            "lr_warmup_steps",
+            "lr_scheduler_type does not use lr_warmup_steps, and kohya refuses the two together",
+            "set lr_warmup_steps = 0 (give a warmup in lr_scheduler_args when the class has one)",
+        )
+    if "lr_scheduler" in c.given and c["lr_scheduler"] != "constant":
+        c.issue(
+            "lr_scheduler",
+            f"lr_scheduler_type {name} replaces lr_scheduler {c['lr_scheduler']} (as in kohya)",
+            "remove one of them",
+            warning=True,
+        )
+
+
+def _rule_noise(c: _Checker) -> None:
+    if c["adaptive_noise_scale"] is not None and not c["noise_offset"]:
+        c.issue(
+            "adaptive_noise_scale",
+            "adaptive_noise_scale adds to noise_offset, which is not set (kohya refuses this too)",
+            "set noise_offset (e.g. 0.05), or remove adaptive_noise_scale",
+        )
+    for switch, needs in (
+        ("noise_offset_random_strength", "noise_offset"),
+        ("ip_noise_gamma_random_strength", "ip_noise_gamma"),
+    ):
+        if c[switch] and not c[needs]:
+            c.issue(
+                switch, f"{switch} has no effect without {needs}", f"set {needs}, or remove it", warning=True
+            )
+    if (
+        "multires_noise_discount" in c.given
+        and c["multires_noise_discount"] != 0.3
+        and not c["multires_noise_iterations"]
+    ):
+        c.issue(
+            "multires_noise_discount",
+            "multires_noise_discount has no effect without multires_noise_iterations",
+            "set multires_noise_iterations (6-10), or remove it",
+            warning=True,
+        )
+    if c["scale_v_pred_loss_like_noise_pred"] and not c["v_parameterization"]:
+        c.issue(
+            "scale_v_pred_loss_like_noise_pred",
+            "scale_v_pred_loss_like_noise_pred needs v_parameterization (kohya refuses it otherwise)",
+            "remove it, or train a v-prediction model with v_parameterization = true",
+        )
+    if c["v_pred_like_loss"] and c["v_parameterization"]:
+        c.issue(
+            "v_pred_like_loss",
+            "v_pred_like_loss cannot be used with v_parameterization (kohya refuses it too)",
+            "remove one of them",
+        )
+    if c["zero_terminal_snr"] and not c["v_parameterization"]:
+        c.issue(
+            "zero_terminal_snr",
+            "zero_terminal_snr without v_parameterization: a noise-prediction model cannot learn the last "
+            "timestep (kohya warns the same)",
+            "use it with v_parameterization = true",
+            warning=True,
+        )
+    huber = [k for k, d in (("huber_schedule", "snr"), ("huber_c", 0.1), ("huber_scale", 1.0)) if c[k] != d]
+    if huber and c["loss_type"] in ("l1", "l2"):
+        c.issue(
+            huber[0],
+            f"{', '.join(huber)} only apply to loss_type huber or smooth_l1, not {c['loss_type']}",
+            'set loss_type = "huber" or "smooth_l1", or remove them',
             warning=True,
         )
 
@@ -514,7 +708,7 @@ def _file_name_problem(name: str) -> str | None:
         return "contains a path separator or a character not allowed in file names"
     if name != name.strip() or name.endswith("."):
         return "starts or ends with a space, or ends with '.'"
-    if name in (".", "..") or name.split(".")[0].lower() in _WINDOWS_RESERVED:
+    if name in (".", "..") or name.split(".")[0].lower() in WINDOWS_RESERVED:
         return "is a reserved name"
     if name.lower().endswith((".safetensors", ".ckpt", ".pt")):
         return "includes the file extension (it is added when saving)"
@@ -667,6 +861,9 @@ def validate_config(
     _rule_precision(c, cuda_available)
     _rule_network(c)
     _rule_literal_args(c)
+    _rule_optimizer(c)
+    _rule_scheduler_type(c)
+    _rule_noise(c)
     _rule_caching(c)
     _rule_buckets(c)
     _rule_schedule(c)

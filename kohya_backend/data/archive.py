@@ -1,4 +1,5 @@
-"""Safe unpacking of uploaded zip archives and safe relative names for uploaded files.
+"""Safe unpacking of uploaded zip archives (and of tar archives such as SageMaker's model.tar.gz) and safe relative
+names for uploaded files.
 
 Nothing a client names may leave the destination: absolute paths, drive letters, '..' and symlink entries are
 refused, and entry count, total size, per-entry size and compression ratio are limited (zip bombs), counting the
@@ -8,13 +9,16 @@ bytes actually written rather than trusting the archive's headers.
 from __future__ import annotations
 
 import stat
+import tarfile
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, BinaryIO
 
 from kohya_backend.errors import TrainManagementError
+from kohya_backend.names import windows_name_problem
 
 _CHUNK = 1024 * 1024
 # Below this size a high compression ratio is normal (a caption of repeated tags), so the ratio is not checked.
@@ -70,6 +74,10 @@ def member_path(name: str, *, what: str = "file name") -> PurePosixPath:
         raise ArchiveError(
             f"{what} {name!r} contains characters file names may not hold: {' '.join(bad)}", "rename the file"
         )
+    for part in parts:  # what else Windows refuses: device names (CON, AUX.png), a trailing dot or space
+        problem = windows_name_problem(part)
+        if problem:
+            raise ArchiveError(f"{what} {name!r}: {part!r} {problem}", "rename it")
     return PurePosixPath(*parts)
 
 
@@ -210,3 +218,85 @@ def copy_file(source: Path | BinaryIO, dest: Path, limit: int, label: str) -> in
     if hasattr(source, "seek"):
         source.seek(0)
     return copy_limited(source, dest, limit, label)
+
+
+def _check_tar_members(members: list[tarfile.TarInfo], limits: ArchiveLimits, label: str) -> None:
+    """Refuse the whole tar before anything is written: links, devices, unsafe names, too many or too big."""
+    if len(members) > limits.max_entries:
+        raise ArchiveError(
+            f"{label} has {len(members)} entries, more than the limit of {limits.max_entries}",
+            "pack fewer files",
+        )
+    total = 0
+    for member in members:
+        member_path(member.name, what=f"{label}: entry")
+        if not (member.isfile() or member.isdir()):
+            kind = "a link" if member.issym() or member.islnk() else "not a regular file"
+            raise ArchiveError(
+                f"{label}: entry {member.name!r} is {kind}", "pack the files themselves, not links or devices"
+            )
+        if member.size > limits.max_entry_bytes:
+            raise ArchiveError(
+                f"{label}: entry {member.name!r} unpacks to {_size_text(member.size)}, more than the limit of "
+                f"{_size_text(limits.max_entry_bytes)} per file",
+                "leave out the file",
+            )
+        total += member.size
+    if total > limits.max_total_bytes:
+        raise ArchiveError(
+            f"{label} unpacks to {_size_text(total)}, more than the limit of {_size_text(limits.max_total_bytes)}",
+            "pack fewer or smaller files",
+        )
+
+
+def extract_tar(
+    source: Path,
+    dest: Path,
+    *,
+    limits: ArchiveLimits | None = None,
+    label: str = "the archive",
+) -> Extracted:
+    """Unpack a tar (plain or gzip) into `dest` (which must exist) under the zip rules: every name checked with
+    member_path, no links or devices, entry count, per-file and total size capped on the bytes actually written.
+    Hidden files and macOS metadata are skipped; raises ArchiveError (the caller unpacks into a staging folder)."""
+    limits = limits or ArchiveLimits()
+    out = Extracted()
+    try:
+        archive = tarfile.open(source, mode="r:*")  # noqa: SIM115 (closed by the `with` below)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        raise ArchiveError(f"{label} is not a readable tar archive ({exc})", "create it with tar") from exc
+    with archive:
+        try:
+            members = archive.getmembers()
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+            raise ArchiveError(f"{label} is damaged ({exc})", "create it again") from exc
+        _check_tar_members(members, limits, label)
+        budget = limits.max_total_bytes
+        for member in members:
+            path = member_path(member.name, what=f"{label}: entry")
+            if member.isdir():
+                continue
+            reason = _skip_reason(path)
+            target = dest.joinpath(*path.parts)
+            if reason is None and target.exists():
+                reason = "another entry has the same name"
+            if reason is None:
+                try:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                except (FileExistsError, NotADirectoryError):
+                    reason = "another entry is a file where this one needs a folder"
+            if reason is not None:
+                out.skipped.append((path.as_posix(), reason))
+                continue
+            reader = archive.extractfile(member)
+            if reader is None:
+                continue
+            try:
+                with reader:
+                    budget -= copy_limited(reader, target, min(member.size, budget), f"{label}: {path}")
+            except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+                raise ArchiveError(
+                    f"{label}: entry {member.name!r} is damaged ({exc})", "create it again"
+                ) from exc
+            out.files.append(path)
+    return out

@@ -3,8 +3,9 @@
 The WebUI's venv gets only the few light packages the tab, the API and the scheduler import beyond what every
 WebUI already has (UI_REQUIREMENTS), and only when they are missing: a package the WebUI has is never upgraded or
 downgraded, even when it is older than we would like (a note says so), because the WebUI would put its pin back
-at the next start. The trainer's packages (newer than the WebUI's and needing Python 3.11+) go into the trainer's
-own environment (trainer_env), unless --train-python names an interpreter to use instead. With nothing missing
+at the next start. The trainer's packages (newer than the WebUI's) go into the trainer's own environment
+(trainer_env: made from a Python 3.11/3.12 when one is found, else from 3.10, usually the WebUI's own), unless
+--train-python names an interpreter to use instead. With nothing missing
 this returns in a few milliseconds and starts no process: state.json says the environment is ready for the current
 requirements, or that the chosen interpreter was found good (same file, same mtime, same requirements).
 """
@@ -26,6 +27,9 @@ from kohya_backend.host.flags import PYTHON_ENV, launch_argv, parse_flags
 from kohya_backend.host.trainer_env import (
     MAX_PYTHON,
     MIN_PYTHON,
+    PREFERRED_PYTHON,
+    REQUIREMENTS,
+    REQUIREMENTS_PY310,
     WEBUI_INDEX_ENV,
     EnvSpec,
     container,
@@ -76,6 +80,14 @@ def plan_webui(requirements: Sequence[str], version_of: Callable[[str], str | No
     return WebuiPlan(tuple(install), tuple(notes))
 
 
+def applies_on(line: str, platform: str) -> bool:
+    """Whether a requirement line's environment marker holds on `platform` (bitsandbytes: not on macOS)."""
+    from packaging.requirements import Requirement
+
+    marker = Requirement(line).marker
+    return marker is None or marker.evaluate({"sys_platform": platform})
+
+
 # One start of the chosen interpreter answers both questions: its Python version and its packages' versions.
 _CHECK_CODE = """
 import json, sys
@@ -114,8 +126,12 @@ def _probe_interpreter(command: Sequence[str], names: Sequence[str]) -> dict[str
     return answer if isinstance(answer, dict) and isinstance(answer.get("packages"), dict) else None
 
 
-def check_interpreter(command: Sequence[str], spec: EnvSpec, folder: Path | None = None) -> str | None:
+def check_interpreter(
+    command: Sequence[str], spec: EnvSpec, folder: Path | None = None, *, platform: str | None = None
+) -> str | None:
     """Why a user-chosen trainer interpreter will not do (wrong Python, missing packages), or None when it will.
+
+    Only the packages pinned for this `platform` (default: sys.platform) are asked for: no bitsandbytes on macOS.
 
     A good answer is remembered in `folder`'s state.json (the trainer environment's) by the interpreter's path,
     mtime and the requirements' key, so later WebUI starts skip the check and start no process.
@@ -124,7 +140,8 @@ def check_interpreter(command: Sequence[str], spec: EnvSpec, folder: Path | None
     state = (read_state(folder) or {}) if folder is not None else {}
     if stamp is not None and state.get(CHECKED_KEY) == stamp:
         return None
-    names = [requirement_name(line) for line in (spec.torch.requirement, *spec.requirements)]
+    lines = (spec.torch.requirement, *spec.requirements)
+    names = [requirement_name(line) for line in lines if applies_on(line, platform or sys.platform)]
     answer = _probe_interpreter(command, names)
     if answer is None:
         return f"Train Management: --train-python {' '.join(command)} does not run"
@@ -136,10 +153,10 @@ def check_interpreter(command: Sequence[str], spec: EnvSpec, folder: Path | None
         )
     missing = [name for name in names if not answer["packages"].get(name)]
     if missing:
+        pins = REQUIREMENTS if version >= PREFERRED_PYTHON else REQUIREMENTS_PY310
         return (
             f"Train Management: --train-python {' '.join(command)} lacks {', '.join(missing)}; install them "
-            f"there (pip install -r requirements-trainer.txt) or leave --train-python out to use the "
-            f"extension's own environment"
+            f"there (pip install -r {pins}) or leave --train-python out to use the extension's own environment"
         )
     if folder is not None and stamp is not None:
         try:
@@ -186,9 +203,10 @@ def run(
         return 0
     if is_ready(folder, spec):
         return 0
+    good, low = ".".join(map(str, PREFERRED_PYTHON)), ".".join(map(str, MIN_PYTHON))
     high = ".".join(map(str, MAX_PYTHON))
-    out(f"Train Management: setting up the trainer's environment in {folder} (Python <= {high}; torch: "
-        f"{spec.torch.reason}); this takes a few minutes once")  # fmt: skip
+    out(f"Train Management: setting up the trainer's environment in {folder} (Python {good}-{high}, else {low}; "
+        f"torch: {spec.torch.reason}); this takes a few minutes once")  # fmt: skip
     result = setup(
         folder, spec, current_python=current_python, index_url=environ.get(WEBUI_INDEX_ENV) or None
     )

@@ -47,10 +47,18 @@ class HostConfig:
     per_device: int = 1
     keep_epochs: bool = False
     s3_prefix: str = ""  # the WebUI's "S3 prefix" setting ('' : HOME/cloud.toml's, or none)
+    sagemaker_role_arn: str = (
+        ""  # the WebUI's SageMaker settings ('' : HOME/cloud.toml's [sagemaker], or none)
+    )
+    sagemaker_image_uri: str = ""
 
     def structural(self) -> tuple[object, ...]:
         """The fields that need a new service when they change (the rest is applied to the running one)."""
         return (self.home, self.models_dirs, self.lora_dir, self.gpus)
+
+
+def _sagemaker(config: HostConfig) -> tuple[str, str]:
+    return (config.sagemaker_role_arn, config.sagemaker_image_uri)
 
 
 class HostRuntime:
@@ -81,6 +89,8 @@ class HostRuntime:
             scheduler.keep_epochs = config.keep_epochs
             if previous is not None and previous.s3_prefix != config.s3_prefix:
                 self.service.s3.use_setting(config.s3_prefix)
+            if previous is not None and _sagemaker(previous) != _sagemaker(config):
+                self._configure_sagemaker(config)
             self.set_python(config.python)
             scheduler.on_delivered = on_delivered
             scheduler.before_local_start = before_local_start
@@ -97,6 +107,18 @@ class HostRuntime:
         runner = service.scheduler.runners.get("local") if service is not None else None
         if isinstance(runner, LocalRunner) and python:
             runner.python = tuple(python)
+
+    def _configure_sagemaker(self, config: HostConfig) -> None:
+        """The SageMaker settings changed: the runner takes them (cleared ones fall back to HOME/cloud.toml)."""
+        from kohya_backend.jobs.sagemaker import SageMakerRunner
+
+        runner = self.service.scheduler.runners.get("sagemaker") if self.service is not None else None
+        if isinstance(runner, SageMakerRunner):
+            runner.configure(
+                home_root=config.home,
+                role_arn=config.sagemaker_role_arn or None,
+                image_uri=config.sagemaker_image_uri or None,
+            )
 
     def _rebuild(self, config: HostConfig) -> None:
         from kohya_backend.service.app import build_service
@@ -115,6 +137,8 @@ class HostRuntime:
             devices=local_devices(config.gpus, config.per_device),
             keep_epochs=config.keep_epochs,
             s3_uri=config.s3_prefix or None,
+            sagemaker_role_arn=config.sagemaker_role_arn or None,
+            sagemaker_image_uri=config.sagemaker_image_uri or None,
         )
         self.datasets = DatasetService(self.service.home, jobs=self.service.store)
         if was_started:

@@ -25,6 +25,8 @@ UNLOAD_MODEL = "train_management_unload_model"
 KEEP_EPOCHS = "train_management_keep_epochs"
 CONCURRENCY = "train_management_concurrency"
 S3_PREFIX = "train_management_s3_prefix"
+SAGEMAKER_ROLE_ARN = "train_management_sagemaker_role_arn"
+SAGEMAKER_IMAGE_URI = "train_management_sagemaker_image_uri"
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,20 @@ SETTINGS: tuple[SettingSpec, ...] = (
         info="s3://bucket/prefix; empty: HOME/cloud.toml's, or none. Credentials come from boto3's standard chain "
         "(AWS_PROFILE, AWS_ACCESS_KEY_ID, an instance role; AWS_ENDPOINT_URL for MinIO)",
     ),
+    SettingSpec(
+        SAGEMAKER_ROLE_ARN,
+        "",
+        "SageMaker execution role ARN (with the S3 prefix and the image: SageMaker instance types)",
+        "text",
+        info="arn:aws:iam::<account>:role/<name>; empty: HOME/cloud.toml's [sagemaker] role_arn (README: AWS setup)",
+    ),
+    SettingSpec(
+        SAGEMAKER_IMAGE_URI,
+        "",
+        "SageMaker training image URI",
+        "text",
+        info="the image built from docker/sagemaker/Dockerfile and pushed to ECR; empty: HOME/cloud.toml's",
+    ),
 )
 
 
@@ -102,6 +118,8 @@ class HostSettings:
     keep_epochs: bool = False
     concurrency: int = 1
     s3_prefix: str = ""
+    sagemaker_role_arn: str = ""
+    sagemaker_image_uri: str = ""
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> HostSettings:
@@ -119,6 +137,8 @@ class HostSettings:
             keep_epochs=_as_bool(get(KEEP_EPOCHS)),
             concurrency=_as_count(get(CONCURRENCY)),
             s3_prefix=str(get(S3_PREFIX)).strip(),
+            sagemaker_role_arn=str(get(SAGEMAKER_ROLE_ARN)).strip(),
+            sagemaker_image_uri=str(get(SAGEMAKER_IMAGE_URI)).strip(),
         )
 
 

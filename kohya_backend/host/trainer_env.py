@@ -1,15 +1,21 @@
 """The trainer's own virtual environment inside a WebUI: where it lives, whether it is ready, how it is built.
 
-Why a separate environment: the trainer needs transformers 5, diffusers 0.42, accelerate 1.x and huggingface_hub
-2.x, which need Python >= 3.11, while the WebUI pins older ones on Python 3.10 (AUTOMATIC1111 1.10: transformers
-4.30, accelerate 0.21). Installing them into the WebUI's venv would break it, and the WebUI would reinstall its
-pins at every start. So install.py builds `<extension>/.venv-trainer/env` from a Python 3.11/3.12 found on the
-machine, installs torch first (pinned, from the index matching the WebUI's CUDA/ROCm/CPU build), then
-requirements-trainer.txt, and the local runner starts `env/bin/python -m kohya_backend train` there. The WebUI
-process itself only needs light packages (see kohya_backend.host.install).
+Why a separate environment: the trainer needs transformers 5, diffusers 0.4x, accelerate 1.x and huggingface_hub
+1.x/2.x, while the WebUI pins older ones (AUTOMATIC1111 1.10: transformers 4.30, accelerate 0.21). Installing them
+into the WebUI's venv would break it, and the WebUI would reinstall its pins at every start. So install.py builds
+`<extension>/.venv-trainer/env` from a Python found on the machine, installs torch first (pinned, from the index
+matching the WebUI's CUDA/ROCm/CPU build), then the trainer's pins, and the local runner starts
+`env/bin/python -m kohya_backend train` there. The WebUI process itself only needs light packages (see
+kohya_backend.host.install).
 
-Layout of the container folder (ignored by git): env/ (the venv), state.json (ready? for which requirements?
-and the last --train-python interpreter found good), setup.log (pip's output), setup.lock (one setup at a time).
+Which Python: 3.11 or 3.12 when one is found (requirements-trainer.txt: the newest pins, the ones the dev
+environment tests), else 3.10, usually the WebUI's own (requirements-trainer-py310.txt: the same pins except
+transformers, diffusers and huggingface-hub, whose newest releases dropped 3.10). Either way it is a venv of its
+own, never the WebUI's.
+
+Layout of the container folder (ignored by git): env/ (the venv), state.json (ready? for which Python and
+requirements? and the last --train-python interpreter found good), setup.log (pip's output), setup.lock (one
+setup at a time).
 """
 
 from __future__ import annotations
@@ -33,8 +39,11 @@ TORCH_INDEX_ENV = "TRAIN_MANAGEMENT_TORCH_INDEX_URL"
 WEBUI_INDEX_ENV = "INDEX_URL"  # the WebUI's own mirror setting (launch.run_pip passes it as --index-url)
 CONTAINER_NAME = ".venv-trainer"
 PYTORCH_INDEX = "https://download.pytorch.org/whl"
-MIN_PYTHON = (3, 11)  # transformers 5 and diffusers 0.42 require it
+MIN_PYTHON = (3, 10)  # the last one transformers 5.20 and diffusers 0.41 support
+PREFERRED_PYTHON = (3, 11)  # transformers 5.24 and diffusers 0.42 (requirements-trainer.txt) require it
 MAX_PYTHON = (3, 12)  # numpy 1.26 (the tested pin) has no wheels for newer Pythons
+REQUIREMENTS = "requirements-trainer.txt"
+REQUIREMENTS_PY310 = "requirements-trainer-py310.txt"
 PIP_TIMEOUT_S = 30
 SETUP_DEADLINE_S = 45 * 60
 # CUDA builds assumed published for the pinned torch, by the CUDA major of the WebUI's torch. Only Windows needs
@@ -116,15 +125,26 @@ def requirement_name(line: str) -> str:
 
 @dataclass(frozen=True)
 class EnvSpec:
-    """What a ready trainer environment holds: torch (and where from), the other pins, the no-deps extras."""
+    """What a ready trainer environment holds: torch (and where from), the other pins, the no-deps extras.
+
+    `requirements` are the pins for Python 3.11/3.12; `py310` those for a Python 3.10 environment (empty: the
+    same as `requirements`).
+    """
 
     torch: TorchChoice
     requirements: tuple[str, ...]
     no_deps: tuple[str, ...]
+    py310: tuple[str, ...] = ()
 
-    def key(self) -> str:
-        """A digest of the spec: the environment is rebuilt (pip installs what changed) when it differs."""
-        data = json.dumps([self.torch.requirement, self.torch.index_url, self.requirements, self.no_deps])
+    def pins(self, python: tuple[int, int] | None = None) -> tuple[str, ...]:
+        """The pins (torch aside) for an environment of that Python version (None: 3.11/3.12)."""
+        if python is not None and python < PREFERRED_PYTHON and self.py310:
+            return self.py310
+        return self.requirements
+
+    def key(self, python: tuple[int, int] | None = None) -> str:
+        """A digest of what an environment of that Python holds: it is brought up to date when this differs."""
+        data = json.dumps([self.torch.requirement, self.torch.index_url, self.pins(python), self.no_deps])
         return hashlib.sha256(data.encode("utf-8")).hexdigest()[:16]
 
 
@@ -135,16 +155,26 @@ def env_spec(
     platform: str = sys.platform,
     environ: Mapping[str, str] | None = None,
 ) -> EnvSpec:
-    """The spec from requirements-trainer.txt (torch line first) and requirements-vocab.txt (no deps)."""
+    """The spec from requirements-trainer.txt and -py310.txt (same torch line) and requirements-vocab.txt."""
     base = root or extension_root()
     env = os.environ if environ is None else environ
-    lines = read_requirements(base / "requirements-trainer.txt")
+    torch_line, rest = _split_torch(base / REQUIREMENTS)
+    py310: tuple[str, ...] = ()
+    if (base / REQUIREMENTS_PY310).is_file():
+        torch_py310, py310 = _split_torch(base / REQUIREMENTS_PY310)
+        if torch_py310 != torch_line:
+            raise ValueError(f"{base / REQUIREMENTS_PY310} must pin the same torch as {REQUIREMENTS}")
+    choice = torch_choice(torch_line, webui_torch, platform, env.get(TORCH_INDEX_ENV) or None)
+    return EnvSpec(choice, rest, tuple(read_requirements(base / "requirements-vocab.txt")), py310)
+
+
+def _split_torch(path: Path) -> tuple[str, tuple[str, ...]]:
+    """A requirements file's torch line and its other lines; ValueError unless torch is pinned exactly once."""
+    lines = read_requirements(path)
     torch_lines = [line for line in lines if requirement_name(line) == "torch"]
     if len(torch_lines) != 1:
-        raise ValueError(f"{base / 'requirements-trainer.txt'} must pin torch exactly once")
-    rest = tuple(line for line in lines if requirement_name(line) != "torch")
-    choice = torch_choice(torch_lines[0], webui_torch, platform, env.get(TORCH_INDEX_ENV) or None)
-    return EnvSpec(choice, rest, tuple(read_requirements(base / "requirements-vocab.txt")))
+        raise ValueError(f"{path} must pin torch exactly once")
+    return torch_lines[0], tuple(line for line in lines if requirement_name(line) != "torch")
 
 
 # -- state ------------------------------------------------------------------------------------------------
@@ -167,12 +197,20 @@ def write_state(folder: Path, state: Mapping[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def state_python(state: Mapping[str, Any]) -> tuple[int, int] | None:
+    """The Python version state.json records for the environment (None: not recorded, i.e. 3.11/3.12)."""
+    value = state.get("python")
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return value[0], value[1]
+    return None
+
+
 def is_ready(folder: Path, spec: EnvSpec | None = None) -> bool:
     """True when the environment was built completely (for `spec`, when given) and its interpreter exists."""
     state = read_state(folder)
     if not state or state.get("ready") is not True or not venv_python(folder).exists():
         return False
-    return spec is None or state.get("key") == spec.key()
+    return spec is None or state.get("key") == spec.key(state_python(state))
 
 
 def trainer_python(
@@ -200,15 +238,16 @@ def trainer_python(
 def python_candidates(
     current: str, *, which: Callable[[str], str | None] = shutil.which, windows: bool = os.name == "nt"
 ) -> list[list[str]]:
-    """Interpreters that may create the venv, best first: the WebUI's own, then python3.11, python3.12, python3."""
+    """Interpreters that may create the venv: the WebUI's own, python3.11, python3.12, python3, python3.10, and on
+    Windows the py launcher's 3.11, 3.12 and 3.10 (pick_base_python prefers 3.11/3.12 among them)."""
     found: list[list[str]] = [[current]]
-    names = [f"python{v[0]}.{v[1]}" for v in ((3, 11), (3, 12))] + ["python3"]
+    names = [f"python{v[0]}.{v[1]}" for v in ((3, 11), (3, 12))] + ["python3", "python3.10"]
     for name in names:
         path = which(name)
         if path and [path] not in found:
             found.append([path])
     if windows and which("py"):
-        found += [["py", "-3.11"], ["py", "-3.12"]]
+        found += [["py", "-3.11"], ["py", "-3.12"], ["py", "-3.10"]]
     return found
 
 
@@ -234,20 +273,25 @@ def pick_base_python(
     candidates: Sequence[Sequence[str]],
     probe: Callable[[Sequence[str]], tuple[int, int] | None] = probe_version,
 ) -> tuple[list[str], tuple[int, int]] | None:
-    """The first candidate whose version is within MIN_PYTHON..MAX_PYTHON, with that version."""
+    """The first candidate with Python 3.11/3.12 or, when there is none, the first with 3.10; with its version."""
+    fallback = None
     for command in candidates:
         version = probe(command)
-        if version is not None and MIN_PYTHON <= version <= MAX_PYTHON:
+        if version is None or not MIN_PYTHON <= version <= MAX_PYTHON:
+            continue
+        if version >= PREFERRED_PYTHON:
             return list(command), version
-    return None
+        if fallback is None:
+            fallback = (list(command), version)
+    return fallback
 
 
 def no_python_message() -> str:
     """What to do when no suitable interpreter exists."""
-    low, high = ".".join(map(str, MIN_PYTHON)), ".".join(map(str, MAX_PYTHON))
+    low, good, high = (".".join(map(str, v)) for v in (MIN_PYTHON, PREFERRED_PYTHON, MAX_PYTHON))
     return (
         f"Train Management: the trainer needs Python {low}-{high} for its own environment and none was found "
-        f"(looked for the WebUI's interpreter, python{low}, python{high}, python3). Install Python {low} "
-        f"(Debian/Ubuntu: apt install python{low} python{low}-venv) and restart the WebUI, or pass "
+        f"(looked for the WebUI's interpreter, python{good}, python{high}, python3, python{low}). Install Python "
+        f"{good} (Debian/Ubuntu: apt install python{good} python{good}-venv) and restart the WebUI, or pass "
         f"--train-python /path/to/python of an environment with requirements-trainer.txt installed."
     )

@@ -85,8 +85,10 @@ def plan_steps(
     *,
     index_url: str | None = None,
     pip_timeout_s: int = PIP_TIMEOUT_S,
+    python: tuple[int, int] | None = None,
 ) -> list[Step]:
-    """The commands that bring `folder`/env to `spec`: create the venv (when `base` is given), torch, the rest.
+    """The commands that bring `folder`/env (of Python `python`) to `spec`: create the venv (when `base` is
+    given), torch, the rest.
 
     torch comes first from its own index (so nothing else pulls a different build), and is held at that build
     by a constraints file while the other pins install from the WebUI's index (INDEX_URL) or PyPI.
@@ -101,7 +103,7 @@ def plan_steps(
             Step("create the environment", [*base, "-m", "venv", "--clear", str(Path(folder) / "env")])
         )
     steps.append(Step(f"install {spec.torch.requirement}", [*pip, *torch_index, spec.torch.requirement]))
-    steps.append(Step("install the trainer's packages", [*pip, *mirror, *constraints, *spec.requirements]))
+    steps.append(Step("install the trainer's packages", [*pip, *mirror, *constraints, *spec.pins(python)]))
     if spec.no_deps:
         steps.append(Step("install CLIP's vocabulary", [*pip, *mirror, "--no-deps", *spec.no_deps]))
     return steps
@@ -173,9 +175,10 @@ def _failure(step: Step, output: str, folder: Path) -> SetupResult:
     return SetupResult(False, message, offline)
 
 
-def _needs_venv(folder: Path) -> bool:
+def _env_version(folder: Path) -> tuple[int, int] | None:
+    """The Python version of the existing venv when it is one the trainer can use, else None (make a new one)."""
     version = probe_version([str(venv_python(folder))]) if venv_python(folder).exists() else None
-    return version is None or not (MIN_PYTHON <= version <= MAX_PYTHON)
+    return version if version is not None and MIN_PYTHON <= version <= MAX_PYTHON else None
 
 
 def setup_env(
@@ -186,8 +189,13 @@ def setup_env(
     index_url: str | None = None,
     deadline_s: float = SETUP_DEADLINE_S,
     pip_timeout_s: int = PIP_TIMEOUT_S,
+    candidates: Sequence[Sequence[str]] | None = None,
 ) -> SetupResult:
-    """Bring the trainer's environment in `folder` to `spec` (quick when state.json says it already is)."""
+    """Bring the trainer's environment in `folder` to `spec` (quick when state.json says it already is).
+
+    A missing venv is made from the best of `candidates` (default: python_candidates(current_python)); an
+    existing one keeps its Python, and gets the pins for that version.
+    """
     if is_ready(folder, spec):
         return SetupResult(True, "")
     folder = Path(folder)
@@ -196,16 +204,21 @@ def setup_env(
         if not got:
             return SetupResult(False, f"Train Management: another process is setting up {folder}; skipped")
         base: list[str] | None = None
-        if _needs_venv(folder):
-            picked = pick_base_python(python_candidates(current_python))
+        version = _env_version(folder)
+        if version is None:
+            found = python_candidates(current_python) if candidates is None else candidates
+            picked = pick_base_python(found)
             if picked is None:
-                write_state(folder, {"ready": False, "error": "no Python 3.11/3.12 found", "at": time.time()})
+                write_state(folder, {"ready": False, "error": "no Python 3.10-3.12 found", "at": time.time()})
                 return SetupResult(False, no_python_message())
-            base = picked[0]
+            base, version = picked
         (folder / CONSTRAINTS_NAME).write_text(spec.torch.requirement + "\n", encoding="utf-8")
         deadline = time.monotonic() + deadline_s
         with open(folder / LOG_NAME, "a", encoding="utf-8") as log:
-            for step in plan_steps(folder, spec, base, index_url=index_url, pip_timeout_s=pip_timeout_s):
+            steps = plan_steps(
+                folder, spec, base, index_url=index_url, pip_timeout_s=pip_timeout_s, python=version
+            )
+            for step in steps:
                 ok, output = _run_step(step, log, folder / LOG_NAME, deadline)
                 if not ok:
                     result = _failure(step, output, folder)
@@ -213,10 +226,11 @@ def setup_env(
                     return result
         write_state(
             folder,
-            {"ready": True, "key": spec.key(), "torch": spec.torch.requirement, "torch_index": spec.torch.index_url,
-             "reason": spec.torch.reason, "at": time.time()},
+            {"ready": True, "key": spec.key(version), "python": list(version), "torch": spec.torch.requirement,
+             "torch_index": spec.torch.index_url, "reason": spec.torch.reason, "at": time.time()},
         )  # fmt: skip
-        return SetupResult(True, f"Train Management: the trainer's environment is ready in {folder / 'env'}")
+        where = f"{folder / 'env'} (Python {version[0]}.{version[1]})"
+        return SetupResult(True, f"Train Management: the trainer's environment is ready in {where}")
 
 
 def webui_torch_version() -> str | None:
@@ -233,11 +247,22 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--env", type=Path, default=None, help="container folder (default: .venv-trainer)")
     parser.add_argument("--webui-torch", default=None, help="torch version to match (default: this one's)")
+    parser.add_argument(
+        "--python",
+        default=None,
+        help="the interpreter (3.10-3.12) that creates the environment (default: the first 3.11/3.12 found, "
+        "else 3.10)",
+    )
     args = parser.parse_args(argv)
     folder = args.env or container(env)
     spec = env_spec(args.webui_torch or webui_torch_version(), environ=env)
     print(f"setting up {folder} ({spec.torch.reason}); pip's output goes to {folder / LOG_NAME}", flush=True)
-    result = setup_env(folder, spec, index_url=env.get(WEBUI_INDEX_ENV) or None)
+    result = setup_env(
+        folder,
+        spec,
+        index_url=env.get(WEBUI_INDEX_ENV) or None,
+        candidates=[[args.python]] if args.python else None,
+    )
     state = read_state(folder) or {}
     print(result.message or f"ready ({state.get('torch')})")
     return 0 if result.ok else 1

@@ -99,18 +99,40 @@ def activation_text(metadata: dict[str, str], *, top_tags: int = TOP_TAGS) -> st
 
 def sidecar(job: Job, metadata: dict[str, str], *, preferred_weight: float = 1.0) -> dict[str, Any]:
     """The WebUI's user-metadata sidecar (<name>.json) for a LoRA trained by `job`."""
-    version = _SD_VERSION.get(job.fm_type)
+    return lora_sidecar(
+        metadata,
+        fm_type=job.fm_type,
+        model=job.model,
+        dataset=job.dataset,
+        job_id=job.id,
+        config_toml=job.config_toml,
+        preferred_weight=preferred_weight,
+    )
+
+
+def lora_sidecar(
+    metadata: dict[str, str],
+    *,
+    fm_type: str,
+    model: str,
+    dataset: str,
+    job_id: str,
+    config_toml: str,
+    preferred_weight: float = 1.0,
+) -> dict[str, Any]:
+    """The sidecar from the job's fields (the SageMaker container, which has no Job, writes one too)."""
+    version = _SD_VERSION.get(fm_type)
     if version is None:
         version = "SDXL" if metadata.get("ss_base_model_version", "").startswith("sdxl") else "SD1"
     steps = metadata.get("ss_steps", "?")
     epochs = metadata.get("ss_epoch", "?")
     description = (
-        f"{version} LoRA trained on {Path(job.dataset).name or job.dataset} from {Path(job.model).name}: "
+        f"{version} LoRA trained on {Path(dataset).name or dataset} from {Path(model).name}: "
         f"{steps} steps, {epochs} epoch(s)"
     )
     notes = (
-        f"Trained by Train Management, job {job.id}.\n"
-        f"Base model: {job.model}\nDataset: {job.dataset}\n\nconfig_params:\n{job.config_toml}"
+        f"Trained by Train Management, job {job_id}.\n"
+        f"Base model: {model}\nDataset: {dataset}\n\nconfig_params:\n{config_toml}"
     )
     return {
         "description": description,

@@ -1,22 +1,30 @@
-"""The GPUs this machine can train on, found without importing torch.
+"""The devices this machine can train on (CUDA/ROCm GPUs, Apple's MPS, the CPU), found without importing torch.
 
 The host process (the WebUI or the standalone app) must stay light until a job runs, and the trainer may use
 another interpreter than the host, so GPUs are read from `nvidia-smi` (physical indices, names, memory) and
-filtered by CUDA_VISIBLE_DEVICES; torch is asked only when an NVIDIA driver is present without nvidia-smi.
-Device names are `cuda:N` with N the physical index, which the runner passes on as CUDA_VISIBLE_DEVICES=N.
+filtered by CUDA_VISIBLE_DEVICES; torch is asked only when a GPU driver is present without nvidia-smi (an NVIDIA
+driver without its tools, or AMD's ROCm, whose GPUs torch reports as CUDA devices). Device names are `cuda:N`
+with N the physical index, which the runner passes on as CUDA_VISIBLE_DEVICES=N (ROCm honours it too), `mps` on
+Apple silicon, and `cpu`.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import platform as platform_module
 import shutil
 import subprocess
+import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 _QUERY = ["--query-gpu=index,uuid,name,memory.total", "--format=csv,noheader,nounits"]
-_NVIDIA_DRIVER = Path("/proc/driver/nvidia/gpus")
+# Loaded GPU compute drivers (Linux): NVIDIA's kernel module, and AMD's ROCm compute device.
+_GPU_DRIVERS = (Path("/sys/module/nvidia"), Path("/dev/kfd"))
+MPS_DEVICE = "mps"
+CPU_DEVICE = "cpu"
 
 
 @dataclass(frozen=True)
@@ -89,10 +97,49 @@ def detect_gpus() -> tuple[Gpu, ...]:
     """The GPUs visible to this process (cached: GPUs do not come and go while it runs)."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
-        # Without a driver there is no CUDA GPU, and torch need not be imported to learn that.
-        return tuple(_from_torch()) if _NVIDIA_DRIVER.is_dir() else ()
+        # Without a driver there is no CUDA (or ROCm) GPU, and torch need not be imported to learn that.
+        return tuple(_from_torch()) if any(driver.exists() for driver in _GPU_DRIVERS) else ()
     try:
         out = subprocess.run([exe, *_QUERY], capture_output=True, text=True, timeout=15, check=True)
     except (OSError, subprocess.SubprocessError):
         return ()
     return tuple(visible(parse_nvidia_smi(out.stdout), os.environ.get("CUDA_VISIBLE_DEVICES")))
+
+
+def has_mps(platform: str | None = None, machine: str | None = None) -> bool:
+    """Whether this is Apple silicon under macOS, where torch trains on the GPU through MPS (the trainer's pinned
+    torch has no build for Intel Macs, so there MPS is all there is besides the CPU)."""
+    return (platform or sys.platform) == "darwin" and (machine or platform_module.machine()) == "arm64"
+
+
+def default_slots(gpus: Sequence[Gpu], *, mps: bool) -> dict[str, int]:
+    """One job slot per visible GPU ('cuda:0', ...), else one 'mps' slot on Apple silicon, else one 'cpu' slot."""
+    if gpus:
+        return {gpu.device: 1 for gpu in gpus}
+    return {MPS_DEVICE: 1} if mps else {CPU_DEVICE: 1}
+
+
+def local_label(devices: Iterable[str], gpus: Sequence[Gpu]) -> str:
+    """The Training Instance Type label of this machine: its GPUs, 'this Mac (MPS)', or 'this machine (CPU)'."""
+    names = set(devices)
+    found = [gpu.label for gpu in gpus if gpu.device in names]
+    if found:
+        return f"this machine ({', '.join(found)})"
+    if MPS_DEVICE in names:
+        return "this Mac (MPS)"
+    return "this machine (CPU)"
+
+
+def runs_fp16(devices: Iterable[str]) -> bool:
+    """Whether these devices train in fp16 mixed precision (CUDA and ROCm GPUs, Apple's MPS; not the CPU)."""
+    return any(d.startswith("cuda") or d == MPS_DEVICE for d in devices)
+
+
+def device_kind(device: str) -> str:
+    """'cuda', 'mps' or 'cpu' for a device name ('cuda:N', 'mps', 'cpu'); ValueError for anything else."""
+    if device in (CPU_DEVICE, MPS_DEVICE):
+        return device
+    kind, _, index = device.partition(":")
+    if kind == "cuda" and index.isdigit():
+        return kind
+    raise ValueError(f"unknown device {device!r}")

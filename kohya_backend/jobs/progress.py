@@ -152,6 +152,18 @@ def _s3_progress(kind: str, event: dict[str, Any], progress: dict[str, Any]) -> 
         progress["s3_outputs"] = event.get("uris")
 
 
+def _cloud_progress(event: dict[str, Any], summary: EventSummary) -> None:
+    """A cloud status: its fields under progress['cloud'], its phase shown; `state` training or saving moves the
+    job on like a first step or the final save would."""
+    summary.progress["cloud"] = {k: v for k, v in event.items() if k not in ("kind", "time", "t", "state")}
+    if event.get("phase"):
+        summary.progress["phase"] = event["phase"]
+    if event.get("state") in ("training", "saving"):
+        summary.stepped = True
+    if event.get("state") == "saving":
+        summary.final_saved = True
+
+
 def summarize(events: list[dict[str, Any]], warnings: list[str]) -> EventSummary:
     """Fold trainer events (oldest first) into progress fields; `warnings` are the job's earlier ones."""
     summary = EventSummary()
@@ -172,6 +184,8 @@ def summarize(events: list[dict[str, Any]], warnings: list[str]) -> EventSummary
             progress.update(phase="uploading", upload={k: event.get(k) for k in _UPLOAD_KEYS})
         elif kind in _S3_KINDS:  # S3 inputs downloaded before the trainer starts, its LoRA uploaded after it
             _s3_progress(kind, event, progress)
+        elif kind == "cloud":  # a cloud runner's view of its job (SageMaker: statuses, training job, billing)
+            _cloud_progress(event, summary)
         elif kind == "submitted":
             progress.update(phase="submitted", worker=event.get("worker"), remote_job=event.get("job"))
         elif kind == "caching":

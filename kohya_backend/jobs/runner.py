@@ -8,15 +8,13 @@ process works on the job so that a restarted host can find it again without ever
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -25,16 +23,16 @@ import psutil
 
 import kohya_backend
 from kohya_backend.errors import TrainManagementError
+from kohya_backend.jobs import processes
+from kohya_backend.jobs.devices import device_kind
 from kohya_backend.jobs.store import Job
+from kohya_backend.train.device import DEVICE_ENV
 
 EVENTS_NAME = "events.jsonl"
 RESULT_NAME = "result.json"
 LOG_NAME = "train.log"
 RUN_NAME = "run.json"
 FM_TYPES = ("sd_1_5", "sd_xl")
-# psutil derives create_time from boot time + start ticks (1/100 s); two readings of one process agree far
-# more closely than this, while a recycled pid would have to start within it to pass for the original.
-_CREATE_TIME_TOLERANCE_S = 0.5
 _OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
@@ -132,21 +130,20 @@ def trainer_env(device: str | None, base: dict[str, str] | None = None) -> dict[
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != package_root]
     env["PYTHONPATH"] = os.pathsep.join([package_root, *paths])
     if device is not None:
-        # Device indices are nvidia-smi's (PCI bus order); CUDA numbers GPUs fastest-first unless told otherwise.
-        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-        env["CUDA_VISIBLE_DEVICES"] = _visible_devices(device)
+        try:
+            kind = device_kind(device)
+        except ValueError:
+            raise TrainManagementError(
+                f"unknown device {device!r}",
+                "use 'cpu', 'mps' (Apple silicon) or 'cuda:N' with N the GPU's index, e.g. 'cuda:0'",
+            ) from None
+        env[DEVICE_ENV] = kind  # the trainer trains on this kind, or says why it cannot
+        if kind != "mps":
+            # Device indices are nvidia-smi's (PCI bus order); CUDA numbers GPUs fastest-first unless told
+            # otherwise. The CPU gets none, so torch cannot pick one up.
+            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+            env["CUDA_VISIBLE_DEVICES"] = device.partition(":")[2] if kind == "cuda" else ""
     return env
-
-
-def _visible_devices(device: str) -> str:
-    if device == "cpu":
-        return ""
-    kind, _, index = device.partition(":")
-    if kind != "cuda" or not index.isdigit():
-        raise TrainManagementError(
-            f"unknown device {device!r}", "use 'cpu' or 'cuda:N' with N the GPU's index, e.g. 'cuda:0'"
-        )
-    return index
 
 
 def write_json_atomic(path: Path, data: dict[str, Any], *, mode: int | None = None) -> None:
@@ -174,24 +171,11 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 def _process(handle: RunHandle) -> psutil.Process | None:
     """The live (or zombie) process of `handle`, or None when that very process no longer exists."""
-    try:
-        proc = psutil.Process(handle.pid)
-        if abs(proc.create_time() - handle.create_time) > _CREATE_TIME_TOLERANCE_S:
-            return None  # the pid was reused by another process
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return None
-    return proc
-
-
-def _is_zombie(proc: psutil.Process) -> bool:
-    try:
-        return bool(proc.status() == psutil.STATUS_ZOMBIE)
-    except psutil.NoSuchProcess:
-        return True
+    return processes.find(handle.pid, handle.create_time)
 
 
 class LocalRunner:
-    """Runs each job's trainer as a child process in its own process group on this machine (POSIX).
+    """Runs each job's trainer as a child process in its own process group on this machine (POSIX or Windows).
 
     `python` is the interpreter (plus any leading arguments) that runs `-m kohya_backend train`; the default is
     this process's interpreter. It is only a prefix: the command always runs kohya_backend's trainer.
@@ -200,18 +184,13 @@ class LocalRunner:
     name = "local"
 
     def __init__(self, python: Sequence[str] | None = None) -> None:
-        if os.name != "posix":
-            raise TrainManagementError(
-                "the local runner needs a POSIX system (Linux or macOS) to run and stop trainer processes",
-                "train on a remote worker from this machine, or run Train Management on Linux",
-            )
         self.python: tuple[str, ...] = tuple(python) if python else (sys.executable,)
         self._children: dict[tuple[int, float], subprocess.Popen[bytes]] = {}
         self._exit_codes: dict[tuple[int, float], int] = {}
         self._lock = threading.Lock()
 
     def start(self, job: Job, *, resume: bool, device: str | None = None) -> RunHandle:
-        """Launch `python -m kohya_backend train --job DIR` detached in a new session, output to DIR/train.log."""
+        """Launch `python -m kohya_backend train --job DIR` detached in its own group, output to DIR/train.log."""
         folder = job.folder
         command = trainer_command(self.python, job, resume=resume)
         env = trainer_env(device)
@@ -222,16 +201,7 @@ class LocalRunner:
             log.write(f"=== {stamp} start{' (resume)' if resume else ''}: {' '.join(command)}\n".encode())
             log.flush()
             try:
-                popen = subprocess.Popen(
-                    command,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    cwd=folder,
-                    env=env,
-                    start_new_session=True,
-                    close_fds=True,
-                )
+                popen = processes.spawn(command, cwd=folder, env=env, stdout=log)
             except OSError as exc:
                 raise TrainManagementError(
                     f"could not start the trainer for job {job.id} with {self.python[0]}: {exc.strerror or exc}",
@@ -241,8 +211,7 @@ class LocalRunner:
             handle = self._record(popen, job, command, resume=resume, device=device)
         except BaseException:
             # Untracked, it would train on unseen: a failed start leaves no trainer behind.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(popen.pid, signal.SIGKILL)
+            processes.kill_tree(popen.pid, popen.pid)
             popen.wait()
             raise
         with self._lock:
@@ -260,7 +229,7 @@ class LocalRunner:
     ) -> RunHandle:
         """Identify the new trainer and write DIR/run.json, which attach() reads after a restart."""
         # An exited but unreaped child still answers, so this cannot miss even a trainer that died at once.
-        create_time = psutil.Process(popen.pid).create_time()
+        create_time = processes.create_time(popen.pid)
         handle = RunHandle(job.id, self.name, popen.pid, popen.pid, create_time, device)
         info = {
             "runner": self.name,
@@ -292,31 +261,31 @@ class LocalRunner:
         proc = _process(handle)
         if proc is None:
             return RunStatus(False, None)
-        try:
-            pid, status = os.waitpid(handle.pid, os.WNOHANG)
-        except ChildProcessError:
+        reaped = processes.reap(handle.pid)
+        if reaped is None:
             # Not our child (we were restarted): its exit code goes to its new parent, result.json tells the rest.
-            return RunStatus(not _is_zombie(proc), None)
-        if pid == 0:
+            return RunStatus(not processes.is_zombie(proc), None)
+        alive, code = reaped
+        if alive or code is None:
             return RunStatus(True, None)
-        code = os.waitstatus_to_exitcode(status)
         with self._lock:
             self._exit_codes[handle.key] = code
         return RunStatus(False, code)
 
     def cancel(self, handle: RunHandle, *, grace_s: float) -> None:
-        """SIGTERM the trainer's process group now, SIGKILL it after `grace_s` s if that same process still runs."""
-        if self._signal(handle, signal.SIGTERM):
+        """Ask the trainer's group to stop now (SIGTERM; CTRL_BREAK on Windows); after `grace_s` s, if that same
+        process still runs, end its whole tree (SIGKILL to the group; terminating the tree on Windows)."""
+        if self._signal(handle, processes.request_stop):
             timer = threading.Timer(max(0.0, grace_s), self._escalate, args=(handle,))
             timer.daemon = True
             timer.start()
 
     def _escalate(self, handle: RunHandle) -> None:
         if self.poll(handle).alive:
-            self._signal(handle, signal.SIGKILL)
+            self._signal(handle, processes.kill_tree)
 
-    def _signal(self, handle: RunHandle, signum: signal.Signals) -> bool:
-        """Signal the group only while its leader is verifiably the trainer we started (never a recycled pid)."""
+    def _signal(self, handle: RunHandle, action: Callable[[int, int], bool]) -> bool:
+        """Act on the group only while its leader is verifiably the trainer we started (never a recycled pid)."""
         with self._lock:
             if handle.key in self._exit_codes:
                 return False
@@ -325,11 +294,7 @@ class LocalRunner:
             return False
         if popen is None and _process(handle) is None:
             return False
-        try:
-            os.killpg(handle.pgid, signum)
-        except ProcessLookupError:
-            return False
-        return True
+        return action(handle.pid, handle.pgid)
 
     def attach(self, job: Job) -> RunHandle | None:
         """The job's trainer if the process recorded in DIR/run.json still exists and is that very trainer."""
@@ -345,7 +310,7 @@ class LocalRunner:
         proc = _process(handle)
         if proc is None:
             return None
-        if not _is_zombie(proc) and not _runs_job(proc, job):
+        if not processes.is_zombie(proc) and not _runs_job(proc, job):
             return None  # a zombie has no command line left; its start time matched, which is enough
         return handle
 

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import tomlkit
 
@@ -40,7 +40,7 @@ from kohya_backend.jobs.store import CONFIG_NAME, Job
 from kohya_backend.storage.cache import link_file
 from kohya_backend.storage.settings import S3Access
 from kohya_backend.storage.sync import sync_prefix
-from kohya_backend.storage.uri import S3Uri, is_s3_uri, parse_s3_uri
+from kohya_backend.storage.uri import S3Uri, is_s3_uri, parse_s3_uri, safe_relative_key
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,14 @@ class EventWriter:
             handle.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
 
 
+class StageEvents(Protocol):
+    """Where stage_inputs reports: a job's EventWriter, or the `train` command's console."""
+
+    def progress(self, kind: str, *, force: bool = False, **fields: Any) -> None: ...
+
+    def note(self, text: str) -> None: ...
+
+
 @dataclass
 class StagedInputs:
     """What staging did: the config values with local paths, and bytes in all and actually downloaded."""
@@ -117,7 +125,7 @@ def stage_inputs(
     stage_dir: Path,
     access: S3Access,
     *,
-    events: EventWriter | None = None,
+    events: StageEvents | None = None,
     cancelled: Callable[[], bool] | None = None,
 ) -> StagedInputs:
     """Fetch every s3:// input of `values` into `stage_dir/<key>/` (through the cache) and return the values with
@@ -126,6 +134,11 @@ def stage_inputs(
     staged = StagedInputs(dict(values))
     if not inputs:
         return staged
+    names = {  # a file keeps its name, which must be one (not '..', nor a Windows path like '..\\x')
+        key: safe_relative_key(uri.name, what=f"the file name of {uri}")
+        for key, uri in inputs.items()
+        if key not in FOLDER_KEYS
+    }
     client, cache = access.client(), access.cache()
     files = {key: client.head(uri) for key, uri in inputs.items() if key not in FOLDER_KEYS}
     for key, uri in inputs.items():
@@ -138,7 +151,7 @@ def stage_inputs(
 
         if key in FOLDER_KEYS:
             dest = stage_dir / key
-            stats = sync_prefix(client, cache, uri, dest, progress=report, cancelled=cancelled)
+            stats = sync_prefix(client, cache, uri, dest, progress=report, cancelled=cancelled, delete=True)
             staged.total += stats.total
             staged.fetched += stats.transferred
             staged.by_key[key] = {"bytes": stats.total, "fetched": stats.transferred, "files": stats.files}
@@ -146,7 +159,7 @@ def stage_inputs(
         else:
             info = files[key]
             cached = cache.fetch(client, info, progress=report, cancelled=cancelled)
-            dest = stage_dir / key / (uri.name or "object")
+            dest = stage_dir / key / names[key]
             link_file(cached.path, dest)
             staged.total += info.size
             staged.fetched += cached.fetched

@@ -149,10 +149,10 @@ def config_with_output_name(config_toml: str, output_name: str) -> str:
 
 
 def default_devices() -> dict[str, int]:
-    """One slot per visible CUDA GPU ('cuda:0', ...), or one 'cpu' slot when there is none."""
-    from kohya_backend.jobs.devices import detect_gpus
+    """One slot per visible CUDA GPU ('cuda:0', ...), else one 'mps' slot on Apple silicon, else one 'cpu' slot."""
+    from kohya_backend.jobs.devices import default_slots, detect_gpus, has_mps
 
-    return {gpu.device: 1 for gpu in detect_gpus()} or {"cpu": 1}
+    return default_slots(detect_gpus(), mps=has_mps())
 
 
 # -- the scheduler ------------------------------------------------------------------------------------------

@@ -63,6 +63,20 @@ _DEFAULTS: dict[str, Any] = {
     "color_aug": False,
     "random_crop": False,
     "caption_dropout_rate": 0.0,
+    # noise and loss options of kohya's presets (train_network.py writes each one)
+    "multires_noise_iterations": None,
+    "multires_noise_discount": 0.3,
+    "adaptive_noise_scale": None,
+    "zero_terminal_snr": False,
+    "scale_weight_norms": None,
+    "ip_noise_gamma": None,
+    "noise_offset_random_strength": False,
+    "ip_noise_gamma_random_strength": False,
+    "loss_type": "l2",
+    "huber_schedule": "snr",
+    "huber_scale": 1.0,
+    "huber_c": 0.1,
+    "network_module": NETWORK_MODULE,
 }
 # config keys copied as str(value) into ss_<key>
 _PLAIN_KEYS = (
@@ -84,6 +98,19 @@ _PLAIN_KEYS = (
     "min_bucket_reso",
     "max_bucket_reso",
     "caption_dropout_rate",
+    "multires_noise_iterations",
+    "multires_noise_discount",
+    "adaptive_noise_scale",
+    "zero_terminal_snr",
+    "scale_weight_norms",
+    "ip_noise_gamma",
+    "noise_offset_random_strength",
+    "ip_noise_gamma_random_strength",
+    "loss_type",
+    "huber_schedule",
+    "huber_scale",
+    "huber_c",
+    "network_module",
 )
 # boolean config keys, written as "True"/"False" like sd-scripts' bool(...)
 _BOOL_KEYS = (
@@ -165,7 +192,7 @@ def _training_keys(config: Mapping[str, Any], num_epochs: int, num_batches_per_e
             "ss_max_train_steps": str(_max_train_steps(config, num_epochs, num_batches_per_epoch)),
             "ss_batch_size_per_device": str(batch),
             "ss_total_batch_size": str(batch * accum),
-            "ss_network_module": NETWORK_MODULE,
+            "ss_debiased_estimation": str(bool(config.get("debiased_estimation_loss"))),
             "ss_network_args": json.dumps(network_args_dict(config.get("network_args"))),
             "ss_v2": "False",
         }

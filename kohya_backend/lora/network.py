@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from kohya_backend.errors import ConfigError, ConfigIssue, ModelError
+from kohya_backend.lora.max_norm import MaxNormStats, scale_lora_norms
 from kohya_backend.models.arch import FAMILIES
 from kohya_backend.models.ldm_keys import unet_diffusers_to_ldm
 
@@ -361,6 +362,12 @@ class LoRANetwork(nn.Module):
             if params:
                 groups.append({"name": name, "params": params, "lr": lr})
         return groups
+
+    def apply_max_norm_regularization(self, max_norm: float) -> MaxNormStats:
+        """kohya's scale_weight_norms: scale down every LoRA whose update norm exceeds `max_norm` (in place)."""
+        return scale_lora_norms(
+            ((m.lora_down.weight, m.lora_up.weight, cast(Tensor, m.alpha)) for m in self.all_loras), max_norm
+        )
 
     def kohya_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
         """Detached copies of lora_down/lora_up/alpha under kohya's keys, cast to `dtype`, on their device."""

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from kohya_backend.jobs.remote import RemoteRunner
 from kohya_backend.jobs.s3_jobs import S3LocalRunner
+from kohya_backend.jobs.sagemaker import SageMakerRunner
 from kohya_backend.jobs.scheduler import Scheduler
 from kohya_backend.jobs.store import Job, JobStore
 from kohya_backend.service.api import API_PREFIX, create_router
@@ -39,13 +40,16 @@ def build_service(
     on_delivered: Callable[[Job, list[Path]], None] | None = None,
     before_local_start: Callable[[Job, str], None] | None = None,
     s3_uri: str | None = None,
+    sagemaker_role_arn: str | None = None,
+    sagemaker_image_uri: str | None = None,
 ) -> TrainingService:
     """A home folder, its job store and a scheduler with the local runner, wrapped in a TrainingService.
 
     A host (the WebUI adapter) passes its folders, the interpreter that runs the trainer (`python`, default this
     one), the devices with their jobs-at-once, and its hooks; see Scheduler for `on_delivered` and
     `before_local_start`. `s3_uri` is the S3 prefix whose models/ and datasets/ join the lists (default: the one
-    in HOME/cloud.toml, if any); s3:// inputs of local jobs are fetched through HOME/s3-cache.
+    in HOME/cloud.toml, if any); s3:// inputs of local jobs are fetched through HOME/s3-cache. SageMaker jobs run
+    with `sagemaker_role_arn` and `sagemaker_image_uri` (default: HOME/cloud.toml's [sagemaker]) under that prefix.
     """
     home = Home(home_dir, lora_dir=lora_dir, models_dirs=models_dirs)
     s3 = S3Assets.for_home(home, s3_uri)
@@ -53,9 +57,16 @@ def build_service(
     local = S3LocalRunner(
         python, access=s3.access, on_started=lambda job_id, run: store.set_process(job_id, run.pid, run.pgid)
     )
+    sagemaker = SageMakerRunner.for_home(
+        home.root,
+        prefix=lambda: s3.prefix,
+        s3=s3.access.client,
+        role_arn=sagemaker_role_arn,
+        image_uri=sagemaker_image_uri,
+    )
     scheduler = Scheduler(
         store,
-        [local, RemoteRunner.for_home(home.root)],
+        [local, RemoteRunner.for_home(home.root), sagemaker],
         lora_dir=home.lora,
         devices=devices,
         poll_interval_s=poll_interval_s,

@@ -28,6 +28,7 @@ from kohya_backend.data.scan import SUBSET_FOLDER, DatasetListing, check_caption
 from kohya_backend.errors import ConfigError, DatasetError, TrainManagementError
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import JobStore
+from kohya_backend.names import windows_name_problem
 from kohya_backend.service.home import DEFAULT_CAPTION_EXTENSION, Home, NotInHome
 from kohya_backend.service.tasks import Task, TaskRunner
 
@@ -83,6 +84,11 @@ def check_name(value: object, what: str) -> str:
         raise TrainManagementError(
             f"{what} {text!r} is not a safe folder name",
             "use letters, digits, spaces, '-', '_' and '.' (not first or last); no / \\ < > : \" | ? *",
+        )
+    problem = windows_name_problem(text)
+    if problem:
+        raise TrainManagementError(
+            f"{what} {text!r} is not a safe folder name: it {problem}", "choose another name"
         )
     return text
 

@@ -15,7 +15,7 @@ from kohya_backend.service.home import Home
 from kohya_backend.service.tasks import TaskRunner
 from kohya_backend.storage.catalog import DATASETS, MODELS, S3Catalog, read_safetensors_keys
 from kohya_backend.storage.settings import CloudSettings, S3Access, load_cloud_settings
-from kohya_backend.storage.uri import S3Uri, is_s3_uri, parse_s3_uri
+from kohya_backend.storage.uri import S3Uri, parse_s3_uri
 
 UPLOAD_KINDS = ("dataset", "model")
 
@@ -199,8 +199,3 @@ class S3Assets:
         if task.error is not None:
             out["error"] = {"message": task.error.message, "hint": task.error.hint}
         return out
-
-
-def s3_names(values: dict[str, Any]) -> list[str]:
-    """The config keys whose values are s3:// URIs."""
-    return [key for key, value in values.items() if is_s3_uri(value)]

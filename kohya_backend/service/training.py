@@ -16,8 +16,8 @@ from typing import Any
 from kohya_backend.config.parse import parse_config
 from kohya_backend.config.schema import SCHEMA
 from kohya_backend.errors import ConfigError, ConfigIssue, TrainManagementError
-from kohya_backend.jobs.devices import detect_gpus
-from kohya_backend.jobs.runner import EVENTS_NAME, LOG_NAME
+from kohya_backend.jobs.devices import detect_gpus, local_label, runs_fp16
+from kohya_backend.jobs.runner import EVENTS_NAME, LOG_NAME, PlacingRunner
 from kohya_backend.jobs.scheduler import Scheduler
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import Job, JobStore
@@ -175,15 +175,18 @@ class TrainingService:
         output_name = parsed.values.get("output_name") or f"{dataset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
         parsed.values["output_name"] = output_name
         on_s3 = [k for k, v in parsed.values.items() if is_s3_uri(v)] + (["output_dir"] if s3_output else [])
-        if on_s3 and sub.instance_type != "local":
+        reads_s3 = getattr(self.scheduler.runner_for(sub.instance_type), "reads_s3", False)
+        if on_s3 and sub.instance_type != "local" and (not reads_s3 or s3_output):
             raise TrainManagementError(
-                f"{', '.join(on_s3)} on S3 train on this machine only, not on {sub.instance_type!r}",
-                "choose Training Instance Type 'local', or download the files and name local ones",
+                f"{', '.join(on_s3)} on S3 train on this machine or on SageMaker, not on {sub.instance_type!r}",
+                "choose Training Instance Type 'local' or a SageMaker one (an s3:// output_dir: 'local' only), or "
+                "download the files and name local ones",
             )
         self._check_model(model, sub.fm_type)
         formatted = format_with_plan(
             parsed, sub.fm_type, cuda_available=self.instance_cuda(sub.instance_type)
         )
+        self._check_instance(sub.instance_type, sub.fm_type, formatted, parsed.positions)
         if formatted["dataset_error"]:
             from kohya_backend.errors import DatasetError
 
@@ -225,9 +228,34 @@ class TrainingService:
             )
         if model or dataset:
             parsed.values["output_dir"] = self.home.lora.as_posix()
-        return format_with_plan(
+        formatted = format_with_plan(
             parsed, fm_type, require_paths=False, cuda_available=self.instance_cuda(instance_type)
         )
+        self._check_instance(instance_type, fm_type, formatted, parsed.positions)
+        return formatted
+
+    def _check_instance(
+        self,
+        instance_type: str,
+        fm_type: str,
+        formatted: dict[str, Any],
+        positions: dict[str, tuple[int, int]],
+    ) -> None:
+        """The rules of the machine the job trains on (a SageMaker type: bf16 support, GPU memory): errors raise
+        ConfigError, warnings join the formatted config's."""
+        check = getattr(self.scheduler.runner_for(instance_type), "check_config", None)
+        if not callable(check):
+            return
+        import tomlkit
+
+        issues: list[ConfigIssue] = check(instance_type, fm_type, tomlkit.parse(formatted["toml"]).unwrap())
+        for issue in issues:
+            if issue.key in positions:
+                issue.line, issue.column = positions[issue.key]
+        errors = [i for i in issues if i.severity == "error"]
+        if errors:
+            raise ConfigError(errors)
+        formatted["warnings"].extend(i.to_dict() for i in issues)
 
     def instance_cuda(self, instance_type: str) -> bool:
         """Whether jobs of this instance type train on a CUDA GPU (fp16 needs one).
@@ -237,6 +265,9 @@ class TrainingService:
         """
         entries = self.instance_types()
         entry = next((e for e in entries if e["name"] == instance_type), None)
+        runner = self.scheduler.runner_for(instance_type)
+        if entry is None and isinstance(runner, PlacingRunner):
+            runner.check_instance_type(instance_type)  # says what is missing (a worker, SageMaker's settings)
         if entry is None:
             raise TrainManagementError(
                 f"instance type {instance_type!r} is not available here",
@@ -276,10 +307,7 @@ class TrainingService:
     def instance_types(self) -> list[dict[str, Any]]:
         """Where jobs can train: each runner with a label (the GPUs this machine found, or CPU) and its devices."""
         devices = self.scheduler.devices
-        label = "this machine (CPU)"
-        gpus = [gpu.label for gpu in detect_gpus() if gpu.device in devices]
-        if gpus:
-            label = f"this machine ({', '.join(gpus)})"
+        label = local_label(devices, detect_gpus())
         items: list[dict[str, Any]] = []
         for name, runner in sorted(self.scheduler.runners.items()):
             listed = getattr(runner, "instance_types", None)
@@ -291,7 +319,7 @@ class TrainingService:
                         "name": name,
                         "label": label if name == "local" else name,
                         "devices": sorted(devices),
-                        "cuda": any(d.startswith("cuda") for d in devices),
+                        "cuda": runs_fp16(devices),  # fp16 runs there (CUDA, ROCm or Apple's MPS)
                     }
                 )
         return items

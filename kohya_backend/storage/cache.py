@@ -6,7 +6,8 @@ copy. Every blob was verified when it arrived (size, plus the sha256 in the obje
 is); `ROOT/index.sqlite3` maps object versions to blobs and records when each blob was last used. The cache is
 capped in bytes: after each download the least recently used blobs go first (never those the caller still
 needs). Users of a cached file get a hard link (a copy where links are impossible), so evicting a blob never
-removes a file a job is reading. Downloads in progress live in `ROOT/partial/` and resume after a cut.
+removes a file a job is reading. Downloads in progress live in `ROOT/partial/` and resume after a cut; a lock file
+beside each keeps two processes from writing the same one.
 """
 
 from __future__ import annotations
@@ -106,8 +107,11 @@ class S3Cache:
         keep: Iterable[str] = (),
     ) -> Cached:
         """The object's blob: from the cache, else downloaded (resuming a cut download) and verified; then the
-        least recently used blobs beyond the cap are evicted, except those in `keep` (sha256s) and this one."""
-        with self._object_lock(info):
+        least recently used blobs beyond the cap are evicted, except those in `keep` (sha256s) and this one.
+        One thread of one process at a time downloads an object version (two `train` commands share the cache)."""
+        from kohya_backend.jobs.registry import file_lock
+
+        with self._object_lock(info), file_lock(self.partial / _object_id(info)):
             hit = self.lookup(info)
             if hit is not None:
                 if progress is not None:

@@ -96,13 +96,6 @@ def transfer_config(part_bytes: int = PART_BYTES, concurrency: int = CONCURRENCY
     )
 
 
-def boto3_available() -> bool:
-    """Whether boto3 can be imported here (the S3 features need it; everything else works without)."""
-    import importlib.util
-
-    return importlib.util.find_spec("boto3") is not None
-
-
 def _import_boto3() -> Any:
     try:
         import boto3
@@ -210,11 +203,6 @@ class S3Client:
         self.part_bytes = part_bytes
         self.concurrency = concurrency
         self.transfer = transfer_config(part_bytes, concurrency)
-
-    @property
-    def endpoint(self) -> str:
-        """The endpoint requests go to (AWS's, or AWS_ENDPOINT_URL's)."""
-        return str(self.client.meta.endpoint_url)
 
     # -- reading --------------------------------------------------------------------------------------------
 
@@ -361,9 +349,9 @@ class S3Client:
                 body = self.client.get_object(**args)["Body"]
                 for block in body.iter_chunks(_READ_BLOCK):
                     state.write(handle, block)
-            except DownloadCancelled:
-                raise
             except Exception as exc:
+                if exc is state.stopped:
+                    raise
                 error = describe_error(exc, info.uri, "downloading")
                 attempts += 1
                 if error.code == "PreconditionFailed":
@@ -449,15 +437,22 @@ class S3Client:
             return False
         sent = [0]
         lock = threading.Lock()
+        stopped: list[BaseException] = []  # what the caller's callbacks raised: theirs, not an AWS error
 
         def callback(count: int) -> None:
-            if cancelled is not None and cancelled():
-                raise DownloadCancelled(f"uploading {path} to {uri} was cancelled", None, code="Cancelled")
-            with lock:
-                sent[0] += count
-                done = sent[0]
-            if progress is not None:
-                progress(min(done, size), size)
+            try:
+                if cancelled is not None and cancelled():
+                    raise DownloadCancelled(
+                        f"uploading {path} to {uri} was cancelled", None, code="Cancelled"
+                    )
+                with lock:
+                    sent[0] += count
+                    done = sent[0]
+                if progress is not None:
+                    progress(min(done, size), size)
+            except BaseException as exc:
+                stopped.append(exc)
+                raise
 
         try:
             self.client.upload_file(
@@ -468,9 +463,9 @@ class S3Client:
                 Config=self.transfer,
                 Callback=callback,
             )
-        except DownloadCancelled:
-            raise
         except Exception as exc:
+            if stopped:
+                raise stopped[0] from None
             cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
             raise describe_error(cause, uri, "uploading to") from exc
         if progress is not None:
@@ -489,22 +484,27 @@ class _Fetch:
     progress: Progress | None
     cancelled: Callable[[], bool] | None
     fetched: int = 0
+    stopped: BaseException | None = None  # raised here or by the caller's callbacks: never retried
 
     def write(self, handle: Any, block: bytes) -> None:
-        if self.cancelled is not None and self.cancelled():
-            raise DownloadCancelled(
-                f"downloading {self.info.uri} was cancelled at {self.held} of {self.info.size} bytes",
-                "the bytes that arrived are kept; the next download continues from them",
-                code="Cancelled",
-            )
-        block = block[: max(0, self.info.size - self.held)]
-        handle.write(block)
-        self.sha.update(block)
-        self.md5.update(block)
-        self.held += len(block)
-        self.fetched += len(block)
-        if self.progress is not None:
-            self.progress(self.held, self.info.size)
+        try:
+            if self.cancelled is not None and self.cancelled():
+                raise DownloadCancelled(
+                    f"downloading {self.info.uri} was cancelled at {self.held} of {self.info.size} bytes",
+                    "the bytes that arrived are kept; the next download continues from them",
+                    code="Cancelled",
+                )
+            block = block[: max(0, self.info.size - self.held)]
+            handle.write(block)
+            self.sha.update(block)
+            self.md5.update(block)
+            self.held += len(block)
+            self.fetched += len(block)
+            if self.progress is not None:
+                self.progress(self.held, self.info.size)
+        except BaseException as exc:
+            self.stopped = exc
+            raise
 
 
 def _changed(info: ObjectInfo) -> StorageError:

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.storage.cache import DEFAULT_MAX_BYTES, S3Cache
@@ -20,6 +21,8 @@ from kohya_backend.storage.client import S3Client
 from kohya_backend.storage.uri import S3Uri, parse_s3_uri
 
 CLOUD_FILE = "cloud.toml"
+SECTION = "s3"
+KNOWN_KEYS = ("uri", "cache_max_gb")
 CACHE_DIR = "s3-cache"
 CACHE_ENV = "TRAIN_MANAGEMENT_S3_CACHE"
 
@@ -42,26 +45,45 @@ def default_cache_dir() -> Path:
     return base / "train-management" / CACHE_DIR
 
 
-def load_cloud_settings(home: Path, s3_uri: str | None = None) -> CloudSettings:
-    """The settings of a home: `s3_uri` (flag or WebUI setting) when given, else HOME/cloud.toml's [s3] uri."""
+def read_cloud_section(home: Path, section: str, known: tuple[str, ...]) -> dict[str, Any]:
+    """HOME/cloud.toml's `[section]` ({} without the file or the table); TrainManagementError naming the file for
+    unreadable TOML, a section that is not a table, or a key not in `known` (a typo must not pass unnoticed)."""
     import tomlkit
     from tomlkit.exceptions import ParseError
 
     path = Path(home) / CLOUD_FILE
-    table: dict[str, object] = {}
-    if path.is_file():
-        try:
-            table = dict(tomlkit.parse(path.read_text(encoding="utf-8")).unwrap().get("s3") or {})
-        except (ParseError, OSError, ValueError, TypeError) as exc:
-            raise TrainManagementError(
-                f"{path} cannot be read: {exc}", 'write it as [s3] uri = "s3://..."'
-            ) from exc
+    if not path.is_file():
+        return {}
+    try:
+        table = tomlkit.parse(path.read_text(encoding="utf-8")).unwrap().get(section) or {}
+    except (ParseError, OSError, ValueError, TypeError) as exc:
+        raise TrainManagementError(
+            f"{path} cannot be read: {exc}", f'write it as [{section}] {known[0]} = "..."'
+        ) from exc
+    if not isinstance(table, dict):
+        raise TrainManagementError(
+            f"{path}: [{section}] must be a table", f'write [{section}] {known[0]} = "..."'
+        )
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise TrainManagementError(
+            f"{path}: [{section}] has unknown key(s) {', '.join(unknown)}", f"known keys: {', '.join(known)}"
+        )
+    return dict(table)
+
+
+def load_cloud_settings(home: Path, s3_uri: str | None = None) -> CloudSettings:
+    """The settings of a home: `s3_uri` (flag or WebUI setting) when given, else HOME/cloud.toml's [s3] uri."""
+    path = Path(home) / CLOUD_FILE
+    table = read_cloud_section(home, SECTION, KNOWN_KEYS)
     chosen = (s3_uri or "").strip() or str(table.get("uri") or "").strip()
     prefix = parse_s3_uri(chosen, what=f"the S3 prefix ({'setting' if s3_uri else path})") if chosen else None
     max_gb = table.get("cache_max_gb")
-    if max_gb is not None and (not isinstance(max_gb, (int, float)) or max_gb <= 0):
+    if max_gb is not None and (
+        isinstance(max_gb, bool) or not isinstance(max_gb, (int, float)) or max_gb <= 0
+    ):
         raise TrainManagementError(
-            f"{path}: cache_max_gb must be a positive number", "e.g. cache_max_gb = 50"
+            f"{path}: [s3] cache_max_gb must be a positive number", "e.g. cache_max_gb = 50"
         )
     max_bytes = int(float(max_gb) * (1 << 30)) if max_gb is not None else DEFAULT_MAX_BYTES
     return CloudSettings(prefix, Path(home) / CACHE_DIR, max_bytes)

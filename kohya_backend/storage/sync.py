@@ -1,5 +1,7 @@
 """Folders to and from S3, file by file: a prefix synced into a local folder (through the cache, so only new or
 changed objects are downloaded), and a local folder uploaded under a prefix (files S3 already holds are skipped).
+Like `aws s3 sync`, a sync leaves the folder's other files alone unless told to delete them (`delete=True`, for
+folders the project owns, such as a job's staged dataset).
 
 Keys under a synced prefix are attacker-controlled: every one is checked with `safe_relative_key` before anything
 is written, and one key that could leave the destination ('..', absolute, backslashes) refuses the whole sync.
@@ -70,9 +72,11 @@ def sync_prefix(
     *,
     progress: Progress | None = None,
     cancelled: Callable[[], bool] | None = None,
+    delete: bool = False,
 ) -> SyncStats:
-    """Make `dest` hold exactly the files under the prefix `uri`: new or changed objects come through the cache
-    (downloaded once), unchanged ones stay, files no longer in the bucket are removed from `dest`."""
+    """Make `dest` hold the files under the prefix `uri`: new or changed objects come through the cache
+    (downloaded once), unchanged ones stay. With `delete`, `dest`'s other (not hidden) files are removed, so it
+    holds exactly the prefix: only for folders the project owns."""
     entries = prefix_entries(client, uri)
     if not entries:
         raise StorageError(
@@ -84,10 +88,8 @@ def sync_prefix(
     dest.mkdir(parents=True, exist_ok=True)
     stats = SyncStats(files=len(entries), total=sum(info.size for _, info in entries))
     done, keep = 0, set[str]()
-    wanted = set()
     for relative, info in entries:
         path = _inside(dest, relative)
-        wanted.add(path)
         base = done
 
         def step(now: int, _total: int, base: int = base) -> None:
@@ -103,22 +105,26 @@ def sync_prefix(
             link_file(cached.path, path)
         done += info.size
         step(info.size, stats.total)
-    stats.removed = _remove_others(dest, wanted)
+    if delete:
+        stats.removed = _remove_others(dest, {relative for relative, _ in entries})
     return stats
 
 
-def _remove_others(dest: Path, wanted: set[Path]) -> list[str]:
+def _remove_others(dest: Path, wanted: set[str]) -> list[str]:
+    """Remove the files under `dest` whose relative paths are not `wanted` (hidden ones stay), then empty folders.
+    A symlink is removed itself, never followed: nothing outside `dest` is touched."""
     removed: list[str] = []
     for folder, dirs, names in os.walk(dest, topdown=False):
-        for name in names:
-            path = Path(os.path.realpath(os.path.join(folder, name)))
-            if path not in wanted:
-                path.unlink()
-                removed.append(path.relative_to(os.path.realpath(dest)).as_posix())
+        here = Path(folder)
+        for name in names + [d for d in dirs if (here / d).is_symlink()]:
+            relative = (here / name).relative_to(dest).as_posix()
+            if relative not in wanted and not _hidden(relative):
+                (here / name).unlink()
+                removed.append(relative)
         for name in dirs:
-            with_path = Path(folder) / name
-            if not any(with_path.iterdir()):
-                with_path.rmdir()
+            path = here / name
+            if not path.is_symlink() and path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
     return removed
 
 

@@ -125,8 +125,11 @@ class EventLog:
                 self._print(self._console_text(event))
             self._notify(event)
 
-    def step(self, *, step: int, epoch: int, loss: float, lrs: list[float]) -> None:
-        """Record a finished optimizer step with average loss, it/s and ETA; print a progress line ~1/s."""
+    def step(
+        self, *, step: int, epoch: int, loss: float, lrs: list[float], extra: dict[str, float] | None = None
+    ) -> None:
+        """Record a finished optimizer step with average loss, it/s and ETA (and `extra` numbers such as kohya's
+        max-norm logs); print a progress line ~1/s."""
         now = time.monotonic()
         with self._lock:
             avg = self._average.add(epoch, float(loss))
@@ -143,6 +146,7 @@ class EventLog:
                 eta_s=eta,
                 total_steps=self.total_steps,
                 total_epochs=self.total_epochs,
+                **(extra or {}),
             )
             is_last = self.total_steps > 0 and step >= self.total_steps
             if is_last or now - self._last_console >= CONSOLE_INTERVAL_S:

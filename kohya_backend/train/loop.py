@@ -7,12 +7,14 @@ loop; the loop polls `stop` so a cancel can save state and leave cleanly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from kohya_backend.config.format import to_canonical_toml
+from kohya_backend.config.optimizers import is_schedule_free
 from kohya_backend.config.validate import TrainConfig
 from kohya_backend.data.batches import TrainItem, build_items, epoch_batches
 from kohya_backend.data.buckets import BucketAssigner
@@ -29,24 +32,32 @@ from kohya_backend.data.captions import build_caption
 from kohya_backend.data.plan import TrainingPlan
 from kohya_backend.data.scan import DatasetScan, scan_dataset
 from kohya_backend.errors import TrainingError
+from kohya_backend.lora.build import create_network
 from kohya_backend.lora.metadata import training_metadata
-from kohya_backend.lora.network import LoRANetwork
 from kohya_backend.lora.save import load_lora, save_lora
 from kohya_backend.models.frozen import route_frozen_layers
 from kohya_backend.models.hashing import BackgroundSha256, legacy_hash_file
 from kohya_backend.models.load import LoadedModel, load_checkpoint
 from kohya_backend.models.weight_plan import describe_weights, plan_weights
+from kohya_backend.train.device import detect_facts, device_label, optimizer_for_platform, plan_device
 from kohya_backend.train.events import EventLog
 from kohya_backend.train.families import Conditioning, ModelFamily, get_family, sdxl_time_ids
 from kohya_backend.train.inputs import LatentCache, TextCache, encode_latents, prepare_image
+from kohya_backend.train.losses import LossSettings
 from kohya_backend.train.noise import (
     diffusion_loss,
+    input_perturbation,
     make_noise_scheduler,
     sample_noise,
     sample_timesteps,
     training_target,
 )
 from kohya_backend.train.optim import create_lr_scheduler, create_optimizer, current_lrs
+from kohya_backend.train.optimizers_extra import (
+    ConstantForScheduleFree,
+    create_class_scheduler,
+    set_optimizer_mode,
+)
 from kohya_backend.train.plan import plan_for
 from kohya_backend.train.runtime import release_pages, tune_allocator
 from kohya_backend.train.sample import generate_samples, parse_sample_prompts
@@ -110,6 +121,7 @@ class Trainer:
         self.batches_done = 0
         self.saved: list[Path] = []
         self.losses: list[float] = []
+        self.max_norm_log: dict[str, float] | None = None  # kohya's max-norm numbers of the last step
         self._ids: dict[str, list[torch.Tensor]] = {}  # token ids per caption, per tokenizer
 
     # ----------------------------------------------------------------------------------------------- prepare
@@ -136,14 +148,14 @@ class Trainer:
 
     def _prepare_model(self, accelerator: Accelerator) -> None:
         cfg = self.cfg
-        weight_dtype = DTYPES[cfg["mixed_precision"]] if accelerator.device.type == "cuda" else torch.float32
+        weight_dtype = DTYPES[self.device_plan.weight_dtype]
         vae_dtype = torch.float32 if cfg.get("no_half_vae") or weight_dtype == torch.float32 else weight_dtype
         self.weight_dtype = weight_dtype
         self.events.emit("log", message=f"loading {cfg['pretrained_model_name_or_path']}")
         tok_dir = cfg.get("tokenizer_cache_dir")
         # CPU runs keep an fp16 file's frozen weights in fp16 (same results, half the memory), bf16 ones store them
         # in bf16 (models/weight_plan.py)
-        cpu_bf16 = accelerator.device.type == "cpu" and cfg["mixed_precision"] == "bf16"
+        cpu_bf16 = self.device_plan.kind == "cpu" and self.device_plan.mixed_precision == "bf16"
         plan = plan_weights(accelerator.device, torch.bfloat16 if cpu_bf16 else None)
         for warning in plan.warnings:
             self.events.emit("warning", message=warning)
@@ -164,19 +176,18 @@ class Trainer:
             module.requires_grad_(False)
             module.eval()
             if accelerator.device.type == "cpu":
-                # before the LoRA wraps them: no saved inputs, im2col for small maps
+                # before the LoRA wraps them: no saved inputs, no per-call weight copies (models/frozen.py)
                 route_frozen_layers(module)
-        args = self.config.network_args
         self.train_unet = not cfg.get("network_train_text_encoder_only")
         self.train_te = not cfg.get("network_train_unet_only") and float(self.config.text_encoder_lr or 0) > 0
-        self.network = LoRANetwork(
+        self.network = create_network(
+            str(cfg.get("network_module") or "networks.lora"),
             family=self.config.fm_type,
             unet=m.unet,
             text_encoders=m.text_encoders,
             network_dim=int(cfg["network_dim"]),
             network_alpha=float(cfg["network_alpha"]),
-            conv_dim=int(args["conv_dim"]) if "conv_dim" in args else None,
-            conv_alpha=float(args["conv_alpha"]) if "conv_alpha" in args else None,
+            network_args=self.config.network_args,
             dropout=cfg.get("network_dropout"),
             train_unet=self.train_unet,
             train_text_encoder=self.train_te,
@@ -239,24 +250,52 @@ class Trainer:
         groups = self.network.param_groups(
             unet_lr=float(self.config.unet_lr or 0), text_encoder_lr=float(self.config.text_encoder_lr or 0)
         )
+        optimizer_type, skipped = optimizer_for_platform(cfg["optimizer_type"])
+        if skipped:
+            self.events.emit("warning", message=skipped)
+        self.optimizer_type = optimizer_type
         self.optimizer = create_optimizer(
-            cfg["optimizer_type"],
+            self.optimizer_type,
             groups,
             lr=float(cfg["learning_rate"]),
             optimizer_args=self.config.optimizer_args,
         )
         total = self.plan.total_steps
-        self.lr_scheduler = create_lr_scheduler(
-            cfg["lr_scheduler"],
-            self.optimizer,
-            warmup_steps=self.config.lr_warmup_steps_for(total),
-            total_steps=total,
-            num_cycles=int(cfg.get("lr_scheduler_num_cycles") or 1),
-            power=float(cfg.get("lr_scheduler_power") or 1.0),
+        warmup = self.config.lr_warmup_steps_for(total)
+        scheduler_args = self.config.lr_scheduler_kwargs()
+        if is_schedule_free(self.optimizer_type):
+            self.lr_scheduler: Any = ConstantForScheduleFree(
+                self.optimizer
+            )  # they schedule themselves, as kohya
+        elif cfg.get("lr_scheduler_type"):
+            self.lr_scheduler = create_class_scheduler(
+                str(cfg["lr_scheduler_type"]), self.optimizer, scheduler_args, warmup_steps=warmup
+            )
+        else:
+            self.lr_scheduler = create_lr_scheduler(
+                cfg["lr_scheduler"],
+                self.optimizer,
+                warmup_steps=warmup,
+                total_steps=total,
+                num_cycles=int(cfg.get("lr_scheduler_num_cycles") or 1),
+                power=float(cfg.get("lr_scheduler_power") or 1.0),
+                scheduler_args=scheduler_args,
+            )
+        scheduler: Any = make_noise_scheduler(
+            self.prediction_type, zero_terminal_snr=bool(cfg.get("zero_terminal_snr"))
         )
-        scheduler: Any = make_noise_scheduler(self.prediction_type)
         self.noise_scheduler = scheduler
         scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(accelerator.device)
+        scheduler.all_snr = scheduler.all_snr.to(accelerator.device)
+        self.loss_settings = LossSettings(
+            loss_type=str(cfg.get("loss_type") or "l2"),
+            huber_schedule=str(cfg.get("huber_schedule") or "snr"),
+            huber_c=float(cfg.get("huber_c") or 0.1),
+            huber_scale=float(cfg.get("huber_scale") or 1.0),
+            scale_v_pred_loss_like_noise_pred=bool(cfg.get("scale_v_pred_loss_like_noise_pred")),
+            v_pred_like_loss=cfg.get("v_pred_like_loss"),
+            debiased_estimation_loss=bool(cfg.get("debiased_estimation_loss")),
+        )
 
     def _resume_path(self) -> Path | None:
         """The state folder `resume` names (a state-* folder, or a folder of them: the newest), or None."""
@@ -296,6 +335,7 @@ class Trainer:
             progress.epoch,
             progress.batches_done_in_epoch,
         )
+        set_optimizer_mode(self.optimizer, self.optimizer_type, train=True)  # a state is saved in eval mode
         self.events.emit("log", message=f"resumed from {path} at step {self.step}, epoch {self.epoch}")
 
     # ----------------------------------------------------------------------------------------------- inputs
@@ -383,7 +423,16 @@ class Trainer:
         device = accelerator.device
         latents = batch.latents.to(device, torch.float32)
         # drawn from the CPU generator (same numbers on any device) and placed on the device, no host copy of latents
-        noise = sample_noise(latents, generator=step_gen, noise_offset=cfg.get("noise_offset"))
+        discount = cfg.get("multires_noise_discount")
+        noise = sample_noise(
+            latents,
+            generator=step_gen,
+            noise_offset=cfg.get("noise_offset"),
+            noise_offset_random_strength=bool(cfg.get("noise_offset_random_strength")),
+            adaptive_noise_scale=cfg.get("adaptive_noise_scale"),
+            multires_iterations=cfg.get("multires_noise_iterations"),
+            multires_discount=0.3 if discount is None else float(discount),
+        )
         timesteps = sample_timesteps(
             latents.shape[0],
             generator=step_gen,
@@ -391,7 +440,14 @@ class Trainer:
             min_timestep=int(cfg.get("min_timestep") or 0),
             max_timestep=int(cfg.get("max_timestep") or 1000),
         ).to(device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        # input perturbation changes what the UNet sees, not its target (the noise drawn above)
+        perturbed = input_perturbation(
+            noise,
+            generator=step_gen,
+            gamma=cfg.get("ip_noise_gamma"),
+            random_strength=bool(cfg.get("ip_noise_gamma_random_strength")),
+        )
+        noisy = self.noise_scheduler.add_noise(latents, perturbed, timesteps)
         with accelerator.autocast():
             cond = self._conditioning(batch.captions, accelerator)
             kwargs = self.family.unet_kwargs(
@@ -413,6 +469,7 @@ class Trainer:
             min_snr_gamma=cfg.get("min_snr_gamma"),
             prediction_type=self.prediction_type,
             sample_weights=batch.weights.to(device),
+            settings=self.loss_settings,
         )
         value = float(loss.detach())  # syncs with the GPU once per step: needed for the NaN check and events
         if not math.isfinite(value):
@@ -430,6 +487,19 @@ class Trainer:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        max_key_norm = self.cfg.get("scale_weight_norms")
+        if max_key_norm:
+            self.max_norm_log = self.network.apply_max_norm_regularization(float(max_key_norm)).as_log()
+
+    @contextlib.contextmanager
+    def _eval_weights(self, *, back_to_train: bool = True) -> Iterator[None]:
+        """Saving and sampling see a schedule-free optimizer's averaged weights (its eval mode), as in kohya."""
+        set_optimizer_mode(self.optimizer, self.optimizer_type, train=False)
+        try:
+            yield
+        finally:
+            if back_to_train:
+                set_optimizer_mode(self.optimizer, self.optimizer_type, train=True)
 
     # ----------------------------------------------------------------------------------------------- saving
     def _metadata(self, *, final: bool) -> dict[str, str]:
@@ -537,13 +607,13 @@ class Trainer:
         cfg = self.cfg
         tune_allocator()
         self.grad_accum = int(cfg.get("gradient_accumulation_steps") or 1)
-        cpu_only = not torch.cuda.is_available()
-        mp = cfg["mixed_precision"] if not (cpu_only and cfg["mixed_precision"] == "fp16") else "no"
+        facts = detect_facts()
+        self.device_plan = plan = plan_device(cfg["mixed_precision"], facts)
         # accelerate keeps process-wide state; a run owns it, so clear what an earlier in-process run (a test, the
         # demo) set before asking for this run's precision.
         AcceleratorState._reset_state(reset_partial_state=True)
-        accelerator = Accelerator(mixed_precision=mp, cpu=cpu_only)
-        if not cpu_only:
+        accelerator = Accelerator(mixed_precision=plan.mixed_precision, cpu=plan.kind == "cpu")
+        if plan.kind == "cuda":
             torch.cuda.reset_peak_memory_stats()  # the done event's peak is this run's, not the process's
         self._resume_seed()
         random.seed(self.seed)
@@ -553,7 +623,10 @@ class Trainer:
             fm_type=self.config.fm_type,
             output_dir=str(self.output_dir),
             device=str(accelerator.device),
+            device_kind=device_label(plan, facts),
         )
+        for note in plan.notes:
+            self.events.emit("warning", message=note)
         self._prepare_data()
         # kohya's metadata needs the base model's sha256: hash it (or take it from the cache) while we load and train
         self._base_sha256 = BackgroundSha256(Path(cfg["pretrained_model_name_or_path"]))
@@ -597,6 +670,7 @@ class Trainer:
                 epoch=self.epoch,
                 loss=loss,
                 lrs=current_lrs(self.optimizer, self.lr_scheduler),
+                extra=self.max_norm_log,
             )
             self._step_checks(accelerator)
             if self.step >= total or self.stop.is_set():
@@ -607,25 +681,29 @@ class Trainer:
     def _step_checks(self, accelerator: Accelerator) -> None:
         every = self.cfg.get("save_every_n_steps")
         if every and self.step % int(every) == 0 and self.step < self.plan.total_steps:
-            self._save_lora(f"{self.output_name}-step{self.step:08d}", final=False)
-            if self.cfg.get("save_state"):
-                self._save_state()
+            with self._eval_weights():
+                self._save_lora(f"{self.output_name}-step{self.step:08d}", final=False)
+                if self.cfg.get("save_state"):
+                    self._save_state()
         every = self.cfg.get("sample_every_n_steps")
         if every and self._sampling_enabled() and self.step % int(every) == 0:
-            self._sample(accelerator)
+            with self._eval_weights():
+                self._sample(accelerator)
 
     def _end_of_epoch(self, accelerator: Accelerator) -> None:
         self.events.emit("epoch", epoch=self.epoch, step=self.step, avg_loss=self._avg_loss())
         done = self.step >= self.plan.total_steps
         every = self.config.save_every_n_epochs_for(self.plan.epochs)
         if every and self.epoch % int(every) == 0 and not done:
-            self._save_lora(f"{self.output_name}-{self.epoch:06d}", final=False)
-            self._rotate_epoch_files()
-            if self.cfg.get("save_state"):
-                self._save_state()
+            with self._eval_weights():
+                self._save_lora(f"{self.output_name}-{self.epoch:06d}", final=False)
+                self._rotate_epoch_files()
+                if self.cfg.get("save_state"):
+                    self._save_state()
         every = self.cfg.get("sample_every_n_epochs")
         if every and self._sampling_enabled() and self.epoch % int(every) == 0:
-            self._sample(accelerator)
+            with self._eval_weights():
+                self._sample(accelerator)
 
     def _avg_loss(self) -> float | None:
         return sum(self.losses[-50:]) / len(self.losses[-50:]) if self.losses else None
@@ -633,6 +711,9 @@ class Trainer:
     def _finish(self) -> TrainResult:
         stopped = self.stop.is_set() and self.step < self.plan.total_steps
         output = None
+        set_optimizer_mode(
+            self.optimizer, self.optimizer_type, train=False
+        )  # what is saved: the eval weights
         if stopped:
             if self.cfg.get("save_state"):
                 self._save_state()

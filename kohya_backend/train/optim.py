@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import difflib
-import functools
 import inspect
 import logging
 from collections.abc import Callable
@@ -13,6 +12,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
+from kohya_backend.config.optimizers import resolve_optimizer
 from kohya_backend.config.schema import LR_SCHEDULERS, OPTIMIZERS
 from kohya_backend.errors import ConfigError, ConfigIssue, OptimizerUnavailableError, TrainingError
 
@@ -70,10 +70,18 @@ def parse_kv_args(args: list[str] | dict[str, Any] | None, *, key: str = "optimi
 
 
 def canonical_optimizer_name(name: str) -> str:
-    """Return the canonical spelling of an optimizer name (kohya matches them case-insensitively)."""
+    """Return the canonical spelling of an optimizer name (kohya matches them case-insensitively); a class
+    (a torch.optim name or an allowed import path, as kohya accepts) is returned as given."""
     by_lower = {n.lower(): n for n in OPTIMIZER_NAMES}
     found = by_lower.get(name.strip().lower())
     if found is None:
+        ref, problem = resolve_optimizer(name)
+        if ref is not None:
+            return name.strip()
+        if "." in name:
+            raise _issue(
+                "optimizer_type", problem or f"unknown optimizer {name!r}", "e.g. pytorch_optimizer.CAME"
+            )
         close = difflib.get_close_matches(name, OPTIMIZER_NAMES, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
         raise _issue(
@@ -84,12 +92,20 @@ def canonical_optimizer_name(name: str) -> str:
 
 def _accepted_args(cls: Any) -> list[str]:
     params = inspect.signature(cls.__init__).parameters
-    return sorted(p for p in params if p not in ("self", "params", "lr"))
+    return sorted(
+        n for n, p in params.items() if n not in ("self", "params", "lr") and p.kind is not p.VAR_KEYWORD
+    )
 
 
-def _construct(cls: Any, name: str, groups: list[dict], kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+def construct_optimizer(
+    cls: Any, name: str, groups: list[dict], kwargs: dict[str, Any]
+) -> torch.optim.Optimizer:
+    """Build `cls` over param groups; an argument the class does not take names the ones it does."""
+    takes_any = any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values()
+    )
     unknown = [k for k in kwargs if k != "lr" and k not in _accepted_args(cls)]
-    if unknown:
+    if unknown and not takes_any:
         raise _issue(
             "optimizer_args",
             f"{name} does not take {', '.join(sorted(unknown))}",
@@ -106,24 +122,7 @@ def _construct(cls: Any, name: str, groups: list[dict], kwargs: dict[str, Any]) 
 
 
 def _adamw(groups: list[dict], lr: float, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
-    return _construct(torch.optim.AdamW, "AdamW", groups, {"lr": lr, **kwargs})
-
-
-@functools.lru_cache(maxsize=1)
-def _bnb_cpu_problem() -> str | None:
-    """Run one 8-bit AdamW step on a CPU tensor; return why it failed, or None when it works."""
-    import bitsandbytes as bnb
-
-    probe = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 4096))
-    probe.grad = torch.ones_like(probe)
-    before = probe.detach().clone()
-    try:
-        bnb.optim.AdamW8bit([probe], lr=1e-3).step()
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
-    if not torch.isfinite(probe).all() or torch.equal(probe.detach(), before):
-        return "its 8-bit step gave no valid update on CPU"
-    return None
+    return construct_optimizer(torch.optim.AdamW, "AdamW", groups, {"lr": lr, **kwargs})
 
 
 def _adamw8bit(groups: list[dict], lr: float, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
@@ -136,13 +135,15 @@ def _adamw8bit(groups: list[dict], lr: float, kwargs: dict[str, Any]) -> torch.o
         ) from exc
     on_cpu = any(p.device.type == "cpu" for g in groups for p in g["params"])
     if on_cpu:
-        problem = _bnb_cpu_problem()
+        from kohya_backend.train.optimizers_extra import bnb_cpu_problem
+
+        problem = bnb_cpu_problem("AdamW8bit")
         if problem is not None:
             raise OptimizerUnavailableError(
                 f"AdamW8bit cannot run on CPU with this bitsandbytes ({problem})",
                 'train on a CUDA GPU, or set optimizer_type = "AdamW"',
             )
-    return _construct(bnb.optim.AdamW8bit, "AdamW8bit", groups, {"lr": lr, **kwargs})
+    return construct_optimizer(bnb.optim.AdamW8bit, "AdamW8bit", groups, {"lr": lr, **kwargs})
 
 
 def _lion(groups: list[dict], lr: float, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
@@ -152,7 +153,7 @@ def _lion(groups: list[dict], lr: float, kwargs: dict[str, Any]) -> torch.optim.
         raise OptimizerUnavailableError(
             "Lion needs the lion-pytorch package", "pip install lion-pytorch"
         ) from exc
-    return _construct(Lion, "Lion", groups, {"lr": lr, **kwargs})
+    return construct_optimizer(Lion, "Lion", groups, {"lr": lr, **kwargs})
 
 
 def _prodigy(groups: list[dict], lr: float, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
@@ -164,12 +165,9 @@ def _prodigy(groups: list[dict], lr: float, kwargs: dict[str, Any]) -> torch.opt
         ) from exc
     lrs = {g.get("lr", lr) for g in groups} - {0.0}
     if len(lrs) > 1:
-        raise _issue(
-            "unet_lr",
-            f"Prodigy needs the same learning rate for every part, got {sorted(lrs)}",
-            "set unet_lr and text_encoder_lr to the same value (usually 1.0) or leave them unset",
-        )
-    return _construct(Prodigy, "Prodigy", groups, {"lr": lr, **kwargs})
+        # kohya warns and trains: Prodigy shares one step-size estimate d and scales it by each group's rate
+        logger.warning("Prodigy with different learning rates per part: %s", sorted(lrs))
+    return construct_optimizer(Prodigy, "Prodigy", groups, {"lr": lr, **kwargs})
 
 
 def _adafactor(groups: list[dict], lr: float, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
@@ -180,19 +178,19 @@ def _adafactor(groups: list[dict], lr: float, kwargs: dict[str, Any]) -> torch.o
         logger.info("Adafactor: relative_step set to True because warmup_init is True")
         kwargs["relative_step"] = True
     if not kwargs["relative_step"]:
-        return _construct(Adafactor, "Adafactor", groups, {"lr": lr, **kwargs})
+        return construct_optimizer(Adafactor, "Adafactor", groups, {"lr": lr, **kwargs})
     if any(g.pop("lr", None) is not None for g in groups):
         logger.warning(
             "Adafactor with relative_step=True computes its own step size: unet_lr/text_encoder_lr ignored"
         )
-    optimizer = _construct(Adafactor, "Adafactor", groups, {"lr": None, **kwargs})
+    optimizer = construct_optimizer(Adafactor, "Adafactor", groups, {"lr": None, **kwargs})
     optimizer.defaults[_ADAFACTOR_INITIAL_LR] = lr
     return optimizer
 
 
 def _sgd_nesterov(groups: list[dict], lr: float, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
     kwargs.setdefault("momentum", 0.9)
-    return _construct(torch.optim.SGD, "SGDNesterov", groups, {"lr": lr, "nesterov": True, **kwargs})
+    return construct_optimizer(torch.optim.SGD, "SGDNesterov", groups, {"lr": lr, "nesterov": True, **kwargs})
 
 
 _BUILDERS: dict[str, Callable[[list[dict], float, dict[str, Any]], torch.optim.Optimizer]] = {
@@ -222,7 +220,11 @@ def create_optimizer(
             "there are no trainable parameters to optimize",
             "train the UNet, the text encoder or both (network_train_unet_only / network_train_text_encoder_only)",
         )
-    return _BUILDERS[canonical](groups, lr, dict(optimizer_args))
+    if canonical in _BUILDERS:
+        return _BUILDERS[canonical](groups, lr, dict(optimizer_args))
+    from kohya_backend.train.optimizers_extra import create_extra_optimizer  # it builds on this module
+
+    return create_extra_optimizer(canonical, groups, lr, dict(optimizer_args))
 
 
 def _is_relative_step_adafactor(optimizer: Any) -> bool:

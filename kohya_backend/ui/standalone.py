@@ -120,6 +120,8 @@ def serve(
     token: str | None = None,
     demo: bool = False,
     s3_uri: str | None = None,
+    sagemaker_role_arn: str | None = None,
+    sagemaker_image_uri: str | None = None,
 ) -> None:
     """Serve the tab and the API until interrupted, with the scheduler thread; off loopback only with a token."""
     import uvicorn
@@ -130,7 +132,12 @@ def serve(
             f"refusing to serve on {host} without a token: anyone on the network could train and delete jobs",
             f"pass --token (or set {TOKEN_ENV}), or serve on 127.0.0.1",
         )
-    service = build_service(home_dir, s3_uri=s3_uri)
+    service = build_service(
+        home_dir,
+        s3_uri=s3_uri,
+        sagemaker_role_arn=sagemaker_role_arn,
+        sagemaker_image_uri=sagemaker_image_uri,
+    )
     if demo and prepare_demo_home(service.home):
         print(f"demo model and dataset written to {service.home.root}", flush=True)
     app = build_app(service, token=token, demo=demo)

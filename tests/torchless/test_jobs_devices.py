@@ -1,4 +1,4 @@
-"""GPU discovery without torch: nvidia-smi's CSV, CUDA_VISIBLE_DEVICES, and the CPU fallback."""
+"""Device discovery without torch: nvidia-smi's CSV, CUDA_VISIBLE_DEVICES, ROCm, Apple's MPS, the CPU fallback."""
 
 from __future__ import annotations
 
@@ -66,10 +66,61 @@ def test_detect_gpus_reads_nvidia_smi_and_the_visible_devices(
 
 def test_no_driver_means_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(devices, "_NVIDIA_DRIVER", tmp_path / "no-driver")
+    monkeypatch.setattr(devices, "_GPU_DRIVERS", (tmp_path / "no-nvidia", tmp_path / "no-kfd"))
+    monkeypatch.setattr(devices, "has_mps", lambda: False)
     detect_gpus.cache_clear()
     try:
         assert detect_gpus() == ()
         assert default_devices() == {"cpu": 1}
     finally:
         detect_gpus.cache_clear()
+
+
+def test_a_driver_without_nvidia_smi_asks_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ROCm (its /dev/kfd) or an NVIDIA module without its tools: torch, which reports either as CUDA, is asked."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    (tmp_path / "kfd").touch()
+    monkeypatch.setattr(devices, "_GPU_DRIVERS", (tmp_path / "no-nvidia", tmp_path / "kfd"))
+    rocm = [Gpu(0, "", "AMD Radeon PRO W7900", None)]
+    monkeypatch.setattr(devices, "_from_torch", lambda: rocm)
+    detect_gpus.cache_clear()
+    try:
+        assert detect_gpus() == tuple(rocm)
+        assert default_devices() == {"cuda:0": 1}
+    finally:
+        detect_gpus.cache_clear()
+
+
+def test_apple_silicon_trains_on_mps_and_is_labelled_this_mac(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert devices.has_mps("darwin", "arm64")
+    assert not devices.has_mps("darwin", "x86_64")  # an Intel Mac: the pinned torch has no build for it
+    assert not devices.has_mps("linux", "arm64") and not devices.has_mps("win32", "arm64")
+    gpus = parse_nvidia_smi(SMI)[:2]
+    assert devices.default_slots([], mps=True) == {"mps": 1}
+    assert devices.default_slots(gpus, mps=True) == {"cuda:0": 1, "cuda:1": 1}  # (an eGPU Mac is no more)
+    assert devices.default_slots([], mps=False) == {"cpu": 1}
+    assert devices.local_label({"mps": 1}, []) == "this Mac (MPS)"
+    assert devices.local_label({"cpu": 1}, []) == "this machine (CPU)"
+    assert devices.local_label(["cuda:1"], gpus) == "this machine (NVIDIA GeForce RTX 4090 (24 GB))"
+    assert (
+        devices.runs_fp16(["mps"]) and devices.runs_fp16(["cuda:0", "cpu"]) and not devices.runs_fp16(["cpu"])
+    )
+    assert [devices.device_kind(d) for d in ("cuda:3", "mps", "cpu")] == ["cuda", "mps", "cpu"]
+    for bad in ("cuda", "cuda:x", "mps:0", "tpu:0"):
+        with pytest.raises(ValueError, match="unknown device"):
+            devices.device_kind(bad)
+    monkeypatch.setattr(devices, "detect_gpus", lambda: ())
+    monkeypatch.setattr(devices, "has_mps", lambda: True)
+    assert default_devices() == {"mps": 1}
+
+
+def test_the_training_instance_type_of_a_mac_says_mps(tmp_path: Path) -> None:
+    from kohya_backend.service.app import build_service
+
+    service = build_service(tmp_path / "home", devices={"mps": 1})
+    try:
+        local = {e["name"]: e for e in service.instance_types()}["local"]
+        assert local["label"] == "this Mac (MPS)" and local["devices"] == ["mps"]
+        assert local["cuda"] is True and service.instance_cuda("local")  # fp16 may be asked for there
+    finally:
+        service.scheduler.stop()

@@ -65,13 +65,18 @@ def test_scripts_load_by_the_webui_rules_and_register_tab_and_settings(tmp_path:
             _block(ui.demo, "train_management_ds_generate").visible is True
         )  # the WebUI has an interrogator
         labels = {k: v for k, v in shared.opts.data_labels.items() if k.startswith("train_management_")}
-        assert len(labels) == 6 and labels["train_management_s3_prefix"].component.__name__ == "Textbox"
+        assert len(labels) == 8 and labels["train_management_s3_prefix"].component.__name__ == "Textbox"
         assert {v.section for v in labels.values()} == {("train_management", "Train Management")}
         assert {v.category_id for v in labels.values()} == {
             "training"
         } and "training" in options.categories.mapping
         kinds = {k: v.component.__name__ for k, v in labels.items()}
         assert kinds["train_management_concurrency"] == "Slider"
+        assert (
+            kinds["train_management_sagemaker_role_arn"]
+            == kinds["train_management_sagemaker_image_uri"]
+            == "Textbox"
+        )
         assert kinds["train_management_unload_model"] == "Checkbox"
         assert kinds["train_management_home"] == "Textbox"
         assert "Reload UI" in labels["train_management_home"].comment_after

@@ -229,3 +229,38 @@ def test_the_s3_prefix_setting_reaches_the_lists_and_clearing_it_falls_back_to_c
         assert str(service.s3.prefix) == "s3://from-file/p"
     finally:
         runtime.reset()
+
+
+def test_the_sagemaker_settings_reach_the_runner_and_clearing_them_falls_back_to_cloud_toml(
+    tmp_path: Path,
+) -> None:
+    from kohya_backend.jobs.sagemaker import SageMakerRunner
+
+    role = "arn:aws:iam::123456789012:role/FromSetting"
+    image = "123456789012.dkr.ecr.us-east-1.amazonaws.com/train-management:2"
+    read = HostSettings.from_values(
+        {"train_management_sagemaker_role_arn": f" {role} ", "train_management_sagemaker_image_uri": image}
+    )
+    assert (read.sagemaker_role_arn, read.sagemaker_image_uri) == (role, image)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "cloud.toml").write_text(
+        '[s3]\nuri = "s3://bkt/train"\n[sagemaker]\nrole_arn = "arn:aws:iam::123456789012:role/FromFile"\n'
+    )
+    runtime = HostRuntime()
+    try:
+        service = runtime.ensure(_config(tmp_path))
+        runner = service.scheduler.runners["sagemaker"]
+        assert isinstance(runner, SageMakerRunner) and not runner.settings.configured
+        assert [e["state"] for e in service.instance_types() if e["name"] == "sagemaker"] == ["error"]
+        assert (
+            runtime.ensure(_config(tmp_path, sagemaker_role_arn=role, sagemaker_image_uri=image)) is service
+        )
+        assert (runner.settings.role_arn, runner.settings.image_uri) == (role, image)
+        assert "sagemaker:ml.g5.2xlarge:spot" in [e["name"] for e in service.instance_types()]
+        runtime.ensure(_config(tmp_path))
+        assert runner.settings.role_arn.endswith("role/FromFile") and not runner.settings.image_uri
+        with pytest.raises(TrainManagementError, match="not an IAM role ARN"):
+            runtime.ensure(_config(tmp_path, sagemaker_role_arn="my-role"))
+    finally:
+        runtime.reset()

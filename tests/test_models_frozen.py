@@ -15,7 +15,7 @@ from kohya_backend.lora.network import LoRANetwork
 from kohya_backend.models import frozen
 from kohya_backend.models.frozen import (
     _BUFFERS,
-    _im2col,
+    _conv_path,
     _upcast,
     release_upcast_buffers,
     route_frozen_layers,
@@ -74,6 +74,9 @@ def test_kept_fp16_weights_train_exactly_like_upcast_ones(tmp_path: Path, tok_di
     to_q = next(m for name, m in kept.unet.named_modules() if name.endswith("attn1.to_q"))
     assert to_q.weight.dtype == torch.float16
 
+    for model in (kept, upcast):  # as the trainer does on the CPU: every frozen layer through the same kernels
+        for module in (model.unet, model.vae, *model.text_encoders):
+            route_frozen_layers(module)
     loss_kept, grads_kept = _lora_step(kept, family)
     loss_upcast, grads_upcast = _lora_step(upcast, family)
     assert torch.equal(loss_kept, loss_upcast)
@@ -275,39 +278,48 @@ def test_upcasts_share_one_reusable_buffer_per_thread() -> None:
     release_upcast_buffers()
 
 
-def test_only_fp32_convolutions_of_large_weights_on_small_maps_take_the_im2col_path() -> None:
+def _conv(cin: int, cout: int, kernel: int, groups: int = 1) -> torch.nn.Conv2d:
+    return torch.nn.Conv2d(cin, cout, kernel, padding=kernel // 2, groups=groups, device="meta")
+
+
+def test_only_fp32_convolutions_of_large_weights_on_small_maps_leave_onednns_convolution() -> None:
     small, large = torch.randn(1, 1280, 8, 8), torch.randn(1, 1280, 32, 32)
-    big3 = torch.empty(1280, 1280, 3, 3, device="meta")  # 59 MB in fp32: its oneDNN copy would be mmap-ed
-    mid3 = torch.empty(640, 640, 3, 3, device="meta")  # 15 MB: oneDNN is faster
-    big1 = torch.empty(4096, 4096, 1, 1, device="meta")
-    assert _im2col(small, big3, torch.float32)
-    assert not _im2col(large, big3, torch.float32)
-    assert not _im2col(small, mid3, torch.float32)
-    assert not _im2col(
-        small, big3, torch.bfloat16
-    )  # no fast bf16 kernel on that path: oneDNN's is 50-500x faster
-    assert not _im2col(small, big1, torch.float32)
-    assert not _im2col(small.to("meta"), big3, torch.float32)
+    big3 = _conv(1280, 1280, 3)  # 59 MB in fp32: oneDNN's per-call copy of it would be mmap-ed
+    mid3 = _conv(640, 640, 3)  # 15 MB: oneDNN's convolution is the faster one
+    big1 = _conv(4096, 4096, 1)
+    grouped = _conv(1280, 2560, 3, groups=2)
+    assert _conv_path(small, big3.weight, torch.float32, big3) == "unfold"
+    assert _conv_path(large, big3.weight, torch.float32, big3) == "onednn"
+    assert _conv_path(small, mid3.weight, torch.float32, mid3) == "onednn"
+    assert _conv_path(small, big3.weight, torch.bfloat16, big3) == "onednn"  # no fast bf16 kernel elsewhere
+    assert _conv_path(small, big1.weight, torch.float32, big1) == "onednn"
+    assert _conv_path(small, grouped.weight, torch.float32, grouped) == "onednn"
+    assert _conv_path(small.to("meta"), big3.weight, torch.float32, big3) == "onednn"
 
 
+@pytest.mark.parametrize("path", ["unfold", "im2col"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_the_im2col_path_computes_what_a_plain_convolution_does(
-    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+@pytest.mark.parametrize("stride", [1, 2])
+def test_small_map_paths_compute_what_a_plain_convolution_does(
+    monkeypatch: pytest.MonkeyPatch, path: str, dtype: torch.dtype, stride: int
 ) -> None:
-    monkeypatch.setattr(frozen, "MMAP_THRESHOLD", 0)  # every small-map convolution takes it
+    monkeypatch.setattr(frozen, "MMAP_THRESHOLD", 0)  # every small-map convolution leaves oneDNN's
+    if path == "im2col":  # what runs where oneDNN's matmul is missing
+        monkeypatch.setattr(frozen.cpu_kernels, "onednn_matmul", lambda x: False)
     gen = torch.Generator().manual_seed(0)
-    plain = torch.nn.Conv2d(32, 48, 3, padding=1).requires_grad_(False)
-    routed = torch.nn.Conv2d(32, 48, 3, padding=1).requires_grad_(False)
+    plain = torch.nn.Conv2d(32, 48, 3, padding=1, stride=stride).requires_grad_(False)
+    routed = torch.nn.Conv2d(32, 48, 3, padding=1, stride=stride).requires_grad_(False)
     routed.weight.data = plain.weight.data.to(dtype)
     routed.bias.data = plain.bias.data.clone()
     assert route_frozen_layers(routed) == 1
-    x = torch.randn(2, 32, 8, 8, generator=gen)
-    assert frozen._im2col(x, routed.weight, torch.float32)
+    x = torch.randn(2, 32, 9, 9, generator=gen)
+    assert frozen._conv_path(x, routed.weight, torch.float32, routed) == path
     x_plain, x_routed = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    grad = torch.randn(2, 48, 8, 8, generator=gen)
-    reference = torch.nn.functional.conv2d(x_plain, plain.weight.to(dtype).float(), plain.bias, 1, 1)
+    reference = torch.nn.functional.conv2d(x_plain, plain.weight.to(dtype).float(), plain.bias, stride, 1)
     out = routed(x_routed)
-    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(reference.shape, generator=gen)
     reference.backward(grad)
     out.backward(grad)
-    torch.testing.assert_close(x_routed.grad, x_plain.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x_routed.grad, x_plain.grad, rtol=1e-5, atol=1e-5)

@@ -10,9 +10,10 @@ here, a layer
   for the weights over glibc's 32 MiB mmap threshold (SD's 1280-channel convolutions and feed-forwards), which
   made an fp16 file's steps 40% slower than an fp32 file's (1.06x with the buffer);
 - computes in autocast's dtype when autocast is on (CPU bf16), so weights stored in bf16 are used as they are;
-- on the CPU, convolves 16x16 and smaller maps with weights over 32 MiB by PyTorch's im2col path: oneDNN
-  re-lays out the weight on every call into a fresh block that glibc mmaps, which there costs more than the
-  convolution itself (_im2col says when).
+- on the CPU in fp32, multiplies through oneDNN's matmul rather than MKL's sgemm (twice as fast on AMD CPUs), and
+  convolves 16x16 and smaller maps with weights over 32 MiB as unfold + that matmul: oneDNN's convolution re-lays
+  out the weight on every call into a fresh block that glibc mmaps, which there costs more than the convolution
+  itself (models/cpu_kernels.py; _conv_path says when).
 
 Hand-written: diffusers' layerwise casting is built for inference (autograd keeps every upcast weight alive for
 the backward pass) and neither diffusers nor transformers drops the saved inputs of frozen layers.
@@ -31,28 +32,34 @@ from torch.nn import functional as F
 from torch.nn.grad import conv2d_input
 
 from kohya_backend.errors import ModelError
+from kohya_backend.models import cpu_kernels
 
 _LOWER = (torch.float16, torch.bfloat16)
-SMALL_MAP = 16  # side at or below which CPU convolutions of large weights take the im2col path
+SMALL_MAP = 16  # side at or below which CPU convolutions of large weights leave oneDNN's convolution
 MMAP_THRESHOLD = 32 * 2**20  # glibc's largest mmap threshold (train/runtime.tune_allocator sets it)
 
 
-def _im2col(x: Tensor, weight: Tensor, dtype: torch.dtype) -> bool:
-    """Whether a convolution takes PyTorch's im2col path instead of oneDNN's.
+def _conv_path(x: Tensor, weight: Tensor, dtype: torch.dtype, conv: nn.Conv2d) -> str:
+    """How a frozen convolution runs: "onednn" (F.conv2d), "unfold" (unfold + oneDNN's matmul) or "im2col".
 
-    Only in fp32 on the CPU, for a kernel wider than 1x1 on a map of 16x16 or smaller whose weight, in fp32, reaches
-    glibc's 32 MiB mmap threshold (SD's 1280-channel 3x3 convolutions): oneDNN re-lays the weight out into a fresh
-    block on every call, which is then mmap-ed, page-faulted in and zeroed anew (a 1280-channel convolution on an
-    8x8 map runs at 40% of its speed that way), while im2col needs no copy of the weight. Everywhere else oneDNN
-    is 1.2-2x faster; in bf16 the im2col path has no fast kernel at all (50-500x slower).
+    oneDNN's convolution re-lays its weight out into a fresh block on every call; for a weight whose fp32 copy
+    reaches glibc's 32 MiB mmap threshold (SD's 1280-channel 3x3 convolutions) that block is mmap-ed, page-faulted
+    in and zeroed anew each time, which on a map of 16x16 or smaller costs more than the convolution (a
+    1280-channel one on an 8x8 map runs at 40% of its speed). Those take unfold + oneDNN's matmul instead, which
+    uses the weight as it is (models/cpu_kernels.py; PyTorch's own im2col path, with MKL's slower sgemm, when that
+    matmul is missing). Only in fp32 on the CPU: oneDNN's bf16 convolution is the fast one, and the im2col path has
+    no bf16 kernel at all (50-500x slower).
     """
-    return (
+    if not (
         x.device.type == "cpu"
         and dtype == torch.float32
+        and conv.groups == 1
         and tuple(weight.shape[-2:]) != (1, 1)
         and min(x.shape[-2:]) <= SMALL_MAP
         and weight.numel() * 4 >= MMAP_THRESHOLD
-    )
+    ):
+        return "onednn"
+    return "unfold" if cpu_kernels.onednn_matmul(x.to(dtype)) else "im2col"
 
 
 class _Buffers(threading.local):
@@ -115,14 +122,15 @@ class _FrozenLinear(torch.autograd.Function):
         ctx.save_for_backward(weight)
         ctx.x_dtype = x.dtype
         dtype = _compute_dtype(x)
-        return F.linear(x.to(dtype), _upcast(weight, dtype), None if bias is None else bias.to(dtype))
+        b = None if bias is None else bias.to(dtype)
+        return cpu_kernels.linear(x.to(dtype), _upcast(weight, dtype), b)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
         if not ctx.needs_input_grad[0]:
             return None, None, None
         (weight,) = ctx.saved_tensors
-        return grad.matmul(_upcast(weight, grad.dtype)).to(ctx.x_dtype), None, None
+        return cpu_kernels.linear_input_grad(grad, _upcast(weight, grad.dtype)).to(ctx.x_dtype), None, None
 
 
 class _FrozenConv2d(torch.autograd.Function):
@@ -132,37 +140,28 @@ class _FrozenConv2d(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, conv: nn.Conv2d) -> Tensor:
         ctx.save_for_backward(weight)
         dtype = _compute_dtype(x)
-        ctx.x_meta = (x.shape, x.dtype, _im2col(x, weight, dtype))
+        path = _conv_path(x, weight, dtype, conv)
+        ctx.x_meta = (x.shape, x.dtype, path)
         ctx.conv = conv
         b = None if bias is None else bias.to(dtype)
-        with _without_onednn(ctx.x_meta[2]):
-            return F.conv2d(
-                x.to(dtype),
-                _upcast(weight, dtype),
-                b,
-                conv.stride,
-                conv.padding,
-                conv.dilation,
-                conv.groups,  # type: ignore[arg-type]
-            )
+        x, w = x.to(dtype), _upcast(weight, dtype)
+        if path == "unfold":
+            return cpu_kernels.unfold_conv2d(x, w, b, conv)
+        with _without_onednn(path == "im2col"):
+            return F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)  # type: ignore[arg-type]
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         (weight,) = ctx.saved_tensors
-        shape, dtype, im2col = ctx.x_meta
+        shape, dtype, path = ctx.x_meta
         conv = ctx.conv
-        with _without_onednn(im2col):
-            grad_x = conv2d_input(
-                shape,
-                _upcast(weight, grad.dtype),
-                grad,
-                conv.stride,
-                conv.padding,
-                conv.dilation,
-                conv.groups,
-            )
+        w = _upcast(weight, grad.dtype)
+        if path == "unfold":
+            return cpu_kernels.unfold_conv2d_input_grad(shape, w, grad, conv).to(dtype), None, None, None
+        with _without_onednn(path == "im2col"):
+            grad_x = conv2d_input(shape, w, grad, conv.stride, conv.padding, conv.dilation, conv.groups)
         return grad_x.to(dtype), None, None, None
 
 

@@ -22,7 +22,7 @@ print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transform
 status=0
 python3 -m pytest -q -m gpu tests/test_train_gpu.py -p no:cacheprovider 2>&1 | tee "$out/pytest-gpu.txt" || status=1
 for setting in ${GPU_CHECK_SETTINGS:-full sdxl}; do
-  python3 bench/train_bench.py --setting "$setting" --cache /tmp/bench-cache 2>"$out/bench-$setting.err" \
+  python3 bench/train_bench.py --setting "$setting" --file-dtype fp16 --cache /tmp/bench-cache 2>"$out/bench-$setting.err" \
     | tee "$out/bench-$setting.json" || { status=1; tail -20 "$out/bench-$setting.err"; }
 done
 exit $status

@@ -21,6 +21,8 @@ from kohya_backend.cli_workers import add_worker_parsers
 from kohya_backend.errors import ConfigError, TrainManagementError
 from kohya_backend.service.home import DEFAULT_HOME
 
+CONSOLE_SCRIPT = "train-management"  # pyproject.toml's [project.scripts] name for main()
+
 
 def _read_source(path: str) -> str:
     if path == "-":
@@ -138,7 +140,8 @@ def run_training(
         config = validate_config(parsed, fm_type)
         for warning in config.warnings:
             events.emit("warning", message=warning.render())
-        result = train(config, events=events, stop=_install_stop_handler())
+        stop = _install_stop_handler()
+        result = train(config, events=events, stop=stop, state_each_epoch=job_dir is not None)
     except TrainManagementError as exc:
         events.emit("error", message=exc.message, hint=exc.hint)
         outcome["error"] = {"message": str(exc), "hint": exc.hint}
@@ -239,16 +242,35 @@ def _print_job_line(job: dict[str, Any]) -> None:
     )
 
 
+def _positive_minutes(text: str) -> float:
+    """An argparse type: a number of minutes above 0."""
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = 0.0
+    if not minutes > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of minutes above 0")
+    return minutes
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from kohya_backend.ui.standalone import serve
+    from kohya_backend.ui.standalone import serve, serve_policy
 
     _lean_process("")  # the server never trains itself; its demo writer needs no bitsandbytes
+    policy = serve_policy(
+        args.host,
+        allowed_hosts=tuple(args.allowed_hosts or ()),
+        cors_allow_origins=tuple(args.cors_allow_origins or ()),
+        cors_allow_origins_regex=args.cors_allow_origins_regex,
+    )
     serve(
         Path(args.home),
         host=args.host,
         port=args.port,
         token=args.token,
         demo=args.demo,
+        policy=policy,
+        stall_after_s=args.stall_minutes * 60,
         s3_uri=args.s3_uri,
         sagemaker_role_arn=args.sagemaker_role_arn,
         sagemaker_image_uri=args.sagemaker_image_uri,
@@ -488,7 +510,9 @@ def _add_datasets_parser(sub: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `python -m kohya_backend`."""
-    parser = argparse.ArgumentParser(prog="python -m kohya_backend", description=__doc__)
+    command = Path(sys.argv[0]).name
+    prog = command if command == CONSOLE_SCRIPT else "python -m kohya_backend"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     cfg = sub.add_parser("config", help="check, format and document config_params").add_subparsers(
@@ -543,6 +567,28 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--sagemaker-image-uri",
         help="the training image in ECR (docker/sagemaker/Dockerfile; default: HOME/cloud.toml [sagemaker] image_uri)",
+    )
+    srv.add_argument(
+        "--allowed-hosts",
+        action="append",
+        metavar="NAMES",
+        help="more host names the server answers to (comma-separated; e.g. a reverse proxy's; '*' for any)",
+    )
+    srv.add_argument(
+        "--cors-allow-origins",
+        action="append",
+        metavar="ORIGINS",
+        help="other websites (scheme://host[:port], comma-separated) allowed to use the API from a browser",
+    )
+    srv.add_argument(
+        "--cors-allow-origins-regex", metavar="REGEX", help="allowed other websites as a regular expression"
+    )
+    srv.add_argument(
+        "--stall-minutes",
+        type=_positive_minutes,
+        default=15.0,
+        metavar="N",
+        help="show a training as stalled after N minutes without progress (loading and caching aside; default 15)",
     )
     srv.set_defaults(func=_cmd_serve)
     _add_jobs_parser(sub)

@@ -132,7 +132,6 @@ def _cmd_upload(args: argparse.Namespace) -> int:
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    from kohya_backend.storage.cache import link_file
     from kohya_backend.storage.sync import sync_prefix
     from kohya_backend.storage.uri import parse_s3_uri
 
@@ -145,8 +144,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
         return 0
     info = client.head(uri)
     target = dest / uri.name if dest.is_dir() else dest
-    cached = cache.fetch(client, info, progress=ConsoleProgress("downloading", uri.name))
-    link_file(cached.path, target)
+    cached = cache.fetch(client, info, target, progress=ConsoleProgress("downloading", uri.name))
     print(f"{target} ({cached.fetched} of {info.size} bytes downloaded)")
     return 0
 

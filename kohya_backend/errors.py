@@ -13,11 +13,14 @@ class TrainManagementError(Exception):
     """
 
     http_status = 400
+    web_hint: str | None = None  # the fix as done in the tab, when it differs from `hint` (the CLI's way)
 
-    def __init__(self, message: str, hint: str | None = None) -> None:
+    def __init__(self, message: str, hint: str | None = None, *, web_hint: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+        if web_hint is not None:
+            self.web_hint = web_hint
 
     def __str__(self) -> str:
         return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message

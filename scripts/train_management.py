@@ -23,11 +23,6 @@ import kohya_backend  # noqa: F401
 log = logging.getLogger("train_management")
 
 TITLE = "Train Management"
-TRAINER_HINT = (
-    "restart the WebUI with network access so that the extension's install.py sets up the trainer's "
-    "environment (see .venv-trainer/setup.log), or pass --train-python with an interpreter that has "
-    "requirements-trainer.txt installed"
-)
 
 
 def _cmd(name):
@@ -108,18 +103,21 @@ def _service():
         gpus=detected_gpus(),
         per_device=settings.concurrency,
         keep_epochs=settings.keep_epochs,
+        stall_after_s=settings.stall_minutes * 60.0,
         s3_prefix=settings.s3_prefix,
         sagemaker_role_arn=settings.sagemaker_role_arn,
         sagemaker_image_uri=settings.sagemaker_image_uri,
     )
+    hint = hooks.trainer_hint(bool(_cmd("skip_install")))
     before_start = hooks.chain(
-        hooks.use_trainer(_trainer_python, RUNTIME.set_python, TRAINER_HINT),
+        hooks.use_trainer(_trainer_python, RUNTIME.set_python, hint),
         hooks.unload_before_start(lambda: _settings().unload_model, _unload_model, _queue_lock()),
     )
     return RUNTIME.ensure(
         config,
         on_delivered=hooks.refresh_loras(lambda: sys.modules.get("networks")),
         before_local_start=before_start,
+        local_problem=hooks.trainer_problem(_trainer_python, hint),
     )
 
 
@@ -145,7 +143,8 @@ def on_ui_tabs():
     interrogate = hooks.interrogate_hook(getattr(shared, "interrogator", None), _queue_lock())
     login = bool(_cmd("gradio_auth") or _cmd("gradio_auth_path"))
     locked = workers_refusal(_access_disabled(), login, service.home.root)
-    blocks = create_tab(service, RUNTIME.datasets, UiHooks(interrogate=interrogate, workers_locked=locked))
+    hooks = UiHooks(interrogate=interrogate, workers_locked=locked, send_to_txt2img=True)
+    blocks = create_tab(service, RUNTIME.datasets, hooks)
     return [(blocks, TITLE, ELEM_ID)]
 
 
@@ -181,8 +180,10 @@ def on_ui_settings():
 
 
 def on_app_started(demo, app):
+    from modules import shared
+
     from kohya_backend.host.auth import webui_credentials
-    from kohya_backend.host.exposure import api_refusal
+    from kohya_backend.host.exposure import api_refusal, webui_policy
     from kohya_backend.host.mount import mount_api
     from kohya_backend.host.runtime import RUNTIME
     from kohya_backend.host.workers import register_flag_workers
@@ -194,11 +195,14 @@ def on_app_started(demo, app):
     if closed:
         print(closed, file=sys.stderr)
     else:
-        mount_api(app, service, users)
+        policy, problems = webui_policy(shared.cmd_opts)
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        mount_api(app, service, users, policy)
     if RUNTIME.start():
-        _, problem = _trainer_python()
+        problem = service.local_problem() if service.local_problem else None
         if problem:
-            print(f"Train Management: {problem}; local training is unavailable until then", file=sys.stderr)
+            print(f"Train Management: local training is unavailable: {problem}", file=sys.stderr)
     for problem in register_flag_workers(
         service.home.root, _cmd("train_worker"), _cmd("train_worker_token_file")
     ):

@@ -27,9 +27,9 @@ def launch_chromium(playwright: Any) -> Any:
 
 
 def choose(page: Any, elem_id: str, value: str) -> None:
-    """Pick `value` in a gr.Dropdown (3.41 and 4.x render the options as li[data-value])."""
+    """Pick `value` in a gr.Dropdown (3.41 renders the options as li[data-value], 4.40 as li[aria-label])."""
     page.click(f"#{elem_id} input")
-    page.click(f'#{elem_id} li[data-value="{value}"]')
+    page.click(f'#{elem_id} li[data-value="{value}"], #{elem_id} li[aria-label="{value}"]')
 
 
 def inner_text(page: Any, elem_id: str) -> str:
@@ -58,3 +58,44 @@ def wait_uploaded(page: Any, elem_id: str, names: list[str], timeout_s: float = 
             return
         time.sleep(0.25)
     raise AssertionError(f"the upload did not finish: {inner_text(page, elem_id)!r}")
+
+
+def record_offsite(page: Any, base: str) -> list[str]:
+    """Every URL the page requests from another host (filled as it loads; data: and blob: URLs are local)."""
+    found: list[str] = []
+
+    def seen(request: Any) -> None:
+        url = str(request.url)
+        if not url.startswith((base, "data:", "blob:")):
+            found.append(url)
+
+    page.on("request", seen)
+    return found
+
+
+def record_console(page: Any, needle: str) -> list[str]:
+    """The console messages of the page that contain `needle` (filled as they come)."""
+    found: list[str] = []
+    page.on("console", lambda message: found.append(message.text) if needle in message.text else None)
+    return found
+
+
+def within_viewport(page: Any, selector: str) -> bool:
+    """Whether the first element matching `selector` lies wholly inside the window's width."""
+    box = page.locator(selector).first.bounding_box()
+    width = page.viewport_size["width"]
+    return box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width
+
+
+def editor_text(page: Any) -> str:
+    """What the config editor holds."""
+    return str(page.locator("#train_management_config textarea").input_value())
+
+
+def marked_thumbnail(page: Any, elem_id: str) -> int | None:
+    """The place of the thumbnail a gallery marks as selected (None when none is)."""
+    marked = page.evaluate(
+        f"""() => Array.from(document.querySelectorAll('#{elem_id} .grid-container .thumbnail-item'))
+        .findIndex(b => b.classList.contains('selected'))"""
+    )
+    return None if marked < 0 else int(marked)

@@ -1,9 +1,11 @@
 """moto's S3 server on 127.0.0.1 over real HTTP (boto3 unchanged, pointed at it with AWS_ENDPOINT_URL and dummy
-credentials), and a TCP proxy in front of it that sees every request and can cut a response mid-body."""
+credentials), a TCP proxy in front of it that sees every request, can cut a response mid-body or drop the Range
+header (a store that ignores Range), and a broken store that answers every GET with an empty 200."""
 
 from __future__ import annotations
 
 import contextlib
+import http.server
 import os
 import re
 import socket
@@ -84,11 +86,13 @@ def set_auth(endpoint: str, unauthenticated_actions: float) -> None:
 
 @dataclass
 class Proxy:
-    """A TCP proxy to `upstream` that records each request head and can cut one GET response after N bytes."""
+    """A TCP proxy to `upstream` that records each request head, can cut one GET response after N bytes, and with
+    `strip_range` removes every Range header before it reaches the store (which then sends whole objects)."""
 
     upstream: tuple[str, int]
     cut_path: str | None = None
     cut_after: int = 0
+    strip_range: bool = False
     requests: list[str] = field(default_factory=list)
     downstream_bytes: int = 0
     cuts: int = 0
@@ -136,6 +140,8 @@ class Proxy:
                         if self.cut_path and head.startswith(f"GET {self.cut_path}"):
                             state["cut"], state["counted"] = True, 0
                             self.cut_path = None
+                if self.strip_range:
+                    data = re.sub(rb"(?im)^range:[^\r\n]*\r\n", b"", data)
                 upstream.sendall(data)
         except OSError:
             pass
@@ -168,3 +174,31 @@ def _close(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
     sock.close()
+
+
+class EmptyStore:
+    """An HTTP server that answers the first `empty_answers` GETs with 200 and no body (and an ETag), and every later
+    one with 500: a broken store, or a proxy that drops bodies."""
+
+    def __init__(self, empty_answers: int = 20) -> None:
+        store = self
+        self.gets = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                store.gets += 1
+                self.send_response(200 if store.gets <= empty_answers else 500)
+                self.send_header("ETag", '"0123456789abcdef0123456789abcdef"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

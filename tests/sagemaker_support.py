@@ -4,7 +4,7 @@ moto answers SageMaker and CloudWatch Logs over real HTTP, but runs no container
 Completed at once and writes nothing. The stand-in makes a created job start like SageMaker's (InProgress /
 Starting), records what was created, adds StopTrainingJob (moto 5.2.5 lacks it) as SageMaker answers it (the job
 goes Stopping), moves jobs through their statuses on moto's backend object (the server runs in this process), and
-does what SageMaker does around the container: fills an /opt/ml tree from the channels, runs the project's real
+does what SageMaker does around the container: fills an /opt/ml tree from the channels (S3Prefix or ManifestFile), runs the project's real
 entrypoint (the Dockerfile's ENTRYPOINT plus `train`, outside a container), puts its output into the job's
 CloudWatch log stream, syncs /opt/ml/checkpoints with the checkpoint prefix and uploads model.tar.gz.
 """
@@ -152,8 +152,13 @@ class SageMakerStandIn:
         s3 = client("s3", self.endpoint)
         channels = {}
         for channel in request["input_data_config"]:
-            uri = parse_s3_uri(channel["DataSource"]["S3DataSource"]["S3Uri"])
-            _download_prefix(s3, uri, root / "input" / "data" / channel["ChannelName"])
+            source = channel["DataSource"]["S3DataSource"]
+            dest = root / "input" / "data" / channel["ChannelName"]
+            if source["S3DataType"] == "ManifestFile":
+                _download_manifest(s3, parse_s3_uri(source["S3Uri"]), dest)
+            else:
+                assert source["S3DataType"] == "S3Prefix", source
+                _download_prefix(s3, parse_s3_uri(source["S3Uri"]), dest)
             channels[channel["ChannelName"]] = {
                 "TrainingInputMode": "File",
                 "S3DistributionType": "FullyReplicated",
@@ -260,6 +265,22 @@ def _download_prefix(s3: Any, uri: S3Uri, dest: Path, *, missing_ok: bool = Fals
     if not found and not missing_ok:
         raise AssertionError(f"channel {uri} holds no objects")
     dest.mkdir(parents=True, exist_ok=True)
+
+
+def _download_manifest(s3: Any, uri: S3Uri, dest: Path) -> None:
+    """File mode with a ManifestFile: the manifest (a JSON array: {"prefix": "s3://bucket/folder/"}, then suffixes)
+    names the objects; each is copied to its suffix under the channel's folder. A malformed manifest, or one naming
+    a missing object, fails the job as SageMaker would."""
+    manifest = json.loads(s3.get_object(Bucket=uri.bucket, Key=uri.key)["Body"].read())
+    assert isinstance(manifest, list) and len(manifest) >= 2, manifest
+    assert isinstance(manifest[0], dict) and set(manifest[0]) == {"prefix"}, manifest
+    prefix = parse_s3_uri(manifest[0]["prefix"])
+    assert prefix.key == "" or prefix.key.endswith("/"), manifest
+    for suffix in manifest[1:]:
+        assert isinstance(suffix, str) and suffix and not suffix.startswith("/"), manifest
+        target = dest / suffix
+        target.parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file(prefix.bucket, prefix.key + suffix, str(target))
 
 
 def wait_for(predicate: Any, what: str, timeout: float = 90.0) -> Any:

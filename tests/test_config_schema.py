@@ -306,6 +306,7 @@ def test_template_for_a_machine_without_cuda_has_no_fp16(fm_type: str) -> None:
     assert 'mixed_precision = "fp16"' in template_toml(fm_type)
     text = template_toml(fm_type, cuda=False)
     assert 'mixed_precision = "no"' in text
+    assert 'optimizer_type = "AdamW"' in text and 'optimizer_type = "AdamW8bit"' in template_toml(fm_type)
     with pytest.raises(ConfigError) as info:
         validate_config(text, fm_type, cuda_available=False)
     assert sorted(str(i.key) for i in info.value.issues) == [

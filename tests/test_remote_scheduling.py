@@ -127,7 +127,7 @@ def test_a_worker_used_by_queued_jobs_is_not_removed_and_a_vanished_one_fails_it
     job = service.store.get(queued)
     assert job.status is JobStatus.FAILED, job.reason
     assert "'box' is not registered any more" in (job.reason or "") and "--name box" in (job.reason or "")
-    with pytest.raises(WorkerNotFound, match="not registered any more"):
+    with pytest.raises(WorkerNotFound, match="'worker:box': no worker named 'box' is registered"):
         service.resume(queued)  # refused at once, rather than queued with no worker to take it
     assert _status(service, queued) is JobStatus.FAILED
 

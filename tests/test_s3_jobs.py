@@ -24,9 +24,11 @@ from s3_support import moto_url, new_bucket, raw_client, s3_env  # noqa: F401
 from server_support import running
 
 from kohya_backend.assets.demo import prepare_demo
+from kohya_backend.errors import TrainManagementError
 from kohya_backend.service.api import API_PREFIX
 from kohya_backend.service.app import build_service, create_app
-from kohya_backend.service.training import TrainingService
+from kohya_backend.service.home import PathOutsideHome
+from kohya_backend.service.training import Submission, TrainingService
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -147,7 +149,9 @@ def test_api_lists_s3_assets_and_trains_from_s3_downloading_once(
     assert datasets[f"s3://{bucket}/train/datasets/demo"]["summary"]["images"] == 8
     assert datasets[f"s3://{bucket}/train/datasets/demo"]["summary"]["subsets"] == {"10_demo": 8}
 
-    first = client.post("/trainings", json=_training(bucket, "s3-first", output_dir=f"s3://{bucket}/out/"))
+    first = client.post(
+        "/trainings", json=_training(bucket, "s3-first", output_dir=f"s3://{bucket}/train/loras/")
+    )
     assert first.status_code == 201, first.text
     job = _wait(client, first.json()["job"]["id"], {"completed", "failed"})
     assert job["status"] == "completed", job["reason"]
@@ -161,13 +165,13 @@ def test_api_lists_s3_assets_and_trains_from_s3_downloading_once(
     assert [t["to"] for t in job["transitions"]][:3] == ["queued", "preparing", "training"]
     lora = home / "lora" / "s3-first.safetensors"
     assert lora.is_file() and job["progress"]["s3_outputs"] == [
-        f"s3://{bucket}/out/s3-first.safetensors",
-        f"s3://{bucket}/out/s3-first.json",
+        f"s3://{bucket}/train/loras/s3-first.safetensors",
+        f"s3://{bucket}/train/loras/s3-first.json",
     ]
     raw = raw_client(os.environ["AWS_ENDPOINT_URL"])
-    uploaded = raw.get_object(Bucket=bucket, Key="out/s3-first.safetensors")
+    uploaded = raw.get_object(Bucket=bucket, Key="train/loras/s3-first.safetensors")
     assert hashlib.sha256(uploaded["Body"].read()).hexdigest() == uploaded["Metadata"]["sha256"]
-    sidecar = json.loads(raw.get_object(Bucket=bucket, Key="out/s3-first.json")["Body"].read())
+    sidecar = json.loads(raw.get_object(Bucket=bucket, Key="train/loras/s3-first.json")["Body"].read())
     assert sidecar["sd version"] == "SD1"
 
     second = client.post("/trainings", json=_training(bucket, "s3-second")).json()["job"]
@@ -186,7 +190,7 @@ def test_missing_objects_fail_before_training_with_bucket_key_and_code(
     refused = client.post("/trainings", json=body)
     assert refused.status_code == 404
     assert f"s3://{bucket}/train/models/missing.safetensors" in refused.json()["detail"]["message"]
-    weights = f"s3://{bucket}/loras/missing.safetensors"
+    weights = f"s3://{bucket}/train/loras/missing.safetensors"
     queued = client.post("/trainings", json=_training(bucket, "no-weights", network_weights=weights))
     assert queued.status_code == 201, queued.text
     job = _wait(client, queued.json()["job"]["id"], {"completed", "failed"})
@@ -242,3 +246,119 @@ def test_the_tabs_upload_button_reports_progress_and_errors(
     gone = build_service(home, s3_uri="s3://tm-no-such-bucket-here/train")  # fails inside the upload task
     message = list(upload_dataset(gone, "demo", poll_s=0.01))[-1]
     assert message.startswith("❌ Upload failed:") and "NoSuchBucket" in message
+
+
+def test_the_model_upload_button_puts_the_chosen_checkpoint_under_the_prefix(
+    api: tuple[httpx.Client, TrainingService, str], home: Path
+) -> None:
+    from kohya_backend.jobs.s3_jobs import human_bytes
+    from kohya_backend.ui.s3_upload import S3UploadActions
+
+    _client, service, bucket = api
+    actions = S3UploadActions(service, poll_s=0.01)
+    name = "demo-sd_1_5.safetensors"
+    size = (home / "models" / name).stat().st_size
+    uri = f"s3://{bucket}/train/models/{name}"
+    assert list(actions.upload_model(None)) == ["Choose a model first."]
+    shown = list(actions.upload_model(name))
+    assert all(m.startswith(f"Uploading **{name}** to {uri}: ") for m in shown[:-1])
+    # `aws s3 cp` put it there without a sha256: this upload sends it whole and records one.
+    assert (
+        shown[-1]
+        == f"✅ **{name}** is on S3 at {uri} (1 file(s); {human_bytes(size, size)} sent, the rest was already there)."
+    )
+    head = raw_client(os.environ["AWS_ENDPOINT_URL"]).head_object(Bucket=bucket, Key=f"train/models/{name}")
+    assert head["ContentLength"] == size and len(head["Metadata"]["sha256"]) == 64
+    again = list(actions.upload_model(name))[-1]
+    assert f"(1 file(s); {human_bytes(0, size)} sent" in again  # the same bytes are not sent twice
+    assert list(actions.upload_model(uri)) == [f"**{uri}** is already on S3."]  # the list's s3:// entries
+    missing = list(actions.upload_model("nope.safetensors"))[-1]
+    assert missing.startswith("**model 'nope.safetensors' does not exist") and name in missing
+
+
+def test_s3_values_from_clients_must_lie_in_the_apps_prefix_while_the_cli_is_free(
+    api: tuple[httpx.Client, TrainingService, str], home: Path, s3_env: str
+) -> None:
+    client, service, bucket = api
+    other, raw = new_bucket(s3_env), raw_client(s3_env)
+    model = home / "models" / "demo-sd_1_5.safetensors"
+    image = next((home / "datasets" / "demo" / "10_demo").glob("*.png"))
+    # Every near miss exists and the host's credentials reach it: only the check stands in the way.
+    for where, key in (
+        (other, "train/models/demo-sd_1_5.safetensors"),  # another bucket, the same prefix
+        (bucket, "train-other/models/demo-sd_1_5.safetensors"),  # the prefix as a string, not as a folder
+        (bucket, "Train/models/demo-sd_1_5.safetensors"),  # keys are case-sensitive
+        (bucket, "train/sagemaker/inputs/x/demo-sd_1_5.safetensors"),  # the SageMaker runner's own area
+    ):
+        raw.upload_file(str(model), where, key)
+    raw.upload_file(str(image), other, f"train/datasets/demo/10_demo/{image.name}")
+    buckets: list[str] = []
+    service.s3.access.client().client.meta.events.register(
+        "before-parameter-build.s3", lambda params, **kw: buckets.append(params.get("Bucket"))
+    )
+    models = (
+        f"s3://{other}/train/models/demo-sd_1_5.safetensors",
+        f"s3://{bucket}/train-other/models/demo-sd_1_5.safetensors",
+        f"s3://{bucket}/Train/models/demo-sd_1_5.safetensors",
+        f"s3://{bucket}/train/sagemaker/inputs/x/demo-sd_1_5.safetensors",
+        f"s3://{bucket}/train/models/../../train-other/models/demo-sd_1_5.safetensors",
+        f"s3://{bucket}/train/models/%2e%2e/%2e%2e/train-other/models/demo-sd_1_5.safetensors",
+        f"s3://{bucket}/train/datasets/demo/10_demo/{image.name}",  # inside the prefix, but not a model's area
+    )
+    refusals = [("model", uri) for uri in models] + [("network_weights", uri) for uri in models[:-1]]
+    refusals += [
+        ("dataset", f"s3://{other}/train/datasets/demo"),
+        ("dataset", f"s3://{bucket}/train/datasets"),  # the area itself, not one dataset
+        ("reg_data_dir", f"s3://{other}/train/datasets/demo"),
+        ("sample_prompts", f"s3://{other}/train/models/prompts.txt"),
+        ("output_dir", f"s3://{bucket}/out/"),
+        ("output_dir", f"s3://{other}/train/loras/"),
+        ("output_dir", f"s3://{bucket}/train/sagemaker/inputs/"),  # would overwrite the runner's channels
+        ("output_dir", f"s3://{bucket}/train/loras/../models/"),
+    ]
+    for key, uri in refusals:
+        body = _training(bucket, "outside")
+        if key in ("model", "dataset"):
+            body["training_params"][key] = uri
+        else:
+            body = _training(bucket, "outside", **{key: uri})
+        answer = client.post("/trainings", json=body)
+        assert answer.status_code == 400, (key, uri, answer.text)
+        detail = answer.json()["detail"]
+        assert detail["error"] == "PathOutsideHome" and uri in detail["message"], (key, uri)
+    formatted = client.post(
+        "/config/format",
+        json={
+            "config_params": FAST_CONFIG.format(steps=2, name="f"),
+            "fm_type": "sd_1_5",
+            "model": models[0],
+        },
+    )
+    assert formatted.status_code == 400 and formatted.json()["detail"]["error"] == "PathOutsideHome"
+    with pytest.raises(PathOutsideHome):
+        service.describe_model(models[0])  # what the tab shows for a model typed in
+    assert client.get("/trainings").json()["total"] == 0  # nothing was queued
+    assert other not in buckets  # nor was anything outside the prefix read with the host's credentials
+    # Inside the prefix it is accepted (network_weights from loras/ or models/; output_dir is loras/ or below).
+    inside = {
+        "network_weights": f"s3://{bucket}/train/loras/earlier.safetensors",
+        "sample_prompts": f"s3://{bucket}/train/datasets/demo/prompts.txt",
+        "output_dir": f"s3://{bucket}/train/loras/project/",
+    }
+    accepted = client.post("/trainings", json=_training(bucket, "inside", **inside))
+    assert accepted.status_code == 201, accepted.text
+    client.post(f"/trainings/{accepted.json()['job']['id']}/cancel")
+
+    # Without a prefix, no s3:// value from a client is accepted.
+    plain = build_service(home)
+    with pytest.raises(PathOutsideHome, match="no S3 prefix is set"):
+        plain.prepare(Submission(f"s3://{bucket}/train/models/demo-sd_1_5.safetensors", "demo", "sd_1_5", ""))
+    # The local command line (restrict_paths False), run by the machine's owner, names any object, as kohya's does.
+    free = build_service(home, restrict_paths=False, s3_uri=f"s3://{bucket}/train")
+    config = FAST_CONFIG.format(steps=2, name="free") + f'output_dir = "s3://{other}/anywhere/"\n'
+    _toml, _name, params = free.prepare(
+        Submission(models[0], f"s3://{other}/train/datasets/demo", "sd_1_5", config)
+    )
+    assert params["s3_output"] == f"s3://{other}/anywhere/"
+    with pytest.raises(TrainManagementError):  # still parsed strictly
+        free.prepare(Submission("s3://Other/x.safetensors", "demo", "sd_1_5", ""))

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -17,11 +19,13 @@ from kohya_backend.errors import ConfigError, TrainManagementError
 from kohya_backend.jobs.progress import summarize
 from kohya_backend.jobs.sagemaker_catalog import INSTANCES, check_config, choices, parse_instance_type
 from kohya_backend.jobs.sagemaker_request import (
+    ChannelSource,
     JobLayout,
     channel_digest,
     create_request,
     explain,
     failure_hint,
+    object_manifest,
     our_state,
     training_job_name,
     volume_size_gb,
@@ -208,7 +212,10 @@ def test_the_request_passes_botocore_validation_and_carries_the_job(tmp_path: Pa
             choice=parse_instance_type("sagemaker:ml.g5.2xlarge" + (":spot" if spot else "")),
             settings=settings,
             layout=layout,
-            channels={"model": layout.channel(digest), "config": layout.channel(digest)},
+            channels={
+                "model": ChannelSource(layout.channel(digest).child("manifest.json"), "ManifestFile"),
+                "config": ChannelSource(layout.channel(digest)),
+            },
             input_bytes=40 << 30,
         )
         shape = SAGEMAKER.operation_model("CreateTrainingJob").input_shape
@@ -221,9 +228,18 @@ def test_the_request_passes_botocore_validation_and_carries_the_job(tmp_path: Pa
             request["CheckpointConfig"]["S3Uri"]
             == "s3://bucket/train/sagemaker/jobs/20261204-101112-abcdef/checkpoints"
         )
-        assert request["InputDataConfig"][1]["DataSource"]["S3DataSource"]["S3Uri"] == (
-            f"s3://bucket/train/sagemaker/inputs/{digest}/"
-        )
+        assert request["InputDataConfig"][1]["DataSource"]["S3DataSource"] == {
+            "S3DataType": "ManifestFile",
+            "S3Uri": f"s3://bucket/train/sagemaker/inputs/{digest}/manifest.json",
+            "S3DataDistributionType": "FullyReplicated",
+        }
+        assert request["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3DataType"] == "S3Prefix"
+    # A manifest names exactly one object: its folder as the prefix, its name as the one suffix.
+    assert json.loads(object_manifest(S3Uri("b-1", "train/models/sd 1.5.safetensors"))) == [
+        {"prefix": "s3://b-1/train/models/"},
+        "sd 1.5.safetensors",
+    ]
+    assert json.loads(object_manifest(S3Uri("b-1", "top.ckpt"))) == [{"prefix": "s3://b-1/"}, "top.ckpt"]
     assert volume_size_gb(0, 30) == 30 and volume_size_gb(100 << 30, 30) == 210
 
 
@@ -253,6 +269,11 @@ def test_aws_errors_become_hints() -> None:
     assert error.code == "ResourceLimitExceeded" and "Service Quotas" in str(error.hint)
     denied = ClientError({"Error": {"Code": "AccessDeniedException", "Message": "no"}}, "CreateTrainingJob")
     assert "iam:PassRole" in str(explain(denied, "creating").hint)
+    local = explain(
+        OSError(errno.EDQUOT, "Disk quota exceeded"), "writing the job's config"
+    )  # not AWS's quota
+    assert local.code == "OSError" and "AWS error" not in local.message and "Disk quota" in local.message
+    assert "Service Quotas" not in str(local.hint) and "on this machine" in local.message
     assert "no free instance" in failure_hint(
         "CapacityError: Unable to provision requested ML compute capacity"
     )

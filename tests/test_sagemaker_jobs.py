@@ -23,13 +23,15 @@ from sagemaker_support import IMAGE, ROLE, SageMakerStandIn, wait_for
 from kohya_backend.assets.demo import prepare_demo
 from kohya_backend.jobs.runner import EVENTS_NAME, LOG_NAME, LocalRunner
 from kohya_backend.jobs.sagemaker import SageMakerRunner
+from kohya_backend.jobs.sagemaker_container import channel_value
+from kohya_backend.jobs.sagemaker_protocol import ContainerPaths
 from kohya_backend.jobs.sagemaker_request import JOB_ID_TAG
 from kohya_backend.jobs.sagemaker_session import SageMakerOptions
 from kohya_backend.jobs.sagemaker_settings import SageMakerSettings
 from kohya_backend.jobs.scheduler import Scheduler
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import JobStore
-from kohya_backend.service.home import Home
+from kohya_backend.service.home import Home, PathOutsideHome
 from kohya_backend.service.s3_assets import S3Assets
 from kohya_backend.service.training import Submission, TrainingService
 from kohya_backend.train.events import read_events
@@ -392,32 +394,69 @@ def test_s3_models_and_datasets_become_channels_where_they_are(
     root, prefix = home
     bucket, _, base = prefix[len("s3://") :].partition("/")
     raw = raw_client(s3_env)
+    model_file = root / "models" / "demo-sd_1_5.safetensors"
+    raw.upload_file(str(model_file), bucket, f"{base}/models/demo-sd_1_5.safetensors")
     raw.upload_file(
-        str(root / "models" / "demo-sd_1_5.safetensors"), bucket, f"{base}/models/demo-sd_1_5.safetensors"
-    )
+        str(model_file), bucket, f"{base}/models/demo-sd_1_5.safetensors.old"
+    )  # beside it, same start
+    raw.upload_file(str(root / "models" / "prompts.txt"), bucket, f"{base}/models/prompts.txt")
+    raw.put_object(Bucket=bucket, Key=f"{base}/models/prompts.txt.bak", Body=b"an old prompt\n")
     for path in sorted((root / "datasets" / "demo").rglob("*.*")):
         raw.upload_file(
             str(path), bucket, f"{base}/datasets/demo/{path.relative_to(root / 'datasets' / 'demo')}"
         )
+    other = new_bucket(s3_env)
+    raw.upload_file(str(model_file), other, f"{base}/models/demo-sd_1_5.safetensors")
     service = _service(root, prefix)
     service.scheduler.start()
     try:
-        config = SAMPLED.format(steps=3, name="from-s3", prompts=(root / "models" / "prompts.txt").as_posix())
         model, dataset = f"{prefix}/models/demo-sd_1_5.safetensors", f"{prefix}/datasets/demo"
+        prompts = f"{prefix}/models/prompts.txt"
+        # What the SageMaker role would read comes from the app's prefix only, as for local jobs.
+        outside = SAMPLED.format(steps=3, name="outside", prompts=prompts) + (
+            f'network_weights = "s3://{other}/{base}/models/demo-sd_1_5.safetensors"\n'
+        )
+        with pytest.raises(PathOutsideHome, match=other):
+            service.submit(
+                Submission(model, dataset, "sd_1_5", outside, instance_type="sagemaker:ml.g5.2xlarge")
+            )
+        config = SAMPLED.format(steps=3, name="from-s3", prompts=prompts)
         job = service.submit(
             Submission(model, dataset, "sd_1_5", config, instance_type="sagemaker:ml.g5.2xlarge")
         )
         name = _created(stand_in, 1)
-        channels = {
-            c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"]
-            for c in stand_in.request(name)["input_data_config"]
+        request = stand_in.request(name)
+        _check_valid_for_sagemaker(request)
+        sources = {c["ChannelName"]: c["DataSource"]["S3DataSource"] for c in request["input_data_config"]}
+        assert sources["dataset"] == {
+            "S3DataType": "S3Prefix",
+            "S3Uri": dataset + "/",
+            "S3DataDistributionType": "FullyReplicated",
         }
-        assert channels["model"] == model and channels["dataset"] == dataset + "/"
+        for channel, uri in (("model", model), ("prompts", prompts)):
+            # One object, exactly: a manifest (content-addressed under the runner's inputs) naming it.
+            assert sources[channel]["S3DataType"] == "ManifestFile"
+            manifest = sources[channel]["S3Uri"]
+            assert manifest.startswith(f"{prefix}/sagemaker/inputs/") and manifest.endswith("/manifest.json")
+            listed = json.loads(
+                raw.get_object(Bucket=bucket, Key=manifest[len(f"s3://{bucket}/") :])["Body"].read()
+            )
+            assert listed == [{"prefix": f"{prefix}/models/"}, uri.rsplit("/", 1)[1]]
+        for source in sources.values():  # every channel lies in the app's prefix
+            assert source["S3Uri"].startswith(
+                (f"{prefix}/models/", f"{prefix}/datasets/", f"{prefix}/sagemaker/")
+            )
         uploaded = raw.list_objects_v2(Bucket=bucket, Prefix=f"{base}/sagemaker/inputs/")["Contents"]
         assert not [o for o in uploaded if o["Key"].endswith((".safetensors", ".png"))]  # nothing sent twice
         opt_ml = tmp_path / "opt-ml"
         stand_in.fill_opt_ml(name, opt_ml)
-        assert (opt_ml / "input" / "data" / "model" / "demo-sd_1_5.safetensors").is_file()
+        model_channel = opt_ml / "input" / "data" / "model"
+        assert [p.name for p in model_channel.rglob("*") if p.is_file()] == ["demo-sd_1_5.safetensors"]
+        # The container takes the prompts channel's one file (two files there would fail the job).
+        assert (
+            channel_value(ContainerPaths(opt_ml), "prompts")
+            == opt_ml / "input" / "data" / "prompts" / "prompts.txt"
+        )
         assert len(list((opt_ml / "input" / "data" / "dataset" / "10_demo").glob("*.png"))) == 8
         stand_in.set_status(
             name, "Failed", "Failed", "stopped by the test", failure_reason="AlgorithmError: test"

@@ -70,3 +70,15 @@ def test_a_cancel_during_the_uploads_ends_the_job_without_failing_it(s3_env: str
     assert session.outcome is not None and session.outcome.lost is not None
     assert "cancelled while uploading" in session.outcome.lost
     assert not (session.job.folder / RESULT_NAME).exists()
+
+
+def test_the_session_thread_can_be_joined_when_it_ends(s3_env: str, tmp_path: Path) -> None:
+    # The runner's close() joins every session; a method of the session named like one of threading.Thread's own
+    # (`_stop`, called by join) made each join raise TypeError.
+    session = _session(tmp_path / "join", new_bucket(s3_env))
+    session.clients.s3.client.meta.events.register(
+        "before-call.s3.PutObject", lambda **kw: session.cancel_requested.set()
+    )
+    session.start()
+    session.join(60)
+    assert not session.is_alive() and session.outcome is not None

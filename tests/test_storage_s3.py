@@ -7,23 +7,60 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from s3_support import Proxy, client_via, moto_url, new_bucket, raw_client, s3_env, set_auth  # noqa: F401
+from s3_support import (  # noqa: F401
+    EmptyStore,
+    Proxy,
+    client_via,
+    moto_url,
+    new_bucket,
+    raw_client,
+    s3_env,
+    set_auth,
+)
 
 from kohya_backend.errors import StorageError
 from kohya_backend.storage.cache import S3Cache
-from kohya_backend.storage.client import S3Client
+from kohya_backend.storage.client import ObjectInfo, S3Client
 from kohya_backend.storage.sync import sync_prefix, upload_folder
-from kohya_backend.storage.uri import S3Uri, S3UriError, UnsafeKey, parse_s3_uri, safe_relative_key
+from kohya_backend.storage.uri import (
+    OutsideRoot,
+    S3Uri,
+    S3UriError,
+    UnsafeKey,
+    confine_uri,
+    parse_s3_uri,
+    safe_relative_key,
+)
 
 MB = 1 << 20
 
 
 def _blob(size: int, seed: int = 0) -> bytes:
     return (hashlib.sha256(str(seed).encode()).digest() * (size // 32 + 1))[:size]
+
+
+def test_storage_imports_nothing_from_the_layers_that_use_it() -> None:
+    """jobs/, service/, ui/ and the trainer build on storage/; an import back (file_lock once came from
+    jobs/registry) would tie the layers in a knot."""
+    import ast
+
+    import kohya_backend.storage
+
+    above = ("kohya_backend.jobs", "kohya_backend.service", "kohya_backend.ui", "kohya_backend.train")
+    for path in sorted(Path(kohya_backend.storage.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            assert not [n for n in names if n.startswith(above)], (path.name, names)
 
 
 # -- URIs and keys --------------------------------------------------------------------------------------------
@@ -72,6 +109,50 @@ def test_keys_that_could_leave_a_folder_are_refused() -> None:
     ):
         with pytest.raises(UnsafeKey):
             safe_relative_key(key)
+
+
+def test_client_uris_are_confined_to_normal_keys_below_their_areas() -> None:
+    models = [S3Uri("bkt", "train/models/")]
+    for good in ("s3://bkt/train/models/a.safetensors", "s3://bkt/train/models/sd 1.5/a b.ckpt"):
+        assert str(confine_uri(good, models, what="model")) == good
+    refused = {
+        "s3://bkt/train-other/models/a.safetensors": "outside",  # the prefix as a string, not as a folder
+        "s3://bkt/train/models-old/a.safetensors": "outside",
+        "s3://other/train/models/a.safetensors": "outside",  # another bucket, same keys
+        "s3://bkt/Train/models/a.safetensors": "outside",  # keys are case-sensitive
+        "s3://bkt/train/a.safetensors": "outside",
+        "s3://bkt/train/models/../secret.safetensors": "'..'",
+        "s3://bkt/train/models/sub/../../x": "'..'",
+        "s3://bkt/train/models/./a.safetensors": "'.'",
+        "s3://bkt/train/models//a.safetensors": "'//'",
+        "s3://bkt/train/models/%2e%2e/x": "percent-encoded",
+        "s3://bkt/train/models/%2E%2E%2Fx": "percent-encoded",
+        "s3://bkt/train/models/a\\..\\x": "backslash",
+        "s3://bkt/train/models/": "folder",
+        "s3://bkt/train/models": "outside",
+    }
+    for text, words in refused.items():
+        with pytest.raises(OutsideRoot) as caught:
+            confine_uri(text, models, what="model")
+        assert words in caught.value.message and "s3://bkt/train/models/" in (caught.value.hint or ""), text
+    for text in ("s3://Bkt/train/models/a.safetensors", "S3://bkt/train/models/a.safetensors"):
+        with pytest.raises(S3UriError):  # a bucket differing in case is no valid bucket name
+            confine_uri(text, models, what="model")
+    # Folders: a dataset below the area (with or without its trailing '/'), never the area itself; output_dir may be
+    # the area itself.
+    datasets = [S3Uri("bkt", "train/datasets/")]
+    assert confine_uri("s3://bkt/train/datasets/cats", datasets, what="dataset", folder=True)
+    assert confine_uri("s3://bkt/train/datasets/cats/", datasets, what="dataset", folder=True)
+    for text in ("s3://bkt/train/datasets/", "s3://bkt/train/datasets", "s3://bkt/train/datasets/cats//"):
+        with pytest.raises(OutsideRoot):
+            confine_uri(text, datasets, what="dataset", folder=True)
+    loras = [S3Uri("bkt", "train/loras/")]
+    for text in ("s3://bkt/train/loras", "s3://bkt/train/loras/", "s3://bkt/train/loras/mine/"):
+        assert confine_uri(text, loras, what="output_dir", folder=True, root_itself=True)
+    with pytest.raises(OutsideRoot):
+        confine_uri("s3://bkt/train/lorasx/", loras, what="output_dir", folder=True, root_itself=True)
+    # A prefix at the bucket's root: its areas are models/, datasets/, ...
+    assert confine_uri("s3://bkt/models/a.ckpt", [S3Uri("bkt").child("models/")], what="model")
 
 
 # -- listing, uploads and downloads ---------------------------------------------------------------------------
@@ -168,6 +249,50 @@ def test_a_download_cut_mid_body_resumes_where_it_stopped(s3_env: str, tmp_path:
     assert result.fetched == len(data)  # no byte was fetched twice
 
 
+def test_a_store_that_ignores_range_is_read_from_byte_0_not_appended_at_the_offset(
+    s3_env: str, tmp_path: Path
+) -> None:
+    bucket = new_bucket(s3_env)
+    data = _blob(3 * MB + 5, seed=4)
+    raw_client(s3_env).put_object(Bucket=bucket, Key="r.bin", Body=data)
+    host, port = s3_env.removeprefix("http://").split(":")
+    proxy = Proxy((host, int(port)), strip_range=True)  # the store answers every GET with the whole object
+    try:
+        stream = client_via(proxy.url, concurrency=1)
+        info = stream.head(S3Uri(bucket, "r.bin"))
+        held = MB + 7
+        (tmp_path / "r.bin.part").write_bytes(data[:held])  # a cut download's bytes, of this very version
+        (tmp_path / "r.bin.part.json").write_text(json.dumps({"etag": info.etag, "size": info.size}))
+        result = stream.download(info, tmp_path / "r.bin")
+        assert proxy.ranges() == [f"bytes={held}-"]  # it asked for the rest, got everything, and started over
+        assert (tmp_path / "r.bin").read_bytes() == data and result.fetched == len(data)
+        assert result.sha256 == hashlib.sha256(data).hexdigest()
+        parts = client_via(proxy.url, part_bytes=MB, concurrency=4)  # parallel parts fall back to one GET
+        result = parts.download(info, tmp_path / "p.bin")
+        assert (tmp_path / "p.bin").read_bytes() == data and result.sha256 == hashlib.sha256(data).hexdigest()
+        assert (
+            parts.read_range(info.uri, 0, 10) == data[:10]
+        )  # the first bytes of a whole object are the ones
+        with pytest.raises(StorageError) as caught:
+            parts.read_range(info.uri, 10, 5)
+        assert caught.value.code == "RangeIgnored" and "the whole object" in caught.value.message
+    finally:
+        proxy.close()
+
+
+def test_a_store_that_sends_empty_bodies_ends_the_download_instead_of_looping(tmp_path: Path) -> None:
+    store = EmptyStore(empty_answers=20)  # after 20 empty answers it fails every GET with 500
+    try:
+        client = client_via(store.url, concurrency=1)
+        info = ObjectInfo(S3Uri("tm-bucket", "m.bin"), 100, "0123456789abcdef0123456789abcdef")
+        with pytest.raises(StorageError) as caught:
+            client.download(info, tmp_path / "m.bin")
+    finally:
+        store.close()
+    assert caught.value.code == "NoProgress" and "without a byte" in caught.value.message
+    assert store.gets <= 20
+
+
 def test_parallel_parts_download_and_verification(s3_env: str, tmp_path: Path) -> None:
     bucket = new_bucket(s3_env)
     data = _blob(5 * MB + 3, seed=2)
@@ -249,6 +374,32 @@ def test_missing_key_missing_bucket_and_bad_credentials_each_give_one_clear_erro
     assert none.value.code == "NoCredentialsError" and "no AWS credentials" in none.value.message
 
 
+def test_a_failure_on_this_machine_is_not_called_an_aws_error(s3_env: str, tmp_path: Path) -> None:
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import ClientError
+
+    from kohya_backend.storage.client import describe_error
+
+    bucket = new_bucket(s3_env)
+    folder = tmp_path / "photo (AccessDenied)"  # words in brackets in a local error's text are no AWS code
+    folder.mkdir()
+    with pytest.raises(StorageError) as caught:
+        S3Client().upload_file(folder, S3Uri(bucket, "x.png"), sha256="0" * 64)  # boto3 cannot read a folder
+    error = caught.value
+    assert error.code == "IsADirectoryError" and "AWS error" not in error.message, error.message
+    assert "on this machine" in error.message and str(folder) in error.message
+    assert "access denied" not in error.message and "local file" in (error.hint or "")
+    # boto3 re-raises the store's refusal of an upload as S3UploadFailedError text: the original code is kept.
+    try:
+        try:
+            raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "PutObject")
+        except ClientError as refused:
+            raise S3UploadFailedError(f"Failed to upload x to {bucket}/x: {refused}") from None
+    except S3UploadFailedError as exc:
+        denied = describe_error(exc, S3Uri(bucket, "x"), "uploading to")
+    assert denied.code == "AccessDenied" and "access denied (AWS error AccessDenied: no)" in denied.message
+
+
 # -- the cache and prefix sync --------------------------------------------------------------------------------
 
 
@@ -262,20 +413,59 @@ def test_the_cache_downloads_once_shares_equal_files_and_evicts_least_recently_u
     client = S3Client()
     cache = S3Cache(tmp_path / "cache", max_bytes=2 * MB)
     info = {k: client.head(S3Uri(bucket, k)) for k in ("a.bin", "same-as-a.bin", "b.bin", "c.bin")}
-    first = cache.fetch(client, info["a.bin"])
-    assert first.fetched == MB and first.path.read_bytes() == _blob(MB, 1)
+    job = tmp_path / "job"
+    first = cache.fetch(client, info["a.bin"], job / "a.bin")
+    assert first.fetched == MB and (job / "a.bin").read_bytes() == _blob(MB, 1)
     assert first.path.stat().st_mode & 0o222 == 0  # read-only (os.access says writable to root)
-    assert cache.fetch(client, info["a.bin"]).fetched == 0  # the second time: nothing downloaded
-    twin = cache.fetch(client, info["same-as-a.bin"])
+    again = cache.fetch(client, info["a.bin"], job / "a.bin")
+    assert again.fetched == 0 and again.unchanged  # the second time: nothing downloaded, nothing linked
+    twin = cache.fetch(client, info["same-as-a.bin"], job / "twin.bin")
     assert twin.path == first.path and cache.usage() == MB  # one copy for two keys
-    cache.fetch(client, info["b.bin"])
-    cache.fetch(client, info["a.bin"])  # a is now more recently used than b
-    cache.fetch(client, info["c.bin"])  # over 2 MB: b (least recently used) goes
+    assert os.path.samefile(job / "twin.bin", job / "a.bin") and not twin.unchanged
+    cache.fetch(client, info["b.bin"], job / "b.bin")
+    cache.fetch(client, info["a.bin"], job / "a.bin")  # a is now more recently used than b
+    cache.fetch(client, info["c.bin"], job / "c.bin")  # over 2 MB: b (least recently used) goes
     assert cache.usage() == 2 * MB
     assert cache.lookup(info["b.bin"]) is None and cache.lookup(info["a.bin"]) is not None
     raw.put_object(Bucket=bucket, Key="a.bin", Body=_blob(MB, 9))  # a new version: new ETag
-    fresh = cache.fetch(client, client.head(S3Uri(bucket, "a.bin")))
-    assert fresh.fetched == MB and fresh.path.read_bytes() == _blob(MB, 9)
+    assert (job / "b.bin").read_bytes() == _blob(MB, 2)  # what a job was given stays when its blob goes
+    fresh = cache.fetch(client, client.head(S3Uri(bucket, "a.bin")), job / "a.bin")
+    assert fresh.fetched == MB and (job / "a.bin").read_bytes() == _blob(MB, 9)
+
+
+def test_eviction_waits_while_a_fetched_blob_is_being_linked(
+    s3_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    import kohya_backend.storage.cache as cache_module
+
+    bucket = new_bucket(s3_env)
+    raw_client(s3_env).put_object(Bucket=bucket, Key="m.bin", Body=_blob(MB, 5))
+    client = S3Client()
+    info = client.head(S3Uri(bucket, "m.bin"))
+    cache = S3Cache(tmp_path / "cache", max_bytes=0)  # every blob is over the cap once nobody keeps it
+    cache.fetch(client, info, tmp_path / "first.bin")  # cached (the fetch keeps its own blob)
+    link, waited, evictors = cache_module.link_file, [], []
+
+    def link_while_another_process_evicts(source: Path, dest: Path) -> None:
+        # Another process (its own S3Cache on the same folder) evicts everything just before this link.
+        evictor = threading.Thread(target=S3Cache(cache.root, max_bytes=0).evict)
+        evictor.start()
+        evictor.join(1.0)
+        waited.append(evictor.is_alive())
+        evictors.append(evictor)
+        link(source, dest)
+
+    monkeypatch.setattr(cache_module, "link_file", link_while_another_process_evicts)
+    hit = cache.fetch(client, info, tmp_path / "hit.bin")  # found in the cache, then linked
+    evictors[-1].join(30)
+    assert hit.fetched == 0 and (tmp_path / "hit.bin").read_bytes() == _blob(MB, 5)
+    assert cache.lookup(info) is None  # the eviction did happen, after the link
+    miss = cache.fetch(client, info, tmp_path / "miss.bin")  # downloaded, stored, then linked
+    evictors[-1].join(30)
+    assert miss.fetched == MB and (tmp_path / "miss.bin").read_bytes() == _blob(MB, 5)
+    assert waited == [True, True]  # each eviction waited for the link
 
 
 def test_a_download_another_process_holds_is_waited_for_not_written_twice(
@@ -283,7 +473,7 @@ def test_a_download_another_process_holds_is_waited_for_not_written_twice(
 ) -> None:
     import threading
 
-    from kohya_backend.jobs.registry import file_lock
+    from kohya_backend.locks import file_lock
     from kohya_backend.storage.cache import _object_id
 
     bucket = new_bucket(s3_env)
@@ -292,7 +482,9 @@ def test_a_download_another_process_holds_is_waited_for_not_written_twice(
     info = client.head(S3Uri(bucket, "m.bin"))
     cache = S3Cache(tmp_path / "cache")
     got: list[int] = []
-    worker = threading.Thread(target=lambda: got.append(cache.fetch(client, info).fetched))
+    worker = threading.Thread(
+        target=lambda: got.append(cache.fetch(client, info, tmp_path / "m.bin").fetched)
+    )
     # flock locks conflict between open files even in one process: this plays another `train` command downloading
     # the same object version into the same .part file.
     with file_lock(cache.partial / _object_id(info)):

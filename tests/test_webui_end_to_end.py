@@ -97,5 +97,20 @@ def test_a_training_in_the_webui_lands_in_its_lora_cards(tmp_path: Path) -> None
             page.wait_for_timeout(700)
         assert sorted(webui_ui.lora_refreshes) == ["img2img", "txt2img"]
         page.screenshot(path=str(ARTIFACTS / "train_management_tab.png"), full_page=True)
+
+        # Send to txt2img: the job's LoRA (the final one, weight 0.8) lands in txt2img's prompt, and txt2img shows.
+        page.locator("#train_management_jobs td", has_text=job_id).first.click()
+        page.wait_for_function(
+            f"() => document.querySelector('#train_management_job_status').innerText.includes('{job_id}')"
+        )
+        page.locator("#train_management_epochs_panel").click()
+        page.locator("#train_management_weight input[type=number]").fill("0.8")
+        page.locator("#train_management_weight input[type=number]").press("Enter")
+        page.locator("#txt2img_prompt textarea").evaluate("box => { box.value = 'a cat'; }")
+        page.locator("#train_management_send_txt2img").click()
+        page.wait_for_function(
+            "() => document.querySelector('#txt2img_prompt textarea').value === 'a cat <lora:webui_lora:0.8>'"
+        )
+        assert page.locator("#txt2img_prompt textarea").is_visible()  # the txt2img tab is shown
         client.close()
         browser.close()

@@ -32,6 +32,11 @@ else
 fi
 # open-clip-torch only for CLIP's BPE vocabulary file; --no-deps keeps torchvision out.
 "${pip[@]}" --no-deps -r requirements-vocab.txt
+# This checkout, editable, with the `train-management` command (.venv/bin/train-management works from any folder).
+# A .venv that is a symlink is another checkout's environment: it is not pointed at this one.
+if [[ ! -L .venv ]]; then
+  "${pip[@]}" --no-deps --no-build-isolation -e .
+fi
 if [[ $want == dev ]]; then
   # The Forge line (gradio 4, pydantic 2) in a second venv without torch: the tab and the API must build there.
   [[ -x .venv-gradio4/bin/python ]] || "$PY" -m venv .venv-gradio4

@@ -157,3 +157,26 @@ def reference_markdown() -> str:
     ]
     lines += [f"| `{key}` | {_cell(why)} |" for key, why in sorted(UNSUPPORTED.items())]
     return "\n".join(lines) + "\n"
+
+
+def key_reference(key: str) -> str:
+    """One key of the config reference as Markdown (type, defaults, allowed values, help), for the editor's help
+    panel; a kohya key this trainer does not implement says why, an unknown key says so."""
+    name = ALIASES.get(key, key)
+    spec = SCHEMA.get(name)
+    if spec is None:
+        if key in UNSUPPORTED:
+            return f"`{key}` is a kohya key this trainer does not implement: {UNSUPPORTED[key]}"
+        return f"`{key}` is not a config_params key."
+    lines = [f"**`{name}`** ({_KIND_NAMES[spec.kind]}): {spec.help}", "", f"- default: {_default_cell(spec)}"]
+    allowed = _allowed_cell(spec)
+    if allowed:
+        lines.append(f"- allowed: {allowed}")
+    if name != key:
+        lines.append(f"- `{key}` is read as `{name}`")
+    return "\n".join(lines)
+
+
+def reference_keys() -> list[str]:
+    """Every key the help panel knows: the schema's, then the other names, then the unimplemented kohya keys."""
+    return [*SCHEMA, *ALIASES, *sorted(UNSUPPORTED)]

@@ -585,8 +585,10 @@ def template_values(fm_type: str) -> dict[str, Any]:
 def template_toml(fm_type: str, *, cuda: bool = True) -> str:
     """The starting config_params for the UI editor: the AWS solution's template, valid once the
     empty pretrained_model_name_or_path and train_data_dir are filled in. Without a CUDA GPU to train on,
-    mixed precision is off (fp16 needs CUDA)."""
+    mixed precision is off (fp16 needs CUDA) and the optimizer is AdamW (AdamW8bit's bitsandbytes needs CUDA)."""
     values = template_values(fm_type)
     if not cuda and values.get("mixed_precision") == "fp16":
         values["mixed_precision"] = "no"
+    if not cuda and values.get("optimizer_type") == "AdamW8bit":
+        values["optimizer_type"] = "AdamW"
     return render_toml(values, values.keys())

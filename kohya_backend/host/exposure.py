@@ -10,7 +10,10 @@ credentials the REST API is not mounted, and without a login on the UI the tab d
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kohya_backend.service.guard import GuardPolicy
 
 NETWORK_FLAGS = ("share", "listen", "ngrok", "server_name")
 _ENABLE = "--enable-insecure-extension-access if you trust everyone who can reach this machine"
@@ -49,3 +52,37 @@ def workers_refusal(access_disabled: bool, has_ui_login: bool, home: Path) -> st
         f"`python -m kohya_backend workers add URL --home {home}` (or --train-worker URL with "
         "--train-worker-token-file FILE) adds workers meanwhile."
     )
+
+
+def webui_policy(cmd_opts: Any) -> tuple[GuardPolicy, list[str]]:
+    """The API's request guard inside the WebUI, from the WebUI's own flags, and the problems found in them.
+
+    Host names: loopback, plus this machine's names and addresses with --listen (or the --server-name),
+    plus --train-allowed-hosts; any name with --share or --ngrok, whose tunnel names are not known here (those
+    need credentials on the API anyway). Other origins: the WebUI's --cors-allow-origins and
+    --cors-allow-origins-regex, as its own CORS allows them; an entry that is not an origin is skipped and named.
+    """
+    from kohya_backend.service.guard import BadOrigin, GuardPolicy, configured_origins
+    from kohya_backend.service.hosts import answered_hosts
+
+    problems: list[str] = []
+    origins: list[str] = []
+    for item in str(getattr(cmd_opts, "cors_allow_origins", None) or "").split(","):
+        try:
+            origins += configured_origins([item], where="--cors-allow-origins")
+        except BadOrigin as exc:
+            problems.append(
+                f"Train Management: {exc.message}; it is not allowed on the REST API ({exc.hint})"
+            )
+    extra = tuple(
+        n.strip() for v in getattr(cmd_opts, "train_allowed_hosts", None) or () for n in v.split(",")
+    )
+    listen = "0.0.0.0" if getattr(cmd_opts, "listen", False) else "127.0.0.1"
+    bind = getattr(cmd_opts, "server_name", None) or listen  # the WebUI's own choice of address
+    tunnel = getattr(cmd_opts, "share", False) or getattr(cmd_opts, "ngrok", None)
+    policy = GuardPolicy(
+        hosts=None if tunnel else answered_hosts(bind, tuple(n for n in extra if n)),
+        origins=tuple(origins),
+        origin_regex=getattr(cmd_opts, "cors_allow_origins_regex", None) or None,
+    )
+    return policy, problems

@@ -16,7 +16,8 @@ COMMANDLINE_ENV = "COMMANDLINE_ARGS"
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    """Add --train-home, --train-worker (repeatable), --train-worker-token-file and --train-python."""
+    """Add --train-home, --train-worker (repeatable), --train-worker-token-file, --train-allowed-hosts and
+    --train-python."""
     parser.add_argument(
         "--train-home",
         type=str,
@@ -37,6 +38,14 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="FILE",
         help="Train Management: file holding the bearer token of the remote workers",
+    )
+    parser.add_argument(
+        "--train-allowed-hosts",
+        action="append",
+        default=None,
+        metavar="NAMES",
+        help="Train Management: more host names its REST API answers to (comma-separated, e.g. a reverse proxy's; "
+        "'*' for any); loopback names and, with --listen, this machine's names and addresses always count",
     )
     parser.add_argument(
         "--train-python",

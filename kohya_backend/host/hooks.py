@@ -131,6 +131,36 @@ def unload_before_start(
     return before
 
 
+TRAINER_HINT = (
+    "restart the WebUI with network access so that the extension's install.py sets up the trainer's "
+    "environment (see .venv-trainer/setup.log), or pass --train-python with an interpreter that has "
+    "requirements-trainer.txt installed"
+)
+SKIP_INSTALL_HINT = (
+    "the WebUI was started with --skip-install, so the extension's install.py never ran to set up the trainer's "
+    "environment: start the WebUI once without --skip-install (with network access), or pass --train-python with "
+    "an interpreter that has requirements-trainer.txt installed"
+)
+
+
+def trainer_hint(skip_install: bool) -> str:
+    """How to get a trainer's environment: the real cause first (--skip-install keeps install.py from running)."""
+    return SKIP_INSTALL_HINT if skip_install else TRAINER_HINT
+
+
+def trainer_problem(
+    resolve: Callable[[], tuple[list[str] | None, str | None]], hint: str
+) -> Callable[[], str | None]:
+    """Why local training is unavailable right now (the trainer's interpreter is missing) and what to do, or None:
+    what the Training Instance Type list shows next to this machine."""
+
+    def problem() -> str | None:
+        python, why = resolve()
+        return None if python is not None else f"{why}; {hint}"
+
+    return problem
+
+
 def use_trainer(
     resolve: Callable[[], tuple[list[str] | None, str | None]],
     apply: Callable[[list[str]], None],

@@ -46,6 +46,7 @@ class HostConfig:
     gpus: tuple[str, ...] = ()
     per_device: int = 1
     keep_epochs: bool = False
+    stall_after_s: float = 15 * 60.0
     s3_prefix: str = ""  # the WebUI's "S3 prefix" setting ('' : HOME/cloud.toml's, or none)
     sagemaker_role_arn: str = (
         ""  # the WebUI's SageMaker settings ('' : HOME/cloud.toml's [sagemaker], or none)
@@ -77,6 +78,7 @@ class HostRuntime:
         *,
         on_delivered: Callable[[Job, list[Path]], None] | None = None,
         before_local_start: Callable[[Job, str], None] | None = None,
+        local_problem: Callable[[], str | None] | None = None,
     ) -> TrainingService:
         """The service for `config`: the current one (settings and hooks updated), or a new one if folders changed."""
         with self._lock:
@@ -87,6 +89,7 @@ class HostRuntime:
             scheduler = self.service.scheduler
             scheduler.devices.update(local_devices(config.gpus, config.per_device))
             scheduler.keep_epochs = config.keep_epochs
+            scheduler.stall_after_s = config.stall_after_s
             if previous is not None and previous.s3_prefix != config.s3_prefix:
                 self.service.s3.use_setting(config.s3_prefix)
             if previous is not None and _sagemaker(previous) != _sagemaker(config):
@@ -94,6 +97,7 @@ class HostRuntime:
             self.set_python(config.python)
             scheduler.on_delivered = on_delivered
             scheduler.before_local_start = before_local_start
+            self.service.local_problem = local_problem
             self.config = config
             return self.service
 

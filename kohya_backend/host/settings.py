@@ -24,6 +24,8 @@ LORA_SUBFOLDER = "train_management_lora_subfolder"
 UNLOAD_MODEL = "train_management_unload_model"
 KEEP_EPOCHS = "train_management_keep_epochs"
 CONCURRENCY = "train_management_concurrency"
+STALL_MINUTES = "train_management_stall_minutes"
+MAX_STALL_MINUTES = 240
 S3_PREFIX = "train_management_s3_prefix"
 SAGEMAKER_ROLE_ARN = "train_management_sagemaker_role_arn"
 SAGEMAKER_IMAGE_URI = "train_management_sagemaker_image_uri"
@@ -84,6 +86,14 @@ SETTINGS: tuple[SettingSpec, ...] = (
         component_args={"minimum": 1, "maximum": MAX_CONCURRENCY, "step": 1},
     ),
     SettingSpec(
+        STALL_MINUTES,
+        15,
+        "Minutes without progress before a training is shown as stalled",
+        "slider",
+        info="loading and caching do not count; a stalled training is stopped at once when cancelled",
+        component_args={"minimum": 1, "maximum": MAX_STALL_MINUTES, "step": 1},
+    ),
+    SettingSpec(
         S3_PREFIX,
         "",
         "S3 prefix (its models/ and datasets/ join the Model and Dataset lists)",
@@ -117,6 +127,7 @@ class HostSettings:
     unload_model: bool = True
     keep_epochs: bool = False
     concurrency: int = 1
+    stall_minutes: int = 15
     s3_prefix: str = ""
     sagemaker_role_arn: str = ""
     sagemaker_image_uri: str = ""
@@ -136,6 +147,7 @@ class HostSettings:
             unload_model=_as_bool(get(UNLOAD_MODEL)),
             keep_epochs=_as_bool(get(KEEP_EPOCHS)),
             concurrency=_as_count(get(CONCURRENCY)),
+            stall_minutes=_as_count(get(STALL_MINUTES), default=15, most=MAX_STALL_MINUTES),
             s3_prefix=str(get(S3_PREFIX)).strip(),
             sagemaker_role_arn=str(get(SAGEMAKER_ROLE_ARN)).strip(),
             sagemaker_image_uri=str(get(SAGEMAKER_IMAGE_URI)).strip(),
@@ -148,13 +160,14 @@ def _as_bool(value: Any) -> bool:
     return bool(value)
 
 
-def _as_count(value: Any) -> int:
-    """A jobs-at-once count in 1..MAX_CONCURRENCY (sliders hand back floats; config.json may hold a string)."""
+def _as_count(value: Any, *, default: int = 1, most: int = MAX_CONCURRENCY) -> int:
+    """A whole number in 1..`most` (sliders hand back floats; config.json may hold a string); `default` when it is
+    none."""
     try:
         count = int(float(value))
     except (TypeError, ValueError):
-        return 1
-    return min(max(count, 1), MAX_CONCURRENCY)
+        return default
+    return min(max(count, 1), most)
 
 
 def home_folder(flag: str | None, setting: str, data_path: Path) -> Path:

@@ -29,6 +29,8 @@ Writer = Callable[[IO[bytes], bytes], object]
 CHUNK_BYTES = 1 << 20
 TOP_TAGS = 3
 _MAX_SUFFIX = 10_000
+GRID_SUFFIX = "-epochs.png"  # the trainer's epoch comparison grid in the job's output folder
+GRID_SIDECAR = ".epochs.png"  # the same beside the delivered LoRA
 _SD_VERSION = {"sd_1_5": "SD1", "sd_xl": "SDXL"}
 _REPEATS_PREFIX = re.compile(r"^\d+_")
 # Filesystems without hard links: fall back to an existence check plus rename.
@@ -151,6 +153,57 @@ def last_sample(job: Job) -> Path | None:
         return None
     pngs = [p for p in folder.glob("*.png") if p.is_file()]
     return max(pngs, key=lambda p: (p.stat().st_mtime_ns, p.name)) if pngs else None
+
+
+def grid_file(job: Job) -> Path | None:
+    """The job's epoch comparison grid (DIR/output/<output_name>-epochs.png), or None when it has none."""
+    path = job.folder / "output" / f"{job.output_name}{GRID_SUFFIX}"
+    return path if path.is_file() else None
+
+
+def saved_epochs(job: Job) -> dict[int, Path]:
+    """The epoch LoRAs (<output_name>-NNNNNN.safetensors) still in the job's output folder, by epoch."""
+    pattern = re.compile(rf"^{re.escape(job.output_name)}-(\d{{6}})\.safetensors$")
+    folder = job.folder / "output"
+    found = {}
+    for path in folder.glob("*.safetensors") if folder.is_dir() else []:
+        match = pattern.match(path.name)
+        if match and path.is_file():
+            found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def deliver_epoch(job: Job, epoch: int, lora_dir: Path, name: str) -> Path:
+    """One saved epoch of a delivered job in the Lora folder, as `keep_epochs` would have placed it
+    (<name>-epochs/<name>-NNNNNN.safetensors): the file already there, or copied now (atomically, never over
+    another file). `name` is the delivered LoRA's name."""
+    source = saved_epochs(job).get(epoch)
+    if source is None:
+        raise TrainingError(
+            f"job {job.id} has no saved epoch {epoch}",
+            f"saved epochs: {', '.join(map(str, saved_epochs(job))) or 'none'} (save_every_n_epochs saves them)",
+        )
+    folder = lora_dir / f"{name}-epochs"
+    dest = folder / f"{name}-{epoch:06d}.safetensors"
+    if dest.is_file() and dest.stat().st_size == source.stat().st_size:
+        return dest
+    folder.mkdir(parents=True, exist_ok=True)
+    batch = _Batch(folder, _plain_write)
+    try:
+        tmp = batch.copy(source, folder)
+        for candidate in _candidates(dest.stem):
+            if _place(tmp, folder / f"{candidate}.safetensors"):
+                batch.temps.remove(tmp)
+                _fsync_dir(folder)
+                return folder / f"{candidate}.safetensors"
+    except OSError as exc:
+        batch.rollback()
+        raise TrainingError(
+            f"could not copy epoch {epoch} of job {job.id} to {folder}: {exc.strerror or exc}",
+            "free space in (or fix the permissions of) the Lora folder",
+        ) from exc
+    batch.rollback()
+    raise TrainingError(f"no free file name for {dest.stem} in {folder}", "clean up the Lora folder")
 
 
 def epoch_files(job: Job, final: Path) -> list[Path]:
@@ -287,7 +340,8 @@ def deliver(
     preferred_weight: float = 1.0,
     write: Writer | None = None,
 ) -> list[Path]:
-    """Copy the job's final LoRA, <name>.json and <name>.preview.png into `lora_dir`; return the paths written.
+    """Copy the job's final LoRA, <name>.json, <name>.preview.png and <name>.epochs.png (the epoch comparison grid,
+    when the trainer made one) into `lora_dir`; return the paths written.
 
     The name is the job's output name, or name-1, name-2, ... when a file of that name exists (Forge caches LoRAs
     by name, so an existing file is never replaced). With `keep_epochs`, intermediate saves go to <name>-epochs/.
@@ -309,6 +363,12 @@ def deliver(
         _place_required(batch, side_tmp, lora_dir / f"{name}.json")
         if preview_tmp is not None:
             _place_required(batch, preview_tmp, lora_dir / f"{name}.preview.png")
+        grid = grid_file(job)
+        if grid is not None:  # beside the LoRA; a file already of that name is left alone
+            grid_tmp = batch.copy(grid, lora_dir)
+            if _place(grid_tmp, lora_dir / f"{name}{GRID_SIDECAR}"):
+                batch.placed.append(lora_dir / f"{name}{GRID_SIDECAR}")
+                batch.temps.remove(grid_tmp)
         if keep_epochs:
             _deliver_epochs(batch, job, final, lora_dir, name)
         _fsync_dir(lora_dir)

@@ -201,6 +201,9 @@ def summarize(events: list[dict[str, Any]], warnings: list[str]) -> EventSummary
         elif kind == "sample" and isinstance(event.get("path"), str):
             summary.outputs.append(event["path"])
             progress["last_sample"] = event["path"]
+        elif kind == "grid" and isinstance(event.get("path"), str):  # the epoch comparison grid
+            summary.outputs.append(event["path"])
+            progress["grid"] = event["path"]
         elif kind == "state_saved":
             progress["state"] = event.get("path")
         elif kind == "warning":

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
 import secrets
 import threading
@@ -28,11 +27,11 @@ from kohya_backend.jobs.worker_protocol import (
     read_token,
     validate_worker_name,
 )
+from kohya_backend.locks import file_lock
 
 log = logging.getLogger(__name__)
 
 REGISTRY_NAME = "workers.json"
-_LOCK_SUFFIX = ".lock"
 
 
 class WorkerNotFound(TrainManagementError):
@@ -77,29 +76,16 @@ def default_worker_name(url: str) -> str:
     return validate_worker_name(name[:63] or "worker")
 
 
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on PATH.lock (created 0600) across processes; no-op where flock is missing."""
-    if os.name != "posix":
-        yield
-        return
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.with_name(path.name + _LOCK_SUFFIX), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def _check_token(token: object) -> str:
-    if not isinstance(token, str) or not token.strip() or any(c.isspace() for c in token.strip()):
+    """The token stripped; refused when empty or holding what an Authorization header cannot carry (spaces,
+    control characters, anything outside printable ASCII)."""
+    text = token.strip() if isinstance(token, str) else ""
+    if not text or not all("!" <= c <= "~" for c in text):
         raise TrainManagementError(
-            "the worker token is empty or contains spaces", "paste the token from the worker's token file"
+            "the worker token is empty or holds spaces, control characters or characters outside ASCII",
+            "paste the token from the worker's token file",
         )
-    return token.strip()
+    return text
 
 
 def _name_for(

@@ -119,16 +119,28 @@ class RemoteRunner:
         """Refuse an instance type naming no registered worker (or the pool while none is registered)."""
         target = _target(instance_type)
         if target is not None:
-            self._registered(target)
+            if self.registry.get(target) is None:
+                known = [POOL, *(_device(e.name) for e in self.registry.entries())]
+                raise WorkerNotFound(
+                    f"instance type {instance_type!r}: no worker named {target!r} is registered (never added, or removed "
+                    "or renamed since)",
+                    f"add it (`workers add URL --name {target}`), or choose one of: " + ", ".join(known),
+                    web_hint=f"open *Remote GPU workers* and add the worker with the name {target!r}, or choose "
+                    "another Training Instance Type",
+                )
             state = self.pool.states().get(target)
             if state is not None and state.state == "unauthorized":
                 raise TrainManagementError(
                     f"worker {target!r} refused its token at the last check ({state.error})",
-                    "add it again with the token from the worker's token file (Settings, or `workers add URL`)",
+                    "add it again with the token from the worker's token file (`workers add URL --token-file F`)",
+                    web_hint=f"open *Remote GPU workers*, paste {target}'s URL and the token from its token file, "
+                    "and press **Add worker**",
                 )
         elif not self.registry.entries():
             raise TrainManagementError(
-                "no remote worker is registered", "add one (Settings, `workers add URL`, or --train-worker)"
+                "no remote worker is registered",
+                "add one (`workers add URL`, or --train-worker)",
+                web_hint="open *Remote GPU workers*, paste a worker's URL and token, and press **Add worker**",
             )
 
     def _own_active(self) -> dict[str, int]:
@@ -210,6 +222,8 @@ class RemoteRunner:
                 f"worker {name!r} is not registered any more (removed, or added again under another name)",
                 f"add it again as {name!r} (`workers add URL --name {name}`), or submit the job again to one of: "
                 + ", ".join(known),
+                web_hint=f"open *Remote GPU workers* and add it again with the name {name!r}, or choose another "
+                "Training Instance Type and submit the job again",
             )
         return entry
 

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from kohya_backend.errors import TrainManagementError
-from kohya_backend.jobs.registry import WorkerEntry, WorkerRegistry, file_lock
+from kohya_backend.jobs.registry import WorkerEntry, WorkerRegistry
 from kohya_backend.jobs.runner import read_json, write_json_atomic
 from kohya_backend.jobs.store import validate_job_id
 from kohya_backend.jobs.worker_client import WorkerClient, WorkerRejected, WorkerUnreachable
+from kohya_backend.locks import file_lock
 
 log = logging.getLogger(__name__)
 

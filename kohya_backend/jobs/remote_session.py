@@ -365,7 +365,7 @@ class RemoteSession(threading.Thread):
             for key in ("path", "output"):
                 if key in event:
                     local = self._local_path(event[key])
-                    if local is not None and event.get("kind") in ("saved", "sample"):
+                    if local is not None and event.get("kind") in ("saved", "sample", "grid"):
                         self._fetch(remote_id, local)
                     event[key] = str(local) if local is not None else None
             lines.append(json.dumps(event) + "\n")

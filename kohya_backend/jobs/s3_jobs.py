@@ -37,7 +37,6 @@ from kohya_backend.jobs.runner import (
     write_json_atomic,
 )
 from kohya_backend.jobs.store import CONFIG_NAME, Job
-from kohya_backend.storage.cache import link_file
 from kohya_backend.storage.settings import S3Access
 from kohya_backend.storage.sync import sync_prefix
 from kohya_backend.storage.uri import S3Uri, is_s3_uri, parse_s3_uri, safe_relative_key
@@ -158,9 +157,8 @@ def stage_inputs(
             report(stats.total, stats.total, force=True)
         else:
             info = files[key]
-            cached = cache.fetch(client, info, progress=report, cancelled=cancelled)
             dest = stage_dir / key / names[key]
-            link_file(cached.path, dest)
+            cached = cache.fetch(client, info, dest, progress=report, cancelled=cancelled)
             staged.total += info.size
             staged.fetched += cached.fetched
             staged.by_key[key] = {"bytes": info.size, "fetched": cached.fetched, "files": 1}

@@ -2,7 +2,9 @@
 under the app's S3 prefix, what SageMaker's statuses mean for ours, and what its errors mean for the user.
 
 Layout under the prefix: `sagemaker/inputs/<digest>/...` holds the channels (content-addressed: the digest is the
-sha256 of the files' names and hashes, so a model or dataset already there is never sent again), and
+sha256 of the files' names and hashes, so a model or dataset already there is never sent again), including the
+manifests of inputs already on S3 (a ManifestFile channel names exactly one object, where an S3Prefix channel on its
+key would also copy `x.safetensors.old` beside it), and
 `sagemaker/jobs/<job id>/` the job's checkpoints (CheckpointConfig) and outputs (S3OutputPath). Every attempt of a
 job (a Resume is a new training job) shares the checkpoint prefix, so it continues from the saved state.
 """
@@ -10,6 +12,7 @@ job (a Resume is a new training job) shares the checkpoint prefix, so it continu
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -28,6 +31,7 @@ from kohya_backend.jobs.sagemaker_protocol import (
 )
 from kohya_backend.jobs.sagemaker_settings import SageMakerSettings
 from kohya_backend.jobs.store import Job
+from kohya_backend.storage.client import from_aws_sdk
 from kohya_backend.storage.uri import S3Uri
 
 LOG_GROUP = "/aws/sagemaker/TrainingJobs"
@@ -86,6 +90,26 @@ class JobLayout:
         return self.inputs.child(f"{digest}/")
 
 
+S3_PREFIX = "S3Prefix"
+MANIFEST_FILE = "ManifestFile"
+
+
+@dataclass(frozen=True)
+class ChannelSource:
+    """A channel's S3DataSource: every object below a prefix (S3Prefix), or those a manifest object lists."""
+
+    uri: S3Uri
+    data_type: str = S3_PREFIX
+
+
+def object_manifest(uri: S3Uri) -> bytes:
+    """A ManifestFile naming exactly the object `uri`: its folder as the prefix, its name as the one suffix (SageMaker
+    copies it into the channel's folder under that name)."""
+    folder, _, name = uri.key.rpartition("/")
+    prefix = f"s3://{uri.bucket}/{folder + '/' if folder else ''}"
+    return json.dumps([{"prefix": prefix}, name], ensure_ascii=False).encode("utf-8")
+
+
 def channel_digest(files: Iterable[tuple[str, str, int]]) -> str:
     """The content address of a channel: sha256 of its (relative path, sha256, size) lines, sorted."""
     lines = sorted(f"{rel}\0{sha}\0{size}\n" for rel, sha, size in files)
@@ -113,7 +137,7 @@ def create_request(
     choice: InstanceChoice,
     settings: SageMakerSettings,
     layout: JobLayout,
-    channels: Mapping[str, S3Uri],
+    channels: Mapping[str, ChannelSource],
     input_bytes: int,
 ) -> dict[str, Any]:
     """The CreateTrainingJob arguments of one attempt of `job`."""
@@ -137,14 +161,14 @@ def create_request(
                 "ChannelName": channel,
                 "DataSource": {
                     "S3DataSource": {
-                        "S3DataType": "S3Prefix",
-                        "S3Uri": str(uri),
+                        "S3DataType": source.data_type,
+                        "S3Uri": str(source.uri),
                         "S3DataDistributionType": "FullyReplicated",
                     }
                 },
                 "InputMode": "File",
             }
-            for channel, uri in sorted(channels.items())
+            for channel, source in sorted(channels.items())
         ],
         "OutputDataConfig": {"S3OutputPath": str(layout.output).rstrip("/")},
         "ResourceConfig": {
@@ -228,6 +252,14 @@ def explain(exc: BaseException, action: str) -> SageMakerError:
             code=type(exc).__name__,
         )
     code = error_code(exc)
+    if not code and not from_aws_sdk(
+        exc
+    ):  # a failure on this machine ("Disk quota exceeded" is not AWS's quota)
+        return SageMakerError(
+            f"{action} failed on this machine: {type(exc).__name__}: {exc}",
+            "see the host's log; resume the job to try again",
+            code=type(exc).__name__,
+        )
     response = getattr(exc, "response", None)
     text = str((response.get("Error") or {}).get("Message") or "") if isinstance(response, dict) else str(exc)
     where = f"{action}: {text}" if text else action

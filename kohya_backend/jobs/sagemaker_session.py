@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -49,7 +50,10 @@ from kohya_backend.jobs.sagemaker_protocol import (
 )
 from kohya_backend.jobs.sagemaker_request import (
     LOG_GROUP,
+    MANIFEST_FILE,
+    S3_PREFIX,
     TERMINAL,
+    ChannelSource,
     JobLayout,
     SageMakerError,
     channel_digest,
@@ -57,6 +61,7 @@ from kohya_backend.jobs.sagemaker_request import (
     explain,
     failure_hint,
     is_retryable,
+    object_manifest,
     our_state,
     status_message,
     training_job_name,
@@ -73,6 +78,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MODEL_ARCHIVE = "model.tar.gz"
+MANIFEST_NAME = "manifest.json"
 STAGING_DIR = ".sagemaker-model"
 _GIB = 1 << 30
 
@@ -99,13 +105,14 @@ class AwsClients:
 
 @dataclass(frozen=True)
 class Channel:
-    """One input channel: its S3 prefix and, for inputs on this machine, the files to upload there (path, key
-    below the prefix, sha256, size)."""
+    """One input channel: its S3DataSource (a prefix, or a manifest object), the files to upload for it (path,
+    object, sha256, size: inputs on this machine, or the manifest), and the bytes of objects already on S3."""
 
     name: str
     uri: S3Uri
-    files: tuple[tuple[Path, str, str, int], ...] = ()
+    files: tuple[tuple[Path, S3Uri, str, int], ...] = ()
     remote_bytes: int = 0
+    data_type: str = S3_PREFIX
 
     @property
     def size(self) -> int:
@@ -119,9 +126,9 @@ class Channel:
 
 
 def _local_channel(name: str, layout: JobLayout, local: LocalInput) -> Channel:
-    files = tuple((f.path, f.rel, f.sha256, f.size) for f in local.files)
-    digest = channel_digest((rel, sha, size) for _path, rel, sha, size in files)
-    return Channel(name, layout.channel(digest), files)
+    digest = channel_digest((f.rel, f.sha256, f.size) for f in local.files)
+    prefix = layout.channel(digest)
+    return Channel(name, prefix, tuple((f.path, prefix.child(f.rel), f.sha256, f.size) for f in local.files))
 
 
 class AwsLost(Exception):
@@ -294,9 +301,19 @@ class SageMakerSession(threading.Thread):
         return channels
 
     def _s3_channel(self, name: str, uri: S3Uri) -> Channel:
-        """An input already on S3, used where it is: an object, or (dataset-like) everything below a prefix."""
+        """An input already on S3, used where it is: one object through a manifest naming exactly it (an S3Prefix on
+        its key would also copy `x.safetensors.old`), or (dataset-like) everything below a prefix."""
         if name not in FOLDER_CHANNELS:
-            return Channel(name, uri, remote_bytes=self.clients.s3.head(uri).size)
+            size = self.clients.s3.head(uri).size
+            data = object_manifest(uri)
+            path = self.job.folder / f"sagemaker-{name}.manifest"
+            path.write_bytes(data)
+            sha = hashlib.sha256(data).hexdigest()
+            manifest = self.layout.channel(channel_digest([(MANIFEST_NAME, sha, len(data))])).child(
+                MANIFEST_NAME
+            )
+            files = ((path, manifest, sha, len(data)),)
+            return Channel(name, manifest, files, remote_bytes=size, data_type=MANIFEST_FILE)
         prefix = S3Uri(uri.bucket, uri.prefix())
         return Channel(
             name, prefix, remote_bytes=sum(info.size for info in self.clients.s3.list_objects(prefix))
@@ -307,7 +324,7 @@ class SageMakerSession(threading.Thread):
         total = sum(c.size for c in channels)
         done, sent = 0, 0
         for channel in channels:
-            for path, rel, digest, size in channel.files:
+            for path, target, digest, size in channel.files:
                 base = done
 
                 def progress(now: int, _size: int, base: int = base) -> None:
@@ -315,7 +332,7 @@ class SageMakerSession(threading.Thread):
 
                 if self.clients.s3.upload_file(
                     path,
-                    channel.uri.child(rel),
+                    target,
                     sha256=digest,
                     progress=progress,
                     cancelled=self._upload_cancelled,
@@ -373,7 +390,7 @@ class SageMakerSession(threading.Thread):
                 choice=self.choice,
                 settings=self.settings,
                 layout=self.layout,
-                channels={c.name: c.uri for c in channels},
+                channels={c.name: ChannelSource(c.uri, c.data_type) for c in channels},
                 input_bytes=sum(c.input_bytes for c in channels),
             )
             try:
@@ -426,7 +443,7 @@ class SageMakerSession(threading.Thread):
         delay, seen, stop_sent = self.options.poll_min_s, None, False
         while True:
             if self.cancel_requested.is_set() and not stop_sent:
-                self._stop(name)
+                self._stop_training_job(name)
                 stop_sent = True
             described = self._describe(name)
             if described is None:
@@ -446,7 +463,7 @@ class SageMakerSession(threading.Thread):
                 raise _Stopped()
             delay = min(delay * 1.5, self.options.poll_max_s)
 
-    def _stop(self, name: str) -> None:
+    def _stop_training_job(self, name: str) -> None:
         try:
             self._call(
                 f"stopping SageMaker training job {name}",

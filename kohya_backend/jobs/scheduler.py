@@ -39,7 +39,7 @@ from kohya_backend.jobs.runner import (
     read_json,
 )
 from kohya_backend.jobs.states import InvalidTransition, JobStatus
-from kohya_backend.jobs.store import Job, JobNotFound, JobStore
+from kohya_backend.jobs.store import Job, JobNotFound, JobStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,10 @@ def default_devices() -> dict[str, int]:
 HEARTBEAT_S = 5.0
 LOCK_NAME = "scheduler.lock"
 DEFAULT_CANCEL_GRACE_S = 60.0
+STORE_BACKOFF_MAX_S = 60.0  # the longest pause while the job database cannot be used
+DEFAULT_STALL_AFTER_S = 15 * 60.0  # a training silent this long is shown as stalled
+STALL_LOG_LINES = 10
+_SLOW_PHASES = frozenset({"loading", "caching", "starting"})  # may be long and silent without being stuck
 _RUNNING = frozenset({JobStatus.PREPARING, JobStatus.TRAINING, JobStatus.SAVING})
 _PAGE = 1000
 
@@ -186,6 +190,8 @@ class _Run:
     device: str
     signalled: bool = False
     last_heartbeat: float = field(default_factory=time.monotonic)
+    last_event: float = field(default_factory=time.monotonic)  # when the trainer last reported anything
+    stalled: bool = False
 
 
 class Scheduler:
@@ -197,6 +203,8 @@ class Scheduler:
     `on_delivered(job, paths)` runs (e.g. to refresh the WebUI's Lora list). `before_local_start(job, device)`
     runs while the job is still queued, just before the local runner launches its trainer (e.g. to unload the
     WebUI's model); StartDeferred from it keeps the job queued until a later tick, any other error fails the job.
+    A training whose trainer reports nothing for `stall_after_s` (loading and caching aside) is marked stalled in
+    its progress, and a cancel then stops it without the grace period.
     """
 
     def __init__(
@@ -212,6 +220,7 @@ class Scheduler:
         on_delivered: Callable[[Job, list[Path]], None] | None = None,
         before_local_start: Callable[[Job, str], None] | None = None,
         unique_names: bool = True,
+        stall_after_s: float = DEFAULT_STALL_AFTER_S,
     ) -> None:
         self.store = store
         self.runners: dict[str, Runner] = {r.name: r for r in runners}
@@ -226,6 +235,7 @@ class Scheduler:
         self.lora_dir = lora_dir
         self.poll_interval_s = poll_interval_s
         self.cancel_grace_s = cancel_grace_s
+        self.stall_after_s = stall_after_s
         self.keep_epochs = keep_epochs
         self.on_delivered = on_delivered
         self.before_local_start = before_local_start
@@ -239,6 +249,8 @@ class Scheduler:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._home_lock: IO[str] | None = None
+        self._busy_warned = False
+        self._store_failures = 0
 
     # -- commands (any thread) ------------------------------------------------------------------------------
 
@@ -325,9 +337,16 @@ class Scheduler:
         job = self.store.transition(
             job_id, JobStatus.QUEUED, "resume requested", expect=JobStatus.resumable()
         )
-        self.store.update_progress(
-            job_id, {"resume": True, "error": None, "phase": "queued"}, heartbeat=False
-        )
+        # The last run's speed and ETA are not this run's: the row shows none until the trainer reports again.
+        fresh = {
+            "resume": True,
+            "error": None,
+            "phase": "queued",
+            "it_per_s": None,
+            "eta_s": None,
+            "stalled": None,
+        }
+        self.store.update_progress(job_id, fresh, heartbeat=False)
         self._wake.set()
         return self.store.get(job.id)
 
@@ -364,18 +383,33 @@ class Scheduler:
             self._release_home()
 
     def _loop(self) -> None:
-        warned = False
         while not self._stopping.is_set():
-            try:
-                self.tick()
-            except SchedulerBusy as exc:  # another host schedules this home; take over when it goes
-                if not warned:
-                    log.warning("%s", exc)
-                    warned = True
-            except Exception:  # the thread must outlive any one bad tick; the next one tries again
-                log.exception("scheduler tick failed")
-            self._wake.wait(self.poll_interval_s)
+            self._wake.wait(self.run_once())
             self._wake.clear()
+
+    def run_once(self) -> float:
+        """One tick of the thread, its trouble logged; the seconds to wait before the next one.
+
+        A job database that cannot be used (a full disk, a read-only or broken file) is waited out with a growing
+        pause, logged once per attempt without a traceback, instead of failing every poll interval.
+        """
+        try:
+            self.tick()
+        except SchedulerBusy as exc:  # another host schedules this home; take over when it goes
+            if not self._busy_warned:
+                log.warning("%s", exc)
+                self._busy_warned = True
+        except StoreError as exc:
+            self._store_failures += 1
+            wait = min(STORE_BACKOFF_MAX_S, self.poll_interval_s * 2**self._store_failures)
+            log.warning("the job database cannot be used (%s); trying again in %.0f s", exc.message, wait)
+            return wait
+        except Exception:  # the thread must outlive any one bad tick; the next one tries again
+            log.exception("scheduler tick failed")
+        if self._store_failures:
+            log.warning("the job database answers again; scheduling goes on")
+            self._store_failures = 0
+        return self.poll_interval_s
 
     def _lock_home(self) -> None:
         """Hold home/scheduler.lock: one scheduler per store; the kernel frees it when its process dies."""
@@ -466,13 +500,16 @@ class Scheduler:
         run = self._runs[job_id]
         job = self._ingest(job_id)
         if job.status is JobStatus.CANCELLING and not run.signalled:
-            run.runner.cancel(run.handle, grace_s=self.cancel_grace_s)
+            # A stalled trainer would not get to saving its state: stop it at once rather than after the grace.
+            stalled = run.stalled or bool(job.progress.get("stalled"))
+            run.runner.cancel(run.handle, grace_s=0.0 if stalled else self.cancel_grace_s)
             run.signalled = True
         status = run.runner.poll(run.handle)
         if status.alive:
             if time.monotonic() - run.last_heartbeat >= HEARTBEAT_S:
                 self.store.update_progress(job_id, {}, heartbeat=True)
                 run.last_heartbeat = time.monotonic()
+            self._check_stall(job, run)
             return
         job = self._ingest(job_id)  # whatever it wrote between the first read and its exit
         del self._runs[job_id]
@@ -492,11 +529,39 @@ class Scheduler:
             job = self._advance(job, JobStatus.TRAINING, "training: first step done")
         if summary.final_saved:
             job = self._advance(job, JobStatus.SAVING, "saving: the final LoRA is written")
+        run = self._runs.get(job_id)
+        if run is not None:
+            run.last_heartbeat = run.last_event = time.monotonic()
+            if run.stalled:  # it reports again
+                run.stalled = False
+                summary.progress["stalled"] = None
+                log.info("job %s: its trainer reports progress again", job_id)
         self.store.update_progress(job_id, summary.progress, heartbeat=True)
         self.store.record_event_offset(job_id, done)
-        if job_id in self._runs:
-            self._runs[job_id].last_heartbeat = time.monotonic()
         return self.store.get(job_id)
+
+    def _check_stall(self, job: Job, run: _Run) -> None:
+        """Mark a training whose trainer reported nothing for `stall_after_s` as stalled (progress["stalled"]:
+        since when, and its log's last lines). Loading and caching (before the first step) never count."""
+        if run.stalled or job.status not in (JobStatus.TRAINING, JobStatus.SAVING):
+            return
+        if job.progress.get("phase") in _SLOW_PHASES:
+            return
+        silent = time.monotonic() - run.last_event
+        if silent < self.stall_after_s:
+            return
+        run.stalled = True
+        stalled = {
+            "since": time.time() - silent,
+            "silent_s": round(silent),
+            "log_tail": log_tail(job.folder, STALL_LOG_LINES),
+        }
+        self.store.update_progress(job.id, {"stalled": stalled}, heartbeat=False)
+        log.warning(
+            "job %s: no progress from its trainer for %.0f minutes (stalled); cancelling stops it at once",
+            job.id,
+            silent / 60,
+        )
 
     def _advance(self, job: Job, target: JobStatus, reason: str) -> Job:
         """Walk preparing -> training -> saving up to `target`; other states (e.g. cancelling) stay."""

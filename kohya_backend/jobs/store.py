@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import errno
 import json
 import os
 import re
@@ -54,7 +55,17 @@ class JobActive(TrainManagementError):
 
 
 class StoreError(TrainManagementError):
-    """The job database cannot be opened, migrated or written."""
+    """The job database (or a job folder) cannot be opened, migrated or written: the server's trouble, not the
+    request's, so the API answers 503 and a client may try again once it is fixed."""
+
+    http_status = 503
+
+
+def _folder_error(exc: OSError, folder: Path) -> StoreError:
+    """A job folder that cannot be written, said plainly (a full disk names the folder)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreError(f"no space left on device in {folder}", "free space on that disk, then try again")
+    return StoreError(f"cannot write the job folder {folder}: {exc.strerror or exc}", _DB_HINT)
 
 
 def _migration_1(conn: sqlite3.Connection) -> None:
@@ -420,9 +431,15 @@ class JobStore:
     ) -> Job:
         """Store a new queued job and its folder with config.toml; the first transition is None -> queued."""
         params_json = _check_json_object("params", params)
-        job_id, folder = self._new_folder()
         try:
-            _atomic_write_text(folder / CONFIG_NAME, config_toml)
+            job_id, folder = self._new_folder()
+        except OSError as exc:
+            raise _folder_error(exc, self.jobs_root) from exc
+        try:
+            try:
+                _atomic_write_text(folder / CONFIG_NAME, config_toml)
+            except OSError as exc:
+                raise _folder_error(exc, folder) from exc
             now = time.time()
             with self._write() as conn:
                 conn.execute(

@@ -91,6 +91,11 @@ def _open_clip_merges(path: str) -> tuple[str, ...]:
     return tuple(lines[1 : _CLIP_MERGE_COUNT + 1])
 
 
+def open_clip_merges(path: str) -> tuple[str, ...]:
+    """The merges CLIP uses from open-clip-torch's BPE vocabulary file (read once per path)."""
+    return _open_clip_merges(path)
+
+
 def open_clip_vocab_path() -> Path | None:
     """The CLIP BPE vocabulary file shipped by the installed open-clip-torch package (not imported), if any."""
     spec = importlib.util.find_spec("open_clip")

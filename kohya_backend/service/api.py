@@ -9,19 +9,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Header, Query, Response
 from pydantic import BaseModel
 
 from kohya_backend.service.datasets_api import add_dataset_routes
 from kohya_backend.service.http_errors import http_errors
 from kohya_backend.service.s3_api import add_s3_routes, s3_fields
 from kohya_backend.service.streams import add_stream_routes
+from kohya_backend.service.text import TextCheckedRoute
 from kohya_backend.service.training import Submission, TrainingService
 from kohya_backend.service.workers_api import create_workers_router
 
 API_PREFIX = "/train-management/v1"
 API_VERSION = "1.0"
 _STATUS_QUERY = Query(None, description="only jobs in these states (repeat, or comma-separated)")
+_IDEMPOTENCY_KEY = Header(
+    None,
+    description="a key per submission (e.g. a UUID): sent again, the same job comes back (200) instead of a new one",
+)
 
 
 class FormatRequest(BaseModel):
@@ -50,10 +55,11 @@ class TrainingRequest(BaseModel):
     config_params: str | dict[str, Any] = ""
 
 
-def create_router(service: TrainingService) -> APIRouter:
-    """The Train Management API. It checks no credentials itself: the app does, before any route runs (create_app's
-    BearerTokenMiddleware, or the host's dependencies in mount_api)."""
-    router = APIRouter(prefix=API_PREFIX)
+def create_router(service: TrainingService, *, prefix: str = API_PREFIX) -> APIRouter:
+    """The Train Management API under `prefix` ("" for an app mounted at API_PREFIX). It checks no credentials
+    itself: the app does, before any route runs (create_app's BearerTokenMiddleware, or the host's dependencies in
+    mount_api)."""
+    router = APIRouter(prefix=prefix, route_class=TextCheckedRoute)
 
     @router.get("/version")
     def version() -> dict[str, Any]:
@@ -88,6 +94,8 @@ def create_router(service: TrainingService) -> APIRouter:
     @router.post("/config/format")
     def format_config(body: FormatRequest) -> dict[str, Any]:
         with http_errors():
+            if body.model:  # the same family check a submission gets
+                service.check_model_family(body.model, body.fm_type)
             return service.format_config(
                 body.config_params,
                 body.fm_type,
@@ -97,18 +105,23 @@ def create_router(service: TrainingService) -> APIRouter:
             )
 
     @router.post("/trainings", status_code=201)
-    def create_training(body: TrainingRequest) -> dict[str, Any]:
+    def create_training(
+        body: TrainingRequest, response: Response, idempotency_key: str | None = _IDEMPOTENCY_KEY
+    ) -> dict[str, Any]:
         params = body.training_params
         with http_errors():
-            job = service.submit(
+            job, created = service.submit_once(
                 Submission(
                     model=params.model,
                     dataset=params.dataset,
                     fm_type=params.fm_type,
                     config_params=body.config_params,
                     instance_type=params.training_instance_type,
-                )
+                ),
+                idempotency_key,
             )
+            if not created:
+                response.status_code = 200
             return {"job": service.show(job.id)}
 
     @router.get("/trainings")

@@ -1,4 +1,5 @@
-"""Bearer-token checking as ASGI middleware, shared by the standalone API and the remote worker."""
+"""Bearer tokens, shared by the standalone API and the remote worker: how strong one must be, and the ASGI
+middleware that checks it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,25 @@ import hmac
 
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from kohya_backend.errors import TrainManagementError
+
+MIN_TOKEN_CHARS = 16
+TOKEN_RECIPE = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+
+
+class WeakToken(TrainManagementError):
+    """A bearer token too short to guard a server others can reach."""
+
+
+def check_token(token: str, source: str, error: type[TrainManagementError] = WeakToken) -> str:
+    """`token` when it has at least MIN_TOKEN_CHARS characters; `error` naming `source` and how to make one."""
+    if len(token) < MIN_TOKEN_CHARS:
+        raise error(
+            f"{source} is shorter than {MIN_TOKEN_CHARS} characters",
+            f"use a long random token, e.g. `{TOKEN_RECIPE}`",
+        )
+    return token
 
 
 class BearerTokenMiddleware:

@@ -21,13 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
+import tomlkit
+from tomlkit.exceptions import ParseError
+
 from kohya_backend.data.archive import ArchiveLimits, copy_file, extract_zip, member_path
 from kohya_backend.data.images import IMAGE_EXTENSIONS, BadImageError, is_image_file, probe_image
 from kohya_backend.data.preprocess import Preprocess, preprocess_image
 from kohya_backend.data.scan import SUBSET_FOLDER, DatasetListing, check_caption_extension, list_dataset
 from kohya_backend.errors import ConfigError, DatasetError, TrainManagementError
 from kohya_backend.jobs.states import JobStatus
-from kohya_backend.jobs.store import JobStore
+from kohya_backend.jobs.store import Job, JobStore
 from kohya_backend.names import windows_name_problem
 from kohya_backend.service.home import DEFAULT_CAPTION_EXTENSION, Home, NotInHome
 from kohya_backend.service.tasks import Task, TaskRunner
@@ -160,6 +163,17 @@ class _StagingInUse:
         self._thread.join()
 
 
+def check_health_resolution(resolution: object) -> int:
+    """The training resolution a health report is made for: a multiple of 64 from 256 to 2048."""
+    whole = isinstance(resolution, int) and not isinstance(resolution, bool)
+    if isinstance(resolution, int) and whole and 256 <= resolution <= 2048 and resolution % 64 == 0:
+        return resolution
+    raise TrainManagementError(
+        f"resolution {resolution!r} is not a training resolution",
+        "use a multiple of 64 from 256 to 2048, e.g. 512 (SD 1.5) or 1024 (SDXL)",
+    )
+
+
 class DatasetService:
     """Creates, shows, validates, edits and deletes kohya-style datasets under `home.datasets`.
 
@@ -224,6 +238,28 @@ class DatasetService:
         self.folder(name)
         ext = check_caption_extension(caption_extension)
         return self.tasks.submit("dataset validation", functools.partial(self.validate, name, ext))
+
+    def start_health(
+        self, name: str, caption_extension: str = DEFAULT_CAPTION_EXTENSION, *, resolution: int = 512
+    ) -> str:
+        """health() on a background thread; returns the ticket for task()."""
+        self.folder(name)
+        ext = check_caption_extension(caption_extension)
+        check_health_resolution(resolution)
+        work = functools.partial(self.health, name, ext, resolution=resolution)
+        return self.tasks.submit("dataset health report", work)
+
+    def health(
+        self, name: str, caption_extension: str = DEFAULT_CAPTION_EXTENSION, *, resolution: int = 512
+    ) -> dict[str, Any]:
+        """The health report of dataset `name` for training at `resolution` (data/health.py): duplicates, sizes,
+        buckets, caption lengths, tags, missing captions, mismatched extensions."""
+        from kohya_backend.data.health import dataset_health
+
+        folder = self.folder(name)
+        check_health_resolution(resolution)
+        report = dataset_health(folder, check_caption_extension(caption_extension), resolution=resolution)
+        return {"name": name, **report}
 
     def task(self, ticket: str) -> Task:
         """A background task of this service: running, done (its result) or failed (its error)."""
@@ -339,20 +375,34 @@ class DatasetService:
     # -- changing ---------------------------------------------------------------------------------------------
 
     def _check_not_in_use(self, name: str) -> None:
+        """Refuse while a queued or running job reads this dataset's folder, however the job named it (another
+        spelling, a symlink to it, its reg_data_dir, a folder inside it or around it)."""
         if self.jobs is None:
             return
-        busy = list(JobStatus.busy())
-        users: builtins.list[str] = []
-        offset, total = 0, 1
-        while offset < total:
-            jobs, total = self.jobs.list(status=busy, offset=offset, limit=500)
-            users += [job.id for job in jobs if job.dataset == name]
-            offset += len(jobs) or total
+        folder = Path(os.path.realpath(self.folder(name)))
+        users = [job.id for job in self.jobs.iter_jobs(status=JobStatus.busy()) if self._reads(job, folder)]
         if users:
             raise DatasetInUse(
                 f"dataset {name!r} is used by job(s) {', '.join(users)} that are queued or training",
                 "wait until they finish, or cancel them first",
             )
+
+    def _reads(self, job: Job, folder: Path) -> bool:
+        """Whether `job` reads images from `folder` (or a folder inside or around it), symlinks resolved."""
+        used = [self.home.datasets / job.dataset]
+        reg = None
+        if "reg_data_dir" in job.config_toml:  # parsing every busy job's TOML would be slow for nothing
+            try:
+                reg = tomlkit.parse(job.config_toml).get("reg_data_dir")
+            except ParseError:
+                reg = None
+        if isinstance(reg, str) and reg:
+            used.append(self.home.datasets / reg)  # an absolute path stays itself
+        for path in used:
+            real = Path(os.path.realpath(path))
+            if real == folder or folder in real.parents or real in folder.parents:
+                return True
+        return False
 
     def write_caption(
         self, name: str, image: str, text: str, caption_extension: str = DEFAULT_CAPTION_EXTENSION

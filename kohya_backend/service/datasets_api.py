@@ -65,6 +65,11 @@ def add_dataset_routes(router: APIRouter, service: TrainingService, guarded: lis
         with http_errors():
             return {"report": datasets.validate(name, caption_extension, verify_images=verify)}
 
+    @router.get("/datasets/{name}/health", dependencies=guarded)
+    def dataset_health(name: str, caption_extension: str = ".txt", resolution: int = 512) -> dict[str, Any]:
+        with http_errors():
+            return {"health": datasets.health(name, caption_extension, resolution=resolution)}
+
     @router.get("/datasets/{name}/images/{image:path}", dependencies=guarded)
     def dataset_image(name: str, image: str) -> Response:
         with http_errors():

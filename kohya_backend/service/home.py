@@ -35,6 +35,32 @@ class NotInHome(TrainManagementError):
     http_status = 404
 
 
+MAX_NAME_BYTES = 255  # one file or folder name (NAME_MAX on Linux and macOS; 255 UTF-16 units on Windows)
+MAX_PATH_BYTES = 4095  # a whole path (PATH_MAX on Linux, less its terminating NUL)
+
+
+def _size(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _check_length(path: Path, what: str) -> None:
+    """PathOutsideHome when `path` (or one of its names) is longer than any file system holds: such a path names
+    nothing, and asking the file system about it raises ENAMETOOLONG (a 500) instead of answering "no such file"."""
+    longest = max(path.parts, key=_size, default="")
+    if _size(longest) > MAX_NAME_BYTES:
+        shown = longest if len(longest) <= 40 else f"{longest[:40]}..."
+        raise PathOutsideHome(
+            f"{what} holds the name {shown!r} of {_size(longest)} bytes: a file or folder name has at most "
+            f"{MAX_NAME_BYTES}",
+            "use a shorter name",
+        )
+    if _size(str(path)) > MAX_PATH_BYTES:
+        raise PathOutsideHome(
+            f"{what} is a path of {_size(str(path))} bytes: a path has at most {MAX_PATH_BYTES}",
+            "use a shorter name",
+        )
+
+
 @dataclass(frozen=True)
 class _Cached:
     stamp: tuple[float, int]
@@ -104,12 +130,16 @@ class Home:
             raise PathOutsideHome(
                 f"{what} {text!r} is not a usable path", "give a name inside the home folders"
             )
-        path = Path(text).expanduser()
+        try:
+            path = Path(text).expanduser()
+        except (RuntimeError, KeyError):  # `~name` of no user: a name like any other
+            path = Path(text)
         if ".." in path.parts:
             raise PathOutsideHome(
                 f"{what} {text!r} contains '..'", f"name it relative to {roots[0]} without '..'"
             )
         candidate = path if path.is_absolute() else roots[0] / path
+        _check_length(candidate, what)
         if owner_links:
             resolved = Path(os.path.abspath(candidate))
             real_roots = [Path(os.path.abspath(r)) for r in roots]
@@ -151,6 +181,27 @@ class Home:
                 f"choose one of: {', '.join(known) or '(none: copy a dataset folder there)'}",
             )
         return path
+
+    def model_name(self, name: str) -> str:
+        """The canonical name of model `name`, however it was spelled (`./m.safetensors`, an absolute path inside a
+        root): its path relative to the model root it lies in. NotInHome when there is no such model."""
+        path = self.model_path(name)
+        for root in self.model_roots:
+            if _inside(path, Path(os.path.abspath(root))):
+                return path.relative_to(os.path.abspath(root)).as_posix()
+        return path.name  # not reached: model_path only finds files inside a root
+
+    def dataset_name(self, name: str) -> str:
+        """The canonical name of dataset `name`, however it was spelled (`./d`, `d/`, an absolute path inside
+        datasets/): its folder relative to datasets/. The datasets folder itself is not a dataset."""
+        path = self.dataset_path(name)
+        relative = path.relative_to(os.path.abspath(self.datasets)).as_posix()
+        if relative in ("", "."):
+            raise PathOutsideHome(
+                f"dataset {name!r} names the datasets folder itself, not a dataset in it",
+                f"choose one of: {', '.join(self.dataset_names()) or '(none yet)'}",
+            )
+        return relative
 
     def _model_files(self) -> list[tuple[str, Path]]:
         """(name, file) of every checkpoint under the model roots, by name; a name is relative to its root, and

@@ -1,6 +1,11 @@
 """What the API, the CLI and the tab do with S3 (one place, STYLE.md item 14): the prefix's models and datasets
 in the lists, checks of s3:// models and datasets at submission, and "Upload to S3" of a local dataset or model
 as a background task with progress.
+
+An s3:// value from the API, the tab or a remote client is read or written with this host's credentials, so it
+must lie in the area of the app's prefix its key may name (`confine`, S3_AREAS): models from `prefix/models/`,
+datasets from `prefix/datasets/`, LoRAs go to `prefix/loras/`. Nothing else the credentials reach (other buckets,
+other prefixes, the SageMaker runner's own `prefix/sagemaker/`) can be named; the local CLI is not confined.
 """
 
 from __future__ import annotations
@@ -11,13 +16,23 @@ from pathlib import Path
 from typing import Any
 
 from kohya_backend.errors import StorageError, TrainManagementError
-from kohya_backend.service.home import Home
+from kohya_backend.service.home import Home, PathOutsideHome
 from kohya_backend.service.tasks import TaskRunner
-from kohya_backend.storage.catalog import DATASETS, MODELS, S3Catalog, read_safetensors_keys
+from kohya_backend.storage.catalog import DATASETS, LORAS, MODELS, S3Catalog, read_safetensors_keys
 from kohya_backend.storage.settings import CloudSettings, S3Access, load_cloud_settings
-from kohya_backend.storage.uri import S3Uri, parse_s3_uri
+from kohya_backend.storage.uri import OutsideRoot, S3Uri, confine_uri, parse_s3_uri
 
 UPLOAD_KINDS = ("dataset", "model")
+# Config key -> the areas below the app's S3 prefix its s3:// value may name (the local roots' counterparts).
+S3_AREAS: dict[str, tuple[str, ...]] = {
+    "pretrained_model_name_or_path": (MODELS,),
+    "train_data_dir": (DATASETS,),
+    "reg_data_dir": (DATASETS,),
+    "network_weights": (MODELS, LORAS),
+    "sample_prompts": (MODELS, DATASETS),
+    "output_dir": (LORAS,),
+}
+_FOLDER_KEYS = frozenset({"train_data_dir", "reg_data_dir", "output_dir"})
 
 
 class NoPrefix(TrainManagementError):
@@ -81,6 +96,30 @@ class S3Assets:
                 'write [s3] uri = "s3://bucket/prefix" into HOME/cloud.toml',
             )
         return self.catalog
+
+    def confine(self, key: str, value: object, *, what: str | None = None) -> S3Uri:
+        """`value`, an s3:// URI a client gave for config key `key`, parsed, if it lies in an area of the app's prefix
+        that key may name (S3_AREAS; output_dir may be `prefix/loras/` itself); else PathOutsideHome saying where
+        it may point (S3UriError for text that is no valid URI)."""
+        label = what or key
+        areas = S3_AREAS.get(key)
+        if areas is None:
+            raise PathOutsideHome(
+                f"{label} cannot name an s3:// object", f"s3:// works for {', '.join(S3_AREAS)}"
+            )
+        if self.prefix is None:
+            raise PathOutsideHome(
+                f"{label} {str(value)[:200]!r} is on S3, but no S3 prefix is set: only objects below it may be named",
+                "set the S3 prefix (`serve --s3-uri`, the WebUI setting or HOME/cloud.toml) and put the object below "
+                "it, or name a local file",
+            )
+        roots = [self.prefix.child(f"{area}/") for area in areas]
+        try:
+            return confine_uri(
+                value, roots, what=label, folder=key in _FOLDER_KEYS, root_itself=key == "output_dir"
+            )
+        except OutsideRoot as exc:
+            raise PathOutsideHome(exc.message, exc.hint) from None
 
     # -- lists ----------------------------------------------------------------------------------------------
 

@@ -7,11 +7,15 @@ the checkpoint's family, scans the dataset for the plan, and queues the job thro
 
 from __future__ import annotations
 
+import builtins
+import logging
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import tomlkit
 
 from kohya_backend.config.parse import parse_config
 from kohya_backend.config.schema import SCHEMA
@@ -20,13 +24,25 @@ from kohya_backend.jobs.devices import detect_gpus, local_label, runs_fp16
 from kohya_backend.jobs.runner import EVENTS_NAME, LOG_NAME, PlacingRunner
 from kohya_backend.jobs.scheduler import Scheduler
 from kohya_backend.jobs.states import JobStatus
-from kohya_backend.jobs.store import Job, JobStore
+from kohya_backend.jobs.store import Job, JobStore, StoreError
 from kohya_backend.service.home import Home, PathOutsideHome
+from kohya_backend.service.idempotency import IdempotencyKeys, check_key, fingerprint
 from kohya_backend.service.s3_assets import S3Assets
 from kohya_backend.storage.uri import is_s3_uri, parse_s3_uri
 
 # Keys the server fills in from training_params (a client value must still stay inside the roots).
 _SERVER_PATHS = ("pretrained_model_name_or_path", "train_data_dir", "output_dir")
+log = logging.getLogger(__name__)
+KEYS_DIR = "idempotency-keys"  # HOME/idempotency-keys: the Idempotency-Key headers of POST /trainings
+KEYS_KEPT_S = 24 * 3600.0  # a deleted job's key is kept this long, then pruned at the next start
+_NAME_TRIES = 5
+_QUEUE_SCAN = 1000  # queued jobs numbered in the Trainings List (the store's largest page)
+
+
+def job_defaults(values: MutableMapping[str, Any]) -> None:
+    """What a job does unless its config says otherwise: save the small LoRA training state (at a cancel, at the
+    end of each epoch and at the end), so that Cancel -> Resume continues exactly where it stopped."""
+    values.setdefault("save_state", True)
 
 
 class OutputNameTaken(TrainManagementError):
@@ -61,7 +77,32 @@ def job_summary(job: Job) -> dict[str, Any]:
         "output_name": job.output_name,
         "progress": job.progress,
         "outputs": job.outputs,
+        # A training whose trainer reported nothing for a while: since when, and its log's last lines.
+        "stalled": (job.progress.get("stalled") or None) if job.status in JobStatus.active() else None,
     }
+
+
+def _stamp() -> str:
+    """The local date and time of an automatic output name (YYYYmmdd-HHMMSS)."""
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def _given_name(sub: Submission) -> str | None:
+    """The output_name config_params gives, if any (None: the service names the LoRA)."""
+    try:
+        name = parse_config(sub.config_params if sub.config_params != "" else {}).values.get("output_name")
+    except ConfigError:
+        return None
+    return str(name) if name else None
+
+
+def _config_doc(config_toml: str) -> tomlkit.TOMLDocument:
+    """A job's config as an editable TOML document, without the keys the server fills in and without `resume`."""
+    doc = tomlkit.parse(config_toml)
+    for key in (*_SERVER_PATHS, "resume"):
+        if key in doc:
+            del doc[key]
+    return doc
 
 
 def _config_issue(key: str, exc: TrainManagementError, positions: dict[str, tuple[int, int]]) -> ConfigIssue:
@@ -72,8 +113,9 @@ def _config_issue(key: str, exc: TrainManagementError, positions: dict[str, tupl
 class TrainingService:
     """Submits, lists, inspects, cancels, resumes and deletes jobs of one home folder.
 
-    `restrict_paths` False (the local CLI, run by the machine's owner) lets config_params name any path, as kohya's
-    tools do; model and dataset are still names under the home folder.
+    `restrict_paths` False (the local CLI, run by the machine's owner) lets config_params name any path or s3://
+    object, as kohya's tools do; model and dataset are still names under the home folder (or any s3:// URI). With
+    it, s3:// values must lie in the app's S3 prefix (S3Assets.confine).
     """
 
     def __init__(
@@ -83,7 +125,19 @@ class TrainingService:
         self.scheduler = scheduler
         self.store: JobStore = scheduler.store
         self.restrict_paths = restrict_paths
+        self.keys = IdempotencyKeys(home.root / KEYS_DIR, self.store)
+        self._prune_keys()
+        # Set by a host whose local trainer may be missing (the WebUI): why local training cannot run now, or None.
+        self.local_problem: Callable[[], str | None] | None = None
         self.s3 = s3 if s3 is not None else S3Assets.for_home(home)
+
+    def _prune_keys(self) -> None:
+        """Drop the Idempotency-Keys of deleted jobs once they are a day old (a client retries within minutes),
+        so HOME/idempotency-keys does not grow with every API submission ever made. Never fails a start."""
+        try:
+            self.keys.prune(time.time() - KEYS_KEPT_S)
+        except (OSError, StoreError) as exc:
+            log.warning("could not prune idempotency keys in %s: %s", self.keys.folder, exc)
 
     # -- models and datasets: the home's, plus the S3 prefix's (names are s3:// URIs) --------------------------
 
@@ -97,12 +151,20 @@ class TrainingService:
 
     def describe_model(self, name: str) -> dict[str, Any]:
         """A model's list entry (size, family or why it cannot be read), local or s3://."""
-        return self.s3.describe_model(name) if is_s3_uri(name) else self.home.describe_model(name)
+        if is_s3_uri(name):
+            return self.s3.describe_model(self._s3_value("pretrained_model_name_or_path", name, "model"))
+        return self.home.describe_model(name)
+
+    def _s3_value(self, key: str, value: object, what: str | None = None) -> str:
+        """An s3:// value for config key `key`, parsed and, when paths are restricted, inside the app's S3 prefix."""
+        if self.restrict_paths:
+            return str(self.s3.confine(key, value, what=what))
+        return str(parse_s3_uri(value, what=what or key))
 
     def _model_value(self, name: str) -> str:
         """The config value of a submitted model: its local path (NotInHome when missing), or its s3:// URI."""
         return (
-            str(parse_s3_uri(name, what="model"))
+            self._s3_value("pretrained_model_name_or_path", name, "model")
             if is_s3_uri(name)
             else self.home.model_path(name).as_posix()
         )
@@ -117,9 +179,14 @@ class TrainingService:
         else:
             check_family(Path(value), fm_type)
 
+    def check_model_family(self, model: str, fm_type: str) -> None:
+        """FamilyMismatchError (as a submission gets it) when model `model` is not of `fm_type`; NotInHome when
+        there is no such model."""
+        self._check_model(self._model_value(model), fm_type)
+
     def _dataset_value(self, name: str) -> str:
         if is_s3_uri(name):
-            return str(self.s3.check_dataset(name))
+            return str(self.s3.check_dataset(self._s3_value("train_data_dir", name, "dataset")))
         return self.home.dataset_path(name).as_posix()
 
     def _key_roots(self, key: str) -> list[Path]:
@@ -137,13 +204,20 @@ class TrainingService:
     ) -> None:
         """Resolve every path-valued key inside the home's roots (in place); raise PathOutsideHome listing refusals.
 
-        Keys the server sets itself keep their value unless `rewrite_all` (used by config format).
+        Keys the server sets itself keep their value unless `rewrite_all` (used by config format). s3:// values must
+        lie in the app's S3 prefix (S3Assets.confine).
         """
         issues = []
         for key, spec in SCHEMA.items():
             value = values.get(key)
-            if spec.kind != "path" or value is None or value == "" or is_s3_uri(value):
-                continue  # s3:// values are objects, checked by config validation and S3 itself
+            if spec.kind != "path" or value is None or value == "":
+                continue
+            if is_s3_uri(value):
+                try:
+                    self.s3.confine(key, value)
+                except TrainManagementError as exc:
+                    issues.append(_config_issue(key, exc, positions))
+                continue
             try:
                 resolved = self.home.resolve(str(value), self._key_roots(key), what=key)
             except PathOutsideHome as exc:
@@ -153,13 +227,18 @@ class TrainingService:
                 values[key] = resolved.as_posix()
         if issues:
             raise PathOutsideHome(
-                "config_params names paths outside the home folder:\n"
+                "config_params names paths outside the home folder (or the app's S3 prefix):\n"
                 + "\n".join(f"  - {i.render()}" for i in issues),
-                "use names inside the home's models/, datasets/ and lora/ folders",
+                "use names inside the home's models/, datasets/ and lora/ folders, or s3:// objects below the S3 "
+                "prefix's models/, datasets/ and loras/",
             )
 
     def prepare(self, sub: Submission) -> tuple[str, str, dict[str, Any]]:
-        """Validate a submission: (canonical config TOML, output name, job params incl. the plan). Raises on errors."""
+        """Validate a submission: (canonical config TOML, output name, job params incl. the plan). Raises on errors.
+
+        Without an output_name in config_params the LoRA is named after the dataset and the time, with `-2`, `-3`...
+        when a job already has that name (two submissions in one second).
+        """
         from kohya_backend.train.plan import format_with_plan
 
         model = self._model_value(sub.model)
@@ -172,8 +251,9 @@ class TrainingService:
         parsed.values["train_data_dir"] = dataset
         parsed.values["output_dir"] = self.home.lora.as_posix()
         dataset_name = parse_s3_uri(dataset).name if is_s3_uri(dataset) else Path(dataset).name
-        output_name = parsed.values.get("output_name") or f"{dataset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        output_name = parsed.values.get("output_name") or self.free_output_name(f"{dataset_name}-{_stamp()}")
         parsed.values["output_name"] = output_name
+        job_defaults(parsed.values)
         on_s3 = [k for k, v in parsed.values.items() if is_s3_uri(v)] + (["output_dir"] if s3_output else [])
         reads_s3 = getattr(self.scheduler.runner_for(sub.instance_type), "reads_s3", False)
         if on_s3 and sub.instance_type != "local" and (not reads_s3 or s3_output):
@@ -211,7 +291,8 @@ class TrainingService:
         """What Format config Params shows (tab, API): canonical TOML, warnings and, with a dataset, the plan.
 
         Paths are confined like a submission's; the chosen model and dataset fill their keys, and the fp16 rule
-        is judged for the machine the instance type trains on.
+        is judged for the machine the instance type trains on. The model's family is check_model_family's (the tab
+        shows it beside the model; the API's format route checks it first, as a submission does).
         """
         from kohya_backend.train.plan import format_with_plan
 
@@ -219,15 +300,16 @@ class TrainingService:
         if self.restrict_paths:
             self.confine_paths(parsed.values, parsed.positions, rewrite_all=True)
         if model:
-            parsed.values["pretrained_model_name_or_path"] = (
-                model if is_s3_uri(model) else self.home.model_path(model).as_posix()
-            )
+            parsed.values["pretrained_model_name_or_path"] = self._model_value(model)
         if dataset:
             parsed.values["train_data_dir"] = (
-                dataset if is_s3_uri(dataset) else self.home.dataset_path(dataset).as_posix()
+                self._s3_value("train_data_dir", dataset, "dataset")
+                if is_s3_uri(dataset)
+                else self.home.dataset_path(dataset).as_posix()
             )
         if model or dataset:
             parsed.values["output_dir"] = self.home.lora.as_posix()
+        job_defaults(parsed.values)
         formatted = format_with_plan(
             parsed, fm_type, require_paths=False, cuda_available=self.instance_cuda(instance_type)
         )
@@ -276,26 +358,62 @@ class TrainingService:
         return True if entry.get("cuda") is None else bool(entry["cuda"])
 
     def submit(self, sub: Submission) -> Job:
-        """Validate and queue a job; OutputNameTaken when another job uses its output_name."""
-        config_toml, output_name, params = self.prepare(sub)
-        if self.store.output_name_taken(output_name):
-            raise self._name_taken(output_name)
-        try:
-            return self.scheduler.submit(
-                fm_type=sub.fm_type,
-                model=sub.model,
-                dataset=sub.dataset,
-                instance_type=sub.instance_type,
-                output_name=output_name,
-                config_toml=config_toml,
-                params=params,
-            )
-        except ConfigError:
-            raise
-        except TrainManagementError:
-            if self.store.output_name_taken(output_name):  # another submit won the race
-                raise self._name_taken(output_name) from None
-            raise
+        """Validate and queue a job; OutputNameTaken when another job uses the output_name it gives. The job
+        stores the model's and the dataset's canonical names, however the submission spelled them."""
+        sub = replace(
+            sub,
+            model=sub.model if is_s3_uri(sub.model) else self.home.model_name(sub.model),
+            dataset=sub.dataset if is_s3_uri(sub.dataset) else self.home.dataset_name(sub.dataset),
+        )
+        given = _given_name(sub) is not None
+        for _ in range(_NAME_TRIES):
+            config_toml, output_name, params = self.prepare(sub)
+            try:
+                if self.store.output_name_taken(output_name):
+                    raise self._name_taken(output_name)
+                return self.scheduler.submit(
+                    fm_type=sub.fm_type,
+                    model=sub.model,
+                    dataset=sub.dataset,
+                    instance_type=sub.instance_type,
+                    output_name=output_name,
+                    config_toml=config_toml,
+                    params=params,
+                )
+            except ConfigError:
+                raise
+            except TrainManagementError:
+                if not self.store.output_name_taken(output_name):
+                    raise
+                if given:  # the name it asked for is another job's (that job may have won a race for it)
+                    raise self._name_taken(output_name) from None
+                # An automatic name another submission took meanwhile: prepare again picks the next one.
+        raise self._name_taken(output_name)
+
+    def submit_once(self, sub: Submission, key: str | None) -> tuple[Job, bool]:
+        """submit() under an idempotency key: the job that key queued before (and False), or a new one (True);
+        KeyReused when the key queued a job for another submission."""
+        if key is None:
+            return self.submit(sub), True
+        check_key(key, "the Idempotency-Key header")
+        request = fingerprint(asdict(sub))
+        known = self.keys.known(key, request)
+        if known is None:
+            with self.keys.lock:
+                known = self.keys.known(key, request)
+                if known is None:
+                    job = self.submit(sub)
+                    try:
+                        self.keys.remember(key, job.id, request)
+                    except OSError as exc:  # the job is queued: say which, so a retry does not queue it twice
+                        raise StoreError(
+                            f"job {job.id} is queued, but its Idempotency-Key could not be recorded in "
+                            f"{self.keys.folder}: {exc.strerror or exc}",
+                            f"do not send it again: job {job.id} is the one it queued; free space on that disk "
+                            "or make the folder writable before using keys again",
+                        ) from exc
+                    return job, True
+        return self.store.get(known), False
 
     @staticmethod
     def _name_taken(name: str) -> OutputNameTaken:
@@ -305,7 +423,8 @@ class TrainingService:
         )
 
     def instance_types(self) -> list[dict[str, Any]]:
-        """Where jobs can train: each runner with a label (the GPUs this machine found, or CPU) and its devices."""
+        """Where jobs can train: each runner with a label (the GPUs this machine found, or CPU), its devices and its
+        state; this machine is `unavailable`, with the `problem` and what to do, when its trainer is missing."""
         devices = self.scheduler.devices
         label = local_label(devices, detect_gpus())
         items: list[dict[str, Any]] = []
@@ -314,14 +433,17 @@ class TrainingService:
             if callable(listed):  # runners with machines of their own (remote workers) list those
                 items.extend(listed())
             else:
-                items.append(
-                    {
-                        "name": name,
-                        "label": label if name == "local" else name,
-                        "devices": sorted(devices),
-                        "cuda": runs_fp16(devices),  # fp16 runs there (CUDA, ROCm or Apple's MPS)
-                    }
-                )
+                entry = {
+                    "name": name,
+                    "label": label if name == "local" else name,
+                    "devices": sorted(devices),
+                    "cuda": runs_fp16(devices),  # fp16 runs there (CUDA, ROCm or Apple's MPS)
+                    "state": "ready",
+                }
+                problem = self.local_problem() if name == "local" and self.local_problem is not None else None
+                if problem:
+                    entry.update(label=f"{entry['label']}: unavailable", state="unavailable", problem=problem)
+                items.append(entry)
         return items
 
     def list(self, *, status: list[str] | None = None, offset: int = 0, limit: int = 50) -> dict[str, Any]:
@@ -335,7 +457,14 @@ class TrainingService:
                     f"unknown status in {status}", f"use any of: {', '.join(s.value for s in JobStatus)}"
                 ) from None
         jobs, total = self.store.list(status=wanted, offset=offset, limit=limit)
-        return {"jobs": [job_summary(j) for j in jobs], "total": total, "offset": offset, "limit": limit}
+        positions = self.queue_positions() if any(j.status is JobStatus.QUEUED for j in jobs) else {}
+        summaries = [{**job_summary(j), "queue_position": positions.get(j.id)} for j in jobs]
+        return {"jobs": summaries, "total": total, "offset": offset, "limit": limit}
+
+    def queue_positions(self) -> dict[str, int]:
+        """Each queued job's place in the queue (1 = next to start), in the order the scheduler starts them."""
+        queued, _ = self.store.list(status=[JobStatus.QUEUED], limit=_QUEUE_SCAN, newest_first=False)
+        return {job.id: index for index, job in enumerate(queued, start=1)}
 
     def show(self, job_id: str, *, log_lines: int = 20) -> dict[str, Any]:
         """One job in full: summary, plan, config, transitions and the last `log_lines` lines of its log."""
@@ -378,6 +507,94 @@ class TrainingService:
             return delete_job(self.store, job, wait=wait_remote)  # type: ignore[no-any-return]
         self.store.delete(job_id)
         return None
+
+    def free_output_name(self, base: str) -> str:
+        """`base`, or `base-2`, `base-3`... : the first output name no job uses."""
+        name, number = base, 1
+        while self.store.output_name_taken(name):
+            number += 1
+            name = f"{base}-{number}"
+        return name
+
+    def duplicate(self, job_id: str) -> dict[str, Any]:
+        """What the editor needs to submit a job like this one again: its FM type, model, dataset, instance type
+        and config_params (without the paths the server fills in, with a free output name)."""
+        job = self.store.get(job_id)
+        doc = _config_doc(job.config_toml)
+        doc["output_name"] = self.free_output_name(f"{job.output_name}-copy")
+        return {
+            "fm_type": job.fm_type,
+            "model": job.model,
+            "dataset": job.dataset,
+            "instance_type": job.instance_type,
+            "config_params": tomlkit.dumps(doc),
+        }
+
+    def continue_training(self, job_id: str) -> Job:
+        """Queue a new job that trains a completed job's LoRA further: from its LoRA (`network_weights`), and on
+        this machine from its saved training state when it has one (optimizer and schedule carry on; the new job
+        trains as long again). Refused when the job is not completed or its LoRA is no longer in the Lora folder."""
+        job = self.store.get(job_id)
+        if job.status is not JobStatus.COMPLETED:
+            raise TrainManagementError(
+                f"job {job_id} is {job.status.value}: only a completed job can be continued",
+                "resume an interrupted, failed or cancelled job instead",
+            )
+        lora = Path(str((job.progress or {}).get("delivered") or ""))
+        if not lora.name or not lora.is_file():
+            raise TrainManagementError(
+                f"job {job_id}'s LoRA is no longer in the Lora folder ({lora.name or 'never delivered'})",
+                "put the LoRA back, or submit a new job with network_weights naming it",
+            )
+        doc = _config_doc(job.config_toml)
+        doc["output_name"] = self.free_output_name(f"{job.output_name}-continued")
+        doc["network_weights"] = lora.as_posix()
+        states = job.folder / "output" / f"{job.output_name}-state"
+        if job.instance_type == "local" and any(
+            (p / "train_state.json").is_file() for p in states.glob("state-*")
+        ):
+            doc["resume"] = states.as_posix()  # the newest state in it; its step is where the new run starts
+            total = int(((job.params.get("plan") or {}).get("total_steps")) or 0)
+            epochs = doc.get("max_train_epochs")
+            if isinstance(epochs, int) and epochs > 0:
+                doc["max_train_epochs"] = 2 * epochs
+            elif total > 0:
+                doc["max_train_steps"] = 2 * total
+        return self.submit(
+            Submission(
+                model=job.model,
+                dataset=job.dataset,
+                fm_type=job.fm_type,
+                config_params=tomlkit.dumps(doc),
+                instance_type=job.instance_type,
+            )
+        )
+
+    def epochs(self, job_id: str) -> builtins.list[int]:
+        """The epochs whose LoRA the job saved and still has (for the epoch comparison and txt2img)."""
+        from kohya_backend.jobs.delivery import saved_epochs
+
+        return [*saved_epochs(self.store.get(job_id))]
+
+    def lora_prompt(self, job_id: str, epoch: int | None = None, weight: float = 1.0) -> str:
+        """`<lora:NAME:WEIGHT>` for a completed job's LoRA in the Lora folder (epoch None: the final one); a saved
+        epoch is copied beside it first when it is not there yet, and the host's Lora list is refreshed."""
+        from kohya_backend.jobs.delivery import deliver_epoch
+
+        job = self.store.get(job_id)
+        delivered = Path(str((job.progress or {}).get("delivered") or ""))
+        if job.status is not JobStatus.COMPLETED or not delivered.name or not delivered.is_file():
+            raise TrainManagementError(
+                f"job {job_id} has no LoRA in the Lora folder ({job.status.value})",
+                "wait until it is completed; a LoRA removed from the Lora folder must be put back",
+            )
+        path = delivered
+        if epoch is not None:
+            path = deliver_epoch(job, int(epoch), delivered.parent, delivered.stem)
+            hook = self.scheduler.on_delivered
+            if hook is not None:
+                hook(job, [path])
+        return f"<lora:{path.stem}:{float(weight):g}>"
 
     def log_path(self, job_id: str) -> Path:
         """The job's train.log (it may not exist yet)."""

@@ -39,6 +39,7 @@ from kohya_backend.jobs.worker_protocol import (
     read_token,
 )
 from kohya_backend.service.auth import BearerTokenMiddleware
+from kohya_backend.service.auth import check_token as check_strength
 from kohya_backend.service.blobs import (
     BLOBS_DIR,
     PARTIAL_MAX_AGE_S,
@@ -46,13 +47,14 @@ from kohya_backend.service.blobs import (
     create_blob_router,
 )
 from kohya_backend.service.home import Home
+from kohya_backend.service.hosts import ANY_HOSTS, interface_addresses
 from kohya_backend.service.http_errors import http_errors
+from kohya_backend.service.text import TextCheckedRoute
 from kohya_backend.service.training import TrainingService
 from kohya_backend.service.worker_gc import delete_blob
 from kohya_backend.service.worker_jobs import MAX_LOG_CHUNK, WorkerJobs
 
 TOKEN_ENV = "TRAIN_MANAGEMENT_WORKER_TOKEN"
-MIN_TOKEN_CHARS = 16
 
 
 class WorkerSetupError(TrainManagementError):
@@ -61,12 +63,7 @@ class WorkerSetupError(TrainManagementError):
 
 def check_token(token: str, source: str = "the worker's token") -> str:
     """`token` when it has at least MIN_TOKEN_CHARS characters; WorkerSetupError naming `source` otherwise."""
-    if len(token) < MIN_TOKEN_CHARS:
-        raise WorkerSetupError(
-            f"{source} is shorter than {MIN_TOKEN_CHARS} characters",
-            "use a long random token, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`",
-        )
-    return token
+    return check_strength(token, source, WorkerSetupError)
 
 
 def gpu_info() -> list[dict[str, Any]]:
@@ -221,7 +218,7 @@ def create_worker_app(worker: Worker, *, token: str) -> FastAPI:
     def health() -> dict[str, Any]:
         return {"ok": True, "api": WORKER_API_VERSION}
 
-    guarded = APIRouter(prefix=WORKER_PREFIX)
+    guarded = APIRouter(prefix=WORKER_PREFIX, route_class=TextCheckedRoute)
 
     @guarded.get("/info")
     def info() -> dict[str, Any]:
@@ -263,9 +260,6 @@ def read_token_file(path: Path, *, create: bool = False) -> str:
     return token
 
 
-_ANY_HOSTS = ("0.0.0.0", "::", "")
-
-
 def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
@@ -274,23 +268,9 @@ def reachable_urls(host: str, port: int) -> list[str]:
     """URLs clients can use for a worker bound to `host`: for every interface (0.0.0.0 or ::), this machine's
     name and each interface address (loopback last; IPv6 link-local left out: it needs a zone), else `host` itself.
     """
-    if host not in _ANY_HOSTS:
+    if host not in ANY_HOSTS:
         return [_url(host, port)]
-    import ipaddress
-
-    import psutil
-
-    families = (socket.AF_INET,) if host == "0.0.0.0" else (socket.AF_INET, socket.AF_INET6)
-    found = []
-    for addresses in psutil.net_if_addrs().values():
-        for address in addresses:
-            if address.family not in families:
-                continue
-            ip = ipaddress.ip_address(address.address.split("%")[0])
-            if not ip.is_link_local:
-                found.append(ip)
-    found.sort(key=lambda ip: (ip.is_loopback, ip.version, int(ip)))
-    names = [socket.gethostname(), *dict.fromkeys(str(ip) for ip in found)]
+    names = [socket.gethostname(), *interface_addresses(host)]
     return [_url(name, port) for name in names]
 
 

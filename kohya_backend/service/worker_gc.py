@@ -24,10 +24,11 @@ import tomlkit
 
 from kohya_backend.errors import InUse, TrainManagementError
 from kohya_backend.jobs.states import JobStatus
-from kohya_backend.jobs.store import Job, JobNotFound, JobStore, validate_job_id
+from kohya_backend.jobs.store import Job, JobStore
 from kohya_backend.jobs.worker_protocol import INPUT_KEYS, SHA256_PATTERN, validate_sha256
 from kohya_backend.service.blobs import BLOBS_DIR, BlobError, BlobStore
 from kohya_backend.service.home import Home
+from kohya_backend.service.idempotency import IdempotencyKeys
 from kohya_backend.service.worker_jobs import BY_SHA256, KEYS_DIR, MATERIALISED_FOLDER, materialise_lock
 
 MIN_AGE_S = 600.0  # never touch what changed in the last 10 minutes: a live worker may be using it right now
@@ -255,21 +256,8 @@ def collect_garbage(home_dir: Path, *, older_than_s: float) -> GcReport:
 
 
 def _prune_keys(keys_root: Path, store: JobStore, cutoff: float) -> int:
-    """Drop idempotency keys older than `cutoff` whose job was deleted (a resubmission then makes a new job, as
-    it would anyway). A key written meanwhile or one the store cannot answer for (StoreError aborts) stays: its
-    loss would turn a client's retry into a second job."""
-    removed = 0
-    for marker in keys_root.glob("*") if keys_root.is_dir() else []:
-        if _mtime(marker) >= cutoff:
-            continue
-        try:
-            store.get(validate_job_id(marker.read_text(encoding="utf-8").strip()))
-        except OSError:  # gone meanwhile, or unreadable: not ours to judge
-            continue
-        except JobNotFound:  # the job is gone (InvalidJobId: the marker holds no id, e.g. a crashed write)
-            marker.unlink(missing_ok=True)
-            removed += 1
-    return removed
+    """Drop idempotency keys older than `cutoff` whose job was deleted (IdempotencyKeys.prune)."""
+    return IdempotencyKeys(keys_root, store).prune(cutoff)
 
 
 def _leftovers(home: Home, cutoff: float) -> Iterable[Path]:

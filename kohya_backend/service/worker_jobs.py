@@ -15,7 +15,6 @@ import os
 import re
 import secrets
 import shutil
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +23,9 @@ from starlette.concurrency import run_in_threadpool
 
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs.delivery import NO_LINK_ERRNOS
-from kohya_backend.jobs.registry import file_lock
 from kohya_backend.jobs.runner import LOG_NAME, RESULT_NAME, read_json
 from kohya_backend.jobs.states import JobStatus
-from kohya_backend.jobs.store import Job, JobNotFound, validate_job_id
+from kohya_backend.jobs.store import Job, JobNotFound
 from kohya_backend.jobs.worker_protocol import (
     FOLDER_KEYS,
     INPUT_KEYS,
@@ -38,9 +36,11 @@ from kohya_backend.jobs.worker_protocol import (
     validate_relpath,
     validate_sha256,
 )
+from kohya_backend.locks import file_lock
 from kohya_backend.models.hashing import Sha256Cache
 from kohya_backend.service.blobs import BlobStore
 from kohya_backend.service.home import MODEL_SUFFIXES, PathOutsideHome
+from kohya_backend.service.idempotency import BadKey, IdempotencyKeys, check_key
 from kohya_backend.service.streams import wait_events
 from kohya_backend.service.training import Submission, TrainingService
 
@@ -52,7 +52,6 @@ _DIGEST_CHARS = 16
 MATERIALISED_FOLDER = re.compile(rf".+-[0-9a-f]{{{_DIGEST_CHARS}}}")
 MAX_LOG_CHUNK = 1 << 20
 MAX_WAIT_S = 30.0
-_CLIENT_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:._-")
 
 
 class MissingBlobs(TrainManagementError):
@@ -164,20 +163,6 @@ def materialise_lock(home_root: Path) -> contextlib.AbstractContextManager[None]
     return file_lock(Path(home_root) / MATERIALISE_LOCK)
 
 
-def _write_marker(marker: Path, job_id: str) -> None:
-    """Write a client key's job id whole or not at all (temp file, fsync, rename): a half-written key reads as no
-    key, and a retry would queue the job twice."""
-    tmp = marker.with_name(f".{marker.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(job_id)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, marker)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _relative(value: Any, folder: str) -> Any:
     """Paths under the job folder become relative to it; other absolute paths are withheld (None)."""
     if isinstance(value, dict):
@@ -196,18 +181,18 @@ class WorkerJobs:
         self.service = service
         self.store = service.store
         self.blobs = blobs
-        self.keys_root = service.home.root / KEYS_DIR
-        self.keys_root.mkdir(parents=True, exist_ok=True)
-        self._submit_lock = threading.Lock()
+        self.keys = IdempotencyKeys(service.home.root / KEYS_DIR, service.store)
+        self.keys.folder.mkdir(parents=True, exist_ok=True)
         self._hashes = Sha256Cache()  # outputs served for download, inputs the trainer would hash
 
     # -- submission ---------------------------------------------------------------------------------------
 
     def submit(self, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         """Queue a job (or return the one already queued under the same client key); (view, created)."""
-        key = body.get("client_key")
-        if not isinstance(key, str) or not 1 <= len(key) <= 200 or not set(key) <= _CLIENT_KEY_CHARS:
-            raise _bad("client_key must be 1-200 characters of letters, digits, ':', '.', '_' or '-'")
+        try:
+            key = check_key(body.get("client_key"), "client_key")
+        except BadKey as exc:
+            raise _bad(exc.message) from None
         inputs = parse_inputs(body.get("inputs"))
         config = body.get("config_params")
         if not isinstance(config, dict):
@@ -221,22 +206,13 @@ class WorkerJobs:
         missing = [f.sha256 for i in inputs.values() for f in i.files if self.blobs.path(f.sha256) is None]
         if missing:
             raise MissingBlobs(sorted(set(missing)))
-        marker = self.keys_root / hashlib.sha256(key.encode("utf-8")).hexdigest()
-        with self._submit_lock, materialise_lock(self.service.home.root):
-            known = self._known(marker)
+        with self.keys.lock, materialise_lock(self.service.home.root):
+            known = self.keys.known(key)
             if known is not None:
                 return self.view(known), False
             job = self._queue(body, inputs, dict(config), key)
-            _write_marker(marker, job.id)
+            self.keys.remember(key, job.id)
         return self.view(job.id), True
-
-    def _known(self, marker: Path) -> str | None:
-        try:
-            job_id = validate_job_id(marker.read_text(encoding="utf-8").strip())
-            self.store.get(job_id)
-        except (OSError, JobNotFound):
-            return None
-        return job_id
 
     def _queue(self, body: dict[str, Any], inputs: dict[str, Input], config: dict[str, Any], key: str) -> Job:
         home = self.service.home

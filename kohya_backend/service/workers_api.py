@@ -14,6 +14,7 @@ from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs.remote import RUNNER_NAME, RemoteRunner
 from kohya_backend.jobs.remote import remove_worker as remove_registered
 from kohya_backend.service.http_errors import http_errors
+from kohya_backend.service.text import TextCheckedRoute
 from kohya_backend.service.training import TrainingService
 
 
@@ -51,7 +52,7 @@ def remove_worker(service: TrainingService, name: str) -> None:
 
 def create_workers_router(service: TrainingService, dependencies: list[Any]) -> APIRouter:
     """GET/POST /workers and DELETE /workers/{name}, behind the API's token check (`dependencies`)."""
-    router = APIRouter(dependencies=dependencies)
+    router = APIRouter(dependencies=dependencies, route_class=TextCheckedRoute)
 
     @router.get("/workers")
     def list_workers() -> dict[str, Any]:

@@ -8,7 +8,7 @@ The pieces, each usable alone (the SageMaker runner builds on them):
   already there is not sent again); `describe_error` turns any failure into a StorageError naming bucket/key and
   the AWS error code.
 - `cache`: `S3Cache`, blobs by sha256 keyed by (bucket, key, ETag, size), size-capped with LRU eviction;
-  `link_file` hard-links a blob where a job needs it.
+  `fetch` hard-links an object's blob where a job needs it (under the lock eviction takes too).
 - `sync`: `sync_prefix` (a prefix into a folder, only changed files) and `upload_folder`.
 - `catalog`: `S3Catalog`, the models/ and datasets/ under a prefix for the lists; `read_safetensors_keys`.
 - `settings`: `load_cloud_settings` (`--s3-uri`, the WebUI setting or HOME/cloud.toml).

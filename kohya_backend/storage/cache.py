@@ -5,9 +5,10 @@ An object version is known by (bucket, key, ETag, size); its bytes are kept once
 copy. Every blob was verified when it arrived (size, plus the sha256 in the object's metadata or the MD5 its ETag
 is); `ROOT/index.sqlite3` maps object versions to blobs and records when each blob was last used. The cache is
 capped in bytes: after each download the least recently used blobs go first (never those the caller still
-needs). Users of a cached file get a hard link (a copy where links are impossible), so evicting a blob never
-removes a file a job is reading. Downloads in progress live in `ROOT/partial/` and resume after a cut; a lock file
-beside each keeps two processes from writing the same one.
+needs). Users of a cached file get a hard link (a copy where links are impossible), made by `fetch` while it holds
+the blob store's lock (`ROOT/blobs.lock`), which eviction takes too: a blob is never removed between being found
+and being linked, and once linked, evicting it never removes a file a job is reading. Downloads in progress live in
+`ROOT/partial/` and resume after a cut; a lock file beside each keeps two processes from writing the same one.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from kohya_backend.locks import file_lock
 from kohya_backend.storage.client import DownloadResult, ObjectInfo, Progress, S3Client
 
 DEFAULT_MAX_BYTES = 50 << 30
@@ -39,11 +41,13 @@ CREATE TABLE IF NOT EXISTS blobs (sha256 TEXT PRIMARY KEY, size INTEGER NOT NULL
 
 @dataclass(frozen=True)
 class Cached:
-    """A cached object: the blob file, its sha256, and the bytes fetched to get it (0: it was already here)."""
+    """A fetched object: its blob (only safe to open while the blob store is locked: use the linked file), its
+    sha256, the bytes fetched to get it (0: it was already here), and whether the destination already was it."""
 
     path: Path
     sha256: str
     fetched: int
+    unchanged: bool = False
 
 
 class S3Cache:
@@ -78,8 +82,16 @@ class S3Cache:
 
     # -- lookups --------------------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _blobs_locked(self) -> Iterator[None]:
+        """Held while a blob is found or stored and then linked, and while blobs are evicted (threads and processes:
+        each holder opens the lock file anew, and flock locks of two open files exclude each other)."""
+        with file_lock(self.blobs):
+            yield
+
     def lookup(self, info: ObjectInfo) -> Cached | None:
-        """The cached blob of this object version (its use recorded), or None when it has to be downloaded."""
+        """The cached blob of this object version (its use recorded), or None when it has to be downloaded. Its path
+        may be evicted at any time after: `fetch` links it where it is needed under the blob store's lock."""
         with self._db() as db:
             row = db.execute(
                 "SELECT sha256 FROM objects WHERE bucket=? AND key=? AND etag=? AND size=?",
@@ -101,39 +113,51 @@ class S3Cache:
         self,
         client: S3Client,
         info: ObjectInfo,
+        dest: Path,
         *,
         progress: Progress | None = None,
         cancelled: Callable[[], bool] | None = None,
         keep: Iterable[str] = (),
     ) -> Cached:
-        """The object's blob: from the cache, else downloaded (resuming a cut download) and verified; then the
-        least recently used blobs beyond the cap are evicted, except those in `keep` (sha256s) and this one.
-        One thread of one process at a time downloads an object version (two `train` commands share the cache)."""
-        from kohya_backend.jobs.registry import file_lock
-
+        """Make `dest` the object's file (a hard link to its blob, see link_file): from the cache, else downloaded
+        (resuming a cut download) and verified; the blob is found (or stored) and linked under the blob store's
+        lock, so eviction cannot remove it in between. Then the least recently used blobs beyond the cap are
+        evicted, except those in `keep` (sha256s) and this one. One thread of one process at a time downloads an
+        object version (two `train` commands share the cache)."""
+        dest = Path(dest)
         with self._object_lock(info), file_lock(self.partial / _object_id(info)):
-            hit = self.lookup(info)
+            with self._blobs_locked():
+                hit = self.lookup(info)
+                if hit is not None:
+                    got = Cached(hit.path, hit.sha256, 0, _link(hit.path, dest))
             if hit is not None:
                 if progress is not None:
                     progress(info.size, info.size)
-                return hit
-            target = self.partial / _object_id(info)
-            result: DownloadResult = client.download(info, target, progress=progress, cancelled=cancelled)
-            blob = self.blob_path(result.sha256)
-            blob.parent.mkdir(parents=True, exist_ok=True)
-            if blob.exists():  # the same bytes under another key: keep the one copy
-                target.unlink()
             else:
-                os.chmod(target, 0o444)  # blobs are hard-linked into jobs: nothing may write through a link
-                os.replace(target, blob)
-            with self._db() as db:
-                db.execute(
-                    "INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?)",
-                    (info.uri.bucket, info.uri.key, info.etag, info.size, result.sha256),
-                )
-            self._touch(result.sha256, info.size)
-        self.evict(keep={*keep, result.sha256})
-        return Cached(blob, result.sha256, result.fetched)
+                target = self.partial / _object_id(info)
+                result: DownloadResult = client.download(info, target, progress=progress, cancelled=cancelled)
+                with self._blobs_locked():
+                    blob = self._store(target, result.sha256, info)
+                    got = Cached(blob, result.sha256, result.fetched, _link(blob, dest))
+        self.evict(keep={*keep, got.sha256})
+        return got
+
+    def _store(self, target: Path, sha256: str, info: ObjectInfo) -> Path:
+        """Move a verified download into the blobs and index it (the blob store's lock is held)."""
+        blob = self.blob_path(sha256)
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        if blob.exists():  # the same bytes under another key: keep the one copy
+            target.unlink()
+        else:
+            os.chmod(target, 0o444)  # blobs are hard-linked into jobs: nothing may write through a link
+            os.replace(target, blob)
+        with self._db() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?)",
+                (info.uri.bucket, info.uri.key, info.etag, info.size, sha256),
+            )
+        self._touch(sha256, info.size)
+        return blob
 
     def _object_lock(self, info: ObjectInfo) -> threading.Lock:
         key = _object_id(info)
@@ -160,21 +184,22 @@ class S3Cache:
         """Remove least recently used blobs until the cache fits max_bytes (never those in `keep`); their sha256s."""
         kept = set(keep)
         removed: list[str] = []
-        with self._db() as db:
-            rows = db.execute("SELECT sha256, size FROM blobs ORDER BY last_used ASC").fetchall()
-        total = sum(size for _, size in rows)
-        for sha, size in rows:
-            if total <= self.max_bytes:
-                break
-            if sha in kept:
-                continue
-            path = self.blob_path(sha)
-            with contextlib.suppress(FileNotFoundError):
-                os.chmod(path, 0o644)
-                path.unlink()
-            self._forget_blob(sha)
-            removed.append(sha)
-            total -= size
+        with self._blobs_locked():
+            with self._db() as db:
+                rows = db.execute("SELECT sha256, size FROM blobs ORDER BY last_used ASC").fetchall()
+            total = sum(size for _, size in rows)
+            for sha, size in rows:
+                if total <= self.max_bytes:
+                    break
+                if sha in kept:
+                    continue
+                path = self.blob_path(sha)
+                with contextlib.suppress(FileNotFoundError):
+                    os.chmod(path, 0o644)
+                    path.unlink()
+                self._forget_blob(sha)
+                removed.append(sha)
+                total -= size
         return removed
 
 
@@ -182,6 +207,14 @@ def _object_id(info: ObjectInfo) -> str:
     """A file name for one object version (its partial download)."""
     text = f"{info.uri.bucket}\n{info.uri.key}\n{info.etag}\n{info.size}"
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _link(blob: Path, dest: Path) -> bool:
+    """Link `dest` to `blob` unless it already is that file; True when it already was."""
+    if same_file(blob, dest):
+        return True
+    link_file(blob, dest)
+    return False
 
 
 def link_file(source: Path, dest: Path) -> None:

@@ -18,6 +18,7 @@ from kohya_backend.storage.uri import S3Uri
 
 MODELS = "models"
 DATASETS = "datasets"
+LORAS = "loras"  # where the API and the tab may upload LoRAs (output_dir = "s3://...")
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # data/images.py's IMAGE_EXTENSIONS
 MAX_HEADER_BYTES = 100 << 20

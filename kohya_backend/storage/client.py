@@ -7,7 +7,9 @@ passes through this project. Requests are retried by botocore's `standard` retry
 
 Downloads land in `<dest>.part` (with `<dest>.part.json` naming the object's ETag and size): a download that was
 cut continues from the bytes already there with ranged GETs (`Range: bytes=N-`), pinned to the same ETag so a
-replaced object starts over. Large objects are fetched in parallel parts (TransferConfig's part size and
+replaced object starts over. Every ranged answer's Content-Range is checked: a store that ignores Range (200 with the
+whole object) is read from byte 0 again, one that answers other bytes is refused, and answers without a byte end
+the download after a few tries instead of looping. Large objects are fetched in parallel parts (TransferConfig's part size and
 concurrency), written in order, so the `.part` file always holds a prefix of the object. Every download is
 verified (size; sha256 when the object's metadata carries one; MD5 when the ETag is a single-part MD5).
 Uploads go through boto3's TransferConfig (parallel multipart) and record the file's sha256 in the object's
@@ -38,6 +40,7 @@ MAX_ATTEMPTS = 5  # botocore's standard mode, per request
 STREAM_RETRIES = 5  # a body cut mid-way is continued from where it stopped this many times per call
 _READ_BLOCK = 1 << 20
 _MD5_ETAG = re.compile(r"[0-9a-f]{32}")
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _CODE_IN_TEXT = re.compile(r"\(([A-Za-z0-9.]+)\)")
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
@@ -58,6 +61,27 @@ _DENIED = {
 
 class DownloadCancelled(StorageError):
     """The caller's `cancelled()` said stop; what arrived stays in the .part file for the next attempt."""
+
+
+def _range_start(answer: dict[str, Any]) -> int | None:
+    """The first byte a ranged GET's answer holds (its Content-Range), or None when the store ignored the Range and
+    sent the whole object (200, no Content-Range)."""
+    text = str(answer.get("ContentRange") or "").strip()
+    found = _CONTENT_RANGE.fullmatch(text)
+    if found:
+        return int(found.group(1))
+    if not text and (answer.get("ResponseMetadata") or {}).get("HTTPStatusCode", 200) == 200:
+        return None
+    return -1  # a partial answer that names no range: never the bytes asked for
+
+
+def _range_error(uri: S3Uri, start: int, answer: dict[str, Any]) -> StorageError:
+    got = answer.get("ContentRange") or "the whole object"
+    return StorageError(
+        f"reading {uri}: asked for the bytes from {start}, the store answered {got}",
+        "the store does not honour HTTP Range requests as S3 does; check the endpoint (AWS_ENDPOINT_URL) or a proxy",
+        code="RangeIgnored",
+    )
 
 
 @dataclass(frozen=True)
@@ -112,7 +136,8 @@ def _strip_etag(value: object) -> str:
 
 
 def describe_error(exc: BaseException, uri: S3Uri | str, action: str) -> StorageError:
-    """A StorageError for a failed request on `uri`: what failed, the store's error code, and what to check."""
+    """A StorageError for a failed request on `uri`: what failed, the store's error code, and what to check. A
+    failure on this machine (an OSError of a local file) says so, with no AWS error code."""
     from botocore.exceptions import (
         BotoCoreError,
         ClientError,
@@ -122,6 +147,8 @@ def describe_error(exc: BaseException, uri: S3Uri | str, action: str) -> Storage
     )
 
     where = str(uri)
+    if isinstance(exc, StorageError):
+        return exc  # already described
     if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
         return StorageError(
             f"{action} {where}: no AWS credentials were found ({type(exc).__name__})",
@@ -134,6 +161,10 @@ def describe_error(exc: BaseException, uri: S3Uri | str, action: str) -> Storage
             "check the network, AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 and the region",
             code="EndpointConnectionError",
         )
+    if isinstance(exc.__context__, ClientError) and from_aws_sdk(exc) and not isinstance(exc, ClientError):
+        exc = exc.__context__  # boto3's S3UploadFailedError re-raises a ClientError as text: use the original
+    if not isinstance(exc, (ClientError, BotoCoreError)) and not from_aws_sdk(exc):
+        return _local_error(exc, where, action)
     code, text = "", str(exc)
     if isinstance(exc, ClientError):
         error = exc.response.get("Error") or {}
@@ -164,13 +195,32 @@ def describe_error(exc: BaseException, uri: S3Uri | str, action: str) -> Storage
             "read (s3:GetObject, s3:ListBucket) or write (s3:PutObject) this bucket/prefix",
             code=code,
         )
-    if isinstance(exc, (ClientError, BotoCoreError)) or code:
+    return StorageError(
+        f"{action} {where} failed (AWS error {code or type(exc).__name__}: {text})",
+        "retry; if it persists, check the bucket, the credentials and the endpoint",
+        code=code or type(exc).__name__,
+    )
+
+
+def from_aws_sdk(exc: BaseException) -> bool:
+    """True for exceptions boto3, botocore or s3transfer raise (their codes may be in their text)."""
+    return type(exc).__module__.split(".")[0] in ("boto3", "botocore", "s3transfer")
+
+
+def _local_error(exc: BaseException, where: str, action: str) -> StorageError:
+    """A failure on this machine (a file that cannot be read or written, a full disk), not an answer of the store."""
+    if isinstance(exc, OSError):
+        path = f" ({exc.filename})" if exc.filename else ""
         return StorageError(
-            f"{action} {where} failed (AWS error {code or type(exc).__name__}: {text})",
-            "retry; if it persists, check the bucket, the credentials and the endpoint",
-            code=code or type(exc).__name__,
+            f"{action} {where} failed on this machine: {exc.strerror or exc}{path} ({type(exc).__name__})",
+            "check the local file or folder: that it exists, can be read or written, and the disk has room",
+            code=type(exc).__name__,
         )
-    return StorageError(f"{action} {where} failed: {exc}", "retry", code=type(exc).__name__)
+    return StorageError(
+        f"{action} {where} failed: {type(exc).__name__}: {exc}",
+        "retry; if it persists, see the host's log",
+        code=type(exc).__name__,
+    )
 
 
 class S3Client:
@@ -291,7 +341,18 @@ class S3Client:
         if etag:
             args["IfMatch"] = f'"{etag}"'
         try:
-            return bytes(self.client.get_object(**args)["Body"].read())
+            answer = self.client.get_object(**args)
+            body, first = answer["Body"], _range_start(answer)
+            if (
+                first is None and start == 0
+            ):  # the whole object: its first `length` bytes are the ones asked for
+                data = bytes(body.read(length))
+                body.close()
+                return data
+            if first != start:
+                body.close()
+                raise _range_error(uri, start, answer)
+            return bytes(body.read())
         except Exception as exc:
             raise describe_error(exc, uri, "reading") from exc
 
@@ -332,10 +393,12 @@ class S3Client:
         self._verify(state, part, meta)
         os.replace(part, dest)
         meta.unlink(missing_ok=True)
-        return DownloadResult(sha.hexdigest(), state.fetched)
+        return DownloadResult(state.sha.hexdigest(), state.fetched)
 
     def _fetch_stream(self, state: _Fetch, handle: Any) -> None:
-        """One GET from the held offset (`Range: bytes=N-`), written as it arrives; a cut body continues."""
+        """One GET from the held offset (`Range: bytes=N-`), written as it arrives; a cut body continues. A store
+        that ignores the Range (200, the whole object) is read from byte 0 again; one that answers other bytes than
+        asked is refused; answers that bring no byte count as failed attempts."""
         info, attempts = state.info, 0
         while state.held < info.size:
             args: dict[str, Any] = {
@@ -345,9 +408,17 @@ class S3Client:
             }
             if state.held:
                 args["Range"] = f"bytes={state.held}-"
+            arrived = state.fetched
             try:
-                body = self.client.get_object(**args)["Body"]
-                for block in body.iter_chunks(_READ_BLOCK):
+                answer = self.client.get_object(**args)
+                if state.held:
+                    first = _range_start(answer)
+                    if first is None:
+                        state.restart(handle)
+                    elif first != state.held:
+                        answer["Body"].close()
+                        raise _range_error(info.uri, state.held, answer)
+                for block in answer["Body"].iter_chunks(_READ_BLOCK):
                     state.write(handle, block)
             except Exception as exc:
                 if exc is state.stopped:
@@ -356,24 +427,40 @@ class S3Client:
                 attempts += 1
                 if error.code == "PreconditionFailed":
                     raise _changed(info) from exc
-                if error.code in _NOT_FOUND | _NO_BUCKET | _DENIED:
+                if error.code in _NOT_FOUND | _NO_BUCKET | _DENIED or error.code == "RangeIgnored":
                     raise error from exc
                 if attempts > STREAM_RETRIES:
                     raise error from exc
                 handle.flush()
+                continue
+            if state.fetched == arrived and state.held < info.size:
+                attempts += 1
+                if attempts > STREAM_RETRIES:
+                    raise StorageError(
+                        f"downloading {info.uri}: the store answered {attempts} times without a byte "
+                        f"(at {state.held} of {info.size} bytes)",
+                        "the store (or a proxy) sends empty bodies; check the endpoint and retry later",
+                        code="NoProgress",
+                    )
 
     def _fetch_parts(self, state: _Fetch, handle: Any) -> None:
-        """Parallel ranged GETs of `part_bytes` each, `concurrency` at a time, appended in order."""
+        """Parallel ranged GETs of `part_bytes` each, `concurrency` at a time, appended in order; a store that
+        ignores Range gets one plain GET instead (_fetch_stream)."""
         info = state.info
         starts = list(range(state.held, info.size, self.part_bytes))
-        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="s3-download") as pool:
-            for window in range(0, len(starts), self.concurrency):
-                batch = starts[window : window + self.concurrency]
-                futures = [
-                    pool.submit(self._part, info, s, min(self.part_bytes, info.size - s)) for s in batch
-                ]
-                for future in futures:
-                    state.write(handle, future.result())
+        try:
+            with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="s3-download") as pool:
+                for window in range(0, len(starts), self.concurrency):
+                    batch = starts[window : window + self.concurrency]
+                    futures = [
+                        pool.submit(self._part, info, s, min(self.part_bytes, info.size - s)) for s in batch
+                    ]
+                    for future in futures:
+                        state.write(handle, future.result())
+        except StorageError as exc:
+            if exc.code != "RangeIgnored":
+                raise
+            self._fetch_stream(state, handle)
 
     def _part(self, info: ObjectInfo, start: int, length: int) -> bytes:
         error: StorageError | None = None
@@ -383,7 +470,7 @@ class S3Client:
             except StorageError as exc:
                 if exc.code == "PreconditionFailed":
                     raise _changed(info) from exc
-                if exc.code in _NOT_FOUND | _NO_BUCKET | _DENIED:
+                if exc.code in _NOT_FOUND | _NO_BUCKET | _DENIED or exc.code == "RangeIgnored":
                     raise
                 error = exc
                 continue
@@ -485,6 +572,15 @@ class _Fetch:
     cancelled: Callable[[], bool] | None
     fetched: int = 0
     stopped: BaseException | None = None  # raised here or by the caller's callbacks: never retried
+
+    def restart(self, handle: Any) -> None:
+        """Start the file over (the store sent the whole object, not the rest): empty, hashes reset."""
+        handle.seek(0)
+        handle.truncate()
+        self.held = 0
+        self.sha, self.md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+        if self.progress is not None:
+            self.progress(0, self.info.size)
 
     def write(self, handle: Any, block: bytes) -> None:
         try:

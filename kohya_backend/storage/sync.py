@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kohya_backend.errors import StorageError
-from kohya_backend.storage.cache import S3Cache, link_file, same_file
+from kohya_backend.storage.cache import S3Cache
 from kohya_backend.storage.client import ObjectInfo, Progress, S3Client
 from kohya_backend.storage.uri import S3Uri, UnsafeKey, safe_relative_key
 
@@ -96,13 +96,10 @@ def sync_prefix(
             if progress is not None:
                 progress(base + now, stats.total)
 
-        cached = cache.fetch(client, info, progress=step, cancelled=cancelled, keep=keep)
+        cached = cache.fetch(client, info, path, progress=step, cancelled=cancelled, keep=keep)
         keep.add(cached.sha256)
         stats.transferred += cached.fetched
-        if same_file(cached.path, path):
-            stats.unchanged += 1
-        else:
-            link_file(cached.path, path)
+        stats.unchanged += cached.unchanged
         done += info.size
         step(info.size, stats.total)
     if delete:

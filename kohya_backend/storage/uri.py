@@ -3,13 +3,15 @@
 Both are torch- and boto3-free, so config validation and listings can use them. Bucket names follow S3's rules
 for new buckets (3-63 characters, lowercase letters, digits, '.' and '-'); keys are at most 1024 UTF-8 bytes
 without control characters. A key is attacker-controlled text: before one becomes a file name under a local
-folder, `safe_relative_key` refuses anything that could leave it.
+folder, `safe_relative_key` refuses anything that could leave it; before a client's URI is read or written with the
+host's credentials, `confine_uri` refuses anything outside the areas it may name.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kohya_backend.errors import TrainManagementError
@@ -19,6 +21,7 @@ MAX_KEY_BYTES = 1024
 MAX_COMPONENT_BYTES = 255
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
 _URI_HINT = "write it as s3://bucket/path/to/object, e.g. s3://my-bucket/models/sd15.safetensors"
 
 
@@ -28,6 +31,10 @@ class S3UriError(TrainManagementError):
 
 class UnsafeKey(TrainManagementError):
     """An S3 key that cannot become a path under a local folder ('..', absolute, backslashes, ...)."""
+
+
+class OutsideRoot(TrainManagementError):
+    """An s3:// URI from a client that is not inside the S3 areas it may name, or not in normal form."""
 
 
 def is_s3_uri(value: object) -> bool:
@@ -132,3 +139,58 @@ def safe_relative_key(relative: str, *, what: str = "S3 key") -> str:
             "rename the object in the bucket (keys like 10_subject/image01.png), or sync another prefix",
         )
     return relative
+
+
+def _relative_problem(relative: str) -> str | None:
+    """Why a key below a root is not in normal form ('' parts, '.', '..', backslashes, percent-escapes), or None."""
+    if _PERCENT.search(relative):
+        return "has a percent-encoded part (e.g. %2e): write the key as it is stored"
+    if "\\" in relative:
+        return "has a backslash"
+    for part in relative.removesuffix("/").split("/"):
+        if part in ("", ".", ".."):
+            return "has an empty ('//'), '.' or '..' part"
+    return None
+
+
+def confine_uri(
+    value: object,
+    roots: Sequence[S3Uri],
+    *,
+    what: str,
+    folder: bool = False,
+    root_itself: bool = False,
+) -> S3Uri:
+    """`value` parsed (S3UriError when it is no valid URI), if it lies strictly below one of `roots` (taken as
+    folders, compared exactly: same bucket, key starting with the root's key and '/') and its part below the root is
+    in normal form; else OutsideRoot. An object (`folder` False) must not end in '/'; a folder may be the root itself
+    only with `root_itself`. S3 keys are case-sensitive and never normalised by S3, so nothing is normalised here:
+    what is accepted is exactly the object that will be read or written."""
+    uri = parse_s3_uri(value, what=what)
+    places = " or ".join(str(r) for r in roots)
+    if not folder and (not uri.key or uri.key.endswith("/")):
+        raise OutsideRoot(
+            f"{what} {uri} names a folder, not an object", f"give an object's full key below {places}"
+        )
+    key = uri.prefix() if folder else uri.key
+    for root in roots:
+        base = root.prefix()
+        if uri.bucket != root.bucket or not key.startswith(base):
+            continue
+        relative = key[len(base) :]
+        if not relative and not root_itself:
+            raise OutsideRoot(
+                f"{what} {uri} is the area itself", f"name one entry below it, e.g. {root.child('x/')}"
+            )
+        problem = _relative_problem(relative) if relative else None
+        if problem:
+            raise OutsideRoot(
+                f"{what} {uri} {problem}",
+                f"name the object below {root} by its plain key, e.g. {root.child('x')}",
+            )
+        return uri
+    raise OutsideRoot(
+        f"{what} {uri} is outside the S3 area{'s' if len(roots) > 1 else ''} it may name ({places})",
+        f"put it below {places} (aws s3 cp / aws s3 sync, or Upload to S3 in the Datasets tab); the local command "
+        "line (`python -m kohya_backend train` or `jobs`) may name any object",
+    )

@@ -19,6 +19,7 @@ EVENT_KINDS = (
     "epoch",
     "saved",
     "sample",
+    "grid",
     "state_saved",
     "done",
     "stopped",

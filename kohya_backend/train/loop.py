@@ -40,6 +40,7 @@ from kohya_backend.models.hashing import BackgroundSha256, legacy_hash_file
 from kohya_backend.models.load import LoadedModel, load_checkpoint
 from kohya_backend.models.weight_plan import describe_weights, plan_weights
 from kohya_backend.train.device import detect_facts, device_label, optimizer_for_platform, plan_device
+from kohya_backend.train.epoch_grid import render_after_training
 from kohya_backend.train.events import EventLog
 from kohya_backend.train.families import Conditioning, ModelFamily, get_family, sdxl_time_ids
 from kohya_backend.train.inputs import LatentCache, TextCache, encode_latents, prepare_image
@@ -102,8 +103,17 @@ def auto_vae_batch_size(resolution: tuple[int, int], device: torch.device | str)
 class Trainer:
     """One training run of a validated config; `run()` does everything and returns what it saved."""
 
-    def __init__(self, config: TrainConfig, *, events: EventLog, stop: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        events: EventLog,
+        stop: threading.Event | None = None,
+        state_each_epoch: bool = False,
+    ) -> None:
         self.config = config
+        # A job (train --job) saves its state (with save_state) after every epoch, not only with saved epochs.
+        self.state_each_epoch = state_each_epoch
         self.cfg = config.values
         self.events = events
         self.stop = stop or threading.Event()
@@ -694,10 +704,12 @@ class Trainer:
         self.events.emit("epoch", epoch=self.epoch, step=self.step, avg_loss=self._avg_loss())
         done = self.step >= self.plan.total_steps
         every = self.config.save_every_n_epochs_for(self.plan.epochs)
-        if every and self.epoch % int(every) == 0 and not done:
+        saves_epoch = every is not None and every > 0 and self.epoch % int(every) == 0 and not done
+        if saves_epoch or (self.state_each_epoch and self.cfg.get("save_state") and not done):
             with self._eval_weights():
-                self._save_lora(f"{self.output_name}-{self.epoch:06d}", final=False)
-                self._rotate_epoch_files()
+                if saves_epoch:
+                    self._save_lora(f"{self.output_name}-{self.epoch:06d}", final=False)
+                    self._rotate_epoch_files()
                 if self.cfg.get("save_state"):
                     self._save_state()
         every = self.cfg.get("sample_every_n_epochs")
@@ -720,6 +732,9 @@ class Trainer:
             self.events.emit("stopped", step=self.step, epoch=self.epoch)
         else:
             output = self._save_lora(self.output_name, final=True)
+            render_after_training(
+                self, output
+            )  # the epoch comparison grid, when epochs and samples were saved
             if self.cfg.get("save_state") or self.cfg.get("save_state_on_train_end"):
                 self._save_state()
             peak = torch.cuda.max_memory_allocated() / 1024**3 if torch.cuda.is_available() else None
@@ -736,10 +751,16 @@ class Trainer:
         )
 
 
-def train(config: TrainConfig, *, events: EventLog, stop: threading.Event | None = None) -> TrainResult:
+def train(
+    config: TrainConfig,
+    *,
+    events: EventLog,
+    stop: threading.Event | None = None,
+    state_each_epoch: bool = False,
+) -> TrainResult:
     """Train a LoRA as `config` says; errors a user can act on are TrainManagementError subclasses."""
     try:
-        return Trainer(config, events=events, stop=stop).run()
+        return Trainer(config, events=events, stop=stop, state_each_epoch=state_each_epoch).run()
     except torch.OutOfMemoryError as exc:
         raise TrainingError(
             "out of memory while training",

@@ -6,6 +6,7 @@ fsynced, then renamed), so a crash mid-save never leaves a folder that `latest_s
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -103,6 +104,28 @@ def _fsync_files(folder: Path) -> None:
             os.fsync(handle.fileno())
 
 
+def _save_torch(obj: Any, path: Path) -> None:
+    """torch.save through a Python file, so that a failed write raises OSError with its errno (ENOSPC) rather than
+    torch's own "PytorchStreamWriter failed writing file" error."""
+    with open(path, "wb") as handle:
+        torch.save(obj, handle)
+
+
+def _no_space(exc: BaseException | None) -> bool:
+    """Whether a failed write failed for want of disk space (or quota): OSError's errno, or the text of
+    safetensors' own error, in the exception or the one it arose from (torch's writer, failing on a file whose
+    write raised, reports "unexpected pos" with the OSError as its context)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(exc)
+        if "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 def _write_state_files(
     folder: Path,
     *,
@@ -113,9 +136,9 @@ def _write_state_files(
     progress: dict,
 ) -> None:
     save_model(network, str(folder / NETWORK_FILE), force_contiguous=True)
-    torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
-    torch.save(lr_scheduler.state_dict(), folder / SCHEDULER_FILE)
-    torch.save(rng_states(), folder / RNG_FILE)
+    _save_torch(optimizer.state_dict(), folder / OPTIMIZER_FILE)
+    _save_torch(lr_scheduler.state_dict(), folder / SCHEDULER_FILE)
+    _save_torch(rng_states(), folder / RNG_FILE)
     (folder / CONFIG_FILE).write_text(config_toml, encoding="utf-8")
     # Written last: a folder without this file is never a valid state.
     (folder / PROGRESS_FILE).write_text(json.dumps(progress, indent=2), encoding="utf-8")
@@ -180,8 +203,18 @@ def save_training_state(
         else:
             temp.rename(final)
         _fsync_dir(state_dir)
-    except OSError as exc:
+    except Exception as exc:
         shutil.rmtree(temp, ignore_errors=True)
+        if _no_space(exc):
+            kept = latest_state(state_dir)
+            raise TrainingError(
+                f"no space left on device in {state_dir}: the training state of step {step} was not saved"
+                + (f"; the previous one ({kept.name}) is kept" if kept else ""),
+                f"free space on the disk of {state_dir}, then resume the job: it continues from the newest "
+                "saved state",
+            ) from exc
+        if not isinstance(exc, OSError):
+            raise
         raise TrainingError(
             f"could not save the training state to {final}: {exc}", "check free disk space and permissions"
         ) from exc

@@ -48,3 +48,40 @@ def mount(app: Any, blocks: Any, path: str, *, auth: Callable[[str, str], bool] 
         blocks.auth_message = message if auth else None
         return gr.mount_gradio_app(app, blocks, path=path)
     return gr.mount_gradio_app(app, blocks, path=path, auth=auth, auth_message=message if auth else None)
+
+
+# gradio 4.x's page client warns "Too many arguments provided for the endpoint" for every event that sends input
+# values (it looks their count up in an API description it never has: gradio issue #9895). Events that run
+# without the user (the poll and what it refreshes) therefore send none on 4.x and find their page's values on
+# the server by the page's session hash; 3.41 has no such warning, and no session hash in its gr.Request, so there
+# the same values come as inputs.
+SESSION_KEYED = GRADIO_MAJOR >= 4
+
+
+def page_inputs(*components: Any) -> list[Any]:
+    """The inputs of an event that runs without the user: none on 4.x (see SESSION_KEYED), these on 3.41."""
+    return [] if SESSION_KEYED else list(components)
+
+
+def session_of(request: Any) -> str | None:
+    """The page's session hash on gradio 4.x (None on 3.41, or outside an event)."""
+    if request is None:
+        return None
+    try:
+        value = getattr(request, "session_hash", None)
+    except (AttributeError, KeyError):  # 3.41's Request looks attributes up in its kwargs
+        return None
+    return str(value) if value else None
+
+
+def js_only(code: str) -> dict[str, Any]:
+    """Event arguments that run `code` in the browser (`_js=` on 3.41, `js=` on 4.x)."""
+    return {"_js": code} if GRADIO_MAJOR < 4 else {"js": code}
+
+
+def offline_theme() -> Any:
+    """gradio's default theme with the fonts of the machine instead of Google Fonts (nothing fetched off-host)."""
+    return gr.themes.Default(
+        font=["ui-sans-serif", "system-ui", "Segoe UI", "Roboto", "Helvetica Neue", "Arial", "sans-serif"],
+        font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "Liberation Mono", "monospace"],
+    )

@@ -2,11 +2,17 @@
 interrogator when it has one), validation report, delete an image or a dataset.
 
 Creating a dataset and the full validation take minutes on big datasets, so they run as DatasetService tasks:
-the click answers at once with a ticket, and the tab's poll shows the outcome when the task ends (finished())."""
+the click answers at once with a ticket, and the tab's poll shows the outcome when the task ends (finished()). The
+health report runs the same way. On gradio 4 the page's tickets are kept per page on the server (PageSessions),
+so the poll's finished() needs no inputs; on 3.41 they come from the page's State.
+
+The caption editor always names the image the gallery shows selected: after a delete the editor moves to the
+image that took the deleted one's place, and deletes of images and datasets are asked first."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -18,9 +24,11 @@ from kohya_backend.errors import TrainManagementError
 from kohya_backend.service.datasets import DatasetService, IncomingFile
 from kohya_backend.service.tasks import Task
 from kohya_backend.ui.choices import dropdown
-from kohya_backend.ui.compat import uploaded_paths
+from kohya_backend.ui.compat import GRADIO_MAJOR, session_of, uploaded_paths
+from kohya_backend.ui.confirm import ask, dismissed
 from kohya_backend.ui.hooks import UiHooks
-from kohya_backend.ui.present import created_markdown, error_markdown, report_markdown
+from kohya_backend.ui.present import created_markdown, error_markdown, health_markdown, report_markdown
+from kohya_backend.ui.sessions import PageSessions
 from kohya_backend.ui.thumbnails import ThumbnailCache, thumbnail
 
 PREPROCESS_CHOICES: dict[str, str | None] = {
@@ -36,6 +44,8 @@ MAX_THUMBNAILS = 120
 THUMBNAIL_PX = 192
 PREVIEW_PX = 768
 MAX_PENDING = 64  # uploads whose creation message is still to be shown
+HEALTH_RESOLUTIONS = {"512 (SD 1.5)": 512, "1024 (SDXL)": 1024}
+TICKETS = ("create", "validate", "health")
 
 
 def repeated_names(files: list[tuple[str, Path]], folder: list[tuple[str, Path]]) -> list[str]:
@@ -85,13 +95,21 @@ class DatasetActions:
         # What a creation's final message needs from its upload: repeated names, whether a folder came.
         self._uploads: OrderedDict[str, tuple[list[str], bool]] = OrderedDict()
         self._lock = threading.Lock()
+        self.sessions = PageSessions()
 
     def choices(self, current: str | None = None) -> Any:
         """Dataset dropdown choices (folder names, none scanned), keeping the current one when it still exists."""
         return dropdown(self.datasets.home.dataset_names(), current)
 
     def create(
-        self, name: str, subject: str, repeats: Any, files: Any, folder: Any, preprocess: str
+        self,
+        request: gr.Request,
+        name: str,
+        subject: str,
+        repeats: Any,
+        files: Any,
+        folder: Any,
+        preprocess: str,
     ) -> tuple[str, str]:
         """Start creating a dataset from the uploaded files and folder (copied out of gradio's temporary files
         before this returns; the checks and preprocessing run in the background); (message, ticket)."""
@@ -110,6 +128,7 @@ class DatasetActions:
             self._uploads[ticket] = (repeated, bool(from_folder))
             while len(self._uploads) > MAX_PENDING:
                 self._uploads.popitem(last=False)
+        self.sessions.put(session_of(request), create=ticket)
         work = "checking and preprocessing" if options else "checking"
         return f"⏳ Creating dataset **{name.strip()}**: {work} {len(incoming)} file(s)…", ticket
 
@@ -124,11 +143,25 @@ class DatasetActions:
         """What the tab's poll reads: changes whenever a dataset task of this service ends."""
         return str(self.datasets.tasks.finished)
 
-    def finished(self, create_ticket: str, validate_ticket: str) -> tuple[Any, Any, str, Any, str]:
-        """The outcome of this page's dataset creation and validation once they end: (creation message, browse
-        dropdown, creation ticket, report, validation ticket); a ticket is emptied once its outcome is shown."""
-        created = self._task(create_ticket)
-        message, browse = gr.update(), gr.update()
+    def finished(
+        self,
+        request: gr.Request,
+        create_ticket: str = "",
+        validate_ticket: str = "",
+        health_ticket: str = "",
+    ) -> tuple[Any, ...]:
+        """The outcome of this page's dataset creation, validation and health report once they end: (creation
+        message, browse dropdown, the training form's dataset choices, health report, the three tickets, then
+        the opened dataset: open()'s outputs). A ticket is emptied once its outcome is shown."""
+        session = session_of(request)
+        tickets = {
+            "create": self.sessions.value(session, "create", create_ticket) or "",
+            "validate": self.sessions.value(session, "validate", validate_ticket) or "",
+            "health": self.sessions.value(session, "health", health_ticket) or "",
+        }
+        message, browse, train = gr.update(), gr.update(), gr.update()
+        opened: tuple[Any, ...] = (gr.update(),) * len(OPENED)
+        created = self._task(tickets["create"])
         if created is not None:
             with self._lock:
                 repeated, from_folder = self._uploads.pop(created.ticket, ([], False))
@@ -139,14 +172,35 @@ class DatasetActions:
                 if from_folder:
                     message += "\n\n" + flattening_markdown(repeated, created.result["subset_folder"])
                 browse = self.choices(created.result["name"])
-            create_ticket = ""
-        checked = self._task(validate_ticket)
-        report = gr.update()
+                train = self.choices(created.result["name"])  # the training form offers the new dataset
+                opened = self.open(created.result["name"])
+            tickets["create"] = ""
+        checked = self._task(tickets["validate"])
         if checked is not None:
             error = checked.error
             report = error_markdown(error) if error is not None else report_markdown(checked.result)
-            validate_ticket = ""
-        return message, browse, create_ticket, report, validate_ticket
+            opened = (
+                f"Validated at {time.strftime('%H:%M:%S')} (every image decoded):\n\n{report}",
+                *opened[1:],
+            )
+            tickets["validate"] = ""
+        health: Any = gr.update()
+        measured = self._task(tickets["health"])
+        if measured is not None:
+            error = measured.error
+            health = error_markdown(error) if error is not None else health_markdown(measured.result)
+            tickets["health"] = ""
+        self.sessions.put(session, **tickets)
+        return (
+            message,
+            browse,
+            train,
+            health,
+            tickets["create"],
+            tickets["validate"],
+            tickets["health"],
+            *opened,
+        )
 
     def _task(self, ticket: str | None) -> Task | None:
         """The ended task of `ticket` (None while it runs, or without a ticket)."""
@@ -159,23 +213,24 @@ class DatasetActions:
         return None if task.state == "running" else task
 
     def import_hint(self) -> str:
-        """The Datasets area's note on folders already on the server (a CLI command, kept out of the tab)."""
+        """The Datasets area's note on folders: a zip keeps its subfolders (the web way to bring a folder)."""
         return (
-            "A zip keeps its `<repeats>_<name>` subfolders; a folder upload sends only file names (they all go "
-            "into one `<repeats>_<subject>` folder). To import a folder that is already on the server, run "
-            f"`python -m kohya_backend datasets import PATH --home {self.datasets.home.root}` in the "
-            "extension's folder there: the tab does not offer it, because the tab may be reachable from the "
-            "network and that command reads any folder of the machine."
+            "To bring a folder of `<repeats>_<name>` subfolders (e.g. one made for kohya's tools), zip it and "
+            "upload the zip: a zip keeps its subfolders and their repeats; a folder upload sends only file names "
+            "(they all go into one `<repeats>_<subject>` folder)."
         )
 
-    def open(self, name: str | None) -> tuple[str, list[tuple[Any, str]], Any, list[str], list[str]]:
-        """(report, thumbnails, image choices, names and labels of the thumbnails) of a dataset."""
+    def open(self, name: str | None, select: int | None = None) -> tuple[Any, ...]:
+        """(report, thumbnails, image choices, names and labels of the thumbnails, preview, caption, message) of a
+        dataset; with `select`, the editor shows the image at that place (the gallery marks it on gradio 4),
+        else no image."""
+        empty = (None, "", "")
         if not name:
-            return "No dataset chosen.", [], dropdown([], None), [], []
+            return ("No dataset chosen.", [], dropdown([], None), [], [], *empty)
         try:
             shown = self.datasets.show(name)
         except TrainManagementError as exc:
-            return error_markdown(exc), [], dropdown([], None), [], []
+            return (error_markdown(exc), [], dropdown([], None), [], [], *empty)
         folder = Path(shown["folder"])
         images = [i["image"] for i in shown["images"]]
         thumbnails, names, labels = [], [], []
@@ -189,9 +244,14 @@ class DatasetActions:
         report = report_markdown(shown["report"])
         if len(images) > MAX_THUMBNAILS:
             report += f"\n\nShowing the first {MAX_THUMBNAILS} of {len(images)} images; pick others in Image."
-        return report, thumbnails, dropdown(images, None), names, labels
+        chosen = names[min(select, len(names) - 1)] if select is not None and names else None
+        gallery: Any = thumbnails
+        if GRADIO_MAJOR >= 4:  # 3.41 keeps the marked place itself; 4.x is told which
+            gallery = gr.update(value=thumbnails, selected_index=names.index(chosen) if chosen else None)
+        editor = self.select_image(name, chosen) if chosen else empty
+        return (report, gallery, gr.update(choices=images, value=chosen), names, labels, *editor)
 
-    def validate(self, name: str | None) -> tuple[str, str]:
+    def validate(self, request: gr.Request, name: str | None) -> tuple[str, str]:
         """Start the trainer's full validation (every image decoded, in the background); (message, ticket)."""
         if not name:
             return "No dataset chosen.", ""
@@ -199,15 +259,32 @@ class DatasetActions:
             ticket = self.datasets.start_validate(name)
         except TrainManagementError as exc:
             return error_markdown(exc), ""
-        return f"⏳ Validating **{name}**: decoding every image…", ticket
+        self.sessions.put(session_of(request), validate=ticket)
+        return (
+            f"⏳ Validating **{name}** (started {time.strftime('%H:%M:%S')}): decoding every image…",
+            ticket,
+        )
 
-    def pick_thumbnail(self, names: list[str], evt: gr.SelectData) -> Any:
-        """A click on a thumbnail selects that image in the caption editor."""
+    def health(self, request: gr.Request, name: str | None, resolution: str) -> tuple[str, str]:
+        """Start the dataset health report (in the background); (message, ticket)."""
+        if not name:
+            return "No dataset chosen.", ""
+        try:
+            ticket = self.datasets.start_health(name, resolution=HEALTH_RESOLUTIONS.get(resolution, 512))
+        except TrainManagementError as exc:
+            return error_markdown(exc), ""
+        self.sessions.put(session_of(request), health=ticket)
+        return f"⏳ Checking the health of **{name}**: hashing every image…", ticket
+
+    def pick_thumbnail(self, name: str | None, names: list[str], evt: gr.SelectData) -> tuple[Any, ...]:
+        """A click on a thumbnail opens that image in the caption editor: (image choice, preview, caption,
+        message)."""
         index = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
         try:
-            return gr.update(value=names[int(index)])
+            image = names[int(index)]
         except (IndexError, TypeError, ValueError):
-            return gr.update()
+            return gr.update(), gr.update(), gr.update(), gr.update()
+        return (gr.update(value=image), *self.select_image(name, image))
 
     def select_image(self, name: str | None, image: str | None) -> tuple[Any, str, str]:
         """(preview, caption text, message) of one image."""
@@ -256,24 +333,51 @@ class DatasetActions:
             return gr.update(), f"❌ The captioner failed: {exc}"
         return gr.update(value=caption), "Generated a caption: check it, then press Save caption."
 
-    def delete_image(self, name: str | None, image: str | None) -> str:
-        """Delete the selected image and its caption."""
+    def ask_delete_image(self, name: str | None, image: str | None, names: list[str]) -> tuple[Any, ...]:
+        """Ask before deleting the image the editor shows: (row, question, pending, message)."""
         if not name or not image:
-            return "Choose a dataset and an image first."
+            return (*dismissed(), "Choose a dataset and an image first.")
+        index = names.index(image) if image in (names or []) else None
+        question = f"Delete `{image}` and its caption from **{name}**?"
+        return (*ask(question, {"dataset": name, "image": image, "index": index}), "")
+
+    def delete_image(self, pending: dict[str, Any] | None) -> tuple[Any, ...]:
+        """Delete the image named when it was asked; (row, question, pending, then open()'s outputs with the
+        editor on the image that took its place)."""
+        if not pending:
+            return (*dismissed(), *(gr.update(),) * len(OPENED))
+        name, image = pending["dataset"], pending["image"]
         try:
             self.datasets.delete_image(name, image)
         except TrainManagementError as exc:
-            return "❌ " + error_markdown(exc)
-        return f"Deleted `{image}`."
+            return (*dismissed(), *(gr.update(),) * (len(OPENED) - 1), "❌ " + error_markdown(exc))
+        opened = self.open(name, select=pending.get("index"))
+        note = f"Deleted `{image}`." + (f" Now showing `{opened[2]['value']}`." if opened[2]["value"] else "")
+        return (*dismissed(), *opened[:-1], note)
 
-    def delete_dataset(self, name: str | None, confirmed: bool) -> tuple[str, Any, bool]:
-        """Delete the chosen dataset when the confirmation box is ticked; (message, choices, confirmation)."""
+    def ask_delete_dataset(self, name: str | None) -> tuple[Any, ...]:
+        """Ask before deleting the chosen dataset: (row, question, pending, message)."""
         if not name:
-            return "No dataset chosen.", gr.update(), False
-        if not confirmed:
-            return f"Tick the box to confirm deleting **{name}** and all its files.", gr.update(), False
+            return (*dismissed(), "No dataset chosen.")
+        return (*ask(f"Delete dataset **{name}** and all its files? This cannot be undone.", name), "")
+
+    def delete_dataset(self, name: str | None) -> tuple[Any, ...]:
+        """Delete the dataset named when it was asked: (row, question, pending, message, browse choices, the
+        training form's dataset choices)."""
+        if not name:
+            return (*dismissed(), "", gr.update(), gr.update())
         try:
             self.datasets.delete(name)
         except TrainManagementError as exc:
-            return "❌ " + error_markdown(exc), gr.update(), False
-        return f"Deleted dataset **{name}**.", self.choices(None), False
+            return (*dismissed(), "❌ " + error_markdown(exc), gr.update(), gr.update())
+        remaining = self.datasets.home.dataset_names()
+        return (
+            *dismissed(),
+            f"Deleted dataset **{name}**.",
+            self.choices(None),
+            gr.update(choices=remaining),
+        )
+
+
+# open()'s outputs, in order (finished() and delete_image() end with them)
+OPENED = ("report", "gallery", "image", "names", "labels", "preview", "caption", "message")

@@ -15,3 +15,7 @@ class UiHooks:
     default_config: Callable[[str], str] | None = None  # fm_type -> starting config_params TOML
     # (None: config.schema.template_toml(fm_type))
     workers_locked: str | None = None  # why the tab may not add or remove remote workers (None: it may)
+    send_to_txt2img: bool = False  # the host has a txt2img tab (the WebUI): show "Send to txt2img"
+    load_script: bool = (
+        False  # the page does not load javascript/*.js itself (the standalone app): the tab runs it
+    )

@@ -22,9 +22,12 @@ FAMILY_LABELS: dict[str, str] = {
     "sd_xl_refiner": "SDXL refiner",
     "unknown": "unrecognised",
 }
+# Status and progress first: they are what a narrow window must still show (the table scrolls sideways inside
+# itself for the rest); the id, which a click on a row selects by, comes last.
 JOB_HEADERS: list[str] = [
-    "id", "output name", "model", "dataset", "instance", "status", "progress", "loss", "it/s", "ETA", "created",
+    "status", "progress", "output name", "loss", "it/s", "ETA", "created", "instance", "model", "dataset", "id",
 ]  # fmt: skip
+JOB_ID_COLUMN = JOB_HEADERS.index("id")
 WORKER_HEADERS: list[str] = ["name", "state", "GPU", "free disk", "URL"]
 _BUSY = frozenset(status.value for status in JobStatus.busy())  # rows of these show it/s and ETA
 _INSTANCE = re.compile(r"\[([^\[\]]+)\]$")
@@ -76,13 +79,17 @@ def duration(seconds: Any) -> str:
 
 
 def progress_text(job: dict[str, Any]) -> str:
-    """'step/total (pct%)', the phase before the first step, or '' for a queued job."""
+    """'step/total (pct%)', the phase before the first step, or a queued job's place in the queue (and why it
+    waits, e.g. for the WebUI to finish generating)."""
     progress = job.get("progress") or {}
     total = progress.get("total_steps") or ((job.get("plan") or {}).get("total_steps"))
     step = progress.get("step")
+    if job["status"] == JobStatus.QUEUED.value:
+        place = f"#{job['queue_position']} in queue" if job.get("queue_position") else "in queue"
+        phase = progress.get("phase")
+        return f"{place}: {phase}" if phase and phase != "queued" else place
     if step is None:
         phase = progress.get("phase")
-        # A queued job shows why it waits (e.g. for the WebUI to finish generating), not the 'queued' phase.
         return str(phase) if phase and job["status"] != "completed" and phase != "queued" else ""
     if total:
         return f"{step}/{total} ({100 * step / total:.0f}%)"
@@ -93,19 +100,24 @@ def job_row(job: dict[str, Any]) -> list[str]:
     """One Trainings List row (the order of JOB_HEADERS)."""
     progress = job.get("progress") or {}
     active = job["status"] in _BUSY
-    return [
-        job["id"],
-        job["output_name"],
-        job["model"],
-        job["dataset"],
-        job["instance_type"],
-        job["status"],
-        progress_text(job),
-        _number(progress.get("avg_loss", progress.get("loss")), 4),
-        _number(progress.get("it_per_s"), 2) if active else "",
-        duration(progress.get("eta_s")) if active else "",
-        time.strftime("%Y-%m-%d %H:%M", time.localtime(job["created_at"])),
-    ]
+    stalled = job.get("stalled")
+    row = {
+        # A training whose trainer went silent (the API's `stalled`): say so where the status is read.
+        "status": f"{job['status']} (stalled {duration(stalled.get('silent_s'))})"
+        if stalled
+        else job["status"],
+        "progress": progress_text(job),
+        "output name": job["output_name"],
+        "loss": _number(progress.get("avg_loss", progress.get("loss")), 4),
+        "it/s": _number(progress.get("it_per_s"), 2) if active else "",
+        "ETA": duration(progress.get("eta_s")) if active else "",
+        "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(job["created_at"])),
+        "instance": job["instance_type"],
+        "model": job["model"],
+        "dataset": job["dataset"],
+        "id": job["id"],
+    }
+    return [row[header] for header in JOB_HEADERS]
 
 
 def delivery_stamp(jobs: Iterable[dict[str, Any]]) -> str:
@@ -126,8 +138,9 @@ def error_markdown(exc: TrainManagementError) -> str:
     text = f"**{exc.message}**"
     if isinstance(exc, DatasetError) and exc.files:
         text += "\n\n" + "\n".join(f"- `{f}`" for f in exc.files[:20])
-    if exc.hint:
-        text += f"\n\nHint: {exc.hint}"
+    hint = exc.web_hint or exc.hint  # what to do in the page, when it differs from the command line's way
+    if hint:
+        text += f"\n\nHint: {hint}"
     return text
 
 
@@ -214,6 +227,15 @@ def job_markdown(job: dict[str, Any]) -> str:
         text += f", {progress_text(job)}"
     if job.get("reason"):
         text += f"\n\n{job['reason']}"
+    stalled = job.get("stalled")
+    if stalled:
+        tail = str(stalled.get("log_tail") or "").strip()
+        text += (
+            f"\n\n**Stalled**: no progress from the trainer for {duration(stalled.get('silent_s'))}; "
+            "**Cancel** stops it at once."
+        )
+        if tail:
+            text += f"\n\n```\n{tail}\n```"
     if progress.get("delivered") and str(progress["delivered"]) not in (job.get("reason") or ""):
         text += f"\n\nLoRA: `{progress['delivered']}`"
     return text
@@ -241,3 +263,85 @@ def worker_row(worker: dict[str, Any]) -> list[str]:
         str(worker.get("url") or "")
         + (" ⚠️ plain http: the token is readable on the way" if worker.get("warning") else ""),
     ]
+
+
+def _files(items: list[Any], limit: int = 6) -> str:
+    """A short inline list of file names (or {"file": ...} entries)."""
+    names = [str(i["file"] if isinstance(i, dict) else i) for i in items[:limit]]
+    return ", ".join(f"`{n}`" for n in names) + (" …" if len(items) > limit else "")
+
+
+def health_markdown(report: dict[str, Any]) -> str:
+    """The dataset health report: problems first (duplicates, captions, sizes, extensions), then the numbers."""
+    problems: list[str] = []
+    dup = report["duplicates"]
+    for group in dup["identical"]:
+        problems.append(f"identical files: {_files(group)}")
+    for group in dup["near"]:
+        problems.append(f"near-duplicates (look alike): {_files(group)}")
+    caps = report["captions"]
+    if caps["missing"]:
+        problems.append(f"{caps['missing']} image(s) without a caption file: {_files(caps['missing_files'])}")
+    if caps["empty"]:
+        problems.append(f"{caps['empty']} empty caption(s): {_files(caps['empty_files'])}")
+    over = caps["over"]
+    if over["75"]:
+        problems.append(
+            f"{over['75']} caption(s) longer than 75 tokens (cut unless max_token_length is 150 or 225; "
+            f"{over['150']} over 150, {over['225']} over 225): {_files(caps['longest'])}"
+        )
+    sizes = report["sizes"]
+    if sizes["tiny"]:
+        problems.append(
+            f"{sizes['tiny']} tiny image(s), below {sizes['tiny_below']}: {_files(sizes['tiny_files'])}"
+        )
+    if sizes["huge"]:
+        problems.append(
+            f"{sizes['huge']} huge image(s), above {sizes['huge_above']}: {_files(sizes['huge_files'])}"
+        )
+    aspects = report["aspect_ratios"]
+    if aspects["extreme"]:
+        problems.append(
+            f"{aspects['extreme']} image(s) with an extreme aspect ratio (beyond 5:2): {_files(aspects['extreme_files'])}"
+        )
+    for item in report["mismatched_extensions"]:
+        problems.append(f"`{item['file']}` is a {item['content']} file named {item['extension']}")
+    for item in report["unreadable"]:
+        problems.append(f"`{item['file']}` cannot be read: {item['reason']}")
+    lines = [f"**Health of {report.get('name', 'the dataset')}** at {report['resolution']} px: "
+             f"{report['images']} image(s), " + (f"{len(problems)} finding(s)" if problems else "no problems found")]  # fmt: skip
+    lines += [f"- ⚠️ {p}" for p in problems]
+    buckets = ", ".join(f"{b['width']}x{b['height']}: {b['images']}" for b in aspects["buckets"][:8])
+    tags = report["tags"]
+    lines += [
+        "",
+        f"Aspect ratios: {aspects['portrait']} portrait, {aspects['square']} square, {aspects['landscape']} "
+        f"landscape. Buckets ({aspects['bucket_settings']}): {buckets or 'none'}",
+        f"Captions: {caps['mean_tokens']} tokens on average, at most {caps['max_tokens']} "
+        f"(counted with {caps['tokens_counted_with']})",
+        f"Tags: {tags['distinct']} distinct; most common: "
+        + (", ".join(f"{t['tag']} ({t['images']})" for t in tags["most_common"]) or "none")
+        + (
+            "; least common: " + ", ".join(f"{t['tag']} ({t['images']})" for t in tags["least_common"])
+            if tags["least_common"]
+            else ""
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def no_models_markdown(folders: Iterable[str]) -> str:
+    """Empty-home guidance for checkpoints: the exact folder(s) to put one in."""
+    where = " or ".join(f"`{f}`" for f in folders)
+    return (
+        f"No checkpoint yet: put an SD 1.5 or SDXL `.safetensors` (or `.ckpt`) file in {where}, then press ↻ "
+        "next to Model."
+    )
+
+
+def no_datasets_markdown(folder: str) -> str:
+    """Empty-home guidance for datasets."""
+    return (
+        "No dataset yet: create one in the **Datasets** tab (upload captioned images or a zip), or put a folder "
+        f"holding `<repeats>_<name>` subfolders into `{folder}`, then press ↻ next to Dataset."
+    )

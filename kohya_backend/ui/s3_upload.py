@@ -1,5 +1,6 @@
-"""The Datasets tab's "Upload to S3" button: a thin generator over S3Assets (service/s3_assets.py), which the
-REST API's POST /s3/uploads uses too; it yields the upload's progress until it ends."""
+"""The tab's "Upload to S3" buttons (a dataset in the Datasets tab, the chosen model beside Model): thin generators
+over S3Assets (service/s3_assets.py), which the REST API's POST /s3/uploads uses too; each yields the upload's
+progress until it ends."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ from collections.abc import Iterator
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs.s3_jobs import human_bytes
 from kohya_backend.service.training import TrainingService
+from kohya_backend.storage.uri import is_s3_uri
 from kohya_backend.ui.present import error_markdown
 
 POLL_S = 0.5
 
 
 class S3UploadActions:
-    """The button's callback, bound to one TrainingService."""
+    """The buttons' callbacks, bound to one TrainingService."""
 
     def __init__(self, service: TrainingService, poll_s: float = POLL_S) -> None:
         self.service = service
@@ -25,14 +27,30 @@ class S3UploadActions:
         """Upload the chosen local dataset to the S3 prefix, yielding its progress until it ends."""
         return upload_dataset(self.service, name, self.poll_s)
 
+    def upload_model(self, name: str | None) -> Iterator[str]:
+        """Upload the chosen local model to the S3 prefix, yielding its progress until it ends."""
+        return upload_model(self.service, name, self.poll_s)
+
 
 def upload_dataset(service: TrainingService, name: str | None, poll_s: float = POLL_S) -> Iterator[str]:
     """Upload the chosen local dataset to the S3 prefix, yielding 'uploading NAME 1.2/3.4 MB' as it goes."""
+    return _upload(service, "dataset", name, poll_s)
+
+
+def upload_model(service: TrainingService, name: str | None, poll_s: float = POLL_S) -> Iterator[str]:
+    """Upload the chosen local checkpoint to the S3 prefix (prefix/models/NAME), yielding its progress."""
+    return _upload(service, "model", name, poll_s)
+
+
+def _upload(service: TrainingService, kind: str, name: str | None, poll_s: float) -> Iterator[str]:
     if not name:
-        yield "Choose a dataset first."
+        yield f"Choose a {kind} first."
+        return
+    if is_s3_uri(name):  # the dropdowns list the prefix's own models and datasets too
+        yield f"**{name}** is already on S3."
         return
     try:
-        status = service.s3.start_upload("dataset", name)
+        status = service.s3.start_upload(kind, name)
         while status["state"] == "running":
             yield f"Uploading **{name}** to {status['uri']}: {human_bytes(status['done'], status['total'])}"
             time.sleep(poll_s)

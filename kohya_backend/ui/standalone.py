@@ -14,19 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from kohya_backend.errors import TrainManagementError
+from kohya_backend.jobs.scheduler import DEFAULT_STALL_AFTER_S
 from kohya_backend.service.api import API_PREFIX
-from kohya_backend.service.app import (
-    DEFAULT_HOST,
-    DEFAULT_PORT,
-    TOKEN_ENV,
-    _is_loopback,
-    build_service,
-    create_app,
-)
+from kohya_backend.service.app import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV, build_service, create_app
+from kohya_backend.service.auth import check_token
 from kohya_backend.service.datasets import DatasetService
+from kohya_backend.service.guard import GuardPolicy, configured_origins
 from kohya_backend.service.home import Home
+from kohya_backend.service.hosts import answered_hosts, is_loopback
+from kohya_backend.service.login_limit import LoginLimiter
 from kohya_backend.service.training import TrainingService
 from kohya_backend.ui.hooks import UiHooks
+from kohya_backend.ui.offline import OfflinePage
 
 DEMO_PROMPTS = "demo-sample-prompts.txt"
 QUEUE_WORKERS = 8
@@ -93,8 +92,32 @@ def enable_queue(blocks: Any) -> None:
         blocks.queue(default_concurrency_limit=QUEUE_WORKERS)
 
 
-def build_app(service: TrainingService, *, token: str | None = None, demo: bool = False) -> Any:
-    """The FastAPI app: the REST API under its prefix and the tab's Blocks at `/` (scheduler not started)."""
+def without_gradio_cors(app: Any) -> None:
+    """Take the CORS middleware out of every gradio app mounted on `app`: gradio 3.41 allows every origin and
+    gradio 4 every localhost one, and a preflight for an API route that is not routed here reaches it. The app's
+    own CORS (create_app) answers for the origins the user configured."""
+    for route in app.routes:
+        mounted: Any = getattr(route, "app", None)
+        middleware = getattr(mounted, "user_middleware", None)
+        if middleware is None:
+            continue
+        kept = [m for m in middleware if "CORS" not in getattr(m.cls, "__name__", "")]
+        if len(kept) != len(middleware):
+            mounted.user_middleware = kept
+            mounted.middleware_stack = None  # rebuilt from the list on its first request
+
+
+def build_app(
+    service: TrainingService,
+    *,
+    token: str | None = None,
+    demo: bool = False,
+    policy: GuardPolicy | None = None,
+    logins: LoginLimiter | None = None,
+) -> Any:
+    """The FastAPI app: the REST API under its prefix and the tab's Blocks at `/` (scheduler not started), behind
+    the request guard of `policy` (default: loopback names, no other origin) and, with a token, a login page that
+    backs off after failed attempts (`logins`, default a new LoginLimiter)."""
     from kohya_backend.ui.compat import mount
     from kohya_backend.ui.tab import create_tab
 
@@ -102,14 +125,38 @@ def build_app(service: TrainingService, *, token: str | None = None, demo: bool 
     hooks = UiHooks(
         default_config=(lambda fm: demo_config(fm, prompts=prompts if prompts.exists() else None))
         if demo
-        else None
+        else None,
+        load_script=True,
     )
     blocks = create_tab(service, DatasetService(service.home, jobs=service.store), hooks)
     if _STYLE.is_file():
         blocks.css = (blocks.css or "") + _STYLE.read_text(encoding="utf-8")
     enable_queue(blocks)
-    app = create_app(service, token=token)
-    return mount(app, blocks, "/", auth=token_auth(token) if token else None)
+    if token:
+        logins = logins or LoginLimiter()
+    app = create_app(service, token=token, policy=policy, logins=logins if token else None)
+    app.add_middleware(OfflinePage)  # the page asks no other host for anything (iframe-resizer, font hosts)
+    app = mount(app, blocks, "/", auth=token_auth(token) if token else None)
+    without_gradio_cors(app)
+    return app
+
+
+def serve_policy(
+    host: str,
+    *,
+    allowed_hosts: tuple[str, ...] = (),
+    cors_allow_origins: tuple[str, ...] = (),
+    cors_allow_origins_regex: str | None = None,
+) -> GuardPolicy:
+    """The request guard of `serve`: the names it answers to on `host` (plus `allowed_hosts`), the origins besides
+    its own that may use it, and JSON bodies on the API."""
+    names = tuple(n.strip() for item in allowed_hosts for n in item.split(",") if n.strip())
+    return GuardPolicy(
+        hosts=answered_hosts(host, names),
+        origins=configured_origins(cors_allow_origins, where="--cors-allow-origins"),
+        origin_regex=cors_allow_origins_regex or None,
+        json_paths=(API_PREFIX,),
+    )
 
 
 def serve(
@@ -119,28 +166,37 @@ def serve(
     port: int = DEFAULT_PORT,
     token: str | None = None,
     demo: bool = False,
+    policy: GuardPolicy | None = None,
+    stall_after_s: float = DEFAULT_STALL_AFTER_S,
     s3_uri: str | None = None,
     sagemaker_role_arn: str | None = None,
     sagemaker_image_uri: str | None = None,
 ) -> None:
-    """Serve the tab and the API until interrupted, with the scheduler thread; off loopback only with a token."""
+    """Serve the tab and the API until interrupted, with the scheduler thread; off loopback only with a token of
+    at least 16 characters."""
     import uvicorn
 
     token = token or os.environ.get(TOKEN_ENV) or None
-    if token is None and not _is_loopback(host):
-        raise TrainManagementError(
-            f"refusing to serve on {host} without a token: anyone on the network could train and delete jobs",
-            f"pass --token (or set {TOKEN_ENV}), or serve on 127.0.0.1",
-        )
+    if not is_loopback(host):
+        if token is None:
+            raise TrainManagementError(
+                f"refusing to serve on {host} without a token: anyone on the network could train and delete jobs",
+                f"pass --token (or set {TOKEN_ENV}), or serve on 127.0.0.1",
+            )
+        check_token(token, f"the token (--token or {TOKEN_ENV}) of a server on {host}")
+    policy = policy or serve_policy(host)
+    if "*" in policy.origins:
+        print("warning: --cors-allow-origins '*' lets every website use this app in your browser", flush=True)
     service = build_service(
         home_dir,
+        stall_after_s=stall_after_s,
         s3_uri=s3_uri,
         sagemaker_role_arn=sagemaker_role_arn,
         sagemaker_image_uri=sagemaker_image_uri,
     )
     if demo and prepare_demo_home(service.home):
         print(f"demo model and dataset written to {service.home.root}", flush=True)
-    app = build_app(service, token=token, demo=demo)
+    app = build_app(service, token=token, demo=demo, policy=policy)
     service.scheduler.start()
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown}:{port}"

@@ -1,203 +1,115 @@
-"""The Train Management tab's Blocks: layout and event wiring only; the callbacks live in create_job.py,
-trainings.py and dataset_actions.py and call the services (the same ones the REST API and the CLI use)."""
+"""The Train Management tab's Blocks: layout (layout.py) and event wiring; the callbacks live in create_job.py,
+presets.py, trainings.py, workers.py and dataset_actions.py and call the services (the same ones the REST API and
+the CLI use).
+
+Nothing runs with inputs unless the user acted (see compat.SESSION_KEYED): the page loads with one input-free
+call, the poll sends none, and what it refreshes finds the page's values on the server (gradio 4) or in the page's
+State (3.41). Dropdowns that the page fills itself are wired to `.input` (the user's choice), not `.change`.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from kohya_backend.service.datasets import DatasetService
+from kohya_backend.service.presets import PresetStore
 from kohya_backend.service.training import TrainingService
-from kohya_backend.ui.compat import file_input
+from kohya_backend.ui.compat import js_only, offline_theme, page_inputs
+from kohya_backend.ui.confirm import wire_keep
 from kohya_backend.ui.create_job import CreateJobActions
-from kohya_backend.ui.dataset_actions import PREPROCESS_CHOICES, DatasetActions
+from kohya_backend.ui.dataset_actions import DatasetActions
 from kohya_backend.ui.hooks import UiHooks
-from kohya_backend.ui.present import FM_LABELS, JOB_HEADERS, WORKER_HEADERS
+from kohya_backend.ui.layout import (
+    ELEM_ID,
+    create_job_column,
+    datasets_area,
+    elem,
+    trainings_column,
+    workers_panel,
+)
+from kohya_backend.ui.present import FM_LABELS
+from kohya_backend.ui.presets import PresetActions
 from kohya_backend.ui.s3_upload import S3UploadActions
 from kohya_backend.ui.trainings import TrainingsActions
 from kohya_backend.ui.workers import WorkersActions
 
-ELEM_ID = "train_management"
+__all__ = ["DELIVERY_STAMP_ID", "ELEM_ID", "POLL_SECONDS", "create_tab"]
+
 DELIVERY_STAMP_ID = "train_management_delivery_stamp"
 POLL_SECONDS = 2.0
+SCRIPT = Path(__file__).resolve().parents[2] / "javascript" / "train_management.js"
 # The page layout when the tab is the whole page (standalone); inside the WebUI a tab's own css is not used, and
 # style.css (served by the WebUI, appended by the standalone app) holds the tab's rules, scoped to #train_management.
 TAB_CSS = ".gradio-container { max-width: none !important; }\n"
 
 
-_SMALL = {"size": "sm", "scale": 0, "min_width": 60}
-WORKERS_INTRO = (
-    "Train on another machine's GPU: start `python -m kohya_backend worker --host 0.0.0.0 --port 7870 "
-    "--token-file token.txt` there (with `--create-token` the first time), then paste the URL it printed and "
-    "the token from its token file. Each worker becomes a Training Instance Type. Use https (a TLS reverse "
-    "proxy) when the worker is not on your own network: the token travels with every request."
-)
+def _editor_outputs(c: dict[str, Any]) -> list[Any]:
+    """What CreateJobActions.fill() returns into: EDITOR_FIELDS, then the editor's confirmation row."""
+    fields = [
+        c["config"],
+        c["config_default"],
+        c["fm"],
+        c["instance"],
+        c["model"],
+        c["dataset"],
+        c["model_info"],
+    ]
+    return [*fields, c["draft_sync"], *c["editor_confirm"].outputs]
 
 
-def _id(name: str) -> str:
-    return f"{ELEM_ID}_{name}"
-
-
-def _create_job_column(actions: CreateJobActions, fm_default: str) -> dict[str, Any]:
-    """The left column's components (built, not wired)."""
-    c: dict[str, Any] = {}
-    gr.Markdown("### Create a Training Job")
-    with gr.Row():
-        c["instance"] = gr.Dropdown(label="Training Instance Type", elem_id=_id("instance"), scale=4)
-        c["refresh_instances"] = gr.Button("↻", elem_id=_id("refresh_instances"), **_SMALL)
-    c["fm"] = gr.Radio(list(FM_LABELS), value=fm_default, label="FM Type", elem_id=_id("fm_type"))
-    with gr.Row():
-        c["model"] = gr.Dropdown(label="Model", elem_id=_id("model"), scale=4)
-        c["refresh_models"] = gr.Button("↻", elem_id=_id("refresh_models"), **_SMALL)
-    c["model_info"] = gr.Markdown(elem_id=_id("model_info"))
-    with gr.Row():
-        c["dataset"] = gr.Dropdown(label="Dataset", elem_id=_id("dataset"), scale=4)
-        c["refresh_datasets"] = gr.Button("↻", elem_id=_id("refresh_datasets"), **_SMALL)
-    start = actions.default_config(fm_default)
-    c["config"] = gr.Textbox(
-        value=start, label="config_params (TOML)", lines=20, max_lines=60, elem_id=_id("config"),
-        elem_classes=["train-management-mono"],
-    )  # fmt: skip
-    c["config_default"] = gr.State(start)
-    with gr.Row():
-        c["format"] = gr.Button("Format config Params", elem_id=_id("format"))
-        c["reset"] = gr.Button("Load FM Type defaults", elem_id=_id("reset"))
-        c["create"] = gr.Button("Create Training Job", variant="primary", elem_id=_id("create"))
-    c["create_message"] = gr.Markdown(elem_id=_id("create_message"))
-    c["issues"] = gr.Markdown(elem_id=_id("issues"))
-    c["plan"] = gr.Markdown(elem_id=_id("plan"))
-    with gr.Accordion("Formatted config (canonical TOML, as it will be trained)", open=False):
-        c["formatted"] = gr.Textbox(
-            label="Canonical TOML", lines=12, interactive=False, elem_id=_id("formatted"),
-            elem_classes=["train-management-mono"],
-        )  # fmt: skip
-    return c
-
-
-def _workers_panel(locked: str | None) -> dict[str, Any]:
-    """The "Remote GPU workers" accordion (built, not wired)."""
-    c: dict[str, Any] = {}
-    with gr.Accordion("Remote GPU workers", open=False, elem_id=_id("workers")):
-        gr.Markdown(WORKERS_INTRO + (f"\n\n⚠️ {locked}" if locked else ""), elem_id=_id("workers_intro"))
-        with gr.Row():
-            c["url"] = gr.Textbox(
-                label="Worker URL", placeholder="http://gpu-box:7870", elem_id=_id("worker_url"), scale=3
-            )
-            c["name"] = gr.Textbox(label="Name (optional)", elem_id=_id("worker_name"), scale=1)
-        c["token"] = gr.Textbox(
-            label="Token (from the worker's token file)", type="password", elem_id=_id("worker_token")
-        )
-        with gr.Row():
-            c["add"] = gr.Button("Add worker", variant="primary", elem_id=_id("worker_add"))
-            c["pick"] = gr.Dropdown(label="Registered worker", elem_id=_id("worker_pick"), scale=2)
-            c["remove"] = gr.Button("Remove worker", variant="stop", elem_id=_id("worker_remove"))
-            c["refresh"] = gr.Button("↻", elem_id=_id("workers_refresh"), **_SMALL)
-        c["message"] = gr.Markdown(elem_id=_id("worker_message"))
-        c["table"] = gr.Dataframe(
-            headers=WORKER_HEADERS, datatype=["str"] * len(WORKER_HEADERS), type="array", interactive=False,
-            wrap=True, elem_id=_id("workers_table"),
-        )  # fmt: skip
-    return c
-
-
-def _trainings_column() -> dict[str, Any]:
-    """The right column's components (built, not wired)."""
-    c: dict[str, Any] = {}
-    with gr.Row():
-        gr.Markdown("### Trainings List")
-        c["refresh"] = gr.Button("↻ Refresh", elem_id=_id("refresh_jobs"), **_SMALL)
-    c["table"] = gr.Dataframe(
-        headers=JOB_HEADERS, datatype=["str"] * len(JOB_HEADERS), type="array", interactive=False, wrap=True,
-        elem_id=_id("jobs"),
-    )  # fmt: skip
-    c["job"] = gr.Dropdown(label="Job", elem_id=_id("job"))
-    c["job_status"] = gr.Markdown(elem_id=_id("job_status"))
-    with gr.Row():
-        c["cancel"] = gr.Button("Cancel", elem_id=_id("cancel"))
-        c["resume"] = gr.Button("Resume", elem_id=_id("resume"))
-        c["delete"] = gr.Button("Delete", variant="stop", elem_id=_id("delete"))
-    c["action_message"] = gr.Markdown(elem_id=_id("action_message"))
-    c["log"] = gr.Textbox(
-        label="Log (tail)", lines=8, max_lines=30, interactive=False, elem_id=_id("log"),
-        elem_classes=["train-management-mono"],
-    )  # fmt: skip
-    c["plot"] = gr.LinePlot(
-        x="step", y="value", color="series", title="Loss", x_title="step", y_title="loss", height=260,
-        label="Loss", elem_id=_id("loss_plot"),
-    )  # fmt: skip
-    c["samples"] = gr.Gallery(label="Samples", columns=4, height=260, elem_id=_id("samples"))
-    # The auto-refresh polls only this hidden text; the list and the job's details update when it changes.
-    c["poll"] = gr.Textbox(visible=False, elem_id=_id("poll"))
-    return c
-
-
-def _datasets_area(has_interrogate: bool, import_hint: str) -> dict[str, Any]:
-    """The Datasets sub-tab's components (built, not wired)."""
-    c: dict[str, Any] = {}
-    with gr.Row():
-        with gr.Column(scale=1):
-            gr.Markdown("### Create a dataset")
-            gr.Markdown(import_hint, elem_id=_id("ds_hint"))
-            c["name"] = gr.Textbox(label="Dataset name", elem_id=_id("ds_name"))
-            with gr.Row():
-                c["subject"] = gr.Textbox(
-                    label="Subject (class token; default: the name)", elem_id=_id("ds_subject")
-                )
-                c["repeats"] = gr.Number(value=10, precision=0, label="Repeats", elem_id=_id("ds_repeats"))
-            c["files"] = file_input(
-                "Images and captions (.txt of the same name), or a zip (keeps <repeats>_<name> subfolders)",
-                file_count="multiple", file_types=["image", ".txt", ".caption", ".tags", ".zip"],
-                elem_id=_id("ds_files"),
-            )  # fmt: skip
-            c["folder"] = file_input(
-                "…or a folder's files (its subfolders are not kept: zip a folder of <repeats>_<name> subfolders)",
-                file_count="directory", elem_id=_id("ds_folder"),
-            )  # fmt: skip
-            c["preprocess"] = gr.Radio(
-                list(PREPROCESS_CHOICES), value="none", label="Preprocessing", elem_id=_id("ds_preprocess")
-            )
-            c["create"] = gr.Button("Create dataset", variant="primary", elem_id=_id("ds_create"))
-            c["create_message"] = gr.Markdown(elem_id=_id("ds_create_message"))
-            # Creation and validation run as background tasks: their tickets, and the poll that ends them.
-            c["create_ticket"] = gr.State("")
-            c["validate_ticket"] = gr.State("")
-            c["tasks_poll"] = gr.Textbox(visible=False, elem_id=_id("ds_tasks_poll"))
-        with gr.Column(scale=2):
-            gr.Markdown("### Browse, caption and validate")
-            with gr.Row():
-                c["dataset"] = gr.Dropdown(label="Dataset", elem_id=_id("ds_dataset"), scale=4)
-                c["refresh"] = gr.Button("↻", elem_id=_id("ds_refresh"), **_SMALL)
-            c["report"] = gr.Markdown(elem_id=_id("ds_report"))
-            c["validate"] = gr.Button("Validate (decode every image)", elem_id=_id("ds_validate"))
-            c["gallery"] = gr.Gallery(label="Images", columns=6, height=300, elem_id=_id("ds_gallery"))
-            c["names"] = gr.State([])  # the images of the gallery's thumbnails, in order
-            c["labels"] = gr.State([])  # and their labels (first caption lines)
-            c["image"] = gr.Dropdown(label="Image", elem_id=_id("ds_image"))
-            with gr.Row():
-                c["preview"] = gr.Image(
-                    label="Image", type="pil", interactive=False, height=320, elem_id=_id("ds_preview")
-                )
-                with gr.Column():
-                    c["caption"] = gr.Textbox(label="Caption", lines=4, elem_id=_id("ds_caption"))
-                    with gr.Row():
-                        c["save"] = gr.Button("Save caption", variant="primary", elem_id=_id("ds_save"))
-                        c["generate"] = gr.Button(
-                            "Generate caption", visible=has_interrogate, elem_id=_id("ds_generate")
-                        )
-                        c["delete_image"] = gr.Button(
-                            "Delete image", variant="stop", elem_id=_id("ds_delete_image")
-                        )
-                    c["message"] = gr.Markdown(elem_id=_id("ds_message"))
-            with gr.Row():
-                c["confirm"] = gr.Checkbox(
-                    label="Yes, delete this dataset and its files", elem_id=_id("ds_confirm")
-                )
-                c["delete"] = gr.Button("Delete dataset", variant="stop", elem_id=_id("ds_delete"))
-            with gr.Row():
-                c["s3_upload"] = gr.Button("Upload to S3", elem_id=_id("ds_s3_upload"), **_SMALL)
-                c["s3_message"] = gr.Markdown(elem_id=_id("ds_s3_message"))
-    return c
+def _wire_create_job(a: CreateJobActions, p: PresetActions, c: dict[str, Any]) -> None:
+    c["refresh_instances"].click(a.instance_choices, [c["instance"]], [c["instance"]])
+    c["refresh_models"].click(a.model_choices, [c["model"]], [c["model"]]).then(
+        a.model_info, [c["model"], c["fm"]], [c["model_info"]]
+    )
+    c["refresh_datasets"].click(a.dataset_choices, [c["dataset"]], [c["dataset"]])
+    c["model"].input(a.model_info, [c["model"], c["fm"]], [c["model_info"]])
+    # The page's script hands over the new FM type's draft (kept in the browser) in place of the editor's text.
+    c["fm"].input(
+        a.fm_changed,
+        [c["fm"], c["config"], c["config_default"], c["instance"]],
+        [c["config"], c["config_default"], c["draft_sync"]],
+        **js_only("(fm, text, last, instance) => trainManagementDraftFor(fm, text, last, instance)"),
+    ).then(a.model_info, [c["model"], c["fm"]], [c["model_info"]])
+    c["instance"].input(
+        a.instance_changed,
+        [c["instance"], c["fm"], c["config"], c["config_default"]],
+        [c["config"], c["config_default"]],
+    )
+    editor = _editor_outputs(c)
+    confirm = c["editor_confirm"]
+    c["reset"].click(a.reset_config, [c["fm"], c["instance"], c["config"], c["config_default"]], editor)
+    confirm.yes.click(a.apply_fill, [confirm.pending], editor)
+    wire_keep(confirm)
+    messages = [c["create_message"], c["issues"], c["plan"]]
+    form = [c["instance"], c["fm"], c["model"], c["dataset"], c["config"]]
+    c["format"].click(a.format_config, form, [c["formatted"], *messages])
+    c["create"].click(a.submit, form, messages)
+    c["key"].input(a.key_help, [c["key"]], [c["key_help"]])
+    # Presets
+    c["preset_save"].click(
+        p.save, [c["preset_name"], c["config"], c["fm"]], [c["preset_message"], c["preset"]]
+    )
+    c["preset_load"].click(
+        p.load,
+        [c["preset"], c["fm"], c["config"], c["config_default"], c["model"]],
+        [*editor, c["preset_message"]],
+    )
+    c["kohya_file"].upload(
+        p.import_kohya,
+        [c["kohya_file"], c["fm"], c["config"], c["config_default"]],
+        [*editor, c["preset_message"]],
+    )
+    deleting = c["preset_confirm"]
+    c["preset_delete"].click(p.ask_delete, [c["preset"]], [*deleting.outputs, c["preset_message"]])
+    deleting.yes.click(p.delete, [deleting.pending], [*deleting.outputs, c["preset_message"], c["preset"]])
+    wire_keep(deleting)
+    # Every fill of the editor (defaults, presets, Duplicate, FM switch) is stored as that FM type's draft.
+    c["draft_sync"].change(None, [c["draft_sync"]], None, **js_only("(r) => trainManagementStoreDraft(r)"))
 
 
 def _wire_workers(a: WorkersActions, c: dict[str, Any], instance: Any, instances: Any) -> None:
@@ -211,121 +123,179 @@ def _wire_workers(a: WorkersActions, c: dict[str, Any], instance: Any, instances
     )
 
 
-def _wire_create_job(a: CreateJobActions, c: dict[str, Any]) -> None:
-    c["refresh_instances"].click(a.instance_choices, [c["instance"]], [c["instance"]])
-    c["refresh_models"].click(a.model_choices, [c["model"]], [c["model"]])
-    c["refresh_datasets"].click(a.dataset_choices, [c["dataset"]], [c["dataset"]])
-    c["model"].change(a.model_info, [c["model"], c["fm"]], [c["model_info"]])
-    c["fm"].change(
-        a.fm_changed, [c["fm"], c["config"], c["config_default"]], [c["config"], c["config_default"]]
-    ).then(a.model_info, [c["model"], c["fm"]], [c["model_info"]])
-    c["reset"].click(a.reset_config, [c["fm"]], [c["config"], c["config_default"]])
-    c["format"].click(
-        a.format_config,
-        [c["instance"], c["fm"], c["model"], c["dataset"], c["config"]],
-        [c["formatted"], c["issues"], c["plan"]],
+def _wire_trainings(a: TrainingsActions, c: dict[str, Any], form: dict[str, Any], stamp: Any) -> None:
+    details = [
+        c["job_status"],
+        c["log"],
+        c["plot"],
+        c["samples"],
+        c["downloads"],
+        c["grid"],
+        c["epoch"],
+        c["shown"],
+    ]
+    listed = [c["table"], stamp, c["job"], *details]
+    c["refresh"].click(a.refresh, [c["job"], c["shown"]], listed)
+    c["poll"].change(a.refresh, page_inputs(c["job"], c["shown"]), listed, show_progress="hidden")
+    # The page sets the job list's value itself at every refresh: only the user's choices open a job.
+    c["table"].select(a.select_row, [c["table"], *page_inputs(c["shown"])], [c["job"], *details])
+    c["job"].input(a.details, [c["job"], *page_inputs(c["shown"])], details)
+    message = [c["action_message"]]
+    for action in (a.cancel, a.resume):
+        c[action.__name__].click(action, [c["job"]], message).then(a.refresh, [c["job"], c["shown"]], listed)
+    deleting = c["delete_confirm"]
+    c["delete"].click(a.ask_delete, [c["job"]], [*deleting.outputs, *message])
+    deleting.yes.click(a.delete, [deleting.pending], [*deleting.outputs, *message]).then(
+        a.refresh, [c["job"], c["shown"]], listed
     )
-    c["create"].click(
-        a.submit, [c["instance"], c["fm"], c["model"], c["dataset"], c["config"]], [c["create_message"]]
+    wire_keep(deleting)
+    c["duplicate"].click(
+        a.duplicate, [c["job"], form["config"], form["config_default"]], [*_editor_outputs(form), *message]
     )
-
-
-def _wire_trainings(a: TrainingsActions, c: dict[str, Any], stamp: Any) -> None:
-    outputs = [c["table"], stamp, c["job"], c["job_status"], c["log"], c["plot"], c["samples"]]
-    c["refresh"].click(a.refresh, [c["job"]], outputs)
-    c["poll"].change(a.refresh, [c["job"]], outputs, show_progress="hidden")
-    c["table"].select(a.select_row, [c["table"]], [c["job"]])
-    c["job"].change(a.details, [c["job"]], [c["job_status"], c["log"], c["plot"], c["samples"]])
-    for action in (a.cancel, a.resume, a.delete):
-        c[action.__name__].click(action, [c["job"]], [c["action_message"]]).then(
-            a.refresh, [c["job"]], outputs
-        )
+    c["continue"].click(a.continue_training, [c["job"]], message).then(
+        a.refresh, [c["job"], c["shown"]], listed
+    )
+    c["send"].click(
+        a.lora_prompt, [c["job"], c["epoch"], c["weight"]], [c["send_message"], c["lora_prompt"]]
+    ).then(None, [c["lora_prompt"]], None, **js_only("(prompt) => trainManagementSendToTxt2img(prompt)"))
 
 
 def _wire_datasets(a: DatasetActions, c: dict[str, Any], train_dataset: Any) -> None:
-    opened = [c["report"], c["gallery"], c["image"], c["names"], c["labels"]]
-    tickets = [c["create_ticket"], c["validate_ticket"]]
-    outcome = [c["create_message"], c["dataset"], c["create_ticket"], c["report"], c["validate_ticket"]]
-    # A task may end before the page holds its ticket, so the poll's change would pass it by: ask once more then.
+    opened = [c["report"], c["gallery"], c["image"], c["names"], c["labels"], c["preview"], c["caption"], c["message"]]  # fmt: skip
+    tickets = [c["create_ticket"], c["validate_ticket"], c["health_ticket"]]
+    outcome = [c["create_message"], c["dataset"], train_dataset, c["health"], *tickets, *opened]
     c["create"].click(
         a.create,
         [c["name"], c["subject"], c["repeats"], c["files"], c["folder"], c["preprocess"]],
         [c["create_message"], c["create_ticket"]],
-    ).then(a.finished, tickets, outcome, show_progress="hidden")
-    c["tasks_poll"].change(a.finished, tickets, outcome, show_progress="hidden").then(
-        a.choices, [train_dataset], [train_dataset], show_progress="hidden"
-    )
+    ).then(a.finished, tickets, outcome, show_progress="hidden")  # it may end before the poll sees it
+    c["tasks_poll"].change(a.finished, page_inputs(*tickets), outcome, show_progress="hidden")
     c["refresh"].click(a.choices, [c["dataset"]], [c["dataset"]])
-    c["dataset"].change(a.open, [c["dataset"]], opened)
+    c["dataset"].input(a.open, [c["dataset"]], opened)
     c["validate"].click(a.validate, [c["dataset"]], [c["report"], c["validate_ticket"]]).then(
         a.finished, tickets, outcome, show_progress="hidden"
     )
-    c["gallery"].select(a.pick_thumbnail, [c["names"]], [c["image"]])
-    c["image"].change(a.select_image, [c["dataset"], c["image"]], [c["preview"], c["caption"], c["message"]])
+    c["check_health"].click(
+        a.health, [c["dataset"], c["health_resolution"]], [c["health"], c["health_ticket"]]
+    ).then(a.finished, tickets, outcome, show_progress="hidden")
+    editor = [c["preview"], c["caption"], c["message"]]
+    c["gallery"].select(a.pick_thumbnail, [c["dataset"], c["names"]], [c["image"], *editor])
+    c["image"].input(a.select_image, [c["dataset"], c["image"]], editor)
     c["save"].click(
         a.save_caption,
         [c["dataset"], c["image"], c["caption"], c["names"], c["labels"]],
         [c["message"], c["gallery"], c["labels"]],
     )
     c["generate"].click(a.generate_caption, [c["dataset"], c["image"]], [c["caption"], c["message"]])
-    c["delete_image"].click(a.delete_image, [c["dataset"], c["image"]], [c["message"]]).then(
-        a.open, [c["dataset"]], opened
+    image = c["image_confirm"]
+    c["delete_image"].click(
+        a.ask_delete_image, [c["dataset"], c["image"], c["names"]], [*image.outputs, c["message"]]
     )
-    c["delete"].click(
-        a.delete_dataset, [c["dataset"], c["confirm"]], [c["message"], c["dataset"], c["confirm"]]
-    ).then(a.choices, [train_dataset], [train_dataset])
+    image.yes.click(a.delete_image, [image.pending], [*image.outputs, *opened])
+    wire_keep(image)
+    whole = c["dataset_confirm"]
+    c["delete"].click(a.ask_delete_dataset, [c["dataset"]], [*whole.outputs, c["message"]])
+    whole.yes.click(
+        a.delete_dataset, [whole.pending], [*whole.outputs, c["message"], c["dataset"], train_dataset]
+    )
+    wire_keep(whole)
+
+
+def _page_load(
+    create: CreateJobActions,
+    presets: PresetActions,
+    datasets: DatasetActions,
+    workers: WorkersActions,
+    fm_default: str,
+) -> Any:
+    """The page's one load call (no inputs): every list the page shows, the model's family, the first dataset
+    opened."""
+
+    def page_load() -> tuple[Any, ...]:
+        browse = datasets.choices(None)
+        return (
+            *create.page_choices(fm_default),
+            presets.choices(None),
+            *workers.refresh(None),
+            browse,
+            *datasets.open(browse["value"]),
+        )
+
+    return page_load
 
 
 def _poll_marks(trainings: TrainingsActions, datasets: DatasetActions) -> Any:
-    """The page's poll: (the Trainings List's mark, the dataset tasks' mark)."""
+    """The page's poll (no inputs): (the Trainings List's mark, the dataset tasks' mark)."""
 
-    def poll_marks(selected: str | None) -> tuple[str, str]:
-        return trainings.mark(selected), datasets.tasks_mark()
+    def poll_marks() -> tuple[str, str]:
+        return trainings.mark(), datasets.tasks_mark()
 
     return poll_marks
+
+
+def _script_loader(hooks: UiHooks) -> str:
+    """The page's script: javascript/train_management.js (which the WebUI loads itself) run in the page by the
+    standalone app, then the draft of the current FM type restored."""
+    run = ""
+    if hooks.load_script and SCRIPT.is_file():
+        run = f"(0, eval)({json.dumps(SCRIPT.read_text(encoding='utf-8'))});"
+    return f"() => {{ {run} if (typeof trainManagementStart === 'function') {{ trainManagementStart(); }} }}"
 
 
 def create_tab(service: TrainingService, datasets: DatasetService, hooks: UiHooks | None = None) -> gr.Blocks:
     """The Train Management tab's Blocks (gradio 3.41 and 4.40); callbacks call the services only."""
     hooks = hooks or UiHooks()
     create_actions = CreateJobActions(service, hooks)
-    trainings = TrainingsActions(service)
+    preset_actions = PresetActions(PresetStore(service.home.root), create_actions)
+    trainings = TrainingsActions(service, create_actions)
     dataset_actions = DatasetActions(datasets, hooks)
     worker_actions = WorkersActions(service, hooks.workers_locked)
     fm_default = next(iter(FM_LABELS))
-    with gr.Blocks(title="Train Management", css=TAB_CSS, analytics_enabled=False) as blocks:
+    theme = offline_theme()
+    with gr.Blocks(title="Train Management", css=TAB_CSS, analytics_enabled=False, theme=theme) as blocks:
         with gr.Column(elem_id=ELEM_ID):
             stamp = gr.HTML("<span></span>", elem_id=DELIVERY_STAMP_ID)
-            with gr.Tabs(elem_id=_id("tabs")):
-                with gr.Tab("Training", elem_id=_id("training_tab")):
+            with gr.Tabs(elem_id=elem("tabs")):
+                with gr.Tab("Training", elem_id=elem("training_tab")):
                     with gr.Row():
                         with gr.Column(scale=2):
-                            job_form = _create_job_column(create_actions, fm_default)
-                            workers = _workers_panel(hooks.workers_locked)
+                            form = create_job_column(create_actions.default_config(fm_default), fm_default)
+                            form["draft_sync"] = gr.Textbox(visible=False, elem_id=elem("draft_sync"))
+                            workers = workers_panel(hooks.workers_locked)
                         with gr.Column(scale=3):
-                            jobs = _trainings_column()
-                with gr.Tab("Datasets", elem_id=_id("datasets_tab")):
-                    data = _datasets_area(hooks.interrogate is not None, dataset_actions.import_hint())
-        _wire_create_job(create_actions, job_form)
-        _wire_workers(worker_actions, workers, job_form["instance"], create_actions.instance_choices)
-        _wire_trainings(trainings, jobs, stamp)
-        _wire_datasets(dataset_actions, data, job_form["dataset"])
-        data["s3_upload"].click(
-            S3UploadActions(service).upload_dataset, [data["dataset"]], [data["s3_message"]]
-        )
+                            jobs = trainings_column(hooks.send_to_txt2img)
+                with gr.Tab("Datasets", elem_id=elem("datasets_tab")):
+                    data = datasets_area(hooks.interrogate is not None, dataset_actions.import_hint())
+        _wire_create_job(create_actions, preset_actions, form)
+        _wire_workers(worker_actions, workers, form["instance"], create_actions.instance_choices)
+        _wire_trainings(trainings, jobs, form, stamp)
+        _wire_datasets(dataset_actions, data, form["dataset"])
+        uploads = S3UploadActions(service)
+        data["s3_upload"].click(uploads.upload_dataset, [data["dataset"]], [data["s3_message"]])
+        form["model_s3_upload"].click(uploads.upload_model, [form["model"]], [form["model_s3_message"]])
         # One poll per page (on gradio 3.41 each `every=` loop holds a queue worker): it reads only two short
         # marks; the Trainings List and the dataset tasks update when theirs changes.
         blocks.load(
             _poll_marks(trainings, dataset_actions),
-            [jobs["job"]],
+            None,
             [jobs["poll"], data["tasks_poll"]],
             every=POLL_SECONDS,
             show_progress="hidden",
         )
-        choices = [job_form["instance"], job_form["model"], job_form["dataset"]]
-        blocks.load(create_actions.all_choices, choices, choices).then(
-            create_actions.model_info, [job_form["model"], job_form["fm"]], [job_form["model_info"]]
+        page = [form["instance"], form["model"], form["dataset"], form["model_info"], form["preset"]]
+        page += [workers["table"], workers["pick"], data["dataset"], data["report"], data["gallery"]]
+        page += [
+            data["image"],
+            data["names"],
+            data["labels"],
+            data["preview"],
+            data["caption"],
+            data["message"],
+        ]
+        blocks.load(
+            _page_load(create_actions, preset_actions, dataset_actions, worker_actions, fm_default),
+            None,
+            page,
         )
-        blocks.load(dataset_actions.choices, [data["dataset"]], [data["dataset"]])
-        blocks.load(worker_actions.refresh, [workers["pick"]], [workers["table"], workers["pick"]])
+        blocks.load(None, None, None, **js_only(_script_loader(hooks)))
     return blocks

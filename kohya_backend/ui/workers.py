@@ -17,6 +17,28 @@ from kohya_backend.ui.choices import dropdown
 from kohya_backend.ui.present import WORKER_HEADERS, error_markdown, worker_row, worker_state_text
 
 
+def added_markdown(entry: dict[str, Any]) -> str:
+    """What adding a worker did, what is wrong first: only a worker that answered is "✅ Added"; one that is
+    offline, refuses the token or speaks another API is added with what to do in this panel."""
+    name, url, state = entry["name"], entry["url"], entry["state"]
+    use = f"Choose **worker {name}** (or *any free worker*) as the Training Instance Type."
+    if state in ("online", "busy"):
+        return f"✅ Added worker **{name}** (`{url}`): {worker_state_text(entry)}, {entry['gpu']}. {use}"
+    why = f" ({entry['error']})" if entry.get("error") else ""
+    if state == "unauthorized":
+        return (
+            f"⚠️ **Worker {name} refused the token**{why}. It is registered, but no job can start there: paste "
+            f"the token from the worker's token file above and press **Add worker** again (same URL)."
+        )
+    if state == "offline":
+        return (
+            f"⚠️ **Worker {name} does not answer** at `{url}`{why}. It is registered and jobs sent to it wait "
+            "until it does: check that the worker runs and that this URL reaches it (firewall, https proxy, SSH "
+            "tunnel); its state in the table changes when it answers."
+        )
+    return f"⚠️ **Worker {name} cannot be used yet**: {worker_state_text(entry)}. It is registered. {use}"
+
+
 class WorkersActions:
     """The workers panel's callbacks, bound to one TrainingService (its RemoteRunner holds the registry)."""
 
@@ -49,13 +71,7 @@ class WorkersActions:
             entry = add_worker(self.service, url, token or "", (name or "").strip() or None)
         except TrainManagementError as exc:
             return "❌ **The worker was not added.**\n\n" + error_markdown(exc), ""
-        gpu = f", {entry['gpu']}" if entry["state"] in ("online", "busy") else ""
-        text = (
-            f"✅ Added worker **{entry['name']}** (`{entry['url']}`): {worker_state_text(entry)}{gpu}. "
-            f"Choose **worker {entry['name']}** (or *any free worker*) as the Training Instance Type."
-        )
-        if entry["state"] == "unauthorized":
-            text += "\n\nThe worker refused the token: paste the one from its token file and add it again."
+        text = added_markdown(entry)
         if entry.get("warning"):  # the registry's own warning (e.g. a token sent over plain http)
             text += f"\n\n⚠️ {entry['warning']}"
         return text, ""

@@ -124,6 +124,28 @@ def test_errors_are_mapped_and_paths_stay_inside(client: httpx.Client, home: Pat
     assert not (home / "datasets/evil").exists() and not (home / "datasets/new").exists()
 
 
+def test_health_report(client: httpx.Client) -> None:
+    created = _create(
+        client,
+        "twins",
+        [("1_twin/a.png", _png(size=(400, 300))), ("1_twin/b.png", _png(size=(400, 300))),
+         ("1_twin/a.txt", b"twin, red"), ("1_twin/c.png", _png((0, 0, 200), (300, 400)))],
+    )  # fmt: skip
+    assert created.status_code == 201, created.text
+    answer = client.get("/datasets/twins/health", params={"resolution": 512})
+    assert answer.status_code == 200, answer.text
+    health = answer.json()["health"]
+    assert health["name"] == "twins" and health["images"] == 3
+    assert health["duplicates"]["identical"] == [["1_twin/a.png", "1_twin/b.png"]]
+    assert health["captions"]["missing_files"] == ["1_twin/b.png", "1_twin/c.png"]
+    assert health["tags"]["most_common"] == [{"tag": "red", "images": 1}, {"tag": "twin", "images": 1}]
+    assert (health["aspect_ratios"]["portrait"], health["aspect_ratios"]["landscape"]) == (1, 2)
+    bad = client.get("/datasets/twins/health", params={"resolution": 500})
+    assert bad.status_code == 400 and "multiple of 64" in bad.json()["detail"]["hint"]
+    assert client.get("/datasets/nothere/health").status_code == 404
+    assert httpx.get(f"{str(client.base_url).rstrip('/')}/datasets/twins/health").status_code == 401
+
+
 def test_auth_is_required(client: httpx.Client) -> None:
     base = str(client.base_url).rstrip("/")
     assert httpx.get(f"{base}/datasets/cats").status_code == 401

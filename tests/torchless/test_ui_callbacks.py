@@ -25,7 +25,7 @@ from kohya_backend.jobs.states import JobStatus
 from kohya_backend.service.app import build_service
 from kohya_backend.service.datasets import DatasetService
 from kohya_backend.service.training import TrainingService
-from kohya_backend.ui.compat import GRADIO_MAJOR, file_input, uploaded_paths
+from kohya_backend.ui.compat import GRADIO_MAJOR, SESSION_KEYED, file_input, session_of, uploaded_paths
 from kohya_backend.ui.create_job import CreateJobActions
 from kohya_backend.ui.dataset_actions import DatasetActions
 from kohya_backend.ui.hooks import UiHooks
@@ -56,6 +56,12 @@ FAMILY_KEYS = {
 
 
 LOCAL = "this machine (CPU) [local]"
+
+
+def page(name: str = "page-1") -> gr.Request:
+    """A browser page's request as gradio hands it to a callback: with its session hash on gradio 4 (where the
+    poll's callbacks find the page's values on the server), without one on 3.41 (where they come as inputs)."""
+    return gr.Request(session_hash=name) if SESSION_KEYED else gr.Request()
 
 
 def _upload(paths: list[Path], file_count: str = "multiple") -> Any:
@@ -103,12 +109,15 @@ def uploads(tmp_path: Path) -> list[Path]:
     return [*files, folder / "notes.pdf"]
 
 
-def _ended(actions: DatasetActions, create_ticket: str = "", validate_ticket: str = "") -> tuple[Any, ...]:
-    """What the tab's poll shows once this page's dataset tasks ended: finished() until their tickets empty."""
+def _ended(
+    actions: DatasetActions, create_ticket: str = "", validate_ticket: str = "", health_ticket: str = ""
+) -> tuple[Any, ...]:
+    """What the tab's poll shows once this page's dataset tasks ended: finished() until their tickets empty
+    (message, browse, training dataset choices, health, the three tickets, then open()'s outputs)."""
     deadline = time.monotonic() + 60
     while True:
-        shown = actions.finished(create_ticket, validate_ticket)
-        if shown[2] == "" and shown[4] == "":
+        shown = actions.finished(page(), create_ticket, validate_ticket, health_ticket)
+        if shown[4:7] == ("", "", ""):
             return shown
         assert time.monotonic() < deadline, "the dataset task did not end"
         time.sleep(0.05)
@@ -116,7 +125,7 @@ def _ended(actions: DatasetActions, create_ticket: str = "", validate_ticket: st
 
 def _created(actions: DatasetActions, *args: Any) -> tuple[str, Any]:
     """(final message, browse dropdown) of a creation the click started in the background."""
-    started, ticket = actions.create(*args)
+    started, ticket = actions.create(page(), *args)
     assert started.startswith("⏳ Creating dataset") and ticket, started
     message, browse, *_ = _ended(actions, create_ticket=ticket)
     return message, browse
@@ -139,13 +148,14 @@ def test_create_dataset_from_uploaded_files(datasets: DatasetService, uploads: l
     assert sorted(p.name for p in folder.iterdir()) == ["b.png", "b.txt", "g.png", "g.txt", "r.png", "r.txt"]
     with Image.open(folder / "r.png") as image:
         assert image.size == (512, 512)
-    refused, ticket = actions.create("squares", "", 3, _upload(uploads), None, "none")  # refused at once
+    refused, ticket = actions.create(page(), "squares", "", 3, _upload(uploads), None, "none")  # at once
     assert "The dataset was not created" in refused and "already exists" in refused and ticket == ""
-    bad, _ = actions.create("other", "", 0, _upload(uploads), None, "none")
+    bad, _ = actions.create(page(), "other", "", 0, _upload(uploads), None, "none")
     assert "repeats 0 is not a whole number" in bad
-    late, ticket = actions.create("empty", "", 3, _upload(uploads[-1:]), None, "none")  # refused when checked
+    late, ticket = actions.create(page(), "empty", "", 3, _upload(uploads[-1:]), None, "none")  # when checked
     assert late.startswith("⏳") and "The dataset was not created" in _ended(actions, ticket)[0]
-    forgotten, browse, ticket, *_ = actions.finished("f00d", "")  # e.g. the host restarted meanwhile
+    actions.sessions.put(session_of(page("restarted")), create="f00d")  # e.g. the host restarted meanwhile
+    forgotten, browse, _, _, ticket, *_ = actions.finished(page("restarted"), "f00d")
     assert "no task has the ticket 'f00d'" in forgotten and browse == gr.update() and ticket == ""
     assert sorted(p.name for p in datasets.home.datasets.iterdir()) == ["squares"]  # no staging left behind
 
@@ -158,19 +168,19 @@ def test_the_click_returns_before_the_work_and_the_uploads_may_go_at_once(
         datasets.tasks.submit("holding", lambda: gate.wait(30))
     actions = DatasetActions(datasets, UiHooks())
     upload = _upload(uploads)
-    started, ticket = actions.create("later", "", 2, upload, None, "none")
+    started, ticket = actions.create(page(), "later", "", 2, upload, None, "none")
     assert started == "⏳ Creating dataset **later**: checking 7 file(s)…"
     assert datasets.task(ticket).state == "running" and not (datasets.home.datasets / "later").exists()
     for _name, temporary in uploaded_paths(upload):  # gradio may delete its temporary files once we return
         temporary.unlink()
-    assert actions.finished(ticket, "")[2] == ticket  # still running: nothing shown, the ticket kept
+    assert actions.finished(page(), ticket)[4] == ticket  # still running: nothing shown, the ticket kept
     gate.set()
     message, browse, *_ = _ended(actions, create_ticket=ticket)
     assert "Created dataset **later** with 3 image(s)" in message and browse["value"] == "later"
-    started, checking = actions.validate("later")
-    assert started == "⏳ Validating **later**: decoding every image…"
-    report = _ended(actions, validate_ticket=checking)[3]
-    assert "**OK**: 3 image(s), 6 with repeats" in report
+    started, checking = actions.validate(page(), "later")
+    assert started.startswith("⏳ Validating **later** (started ") and "decoding every image" in started
+    report = _ended(actions, validate_ticket=checking)[7]
+    assert report.startswith("Validated at ") and "**OK**: 3 image(s), 6 with repeats" in report
 
 
 def test_create_dataset_from_a_folder_upload_and_files_together(
@@ -203,14 +213,16 @@ def test_a_folder_upload_of_subset_folders_is_reported_as_flattened(
     assert "⚠️ **4 file name(s) came more than once** (`001.png`, `001.txt`, `002.png`, `002.txt`)" in message
     assert "several `<repeats>_<name>` subfolders" in message and "went into `3_pets/`" in message
     assert "upload the folder as a zip" in message
-    refused, _ = actions.create("pets", "", 3, None, _upload(paths, file_count="directory"), "none")
+    refused, _ = actions.create(page(), "pets", "", 3, None, _upload(paths, file_count="directory"), "none")
     assert "already exists" in refused and "came more than once" in refused
 
 
 def test_caption_editor_interrogate_and_deletes(datasets: DatasetService, uploads: list[Path]) -> None:
     _dataset(datasets, uploads)
     actions = DatasetActions(datasets, UiHooks(interrogate=_dominant_colour))
-    report, thumbnails, images, names, labels = actions.open("squares")
+    report, thumbnails, images, names, labels, preview, caption, _ = actions.open("squares")
+    assert images["value"] is None and preview is None and caption == ""  # no image until one is chosen
+    thumbnails = thumbnails["value"] if isinstance(thumbnails, dict) else thumbnails  # gradio 4: an update
     assert "**OK**: 3 image(s), 9 with repeats" in report
     assert names == ["3_square/b.png", "3_square/g.png", "3_square/r.png"] == images["choices"]
     assert [label for _, label in thumbnails] == ["square, colour b", "square, colour g", "square, colour r"]
@@ -234,17 +246,32 @@ def test_caption_editor_interrogate_and_deletes(datasets: DatasetService, upload
     assert outside.startswith("❌") and "contains '..'" in outside
     no_captioner = DatasetActions(datasets, UiHooks()).generate_caption("squares", "3_square/g.png")
     assert no_captioner[1] == "This host offers no captioner."
-    assert actions.delete_image("squares", "3_square/b.png") == "Deleted `3_square/b.png`."
-    _, after, _, names, _ = actions.open(
-        "squares"
-    )  # the list after a delete: the kept images are not decoded again
-    assert names == ["3_square/g.png", "3_square/r.png"]
-    assert [id(p) for p, _ in after] == [id(thumbnails[1][0]), id(thumbnails[2][0])]
-    assert "2 image(s)" in _ended(actions, validate_ticket=actions.validate("squares")[1])[3]
-    message, _, _ = actions.delete_dataset("squares", False)
-    assert "Tick the box" in message and (datasets.home.datasets / "squares").exists()
-    message, choices, confirmed = actions.delete_dataset("squares", True)
-    assert message == "Deleted dataset **squares**." and choices["choices"] == [] and confirmed is False
+    # Delete asks first and acts on the image named in the question, whatever is chosen by then.
+    row, question, pending, note = actions.ask_delete_image("squares", "3_square/b.png", names)
+    assert row["visible"] is True and "Delete `3_square/b.png`" in question and note == ""
+    assert (datasets.home.datasets / "squares/3_square/b.png").exists()
+    row, _, left, *opened = actions.delete_image(pending)
+    assert (
+        row["visible"] is False
+        and left is None
+        and not (datasets.home.datasets / "squares/3_square/b.png").exists()
+    )
+    report, after, image, names, _, preview, caption, message = opened
+    # The editor moves to the image that took the deleted one's place (what the gallery marks at that place).
+    assert names == ["3_square/g.png", "3_square/r.png"] and image["value"] == "3_square/g.png"
+    assert caption == "a green picture" and preview.size == (64, 64)
+    assert message == "Deleted `3_square/b.png`. Now showing `3_square/g.png`."
+    pictures = after["value"] if isinstance(after, dict) else after  # gradio 4 is told the marked place
+    assert [id(p) for p, _ in pictures] == [id(thumbnails[1][0]), id(thumbnails[2][0])]  # not decoded again
+    if isinstance(after, dict):
+        assert after["selected_index"] == 0
+    assert actions.delete_image(None)[3:] == (gr.update(),) * 8  # Keep, then a stale confirm: nothing happens
+    assert "2 image(s)" in _ended(actions, validate_ticket=actions.validate(page(), "squares")[1])[7]
+    row, question, pending, _ = actions.ask_delete_dataset("squares")
+    assert "Delete dataset **squares**" in question and (datasets.home.datasets / "squares").exists()
+    row, _, _, message, choices, train = actions.delete_dataset(pending)
+    assert message == "Deleted dataset **squares**." and choices["choices"] == [] and train["choices"] == []
+    assert not (datasets.home.datasets / "squares").exists()
 
 
 def test_format_reports_issues_with_lines_then_the_plan(
@@ -253,24 +280,26 @@ def test_format_reports_issues_with_lines_then_the_plan(
     _dataset(datasets, uploads)
     actions = CreateJobActions(service, UiHooks())
     broken = CONFIG.format(name="a").replace("network_dim = 4", 'network_dim = "four"') + "netwrk_alpha = 2\n"
-    toml, issues, plan = actions.format_config(LOCAL, "SD 1.5", "sd15.safetensors", "squares", broken)
-    assert toml == "" and plan == ""
+    toml, message, issues, plan = actions.format_config(
+        LOCAL, "SD 1.5", "sd15.safetensors", "squares", broken
+    )
+    assert toml == "" and plan == "" and message == "" and issues.startswith("Checked at ")
     assert 'line 6, column 1: network_dim: expected a whole number, got "four"' in issues
     assert "line 10" in issues and "network_alpha" in issues  # the typo gets a suggestion
-    toml, issues, plan = actions.format_config(
+    toml, _, issues, plan = actions.format_config(
         LOCAL, "SD 1.5", "sd15.safetensors", "squares", CONFIG.format(name="a")
     )
-    assert issues == "No problems found."
+    assert issues.startswith("No problems found (checked at ")
     assert "| 3_square | 3 | 3 | 9 |" in plan and "**12** total steps" in plan
     assert f'train_data_dir = "{(service.home.datasets / "squares").as_posix()}"' in toml
-    escape = actions.format_config(LOCAL, "SD 1.5", None, None, 'train_data_dir = "/etc"\n')[1]
+    escape = actions.format_config(LOCAL, "SD 1.5", None, None, 'train_data_dir = "/etc"\n')[2]
     assert "outside the home folder" in escape and "line 1" in escape
 
 
 def test_fp16_is_judged_for_the_machine_that_trains(service: TrainingService) -> None:
     actions = CreateJobActions(service, UiHooks())
     fp16 = 'mixed_precision = "fp16"\n'
-    _, issues, _ = actions.format_config(LOCAL, "SD 1.5", None, None, fp16)
+    _, _, issues, _ = actions.format_config(LOCAL, "SD 1.5", None, None, fp16)
     assert "needs a CUDA GPU" in issues and "line 1" in issues  # this CPU machine cannot train it
     local = {e["name"]: e for e in service.instance_types()}["local"]
     assert local["cuda"] is False and service.instance_cuda("local") is False
@@ -303,34 +332,64 @@ def test_dropdowns_list_names_without_reading_checkpoints_or_scanning_datasets(
     assert "no longer in the models folder" in actions.model_info("sdxl.safetensors", "SDXL")
 
 
-def test_default_config_follows_the_fm_type_until_edited(service: TrainingService) -> None:
+def _template(fm_type: str, *, cuda: bool) -> str:
+    """The editor's defaults: the schema's template for the machine, with the state saved for an exact Resume."""
+    return template_toml(fm_type, cuda=cuda).replace("save_state = false", "save_state = true")
+
+
+def test_default_config_follows_the_fm_type_and_its_draft(service: TrainingService) -> None:
     actions = CreateJobActions(service, UiHooks())
     start = actions.default_config("SD 1.5")
-    # this CPU-only test machine has no GPU to train on: the template comes without fp16, and formats clean
-    assert start == template_toml("sd_1_5", cuda=False) and 'mixed_precision = "no"' in start
-    assert "needs a CUDA GPU" not in actions.format_config(LOCAL, "SD 1.5", None, None, start)[1]
-    replaced, remembered = actions.fm_changed("SDXL", start, start)
-    assert replaced["value"] == template_toml("sd_xl", cuda=False) == remembered
-    kept, still = actions.fm_changed("SD 1.5", start + "network_dim = 8\n", start)
-    assert kept == gr.update() and still == start
+    # this CPU-only test machine has no GPU to train on: no fp16, no AdamW8bit, and it formats clean
+    assert start == _template("sd_1_5", cuda=False)
+    assert (
+        'mixed_precision = "no"' in start
+        and 'optimizer_type = "AdamW"' in start
+        and "save_state = true" in start
+    )
+    assert actions.format_config(LOCAL, "SD 1.5", None, None, start)[2].startswith("No problems found")
+    # Another FM type shows its draft (the page's script hands it over) or, without one, its defaults.
+    text, baseline, draft = actions.fm_changed("SDXL", "", start, LOCAL)
+    assert text == baseline == _template("sd_xl", cuda=False)
+    assert json.loads(draft)["fm"] == "sd_xl" and json.loads(draft)["text"] == text
+    text, baseline, _ = actions.fm_changed("SD 1.5", "network_dim = 8\n", baseline, LOCAL)
+    assert text == "network_dim = 8\n" and baseline == start
     hooked = CreateJobActions(service, UiHooks(default_config=lambda fm: f"# for {fm}\n"))
     assert hooked.default_config("SDXL") == "# for sd_xl\n"
-    assert hooked.reset_config("SD 1.5") == ("# for sd_1_5\n", "# for sd_1_5\n")
+    filled = hooked.reset_config("SD 1.5", LOCAL, "# for sd_1_5\n", "# for sd_1_5\n")
+    assert filled[:3] == ("# for sd_1_5\n", "# for sd_1_5\n", "SD 1.5") and filled[8]["visible"] is False
 
 
-def test_the_default_config_lists_the_instance_types_once(
-    service: TrainingService, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_load_defaults_asks_before_it_replaces_edits(service: TrainingService) -> None:
+    actions = CreateJobActions(service, UiHooks())
+    start = actions.default_config("SD 1.5")
+    edited = start + "network_dim = 8\n"
+    asked = actions.reset_config("SD 1.5", LOCAL, edited, start)
+    assert asked[:8] == (gr.update(),) * 8  # the editor keeps the edits until confirmed
+    row, question, pending = asked[8:]
+    assert (
+        row["visible"] is True and question == "Replace your edits in config_params with the SD 1.5 defaults?"
+    )
+    confirmed = actions.apply_fill(pending)
+    assert confirmed[0] == start and confirmed[1] == start and confirmed[8]["visible"] is False
+    assert json.loads(confirmed[7]) == {**json.loads(confirmed[7]), "fm": "sd_1_5", "text": start}
+    assert actions.apply_fill(None) == (*(gr.update(),) * 8, gr.update(visible=False), "", None)  # Keep
+
+
+def test_defaults_follow_the_chosen_instance(service: TrainingService) -> None:
     from kohya_backend.jobs.registry import WorkerRegistry
 
-    actions = CreateJobActions(service, UiHooks())
-    assert actions.default_config("SD 1.5") == template_toml("sd_1_5", cuda=False)
     WorkerRegistry(service.home.root).add("http://127.0.0.1:9", "a-token", name="gpu")  # not heard from yet
-    listed = service.instance_types
-    calls: list[int] = []
-    monkeypatch.setattr(service, "instance_types", lambda: calls.append(1) or listed())
-    assert actions.default_config("SD 1.5") == template_toml("sd_1_5", cuda=True)  # the worker may have one
-    assert len(calls) == 1
+    actions = CreateJobActions(service, UiHooks())
+    cpu = actions.default_config("SD 1.5")  # the page starts on this machine (listed first): no GPU here
+    assert cpu == _template("sd_1_5", cuda=False)
+    worker = next(c for c in actions.instance_choices(None)["choices"] if c.endswith("[worker:gpu]"))
+    gpu = actions.default_config("SD 1.5", worker)
+    assert gpu == _template("sd_1_5", cuda=True) and 'mixed_precision = "fp16"' in gpu
+    assert actions.instance_changed(worker, "SD 1.5", cpu, cpu) == (gpu, gpu)  # unedited: follows
+    assert actions.instance_changed(LOCAL, "SD 1.5", gpu, gpu) == (cpu, cpu)
+    edited = cpu + "network_dim = 8\n"
+    assert actions.instance_changed(worker, "SD 1.5", edited, cpu) == (gr.update(), cpu)  # edits are kept
 
 
 def test_submit_refusals_then_a_queued_job_in_the_list(
@@ -339,31 +398,46 @@ def test_submit_refusals_then_a_queued_job_in_the_list(
     _dataset(datasets, uploads)
     actions = CreateJobActions(service, UiHooks())
     instance = "this machine (CPU) [local]"
-    mismatch = actions.submit(instance, "SD 1.5", "sdxl.safetensors", "squares", CONFIG.format(name="x"))
-    assert mismatch.startswith("❌ **The job was refused.**") and "sd_xl" in mismatch
-    invalid = actions.submit(instance, "SD 1.5", "sd15.safetensors", "squares", "max_train_steps = -3\n")
+    mismatch, issues, plan = actions.submit(
+        instance, "SD 1.5", "sdxl.safetensors", "squares", CONFIG.format(name="x")
+    )
+    assert (
+        mismatch.startswith("❌ **The job was refused** (1 reason(s)") and "choose FM Type SDXL" in mismatch
+    )
+    assert issues == "" and plan == ""  # an earlier Format's answer is not shown under a refusal
+    invalid = actions.submit(instance, "SD 1.5", "sd15.safetensors", "squares", "max_train_steps = -3\n")[0]
     assert "line 1" in invalid and "max_train_steps" in invalid
-    missing = actions.submit(instance, "SD 1.5", "sd15.safetensors", None, CONFIG.format(name="x"))
-    assert "no dataset is chosen" in missing
-    queued = actions.submit(instance, "SD 1.5", "sd15.safetensors", "squares", CONFIG.format(name="mine"))
+    # Every reason at once: the missing dataset, the other family's model and the config's own problem.
+    many = actions.submit(instance, "SD 1.5", "sdxl.safetensors", None, "max_train_steps = -3\n")[0]
+    assert "(3 reason(s)" in many and "no dataset is chosen" in many and "**SDXL** checkpoint" in many
+    assert "max_train_steps" in many and "line 1" in many
+    queued = actions.submit(instance, "SD 1.5", "sd15.safetensors", "squares", CONFIG.format(name="mine"))[0]
     assert queued.startswith("✅ Job **") and "`mine`" in queued
-    taken = actions.submit(instance, "SD 1.5", "sd15.safetensors", "squares", CONFIG.format(name="mine"))
+    taken = actions.submit(instance, "SD 1.5", "sd15.safetensors", "squares", CONFIG.format(name="mine"))[0]
     assert "already used by another job" in taken
 
     trainings = TrainingsActions(service)
     [job] = service.store.list()[0]
-    table, stamp, choices, *_details = trainings.refresh(None)
-    assert list(table.columns)[:6] == ["id", "output name", "model", "dataset", "instance", "status"]
-    assert table.values.tolist()[0][:6] == [job.id, "mine", "sd15.safetensors", "squares", "local", "queued"]
+    table, stamp, choices, *_details = trainings.refresh(page(), None)
+    assert (
+        list(table.columns)[:3] == ["status", "progress", "output name"] and list(table.columns)[-1] == "id"
+    )
+    assert table.values.tolist()[0][:3] == ["queued", "#1 in queue", "mine"]
+    assert table.values.tolist()[0][-4:] == ["local", "sd15.safetensors", "squares", job.id]
     assert choices["choices"] == [job.id] and choices["value"] is None and stamp == "<span></span>"
-    mark = trainings.mark(job.id)
-    assert trainings.mark(job.id) == mark != trainings.mark(None)
-    in_use, _, _ = DatasetActions(datasets, UiHooks()).delete_dataset("squares", True)
+    mark = trainings.mark()
+    assert trainings.mark() == mark
+    datasets_actions = DatasetActions(datasets, UiHooks())
+    in_use = datasets_actions.delete_dataset(datasets_actions.ask_delete_dataset("squares")[2])[3]
     assert f"is used by job(s) {job.id} that are queued or training" in in_use
     assert trainings.cancel(job.id) == f"Job {job.id}: **cancelled** (cancelled before it started)"
-    assert trainings.mark(job.id) != mark
-    assert "Deleted job" in trainings.delete(job.id)
+    assert trainings.mark() != mark
+    row, question, pending, _ = trainings.ask_delete(job.id)
+    assert row["visible"] is True and f"Delete job **{job.id}**" in question
+    assert service.store.get(job.id)  # nothing deleted before the confirmation
+    assert "Deleted job" in trainings.delete(pending)[3]
     assert trainings.cancel(job.id).startswith("❌") and trainings.cancel(None) == "Select a job first."
+    assert trainings.ask_delete(None)[3] == "Select a job first."
 
 
 def test_deleting_a_job_that_ran_on_a_worker_says_what_happens_to_its_copy_there(
@@ -380,7 +454,7 @@ def test_deleting_a_job_that_ran_on_a_worker_says_what_happens_to_its_copy_there
     remote_id = "20200101-000000-abcdef"
     write_json_atomic(job.folder / RUN_NAME, {"runner": "worker", "remote": {"away": {"job": remote_id}}})
     service.store.transition(job.id, JobStatus.CANCELLED, "cancelled on the worker")
-    assert TrainingsActions(service).delete(job.id) == (
+    assert TrainingsActions(service).delete(job.id)[3] == (
         f"Deleted job {job.id} (its delivered LoRA stays in the Lora folder); its copy on worker away is deleted "
         "there in the background (retried until it answers)."
     )
@@ -407,8 +481,12 @@ def test_selected_job_shows_log_loss_plot_samples_and_the_delivery_stamp(
     service.store.update_progress(job.id, {"step": 3, "total_steps": 3, "delivered": str(delivered)})
     service.store.transition(job.id, JobStatus.COMPLETED, f"LoRA written to {delivered}")
 
+    (job.folder / "output/done.safetensors").write_bytes(b"lora")
+    Image.new("RGB", (8, 8)).save(job.folder / "output/done-epochs.png")
+    (job.folder / "output/done-000001.safetensors").write_bytes(b"epoch 1")
+
     trainings = TrainingsActions(service)
-    status, log, plot, samples = trainings.details(job.id)
+    status, log, plot, samples, downloads, grid, epochs, shown = trainings.details(page(), job.id)
     assert "**completed**, 3/3 (100%)" in status and f"LoRA written to {delivered}" in status
     assert log.splitlines()[0] == "line 70" and log.splitlines()[-1] == "line 99"
     assert plot.to_dict("records")[:2] == [
@@ -416,10 +494,24 @@ def test_selected_job_shows_log_loss_plot_samples_and_the_delivery_stamp(
         {"step": 1, "value": 0.5, "series": "average loss"},
     ]
     assert [name for _, name in samples] == ["done_000003_00.png"]
-    table, stamp, *_ = trainings.refresh(job.id)
+    output = job.folder / "output"
+    assert downloads == [str(output / "done.safetensors"), str(output / "done-epochs.png"),
+                         str(output / "sample/done_000003_00.png")]  # fmt: skip
+    assert grid == str(output / "done-epochs.png")
+    assert epochs["choices"] == ["final", "epoch 1"] and epochs["value"] == "final"
+    # The poll's refresh: the same page's job again (on gradio 4 from the server, without inputs); the
+    # downloads are not sent again while nothing changed.
+    table, stamp, choices, status_again, *_, downloads_again, _, _, shown_again = (
+        trainings.refresh(page()) if SESSION_KEYED else trainings.refresh(page(), job.id, shown)
+    )
+    assert choices["value"] == job.id and status_again == status and shown_again == shown
+    assert downloads_again == gr.update()
     assert stamp == f"<span>{job.id} {delivered}</span>"
-    assert table.values.tolist()[0][5:7] == ["completed", "3/3 (100%)"]
-    assert trainings.details(None)[0] == "Select a job in the list."
+    assert table.values.tolist()[0][:2] == ["completed", "3/3 (100%)"]
+    assert trainings.details(page(), None)[0] == "Select a job in the list."
+    # Another page selected nothing: its refresh shows no job (gradio 4 keeps each page's own selection).
+    if SESSION_KEYED:
+        assert trainings.refresh(page("other"))[2]["value"] is None
 
 
 def test_polls_read_only_new_events_and_decode_each_sample_once(
@@ -438,10 +530,10 @@ def test_polls_read_only_new_events_and_decode_each_sample_once(
     samples.mkdir(parents=True)
     Image.new("RGB", (512, 512), (200, 0, 0)).save(samples / "running_000002_00.png")
     trainings = TrainingsActions(service)
-    _, _, plot, first_samples = trainings.details(job.id)
+    _, _, plot, first_samples, *_ = trainings.details(page(), job.id)
     assert [r["step"] for r in plot.to_dict("records")] == [1, 2]
     assert first_samples[0][0].size == (256, 256)
-    assert trainings.details(job.id)[2] is plot  # nothing new: the same plot data, nothing re-read
+    assert trainings.details(page(), job.id)[2] is plot  # nothing new: the same plot data, nothing re-read
 
     # Lines already read are not read again: rewrite them (same length) and append a step.
     events.write_text(
@@ -449,11 +541,11 @@ def test_polls_read_only_new_events_and_decode_each_sample_once(
         + json.dumps({"kind": "step", "step": 3, "loss": 0.25})
         + "\n"
     )
-    rows = trainings.details(job.id)[2].to_dict("records")
+    rows = trainings.details(page(), job.id)[2].to_dict("records")
     assert [(r["step"], r["value"]) for r in rows] == [(1, 0.5), (2, 0.5), (3, 0.25)]
-    mark = trainings.mark(job.id)
+    mark = trainings.mark()
     service.store.update_progress(job.id, {"step": 3, "phase": "training"})
-    assert trainings.mark(job.id) != mark  # the list refreshes while a job trains, not only on status changes
+    assert trainings.mark() != mark  # the list refreshes while a job trains, not only on status changes
 
     # A sample is decoded once: a file whose size and time did not change is not opened again.
     first = samples / "running_000002_00.png"
@@ -462,10 +554,12 @@ def test_polls_read_only_new_events_and_decode_each_sample_once(
     os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     Image.new("RGB", (64, 64), (0, 0, 200)).save(samples / "running_000004_00.png")
     os.utime(samples / "running_000004_00.png", ns=(stat.st_mtime_ns + 10**9, stat.st_mtime_ns + 10**9))
-    again = trainings.details(job.id)[3]
+    again = trainings.details(page(), job.id)[3]
     assert [name for _, name in again] == ["running_000002_00.png", "running_000004_00.png"]
     assert again[0][0] is first_samples[0][0]
 
     # A file that was replaced by a shorter one is read again from its start.
     events.write_text(json.dumps({"kind": "step", "step": 1, "loss": 0.125}) + "\n")
-    assert trainings.details(job.id)[2].to_dict("records") == [{"step": 1, "value": 0.125, "series": "loss"}]
+    assert trainings.details(page(), job.id)[2].to_dict("records") == [
+        {"step": 1, "value": 0.125, "series": "loss"}
+    ]

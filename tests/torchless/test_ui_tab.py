@@ -48,11 +48,13 @@ def test_the_tab_builds_without_warnings_with_the_contract_elements(service: Tra
     assert gradio_warnings == []
     found = _blocks_by_id(blocks)
     assert {ELEM_ID, DELIVERY_STAMP_ID, "train_management_config", "train_management_jobs"} <= set(found)
-    assert found["train_management_config"].value == template_toml("sd_1_5", cuda=False)  # a CPU-only machine
+    # a CPU-only machine: its template, with the training state saved for an exact Resume
+    expected = template_toml("sd_1_5", cuda=False).replace("save_state = false", "save_state = true")
+    assert found["train_management_config"].value == expected
     assert found["train_management_ds_generate"].visible is False
-    hint = found["train_management_ds_hint"].value
-    assert f"python -m kohya_backend datasets import PATH --home {service.home.root}" in hint
-    assert "reachable from the network" in hint and "zip" in found["train_management_ds_folder"].label
+    hint = found["train_management_ds_hint"].value  # what to do in the page, not a command line
+    assert "zip it and upload the zip" in hint and "python -m" not in hint
+    assert "zip" in found["train_management_ds_folder"].label
     hooked = _blocks_by_id(
         create_tab(
             service, datasets, UiHooks(interrogate=lambda p: p.name, default_config=lambda fm: f"# {fm}\n")
@@ -157,22 +159,17 @@ def test_without_a_token_the_tab_is_served_at_the_root(app_url: str) -> None:
 
 def _then_names(blocks: Any, elem_id: str, handler: str) -> list[str]:
     """Names of the callbacks chained with .then() after `handler` runs on a click of element `elem_id`
-    (gradio 3 lists dependencies by index, gradio 4 by id)."""
-    deps = blocks.config["dependencies"]
-    key = "id" if "id" in deps[0] else None
-
-    def fn(i: int, dep: dict[str, Any]) -> Any:
-        return blocks.fns[dep[key]] if key else blocks.fns[i]
-
+    (gradio 3 refers to dependencies by index, gradio 4 by id)."""
+    deps = _dependencies(blocks)
     target = _blocks_by_id(blocks)[elem_id]._id
     started = [
-        dep[key] if key else i
-        for i, dep in enumerate(deps)
-        if fn(i, dep).fn.__name__ == handler
+        dep.get("id", i)
+        for i, (dep, name) in enumerate(deps)
+        if name == handler
         and any((t[0] if isinstance(t, (list, tuple)) else t) == target for t in dep["targets"])
     ]
     assert started, f"{handler} is not wired to {elem_id}"
-    return [fn(i, dep).fn.__name__ for i, dep in enumerate(deps) if dep.get("trigger_after") in started]
+    return [str(name) for dep, name in deps if dep.get("trigger_after") in started]
 
 
 def test_a_dataset_task_that_ends_before_the_page_holds_its_ticket_still_shows_its_outcome(
@@ -183,3 +180,72 @@ def test_a_dataset_task_that_ends_before_the_page_holds_its_ticket_still_shows_i
     blocks = create_tab(service, DatasetService(service.home, jobs=service.store))
     assert "finished" in _then_names(blocks, "train_management_ds_create", "create")
     assert "finished" in _then_names(blocks, "train_management_ds_validate", "validate")
+    assert "finished" in _then_names(blocks, "train_management_ds_check_health", "health")
+
+
+def _dependencies(blocks: Any) -> list[tuple[dict[str, Any], str | None]]:
+    """(dependency, its callback's name) of every event of the tab (None for a browser-only one)."""
+    deps = blocks.config["dependencies"]
+    key = "id" if "id" in deps[0] else None
+    out = []
+    for i, dep in enumerate(deps):
+        fn = (blocks.fns[dep[key]] if key else blocks.fns[i]).fn
+        out.append((dep, getattr(fn, "__name__", None)))
+    return out
+
+
+def test_nothing_the_page_runs_by_itself_sends_inputs_on_gradio_4(service: TrainingService) -> None:
+    # gradio 4.40's page warns "Too many arguments provided for the endpoint" for every event that sends inputs;
+    # the load, the poll and what the poll refreshes run without the user, so they send none there.
+    from kohya_backend.ui.compat import SESSION_KEYED
+
+    blocks = create_tab(service, DatasetService(service.home, jobs=service.store))
+    found = _blocks_by_id(blocks)
+    polled = {found[f"{ELEM_ID}_poll"]._id, found[f"{ELEM_ID}_ds_tasks_poll"]._id}
+    by_itself = []
+    for dep, name in _dependencies(blocks):
+        triggers = [
+            tuple(t) if isinstance(t, (list, tuple)) else (t, dep.get("trigger")) for t in dep["targets"]
+        ]
+        events = {event for _, event in triggers} | ({dep["trigger"]} if "trigger" in dep else set())
+        if "load" in events or any(target in polled for target, _ in triggers):
+            by_itself.append((name, dep["inputs"]))
+    # the poll (gradio wraps its function), the page's load, the page's script, and what the poll refreshes
+    assert sorted(str(name) for name, _ in by_itself if name in ("page_load", "refresh", "finished", None)) == [
+        "None", "finished", "page_load", "refresh",
+    ]  # fmt: skip
+    assert len(by_itself) == 5
+    for name, inputs in by_itself:
+        if name not in ("refresh", "finished") or SESSION_KEYED:
+            assert inputs == [], name
+    # Lists the page fills itself answer the user's choice (.input), never their own change (.change).
+    filled = {
+        found[f"{ELEM_ID}_{n}"]._id for n in ("model", "dataset", "job", "ds_dataset", "ds_image", "instance")
+    }
+    for dep, name in _dependencies(blocks):
+        for target in dep["targets"]:
+            target_id, event = target if isinstance(target, (list, tuple)) else (target, dep.get("trigger"))
+            assert not (target_id in filled and event == "change"), name
+
+
+def test_the_theme_uses_local_fonts_and_the_page_loads_nothing_from_other_hosts(
+    service: TrainingService,
+) -> None:
+    blocks = create_tab(service, DatasetService(service.home, jobs=service.store))
+    assert blocks.theme._stylesheets == []  # gradio's default theme would load two Google Fonts
+    from kohya_backend.ui.offline import strip_offsite
+
+    page = (
+        b'<head><link rel="preconnect" href="https://fonts.googleapis.com" />'
+        b'<script src="https://cdnjs.cloudflare.com/ajax/libs/iframe-resizer/4.3.6/iframeResizer.contentWindow.min.js"'
+        b' async></script><script src="./assets/index.js"></script></head>'
+    )
+    assert strip_offsite(page) == b'<head><script src="./assets/index.js"></script></head>'
+
+
+@pytest.mark.parametrize("app_url", [None], indirect=True)
+def test_the_served_page_names_no_other_host(app_url: str) -> None:
+    page = httpx.get(f"{app_url}/")
+    assert page.status_code == 200 and "<script" in page.text
+    assert not re.search(r'(src|href)="https?://(?!127\.0\.0\.1)', page.text), page.text[:2000]
+    assert int(page.headers["content-length"]) == len(page.content)

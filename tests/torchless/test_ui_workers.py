@@ -49,10 +49,16 @@ def test_add_check_list_choose_and_remove_a_worker(service: TrainingService, wor
     actions = WorkersActions(service)
     message, token_field = actions.add(worker_url, "not-the-token", "")
     name = f"127.0.0.1-{worker_url.rsplit(':', 1)[1]}"
-    assert message.startswith(f"✅ Added worker **{name}**") and "unauthorized" in message
-    assert "refused the token" in message and token_field == ""
+    # What is wrong comes first, with what to do in this panel (no "✅ Added" for a worker that cannot train).
+    assert message.startswith(f"⚠️ **Worker {name} refused the token**") and "✅" not in message
+    assert "paste the token from the worker's token file above and press **Add worker** again" in message
+    assert "workers add" not in message and token_field == ""
     message, token_field = actions.add(f" {worker_url}/ ", TOKEN, "")  # the same URL: its token is updated
-    assert f"Added worker **{name}**" in message and ": online, CPU." in message and token_field == ""
+    assert (
+        message.startswith(f"✅ Added worker **{name}**")
+        and ": online, CPU." in message
+        and token_field == ""
+    )
     assert TOKEN not in message
     conflict, _ = actions.add(worker_url, TOKEN, "gpu1")  # the registry's own rule, shown as it words it
     assert conflict.startswith("❌ **The worker was not added.**") and "already registered" in conflict
@@ -99,12 +105,15 @@ def test_bad_entries_are_refused_with_the_reason(
 def test_the_registrys_plain_http_warning_is_shown(service: TrainingService) -> None:
     # 0.0.0.0 is not loopback (the token would leave this machine in clear) and refuses at once here.
     message, _ = WorkersActions(service).add("http://0.0.0.0:9", TOKEN, "clear")
-    assert "Added worker **clear**" in message and "offline" in message
+    assert (
+        message.startswith("⚠️ **Worker clear does not answer** at `http://0.0.0.0:9`") and "✅" not in message
+    )
+    assert "jobs sent to it wait until it does" in message
     assert "⚠️ the worker token goes to 0.0.0.0 over plain http" in message and "TLS reverse proxy" in message
     [row] = _rows(WorkersActions(service))
     assert row[4] == "http://0.0.0.0:9 ⚠️ plain http: the token is readable on the way"
     local, _ = WorkersActions(service).add("http://127.0.0.1:9", TOKEN, "here")
-    assert "⚠️" not in local
+    assert "plain http" not in local and local.startswith("⚠️ **Worker here does not answer**")
 
 
 def test_a_locked_host_refuses_changes_and_says_why(service: TrainingService, worker_url: str) -> None:

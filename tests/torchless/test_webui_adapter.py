@@ -65,7 +65,7 @@ def test_scripts_load_by_the_webui_rules_and_register_tab_and_settings(tmp_path:
             _block(ui.demo, "train_management_ds_generate").visible is True
         )  # the WebUI has an interrogator
         labels = {k: v for k, v in shared.opts.data_labels.items() if k.startswith("train_management_")}
-        assert len(labels) == 8 and labels["train_management_s3_prefix"].component.__name__ == "Textbox"
+        assert len(labels) == 9 and labels["train_management_s3_prefix"].component.__name__ == "Textbox"
         assert {v.section for v in labels.values()} == {("train_management", "Train Management")}
         assert {v.category_id for v in labels.values()} == {
             "training"
@@ -243,6 +243,9 @@ def test_settings_apply_at_once_or_after_reload_ui(tmp_path: Path) -> None:
         shared.opts.set("train_management_concurrency", 3.0)
         shared.opts.set("train_management_keep_epochs", True)
         assert service.scheduler.devices == {"cpu": 3} and service.scheduler.keep_epochs is True
+        assert service.scheduler.stall_after_s == 15 * 60
+        shared.opts.set("train_management_stall_minutes", 30.0)
+        assert service.scheduler.stall_after_s == 30 * 60
         new_home = tmp_path / "new-home"
         shared.opts.set("train_management_home", str(new_home))
         assert RUNTIME.service is service  # folders change on Reload UI

@@ -24,9 +24,13 @@ def test_settings_read_the_values_the_webui_hands_back() -> None:
     read = HostSettings.from_values(
         {"train_management_concurrency": "3.0", "train_management_unload_model": "False",
          "train_management_keep_epochs": 1, "train_management_home": "  /data/tm ",
-         "train_management_lora_subfolder": None}
+         "train_management_lora_subfolder": None, "train_management_stall_minutes": "45.0"}
     )  # fmt: skip
-    assert read == HostSettings(home="/data/tm", unload_model=False, keep_epochs=True, concurrency=3)
+    assert read == HostSettings(
+        home="/data/tm", unload_model=False, keep_epochs=True, concurrency=3, stall_minutes=45
+    )
+    assert HostSettings.from_values({"train_management_stall_minutes": 9999}).stall_minutes == 240
+    assert HostSettings.from_values({"train_management_stall_minutes": "soon"}).stall_minutes == 15
     assert HostSettings.from_values({"train_management_concurrency": 99}).concurrency == 8
     assert HostSettings.from_values({"train_management_concurrency": "lots"}).concurrency == 1
     assert len({s.key for s in SETTINGS}) == len(SETTINGS) and all(

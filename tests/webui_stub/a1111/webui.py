@@ -22,6 +22,20 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def _setup_cors(app):
+    """initialize_util.configure_cors_middleware: the WebUI's CORS, outermost, then the stack is rebuilt."""
+    from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware
+
+    options = {"allow_methods": ["*"], "allow_headers": ["*"], "allow_credentials": True}
+    if shared.cmd_opts.cors_allow_origins:
+        options["allow_origins"] = shared.cmd_opts.cors_allow_origins.split(",")
+    if shared.cmd_opts.cors_allow_origins_regex:
+        options["allow_origin_regex"] = shared.cmd_opts.cors_allow_origins_regex
+    app.user_middleware.insert(0, Middleware(CORSMiddleware, **options))
+    app.middleware_stack = None  # built again, from the list, on the next request
+
+
 class WebUI:
     def __init__(self, argv, extension_dirs, data_dir, *, builtin_lora=True):
         self.argv = list(argv)
@@ -61,6 +75,11 @@ class WebUI:
             prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True
         )
         self.url = f"http://127.0.0.1:{port}"
+        # As webui.py: gradio's own CORSMiddleware (every origin on 3.41) goes, the WebUI's CORS for the origins
+        # of --cors-allow-origins(-regex) comes (initialize_util.setup_middleware). gradio 4's
+        # CustomCORSMiddleware has another class name and stays, as in Forge.
+        self.app.user_middleware = [x for x in self.app.user_middleware if x.cls.__name__ != "CORSMiddleware"]
+        _setup_cors(self.app)
         script_callbacks.app_started_callback(self.demo, self.app)
 
     def _serve_api_only(self, port):

@@ -18,6 +18,18 @@ def make_parser():
         "--nowebui", action="store_true", help="use api=True to launch the API instead of the UI"
     )
     parser.add_argument("--skip-install", action="store_true", help="skip installation of packages")
+    parser.add_argument(
+        "--cors-allow-origins",
+        type=str,
+        default=None,
+        help="Allowed CORS origin(s) (comma-separated, no spaces)",
+    )
+    parser.add_argument(
+        "--cors-allow-origins-regex",
+        type=str,
+        default=None,
+        help="Allowed CORS origin(s) as a regular expression",
+    )
     # Parsed for shared_init's disable_extension_access; the stand-in still serves on 127.0.0.1 only.
     parser.add_argument("--listen", action="store_true", help="launch gradio with 0.0.0.0 as server name")
     parser.add_argument("--server-name", type=str, default=None, help="sets hostname of server")

@@ -1,8 +1,9 @@
 """Mirrors modules/ui.py create_ui() and ui_gradio_extensions.reload_javascript() for what extensions see.
 
 create_ui: settings callbacks first (ui_settings.UiSettings.register_settings), then each on_ui_tabs Blocks is
-rendered in its own gr.TabItem(title, id=elem_id, elem_id=f"tab_{elem_id}"), plus the hidden Lora refresh
-buttons of txt2img/img2img (`#txt2img_lora_extra_refresh_internal`; clicks are counted in `lora_refreshes`).
+rendered in its own gr.TabItem(title, id=elem_id, elem_id=f"tab_{elem_id}"), plus the prompt boxes
+(`#txt2img_prompt`, `#img2img_prompt`) and the hidden Lora refresh buttons of txt2img/img2img
+(`#txt2img_lora_extra_refresh_internal`; clicks are counted in `lora_refreshes`).
 reload_javascript: the page's <head> gets script.js then every extension's javascript/*.js, and its <body> every
 extension's style.css, by wrapping gradio's TemplateResponse as the WebUI does (inlined here instead of served
 through /file=).
@@ -24,6 +25,7 @@ def create_ui():
     with gr.Blocks(analytics_enabled=False, title="Stable Diffusion") as demo, gr.Tabs(elem_id="tabs"):
         for tab in ("txt2img", "img2img"):
             with gr.TabItem(tab, id=tab, elem_id=f"tab_{tab}"):
+                gr.Textbox(label="Prompt", lines=3, elem_id=f"{tab}_prompt")
                 button = gr.Button("refresh", visible=False, elem_id=f"{tab}_lora_extra_refresh_internal")
                 button.click(fn=lambda tab=tab: lora_refreshes.append(tab), inputs=[], outputs=[])
         for interface, label, ifid in interfaces:

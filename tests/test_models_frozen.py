@@ -74,7 +74,8 @@ def test_kept_fp16_weights_train_exactly_like_upcast_ones(tmp_path: Path, tok_di
     to_q = next(m for name, m in kept.unet.named_modules() if name.endswith("attn1.to_q"))
     assert to_q.weight.dtype == torch.float16
 
-    for model in (kept, upcast):  # as the trainer does on the CPU: every frozen layer through the same kernels
+    # as the trainer does on the CPU: every frozen layer through the same kernels
+    for model in (kept, upcast):
         for module in (model.unet, model.vae, *model.text_encoders):
             route_frozen_layers(module)
     loss_kept, grads_kept = _lora_step(kept, family)

@@ -20,6 +20,7 @@ from kohya_backend.errors import TrainingError
 from kohya_backend.lora.network import LoRANetwork
 from kohya_backend.lora.save import load_lora
 from kohya_backend.models.load import load_checkpoint
+from kohya_backend.models.upcast import MODE_ENV, MemoryFacts
 from kohya_backend.train.events import EventLog, read_events
 from kohya_backend.train.families import get_family
 from kohya_backend.train.inputs import encode_latents
@@ -336,6 +337,7 @@ def test_latent_caching_batch_is_one_image_on_the_cpu_and_area_scaled_on_a_gpu()
 def test_training_from_an_fp16_file_on_the_cpu_matches_fully_upcast_weights(assets, tmp_path, monkeypatch):
     import kohya_backend.train.loop as loop
 
+    monkeypatch.setenv(MODE_ENV, "keep")  # kept to the end, never upcast after the first step
     half = write_checkpoint(tmp_path / "half.safetensors", "sd_xl", size="tiny", dtype=torch.float16, seed=0)
     fp16_assets = {**assets, "sd_xl": half}
     (tmp_path / "prompts.txt").write_text("a photo --w 64 --h 64 --s 2\n")
@@ -362,6 +364,48 @@ def test_training_from_an_fp16_file_on_the_cpu_matches_fully_upcast_weights(asse
     upcast_sd, _ = load_lora(upcast.output)
     for key, value in kept_sd.items():
         torch.testing.assert_close(value, upcast_sd[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_an_fp16_file_is_upcast_after_the_first_step_when_memory_allows_and_trains_the_same_lora(
+    assets, tmp_path, monkeypatch
+):
+    """The first step runs on the kept fp16 weights; the "weights" event that follows it says whether they were
+    upcast (plenty of memory here) or kept (a machine whose memory would not hold the copies); the LoRA is the
+    same either way."""
+    import kohya_backend.train.loop as loop
+
+    half = write_checkpoint(tmp_path / "half.safetensors", "sd_1_5", size="tiny", dtype=torch.float16, seed=0)
+    fp16_assets = {**assets, "sd_1_5": half}
+    results = {}
+    for name, available in (("upcast", None), ("kept", 1 << 20)):
+        if available is not None:  # the copies plus the margin no longer fit
+            tight = MemoryFacts(available, 1 << 34, 1 << 28, 1 << 28)
+            monkeypatch.setattr(loop, "memory_facts", lambda facts=tight: facts)
+        config = make_config(fp16_assets, tmp_path / name, max_train_steps=3)
+        trainer, result = run(config, events=tmp_path / f"{name}.jsonl")
+        events = read_events(tmp_path / f"{name}.jsonl")
+        kinds = [(e["kind"], e.get("step")) for e in events if e["kind"] in ("step", "weights")]
+        assert kinds == [("step", 1), ("weights", None), ("step", 2), ("step", 3)], kinds
+        weights = next(e for e in events if e["kind"] == "weights")
+        assert weights["choice"] == name and weights["message"].startswith(name), weights
+        dtypes = {p.dtype for m in (trainer.model.unet, *trainer.model.text_encoders) for p in m.parameters()}
+        assert dtypes == ({torch.float32} if name == "upcast" else {torch.float32, torch.float16}), name
+        results[name] = (trainer.losses, load_lora(result.output)[0])
+    assert results["upcast"][0] == results["kept"][0]
+    upcast_sd, kept_sd = results["upcast"][1], results["kept"][1]
+    assert upcast_sd.keys() == kept_sd.keys()
+    for key, value in upcast_sd.items():
+        assert torch.equal(value, kept_sd[key]), key
+
+    # nothing to decide for an fp32 file, nor after a run's last step
+    monkeypatch.undo()
+    run(make_config(assets, tmp_path / "fp32", max_train_steps=2), events=tmp_path / "fp32.jsonl")
+    assert not [e for e in read_events(tmp_path / "fp32.jsonl") if e["kind"] == "weights"]
+    one_trainer, _ = run(
+        make_config(fp16_assets, tmp_path / "one", max_train_steps=1), events=tmp_path / "1.jsonl"
+    )
+    assert not [e for e in read_events(tmp_path / "1.jsonl") if e["kind"] == "weights"]
+    assert any(p.dtype == torch.float16 for p in one_trainer.model.unet.parameters())
 
 
 def test_bf16_on_the_cpu_stores_frozen_weights_in_bf16_with_the_results_of_autocast(

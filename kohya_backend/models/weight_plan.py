@@ -1,12 +1,11 @@
 """How a run stores the base model's frozen weights: decided before loading, said in the log after it.
 
-On the CPU, Linear/Conv2d weights that a checkpoint stores in fp16/bf16 stay so and are upcast as each layer runs
-(models/frozen.py), with the same fp32 results as weights upcast at load. Upcasting once at load was measured
-against it (bench/README.md): it saves about a twentieth of a step's CPU time for twice the memory of those
-weights (1.7 GB more for SD 1.5, 7 GB for SDXL), which would take peak RSS past issue 13's 0.6x of kohya's, so it is
-never chosen. Under bf16 autocast (mixed_precision = "bf16" on the CPU) they are stored in bf16, which is what
-autocast rounds them to on every call: half the memory and no cast per call, with the numbers autocast gives. On
-a GPU every weight is cast to the run's dtype at load, as kohya does.
+On the CPU, Linear/Conv2d weights that a checkpoint stores in fp16/bf16 are loaded as stored and upcast as each
+layer runs (models/frozen.py), with the same fp32 results as weights upcast at load and no load-time copy; once
+the first step has shown the run's peak memory, they are upcast for good when the fp32 copies fit
+(models/upcast.py). Under bf16 autocast (mixed_precision = "bf16" on the CPU) they are stored in bf16, which is
+what autocast rounds them to on every call: half the memory and no cast per call, with the numbers autocast gives.
+On a GPU every weight is cast to the run's dtype at load, as kohya does.
 """
 
 from __future__ import annotations
@@ -95,6 +94,7 @@ def describe_weights(modules: Iterable[nn.Module], plan: WeightPlan, device: tor
     if plan.keep_file_precision and any(d in sizes for d in (torch.float16, torch.bfloat16)):
         return text + (
             "; the checkpoint's fp16/bf16 Linear/Conv2d weights are kept as stored and upcast to fp32 as each "
-            "layer runs (the results of weights upcast at load, for half their memory)"
+            "layer runs (the results of weights upcast at load, for half their memory) until the first step shows "
+            "whether fp32 copies fit"
         )
     return text

@@ -15,6 +15,7 @@ EVENT_KINDS = (
     "start",
     "plan",
     "caching",
+    "weights",
     "step",
     "epoch",
     "saved",

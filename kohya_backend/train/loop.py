@@ -35,9 +35,11 @@ from kohya_backend.errors import TrainingError
 from kohya_backend.lora.build import create_network
 from kohya_backend.lora.metadata import training_metadata
 from kohya_backend.lora.save import load_lora, save_lora
+from kohya_backend.models.checkpoint import SAFETENSORS_SUFFIXES
 from kohya_backend.models.frozen import route_frozen_layers
 from kohya_backend.models.hashing import BackgroundSha256, legacy_hash_file
 from kohya_backend.models.load import LoadedModel, load_checkpoint
+from kohya_backend.models.upcast import choose_upcast, kept_weights, memory_facts, upcast_mode, upcast_weights
 from kohya_backend.models.weight_plan import describe_weights, plan_weights
 from kohya_backend.train.device import detect_facts, device_label, optimizer_for_platform, plan_device
 from kohya_backend.train.epoch_grid import render_after_training
@@ -169,6 +171,9 @@ class Trainer:
         plan = plan_weights(accelerator.device, torch.bfloat16 if cpu_bf16 else None)
         for warning in plan.warnings:
             self.events.emit("warning", message=warning)
+        # weights kept in fp16 may be upcast once the first step has shown the run's peak (models/upcast.py)
+        self._upcast_mode = upcast_mode()
+        self._upcast_pending = plan.keep_file_precision and plan.compute_dtype is None
         self.model: LoadedModel = load_checkpoint(
             Path(cfg["pretrained_model_name_or_path"]),
             self.config.fm_type,
@@ -682,11 +687,26 @@ class Trainer:
                 lrs=current_lrs(self.optimizer, self.lr_scheduler),
                 extra=self.max_norm_log,
             )
+            if self._upcast_pending and self.step < total:
+                self._settle_frozen_weights()
             self._step_checks(accelerator)
             if self.step >= total or self.stop.is_set():
                 break
         else:
             self.batches_done = 0  # the epoch ran to its end
+
+    def _settle_frozen_weights(self) -> None:
+        """Once, after the first step has shown the run's peak memory: upcast the frozen weights kept in fp16 to
+        fp32 when the copies fit the memory left, else keep them (models/upcast.py); said as a "weights" event."""
+        self._upcast_pending = False
+        m = self.model
+        kept = kept_weights([m.unet, m.vae, *m.text_encoders])
+        if not kept:
+            return
+        choice = choose_upcast(kept, memory_facts(), self._upcast_mode)
+        if choice.upcast:
+            upcast_weights(kept, release_pages=m.path.suffix.lower() in SAFETENSORS_SUFFIXES)
+        self.events.emit("weights", **choice.event_fields())
 
     def _step_checks(self, accelerator: Accelerator) -> None:
         every = self.cfg.get("save_every_n_steps")

@@ -1,6 +1,7 @@
 """Where a training step's time goes: torch.profiler over one step of the bench's trainer, run in-process.
 
   python bench/profile_step.py --setting full --file-dtype fp16 [--mixed-precision bf16] [--step 3] [--top 20]
+      [--frozen-weights auto|keep|upcast]   # an fp16 file's weights after the first step (models/upcast.py)
 
 Prints, as JSON, the timeline before the first step (from the trainer's events), the step's wall time, and its
 self CPU time per category (frozen-layer matmuls and convolutions, attention, weight casts and copies, norms,
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -93,6 +95,7 @@ def run(
         "setting": setting,
         "file_dtype": file_dtype,
         "mixed_precision": mixed_precision,
+        "frozen_weights": os.environ.get("TRAIN_MANAGEMENT_FROZEN_WEIGHTS", "auto"),
         "threads": torch.get_num_threads(),
         "timeline_s": [
             [round(t - started, 2), label] for t, label in timeline if not label.startswith("step ")
@@ -115,6 +118,7 @@ def main() -> int:
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="mid")
     parser.add_argument("--file-dtype", choices=sorted(FILE_DTYPES), default="fp16")
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
+    parser.add_argument("--frozen-weights", choices=["auto", "keep", "upcast"], default="auto")
     parser.add_argument(
         "--step", type=int, default=3, help="the step profiled (from the end of the one before)"
     )
@@ -125,6 +129,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.step < 2:
         parser.error("--step must be 2 or more: the profile runs from the end of the step before")
+    os.environ["TRAIN_MANAGEMENT_FROZEN_WEIGHTS"] = args.frozen_weights
     result = run(args.setting, args.file_dtype, args.mixed_precision, args.step, args.top, Path(args.cache))
     print(json.dumps(result, indent=2))
     return 0

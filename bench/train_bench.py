@@ -8,6 +8,8 @@ The trainer runs as a child process exactly as a job would.
   --file-dtype fp16|fp32|both                  # how the checkpoint file stores its weights (default: both;
                                                # sdxl: fp16, the published file)
   --mixed-precision no|bf16                    # bf16: CPU autocast with bf16 frozen weights (CPUs with bf16 support)
+  --frozen-weights auto|keep|upcast[,...]      # an fp16 file's frozen weights on the CPU: the trainer's choice after
+                                               # the first step (auto), kept fp16, or upcast; several interleave
   --repeat N                                   # N runs of each file, interleaved; the median and each range
 
 kohya sd-scripts (commit 48d368fa) at the same settings on the 2-core CPU machine class, from issue 13 (SD 1.5:
@@ -149,8 +151,11 @@ class _StepCpu(threading.Thread):
             seen = len(lines)
 
 
-def measure(config: Path, events: Path, code: Path = ROOT) -> dict[str, float | None]:
-    """Run the trainer (of the checkout `code`) as a child and read the figures off its events and rusage."""
+def measure(
+    config: Path, events: Path, code: Path = ROOT, frozen_weights: str = "auto"
+) -> dict[str, float | str | None]:
+    """Run the trainer (of the checkout `code`) as a child and read the figures off its events and rusage;
+    `frozen_weights` is its TRAIN_MANAGEMENT_FROZEN_WEIGHTS (models/upcast.py)."""
     events.unlink(missing_ok=True)
     # A fresh hash cache: the base model is hashed as on a first run (the trainer overlaps it with training).
     scratch = Path(tempfile.mkdtemp(prefix="bench-"))
@@ -159,6 +164,7 @@ def measure(config: Path, events: Path, code: Path = ROOT) -> dict[str, float | 
         "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": os.pathsep.join([str(code), *filter(None, [os.environ.get("PYTHONPATH")])]),
         "TRAIN_MANAGEMENT_HASH_CACHE": str(scratch / "sha256.json"),
+        "TRAIN_MANAGEMENT_FROZEN_WEIGHTS": frozen_weights,
     }
     start = time.time()
     with (scratch / "stderr.txt").open("w+b") as err:
@@ -194,6 +200,7 @@ def measure(config: Path, events: Path, code: Path = ROOT) -> dict[str, float | 
     steps = [e["t"] for e in evs if e["kind"] == "step"]
     caching = [e["t"] for e in evs if e["kind"] == "caching" and e.get("what") == "latents"]
     done = next((e for e in evs if e["kind"] == "done"), {})
+    weights = next((e for e in evs if e["kind"] == "weights"), {})
     intervals = [b - a for a, b in itertools.pairwise(steps)]
     cpu = watch.at_steps
     return {
@@ -207,14 +214,20 @@ def measure(config: Path, events: Path, code: Path = ROOT) -> dict[str, float | 
         "cpu_s_per_step": round((cpu[-1] - cpu[1]) / (len(cpu) - 2), 3) if len(cpu) > 2 else None,
         "cpu_s_to_first_step": round(cpu[0], 2) if cpu else None,
         "cpu_s_total": round(usage.ru_utime + usage.ru_stime, 2),
+        # what the trainer did with an fp16 file's kept weights after the first step (none for an fp32 file)
+        "frozen_weights": weights.get("choice"),
     }
 
 
-def summarise(runs: list[dict[str, float | None]]) -> dict[str, object]:
-    """Median of each figure over the runs, plus its range when there are several (this shared VM varies ~20%)."""
+def summarise(runs: list[dict[str, float | str | None]]) -> dict[str, object]:
+    """Median of each figure over the runs, plus its range when there are several (this shared VM varies ~20%);
+    a text field (the frozen-weights choice) is listed per run."""
     out: dict[str, object] = {}
     ranges: dict[str, list[float]] = {}
     for key in runs[0]:
+        if any(isinstance(r[key], str) for r in runs):
+            out[key] = sorted({str(r[key]) for r in runs})
+            continue
         values = [float(v) for r in runs if isinstance(v := r[key], (int, float))]
         out[key] = round(statistics.median(values), 3) if values else None
         if len(values) > 1:
@@ -242,9 +255,12 @@ def compare(result: dict[str, object], setting: str, file_dtype: str) -> dict[st
     return out
 
 
-def command(setting: str, file_dtype: str, mixed_precision: str, repeat: int) -> str:
+def command(
+    setting: str, file_dtype: str, mixed_precision: str, repeat: int, frozen_weights: str = "auto"
+) -> str:
     """The command line that reproduces one result."""
     extra = "" if mixed_precision == "no" else f" --mixed-precision {mixed_precision}"
+    extra += "" if frozen_weights == "auto" else f" --frozen-weights {frozen_weights}"
     return (
         f"python bench/train_bench.py --setting {setting} --file-dtype {file_dtype}{extra} --repeat {repeat}"
     )
@@ -257,6 +273,12 @@ def main() -> int:
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="mid")
     parser.add_argument("--file-dtype", choices=[*FILE_DTYPES, "both"], default=None)
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
+    parser.add_argument(
+        "--frozen-weights",
+        default="auto",
+        help="auto, keep or upcast, or several separated by commas (their runs interleave): what the trainer does "
+        "with an fp16 file's frozen weights after the first step (TRAIN_MANAGEMENT_FROZEN_WEIGHTS)",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="runs of each file to take the median of")
     parser.add_argument(
         "--cache", default=str(ROOT / "bench" / ".cache"), help="where models and data are kept"
@@ -270,6 +292,11 @@ def main() -> int:
     )
     args = parser.parse_args()
     codes = [Path(c).resolve() for c in args.code] if args.code else [ROOT]
+    modes = [m.strip() for m in args.frozen_weights.split(",") if m.strip()]
+    if not modes or any(m not in ("auto", "keep", "upcast") for m in modes):
+        parser.error(
+            f"--frozen-weights: auto, keep or upcast, separated by commas, not {args.frozen_weights!r}"
+        )
     cache = Path(args.cache)
     if args.file_dtype in (None, "both"):
         dtypes = list(SETTINGS[args.setting]["file_dtypes"] if args.file_dtype is None else FILE_DTYPES)
@@ -279,20 +306,20 @@ def main() -> int:
     import torch
 
     repeat = max(1, args.repeat)
-    runs: dict[tuple[Path, str], list[dict[str, float | None]]] = {(c, d): [] for c in codes for d in dtypes}
+    variants = [(c, d, m) for c in codes for d in dtypes for m in modes]
+    runs: dict[tuple[Path, str, str], list[dict[str, float | str | None]]] = {v: [] for v in variants}
     for _ in range(repeat):  # interleaved, so a noisy minute on a shared machine falls on every variant alike
-        for code in codes:
-            for d in dtypes:
-                events = cache / f"{args.setting}-{d}-events.jsonl"
-                runs[(code, d)].append(measure(configs[d], events, code))
+        for code, d, mode in variants:
+            events = cache / f"{args.setting}-{d}-events.jsonl"
+            runs[(code, d, mode)].append(measure(configs[d], events, code, mode))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results = []
-    for (code, d), measured in runs.items():
+    for (code, d, mode), measured in runs.items():
         result: dict[str, object] = {
             "setting": args.setting,
             "file_dtype": d,
             "mixed_precision": args.mixed_precision,
-            "command": command(args.setting, d, args.mixed_precision, repeat),
+            "command": command(args.setting, d, args.mixed_precision, repeat, mode),
             **({"code": str(code)} if len(codes) > 1 else {}),
             "device": device,
             "threads": torch.get_num_threads(),

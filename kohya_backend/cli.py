@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -19,6 +20,8 @@ from kohya_backend.cli_s3 import add_s3_parser
 from kohya_backend.cli_sagemaker import add_sagemaker_parsers
 from kohya_backend.cli_workers import add_worker_parsers
 from kohya_backend.errors import ConfigError, TrainManagementError
+from kohya_backend.families import FM_TYPES
+from kohya_backend.job_folder import JobFolder, ResultRecord, output_stem
 from kohya_backend.service.home import DEFAULT_HOME
 
 CONSOLE_SCRIPT = "train-management"  # pyproject.toml's [project.scripts] name for main()
@@ -38,7 +41,13 @@ def _cmd_config_format(args: argparse.Namespace) -> int:
     from kohya_backend.train.plan import format_with_plan
 
     try:
-        out = format_with_plan(source, args.fm_type, require_paths=not args.no_paths)
+        out = format_with_plan(
+            source,
+            args.fm_type,
+            require_paths=not args.no_paths,
+            check_paths_exist=not args.no_paths,
+            check_optimizer=True,
+        )
     except ConfigError as exc:
         if args.json:
             print(json.dumps({"ok": False, "issues": [i.to_dict() for i in exc.issues]}, indent=2))
@@ -73,15 +82,16 @@ def _cmd_config_reference(args: argparse.Namespace) -> int:
     return 0
 
 
-def _install_stop_handler() -> threading.Event:
+def _install_stop_handler(*, repeat_forces: bool = True) -> threading.Event:
     """SIGTERM/SIGINT (and SIGBREAK, Windows' graceful stop) ask the loop to stop at the next step (saving state
-    when save_state is on)."""
+    when save_state is on). A second one stops at once, unless this is one of several training processes: their
+    launcher passes the stop on to each (which may have had it already) and kills them if asked again."""
     from kohya_backend.jobs.processes import stop_signals
 
     stop = threading.Event()
 
     def handler(signum: int, _frame: object) -> None:
-        if stop.is_set():  # a second signal: stop now
+        if stop.is_set() and repeat_forces:  # a second signal: stop now
             raise KeyboardInterrupt
         stop.set()
 
@@ -90,11 +100,11 @@ def _install_stop_handler() -> threading.Event:
     return stop
 
 
-def _write_result(job_dir: Path, result: dict[str, Any]) -> None:
+def _write_result(job_dir: Path, result: ResultRecord) -> None:
     """DIR/result.json, written atomically, tells the job runner how the trainer ended."""
-    tmp = job_dir / "result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
-    tmp.replace(job_dir / "result.json")
+    from kohya_backend.fileio import write_json_atomic
+
+    write_json_atomic(JobFolder(job_dir).result, result)
 
 
 def run_training(
@@ -113,22 +123,30 @@ def run_training(
     """
     from kohya_backend.config.parse import parse_config
     from kohya_backend.config.validate import validate_config
+    from kohya_backend.launcher import watch_parent
     from kohya_backend.train.events import EventLog
     from kohya_backend.train.loop import train
+    from kohya_backend.train.process_env import process_info
 
-    events = EventLog(events_path, console=sys.stderr)
-    if on_event is not None:
+    processes = process_info()  # one of several data-parallel processes? (RANK, WORLD_SIZE from its launcher)
+    main = processes.is_main
+    # Rank 0 reports (events, console, result.json); the others only print their own errors (main() does).
+    events = EventLog(events_path if main else None, console=sys.stderr if main else None)
+    if on_event is not None and main:
         events.subscribe(on_event)
-    outcome: dict[str, Any] = {"status": "failed", "output": None, "step": 0, "epoch": 0, "error": None}
+    if processes.distributed:
+        watch_parent()
+    outcome: ResultRecord = {"status": "failed", "output": None, "step": 0, "epoch": 0, "error": None}
     try:
         parsed = parse_config(config_source)
         if job_dir is not None:
-            parsed.values["output_dir"] = str(job_dir / "output")
+            folder = JobFolder(job_dir)
+            parsed.values["output_dir"] = str(folder.output)
             if resume:
                 from kohya_backend.train.state import latest_state
 
-                name = parsed.values.get("output_name") or "last"
-                state = latest_state(job_dir / "output" / f"{name}-state")
+                name = parsed.values.get("output_name")
+                state = latest_state(folder.state_dir(output_stem(str(name) if name else None)))
                 if state is None:
                     events.emit(
                         "warning", message="no saved state to resume from: training starts from step 0"
@@ -140,20 +158,25 @@ def run_training(
         config = validate_config(parsed, fm_type)
         for warning in config.warnings:
             events.emit("warning", message=warning.render())
-        stop = _install_stop_handler()
-        result = train(config, events=events, stop=stop, state_each_epoch=job_dir is not None)
+        stop = _install_stop_handler(repeat_forces=not processes.distributed)
+        result = train(
+            config, events=events, stop=stop, state_each_epoch=job_dir is not None, processes=processes
+        )
     except TrainManagementError as exc:
         events.emit("error", message=exc.message, hint=exc.hint)
         outcome["error"] = {"message": str(exc), "hint": exc.hint}
-        if job_dir is not None:
+        if job_dir is not None and main:
             _write_result(job_dir, outcome)
         raise
-    outcome.update(
-        status="stopped" if result.stopped else "completed",
-        output=str(result.output) if result.output else None,
-        step=result.step,
-        epoch=result.epoch,
-    )
+    outcome = {
+        "status": "stopped" if result.stopped else "completed",
+        "output": str(result.output) if result.output else None,
+        "step": result.step,
+        "epoch": result.epoch,
+        "error": None,
+    }
+    if not main:
+        return 3 if result.stopped else 0
     if job_dir is not None:
         _write_result(job_dir, outcome)
     if result.stopped:
@@ -166,12 +189,18 @@ def run_training(
 def _detect_fm_type(model: object) -> str:
     """The FM type of a checkpoint, from its keys alone (for `train` without --fm-type)."""
     from kohya_backend.models.detect import detect_family
+    from kohya_backend.models.diffusers_folder import (
+        detect_folder_family,
+        is_diffusers_folder,
+        resolve_model_path,
+    )
     from kohya_backend.models.keys import read_keys
 
     if not model:
         raise TrainManagementError("pretrained_model_name_or_path is missing", hint="set it in the config")
-    family = str(detect_family(read_keys(Path(str(model)))))
-    if family not in ("sd_1_5", "sd_xl"):
+    path = resolve_model_path(str(model))
+    family = detect_folder_family(path) if is_diffusers_folder(path) else str(detect_family(read_keys(path)))
+    if family not in FM_TYPES:
         raise TrainManagementError(
             f"{model} is a {family} checkpoint; this trainer trains sd_1_5 and sd_xl models"
         )
@@ -186,6 +215,14 @@ def _lean_process(optimizer_type: str) -> None:
     hide_bitsandbytes_unless_needed(optimizer_type)
 
 
+def _trainer_process(optimizer_type: str) -> None:
+    """This process trains: keep glibc's allocator from re-faulting each step's activations, and stay lean."""
+    from kohya_backend.train.runtime import tune_allocator
+
+    tune_allocator()
+    _lean_process(optimizer_type)
+
+
 def _optimizer_of(source: str) -> str:
     """The config's optimizer_type ('' when the config does not parse: run_training reports why)."""
     from kohya_backend.config.parse import parse_config
@@ -196,20 +233,54 @@ def _optimizer_of(source: str) -> str:
         return ""
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _launch_processes(args: argparse.Namespace) -> int:
+    """`train --num-processes N`: this same command in N data-parallel processes (s3:// inputs fetched once, here,
+    and the LoRA uploaded once, after)."""
+    import tempfile
+
+    from kohya_backend.launcher import launch
+    from kohya_backend.train.process_env import process_info
+
+    if process_info().distributed:
+        raise TrainManagementError(
+            "this process is already one of several training processes (WORLD_SIZE is set by its launcher)",
+            "use either --num-processes or accelerate launch / torchrun, not both",
+        )
+    common = ["--fm-type", args.fm_type] if args.fm_type else []
     if args.job:
-        job_dir = Path(args.job).resolve()
-        source = _read_source(str(job_dir / "config.toml"))
-        _lean_process(_optimizer_of(source))
+        resume = ["--resume"] if args.resume else []
+        return launch(["train", "--job", args.job, *resume, *common], args.num_processes)
+    if not args.config:
+        raise TrainManagementError("train needs --config FILE (or --job DIR)")
+    from kohya_backend.cli_s3 import stage_config, upload_results
+
+    source, s3_output, local_out = stage_config(_read_source(args.config))
+    events = ["--events", args.events] if args.events else []
+    with tempfile.TemporaryDirectory(prefix="train-management-") as folder:
+        staged = Path(folder) / "config"  # what every process reads: stdin is read once, S3 fetched once
+        staged.write_text(source, encoding="utf-8")
+        code = launch(["train", "--config", str(staged), *events, *common], args.num_processes)
+    if code == 0 and s3_output is not None and local_out is not None:
+        upload_results(local_out, s3_output)
+    return code
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    if args.num_processes > 1:
+        return _launch_processes(args)
+    if args.job:
+        folder = JobFolder(Path(args.job).resolve())
+        source = _read_source(str(folder.config))
+        _trainer_process(_optimizer_of(source))
         return run_training(
-            source, args.fm_type, events_path=job_dir / "events.jsonl", job_dir=job_dir, resume=args.resume
+            source, args.fm_type, events_path=folder.events, job_dir=folder.root, resume=args.resume
         )
     if not args.config:
         raise TrainManagementError("train needs --config FILE (or --job DIR)")
     from kohya_backend.cli_s3 import stage_config, upload_results
 
     source, s3_output, local_out = stage_config(_read_source(args.config))  # s3:// inputs fetched first
-    _lean_process(_optimizer_of(source))
+    _trainer_process(_optimizer_of(source))
     events = Path(args.events) if args.events else None
     code = run_training(source, args.fm_type, events_path=events)
     if code == 0 and s3_output is not None and local_out is not None:
@@ -221,7 +292,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from kohya_backend.assets.demo import prepare_demo
 
     home = Path(args.home).resolve()
-    _lean_process("AdamW")  # the demo trains with AdamW, in this process
+    _trainer_process("AdamW")  # the demo trains with AdamW, in this process
     config_path = prepare_demo(home, fm_type=args.fm_type, steps=args.steps)
     print(f"demo model, dataset and config under {home}")
     events = home / "demo-events.jsonl"
@@ -240,6 +311,13 @@ def _print_job_line(job: dict[str, Any]) -> None:
     print(
         f"{job['id']}  {job['status']:<11} {step:>9}  {job['output_name']}  ({job['model']}, {job['dataset']})"
     )
+
+
+def _process_count(text: str) -> int:
+    """An argparse type: a number of processes, 1 or more."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of processes (1 or more)")
+    return int(text)
 
 
 def _positive_minutes(text: str) -> float:
@@ -274,6 +352,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         s3_uri=args.s3_uri,
         sagemaker_role_arn=args.sagemaker_role_arn,
         sagemaker_image_uri=args.sagemaker_image_uri,
+        forwarded_allow_ips=args.forwarded_allow_ips,
     )
     return 0
 
@@ -284,7 +363,9 @@ def _cmd_jobs_submit(args: argparse.Namespace) -> int:
     service = _jobs_service(args)
     source = _read_source(args.config) if args.config else ""
     job = service.submit(
-        Submission(args.model, args.dataset, args.fm_type, source, instance_type=args.instance_type)
+        Submission(
+            args.model, args.dataset, args.fm_type, source, instance_type=args.instance_type, gpus=args.gpus
+        )
     )
     print(job.id)
     print(f"queued; `jobs run --home {args.home}` (or a running `serve`) trains it", file=sys.stderr)
@@ -381,13 +462,21 @@ def _add_jobs_parser(sub: Any) -> None:
     submit.add_argument(
         "--dataset", required=True, help="dataset folder name under HOME/datasets, or s3://bucket/prefix"
     )
-    submit.add_argument("--fm-type", choices=["sd_1_5", "sd_xl"], required=True)
+    submit.add_argument("--fm-type", choices=FM_TYPES, required=True)
     submit.add_argument("--config", help="config_params file (TOML or JSON), or - for standard input")
     submit.add_argument(
         "--instance-type",
         default="local",
         help="where to train: local (default), worker (any free remote worker), worker:NAME (`workers list`) or "
         "sagemaker:TYPE[:spot] (`sagemaker instance-types`)",
+    )
+    submit.add_argument(
+        "--gpus",
+        type=_process_count,
+        default=1,
+        metavar="N",
+        help="GPUs per job: train data-parallel on N GPUs of the instance (one process each; train_batch_size is "
+        "per GPU); on a machine without CUDA GPUs, N CPU processes",
     )
     listing = command("list", "list jobs, newest first", _cmd_jobs_list)
     listing.add_argument("--status", action="append", help="only jobs in this state (repeatable)")
@@ -522,12 +611,16 @@ def build_parser() -> argparse.ArgumentParser:
         "format", help="validate a config (TOML or JSON) and print the canonical TOML and plan"
     )
     fmt.add_argument("file", help="config file, or - for standard input")
-    fmt.add_argument("--fm-type", choices=["sd_1_5", "sd_xl"], required=True)
+    fmt.add_argument("--fm-type", choices=FM_TYPES, required=True)
     fmt.add_argument("--json", action="store_true", help="machine-readable output")
-    fmt.add_argument("--no-paths", action="store_true", help="do not require model/dataset/output paths")
+    fmt.add_argument(
+        "--no-paths",
+        action="store_true",
+        help="do not require model/dataset/output paths, nor check that the paths given exist",
+    )
     fmt.set_defaults(func=_cmd_config_format)
     tpl = cfg.add_parser("template", help="print the starting config for an FM type")
-    tpl.add_argument("--fm-type", choices=["sd_1_5", "sd_xl"], required=True)
+    tpl.add_argument("--fm-type", choices=FM_TYPES, required=True)
     tpl.set_defaults(func=_cmd_config_template)
     ref = cfg.add_parser("reference", help="print the config reference (Markdown)")
     ref.set_defaults(func=_cmd_config_reference)
@@ -538,13 +631,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--job", help="a job folder (config.toml inside; outputs, events and result.json written there)"
     )
     tr.add_argument("--resume", action="store_true", help="with --job: continue from the newest saved state")
-    tr.add_argument("--fm-type", choices=["sd_1_5", "sd_xl"], help="default: detected from the checkpoint")
+    tr.add_argument("--fm-type", choices=FM_TYPES, help="default: detected from the checkpoint")
     tr.add_argument("--events", help="also write progress events (JSON lines) to this file")
+    tr.add_argument(
+        "--num-processes",
+        type=_process_count,
+        default=1,
+        metavar="N",
+        help="train data-parallel in N processes, one per GPU (CUDA_VISIBLE_DEVICES picks them; on a CPU-only "
+        "machine N CPU processes); train_batch_size is per process, as with accelerate launch --num_processes N",
+    )
     tr.set_defaults(func=_cmd_train)
 
     demo = sub.add_parser("demo", help="generate a tiny model and dataset and train on them end to end")
     demo.add_argument("--home", default="demo_home", help="folder for the demo's model, dataset and output")
-    demo.add_argument("--fm-type", choices=["sd_1_5", "sd_xl"], default="sd_1_5")
+    demo.add_argument("--fm-type", choices=FM_TYPES, default=FM_TYPES[0])
     demo.add_argument("--steps", type=int, default=40)
     demo.set_defaults(func=_cmd_demo)
 
@@ -584,6 +685,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--cors-allow-origins-regex", metavar="REGEX", help="allowed other websites as a regular expression"
     )
     srv.add_argument(
+        "--forwarded-allow-ips",
+        metavar="IPS",
+        help="reverse proxies (comma-separated addresses) whose X-Forwarded-For names the client; default none: "
+        "every client is the address it connects from",
+    )
+    srv.add_argument(
         "--stall-minutes",
         type=_positive_minutes,
         default=15.0,
@@ -605,5 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except TrainManagementError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") != "1" else "0"
+        who = f"[training process {rank}] " if rank != "0" else ""  # one of several data-parallel processes
+        print(f"{who}error: {exc}", file=sys.stderr)
         return 2

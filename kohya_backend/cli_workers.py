@@ -46,6 +46,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         port=args.port,
         max_blob_bytes=int(args.max_blob_gb * _GIB),
         reserve_bytes=int(args.reserve_gb * _GIB),
+        forwarded_allow_ips=args.forwarded_allow_ips,
     )
     return 0
 
@@ -125,6 +126,12 @@ def add_worker_parsers(sub: Any) -> None:
         "--create-token", action="store_true", help="write a new random token if the file is missing"
     )
     worker.add_argument("--home", default=DEFAULT_WORKER_HOME, help="the worker's home folder")
+    worker.add_argument(
+        "--forwarded-allow-ips",
+        metavar="IPS",
+        help="TLS reverse proxies (comma-separated addresses) whose X-Forwarded-For names the client; default "
+        "none: every client is the address it connects from",
+    )
     max_gb, reserve_gb = DEFAULT_MAX_BLOB_BYTES / _GIB, DEFAULT_RESERVE_BYTES / _GIB
     worker.add_argument(
         "--max-blob-gb",

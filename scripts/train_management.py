@@ -134,7 +134,7 @@ def on_ui_tabs():
     from modules import shared
 
     from kohya_backend.host import hooks
-    from kohya_backend.host.exposure import workers_refusal
+    from kohya_backend.host.exposure import webui_policy, workers_refusal
     from kohya_backend.host.runtime import RUNTIME
     from kohya_backend.ui.hooks import UiHooks
     from kohya_backend.ui.tab import ELEM_ID, create_tab
@@ -143,7 +143,8 @@ def on_ui_tabs():
     interrogate = hooks.interrogate_hook(getattr(shared, "interrogator", None), _queue_lock())
     login = bool(_cmd("gradio_auth") or _cmd("gradio_auth_path"))
     locked = workers_refusal(_access_disabled(), login, service.home.root)
-    hooks = UiHooks(interrogate=interrogate, workers_locked=locked, send_to_txt2img=True)
+    origins, _problems = webui_policy(shared.cmd_opts)  # the problems are printed once, by on_app_started
+    hooks = UiHooks(interrogate=interrogate, workers_locked=locked, send_to_txt2img=True, origins=origins)
     blocks = create_tab(service, RUNTIME.datasets, hooks)
     return [(blocks, TITLE, ELEM_ID)]
 
@@ -192,12 +193,12 @@ def on_app_started(demo, app):
     service = _service()
     users = webui_credentials(_cmd("api_auth"), _cmd("gradio_auth"), _cmd("gradio_auth_path"))
     closed = api_refusal(_access_disabled(), bool(users), API_PREFIX)
+    policy, problems = webui_policy(shared.cmd_opts)  # also the tab's (on_ui_tabs)
+    for problem in problems:
+        print(problem, file=sys.stderr)
     if closed:
         print(closed, file=sys.stderr)
     else:
-        policy, problems = webui_policy(shared.cmd_opts)
-        for problem in problems:
-            print(problem, file=sys.stderr)
         mount_api(app, service, users, policy)
     if RUNTIME.start():
         problem = service.local_problem() if service.local_problem else None

@@ -6,11 +6,10 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-from kohya_backend.assets.demo import prepare_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,9 +27,9 @@ def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    home = tmp_path_factory.mktemp("demo")
-    return prepare_demo(home, fm_type="sd_1_5", steps=4)
+def demo(tmp_path_factory: pytest.TempPathFactory, make_demo_home: Callable[..., Path]) -> Path:
+    """The demo config (4 steps) in a home of this module's own."""
+    return make_demo_home(tmp_path_factory.mktemp("demo"), steps=4) / "demo-sd_1_5.toml"
 
 
 def test_format_prints_canonical_toml_and_plan(demo: Path) -> None:
@@ -93,3 +92,57 @@ def test_demo_command_trains_and_its_output_has_no_library_noise(tmp_path: Path)
     assert out.stdout.strip().endswith("demo-sd_1_5.safetensors")
     assert (tmp_path / "home" / "output" / "demo-sd_1_5.safetensors").is_file()
     assert "gemm_4bit" not in out.stderr and "requires torchvision" not in out.stderr
+
+
+def test_optimizer_args_comment_logging_and_restarts_take_effect_in_a_cli_training(
+    demo: Path, tmp_path: Path
+) -> None:
+    """The issue's acceptance run: each of these keys changes what the trainer does or writes."""
+    from safetensors import safe_open
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    lines = dict(line.split(" = ", 1) for line in demo.read_text().splitlines())
+    lines.update(
+        output_dir=f'"{(tmp_path / "out").as_posix()}"',
+        optimizer_args='["weight_decay=0.01", "betas=0.9,0.99", "eps=1e-8"]',
+        training_comment='"made by the CLI test"',
+        logging_dir=f'"{(tmp_path / "logs").as_posix()}"',
+        lr_scheduler='"cosine_with_restarts"',
+        lr_scheduler_num_cycles="2",
+        max_train_steps="8",
+        save_state_on_train_end="true",
+    )
+    config = tmp_path / "cfg.toml"
+    config.write_text("".join(f"{key} = {value}\n" for key, value in lines.items()))
+    out = cli("train", "--config", str(config))
+    assert out.returncode == 0, out.stderr
+    lora = tmp_path / "out" / "demo-sd_1_5.safetensors"
+    with safe_open(str(lora), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["ss_training_comment"] == "made by the CLI test"
+    import torch
+
+    [state] = (tmp_path / "out" / "demo-sd_1_5-state").glob("state-*")
+    groups = torch.load(state / "optimizer.pt", weights_only=True)["param_groups"]
+    assert all(g["betas"] == (0.9, 0.99) and g["weight_decay"] == 0.01 and g["eps"] == 1e-8 for g in groups)
+    [run_dir] = (tmp_path / "logs").iterdir()
+    accumulator = EventAccumulator(str(run_dir / "network_train"))
+    accumulator.Reload()
+    unet_lrs = [e.value for e in accumulator.Scalars("lr/unet")]
+    assert len(unet_lrs) == 8 and len(accumulator.Scalars("loss/current")) == 8
+    # two cosine cycles of 4 steps: the rate falls, restarts at full strength after step 4, falls again
+    assert unet_lrs[2] < 0.5e-3 and unet_lrs[3] == pytest.approx(1e-3) and unet_lrs[6] < 0.5e-3
+
+
+def test_a_setting_the_optimizer_rejects_fails_format_and_training_before_the_model_loads(
+    demo: Path, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(demo.read_text() + 'optimizer_args = ["betas=0.9"]\n')
+    line = len(demo.read_text().splitlines()) + 1
+    formatted = cli("config", "format", str(bad), "--fm-type", "sd_1_5")
+    assert formatted.returncode == 2 and f"line {line}" in formatted.stderr
+    assert "AdamW rejected its settings" in formatted.stderr
+    trained = cli("train", "--config", str(bad))
+    assert trained.returncode == 2 and "AdamW rejected its settings" in trained.stderr
+    assert "loading" not in trained.stderr  # refused before the checkpoint was read

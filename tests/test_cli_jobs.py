@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from kohya_backend.assets.demo import prepare_demo
+from server_support import stranger
 
 CONFIG = """\
 tokenizer_cache_dir = "{tokenizer}"
@@ -38,10 +37,8 @@ def _cli(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
 
 
 @pytest.fixture
-def home(tmp_path: Path) -> Path:
-    root = tmp_path / "home"
-    prepare_demo(root, fm_type="sd_1_5", steps=2)
-    return root
+def home(demo_home: Path) -> Path:
+    return demo_home
 
 
 def _submit(home: Path, tmp_path: Path, name: str) -> str:
@@ -107,10 +104,17 @@ def test_serve_answers_and_refuses_an_open_network_api(tmp_path: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    wildcard = subprocess.run(
+        [sys.executable, "-m", "kohya_backend", "serve", "--allowed-hosts", "*", "--home", str(tmp_path / "h")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert wildcard.returncode == 2 and "--allowed-hosts '*' without a token" in wildcard.stderr
+    assert "DNS rebinding" in wildcard.stderr and not (tmp_path / "h").exists()
+    errors = tmp_path / "serve.err"
     proc = subprocess.Popen(
         [sys.executable, "-m", "kohya_backend", "serve", "--port", str(port), "--home", str(tmp_path / "h"),
-         "--token", "t0k"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+         "--token", "t0k", "--forwarded-allow-ips", "127.0.0.2"],
+        stdout=subprocess.PIPE, stderr=errors.open("w"), text=True,
     )  # fmt: skip
     try:
         assert proc.stdout is not None
@@ -125,7 +129,13 @@ def test_serve_answers_and_refuses_an_open_network_api(tmp_path: Path) -> None:
                 assert time.monotonic() < deadline, "serve did not answer"
                 time.sleep(0.2)
         assert answer.status_code == 200 and answer.json()["total"] == 0
-        assert httpx.get(f"{base}/trainings").status_code == 401
+        # X-Forwarded-For names the client only when the proxy named by --forwarded-allow-ips sends it.
+        assert httpx.get(f"{base}/trainings", headers={"X-Forwarded-For": "10.9.9.1"}).status_code == 401
+        with stranger("127.0.0.2") as proxy:
+            assert proxy.get(f"{base}/trainings", headers={"X-Forwarded-For": "10.9.9.2"}).status_code == 401
     finally:
         proc.terminate()
         proc.wait(30)
+    logged = errors.read_text(encoding="utf-8")
+    assert "failed API token from 127.0.0.1 " in logged and "failed API token from 10.9.9.2 " in logged
+    assert "10.9.9.1" not in logged and "from 127.0.0.2" not in logged

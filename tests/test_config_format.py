@@ -100,7 +100,7 @@ def test_format_config_returns_toml_config_and_warnings() -> None:
     assert [w.key for w in result.warnings] == ["xformers", "lr_scheduler_num_cycles"]
     data = tomlkit.parse(result.toml).unwrap()
     assert data["lr_scheduler_num_cycles"] == 2 and "lr_restart_cycles" not in data
-    assert result.config["lr_scheduler_num_cycles"] == 2
+    assert result.config.lr_scheduler_num_cycles == 2
     formatted_again = format_config(result.toml, "sd_1_5", require_paths=False)
     assert formatted_again.toml == result.toml
     assert [w.key for w in formatted_again.warnings] == ["xformers"]
@@ -127,15 +127,24 @@ def test_reference_lists_every_key_with_its_details() -> None:
     by_key = {row[0].strip("`"): row for row in rows}
     assert set(SCHEMA) <= set(by_key) and set(UNSUPPORTED) <= set(by_key) and set(ALIASES) <= set(by_key)
     assert len(rows) == len(SCHEMA) + len(UNSUPPORTED) + len(ALIASES)
-    for key in SCHEMA:
-        assert len(by_key[key]) == 5, key
+    for key, spec in SCHEMA.items():
+        assert len(by_key[key]) == 6, key
+        status = by_key[key][5]
+        kind = spec.effect.kind
+        assert status.startswith(
+            {"used": "implemented", "compat": "accepted, no effect", "fixed": "only"}[kind]
+        )
+    assert by_key["xformers"][5].endswith('warns: "xformers is accepted for kohya compatibility, but this trainer '
+                                          'always uses PyTorch scaled-dot-product attention"')  # fmt: skip
     assert by_key["resolution"][2] == '`"512,512"` / `"1024,1024"`'
     assert by_key["no_half_vae"][2] == "`false` / `true`"
-    assert by_key["network_dim"][2] == "`4`" and by_key["network_dim"][3] == "≥ 1, ≤ 1024"
+    assert by_key["network_dim"][2] == "`4`" and by_key["network_dim"][3] == "≥ 1"
     assert by_key["learning_rate"][3] == "> 0"
     assert "`AdamW8bit`" in by_key["optimizer_type"][3]
     assert by_key["max_token_length"][3] == "`75`, `150`, `225`"
-    assert by_key["network_args"][3].startswith("`conv_dim=`, `conv_alpha=` (networks.lora)")
+    assert by_key["network_args"][3].startswith(
+        "`conv_dim=`, `conv_alpha=`, `rank_dropout=`, `module_dropout=` (networks.lora)"
+    )
     assert "a class path" in by_key["optimizer_type"][3]
     assert by_key["seed"][2] == "unset"
     assert by_key["full_fp16"][1].startswith("pure half-precision")

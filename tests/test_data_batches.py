@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from kohya_backend.assets.dataset import write_demo_dataset
-from kohya_backend.data.batches import TrainItem, build_items, epoch_batches, item_repeats, reg_repeats
+from kohya_backend.data.batches import (
+    TrainItem,
+    build_items,
+    epoch_batches,
+    item_repeats,
+    process_rounds,
+    reg_repeats,
+)
 from kohya_backend.data.buckets import BucketAssigner
 from kohya_backend.data.scan import DatasetScan, scan_dataset
 from kohya_backend.errors import ConfigError, DatasetError
@@ -95,3 +102,51 @@ def test_unbucketable_images_are_all_listed(tmp_path: Path) -> None:
         build_items(scan, _assigner(no_upscale=True))
     assert caught.value.files == [str(item.path) for item in scan.subsets[0].images]
     assert "2 image(s) cannot be put in a bucket" in caught.value.message
+
+
+def test_process_rounds_give_each_process_its_batch_of_every_round() -> None:
+    # Round k: process r trains batch k*N + r, so one round is the global batch (kohya under accelerate).
+    assert process_rounds(6, 2) == [[0, 1], [2, 3], [4, 5]]
+    assert process_rounds(6, 3) == [[0, 1, 2], [3, 4, 5]]
+    assert process_rounds(4, 1) == [[0], [1], [2], [3]]  # one process: every batch once, in order
+
+
+def test_process_rounds_pad_the_last_round_from_the_start_of_the_epoch() -> None:
+    # 5 batches on 2 processes: 3 rounds each (no process runs out and leaves the others waiting); the missing
+    # batch of the last round is the epoch's first, as accelerate's even_batches pads.
+    rounds = process_rounds(5, 2)
+    assert rounds == [[0, 1], [2, 3], [4, 0]]
+    assert process_rounds(7, 4) == [[0, 1, 2, 3], [4, 5, 6, 0]]
+    assert process_rounds(1, 3) == [[0, 0, 0]]  # fewer batches than processes: all train the one batch
+    for batches, n in [(5, 2), (7, 4), (13, 3), (25, 2)]:
+        rounds = process_rounds(batches, n)
+        assert all(len(r) == n for r in rounds) and len(rounds) == math.ceil(batches / n)
+        assert set(b for r in rounds for b in r) == set(range(batches))  # every batch trains
+
+
+def test_process_rounds_go_on_from_a_resumed_position_with_any_number_of_processes() -> None:
+    # A state saved after 4 of 9 batches (by 2 processes) resumes in 1 or 3: the same 5 batches are left.
+    assert process_rounds(9, 1, start=4) == [[4], [5], [6], [7], [8]]
+    assert process_rounds(9, 3, start=4) == [[4, 5, 6], [7, 8, 0]]
+    assert process_rounds(9, 2, start=9) == []  # the epoch was done
+    with pytest.raises(ValueError, match="num_processes"):
+        process_rounds(4, 0)
+
+
+def test_uneven_buckets_give_every_process_the_same_number_of_rounds(tmp_path: Path) -> None:
+    """Buckets of 15 and 10 items at batch 2: 8 + 5 = 13 batches, one bucket each; 2 processes run 7 rounds each
+    and every batch still holds one bucket only."""
+    root = tmp_path / "train"
+    write_demo_dataset(root, folder="5_wide", count=3, size=(128, 64), seed=1)
+    write_demo_dataset(root, folder="5_tall", count=2, size=(64, 128), seed=2)
+    scan = scan_dataset(root, ".txt")
+    assigner = BucketAssigner(
+        (128, 64), enable_bucket=True, min_size=64, max_size=128, reso_steps=64, no_upscale=False
+    )
+    items = build_items(scan, assigner)
+    batches = epoch_batches(items, scan, batch_size=2, epoch=1, seed=3)
+    assert sorted(len(b) for b in batches) == [1] + [2] * 12  # 15 = 7 x 2 + 1, 10 = 5 x 2
+    rounds = process_rounds(len(batches), 2)
+    assert len(rounds) == 7 and all(len({item.bucket for item in batches[i]}) == 1 for r in rounds for i in r)
+    per_process = [[r[rank] for r in rounds] for rank in range(2)]
+    assert not set(per_process[0][:-1]) & set(per_process[1][:-1])  # no batch twice but the padding

@@ -9,19 +9,22 @@ from typing import Any
 import pytest
 
 from kohya_backend.assets.dataset import write_demo_dataset
+from kohya_backend.data.buckets import BucketAssigner
 from kohya_backend.data.plan import TrainingPlan, plan_training
 from kohya_backend.data.scan import DatasetScan, scan_dataset
 from kohya_backend.errors import ConfigError
 
 
 def _plan(scan: DatasetScan, **overrides: Any) -> TrainingPlan:
-    settings: dict[str, Any] = {
-        "resolution": (512, 512), "enable_bucket": True, "min_bucket_reso": 256, "max_bucket_reso": 1024,
-        "bucket_reso_steps": 64, "bucket_no_upscale": False, "train_batch_size": 2,
-        "gradient_accumulation_steps": 1, "max_train_steps": 1600, "max_train_epochs": None,
+    buckets: dict[str, Any] = {
+        "enable_bucket": True, "min_size": 256, "max_size": 1024, "reso_steps": 64, "no_upscale": False,
     }  # fmt: skip
-    settings.update(overrides)
-    return plan_training(scan, **settings)
+    settings: dict[str, Any] = {
+        "train_batch_size": 2, "gradient_accumulation_steps": 1, "max_train_steps": 1600, "max_train_epochs": None,
+    }  # fmt: skip
+    for key, value in overrides.items():
+        (buckets if key in buckets else settings)[key] = value
+    return plan_training(scan, BucketAssigner((512, 512), **buckets), **settings)
 
 
 @pytest.fixture
@@ -37,7 +40,7 @@ def test_eight_images_ten_repeats_batch_two(demo: DatasetScan) -> None:
     assert plan.buckets == {"512x512": 80}
     assert plan.folders == [
         {"name": "10_demo", "path": str(demo.subsets[0].path), "images": 8, "repeats": 10,
-         "class_token": "demo", "is_reg": False, "uncaptioned": 0},
+         "class_token": "demo", "is_reg": False, "uncaptioned": 0, "dataset": 0, "options": {}},
     ]  # fmt: skip
 
 
@@ -57,9 +60,8 @@ def test_buckets_count_per_bucket_batches(tmp_path: Path) -> None:
     # 512x512: 9 items -> 5 batches; 384x640: 6 items -> 3 batches (batches never mix buckets)
     assert plan.buckets == {"384x640": 6, "512x512": 9}
     assert plan.steps_per_epoch == 8
-    without = _plan(scan_dataset(tmp_path, ".txt"), enable_bucket=False, bucket_no_upscale=True)
+    without = _plan(scan_dataset(tmp_path, ".txt"), enable_bucket=False, no_upscale=True)
     assert without.buckets == {"512x512": 15} and without.steps_per_epoch == 8
-    assert any("bucket_no_upscale has no effect" in w for w in without.warnings)
 
 
 def test_reg_images_double_the_epoch_and_surplus_is_warned(tmp_path: Path) -> None:
@@ -98,3 +100,17 @@ def test_impossible_counts_are_config_errors(demo: DatasetScan) -> None:
     assert keys == {"train_batch_size", "gradient_accumulation_steps", "max_train_steps"}
     with pytest.raises(ConfigError, match="max_train_epochs"):
         _plan(demo, max_train_epochs=0)
+
+
+def test_steps_with_several_processes_count_rounds_as_kohya(demo: DatasetScan) -> None:
+    """kohya under accelerate: train_batch_size is per process and a step takes one batch on each, so steps per
+    epoch are ceil(ceil(batches / processes) / gradient_accumulation_steps); ss_num_batches_per_epoch is the
+    per-process count."""
+    plan = _plan(demo, train_batch_size=3, num_processes=2, gradient_accumulation_steps=2, max_train_epochs=2)
+    # 80 items at batch 3: 27 batches; 2 processes: 14 each; accumulation 2: 7 steps per epoch
+    assert (plan.batches_per_epoch, plan.batches_per_process, plan.steps_per_epoch) == (27, 14, 7)
+    assert (plan.epochs, plan.total_steps, plan.num_processes) == (2, 14, 2)
+    assert "Batch size 3 x 2 processes: 27 batches per epoch, 14 per process" in plan.render()
+    one = _plan(demo, train_batch_size=3, gradient_accumulation_steps=2, max_train_epochs=2)
+    assert (one.batches_per_process, one.steps_per_epoch, one.total_steps) == (27, 14, 28)
+    assert "x 1 processes" not in one.render() and plan.to_dict()["batches_per_process"] == 14

@@ -61,6 +61,25 @@ def test_the_trainers_requirements_match_the_tested_pins() -> None:
         assert ui_only not in trainer  # the trainer's environment holds the trainer only
 
 
+def test_the_sdist_only_pins_are_pure_python_and_reach_every_trainer_environment() -> None:
+    """requirements-trainer-sdist.txt is the one place a pin may lack a wheel: only pure-Python packages (they
+    build without a compiler), installed with either Python's pins, and tested in the dev environment."""
+    import importlib.metadata
+
+    sdist = read_requirements(REPO / "requirements-trainer-sdist.txt")
+    tested = _pins(REPO / "requirements.txt")
+    assert sdist, "an empty file: remove it and its mentions instead"
+    spec = env_spec(None, platform="linux", environ={})
+    for line in sdist:
+        name, _, version = line.partition("==")
+        assert version and tested[requirement_name(line)] == version  # the version the suite tests
+        wheel = importlib.metadata.distribution(name).read_text("WHEEL") or ""
+        assert "Root-Is-Purelib: true" in wheel, f"{name} builds native code: it cannot stay sdist-only"
+        assert line in spec.pins((3, 10)) and line in spec.pins((3, 11))
+        for other in ("requirements-trainer.txt", "requirements-trainer-py310.txt"):
+            assert requirement_name(line) not in _pins(REPO / other)  # in one file only
+
+
 # The only pins the Python 3.10 set may hold differently: their newest releases need Python 3.11.
 PY310_OWN = {"diffusers", "transformers", "huggingface-hub"}
 

@@ -6,7 +6,7 @@ import errno
 import json
 import os
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 import pytest
@@ -91,6 +91,27 @@ def test_deliver_copies_lora_sidecar_and_newest_sample(tmp_path: Path) -> None:
         "mydog.preview.png",
         "mydog.safetensors",
     ]
+
+
+def test_delivery_works_where_folders_cannot_be_opened_as_on_windows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows refuses os.open on a folder (PermissionError): the LoRA is still delivered, only the folder's fsync
+    is skipped."""
+    job = _job(tmp_path)
+    data = _write_lora(job.folder / "output" / "mydog.safetensors")
+    real_open = os.open
+    refused: list[str] = []
+
+    def windows_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if Path(path).is_dir():
+            refused.append(str(path))
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", windows_open)
+    paths = deliver(job, tmp_path / "Lora")
+    assert refused and paths[0].read_bytes() == data
 
 
 def test_sdxl_job_and_no_sample(tmp_path: Path) -> None:

@@ -20,7 +20,6 @@ import tomlkit
 from jobs_support import config_without_name, statuses
 
 import kohya_backend
-from kohya_backend.assets.demo import prepare_demo
 from kohya_backend.jobs.progress import log_tail
 from kohya_backend.jobs.runner import LocalRunner
 from kohya_backend.jobs.scheduler import Scheduler
@@ -28,19 +27,6 @@ from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import Job, JobStore
 
 S = JobStatus
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The demo config (tiny SD 1.5 model, 8 captioned images), generated once for this file."""
-    return prepare_demo(tmp_path_factory.mktemp("demo"), fm_type="sd_1_5", steps=6).read_text(
-        encoding="utf-8"
-    )
-
-
-def _scheduler(home: Path, **kwargs: object) -> Scheduler:
-    kwargs.setdefault("devices", {"cpu": 1})
-    return Scheduler(JobStore(home), [LocalRunner()], **kwargs)  # type: ignore[arg-type]
 
 
 def _submit(sched: Scheduler, name: str, config: str) -> Job:
@@ -72,9 +58,11 @@ def _step_events(job: Job) -> list[dict]:
     return [e for e in map(json.loads, lines) if e["kind"] == "step"]
 
 
-def test_kill_9_mid_run_fails_within_seconds_with_the_log_tail(tmp_path: Path, demo: str) -> None:
-    sched = _scheduler(tmp_path / "home")
-    job = _submit(sched, "killed", config_without_name(demo, max_train_steps=500))
+def test_kill_9_mid_run_fails_within_seconds_with_the_log_tail(
+    tmp_path: Path, demo_config: str, make_scheduler: Callable[..., Scheduler]
+) -> None:
+    sched = make_scheduler(tmp_path / "home")
+    job = _submit(sched, "killed", config_without_name(demo_config, max_train_steps=500))
     _until(sched, lambda: sched.store.get(job.id).status is S.TRAINING)
     job = sched.store.get(job.id)
     assert job.pgid is not None
@@ -90,10 +78,12 @@ def test_kill_9_mid_run_fails_within_seconds_with_the_log_tail(tmp_path: Path, d
     assert not (job.folder / "result.json").exists()
 
 
-def test_kill_9_after_a_saved_state_is_interrupted_and_resume_finishes(tmp_path: Path, demo: str) -> None:
+def test_kill_9_after_a_saved_state_is_interrupted_and_resume_finishes(
+    tmp_path: Path, demo_config: str, make_scheduler: Callable[..., Scheduler]
+) -> None:
     lora_dir = tmp_path / "Lora"
-    sched = _scheduler(tmp_path / "home", lora_dir=lora_dir)
-    config = config_without_name(demo, max_train_steps=12, save_state=True, save_every_n_steps=2)
+    sched = make_scheduler(tmp_path / "home", lora_dir=lora_dir)
+    config = config_without_name(demo_config, max_train_steps=12, save_state=True, save_every_n_steps=2)
     job = _submit(sched, "resumed", config)
     _until(sched, lambda: bool(sched.store.get(job.id).progress.get("state")))
     os.killpg(sched.store.get(job.id).pgid or 0, signal.SIGKILL)
@@ -137,10 +127,12 @@ os._exit(0)  # the WebUI dies here: no cleanup, the trainer is left running
 """
 
 
-def test_restarted_host_reattaches_to_the_running_trainer(tmp_path: Path, demo: str) -> None:
+def test_restarted_host_reattaches_to_the_running_trainer(
+    tmp_path: Path, demo_config: str, make_scheduler: Callable[..., Scheduler]
+) -> None:
     home = tmp_path / "home"
     store = JobStore(home)
-    job = _submit(_scheduler(home), "survivor", config_without_name(demo, max_train_steps=14))
+    job = _submit(make_scheduler(home), "survivor", config_without_name(demo_config, max_train_steps=14))
     env = {**os.environ, "PYTHONPATH": str(Path(kohya_backend.__file__).resolve().parent.parent)}
     subprocess.run([sys.executable, "-c", _HOST, str(home), job.id], env=env, check=True, timeout=150)
     job = store.get(job.id)
@@ -149,7 +141,7 @@ def test_restarted_host_reattaches_to_the_running_trainer(tmp_path: Path, demo: 
     assert offset > 0
 
     lora_dir = tmp_path / "Lora"
-    sched = _scheduler(home, lora_dir=lora_dir)
+    sched = make_scheduler(home, lora_dir=lora_dir)
     sched.tick()
     assert sched.running()[job.id].pid == job.pid  # re-attached, not restarted
     _until(sched, lambda: store.get(job.id).status.is_terminal)
@@ -161,9 +153,11 @@ def test_restarted_host_reattaches_to_the_running_trainer(tmp_path: Path, demo: 
     assert (lora_dir / "survivor.safetensors").is_file()
 
 
-def test_cancel_during_loading_during_training_and_after_the_grace_period(tmp_path: Path, demo: str) -> None:
-    sched = _scheduler(tmp_path / "home", devices={"cpu": 2})
-    config = config_without_name(demo, max_train_steps=500)
+def test_cancel_during_loading_during_training_and_after_the_grace_period(
+    tmp_path: Path, demo_config: str, make_scheduler: Callable[..., Scheduler]
+) -> None:
+    sched = make_scheduler(tmp_path / "home", devices={"cpu": 2})
+    config = config_without_name(demo_config, max_train_steps=500)
     loading = _submit(sched, "loading", config)
     training = _submit(sched, "training", config)
     # A third trainer, driven by the runner alone, that ignores SIGTERM long enough to need SIGKILL.
@@ -216,8 +210,10 @@ def test_cancel_during_loading_during_training_and_after_the_grace_period(tmp_pa
     assert not (other.folder / "result.json").exists()
 
 
-def test_200_queued_jobs_start_in_fifo_order_one_at_a_time(tmp_path: Path) -> None:
-    sched = _scheduler(tmp_path / "home", cancel_grace_s=5)
+def test_200_queued_jobs_start_in_fifo_order_one_at_a_time(
+    tmp_path: Path, make_scheduler: Callable[..., Scheduler]
+) -> None:
+    sched = make_scheduler(tmp_path / "home", cancel_grace_s=5)
     ids = [_submit(sched, f"job{i:03d}", "").id for i in range(200)]
     started: list[str] = []
     deadline = time.monotonic() + 100
@@ -257,10 +253,14 @@ def _freeze_when_final_lora_is_written(job: Job, timeout: float = 90) -> int:
 
 
 @pytest.mark.parametrize("trainer_answers", [True, False], ids=["finishes", "killed_after_grace"])
-def test_cancel_during_saving(tmp_path: Path, demo: str, trainer_answers: bool) -> None:
+def test_cancel_during_saving(
+    tmp_path: Path, demo_config: str, trainer_answers: bool, make_scheduler: Callable[..., Scheduler]
+) -> None:
     lora_dir = tmp_path / "Lora"
-    sched = _scheduler(tmp_path / "home", lora_dir=lora_dir, cancel_grace_s=60 if trainer_answers else 0.5)
-    job = _submit(sched, "saving", config_without_name(demo, max_train_steps=4, save_state=True))
+    sched = make_scheduler(
+        tmp_path / "home", lora_dir=lora_dir, cancel_grace_s=60 if trainer_answers else 0.5
+    )
+    job = _submit(sched, "saving", config_without_name(demo_config, max_train_steps=4, save_state=True))
     _until(sched, lambda: (sched.store.get(job.id).folder / "run.json").exists())
     pgid = _freeze_when_final_lora_is_written(job)
     try:

@@ -18,7 +18,6 @@ from jobs_support import config_without_name, statuses
 from safetensors.numpy import save_file
 
 import kohya_backend
-from kohya_backend.assets.demo import prepare_demo
 from kohya_backend.errors import ConfigError, TrainManagementError
 from kohya_backend.jobs.progress import EventTail, log_tail, summarize
 from kohya_backend.jobs.runner import RUN_NAME, LocalRunner, RunStatus, trainer_env
@@ -33,21 +32,6 @@ from kohya_backend.jobs.states import InvalidTransition, JobStatus
 from kohya_backend.jobs.store import Job, JobStore
 
 S = JobStatus
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The demo config (tiny SD 1.5 model, 8 captioned images), generated once for this file."""
-    home = tmp_path_factory.mktemp("demo")
-    config = prepare_demo(home, fm_type="sd_1_5", steps=6)
-    (home / "prompts.txt").write_text("a demo picture --w 64 --h 64 --s 2 --d 1\n", encoding="utf-8")
-    return config.read_text(encoding="utf-8")
-
-
-def _scheduler(tmp_path: Path, **kwargs: object) -> Scheduler:
-    kwargs.setdefault("devices", {"cpu": 1})
-    kwargs.setdefault("poll_interval_s", 0.1)
-    return Scheduler(JobStore(tmp_path / "home"), [LocalRunner()], **kwargs)  # type: ignore[arg-type]
 
 
 def _submit(sched: Scheduler, name: str, config: str, **params: object) -> Job:
@@ -77,10 +61,12 @@ def _until(sched: Scheduler, done: Callable[[], bool], *, timeout: float = 90, t
 # -- with the real trainer ----------------------------------------------------------------------------------
 
 
-def test_job_trains_in_the_background_and_is_delivered(tmp_path: Path, demo: str) -> None:
-    home = Path(tomlkit.parse(demo)["train_data_dir"]).parent.parent
+def test_job_trains_in_the_background_and_is_delivered(
+    tmp_path: Path, demo_config: str, make_scheduler: Callable[..., Scheduler]
+) -> None:
+    home = Path(tomlkit.parse(demo_config)["train_data_dir"]).parent.parent
     config = config_without_name(
-        demo,
+        demo_config,
         max_train_steps=6,
         save_every_n_steps=3,
         sample_prompts=str(home / "prompts.txt"),
@@ -88,8 +74,11 @@ def test_job_trains_in_the_background_and_is_delivered(tmp_path: Path, demo: str
     )
     delivered: list[tuple[str, list[Path]]] = []
     lora_dir = tmp_path / "Lora"
-    sched = _scheduler(
-        tmp_path, lora_dir=lora_dir, keep_epochs=True, on_delivered=lambda j, p: delivered.append((j.id, p))
+    sched = make_scheduler(
+        tmp_path / "home",
+        lora_dir=lora_dir,
+        keep_epochs=True,
+        on_delivered=lambda j, p: delivered.append((j.id, p)),
     )
     job = _submit(sched, "dog", config)
     assert 'output_name = "dog"' in job.config_toml  # the job's name is written into its config
@@ -136,10 +125,10 @@ def test_job_trains_in_the_background_and_is_delivered(tmp_path: Path, demo: str
 
 
 def test_user_errors_fail_with_the_trainers_message_and_devices_limit_concurrency(
-    tmp_path: Path, demo: str
+    tmp_path: Path, demo_config: str, make_scheduler: Callable[..., Scheduler]
 ) -> None:
-    bad = config_without_name(demo, not_a_kohya_key=1)
-    sched = _scheduler(tmp_path, devices={"cpu": 1, "cuda:0": 1})
+    bad = config_without_name(demo_config, not_a_kohya_key=1)
+    sched = make_scheduler(tmp_path / "home", devices={"cpu": 1, "cuda:0": 1})
     first = _submit(sched, "a", bad, device="cpu")
     second = _submit(sched, "b", bad, device="cpu")
     third = _submit(sched, "c", bad)
@@ -171,8 +160,10 @@ def test_user_errors_fail_with_the_trainers_message_and_devices_limit_concurrenc
 # -- commands -----------------------------------------------------------------------------------------------
 
 
-def test_submit_refuses_duplicates_and_bad_input(tmp_path: Path) -> None:
-    sched = _scheduler(tmp_path)
+def test_submit_refuses_duplicates_and_bad_input(
+    tmp_path: Path, make_scheduler: Callable[..., Scheduler]
+) -> None:
+    sched = make_scheduler(tmp_path / "home")
     job = _submit(sched, "dog", "network_dim = 8\n")
     assert tomlkit.parse(job.config_toml)["output_name"] == "dog"
     sched.cancel(job.id)
@@ -199,8 +190,10 @@ def test_submit_refuses_duplicates_and_bad_input(tmp_path: Path) -> None:
     assert sched.store.list()[1] == 1
 
 
-def test_cancel_and_resume_follow_the_state_machine(tmp_path: Path) -> None:
-    sched = _scheduler(tmp_path)
+def test_cancel_and_resume_follow_the_state_machine(
+    tmp_path: Path, make_scheduler: Callable[..., Scheduler]
+) -> None:
+    sched = make_scheduler(tmp_path / "home")
     job = _submit(sched, "dog", "")
     cancelled = sched.cancel(job.id)
     assert cancelled.status is S.CANCELLED and cancelled.pid is None
@@ -214,10 +207,10 @@ def test_cancel_and_resume_follow_the_state_machine(tmp_path: Path) -> None:
     assert statuses(sched.store, job.id) == [S.QUEUED, S.CANCELLED, S.QUEUED]
 
 
-def test_one_scheduler_per_home(tmp_path: Path) -> None:
-    first = _scheduler(tmp_path)
+def test_one_scheduler_per_home(tmp_path: Path, make_scheduler: Callable[..., Scheduler]) -> None:
+    first = make_scheduler(tmp_path / "home")
     first.tick()
-    second = _scheduler(tmp_path)
+    second = make_scheduler(tmp_path / "home")
     with pytest.raises(SchedulerBusy, match=f"process {os.getpid()}"):
         second.tick()
     job = _submit(second, "dog", "")  # commands still work: they only touch the store
@@ -247,9 +240,11 @@ def _dead_process_run(job: Job, store: JobStore) -> None:
     store.set_process(job.id, proc.pid, proc.pid)
 
 
-def test_recovery_settles_jobs_whose_trainer_is_gone(tmp_path: Path) -> None:
+def test_recovery_settles_jobs_whose_trainer_is_gone(
+    tmp_path: Path, make_scheduler: Callable[..., Scheduler]
+) -> None:
     store = JobStore(tmp_path / "home")
-    sched = _scheduler(tmp_path, lora_dir=tmp_path / "Lora")
+    sched = make_scheduler(tmp_path / "home", lora_dir=tmp_path / "Lora")
     never_started = _submit(sched, "a", "")
     store.transition(never_started.id, S.PREPARING, "test: claimed")
     vanished = _submit(sched, "b", "")
@@ -262,7 +257,7 @@ def test_recovery_settles_jobs_whose_trainer_is_gone(tmp_path: Path) -> None:
     )
     (vanished.folder / "train.log").write_text("loading model\nstep 3/10\n", encoding="utf-8")
 
-    restarted = _scheduler(tmp_path, lora_dir=tmp_path / "Lora")
+    restarted = make_scheduler(tmp_path / "home", lora_dir=tmp_path / "Lora")
     restarted.tick()
 
     assert store.get(never_started.id).status is S.INTERRUPTED
@@ -276,8 +271,10 @@ def test_recovery_settles_jobs_whose_trainer_is_gone(tmp_path: Path) -> None:
     assert restarted.running() == {}
 
 
-def test_a_failed_start_fails_the_job_and_leaves_no_trainer(tmp_path: Path) -> None:
-    sched = _scheduler(tmp_path)
+def test_a_failed_start_fails_the_job_and_leaves_no_trainer(
+    tmp_path: Path, make_scheduler: Callable[..., Scheduler]
+) -> None:
+    sched = make_scheduler(tmp_path / "home")
     job = _submit(sched, "dog", "")
     (job.folder / RUN_NAME).mkdir()  # run.json cannot be written: the start fails after the spawn
     sched.tick()
@@ -289,8 +286,10 @@ def test_a_failed_start_fails_the_job_and_leaves_no_trainer(tmp_path: Path) -> N
     assert [p for p in leftovers if p.status() != psutil.STATUS_ZOMBIE] == []
 
 
-def test_attach_never_adopts_another_process(tmp_path: Path) -> None:
-    sched = _scheduler(tmp_path)
+def test_attach_never_adopts_another_process(
+    tmp_path: Path, make_scheduler: Callable[..., Scheduler]
+) -> None:
+    sched = make_scheduler(tmp_path / "home")
     job = _submit(sched, "dog", "")
     runner = LocalRunner()
     assert runner.attach(job) is None  # no run.json

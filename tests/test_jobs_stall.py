@@ -15,26 +15,16 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pytest
 from jobs_support import config_without_name
 
-from kohya_backend.assets.demo import prepare_demo
 from kohya_backend.jobs.progress import log_tail
-from kohya_backend.jobs.runner import LocalRunner
 from kohya_backend.jobs.scheduler import Scheduler
 from kohya_backend.jobs.states import JobStatus
-from kohya_backend.jobs.store import Job, JobStore
+from kohya_backend.jobs.store import Job
 from kohya_backend.service.training import job_summary
 
 S = JobStatus
 STALL_S = 1.5
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return prepare_demo(tmp_path_factory.mktemp("demo"), fm_type="sd_1_5", steps=6).read_text(
-        encoding="utf-8"
-    )
 
 
 def _until(sched: Scheduler, done: Callable[[], bool], *, timeout: float = 90) -> None:
@@ -72,13 +62,6 @@ def _frozen_when(job: Job, kind: str, timeout: float = 90) -> Iterator[int]:
             os.killpg(pgid, signal.SIGCONT)
 
 
-def _scheduler(home: Path) -> Scheduler:
-    # A grace period far longer than any wait below: a cancel that used it would time out.
-    return Scheduler(
-        JobStore(home), [LocalRunner()], devices={"cpu": 1}, stall_after_s=STALL_S, cancel_grace_s=600
-    )
-
-
 def _submit(sched: Scheduler, demo: str, name: str) -> Job:
     config = config_without_name(demo, max_train_steps=400, sample_every_n_steps=0)
     return sched.submit(
@@ -88,12 +71,14 @@ def _submit(sched: Scheduler, demo: str, name: str) -> Job:
 
 
 def test_a_frozen_training_is_shown_stalled_until_it_reports_and_a_cancel_stops_it_at_once(
-    tmp_path: Path, demo: str
+    tmp_path: Path, demo_config: str, make_scheduler: Callable[..., Scheduler]
 ) -> None:
     """One trainer through every case (a trainer run is the expensive part): frozen while loading, frozen after a
-    step and thawed, frozen again and cancelled."""
-    sched = _scheduler(tmp_path / "home")
-    job = _submit(sched, demo, "frozen")
+    step and thawed, frozen across a restart of its host and thawed, frozen again and cancelled."""
+    # A grace period far longer than any wait below: a cancel that used it would time out.
+    settings = {"stall_after_s": STALL_S, "cancel_grace_s": 600, "poll_interval_s": 1.0}
+    sched = make_scheduler(tmp_path / "home", **settings)
+    job = _submit(sched, demo_config, "frozen")
     _until(sched, lambda: (job.folder / "run.json").exists())
     with _frozen_when(job, "start"):  # the trainer's first event: it is loading the model
         began = time.monotonic()
@@ -110,6 +95,19 @@ def test_a_frozen_training_is_shown_stalled_until_it_reports_and_a_cancel_stops_
         os.killpg(pgid, signal.SIGCONT)  # it goes on: the next step clears the mark
         _until(sched, lambda: job_summary(sched.store.get(job.id))["stalled"] is None)
         assert sched.store.get(job.id).status is S.TRAINING
+
+        # Stalled when the host restarts: the mark is stored, the new scheduler re-attaches, and the trainer's
+        # next report clears the stored mark too (else Cancel would kill the healthy trainer at once).
+        os.killpg(pgid, signal.SIGSTOP)
+        _until(sched, lambda: bool(job_summary(sched.store.get(job.id))["stalled"]))
+        sched.stop()
+        sched = make_scheduler(tmp_path / "home", **settings)
+        sched.tick()  # re-attached to the frozen trainer, the stored mark kept
+        assert job_summary(sched.store.get(job.id))["stalled"]
+        os.killpg(pgid, signal.SIGCONT)
+        _until(sched, lambda: job_summary(sched.store.get(job.id))["stalled"] is None)
+        thawed = sched.store.get(job.id)  # cleared by its next report, not by its end
+        assert thawed.status is S.TRAINING and not thawed.progress.get("stalled")
 
         os.killpg(pgid, signal.SIGSTOP)
         _until(sched, lambda: bool(job_summary(sched.store.get(job.id))["stalled"]))

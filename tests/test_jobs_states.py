@@ -1,11 +1,21 @@
-"""The job state machine: its one transition table, checks and error messages."""
+"""The job state machine: the shape of its one transition table (every state reachable, every state can still
+end completed), its error messages, and property tests of the store's transitions: any sequence of requested
+changes, applied to a real JobStore, keeps exactly the allowed ones, records each, and leaves a refused one without
+a trace."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import shutil
+import tempfile
 from collections import deque
+from pathlib import Path
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs import (
@@ -15,10 +25,9 @@ from kohya_backend.jobs import (
     JobStatus,
     check_transition,
 )
+from kohya_backend.jobs.store import JobStore
 
 S = JobStatus
-ALLOWED_PAIRS = [(old, new) for old, targets in ALLOWED_TRANSITIONS.items() for new in sorted(targets)]
-FORBIDDEN_PAIRS = [(old, new) for old in S for new in S if new not in ALLOWED_TRANSITIONS[old]]
 
 
 def _reachable(start: JobStatus) -> set[JobStatus]:
@@ -58,14 +67,6 @@ def test_table_covers_every_status_and_has_no_self_loops() -> None:
         assert ALLOWED_TRANSITIONS[status] == {S.QUEUED}
 
 
-def test_table_matches_the_design() -> None:
-    assert ALLOWED_TRANSITIONS[S.QUEUED] == {S.PREPARING, S.CANCELLING, S.CANCELLED, S.FAILED}
-    assert ALLOWED_TRANSITIONS[S.PREPARING] == {S.TRAINING, S.FAILED, S.CANCELLING, S.INTERRUPTED}
-    assert ALLOWED_TRANSITIONS[S.TRAINING] == {S.SAVING, S.FAILED, S.CANCELLING, S.INTERRUPTED}
-    assert ALLOWED_TRANSITIONS[S.SAVING] == {S.COMPLETED, S.TRAINING, S.FAILED, S.CANCELLING, S.INTERRUPTED}
-    assert ALLOWED_TRANSITIONS[S.CANCELLING] == {S.CANCELLED, S.COMPLETED, S.FAILED, S.INTERRUPTED}
-
-
 def test_every_state_is_reachable_from_submission() -> None:
     assert INITIAL_STATUS is S.QUEUED
     assert _reachable(INITIAL_STATUS) == set(S)
@@ -81,34 +82,6 @@ def test_table_is_read_only() -> None:
         ALLOWED_TRANSITIONS[S.COMPLETED] = frozenset({S.QUEUED})  # type: ignore[index]
 
 
-@pytest.mark.parametrize(("old", "new"), ALLOWED_PAIRS, ids=lambda s: s.value)
-def test_allowed_transition_passes(old: JobStatus, new: JobStatus) -> None:
-    check_transition("20261125-153012-ab12cd", old, new)
-
-
-@pytest.mark.parametrize(("old", "new"), FORBIDDEN_PAIRS, ids=lambda s: s.value)
-def test_forbidden_transition_raises_with_job_from_to_and_allowed(old: JobStatus, new: JobStatus) -> None:
-    with pytest.raises(InvalidTransition) as info:
-        check_transition("20261125-153012-ab12cd", old, new)
-    err = info.value
-    assert isinstance(err, TrainManagementError)
-    assert (err.job_id, err.current, err.new) == ("20261125-153012-ab12cd", old, new)
-    assert err.allowed == ALLOWED_TRANSITIONS[old]
-    text = str(err)
-    assert "20261125-153012-ab12cd" in text and f"'{old.value}'" in text and f"'{new.value}'" in text
-    for target in ALLOWED_TRANSITIONS[old]:
-        assert target.value in text
-    assert err.hint
-
-
-def test_allowed_and_forbidden_pairs_partition_all_pairs() -> None:
-    # The table is small; every pair outside it is checked above, which includes these classics.
-    assert (S.COMPLETED, S.QUEUED) in FORBIDDEN_PAIRS
-    assert (S.QUEUED, S.TRAINING) in FORBIDDEN_PAIRS
-    assert (S.CANCELLED, S.TRAINING) in FORBIDDEN_PAIRS
-    assert len(FORBIDDEN_PAIRS) + len(ALLOWED_PAIRS) == len(S) ** 2
-
-
 def test_completed_hint_says_submit_again_and_failed_says_resume() -> None:
     with pytest.raises(InvalidTransition, match="submit a new job"):
         check_transition("20261125-153012-ab12cd", S.COMPLETED, S.QUEUED)
@@ -122,3 +95,96 @@ def test_expect_mismatch_fails_even_when_the_edge_exists() -> None:
         check_transition("20261125-153012-ab12cd", S.PREPARING, S.FAILED, frozenset({S.QUEUED}))
     assert info.value.expected == {S.QUEUED}
     assert "another request changed the job first" in str(info.value)
+
+
+def test_forbidden_transition_names_the_job_both_states_and_what_is_allowed() -> None:
+    with pytest.raises(InvalidTransition) as info:
+        check_transition("20261125-153012-ab12cd", S.QUEUED, S.TRAINING)
+    err = info.value
+    assert isinstance(err, TrainManagementError) and err.http_status == 409
+    assert (err.job_id, err.current, err.new, err.allowed) == (
+        "20261125-153012-ab12cd",
+        S.QUEUED,
+        S.TRAINING,
+        ALLOWED_TRANSITIONS[S.QUEUED],
+    )
+    assert "'queued'" in str(err) and "'training'" in str(err) and "cancelling, failed, preparing" in str(err)
+
+
+class StoreTransitions(RuleBasedStateMachine):
+    """Random status requests against a real JobStore, checked against the table after every step."""
+
+    jobs = Bundle("jobs")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.folder = Path(tempfile.mkdtemp(prefix="tm-states-"))
+        self.store = JobStore(self.folder)
+        self.status: dict[str, JobStatus] = {}
+        self.moves: dict[str, int] = {}
+
+    def teardown(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    @rule(target=jobs)
+    def submit(self) -> str:
+        job = self.store.create(
+            fm_type="sd_1_5",
+            model="m.safetensors",
+            dataset="d",
+            instance_type="local",
+            output_name=f"lora-{len(self.status)}",
+            config_toml="",
+            params={},
+        )
+        assert job.status is INITIAL_STATUS
+        self.status[job.id], self.moves[job.id] = INITIAL_STATUS, 0
+        return job.id
+
+    @rule(
+        job_id=jobs,
+        new=st.sampled_from(list(S)),
+        expect=st.none() | st.frozensets(st.sampled_from(list(S)), min_size=1),
+        reason=st.text(min_size=1, max_size=20),
+    )
+    def request(self, job_id: str, new: JobStatus, expect: frozenset[JobStatus] | None, reason: str) -> None:
+        current = self.status[job_id]
+        before = self.store.get(job_id)
+        allowed = new in ALLOWED_TRANSITIONS[current] and (expect is None or current in expect)
+        if allowed:
+            job = self.store.transition(job_id, new, reason, expect=expect)
+            assert (job.status, job.reason) == (new, reason) and job.updated_at >= before.updated_at
+            if new is S.QUEUED:  # resumed: the previous run's process is forgotten
+                assert job.pid is None and job.pgid is None
+            self.status[job_id] = new
+            self.moves[job_id] += 1
+        else:
+            with pytest.raises(InvalidTransition) as info:
+                self.store.transition(job_id, new, reason, expect=expect)
+            assert (info.value.current, info.value.new) == (current, new)
+            after = self.store.get(job_id)
+            assert (after.status, after.reason, after.updated_at) == (
+                before.status,
+                before.reason,
+                before.updated_at,
+            )
+
+    @rule(job_id=jobs, pid=st.integers(min_value=2, max_value=2**22))
+    def start_process(self, job_id: str, pid: int) -> None:
+        self.store.set_process(job_id, pid, pid)
+
+    @invariant()
+    def history_is_a_chain_of_allowed_moves_ending_in_the_status(self) -> None:
+        for job_id, status in self.status.items():
+            history = self.store.transitions(job_id)
+            assert len(history) == 1 + self.moves[job_id]
+            assert (history[0].from_status, history[0].to_status) == (None, INITIAL_STATUS)
+            for earlier, later in itertools.pairwise(history):
+                assert later.from_status is earlier.to_status
+                assert later.to_status in ALLOWED_TRANSITIONS[earlier.to_status]
+                assert later.at >= earlier.at
+            assert history[-1].to_status is self.store.get(job_id).status is status
+
+
+TestStoreTransitions = StoreTransitions.TestCase
+TestStoreTransitions.settings = settings(max_examples=20, stateful_step_count=20, deadline=None)

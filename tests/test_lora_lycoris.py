@@ -316,7 +316,7 @@ def test_network_args_as_the_gui_writes_them_are_accepted() -> None:
     gui = "preset=full conv_dim=8 conv_alpha=1 use_tucker=False rank_dropout=0.1 bypass_mode=False dora_wd=False "
     gui += 'module_dropout=0.1 factor=-1 use_cp=False use_scalar=False decompose_both=False algo="lokr" train_norm=False'
     config = _config(network_args=gui.split())
-    assert config.network_args["algo"] == '"lokr"'
+    assert config.network_kwargs["algo"] == '"lokr"'
     assert [w.message for w in config.warnings] == []
 
 

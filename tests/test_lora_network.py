@@ -382,3 +382,52 @@ def test_remove_restores_a_forward_patched_before():
     torch.testing.assert_close(layer(x), lora.lora_delta(x))  # the earlier patch still runs underneath
     lora.remove()
     assert layer.forward is patched
+
+
+def _trained_lora(layer: nn.Module, **kwargs: float) -> LoRAModule:
+    lora = LoRAModule("x", layer, dim=4, alpha=2.0, **kwargs)  # type: ignore[arg-type]
+    nn.init.normal_(lora.lora_up.weight)
+    lora.apply_to()
+    return lora
+
+
+def test_module_dropout_skips_the_whole_update_in_training_only() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 5)
+    lora = _trained_lora(layer, module_dropout=1.0)
+    x = torch.randn(2, 3, 6)
+    base = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    lora.train()
+    torch.testing.assert_close(layer(x), base)  # dropped: the original output alone
+    lora.eval()
+    assert not torch.allclose(layer(x), base)
+    other = nn.Linear(6, 5)
+    half = _trained_lora(other, module_dropout=0.5)
+    half.train()
+    plain = torch.nn.functional.linear(x, other.weight, other.bias)
+    torch.manual_seed(1)
+    outcomes = {bool(torch.allclose(other(x), plain)) for _ in range(40)}
+    assert outcomes == {True, False}  # some steps skip the update, some keep it
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 6), (2, 6, 4, 4)])
+def test_rank_dropout_masks_rank_channels_per_sample_and_rescales(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    layer: nn.Module = nn.Linear(6, 5) if len(shape) == 3 else nn.Conv2d(6, 5, 1)
+    lora = _trained_lora(layer, rank_dropout=0.5)
+    lora.train()
+    x = torch.randn(*shape)
+    torch.manual_seed(7)
+    delta = lora.lora_delta(x)
+    torch.manual_seed(7)
+    keep = torch.rand(shape[0], 4) > 0.5  # the draw sd-scripts makes: one mask per sample and rank channel
+    down = lora.lora_down(x)
+    if len(shape) == 3:
+        masked = down * keep.unsqueeze(1)
+        expected = lora.lora_up(masked) * (lora.scale / 0.5)
+    else:
+        masked = down * keep[:, :, None, None]
+        expected = lora.lora_up(masked) * (lora.scale / 0.5)
+    torch.testing.assert_close(delta, expected)
+    lora.eval()
+    torch.testing.assert_close(lora.lora_delta(x), lora.lora_up(down) * lora.scale)  # off outside training

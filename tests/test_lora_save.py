@@ -17,15 +17,16 @@ import pytest
 import torch
 from safetensors.torch import save as safetensors_bytes
 
+from kohya_backend.config.validate import validate_config
 from kohya_backend.errors import ConfigError, ModelError, TrainManagementError
-from kohya_backend.lora.metadata import base_model_version, network_args_dict, training_metadata
+from kohya_backend.lora.metadata import BaseModel, DatasetInfo, NetworkSettings, training_metadata
 from kohya_backend.lora.network import LoRANetwork
 from kohya_backend.lora.save import SAVE_DTYPES, load_lora, lora_hashes, save_lora
 from kohya_backend.models.arch import sd15_architecture, sdxl_architecture
 
 REPO = Path(__file__).resolve().parents[1]
 
-# every ss_* key kohya.md lists (ss_vae_name needs a separate VAE in the config)
+# every ss_* key kohya.md lists (but ss_vae_name: a separate VAE is not supported, so it is never written)
 KOHYA_SS_KEYS = [
     "ss_output_name",
     "ss_sd_model_name",
@@ -66,7 +67,6 @@ KOHYA_SS_KEYS = [
     "ss_max_token_length",
     "ss_sd_model_hash",
     "ss_new_sd_model_hash",
-    "ss_vae_name",
     "ss_noise_offset",
     "ss_min_snr_gamma",
     "ss_prior_loss_weight",
@@ -88,7 +88,6 @@ CONFIG = {
     "unet_lr": 1e-4,
     "text_encoder_lr": 1e-5,
     "optimizer_type": "AdamW8bit",
-    "optimizer_args": ["weight_decay=0.01"],
     "lr_scheduler": "cosine_with_restarts",
     "lr_warmup_steps": 0,
     "max_train_steps": 1600,
@@ -98,42 +97,48 @@ CONFIG = {
     "gradient_checkpointing": True,
     "max_grad_norm": 1.0,
     "seed": 1337,
-    "mixed_precision": "fp16",
+    "mixed_precision": "bf16",
     "network_dim": 32,
     "network_alpha": 16,
     "network_args": ["conv_dim=4", "conv_alpha=1"],
     "clip_skip": 2,
     "max_token_length": 225,
-    "vae": "/models/vae/sdxl_vae.safetensors",
     "cache_latents": True,
     "shuffle_caption": True,
     "enable_bucket": True,
     "min_bucket_reso": 256,
     "max_bucket_reso": 1024,
+    "output_name": "demo",
 }
+NETWORK = NetworkSettings(
+    dim=32, alpha=16.0, conv_dim=4, conv_alpha=1.0, given_args={"conv_dim": "4", "conv_alpha": "1"}
+)
 
 
-def sample_metadata(family: str = "sd_1_5", **overrides) -> dict[str, str]:
+def sample_metadata(family: str = "sd_1_5", config: dict | None = None, **overrides) -> dict[str, str]:
+    values = {**CONFIG, **(config or {})}
+    if family == "sd_xl":
+        values.pop("clip_skip")
     args = {
-        "config": CONFIG,
-        "family": family,
+        "config": validate_config(values, family, require_paths=False),
+        "network": NETWORK,
+        "optimizer": "bitsandbytes.optim.adamw.AdamW8bit(weight_decay=0.01)",
         "session_id": "123456",
         "started_at": 1_700_000_000.5,
         "finished_at": 1_700_000_600.25,
         "steps": 40,
         "epoch": 2,
+        "max_train_steps": 50,
+        "num_epochs": 10,
+        "num_batches_per_epoch": 10,
         "num_train_images": 20,
         "num_reg_images": 0,
-        "num_batches_per_epoch": 10,
-        "num_epochs": 10,
-        "tag_frequency": {"20_demo": {"cat": 3, "red hat": 1}},
-        "dataset_dirs": {"20_demo": {"n_repeats": 20, "img_count": 1}},
-        "bucket_info": {"buckets": {"0": {"resolution": [512, 512], "count": 20}}, "mean_img_ar_error": 0.0},
-        "base_model_path": Path("/models/sd15.safetensors"),
-        "base_model_sha256": "ab" * 32,
-        "base_model_legacy_hash": "12345678",
-        "resolution": (512, 512),
-        "output_name": "demo",
+        "dataset": DatasetInfo(
+            tag_frequency={"20_demo": {"cat": 3, "red hat": 1}},
+            dataset_dirs={"20_demo": {"n_repeats": 20, "img_count": 1}},
+            bucket_info={"buckets": {"0": {"resolution": [512, 512], "count": 20}}, "mean_img_ar_error": 0.0},
+        ),
+        "base_model": BaseModel(Path("/models/sd15.safetensors"), "ab" * 32, "12345678"),
     }
     args.update(overrides)
     return training_metadata(**args)
@@ -160,23 +165,35 @@ def test_metadata_has_every_kohya_key_as_strings():
     assert md["ss_network_module"] == "networks.lora"
     assert md["ss_base_model_version"] == "sd_v1"
     assert md["ss_output_name"] == "demo"
-    assert md["ss_sd_model_name"] == "sd15.safetensors"
-    assert md["ss_vae_name"] == "sdxl_vae.safetensors"
+    assert md["ss_sd_model_name"] == "sd15.safetensors" and "ss_vae_name" not in md
     assert md["ss_new_sd_model_hash"] == "ab" * 32 and md["ss_sd_model_hash"] == "12345678"
     assert md["ss_resolution"] == "(512, 512)"
     assert md["ss_training_started_at"] == "1700000000.5"
     assert float(md["ss_training_finished_at"]) == 1_700_000_600.25
     assert (md["ss_steps"], md["ss_epoch"], md["ss_num_epochs"]) == ("40", "2", "10")
-    assert md["ss_max_train_steps"] == "50"  # max_train_epochs wins: 10 epochs * ceil(10 batches / 2)
+    assert md["ss_max_train_steps"] == "50"  # the plan's total, passed in
     assert md["ss_total_batch_size"] == "4" and md["ss_batch_size_per_device"] == "2"
-    assert md["ss_optimizer"] == "AdamW8bit(weight_decay=0.01)"
-    assert (md["ss_network_dim"], md["ss_network_alpha"]) == ("32", "16")
+    assert md["ss_optimizer"] == "bitsandbytes.optim.adamw.AdamW8bit(weight_decay=0.01)"
+    assert (md["ss_network_dim"], md["ss_network_alpha"]) == ("32", "16.0")  # from the network built
     assert (md["ss_cache_latents"], md["ss_color_aug"], md["ss_v2"]) == ("True", "False", "False")
     assert (md["ss_clip_skip"], md["ss_noise_offset"]) == ("2", "None")
     assert json.loads(md["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "1"}
     assert json.loads(md["ss_tag_frequency"]) == {"20_demo": {"cat": 3, "red hat": 1}}
     assert json.loads(md["ss_dataset_dirs"])["20_demo"] == {"n_repeats": 20, "img_count": 1}
     assert json.loads(md["ss_bucket_info"])["buckets"]["0"]["count"] == 20
+    assert md["ss_training_comment"] == "None"  # sd-scripts writes str(None) when unset
+    commented = sample_metadata(config={"training_comment": "trigger: sks"})
+    assert commented["ss_training_comment"] == "trigger: sks"
+
+
+def test_metadata_network_keys_come_from_the_network_built():
+    md = sample_metadata(network=NetworkSettings(dim=8, alpha=4.0, dropout=0.1))
+    assert (md["ss_network_dim"], md["ss_network_alpha"], md["ss_network_dropout"]) == ("8", "4.0", "0.1")
+    assert "ss_network_args" not in md  # sd-scripts writes them only when set
+    built = sample_metadata(
+        network=NetworkSettings(dim=8, alpha=4.0, conv_dim=2, given_args={"rank_dropout": "0.1"})
+    )
+    assert json.loads(built["ss_network_args"]) == {"rank_dropout": "0.1", "conv_dim": "2"}
 
 
 def test_modelspec_keys_per_family():
@@ -188,38 +205,32 @@ def test_modelspec_keys_per_family():
     assert md["modelspec.resolution"] == "512x512"
     assert md["modelspec.prediction_type"] == "epsilon"
     assert md["modelspec.date"].startswith(time.strftime("%Y-%m-%d", time.localtime(1_700_000_600.25)))
-    xl = sample_metadata("sd_xl", resolution=(1024, 768), prediction_type="v")
+    xl = sample_metadata("sd_xl", config={"resolution": "1024,768", "v_parameterization": True})
     assert xl["ss_base_model_version"] == "sdxl_base_v1-0"
     assert xl["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert xl["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
     assert (xl["modelspec.resolution"], xl["ss_resolution"]) == ("1024x768", "(1024, 768)")
     assert xl["modelspec.prediction_type"] == "v"
-    assert base_model_version("sd_1_5", "v") == "sd_v1_v"
+    assert sample_metadata(config={"v_parameterization": True})["ss_base_model_version"] == "sd_v1_v"
 
 
 def test_metadata_defaults_and_unknowns():
     before = time.time()
     md = sample_metadata(
-        config={"max_train_steps": 300, "network_dim": 8},
+        config={"max_train_epochs": None, "output_name": None, "unet_lr": None, "text_encoder_lr": None},
         finished_at=None,
-        base_model_path=None,
-        base_model_sha256=None,
-        base_model_legacy_hash=None,
-        bucket_info=None,
+        base_model=None,
+        dataset=DatasetInfo({}, {}),
     )
     assert before <= float(md["ss_training_finished_at"]) <= time.time()
-    assert md["ss_max_train_steps"] == "300"
-    assert (md["ss_network_dim"], md["ss_network_alpha"]) == ("8", "1")  # sd-scripts' default alpha
-    assert md["ss_network_args"] == "{}" and md["ss_bucket_info"] == "null"
-    assert md["ss_learning_rate"] == md["ss_unet_lr"] == md["ss_text_encoder_lr"] == "2e-06"
+    assert md["ss_output_name"] == md["modelspec.title"] == "last"  # kohya's name when output_name is unset
+    assert md["ss_bucket_info"] == "null"
+    assert md["ss_learning_rate"] == "0.0001"
+    assert (
+        md["ss_unet_lr"] == md["ss_text_encoder_lr"] == "None"
+    )  # the arguments as given, as sd-scripts writes
     for key in ("ss_sd_model_name", "ss_sd_model_hash", "ss_new_sd_model_hash", "ss_vae_name"):
         assert key not in md
-    with pytest.raises(ModelError, match="family"):
-        sample_metadata("flux")
-    with pytest.raises(ModelError, match="prediction type"):
-        sample_metadata(prediction_type="x0")
-    assert network_args_dict({"conv_dim": 4}) == {"conv_dim": "4"}
-    assert network_args_dict("conv_dim=8") == {"conv_dim": "8"}
 
 
 # ------------------------------------------------------------------------------------------ save and load

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers.loaders import single_file_utils as sfu
@@ -201,12 +203,9 @@ def test_sdxl_transformer_modules_give_kohya_lora_names() -> None:
                 if isinstance(child, torch.nn.Linear):
                     ldm = unet_diffusers_to_ldm(f"{path}.{sub}", arch.layers_per_block, arch.up_block_types)
                     names.add("lora_unet_" + ldm.replace(".", "_"))
-    reference = "/work/shared/reference/kohya-lora-keys-sdxl-dim8.tsv"
-    try:
-        with open(reference, encoding="utf-8") as fh:
-            expected = {line.split("\t")[0].split(".")[0] for line in fh if line.startswith("lora_unet")}
-    except FileNotFoundError:
-        pytest.skip("kohya reference key list not available")
+    reference = Path(__file__).parent / "data" / "kohya-lora-keys-sdxl-dim8.tsv"  # see tests/data/README.md
+    with open(reference, encoding="utf-8") as fh:
+        expected = {line.split("\t")[0].split(".")[0] for line in fh if line.startswith("lora_unet")}
     assert len(names) == 722
     assert names == expected
 

@@ -53,6 +53,14 @@ def test_upcast_when_the_copies_and_the_steps_rise_fit_beside_the_margin() -> No
     assert not choose_upcast(kept, smaller).upcast
     bf16 = choose_upcast(_kept(1000, torch.bfloat16), facts)
     assert (bf16.stored_bytes, bf16.fp32_bytes) == (2000, 4000)
+    # two data-parallel processes on this machine each make the copies and the rise
+    pair = MemoryFacts(available=MARGIN_MIN + 2 * 4500, total=total, rss=10_000, peak_rss=10_500)
+    assert (
+        choose_upcast(kept, pair, processes=2).upcast
+        and choose_upcast(kept, pair, processes=2).needed == 9000
+    )
+    half = MemoryFacts(available=MARGIN_MIN + 2 * 4500 - 1, total=total, rss=10_000, peak_rss=10_500)
+    assert choose_upcast(kept, half).upcast and not choose_upcast(kept, half, processes=2).upcast
 
 
 def test_the_override_wins_and_the_message_gives_the_figures(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from remote_support import TOKEN, WorkerThread
 
-from kohya_backend.assets.demo import prepare_demo
 from kohya_backend.jobs.registry import WorkerEntry, WorkerRegistry
 from kohya_backend.jobs.remote import RemoteRunner
 from kohya_backend.jobs.remote_cleanup import PENDING_NAME, PendingDeletes
@@ -26,13 +25,6 @@ from kohya_backend.models.hashing import Sha256Cache
 from kohya_backend.service.app import build_service
 from kohya_backend.service.training import TrainingService
 from kohya_backend.service.worker import build_worker
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("demo")
-    prepare_demo(root, fm_type="sd_1_5", steps=2)
-    return root
 
 
 @pytest.fixture
@@ -49,11 +41,13 @@ def service(tmp_path: Path) -> Iterator[TrainingService]:
     built.scheduler.stop()
 
 
-def _remote_job(client: WorkerClient, demo: Path, key: str) -> str:
-    cache = Sha256Cache(demo / "hashes.json")
+def _remote_job(client: WorkerClient, demo_assets: Path, key: str) -> str:
+    cache = Sha256Cache(demo_assets / "hashes.json")
     inputs = [
-        collect_input("pretrained_model_name_or_path", demo / "models" / "demo-sd_1_5.safetensors", cache),
-        collect_input("train_data_dir", demo / "datasets" / "demo", cache),
+        collect_input(
+            "pretrained_model_name_or_path", demo_assets / "models" / "demo-sd_1_5.safetensors", cache
+        ),
+        collect_input("train_data_dir", demo_assets / "datasets" / "demo", cache),
     ]
     Uploader(client, TransferStats("w")).ensure(inputs)
     spec = {"client_key": key, "fm_type": "sd_1_5", "output_name": "x", "config_params": {"resolution": "64,64"},
@@ -78,20 +72,20 @@ def _local_job(service: TrainingService, copies: dict[str, str]) -> str:
 
 
 def test_deleting_a_job_deletes_its_copy_on_the_worker_or_records_it_for_later(
-    service: TrainingService, worker: tuple[WorkerThread, WorkerClient], demo: Path
+    service: TrainingService, worker: tuple[WorkerThread, WorkerClient], demo_assets: Path
 ) -> None:
     served, client = worker
     home = service.home.root
     registry = WorkerRegistry(home)
     registry.add(served.url, TOKEN, name="w")
     registry.add("http://127.0.0.1:9", TOKEN, name="off")
-    remote = _remote_job(client, demo, "host:1:w")
+    remote = _remote_job(client, demo_assets, "host:1:w")
     client.cancel(remote)
     note = service.delete(_local_job(service, {"w": remote}), wait_remote=True)
     assert note == "deleted its copy on worker w" and client.job(remote) is None
     assert not (home / PENDING_NAME).exists()
 
-    running = _remote_job(client, demo, "host:2:w")  # still queued there: cancelled now, deleted later
+    running = _remote_job(client, demo_assets, "host:2:w")  # still queued there: cancelled now, deleted later
     away = "20200101-000000-abcdef"
     note = service.delete(_local_job(service, {"w": running, "off": away}), wait_remote=True)
     assert note is not None and "worker off, w did not answer (or still ran the job" in note
@@ -110,11 +104,11 @@ def test_deleting_a_job_deletes_its_copy_on_the_worker_or_records_it_for_later(
 
 
 def test_the_api_deletes_in_the_background_and_says_so(
-    service: TrainingService, worker: tuple[WorkerThread, WorkerClient], demo: Path
+    service: TrainingService, worker: tuple[WorkerThread, WorkerClient], demo_assets: Path
 ) -> None:
     served, client = worker
     WorkerRegistry(service.home.root).add(served.url, TOKEN, name="w")
-    remote = _remote_job(client, demo, "host:3:w")
+    remote = _remote_job(client, demo_assets, "host:3:w")
     client.cancel(remote)
     note = service.delete(_local_job(service, {"w": remote}))  # what the API and the tab call
     assert note == "its copy on worker w is deleted there in the background (retried until it answers)"

@@ -16,7 +16,6 @@ import pytest
 from jobs_support import FAST_CONFIG
 from remote_support import TOKEN, WorkerProcess, running
 
-from kohya_backend.assets.demo import prepare_demo
 from kohya_backend.jobs.progress import log_tail
 from kohya_backend.jobs.registry import WorkerRegistry
 from kohya_backend.jobs.remote import RemoteRunner
@@ -65,10 +64,13 @@ def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[WorkerPro
 
 
 @pytest.fixture(scope="module")
-def client_home(tmp_path_factory: pytest.TempPathFactory, workers: list[WorkerProcess]) -> Path:
+def client_home(
+    tmp_path_factory: pytest.TempPathFactory,
+    workers: list[WorkerProcess],
+    make_demo_home: Callable[..., Path],
+) -> Path:
     """A client home with the demo model and dataset, and both workers registered as 'a' and 'b'."""
-    root = tmp_path_factory.mktemp("client")
-    prepare_demo(root, fm_type="sd_1_5", steps=2)
+    root = make_demo_home(tmp_path_factory.mktemp("client"))
     registry = WorkerRegistry(root)
     for name, worker in zip("ab", workers):
         registry.add(worker.url, TOKEN, name=name)
@@ -274,9 +276,9 @@ def test_cancel_and_resume_pass_through_to_the_worker(
 
 
 def test_a_refused_token_fails_the_job_with_that_message(
-    workers: list[WorkerProcess], tmp_path: Path
+    workers: list[WorkerProcess], tmp_path: Path, make_demo_home: Callable[..., Path]
 ) -> None:
-    prepare_demo(tmp_path, fm_type="sd_1_5", steps=2)
+    make_demo_home(tmp_path)
     service = _service(tmp_path)
     service.scheduler.runners["worker"].registry.add(workers[0].url, "not-the-token", name="wrong")  # type: ignore[attr-defined]
     job_id = _submit(service, "refused", "worker:wrong")

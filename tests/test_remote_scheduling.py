@@ -16,7 +16,6 @@ import httpx
 import pytest
 from remote_support import TOKEN, WorkerThread, running
 
-from kohya_backend.assets.demo import prepare_demo
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs.registry import WorkerNotFound, WorkerRegistry
 from kohya_backend.jobs.remote import RemoteRunner, WorkerBusy, remove_worker
@@ -37,20 +36,13 @@ CONFIG = (
 QUICK_EXIT = (sys.executable, "-c", "import sys; sys.exit(0)")  # prefix: the trainer command exits at once
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("demo")
-    prepare_demo(root, fm_type="sd_1_5", steps=2)
-    return root
-
-
 @pytest.fixture
-def home(demo: Path, tmp_path: Path) -> Path:
+def home(demo_assets: Path, tmp_path: Path) -> Path:
     """A client home sharing the demo's model and dataset, with one (unreachable) worker 'box' registered."""
     root = tmp_path / "home"
     for name in ("models", "datasets"):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).symlink_to(demo / name)
+        (root / name).symlink_to(demo_assets / name)
     WorkerRegistry(root).add("http://127.0.0.1:9", TOKEN, name="box")
     return root
 

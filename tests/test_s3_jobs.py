@@ -23,7 +23,6 @@ from jobs_support import FAST_CONFIG
 from s3_support import moto_url, new_bucket, raw_client, s3_env  # noqa: F401
 from server_support import running
 
-from kohya_backend.assets.demo import prepare_demo
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.service.api import API_PREFIX
 from kohya_backend.service.app import build_service, create_app
@@ -46,10 +45,8 @@ def _put_demo(endpoint: str, home: Path, bucket: str, prefix: str = "train") -> 
 
 
 @pytest.fixture
-def home(tmp_path: Path) -> Path:
-    root = tmp_path / "home"
-    prepare_demo(root, fm_type="sd_1_5", steps=2)
-    return root
+def home(demo_home: Path) -> Path:
+    return demo_home
 
 
 def _events(job_folder: Path) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,24 @@ def test_precision_and_memory_rules_follow_the_gpu() -> None:
     # 24 GB takes SDXL without checkpointing, tightly; 48 GB comfortably.
     assert _issues("sagemaker:ml.g5.xlarge", "sd_xl") == [("warning", "gradient_checkpointing")]
     assert _issues("sagemaker:ml.g6e.xlarge", "sd_xl") == []
-    assert ("warning", None) in _issues("sagemaker:ml.g5.12xlarge", "sd_1_5")  # trains on one of its 4 GPUs
+    assert ("warning", None) in _issues("sagemaker:ml.g5.12xlarge", "sd_1_5")  # GPUs per job decides how many
+
+
+def test_gpus_per_job_are_refused_above_what_the_instance_type_has(tmp_path: Path) -> None:
+    (tmp_path / "cloud.toml").write_text(
+        f'[s3]\nuri = "s3://bucket/train"\n[sagemaker]\nrole_arn = "{ROLE}"\n'
+    )
+    runner = build_service(tmp_path, sagemaker_image_uri=IMAGE).scheduler.runner_for(
+        "sagemaker:ml.g5.12xlarge"
+    )
+    check = runner.check_gpus
+    check("sagemaker:ml.g5.12xlarge", 4)
+    check("sagemaker:ml.g5.12xlarge:spot", 2)
+    with pytest.raises(TrainManagementError, match=r"asks for 8 GPUs, but ml\.g5\.12xlarge has 4") as caught:
+        check("sagemaker:ml.g5.12xlarge", 8)
+    assert "sagemaker instance-types" in (caught.value.hint or "")
+    with pytest.raises(TrainManagementError, match=r"asks for 2 GPUs, but ml\.g5\.2xlarge has 1"):
+        check("sagemaker:ml.g5.2xlarge", 2)
 
 
 def test_format_checks_the_config_for_the_chosen_sagemaker_instance(tmp_path: Path) -> None:
@@ -234,12 +252,22 @@ def test_the_request_passes_botocore_validation_and_carries_the_job(tmp_path: Pa
             "S3DataDistributionType": "FullyReplicated",
         }
         assert request["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3DataType"] == "S3Prefix"
+        assert request["HyperParameters"]["gpus"] == "1"  # GPUs per job: the container's processes
     # A manifest names exactly one object: its folder as the prefix, its name as the one suffix.
     assert json.loads(object_manifest(S3Uri("b-1", "train/models/sd 1.5.safetensors"))) == [
         {"prefix": "s3://b-1/train/models/"},
         "sd 1.5.safetensors",
     ]
     assert json.loads(object_manifest(S3Uri("b-1", "top.ckpt"))) == [{"prefix": "s3://b-1/"}, "top.ckpt"]
+    four = replace(_job(tmp_path), params={"gpus": 4}, instance_type="sagemaker:ml.g5.12xlarge")
+    request = create_request(
+        name="tm-x-2", job=four, choice=parse_instance_type(four.instance_type), settings=settings,
+        layout=layout, channels={"model": ChannelSource(layout.channel(digest))}, input_bytes=1,
+    )  # fmt: skip
+    assert (
+        request["HyperParameters"]["gpus"] == "4"
+        and request["ResourceConfig"]["InstanceType"] == "ml.g5.12xlarge"
+    )
     assert volume_size_gb(0, 30) == 30 and volume_size_gb(100 << 30, 30) == 210
 
 

@@ -14,9 +14,16 @@ from safetensors import safe_open
 from sagemaker_support import DOCKERFILE, ROOT, entrypoint
 
 from kohya_backend.assets.demo import prepare_demo
+from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs.runner import trainer_env
-from kohya_backend.jobs.sagemaker_container import EventPrinter, run_container
+from kohya_backend.jobs.sagemaker_container import (
+    EventPrinter,
+    container_command,
+    container_processes,
+    run_container,
+)
 from kohya_backend.jobs.sagemaker_protocol import ContainerPaths, event_line, parse_event_line
+from kohya_backend.launcher import worker_command
 
 CONFIG = """\
 pretrained_model_name_or_path = "/somewhere/else/model.safetensors"
@@ -76,8 +83,11 @@ def test_dockerfile_builds_on_the_pinned_torch_and_enters_the_sagemaker_command(
     )
     assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M)
     installs = re.findall(r"pip install ([^\\\n&]+)", text)
-    assert installs == ["-r requirements-trainer.txt ", "--no-deps -r requirements-vocab.txt "]
-    for name in ("requirements-trainer.txt", "requirements-vocab.txt"):
+    assert installs == [
+        "-r requirements-trainer.txt -r requirements-trainer-sdist.txt ",
+        "--no-deps -r requirements-vocab.txt ",
+    ]
+    for name in ("requirements-trainer.txt", "requirements-trainer-sdist.txt", "requirements-vocab.txt"):
         for line in (ROOT / name).read_text().splitlines():
             if line.strip() and not line.startswith("#"):
                 assert re.match(r"^[A-Za-z0-9_.\-]+==[\w.]+(; .*)?$", line), f"{name}: {line} is not pinned"
@@ -91,6 +101,7 @@ def test_dockerfile_builds_on_the_pinned_torch_and_enters_the_sagemaker_command(
     kept = {line for line in ignore if line.startswith("!")}
     assert "*" in ignore and kept == {
         "!requirements-trainer.txt",
+        "!requirements-trainer-sdist.txt",
         "!requirements-vocab.txt",
         "!kohya_backend/",
     }
@@ -191,3 +202,28 @@ def test_event_lines_carry_events_with_paths_relative_to_the_output(tmp_path: Pa
     assert parse_event_line("step 3/3 epoch 1 loss 0.5") is None
     assert parse_event_line(event_line({"kind": "x"})[:-3]) is None  # a cut line is not an event
     assert parse_event_line(event_line({"no": "kind"})) is None
+
+
+def test_a_multi_gpu_instance_runs_one_process_per_gpu() -> None:
+    """ml.g5.12xlarge has 4 GPUs: the job's gpus hyperparameter decides, else SM_NUM_GPUS (the SageMaker toolkit's),
+    else every GPU the container finds; each process runs this same entrypoint on the same /opt/ml tree."""
+    assert container_processes({"gpus": "4"}, {}, 4) == 4
+    assert container_processes({"gpus": "2"}, {"SM_NUM_GPUS": "4"}, 4) == 2  # the job asked for 2 of the 4
+    assert container_processes({}, {"SM_NUM_GPUS": "4"}, 4) == 4
+    assert container_processes({}, {}, 4) == 4 and container_processes({}, {}, 0) == 1  # no GPU: one process
+    assert container_processes({"gpus": "1"}, {"SM_NUM_GPUS": "4"}, 4) == 1
+    with pytest.raises(TrainManagementError, match="asks for 8 GPU processes; this instance has 4"):
+        container_processes({"gpus": "8"}, {}, 4)
+    with pytest.raises(TrainManagementError, match="'four', not a number of GPUs"):
+        container_processes({}, {"SM_NUM_GPUS": "four"}, 4)
+    command = worker_command(container_command(Path("/opt/ml")))
+    assert command[1:] == ["-m", "kohya_backend", "sagemaker", "train", "--root", "/opt/ml"]
+    assert Path(command[0]).name.startswith("python")
+
+
+def test_the_entrypoint_refuses_more_gpu_processes_than_the_instance_has(tmp_path: Path) -> None:
+    root = _opt_ml(tmp_path, {"fm_type": "sd_1_5", "gpus": "4"})
+    assert run_container(root, environ={}, gpus_found=2) == 2
+    failure = ContainerPaths(root).failure.read_text()
+    assert "asks for 4 GPU processes; this instance has 2 GPU(s)" in failure
+    assert not (root / "model").exists() or not list((root / "model").iterdir())

@@ -6,7 +6,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -15,8 +15,8 @@ import httpx
 import pytest
 import uvicorn
 from jobs_support import FAST_CONFIG
+from server_support import stranger
 
-from kohya_backend.assets.demo import prepare_demo
 from kohya_backend.service.api import API_PREFIX
 from kohya_backend.service.app import build_service, create_app
 from kohya_backend.service.training import TrainingService
@@ -64,10 +64,8 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("home")
-    prepare_demo(root, fm_type="sd_1_5", steps=2)
-    return root
+def home(tmp_path_factory: pytest.TempPathFactory, make_demo_home: Callable[..., Path]) -> Path:
+    return make_demo_home(tmp_path_factory.mktemp("home"))
 
 
 @pytest.fixture(scope="module")
@@ -99,13 +97,19 @@ def _wait_for(api: Server, job_id: str, states: set[str], timeout: float = 90) -
 
 def test_version_is_open_and_the_rest_needs_the_token(api: Server) -> None:
     assert httpx.get(f"{api.base}/version").json()["api"] == "1.0"
-    for path in ("/models", "/datasets", "/trainings", "/instance-types"):
-        answer = httpx.get(f"{api.base}{path}")
-        assert answer.status_code == 401, path
-        assert answer.headers["www-authenticate"] == "Bearer"
-    wrong = httpx.get(f"{api.base}/trainings", headers={"Authorization": "Bearer nope"})
-    assert wrong.status_code == 401
-    assert httpx.post(f"{api.base}/trainings", json=_training("x")).status_code == 401
+    with stranger() as other:  # another client: after a few refusals it waits, `api.client` does not
+        for path in ("/models", "/datasets", "/trainings"):
+            answer = other.get(f"{api.base}{path}")
+            assert answer.status_code == 401, path
+            assert answer.headers["www-authenticate"] == "Bearer"
+        wrong = other.get(f"{api.base}/trainings", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        for path in ("/instance-types", "/trainings"):
+            assert (
+                other.get(f"{api.base}{path}", headers={"Authorization": f"Bearer {TOKEN}"}).status_code
+                == 429
+            )
+        assert other.post(f"{api.base}/trainings", json=_training("x")).status_code == 429
     assert api.client.get("/trainings").status_code == 200
 
 
@@ -226,6 +230,7 @@ def test_bad_training_params_are_refused(
         'reg_data_dir = "/tmp"\n',
         'train_data_dir = "../models"\n',
         'sample_prompts = "link/prompts.txt"\n',
+        'dataset_config = "demo/datasets.toml"\n',  # its image_dir entries could name any folder
     ],
 )
 def test_config_paths_leaving_the_home_are_refused(

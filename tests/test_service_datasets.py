@@ -26,6 +26,7 @@ from kohya_backend.service.datasets import (
     IncomingFile,
 )
 from kohya_backend.service.home import Home, NotInHome, PathOutsideHome
+from kohya_backend.service.tasks import Task
 
 
 def _png(size: tuple[int, int] = (40, 30), colour: tuple[int, int, int] = (200, 20, 20)) -> bytes:
@@ -346,3 +347,64 @@ def test_the_sweep_skips_staging_entries_it_cannot_judge(home: Home) -> None:
     os.utime(outside, (hours_ago, hours_ago))
     DatasetService(home)
     assert link.is_symlink() and outside.exists()  # a link is never followed into another folder
+
+
+def _finished(datasets: DatasetService, ticket: str) -> Task:
+    deadline = time.monotonic() + 30
+    while datasets.task(ticket).state == "running":
+        assert time.monotonic() < deadline, "the creation did not end"
+        time.sleep(0.02)
+    return datasets.task(ticket)
+
+
+def _counting_copies(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
+    """Spy on the service's copies: the bytes each one wrote and the inode of the file it made."""
+    seen: dict[str, list[int]] = {"bytes": [], "inodes": []}
+    real = datasets_module.copy_file
+
+    def copy_file(source: object, dest: Path, limit: int, label: str) -> int:
+        written = real(source, dest, limit, label)  # type: ignore[arg-type]
+        seen["bytes"].append(written)
+        seen["inodes"].append(dest.stat().st_ino)
+        return written
+
+    monkeypatch.setattr(datasets_module, "copy_file", copy_file)
+    return seen
+
+
+def test_an_uploaded_stream_is_written_once_then_moved_into_the_dataset(
+    home: Home, datasets: DatasetService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    copies = _counting_copies(monkeypatch)
+    uploads = {"a.png": _png(), "a.txt": b"a cat\n", "b.png": _png(colour=(1, 2, 3))}
+    task = _finished(datasets, datasets.start_create("streams", _files(uploads), repeats=2))
+    assert task.state == "done", task.error
+    folder = home.datasets / "streams" / "2_streams"
+    assert {name: (folder / name).read_bytes() for name in uploads} == uploads
+    assert sorted(copies["bytes"]) == sorted(len(data) for data in uploads.values())  # each byte written once
+    assert {(folder / name).stat().st_ino for name in uploads} <= set(copies["inodes"])  # the staged files
+    assert _leftovers(home) == []
+
+
+def test_an_upload_on_the_same_disk_gets_a_copy_of_its_own(
+    home: Home, datasets: DatasetService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    copies = _counting_copies(monkeypatch)
+    source = tmp_path / "upload.png"
+    source.write_bytes(_png())
+    task = _finished(datasets, datasets.start_create("linked", [IncomingFile("a.png", source)], repeats=1))
+    assert task.state == "done", task.error
+    placed = home.datasets / "linked" / "1_linked" / "a.png"
+    assert placed.read_bytes() == source.read_bytes() and copies["bytes"] == [source.stat().st_size]
+    assert placed.stat().st_ino != source.stat().st_ino  # the dataset does not share the caller's file
+    assert source.stat().st_nlink == 1
+
+
+def test_a_moved_upload_keeps_the_per_file_limit(home: Home) -> None:
+    limited = DatasetService(home, limits=ArchiveLimits(max_entry_bytes=1_000, max_total_bytes=100_000))
+    big = _png((400, 400)) + b"\0" * 2_000
+    task = _finished(limited, limited.start_create("big", _files({"a.png": big, "a.txt": b"x"}), repeats=1))
+    assert (
+        task.state == "failed" and "upload a.png holds" in str(task.error) and "more than" in str(task.error)
+    )
+    assert list(home.datasets.iterdir()) == []

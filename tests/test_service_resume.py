@@ -49,3 +49,27 @@ def test_cancel_then_resume_continues_from_the_step_it_stopped_at(tmp_path: Path
              if e["kind"] == "step"]  # fmt: skip
     second_run = steps[steps.index(stopped["step"]) + 1 :]
     assert second_run == list(range(stopped["step"] + 1, 81))  # continued, not started over at step 1
+
+
+def _steps(folder: Path) -> list[int]:
+    events = map(json.loads, (folder / "events.jsonl").read_text().splitlines())
+    return [e["step"] for e in events if e["kind"] == "step"]
+
+
+def test_a_continued_job_trains_on_after_its_source_job_and_lora_are_deleted(tmp_path: Path) -> None:
+    prepare_demo(tmp_path / "home", steps=4)
+    service = build_service(tmp_path / "home", devices={"cpu": 1})
+    config = FAST_CONFIG.format(steps=4, name="source")
+    source = service.submit(Submission("demo-sd_1_5.safetensors", "demo", "sd_1_5", config))
+    _until(service, lambda: service.store.get(source.id).status.is_terminal)
+    assert service.store.get(source.id).status is JobStatus.COMPLETED, service.store.get(source.id).reason
+
+    follow = service.continue_training(source.id)
+    service.cancel(follow.id)  # still queued: it runs only at a later Resume
+    service.delete(source.id)
+    (service.home.lora / "source.safetensors").unlink()
+    service.resume(follow.id)
+    _until(service, lambda: service.store.get(follow.id).status.is_terminal)
+    done = service.store.get(follow.id)
+    assert done.status is JobStatus.COMPLETED, done.reason
+    assert _steps(follow.folder) == [5, 6, 7, 8]  # on from the source's saved state at step 4, as long again

@@ -3,6 +3,7 @@ facts injected, and their wiring into a real (tiny, CPU) training run."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from test_train_loop import assets, make_config, run  # noqa: F401 (the module-scoped fixture)
 
 from kohya_backend.errors import TrainingError
-from kohya_backend.train import loop
+from kohya_backend.train import precision as precision_module
 from kohya_backend.train.device import (
     DEVICE_ENV,
     DeviceFacts,
@@ -21,7 +22,9 @@ from kohya_backend.train.device import (
     optimizer_for_platform,
     plan_device,
 )
-from kohya_backend.train.events import read_events
+from kohya_backend.train.events import EventLog, read_events
+from kohya_backend.train.loop import Trainer
+from kohya_backend.train.precision import Precision
 
 CUDA = DeviceFacts(cuda=True)
 ROCM = DeviceFacts(cuda=True, rocm=True)
@@ -109,7 +112,7 @@ def test_on_macos_an_8bit_optimizer_trains_as_adamw_with_a_warning(
     trainer, result = run(
         make_config(assets, tmp_path, max_train_steps=2, optimizer_type="AdamW8bit"), events
     )
-    assert result.step == 2 and type(trainer.optimizer) is torch.optim.AdamW
+    assert result.step == 2 and type(trainer.s.optimizer) is torch.optim.AdamW
     warnings = [e["message"] for e in read_events(events) if e["kind"] == "warning"]
     assert any("AdamW8bit needs bitsandbytes" in w for w in warnings)
 
@@ -120,11 +123,19 @@ def test_the_run_uses_the_device_plan_and_reports_its_notes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # An old Mac asked for bf16: the plan says fp32 with a warning (the run itself is on this machine's CPU).
-    monkeypatch.setattr(loop, "detect_facts", lambda: OLD_MAC)
+    monkeypatch.setattr(precision_module, "detect_facts", lambda: OLD_MAC)
+    planned = Precision.for_run("bf16")
+    assert planned.device.type == "mps" and planned.weight_dtype == torch.float32 and planned.label == "MPS"
+    assert planned.autocast_dtype is None and planned.scaler is None
     events = tmp_path / "events.jsonl"
-    trainer, result = run(make_config(assets, tmp_path, max_train_steps=1, mixed_precision="bf16"), events)
-    assert result.step == 1 and trainer.device_plan.kind == "mps"
-    assert trainer.model.unet.dtype == torch.float32
+    config = make_config(assets, tmp_path, max_train_steps=1, mixed_precision="bf16")
+    trainer = Trainer(
+        config,
+        events=EventLog(events, console=None),
+        precision=dataclasses.replace(planned, device=torch.device("cpu")),
+    )
+    result = trainer.run()
+    assert result.step == 1 and trainer.s.model.unet.dtype == torch.float32
     warnings = [e["message"] for e in read_events(events) if e["kind"] == "warning"]
     assert any("macOS 14" in w for w in warnings)
     start = next(e for e in read_events(events) if e["kind"] == "start")

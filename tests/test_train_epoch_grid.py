@@ -89,7 +89,7 @@ def test_a_run_that_saved_epochs_renders_the_grid_beside_its_lora(assets, tmp_pa
     ]  # one grid, after the final save
     # The network is left with the final weights (the grid loaded the epochs into it, then put them back).
     final, _ = load_lora(result.output)
-    for key, value in trainer.network.kohya_state_dict().items():
+    for key, value in trainer.s.network.kohya_state_dict().items():
         torch.testing.assert_close(value.cpu().float(), final[key], rtol=0, atol=0)
 
 
@@ -114,9 +114,9 @@ def test_a_grid_that_cannot_be_drawn_warns_and_leaves_the_run_completed_with_its
     assert "was not rendered" in warning["message"]
     assert [e["kind"] for e in events][-1] == "done" and not [e for e in events if e["kind"] == "grid"]
     final, _ = load_lora(result.output)
-    for key, value in trainer.network.kohya_state_dict().items():
+    for key, value in trainer.s.network.kohya_state_dict().items():
         torch.testing.assert_close(value.cpu().float(), final[key], rtol=0, atol=0)
-    assert trainer.network.multiplier == 1.0
+    assert trainer.s.network.multiplier == 1.0
 
 
 def test_no_grid_without_saved_epochs_or_without_prompts(assets, tmp_path):

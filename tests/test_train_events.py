@@ -64,7 +64,7 @@ def test_rate_eta_and_console_throttling(monkeypatch: pytest.MonkeyPatch) -> Non
     assert len(progress) == 4  # steps 1, 5, 9 by the 1 s throttle, plus the last step always
     assert progress[-1].startswith("step 10/10")
     last = seen[-1]
-    assert last["it_s"] == pytest.approx(4.0)
+    assert last["it_per_s"] == pytest.approx(4.0)
     assert last["eta_s"] == pytest.approx(0.0)
     assert seen[5]["eta_s"] == pytest.approx((10 - 6) / 4.0)
     assert PROGRESS.match(progress[1]).group(8) == "4.00"  # type: ignore[union-attr]

@@ -46,8 +46,8 @@ def test_mixed_precision_trains_learns_and_saves_on_cuda(
     )
     trainer, result = run(config, tmp_path / "events.jsonl")
     assert result.step == 60 and result.output is not None
-    assert trainer.model.unet.dtype == (torch.float16 if precision == "fp16" else torch.bfloat16)
-    assert trainer.model.vae.dtype == torch.float32  # no_half_vae
+    assert trainer.s.model.unet.dtype == (torch.float16 if precision == "fp16" else torch.bfloat16)
+    assert trainer.s.model.vae.dtype == torch.float32  # no_half_vae
     assert list((tmp_path / "sample").glob("*.png"))
     assert eval_loss(fm, assets, result.output) < eval_loss(fm, assets, None) * 0.95
     saved, _ = load_lora(result.output)
@@ -76,7 +76,7 @@ def test_gradient_checkpointing_lowers_peak_cuda_memory(
             gradient_checkpointing=checkpointing,
         )
         trainer, _ = run(config, out / "events.jsonl")
-        assert trainer.model.unet.is_gradient_checkpointing is checkpointing
+        assert trainer.s.model.unet.is_gradient_checkpointing is checkpointing
         done = next(e for e in read_events(out / "events.jsonl") if e["kind"] == "done")
         peaks[checkpointing] = done["peak_cuda_gb"]
     assert peaks[True] < peaks[False] * 0.9

@@ -160,11 +160,11 @@ def test_schedule_free_saves_its_averaged_weights(assets, tmp_path):
     config = make_config(assets, tmp_path, max_train_steps=STEPS, optimizer_type="AdamWScheduleFree")
     trainer, result = run(config)
     saved, _ = load_lora(result.output)
-    assert trainer.optimizer.param_groups[0]["train_mode"] is False  # saved in eval mode, as kohya
-    for key, value in trainer.network.kohya_state_dict().items():
+    assert trainer.s.optimizer.param_groups[0]["train_mode"] is False  # saved in eval mode, as kohya
+    for key, value in trainer.s.network.kohya_state_dict().items():
         torch.testing.assert_close(saved[key], value.cpu(), rtol=0, atol=0)
-    trainer.optimizer.train()  # the weights it steps with are different
-    moved = trainer.network.kohya_state_dict()
+    trainer.s.optimizer.train()  # the weights it steps with are different
+    moved = trainer.s.network.kohya_state_dict()
     assert any(not torch.equal(saved[k], v.cpu()) for k, v in moved.items() if k.endswith("weight"))
 
 
@@ -194,7 +194,7 @@ def test_optimizers_of_the_presets_train(assets, tmp_path, optimizer, built):
     trainer, result = run(config)
     assert result.step == STEPS and all(torch.isfinite(torch.tensor(result.losses)))
     # the class the preset names, not a stand-in that happens to train too
-    assert f"{type(trainer.optimizer).__module__}.{type(trainer.optimizer).__name__}" == built
+    assert f"{type(trainer.s.optimizer).__module__}.{type(trainer.s.optimizer).__name__}" == built
 
 
 # ------------------------------------------------------------------------------------------------ LyCORIS
@@ -308,8 +308,8 @@ def test_lycoris_trained_on_the_demo_model_loads_in_diffusers_and_changes_its_ou
         make_config(assets, tmp_path, max_train_steps=6, unet_lr=1e-2, text_encoder_lr=1e-2, **options)
     )
     saved, meta = load_lora(result.output)
-    assert isinstance(trainer.network, LycorisNetwork)
-    assert saved.keys() == trainer.network.kohya_state_dict().keys()
+    assert isinstance(trainer.s.network, LycorisNetwork)
+    assert saved.keys() == trainer.s.network.kohya_state_dict().keys()
     assert meta["ss_network_module"] == "lycoris.kohya" and f'"algo": "{algo}"' in meta["ss_network_args"]
     suffix = "hada_w1_a" if algo == "loha" else "lokr_w1"
     assert any(k.endswith(suffix) for k in saved) and any(k.startswith("lora_te_") for k in saved)
@@ -396,11 +396,11 @@ def test_every_lycoris_algorithm_trains_and_saves(assets, tmp_path, fm, algo, su
     )
     trainer, result = run(config)
     saved, meta = load_lora(result.output)
-    assert saved.keys() == trainer.network.kohya_state_dict().keys()
+    assert saved.keys() == trainer.s.network.kohya_state_dict().keys()
     assert any(k.endswith(suffix) for k in saved) and {v.dtype for v in saved.values()} == {torch.float16}
     # every parameter of the network is one the optimizer steps (none left at its initial value unseen)
-    stepped = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
-    assert stepped == {id(p) for p in trainer.network.parameters()}
+    stepped = {id(p) for group in trainer.s.optimizer.param_groups for p in group["params"]}
+    assert stepped == {id(p) for p in trainer.s.network.parameters()}
     if fm == "sd_xl":
         assert any(k.startswith("lora_unet_input_blocks_") for k in saved) and any(
             k.startswith("lora_te2_") for k in saved

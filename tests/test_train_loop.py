@@ -21,11 +21,14 @@ from kohya_backend.lora.network import LoRANetwork
 from kohya_backend.lora.save import load_lora
 from kohya_backend.models.load import load_checkpoint
 from kohya_backend.models.upcast import MODE_ENV, MemoryFacts
+from kohya_backend.train.conditioning import get_family
 from kohya_backend.train.events import EventLog, read_events
-from kohya_backend.train.families import get_family
-from kohya_backend.train.inputs import encode_latents
-from kohya_backend.train.loop import Trainer, auto_vae_batch_size, train
+from kohya_backend.train.inputs import TEXT_CACHE_DIR, encode_latents
+from kohya_backend.train.loop import Trainer, train
 from kohya_backend.train.noise import make_noise_scheduler
+from kohya_backend.train.precision import Precision
+from kohya_backend.train.setup import auto_vae_batch_size
+from kohya_backend.train.state import SCALER_FILE, latest_state
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +122,7 @@ def test_training_lowers_the_loss_and_saves_what_it_trained(assets, tmp_path, fm
     assert after < before * 0.95, (before, after)
     # reloading the file reproduces the trained weights exactly (save_precision float)
     saved, meta = load_lora(result.output)
-    trained = trainer.network.kohya_state_dict()
+    trained = trainer.s.network.kohya_state_dict()
     assert saved.keys() == trained.keys()
     for key, value in trained.items():
         torch.testing.assert_close(saved[key], value.cpu().float(), rtol=0, atol=0)
@@ -162,8 +165,8 @@ def test_trained_lora_loads_in_diffusers_and_changes_the_output(assets, tmp_path
     pipe.load_lora_weights(str(result.output))
     adapted = sum(isinstance(m, LoraLayer) for m in pipe.unet.modules())
     adapted_te = sum(isinstance(m, LoraLayer) for m in pipe.text_encoder.modules())
-    assert adapted == len(trainer.network.unet_loras) and adapted_te == len(
-        trainer.network.text_encoder_loras
+    assert adapted == len(trainer.s.network.unet_loras) and adapted_te == len(
+        trainer.s.network.text_encoder_loras
     )
     with safe_open(str(result.output), "pt") as f:
         assert len(list(f.keys())) == 3 * (adapted + adapted_te)  # every down/up/alpha triple was consumed
@@ -282,6 +285,33 @@ def test_training_options_run(assets, tmp_path, name):
         assert saved and all(k.startswith("lora_unet") for k in saved)
 
 
+def test_loss_scaling_trains_like_full_precision_and_resume_restores_the_scale(assets, tmp_path):
+    """fp16's loss scaler, injected on the CPU: the optimizer must see unscaled gradients (SGD without clipping
+    would otherwise move the weights 4096 times as far), and save_state/resume must carry the loss scale."""
+    options = dict(optimizer_type="SGDNesterov", max_grad_norm=0, max_train_steps=3, save_state=True)
+    _, plain = run(make_config(assets, tmp_path / "plain", **options))
+    scaled = Precision(torch.device("cpu"), scaler=torch.amp.GradScaler("cpu", init_scale=4096.0))
+    trainer = Trainer(
+        make_config(assets, tmp_path / "scaled", **options),
+        events=EventLog(None, console=None),
+        precision=scaled,
+    )
+    result = trainer.run()
+    assert plain.output is not None and result.output is not None
+    want, _ = load_lora(plain.output)
+    got, _ = load_lora(result.output)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-7)
+    state = latest_state(tmp_path / "scaled" / "t-state")
+    assert state is not None and (state / SCALER_FILE).is_file()
+    resumed = Precision(torch.device("cpu"), scaler=torch.amp.GradScaler("cpu", init_scale=2.0))
+    again = make_config(
+        assets, tmp_path / "scaled", **{**options, "max_train_steps": 4, "resume": str(state)}
+    )
+    Trainer(again, events=EventLog(None, console=None), precision=resumed).run()
+    assert resumed.scaler is not None and resumed.scaler.get_scale() == 4096.0
+
+
 def test_nan_loss_stops_with_an_actionable_error(assets, tmp_path):
     config = make_config(
         assets,
@@ -299,7 +329,7 @@ def test_nan_loss_stops_with_an_actionable_error(assets, tmp_path):
 
 
 def test_each_caption_is_tokenised_once_per_run(assets, tmp_path, monkeypatch):
-    import kohya_backend.train.families as families
+    import kohya_backend.train.conditioning as families
 
     seen: list[str] = []
     real = families.chunked_token_ids
@@ -315,6 +345,79 @@ def test_each_caption_is_tokenised_once_per_run(assets, tmp_path, monkeypatch):
     assert result.step == 9
     captions = {p.read_text().strip() for p in (assets["data"] / "10_demo").glob("*.txt")}
     assert sorted(seen) == sorted(captions)  # one tokenizer (SD 1.5), each caption once
+
+
+def test_text_encoder_outputs_cached_to_disk_are_reused_by_the_next_run(assets, tmp_path):
+    data = tmp_path / "data"
+    write_demo_dataset(data, count=3, size=(64, 64))
+    options = dict(
+        train_data_dir=str(data),
+        network_train_unet_only=True,
+        cache_text_encoder_outputs=True,
+        cache_text_encoder_outputs_to_disk=True,
+        max_train_steps=2,
+    )
+
+    def text_caching(out: str, **extra: object) -> dict:
+        run(make_config(assets, tmp_path / out, **{**options, **extra}), tmp_path / f"{out}.jsonl")
+        [event] = [e for e in read_events(tmp_path / f"{out}.jsonl") if e.get("what") == "text"]
+        return event
+
+    first = text_caching("one")
+    assert first["total"] == 3 and first["from_disk"] == 0
+    assert len(list((data / TEXT_CACHE_DIR).glob("*.safetensors"))) == 3
+    assert text_caching("two")["from_disk"] == 3  # the encoders did not run again
+    assert text_caching("three", clip_skip=2)["from_disk"] == 0  # other settings: encoded anew
+    assert text_caching("four", cache_text_encoder_outputs_to_disk=False)["from_disk"] == 0
+
+
+def test_the_text_memo_holds_only_captions_that_can_come_back(assets, tmp_path):
+    trainer, _ = run(make_config(assets, tmp_path / "fixed", network_train_unet_only=True, max_train_steps=6))
+    assert trainer.s.text.cache is not None and 0 < len(trainer.s.text.cache) <= 6  # at most the 6 captions
+    trainer, _ = run(
+        make_config(
+            assets,
+            tmp_path / "shuffled",
+            network_train_unet_only=True,
+            shuffle_caption=True,
+            max_train_steps=6,
+        )
+    )
+    assert (
+        trainer.s.text.cache is None and trainer.s.text.ids == {}
+    )  # every shuffle is a new caption: nothing kept
+
+
+def test_logging_dir_writes_tensorboard_events_like_kohya(assets, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("demo, red circle --w 64 --h 64 --s 2 --d 1\n")
+    config = make_config(
+        assets,
+        tmp_path / "out",
+        logging_dir=str(tmp_path / "logs"),
+        log_prefix="demo-",
+        log_tracker_name="tracker",
+        max_train_epochs=2,
+        train_batch_size=6,
+        sample_prompts=str(prompts),
+        sample_every_n_epochs=1,
+    )
+    run(config)
+    [run_dir] = (tmp_path / "logs").iterdir()
+    assert run_dir.name.startswith("demo-") and run_dir.name[len("demo-") :].isdigit()
+    accumulator = EventAccumulator(str(run_dir / "tracker"), size_guidance={"images": 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    assert {"loss/current", "loss/average", "lr/unet", "lr/textencoder", "loss/epoch_average"} <= set(
+        tags["scalars"]
+    )
+    assert [e.step for e in accumulator.Scalars("loss/current")] == list(range(1, 21))  # 2 epochs of 10 steps
+    assert [e.value for e in accumulator.Scalars("lr/unet")] == pytest.approx([1e-3] * 20)
+    assert [e.value for e in accumulator.Scalars("lr/textencoder")] == pytest.approx([1e-4] * 20)
+    assert [e.step for e in accumulator.Scalars("loss/epoch_average")] == [1, 2]
+    assert tags["images"] == ["sample_0"] and [e.step for e in accumulator.Images("sample_0")] == [10, 20]
 
 
 def test_cpu_latent_encoding_matches_the_plain_layout_and_returns_contiguous_latents(assets):
@@ -335,7 +438,7 @@ def test_latent_caching_batch_is_one_image_on_the_cpu_and_area_scaled_on_a_gpu()
 
 
 def test_training_from_an_fp16_file_on_the_cpu_matches_fully_upcast_weights(assets, tmp_path, monkeypatch):
-    import kohya_backend.train.loop as loop
+    import kohya_backend.train.setup as loop
 
     monkeypatch.setenv(MODE_ENV, "keep")  # kept to the end, never upcast after the first step
     half = write_checkpoint(tmp_path / "half.safetensors", "sd_xl", size="tiny", dtype=torch.float16, seed=0)
@@ -346,7 +449,7 @@ def test_training_from_an_fp16_file_on_the_cpu_matches_fully_upcast_weights(asse
         make_config(fp16_assets, tmp_path / "kept", fm="sd_xl", max_train_steps=3, **sampling),
         events=tmp_path / "kept.jsonl",
     )
-    assert any(p.dtype == torch.float16 for p in kept_trainer.model.unet.parameters())
+    assert any(p.dtype == torch.float16 for p in kept_trainer.s.model.unet.parameters())
     logs = [e["message"] for e in read_events(tmp_path / "kept.jsonl") if e["kind"] == "log"]
     assert any("fp16/bf16 Linear/Conv2d weights are kept as stored" in m and "float16" in m for m in logs), (
         logs
@@ -358,7 +461,7 @@ def test_training_from_an_fp16_file_on_the_cpu_matches_fully_upcast_weights(asse
         loop, "load_checkpoint", lambda *a, **k: real(*a, **{**k, "keep_file_precision": False})
     )
     upcast_trainer, upcast = run(make_config(fp16_assets, tmp_path / "upcast", fm="sd_xl", max_train_steps=3))
-    assert {p.dtype for p in upcast_trainer.model.unet.parameters()} == {torch.float32}
+    assert {p.dtype for p in upcast_trainer.s.model.unet.parameters()} == {torch.float32}
     assert kept_trainer.losses == pytest.approx(upcast_trainer.losses, rel=1e-5)
     kept_sd, _ = load_lora(kept.output)
     upcast_sd, _ = load_lora(upcast.output)
@@ -388,7 +491,9 @@ def test_an_fp16_file_is_upcast_after_the_first_step_when_memory_allows_and_trai
         assert kinds == [("step", 1), ("weights", None), ("step", 2), ("step", 3)], kinds
         weights = next(e for e in events if e["kind"] == "weights")
         assert weights["choice"] == name and weights["message"].startswith(name), weights
-        dtypes = {p.dtype for m in (trainer.model.unet, *trainer.model.text_encoders) for p in m.parameters()}
+        dtypes = {
+            p.dtype for m in (trainer.s.model.unet, *trainer.s.model.text_encoders) for p in m.parameters()
+        }
         assert dtypes == ({torch.float32} if name == "upcast" else {torch.float32, torch.float16}), name
         results[name] = (trainer.losses, load_lora(result.output)[0])
     assert results["upcast"][0] == results["kept"][0]
@@ -405,7 +510,7 @@ def test_an_fp16_file_is_upcast_after_the_first_step_when_memory_allows_and_trai
         make_config(fp16_assets, tmp_path / "one", max_train_steps=1), events=tmp_path / "1.jsonl"
     )
     assert not [e for e in read_events(tmp_path / "1.jsonl") if e["kind"] == "weights"]
-    assert any(p.dtype == torch.float16 for p in one_trainer.model.unet.parameters())
+    assert any(p.dtype == torch.float16 for p in one_trainer.s.model.unet.parameters())
 
 
 def test_bf16_on_the_cpu_stores_frozen_weights_in_bf16_with_the_results_of_autocast(
@@ -413,22 +518,22 @@ def test_bf16_on_the_cpu_stores_frozen_weights_in_bf16_with_the_results_of_autoc
 ):
     """mixed_precision bf16 on the CPU: frozen Linear/Conv2d weights in bf16 (half the memory, no cast per call), the
     LoRA and optimizer in fp32, and the LoRA that autocast over fp32 weights trains."""
-    import kohya_backend.train.loop as loop
+    import kohya_backend.train.setup as setup
 
     config = make_config(assets, tmp_path / "bf16", max_train_steps=3, mixed_precision="bf16")
     stored_trainer, stored = run(config, events=tmp_path / "bf16.jsonl")
-    unet = stored_trainer.model.unet
+    unet = stored_trainer.s.model.unet
     to_q = next(m for name, m in unet.named_modules() if name.endswith("attn1.to_q"))
     assert to_q.weight.dtype == torch.bfloat16 and unet.dtype == torch.float32
-    assert {p.dtype for p in stored_trainer.network.parameters()} == {torch.float32}
+    assert {p.dtype for p in stored_trainer.s.network.parameters()} == {torch.float32}
     logs = [e["message"] for e in read_events(tmp_path / "bf16.jsonl") if e["kind"] == "log"]
     assert any("stored in bf16 for bf16 autocast" in m for m in logs), logs
 
-    real = loop.load_checkpoint
-    monkeypatch.setattr(loop, "load_checkpoint", lambda *a, **k: real(*a, **{**k, "compute_dtype": None}))
+    real = setup.load_checkpoint
+    monkeypatch.setattr(setup, "load_checkpoint", lambda *a, **k: real(*a, **{**k, "compute_dtype": None}))
     config = make_config(assets, tmp_path / "fp32", max_train_steps=3, mixed_precision="bf16")
     today_trainer, today = run(config)
-    assert {p.dtype for p in today_trainer.model.unet.parameters()} == {torch.float32}
+    assert {p.dtype for p in today_trainer.s.model.unet.parameters()} == {torch.float32}
     assert stored_trainer.losses == today_trainer.losses
     stored_sd, _ = load_lora(stored.output)
     today_sd, _ = load_lora(today.output)

@@ -8,15 +8,18 @@ import sys
 import pytest
 import torch
 
+from kohya_backend.config.validate import validate_config
 from kohya_backend.errors import ConfigError, OptimizerUnavailableError, TrainingError
 from kohya_backend.train.optim import (
     LR_SCHEDULER_NAMES,
     OPTIMIZER_NAMES,
+    build_optimizer,
     create_lr_scheduler,
     create_optimizer,
     current_lrs,
-    parse_kv_args,
+    steps_per_optimizer_step,
 )
+from kohya_backend.train.plan import format_with_plan
 
 # Prodigy and relative-step Adafactor set their own step size; kohya's users give Prodigy lr 1.0
 LEARNING_RATES = {
@@ -52,45 +55,6 @@ def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedu
     if scheduler is not None:
         scheduler.step()  # type: ignore[attr-defined]
     optimizer.zero_grad()
-
-
-def test_parse_kv_args_reads_python_literals() -> None:
-    parsed = parse_kv_args(
-        [
-            "weight_decay=0.01",
-            "betas=(0.9,0.99)",
-            " decouple = True ",
-            "d_coef=2",
-            "mode=fast",
-            "scale_parameter=false",
-        ]
-    )
-    assert parsed == {
-        "weight_decay": 0.01,
-        "betas": (0.9, 0.99),
-        "decouple": True,
-        "d_coef": 2,
-        "mode": "fast",
-        "scale_parameter": False,
-    }
-    assert parse_kv_args(None) == {}
-    assert parse_kv_args({"eps": 1e-6}) == {"eps": 1e-6}
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["weight_decay"], "not of the form name=value"),
-        (["=1"], "is not an argument name"),
-        (["x=__import__('os').getcwd()"], "cannot read the value"),
-        (["x=1+"], "cannot read the value"),
-        ("weight_decay=0.1", "expected a list"),
-    ],
-)
-def test_parse_kv_args_rejects_bad_entries(args: object, message: str) -> None:
-    with pytest.raises(ConfigError, match=message) as info:
-        parse_kv_args(args, key="network_args")  # type: ignore[arg-type]
-    assert info.value.issues[0].key == "network_args"
 
 
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
@@ -200,7 +164,7 @@ def test_adafactor_with_fixed_lr_rejects_adafactor_schedule() -> None:
         "Adafactor",
         _groups(model),
         lr=1e-3,
-        optimizer_args=parse_kv_args(["relative_step=False", "scale_parameter=False"]),
+        optimizer_args={"relative_step": False, "scale_parameter": False},
     )
     assert [g["lr"] for g in optimizer.param_groups] == [1e-3, 1e-3]
     with pytest.raises(ConfigError, match="relative_step=True"):
@@ -252,3 +216,98 @@ def test_schedule_errors_name_the_key() -> None:
     with pytest.raises(ConfigError, match="only works with optimizer_type Adafactor"):
         create_lr_scheduler("adafactor", optimizer, warmup_steps=0, total_steps=10)
     assert set(LR_SCHEDULER_NAMES) >= {"constant", "cosine_with_restarts", "polynomial", "adafactor"}
+
+
+def _format(config: str) -> dict:
+    return format_with_plan(config, "sd_1_5", require_paths=False, cuda_available=False, check_optimizer=True)
+
+
+def test_format_reports_what_the_optimizer_or_schedule_would_reject() -> None:
+    """config format and training agree: settings the optimizer rejects are errors with their line."""
+    ok = _format('optimizer_args = ["weight_decay=0.01", "betas=0.9,0.99", "eps=1e-8"]\n')
+    assert "betas=0.9,0.99" in ok["toml"]
+    cases = {
+        'optimizer_args = ["betas=0.9"]': "AdamW rejected its settings",
+        "optimizer_args = [\"weight_decay='0.01'\"]": "AdamW rejected its settings",
+        'optimizer_args = ["wieght_decay=0.01"]': "does not take wieght_decay",
+        'optimizer_type = "SGDNesterov"\noptimizer_args = ["momentum=-1"]': "SGDNesterov rejected",
+        'lr_scheduler = "cosine"\nlr_scheduler_args = ["bogus=1"]': "cosine rejected",
+    }
+    for text, fragment in cases.items():
+        with pytest.raises(ConfigError) as info:
+            _format(text)
+        [issue] = info.value.issues
+        assert fragment in issue.message, (text, issue)
+        assert issue.line == text.count("\n") + 1 and issue.key in ("optimizer_args", "lr_scheduler_args")
+    # the API and the tab import no torch: without check_optimizer the trainer reports it instead
+    assert format_with_plan('optimizer_args = ["betas=0.9"]', "sd_1_5", require_paths=False)["toml"]
+
+
+def test_build_optimizer_passes_parsed_args_and_scheduler_args() -> None:
+    config = validate_config(
+        {
+            "optimizer_args": ["weight_decay=0.01", "betas=0.9,0.99", "eps=1e-8"],
+            "lr_scheduler": "cosine_with_restarts",
+            "lr_scheduler_num_cycles": 2,
+            "learning_rate": 1.0,
+        },
+        "sd_1_5",
+        require_paths=False,
+    )
+    optimizer, scheduler = build_optimizer(config, _groups(_model()), total_steps=8)
+    group = optimizer.param_groups[0]
+    assert group["betas"] == (0.9, 0.99) and group["weight_decay"] == 0.01 and group["eps"] == 1e-8
+    lrs = _lrs(optimizer, scheduler, 8)
+    assert lrs[0] == 1.0 and lrs[4] == 1.0 and lrs[3] < 0.5  # two cosine cycles of 4 steps: restart at step 4
+    # lr_scheduler_args reach the schedule: a whole cosine period (num_cycles=1.0) rises again after mid-run
+    plain = {"lr_scheduler": "cosine", "learning_rate": 1.0}
+    half = validate_config(plain, "sd_1_5", require_paths=False)
+    full = validate_config({**plain, "lr_scheduler_args": ["num_cycles=1.0"]}, "sd_1_5", require_paths=False)
+    half_lrs = _lrs(*build_optimizer(half, _groups(_model()), total_steps=8), 8)
+    full_lrs = _lrs(*build_optimizer(full, _groups(_model()), total_steps=8), 8)
+    assert half_lrs[6] < 0.2 and full_lrs[6] == pytest.approx(0.5)
+
+
+def _lrs(optimizer: torch.optim.Optimizer, scheduler: object, steps: int) -> list[float]:
+    lrs = []
+    for _ in range(steps):
+        lrs.append(scheduler.get_last_lr()[0])  # type: ignore[attr-defined]
+        optimizer.step()
+        scheduler.step()  # type: ignore[attr-defined]
+    return lrs
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "warmup"), [("cosine", 10), ("linear", 0.2), ("cosine_with_restarts", 4), ("constant", 0)]
+)
+def test_data_parallel_schedules_advance_as_kohyas_under_accelerate(scheduler: str, warmup: float) -> None:
+    """kohya builds the schedule over max_train_steps x N scheduler steps (a fractional warmup a share of those, a
+    whole one as given) and accelerate steps it N times per optimizer step; ours reads the optimizer step times N
+    and is stepped once, so the saved position is in optimizer steps, whatever the number of processes."""
+    values = {"lr_scheduler": scheduler, "learning_rate": 1.0, "lr_warmup_steps": warmup}
+    config = validate_config({**values, "lr_scheduler_num_cycles": 2}, "sd_1_5", require_paths=False)
+    optimizer, schedule = build_optimizer(config, _groups(_model()), total_steps=50, num_processes=2)
+    assert steps_per_optimizer_step(schedule, 2) == 1
+    kohya_optimizer, kohya = build_optimizer(config, _groups(_model()), total_steps=100)  # 50 steps x 2
+    ours, theirs = [], []
+    for _ in range(50):
+        ours.append(schedule.get_last_lr()[0])
+        theirs.append(kohya.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+        kohya_optimizer.step()
+        kohya.step()
+        kohya.step()
+    assert ours == pytest.approx(theirs)
+    if isinstance(warmup, int) and warmup:
+        assert ours[warmup // 2] == pytest.approx(1.0, abs=0.05)  # a whole warmup ends N times sooner
+    # A state saved here resumes with 1 process at the same optimizer step: the position is not doubled.
+    assert schedule.state_dict()["last_epoch"] == 50
+    class_based = validate_config(
+        {"lr_scheduler_type": "StepLR", "lr_scheduler_args": ["step_size=4"], "learning_rate": 1.0},
+        "sd_1_5",
+        require_paths=False,
+    )
+    step_lr = build_optimizer(class_based, _groups(_model()), total_steps=50, num_processes=4)[1]
+    assert steps_per_optimizer_step(step_lr, 4) == 4  # a class of its own: stepped once per process
+    assert steps_per_optimizer_step(step_lr, 1) == 1

@@ -184,7 +184,7 @@ def test_every_kohya_sampler_name_builds_a_scheduler(name: str) -> None:
             make_sample_scheduler(name)
         return
     scheduler = make_sample_scheduler(name, "v_prediction")
-    assert isinstance(scheduler, SAMPLERS[name])
+    assert type(scheduler).__name__ == SAMPLERS[name].scheduler
     assert scheduler.config.prediction_type == "v_prediction"
     assert scheduler.config.beta_schedule == "scaled_linear"
     scheduler.set_timesteps(4)
@@ -297,7 +297,7 @@ def test_sdxl_samples_under_bf16_autocast(sdxl: dict, tmp_path: Path) -> None:
 
 
 def test_wrong_component_count_is_a_model_error(sd15: dict, tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match="needs 2 of each"):
+    with pytest.raises(ModelError, match="SDXL needs 2 text encoder"):
         generate_samples(
             **{**sd15, "family": "sd_xl"},
             prompts=[SamplePrompt(prompt="a cat", width=64, height=64, steps=1)],

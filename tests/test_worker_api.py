@@ -15,8 +15,9 @@ from typing import Any
 import httpx
 import pytest
 from remote_support import TOKEN, WorkerThread
+from server_support import stranger
 
-from kohya_backend.assets.demo import prepare_demo
+from kohya_backend.jobs.pool import ask_worker
 from kohya_backend.jobs.store import InvalidJobId
 from kohya_backend.jobs.transfer import (
     LocalFile,
@@ -27,23 +28,18 @@ from kohya_backend.jobs.transfer import (
 )
 from kohya_backend.jobs.worker_client import (
     WorkerAnswerInvalid,
+    WorkerAuthError,
     WorkerClient,
     WorkerRejected,
     WorkerUnreachable,
 )
 from kohya_backend.jobs.worker_protocol import WORKER_PREFIX, InvalidName
 from kohya_backend.models.hashing import BackgroundSha256, Sha256Cache
+from kohya_backend.service.login_limit import BASE_WAIT_S, FREE_FAILURES
 from kohya_backend.service.worker import build_worker
 
 SHA0 = "0" * 64
 JOB0 = "20200101-000000-abcdef"
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("client")
-    prepare_demo(root, fm_type="sd_1_5", steps=2)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +55,13 @@ def client(server: WorkerThread) -> Iterator[WorkerClient]:
         yield running
 
 
-def _inputs(demo: Path, cache: Sha256Cache) -> list:
+def _inputs(demo_assets: Path, cache: Sha256Cache) -> list:
     return [
-        collect_input("pretrained_model_name_or_path", demo / "models" / "demo-sd_1_5.safetensors", cache),
-        collect_input("train_data_dir", demo / "datasets" / "demo", cache),
-        collect_input("tokenizer_cache_dir", demo / "models" / "tokenizer", cache),
+        collect_input(
+            "pretrained_model_name_or_path", demo_assets / "models" / "demo-sd_1_5.safetensors", cache
+        ),
+        collect_input("train_data_dir", demo_assets / "datasets" / "demo", cache),
+        collect_input("tokenizer_cache_dir", demo_assets / "models" / "tokenizer", cache),
     ]
 
 
@@ -84,22 +82,58 @@ def _spec(items: list, key: str = "client-a:job-1", **changes: object) -> dict[s
     return spec
 
 
-def test_health_is_open_and_everything_else_needs_the_token(server: WorkerThread) -> None:
-    base = server.url + WORKER_PREFIX
-    assert httpx.get(f"{base}/health").json()["ok"] is True
-    routes = [
-        ("GET", "/info"), ("HEAD", f"/blobs/{SHA0}"), ("PUT", f"/blobs/{SHA0}?offset=0&size=1"),
-        ("POST", "/blobs/query"), ("DELETE", f"/blobs/{SHA0}"), ("POST", "/jobs"), ("GET", f"/jobs/{JOB0}"), ("GET", f"/jobs/{JOB0}/events"),
-        ("GET", f"/jobs/{JOB0}/log"), ("GET", f"/jobs/{JOB0}/files/output/x.png"),
-        ("POST", f"/jobs/{JOB0}/cancel"), ("POST", f"/jobs/{JOB0}/resume"), ("DELETE", f"/jobs/{JOB0}"),
-    ]  # fmt: skip
-    for method, path in routes:
-        for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"}, {"Authorization": TOKEN}):
-            answer = httpx.request(method, base + path, headers=headers, content=b"x")
-            assert answer.status_code == 401, (method, path, headers)
-    info = httpx.get(f"{base}/info", headers={"Authorization": f"Bearer {TOKEN}"}).json()
-    assert info["slots"] == 1 and info["gpus"] == [] and info["free_disk_bytes"] > 0
-    assert "token" not in str(info).lower()
+def test_health_is_open_and_everything_else_needs_the_token(tmp_path: Path) -> None:
+    worker = build_worker(tmp_path / "worker", reserve_bytes=0)
+    with WorkerThread(worker) as server:
+        base = server.url + WORKER_PREFIX
+        assert httpx.get(f"{base}/health").json()["ok"] is True
+        routes = [
+            ("GET", "/info"), ("HEAD", f"/blobs/{SHA0}"), ("PUT", f"/blobs/{SHA0}?offset=0&size=1"),
+            ("POST", "/blobs/query"), ("DELETE", f"/blobs/{SHA0}"), ("POST", "/jobs"), ("GET", f"/jobs/{JOB0}"), ("GET", f"/jobs/{JOB0}/events"),
+            ("GET", f"/jobs/{JOB0}/log"), ("GET", f"/jobs/{JOB0}/files/output/x.png"),
+            ("POST", f"/jobs/{JOB0}/cancel"), ("POST", f"/jobs/{JOB0}/resume"), ("DELETE", f"/jobs/{JOB0}"),
+        ]  # fmt: skip
+        for n, (method, path) in enumerate(routes):
+            with stranger(
+                f"127.0.0.{10 + n}"
+            ) as other:  # a client per route: three refusals each, no back-off
+                for headers in (
+                    {},
+                    {"Authorization": "Bearer wrong-token-0123456789"},
+                    {"Authorization": TOKEN},
+                ):
+                    answer = other.request(method, base + path, headers=headers, content=b"x")
+                    assert answer.status_code == 401, (method, path, headers)
+        info = httpx.get(f"{base}/info", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+        assert info["slots"] == 1 and info["gpus"] == [] and info["free_disk_bytes"] > 0
+        assert "token" not in str(info).lower()
+
+
+def test_a_client_guessing_the_token_backs_off_and_no_other_client_waits(tmp_path: Path) -> None:
+    worker = build_worker(tmp_path / "worker", reserve_bytes=0)
+    good = {"Authorization": f"Bearer {TOKEN}"}
+    with WorkerThread(worker) as server, stranger() as guesser:
+        info = server.url + WORKER_PREFIX + "/info"
+        for n in range(FREE_FAILURES + 1):
+            assert guesser.get(info, headers={"Authorization": f"Bearer guess-{n}"}).status_code == 401
+        refused = guesser.get(info, headers={"Authorization": "Bearer guess-x"})
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= BASE_WAIT_S
+        assert refused.json()["detail"]["error"] == "TooManyFailures"
+        assert (
+            guesser.get(info, headers=good).status_code == 429
+        )  # even the right token waits: a guess gains nothing
+        assert httpx.get(info, headers=good).status_code == 200  # another client is not held up
+        # This host's own client, with a token the worker no longer takes: refused, then told to wait, and shown as
+        # "unauthorized" (not "offline") either way.
+        with WorkerClient(server.url, "an-old-token-0123456789") as old:
+            for _ in range(FREE_FAILURES + 1):
+                with pytest.raises(WorkerAuthError) as refused_token:
+                    old.info()
+                assert refused_token.value.message.endswith("refused the token")
+            with pytest.raises(WorkerAuthError) as waiting:
+                old.info()
+            assert "too often" in waiting.value.message and "token file" in (waiting.value.hint or "")
+            assert ask_worker("w", old).state == "unauthorized"
 
 
 def test_an_upload_cut_mid_way_resumes_from_the_workers_offset(client: WorkerClient, tmp_path: Path) -> None:
@@ -147,9 +181,9 @@ def test_oversize_and_overlong_uploads_are_refused(client: WorkerClient, server:
 
 
 def test_traversal_in_names_paths_and_ids_is_refused(
-    client: WorkerClient, demo: Path, server: WorkerThread
+    client: WorkerClient, demo_assets: Path, server: WorkerThread
 ) -> None:
-    inputs = _inputs(demo, Sha256Cache(demo / "hashes.json"))
+    inputs = _inputs(demo_assets, Sha256Cache(demo_assets / "hashes.json"))
     Uploader(client, TransferStats("w")).ensure(inputs)
     good = _spec(inputs)
     bad_specs = []
@@ -162,6 +196,8 @@ def test_traversal_in_names_paths_and_ids_is_refused(
     bad_specs.append(model)
     bad_specs.append(_spec(inputs, key="../../x"))
     bad_specs.append(_spec(inputs, config_params={"output_dir": "/tmp"}))
+    # a dataset_config names image folders anywhere: never from a client
+    bad_specs.append(_spec(inputs, config_params={"dataset_config": "/etc/datasets.toml"}))
     bad_specs.append(_spec(inputs, inputs={**good["inputs"], "resume": good["inputs"]["train_data_dir"]}))
     for spec in bad_specs:
         with pytest.raises(WorkerRejected) as info:
@@ -182,10 +218,10 @@ def test_traversal_in_names_paths_and_ids_is_refused(
 
 
 def test_submit_links_inputs_from_blobs_once_and_is_idempotent(
-    client: WorkerClient, demo: Path, server: WorkerThread
+    client: WorkerClient, demo_assets: Path, server: WorkerThread
 ) -> None:
-    cache = Sha256Cache(demo / "hashes.json")
-    inputs = _inputs(demo, cache)
+    cache = Sha256Cache(demo_assets / "hashes.json")
+    inputs = _inputs(demo_assets, cache)
     missing = _spec(inputs, key="client-a:missing")
     missing["inputs"]["train_data_dir"]["files"][0]["sha256"] = "c" * 64
     with pytest.raises(WorkerRejected) as info:
@@ -207,7 +243,7 @@ def test_submit_links_inputs_from_blobs_once_and_is_idempotent(
     assert BackgroundSha256(model)._thread is None  # the trainer there finds its hash: no 2-7 GB re-read
     assert Sha256Cache().get(model) == inputs[0].files[0].sha256
     cache.save()  # what the remote session does after hashing a job's inputs
-    assert Sha256Cache(demo / "hashes.json").get(inputs[1].files[0].path) == inputs[1].files[0].sha256
+    assert Sha256Cache(demo_assets / "hashes.json").get(inputs[1].files[0].path) == inputs[1].files[0].sha256
     dataset = server.worker.service.home.datasets / job.dataset
     assert sorted(p.relative_to(dataset).as_posix() for p in dataset.rglob("*") if p.is_file()) == sorted(
         f.rel for f in inputs[1].files
@@ -221,6 +257,20 @@ def test_submit_links_inputs_from_blobs_once_and_is_idempotent(
         view is not None and view["output"] is None and str(server.worker.service.home.root) not in str(view)
     )
     assert client.job(JOB0) is None
+
+
+def test_a_job_asks_the_worker_for_several_gpus(
+    client: WorkerClient, demo_assets: Path, server: WorkerThread
+) -> None:
+    """The spec's gpus (GPUs per job) reaches the worker's own scheduler, which gives the job that many of its GPUs
+    (on this CPU-only worker: that many CPU processes); a bad count is refused with the reason."""
+    inputs = _inputs(demo_assets, Sha256Cache(demo_assets / "hashes.json"))
+    Uploader(client, TransferStats("w")).ensure(inputs)
+    with pytest.raises(WorkerRejected) as info:
+        client.submit(_spec(inputs, key="client-g:zero", output_name="gpus-zero", gpus=0))
+    assert info.value.status == 400 and "GPUs per job must be a whole number from 1" in str(info.value)
+    view = client.submit(_spec(inputs, key="client-g:two", output_name="gpus-two", gpus=2))
+    assert server.worker.service.store.get(view["id"]).params["gpus"] == 2
 
 
 def test_sending_a_blob_the_worker_already_has_is_answered_without_reading_the_body(
@@ -246,13 +296,13 @@ def test_sending_a_blob_the_worker_already_has_is_answered_without_reading_the_b
 
 
 def test_ids_are_checked_before_urls_and_downloads_stop_at_their_cap(
-    client: WorkerClient, demo: Path, server: WorkerThread, tmp_path: Path
+    client: WorkerClient, demo_assets: Path, server: WorkerThread, tmp_path: Path
 ) -> None:
     with pytest.raises(InvalidJobId):
         client.job("../../jobs.sqlite3")
     with pytest.raises(InvalidJobId):
         client.events("20200101-000000-abcdef/../x", 0, 0)
-    inputs = _inputs(demo, Sha256Cache(demo / "hashes.json"))
+    inputs = _inputs(demo_assets, Sha256Cache(demo_assets / "hashes.json"))
     Uploader(client, TransferStats("w")).ensure(inputs)
     view = client.submit(_spec(inputs, key="client-a:download"))
     folder = server.worker.service.store.get(view["id"]).folder
@@ -273,9 +323,9 @@ def test_ids_are_checked_before_urls_and_downloads_stop_at_their_cap(
 
 
 def test_event_long_polls_hold_no_thread_and_answer_new_lines_with_relative_paths(
-    client: WorkerClient, demo: Path, server: WorkerThread
+    client: WorkerClient, demo_assets: Path, server: WorkerThread
 ) -> None:
-    inputs = _inputs(demo, Sha256Cache(demo / "hashes.json"))
+    inputs = _inputs(demo_assets, Sha256Cache(demo_assets / "hashes.json"))
     Uploader(client, TransferStats("w")).ensure(inputs)
     job_id = client.submit(_spec(inputs, key="client-a:events"))["id"]
     folder = server.worker.service.store.get(job_id).folder

@@ -10,13 +10,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 from remote_support import free_port, wait_healthy
+from server_support import stranger
 
 import kohya_backend
 from kohya_backend.assets.demo import prepare_demo
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs.registry import WorkerRegistry, ensure_worker
+from kohya_backend.jobs.worker_protocol import WORKER_PREFIX
 from kohya_backend.service.worker import (
     WorkerSetupError,
     build_worker,
@@ -76,7 +79,7 @@ def test_worker_prints_where_it_serves_and_the_workers_commands_manage_the_regis
         "--home",
         str(tmp_path / "w"),
     ]
-    command += ["--token-file", str(token_file), "--create-token"]
+    command += ["--token-file", str(token_file), "--create-token", "--forwarded-allow-ips", "127.0.0.2"]
     log = tmp_path / "worker.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -109,9 +112,17 @@ def test_worker_prints_where_it_serves_and_the_workers_commands_manage_the_regis
         assert _cli("workers", "remove", name, "--home", client).returncode == 0
         gone = _cli("workers", "remove", name, "--home", client)
         assert gone.returncode == 2 and f"no worker named '{name}'" in gone.stderr
+        # A refused token is logged under its client, which X-Forwarded-For names only from the named proxy.
+        info = f"http://127.0.0.1:{port}{WORKER_PREFIX}/info"
+        assert httpx.get(info, headers={"X-Forwarded-For": "10.9.9.1"}).status_code == 401
+        with stranger("127.0.0.2") as proxy:
+            assert proxy.get(info, headers={"X-Forwarded-For": "10.9.9.2"}).status_code == 401
     finally:
         proc.terminate()
         proc.wait(15)
+    logged = log.read_text()
+    assert "failed worker token from 127.0.0.1 " in logged and "failed worker token from 10.9.9.2 " in logged
+    assert "10.9.9.1" not in logged
 
 
 def test_ensure_worker_registers_from_a_token_file_for_the_webui_flags(

@@ -18,7 +18,6 @@ import pytest
 from remote_support import TOKEN, WorkerThread
 
 import kohya_backend
-from kohya_backend.assets.demo import prepare_demo
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import JobStore, StoreError
 from kohya_backend.jobs.transfer import LocalInput, TransferStats, Uploader, collect_input
@@ -32,13 +31,6 @@ ROOT = str(Path(kohya_backend.__file__).resolve().parent.parent)
 MONTH_AGO = time.time() - 30 * 86400
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("client")
-    prepare_demo(root, fm_type="sd_1_5", steps=2)
-    return root
-
-
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[Worker, WorkerClient]]:
     worker = build_worker(tmp_path / "worker", reserve_bytes=0, devices={"cpu": 1})
@@ -46,11 +38,13 @@ def served(tmp_path: Path) -> Iterator[tuple[Worker, WorkerClient]]:
         yield worker, client
 
 
-def _inputs(demo: Path, dataset: Path, cache: Sha256Cache) -> list[LocalInput]:
+def _inputs(demo_assets: Path, dataset: Path, cache: Sha256Cache) -> list[LocalInput]:
     return [
-        collect_input("pretrained_model_name_or_path", demo / "models" / "demo-sd_1_5.safetensors", cache),
+        collect_input(
+            "pretrained_model_name_or_path", demo_assets / "models" / "demo-sd_1_5.safetensors", cache
+        ),
         collect_input("train_data_dir", dataset, cache),
-        collect_input("tokenizer_cache_dir", demo / "models" / "tokenizer", cache),
+        collect_input("tokenizer_cache_dir", demo_assets / "models" / "tokenizer", cache),
     ]
 
 
@@ -81,10 +75,10 @@ def _age(*roots: Path) -> None:
 
 
 def test_a_blob_linked_by_a_job_that_may_still_train_is_not_deleted(
-    served: tuple[Worker, WorkerClient], demo: Path, tmp_path: Path
+    served: tuple[Worker, WorkerClient], demo_assets: Path, tmp_path: Path
 ) -> None:
     worker, client = served
-    inputs = _inputs(demo, demo / "datasets" / "demo", Sha256Cache(tmp_path / "h.json"))
+    inputs = _inputs(demo_assets, demo_assets / "datasets" / "demo", Sha256Cache(tmp_path / "h.json"))
     job = _submit(client, inputs, "c:1")
     model_sha = inputs[0].files[0].sha256
     with pytest.raises(WorkerRejected) as refused:
@@ -115,17 +109,17 @@ def _gc(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_worker_gc_removes_what_no_job_that_may_train_uses(
-    served: tuple[Worker, WorkerClient], demo: Path, tmp_path: Path
+    served: tuple[Worker, WorkerClient], demo_assets: Path, tmp_path: Path
 ) -> None:
     worker, client = served
     cache = Sha256Cache(tmp_path / "h.json")
-    kept = _inputs(demo, demo / "datasets" / "demo", cache)
+    kept = _inputs(demo_assets, demo_assets / "datasets" / "demo", cache)
     kept_job = _submit(client, kept, "c:kept")
     changed = tmp_path / "demo"
-    shutil.copytree(demo / "datasets" / "demo", changed)
+    shutil.copytree(demo_assets / "datasets" / "demo", changed)
     caption = next(changed.rglob("*.txt"))
     caption.write_text(caption.read_text() + ", only in the deleted job", encoding="utf-8")
-    dropped = _inputs(demo, changed, cache)
+    dropped = _inputs(demo_assets, changed, cache)
     dropped_job = _submit(client, dropped, "c:dropped")
     stray = _put(client, b"nobody uses this")
     partial = _put(client, b"an upload nobody finished", send=5)
@@ -201,11 +195,11 @@ def _blocked(action: Callable[[], object]) -> tuple[threading.Thread, list[objec
 
 
 def test_gc_blob_deletion_and_submission_take_turns_on_the_materialise_lock(
-    served: tuple[Worker, WorkerClient], demo: Path, tmp_path: Path
+    served: tuple[Worker, WorkerClient], demo_assets: Path, tmp_path: Path
 ) -> None:
     worker, client = served
     home = worker.service.home
-    inputs = _inputs(demo, demo / "datasets" / "demo", Sha256Cache(tmp_path / "h.json"))
+    inputs = _inputs(demo_assets, demo_assets / "datasets" / "demo", Sha256Cache(tmp_path / "h.json"))
     Uploader(client, TransferStats("w")).ensure(inputs)
     stray = _put(client, b"nobody uses this")
     waiting = []

@@ -7,7 +7,7 @@ PY=${PYTHON:-python3}
 want=${1:-run}
 reqs=(requirements.txt requirements-vocab.txt)
 [[ $want == dev ]] && reqs+=(requirements-dev.txt requirements-gradio4.txt requirements-a1111.txt
-  requirements-trainer.txt requirements-trainer-py310.txt)
+  requirements-trainer.txt requirements-trainer-py310.txt requirements-trainer-sdist.txt)
 stamp=".venv/.setup-$want"
 sum=$(cat "${reqs[@]}" tools/setup.sh | sha256sum | cut -c1-16)
 if [[ -f $stamp && $(cat "$stamp") == "$sum" ]]; then

@@ -10,6 +10,8 @@ echo "== ruff"
 .venv/bin/ruff format --check .
 echo "== mypy"
 .venv/bin/mypy kohya_backend
+echo "== wheels (the trainer's pins on Python 3.10, 3.11, 3.12)"
+bash tools/check_wheels.sh
 echo "== pytest"
 .venv/bin/python -m pytest "$@"
 echo "== pytest (Forge line: gradio 4, pydantic 2, no torch)"

@@ -8,12 +8,12 @@ from kohya_backend.assets.checkpoints import write_checkpoint
 from kohya_backend.assets.dataset import write_demo_dataset
 from kohya_backend.assets.tokenizer import write_tiny_tokenizer
 
-_RESOLUTION = {"sd_1_5": 64, "sd_xl": 64}
+DEMO_RESOLUTION = 64  # both families: a few seconds per run on a CPU
 
 
 def demo_config(home: Path, *, fm_type: str, steps: int) -> str:
     """A kohya-style TOML that trains the demo model on the demo dataset in a few seconds on a CPU."""
-    res = _RESOLUTION[fm_type]
+    res = DEMO_RESOLUTION
     model = home / "models" / f"demo-{fm_type}.safetensors"
     lines = [
         f'pretrained_model_name_or_path = "{model.as_posix()}"',
@@ -53,7 +53,7 @@ def prepare_demo(home: Path, *, fm_type: str = "sd_1_5", steps: int = 40) -> Pat
         write_tiny_tokenizer(tokenizer)
     dataset = home / "datasets" / "demo"
     if not dataset.exists():
-        write_demo_dataset(dataset, folder="10_demo", count=8, size=(_RESOLUTION[fm_type],) * 2)
+        write_demo_dataset(dataset, folder="10_demo", count=8, size=(DEMO_RESOLUTION,) * 2)
     config = home / f"demo-{fm_type}.toml"
     config.write_text(demo_config(home, fm_type=fm_type, steps=steps), encoding="utf-8")
     return config

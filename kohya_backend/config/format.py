@@ -92,8 +92,8 @@ def _shown(spec: KeySpec, value: Any) -> str:
         return f'`"{value[0]},{value[1]}"`'
     if isinstance(value, str):
         return f'`"{value}"`'
-    if isinstance(value, list):
-        return "`[]`" if not value else f"`{value}`"
+    if isinstance(value, (list, tuple)):
+        return "`[]`" if not value else f"`{list(value)}`"
     return f"`{value:g}`" if isinstance(value, float) else f"`{value}`"
 
 
@@ -122,35 +122,50 @@ def _allowed_cell(spec: KeySpec) -> str:
     return ", ".join(parts)
 
 
+def _status_cell(spec: KeySpec) -> str:
+    effect = spec.effect
+    if effect.kind == "used":
+        return f"implemented ({effect.text})"
+    if effect.kind == "compat":
+        return f'accepted, no effect; another value warns: "{spec.name} {effect.text}"'
+    return f"only {effect.text}; another value is refused"
+
+
 def reference_markdown() -> str:
-    """The config reference (every key: type, defaults per FM type, allowed values, help) as Markdown."""
+    """The config reference (every key: type, defaults per FM type, allowed values, help, status) as Markdown."""
     lines = [
         "# config_params reference",
         "",
         "Keys are kohya sd-scripts' argument names; a flat TOML (or a JSON object) with one key per setting.",
         '[sections] are flattened as sd-scripts does. Numbers may also be given as strings ("1e-4"),',
         'and `""` means unset. Defaults show sd_1_5 / sd_xl where they differ.',
+        "",
+        "Status: *implemented* keys change what the trainer does or writes (a test proves each one); *accepted,",
+        "no effect* keys are read for kohya compatibility and a value other than the default gets the warning",
+        "shown; *only* keys accept kohya's one value this trainer implements. Keys kohya knows that this trainer",
+        "does not implement are refused (last table).",
     ]
     for group, title in GROUPS:
         lines += [
             "",
             f"## {title}",
             "",
-            "| Key | Type | Default | Allowed | Description |",
-            "|---|---|---|---|---|",
+            "| Key | Type | Default | Allowed | Description | Status |",
+            "|---|---|---|---|---|---|",
         ]
         for spec in (s for s in SCHEMA.values() if s.group == group):
             lines.append(
                 f"| `{spec.name}` | {_cell(_KIND_NAMES[spec.kind])} | {_cell(_default_cell(spec))} "
-                f"| {_cell(_allowed_cell(spec))} | {_cell(spec.help)} |"
+                f"| {_cell(_allowed_cell(spec))} | {_cell(spec.help)} | {_cell(_status_cell(spec))} |"
             )
     lines += ["", "## Other names", "", "| Key | Read as |", "|---|---|"]
     lines += [f"| `{old}` | `{new}` |" for old, new in ALIASES.items()]
     lines += [
         "",
-        "## kohya keys this trainer does not implement",
+        "## kohya keys this trainer does not implement (refused)",
         "",
-        "Setting one of these is an error (a value equal to kohya's default only gives a warning).",
+        "Setting one of these is an error (a value equal to kohya's default only gives a warning that it changes",
+        "nothing).",
         "",
         "| Key | Why / what to do |",
         "|---|---|",
@@ -172,6 +187,7 @@ def key_reference(key: str) -> str:
     allowed = _allowed_cell(spec)
     if allowed:
         lines.append(f"- allowed: {allowed}")
+    lines.append(f"- status: {_status_cell(spec)}")
     if name != key:
         lines.append(f"- `{key}` is read as `{name}`")
     return "\n".join(lines)

@@ -18,7 +18,11 @@ from typing import Any
 import tomlkit
 from tomlkit.exceptions import ParseError
 
-from kohya_backend.config.schema import UNSUPPORTED_VALUES, KeySpec
+from kohya_backend.config.keys import KeySpec
+from kohya_backend.config.kohya_gui import is_gui_config, translate_gui_config
+from kohya_backend.config.schema import UNSUPPORTED_VALUES
+from kohya_backend.config.scope import out_of_scope
+from kohya_backend.config.values import ValueProblem, shown
 from kohya_backend.errors import ConfigError, ConfigIssue
 
 Path_ = tuple[str, ...]
@@ -38,7 +42,9 @@ class ParsedConfig:
 
     values: dict[str, Any]
     positions: dict[str, tuple[int, int]] = field(default_factory=dict)
-    source_format: str = "mapping"  # "toml", "json" or "mapping"
+    source_format: str = "mapping"  # "toml", "json", "mapping", or "kohya_ss" (a GUI config, translated)
+    notes: list[ConfigIssue] = field(default_factory=list)  # warnings from reading it (the GUI translation's)
+    gui_fm_type: str | None = None  # the FM type a kohya_ss GUI config was saved for (its sdxl checkbox)
 
     def position(self, key: str) -> tuple[int | None, int | None]:
         """(line, column) of a key in the source text, or (None, None) when unknown."""
@@ -153,12 +159,17 @@ def _skip_toml_value(cur: _Cursor) -> None:
             cur.move_to(cur.i + 1)
 
 
-def toml_key_positions(text: str) -> list[Occurrence]:
-    """Every key of a valid TOML text as (table path + key path, line, column), in the order written."""
+def toml_key_positions(text: str, *, index_arrays: bool = False) -> list[Occurrence]:
+    """Every key of a valid TOML text as (table path + key path, line, column), in the order written.
+
+    Keys inside [[array]] tables are skipped, unless `index_arrays`: then each array table's entries are numbered
+    from 0 in the path, as in ("datasets", 0, "subsets", 1, "image_dir") (the numbers as strings).
+    """
     cur = _Cursor(text)
     table: Path_ = ()
     in_array = False  # keys of [[array]] tables repeat by design and are not config keys: not recorded
     seen_arrays: set[Path_] = set()
+    counters: dict[Path_, int] = {}
     out: list[Occurrence] = []
     while cur.i < len(text):
         cur.skip_blanks()
@@ -172,7 +183,10 @@ def toml_key_positions(text: str) -> list[Occurrence]:
             in_array = cur.peek(2) == "[["
             cur.move_to(cur.i + (2 if in_array else 1))
             table = tuple(_read_toml_key(cur))
-            if not in_array or table not in seen_arrays:
+            if index_arrays:
+                table = _indexed(table, counters, seen_arrays, is_array=in_array)
+                out.append((table, line, column))
+            elif not in_array or table not in seen_arrays:
                 out.append((table, line, column))
             if in_array:
                 seen_arrays.add(table)
@@ -180,10 +194,27 @@ def toml_key_positions(text: str) -> list[Occurrence]:
         else:
             line, column = cur.line, cur.column
             key = tuple(_read_toml_key(cur))
-            if not in_array:
+            if index_arrays or not in_array:
                 out.append((table + key, line, column))
             cur.move_to(cur.i + 1)  # the '='
             _skip_toml_value(cur)
+    return out
+
+
+def _indexed(table: Path_, counters: dict[Path_, int], arrays: set[Path_], *, is_array: bool) -> Path_:
+    """A table header's path with the current entry number after each array-of-tables part."""
+    plain: Path_ = ()
+    out: Path_ = ()
+    for depth, part in enumerate(table):
+        plain += (part,)
+        out += (part,)
+        last = depth == len(table) - 1
+        if last and is_array:
+            counters[out] = counters.get(out, -1) + 1
+            arrays.add(plain)
+            out += (str(counters[out]),)
+        elif plain in arrays:
+            out += (str(counters.get(out, 0)),)
     return out
 
 
@@ -293,8 +324,14 @@ class _Flattener:
             return
         if key in self.values:
             first = ".".join(self.paths[key])
-            self._issue(path, f"{key} is set twice (as {first} and as {'.'.join(path)})", "keep one of them")
-            return
+            if self.values[key] != value:
+                self._issue(
+                    path,
+                    f"{key} is set twice with different values ({first} = {shown(self.values[key])}, "
+                    f"{'.'.join(path)} = {shown(value)})",
+                    "sd-scripts would silently keep the last one; keep the one you mean",
+                )
+            return  # the same value twice is what sd-scripts' flattening accepts
         self.values[key] = value
         self.paths[key] = path
         if path in self.where:
@@ -322,7 +359,8 @@ class _Flattener:
                     (name,),
                     f"[[{name}]] is an array of tables, as in a kohya dataset_config file; "
                     "config_params is the flat training config",
-                    "describe the dataset with train_data_dir instead: the parent of <repeats>_<name> folders",
+                    'save the dataset tables as their own file and set dataset_config = "that_file.toml" (or '
+                    "train_data_dir: the parent of <repeats>_<name> folders)",
                 )
             else:
                 self.add((key,), value)
@@ -351,29 +389,43 @@ def parse_config(source: str | Mapping[str, Any]) -> ParsedConfig:
     issues.extend(flat.issues)
     if issues:
         raise ConfigError(issues)
-    return ParsedConfig(values=flat.values, positions=flat.positions, source_format=fmt)
+    parsed = ParsedConfig(values=flat.values, positions=flat.positions, source_format=fmt)
+    if is_gui_config(parsed.values):
+        parsed = _from_gui(parsed)
+    refusal = out_of_scope(parsed.values)
+    if refusal is not None:
+        refusal.line, refusal.column = parsed.position(refusal.key or "")
+        raise ConfigError([refusal])
+    return parsed
 
 
-_TRUE = frozenset({"true", "yes", "on", "1"})
+def _from_gui(parsed: ParsedConfig) -> ParsedConfig:
+    """A kohya_ss GUI config as the sd-scripts config the GUI trains with; positions follow the GUI's keys."""
+    try:
+        translated = translate_gui_config(parsed.values)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            if issue.key is not None and issue.line is None:
+                issue.line, issue.column = parsed.position(issue.key)
+        raise
+    positions = {
+        key: parsed.positions[source]
+        for key, source in translated.origin.items()
+        if source in parsed.positions and key in translated.values
+    }
+    for note in translated.notes:
+        if note.key is not None:
+            note.line, note.column = parsed.position(note.key)
+    return ParsedConfig(
+        values=translated.values,
+        positions=positions,
+        source_format="kohya_ss",
+        notes=translated.notes,
+        gui_fm_type=translated.fm_type,
+    )
+
+
 _FALSE = frozenset({"false", "no", "off", "0"})
-
-
-class ValueProblem(Exception):
-    """A value that cannot be used for its key; message and hint go into a ConfigIssue."""
-
-    def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
-
-
-def shown(value: Any) -> str:
-    """A value as a user would write it in TOML (strings in double quotes)."""
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, bool):
-        return str(value).lower()
-    return repr(value)
 
 
 def _describe(value: Any) -> str:
@@ -381,15 +433,22 @@ def _describe(value: Any) -> str:
 
 
 def _to_bool(value: Any) -> bool:
+    """kohya's reading of a switch: sd-scripts tests it with `if args.x`, so any text but "" is on (even "false");
+    validation warns about the false-looking words."""
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
+    if isinstance(value, str):
+        return bool(value.strip())
     raise ValueProblem(
         f"expected true or false, got {_describe(value)}", "write true or false, without quotes"
     )
+
+
+def is_false_word(value: Any) -> bool:
+    """A string that reads as "off" to a person but as true to sd-scripts ("false", "no", "off", "0")."""
+    return isinstance(value, str) and value.strip().lower() in _FALSE
 
 
 def _to_number(value: Any, whole: bool) -> float | int:
@@ -430,14 +489,18 @@ def _to_float(value: Any) -> float:
 
 
 def _to_str(spec: KeySpec, value: Any) -> str:
+    if value is False and spec.kind == "path":
+        return ""  # sd-scripts reads a path of false (resume = false) as not set
     if not isinstance(value, str):
         raise ValueProblem(f"expected a string, got {_describe(value)}", f'quote it: {spec.name} = "..."')
     return value
 
 
-def _to_kv_list(spec: KeySpec, value: Any) -> list[str]:
+def _to_kv_list(spec: KeySpec, value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
-        items: list[Any] = value.split()
+        items: list[Any] = value.replace(
+            '"', ""
+        ).split()  # the kohya_ss GUI's one-string form, read as it reads it
     elif isinstance(value, Mapping):
         items = [f"{k}={v}" for k, v in value.items()]
     elif isinstance(value, (list, tuple)):
@@ -453,7 +516,7 @@ def _to_kv_list(spec: KeySpec, value: Any) -> list[str]:
             )
         key, val = item.split("=", 1)
         out.append(f"{key.strip()}={val.strip()}")
-    return out
+    return tuple(out)
 
 
 def _to_resolution(value: Any) -> tuple[int, int]:
@@ -475,10 +538,6 @@ def _to_resolution(value: Any) -> tuple[int, int]:
             f"expected one size or width,height, got {shown(value)}", 'write resolution = "512" or "512,768"'
         ) from None
     w, h = (sides[0], sides[0]) if len(sides) == 1 else (sides[0], sides[1])
-    if w % 8 or h % 8:
-        raise ValueProblem(
-            f"{w}x{h} is not a multiple of 8", "the VAE works in 8-pixel blocks: use e.g. 512 or 768"
-        )
     return w, h
 
 
@@ -547,6 +606,8 @@ def coerce_value(spec: KeySpec, value: Any) -> Any:
     if isinstance(value, str) and not value.strip() and spec.kind != "list" and spec.default != "":
         return None  # kohya_ss's GUI writes "" for unset values
     result = _CONVERTERS[spec.kind](spec, value)
+    if result == "" and spec.kind == "path":
+        return None
     if spec.zero_is_unset and result == 0:
         return None
     if spec.choices is not None:

@@ -6,16 +6,15 @@ Every problem is collected before one ConfigError is raised; warnings come back 
 
 from __future__ import annotations
 
-import ast
 import difflib
 import importlib.util
-import math
-import re
+import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kohya_backend.config.keys import KeySpec, compat
+from kohya_backend.config.kohya_gui import GUI_KEY_HINTS
 from kohya_backend.config.lycoris_args import LYCORIS_MODULE, lycoris_arg_problems, strip_quotes
 from kohya_backend.config.optimizers import (
     canonical_builtin,
@@ -23,27 +22,34 @@ from kohya_backend.config.optimizers import (
     resolve_optimizer,
     resolve_scheduler,
 )
-from kohya_backend.config.parse import ParsedConfig, ValueProblem, coerce_value, parse_config, shown
+from kohya_backend.config.parse import (
+    ParsedConfig,
+    ValueProblem,
+    coerce_value,
+    is_false_word,
+    parse_config,
+    shown,
+)
 from kohya_backend.config.schema import (
     ALIASES,
-    GUI_KEY_HINTS,
     OPTIMIZERS,
     SCHEMA,
     UNSUPPORTED,
     UNSUPPORTED_DEFAULTS,
-    KeySpec,
     check_fm_type,
     defaults_for,
-    toml_value,
 )
-from kohya_backend.errors import ConfigError, ConfigIssue
-from kohya_backend.names import WINDOWS_RESERVED
+from kohya_backend.config.train_config import CAPTION_VARIATION_KEYS, TrainConfig
+from kohya_backend.config.values import kv_dict, literal_kwargs
+from kohya_backend.errors import ConfigError, ConfigIssue, TrainManagementError
+from kohya_backend.families import FAMILIES
+from kohya_backend.names import FORBIDDEN, windows_name_problem
+
+__all__ = ["TrainConfig", "detect_cuda", "validate_config"]
 
 # network_args that kohya's networks.lora reads but this trainer does not implement.
 _KOHYA_LORA_ARGS = frozenset(
     [
-        "rank_dropout",
-        "module_dropout",
         "down_lr_weight",
         "mid_lr_weight",
         "up_lr_weight",
@@ -63,109 +69,20 @@ _KOHYA_LORA_ARGS = frozenset(
     ]
 )
 # The network_args this trainer implements, checked like schema keys.
+_ARG = compat("is a network_args entry")
 _NETWORK_ARG_SPECS = {
     "conv_dim": KeySpec(
-        "conv_dim", "int", None, "network", "LoCon rank of 3x3 convolutions", minimum=1, maximum=1024
+        "conv_dim", "int", None, "network", "LoCon rank of 3x3 convolutions", _ARG, minimum=1
     ),
-    "conv_alpha": KeySpec("conv_alpha", "float", None, "network", "LoCon alpha", minimum=0.0),
+    "conv_alpha": KeySpec("conv_alpha", "float", None, "network", "LoCon alpha", _ARG, minimum=0.0),
+    "rank_dropout": KeySpec(
+        "rank_dropout", "float", None, "network", "rank dropout", _ARG, minimum=0.0, maximum=1.0
+    ),
+    "module_dropout": KeySpec(
+        "module_dropout", "float", None, "network", "module dropout", _ARG, minimum=0.0, maximum=1.0
+    ),
 }
 _REQUIRED_PATHS = ("pretrained_model_name_or_path", "train_data_dir", "output_dir")
-_BAD_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
-
-
-def _kv_dict(items: list[str]) -> dict[str, str]:
-    return dict(item.split("=", 1) for item in items)
-
-
-def _literal_kwargs(items: list[str]) -> dict[str, Any]:
-    return {key: ast.literal_eval(value) for key, value in _kv_dict(items).items()}
-
-
-@dataclass
-class TrainConfig:
-    """A validated config: every schema key present with its normalised value, plus the warnings found."""
-
-    fm_type: str
-    values: dict[str, Any]
-    warnings: list[ConfigIssue] = field(default_factory=list, compare=False)
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in self.values:
-            raise KeyError(f"{key!r} is not a config_params key")
-        return self.values[key]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        """The value of a key, or `default` when it is not a schema key."""
-        return self.values.get(key, default)
-
-    @property
-    def resolution(self) -> tuple[int, int]:
-        """Training resolution as (width, height)."""
-        w, h = self.values["resolution"]
-        return int(w), int(h)
-
-    @property
-    def unet_lr(self) -> float:
-        """The U-Net learning rate in effect (unet_lr, else learning_rate)."""
-        value = self.values["unet_lr"]
-        return float(self.values["learning_rate"] if value is None else value)
-
-    @property
-    def text_encoder_lr(self) -> float:
-        """The text encoder learning rate in effect (text_encoder_lr, else learning_rate)."""
-        value = self.values["text_encoder_lr"]
-        return float(self.values["learning_rate"] if value is None else value)
-
-    @property
-    def network_args(self) -> dict[str, str]:
-        """network_args as {key: value string}."""
-        return _kv_dict(self.values["network_args"])
-
-    @property
-    def optimizer_args(self) -> dict[str, str]:
-        """optimizer_args as {key: value string}."""
-        return _kv_dict(self.values["optimizer_args"])
-
-    @property
-    def lr_scheduler_args(self) -> dict[str, str]:
-        """lr_scheduler_args as {key: value string}."""
-        return _kv_dict(self.values["lr_scheduler_args"])
-
-    def optimizer_kwargs(self) -> dict[str, Any]:
-        """optimizer_args with values read as Python literals, as kohya passes them to the optimizer."""
-        return _literal_kwargs(self.values["optimizer_args"])
-
-    def lr_scheduler_kwargs(self) -> dict[str, Any]:
-        """lr_scheduler_args with values read as Python literals."""
-        return _literal_kwargs(self.values["lr_scheduler_args"])
-
-    def lr_warmup_steps_for(self, total_steps: int) -> int:
-        """Warmup steps for a run of total_steps (a value below 1 is a fraction of the run, as in kohya)."""
-        value = self.values["lr_warmup_steps"]
-        if isinstance(value, float):
-            return int(value * total_steps)
-        return int(value)
-
-    def total_steps_for(self, steps_per_epoch: int) -> int:
-        """Optimizer steps of the whole run: max_train_epochs x steps per epoch if set, else max_train_steps."""
-        epochs = self.values["max_train_epochs"]
-        return int(epochs) * max(1, steps_per_epoch) if epochs else int(self.values["max_train_steps"])
-
-    def epochs_for(self, steps_per_epoch: int) -> int:
-        """Number of epochs the run spans (the last one may be partial), as kohya counts them."""
-        return math.ceil(self.total_steps_for(steps_per_epoch) / max(1, steps_per_epoch))
-
-    def save_every_n_epochs_for(self, num_epochs: int) -> int | None:
-        """Epoch interval for intermediate saves: save_n_epoch_ratio wins over save_every_n_epochs, as in kohya."""
-        ratio = self.values["save_n_epoch_ratio"]
-        if ratio:
-            return max(1, num_epochs // int(ratio))
-        value = self.values["save_every_n_epochs"]
-        return int(value) if value else None
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values for JSON (resolution as kohya's "w,h"); validate_config accepts it back unchanged."""
-        return {k: toml_value(SCHEMA[k], v) if v is not None else None for k, v in self.values.items()}
 
 
 def detect_cuda() -> bool:
@@ -184,12 +101,21 @@ class _Checker:
 
     def __init__(self, parsed: ParsedConfig, fm_type: str) -> None:
         self.fm_type = fm_type
+        self.family = FAMILIES[fm_type]
         self.positions = dict(parsed.positions)
         self.values: dict[str, Any] = defaults_for(fm_type)
         self.given: set[str] = set()
         self.bad: set[str] = set()
         self.errors: list[ConfigIssue] = []
-        self.warnings: list[ConfigIssue] = []
+        self.warnings: list[ConfigIssue] = list(parsed.notes)
+        self.raw: dict[str, Any] = dict(parsed.values)
+        if parsed.gui_fm_type is not None and parsed.gui_fm_type != fm_type:
+            saved_for = f"{FAMILIES[parsed.gui_fm_type].label} (its sdxl checkbox)"
+            self.issue(
+                None,
+                f"this kohya_ss GUI config was saved for {saved_for}, but FM type {fm_type} was chosen",
+                f"choose FM type {parsed.gui_fm_type}, or change the sdxl checkbox in the GUI",
+            )
 
     def issue(self, key: str | None, message: str, hint: str | None = None, *, warning: bool = False) -> None:
         line, column = self.positions.get(key, (None, None)) if key else (None, None)
@@ -208,16 +134,39 @@ class _Checker:
         return self.values[key]
 
 
-def _is_inert(key: str, value: Any) -> bool:
+# Unsupported keys that only act together with another setting: key -> (that setting, what it is).
+_NEEDS = {
+    "dynamo_backend": ("torch_compile", "torch.compile"),
+    "save_last_n_epochs_state": ("save_state", "save_state"),
+    "save_last_n_steps_state": ("save_state", "save_state"),
+    "save_last_n_steps": ("save_every_n_steps", "save_every_n_steps"),
+}
+# Names people write that sd-scripts does not have, with what it reads instead.
+_NOT_KOHYA_KEYS = {
+    "text_encoder_lr1": "sd-scripts' LoRA trainers have no text_encoder_lr1/2 (some of its docs show them); "
+    "write text_encoder_lr = [lr for TE1, lr for TE2]",
+    "text_encoder_lr2": "sd-scripts' LoRA trainers have no text_encoder_lr1/2 (some of its docs show them); "
+    "write text_encoder_lr = [lr for TE1, lr for TE2]",
+}
+
+
+def _is_inert(key: str, value: Any, given: Mapping[str, Any]) -> bool:
     if value is None or value is False or value in ("", 0, [], {}):
+        return True
+    if key in _NEEDS and not given.get(_NEEDS[key][0]):
         return True
     return key in UNSUPPORTED_DEFAULTS and value == UNSUPPORTED_DEFAULTS[key]
 
 
 def _unknown_key(c: _Checker, key: str) -> None:
     lowered = key.lower()
-    if lowered in GUI_KEY_HINTS:
-        hint = f"kohya_ss's GUI writes {key} but sd-scripts does not read it: {GUI_KEY_HINTS[lowered]}"
+    if lowered in _NOT_KOHYA_KEYS:
+        c.issue(key, f"{key} is not an sd-scripts key", _NOT_KOHYA_KEYS[lowered])
+        return
+    if lowered in GUI_KEY_HINTS or key in GUI_KEY_HINTS:
+        why = GUI_KEY_HINTS.get(key, GUI_KEY_HINTS.get(lowered))
+        c.issue(key, f"{key} is a kohya_ss GUI setting, not an sd-scripts key", why)
+        return
     elif lowered in SCHEMA or lowered in UNSUPPORTED:
         hint = f"did you mean {lowered}? keys are lowercase"
     else:
@@ -251,12 +200,26 @@ def _read_keys(c: _Checker, raw: Mapping[str, Any]) -> None:
                 continue
             if result is not None:
                 c.values[key] = result
-        elif key in UNSUPPORTED:
-            message = f"kohya accepts {key} but this trainer does not implement it"
-            if _is_inert(key, value):
+            if SCHEMA[key].kind == "bool" and is_false_word(value):
                 c.issue(
                     key,
-                    f"{message}; {shown(value)} is kohya's default, so it changes nothing",
+                    f'{key} = {shown(value)} is text, which sd-scripts reads as true (any text but "" is); '
+                    "it is read as true here too",
+                    f"write {key} = false, without quotes, to turn it off",
+                    warning=True,
+                )
+        elif key in UNSUPPORTED:
+            message = f"kohya accepts {key} but this trainer does not implement it"
+            if _is_inert(key, value, values):
+                needs = _NEEDS.get(key)
+                why = (
+                    f"it acts only with {needs[1]}, which is off"
+                    if needs and not values.get(needs[0])
+                    else f"{shown(value)} is kohya's default"
+                )
+                c.issue(
+                    key,
+                    f"{message}; {why}, so it changes nothing",
                     "remove it",
                     warning=True,
                 )
@@ -280,19 +243,27 @@ def _rule_model(c: _Checker) -> None:
             "keep it only for a v-prediction checkpoint",
             warning=True,
         )
-    if c.fm_type == "sd_xl" and c["clip_skip"] is not None:
+    if not c.family.uses_clip_skip and c["clip_skip"] is not None:
         c.issue(
             "clip_skip",
-            "clip_skip is ignored on SDXL, as in kohya (SDXL always uses the penultimate layer)",
+            f"clip_skip is ignored on {c.family.label}, as in kohya (it always uses the penultimate layer)",
             "remove it",
             warning=True,
         )
-    if c.fm_type == "sd_xl" and c["mixed_precision"] == "fp16" and not c["no_half_vae"]:
+    if c.family.vae_overflows_in_fp16 and c["mixed_precision"] == "fp16" and not c["no_half_vae"]:
         c.issue(
             "no_half_vae",
-            "SDXL's VAE overflows in fp16 and gives NaN latents or black samples",
+            f"{c.family.label}'s VAE overflows in fp16 and gives NaN latents or black samples",
             "set no_half_vae = true",
             warning=True,
+        )
+
+
+def _rule_kohya_values(c: _Checker) -> None:
+    """Values kohya gives a meaning of its own."""
+    if c["vae_batch_size"] == 0:
+        c.values["vae_batch_size"] = (
+            1  # kohya flushes a latent batch once it holds >= 0 images: one at a time
         )
 
 
@@ -334,7 +305,7 @@ def _rule_network_args(c: _Checker) -> None:
     if c["network_module"] == LYCORIS_MODULE:
         _rule_lycoris_args(c)
         return
-    args = _kv_dict(c["network_args"])
+    args = kv_dict(c["network_args"])
     for name, value in args.items():
         if name in _NETWORK_ARG_SPECS:
             spec = _NETWORK_ARG_SPECS[name]
@@ -346,13 +317,13 @@ def _rule_network_args(c: _Checker) -> None:
             c.issue(
                 "network_args",
                 f"kohya's networks.lora accepts {name} but this trainer does not implement it",
-                "remove it; only conv_dim and conv_alpha are supported",
+                f"remove it; supported: {', '.join(_NETWORK_ARG_SPECS)}",
             )
         else:
             c.issue(
                 "network_args",
                 f"unknown network_args key {name!r}",
-                "only conv_dim=N and conv_alpha=A are supported, for LoCon",
+                f"supported: {', '.join(f'{k}=...' for k in _NETWORK_ARG_SPECS)}",
             )
     if "conv_alpha" in args and "conv_dim" not in args:
         c.issue(
@@ -364,7 +335,7 @@ def _rule_network_args(c: _Checker) -> None:
 
 
 def _rule_lycoris_args(c: _Checker) -> None:
-    args = _kv_dict(c["network_args"])
+    args = kv_dict(c["network_args"])
     for problem in lycoris_arg_problems(args, network_dim=int(c["network_dim"])):
         c.issue("network_args", problem.message, problem.hint, warning=problem.warning)
     algo = strip_quotes(args.get("algo", "lora")).lower()
@@ -550,15 +521,11 @@ def _rule_literal_args(c: _Checker) -> None:
     for key in ("optimizer_args", "lr_scheduler_args"):
         if not c.ok(key):
             continue
-        for name, value in _kv_dict(c[key]).items():
+        for item in c[key]:
             try:
-                ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                c.issue(
-                    key,
-                    f"{name}={value}: the value is not a Python literal, which kohya requires",
-                    f"quote text as {name}='{value}'; numbers, True/False and tuples such as (0.9,0.999) need no quotes",
-                )
+                literal_kwargs([item])
+            except ValueProblem as exc:
+                c.issue(key, exc.message, exc.hint)
 
 
 def _rule_caching(c: _Checker) -> None:
@@ -569,12 +536,13 @@ def _rule_caching(c: _Checker) -> None:
         if c[disk] and not c[memory]:
             c.values[memory] = True
             c.issue(disk, f"{disk} turns on {memory}", f"set {memory} = true as well", warning=True)
-    if c["cache_latents"] and c["random_crop"]:
-        c.issue(
-            "random_crop",
-            "random_crop cannot be used with cached latents (each crop needs a new encoding)",
-            "set random_crop = false or cache_latents = false",
-        )
+    for key in ("random_crop", "color_aug"):
+        if c["cache_latents"] and c[key]:
+            c.issue(
+                key,
+                f"{key} cannot be used with cached latents (each step needs a new encoding); kohya refuses it too",
+                f"set {key} = false or cache_latents = false",
+            )
     if not c["cache_text_encoder_outputs"]:
         return
     if not c["network_train_unet_only"]:
@@ -583,16 +551,7 @@ def _rule_caching(c: _Checker) -> None:
             "cache_text_encoder_outputs needs network_train_unet_only (a trained text encoder changes them)",
             "set network_train_unet_only = true, or cache_text_encoder_outputs = false",
         )
-    changing = [
-        k
-        for k in (
-            "shuffle_caption",
-            "caption_dropout_rate",
-            "caption_tag_dropout_rate",
-            "caption_dropout_every_n_epochs",
-        )
-        if c[k]
-    ]
+    changing = [k for k in CAPTION_VARIATION_KEYS if c[k]]
     if changing:
         c.issue(
             "cache_text_encoder_outputs",
@@ -602,23 +561,41 @@ def _rule_caching(c: _Checker) -> None:
 
 
 def _rule_buckets(c: _Checker) -> None:
+    if c.ok("resolution") and not c["enable_bucket"]:
+        w, h = c["resolution"]
+        if w % 8 or h % 8:
+            c.issue(
+                "resolution",
+                f"resolution {w}x{h} is not a multiple of 8: without enable_bucket every image is resized to it and "
+                "the VAE, which works in 8-pixel blocks, drops the rest (kohya does the same)",
+                "use sides that are multiples of 8 (e.g. 512,640), or set enable_bucket = true",
+                warning=True,
+            )
     if not c.ok("bucket_reso_steps", "min_bucket_reso", "max_bucket_reso"):
         return
     step, low, high = c["bucket_reso_steps"], c["min_bucket_reso"], c["max_bucket_reso"]
-    unit = 32 if c.fm_type == "sd_xl" else 64
+    unit = c.family.bucket_step
+    if not c["enable_bucket"]:
+        return  # kohya reads the bucket settings only with enable_bucket
     if step % unit:
         c.issue(
             "bucket_reso_steps",
-            f"bucket_reso_steps = {step} is not a multiple of {unit} ({c.fm_type})",
+            f"bucket_reso_steps = {step} is not a multiple of {unit} ({c.fm_type}); kohya refuses it too",
             f"use {unit * max(1, round(step / unit))}",
         )
         return
-    for key, value in (("min_bucket_reso", low), ("max_bucket_reso", high)):
-        if value % step:
+    if low % step:
+        low = c.values["min_bucket_reso"] = low - low % step
+    if high % step:
+        high = c.values["max_bucket_reso"] = high + step - high % step
+    for key, given in (("min_bucket_reso", c["min_bucket_reso"]), ("max_bucket_reso", c["max_bucket_reso"])):
+        value = low if key == "min_bucket_reso" else high
+        if key in c.given and value != coerce_value(SCHEMA[key], c.raw.get(key)):
             c.issue(
                 key,
-                f"{key} = {value} is not a multiple of bucket_reso_steps ({step})",
-                f"use {max(step, round(value / step) * step)}",
+                f"{key} is not a multiple of bucket_reso_steps ({step}): it is adjusted to {given}, as kohya does",
+                f"write {key} = {given}",
+                warning=True,
             )
     if low > high:
         c.issue(
@@ -632,6 +609,16 @@ def _rule_buckets(c: _Checker) -> None:
                 f"resolution {w}x{h} is outside the bucket range {low}..{high}",
                 "raise max_bucket_reso / lower min_bucket_reso, or change resolution",
             )
+
+
+def _rule_bucket_upscale(c: _Checker) -> None:
+    if c["bucket_no_upscale"] and not c["enable_bucket"]:
+        c.issue(
+            "bucket_no_upscale",
+            "bucket_no_upscale has no effect without enable_bucket; every image is cropped to the resolution",
+            "set enable_bucket = true, or remove bucket_no_upscale",
+            warning=True,
+        )
 
 
 def _rule_schedule(c: _Checker) -> None:
@@ -661,12 +648,6 @@ def _rule_schedule(c: _Checker) -> None:
             "remove one of them",
             warning=True,
         )
-    if c["persistent_data_loader_workers"] and c["max_data_loader_n_workers"] == 0:
-        c.issue(
-            "persistent_data_loader_workers",
-            "persistent workers need max_data_loader_n_workers > 0",
-            "set max_data_loader_n_workers to 1 or more, or persistent_data_loader_workers = false",
-        )
 
 
 def _rule_saving(c: _Checker) -> None:
@@ -693,7 +674,7 @@ def _rule_saving(c: _Checker) -> None:
                 "use letters, digits, spaces, '-', '_' or '.', e.g. my_lora",
             )
     ext = c["caption_extension"]
-    if c.ok("caption_extension") and (not ext.startswith(".") or len(ext) < 2 or _BAD_NAME_CHARS.search(ext)):
+    if c.ok("caption_extension") and (not ext.startswith(".") or len(ext) < 2 or FORBIDDEN.search(ext)):
         c.issue(
             "caption_extension",
             f"caption_extension {ext!r} must be a file extension starting with '.'",
@@ -702,14 +683,14 @@ def _rule_saving(c: _Checker) -> None:
 
 
 def _file_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a LoRA's file name: Windows' rules (names.py), plus no leading space or extension."""
     if not name.strip():
         return "is empty"
-    if _BAD_NAME_CHARS.search(name):
-        return "contains a path separator or a character not allowed in file names"
-    if name != name.strip() or name.endswith("."):
-        return "starts or ends with a space, or ends with '.'"
-    if name in (".", "..") or name.split(".")[0].lower() in WINDOWS_RESERVED:
-        return "is a reserved name"
+    problem = windows_name_problem(name)
+    if problem:
+        return problem
+    if name != name.lstrip():
+        return "starts with a space"
     if name.lower().endswith((".safetensors", ".ckpt", ".pt")):
         return "includes the file extension (it is added when saving)"
     if len(name) > 150:
@@ -745,23 +726,48 @@ def _rule_sampling(c: _Checker) -> None:
         )
 
 
+def _rule_logging(c: _Checker) -> None:
+    if c["log_with"] and not c["logging_dir"]:
+        c.issue(
+            "log_with",
+            f'log_with = "{c["log_with"]}" needs logging_dir (kohya requires it too)',
+            'set logging_dir = "logs", or remove log_with',
+        )
+    for key in ("log_prefix", "log_tracker_name"):
+        if c[key] and not c["logging_dir"]:
+            c.issue(
+                key, f"{key} has no effect without logging_dir", "set logging_dir, or remove it", warning=True
+            )
+
+
 def _rule_compat(c: _Checker) -> None:
-    for key in ("xformers", "sdpa", "mem_eff_attn"):
-        if c[key]:
+    """Keys accepted for kohya compatibility that change nothing: a value other than the default says so."""
+    for key, spec in SCHEMA.items():
+        if spec.effect.kind == "compat" and c[key] != spec.default_for(c.fm_type):
+            c.issue(key, f"{key} {spec.effect.text}", "remove it", warning=True)
+
+
+def _rule_dataset_config(c: _Checker, check_paths_exist: bool) -> None:
+    """dataset_config replaces train_data_dir and reg_data_dir (as in kohya); its own file is checked too."""
+    path = c["dataset_config"]
+    if path is None or not c.ok("dataset_config"):
+        return
+    for key in ("train_data_dir", "reg_data_dir"):
+        if c[key] is not None:
             c.issue(
                 key,
-                f"{key} is accepted, but this trainer always uses PyTorch scaled-dot-product attention",
+                f"{key} is ignored: dataset_config describes the data, as in kohya",
                 "remove it",
                 warning=True,
             )
-    for key in ("lowram", "highvram"):
-        if c[key]:
-            c.issue(
-                key,
-                f"{key} has no effect here: this trainer manages memory itself",
-                "remove it",
-                warning=True,
-            )
+    if not check_paths_exist or not Path(path).is_file():
+        return
+    from kohya_backend.data.dataset_config import check_against_training_config
+
+    line, column = c.positions.get("dataset_config", (None, None))
+    for issue in check_against_training_config(Path(path), fm_type=c.fm_type, training=c.values):
+        issue.line, issue.column = line, column
+        (c.warnings if issue.severity == "warning" else c.errors).append(issue)
 
 
 # Keys that may name an s3:// object or prefix: downloaded (or, output_dir, uploaded to) by the job's host.
@@ -795,11 +801,34 @@ def _rule_s3_paths(c: _Checker) -> set[str]:
     return found
 
 
+def _unreadable_path(c: _Checker, key: str, value: str) -> bool:
+    """Whether the file system refuses to even look `value` up (a name too long, ...): then an issue says so."""
+    try:
+        os.stat(value)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        c.issue(
+            key, f"{key} cannot be looked up: {why}", "check the path (each name in it at most 255 bytes)"
+        )
+        return True
+    return False
+
+
 def _rule_paths(c: _Checker, require_paths: bool, check_paths_exist: bool) -> None:
     if require_paths:
         for key in _REQUIRED_PATHS:
+            if key == "train_data_dir" and c["dataset_config"] is not None:
+                continue
             if c[key] is None and c.ok(key):
-                c.issue(key, f"{key} is missing", f'set {key} = "..."')
+                c.issue(
+                    key,
+                    f"{key} is missing",
+                    f'set {key} = "..." (or dataset_config for kohya\'s dataset TOML)'
+                    if key == "train_data_dir"
+                    else f'set {key} = "..."',
+                )
     on_s3 = _rule_s3_paths(c)
     if not check_paths_exist:
         return
@@ -807,16 +836,19 @@ def _rule_paths(c: _Checker, require_paths: bool, check_paths_exist: bool) -> No
         "pretrained_model_name_or_path": "any",
         "train_data_dir": "dir",
         "reg_data_dir": "dir",
+        "dataset_config": "file",
         "network_weights": "file",
         "sample_prompts": "file",
         "resume": "dir",
     }
     for key, kind in kinds.items():
         value = c[key]
-        if value is None or not c.ok(key) or key in on_s3:
+        if value is None or not c.ok(key) or key in on_s3 or _unreadable_path(c, key, value):
             continue
         path = Path(value)
-        if not path.exists():
+        if not path.exists() and key == "pretrained_model_name_or_path":
+            _check_model(c, str(value))
+        elif not path.exists():
             c.issue(
                 key, f"{value} does not exist", "check the path (relative paths start at the working folder)"
             )
@@ -830,10 +862,21 @@ def _rule_paths(c: _Checker, require_paths: bool, check_paths_exist: bool) -> No
             value is not None
             and c.ok(key)
             and key not in on_s3
+            and not _unreadable_path(c, key, value)
             and Path(value).exists()
             and not Path(value).is_dir()
         ):
             c.issue(key, f"{value} exists and is not a folder", f"{key} must name a folder")
+
+
+def _check_model(c: _Checker, value: str) -> None:
+    """A base model that is no path here: a hub id must be in the local Hugging Face cache (nothing downloads)."""
+    from kohya_backend.models.diffusers_folder import resolve_model_path
+
+    try:
+        resolve_model_path(value)
+    except TrainManagementError as exc:
+        c.issue("pretrained_model_name_or_path", exc.message, exc.hint)
 
 
 def _line_order(issue: ConfigIssue) -> tuple[int, int, int]:
@@ -857,6 +900,7 @@ def validate_config(
     parsed = source if isinstance(source, ParsedConfig) else parse_config(source)
     c = _Checker(parsed, fm_type)
     _read_keys(c, parsed.values)
+    _rule_kohya_values(c)
     _rule_model(c)
     _rule_precision(c, cuda_available)
     _rule_network(c)
@@ -866,11 +910,14 @@ def validate_config(
     _rule_noise(c)
     _rule_caching(c)
     _rule_buckets(c)
+    _rule_bucket_upscale(c)
     _rule_schedule(c)
     _rule_saving(c)
     _rule_sampling(c)
+    _rule_logging(c)
     _rule_compat(c)
     _rule_paths(c, require_paths, check_paths_exist)
+    _rule_dataset_config(c, check_paths_exist)
     if c.errors:
         raise ConfigError(sorted(c.errors, key=_line_order))
-    return TrainConfig(fm_type=fm_type, values=c.values, warnings=sorted(c.warnings, key=_line_order))
+    return TrainConfig(fm_type=fm_type, warnings=tuple(sorted(c.warnings, key=_line_order)), **c.values)

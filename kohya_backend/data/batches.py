@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kohya_backend.data.buckets import BucketAssigner
@@ -20,14 +21,19 @@ class TrainItem:
     is_reg: bool
 
 
-def build_items(scan: DatasetScan, assigner: BucketAssigner) -> list[TrainItem]:
-    """One TrainItem per image (repeats are applied per epoch), in scan order; lists every unbucketable image."""
+def build_items(scan: DatasetScan, assigner: BucketAssigner | Sequence[BucketAssigner]) -> list[TrainItem]:
+    """One TrainItem per image (repeats are applied per epoch), in scan order; lists every unbucketable image.
+
+    `assigner` may be one per dataset of a dataset_config (indexed by each subset's dataset_index).
+    """
+    assigners = [assigner] if isinstance(assigner, BucketAssigner) else list(assigner)
     items: list[TrainItem] = []
     problems: list[tuple[str, str]] = []
     for index, subset in enumerate(scan.subsets):
+        chosen = assigners[subset.dataset_index if len(assigners) > 1 else 0]
         for image in subset.images:
             try:
-                bucket = assigner.assign(image.width, image.height)
+                bucket = chosen.assign(image.width, image.height)
             except DatasetError as error:
                 problems.append((str(image.path), error.message))
                 continue
@@ -36,7 +42,7 @@ def build_items(scan: DatasetScan, assigner: BucketAssigner) -> list[TrainItem]:
         lines = "\n".join(f"  - {path}: {reason}" for path, reason in problems)
         raise DatasetError(
             f"{len(problems)} image(s) cannot be put in a bucket:\n{lines}",
-            f"use images at least {assigner.reso_steps} px on each side, or turn bucket_no_upscale off",
+            f"use images at least {assigners[0].reso_steps} px on each side, or turn bucket_no_upscale off",
             files=[path for path, _ in problems],
         )
     return items
@@ -63,12 +69,18 @@ def reg_repeats(reg_base_repeats: list[int], num_train_items: int) -> list[int]:
 
 
 def item_repeats(items: list[TrainItem], scan: DatasetScan) -> list[int]:
-    """How many times each item appears per epoch: its folder's repeats, reg items balanced as kohya does."""
+    """How many times each item appears per epoch: its folder's repeats, reg items balanced as kohya does (within
+    each dataset of a dataset_config)."""
     repeats = [0 if item.is_reg else scan.subsets[item.subset_index].repeats for item in items]
-    reg_positions = [i for i, item in enumerate(items) if item.is_reg]
-    if reg_positions:
+    dataset_of = [scan.subsets[item.subset_index].dataset_index for item in items]
+    for dataset in sorted(set(dataset_of)):
+        members = [i for i, d in enumerate(dataset_of) if d == dataset]
+        reg_positions = [i for i in members if items[i].is_reg]
+        if not reg_positions:
+            continue
+        train_items = sum(repeats[i] for i in members if not items[i].is_reg)
         balanced = reg_repeats(
-            [scan.subsets[items[i].subset_index].repeats for i in reg_positions], sum(repeats)
+            [scan.subsets[items[i].subset_index].repeats for i in reg_positions], train_items
         )
         for position, count in zip(reg_positions, balanced):
             repeats[position] = count
@@ -81,9 +93,16 @@ def epoch_rng(seed: int, epoch: int) -> random.Random:
 
 
 def epoch_batches(
-    items: list[TrainItem], scan: DatasetScan, *, batch_size: int, epoch: int, seed: int
+    items: list[TrainItem],
+    scan: DatasetScan,
+    *,
+    batch_size: int,
+    epoch: int,
+    seed: int,
+    batch_sizes: Sequence[int] | None = None,
 ) -> list[list[TrainItem]]:
-    """All batches of one epoch: repeats applied, reg balanced, never mixing buckets, shuffled by (seed, epoch)."""
+    """All batches of one epoch: repeats applied, reg balanced, never mixing buckets (or datasets), shuffled by
+    (seed, epoch). `batch_sizes` gives each dataset of a dataset_config its own batch size."""
     if batch_size < 1:
         raise ConfigError(
             [
@@ -92,14 +111,34 @@ def epoch_batches(
                 )
             ]
         )
-    per_bucket: dict[tuple[int, int], list[TrainItem]] = {}
+    per_bucket: dict[tuple[int, tuple[int, int]], list[TrainItem]] = {}
     for item, count in zip(items, item_repeats(items, scan)):
-        per_bucket.setdefault(item.bucket, []).extend([item] * count)
+        dataset = scan.subsets[item.subset_index].dataset_index
+        per_bucket.setdefault((dataset, item.bucket), []).extend([item] * count)
     rng = epoch_rng(seed, epoch)
     batches: list[list[TrainItem]] = []
-    for bucket in sorted(per_bucket):
-        members = per_bucket[bucket]
+    for key in sorted(per_bucket):
+        members = per_bucket[key]
+        size = batch_sizes[key[0]] if batch_sizes else batch_size
         rng.shuffle(members)
-        batches.extend(members[start : start + batch_size] for start in range(0, len(members), batch_size))
+        batches.extend(members[start : start + size] for start in range(0, len(members), size))
     rng.shuffle(batches)
     return batches
+
+
+def process_rounds(num_batches: int, num_processes: int, *, start: int = 0) -> list[list[int]]:
+    """Which of an epoch's batches each process trains in each round, from batch `start` on (a resumed epoch).
+
+    Round k gives process r batch `start + k * num_processes + r`, so one round is the global batch. The last round
+    is filled up with the epoch's first batches, as accelerate's even_batches does for kohya: every process runs
+    the same number of rounds (one collective per round never waits on a process that has run out of batches),
+    and a few batches train twice in that epoch. One process gets every batch once.
+    """
+    if num_processes < 1:
+        raise ValueError(f"num_processes must be at least 1, got {num_processes}")
+    remaining = max(0, num_batches - start)
+    rounds = -(-remaining // num_processes)
+    return [
+        [(start + k * num_processes + rank) % num_batches for rank in range(num_processes)]
+        for k in range(rounds)
+    ]

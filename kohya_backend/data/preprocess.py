@@ -5,7 +5,7 @@ bucket settings), so training crops nothing more."""
 from __future__ import annotations
 
 import functools
-import os
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +15,7 @@ from kohya_backend.config.schema import SCHEMA
 from kohya_backend.data.buckets import BucketAssigner
 from kohya_backend.data.images import load_image
 from kohya_backend.errors import TrainManagementError
+from kohya_backend.fileio import atomic_write
 
 SIZES: tuple[int, ...] = (512, 1024)
 MODES: tuple[str, ...] = ("crop", "bucket")
@@ -85,12 +86,9 @@ def preprocess_image(path: Path, options: Preprocess) -> tuple[int, int]:
     size = target_size(image.width, image.height, options)
     fitted = ImageOps.fit(image, size, method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
     out = Path(path)
-    tmp = out.with_name(f".{out.name}.tmp")
     fmt = Image.registered_extensions().get(out.suffix.lower(), "PNG")
     extra = {"quality": _JPEG_QUALITY} if fmt in ("JPEG", "WEBP") else {}
-    try:
-        fitted.save(tmp, format=fmt, **extra)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    encoded = io.BytesIO()
+    fitted.save(encoded, format=fmt, **extra)
+    atomic_write(out, encoded.getvalue())
     return fitted.size

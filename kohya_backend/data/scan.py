@@ -6,9 +6,13 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kohya_backend.data.images import IMAGE_EXTENSIONS, BadImageError, is_image_file, probe_image
 from kohya_backend.errors import ConfigError, ConfigIssue, DatasetError
+
+if TYPE_CHECKING:
+    from kohya_backend.data.dataset_config import DatasetParams, SubsetOptions
 
 SUBSET_FOLDER = re.compile(r"^(\d+)_(.*)$")
 # A dot, then a name that keeps `<basename><caption_extension>` in the image's folder: no slashes, no controls,
@@ -41,7 +45,11 @@ class ListedImage:
 
 @dataclass
 class Subset:
-    """One `<repeats>_<name>` folder: `name` is the folder name, `class_token` the part after the repeats."""
+    """One `<repeats>_<name>` folder: `name` is the folder name, `class_token` the part after the repeats.
+
+    A subset of a dataset_config also carries its dataset's index and its own options (None: the training
+    config's settings apply).
+    """
 
     path: Path
     name: str
@@ -49,6 +57,8 @@ class Subset:
     class_token: str
     images: list[ImageItem]
     is_reg: bool
+    dataset_index: int = 0
+    options: SubsetOptions | None = None
 
     @property
     def num_items(self) -> int:
@@ -72,6 +82,9 @@ class DatasetScan:
     subsets: list[Subset]
     warnings: list[str] = field(default_factory=list)
     ignored: list[Path] = field(default_factory=list)
+    datasets: list[DatasetParams] = field(
+        default_factory=list
+    )  # a dataset_config's datasets; [] = the config's
 
     @property
     def num_images(self) -> int:
@@ -94,13 +107,24 @@ class DatasetScan:
         return sum(s.num_items for s in self.subsets if s.is_reg)
 
     def tag_frequency(self) -> dict[str, dict[str, int]]:
-        """Tag counts per folder name, tags split on "," and stripped (kohya's `ss_tag_frequency`)."""
+        """Tag counts per folder name, tags split on ",", stripped and lowercased (kohya's `ss_tag_frequency`)."""
         frequency: dict[str, Counter[str]] = {}
         for subset in self.subsets:
             counter = frequency.setdefault(subset.name, Counter())
             for item in subset.images:
-                counter.update(tag.strip() for tag in subset.caption_of(item).split(",") if tag.strip())
+                counter.update(
+                    tag.strip().lower() for tag in subset.caption_of(item).split(",") if tag.strip()
+                )
         return {name: dict(counter) for name, counter in frequency.items()}
+
+    def kohya_dataset_dirs(self, *, reg: bool) -> dict[str, dict[str, int]]:
+        """kohya's `ss_dataset_dirs` (training folders) or `ss_reg_dataset_dirs` (regularisation folders): repeats
+        and image count per folder name."""
+        return {
+            s.name: {"n_repeats": s.repeats, "img_count": len(s.images)}
+            for s in self.subsets
+            if s.is_reg == reg
+        }
 
     def dataset_dirs_info(self) -> dict[str, dict[str, int]]:
         """Repeats and image count per folder name (kohya's `ss_dataset_dirs`)."""

@@ -60,10 +60,12 @@ def webui_policy(cmd_opts: Any) -> tuple[GuardPolicy, list[str]]:
     Host names: loopback, plus this machine's names and addresses with --listen (or the --server-name),
     plus --train-allowed-hosts; any name with --share or --ngrok, whose tunnel names are not known here (those
     need credentials on the API anyway). Other origins: the WebUI's --cors-allow-origins and
-    --cors-allow-origins-regex, as its own CORS allows them; an entry that is not an origin is skipped and named.
+    --cors-allow-origins-regex, as its own CORS allows them (an entry that is not an origin is skipped and named),
+    and pages under a --train-allowed-hosts name (a proxy that rewrites Host still serves the page under it).
+    The tab's buttons use the same origins (ui/origin_guard.py).
     """
     from kohya_backend.service.guard import BadOrigin, GuardPolicy, configured_origins
-    from kohya_backend.service.hosts import answered_hosts
+    from kohya_backend.service.hosts import answered_hosts, host_name
 
     problems: list[str] = []
     origins: list[str] = []
@@ -72,7 +74,7 @@ def webui_policy(cmd_opts: Any) -> tuple[GuardPolicy, list[str]]:
             origins += configured_origins([item], where="--cors-allow-origins")
         except BadOrigin as exc:
             problems.append(
-                f"Train Management: {exc.message}; it is not allowed on the REST API ({exc.hint})"
+                f"Train Management: {exc.message}; it is not allowed on the REST API nor in the tab ({exc.hint})"
             )
     extra = tuple(
         n.strip() for v in getattr(cmd_opts, "train_allowed_hosts", None) or () for n in v.split(",")
@@ -84,5 +86,6 @@ def webui_policy(cmd_opts: Any) -> tuple[GuardPolicy, list[str]]:
         hosts=None if tunnel else answered_hosts(bind, tuple(n for n in extra if n)),
         origins=tuple(origins),
         origin_regex=getattr(cmd_opts, "cors_allow_origins_regex", None) or None,
+        origin_hosts=frozenset(host_name(n) for n in extra if n and n != "*"),
     )
     return policy, problems

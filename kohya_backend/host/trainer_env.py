@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import kohya_backend
+from kohya_backend.fileio import write_json_atomic
 from kohya_backend.host.flags import PYTHON_ENV
 
 ENV_DIR_ENV = "TRAIN_MANAGEMENT_TRAINER_ENV"
@@ -44,6 +45,7 @@ PREFERRED_PYTHON = (3, 11)  # transformers 5.24 and diffusers 0.42 (requirements
 MAX_PYTHON = (3, 12)  # numpy 1.26 (the tested pin) has no wheels for newer Pythons
 REQUIREMENTS = "requirements-trainer.txt"
 REQUIREMENTS_PY310 = "requirements-trainer-py310.txt"
+REQUIREMENTS_SDIST = "requirements-trainer-sdist.txt"  # pure-Python pins without a wheel, for every Python
 PIP_TIMEOUT_S = 30
 SETUP_DEADLINE_S = 45 * 60
 # CUDA builds assumed published for the pinned torch, by the CUDA major of the WebUI's torch. Only Windows needs
@@ -155,15 +157,21 @@ def env_spec(
     platform: str = sys.platform,
     environ: Mapping[str, str] | None = None,
 ) -> EnvSpec:
-    """The spec from requirements-trainer.txt and -py310.txt (same torch line) and requirements-vocab.txt."""
+    """The spec from requirements-trainer.txt and -py310.txt (same torch line), each with
+    requirements-trainer-sdist.txt, and requirements-vocab.txt."""
     base = root or extension_root()
     env = os.environ if environ is None else environ
     torch_line, rest = _split_torch(base / REQUIREMENTS)
+    sdist = (
+        tuple(read_requirements(base / REQUIREMENTS_SDIST)) if (base / REQUIREMENTS_SDIST).is_file() else ()
+    )
+    rest += sdist
     py310: tuple[str, ...] = ()
     if (base / REQUIREMENTS_PY310).is_file():
         torch_py310, py310 = _split_torch(base / REQUIREMENTS_PY310)
         if torch_py310 != torch_line:
             raise ValueError(f"{base / REQUIREMENTS_PY310} must pin the same torch as {REQUIREMENTS}")
+        py310 += sdist
     choice = torch_choice(torch_line, webui_torch, platform, env.get(TORCH_INDEX_ENV) or None)
     return EnvSpec(choice, rest, tuple(read_requirements(base / "requirements-vocab.txt")), py310)
 
@@ -191,10 +199,7 @@ def read_state(folder: Path) -> dict[str, Any] | None:
 
 def write_state(folder: Path, state: Mapping[str, Any]) -> None:
     """Write state.json atomically."""
-    path = Path(folder) / "state.json"
-    tmp = path.with_name(".state.json.tmp")
-    tmp.write_text(json.dumps(dict(state), indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(Path(folder) / "state.json", dict(state))
 
 
 def state_python(state: Mapping[str, Any]) -> tuple[int, int] | None:

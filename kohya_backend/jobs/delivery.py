@@ -22,6 +22,10 @@ from typing import IO, Any
 from safetensors import SafetensorError, safe_open
 
 from kohya_backend.errors import TrainingError
+from kohya_backend.families import FAMILIES
+from kohya_backend.fileio import fsync_dir
+from kohya_backend.job_folder import GRID_SUFFIX as GRID_SUFFIX
+from kohya_backend.job_folder import JobFolder
 from kohya_backend.jobs.runner import RESULT_NAME, read_json
 from kohya_backend.jobs.store import Job
 
@@ -29,9 +33,8 @@ Writer = Callable[[IO[bytes], bytes], object]
 CHUNK_BYTES = 1 << 20
 TOP_TAGS = 3
 _MAX_SUFFIX = 10_000
-GRID_SUFFIX = "-epochs.png"  # the trainer's epoch comparison grid in the job's output folder
 GRID_SIDECAR = ".epochs.png"  # the same beside the delivered LoRA
-_SD_VERSION = {"sd_1_5": "SD1", "sd_xl": "SDXL"}
+_SD_VERSION = {name: family.sidecar_sd_version for name, family in FAMILIES.items()}
 _REPEATS_PREFIX = re.compile(r"^\d+_")
 # Filesystems without hard links: fall back to an existence check plus rename.
 NO_LINK_ERRNOS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK}
@@ -45,11 +48,7 @@ def final_lora(job: Job) -> Path:
     """The finished LoRA in the job folder: result.json's `output`, else DIR/output/<output_name>.safetensors."""
     result = read_json(job.folder / RESULT_NAME) or {}
     output = result.get("output")
-    path = (
-        Path(output)
-        if isinstance(output, str) and output
-        else job.folder / "output" / f"{job.output_name}.safetensors"
-    )
+    path = Path(output) if isinstance(output, str) and output else JobFolder(job.folder).lora(job.output_name)
     if not path.is_file():
         raise TrainingError(
             f"job {job.id}: the finished LoRA {path} does not exist",
@@ -148,7 +147,7 @@ def lora_sidecar(
 
 def last_sample(job: Job) -> Path | None:
     """The newest sample image the trainer wrote (DIR/output/sample/*.png), or None."""
-    folder = job.folder / "output" / "sample"
+    folder = JobFolder(job.folder).samples
     if not folder.is_dir():
         return None
     pngs = [p for p in folder.glob("*.png") if p.is_file()]
@@ -157,14 +156,14 @@ def last_sample(job: Job) -> Path | None:
 
 def grid_file(job: Job) -> Path | None:
     """The job's epoch comparison grid (DIR/output/<output_name>-epochs.png), or None when it has none."""
-    path = job.folder / "output" / f"{job.output_name}{GRID_SUFFIX}"
+    path = JobFolder(job.folder).grid(job.output_name)
     return path if path.is_file() else None
 
 
 def saved_epochs(job: Job) -> dict[int, Path]:
     """The epoch LoRAs (<output_name>-NNNNNN.safetensors) still in the job's output folder, by epoch."""
     pattern = re.compile(rf"^{re.escape(job.output_name)}-(\d{{6}})\.safetensors$")
-    folder = job.folder / "output"
+    folder = JobFolder(job.folder).output
     found = {}
     for path in folder.glob("*.safetensors") if folder.is_dir() else []:
         match = pattern.match(path.name)
@@ -194,7 +193,7 @@ def deliver_epoch(job: Job, epoch: int, lora_dir: Path, name: str) -> Path:
         for candidate in _candidates(dest.stem):
             if _place(tmp, folder / f"{candidate}.safetensors"):
                 batch.temps.remove(tmp)
-                _fsync_dir(folder)
+                fsync_dir(folder)
                 return folder / f"{candidate}.safetensors"
     except OSError as exc:
         batch.rollback()
@@ -285,14 +284,6 @@ def _candidates(stem: str) -> Iterator[str]:
         yield f"{stem}-{n}"
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _claim_lora(batch: _Batch, tmp: Path, lora_dir: Path, stem: str) -> str:
     """Link the LoRA under the first free name (stem, stem-1, stem-2, ...) and return that name."""
     for name in _candidates(stem):
@@ -329,7 +320,7 @@ def _deliver_epochs(batch: _Batch, job: Job, final: Path, lora_dir: Path, name: 
                 batch.placed.append(folder / f"{candidate}.safetensors")
                 batch.temps.remove(tmp)
                 break
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def deliver(
@@ -371,7 +362,7 @@ def deliver(
                 batch.temps.remove(grid_tmp)
         if keep_epochs:
             _deliver_epochs(batch, job, final, lora_dir, name)
-        _fsync_dir(lora_dir)
+        fsync_dir(lora_dir)
     except OSError as exc:
         batch.rollback()
         raise TrainingError(

@@ -136,10 +136,11 @@ def runs_fp16(devices: Iterable[str]) -> bool:
 
 
 def device_kind(device: str) -> str:
-    """'cuda', 'mps' or 'cpu' for a device name ('cuda:N', 'mps', 'cpu'); ValueError for anything else."""
+    """'cuda', 'mps' or 'cpu' for a device name ('cuda:N', a GPU group 'cuda:N,M' of a multi-GPU job, 'mps',
+    'cpu'); ValueError for anything else."""
     if device in (CPU_DEVICE, MPS_DEVICE):
         return device
-    kind, _, index = device.partition(":")
-    if kind == "cuda" and index.isdigit():
+    kind, _, indices = device.partition(":")
+    if kind == "cuda" and all(index.isdigit() for index in indices.split(",")):
         return kind
     raise ValueError(f"unknown device {device!r}")

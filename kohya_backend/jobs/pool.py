@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kohya_backend.families import FAMILIES
+from kohya_backend.jobs.allocation import gpus_of
 from kohya_backend.jobs.registry import WorkerEntry, WorkerRegistry
 from kohya_backend.jobs.worker_client import WorkerAuthError, WorkerClient, WorkerError
 from kohya_backend.jobs.worker_protocol import WORKER_API_VERSION
@@ -22,7 +24,7 @@ log = logging.getLogger(__name__)
 DEFAULT_REFRESH_S = 5.0
 INFO_TIMEOUT_S = 5.0
 # Rough VRAM a LoRA run needs (512 px SD 1.5, 1024 px SDXL with the usual memory savers); a job may ask for more.
-MIN_VRAM_GB = {"sd_1_5": 6.0, "sd_xl": 12.0}
+MIN_VRAM_GB = {name: family.min_vram_gb for name, family in FAMILIES.items()}
 
 
 @dataclass
@@ -47,9 +49,22 @@ class WorkerState:
         known = [s for s in sizes if isinstance(s, (int, float)) and s > 0]
         return max(known) / 2**30 if known else None
 
+    def gpu_count(self) -> int:
+        """How many GPUs the worker reported (0: none, it trains on its CPU; or it has not answered yet)."""
+        return sum(1 for g in self.info.get("gpus") or [] if isinstance(g, dict))
+
+    def has_gpus_for(self, gpus: int) -> bool:
+        """Whether a job asking for `gpus` GPUs fits this worker: it has that many, or has none and runs that many
+        processes on its CPU (as this machine would)."""
+        count = self.gpu_count()
+        return count == 0 or count >= gpus
+
     def can_take(self, fm_type: str, params: Mapping[str, Any], own_active: int) -> bool:
-        """True when the worker answers, has a free slot, and has enough VRAM for the job (or does not say)."""
+        """True when the worker answers, has a free slot, enough GPUs for the job, and enough VRAM (or does not
+        say)."""
         if self.state not in ("online", "busy") or self.free_slots(own_active) <= 0:
+            return False
+        if not self.has_gpus_for(gpus_of(params)):
             return False
         vram = self.vram_gb()
         return vram is None or vram >= required_vram_gb(fm_type, params)

@@ -8,19 +8,16 @@ The scheduler folds events into the job's progress with `summarize`; the API and
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kohya_backend.jobs.runner import LOG_NAME
+from kohya_backend.job_folder import LOG_NAME, JobFolder
 
 MAX_READ_BYTES = 8 << 20
 LOG_TAIL_LINES = 20
 _TAIL_BLOCK = 64 << 10
 MAX_WARNINGS = 20
-# Mirrors kohya_backend/train/state.py: complete states are folders `state-NNNNNNNN` in <output_name>-state/.
-_STATE_DIR = re.compile(r"^state-\d{8,}$")
 
 
 def _parse_line(raw: bytes) -> dict[str, Any]:
@@ -105,7 +102,7 @@ def _step_progress(event: dict[str, Any]) -> dict[str, Any]:
         "loss": event.get("loss"),
         "avg_loss": event.get("avg_loss"),
         "lr": lr,
-        "it_per_s": event.get("it_per_s", event.get("it_s")),
+        "it_per_s": event.get("it_per_s", event.get("it_s")),  # it_s: older trainers (and workers)
         "eta_s": event.get("eta_s"),
         "phase": "training",
     }
@@ -254,7 +251,4 @@ def log_tail(folder: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 def has_saved_state(folder: Path) -> bool:
     """True when the job's output folder holds a complete saved training state to resume from."""
-    output = folder / "output"
-    if not output.is_dir():
-        return False
-    return any(_STATE_DIR.match(p.name) and p.is_dir() for p in output.glob("*-state/state-*"))
+    return JobFolder(folder).has_saved_state()

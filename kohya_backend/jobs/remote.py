@@ -143,6 +143,24 @@ class RemoteRunner:
                 web_hint="open *Remote GPU workers*, paste a worker's URL and token, and press **Add worker**",
             )
 
+    def check_gpus(self, instance_type: str, gpus: int) -> None:
+        """Refuse a job asking for more GPUs than its worker reported (for the pool: than any worker reported);
+        a worker not heard from yet, or one without GPUs (its CPU runs the processes), is given the benefit."""
+        self.check_instance_type(instance_type)
+        if gpus == 1:
+            return
+        target = _target(instance_type)
+        states = self.pool.states()
+        named = [states[target]] if target is not None and target in states else list(states.values())
+        if not named or any(not s.info or s.has_gpus_for(gpus) for s in named):
+            return
+        best = max(s.gpu_count() for s in named)
+        where = f"worker {target!r} has" if target is not None else "the largest registered worker has"
+        raise TrainManagementError(
+            f"the job asks for {gpus} GPUs, but {where} {best}",
+            f"ask for at most {best} GPUs per job, or add a worker with {gpus} GPUs",
+        )
+
     def _own_active(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         with self._lock:

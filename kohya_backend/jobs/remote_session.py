@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import tomlkit
 
 from kohya_backend.errors import TrainManagementError
+from kohya_backend.jobs.allocation import gpus_of
 from kohya_backend.jobs.registry import WorkerEntry
 from kohya_backend.jobs.runner import (
     EVENTS_NAME,
@@ -288,13 +289,15 @@ class RemoteSession(threading.Thread):
         self._call(lambda c: uploader.ensure(inputs))
         self._progress(self.stats, force=True)
         self._note(self._summary(inputs))
-        spec = {
+        spec: dict[str, Any] = {
             "client_key": f"{self.client_id}:{self.job.id}:{self.worker.name}",
             "fm_type": self.job.fm_type,
             "output_name": self.job.output_name,
             "config_params": remote_config(self.job),
             "inputs": {item.key: item.spec() for item in inputs},
         }
+        if gpus_of(self.job.params) > 1:
+            spec["gpus"] = gpus_of(self.job.params)  # the worker gives the job that many of its GPUs
         try:
             view = self._call(lambda c: c.submit(spec))
         except WorkerRejected as exc:

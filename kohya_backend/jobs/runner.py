@@ -23,16 +23,18 @@ import psutil
 
 import kohya_backend
 from kohya_backend.errors import TrainManagementError
+from kohya_backend.families import FM_TYPES
+from kohya_backend.fileio import write_json_atomic as write_json_atomic
+from kohya_backend.job_folder import EVENTS_NAME as EVENTS_NAME
+from kohya_backend.job_folder import LOG_NAME as LOG_NAME
+from kohya_backend.job_folder import RESULT_NAME as RESULT_NAME
+from kohya_backend.job_folder import RUN_NAME as RUN_NAME
 from kohya_backend.jobs import processes
+from kohya_backend.jobs.allocation import gpus_of, processes_for
 from kohya_backend.jobs.devices import device_kind
 from kohya_backend.jobs.store import Job
 from kohya_backend.train.device import DEVICE_ENV
 
-EVENTS_NAME = "events.jsonl"
-RESULT_NAME = "result.json"
-LOG_NAME = "train.log"
-RUN_NAME = "run.json"
-FM_TYPES = ("sd_1_5", "sd_xl")
 _OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
@@ -109,8 +111,9 @@ class PlacingRunner(Runner, Protocol):
         ...
 
 
-def trainer_command(python: Sequence[str], job: Job, *, resume: bool) -> list[str]:
-    """The command line that trains `job`: always kohya_backend's `train --job DIR`."""
+def trainer_command(python: Sequence[str], job: Job, *, resume: bool, processes: int = 1) -> list[str]:
+    """The command line that trains `job`: always kohya_backend's `train --job DIR` (with `--num-processes N` for
+    a data-parallel job)."""
     if job.fm_type not in FM_TYPES:
         raise TrainManagementError(
             f"job {job.id} has FM type {job.fm_type!r}, which the trainer does not train",
@@ -118,6 +121,8 @@ def trainer_command(python: Sequence[str], job: Job, *, resume: bool) -> list[st
         )
     folder = str(job.folder.resolve())  # absolute, so attach() recognises it whatever the host's cwd
     command = [*python, "-m", "kohya_backend", "train", "--job", folder, "--fm-type", job.fm_type]
+    if processes > 1:
+        command += ["--num-processes", str(processes)]
     return [*command, "--resume"] if resume else command
 
 
@@ -135,7 +140,8 @@ def trainer_env(device: str | None, base: dict[str, str] | None = None) -> dict[
         except ValueError:
             raise TrainManagementError(
                 f"unknown device {device!r}",
-                "use 'cpu', 'mps' (Apple silicon) or 'cuda:N' with N the GPU's index, e.g. 'cuda:0'",
+                "use 'cpu', 'mps' (Apple silicon), 'cuda:N' with N the GPU's index, e.g. 'cuda:0', or GPUs "
+                "together, e.g. 'cuda:0,1'",
             ) from None
         env[DEVICE_ENV] = kind  # the trainer trains on this kind, or says why it cannot
         if kind != "mps":
@@ -144,20 +150,6 @@ def trainer_env(device: str | None, base: dict[str, str] | None = None) -> dict[
             env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
             env["CUDA_VISIBLE_DEVICES"] = device.partition(":")[2] if kind == "cuda" else ""
     return env
-
-
-def write_json_atomic(path: Path, data: dict[str, Any], *, mode: int | None = None) -> None:
-    """Write a JSON file via a temporary name (unique per process and thread), fsync and rename; `mode` (e.g.
-    0o600 for a file holding tokens) is set before any byte is written."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if mode is None else mode)
-    if mode is not None:
-        os.chmod(tmp, mode)  # a leftover temporary file keeps its old mode otherwise
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -190,9 +182,11 @@ class LocalRunner:
         self._lock = threading.Lock()
 
     def start(self, job: Job, *, resume: bool, device: str | None = None) -> RunHandle:
-        """Launch `python -m kohya_backend train --job DIR` detached in its own group, output to DIR/train.log."""
+        """Launch `python -m kohya_backend train --job DIR` detached in its own group, output to DIR/train.log; a job
+        given several GPUs (or the CPU standing in for them) trains in one process per GPU under its launcher."""
         folder = job.folder
-        command = trainer_command(self.python, job, resume=resume)
+        count = processes_for(device, gpus_of(job.params))
+        command = trainer_command(self.python, job, resume=resume, processes=count)
         env = trainer_env(device)
         # A previous run's outcome must not be read as this one's.
         (folder / RESULT_NAME).unlink(missing_ok=True)

@@ -134,6 +134,16 @@ class SageMakerRunner:
         self._ready()
         self._pending = True
 
+    def check_gpus(self, instance_type: str, gpus: int) -> None:
+        """Refuse more GPUs per job than the instance type has (its processes train data-parallel on them)."""
+        spec = parse_instance_type(instance_type).spec
+        if gpus > spec.gpus:
+            raise TrainManagementError(
+                f"the job asks for {gpus} GPUs, but {spec.name} has {spec.gpus}",
+                f"ask for at most {spec.gpus}, or choose an instance type with {gpus} GPUs "
+                "(`sagemaker instance-types` lists them)",
+            )
+
     def check_config(self, instance_type: str, fm_type: str, values: Mapping[str, Any]) -> list[ConfigIssue]:
         """What Format says about a formatted config on this instance type (bf16, GPU memory)."""
         return check_config(parse_instance_type(instance_type), fm_type, values)

@@ -190,8 +190,10 @@ def check_config(choice: InstanceChoice, fm_type: str, values: Mapping[str, Any]
     if spec.gpus > 1:
         issues.append(
             ConfigIssue(
-                f"{spec.name} has {spec.gpus} GPUs; this trainer trains on one of them",
-                hint=f"a single-GPU type with the same GPU ({_bigger(spec, spec.gpu.memory_gb)}) costs less",
+                f"{spec.name} has {spec.gpus} GPUs: a job trains data-parallel on as many as its GPUs per job "
+                f"(train_batch_size is per GPU)",
+                hint=f"set GPUs per job to {spec.gpus} to use them all; for one GPU, a single-GPU type with the same "
+                f"GPU ({_bigger(spec, spec.gpu.memory_gb)}) costs less",
                 severity="warning",
             )
         )

@@ -7,16 +7,22 @@ trainer event is printed on stdout as one `@train-management-event {...}` line f
 CloudWatch Logs. On success the LoRA, its epochs, samples and sidecars (<name>.json, <name>.preview.png) go to
 `/opt/ml/model`; SIGTERM (StopTrainingJob, a spot interruption, MaxRuntime) saves the state and exits cleanly;
 any failure writes its reason to `/opt/ml/output/failure` and exits non-zero.
+
+On a multi-GPU instance (ml.g5.12xlarge: 4 GPUs) the entrypoint trains data-parallel: it starts one process of
+itself per GPU (the job's `gpus` hyperparameter, else SM_NUM_GPUS, else the GPUs it finds) through the launcher;
+rank 0 does all of the above, the others only train.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import sys
 import threading
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -31,6 +37,7 @@ from kohya_backend.jobs.sagemaker_protocol import (
     FOLDER_CHANNELS,
     HP_DATASET_NAME,
     HP_FM_TYPE,
+    HP_GPUS,
     HP_JOB_ID,
     HP_MODEL_NAME,
     HP_OUTPUT_NAME,
@@ -234,10 +241,37 @@ def _detected_fm_type(config: str) -> str:
     return _detect_fm_type(tomlkit.parse(config).get("pretrained_model_name_or_path"))
 
 
+def container_processes(hyper: dict[str, str], environ: Mapping[str, str], gpus_found: int) -> int:
+    """How many training processes the container runs: the job's `gpus` hyperparameter, else SM_NUM_GPUS (the
+    SageMaker toolkit's), else the GPUs found; never more than the GPUs found (at least 1: the CPU)."""
+    present = max(1, gpus_found)
+    asked = hyper.get(HP_GPUS) or environ.get("SM_NUM_GPUS") or str(present)
+    try:
+        count = int(asked)
+    except ValueError:
+        raise TrainManagementError(
+            f"the {HP_GPUS} hyperparameter (or SM_NUM_GPUS) is {asked!r}, not a number of GPUs",
+            "submit the job again from Train Management, which sets it",
+        ) from None
+    if count < 1 or (count > present and gpus_found > 0):
+        raise TrainManagementError(
+            f"the job asks for {count} GPU processes; this instance has {gpus_found} GPU(s)",
+            "choose an instance type with that many GPUs, or ask for fewer GPUs per job",
+        )
+    return count
+
+
+def container_command(root: Path) -> list[str]:
+    """What each data-parallel process of the container runs: this entrypoint again, on the same /opt/ml tree."""
+    return ["sagemaker", "train", "--root", str(root)]
+
+
 def train(paths: ContainerPaths, *, stdout: TextIO) -> int:
     """Train from the /opt/ml tree (see the module doc); 0 when the LoRA is in /opt/ml/model or the run was
-    stopped with its state saved. Errors propagate (run_container turns them into the failure file)."""
+    stopped with its state saved. Errors propagate (run_container turns them into the failure file).
+    One of several data-parallel processes other than rank 0 only trains."""
     from kohya_backend.cli import _lean_process, _optimizer_of, run_training
+    from kohya_backend.train.process_env import process_info
     from kohya_backend.train.state import latest_state
 
     hyper = read_hyperparameters(paths)
@@ -248,6 +282,10 @@ def train(paths: ContainerPaths, *, stdout: TextIO) -> int:
     output_dir = job_dir / "output"
     output_dir.mkdir(parents=True, exist_ok=True)
     state = latest_state(output_dir / f"{output_name}-state")
+    if not process_info().is_main:
+        _lean_process(_optimizer_of(config))
+        code = run_training(config, fm_type, events_path=None, job_dir=job_dir, resume=state is not None)
+        return 0 if code in (0, 3) else code
     log = sys.stderr
     ignored = sorted(k for k in hyper if k.startswith(SDK_HYPERPARAMETER_PREFIX))
     print(f"train-management: SageMaker training of {output_name!r} ({fm_type}) in {paths.root}", file=log)
@@ -287,16 +325,54 @@ def write_failure(paths: ContainerPaths, text: str) -> None:
         print(f"train-management: cannot write {paths.failure}: {exc}", file=sys.stderr)
 
 
-def run_container(root: Path, *, stdout: TextIO | None = None) -> int:
-    """The entrypoint: train, and on any failure write the reason to output/failure and return non-zero."""
+def _launch(paths: ContainerPaths, count: int) -> int:
+    """Run the entrypoint in `count` data-parallel processes; when they fail without rank 0 saying why, the
+    launcher's account (which process ended how) becomes the failure reason."""
+    from kohya_backend.launcher import Launch, worker_command
+
+    print(f"train-management: training data-parallel in {count} processes", file=sys.stderr, flush=True)
+    launch = Launch(worker_command(container_command(paths.root)), count)
+    code = launch.run()
+    if code in (0, 3):
+        return 0
+    if not paths.failure.exists():
+        write_failure(paths, launch.failure or f"the training processes ended with code {code}")
+    return code
+
+
+def run_container(
+    root: Path,
+    *,
+    stdout: TextIO | None = None,
+    environ: Mapping[str, str] | None = None,
+    gpus_found: int | None = None,
+) -> int:
+    """The entrypoint: train (data-parallel in one process per GPU on a multi-GPU instance), and on any failure
+    write the reason to output/failure and return non-zero."""
+    from kohya_backend.train.process_env import process_info
+
     paths = ContainerPaths(Path(root))
+    env = os.environ if environ is None else environ
+    main = True  # whether this process reports a failure (rank 0, or the launcher)
     try:
+        worker = process_info(env)
+        main = worker.is_main
+        if not worker.distributed:
+            if gpus_found is None:
+                from kohya_backend.jobs.devices import detect_gpus
+
+                gpus_found = len(detect_gpus())
+            count = container_processes(read_hyperparameters(paths), env, gpus_found)
+            if count > 1:
+                return _launch(paths, count)
         return train(paths, stdout=stdout or sys.stdout)
     except TrainManagementError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        write_failure(paths, str(exc))
+        if main:
+            write_failure(paths, str(exc))
         return EXIT_FAILED
     except BaseException as exc:  # a crash (or a second SIGTERM): SageMaker must still learn why
         traceback.print_exc()
-        write_failure(paths, f"the trainer crashed: {type(exc).__name__}: {exc}")
+        if main:
+            write_failure(paths, f"the trainer crashed: {type(exc).__name__}: {exc}")
         return EXIT_CRASHED

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kohya_backend.job_folder import CONFIG_NAME, RESULT_NAME
+
 DEFAULT_ROOT = Path("/opt/ml")
 CHECKPOINTS_LOCAL_PATH = "/opt/ml/checkpoints"
 # A line the container prints on stdout for each trainer event; everything else in the log is for people.
@@ -26,13 +28,14 @@ HP_JOB_ID = "job_id"
 HP_OUTPUT_NAME = "output_name"
 HP_MODEL_NAME = "model_name"  # the host's names of the model and dataset, for the LoRA's sidecar
 HP_DATASET_NAME = "dataset_name"
+HP_GPUS = "gpus"  # GPUs per job: the container trains data-parallel in this many processes
 # Hyperparameters that are not config keys (output_name is both: the config key it names).
-RESERVED_HYPERPARAMETERS = frozenset({HP_FM_TYPE, HP_JOB_ID, HP_MODEL_NAME, HP_DATASET_NAME})
+RESERVED_HYPERPARAMETERS = frozenset({HP_FM_TYPE, HP_JOB_ID, HP_MODEL_NAME, HP_DATASET_NAME, HP_GPUS})
 # The SageMaker Python SDK adds these for its own script mode; a bring-your-own container ignores them.
 SDK_HYPERPARAMETER_PREFIX = "sagemaker_"
 
 CONFIG_CHANNEL = "config"
-CONFIG_FILE = "config.toml"
+CONFIG_FILE = CONFIG_NAME
 # Channel -> the config key whose file or folder it carries.
 CHANNEL_KEYS: dict[str, str] = {
     "model": "pretrained_model_name_or_path",
@@ -46,7 +49,7 @@ KEY_CHANNELS: dict[str, str] = {key: channel for channel, key in CHANNEL_KEYS.it
 FOLDER_CHANNELS = frozenset({"dataset", "reg", "tokenizer"})
 REQUIRED_CHANNELS = ("model", "dataset", CONFIG_CHANNEL)
 
-RESULT_FILE = "result.json"
+RESULT_FILE = RESULT_NAME
 # Trainer event fields that hold paths; the container rewrites them to `output/<relative>` (or None).
 PATH_FIELDS = ("path", "output")
 

@@ -20,11 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from kohya_backend.errors import TrainManagementError
+from kohya_backend.jobs.allocation import gpus_of
 from kohya_backend.jobs.sagemaker_catalog import InstanceChoice
 from kohya_backend.jobs.sagemaker_protocol import (
     CHECKPOINTS_LOCAL_PATH,
     HP_DATASET_NAME,
     HP_FM_TYPE,
+    HP_GPUS,
     HP_JOB_ID,
     HP_MODEL_NAME,
     HP_OUTPUT_NAME,
@@ -150,6 +152,7 @@ def create_request(
         HP_JOB_ID: job.id,
         HP_MODEL_NAME: job.model[:2500],
         HP_DATASET_NAME: job.dataset[:2500],
+        HP_GPUS: str(gpus_of(job.params)),
     }
     return {
         "TrainingJobName": name,

@@ -28,6 +28,7 @@ import tomlkit
 
 from kohya_backend.data.archive import ArchiveError, ArchiveLimits, extract_tar
 from kohya_backend.errors import TrainManagementError
+from kohya_backend.job_folder import JobFolder
 from kohya_backend.jobs.remote_session import remote_config
 from kohya_backend.jobs.runner import (
     EVENTS_NAME,
@@ -627,7 +628,7 @@ class SageMakerSession(threading.Thread):
         except ArchiveError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             return self._fail(exc.message, exc.hint)
-        output = self.job.folder / "output"
+        output = JobFolder(self.job.folder).output
         for rel in extracted.files:
             target = output.joinpath(*rel.parts)
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ import tomlkit
 from tomlkit.exceptions import ParseError
 
 from kohya_backend.errors import ConfigError, ConfigIssue, TrainManagementError
+from kohya_backend.jobs import allocation
 from kohya_backend.jobs.delivery import deliver, final_lora
 from kohya_backend.jobs.progress import EventTail, has_saved_state, log_tail, summarize
 from kohya_backend.jobs.runner import (
@@ -199,7 +200,8 @@ class Scheduler:
 
     `runners` are keyed by name; a job's `instance_type` names its runner. `devices` maps a device ('cpu',
     'cuda:0', ...) to how many jobs may train on it at once (default: 1 per GPU, or 1 on the CPU); a job may
-    pin one with params["device"]. Finished LoRAs go to `lora_dir` (None: they stay in the job folder), then
+    pin one with params["device"], or ask for N GPUs with params["gpus"] (jobs/allocation.py: it holds a slot on
+    each, and no later job overtakes it for them). Finished LoRAs go to `lora_dir` (None: they stay in the job folder), then
     `on_delivered(job, paths)` runs (e.g. to refresh the WebUI's Lora list). `before_local_start(job, device)`
     runs while the job is still queued, just before the local runner launches its trainer (e.g. to unload the
     WebUI's model); StartDeferred from it keeps the job queued until a later tick, any other error fails the job.
@@ -283,6 +285,12 @@ class Scheduler:
                 f"device {device!r} is not available here",
                 f"choose one of: {', '.join(sorted(self.devices))}",
             )
+        gpus = allocation.check_gpus_value(params.get(allocation.GPUS_PARAM, 1))
+        check_gpus = getattr(runner, "check_gpus", None)
+        if callable(check_gpus):  # a worker's or a SageMaker type's GPU count
+            check_gpus(instance_type, gpus)
+        elif not isinstance(runner, PlacingRunner):
+            allocation.check_request(self.devices, gpus, device)
         config_toml = config_with_output_name(config_toml, check_output_name(output_name))
         with self._submit_lock:
             if self.unique_names and self.store.output_name_taken(output_name):
@@ -532,7 +540,8 @@ class Scheduler:
         run = self._runs.get(job_id)
         if run is not None:
             run.last_heartbeat = run.last_event = time.monotonic()
-            if run.stalled:  # it reports again
+            # It reports again: clear the mark, also one stored before a restart (a new run is not `stalled`).
+            if run.stalled or job.progress.get("stalled"):
                 run.stalled = False
                 summary.progress["stalled"] = None
                 log.info("job %s: its trainer reports progress again", job_id)
@@ -648,10 +657,10 @@ class Scheduler:
     # -- starting queued jobs -------------------------------------------------------------------------------
 
     def _free_slots(self) -> dict[str, int]:
-        used: dict[str, int] = {}
+        free = dict(self.devices)
         for run in self._runs.values():
-            used[run.device] = used.get(run.device, 0) + 1
-        return {d: n - used.get(d, 0) for d, n in self.devices.items()}
+            allocation.take(free, run.device)  # every GPU of a multi-GPU job counts
+        return {d: free[d] for d in self.devices}
 
     def runner_for(self, instance_type: str) -> Runner | None:
         """The runner of an instance type: a runner's name, or `name:target` for a runner that places jobs."""
@@ -691,23 +700,25 @@ class Scheduler:
                 continue
             device = self._device_for(job, free)
             if device is None:
+                if allocation.gpus_of(job.params) > 1:
+                    free = {
+                        d: 0 for d in free
+                    }  # a multi-GPU job waits for GPUs: no later local job takes them
                 continue
             try:
                 if self._launch(job, device):
-                    free[device] -= 1
+                    allocation.take(free, device)
             except StartDeferred:
-                free[device] = 0  # first in, first out: no later job takes the slot this one waits for
+                for member in allocation.members(device):
+                    free[member] = 0  # first in, first out: no later job takes the slots this one waits for
 
     def _device_for(self, job: Job, free: dict[str, int]) -> str | None:
-        pinned = job.params.get("device")
-        if pinned is not None:
-            return pinned if free.get(pinned, 0) > 0 else None
-        return max(free, key=lambda d: free[d]) if max(free.values()) > 0 else None
+        return allocation.choose(free, allocation.gpus_of(job.params), job.params.get("device"))
 
     def _launch(self, job: Job, device: str) -> bool:
         runner = self.runner_for(job.instance_type)
         local = not isinstance(runner, PlacingRunner)
-        if runner is None or (local and job.params.get("device", device) not in self.devices):
+        if runner is None or (local and not allocation.known(job.params.get("device", device), self.devices)):
             problem = (
                 f"instance type {job.instance_type!r} is not available here"
                 if runner is None

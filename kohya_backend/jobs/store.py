@@ -10,7 +10,6 @@ import builtins
 import contextlib
 import errno
 import json
-import os
 import re
 import secrets
 import shutil
@@ -22,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from kohya_backend.errors import TrainManagementError
+from kohya_backend.fileio import atomic_write
+from kohya_backend.job_folder import CONFIG_NAME as CONFIG_NAME
 from kohya_backend.jobs.states import INITIAL_STATUS, JobStatus, check_transition
 
 DB_NAME = "jobs.sqlite3"
 JOBS_DIR = "jobs"
-CONFIG_NAME = "config.toml"
 JOB_ID_RE = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9a-f]{6}")
 _BUSY_TIMEOUT_MS = 15_000
 _MAX_PAGE = 1000
@@ -170,27 +170,6 @@ def new_job_id(now: float | None = None) -> str:
     """A time-ordered id: UTC date and time of submission plus 6 random hex digits."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(time.time() if now is None else now))
     return f"{stamp}-{secrets.token_hex(3)}"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file, fsync and rename, so readers see the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _not_found(job_id: str) -> JobNotFound:
@@ -437,7 +416,7 @@ class JobStore:
             raise _folder_error(exc, self.jobs_root) from exc
         try:
             try:
-                _atomic_write_text(folder / CONFIG_NAME, config_toml)
+                atomic_write(folder / CONFIG_NAME, config_toml)
             except OSError as exc:
                 raise _folder_error(exc, folder) from exc
             now = time.time()

@@ -1,7 +1,8 @@
 """The HTTP client of a remote worker (httpx): one method per worker endpoint, errors sorted by what to do next.
 
-`WorkerUnreachable` (network errors, timeouts, 5xx from a proxy) is worth retrying; `WorkerAuthError` (401) and
-`WorkerRejected` (any other 4xx, 507) and `WorkerAnswerInvalid` (an id or a download the client refuses) are not.
+`WorkerUnreachable` (network errors, timeouts, 5xx from a proxy) is worth retrying; `WorkerAuthError` (401, or 429
+once the worker backs off this host's refused tokens), `WorkerRejected` (any other 4xx, 507) and
+`WorkerAnswerInvalid` (an id or a download the client refuses) are not.
 Job ids are checked before they go into a URL. Downloads land under a temporary name, stop at a size cap, are
 checked against the sha256 the worker sends, fsynced and renamed, so a half-downloaded file never has the final name.
 """
@@ -46,7 +47,7 @@ class WorkerUnreachable(WorkerError):
 
 
 class WorkerAuthError(WorkerError):
-    """The worker refused the token (401)."""
+    """The worker refused the token (401), or backs off after refusing it too often (429)."""
 
 
 class WorkerAnswerInvalid(WorkerError):
@@ -115,6 +116,12 @@ class WorkerClient:
             body = {}
         detail = body.get("detail") if isinstance(body, dict) else None
         detail = detail if isinstance(detail, dict) else {"message": str(detail or answer.text[:300])}
+        if status == 429 and detail.get("error") == "TooManyFailures":  # the worker backs off refused tokens
+            return WorkerAuthError(
+                f"worker {self.url} refused the token too often and waits {answer.headers.get('retry-after')} s "
+                "before checking it again",
+                "copy the token from the worker's token file again",
+            )
         message = str(detail.get("message") or f"HTTP {status}")
         return WorkerRejected(
             f"worker {self.url} refused {method} {path} ({status}): {message}",

@@ -42,6 +42,8 @@ INPUT_KEYS = (
     "sample_prompts",
 )
 OUTPUT_KEYS = ("output_dir", "logging_dir", "resume")
+# Config keys naming files that name further paths (a dataset_config's image_dir): never accepted from a client.
+LOCAL_ONLY_KEYS = ("dataset_config",)
 FOLDER_KEYS = frozenset({"train_data_dir", "reg_data_dir", "tokenizer_cache_dir"})
 
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")  # also the name of each blob and by-sha256 entry

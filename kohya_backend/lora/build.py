@@ -58,6 +58,8 @@ def create_network(
         conv_dim=int(network_args["conv_dim"]) if "conv_dim" in network_args else None,
         conv_alpha=float(network_args["conv_alpha"]) if "conv_alpha" in network_args else None,
         dropout=dropout,
+        rank_dropout=float(network_args["rank_dropout"]) if "rank_dropout" in network_args else None,
+        module_dropout=float(network_args["module_dropout"]) if "module_dropout" in network_args else None,
         train_unet=train_unet,
         train_text_encoder=train_text_encoder,
         unet_layers_per_block=unet_layers_per_block,

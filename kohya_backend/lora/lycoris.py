@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from kohya_backend.config.lycoris_args import strip_quotes
 from kohya_backend.errors import ModelError
+from kohya_backend.families import FAMILIES
 from kohya_backend.lora.max_norm import MaxNormStats
 from kohya_backend.lora.network import _key_summary
 from kohya_backend.models.ldm_keys import unet_diffusers_to_ldm
@@ -209,7 +210,7 @@ class LycorisNetwork(nn.Module):
         te_arg: Any = tes[0] if len(tes) == 1 else tes
         if unet is None:
             return te_arg, _container_class("Module")()
-        if family == "sd_xl":
+        if FAMILIES[family].unet_lora_layout == "ldm":  # SDXL: kohya's original (SAI) block names
             rename = _sdxl_path(layers_per_block, _up_block_types(unet))
             return te_arg, model_view(unet, rename, _SDXL_CLASSES)
         return te_arg, model_view(unet, lambda path: path, _SD15_CLASSES)

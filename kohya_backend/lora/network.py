@@ -19,12 +19,11 @@ import torch
 from torch import Tensor, nn
 
 from kohya_backend.errors import ConfigError, ConfigIssue, ModelError
+from kohya_backend.families import FAMILIES
 from kohya_backend.lora.max_norm import MaxNormStats, scale_lora_norms
-from kohya_backend.models.arch import FAMILIES
 from kohya_backend.models.ldm_keys import unet_diffusers_to_ldm
 
 UNET_PREFIX = "lora_unet"
-TE_PREFIX = "lora_te"
 
 _UNET_TARGETS = frozenset({"Transformer2DModel"})
 _UNET_CONV_TARGETS = frozenset({"ResnetBlock2D", "Downsample2D", "Upsample2D"})
@@ -88,7 +87,7 @@ def _unet_targets(
     for path, module in _block_children(unet, classes):
         if _is_3x3(module) and not conv:
             continue
-        if family == "sd_xl":
+        if FAMILIES[family].unet_lora_layout == "ldm":
             # SDXL LoRAs name the UNet in the original (SAI) layout, as sd-scripts' own SDXL UNet does
             try:
                 path = unet_diffusers_to_ldm(path, layers_per_block, up_block_types)
@@ -102,7 +101,7 @@ def _unet_targets(
 
 
 def _te_prefix(family: str, index: int) -> str:
-    return TE_PREFIX if family == "sd_1_5" else f"{TE_PREFIX}{index + 1}"
+    return FAMILIES[family].te_lora_prefixes[index]
 
 
 def _te_targets(family: str, text_encoders: Sequence[nn.Module]) -> list[tuple[str, nn.Module]]:
@@ -144,6 +143,8 @@ class LoRAModule(nn.Module):
         alpha: float | None,
         multiplier: float = 1.0,
         dropout: float | None = None,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
     ) -> None:
         super().__init__()
         if dim < 1:
@@ -182,6 +183,8 @@ class LoRAModule(nn.Module):
         self.scale = float(alpha or dim) / dim
         self.multiplier = multiplier
         self.dropout = dropout
+        self.rank_dropout = rank_dropout
+        self.module_dropout = module_dropout
         # kept outside the module tree so the network's parameters and state dict hold only LoRA weights
         self._org: tuple[nn.Module] = (org_module,)
         self._org_forward: Any = None
@@ -232,13 +235,31 @@ class LoRAModule(nn.Module):
         if self.dropout and self.training:
             # sd-scripts drops out the rank-r activations (after lora_down), not the layer input
             lx = torch.nn.functional.dropout(lx, p=self.dropout)
+        scale = self.scale
+        if self.rank_dropout is not None and self.training:
+            lx = lx * rank_dropout_mask(lx, self.lora_dim, self.rank_dropout)
+            scale = self.scale / (1.0 - self.rank_dropout)  # as if the rank had shrunk (sd-scripts' scaling)
         up = _pointwise(lx, self.lora_up.weight) if _is_pointwise(self.lora_up) else self.lora_up(lx)
-        return up * (self.multiplier * self.scale)
+        return up * (self.multiplier * scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Original output plus the scaled LoRA update (only meaningful while applied)."""
+        """Original output plus the scaled LoRA update (only meaningful while applied); with module_dropout, a
+        training step skips the whole update with that probability."""
         out = (self._org_forward or self.org_module.forward)(x)
+        if self.module_dropout is not None and self.training and torch.rand(1) < self.module_dropout:
+            return out
         return out + self.lora_delta(x).to(out.dtype)
+
+
+def rank_dropout_mask(lx: Tensor, rank: int, p: float) -> Tensor:
+    """sd-scripts' rank dropout: keep each rank channel of each sample with probability 1 - p (the same channels
+    for every token or pixel of that sample)."""
+    mask = torch.rand((lx.size(0), rank), device=lx.device) > p
+    if lx.dim() == 3:  # (batch, tokens, rank): Linear layers
+        return mask.unsqueeze(1)
+    if lx.dim() == 4:  # (batch, rank, h, w): Conv2d layers
+        return mask.unsqueeze(-1).unsqueeze(-1)
+    return mask
 
 
 def _is_pointwise(module: nn.Module) -> bool:
@@ -270,6 +291,8 @@ class LoRANetwork(nn.Module):
         conv_dim: int | None = None,
         conv_alpha: float | None = None,
         dropout: float | None = None,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
         train_unet: bool = True,
         train_text_encoder: bool = True,
         multiplier: float = 1.0,
@@ -293,7 +316,10 @@ class LoRANetwork(nn.Module):
         # LoCon as sd-scripts: conv_dim 0/None disables it; a missing conv_alpha means 1.0
         self.conv_dim = conv_dim or None
         self.conv_alpha = (1.0 if conv_alpha is None else conv_alpha) if self.conv_dim else None
+        self.dropout = dropout
         self.multiplier = multiplier
+        self.rank_dropout = rank_dropout
+        self.module_dropout = module_dropout
         self.text_encoder_loras: list[LoRAModule] = []
         self.unet_loras: list[LoRAModule] = []
         if train_text_encoder:
@@ -323,7 +349,16 @@ class LoRANetwork(nn.Module):
                 dim, alpha = self.conv_dim, self.conv_alpha
             else:
                 dim, alpha = self.network_dim, self.network_alpha
-            lora = LoRAModule(name, module, dim=dim, alpha=alpha, multiplier=self.multiplier, dropout=dropout)
+            lora = LoRAModule(
+                name,
+                module,
+                dim=dim,
+                alpha=alpha,
+                multiplier=self.multiplier,
+                dropout=dropout,
+                rank_dropout=self.rank_dropout,
+                module_dropout=self.module_dropout,
+            )
             if name in self._modules:
                 raise ModelError(f"two layers map to the same LoRA name {name!r}")
             self.add_module(name, lora)

@@ -3,13 +3,9 @@ and its extensions index LoRAs by, and an atomic write so a failed save never le
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -17,13 +13,11 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from kohya_backend.errors import ConfigError, ConfigIssue, ModelError, TrainManagementError
+from kohya_backend.fileio import WriteFn, atomic_write
 from kohya_backend.models.hashing import legacy_hash_bytes
 
 SAVE_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
 _HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
-_WRITE_CHUNK = 1 << 20
-
-WriteFn = Callable[[BinaryIO, memoryview], None]
 
 
 def _save_dtype(save_precision: str) -> torch.dtype:
@@ -72,54 +66,13 @@ def _prepare_tensors(state_dict: Mapping[str, Tensor], dtype: torch.dtype) -> di
     }
 
 
-def _write_all(fh: BinaryIO, data: memoryview) -> None:
-    for start in range(0, len(data), _WRITE_CHUNK):
-        fh.write(data[start : start + _WRITE_CHUNK])
-
-
-def _fsync_dir(folder: Path) -> None:
-    # makes the rename itself durable; some filesystems/OSes refuse to open a directory, which is harmless
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, *, write: WriteFn = _write_all) -> None:
-    """Write `data` to `path` through a temp file in the same folder (fsync, rename, fsync folder).
-
-    On any error the temp file is removed and `path` keeps whatever it held before; `write` is the
-    chunk writer (replaceable to inject faults).
-    """
-    folder = path.parent
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh, memoryview(data))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(folder)
-
-
 def save_lora(
     path: Path,
     state_dict: Mapping[str, Tensor],
     metadata: Mapping[str, str],
     *,
     save_precision: str,
-    write: WriteFn = _write_all,
+    write: WriteFn | None = None,
 ) -> Path:
     """Save a kohya LoRA: every tensor (alpha too) in `save_precision`, metadata plus sshs_* hashes, atomically.
 
@@ -133,7 +86,7 @@ def save_lora(
     full.update(lora_hashes(tensors, full))
     data = safetensors_bytes(tensors, full)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, data, write=write)
+    atomic_write(path, data, write=write)
     return path
 
 

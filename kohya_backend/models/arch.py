@@ -15,12 +15,15 @@ from typing import Any
 
 from torch import nn
 
-FAMILIES = ("sd_1_5", "sd_xl")
+from kohya_backend.families import FAMILIES as FAMILIES_BY_NAME
+from kohya_backend.families import FM_TYPES, SD15, SDXL
+
+FAMILIES = FM_TYPES
 # Metadata entry (safetensors header, or top-level string of a .ckpt) holding a generated file's architecture.
 ARCHITECTURE_METADATA_KEY = "train_management.architecture"
 
-_SD_LATENT_SCALE = 0.18215
-_SDXL_LATENT_SCALE = 0.13025
+_SD_LATENT_SCALE = SD15.latent_scale
+_SDXL_LATENT_SCALE = SDXL.latent_scale
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ class Architecture:
 
     def te_has_projection(self, index: int) -> bool:
         """True for the text encoder stored with a text projection (SDXL's second, OpenCLIP bigG)."""
-        return self.family == "sd_xl" and index == 1
+        return len(self.text_encoders) == 2 and index == 1
 
     @property
     def layers_per_block(self) -> int:
@@ -151,7 +154,7 @@ def sd15_architecture(size: str = "full") -> Architecture:
         tes = (_clip_config(hidden=32, layers=3, heads=4, intermediate=64, vocab=1000),)
     else:
         raise ValueError(f"unknown SD 1.5 architecture size {size!r}: use 'full', 'mid' or 'tiny'")
-    return Architecture("sd_1_5", unet, vae, tes, _SD_LATENT_SCALE, 512)
+    return Architecture(SD15.name, unet, vae, tes, _SD_LATENT_SCALE, SD15.resolution)
 
 
 def _sdxl_unet(
@@ -202,16 +205,18 @@ def sdxl_architecture(size: str = "full") -> Architecture:
         )
     else:
         raise ValueError(f"unknown SDXL architecture size {size!r}: use 'full' or 'tiny'")
-    return Architecture("sd_xl", unet, vae, tes, _SDXL_LATENT_SCALE, 1024)
+    return Architecture(SDXL.name, unet, vae, tes, _SDXL_LATENT_SCALE, SDXL.resolution)
+
+
+_BUILDERS = {SD15.name: sd15_architecture, SDXL.name: sdxl_architecture}
 
 
 def architecture_for(family: str, size: str = "full") -> Architecture:
     """The architecture of `family` ("sd_1_5" or "sd_xl") at `size`."""
-    if family == "sd_1_5":
-        return sd15_architecture(size)
-    if family == "sd_xl":
-        return sdxl_architecture(size)
-    raise ValueError(f"unknown model family {family!r}: use one of {', '.join(FAMILIES)}")
+    builder = _BUILDERS.get(family)
+    if builder is None:
+        raise ValueError(f"unknown model family {family!r}: use one of {', '.join(FAMILIES)}")
+    return builder(size)
 
 
 def architecture_to_json(arch: Architecture) -> str:
@@ -240,7 +245,7 @@ def architecture_from_json(text: str) -> Architecture:
         raise ValueError(f"architecture JSON lacks {', '.join(missing)}")
     if data["family"] not in FAMILIES:
         raise ValueError(f"architecture JSON has unknown family {data['family']!r}")
-    expected_tes = 1 if data["family"] == "sd_1_5" else 2
+    expected_tes = FAMILIES_BY_NAME[data["family"]].text_encoder_count
     if not isinstance(data["text_encoders"], list) or len(data["text_encoders"]) != expected_tes:
         raise ValueError(
             f"architecture JSON for {data['family']} needs {expected_tes} text encoder config(s)"

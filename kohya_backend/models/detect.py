@@ -6,17 +6,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from kohya_backend.errors import FamilyMismatchError, ModelError
+from kohya_backend.families import FM_TYPES, OTHER_FAMILY_LABELS, family_label
 from kohya_backend.models.keys import read_keys
 
-SUPPORTED_FM_TYPES = ("sd_1_5", "sd_xl")
-
-FAMILY_NAMES = {
-    "sd_1_5": "SD 1.5",
-    "sd_2": "SD 2.x",
-    "sd_xl": "SDXL",
-    "sd_xl_refiner": "SDXL refiner",
-    "unknown": "unrecognised",
-}
+SUPPORTED_FM_TYPES = FM_TYPES
+FAMILY_NAMES = {name: family_label(name) for name in (*FM_TYPES, *OTHER_FAMILY_LABELS)}
 
 _UNET = "model.diffusion_model."
 _SD1_TE = "cond_stage_model.transformer."

@@ -10,6 +10,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from kohya_backend.fileio import atomic_write
+
 _LEGACY_OFFSET = 0x100000
 _LEGACY_SIZE = 0x10000
 _CHUNK = 1 << 20
@@ -115,9 +117,7 @@ class Sha256Cache:
                 k: v for k, v in _read_cache(self.path).items() if os.path.exists(k)
             }  # forget deleted files
             data.update(new)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-            os.replace(tmp, self.path)
+            atomic_write(self.path, json.dumps(data, indent=1))
         except OSError:
             return
         with self._lock:

@@ -278,7 +278,7 @@ def _tables_for(arch_json: str) -> tuple[ComponentTable, ...]:
         ComponentTable("unet", tuple(_unet_rules(arch, unet_shapes)), unet_shapes),
         ComponentTable("vae", tuple(_vae_rules(arch, vae_shapes)), vae_shapes),
     ]
-    if arch.family == "sd_1_5":
+    if len(te_shapes) == 1:  # SD 1.5: CLIP-L alone
         tables.append(ComponentTable("te1", tuple(_clip_rules(SD15_TE_PREFIX, te_shapes[0])), te_shapes[0]))
     else:
         tables.append(ComponentTable("te1", tuple(_clip_rules(SDXL_TE1_PREFIX, te_shapes[0])), te_shapes[0]))
@@ -295,7 +295,7 @@ def conversion_tables(arch: Architecture) -> tuple[ComponentTable, ...]:
 
 def clip_position_ids_key(arch: Architecture) -> str:
     """Original-layout key of the CLIP-L position_ids buffer that single-file checkpoints traditionally carry."""
-    prefix = SD15_TE_PREFIX if arch.family == "sd_1_5" else SDXL_TE1_PREFIX
+    prefix = SD15_TE_PREFIX if len(arch.text_encoders) == 1 else SDXL_TE1_PREFIX
     return prefix + "text_model.embeddings.position_ids"
 
 

@@ -25,6 +25,13 @@ from kohya_backend.models.arch import (
 )
 from kohya_backend.models.checkpoint import SAFETENSORS_SUFFIXES, read_checkpoint, read_metadata
 from kohya_backend.models.detect import check_family, check_family_of_keys
+from kohya_backend.models.diffusers_folder import (
+    check_folder_family,
+    fit_text_encoder_keys,
+    folder_architecture,
+    is_diffusers_folder,
+    read_component,
+)
 from kohya_backend.models.frozen import frozen_weight_dtypes, route_frozen_layers
 from kohya_backend.models.ldm_keys import ldm_to_diffusers_state_dicts
 from kohya_backend.models.pages import release_tensor_pages
@@ -136,6 +143,17 @@ def load_checkpoint(
     outside autocast, is left as `vae_dtype` and `keep_file_precision` say.
     """
     path = Path(path)
+    if is_diffusers_folder(path):
+        return _load_diffusers_folder(
+            path,
+            fm_type,
+            dtype=dtype,
+            vae_dtype=vae_dtype,
+            device=device,
+            tokenizer_dir=tokenizer_dir,
+            keep_file_precision=keep_file_precision,
+            compute_dtype=compute_dtype,
+        )
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
         family = check_family(path, fm_type)  # header only: nothing is read for the wrong family
         ldm_sd, metadata = read_checkpoint(path)  # memory-mapped
@@ -169,3 +187,41 @@ def load_checkpoint(
         te_what = f"text encoder {index + 1}"
         _materialise(te, te_sd, dtype=dtype, what=te_what, compute_dtype=compute_dtype, **common)
     return LoadedModel(family, arch, unet, vae, text_encoders, tokenizers, path, metadata)
+
+
+def _load_diffusers_folder(
+    path: Path,
+    fm_type: str,
+    *,
+    dtype: torch.dtype,
+    vae_dtype: torch.dtype | None,
+    device: str,
+    tokenizer_dir: Path | None,
+    keep_file_precision: bool,
+    compute_dtype: torch.dtype | None,
+) -> LoadedModel:
+    """A diffusers folder (model_index.json, unet/, vae/, text_encoder[_2]/, tokenizer[_2]/), built from its own
+    configs and weights; its tokenizer folders are used unless tokenizer_dir names others."""
+    family = check_folder_family(path, fm_type)
+    arch = folder_architecture(path, family)
+    vocab_limit = min(int(te["vocab_size"]) for te in arch.text_encoders)
+    tokenizers = load_tokenizers(family, tokenizer_dir=tokenizer_dir or path, vocab_size_limit=vocab_limit)
+    with init_empty_weights(include_buffers=False):
+        unet = arch.build_unet()
+        vae = arch.build_vae()
+        text_encoders = arch.build_text_encoders()
+    common: dict[str, Any] = {
+        "device": device,
+        "path": path,
+        "mapped": True,
+        "keep_file_precision": keep_file_precision,
+    }
+    unet_sd = read_component(path / "unet")
+    _materialise(unet, unet_sd, dtype=dtype, what="UNet", compute_dtype=compute_dtype, **common)
+    _materialise(vae, read_component(path / "vae"), dtype=vae_dtype or dtype, what="VAE", **common)
+    names = ["text_encoder", "text_encoder_2"][: len(text_encoders)]
+    for index, (te, name) in enumerate(zip(text_encoders, names)):
+        state = fit_text_encoder_keys(read_component(path / name), set(te.state_dict()))
+        te_what = f"text encoder {index + 1}"
+        _materialise(te, state, dtype=dtype, what=te_what, compute_dtype=compute_dtype, **common)
+    return LoadedModel(family, arch, unet, vae, text_encoders, tokenizers, path, {})

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kohya_backend.errors import TokenizerUnavailableError
+from kohya_backend.families import FAMILIES
 
 MODEL_MAX_LENGTH = 77
 BOS_TOKEN = "<|startoftext|>"
@@ -23,10 +24,7 @@ EOS_TOKEN = "<|endoftext|>"
 SDXL_TE2_PAD_TOKEN = "!"
 CLIP_VOCAB_SIZE = 49408
 
-HF_REPOS = {
-    "sd_1_5": ("openai/clip-vit-large-patch14",),
-    "sd_xl": ("openai/clip-vit-large-patch14", "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"),
-}
+HF_REPOS = {name: family.tokenizer_repos for name, family in FAMILIES.items()}
 OPEN_CLIP_VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"
 # CLIP uses the first 49152 - 256 - 2 merges of the file (line 0 is a header).
 _CLIP_MERGE_COUNT = 49152 - 256 - 2
@@ -85,15 +83,11 @@ def write_clip_bpe_files(directory: Path, merges: list[str]) -> Path:
 
 
 @functools.lru_cache(maxsize=2)
-def _open_clip_merges(path: str) -> tuple[str, ...]:
+def open_clip_merges(path: str) -> tuple[str, ...]:
+    """The merges CLIP uses from open-clip-torch's BPE vocabulary file (read once per path)."""
     with gzip.open(path, "rt", encoding="utf-8") as fh:
         lines = fh.read().split("\n")
     return tuple(lines[1 : _CLIP_MERGE_COUNT + 1])
-
-
-def open_clip_merges(path: str) -> tuple[str, ...]:
-    """The merges CLIP uses from open-clip-torch's BPE vocabulary file (read once per path)."""
-    return _open_clip_merges(path)
 
 
 def open_clip_vocab_path() -> Path | None:
@@ -161,7 +155,7 @@ def _from_open_clip(family: str) -> list[Any] | None:
     if path is None:
         return None
     with tempfile.TemporaryDirectory(prefix="clip-tokenizer-") as tmp:
-        folder = write_clip_bpe_files(Path(tmp), list(_open_clip_merges(str(path))))
+        folder = write_clip_bpe_files(Path(tmp), list(open_clip_merges(str(path))))
         return [
             _finish(CLIPTokenizer.from_pretrained(str(folder)), i == 1) for i in range(len(HF_REPOS[family]))
         ]

@@ -60,7 +60,7 @@ class UpcastChoice:
     stored_bytes: int  # the kept weights as stored
     fp32_bytes: int  # their fp32 copies
     estimated_peak: int  # this process's peak RSS with the fp32 copies
-    needed: int  # what the upcast asks of the system: the fp32 copies plus the step's rise above RSS now
+    needed: int  # what the upcast asks of the system: the fp32 copies plus the step's rise above RSS now, per process
     margin: int
     facts: MemoryFacts
 
@@ -144,15 +144,20 @@ def kept_weights(modules: Iterable[nn.Module]) -> list[KeptWeight]:
     return found
 
 
-def choose_upcast(kept: Iterable[KeptWeight], facts: MemoryFacts, mode: str = "auto") -> UpcastChoice:
+def choose_upcast(
+    kept: Iterable[KeptWeight], facts: MemoryFacts, mode: str = "auto", *, processes: int = 1
+) -> UpcastChoice:
     """Upcast when the fp32 copies plus the step's rise above RSS now, and a margin, fit the available memory.
 
-    The estimated peak counts the kept weights' file pages as given back (they are released once copied).
+    `processes`: the data-parallel processes on this machine (a CPU run's are all local), each of which makes the
+    same copies and the same rise. The estimated peak (one process's) counts the kept weights' file pages as given
+    back (they are released once copied).
     """
+    kept = list(kept)
     numels = [w.tensor.numel() for w in kept]
     stored = sum(w.tensor.numel() * w.tensor.element_size() for w in kept)
     fp32 = 4 * sum(numels)
-    needed = fp32 + max(0, facts.peak_rss - facts.rss)
+    needed = processes * (fp32 + max(0, facts.peak_rss - facts.rss))
     margin = max(MARGIN_MIN, int(MARGIN_FRACTION * facts.total))
     fits = needed + margin <= facts.available
     upcast = fits if mode == "auto" else mode == "upcast"

@@ -37,6 +37,7 @@ class FormatRequest(BaseModel):
     model: str | None = None
     dataset: str | None = None
     training_instance_type: str = "local"
+    gpus: int = 1  # GPUs per job: the plan counts steps as that many data-parallel processes take them
 
 
 class TrainingParams(BaseModel):
@@ -46,6 +47,7 @@ class TrainingParams(BaseModel):
     model: str
     dataset: str
     fm_type: str
+    gpus: int = 1  # GPUs per job: more than 1 trains data-parallel, one process per GPU
 
 
 class TrainingRequest(BaseModel):
@@ -102,6 +104,7 @@ def create_router(service: TrainingService, *, prefix: str = API_PREFIX) -> APIR
                 model=body.model,
                 dataset=body.dataset,
                 instance_type=body.training_instance_type,
+                gpus=body.gpus,
             )
 
     @router.post("/trainings", status_code=201)
@@ -117,6 +120,7 @@ def create_router(service: TrainingService, *, prefix: str = API_PREFIX) -> APIR
                     fm_type=params.fm_type,
                     config_params=body.config_params,
                     instance_type=params.training_instance_type,
+                    gpus=params.gpus,
                 ),
                 idempotency_key,
             )

@@ -98,7 +98,8 @@ def create_app(
     """The standalone FastAPI app serving the API (OpenAPI at /docs); it does not start the scheduler.
 
     Outermost first: the request guard (Host, Origin; `policy`, default loopback only), CORS for the configured
-    origins only, the login throttle when `logins` is given, the bearer token on the API, then JSON-only bodies.
+    origins only, the login throttle when `logins` is given, the bearer token on the API (its refusals counted in
+    `logins` too: the login's password is the same token), then JSON-only bodies.
     """
     app = FastAPI(
         title="Train Management",
@@ -113,7 +114,11 @@ def create_app(
     if token:
         open_paths = {f"{API_PREFIX}/{name}" for name in ("version", "openapi.json", "docs")}
         app.add_middleware(
-            BearerTokenMiddleware, token=token, prefix=API_PREFIX, open_paths=frozenset(open_paths)
+            BearerTokenMiddleware,
+            token=token,
+            prefix=API_PREFIX,
+            open_paths=frozenset(open_paths),
+            limiter=logins or LoginLimiter(),  # one count per client for the login page and the API alike
         )
     if logins is not None:
         app.add_middleware(LoginThrottle, limiter=logins)

@@ -26,6 +26,7 @@ from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
 from kohya_backend.errors import TrainManagementError
+from kohya_backend.fileio import fsync_dir
 from kohya_backend.jobs.worker_protocol import (
     DEFAULT_MAX_BLOB_BYTES,
     DEFAULT_RESERVE_BYTES,
@@ -272,12 +273,7 @@ class BlobStore:
         os.chmod(part, 0o444)  # blobs are hard-linked into jobs: nothing may write through a link
         os.replace(part, final)
         meta.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            fd = os.open(final.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        fsync_dir(final.parent)
 
     def _release(self, sha: str) -> None:
         with self._lock:

@@ -12,6 +12,7 @@ import functools
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -24,11 +25,12 @@ from typing import Any, BinaryIO
 import tomlkit
 from tomlkit.exceptions import ParseError
 
-from kohya_backend.data.archive import ArchiveLimits, copy_file, extract_zip, member_path
+from kohya_backend.data.archive import ArchiveError, ArchiveLimits, copy_file, extract_zip, member_path
 from kohya_backend.data.images import IMAGE_EXTENSIONS, BadImageError, is_image_file, probe_image
 from kohya_backend.data.preprocess import Preprocess, preprocess_image
 from kohya_backend.data.scan import SUBSET_FOLDER, DatasetListing, check_caption_extension, list_dataset
-from kohya_backend.errors import ConfigError, DatasetError, TrainManagementError
+from kohya_backend.errors import ConfigError, DatasetError, InUse, TrainManagementError
+from kohya_backend.fileio import atomic_write
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import Job, JobStore
 from kohya_backend.names import windows_name_problem
@@ -51,18 +53,22 @@ class DatasetExists(TrainManagementError):
     http_status = 409
 
 
-class DatasetInUse(TrainManagementError):
-    """A queued or running job trains on the dataset, so it may not change under it."""
-
-    http_status = 409
+class DatasetInUse(InUse):
+    """Queued or running jobs train on the dataset, so it may not change under them; `job_ids` lists them (an
+    HTTP answer's `detail.jobs`, as for the other in-use refusals)."""
 
 
 @dataclass(frozen=True)
 class IncomingFile:
-    """One uploaded file: the name the client gave (a relative path for folder uploads) and its bytes."""
+    """One uploaded file: the name the client gave (a relative path for folder uploads) and its bytes.
+
+    `owned`: the source is the service's own copy in a staging folder (start_create), which create() moves into
+    the dataset instead of copying it, so the bytes of an upload are written once.
+    """
 
     name: str
     source: Path | BinaryIO
+    owned: bool = False
 
 
 @dataclass
@@ -131,6 +137,26 @@ def _layout_path(path: PurePosixPath, default_folder: str) -> PurePosixPath:
     return PurePosixPath(default_folder, path.name)
 
 
+def _place(incoming: IncomingFile, target: Path, limit: int, label: str) -> int:
+    """Put an upload's bytes at `target` (a new file), refusing more than `limit` bytes; returns their count.
+
+    The service's own staged copy is moved (a rename: same folder tree, nothing written again), unless it is still
+    a hard link to the caller's file: the dataset then gets a copy of its own, as for every other source.
+    """
+    source = incoming.source
+    if incoming.owned and isinstance(source, Path):
+        info = source.lstat()
+        if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
+            if info.st_size > limit:
+                raise ArchiveError(
+                    f"{label} holds {info.st_size:,} bytes, more than the limit of {limit:,} bytes",
+                    "split the upload or leave out large files",
+                )
+            os.replace(source, target)
+            return info.st_size
+    return copy_file(source, target, limit, label)
+
+
 def _hard_link(source: Path, target: Path) -> bool:
     """Link `target` to `source` (no copy on the same filesystem); False when the filesystem cannot."""
     try:
@@ -165,8 +191,12 @@ class _StagingInUse:
 
 def check_health_resolution(resolution: object) -> int:
     """The training resolution a health report is made for: a multiple of 64 from 256 to 2048."""
-    whole = isinstance(resolution, int) and not isinstance(resolution, bool)
-    if isinstance(resolution, int) and whole and 256 <= resolution <= 2048 and resolution % 64 == 0:
+    if (
+        isinstance(resolution, int)
+        and not isinstance(resolution, bool)
+        and 256 <= resolution <= 2048
+        and resolution % 64 == 0
+    ):
         return resolution
     raise TrainManagementError(
         f"resolution {resolution!r} is not a training resolution",
@@ -284,7 +314,7 @@ class DatasetService:
                     f"the upload is larger than the limit of {self.limits.max_total_bytes} bytes",
                     "split the upload into several datasets",
                 )
-            kept.append(IncomingFile(incoming.name, target))
+            kept.append(IncomingFile(incoming.name, target, owned=True))
         return kept
 
     # -- listing and reading ----------------------------------------------------------------------------------
@@ -385,6 +415,7 @@ class DatasetService:
             raise DatasetInUse(
                 f"dataset {name!r} is used by job(s) {', '.join(users)} that are queued or training",
                 "wait until they finish, or cancel them first",
+                users,
             )
 
     def _reads(self, job: Job, folder: Path) -> bool:
@@ -411,13 +442,8 @@ class DatasetService:
         path = self.image_path(name, image)
         self._check_not_in_use(name)
         caption = path.with_name(path.stem + check_caption_extension(caption_extension))
-        tmp = caption.with_name(f".{caption.name}.tmp")
         body = str(text).replace("\r\n", "\n").strip()
-        try:
-            tmp.write_text(body + "\n" if body else "", encoding="utf-8")
-            os.replace(tmp, caption)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(caption, body + "\n" if body else "")
         return {"image": image, "caption": body}
 
     def delete_image(self, name: str, image: str) -> None:
@@ -533,7 +559,8 @@ class DatasetService:
         return result
 
     def _receive(self, files: Sequence[IncomingFile], dest: Path) -> _Staged:
-        """Copy plain uploads and unpack zips into `dest`, within the entry and size limits."""
+        """Copy (or, the service's own staged copies, move) plain uploads and unpack zips into `dest`, within the
+        entry and size limits."""
         staged = _Staged()
         dest.mkdir()
         budget = self.limits.max_total_bytes
@@ -573,9 +600,7 @@ class DatasetService:
                 staged.skip(rel.as_posix(), reason)
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            budget -= copy_file(
-                incoming.source, target, min(self.limits.max_entry_bytes, budget), f"upload {rel}"
-            )
+            budget -= _place(incoming, target, min(self.limits.max_entry_bytes, budget), f"upload {rel}")
             staged.files.append((rel, target))
         return staged
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -124,14 +124,16 @@ class GuardPolicy:
 
     `hosts`: the Host names the server answers to (None: any; loopback addresses always pass). `origins`: origins
     besides the app's own that may send state-changing requests (normalised; "*" allows every origin), with
-    `origin_regex` matched whole. `json_paths`: path prefixes whose request bodies must be JSON or multipart
-    ("" for every path).
+    `origin_regex` matched whole. `origin_hosts`: host names (host_name's form) whose pages count as the app's own
+    on any scheme and port: the names a reverse proxy serves it under, which may reach it with another Host.
+    `json_paths`: path prefixes whose request bodies must be JSON or multipart ("" for every path).
     """
 
     hosts: frozenset[str] | None
     origins: tuple[str, ...] = ()
     origin_regex: str | None = None
     json_paths: tuple[str, ...] = ("",)
+    origin_hosts: frozenset[str] = frozenset()
 
     def host_allowed(self, host: str | None) -> bool:
         """Whether a request's Host header names this server."""
@@ -151,13 +153,26 @@ class GuardPolicy:
             and (own[1] or DEFAULT_PORTS[origin.scheme]) == origin.port
         ):
             return True
-        if "*" in self.origins or str(origin) in self.origins:
+        if "*" in self.origins or str(origin) in self.origins or origin.host in self.origin_hosts:
             return True
         return self.origin_regex is not None and re.fullmatch(self.origin_regex, str(origin)) is not None
 
     def needs_json(self, path: str) -> bool:
         """Whether bodies sent to `path` must be JSON (or multipart)."""
         return any(path == p.rstrip("/") or path.startswith(p.rstrip("/") + "/") for p in self.json_paths)
+
+
+def foreign_origin(headers: Mapping[str, str], policy: GuardPolicy) -> str | None:
+    """The page a request came from, as a message names it, when that page is neither the app's own (the Host
+    header's origin) nor one `policy` allows; None when it may act, also when the request names no page at all
+    (no Origin and no Referer: not a browser). `headers` must look names up case-insensitively (starlette's)."""
+    origin_text, referer = headers.get("origin"), headers.get("referer")
+    if origin_text is None and referer is None:
+        return None
+    origin = parse_origin(origin_text) if origin_text is not None else referer_origin(referer or "")
+    if policy.origin_allowed(origin, headers.get("host")):
+        return None
+    return origin_text if origin_text is not None else f"the page {referer!r}"
 
 
 async def _refuse(
@@ -215,18 +230,15 @@ class RequestGuard:
         state_changing = scope["type"] == "websocket" or scope.get("method", "GET") not in SAFE_METHODS
         if not state_changing:
             return None
-        origin_text, referer = headers.get("origin"), headers.get("referer")
-        if origin_text is not None or referer is not None:
-            origin = parse_origin(origin_text) if origin_text is not None else referer_origin(referer or "")
-            if not self.policy.origin_allowed(origin, host):
-                shown = origin_text if origin_text is not None else f"the page {referer!r}"
-                return (
-                    403,
-                    "ForeignOrigin",
-                    f"a request from {shown} may not change anything here: it is not this app's own page",
-                    "use the app's own page or API client; to allow another site, add its origin with "
-                    "--cors-allow-origins",
-                )
+        shown = foreign_origin(headers, self.policy)
+        if shown is not None:
+            return (
+                403,
+                "ForeignOrigin",
+                f"a request from {shown} may not change anything here: it is not this app's own page",
+                "use the app's own page or API client; to allow another site, add its origin with "
+                "--cors-allow-origins",
+            )
         return None
 
 

@@ -1,12 +1,14 @@
 """The names and addresses a server answers to: loopback, this machine's names, its interface addresses.
 
-Shared by the worker's startup banner (the URLs to paste) and the request guard's Host check (service/guard.py).
+Shared by the worker's startup banner (the URLs to paste) and the request guard's Host check (service/guard.py);
+and whose word the servers take for a client's address (proxy_options).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
+from typing import Any
 from urllib.parse import urlsplit
 
 ANY_HOSTS = ("0.0.0.0", "::", "")
@@ -79,3 +81,14 @@ def answered_hosts(bind: str, extra: tuple[str, ...] = ()) -> frozenset[str] | N
     elif not is_loopback(bind):
         names.append(bind)
     return frozenset(host_name(name) for name in names if name.strip())
+
+
+def proxy_options(forwarded_allow_ips: str | None) -> dict[str, Any]:
+    """uvicorn's settings for X-Forwarded-For / X-Forwarded-Proto: believed only from the reverse proxies named in
+    `forwarded_allow_ips` (comma-separated addresses or networks, as uvicorn's own flag), else never. uvicorn's
+    default believes 127.0.0.1, so that any process on this machine could give each of its token guesses and
+    logins a fresh client address, and with it a fresh count in the back-off (service/login_limit.py)."""
+    names = ",".join(n.strip() for n in (forwarded_allow_ips or "").split(",") if n.strip())
+    if not names:
+        return {"proxy_headers": False}
+    return {"proxy_headers": True, "forwarded_allow_ips": names}

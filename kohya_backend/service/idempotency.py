@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import secrets
 import threading
 import time
 from pathlib import Path
 
 from kohya_backend.errors import TrainManagementError
+from kohya_backend.fileio import atomic_write
 from kohya_backend.jobs.store import JobNotFound, JobStore, validate_job_id
 
 KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:._-")
@@ -96,16 +95,7 @@ class IdempotencyKeys:
         """Record that `key` created `job_id` (for the request of `fingerprint`), whole or not at all (temporary
         file, fsync, rename): a half-written key reads as no key, and a retry would queue the job twice."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        marker = self.marker(key)
-        tmp = marker.with_name(f".{marker.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            with open(tmp, "w", encoding="utf-8") as handle:
-                handle.write(job_id if fingerprint is None else f"{job_id}\n{fingerprint}")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, marker)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(self.marker(key), job_id if fingerprint is None else f"{job_id}\n{fingerprint}")
 
     def prune(self, cutoff: float) -> int:
         """Drop keys older than `cutoff` whose job was deleted (a resubmission then makes a new job, as it would

@@ -1,4 +1,5 @@
-"""Login rate limiting for the standalone app's gradio login page: per client, exponential back-off, logged.
+"""Login rate limiting for the standalone app's gradio login page (and, through service/auth.py, for bearer
+tokens): per client, exponential back-off, logged.
 
 gradio's login route calls the password check with the user name and password only, so the client is known only
 here, in front of it: an ASGI middleware that counts the route's attempts per client address and, after a few
@@ -57,16 +58,17 @@ class LoginLimiter:
                 self._count(client)
         return wait
 
-    def failed(self, client: str, *, counted: bool = False) -> float:
-        """Record a failed login (`counted`: its `attempt` has counted it already) and log it; the wait it earns
-        (0 while within the free failures)."""
+    def failed(self, client: str, *, counted: bool = False, what: str = "login") -> float:
+        """Record a failed login (`counted`: its `attempt` has counted it already) and log it as a failed `what`;
+        the wait it earns (0 while within the free failures)."""
         with self._lock:
             record = self._records.get(client) if counted else None
             if record is None:
                 record = self._count(client)
             failures, wait = record.failures, self._wait(client)
         log.warning(
-            "Train Management: failed login from %s (%d in a row)%s",
+            "Train Management: failed %s from %s (%d in a row)%s",
+            what,
             client,
             failures,
             f"; its next attempt is refused for {wait:.0f} s" if wait else "",
@@ -110,9 +112,16 @@ def client_key(address: str) -> str:
     return str(ip)
 
 
-def _client(scope: Scope) -> str:
+def scope_client(scope: Scope) -> str:
+    """The client an ASGI request counts under (client_key of its address; uvicorn's, after any trusted proxy's
+    X-Forwarded-For)."""
     client = scope.get("client")
     return client_key(str(client[0])) if client else "unknown"
+
+
+def retry_after(wait_s: float) -> bytes:
+    """A Retry-After header's value for a wait: whole seconds, rounded up past it."""
+    return str(int(wait_s) + 1).encode()
 
 
 class LoginThrottle:
@@ -127,17 +136,16 @@ class LoginThrottle:
         if scope["type"] != "http" or scope.get("method") != "POST" or scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
-        client = _client(scope)
+        client = scope_client(scope)
         wait = self.limiter.attempt(client)
         if wait > 0:
             log.warning("Train Management: login from %s refused, %.0f s of back-off left", client, wait)
             body = b'{"detail": "Too many failed logins: wait before trying again."}'
-            retry = str(int(wait) + 1).encode()
             await send(
                 {
                     "type": "http.response.start",
                     "status": 429,
-                    "headers": [(b"content-type", b"application/json"), (b"retry-after", retry)],
+                    "headers": [(b"content-type", b"application/json"), (b"retry-after", retry_after(wait))],
                 }
             )
             await send({"type": "http.response.body", "body": body})

@@ -2,23 +2,26 @@
 
 Presets are `HOME/presets/<name>.toml`, each the config_params text as the user saved it, plus the FM type it was
 saved for (a first comment line). (The editor's unsaved drafts are kept by the page's script, per browser, in
-localStorage: javascript/train_management.js.) A kohya_ss GUI preset (JSON) is imported as kohya_ss itself
-turns it into sd-scripts arguments (its own names for a few keys, 0 meaning "unset" for others), keeping the keys
-this trainer reads with values it accepts; everything else is reported as not imported, with the reason.
+localStorage: javascript/train_management.js.) A kohya_ss GUI preset (JSON) is imported as kohya_ss itself turns
+it into sd-scripts arguments: a whole GUI preset is read by config/kohya_gui.py (LoRA_type, optimizer, epoch,
+max_resolution, lr_warmup, ... become the keys the GUI passes on, 0 meaning "unset" where the GUI leaves it out),
+a JSON of a few keys key by key (its own names for a few keys, 0 meaning "unset" for others); the keys this
+trainer reads with values it accepts are kept, everything else (the folders the tab sets, paths of the machine
+that saved it) is reported as not imported, with the reason.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kohya_backend.config.kohya_gui import is_gui_config, translate_gui_config
 from kohya_backend.config.parse import ValueProblem, coerce_value
 from kohya_backend.config.schema import FM_TYPES, SCHEMA, UNSUPPORTED, check_fm_type, render_toml
 from kohya_backend.errors import ConfigError, TrainManagementError
+from kohya_backend.fileio import atomic_write
 from kohya_backend.service.datasets import check_name
 
 PRESETS_FOLDER = "presets"
@@ -58,6 +61,8 @@ class KohyaImport:
     toml: str
     imported: list[str] = field(default_factory=list)
     not_imported: dict[str, str] = field(default_factory=dict)
+    fm_type: str | None = None  # a GUI preset's model type (its `sdxl` checkbox)
+    notes: list[str] = field(default_factory=list)  # how the GUI's own settings were read
 
 
 def _check_text(text: str) -> str:
@@ -73,9 +78,7 @@ def _check_text(text: str) -> str:
 def _write_atomic(path: Path, text: str) -> None:
     """Write via a temporary name and a rename, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
 
 class PresetStore:
@@ -194,9 +197,26 @@ def import_kohya_ss(text: str) -> KohyaImport:
         raise TrainManagementError(
             "the preset is not a JSON object", 'a kohya_ss preset is {"key": value, ...}'
         )
+    if not is_gui_config(data):  # a few keys, not a whole GUI preset: kept key by key
+        return _import_values(_sd_scripts_items(data), {}, KohyaImport(""))
+    try:
+        translation = translate_gui_config(data)
+    except ConfigError as exc:  # a trainer the GUI has that this one has not (Flux, textual inversion, ...)
+        first = exc.issues[0]
+        raise TrainManagementError(
+            first.message, first.hint or "import a LoRA preset of SD 1.5 or SDXL"
+        ) from None
+    result = KohyaImport("", fm_type=translation.fm_type)
+    result.notes = [issue.message for issue in translation.notes]
+    return _import_values(list(translation.values.items()), translation.origin, result)
+
+
+def _import_values(items: list[tuple[str, Any]], origin: dict[str, str], result: KohyaImport) -> KohyaImport:
     values: dict[str, Any] = {}
-    result = KohyaImport("")
-    for key, raw in _sd_scripts_items(data):
+    for key, raw in items:
+        if raw is None or raw == [] or (isinstance(raw, str) and not raw.strip()):
+            continue  # kohya_ss writes "" for a setting left unset
+        source = origin.get(key, key)
         reason = _not_imported_reason(key)
         if reason is None:
             try:
@@ -212,6 +232,7 @@ def import_kohya_ss(text: str) -> KohyaImport:
                 result.imported.append(key)
                 continue
         if key in SCHEMA or raw not in ([], False, 0):
-            result.not_imported[key] = reason  # other settings left off / 0 / [] are not worth a line
+            name = str(key) if source == key else f"{source} (as {key})"
+            result.not_imported[name] = reason  # other settings left off / 0 / [] are not worth a line
     result.toml = render_toml(values, values.keys())
     return result

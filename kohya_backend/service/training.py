@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import builtins
 import logging
+import os
+import re
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import asdict, dataclass, replace
@@ -20,6 +24,8 @@ import tomlkit
 from kohya_backend.config.parse import parse_config
 from kohya_backend.config.schema import SCHEMA
 from kohya_backend.errors import ConfigError, ConfigIssue, TrainManagementError
+from kohya_backend.job_folder import JobFolder
+from kohya_backend.jobs.allocation import GPUS_PARAM, check_gpus_value, gpus_of
 from kohya_backend.jobs.devices import detect_gpus, local_label, runs_fp16
 from kohya_backend.jobs.runner import EVENTS_NAME, LOG_NAME, PlacingRunner
 from kohya_backend.jobs.scheduler import Scheduler
@@ -37,6 +43,9 @@ KEYS_DIR = "idempotency-keys"  # HOME/idempotency-keys: the Idempotency-Key head
 KEYS_KEPT_S = 24 * 3600.0  # a deleted job's key is kept this long, then pruned at the next start
 _NAME_TRIES = 5
 _QUEUE_SCAN = 1000  # queued jobs numbered in the Trainings List (the store's largest page)
+CONTINUED_DIR = "continued"  # HOME/jobs/continued/<name>-*/: the LoRA and state a continued job starts from
+STALE_START_S = 3600.0  # such a folder no job names is removed once this old (younger: a Continue under way)
+_STATE_NAME = re.compile(r"state-(\d{8,})")  # the trainer's saved states (train/state.py)
 
 
 def job_defaults(values: MutableMapping[str, Any]) -> None:
@@ -60,6 +69,7 @@ class Submission:
     fm_type: str
     config_params: str | Mapping[str, Any]
     instance_type: str = "local"
+    gpus: int = 1  # GPUs per job: >1 trains data-parallel in one process per GPU (jobs/allocation.py)
 
 
 def job_summary(job: Job) -> dict[str, Any]:
@@ -103,6 +113,25 @@ def _config_doc(config_toml: str) -> tomlkit.TOMLDocument:
         if key in doc:
             del doc[key]
     return doc
+
+
+def _newest_state(states: Path) -> Path | None:
+    """The saved state with the highest step in a job's `<name>-state` folder, or None (read without torch)."""
+    found = [
+        (int(m.group(1)), p)
+        for p in (states.iterdir() if states.is_dir() else [])
+        if (m := _STATE_NAME.fullmatch(p.name)) and (p / "train_state.json").is_file()
+    ]
+    return max(found)[1] if found else None
+
+
+def _link_or_copy(source: str | Path, target: str | Path) -> None:
+    """A hard link to `source` at `target` (no bytes written; the file outlives the source's deletion), or a copy
+    where the file system cannot link (another disk, no link support)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def _config_issue(key: str, exc: TrainManagementError, positions: dict[str, tuple[int, int]]) -> ConfigIssue:
@@ -196,7 +225,7 @@ class TrainingService:
         if key in ("train_data_dir", "reg_data_dir"):
             return [home.datasets]
         if key == "network_weights":
-            return [home.lora, home.models]
+            return [home.lora, home.models, home.jobs]  # jobs/: a continued job's own copy, a job's epoch
         return [home.jobs, home.lora, home.models, home.datasets]
 
     def confine_paths(
@@ -208,9 +237,23 @@ class TrainingService:
         lie in the app's S3 prefix (S3Assets.confine).
         """
         issues = []
+        if values.get("dataset_config") not in (None, ""):
+            # its image_dir entries name folders anywhere: a client may not point the server at them
+            issues.append(
+                _config_issue(
+                    "dataset_config",
+                    TrainManagementError(
+                        "dataset_config is read by the command line trainer only (its image_dir paths cannot be "
+                        "kept inside the home folder)",
+                        "choose a dataset here instead (train_data_dir), or run `python -m kohya_backend train "
+                        "--config ...` on the machine",
+                    ),
+                    positions,
+                )
+            )
         for key, spec in SCHEMA.items():
             value = values.get(key)
-            if spec.kind != "path" or value is None or value == "":
+            if spec.kind != "path" or value is None or value == "" or key == "dataset_config":
                 continue
             if is_s3_uri(value):
                 try:
@@ -264,7 +307,12 @@ class TrainingService:
             )
         self._check_model(model, sub.fm_type)
         formatted = format_with_plan(
-            parsed, sub.fm_type, cuda_available=self.instance_cuda(sub.instance_type)
+            parsed,
+            sub.fm_type,
+            cuda_available=self.instance_cuda(sub.instance_type),
+            num_processes=check_gpus_value(
+                sub.gpus
+            ),  # the plan counts steps as the job's processes take them
         )
         self._check_instance(sub.instance_type, sub.fm_type, formatted, parsed.positions)
         if formatted["dataset_error"]:
@@ -273,6 +321,8 @@ class TrainingService:
             error = formatted["dataset_error"]
             raise DatasetError(error["message"], files=error["files"])
         params: dict[str, Any] = {"plan": formatted["plan"], "warnings": formatted["warnings"]}
+        if sub.gpus > 1:
+            params[GPUS_PARAM] = sub.gpus
         if s3_output:
             from kohya_backend.jobs.s3_jobs import OUTPUT_PARAM
 
@@ -287,8 +337,10 @@ class TrainingService:
         model: str | None = None,
         dataset: str | None = None,
         instance_type: str = "local",
+        gpus: int = 1,
     ) -> dict[str, Any]:
-        """What Format config Params shows (tab, API): canonical TOML, warnings and, with a dataset, the plan.
+        """What Format config Params shows (tab, API): canonical TOML, warnings and, with a dataset, the plan (its
+        steps as `gpus` data-parallel processes take them).
 
         Paths are confined like a submission's; the chosen model and dataset fill their keys, and the fp16 rule
         is judged for the machine the instance type trains on. The model's family is check_model_family's (the tab
@@ -311,7 +363,11 @@ class TrainingService:
             parsed.values["output_dir"] = self.home.lora.as_posix()
         job_defaults(parsed.values)
         formatted = format_with_plan(
-            parsed, fm_type, require_paths=False, cuda_available=self.instance_cuda(instance_type)
+            parsed,
+            fm_type,
+            require_paths=False,
+            cuda_available=self.instance_cuda(instance_type),
+            num_processes=check_gpus_value(gpus),
         )
         self._check_instance(instance_type, fm_type, formatted, parsed.positions)
         return formatted
@@ -504,9 +560,13 @@ class TrainingService:
         job = self.store.get(job_id)
         delete_job = getattr(self.scheduler.runner_for(job.instance_type), "delete_job", None)
         if callable(delete_job):  # the remote runner: it records the copies before the job (and run.json) go
-            return delete_job(self.store, job, wait=wait_remote)  # type: ignore[no-any-return]
-        self.store.delete(job_id)
-        return None
+            note: str | None = delete_job(self.store, job, wait=wait_remote)
+        else:
+            self.store.delete(job_id)
+            note = None
+        # What it was continued from goes with it, unless another job names it too.
+        self._prune_start_copies(named_by=job.config_toml)
+        return note
 
     def free_output_name(self, base: str) -> str:
         """`base`, or `base-2`, `base-3`... : the first output name no job uses."""
@@ -527,13 +587,18 @@ class TrainingService:
             "model": job.model,
             "dataset": job.dataset,
             "instance_type": job.instance_type,
+            "gpus": gpus_of(job.params),
             "config_params": tomlkit.dumps(doc),
         }
 
     def continue_training(self, job_id: str) -> Job:
         """Queue a new job that trains a completed job's LoRA further: from its LoRA (`network_weights`), and on
-        this machine from its saved training state when it has one (optimizer and schedule carry on; the new job
-        trains as long again). Refused when the job is not completed or its LoRA is no longer in the Lora folder."""
+        this machine from its newest saved training state when it has one (optimizer and schedule carry on; the new
+        job trains as long again). Refused when the job is not completed or its LoRA is no longer in the Lora folder.
+
+        The LoRA and the state are linked (or copied) into a folder of the new job's own under jobs/continued/
+        first, so deleting the old job, or its LoRA, never breaks the new one, now or at a later Resume.
+        """
         job = self.store.get(job_id)
         if job.status is not JobStatus.COMPLETED:
             raise TrainManagementError(
@@ -548,27 +613,96 @@ class TrainingService:
             )
         doc = _config_doc(job.config_toml)
         doc["output_name"] = self.free_output_name(f"{job.output_name}-continued")
-        doc["network_weights"] = lora.as_posix()
-        states = job.folder / "output" / f"{job.output_name}-state"
-        if job.instance_type == "local" and any(
-            (p / "train_state.json").is_file() for p in states.glob("state-*")
-        ):
-            doc["resume"] = states.as_posix()  # the newest state in it; its step is where the new run starts
-            total = int(((job.params.get("plan") or {}).get("total_steps")) or 0)
-            epochs = doc.get("max_train_epochs")
-            if isinstance(epochs, int) and epochs > 0:
-                doc["max_train_epochs"] = 2 * epochs
-            elif total > 0:
-                doc["max_train_steps"] = 2 * total
-        return self.submit(
-            Submission(
-                model=job.model,
-                dataset=job.dataset,
-                fm_type=job.fm_type,
-                config_params=tomlkit.dumps(doc),
-                instance_type=job.instance_type,
-            )
+        state = (  # a worker's or SageMaker's state stays there
+            _newest_state(JobFolder(job.folder).state_dir(job.output_name))
+            if job.instance_type == "local"
+            else None
         )
+        self._prune_start_copies()
+        start = self._stage_start(str(doc["output_name"]), lora, state)
+        try:
+            doc["network_weights"] = (start / lora.name).as_posix()
+            if state is not None:
+                doc["resume"] = (start / state.name).as_posix()  # its step is where the new run starts
+                total = int(((job.params.get("plan") or {}).get("total_steps")) or 0)
+                epochs = doc.get("max_train_epochs")
+                if isinstance(epochs, int) and epochs > 0:
+                    doc["max_train_epochs"] = 2 * epochs
+                elif total > 0:
+                    doc["max_train_steps"] = 2 * total
+            return self.submit(
+                Submission(
+                    model=job.model,
+                    dataset=job.dataset,
+                    fm_type=job.fm_type,
+                    config_params=tomlkit.dumps(doc),
+                    instance_type=job.instance_type,
+                    gpus=gpus_of(job.params),
+                )
+            )
+        except BaseException:
+            shutil.rmtree(start, ignore_errors=True)
+            raise
+
+    def _start_root(self) -> Path:
+        """HOME/jobs/continued: the folders continued jobs start from."""
+        return self.home.jobs / CONTINUED_DIR
+
+    def _stage_start(self, name: str, lora: Path, state: Path | None) -> Path:
+        """A new folder under jobs/continued/ holding the LoRA (and the state) a continued job starts from; hard
+        links where the file system allows (no bytes written), copies otherwise."""
+        root = self._start_root()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            start = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
+        except OSError as exc:
+            raise StoreError(
+                f"cannot make a folder for the continued job in {root}: {exc.strerror or exc}",
+                "free space on that disk or make the folder writable, then press Continue training again",
+            ) from exc
+        try:
+            _link_or_copy(lora, start / lora.name)
+            if state is not None:
+                shutil.copytree(state, start / state.name, copy_function=_link_or_copy)
+        except OSError as exc:
+            shutil.rmtree(start, ignore_errors=True)
+            raise StoreError(
+                f"cannot copy what the continued job starts from into {start}: {exc.strerror or exc}",
+                "free space on that disk, then press Continue training again",
+            ) from exc
+        return start
+
+    def _start_folders_in_use(self) -> set[str]:
+        """The names of the jobs/continued/ folders that jobs (any state) still name in their config."""
+        names: set[str] = set()
+        marker = f"/{CONTINUED_DIR}/"
+        for job in self.store.iter_jobs():
+            for part in job.config_toml.split(marker)[1:]:
+                names.add(part.split("/", 1)[0])
+        return names
+
+    def _prune_start_copies(self, *, named_by: str | None = None) -> None:
+        """Remove the jobs/continued/ folders no job names any more: those `named_by` (a deleted job's config)
+        names at once, the others once an hour old (a younger one may belong to a Continue under way). Never fails
+        the action it follows: what it cannot judge now stays for the next time."""
+        root = self._start_root()
+        try:
+            folders = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink()]
+            in_use = self._start_folders_in_use() if folders else set()
+        except (OSError, StoreError) as exc:
+            if not isinstance(exc, FileNotFoundError):
+                log.warning("could not tidy %s: %s", root, exc)
+            return
+        cutoff = time.time() - STALE_START_S
+        for folder in folders:
+            if folder.name in in_use:
+                continue
+            try:
+                old = folder.stat().st_mtime < cutoff
+            except OSError:
+                continue
+            if old or (named_by is not None and f"/{CONTINUED_DIR}/{folder.name}/" in named_by):
+                shutil.rmtree(folder, ignore_errors=True)
 
     def epochs(self, job_id: str) -> builtins.list[int]:
         """The epochs whose LoRA the job saved and still has (for the epoch comparison and txt2img)."""

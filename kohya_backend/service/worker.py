@@ -47,8 +47,9 @@ from kohya_backend.service.blobs import (
     create_blob_router,
 )
 from kohya_backend.service.home import Home
-from kohya_backend.service.hosts import ANY_HOSTS, interface_addresses
+from kohya_backend.service.hosts import ANY_HOSTS, interface_addresses, proxy_options
 from kohya_backend.service.http_errors import http_errors
+from kohya_backend.service.login_limit import LoginLimiter
 from kohya_backend.service.text import TextCheckedRoute
 from kohya_backend.service.training import TrainingService
 from kohya_backend.service.worker_gc import delete_blob
@@ -144,6 +145,7 @@ class JobRequest(BaseModel):
     output_name: str | None = None
     config_params: dict[str, Any] = {}
     inputs: dict[str, Any]
+    gpus: int = 1  # GPUs per job: the worker gives the job that many of its GPUs (data-parallel)
 
 
 def _job_routes(router: APIRouter, jobs: WorkerJobs) -> None:
@@ -152,7 +154,7 @@ def _job_routes(router: APIRouter, jobs: WorkerJobs) -> None:
     @router.post("/jobs", status_code=201)
     def submit(body: JobRequest, response: Response) -> dict[str, Any]:
         with http_errors():
-            fields = ("client_key", "fm_type", "output_name", "config_params", "inputs")
+            fields = ("client_key", "fm_type", "output_name", "config_params", "inputs", "gpus")
             view, created = jobs.submit({name: getattr(body, name) for name in fields})
         if not created:
             response.status_code = 200
@@ -201,8 +203,9 @@ def _job_routes(router: APIRouter, jobs: WorkerJobs) -> None:
         return Response(status_code=204)
 
 
-def create_worker_app(worker: Worker, *, token: str) -> FastAPI:
-    """The worker's FastAPI app; every route but /health needs `Authorization: Bearer <token>`."""
+def create_worker_app(worker: Worker, *, token: str, limiter: LoginLimiter | None = None) -> FastAPI:
+    """The worker's FastAPI app; every route but /health needs `Authorization: Bearer <token>`, and a client whose
+    tokens are refused backs off (`limiter`, default a new one: 429 with Retry-After after a few)."""
     if not token:
         raise WorkerSetupError("a worker needs a token", "pass --token-file FILE")
     check_token(token)
@@ -240,6 +243,8 @@ def create_worker_app(worker: Worker, *, token: str) -> FastAPI:
         token=token,
         open_paths=frozenset({f"{WORKER_PREFIX}/health"}),
         hint="send the header 'Authorization: Bearer <token>' with the worker's token",
+        limiter=limiter or LoginLimiter(),
+        what="worker token",
     )
     return app
 
@@ -298,8 +303,10 @@ def serve_worker(
     port: int = DEFAULT_WORKER_PORT,
     max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES,
     reserve_bytes: int = DEFAULT_RESERVE_BYTES,
+    forwarded_allow_ips: str | None = None,
 ) -> None:
-    """Start the scheduler thread and serve the worker API until interrupted."""
+    """Start the scheduler thread and serve the worker API until interrupted; X-Forwarded-For names a client only
+    when a proxy in `forwarded_allow_ips` sends it."""
     import uvicorn
 
     worker = build_worker(home_dir, max_blob_bytes=max_blob_bytes, reserve_bytes=reserve_bytes)
@@ -312,6 +319,6 @@ def serve_worker(
             flush=True,
         )
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        uvicorn.run(app, host=host, port=port, log_level="warning", **proxy_options(forwarded_allow_ips))
     finally:
         worker.service.scheduler.stop()

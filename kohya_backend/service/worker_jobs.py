@@ -22,6 +22,8 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from kohya_backend.errors import TrainManagementError
+from kohya_backend.job_folder import OUTPUT_DIR, JobFolder
+from kohya_backend.jobs.allocation import check_gpus_value
 from kohya_backend.jobs.delivery import NO_LINK_ERRNOS
 from kohya_backend.jobs.runner import LOG_NAME, RESULT_NAME, read_json
 from kohya_backend.jobs.states import JobStatus
@@ -29,6 +31,7 @@ from kohya_backend.jobs.store import Job, JobNotFound
 from kohya_backend.jobs.worker_protocol import (
     FOLDER_KEYS,
     INPUT_KEYS,
+    LOCAL_ONLY_KEYS,
     MAX_INPUT_FILES,
     OUTPUT_KEYS,
     InvalidName,
@@ -197,7 +200,7 @@ class WorkerJobs:
         config = body.get("config_params")
         if not isinstance(config, dict):
             raise _bad("config_params must be an object")
-        paths = sorted(set(config) & {*INPUT_KEYS, *OUTPUT_KEYS})
+        paths = sorted(set(config) & {*INPUT_KEYS, *OUTPUT_KEYS, *LOCAL_ONLY_KEYS})
         if paths:
             raise _bad(
                 f"config_params names paths ({', '.join(paths)}); the worker sets them itself",
@@ -232,6 +235,7 @@ class WorkerJobs:
             dataset=dataset.name,
             fm_type=str(body.get("fm_type")),
             config_params=config,
+            gpus=check_gpus_value(body.get("gpus", 1)),
         )
         config_toml, name, params = self.service.prepare(sub)
         params.update(
@@ -313,7 +317,7 @@ class WorkerJobs:
             "result": _relative(read_json(job.folder / RESULT_NAME), folder),
             "output": None,
         }
-        final = job.folder / "output" / f"{job.output_name}.safetensors"
+        final = JobFolder(job.folder).lora(job.output_name)
         if job.status is JobStatus.COMPLETED and final.is_file():
             out["output"] = {"path": final.relative_to(job.folder).as_posix(), **self._file_info(final)}
         return out
@@ -358,13 +362,13 @@ class WorkerJobs:
     def output_file(self, job_id: str, relpath: str) -> tuple[Path, dict[str, Any]]:
         """A file the job wrote under its output/ folder (LoRAs, samples), with its size and sha256."""
         rel = validate_relpath(relpath, what="output file")
-        if not rel.startswith("output/"):
-            raise _bad(f"{rel!r} is not under output/", "ask for files the job's events name")
+        if not rel.startswith(f"{OUTPUT_DIR}/"):
+            raise _bad(f"{rel!r} is not under {OUTPUT_DIR}/", "ask for files the job's events name")
         job = self.store.get(job_id)
         missing = JobNotFound(f"job {job.id} has no output file {rel!r}", "ask for files its events name")
         try:
             path = self.service.home.resolve(
-                str(job.folder / rel), [job.folder / "output"], what="output file"
+                str(job.folder / rel), [JobFolder(job.folder).output], what="output file"
             )
         except PathOutsideHome as exc:  # a link out of output/: answered without the worker's paths
             raise missing from exc

@@ -8,6 +8,7 @@ calls render_after_training once), and written beside the LoRA as `<output_name>
 from __future__ import annotations
 
 import dataclasses
+import io
 import re
 import tempfile
 import textwrap
@@ -17,13 +18,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from kohya_backend.fileio import atomic_write
+from kohya_backend.job_folder import GRID_SUFFIX
 from kohya_backend.lora.save import load_lora
 from kohya_backend.train.sample import SamplePrompt, generate_samples, parse_sample_prompts
 
 if TYPE_CHECKING:
     from kohya_backend.train.loop import Trainer
 
-GRID_SUFFIX = "-epochs.png"
 MAX_ROWS = 6  # prompts shown
 MAX_EPOCHS = 8  # intermediate epochs shown (evenly spread, the last ones kept)
 CELL_PX = 256  # the longest side of one picture in the grid
@@ -115,18 +117,19 @@ def render_epoch_grid(
         network.load_kohya_state_dict(trained)
         network.set_multiplier(multiplier)
     grid = compose_grid(cells, [c.label for c in columns], [p.prompt for p in prompts])
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    grid.save(tmp, format="PNG")
-    tmp.replace(out_path)
+    encoded = io.BytesIO()
+    grid.save(encoded, format="PNG")
+    atomic_write(out_path, encoded.getvalue())
     return out_path
 
 
 def render_after_training(trainer: Trainer, final: Path) -> Path | None:
     """The loop's one hook: the grid of a finished run that sampled and saved at least one epoch, or None (also
     when it could not be drawn: out of memory, an unreadable epoch file; a warning event says why)."""
-    if not trainer._sampling_enabled():
+    config = trainer.config
+    if not config.sampling_enabled:
         return None  # no prompts, or the VAE was released after caching
-    columns = epoch_columns(trainer.output_dir, trainer.output_name, final)
+    columns = epoch_columns(trainer.output_dir, config.output_stem, final)
     if len(columns) < 3:
         return None  # no saved epoch to compare
     trainer.events.emit("log", message=f"rendering the epoch comparison grid ({len(columns)} columns)")
@@ -144,37 +147,36 @@ def render_after_training(trainer: Trainer, final: Path) -> Path | None:
 
 def _render(trainer: Trainer, columns: list[Column]) -> Path:
     """render_epoch_grid with the trainer's prompts, models and sampler settings."""
-    cfg = trainer.cfg
-    raw = str(cfg["sample_prompts"])
+    config, s = trainer.config, trainer.s
+    raw = str(config.sample_prompts)
     text = Path(raw).read_text(encoding="utf-8") if Path(raw).is_file() else raw
-    prompts = parse_sample_prompts(text, default_size=trainer.config.resolution)
-    model = trainer.model
+    prompts = parse_sample_prompts(text, default_size=config.resolution)
+    model = s.model
     device = next(model.unet.parameters()).device
-    clip_skip = int(cfg.get("clip_skip") or 1) if trainer.config.fm_type == "sd_1_5" else None
 
     def sample(rows: list[SamplePrompt], folder: Path) -> list[Path]:
         return generate_samples(
-            family=trainer.config.fm_type,
+            family=config.fm_type,
             unet=model.unet,
             vae=model.vae,
             text_encoders=model.text_encoders,
             tokenizers=model.tokenizers,
             prompts=rows,
-            sampler=str(cfg.get("sample_sampler") or "ddim"),
+            sampler=config.sample_sampler,
             out_dir=folder,
             step=trainer.step,
             epoch=trainer.epoch,
             device=device,
-            dtype=trainer.weight_dtype,
-            prediction_type=trainer.prediction_type,
-            clip_skip=clip_skip,
-            network=trainer.network,
+            dtype=trainer.precision.weight_dtype,
+            prediction_type=config.prediction_type,
+            clip_skip=config.effective_clip_skip,
+            network=s.network,
         )
 
     return render_epoch_grid(
         columns=columns,
         prompts=prompts,
-        network=trainer.network,
+        network=s.network,
         sample=sample,
-        out_path=trainer.output_dir / f"{trainer.output_name}{GRID_SUFFIX}",
+        out_path=trainer.output_dir / f"{config.output_stem}{GRID_SUFFIX}",
     )

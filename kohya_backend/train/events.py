@@ -11,23 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-EVENT_KINDS = (
-    "start",
-    "plan",
-    "caching",
-    "weights",
-    "step",
-    "epoch",
-    "saved",
-    "sample",
-    "grid",
-    "state_saved",
-    "done",
-    "stopped",
-    "error",
-    "warning",
-    "log",
-)
+from kohya_backend.job_folder import EVENT_KINDS as EVENT_RECORDS_KINDS
+from kohya_backend.job_folder import StepEvent
+
+EVENT_KINDS = EVENT_RECORDS_KINDS  # the job-folder contract's kinds (kohya_backend/job_folder.py)
 CONSOLE_INTERVAL_S = 1.0
 
 
@@ -137,19 +124,18 @@ class EventLog:
             avg = self._average.add(epoch, float(loss))
             rate = self._rate(step, now)
             eta = (self.total_steps - step) / rate if rate and self.total_steps else None
-            self.emit(
-                "step",
-                step=step,
-                epoch=epoch,
-                loss=float(loss),
-                avg_loss=avg,
-                lrs=[float(v) for v in lrs],
-                it_s=rate,
-                eta_s=eta,
-                total_steps=self.total_steps,
-                total_epochs=self.total_epochs,
-                **(extra or {}),
-            )
+            record: StepEvent = {
+                "step": step,
+                "epoch": epoch,
+                "loss": float(loss),
+                "avg_loss": avg,
+                "lrs": [float(v) for v in lrs],
+                "it_per_s": rate,
+                "eta_s": eta,
+                "total_steps": self.total_steps,
+                "total_epochs": self.total_epochs,
+            }
+            self.emit("step", **record, **(extra or {}))  # extra: e.g. kohya's max-norm numbers
             is_last = self.total_steps > 0 and step >= self.total_steps
             if is_last or now - self._last_console >= CONSOLE_INTERVAL_S:
                 self._last_console = now

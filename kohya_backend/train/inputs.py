@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +17,16 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
+from kohya_backend.data.augment import color_aug as augment_colors
 from kohya_backend.data.batches import TrainItem
 from kohya_backend.data.buckets import resize_and_crop
 from kohya_backend.data.images import load_image
-from kohya_backend.train.families import Conditioning
+from kohya_backend.fileio import atomic_write
+from kohya_backend.train.conditioning import Conditioning
 
 
 @dataclass
@@ -36,12 +40,15 @@ class PreparedImage:
 
 
 def prepare_image(
-    item: TrainItem, *, flip: bool, random_crop: bool, rng: random.Random | None
+    item: TrainItem, *, flip: bool, random_crop: bool, rng: random.Random | None, color_aug: bool = False
 ) -> PreparedImage:
-    """Load, cover-resize and crop to the item's bucket, optionally mirror, scale to [-1, 1]."""
+    """Load, cover-resize and crop to the item's bucket, color-augment (kohya's color_aug), optionally mirror,
+    scale to [-1, 1]."""
     image, crop, original = resize_and_crop(
         load_image(item.image.path), item.bucket, random_crop=random_crop, rng=rng
     )
+    if color_aug:
+        image = augment_colors(image, rng if rng is not None else random.Random())
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
@@ -50,8 +57,15 @@ def prepare_image(
     return PreparedImage(pixels, original, crop, (h, w))
 
 
-def encode_latents(vae: Any, pixels: Tensor, *, scale: float, generator: torch.Generator | None) -> Tensor:
-    """VAE latents (sampled, scaled, contiguous) for a batch of [-1, 1] images.
+def encode_latents(
+    vae: Any,
+    pixels: Tensor,
+    *,
+    scale: float,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
+) -> Tensor:
+    """VAE latents (sampled, scaled, contiguous) for a batch of [-1, 1] images; `generator` may be one per image
+    (each image's sample then depends on its own stream only, as one image encoded alone with it would).
 
     On the CPU the pixels go in channels-last, oneDNN's native layout: its convolutions then skip a layout
     conversion per layer (8 images at 256 px: 6.5 s instead of 8.1 s); the weights are left as they are.
@@ -60,7 +74,21 @@ def encode_latents(vae: Any, pixels: Tensor, *, scale: float, generator: torch.G
     if pixels.device.type == "cpu":
         pixels = pixels.contiguous(memory_format=torch.channels_last)
     dist = vae.encode(pixels).latent_dist
-    return (dist.sample(generator=generator).float() * scale).contiguous()
+    if generator is None or isinstance(generator, torch.Generator):
+        sample = dist.sample(generator=generator)
+    else:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        mean, std = dist.mean, dist.std
+        sample = torch.cat(
+            [
+                mean[i : i + 1]
+                + std[i : i + 1]
+                * randn_tensor(mean[i : i + 1].shape, generator=g, device=mean.device, dtype=mean.dtype)
+                for i, g in enumerate(generator)
+            ]
+        )
+    return (sample.float() * scale).contiguous()
 
 
 class LatentCache:
@@ -133,9 +161,7 @@ class LatentCache:
             f"flip{int(f)}": self._latents[(item.image.path, item.bucket, f)].contiguous() for f in flips
         }
         tensors["geometry"] = torch.tensor([*geo.original_size, *geo.crop, *geo.target_size])
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp))
-        tmp.replace(path)
+        atomic_write(path, safetensors_bytes(tensors))
 
     def _load_from_disk(self, item: TrainItem, flips: tuple[bool, ...]) -> bool:
         if not self.to_disk:
@@ -167,22 +193,108 @@ class LatentCache:
         return len(self._latents)
 
 
+DEFAULT_TEXT_CACHE_BYTES = 512 * 1024 * 1024
+TEXT_CACHE_DIR = ".text_encoder_cache"  # under train_data_dir: hidden, so dataset scans skip it
+
+
+def _nbytes(cond: Conditioning) -> int:
+    pooled = cond.pooled.nbytes if cond.pooled is not None else 0
+    return cond.hidden.nbytes + pooled
+
+
 class TextCache:
-    """Conditioning memoised per caption; only valid while the text encoders are frozen."""
+    """Conditioning memoised per caption; only valid while the text encoders are frozen.
 
-    def __init__(self) -> None:
-        self._items: dict[str, Conditioning] = {}
+    At most `max_bytes` stay in memory (None: no limit, for cache_text_encoder_outputs, where the encoders are
+    released afterwards); past it the least recently used captions are dropped and encoded again when they
+    return. With `disk_dir` each entry is also kept as a file keyed by the caption and `fingerprint` (model,
+    precision, clip_skip, token length), so a later run with the same settings never runs the encoders on it.
+    """
 
-    def lookup(self, captions: Sequence[str]) -> list[str]:
-        """Captions of the batch that are not cached yet (deduplicated, in order)."""
-        return [c for c in dict.fromkeys(captions) if c not in self._items]
+    def __init__(
+        self,
+        *,
+        max_bytes: int | None = DEFAULT_TEXT_CACHE_BYTES,
+        disk_dir: Path | None = None,
+        fingerprint: str = "",
+    ) -> None:
+        self.max_bytes = max_bytes
+        self.disk_dir = disk_dir
+        self.fingerprint = fingerprint
+        self.nbytes = 0
+        self.loaded_from_disk = 0
+        self._items: OrderedDict[str, Conditioning] = OrderedDict()
 
-    def add(self, captions: Sequence[str], cond: Conditioning) -> None:
-        for caption, c in zip(captions, cond.split()):
-            self._items[caption] = c.to("cpu")
+    def _disk_path(self, caption: str) -> Path:
+        assert self.disk_dir is not None
+        digest = hashlib.sha256(f"{self.fingerprint}\n{caption}".encode()).hexdigest()[:32]
+        return self.disk_dir / f"{digest}.safetensors"
 
-    def batch(self, captions: Sequence[str]) -> Conditioning:
-        return Conditioning.stack([self._items[c] for c in captions])
+    def _from_disk(self, caption: str) -> Conditioning | None:
+        if self.disk_dir is None:
+            return None
+        path = self._disk_path(caption)
+        if not path.is_file():
+            return None
+        try:
+            tensors = load_file(str(path))
+        except Exception:
+            return None  # a damaged entry is encoded again, never trusted
+        if "hidden" not in tensors:
+            return None
+        self.loaded_from_disk += 1
+        return Conditioning(tensors["hidden"], tensors.get("pooled"))
+
+    def _to_disk(self, caption: str, cond: Conditioning) -> None:
+        if self.disk_dir is None:
+            return
+        path = self._disk_path(caption)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"hidden": cond.hidden.contiguous()}
+        if cond.pooled is not None:
+            tensors["pooled"] = cond.pooled.contiguous()
+        atomic_write(path, safetensors_bytes(tensors))
+
+    def _keep(self, caption: str, cond: Conditioning) -> None:
+        self._items[caption] = cond
+        self.nbytes += _nbytes(cond)
+        while self.max_bytes is not None and self.nbytes > self.max_bytes and len(self._items) > 1:
+            _, dropped = self._items.popitem(last=False)
+            self.nbytes -= _nbytes(dropped)
+
+    def _get(self, caption: str) -> Conditioning | None:
+        found = self._items.get(caption)
+        if found is not None:
+            self._items.move_to_end(caption)
+            return found
+        found = self._from_disk(caption)
+        if found is not None:
+            self._keep(caption, found)
+        return found
+
+    def conditioning(
+        self, captions: Sequence[str], encode: Callable[[list[str]], Conditioning]
+    ) -> Conditioning:
+        """The conditioning of a batch: cached rows from memory or disk, the rest from `encode(missing)`, which is
+        called once with the missing captions (deduplicated, in order) and whose rows are then cached."""
+        rows: dict[str, Conditioning] = {}
+        missing = []
+        for caption in dict.fromkeys(captions):
+            found = self._get(caption)
+            if found is None:
+                missing.append(caption)
+            else:
+                rows[caption] = found
+        if missing:
+            for caption, c in zip(missing, encode(missing).split()):
+                entry = c.to("cpu")
+                entry = Conditioning(
+                    entry.hidden.clone(), entry.pooled.clone() if entry.pooled is not None else None
+                )
+                self._to_disk(caption, entry)
+                self._keep(caption, entry)
+                rows[caption] = entry
+        return Conditioning.stack([rows[c] for c in captions])
 
     def __len__(self) -> int:
         return len(self._items)

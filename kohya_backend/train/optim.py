@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import ast
 import difflib
+import functools
 import inspect
 import logging
 from collections.abc import Callable
@@ -12,61 +12,20 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
-from kohya_backend.config.optimizers import resolve_optimizer
-from kohya_backend.config.schema import LR_SCHEDULERS, OPTIMIZERS
+from kohya_backend.config.choices import LR_SCHEDULERS, OPTIMIZERS
+from kohya_backend.config.optimizers import is_schedule_free, resolve_optimizer
+from kohya_backend.config.train_config import TrainConfig
 from kohya_backend.errors import ConfigError, ConfigIssue, OptimizerUnavailableError, TrainingError
 
 logger = logging.getLogger(__name__)
 
 OPTIMIZER_NAMES: tuple[str, ...] = OPTIMIZERS  # one list, kept by the config schema
 LR_SCHEDULER_NAMES: tuple[str, ...] = LR_SCHEDULERS
-_LITERAL_WORDS = {"true": True, "false": False, "none": None, "null": None}
 _ADAFACTOR_INITIAL_LR = "kohya_initial_lr"
 
 
 def _issue(key: str, message: str, hint: str | None = None) -> ConfigError:
     return ConfigError([ConfigIssue(message=message, key=key, hint=hint)])
-
-
-def _parse_value(key: str, raw: str, text: str) -> Any:
-    try:
-        return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        pass
-    if raw.lower() in _LITERAL_WORDS:
-        return _LITERAL_WORDS[raw.lower()]
-    if raw.isidentifier():
-        return raw
-    raise _issue(
-        key,
-        f"cannot read the value in {text!r}",
-        "values are Python literals: numbers (1e-2), True/False, strings ('x'), tuples (0.9,0.99)",
-    )
-
-
-def parse_kv_args(args: list[str] | dict[str, Any] | None, *, key: str = "optimizer_args") -> dict[str, Any]:
-    """Turn kohya's ["name=value", ...] (values are Python literals, read with ast.literal_eval) into a dict."""
-    if args is None:
-        return {}
-    if isinstance(args, dict):
-        return dict(args)
-    if not isinstance(args, (list, tuple)):
-        raise _issue(
-            key, f'expected a list of "name=value" strings, got {args!r}', 'write e.g. ["weight_decay=0.01"]'
-        )
-    result: dict[str, Any] = {}
-    for text in args:
-        if not isinstance(text, str) or "=" not in text:
-            raise _issue(
-                key, f"entry {text!r} is not of the form name=value", 'write e.g. "weight_decay=0.01"'
-            )
-        name, raw = (part.strip() for part in text.split("=", 1))
-        if not name.isidentifier():
-            raise _issue(
-                key, f"{name!r} in {text!r} is not an argument name", 'write e.g. "weight_decay=0.01"'
-            )
-        result[name] = _parse_value(key, raw, text)
-    return result
 
 
 def canonical_optimizer_name(name: str) -> str:
@@ -125,7 +84,9 @@ def _adamw(groups: list[dict], lr: float, kwargs: dict[str, Any]) -> torch.optim
     return construct_optimizer(torch.optim.AdamW, "AdamW", groups, {"lr": lr, **kwargs})
 
 
-def _adamw8bit(groups: list[dict], lr: float, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+def _adamw8bit(
+    groups: list[dict], lr: float, kwargs: dict[str, Any], *, dry_run: bool = False
+) -> torch.optim.Optimizer:
     hint = 'install a bitsandbytes build that matches your CUDA, or set optimizer_type = "AdamW"'
     try:
         import bitsandbytes as bnb
@@ -134,7 +95,7 @@ def _adamw8bit(groups: list[dict], lr: float, kwargs: dict[str, Any]) -> torch.o
             f"AdamW8bit needs bitsandbytes, which cannot be loaded: {exc}", hint
         ) from exc
     on_cpu = any(p.device.type == "cpu" for g in groups for p in g["params"])
-    if on_cpu:
+    if on_cpu and not dry_run:
         from kohya_backend.train.optimizers_extra import bnb_cpu_problem
 
         problem = bnb_cpu_problem("AdamW8bit")
@@ -204,9 +165,12 @@ _BUILDERS: dict[str, Callable[[list[dict], float, dict[str, Any]], torch.optim.O
 
 
 def create_optimizer(
-    name: str, param_groups: list[dict], *, lr: float, optimizer_args: dict[str, Any]
+    name: str, param_groups: list[dict], *, lr: float, optimizer_args: dict[str, Any], dry_run: bool = False
 ) -> torch.optim.Optimizer:
-    """Build the named optimizer over param groups ({"params": [...], "lr": ...}); `lr` is the default rate."""
+    """Build the named optimizer over param groups ({"params": [...], "lr": ...}); `lr` is the default rate.
+
+    `dry_run`: only to check the settings (no CPU kernel probe of 8-bit optimizers).
+    """
     canonical = canonical_optimizer_name(name)
     if "lr" in optimizer_args:
         raise _issue(
@@ -220,6 +184,8 @@ def create_optimizer(
             "there are no trainable parameters to optimize",
             "train the UNet, the text encoder or both (network_train_unet_only / network_train_text_encoder_only)",
         )
+    if canonical == "AdamW8bit":
+        return _adamw8bit(groups, lr, dict(optimizer_args), dry_run=dry_run)
     if canonical in _BUILDERS:
         return _BUILDERS[canonical](groups, lr, dict(optimizer_args))
     from kohya_backend.train.optimizers_extra import create_extra_optimizer  # it builds on this module
@@ -323,3 +289,101 @@ def current_lrs(optimizer: torch.optim.Optimizer, scheduler: LRScheduler) -> lis
     if groups and all("d" in g for g in groups):
         return [float(g["d"]) * lr for g, lr in zip(groups, lrs)]
     return lrs
+
+
+def build_optimizer(
+    config: TrainConfig,
+    param_groups: list[dict],
+    *,
+    total_steps: int,
+    dry_run: bool = False,
+    optimizer_type: str | None = None,
+    num_processes: int = 1,
+) -> tuple[torch.optim.Optimizer, LRScheduler]:
+    """The optimizer and learning-rate schedule a config trains with, over `param_groups`: optimizer_args and
+    lr_scheduler_args parsed as kohya parses them (Python literals); a schedule-free optimizer gets a constant
+    stand-in (it schedules itself), lr_scheduler_type a scheduler class. `optimizer_type` overrides the config's
+    (the trainer's platform substitute for bitsandbytes on macOS).
+
+    With `num_processes` data-parallel processes the schedule is kohya's under accelerate: built over
+    total_steps x num_processes scheduler steps (a fractional lr_warmup_steps of those, a whole number as it is),
+    num_processes of them per optimizer step (see steps_per_optimizer_step)."""
+    from kohya_backend.train.optimizers_extra import ConstantForScheduleFree, create_class_scheduler
+
+    name = optimizer_type or config.optimizer_type
+    optimizer = create_optimizer(
+        name, param_groups, lr=config.learning_rate, optimizer_args=config.optimizer_kwargs, dry_run=dry_run
+    )
+    total_steps *= num_processes
+    warmup = config.lr_warmup_steps_for(total_steps)
+    scheduler: LRScheduler
+    if is_schedule_free(name):
+        scheduler = ConstantForScheduleFree(optimizer)  # they schedule themselves, as in kohya
+    elif config.lr_scheduler_type:
+        scheduler = create_class_scheduler(
+            config.lr_scheduler_type, optimizer, config.lr_scheduler_kwargs, warmup_steps=warmup
+        )
+    else:
+        scheduler = create_lr_scheduler(
+            config.lr_scheduler,
+            optimizer,
+            warmup_steps=warmup,
+            total_steps=total_steps,
+            num_cycles=config.lr_scheduler_num_cycles,
+            power=config.lr_scheduler_power,
+            scheduler_args=config.lr_scheduler_kwargs,
+        )
+    return optimizer, scheduler
+
+
+def _at_scheduler_step(schedule: Callable[[int], float], num_processes: int, step: int) -> float:
+    return schedule(step * num_processes)
+
+
+def steps_per_optimizer_step(scheduler: LRScheduler, num_processes: int) -> int:
+    """Make a data-parallel schedule advance as kohya's does, and say how often to step it per optimizer step.
+
+    accelerate steps a prepared scheduler once per process for every optimizer step. A LambdaLR (every named
+    lr_scheduler, the schedule-free stand-in, Adafactor's) is made to read its step times `num_processes` instead
+    and is stepped once: the same learning rates, and a saved position in optimizer steps that a run with another
+    number of processes resumes from. Any other class (lr_scheduler_type) is stepped `num_processes` times."""
+    if num_processes == 1:
+        return 1
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        scheduler.lr_lambdas = [
+            functools.partial(_at_scheduler_step, schedule, num_processes)
+            for schedule in scheduler.lr_lambdas
+        ]
+        return 1
+    return num_processes
+
+
+def check_optimizer_settings(config: TrainConfig, *, total_steps: int) -> None:
+    """Build the config's optimizer and schedule over dummy parameters, one group per trained part, so a setting
+    either rejects is a ConfigError before training: `config format` reports what training would.
+
+    An optimizer whose package is missing here is left to the trainer (the machine that trains may have it).
+    """
+    groups = [
+        {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr}
+        for trained, lr in (
+            (config.trains_text_encoder, config.effective_text_encoder_lr),
+            (config.trains_unet, config.effective_unet_lr),
+        )
+        if trained
+    ]
+    try:
+        build_optimizer(config, groups, total_steps=max(1, total_steps), dry_run=True)
+    except OptimizerUnavailableError:
+        return
+
+
+def optimizer_description(
+    optimizer: torch.optim.Optimizer | type[torch.optim.Optimizer], optimizer_args: dict[str, Any]
+) -> str:
+    """kohya's ss_optimizer: the optimizer's module.class (of an instance or the class itself), with its
+    optimizer_args in parentheses (Python str of each value), e.g. "torch.optim.adamw.AdamW(betas=(0.9, 0.99))"."""
+    cls = optimizer if isinstance(optimizer, type) else type(optimizer)
+    args = ",".join(f"{key}={value}" for key, value in optimizer_args.items())
+    name = f"{cls.__module__}.{cls.__name__}"
+    return f"{name}({args})" if args else name

@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import difflib
 import inspect
+import io
 import json
-import os
 import random
 import re
 from collections.abc import Iterator
@@ -18,55 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import tomlkit
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    DPMSolverSinglestepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    KDPM2AncestralDiscreteScheduler,
-    KDPM2DiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-)
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from kohya_backend.config.choices import SAMPLERS
 from kohya_backend.errors import ConfigError, ConfigIssue, ModelError
+from kohya_backend.families import family_for
+from kohya_backend.fileio import atomic_write
 from kohya_backend.train.noise import NUM_TRAIN_TIMESTEPS, normalize_prediction_type
 from kohya_backend.train.state import rng_states, set_rng_states
 
-SD15 = "sd_1_5"
-SDXL = "sd_xl"
-
-# kohya's sample_sampler names -> diffusers scheduler classes (the k_ names are aliases kohya accepts too)
-SAMPLERS: dict[str, type] = {
-    "ddim": DDIMScheduler,
-    "ddpm": DDPMScheduler,
-    "pndm": PNDMScheduler,
-    "lms": LMSDiscreteScheduler,
-    "k_lms": LMSDiscreteScheduler,
-    "euler": EulerDiscreteScheduler,
-    "k_euler": EulerDiscreteScheduler,
-    "euler_a": EulerAncestralDiscreteScheduler,
-    "k_euler_a": EulerAncestralDiscreteScheduler,
-    "heun": HeunDiscreteScheduler,
-    "dpm_2": KDPM2DiscreteScheduler,
-    "k_dpm_2": KDPM2DiscreteScheduler,
-    "dpm_2_a": KDPM2AncestralDiscreteScheduler,
-    "k_dpm_2_a": KDPM2AncestralDiscreteScheduler,
-    "dpmsolver": DPMSolverMultistepScheduler,
-    "dpmsolver++": DPMSolverMultistepScheduler,
-    "dpmsingle": DPMSolverSinglestepScheduler,
-}
-_SAMPLER_ARGS: dict[str, dict[str, Any]] = {
-    "dpmsolver": {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"},
-    "dpmsolver++": {"algorithm_type": "dpmsolver++"},
-}
 _OPTION = re.compile(r"^(ss|n|w|h|d|l|s)\s+(.*)$", re.IGNORECASE | re.DOTALL)
 _TOML_PROMPT_TABLE = re.compile(r"^\s*\[prompt\]\s*$", re.MULTILINE)
 
@@ -213,8 +177,8 @@ def load_sample_prompts(path: Path, *, default_size: tuple[int, int]) -> list[Sa
 def make_sample_scheduler(sampler: str, prediction_type: str = "epsilon") -> Any:
     """A fresh diffusers scheduler for a kohya sampler name, with SD's training betas."""
     key = sampler.strip().lower()
-    cls = SAMPLERS.get(key)
-    if cls is None:
+    entry = SAMPLERS.get(key)
+    if entry is None:
         close = difflib.get_close_matches(key, list(SAMPLERS), n=1)
         raise ConfigError(
             [
@@ -236,8 +200,9 @@ def make_sample_scheduler(sampler: str, prediction_type: str = "epsilon") -> Any
         "set_alpha_to_one": False,
         "skip_prk_steps": True,
         "steps_offset": 1,
-        **_SAMPLER_ARGS.get(key, {}),
+        **entry.settings,
     }
+    cls = getattr(diffusers, entry.scheduler)
     accepted = inspect.signature(cls).parameters
     try:
         return cls(**{k: v for k, v in wanted.items() if k in accepted})
@@ -256,37 +221,32 @@ def make_sample_scheduler(sampler: str, prediction_type: str = "epsilon") -> Any
 def _build_pipeline(
     family: str, unet: Any, vae: Any, text_encoders: list, tokenizers: list, scheduler: Any
 ) -> Any:
-    # Pipelines pull in image processors and quantisation backends: import them only when sampling.
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    if family == SD15 and len(text_encoders) == 1 and len(tokenizers) == 1:
-        return StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoders[0],
-            tokenizer=tokenizers[0],
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            image_encoder=None,
-            requires_safety_checker=False,
+    """The family's diffusers pipeline over the modules being trained (imported only when sampling: pipelines pull
+    in image processors and quantisation backends)."""
+    spec = family_for(family)
+    if len(text_encoders) != spec.text_encoder_count or len(tokenizers) != spec.text_encoder_count:
+        raise ModelError(
+            f"cannot sample for family {family!r} with {len(text_encoders)} text encoder(s), "
+            f"{len(tokenizers)} tokenizer(s)",
+            f"{spec.label} needs {spec.text_encoder_count} text encoder(s) and tokenizer(s)",
         )
-    if family == SDXL and len(text_encoders) == 2 and len(tokenizers) == 2:
-        return StableDiffusionXLPipeline(
-            vae=vae,
-            text_encoder=text_encoders[0],
-            text_encoder_2=text_encoders[1],
-            tokenizer=tokenizers[0],
-            tokenizer_2=tokenizers[1],
-            unet=unet,
-            scheduler=scheduler,
-            force_zeros_for_empty_prompt=True,
-            add_watermarker=False,
-        )
-    raise ModelError(
-        f"cannot sample for family {family!r} with {len(text_encoders)} text encoder(s), {len(tokenizers)} tokenizer(s)",
-        f"{SD15} needs 1 text encoder and tokenizer, {SDXL} needs 2 of each",
-    )
+    parts: dict[str, Any] = {"vae": vae, "unet": unet, "scheduler": scheduler}
+    for index, (encoder, tokenizer) in enumerate(zip(text_encoders, tokenizers)):
+        suffix = "" if index == 0 else f"_{index + 1}"
+        parts[f"text_encoder{suffix}"] = encoder
+        parts[f"tokenizer{suffix}"] = tokenizer
+    pipeline_class = getattr(diffusers, spec.sample_pipeline)
+    accepted = inspect.signature(pipeline_class).parameters
+    optional = {
+        "safety_checker": None,
+        "feature_extractor": None,
+        "image_encoder": None,
+        "requires_safety_checker": False,
+        "force_zeros_for_empty_prompt": True,
+        "add_watermarker": False,
+    }
+    parts.update({name: value for name, value in optional.items() if name in accepted})
+    return pipeline_class(**parts)
 
 
 @contextlib.contextmanager
@@ -350,9 +310,9 @@ def _png_parameters(prompt: SamplePrompt, sampler: str, seed: int) -> str:
 def _save_png(image: Image.Image, path: Path, parameters: str) -> None:
     info = PngInfo()
     info.add_text("parameters", parameters)
-    temp = path.with_name(f".{path.name}.tmp")
-    image.save(temp, format="PNG", pnginfo=info)
-    os.replace(temp, path)
+    encoded = io.BytesIO()
+    image.save(encoded, format="PNG", pnginfo=info)
+    atomic_write(path, encoded.getvalue())
 
 
 def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
@@ -380,7 +340,6 @@ def _generate_one(
     pipe: Any,
     prompt: SamplePrompt,
     *,
-    family: str,
     seed: int,
     device: torch.device,
     dtype: torch.dtype,
@@ -397,7 +356,7 @@ def _generate_one(
         "output_type": "latent",
     }
     with _autocast(device, dtype), torch.no_grad():
-        if family == SD15 and clip_skip and clip_skip > 1:
+        if clip_skip and clip_skip > 1:
             kwargs["prompt_embeds"] = _skipped_embeds(pipe, kwargs.pop("prompt"), clip_skip, device)
             negative = kwargs.pop("negative_prompt") or ""
             kwargs["negative_prompt_embeds"] = _skipped_embeds(pipe, negative, clip_skip, device)
@@ -431,6 +390,8 @@ def generate_samples(
     """
     if not prompts:
         return []
+    if not family_for(family).uses_clip_skip:
+        clip_skip = None  # as kohya: this family always conditions on its penultimate layers
     device = torch.device(device)
     default_scheduler = make_sample_scheduler(sampler, prediction_type)
     per_prompt = {p.sampler: make_sample_scheduler(p.sampler, prediction_type) for p in prompts if p.sampler}
@@ -445,9 +406,7 @@ def generate_samples(
             pipe.scheduler = (
                 per_prompt.get(prompt.sampler, default_scheduler) if prompt.sampler else default_scheduler
             )
-            image = _generate_one(
-                pipe, prompt, family=family, seed=seed, device=device, dtype=dtype, clip_skip=clip_skip
-            )
+            image = _generate_one(pipe, prompt, seed=seed, device=device, dtype=dtype, clip_skip=clip_skip)
             path = out_dir / f"{file_prefix}_e{epoch:06d}_s{step:08d}_{index:02d}.png"
             _save_png(image, path, _png_parameters(prompt, prompt.sampler or sampler, seed))
             paths.append(path)

@@ -10,7 +10,6 @@ import errno
 import json
 import os
 import random
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -22,17 +21,20 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from kohya_backend.errors import TrainingError
+from kohya_backend.fileio import fsync_dir
+from kohya_backend.job_folder import CONFIG_NAME
+from kohya_backend.job_folder import STATE_NAME as _STATE_NAME
+from kohya_backend.job_folder import STATE_PREFIX as STATE_PREFIX
 
 STATE_FORMAT = 1
-STATE_PREFIX = "state-"
 TEMP_PREFIX = ".tmp-state-"
 PROGRESS_FILE = "train_state.json"
-CONFIG_FILE = "config.toml"
+CONFIG_FILE = CONFIG_NAME  # the config a state was trained with, as a job folder holds it
 NETWORK_FILE = "network.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.pt"
-_STATE_NAME = re.compile(r"^state-(\d{8,})$")
+SCALER_FILE = "grad_scaler.pt"  # only in states of fp16 runs (the loss scale and its growth tracker)
 
 
 @dataclass
@@ -85,19 +87,6 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # some platforms cannot open a directory; the rename is still atomic there
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_files(folder: Path) -> None:
     for item in folder.iterdir():
         with item.open("rb") as handle:
@@ -134,10 +123,13 @@ def _write_state_files(
     lr_scheduler: Any,
     config_toml: str,
     progress: dict,
+    grad_scaler: Any,
 ) -> None:
     save_model(network, str(folder / NETWORK_FILE), force_contiguous=True)
     _save_torch(optimizer.state_dict(), folder / OPTIMIZER_FILE)
     _save_torch(lr_scheduler.state_dict(), folder / SCHEDULER_FILE)
+    if grad_scaler is not None:
+        _save_torch(grad_scaler.state_dict(), folder / SCALER_FILE)
     _save_torch(rng_states(), folder / RNG_FILE)
     (folder / CONFIG_FILE).write_text(config_toml, encoding="utf-8")
     # Written last: a folder without this file is never a valid state.
@@ -175,8 +167,12 @@ def save_training_state(
     config_toml: str,
     extra: dict | None = None,
     keep_last: int | None = None,
+    grad_scaler: Any = None,
 ) -> Path:
-    """Write `state_dir/state-{step:08d}` atomically and keep only the newest `keep_last` states."""
+    """Write `state_dir/state-{step:08d}` atomically and keep only the newest `keep_last` states.
+
+    `grad_scaler` (fp16 runs): its state is saved too, so a resumed run continues with the same loss scale.
+    """
     progress = _progress_record(step, epoch, batches_done_in_epoch, extra)
     state_dir.mkdir(parents=True, exist_ok=True)
     final = state_dir / f"{STATE_PREFIX}{step:08d}"
@@ -191,9 +187,10 @@ def save_training_state(
             lr_scheduler=lr_scheduler,
             config_toml=config_toml,
             progress=progress,
+            grad_scaler=grad_scaler,
         )
         _fsync_files(temp)
-        _fsync_dir(temp)
+        fsync_dir(temp)
         if final.exists():
             # Saving the same step again: move the old copy aside first, the new one replaces it whole.
             old = state_dir / f"{TEMP_PREFIX}{step:08d}-replaced-{os.getpid()}"
@@ -202,7 +199,7 @@ def save_training_state(
             shutil.rmtree(old, ignore_errors=True)
         else:
             temp.rename(final)
-        _fsync_dir(state_dir)
+        fsync_dir(state_dir)
     except Exception as exc:
         shutil.rmtree(temp, ignore_errors=True)
         if _no_space(exc):
@@ -275,9 +272,10 @@ def _load_torch(path: Path) -> Any:
 
 
 def load_training_state(
-    path: Path, *, network: torch.nn.Module, optimizer: Any, lr_scheduler: Any
+    path: Path, *, network: torch.nn.Module, optimizer: Any, lr_scheduler: Any, grad_scaler: Any = None
 ) -> TrainingProgress:
-    """Restore network, optimizer, scheduler and RNG from a saved state and return where training stood."""
+    """Restore network, optimizer, scheduler, RNG (and the fp16 loss scaler, when both the run and the state have
+    one) from a saved state and return where training stood."""
     record = _read_progress(path)
     if record is None:
         raise TrainingError(
@@ -293,6 +291,8 @@ def load_training_state(
         load_model(network, str(path / NETWORK_FILE), strict=True)
         optimizer.load_state_dict(_load_torch(path / OPTIMIZER_FILE))
         lr_scheduler.load_state_dict(_load_torch(path / SCHEDULER_FILE))
+        if grad_scaler is not None and (path / SCALER_FILE).is_file():
+            grad_scaler.load_state_dict(_load_torch(path / SCALER_FILE))
         rng = _load_torch(path / RNG_FILE)
     except (RuntimeError, ValueError, KeyError) as exc:
         raise TrainingError(

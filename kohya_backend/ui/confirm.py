@@ -10,6 +10,8 @@ from typing import Any
 
 import gradio as gr
 
+from kohya_backend.ui.origin_guard import read_only
+
 
 @dataclass
 class ConfirmRow:
@@ -42,6 +44,7 @@ def ask(question: str, pending: Any) -> tuple[Any, str, Any]:
     return gr.update(visible=True), question, pending
 
 
+@read_only
 def dismissed() -> tuple[Any, str, None]:
     """Hide the row and forget what was asked."""
     return gr.update(visible=False), "", None

@@ -19,11 +19,13 @@ import tomlkit
 from kohya_backend.config.format import key_reference
 from kohya_backend.config.schema import template_toml
 from kohya_backend.errors import TrainManagementError
+from kohya_backend.families import FAMILIES
 from kohya_backend.service.home import NotInHome
 from kohya_backend.service.training import Submission, TrainingService
 from kohya_backend.ui.choices import dropdown
 from kohya_backend.ui.confirm import ask, dismissed
 from kohya_backend.ui.hooks import UiHooks
+from kohya_backend.ui.origin_guard import read_only
 from kohya_backend.ui.present import (
     FAMILY_LABELS,
     error_markdown,
@@ -82,14 +84,17 @@ class CreateJobActions:
         doc["save_state"] = True  # jobs save their state for an exact Resume unless the user turns it off
         return tomlkit.dumps(doc)
 
+    @read_only
     def instance_choices(self, current: str | None = None) -> Any:
         """Training Instance Type choices (this machine with its GPUs or CPU; remote workers when configured)."""
         return dropdown([instance_choice(entry) for entry in self.service.instance_types()], current)
 
+    @read_only
     def model_choices(self, current: str | None = None) -> Any:
         """Model dropdown choices: the checkpoint names, then the S3 prefix's s3:// ones (no file is read)."""
         return dropdown(self.service.model_names(), current)
 
+    @read_only
     def dataset_choices(self, current: str | None = None) -> Any:
         """Dataset dropdown choices: the dataset folder names, then the S3 prefix's (none is scanned)."""
         return dropdown(self.service.dataset_names(), current)
@@ -106,6 +111,7 @@ class CreateJobActions:
 
     # -- the model's family ------------------------------------------------------------------------------------
 
+    @read_only
     def model_info(self, model: str | None, fm_label: str) -> str:
         """The chosen model's detected family, flagged when it does not match the FM type; without a model, where
         to put one."""
@@ -125,11 +131,7 @@ class CreateJobActions:
         wanted = fm_type_of(fm_label)
         label = FAMILY_LABELS.get(family, family)
         if family != wanted:
-            hint = (
-                f"choose FM Type {fm_label_of(family)}"
-                if family in ("sd_1_5", "sd_xl")
-                else "choose another model"
-            )
+            hint = f"choose FM Type {fm_label_of(family)}" if family in FAMILIES else "choose another model"
             return f"⚠️ **{model}** is a **{label}** checkpoint, but FM Type is **{fm_label}**: {hint}."
         return f"Detected family: **{label}** (matches the FM Type)."
 
@@ -143,6 +145,7 @@ class CreateJobActions:
             return (*[gr.update()] * len(EDITOR_FIELDS), *ask(question, fill))
         return self.apply_fill(fill)
 
+    @read_only
     def apply_fill(self, fill: dict[str, Any] | None) -> tuple[Any, ...]:
         """What fill() does once confirmed (None: nothing was asked). A fill that keeps the chosen model but may
         change the FM type names that model as `chosen_model`, so its family line is judged again."""
@@ -163,6 +166,7 @@ class CreateJobActions:
             draft_record(fm_label, text), *dismissed(),
         )  # fmt: skip
 
+    @read_only
     def reset_config(
         self, fm_label: str, instance: str | None, current: str, baseline: str
     ) -> tuple[Any, ...]:
@@ -171,6 +175,7 @@ class CreateJobActions:
         fill = {"text": text, "default": text, "fm": fm_label, "what": f"the {fm_label} defaults"}
         return self.fill(fill, current, baseline)
 
+    @read_only
     def fm_changed(self, fm_label: str, draft: str, baseline: str, instance: str | None) -> tuple[Any, ...]:
         """Another FM type: the editor shows that type's draft (the page's script passes it in `draft`; the one
         just left stays in its own draft) or its defaults. (config, baseline, draft_sync, model info is
@@ -179,6 +184,7 @@ class CreateJobActions:
         text = draft if (draft or "").strip() else default
         return text, default, draft_record(fm_label, text)
 
+    @read_only
     def instance_changed(
         self, instance: str | None, fm_label: str, text: str, baseline: str
     ) -> tuple[Any, Any]:
@@ -191,8 +197,15 @@ class CreateJobActions:
 
     # -- format and submit -------------------------------------------------------------------------------------
 
+    @read_only
     def format_config(
-        self, instance: str | None, fm_label: str, model: str | None, dataset: str | None, text: str
+        self,
+        instance: str | None,
+        fm_label: str,
+        model: str | None,
+        dataset: str | None,
+        text: str,
+        gpus: float | None = 1,
     ) -> tuple[str, str, str, str]:
         """(canonical TOML, message, issues and warnings, plan) of config_params with the chosen model and dataset;
         the message area is emptied (an older refusal is not this answer)."""
@@ -203,6 +216,7 @@ class CreateJobActions:
                 model=model,
                 dataset=dataset,
                 instance_type=instance_name(instance) if instance else "local",
+                gpus=_gpus(gpus),
             )
         except TrainManagementError as exc:
             return "", "", f"Checked at {stamp()}:\n\n" + error_markdown(exc), ""
@@ -218,7 +232,13 @@ class CreateJobActions:
         return formatted["toml"], "", issues, plan
 
     def submit(
-        self, instance: str | None, fm_label: str, model: str | None, dataset: str | None, text: str
+        self,
+        instance: str | None,
+        fm_label: str,
+        model: str | None,
+        dataset: str | None,
+        text: str,
+        gpus: float | None = 1,
     ) -> tuple[str, str, str]:
         """Queue a job (the scheduler trains it); (message, issues, plan): the job's id, or every reason it was
         refused (issues and plan are emptied: they belonged to an earlier Format)."""
@@ -232,6 +252,7 @@ class CreateJobActions:
                         fm_type=fm_type_of(fm_label),
                         config_params=text or "",
                         instance_type=instance_name(instance),
+                        gpus=_gpus(gpus),
                     )
                 )
             except TrainManagementError as exc:
@@ -249,6 +270,7 @@ class CreateJobActions:
         return f"❌ **The job was refused** ({len(reasons)} reason(s), at {stamp()}):\n\n{listed}", "", ""
 
     def _missing(self, instance: str | None, model: str | None, dataset: str | None) -> list[str]:
+        """What the form lacks, as reasons."""
         reasons = []
         if not instance:
             reasons.append("**no Training Instance Type is chosen**\n\nHint: choose where to train")
@@ -294,6 +316,12 @@ class CreateJobActions:
             return [error_markdown(exc)]
         return [plan_markdown(formatted)] if formatted.get("dataset_error") else []
 
+    @read_only
     def key_help(self, key: str | None) -> str:
         """The config reference of one key (the editor's help panel)."""
         return key_reference(key) if key else "Choose a key to see its type, defaults and allowed values."
+
+
+def _gpus(value: float | None) -> int:
+    """The GPUs per job field's number (a whole number: the field has no decimals; empty means 1)."""
+    return 1 if value is None else int(value)

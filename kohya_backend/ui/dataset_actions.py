@@ -27,6 +27,7 @@ from kohya_backend.ui.choices import dropdown
 from kohya_backend.ui.compat import GRADIO_MAJOR, session_of, uploaded_paths
 from kohya_backend.ui.confirm import ask, dismissed
 from kohya_backend.ui.hooks import UiHooks
+from kohya_backend.ui.origin_guard import read_only
 from kohya_backend.ui.present import created_markdown, error_markdown, health_markdown, report_markdown
 from kohya_backend.ui.sessions import PageSessions
 from kohya_backend.ui.thumbnails import ThumbnailCache, thumbnail
@@ -97,6 +98,7 @@ class DatasetActions:
         self._lock = threading.Lock()
         self.sessions = PageSessions()
 
+    @read_only
     def choices(self, current: str | None = None) -> Any:
         """Dataset dropdown choices (folder names, none scanned), keeping the current one when it still exists."""
         return dropdown(self.datasets.home.dataset_names(), current)
@@ -143,6 +145,7 @@ class DatasetActions:
         """What the tab's poll reads: changes whenever a dataset task of this service ends."""
         return str(self.datasets.tasks.finished)
 
+    @read_only
     def finished(
         self,
         request: gr.Request,
@@ -220,6 +223,7 @@ class DatasetActions:
             "(they all go into one `<repeats>_<subject>` folder)."
         )
 
+    @read_only
     def open(self, name: str | None, select: int | None = None) -> tuple[Any, ...]:
         """(report, thumbnails, image choices, names and labels of the thumbnails, preview, caption, message) of a
         dataset; with `select`, the editor shows the image at that place (the gallery marks it on gradio 4),
@@ -276,6 +280,7 @@ class DatasetActions:
         self.sessions.put(session_of(request), health=ticket)
         return f"⏳ Checking the health of **{name}**: hashing every image…", ticket
 
+    @read_only
     def pick_thumbnail(self, name: str | None, names: list[str], evt: gr.SelectData) -> tuple[Any, ...]:
         """A click on a thumbnail opens that image in the caption editor: (image choice, preview, caption,
         message)."""
@@ -286,6 +291,7 @@ class DatasetActions:
             return gr.update(), gr.update(), gr.update(), gr.update()
         return (gr.update(value=image), *self.select_image(name, image))
 
+    @read_only
     def select_image(self, name: str | None, image: str | None) -> tuple[Any, str, str]:
         """(preview, caption text, message) of one image."""
         if not name or not image:
@@ -333,6 +339,7 @@ class DatasetActions:
             return gr.update(), f"❌ The captioner failed: {exc}"
         return gr.update(value=caption), "Generated a caption: check it, then press Save caption."
 
+    @read_only
     def ask_delete_image(self, name: str | None, image: str | None, names: list[str]) -> tuple[Any, ...]:
         """Ask before deleting the image the editor shows: (row, question, pending, message)."""
         if not name or not image:
@@ -355,6 +362,7 @@ class DatasetActions:
         note = f"Deleted `{image}`." + (f" Now showing `{opened[2]['value']}`." if opened[2]["value"] else "")
         return (*dismissed(), *opened[:-1], note)
 
+    @read_only
     def ask_delete_dataset(self, name: str | None) -> tuple[Any, ...]:
         """Ask before deleting the chosen dataset: (row, question, pending, message)."""
         if not name:

@@ -5,6 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kohya_backend.service.guard import GuardPolicy
 
 
 @dataclass
@@ -19,3 +23,6 @@ class UiHooks:
     load_script: bool = (
         False  # the page does not load javascript/*.js itself (the standalone app): the tab runs it
     )
+    # Who besides the page's own origin may press the tab's buttons (its origins, origin_regex and origin_hosts;
+    # None: nobody): the WebUI's --cors-allow-origins(-regex) and --train-allowed-hosts, serve's guard policy.
+    origins: GuardPolicy | None = None

@@ -35,6 +35,10 @@ def create_job_column(start_config: str, fm_default: str) -> dict[str, Any]:
     with gr.Row():
         c["instance"] = gr.Dropdown(label="Training Instance Type", elem_id=elem("instance"), scale=4)
         c["refresh_instances"] = gr.Button("↻", elem_id=elem("refresh_instances"), **SMALL)
+        c["gpus"] = gr.Number(
+            value=1, precision=0, minimum=1, label="GPUs per job", elem_id=elem("gpus"), scale=1,
+            info="more than 1: data-parallel, one process per GPU (train_batch_size is per GPU)",
+        )  # fmt: skip
     c["fm"] = gr.Radio(list(FM_LABELS), value=fm_default, label="FM Type", elem_id=elem("fm_type"))
     with gr.Row():
         c["model"] = gr.Dropdown(label="Model", elem_id=elem("model"), scale=4)
@@ -133,7 +137,7 @@ def trainings_column(send_to_txt2img: bool) -> dict[str, Any]:
         label="Downloads (LoRA, epoch grid, samples)", file_count="multiple", interactive=False,
         elem_id=elem("downloads"),
     )  # fmt: skip
-    c["shown"] = gr.State("")  # which job and status the downloads show (so they are not sent again)
+    c["shown"] = gr.State("")  # what the page shows of the selected job (so nothing unchanged is sent again)
     c["log"] = gr.Textbox(
         label="Log (tail)", lines=8, max_lines=30, interactive=False, elem_id=elem("log"),
         elem_classes=["train-management-mono"],

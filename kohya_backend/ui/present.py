@@ -12,16 +12,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from kohya_backend.errors import ConfigError, DatasetError, TrainManagementError
+from kohya_backend.families import FAMILIES, OTHER_FAMILY_LABELS, family_label
 from kohya_backend.jobs.states import JobStatus
 
-FM_LABELS: dict[str, str] = {"SD 1.5": "sd_1_5", "SDXL": "sd_xl"}
-FAMILY_LABELS: dict[str, str] = {
-    "sd_1_5": "SD 1.5",
-    "sd_2": "SD 2.x",
-    "sd_xl": "SDXL",
-    "sd_xl_refiner": "SDXL refiner",
-    "unknown": "unrecognised",
-}
+FM_LABELS: dict[str, str] = {family.label: name for name, family in FAMILIES.items()}
+FAMILY_LABELS: dict[str, str] = {name: family_label(name) for name in (*FAMILIES, *OTHER_FAMILY_LABELS)}
 # Status and progress first: they are what a narrow window must still show (the table scrolls sideways inside
 # itself for the rest); the id, which a click on a row selects by, comes last.
 JOB_HEADERS: list[str] = [
@@ -167,10 +162,14 @@ def plan_markdown(formatted: dict[str, Any]) -> str:
         f"| {f['name']} | {f['images']} | {f['repeats']} | {f['images'] * f['repeats']} |"
         for f in plan["folders"]
     )
+    processes = int(plan.get("num_processes") or 1)
+    batch = f"batch size {plan['batch_size']}" + (
+        f" per process x **{processes}** processes (GPUs)" if processes > 1 else ""
+    )
     return (
         "| folder | images | repeats | images x repeats |\n|---|---|---|---|\n"
         f"{folders}\n\n"
-        f"**{plan['num_train_images']}** training images with repeats, batch size {plan['batch_size']}: "
+        f"**{plan['num_train_images']}** training images with repeats, {batch}: "
         f"**{plan['steps_per_epoch']}** steps per epoch x **{plan['epochs']}** epoch(s) = "
         f"**{plan['total_steps']}** total steps"
     )

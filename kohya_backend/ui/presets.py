@@ -12,6 +12,7 @@ from kohya_backend.ui.choices import dropdown
 from kohya_backend.ui.compat import uploaded_paths
 from kohya_backend.ui.confirm import ask, dismissed
 from kohya_backend.ui.create_job import CreateJobActions
+from kohya_backend.ui.origin_guard import read_only
 from kohya_backend.ui.present import error_markdown, fm_label_of, fm_type_of
 
 MAX_IMPORT_BYTES = 1 << 20
@@ -24,6 +25,7 @@ class PresetActions:
         self.store = store
         self.editor = editor
 
+    @read_only
     def choices(self, current: str | None = None) -> Any:
         """The saved presets."""
         names = self.store.names()
@@ -37,6 +39,7 @@ class PresetActions:
             return "❌ " + error_markdown(exc), self.choices(None)
         return f"Saved preset **{preset.name}** ({fm_label}).", self.choices(preset.name)
 
+    @read_only
     def load(
         self, name: str | None, fm_label: str, current: str, baseline: str, model: str | None = None
     ) -> tuple[Any, ...]:
@@ -54,6 +57,7 @@ class PresetActions:
         done = f"Loaded preset **{preset.name}** ({label})."
         return (*self.editor.fill(fill, current, baseline), done)
 
+    @read_only
     def ask_delete(self, name: str | None) -> tuple[Any, ...]:
         """Ask before deleting a preset: (row, question, pending, message)."""
         if not name:
@@ -70,6 +74,7 @@ class PresetActions:
             return (*dismissed(), "❌ " + error_markdown(exc), self.choices(None))
         return (*dismissed(), f"Deleted preset **{name}**.", self.choices(None))
 
+    @read_only
     def import_kohya(self, upload: Any, fm_label: str, current: str, baseline: str) -> tuple[Any, ...]:
         """Put a kohya_ss preset's sd-scripts keys in the editor and say which keys were left out and why."""
         files = uploaded_paths(upload)
@@ -84,9 +89,14 @@ class PresetActions:
             text = error_markdown(exc) if isinstance(exc, TrainManagementError) else str(exc)
             return (*self.editor.apply_fill(None), f"❌ **{name} was not imported.** {text}")
         header = f"# Imported from the kohya_ss preset {name}\n"
-        fill = {"text": header + result.toml, "default": header + result.toml, "fm": fm_label,
+        # a GUI preset's `sdxl` checkbox chooses the FM type
+        label = fm_label_of(result.fm_type) if result.fm_type else fm_label
+        fill = {"text": header + result.toml, "default": header + result.toml, "fm": label,
                 "what": f"the keys imported from **{name}**"}  # fmt: skip
         message = f"Imported {len(result.imported)} key(s) from **{name}**."
+        if label != fm_label:
+            message += f" It is a {label} preset: FM Type is now {label}."
+        message += "".join(f"\n- {note}" for note in result.notes)
         if result.not_imported:
             message += f" Not imported ({len(result.not_imported)}):\n" + "\n".join(
                 f"- `{key}`: {why}" for key, why in result.not_imported.items()

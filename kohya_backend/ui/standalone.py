@@ -16,12 +16,19 @@ from typing import Any
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.jobs.scheduler import DEFAULT_STALL_AFTER_S
 from kohya_backend.service.api import API_PREFIX
-from kohya_backend.service.app import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV, build_service, create_app
+from kohya_backend.service.app import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    TOKEN_ENV,
+    build_service,
+    create_app,
+    default_policy,
+)
 from kohya_backend.service.auth import check_token
 from kohya_backend.service.datasets import DatasetService
 from kohya_backend.service.guard import GuardPolicy, configured_origins
 from kohya_backend.service.home import Home
-from kohya_backend.service.hosts import answered_hosts, is_loopback
+from kohya_backend.service.hosts import answered_hosts, is_loopback, proxy_options
 from kohya_backend.service.login_limit import LoginLimiter
 from kohya_backend.service.training import TrainingService
 from kohya_backend.ui.hooks import UiHooks
@@ -121,12 +128,14 @@ def build_app(
     from kohya_backend.ui.compat import mount
     from kohya_backend.ui.tab import create_tab
 
+    policy = policy or default_policy()
     prompts = service.home.models / DEMO_PROMPTS
     hooks = UiHooks(
         default_config=(lambda fm: demo_config(fm, prompts=prompts if prompts.exists() else None))
         if demo
         else None,
         load_script=True,
+        origins=policy,  # the request guard checks every route first; the tab's own check agrees with it
     )
     blocks = create_tab(service, DatasetService(service.home, jobs=service.store), hooks)
     if _STYLE.is_file():
@@ -171,9 +180,11 @@ def serve(
     s3_uri: str | None = None,
     sagemaker_role_arn: str | None = None,
     sagemaker_image_uri: str | None = None,
+    forwarded_allow_ips: str | None = None,
 ) -> None:
     """Serve the tab and the API until interrupted, with the scheduler thread; off loopback only with a token of
-    at least 16 characters."""
+    at least 16 characters, and with any Host name (--allowed-hosts '*') only with a token. A client's address
+    comes from X-Forwarded-For only when it is sent by a proxy in `forwarded_allow_ips`."""
     import uvicorn
 
     token = token or os.environ.get(TOKEN_ENV) or None
@@ -185,6 +196,14 @@ def serve(
             )
         check_token(token, f"the token (--token or {TOKEN_ENV}) of a server on {host}")
     policy = policy or serve_policy(host)
+    if policy.hosts is None and token is None:
+        raise TrainManagementError(
+            "refusing --allowed-hosts '*' without a token: answering to any host name lets any website reach "
+            "this app in your browser through a name of its own that resolves to this machine (DNS rebinding), "
+            "and its pages then count as the app's own",
+            f"name the host names instead (--allowed-hosts proxy.example,box.lan), or pass --token (or set "
+            f"{TOKEN_ENV})",
+        )
     if "*" in policy.origins:
         print("warning: --cors-allow-origins '*' lets every website use this app in your browser", flush=True)
     service = build_service(
@@ -204,7 +223,12 @@ def serve(
     try:
         # gradio 3.41 keeps each `every=` poll as a background task that never ends: bound the graceful stop.
         uvicorn.run(
-            app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_S
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+            **proxy_options(forwarded_allow_ips),
         )
     finally:
         service.scheduler.stop()

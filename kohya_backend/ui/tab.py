@@ -16,6 +16,7 @@ from typing import Any
 import gradio as gr
 
 from kohya_backend.service.datasets import DatasetService
+from kohya_backend.service.guard import GuardPolicy
 from kohya_backend.service.presets import PresetStore
 from kohya_backend.service.training import TrainingService
 from kohya_backend.ui.compat import js_only, offline_theme, page_inputs
@@ -31,6 +32,7 @@ from kohya_backend.ui.layout import (
     trainings_column,
     workers_panel,
 )
+from kohya_backend.ui.origin_guard import guard_events, read_only
 from kohya_backend.ui.present import FM_LABELS
 from kohya_backend.ui.presets import PresetActions
 from kohya_backend.ui.s3_upload import S3UploadActions
@@ -86,7 +88,7 @@ def _wire_create_job(a: CreateJobActions, p: PresetActions, c: dict[str, Any]) -
     confirm.yes.click(a.apply_fill, [confirm.pending], editor)
     wire_keep(confirm)
     messages = [c["create_message"], c["issues"], c["plan"]]
-    form = [c["instance"], c["fm"], c["model"], c["dataset"], c["config"]]
+    form = [c["instance"], c["fm"], c["model"], c["dataset"], c["config"], c["gpus"]]
     c["format"].click(a.format_config, form, [c["formatted"], *messages])
     c["create"].click(a.submit, form, messages)
     c["key"].input(a.key_help, [c["key"]], [c["key_help"]])
@@ -211,6 +213,7 @@ def _page_load(
     """The page's one load call (no inputs): every list the page shows, the model's family, the first dataset
     opened."""
 
+    @read_only
     def page_load() -> tuple[Any, ...]:
         browse = datasets.choices(None)
         return (
@@ -227,6 +230,7 @@ def _page_load(
 def _poll_marks(trainings: TrainingsActions, datasets: DatasetActions) -> Any:
     """The page's poll (no inputs): (the Trainings List's mark, the dataset tasks' mark)."""
 
+    @read_only
     def poll_marks() -> tuple[str, str]:
         return trainings.mark(), datasets.tasks_mark()
 
@@ -243,7 +247,8 @@ def _script_loader(hooks: UiHooks) -> str:
 
 
 def create_tab(service: TrainingService, datasets: DatasetService, hooks: UiHooks | None = None) -> gr.Blocks:
-    """The Train Management tab's Blocks (gradio 3.41 and 4.40); callbacks call the services only."""
+    """The Train Management tab's Blocks (gradio 3.41 and 4.40); callbacks call the services only, and those that
+    change anything refuse requests from other origins than the page's own and `hooks.origins`' (origin_guard)."""
     hooks = hooks or UiHooks()
     create_actions = CreateJobActions(service, hooks)
     preset_actions = PresetActions(PresetStore(service.home.root), create_actions)
@@ -298,4 +303,6 @@ def create_tab(service: TrainingService, datasets: DatasetService, hooks: UiHook
             page,
         )
         blocks.load(None, None, None, **js_only(_script_loader(hooks)))
+    # Last, over every event wired above: what changes anything runs only for the page's own origin.
+    guard_events(blocks, hooks.origins or GuardPolicy(hosts=None))
     return blocks

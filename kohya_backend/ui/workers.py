@@ -14,6 +14,7 @@ from kohya_backend.errors import TrainManagementError
 from kohya_backend.service.training import TrainingService
 from kohya_backend.service.workers_api import add_worker, remote_runner, remove_worker
 from kohya_backend.ui.choices import dropdown
+from kohya_backend.ui.origin_guard import read_only
 from kohya_backend.ui.present import WORKER_HEADERS, error_markdown, worker_row, worker_state_text
 
 
@@ -53,6 +54,7 @@ class WorkersActions:
         except TrainManagementError:
             return []
 
+    @read_only
     def refresh(self, current: str | None = None) -> tuple[Any, Any]:
         """(state table, worker choices for Remove)."""
         import pandas as pd

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from safetensors.numpy import save_file
-from server_support import running
+from server_support import running, stranger
 
 from kohya_backend.service.api import API_PREFIX
 from kohya_backend.service.app import build_service, create_app
@@ -138,11 +138,12 @@ def test_serving_the_api_imports_no_torch(home: Path) -> None:
 def test_auth_version_and_openapi(client: httpx.Client) -> None:
     base = str(client.base_url).rstrip("/")
     assert httpx.get(f"{base}/version").json()["api"] == "1.0"
-    assert httpx.get(f"{base}/models").status_code == 401
-    assert httpx.get(f"{base}/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
-    # Refused before any body is read: a client without the token gets 401, never a validation answer.
-    assert httpx.post(f"{base}/trainings", content=b"{not json" * 1000).status_code == 401
-    assert httpx.post(f"{base}/config/format", json={"fm_type": 1}).status_code == 401
+    with stranger() as other:  # another client: its refusals back off that one, not `client`
+        assert other.get(f"{base}/models").status_code == 401
+        assert other.get(f"{base}/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        # Refused before any body is read: a client without the token gets 401, never a validation answer.
+        assert other.post(f"{base}/trainings", content=b"{not json" * 1000).status_code == 401
+        assert other.post(f"{base}/config/format", json={"fm_type": 1}).status_code == 401
     spec = httpx.get(f"{base}/openapi.json").json()  # the schema stays readable without the token
     assert f"{API_PREFIX}/trainings" in spec["paths"]
     # One token check (the middleware), not a second per route: no operation documents an Authorization parameter.

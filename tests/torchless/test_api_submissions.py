@@ -179,3 +179,31 @@ def test_format_checks_the_models_family_as_a_submission_does(api: httpx.Client)
     assert formatted.json()["detail"]["message"] == submitted.json()["detail"]["message"]
     assert api.post("/config/format", json={**body, "fm_type": "sd_xl"}).status_code == 200
     assert api.post("/config/format", json={**body, "model": "sd15.safetensors"}).status_code == 200
+
+
+def test_gpus_per_job_over_the_api(api: httpx.Client, service: TrainingService) -> None:
+    """training_params.gpus asks for N GPUs (data-parallel): the plan counts a step per round of N batches, and
+    asking for more GPUs than the machine has, or for 0, is a 400 that says so."""
+    two = {**_job(train_batch_size=1), "training_params": {**_job()["training_params"], "gpus": 2}}
+    answer = api.post("/trainings", json=two)
+    assert answer.status_code == 201, answer.text
+    job = service.store.get(answer.json()["job"]["id"])
+    plan = job.params["plan"]
+    # 2 images x 5 repeats at batch 1: 10 batches, 5 per process: 5 steps per epoch (a CPU stands in for 2 GPUs)
+    assert job.params["gpus"] == 2 and (plan["batches_per_process"], plan["steps_per_epoch"]) == (5, 5)
+    formatted = api.post(
+        "/config/format",
+        json={
+            "config_params": {**CONFIG, "train_batch_size": 1},
+            "fm_type": "sd_1_5",
+            "dataset": "cats",
+            "gpus": 2,
+        },
+    )
+    assert formatted.status_code == 200 and formatted.json()["plan"]["num_processes"] == 2
+    zero = {**two, "training_params": {**two["training_params"], "gpus": 0}}
+    refused = api.post("/trainings", json=zero)
+    assert refused.status_code == 400 and "GPUs per job must be a whole number from 1" in refused.text
+    service.scheduler.devices = {"cuda:0": 1}  # as on a machine with one GPU
+    refused = api.post("/trainings", json=two)
+    assert refused.status_code == 400 and "asks for 2 GPUs, but this machine has 1 (cuda:0)" in refused.text

@@ -31,7 +31,7 @@ from kohya_backend.service.worker_jobs import MissingBlobs
         (JobActive("x"), 409),
         (InvalidTransition("j", JobStatus.COMPLETED, JobStatus.QUEUED, frozenset()), 409),
         (DatasetExists("x"), 409),
-        (DatasetInUse("x"), 409),
+        (DatasetInUse("x", None, ["j3"]), 409),
         (WorkerConflict("x"), 409),
         (WorkerBusy("x", None, ["j1"]), 409),
         (MissingBlobs(["a" * 64]), 409),

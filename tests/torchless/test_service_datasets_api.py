@@ -9,12 +9,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
-from server_support import running
+from safetensors.numpy import save_file
+from server_support import running, stranger
 
+from kohya_backend.errors import TrainManagementError
 from kohya_backend.service.api import API_PREFIX
 from kohya_backend.service.app import build_service, create_app
+from kohya_backend.service.datasets import check_health_resolution
 
 TOKEN = "dataset-token"
 
@@ -143,17 +147,32 @@ def test_health_report(client: httpx.Client) -> None:
     bad = client.get("/datasets/twins/health", params={"resolution": 500})
     assert bad.status_code == 400 and "multiple of 64" in bad.json()["detail"]["hint"]
     assert client.get("/datasets/nothere/health").status_code == 404
-    assert httpx.get(f"{str(client.base_url).rstrip('/')}/datasets/twins/health").status_code == 401
+    with stranger("127.0.0.3") as other:
+        assert other.get(f"{str(client.base_url).rstrip('/')}/datasets/twins/health").status_code == 401
+
+
+@pytest.mark.parametrize("resolution", [256, 512, 1024, 2048])
+def test_a_health_report_is_made_for_multiples_of_64_from_256_to_2048(resolution: int) -> None:
+    assert check_health_resolution(resolution) == resolution
+
+
+@pytest.mark.parametrize("resolution", [True, 192, 500, 2112, 512.0, "512", None])
+def test_other_health_resolutions_are_refused(resolution: object) -> None:
+    with pytest.raises(TrainManagementError, match="is not a training resolution"):
+        check_health_resolution(resolution)
 
 
 def test_auth_is_required(client: httpx.Client) -> None:
     base = str(client.base_url).rstrip("/")
-    assert httpx.get(f"{base}/datasets/cats").status_code == 401
-    assert (
-        httpx.post(f"{base}/datasets", data={"name": "x"}, files=[("files", ("a.png", _png()))]).status_code
-        == 401
-    )
-    assert httpx.delete(f"{base}/datasets/cats").status_code == 401
+    with stranger() as other:  # another client: its refusals back off that one, not `client`
+        assert other.get(f"{base}/datasets/cats").status_code == 401
+        assert (
+            other.post(
+                f"{base}/datasets", data={"name": "x"}, files=[("files", ("a.png", _png()))]
+            ).status_code
+            == 401
+        )
+        assert other.delete(f"{base}/datasets/cats").status_code == 401
 
 
 def test_delete_image_and_dataset(client: httpx.Client, home: Path) -> None:
@@ -165,3 +184,28 @@ def test_delete_image_and_dataset(client: httpx.Client, home: Path) -> None:
     assert client.delete("/datasets/cats").status_code == 204
     assert not (home / "datasets/cats").exists()
     assert client.delete("/datasets/cats").status_code == 404
+
+
+def test_a_dataset_in_use_answers_409_listing_the_jobs(client: httpx.Client, home: Path) -> None:
+    keys = ["model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.transformer.x.weight"]
+    save_file({k: np.zeros((1,), dtype=np.float32) for k in keys}, str(home / "models/sd15.safetensors"))
+    created = _create(client, "busy", [("2_shape/a.png", _png((9, 9, 9), (64, 64))), ("2_shape/a.txt", b"a")])
+    assert created.status_code == 201, created.text
+    config = {"resolution": "64,64", "enable_bucket": False, "max_train_steps": 2, "mixed_precision": "no"}
+    params = {"model": "sd15.safetensors", "dataset": "busy", "fm_type": "sd_1_5"}
+    jobs = []
+    for name in ("first", "second"):
+        answer = client.post(
+            "/trainings", json={"training_params": params, "config_params": {**config, "output_name": name}}
+        )
+        assert answer.status_code == 201, answer.text
+        jobs.append(answer.json()["job"]["id"])
+    refused = client.delete("/datasets/busy")
+    detail = refused.json()["detail"]
+    assert refused.status_code == 409 and detail["error"] == "DatasetInUse"
+    assert sorted(detail["jobs"]) == sorted(jobs) and all(job in detail["message"] for job in jobs)
+    caption = client.put("/datasets/busy/captions/2_shape/a.png", json={"caption": "b"})
+    assert caption.status_code == 409 and sorted(caption.json()["detail"]["jobs"]) == sorted(jobs)
+    for job in jobs:
+        assert client.post(f"/trainings/{job}/cancel").status_code == 200
+    assert client.delete("/datasets/busy").status_code == 204

@@ -74,31 +74,45 @@ def test_presets_save_load_list_and_delete(tmp_path: Path) -> None:
 def test_a_kohya_ss_preset_imports_what_kohya_ss_passes_to_sd_scripts() -> None:
     result = import_kohya_ss(json.dumps(KOHYA_SS))
     values = tomlkit.parse(result.toml)
-    # kohya_ss passes optimizer as optimizer_type, max_resolution as resolution, xformers "xformers" as the flag,
-    # epoch as the length when no max_train_steps / max_train_epochs is set, and leaves out what is 0 for unset
-    # (text_encoder_lr 0: the learning_rate; max_train_steps 0: none).
+    # read as the GUI passes it to sd-scripts: LoRA_type -> network_module and network_args, optimizer ->
+    # optimizer_type, epoch -> max_train_epochs (and the cycles), max_resolution -> resolution, lr_warmup's 10 % ->
+    # 0.1, text_encoder_lr 0 -> network_train_unet_only, and what is 0 for unset left out
     assert values.unwrap() == {
         "bucket_no_upscale": True, "bucket_reso_steps": 64, "cache_latents": True, "caption_extension": ".txt",
-        "clip_skip": 2, "learning_rate": 0.0001, "lr_scheduler": "cosine", "max_token_length": 150,
-        "mixed_precision": "bf16", "network_alpha": 16.0, "network_dim": 32, "save_precision": "fp16",
-        "seed": 1234, "train_batch_size": 2, "unet_lr": 0.0001, "optimizer_type": "AdamW8bit",
-        "resolution": "512,512", "max_train_epochs": 10, "xformers": True,
+        "clip_skip": 2, "learning_rate": 0.0001, "lr_scheduler": "cosine", "lr_scheduler_num_cycles": 10,
+        "lr_warmup_steps": 0.1, "max_data_loader_n_workers": 0, "max_token_length": 150, "max_train_epochs": 10,
+        "mixed_precision": "bf16", "network_alpha": 16.0, "network_dim": 32, "network_module": "lycoris.kohya",
+        "network_args": [
+            "preset=full", "conv_dim=1", "conv_alpha=1", "use_tucker=False", "rank_dropout=0", "bypass_mode=False",
+            "dora_wd=False", "module_dropout=0.0", "factor=-1", "use_cp=False", "use_scalar=False",
+            "decompose_both=False", "rank_dropout_scale=False", "algo=lokr", "train_norm=False",
+        ],
+        "network_train_unet_only": True, "optimizer_type": "AdamW8bit", "resolution": "512,512",
+        "save_precision": "fp16", "seed": 1234, "train_batch_size": 2, "unet_lr": 0.0001, "xformers": True,
     }  # fmt: skip
     assert sorted(result.imported) == sorted(values)
     parse_config(result.toml)  # the imported config parses as it is
     reasons = result.not_imported
-    assert set(reasons) == {
-        "LoRA_type",
-        "logging_dir",
-        "output_dir",
-        "pretrained_model_name_or_path",
-        "full_bf16",
-    }
-    # ("" values, 0 for unset, full_fp16 false and adaptive_noise_scale 0 are settings left off)
+    assert set(reasons) == {"logging_dir", "output_dir", "pretrained_model_name_or_path", "full_bf16"}
     assert "set by the tab" in reasons["pretrained_model_name_or_path"]
-    assert "sd-scripts equivalent" in reasons["LoRA_type"]
     assert "path on the machine that saved the preset" in reasons["logging_dir"]
     assert "not implemented" in reasons["full_bf16"]
+    assert result.fm_type == "sd_1_5" and "LoRA_type, epoch" in result.notes[0]
+
+
+def test_a_kohya_ss_preset_is_read_as_the_gui_reads_it() -> None:
+    # the GUI writes the attention as a choice: "none" is off, "sdpa" is not xformers
+    for attention, expected in (("none", {}), ("sdpa", {"sdpa": True}), ("xformers", {"xformers": True})):
+        values = tomlkit.parse(import_kohya_ss(json.dumps(KOHYA_SS | {"xformers": attention})).toml)
+        assert {k: values[k] for k in ("xformers", "sdpa") if k in values} == expected, attention
+    lycoris = import_kohya_ss(
+        json.dumps(KOHYA_SS | {"LoRA_type": "LyCORIS/LoHa", "sdxl": True, "conv_dim": 4})
+    )
+    values = tomlkit.parse(lycoris.toml)
+    assert values["network_module"] == "lycoris.kohya" and "algo=loha" in values["network_args"]
+    assert lycoris.fm_type == "sd_xl"
+    with pytest.raises(TrainManagementError, match="Flux"):
+        import_kohya_ss(json.dumps(KOHYA_SS | {"flux1_checkbox": True}))
 
 
 def test_kohya_ss_names_give_way_to_the_sd_scripts_keys_they_stand_for() -> None:

@@ -4,6 +4,9 @@ speed and ETA of a resumed job, Duplicate, Continue training, and a chosen epoch
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +21,7 @@ from kohya_backend.jobs.delivery import GRID_SIDECAR, deliver
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import Job
 from kohya_backend.service.app import build_service
-from kohya_backend.service.training import Submission, TrainingService
+from kohya_backend.service.training import CONTINUED_DIR, Submission, TrainingService
 
 CONFIG = """\
 caption_extension = ".txt"
@@ -32,6 +35,20 @@ output_name = "{name}"
 """
 
 
+def _no_links(source: object, target: object) -> None:
+    """os.link where the Lora folder is on another disk than the home."""
+    raise OSError(18, "Invalid cross-device link")
+
+
+def _make_dataset(service: TrainingService) -> None:
+    """The four-image dataset `shapes` the jobs here train on."""
+    subset = service.home.datasets / "shapes" / "2_shape"
+    subset.mkdir(parents=True)
+    for index in range(4):
+        Image.new("RGB", (64, 64), (index * 60, 10, 10)).save(subset / f"{index}.png")
+        (subset / f"{index}.txt").write_text("shape\n")
+
+
 @pytest.fixture
 def service(tmp_path: Path) -> Iterator[TrainingService]:
     service = build_service(tmp_path / "home")
@@ -39,11 +56,7 @@ def service(tmp_path: Path) -> Iterator[TrainingService]:
     save_file(
         {k: np.zeros((1,), dtype=np.float32) for k in keys}, str(service.home.models / "sd15.safetensors")
     )
-    subset = service.home.datasets / "shapes" / "2_shape"
-    subset.mkdir(parents=True)
-    for index in range(4):
-        Image.new("RGB", (64, 64), (index * 60, 10, 10)).save(subset / f"{index}.png")
-        (subset / f"{index}.txt").write_text("shape\n")
+    _make_dataset(service)
     yield service
     service.scheduler.stop()
 
@@ -114,31 +127,90 @@ def test_duplicate_gives_the_config_without_server_paths_and_a_free_name(service
     assert again.output_name == "orig-copy-2"
 
 
-def test_continue_training_starts_from_the_lora_and_its_saved_state(service: TrainingService) -> None:
+def test_continue_training_starts_from_its_own_copies_of_the_lora_and_the_newest_state(
+    service: TrainingService,
+) -> None:
     job = _submit(service, "base")
     with pytest.raises(TrainManagementError, match="only a completed job can be continued"):
         service.continue_training(job.id)
     delivered = _completed(service, job, state=True)
+    older = job.folder / "output" / "base-state" / "state-00000006"
+    older.mkdir()
+    (older / "train_state.json").write_text(json.dumps({"step": 6}))
     follow = service.continue_training(job.id)
     doc = tomlkit.parse(follow.config_toml)
     assert follow.output_name == "base-continued" and follow.status is JobStatus.QUEUED
-    assert doc["network_weights"] == delivered.as_posix()
-    assert doc["resume"] == (job.folder / "output" / "base-state").as_posix()
+    weights, resume = Path(doc["network_weights"]), Path(doc["resume"])
+    start = weights.parent
+    assert start.parent == service.home.jobs / CONTINUED_DIR and start.name.startswith("base-continued-")
+    assert weights.read_bytes() == b"final" and weights.stat().st_ino == delivered.stat().st_ino  # linked
+    assert resume == start / "state-00000012" and json.loads((resume / "train_state.json").read_text()) == {
+        "step": 12
+    }
+    assert sorted(p.name for p in start.iterdir()) == [
+        "base.safetensors",
+        "state-00000012",
+    ]  # the newest only
     assert doc["max_train_epochs"] == 6  # as long again, after the 3 epochs the state holds
+
+    # Deleting the old job and its LoRA leaves the new job all it starts from, now and at a later Resume.
+    service.cancel(follow.id)
+    service.delete(job.id)
+    delivered.unlink()
+    assert weights.read_bytes() == b"final" and (resume / "train_state.json").is_file()
+    assert service.resume(follow.id)["status"] == "queued"
+    again = service.format_config(tomlkit.dumps(doc), "sd_1_5", model="sd15.safetensors", dataset="shapes")
+    assert f'network_weights = "{weights.as_posix()}"' in again["toml"]  # a path the API accepts
 
     plain = _submit(service, "nostate")
     _completed(service, plain)
     doc = tomlkit.parse(service.continue_training(plain.id).config_toml)
-    assert (
-        "resume" not in doc
-        and doc["max_train_epochs"] == 3
-        and doc["network_weights"].endswith("nostate.safetensors")
-    )
+    assert "resume" not in doc and doc["max_train_epochs"] == 3
+    assert Path(doc["network_weights"]).name == "nostate.safetensors"
+    assert Path(doc["network_weights"]).parent.parent == service.home.jobs / CONTINUED_DIR
 
     gone = _submit(service, "gone")
     _completed(service, gone).unlink()
     with pytest.raises(TrainManagementError, match="no longer in the Lora folder"):
         service.continue_training(gone.id)
+
+
+def test_a_continued_jobs_copies_go_with_the_last_job_that_names_them(service: TrainingService) -> None:
+    job = _submit(service, "first")
+    _completed(service, job, state=True)
+    follow = service.continue_training(job.id)
+    start = Path(tomlkit.parse(follow.config_toml)["network_weights"]).parent
+    copy = service.duplicate(follow.id)  # Duplicate keeps network_weights: the new job names the same copy
+    twin = service.submit(Submission("sd15.safetensors", "shapes", "sd_1_5", copy["config_params"]))
+    for queued in (follow, twin):
+        service.cancel(queued.id)
+    service.delete(follow.id)
+    assert start.is_dir()  # the duplicate still starts from it
+    service.delete(twin.id)
+    assert not start.exists()
+
+
+def test_a_continue_that_fails_or_was_left_behind_leaves_no_copies(
+    service: TrainingService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = _submit(service, "left")
+    delivered = _completed(service, job, state=True)
+    root = service.home.jobs / CONTINUED_DIR
+    root.mkdir()
+    stale, fresh = root / "killed-1", root / "under-way-2"
+    for folder in (stale, fresh):
+        folder.mkdir()
+    hours_ago = time.time() - 2 * 3600
+    os.utime(stale, (hours_ago, hours_ago))
+    shutil.rmtree(service.home.datasets / "shapes")  # the submission of the new job now fails
+    with pytest.raises(TrainManagementError, match="shapes"):
+        service.continue_training(job.id)
+    assert sorted(p.name for p in root.iterdir()) == ["under-way-2"]  # no copy, no stale folder
+
+    monkeypatch.setattr(os, "link", _no_links)  # another disk: copies instead of links
+    _make_dataset(service)
+    weights = Path(tomlkit.parse(service.continue_training(job.id).config_toml)["network_weights"])
+    assert weights.read_bytes() == b"final" and weights.stat().st_ino != delivered.stat().st_ino
 
 
 def test_a_chosen_epoch_is_placed_beside_the_lora_for_its_prompt(service: TrainingService) -> None:

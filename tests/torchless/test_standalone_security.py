@@ -10,11 +10,13 @@ from typing import Any
 
 import httpx
 import pytest
-from server_support import running
+from server_support import running, stranger
 
 from kohya_backend.errors import TrainManagementError
 from kohya_backend.service.api import API_PREFIX
 from kohya_backend.service.app import build_service
+from kohya_backend.service.auth import BearerTokenMiddleware
+from kohya_backend.service.hosts import proxy_options
 from kohya_backend.service.login_limit import (
     BASE_WAIT_S,
     FREE_FAILURES,
@@ -75,14 +77,16 @@ def test_the_login_page_backs_off_per_client(tmp_path: Path, caplog: pytest.LogC
     app = build_app(build_service(tmp_path / "home"), token=TOKEN, logins=LoginLimiter(clock=clock))
 
     def login(client: str, password: str) -> httpx.Response:
-        # uvicorn takes the client's address from X-Forwarded-For when the proxy is this machine
+        # The test is the reverse proxy (this machine, named as `serve --forwarded-allow-ips 127.0.0.1` names it):
+        # X-Forwarded-For says which client each login comes from.
         return httpx.post(
             f"{base}/login",
             data={"username": "me", "password": password},
             headers={"X-Forwarded-For": client},
         )
 
-    with running(app) as base, caplog.at_level(logging.WARNING, logger="kohya_backend.service.login_limit"):
+    proxied = running(app, **proxy_options("127.0.0.1"))
+    with proxied as base, caplog.at_level(logging.WARNING, logger="kohya_backend.service.login_limit"):
         for _ in range(FREE_FAILURES + 1):
             assert login("10.0.0.5", "wrong").status_code in (400, 401)
         blocked = login("10.0.0.5", TOKEN)  # even the right password waits: guessing gains nothing
@@ -95,6 +99,29 @@ def test_the_login_page_backs_off_per_client(tmp_path: Path, caplog: pytest.LogC
     failures = [r.getMessage() for r in caplog.records if "failed login" in r.getMessage()]
     assert len(failures) == FREE_FAILURES + 3 and all("10.0.0.5" in m for m in failures)
     assert any("refused" in r.getMessage() for r in caplog.records)
+
+
+def test_without_a_named_proxy_a_client_cannot_claim_other_addresses(tmp_path: Path) -> None:
+    """uvicorn believes X-Forwarded-For from 127.0.0.1 by default: any local process could give each guess a
+    fresh address. serve's default believes no one, and a named proxy only for what that proxy sends."""
+    clock = Clock()
+    app = build_app(build_service(tmp_path / "home"), token=TOKEN, logins=LoginLimiter(clock=clock))
+    assert proxy_options(None) == proxy_options(" , ") == {"proxy_headers": False}
+    with running(app, **proxy_options(None)) as base:
+        statuses = [
+            httpx.post(f"{base}/login", data={"username": "me", "password": "wrong"},
+                       headers={"X-Forwarded-For": f"10.0.0.{n}"}).status_code
+            for n in range(FREE_FAILURES + 2)
+        ]  # fmt: skip
+        assert statuses[-1] == 429 and 429 not in statuses[: FREE_FAILURES + 1]
+    with running(app, **proxy_options("127.0.0.2")) as base, stranger("127.0.0.3") as other:
+        for n in range(FREE_FAILURES + 2):  # not the named proxy: its header is not believed either
+            answer = other.post(
+                f"{base}/login",
+                data={"username": "me", "password": "wrong"},
+                headers={"X-Forwarded-For": f"10.1.0.{n}"},
+            )
+        assert answer.status_code == 429
 
 
 def _burst(throttle_limiter: LoginLimiter, clients: list[str]) -> tuple[list[int], int]:
@@ -162,6 +189,78 @@ def test_logins_sent_all_at_once_earn_the_same_back_off() -> None:
     net = [f"2001:db8:0:1::{n:x}" for n in range(1, 41)]
     statuses, reached = _burst(LoginLimiter(clock=Clock()), [*net, "2001:db8:0:2::1", "10.0.0.6"])
     assert reached == FREE_FAILURES + 1 + 2 and statuses[-2:] == [400, 400]
+
+
+def test_the_api_token_backs_off_per_client_together_with_the_login(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The bearer token is the login's password: a client's refused tokens and failed logins count together, and
+    after a few that client waits (429, Retry-After) whatever it sends; another client's right token never does."""
+    clock = Clock()
+    app = build_app(build_service(tmp_path / "home"), token=TOKEN, logins=LoginLimiter(clock=clock))
+    good = {"Authorization": f"Bearer {TOKEN}"}
+    with running(app) as base, stranger() as guesser, caplog.at_level(logging.WARNING):
+        api = f"{base}{API_PREFIX}/trainings"
+        assert guesser.post(f"{base}/login", data={"username": "me", "password": "wrong"}).status_code in (
+            400,
+            401,
+        )
+        for n in range(FREE_FAILURES):
+            assert guesser.get(api, headers={"Authorization": f"Bearer guess-{n}"}).status_code == 401
+        refused = guesser.get(api, headers=good)  # even the right token waits: guessing gains nothing
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= BASE_WAIT_S
+        assert refused.json()["detail"]["error"] == "TooManyFailures"
+        assert guesser.post(f"{base}/login", data={"username": "me", "password": TOKEN}).status_code == 429
+        assert httpx.get(api, headers=good).status_code == 200  # another client is not held up
+        assert httpx.get(f"{base}{API_PREFIX}/version").status_code == 200  # open paths count nothing
+        clock.now += BASE_WAIT_S
+        assert guesser.get(api, headers=good).status_code == 200
+        for n in range(FREE_FAILURES + 1):  # the success started the count over
+            assert guesser.get(api, headers={"Authorization": f"Bearer again-{n}"}).status_code == 401
+    refusals = [r.getMessage() for r in caplog.records if "failed API token from 127.0.0.2" in r.getMessage()]
+    assert len(refusals) == 2 * FREE_FAILURES + 1
+
+
+def test_tokens_guessed_all_at_once_earn_the_same_back_off() -> None:
+    """A burst of guesses, all sent before the first answer: each counts the moment it is checked."""
+
+    async def route(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    guard = BearerTokenMiddleware(
+        route, token=TOKEN, open_paths=frozenset(), limiter=LoginLimiter(clock=Clock())
+    )
+
+    async def one(n: int, address: str) -> int:
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            await asyncio.sleep(0)  # every other request of the burst gets its turn before this answer goes
+            sent.append(message)
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        token = TOKEN if n < 0 else f"guess-{n}"
+        headers = [(b"authorization", f"Bearer {token}".encode())]
+        scope = {"type": "http", "method": "GET", "path": "/x", "headers": headers, "client": (address, 1)}
+        await guard(scope, receive, send)
+        return int(sent[0]["status"])
+
+    async def burst() -> list[int]:
+        guesses = [one(n, "10.0.0.5") for n in range(40)]
+        return list(await asyncio.gather(*guesses, one(-1, "10.0.0.6"), one(-1, "10.0.0.5")))
+
+    loop = (
+        asyncio.new_event_loop()
+    )  # not the thread's loop: gradio 4 (later tests) needs the main thread loopless
+    try:
+        statuses = loop.run_until_complete(asyncio.wait_for(burst(), 30))
+    finally:
+        loop.close()
+    assert sorted(statuses[:40]) == [401] * (FREE_FAILURES + 1) + [429] * (40 - FREE_FAILURES - 1)
+    assert statuses[40:] == [200, 429]  # another client's token passes; the guesser's own right token waits
 
 
 def test_what_a_clients_failures_count_under() -> None:

@@ -83,10 +83,10 @@ def test_a_database_that_cannot_be_written_answers_503(
 def test_a_full_disk_under_the_job_folders_answers_503_naming_the_folder(
     api: httpx.Client, service: TrainingService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def full(path: Path, text: str) -> None:
+    def full(path: Path, data: str | bytes, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(store_module, "_atomic_write_text", full)
+    monkeypatch.setattr(store_module, "atomic_write", full)  # the store writes a job's config through it
     answer = api.post("/trainings", json=JOB)
     assert answer.status_code == 503, answer.text
     message = answer.json()["detail"]["message"]

@@ -64,6 +64,11 @@ def page(name: str = "page-1") -> gr.Request:
     return gr.Request(session_hash=name) if SESSION_KEYED else gr.Request()
 
 
+def _trainings(service: TrainingService) -> TrainingsActions:
+    """The Trainings List's callbacks as the tab binds them (with the editor's, which Duplicate fills)."""
+    return TrainingsActions(service, CreateJobActions(service, UiHooks()))
+
+
 def _upload(paths: list[Path], file_count: str = "multiple") -> Any:
     """What a gr.File ("multiple" or "directory") hands a callback after the browser uploaded `paths`."""
     component = file_input("files", file_count=file_count)
@@ -296,6 +301,26 @@ def test_format_reports_issues_with_lines_then_the_plan(
     assert "outside the home folder" in escape and "line 1" in escape
 
 
+def test_gpus_per_job_go_into_the_plan_and_the_job(
+    service: TrainingService, datasets: DatasetService, uploads: list[Path]
+) -> None:
+    _dataset(datasets, uploads)
+    actions = CreateJobActions(service, UiHooks())
+    form = (LOCAL, "SD 1.5", "sd15.safetensors", "squares", CONFIG.format(name="two"))
+    one_plan = actions.format_config(*form)[3]
+    two_plan = actions.format_config(*form, 2)[3]
+    assert "**12** total steps" in one_plan and "**12** total steps" in two_plan  # max_train_steps holds
+    # 9 items at batch 2: 5 batches an epoch; 2 processes take 2 of them a step: 3 steps an epoch
+    assert "batch size 2: **5** steps per epoch" in one_plan
+    assert "batch size 2 per process x **2** processes (GPUs): **3** steps per epoch" in two_plan
+    queued = actions.submit(*form, 2)[0]
+    assert queued.startswith("✅ Job **"), queued
+    [job] = service.store.list()[0]
+    assert job.params["gpus"] == 2 and job.params["plan"]["num_processes"] == 2
+    refused = actions.submit(*form[:4], CONFIG.format(name="zero"), 0)[0]
+    assert "GPUs per job must be a whole number from 1" in refused
+
+
 def test_fp16_is_judged_for_the_machine_that_trains(service: TrainingService) -> None:
     actions = CreateJobActions(service, UiHooks())
     fp16 = 'mixed_precision = "fp16"\n'
@@ -416,7 +441,7 @@ def test_submit_refusals_then_a_queued_job_in_the_list(
     taken = actions.submit(instance, "SD 1.5", "sd15.safetensors", "squares", CONFIG.format(name="mine"))[0]
     assert "already used by another job" in taken
 
-    trainings = TrainingsActions(service)
+    trainings = _trainings(service)
     [job] = service.store.list()[0]
     table, stamp, choices, *_details = trainings.refresh(page(), None)
     assert (
@@ -454,7 +479,7 @@ def test_deleting_a_job_that_ran_on_a_worker_says_what_happens_to_its_copy_there
     remote_id = "20200101-000000-abcdef"
     write_json_atomic(job.folder / RUN_NAME, {"runner": "worker", "remote": {"away": {"job": remote_id}}})
     service.store.transition(job.id, JobStatus.CANCELLED, "cancelled on the worker")
-    assert TrainingsActions(service).delete(job.id)[3] == (
+    assert _trainings(service).delete(job.id)[3] == (
         f"Deleted job {job.id} (its delivered LoRA stays in the Lora folder); its copy on worker away is deleted "
         "there in the background (retried until it answers)."
     )
@@ -485,7 +510,7 @@ def test_selected_job_shows_log_loss_plot_samples_and_the_delivery_stamp(
     Image.new("RGB", (8, 8)).save(job.folder / "output/done-epochs.png")
     (job.folder / "output/done-000001.safetensors").write_bytes(b"epoch 1")
 
-    trainings = TrainingsActions(service)
+    trainings = _trainings(service)
     status, log, plot, samples, downloads, grid, epochs, shown = trainings.details(page(), job.id)
     assert "**completed**, 3/3 (100%)" in status and f"LoRA written to {delivered}" in status
     assert log.splitlines()[0] == "line 70" and log.splitlines()[-1] == "line 99"
@@ -529,11 +554,12 @@ def test_polls_read_only_new_events_and_decode_each_sample_once(
     samples = job.folder / "output/sample"
     samples.mkdir(parents=True)
     Image.new("RGB", (512, 512), (200, 0, 0)).save(samples / "running_000002_00.png")
-    trainings = TrainingsActions(service)
+    trainings = _trainings(service)
     _, _, plot, first_samples, *_ = trainings.details(page(), job.id)
     assert [r["step"] for r in plot.to_dict("records")] == [1, 2]
     assert first_samples[0][0].size == (256, 256)
-    assert trainings.details(page(), job.id)[2] is plot  # nothing new: the same plot data, nothing re-read
+    # nothing new: another page gets the same plot data, nothing re-read
+    assert trainings.details(page("another"), job.id)[2] is plot
 
     # Lines already read are not read again: rewrite them (same length) and append a step.
     events.write_text(
@@ -563,3 +589,50 @@ def test_polls_read_only_new_events_and_decode_each_sample_once(
     assert trainings.details(page(), job.id)[2].to_dict("records") == [
         {"step": 1, "value": 0.125, "series": "loss"}
     ]
+
+
+def test_the_loss_plot_and_the_samples_are_sent_only_when_they_change(
+    service: TrainingService, datasets: DatasetService, uploads: list[Path]
+) -> None:
+    _dataset(datasets, uploads)
+    editor = CreateJobActions(service, UiHooks())
+    for name in ("one", "two"):
+        editor.submit("local", "SD 1.5", "sd15.safetensors", "squares", CONFIG.format(name=name))
+    jobs = {job.output_name: job for job in service.store.list()[0]}
+    for job in jobs.values():  # the same events and sample in both: only the job tells them apart
+        (job.folder / "events.jsonl").write_text(json.dumps({"kind": "step", "step": 1, "loss": 0.5}) + "\n")
+        (job.folder / "output/sample").mkdir(parents=True)
+        Image.new("RGB", (32, 32), (9, 9, 9)).save(job.folder / "output/sample/s_000001_00.png")
+    one, two = jobs["one"], jobs["two"]
+    trainings = _trainings(service)
+
+    def poll(job_id: str, shown: str) -> tuple[Any, Any, str]:
+        """The poll's refresh of the page's selected job: (plot, samples, what the page then shows)."""
+        *_, plot, samples, _, _, _, key = (
+            trainings.refresh(page()) if SESSION_KEYED else trainings.refresh(page(), job_id, shown)
+        )
+        return plot, samples, key
+
+    _, _, plot, samples, *_, shown = trainings.details(page(), one.id)
+    assert [r["step"] for r in plot.to_dict("records")] == [1] and len(samples) == 1
+    plot, samples, shown = poll(one.id, shown)
+    assert plot == gr.update() and samples == gr.update()  # nothing changed: nothing sent
+
+    with (one.folder / "events.jsonl").open("a") as events:
+        events.write(json.dumps({"kind": "step", "step": 2, "loss": 0.25}) + "\n")
+    plot, samples, shown = poll(one.id, shown)
+    assert [r["step"] for r in plot.to_dict("records")] == [1, 2] and samples == gr.update()
+    Image.new("RGB", (32, 32), (1, 1, 1)).save(one.folder / "output/sample/s_000002_00.png")
+    plot, samples, shown = poll(one.id, shown)
+    assert plot == gr.update() and [name for _, name in samples] == ["s_000001_00.png", "s_000002_00.png"]
+    assert poll(one.id, shown)[:2] == (gr.update(), gr.update())
+
+    # Another job with the same plot and samples is sent in full, and so is the first one again after it.
+    _, _, plot, samples, *_, shown = trainings.details(page(), two.id, shown)
+    assert [r["step"] for r in plot.to_dict("records")] == [1] and len(samples) == 1
+    assert poll(two.id, shown)[:2] == (gr.update(), gr.update())
+    _, _, plot, samples, *_, shown = trainings.details(page(), one.id, shown)
+    assert [r["step"] for r in plot.to_dict("records")] == [1, 2] and len(samples) == 2
+    # A page that shows nothing yet (or sends a value it never got) is sent everything.
+    for unknown in ("", "not json", '["a"]', '{"plot": 1}'):
+        assert trainings.details(page("fresh"), one.id, unknown)[2] is not gr.update()

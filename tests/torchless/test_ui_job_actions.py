@@ -4,6 +4,7 @@ prompt for txt2img, the key help, the health report and what a page's poll finds
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import time
@@ -18,6 +19,7 @@ import tomlkit
 from PIL import Image
 from safetensors.numpy import save_file
 
+import kohya_backend
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.service.app import build_service
 from kohya_backend.service.datasets import DatasetService
@@ -38,6 +40,11 @@ ROW = len(EDITOR_FIELDS)  # where the editor's confirmation row starts in a fill
 
 def page(name: str = "page-1") -> gr.Request:
     return gr.Request(session_hash=name) if SESSION_KEYED else gr.Request()
+
+
+def _trainings(service: TrainingService) -> TrainingsActions:
+    """The Trainings List's callbacks as the tab binds them (with the editor's, which Duplicate fills)."""
+    return TrainingsActions(service, CreateJobActions(service, UiHooks()))
 
 
 @pytest.fixture
@@ -109,28 +116,35 @@ def test_presets_save_load_over_edits_and_delete(service: TrainingService) -> No
 
 def test_a_kohya_ss_preset_is_imported_into_the_editor(service: TrainingService, tmp_path: Path) -> None:
     presets = PresetActions(PresetStore(service.home.root), CreateJobActions(service, UiHooks()))
-    preset = tmp_path / "kohya.json"
-    preset.write_text(
-        json.dumps(
-            {"network_dim": 24, "optimizer": "Lion", "LoRA_type": "LyCORIS/LoKr", "max_train_epochs": ""}
-        )
-    )
     component = file_input("preset", file_count="single")
-    if SESSION_KEYED:
-        from gradio.data_classes import FileData
 
-        upload = component.preprocess(FileData(path=str(preset), orig_name="kohya.json"))
-    else:
-        upload = component.preprocess(
-            {"name": str(preset), "is_file": True, "data": None, "orig_name": "kohya.json"}
-        )
+    def uploaded(content: dict[str, Any], name: str = "kohya.json") -> Any:
+        preset = tmp_path / name
+        preset.write_text(json.dumps(content))
+        if SESSION_KEYED:
+            from gradio.data_classes import FileData
+
+            return component.preprocess(FileData(path=str(preset), orig_name=name))
+        return component.preprocess({"name": str(preset), "is_file": True, "data": None, "orig_name": name})
+
+    few = {"network_dim": 24, "optimizer": "Lion", "output_dir": "/home/me/out", "max_train_epochs": ""}
+    upload = uploaded(few)
     filled = presets.import_kohya(upload, "SD 1.5", "", "")
     text, message = filled[0], filled[-1]
     assert dict(tomlkit.parse(text)) == {"network_dim": 24, "optimizer_type": "Lion"} and text.startswith(
         "# Imported from the kohya_ss preset"
     )
     assert message.startswith("Imported 2 key(s) from **kohya.json**. Not imported (1):")
-    assert "`LoRA_type`" in message and "max_train_epochs" not in message
+    assert "`output_dir`" in message and "max_train_epochs" not in message
+    # a whole GUI preset is read as the GUI reads it, and its `sdxl` checkbox chooses the FM type
+    gui = {"LoRA_type": "LyCORIS/LoKr", "sdxl": True, "optimizer": "AdamW", "epoch": 2}
+    filled = presets.import_kohya(uploaded(gui, "gui.json"), "SD 1.5", "", "")
+    values, fm, message = tomlkit.parse(filled[0]), filled[2], filled[-1]
+    assert values["optimizer_type"] == "AdamW" and values["max_train_epochs"] == 2 and fm == "SDXL"
+    assert values["network_module"] == "lycoris.kohya" and "algo=lokr" in values["network_args"]
+    assert (
+        "It is a SDXL preset: FM Type is now SDXL." in message and "read as a kohya_ss GUI config" in message
+    )
 
 
 def test_duplicate_fills_the_form_and_continue_queues_a_new_job(service: TrainingService) -> None:
@@ -151,6 +165,20 @@ def test_duplicate_fills_the_form_and_continue_queues_a_new_job(service: Trainin
     assert trainings.continue_training(None) == "Select a job first."
 
 
+def test_the_tab_and_the_service_check_nothing_with_assert() -> None:
+    # `python -O` strips asserts: a runtime check written as one (Duplicate once checked for the editor's actions
+    # that way) would silently vanish there.
+    package = Path(kohya_backend.__file__).parent
+    found = [
+        f"{path.relative_to(package)}:{node.lineno}"
+        for folder in ("ui", "service")
+        for path in sorted((package / folder).rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Assert)
+    ]
+    assert found == []
+
+
 def test_continue_says_it_starts_from_the_lora_when_no_state_was_saved(service: TrainingService) -> None:
     # A name with "resume" in it is no saved state: the message follows the new job's `resume` key, not its text.
     job_id = _completed(service, "resume-portrait")
@@ -167,7 +195,7 @@ def test_the_downloads_follow_new_samples_past_the_shown_count(service: Training
     for index in range(MAX_SAMPLES + 1):  # more than the list keeps
         Image.new("RGB", (8, 8), (index, 0, 0)).save(samples / f"many_{index:06d}_00.png")
         os.utime(samples / f"many_{index:06d}_00.png", ns=(index * 10**9, index * 10**9))
-    trainings = TrainingsActions(service)
+    trainings = _trainings(service)
     *_, downloads, _, _, shown = trainings.details(page(), job.id)
     assert downloads[-1] == str(samples / f"many_{MAX_SAMPLES:06d}_00.png")
     newer = samples / "many_999999_00.png"
@@ -177,7 +205,7 @@ def test_the_downloads_follow_new_samples_past_the_shown_count(service: Training
 
 
 def test_send_to_txt2img_gives_the_chosen_epochs_lora(service: TrainingService) -> None:
-    trainings = TrainingsActions(service)
+    trainings = _trainings(service)
     job_id = _completed(service, "epochs", epochs=2)
     *_, grid, epochs, shown = trainings.details(page(), job_id)
     assert epochs["choices"] == ["final", "epoch 1", "epoch 2"] and grid is None  # no grid: no sample prompts
@@ -194,6 +222,29 @@ def test_send_to_txt2img_gives_the_chosen_epochs_lora(service: TrainingService) 
         and (service.home.lora / "epochs-epochs/epochs-000002.safetensors").is_file()
     )
     assert trainings.lora_prompt(None, "final", 1.0) == ("Select a completed job first.", "")
+
+
+@pytest.mark.parametrize("epoch", ["epoch two", "2", "epoch -1", "epoch 2 ", "final!", 2, ["epoch 1"]])
+def test_an_epoch_the_list_never_offers_gets_a_message_not_a_traceback(
+    service: TrainingService, epoch: Any
+) -> None:
+    trainings = _trainings(service)
+    job_id = _completed(service, "crafted", epochs=2)
+    message, prompt = trainings.lora_prompt(job_id, epoch, 1.0)
+    assert message.startswith("❌") and "is not an epoch of the job" in message and prompt == ""
+    assert "choose 'final' or one of its saved epochs" in message
+
+
+def test_an_epoch_not_saved_or_a_weight_that_is_no_number_is_refused(service: TrainingService) -> None:
+    trainings = _trainings(service)
+    job_id = _completed(service, "weights", epochs=2)
+    message, prompt = trainings.lora_prompt(job_id, "epoch 7", 1.0)
+    assert "has no saved epoch 7" in message and prompt == ""
+    for weight in ("heavy", "nan", float("inf"), [1]):
+        message, prompt = trainings.lora_prompt(job_id, "final", weight)
+        assert message.startswith("❌") and "is not a number" in message and prompt == "", weight
+    assert trainings.lora_prompt(job_id, "epoch 1", "-0.5")[1] == "<lora:weights-000001:-0.5>"
+    assert trainings.lora_prompt(job_id, None, None)[1] == "<lora:weights:1>"
 
 
 def test_key_help_shows_the_reference_of_a_key(service: TrainingService) -> None:
@@ -222,7 +273,7 @@ def test_the_health_report_runs_in_the_background_and_reaches_the_page(service: 
 
 @pytest.mark.skipif(not SESSION_KEYED, reason="gradio 3.41 pages send their values as inputs")
 def test_each_page_finds_its_own_values_on_the_server(service: TrainingService) -> None:
-    trainings = TrainingsActions(service)
+    trainings = _trainings(service)
     first, second = _completed(service, "one"), _completed(service, "two")
     trainings.details(page("a"), first)
     trainings.details(page("b"), second)

@@ -1,8 +1,10 @@
 """The REST API mounted in the stand-in WebUI, on both gradio lines: its own request guard (Host, Origin, JSON
-bodies), the WebUI's --cors-allow-origins honoured, and its own OpenAPI schema under the prefix."""
+bodies), the WebUI's --cors-allow-origins honoured, and its own OpenAPI schema under the prefix; and the tab's
+buttons, which run through gradio's own routes on the WebUI's app, refused to other sites likewise."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -13,10 +15,12 @@ from PIL import Image
 from safetensors.numpy import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "webui_stub"))
+from gradio_support import GRADIO_MAJOR, event_index, predict, queued
 from stub_webui import running_webui
 
 from kohya_backend.host.runtime import RUNTIME
 from kohya_backend.service.api import API_PREFIX
+from kohya_backend.service.presets import PresetStore
 
 TRAINER = ["--train-python", sys.executable]
 SD15_KEYS = ("model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.transformer.text_model.x")
@@ -97,6 +101,7 @@ def test_the_webuis_flags_make_the_guards_policy() -> None:
     from types import SimpleNamespace
 
     from kohya_backend.host.exposure import webui_policy
+    from kohya_backend.service.guard import parse_origin
 
     local, problems = webui_policy(SimpleNamespace(cors_allow_origins="http://a.example,*x", listen=False))
     assert local.origins == ("http://a.example",) and problems and "'*x' is not an origin" in problems[0]
@@ -106,5 +111,59 @@ def test_the_webuis_flags_make_the_guards_policy() -> None:
     )
     assert named.host_allowed("gpu-box.example:7860") and named.host_allowed("proxy.example")
     assert not named.host_allowed("evil.example")
+    # A proxy that rewrites Host still serves the page under its own name: that page's requests may act.
+    assert named.origin_allowed(parse_origin("https://proxy.example"), "127.0.0.1:7860")
+    assert named.origin_allowed(parse_origin("http://PROXY.example:8443"), "127.0.0.1:7860")
+    assert not named.origin_allowed(parse_origin("https://proxy.example.evil.example"), "127.0.0.1:7860")
+    assert not local.origin_allowed(parse_origin("https://proxy.example"), "127.0.0.1:7860")
+    anything, _ = webui_policy(SimpleNamespace(train_allowed_hosts=["*"]))
+    assert anything.hosts is None and anything.origin_hosts == frozenset()  # any Host, but not any page
+    assert not anything.origin_allowed(parse_origin("http://evil.example"), "127.0.0.1:7860")
     shared, _ = webui_policy(SimpleNamespace(share=True))
     assert shared.hosts is None  # gradio's share tunnel names are not known in advance
+
+
+@pytest.mark.parametrize("forge", [False, True], ids=["a1111", "forge"])
+def test_other_sites_cannot_press_the_tabs_buttons(tmp_path: Path, forge: bool) -> None:
+    """gradio's predict route and queue on the WebUI's app check no Origin: the tab's events check it themselves.
+    Another site's request, sent straight to /run/predict or through the queue, saves no preset; the page's own
+    origin, and one the WebUI's --cors-allow-origins names, do."""
+    argv = [*TRAINER, "--cors-allow-origins", ALLOWED]
+    with running_webui(tmp_path / "webui", argv, forge=forge) as ui:
+        assert RUNTIME.service is not None
+        presets = PresetStore(RUNTIME.service.home.root)
+        save = event_index(ui.demo, "train_management_preset_save")
+        key_help = event_index(ui.demo, "train_management_key", "input")
+
+        def preset(name: str) -> list[str]:
+            return [name, "network_dim = 4\n", "SD 1.5"]
+
+        for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"},
+                        {"Referer": "http://evil.example/page"}, {"Origin": "http://127.0.0.1:1"}):  # fmt: skip
+            answer = predict(ui.url, save, preset("evil"), headers)
+            assert answer.status_code != 200 or "error" in answer.json(), answer.text
+        refused = queued(ui.url, save, preset("evil"), "http://evil.example")
+        assert refused["success"] is False, refused
+        assert "may not change anything here" in json.dumps(refused)
+        if (
+            GRADIO_MAJOR < 4
+        ):  # 3.41's predict route takes the request's headers from the body when it has some
+            own_headers = {
+                "headers": {"origin": ui.url, "host": ui.url.split("//")[1]},
+                "client": {"host": "x"},
+            }
+            forged = predict(
+                ui.url, save, preset("evil"), {"Origin": "http://evil.example"}, request=own_headers
+            )
+            assert forged.status_code != 200 or "error" in forged.json(), forged.text
+        assert presets.names() == []
+        # What changes nothing stays open (the key help), and the page's own origin and the allowed one may act.
+        shown = predict(ui.url, key_help, ["network_dim"], {"Origin": "http://evil.example"})
+        assert shown.status_code == 200 and "network_dim" in json.dumps(shown.json()["data"])
+        assert queued(ui.url, save, preset("mine"), ui.url)["success"] is True
+        assert predict(ui.url, save, preset("direct"), {"Origin": ui.url}).status_code == 200
+        assert predict(ui.url, save, preset("allowed"), {"Origin": ALLOWED}).status_code == 200
+        assert (
+            predict(ui.url, save, preset("script"), {}).status_code == 200
+        )  # no browser: no Origin, no Referer
+        assert presets.names() == ["allowed", "direct", "mine", "script"]

@@ -1,6 +1,7 @@
-"""Model families as small overrides of one base: how SD 1.5 and SDXL tokenize, condition and call the UNet.
+"""How each model family conditions its UNet, as small overrides of one base: SD 1.5 and SDXL tokenize, encode,
+and call the UNet differently (pooled embeds and time ids for SDXL); the loop is the same for both.
 
-The loop is the same for both; only conditioning (text encoders, pooled embeds, time ids) differs.
+Each override registers under a name of the torch-free family registry (`kohya_backend.families`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+
+from kohya_backend.families import FAMILIES
 
 CHUNK = 75  # content tokens per CLIP window (77 with BOS/EOS)
 
@@ -76,10 +79,9 @@ def _final_layer_norm(text_encoder: Any) -> torch.nn.Module:
 
 
 class ModelFamily:
-    """Base family: subclasses set the names and override encoding and UNet kwargs."""
+    """Base family: subclasses set the registry name and override encoding, UNet kwargs and time ids."""
 
     name: ClassVar[str]
-    base_model_version: ClassVar[str]
 
     def token_ids(
         self, tokenizers: Sequence[Any], captions: Sequence[str], max_token_length: int
@@ -96,12 +98,20 @@ class ModelFamily:
         """Extra keyword arguments for the UNet call."""
         return {}
 
+    def time_ids(
+        self,
+        original_sizes: Sequence[tuple[int, int]],
+        crops: Sequence[tuple[int, int]],
+        target_sizes: Sequence[tuple[int, int]],
+    ) -> Tensor | None:
+        """The UNet's size/crop conditioning for a batch (images as (h, w), crops as (top, left)); None if unused."""
+        return None
+
 
 class SD15Family(ModelFamily):
     """SD 1.5: CLIP ViT-L last hidden state (or hidden_states[-clip_skip] + final layer norm)."""
 
     name = "sd_1_5"
-    base_model_version = "sd_v1"
 
     def encode(
         self, text_encoders: Sequence[Any], token_ids: Sequence[Tensor], clip_skip: int
@@ -120,7 +130,6 @@ class SDXLFamily(ModelFamily):
     """SDXL: penultimate states of ViT-L and bigG concatenated; pooled = bigG's projected EOS of the first window."""
 
     name = "sd_xl"
-    base_model_version = "sdxl_base_v1-0"
 
     def encode(
         self, text_encoders: Sequence[Any], token_ids: Sequence[Tensor], clip_skip: int
@@ -144,6 +153,14 @@ class SDXLFamily(ModelFamily):
             raise ValueError("SDXL needs pooled text embeddings and time ids")
         return {"added_cond_kwargs": {"text_embeds": cond.pooled, "time_ids": time_ids}}
 
+    def time_ids(
+        self,
+        original_sizes: Sequence[tuple[int, int]],
+        crops: Sequence[tuple[int, int]],
+        target_sizes: Sequence[tuple[int, int]],
+    ) -> Tensor | None:
+        return sdxl_time_ids(original_sizes, crops, target_sizes)
+
 
 def sdxl_time_ids(
     original_sizes: Sequence[tuple[int, int]],
@@ -159,7 +176,10 @@ _FAMILIES: dict[str, ModelFamily] = {}
 
 
 def register_family(family: ModelFamily) -> None:
-    """Register a family by name; registering a name twice is an error."""
+    """Register a family's conditioning by its registry name; an unknown name or a second registration is an
+    error."""
+    if family.name not in FAMILIES:
+        raise ValueError(f"{family.name!r} is not a model family of kohya_backend.families")
     if family.name in _FAMILIES:
         raise ValueError(f"model family {family.name!r} is already registered")
     _FAMILIES[family.name] = family

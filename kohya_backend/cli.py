@@ -147,7 +147,13 @@ def run_training(
 
                 name = parsed.values.get("output_name")
                 state = latest_state(folder.state_dir(output_stem(str(name) if name else None)))
-                if state is None:
+                if state is None and parsed.values.get("resume"):
+                    events.emit(
+                        "warning",
+                        message="this job has saved no state of its own yet: it starts from the config's resume, "
+                        f"{parsed.values['resume']}",
+                    )
+                elif state is None:
                     events.emit(
                         "warning", message="no saved state to resume from: training starts from step 0"
                     )

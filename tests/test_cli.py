@@ -146,3 +146,27 @@ def test_a_setting_the_optimizer_rejects_fails_format_and_training_before_the_mo
     trained = cli("train", "--config", str(bad))
     assert trained.returncode == 2 and "AdamW rejected its settings" in trained.stderr
     assert "loading" not in trained.stderr  # refused before the checkpoint was read
+
+
+def test_resuming_a_job_without_its_own_state_names_the_configs_resume(
+    tmp_path: Path, demo_config: str
+) -> None:
+    """A continued job's first Resume (it saved no state yet) starts from its config's `resume`, not from step 0:
+    the warning says which (it used to say "starts from step 0")."""
+    import tomlkit
+
+    from kohya_backend.cli import run_training
+    from kohya_backend.errors import ConfigError
+    from kohya_backend.train.events import read_events
+
+    folder = tmp_path / "job"
+    folder.mkdir()
+    doc = tomlkit.parse(demo_config)
+    doc["resume"] = str(tmp_path / "old-job-state")  # gone: validation stops the run before any model loads
+    with pytest.raises(ConfigError, match="old-job-state does not exist"):
+        run_training(
+            tomlkit.dumps(doc), "sd_1_5", events_path=folder / "events.jsonl", job_dir=folder, resume=True
+        )
+    warnings = [e["message"] for e in read_events(folder / "events.jsonl") if e["kind"] == "warning"]
+    assert any("the config's resume" in w and "old-job-state" in w for w in warnings), warnings
+    assert not any("step 0" in w for w in warnings)

@@ -85,7 +85,8 @@ class HostRuntime:
             previous = self.config
             if self.service is None or self.config is None or self.config.structural() != config.structural():
                 self._rebuild(config)
-            assert self.service is not None
+            if self.service is None:
+                raise RuntimeError("Train Management's service could not be built")
             scheduler = self.service.scheduler
             scheduler.devices.update(local_devices(config.gpus, config.per_device))
             scheduler.keep_epochs = config.keep_epochs

@@ -380,7 +380,8 @@ class S3LocalRunner(LocalRunner):
         from kohya_backend.jobs.delivery import final_lora
 
         events = EventWriter(run.job.folder)
-        assert run.output is not None
+        if run.output is None:
+            raise RuntimeError(f"job {run.job.id} has no S3 output to upload to")
         try:
             upload_outputs(
                 run.job,

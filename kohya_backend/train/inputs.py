@@ -226,7 +226,8 @@ class TextCache:
         self._items: OrderedDict[str, Conditioning] = OrderedDict()
 
     def _disk_path(self, caption: str) -> Path:
-        assert self.disk_dir is not None
+        if self.disk_dir is None:
+            raise RuntimeError("the text-encoder output cache has no folder on disk")
         digest = hashlib.sha256(f"{self.fingerprint}\n{caption}".encode()).hexdigest()[:32]
         return self.disk_dir / f"{digest}.safetensors"
 

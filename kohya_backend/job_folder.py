@@ -116,6 +116,18 @@ class CachingEvent(TypedDict, total=False):
     from_disk: int
 
 
+class WeightsEvent(TypedDict):
+    """After the first step: an fp16 file's kept frozen weights upcast to fp32 once, or kept (models/upcast.py)."""
+
+    choice: Literal["upcast", "kept"]
+    mode: str  # "auto" (decided by memory), or TRAIN_MANAGEMENT_FROZEN_WEIGHTS's "upcast"/"keep"
+    message: str
+    stored_gb: float
+    fp32_gb: float
+    estimated_peak_gb: float
+    available_gb: float
+
+
 class EpochEvent(TypedDict):
     epoch: int
     step: int
@@ -168,6 +180,7 @@ EVENT_RECORDS: dict[str, Any] = {
     "start": StartEvent,
     "plan": dict,  # the plan's fields (data/plan.TrainingPlan.to_dict)
     "caching": CachingEvent,
+    "weights": WeightsEvent,
     "step": StepEvent,
     "epoch": EpochEvent,
     "saved": SavedEvent,

@@ -349,6 +349,7 @@ def test_summarize_turns_events_into_progress() -> None:
         {"kind": "step", "step": 3, "epoch": 1, "loss": 0.5, "avg_loss": 0.4, "lrs": [1e-4, 1e-3], "it_s": 2.5,
          "eta_s": 2.8, "total_steps": 10},
         {"kind": "sample", "path": "/j/output/sample/a.png"},
+        {"kind": "weights", "choice": "kept", "message": "kept 2 GB", "fp32_gb": 4.0},
         {"kind": "warning", "message": "w2"},
         {"kind": "saved", "path": "/j/output/x.safetensors", "final": True},
         {"kind": "error", "message": "boom", "hint": "fix"},
@@ -359,6 +360,7 @@ def test_summarize_turns_events_into_progress() -> None:
     assert (p["lr"], p["it_per_s"], p["eta_s"], p["loss"], p["avg_loss"]) == (1e-4, 2.5, 2.8, 0.5, 0.4)
     assert p["warnings"] == ["w1", "w2"] and p["error"] == {"message": "boom", "hint": "fix"}
     assert p["phase"] == "saving" and p["last_sample"] == "/j/output/sample/a.png"
+    assert p["frozen_weights"] == {"choice": "kept", "message": "kept 2 GB"}
     assert summary.outputs == ["/j/output/sample/a.png", "/j/output/x.safetensors"]
     assert summary.stepped and summary.final_saved
     assert (

@@ -70,6 +70,12 @@ def test_a_diffusers_folder_loads_with_its_own_weights_and_tokenizers(tmp_path: 
     other = "sd_xl" if family == "sd_1_5" else "sd_1_5"
     with pytest.raises(FamilyMismatchError):
         load_checkpoint(folder, other)
+    # a CPU bf16 run stores a folder's UNet and text-encoder Linear/Conv2d weights in bf16 as it does a file's
+    stored = load_checkpoint(folder, family, compute_dtype=torch.bfloat16)
+    to_q = next(m for name, m in stored.unet.named_modules() if name.endswith("attn1.to_q"))
+    te_linear = next(m for m in stored.text_encoders[0].modules() if isinstance(m, torch.nn.Linear))
+    assert to_q.weight.dtype == te_linear.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in stored.vae.parameters()} == {torch.float32}
 
 
 def test_a_hub_id_is_read_from_the_local_cache_or_refused_naming_it(tmp_path: Path, monkeypatch) -> None:

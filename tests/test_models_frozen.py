@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,14 @@ from kohya_backend.assets.checkpoints import write_checkpoint
 from kohya_backend.assets.tokenizer import write_tiny_tokenizer
 from kohya_backend.errors import ModelError
 from kohya_backend.lora.network import LoRANetwork
-from kohya_backend.models.frozen import route_frozen_layers
+from kohya_backend.models import frozen
+from kohya_backend.models.frozen import (
+    _BUFFERS,
+    _conv_path,
+    _upcast,
+    release_upcast_buffers,
+    route_frozen_layers,
+)
 from kohya_backend.models.load import LoadedModel, load_checkpoint
 
 
@@ -66,6 +74,10 @@ def test_kept_fp16_weights_train_exactly_like_upcast_ones(tmp_path: Path, tok_di
     to_q = next(m for name, m in kept.unet.named_modules() if name.endswith("attn1.to_q"))
     assert to_q.weight.dtype == torch.float16
 
+    # as the trainer does on the CPU: every frozen layer through the same kernels
+    for model in (kept, upcast):
+        for module in (model.unet, model.vae, *model.text_encoders):
+            route_frozen_layers(module)
     loss_kept, grads_kept = _lora_step(kept, family)
     loss_upcast, grads_upcast = _lora_step(upcast, family)
     assert torch.equal(loss_kept, loss_upcast)
@@ -148,7 +160,7 @@ def test_routed_fp32_layers_train_like_plain_ones_and_save_less(
 
     loss_routed, grads_routed, bytes_routed = saved_bytes(routed)
     loss_plain, grads_plain, bytes_plain = saved_bytes(plain)
-    # 8x8 latents: every UNet convolution takes the im2col path here, so sums may differ in the last bits
+    # routed layers compute input gradients with their own calls (conv2d_input, matmul): sums may differ in the last bits
     torch.testing.assert_close(loss_routed, loss_plain, rtol=1e-5, atol=1e-7)
     assert grads_routed.keys() == grads_plain.keys()
     for name, grad in grads_routed.items():
@@ -187,3 +199,128 @@ def test_only_plain_zero_padded_layers_are_routed() -> None:
     out = model[2](model[1](model[0](x))).mean()
     out.backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("file_dtype", [torch.float32, torch.float16])
+def test_bf16_frozen_weights_train_like_bf16_autocast_over_fp32_weights(
+    tmp_path: Path, tok_dir: Path, file_dtype: torch.dtype
+) -> None:
+    """A CPU bf16 run stores the frozen Linear/Conv2d weights in bf16 (half the memory, no cast per call) and gets
+    the numbers autocast gives when it rounds fp32 weights to bf16 on every call."""
+    path = write_checkpoint(tmp_path / "model.safetensors", "sd_1_5", dtype=file_dtype, seed=4)
+    stored = load_checkpoint(
+        path,
+        "sd_1_5",
+        dtype=torch.float32,
+        tokenizer_dir=tok_dir,
+        keep_file_precision=True,
+        compute_dtype=torch.bfloat16,
+    )
+    today = _load(path, "sd_1_5", tok_dir, True)
+    for model in (stored, today):
+        for module in (model.unet, model.vae, *model.text_encoders):
+            route_frozen_layers(module)  # as the trainer does on the CPU
+
+    unet_dtypes = {name: p.dtype for name, p in stored.unet.named_parameters()}
+    assert unet_dtypes["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"] == torch.bfloat16
+    assert unet_dtypes["down_blocks.0.resnets.0.conv1.weight"] == torch.bfloat16
+    assert unet_dtypes["down_blocks.0.resnets.0.conv1.bias"] == torch.float32
+    assert unet_dtypes["down_blocks.0.resnets.0.norm1.weight"] == torch.float32
+    assert unet_dtypes["conv_in.weight"] == torch.float32  # the first parameter: the model's reported dtype
+    assert stored.unet.dtype == torch.float32
+    te_dtypes = {
+        p.dtype for name, p in stored.text_encoders[0].named_parameters() if name.endswith("proj.weight")
+    }
+    assert te_dtypes == {torch.bfloat16}
+    vae_weights = {p.dtype for name, p in stored.vae.named_parameters() if name.endswith("conv1.weight")}
+    assert vae_weights == {file_dtype}  # the VAE encodes outside autocast: no bf16 rounding there
+
+    release_upcast_buffers()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_stored, grads_stored = _lora_step(stored, "sd_1_5")
+        assert (torch.device("cpu"), torch.float32) not in _BUFFERS.by_kind  # bf16 weights are used as stored
+        loss_today, grads_today = _lora_step(today, "sd_1_5")
+    assert torch.equal(loss_stored, loss_today)
+    assert grads_stored.keys() == grads_today.keys() and len(grads_stored) > 20
+    for name, grad in grads_stored.items():
+        assert grad.dtype == torch.float32, name
+        assert torch.equal(grad, grads_today[name]), name
+
+
+def test_a_bf16_stored_layer_outside_autocast_computes_in_its_input_dtype(
+    tmp_path: Path, tok_dir: Path
+) -> None:
+    path = write_checkpoint(tmp_path / "model.safetensors", "sd_1_5", seed=4)
+    model = load_checkpoint(path, "sd_1_5", tokenizer_dir=tok_dir, compute_dtype=torch.bfloat16)
+    layer = next(m for name, m in model.unet.named_modules() if name.endswith("attn1.to_q"))
+    x = torch.randn(2, 5, layer.in_features, requires_grad=True)
+    out = layer(x)
+    reference = torch.nn.functional.linear(x, layer.weight.float(), None)
+    assert out.dtype == torch.float32 and torch.equal(out, reference)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float32
+
+
+def test_upcasts_share_one_reusable_buffer_per_thread() -> None:
+    """A fresh fp32 copy per call is page-faulted in anew for weights over glibc's mmap threshold: one buffer, sized
+    to the largest weight seen, takes every upcast instead."""
+    release_upcast_buffers()
+    big, small = torch.randn(64, 48).half(), torch.randn(8, 16).half()
+    first = _upcast(big, torch.float32)
+    assert torch.equal(first, big.float())
+    second = _upcast(small, torch.float32)
+    assert torch.equal(second, small.float()) and second.data_ptr() == first.data_ptr()
+    assert _upcast(big.float(), torch.float32).data_ptr() != first.data_ptr()  # already fp32: no copy at all
+    elsewhere: list[int] = []
+    thread = threading.Thread(target=lambda: elsewhere.append(_upcast(small, torch.float32).data_ptr()))
+    thread.start()
+    thread.join()
+    assert elsewhere[0] != first.data_ptr()  # each thread its own buffer
+    release_upcast_buffers()
+
+
+def _conv(cin: int, cout: int, kernel: int, groups: int = 1) -> torch.nn.Conv2d:
+    return torch.nn.Conv2d(cin, cout, kernel, padding=kernel // 2, groups=groups, device="meta")
+
+
+def test_only_fp32_convolutions_of_large_weights_on_small_maps_leave_onednns_convolution() -> None:
+    small, large = torch.randn(1, 1280, 8, 8), torch.randn(1, 1280, 32, 32)
+    big3 = _conv(1280, 1280, 3)  # 59 MB in fp32: oneDNN's per-call copy of it would be mmap-ed
+    mid3 = _conv(640, 640, 3)  # 15 MB: oneDNN's convolution is the faster one
+    big1 = _conv(4096, 4096, 1)
+    grouped = _conv(1280, 2560, 3, groups=2)
+    assert _conv_path(small, big3.weight, torch.float32, big3) == "unfold"
+    assert _conv_path(large, big3.weight, torch.float32, big3) == "onednn"
+    assert _conv_path(small, mid3.weight, torch.float32, mid3) == "onednn"
+    assert _conv_path(small, big3.weight, torch.bfloat16, big3) == "onednn"  # no fast bf16 kernel elsewhere
+    assert _conv_path(small, big1.weight, torch.float32, big1) == "onednn"
+    assert _conv_path(small, grouped.weight, torch.float32, grouped) == "onednn"
+    assert _conv_path(small.to("meta"), big3.weight, torch.float32, big3) == "onednn"
+
+
+@pytest.mark.parametrize("path", ["unfold", "im2col"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_small_map_paths_compute_what_a_plain_convolution_does(
+    monkeypatch: pytest.MonkeyPatch, path: str, dtype: torch.dtype, stride: int
+) -> None:
+    monkeypatch.setattr(frozen, "MMAP_THRESHOLD", 0)  # every small-map convolution leaves oneDNN's
+    if path == "im2col":  # what runs where oneDNN's matmul is missing
+        monkeypatch.setattr(frozen.cpu_kernels, "onednn_matmul", lambda x: False)
+    gen = torch.Generator().manual_seed(0)
+    plain = torch.nn.Conv2d(32, 48, 3, padding=1, stride=stride).requires_grad_(False)
+    routed = torch.nn.Conv2d(32, 48, 3, padding=1, stride=stride).requires_grad_(False)
+    routed.weight.data = plain.weight.data.to(dtype)
+    routed.bias.data = plain.bias.data.clone()
+    assert route_frozen_layers(routed) == 1
+    x = torch.randn(2, 32, 9, 9, generator=gen)
+    assert frozen._conv_path(x, routed.weight, torch.float32, routed) == path
+    x_plain, x_routed = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    reference = torch.nn.functional.conv2d(x_plain, plain.weight.to(dtype).float(), plain.bias, stride, 1)
+    out = routed(x_routed)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(reference.shape, generator=gen)
+    reference.backward(grad)
+    out.backward(grad)
+    torch.testing.assert_close(x_routed.grad, x_plain.grad, rtol=1e-5, atol=1e-5)

@@ -3,10 +3,13 @@
 import hashlib
 import json
 import os
+import sys
+import threading
 from pathlib import Path
 
 import pytest
 
+from kohya_backend.models import hashing
 from kohya_backend.models.hashing import (
     CACHE_ENV,
     BackgroundSha256,
@@ -73,6 +76,28 @@ def test_background_sha256_computes_once_then_reads_the_cache(tmp_path: Path) ->
     assert first.result() == hashlib.sha256(data).hexdigest()
     second = BackgroundSha256(path, cache)
     assert second._thread is None and second.result() == first.result()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_background_sha256_hashes_at_the_lowest_priority_and_leaves_the_caller_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(os.urandom(1 << 20))
+    seen: list[tuple[int, int]] = []
+    real = hashing.sha256_file
+
+    def observed(file: Path) -> str:
+        seen.append((threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        return real(file)
+
+    monkeypatch.setattr(hashing, "sha256_file", observed)
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    digest = BackgroundSha256(path, tmp_path / "sha256.json").result()
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert len(seen) == 1 and seen[0][0] != threading.get_native_id()
+    assert seen[0][1] == hashing.BACKGROUND_NICE
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
 
 
 def test_background_sha256_reports_a_vanished_file(tmp_path: Path) -> None:

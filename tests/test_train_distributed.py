@@ -25,6 +25,7 @@ import torch
 from jobs_support import config_without_name
 
 import kohya_backend
+from kohya_backend.assets.checkpoints import write_checkpoint
 from kohya_backend.assets.dataset import write_demo_dataset
 from kohya_backend.config.parse import parse_config
 from kohya_backend.config.validate import validate_config
@@ -116,9 +117,13 @@ def test_two_processes_of_batch_1_train_the_lora_one_process_of_batch_2_trains(
 ) -> None:
     """The same global batches (one image, twice per epoch) and the same noise per sample: two processes that each
     take one image and average their gradients (DDP) end where one process with both images ends. SGD (not Adam,
-    which hides a gradient twice too large) makes a sum instead of a mean show."""
+    which hides a gradient twice too large) makes a sum instead of a mean show. The base model is an fp16 file: its
+    frozen weights are kept in fp16 for the first step, then upcast or kept in every process as rank 0 decides
+    (one "weights" event; a process that did not take part in the broadcast would hang the run)."""
     data = write_demo_dataset(tmp_path / "one", folder="2_one", count=1)
+    half = write_checkpoint(tmp_path / "half.safetensors", "sd_1_5", size="tiny", dtype=torch.float16, seed=0)
     common = {
+        "pretrained_model_name_or_path": half.as_posix(),
         "train_data_dir": data.as_posix(),
         "max_train_steps": 3,
         "optimizer_type": "SGDNesterov",
@@ -140,8 +145,16 @@ def test_two_processes_of_batch_1_train_the_lora_one_process_of_batch_2_trains(
     (tmp_path / "two.toml").write_text(
         _config(demo_config, **common, output_dir=(tmp_path / "two").as_posix(), train_batch_size=1)
     )
-    done = _cli(["train", "--config", "two.toml", "--num-processes", "2"], tmp_path, threads=1)
+    events = tmp_path / "two.jsonl"
+    done = _cli(
+        ["train", "--config", "two.toml", "--num-processes", "2", "--events", str(events)], tmp_path, threads=1
+    )
     assert done.returncode == 0, done.stderr
+    weights = [e for e in read_events(events) if e["kind"] == "weights"]
+    assert [(e["choice"], e["mode"]) for e in weights] == [("upcast", "auto")], weights  # rank 0's, once
+    assert [(e["kind"], e.get("step")) for e in read_events(events) if e["kind"] in ("step", "weights")] == [
+        ("step", 1), ("weights", None), ("step", 2), ("step", 3),
+    ]  # fmt: skip
     assert "data-parallel training in 2 processes (gloo): train_batch_size 1 per process" in done.stderr
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["demo-sd_1_5.safetensors"]  # one LoRA
     expected, _ = load_lora(tmp_path / "single" / "demo-sd_1_5.safetensors")

@@ -20,6 +20,7 @@ from kohya_backend.errors import TrainingError
 from kohya_backend.lora.network import LoRANetwork
 from kohya_backend.lora.save import load_lora
 from kohya_backend.models.load import load_checkpoint
+from kohya_backend.models.upcast import MODE_ENV, MemoryFacts
 from kohya_backend.train.conditioning import get_family
 from kohya_backend.train.events import EventLog, read_events
 from kohya_backend.train.inputs import TEXT_CACHE_DIR, encode_latents
@@ -439,14 +440,20 @@ def test_latent_caching_batch_is_one_image_on_the_cpu_and_area_scaled_on_a_gpu()
 def test_training_from_an_fp16_file_on_the_cpu_matches_fully_upcast_weights(assets, tmp_path, monkeypatch):
     import kohya_backend.train.setup as loop
 
+    monkeypatch.setenv(MODE_ENV, "keep")  # kept to the end, never upcast after the first step
     half = write_checkpoint(tmp_path / "half.safetensors", "sd_xl", size="tiny", dtype=torch.float16, seed=0)
     fp16_assets = {**assets, "sd_xl": half}
     (tmp_path / "prompts.txt").write_text("a photo --w 64 --h 64 --s 2\n")
     sampling = {"sample_prompts": str(tmp_path / "prompts.txt"), "sample_every_n_steps": 3}
     kept_trainer, kept = run(
-        make_config(fp16_assets, tmp_path / "kept", fm="sd_xl", max_train_steps=3, **sampling)
+        make_config(fp16_assets, tmp_path / "kept", fm="sd_xl", max_train_steps=3, **sampling),
+        events=tmp_path / "kept.jsonl",
     )
     assert any(p.dtype == torch.float16 for p in kept_trainer.s.model.unet.parameters())
+    logs = [e["message"] for e in read_events(tmp_path / "kept.jsonl") if e["kind"] == "log"]
+    assert any("fp16/bf16 Linear/Conv2d weights are kept as stored" in m and "float16" in m for m in logs), (
+        logs
+    )
     assert list((tmp_path / "kept" / "sample").glob("*.png"))  # the pipelines ran on the kept fp16 weights
 
     real = loop.load_checkpoint
@@ -460,3 +467,76 @@ def test_training_from_an_fp16_file_on_the_cpu_matches_fully_upcast_weights(asse
     upcast_sd, _ = load_lora(upcast.output)
     for key, value in kept_sd.items():
         torch.testing.assert_close(value, upcast_sd[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_an_fp16_file_is_upcast_after_the_first_step_when_memory_allows_and_trains_the_same_lora(
+    assets, tmp_path, monkeypatch
+):
+    """The first step runs on the kept fp16 weights; the "weights" event that follows it says whether they were
+    upcast (plenty of memory here) or kept (a machine whose memory would not hold the copies); the LoRA is the
+    same either way."""
+    import kohya_backend.train.loop as loop
+
+    half = write_checkpoint(tmp_path / "half.safetensors", "sd_1_5", size="tiny", dtype=torch.float16, seed=0)
+    fp16_assets = {**assets, "sd_1_5": half}
+    results = {}
+    for name, available in (("upcast", None), ("kept", 1 << 20)):
+        if available is not None:  # the copies plus the margin no longer fit
+            tight = MemoryFacts(available, 1 << 34, 1 << 28, 1 << 28)
+            monkeypatch.setattr(loop, "memory_facts", lambda facts=tight: facts)
+        config = make_config(fp16_assets, tmp_path / name, max_train_steps=3)
+        trainer, result = run(config, events=tmp_path / f"{name}.jsonl")
+        events = read_events(tmp_path / f"{name}.jsonl")
+        kinds = [(e["kind"], e.get("step")) for e in events if e["kind"] in ("step", "weights")]
+        assert kinds == [("step", 1), ("weights", None), ("step", 2), ("step", 3)], kinds
+        weights = next(e for e in events if e["kind"] == "weights")
+        assert weights["choice"] == name and weights["message"].startswith(name), weights
+        dtypes = {
+            p.dtype for m in (trainer.s.model.unet, *trainer.s.model.text_encoders) for p in m.parameters()
+        }
+        assert dtypes == ({torch.float32} if name == "upcast" else {torch.float32, torch.float16}), name
+        results[name] = (trainer.losses, load_lora(result.output)[0])
+    assert results["upcast"][0] == results["kept"][0]
+    upcast_sd, kept_sd = results["upcast"][1], results["kept"][1]
+    assert upcast_sd.keys() == kept_sd.keys()
+    for key, value in upcast_sd.items():
+        assert torch.equal(value, kept_sd[key]), key
+
+    # nothing to decide for an fp32 file, nor after a run's last step
+    monkeypatch.undo()
+    run(make_config(assets, tmp_path / "fp32", max_train_steps=2), events=tmp_path / "fp32.jsonl")
+    assert not [e for e in read_events(tmp_path / "fp32.jsonl") if e["kind"] == "weights"]
+    one_trainer, _ = run(
+        make_config(fp16_assets, tmp_path / "one", max_train_steps=1), events=tmp_path / "1.jsonl"
+    )
+    assert not [e for e in read_events(tmp_path / "1.jsonl") if e["kind"] == "weights"]
+    assert any(p.dtype == torch.float16 for p in one_trainer.s.model.unet.parameters())
+
+
+def test_bf16_on_the_cpu_stores_frozen_weights_in_bf16_with_the_results_of_autocast(
+    assets, tmp_path, monkeypatch
+):
+    """mixed_precision bf16 on the CPU: frozen Linear/Conv2d weights in bf16 (half the memory, no cast per call), the
+    LoRA and optimizer in fp32, and the LoRA that autocast over fp32 weights trains."""
+    import kohya_backend.train.setup as setup
+
+    config = make_config(assets, tmp_path / "bf16", max_train_steps=3, mixed_precision="bf16")
+    stored_trainer, stored = run(config, events=tmp_path / "bf16.jsonl")
+    unet = stored_trainer.s.model.unet
+    to_q = next(m for name, m in unet.named_modules() if name.endswith("attn1.to_q"))
+    assert to_q.weight.dtype == torch.bfloat16 and unet.dtype == torch.float32
+    assert {p.dtype for p in stored_trainer.s.network.parameters()} == {torch.float32}
+    logs = [e["message"] for e in read_events(tmp_path / "bf16.jsonl") if e["kind"] == "log"]
+    assert any("stored in bf16 for bf16 autocast" in m for m in logs), logs
+
+    real = setup.load_checkpoint
+    monkeypatch.setattr(setup, "load_checkpoint", lambda *a, **k: real(*a, **{**k, "compute_dtype": None}))
+    config = make_config(assets, tmp_path / "fp32", max_train_steps=3, mixed_precision="bf16")
+    today_trainer, today = run(config)
+    assert {p.dtype for p in today_trainer.s.model.unet.parameters()} == {torch.float32}
+    assert stored_trainer.losses == today_trainer.losses
+    stored_sd, _ = load_lora(stored.output)
+    today_sd, _ = load_lora(today.output)
+    assert stored_sd.keys() == today_sd.keys()
+    for key, value in stored_sd.items():
+        assert torch.equal(value, today_sd[key]), key

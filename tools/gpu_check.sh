@@ -31,7 +31,7 @@ else
   echo "2-GPU job skipped: nvidia-smi lists $gpus GPU(s)" | tee "$out/pytest-2gpu.txt"
 fi
 for setting in ${GPU_CHECK_SETTINGS:-full sdxl}; do
-  python3 bench/train_bench.py --setting "$setting" --cache /tmp/bench-cache 2>"$out/bench-$setting.err" \
+  python3 bench/train_bench.py --setting "$setting" --file-dtype fp16 --cache /tmp/bench-cache 2>"$out/bench-$setting.err" \
     | tee "$out/bench-$setting.json" || { status=1; tail -20 "$out/bench-$setting.err"; }
 done
 exit $status

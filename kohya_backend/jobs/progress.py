@@ -187,6 +187,8 @@ def summarize(events: list[dict[str, Any]], warnings: list[str]) -> EventSummary
             progress.update(phase="submitted", worker=event.get("worker"), remote_job=event.get("job"))
         elif kind == "caching":
             progress.update(phase="caching", caching={k: event.get(k) for k in ("what", "done", "total")})
+        elif kind == "weights":  # fp16 frozen weights upcast once or kept (models/upcast.py)
+            progress["frozen_weights"] = {k: event.get(k) for k in ("choice", "message")}
         elif kind == "epoch":
             progress["epoch"] = event.get("epoch")
         elif kind == "saved" and isinstance(event.get("path"), str):

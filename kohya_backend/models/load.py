@@ -32,7 +32,7 @@ from kohya_backend.models.diffusers_folder import (
     is_diffusers_folder,
     read_component,
 )
-from kohya_backend.models.frozen import low_precision_weights, route_frozen_layers
+from kohya_backend.models.frozen import frozen_weight_dtypes, route_frozen_layers
 from kohya_backend.models.ldm_keys import ldm_to_diffusers_state_dicts
 from kohya_backend.models.pages import release_tensor_pages
 from kohya_backend.models.tokenizers import load_tokenizers
@@ -85,19 +85,23 @@ def _materialise(
     path: Path,
     mapped: bool,
     keep_file_precision: bool = False,
+    compute_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Load `state` into a meta-built `module` in place (cast per tensor, no second copy), freeze it.
 
     When `mapped` (tensors memory-mapped from the file), each source a cast or a move has copied gives its pages
     back at once: an fp16 SDXL file loaded in fp32 would otherwise hold 6.9 GB of file pages on top of the
     13.9 GB of weights until the whole load is done. With `keep_file_precision`, frozen Linear/Conv2d weights
-    stored below `dtype` are not cast at all: they compute in `dtype` as their layers run (models/frozen.py).
+    stored below `dtype` are not cast at all: they compute in `dtype` as their layers run (models/frozen.py); with
+    `compute_dtype` they are stored in it (models/frozen.frozen_weight_dtypes).
     """
-    keep = low_precision_weights(module, state, dtype) if keep_file_precision else set()
+    kept = frozen_weight_dtypes(
+        module, state, dtype, keep_file_precision=keep_file_precision, compute_dtype=compute_dtype
+    )
     for key in list(state):
         tensor = state[key]
-        if key in keep:
-            moved = tensor.to(device)
+        if key in kept:
+            moved = tensor.to(device=device, dtype=kept[key])
         elif tensor.is_floating_point():
             moved = tensor.to(device=device, dtype=dtype)
         else:
@@ -112,7 +116,7 @@ def _materialise(
     state.clear()
     module.to(device)  # buffers created outside the meta context (e.g. CLIP's position_ids)
     module.requires_grad_(False)
-    route_frozen_layers(module, only=keep)
+    route_frozen_layers(module, only=set(kept))
     return module.eval()
 
 
@@ -125,6 +129,7 @@ def load_checkpoint(
     device: str = "cpu",
     tokenizer_dir: Path | None = None,
     keep_file_precision: bool = False,
+    compute_dtype: torch.dtype | None = None,
 ) -> LoadedModel:
     """Load a single-file checkpoint of FM type `fm_type` ("sd_1_5"/"sd_xl") with its offline tokenizers.
 
@@ -132,7 +137,10 @@ def load_checkpoint(
     keys) and TokenizerUnavailableError. The UNet and text encoders are cast to `dtype`, the VAE to `vae_dtype`
     (default `dtype`). The returned modules are frozen (requires_grad False) and in eval mode. With
     `keep_file_precision` and an fp32 `dtype`, Linear/Conv2d weights the file stores in fp16/bf16 stay so (and
-    memory-mapped), computing in fp32 with the same results: half the memory, no load-time copy.
+    memory-mapped), computing in fp32 with the same results: half the memory, no load-time copy. With
+    `compute_dtype` (bf16, for a CPU run under bf16 autocast) and an fp32 `dtype`, the UNet's and text encoders'
+    Linear/Conv2d weights are stored in it, as autocast would cast them on every call; the VAE, which encodes
+    outside autocast, is left as `vae_dtype` and `keep_file_precision` say.
     """
     path = Path(path)
     if is_diffusers_folder(path):
@@ -144,6 +152,7 @@ def load_checkpoint(
             device=device,
             tokenizer_dir=tokenizer_dir,
             keep_file_precision=keep_file_precision,
+            compute_dtype=compute_dtype,
         )
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
         family = check_family(path, fm_type)  # header only: nothing is read for the wrong family
@@ -172,10 +181,11 @@ def load_checkpoint(
         "mapped": mapped,
         "keep_file_precision": keep_file_precision,
     }
-    _materialise(unet, unet_sd, dtype=dtype, what="UNet", **common)
+    _materialise(unet, unet_sd, dtype=dtype, what="UNet", compute_dtype=compute_dtype, **common)
     _materialise(vae, vae_sd, dtype=vae_dtype or dtype, what="VAE", **common)
     for index, (te, te_sd) in enumerate(zip(text_encoders, te_sds)):
-        _materialise(te, te_sd, dtype=dtype, what=f"text encoder {index + 1}", **common)
+        te_what = f"text encoder {index + 1}"
+        _materialise(te, te_sd, dtype=dtype, what=te_what, compute_dtype=compute_dtype, **common)
     return LoadedModel(family, arch, unet, vae, text_encoders, tokenizers, path, metadata)
 
 
@@ -188,6 +198,7 @@ def _load_diffusers_folder(
     device: str,
     tokenizer_dir: Path | None,
     keep_file_precision: bool,
+    compute_dtype: torch.dtype | None,
 ) -> LoadedModel:
     """A diffusers folder (model_index.json, unet/, vae/, text_encoder[_2]/, tokenizer[_2]/), built from its own
     configs and weights; its tokenizer folders are used unless tokenizer_dir names others."""
@@ -205,10 +216,12 @@ def _load_diffusers_folder(
         "mapped": True,
         "keep_file_precision": keep_file_precision,
     }
-    _materialise(unet, read_component(path / "unet"), dtype=dtype, what="UNet", **common)
+    unet_sd = read_component(path / "unet")
+    _materialise(unet, unet_sd, dtype=dtype, what="UNet", compute_dtype=compute_dtype, **common)
     _materialise(vae, read_component(path / "vae"), dtype=vae_dtype or dtype, what="VAE", **common)
     names = ["text_encoder", "text_encoder_2"][: len(text_encoders)]
     for index, (te, name) in enumerate(zip(text_encoders, names)):
         state = fit_text_encoder_keys(read_component(path / name), set(te.state_dict()))
-        _materialise(te, state, dtype=dtype, what=f"text encoder {index + 1}", **common)
+        te_what = f"text encoder {index + 1}"
+        _materialise(te, state, dtype=dtype, what=te_what, compute_dtype=compute_dtype, **common)
     return LoadedModel(family, arch, unet, vae, text_encoders, tokenizers, path, {})

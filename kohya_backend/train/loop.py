@@ -32,7 +32,9 @@ from kohya_backend.lora.build import TrainedNetwork
 from kohya_backend.lora.metadata import BaseModel, DatasetInfo, NetworkSettings, training_metadata
 from kohya_backend.lora.network import LoRANetwork
 from kohya_backend.lora.save import save_lora
+from kohya_backend.models.checkpoint import SAFETENSORS_SUFFIXES
 from kohya_backend.models.hashing import legacy_hash_file
+from kohya_backend.models.upcast import choose_upcast, kept_weights, memory_facts, upcast_weights
 from kohya_backend.train.distributed import Processes
 from kohya_backend.train.epoch_grid import render_after_training
 from kohya_backend.train.events import EventLog
@@ -147,6 +149,9 @@ class Trainer:
         self.max_norm_log: dict[str, float] | None = None  # kohya's max-norm numbers of the last step
         self._base_hashes: tuple[str | None, str | None] | None = None
         self.setup: Setup | None = None
+        self._upcast_pending = (
+            False  # kept fp16 frozen weights still to upcast or keep (_settle_frozen_weights)
+        )
 
     @property
     def s(self) -> Setup:
@@ -521,6 +526,8 @@ class Trainer:
         for note in self.precision.notes:
             self.events.emit("warning", message=note)
         self.setup = prepare(self.config, self.precision, self.events, seed=self.seed, processes=self.procs)
+        weights = self.s.weight_plan  # fp16 weights kept at load may be upcast once the first step has run
+        self._upcast_pending = weights.keep_file_precision and weights.compute_dtype is None
         self._maybe_resume()
         self.procs.wrap(self.s.network, varying_graph=self._varying_graph())
         tensorboard = None
@@ -588,11 +595,34 @@ class Trainer:
                 lrs=current_lrs(self.s.optimizer, self.s.lr_scheduler),
                 extra=self.max_norm_log,
             )
+            if self._upcast_pending and self.step < total:
+                self._settle_frozen_weights()
             self._step_checks()
             if self.step >= total or self._stopping():
                 break
         else:
             self.batches_done = 0  # the epoch ran to its end
+
+    def _settle_frozen_weights(self) -> None:
+        """Once, after the first step has shown the run's peak memory: upcast the frozen weights kept in fp16 to
+        fp32 when the copies fit the memory left, else keep them (models/upcast.py); said as a "weights" event.
+        Rank 0 decides for every process of a data-parallel run (they share its machine: the copies count once
+        per process) and broadcasts the choice, so all of them compute alike."""
+        self._upcast_pending = False
+        m = self.s.model
+        kept = kept_weights([m.unet, m.vae, *m.text_encoders])
+        if not kept:
+            return  # the same modules in every process: all of them return here, or none
+        choice = None
+        if self.procs.is_main:
+            choice = choose_upcast(
+                kept, memory_facts(), self.s.frozen_weights_mode, processes=self.procs.world_size
+            )
+        upcast = bool(self.procs.broadcast_int(int(choice.upcast) if choice is not None else 0))
+        if upcast:
+            upcast_weights(kept, release_pages=m.path.suffix.lower() in SAFETENSORS_SUFFIXES)
+        if choice is not None:
+            self.events.emit("weights", **choice.event_fields())
 
     def _step_checks(self) -> None:
         config = self.config

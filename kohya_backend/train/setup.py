@@ -28,6 +28,8 @@ from kohya_backend.models.diffusers_folder import resolve_model_path
 from kohya_backend.models.frozen import route_frozen_layers
 from kohya_backend.models.hashing import BackgroundSha256
 from kohya_backend.models.load import LoadedModel, load_checkpoint
+from kohya_backend.models.upcast import upcast_mode
+from kohya_backend.models.weight_plan import WeightPlan, describe_weights, plan_weights
 from kohya_backend.train.conditioning import Conditioning, ModelFamily, get_family
 from kohya_backend.train.device import optimizer_for_platform
 from kohya_backend.train.distributed import Processes
@@ -169,6 +171,9 @@ class Setup:
     # None for a folder (a diffusers model has no one file to hash), and in the processes that do not save
     # (data-parallel ranks above 0)
     base_sha256: BackgroundSha256 | None
+    weight_plan: WeightPlan  # how the frozen weights are stored (models/weight_plan.py)
+    # TRAIN_MANAGEMENT_FROZEN_WEIGHTS: whether kept fp16 weights are upcast after the first step (models/upcast.py)
+    frozen_weights_mode: str
 
     @property
     def items(self) -> list[TrainItem]:
@@ -176,11 +181,17 @@ class Setup:
         return self.plan.items
 
 
-def _load_model(config: TrainConfig, model_path: Path, precision: Precision, events: EventLog) -> LoadedModel:
+def _load_model(
+    config: TrainConfig, model_path: Path, precision: Precision, events: EventLog
+) -> tuple[LoadedModel, WeightPlan]:
+    """The frozen base model, stored as models/weight_plan decides for this device and precision: a CPU run keeps
+    an fp16 file's frozen weights in fp16 (same results, half the memory), a CPU bf16 run stores them in bf16."""
     weight_dtype = precision.weight_dtype
     vae_dtype = torch.float32 if config.no_half_vae or weight_dtype == torch.float32 else weight_dtype
     events.emit("log", message=f"loading {config.pretrained_model_name_or_path}")
-    cpu = precision.device.type == "cpu"
+    plan = plan_weights(precision.device, precision.autocast_dtype)
+    for warning in plan.warnings:
+        events.emit("warning", message=warning)
     model = load_checkpoint(
         model_path,
         config.fm_type,
@@ -188,14 +199,18 @@ def _load_model(config: TrainConfig, model_path: Path, precision: Precision, eve
         vae_dtype=vae_dtype,
         device=str(precision.device),
         tokenizer_dir=Path(config.tokenizer_cache_dir) if config.tokenizer_cache_dir else None,
-        keep_file_precision=cpu,  # RAM-bound CPU runs keep an fp16 file's frozen weights in fp16 (same results)
+        keep_file_precision=plan.keep_file_precision,
+        compute_dtype=plan.compute_dtype,
     )
-    for module in [model.unet, model.vae, *model.text_encoders]:
+    frozen = [model.unet, model.vae, *model.text_encoders]
+    events.emit("log", message=describe_weights(frozen, plan, precision.device))
+    for module in frozen:
         module.requires_grad_(False)
         module.eval()
-        if cpu:
-            route_frozen_layers(module)  # before the LoRA wraps them: no saved inputs, im2col for small maps
-    return model
+        if precision.device.type == "cpu":
+            # before the LoRA wraps them: no saved inputs, no per-call weight copies (models/frozen.py)
+            route_frozen_layers(module)
+    return model, plan
 
 
 def _build_network(config: TrainConfig, model: LoadedModel, precision: Precision) -> TrainedNetwork:
@@ -334,7 +349,8 @@ def prepare(
     # kohya's metadata needs the base model's sha256: hash it (or take it from the cache) while we load and train
     base_model = resolve_model_path(str(config.pretrained_model_name_or_path))
     base_sha256 = BackgroundSha256(base_model) if base_model.is_file() and processes.is_main else None
-    model = _load_model(config, base_model, precision, events)
+    frozen_weights_mode = upcast_mode()  # a bad TRAIN_MANAGEMENT_FROZEN_WEIGHTS fails before loading
+    model, weight_plan = _load_model(config, base_model, precision, events)
     network = _build_network(config, model, precision)
     latent_cache = _latent_cache(config, model, scan, plan.items, precision, events, seed, processes)
     vary = captions_vary(config, scan)
@@ -391,4 +407,6 @@ def prepare(
         ),
         base_model=base_model,
         base_sha256=base_sha256,
+        weight_plan=weight_plan,
+        frozen_weights_mode=frozen_weights_mode,
     )

@@ -235,6 +235,9 @@ def job_markdown(job: dict[str, Any]) -> str:
         )
         if tail:
             text += f"\n\n```\n{tail}\n```"
+    weights = progress.get("frozen_weights")
+    if isinstance(weights, dict) and weights.get("message"):
+        text += f"\n\nFrozen weights: {weights['message']}"
     if progress.get("delivered") and str(progress["delivered"]) not in (job.get("reason") or ""):
         text += f"\n\nLoRA: `{progress['delivered']}`"
     return text

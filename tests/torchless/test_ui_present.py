@@ -71,6 +71,13 @@ def test_a_stalled_training_says_so_in_its_row_and_headline() -> None:
     assert "Stalled" not in job_markdown({**_job("training"), "stalled": None})
 
 
+def test_the_headline_says_what_became_of_an_fp16_files_frozen_weights() -> None:
+    message = "upcast 1.97 GB of fp16/bf16 frozen weights to fp32 once (3.93 GB; ...)"
+    upcast = _job("training", step=2, frozen_weights={"choice": "upcast", "message": message})
+    assert job_markdown(upcast).endswith(f"\n\nFrozen weights: {message}")
+    assert "Frozen weights" not in job_markdown(_job("training", step=2))  # an fp32 file: nothing was decided
+
+
 def test_speed_and_eta_show_for_queued_and_active_jobs_only() -> None:
     assert JobStatus.busy() == {JobStatus.QUEUED, *JobStatus.active()}
     for status in JobStatus:

@@ -147,7 +147,9 @@ def test_two_processes_of_batch_1_train_the_lora_one_process_of_batch_2_trains(
     )
     events = tmp_path / "two.jsonl"
     done = _cli(
-        ["train", "--config", "two.toml", "--num-processes", "2", "--events", str(events)], tmp_path, threads=1
+        ["train", "--config", "two.toml", "--num-processes", "2", "--events", str(events)],
+        tmp_path,
+        threads=1,
     )
     assert done.returncode == 0, done.stderr
     weights = [e for e in read_events(events) if e["kind"] == "weights"]

@@ -22,7 +22,7 @@ from kohya_backend.config.lycoris_args import strip_quotes
 from kohya_backend.errors import ModelError
 from kohya_backend.families import FAMILIES
 from kohya_backend.lora.max_norm import MaxNormStats
-from kohya_backend.lora.network import _key_summary
+from kohya_backend.lora.network import key_summary
 from kohya_backend.models.ldm_keys import unet_diffusers_to_ldm
 
 _TE_ROOT = "text_model."
@@ -281,7 +281,7 @@ class LycorisNetwork(nn.Module):
                 f"the {self.algo} weights do not fit this network: "
                 + "; ".join(
                     part
-                    for part in (_key_summary("missing", missing), _key_summary("unexpected", unexpected))
+                    for part in (key_summary("missing", missing), key_summary("unexpected", unexpected))
                     if part
                 ),
                 hint="use network_weights trained with the same algo, preset, network_dim/conv_dim and trained parts",

@@ -419,9 +419,9 @@ class LoRANetwork(nn.Module):
         if strict and (missing or unexpected):
             raise ModelError(
                 "the LoRA weights do not fit this network: "
-                + _key_summary("missing", missing)
+                + key_summary("missing", missing)
                 + ("; " if missing and unexpected else "")
-                + _key_summary("unexpected", unexpected),
+                + key_summary("unexpected", unexpected),
                 hint="use network_weights trained for the same model family, network targets "
                 "(conv_dim, network_train_unet_only) and text encoder setting",
             )
@@ -443,7 +443,8 @@ class LoRANetwork(nn.Module):
                 lora.set_alpha(float(alpha) if alpha is not None else 0.0)
 
 
-def _key_summary(label: str, keys: list[str], shown: int = 5) -> str:
+def key_summary(label: str, keys: list[str], shown: int = 5) -> str:
+    """The words a load uses for keys it could not match: N <label> key(s), the first few (also lora/lycoris.py)."""
     if not keys:
         return ""
     more = f" and {len(keys) - shown} more" if len(keys) > shown else ""

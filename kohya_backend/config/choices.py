@@ -28,6 +28,18 @@ LR_SCHEDULERS: tuple[str, ...] = (
 # The network_args this trainer implements for networks.lora (kohya's LoCon extension and its dropouts);
 # lycoris.kohya reads its own (config/lycoris_args.py).
 NETWORK_ARGS: tuple[str, ...] = ("conv_dim", "conv_alpha", "rank_dropout", "module_dropout")
+# kohya's block-wise network_args for networks.lora (learning rates, dims and alphas per U-Net block): the GUI passes
+# them, this trainer does not implement them (config/validate.py says so).
+BLOCK_WISE_ARGS: tuple[str, ...] = (
+    "down_lr_weight",
+    "mid_lr_weight",
+    "up_lr_weight",
+    "block_lr_zero_threshold",
+    "block_dims",
+    "block_alphas",
+    "conv_block_dims",
+    "conv_block_alphas",
+)
 
 
 @dataclass(frozen=True)

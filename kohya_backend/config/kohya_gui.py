@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kohya_backend.config.choices import BLOCK_WISE_ARGS
 from kohya_backend.config.kohya_gui_keys import GUI_KEYS as _GUI_KEYS
 from kohya_backend.config.scope import out_of_scope_issue
 from kohya_backend.errors import ConfigError, ConfigIssue
@@ -380,16 +381,7 @@ def _lycoris_args(gui: _Gui, lora_type: str) -> str | None:
     return built.get(lora_type)
 
 
-_KOHYA_LORA_VARS = [
-    "down_lr_weight",
-    "mid_lr_weight",
-    "up_lr_weight",
-    "block_lr_zero_threshold",
-    "block_dims",
-    "block_alphas",
-    "conv_block_dims",
-    "conv_block_alphas",
-]
+_KOHYA_LORA_VARS = list(BLOCK_WISE_ARGS)  # in the GUI's order
 
 
 def _kohya_args(gui: _Gui, names: list[str]) -> str:

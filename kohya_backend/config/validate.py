@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from kohya_backend.config.choices import BLOCK_WISE_ARGS
 from kohya_backend.config.keys import KeySpec, compat
 from kohya_backend.config.kohya_gui import GUI_KEY_HINTS
 from kohya_backend.config.lycoris_args import LYCORIS_MODULE, lycoris_arg_problems, strip_quotes
@@ -50,14 +51,7 @@ __all__ = ["TrainConfig", "detect_cuda", "validate_config"]
 # network_args that kohya's networks.lora reads but this trainer does not implement.
 _KOHYA_LORA_ARGS = frozenset(
     [
-        "down_lr_weight",
-        "mid_lr_weight",
-        "up_lr_weight",
-        "block_lr_zero_threshold",
-        "block_dims",
-        "block_alphas",
-        "conv_block_dims",
-        "conv_block_alphas",
+        *BLOCK_WISE_ARGS,
         "loraplus_lr_ratio",
         "loraplus_unet_lr_ratio",
         "loraplus_text_encoder_lr_ratio",

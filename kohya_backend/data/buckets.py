@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Protocol
 
 from PIL import Image
 
@@ -172,3 +173,32 @@ def resize_and_crop(
         left, top = trim_w // 2, trim_h // 2
     cropped = image.crop((left, top, left + bucket_w, top + bucket_h))
     return cropped, (top, left), (height, width)
+
+
+class BucketSettings(Protocol):
+    """A training config's or a dataset_config dataset's bucket settings (the same names in both, as in kohya)."""
+
+    @property
+    def resolution(self) -> tuple[int, int]: ...
+    @property
+    def enable_bucket(self) -> bool: ...
+    @property
+    def min_bucket_reso(self) -> int: ...
+    @property
+    def max_bucket_reso(self) -> int: ...
+    @property
+    def bucket_reso_steps(self) -> int: ...
+    @property
+    def bucket_no_upscale(self) -> bool: ...
+
+
+def assigner_for(settings: BucketSettings) -> BucketAssigner:
+    """The aspect-ratio buckets `settings` train with."""
+    return BucketAssigner(
+        settings.resolution,
+        enable_bucket=settings.enable_bucket,
+        min_size=settings.min_bucket_reso,
+        max_size=settings.max_bucket_reso,
+        reso_steps=settings.bucket_reso_steps,
+        no_upscale=settings.bucket_no_upscale,
+    )

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 from typing import cast
 
 from kohya_backend.data.batches import TrainItem, build_items, epoch_batches, item_repeats
-from kohya_backend.data.buckets import BucketAssigner
+from kohya_backend.data.buckets import BucketAssigner, assigner_for
 from kohya_backend.data.scan import DatasetScan
 from kohya_backend.errors import ConfigError, ConfigIssue
 
@@ -244,17 +244,7 @@ def dataset_assigners(scan: DatasetScan, default: BucketAssigner) -> list[Bucket
     """One bucket assigner per dataset of a dataset_config (its resolution and bucket settings), else `default`."""
     if not scan.datasets:
         return [default]
-    return [
-        BucketAssigner(
-            d.resolution,
-            enable_bucket=d.enable_bucket,
-            min_size=d.min_bucket_reso,
-            max_size=d.max_bucket_reso,
-            reso_steps=d.bucket_reso_steps,
-            no_upscale=d.bucket_no_upscale,
-        )
-        for d in scan.datasets
-    ]
+    return [assigner_for(d) for d in scan.datasets]
 
 
 def kohya_bucket_info(

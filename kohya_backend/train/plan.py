@@ -14,7 +14,7 @@ from tomlkit.exceptions import ParseError
 from kohya_backend.config.parse import ParsedConfig, parse_config
 from kohya_backend.config.schema import defaults_for
 from kohya_backend.config.train_config import TrainConfig
-from kohya_backend.data.buckets import BucketAssigner
+from kohya_backend.data.buckets import assigner_for
 from kohya_backend.data.dataset_config import (
     DatasetConfig,
     is_dataset_config,
@@ -32,24 +32,12 @@ def plan_for(config: TrainConfig, scan: DatasetScan, *, num_processes: int = 1) 
     `num_processes` data-parallel processes."""
     return plan_training(
         scan,
-        bucket_assigner(config),
+        assigner_for(config),
         train_batch_size=config.train_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         max_train_steps=config.max_train_steps,
         max_train_epochs=config.max_train_epochs,
         num_processes=num_processes,
-    )
-
-
-def bucket_assigner(config: TrainConfig) -> BucketAssigner:
-    """The aspect-ratio buckets a config trains with."""
-    return BucketAssigner(
-        config.resolution,
-        enable_bucket=config.enable_bucket,
-        min_size=config.min_bucket_reso,
-        max_size=config.max_bucket_reso,
-        reso_steps=config.bucket_reso_steps,
-        no_upscale=config.bucket_no_upscale,
     )
 
 

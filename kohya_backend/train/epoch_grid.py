@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from kohya_backend.fileio import atomic_write
 from kohya_backend.job_folder import GRID_SUFFIX
 from kohya_backend.lora.save import load_lora
-from kohya_backend.train.sample import SamplePrompt, generate_samples, parse_sample_prompts
+from kohya_backend.train.sample import SamplePrompt
 
 if TYPE_CHECKING:
     from kohya_backend.train.loop import Trainer
@@ -147,36 +147,10 @@ def render_after_training(trainer: Trainer, final: Path) -> Path | None:
 
 def _render(trainer: Trainer, columns: list[Column]) -> Path:
     """render_epoch_grid with the trainer's prompts, models and sampler settings."""
-    config, s = trainer.config, trainer.s
-    raw = str(config.sample_prompts)
-    text = Path(raw).read_text(encoding="utf-8") if Path(raw).is_file() else raw
-    prompts = parse_sample_prompts(text, default_size=config.resolution)
-    model = s.model
-    device = next(model.unet.parameters()).device
-
-    def sample(rows: list[SamplePrompt], folder: Path) -> list[Path]:
-        return generate_samples(
-            family=config.fm_type,
-            unet=model.unet,
-            vae=model.vae,
-            text_encoders=model.text_encoders,
-            tokenizers=model.tokenizers,
-            prompts=rows,
-            sampler=config.sample_sampler,
-            out_dir=folder,
-            step=trainer.step,
-            epoch=trainer.epoch,
-            device=device,
-            dtype=trainer.precision.weight_dtype,
-            prediction_type=config.prediction_type,
-            clip_skip=config.effective_clip_skip,
-            network=s.network,
-        )
-
     return render_epoch_grid(
         columns=columns,
-        prompts=prompts,
-        network=s.network,
-        sample=sample,
-        out_path=trainer.output_dir / f"{config.output_stem}{GRID_SUFFIX}",
+        prompts=trainer.sample_prompts(),
+        network=trainer.s.network,
+        sample=trainer.render_samples,
+        out_path=trainer.output_dir / f"{trainer.config.output_stem}{GRID_SUFFIX}",
     )

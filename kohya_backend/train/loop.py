@@ -50,7 +50,7 @@ from kohya_backend.train.optim import current_lrs
 from kohya_backend.train.optimizers_extra import set_optimizer_mode
 from kohya_backend.train.precision import Precision
 from kohya_backend.train.process_env import ProcessInfo
-from kohya_backend.train.sample import generate_samples, parse_sample_prompts
+from kohya_backend.train.sample import SamplePrompt, generate_samples, parse_sample_prompts
 from kohya_backend.train.setup import Setup, caption_for, options_for, prepare
 from kohya_backend.train.state import PROGRESS_FILE, latest_state, load_training_state, save_training_state
 from kohya_backend.train.tensorboard import TensorBoardLog, tensorboard_run_dir
@@ -147,6 +147,7 @@ class Trainer:
         self.saved: list[Path] = []
         self.losses: list[float] = []
         self.max_norm_log: dict[str, float] | None = None  # kohya's max-norm numbers of the last step
+        self._prompts: list[SamplePrompt] | None = None
         self._base_hashes: tuple[str | None, str | None] | None = None
         self.setup: Setup | None = None
         self._upcast_pending = (
@@ -458,30 +459,43 @@ class Trainer:
         self.events.emit("state_saved", path=str(path), step=self.step, epoch=self.epoch)
 
     def _sample(self) -> None:
-        config, s = self.config, self.s
-        raw = str(config.sample_prompts)
-        text = Path(raw).read_text(encoding="utf-8") if Path(raw).is_file() else raw
-        prompts = parse_sample_prompts(text, default_size=config.resolution)
-        paths = generate_samples(
+        paths = self.render_samples(
+            self.sample_prompts(), self.output_dir / SAMPLE_DIR, self.config.output_stem
+        )
+        for p in paths:
+            self.events.emit("sample", path=str(p), step=self.step, epoch=self.epoch)
+
+    def sample_prompts(self) -> list[SamplePrompt]:
+        """The config's sample prompts (a file's or inline text), read once per run."""
+        if self._prompts is None:
+            raw = str(self.config.sample_prompts)
+            text = Path(raw).read_text(encoding="utf-8") if Path(raw).is_file() else raw
+            self._prompts = parse_sample_prompts(text, default_size=self.config.resolution)
+        return self._prompts
+
+    def render_samples(
+        self, prompts: list[SamplePrompt], out_dir: Path, file_prefix: str = "sample"
+    ) -> list[Path]:
+        """Render `prompts` with the model and the LoRA as they are now (per-step samples, the epoch grid)."""
+        config, model = self.config, self.s.model
+        return generate_samples(
             family=config.fm_type,
-            unet=s.model.unet,
-            vae=s.model.vae,
-            text_encoders=s.model.text_encoders,
-            tokenizers=s.model.tokenizers,
+            unet=model.unet,
+            vae=model.vae,
+            text_encoders=model.text_encoders,
+            tokenizers=model.tokenizers,
             prompts=prompts,
             sampler=config.sample_sampler,
-            out_dir=self.output_dir / SAMPLE_DIR,
+            out_dir=out_dir,
             step=self.step,
             epoch=self.epoch,
             device=self.precision.device,
             dtype=self.precision.weight_dtype,
             prediction_type=config.prediction_type,
-            file_prefix=config.output_stem,
+            file_prefix=file_prefix,
             clip_skip=config.effective_clip_skip,
-            network=s.network,
+            network=self.s.network,
         )
-        for p in paths:
-            self.events.emit("sample", path=str(p), step=self.step, epoch=self.epoch)
 
     def _tensorboard(self) -> TensorBoardLog | None:
         """With logging_dir (log_with = "tensorboard"), TensorBoard event files as kohya writes them."""

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 from browser_support import CHROMIUM, CHROMIUM_ARGS, require_chromium
+from home_support import SD15_KEYS
 from PIL import Image
 from safetensors.numpy import save_file
 from server_support import running
@@ -31,7 +32,6 @@ from kohya_backend.service.training import TrainingService
 pytestmark = [pytest.mark.browser]
 
 REBOUND = "rebound.test"  # a name an attacker controls, answered with 127.0.0.1 (DNS rebinding)
-SD15_KEYS = ("model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.transformer.text_model.x")
 JOB = {
     "training_params": {"model": "sd15.safetensors", "dataset": "cats", "fm_type": "sd_1_5"},
     "config_params": {

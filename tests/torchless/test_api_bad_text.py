@@ -12,18 +12,15 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
-import numpy as np
 import pytest
+from home_support import stub_dataset, stub_sd15
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
-from safetensors.numpy import save_file
 from server_support import running
 
 from kohya_backend.service.api import API_PREFIX
 from kohya_backend.service.app import build_service, create_app
 
-SD15_KEYS = ("model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.transformer.text_model.x")
 LONE = "\ud800"
 EXAMPLES = int(os.environ.get("TM_FUZZ_EXAMPLES", "40"))  # raise it to fuzz longer
 FUZZ = settings(
@@ -48,14 +45,8 @@ def _json(body: Any) -> bytes:
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     service = build_service(tmp_path_factory.mktemp("home"))
-    save_file(
-        {k: np.zeros((2, 2), np.float16) for k in SD15_KEYS}, str(service.home.models / "sd15.safetensors")
-    )
-    folder = service.home.datasets / "cats" / "5_cat"
-    folder.mkdir(parents=True)
-    for i in range(2):
-        Image.new("RGB", (64, 64), (i * 90, 10, 10)).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text("a cat", encoding="utf-8")
+    stub_sd15(service.home.models / "sd15.safetensors")
+    stub_dataset(service.home.datasets / "cats" / "5_cat")
     with running(create_app(service)) as base, httpx.Client(base_url=base + API_PREFIX, timeout=60) as client:
         yield client
 

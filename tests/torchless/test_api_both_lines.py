@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import httpx
 import numpy as np
 import pytest
+from home_support import SD15_KEYS
 from PIL import Image
 from safetensors.numpy import save_file
 from server_support import running, stranger
@@ -29,7 +30,6 @@ from kohya_backend.service.api import API_PREFIX
 from kohya_backend.service.app import build_service, create_app
 
 TOKEN = "forge-line-token"
-SD15_KEYS = ("model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.transformer.text_model.x")
 SDXL_KEYS = (
     "model.diffusion_model.input_blocks.0.0.weight",
     "conditioner.embedders.0.transformer.text_model.x",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from home_support import SD15_KEYS
 from PIL import Image
 from safetensors.numpy import save_file
 
@@ -16,7 +17,6 @@ from kohya_backend.service.datasets import DatasetInUse, DatasetService
 from kohya_backend.service.home import PathOutsideHome
 from kohya_backend.service.training import Submission, TrainingService
 
-SD15_KEYS = ("model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.transformer.text_model.x")
 CONFIG = {"resolution": "64,64", "max_train_steps": 2, "mixed_precision": "no"}
 
 

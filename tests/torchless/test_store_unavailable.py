@@ -13,10 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
-from PIL import Image
-from safetensors.numpy import save_file
+from home_support import stub_dataset, stub_sd15
 from server_support import running
 
 import kohya_backend.jobs.store as store_module
@@ -27,7 +25,6 @@ from kohya_backend.service.api import API_PREFIX
 from kohya_backend.service.app import build_service, create_app
 from kohya_backend.service.training import TrainingService
 
-SD15_KEYS = ("model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.transformer.text_model.x")
 JOB = {
     "training_params": {"model": "sd15.safetensors", "dataset": "cats", "fm_type": "sd_1_5"},
     "config_params": {"resolution": "64,64", "max_train_steps": 2, "mixed_precision": "no"},
@@ -50,13 +47,8 @@ def _read_only(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def service(tmp_path: Path) -> TrainingService:
     service = build_service(tmp_path / "home")
-    save_file(
-        {k: np.zeros((2, 2), np.float16) for k in SD15_KEYS}, str(service.home.models / "sd15.safetensors")
-    )
-    folder = service.home.datasets / "cats" / "5_cat"
-    folder.mkdir(parents=True)
-    for i in range(2):
-        Image.new("RGB", (64, 64), (i * 90, 10, 10)).save(folder / f"{i}.png")
+    stub_sd15(service.home.models / "sd15.safetensors")
+    stub_dataset(service.home.datasets / "cats" / "5_cat", caption=None)
     return service
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from home_support import SD15_KEYS
 from PIL import Image
 from safetensors.numpy import save_file
 
@@ -23,7 +24,6 @@ from kohya_backend.service.api import API_PREFIX
 from kohya_backend.service.presets import PresetStore
 
 TRAINER = ["--train-python", sys.executable]
-SD15_KEYS = ("model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.transformer.text_model.x")
 ALLOWED = "http://127.0.0.1:3999"
 
 

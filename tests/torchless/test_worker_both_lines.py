@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from home_support import SD15_KEYS
 from PIL import Image
 from safetensors.numpy import save_file
 from server_support import running
@@ -23,7 +24,6 @@ from kohya_backend.service.app import build_service, create_app
 from kohya_backend.service.worker import build_worker, create_worker_app
 
 TOKEN = "both-lines-worker-token"
-SD15_KEYS = ("model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.transformer.text_model.x")
 
 
 def _client_home(root: Path) -> Path:

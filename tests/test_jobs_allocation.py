@@ -33,6 +33,18 @@ _STAND_IN = (
 )
 
 
+def _wind_down(sched: Scheduler) -> None:
+    """Cancel every running job, tick until none runs (5 s at most), stop the scheduler."""
+    for job_id in list(sched.running()):
+        sched.cancel(job_id)
+    for _ in range(100):
+        sched.tick()
+        if not sched.running():
+            break
+        time.sleep(0.05)
+    sched.stop()
+
+
 def test_members_and_groups() -> None:
     assert allocation.members("cuda:0,3") == ["cuda:0", "cuda:3"]
     assert allocation.members("cuda:2") == ["cuda:2"] and allocation.members("cpu") == ["cpu"]
@@ -147,14 +159,7 @@ def test_a_two_gpu_job_holds_two_gpus_and_waits_for_two(tmp_path: Path) -> None:
         with pytest.raises(TrainManagementError, match="pins device"):
             _submit(sched, "pinned", 2, device="cuda:1")
     finally:
-        for job_id in list(sched.running()):
-            sched.cancel(job_id)
-        for _ in range(100):
-            sched.tick()
-            if not sched.running():
-                break
-            time.sleep(0.05)
-        sched.stop()
+        _wind_down(sched)
 
 
 def test_a_cpu_only_machine_runs_the_processes_on_its_cpu(tmp_path: Path) -> None:
@@ -165,13 +170,7 @@ def test_a_cpu_only_machine_runs_the_processes_on_its_cpu(tmp_path: Path) -> Non
         started = _started(job)
         assert started["cuda"] == "" and started["argv"][-2:] == ["--num-processes", "3"]
     finally:
-        sched.cancel(job.id)
-        for _ in range(100):
-            sched.tick()
-            if not sched.running():
-                break
-            time.sleep(0.05)
-        sched.stop()
+        _wind_down(sched)
 
 
 def test_a_worker_takes_a_job_only_with_enough_gpus() -> None:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import tomlkit
 
+from kohya_backend.jobs.progress import log_tail
+from kohya_backend.jobs.scheduler import Scheduler
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import JobStore
 
@@ -39,3 +44,16 @@ def config_without_name(base: str, **changes: object) -> str:
 def statuses(store: JobStore, job_id: str) -> list[JobStatus]:
     """Every status a job went through, in order."""
     return [t.to_status for t in store.transitions(job_id)]
+
+
+def tick_until(sched: Scheduler, done: Callable[[], bool], *, timeout: float = 90) -> float:
+    """Tick the scheduler until `done()`; the seconds it took. On timeout, fails with the newest jobs' log tails."""
+    start = time.monotonic()
+    while not done():
+        if time.monotonic() - start > timeout:
+            jobs, _ = sched.store.list(limit=10)
+            state = "\n".join(f"{j.id} {j.status} {j.reason}\n{log_tail(j.folder, 40)}" for j in jobs)
+            raise AssertionError(f"timed out; jobs:\n{state}")
+        sched.tick()
+        time.sleep(0.05)
+    return time.monotonic() - start

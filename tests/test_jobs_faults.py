@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import tomlkit
-from jobs_support import config_without_name, statuses
+from jobs_support import config_without_name, statuses, tick_until
 
 import kohya_backend
 from kohya_backend.jobs.progress import log_tail
@@ -40,19 +40,6 @@ def _submit(sched: Scheduler, name: str, config: str) -> Job:
     )
 
 
-def _until(sched: Scheduler, done: Callable[[], bool], *, timeout: float = 90) -> float:
-    """Tick until `done()`; returns the seconds it took."""
-    start = time.monotonic()
-    while not done():
-        if time.monotonic() - start > timeout:
-            jobs, _ = sched.store.list(limit=10)
-            state = "\n".join(f"{j.id} {j.status} {j.reason}\n{log_tail(j.folder)}" for j in jobs)
-            raise AssertionError(f"timed out; jobs:\n{state}")
-        sched.tick()
-        time.sleep(0.05)
-    return time.monotonic() - start
-
-
 def _step_events(job: Job) -> list[dict]:
     lines = (job.folder / "events.jsonl").read_text(encoding="utf-8").splitlines()
     return [e for e in map(json.loads, lines) if e["kind"] == "step"]
@@ -63,12 +50,12 @@ def test_kill_9_mid_run_fails_within_seconds_with_the_log_tail(
 ) -> None:
     sched = make_scheduler(tmp_path / "home")
     job = _submit(sched, "killed", config_without_name(demo_config, max_train_steps=500))
-    _until(sched, lambda: sched.store.get(job.id).status is S.TRAINING)
+    tick_until(sched, lambda: sched.store.get(job.id).status is S.TRAINING)
     job = sched.store.get(job.id)
     assert job.pgid is not None
     os.killpg(job.pgid, signal.SIGKILL)
 
-    assert _until(sched, lambda: sched.store.get(job.id).status.is_terminal) < 5
+    assert tick_until(sched, lambda: sched.store.get(job.id).status.is_terminal) < 5
     job = sched.store.get(job.id)
     assert job.status is S.FAILED
     reason = job.reason or ""
@@ -85,9 +72,9 @@ def test_kill_9_after_a_saved_state_is_interrupted_and_resume_finishes(
     sched = make_scheduler(tmp_path / "home", lora_dir=lora_dir)
     config = config_without_name(demo_config, max_train_steps=12, save_state=True, save_every_n_steps=2)
     job = _submit(sched, "resumed", config)
-    _until(sched, lambda: bool(sched.store.get(job.id).progress.get("state")))
+    tick_until(sched, lambda: bool(sched.store.get(job.id).progress.get("state")))
     os.killpg(sched.store.get(job.id).pgid or 0, signal.SIGKILL)
-    _until(sched, lambda: sched.store.get(job.id).status is not S.TRAINING)
+    tick_until(sched, lambda: sched.store.get(job.id).status is not S.TRAINING)
     job = sched.store.get(job.id)
     assert job.status is S.INTERRUPTED, job.reason
     assert "SIGKILL" in (job.reason or "") and "resume continues from the saved state" in (job.reason or "")
@@ -95,7 +82,7 @@ def test_kill_9_after_a_saved_state_is_interrupted_and_resume_finishes(
     assert killed_at < 12
 
     sched.resume(job.id)
-    _until(sched, lambda: sched.store.get(job.id).status.is_terminal)
+    tick_until(sched, lambda: sched.store.get(job.id).status.is_terminal)
     job = sched.store.get(job.id)
     assert job.status is S.COMPLETED, job.reason
     result = json.loads((job.folder / "result.json").read_text(encoding="utf-8"))
@@ -144,7 +131,7 @@ def test_restarted_host_reattaches_to_the_running_trainer(
     sched = make_scheduler(home, lora_dir=lora_dir)
     sched.tick()
     assert sched.running()[job.id].pid == job.pid  # re-attached, not restarted
-    _until(sched, lambda: store.get(job.id).status.is_terminal)
+    tick_until(sched, lambda: store.get(job.id).status.is_terminal)
     job = store.get(job.id)
     assert job.status is S.COMPLETED, job.reason
     assert statuses(store, job.id) == [S.QUEUED, S.PREPARING, S.TRAINING, S.SAVING, S.COMPLETED]
@@ -190,7 +177,7 @@ def test_cancel_during_loading_during_training_and_after_the_grace_period(
             cancelled.add("forced")
         return get(loading.id).status.is_terminal and get(training.id).status.is_terminal
 
-    _until(sched, step, timeout=120)
+    tick_until(sched, step, timeout=120)
     for job, last in ((loading, S.PREPARING), (training, S.TRAINING)):
         done = get(job.id)
         assert done.status is S.CANCELLED, done.reason
@@ -261,17 +248,17 @@ def test_cancel_during_saving(
         tmp_path / "home", lora_dir=lora_dir, cancel_grace_s=60 if trainer_answers else 0.5
     )
     job = _submit(sched, "saving", config_without_name(demo_config, max_train_steps=4, save_state=True))
-    _until(sched, lambda: (sched.store.get(job.id).folder / "run.json").exists())
+    tick_until(sched, lambda: (sched.store.get(job.id).folder / "run.json").exists())
     pgid = _freeze_when_final_lora_is_written(job)
     try:
-        _until(sched, lambda: sched.store.get(job.id).status is S.SAVING)
+        tick_until(sched, lambda: sched.store.get(job.id).status is S.SAVING)
         assert sched.cancel(job.id).status is S.CANCELLING
         sched.tick()  # the scheduler sends SIGTERM; it waits, pending, in the frozen trainer
         if trainer_answers:
             os.killpg(pgid, signal.SIGCONT)  # it resumes, finishes its state and exits cleanly
         else:
             time.sleep(0.8)  # past the grace period: SIGKILL ends the frozen trainer
-        _until(sched, lambda: sched.store.get(job.id).status.is_terminal)
+        tick_until(sched, lambda: sched.store.get(job.id).status.is_terminal)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGCONT)
@@ -289,6 +276,6 @@ def test_cancel_during_saving(
         assert "SIGKILL" in (job.reason or "")
         assert not lora_dir.exists() or not any(lora_dir.iterdir())  # nothing partial, nothing delivered
         sched.resume(job.id)
-        _until(sched, lambda: sched.store.get(job.id).status.is_terminal)
+        tick_until(sched, lambda: sched.store.get(job.id).status.is_terminal)
         assert sched.store.get(job.id).status is S.COMPLETED
         assert (lora_dir / "saving.safetensors").is_file()

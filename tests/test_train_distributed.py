@@ -22,14 +22,13 @@ import psutil
 import pytest
 import tomlkit
 import torch
-from jobs_support import config_without_name
+from jobs_support import config_without_name, tick_until
 
 import kohya_backend
 from kohya_backend.assets.checkpoints import write_checkpoint
 from kohya_backend.assets.dataset import write_demo_dataset
 from kohya_backend.config.parse import parse_config
 from kohya_backend.config.validate import validate_config
-from kohya_backend.jobs.progress import log_tail
 from kohya_backend.jobs.scheduler import Scheduler
 from kohya_backend.jobs.states import JobStatus
 from kohya_backend.jobs.store import Job
@@ -57,18 +56,6 @@ def _config(base: str, **changes: object) -> str:
     for key, value in changes.items():
         doc[key] = value
     return tomlkit.dumps(doc)
-
-
-def _until(sched: Scheduler, done: Callable[[], bool], *, timeout: float = 120) -> float:
-    start = time.monotonic()
-    while not done():
-        if time.monotonic() - start > timeout:
-            jobs, _ = sched.store.list(limit=5)
-            state = "\n".join(f"{j.id} {j.status} {j.reason}\n{log_tail(j.folder, 40)}" for j in jobs)
-            raise AssertionError(f"timed out; jobs:\n{state}")
-        sched.tick()
-        time.sleep(0.05)
-    return time.monotonic() - start
 
 
 def _launch_line(job: Job) -> tuple[list[int], int]:
@@ -187,11 +174,11 @@ def test_a_job_on_two_processes_is_cancelled_cleanly_and_resumes_in_one(
         cache_latents_to_disk=True,  # rank 0 writes the cache, the other waits and reads it
     )  # fmt: skip
     job = _submit(sched, "uneven", config, gpus=2)
-    _until(sched, lambda: sched.store.get(job.id).status is S.TRAINING)
+    tick_until(sched, lambda: sched.store.get(job.id).status is S.TRAINING, timeout=120)
     pids, port = _launch_line(sched.store.get(job.id))
     assert len(pids) == 2
     assert sched.cancel(job.id).status is S.CANCELLING
-    _until(sched, lambda: sched.store.get(job.id).status.is_terminal)
+    tick_until(sched, lambda: sched.store.get(job.id).status.is_terminal, timeout=120)
     job = sched.store.get(job.id)
     result = json.loads((job.folder / "result.json").read_text(encoding="utf-8"))
     assert job.status is S.CANCELLED and result["status"] == "stopped", job.reason
@@ -231,10 +218,10 @@ def test_kill_9_of_one_process_ends_the_job_and_leaves_nothing_running(
 ) -> None:
     sched = make_scheduler(tmp_path / "home")
     job = _submit(sched, "killed", config_without_name(demo_config, max_train_steps=500), gpus=2)
-    _until(sched, lambda: sched.store.get(job.id).status is S.TRAINING)
+    tick_until(sched, lambda: sched.store.get(job.id).status is S.TRAINING, timeout=120)
     pids, port = _launch_line(sched.store.get(job.id))
     os.kill(pids[1], signal.SIGKILL)
-    assert _until(sched, lambda: sched.store.get(job.id).status.is_terminal) < 30
+    assert tick_until(sched, lambda: sched.store.get(job.id).status.is_terminal, timeout=120) < 30
     job = sched.store.get(job.id)
     assert job.status is S.FAILED, job.reason
     reason = job.reason or ""
@@ -274,7 +261,7 @@ def test_a_two_gpu_job_trains_with_nccl_and_fp16(
     config = config_without_name(demo_config, max_train_steps=60, mixed_precision="fp16", save_state=True)
     started = time.monotonic()
     job = _submit(sched, "two-gpus", config, gpus=2)
-    _until(sched, lambda: sched.store.get(job.id).status.is_terminal, timeout=600)
+    tick_until(sched, lambda: sched.store.get(job.id).status.is_terminal, timeout=600)
     job = sched.store.get(job.id)
     assert job.status is S.COMPLETED, job.reason
     log = (job.folder / "train.log").read_text(encoding="utf-8")
